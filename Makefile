@@ -1,0 +1,33 @@
+# fastmini: every target creates .venv itself on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+# The CPU build of torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+TORCH := torch==2.13.0
+
+.PHONY: venv test demo bench lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e ".[dev,demo]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/pytest tests/
+
+demo: $(STAMP)
+	$(BIN)/python examples/foundation_demo.py
+
+bench: $(STAMP)
+	$(BIN)/pytest benchmarks/ --benchmark-only
+
+lint: $(STAMP)
+	$(BIN)/ruff check fastmini kernels tests benchmarks examples
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache .benchmarks

@@ -1,0 +1,99 @@
+"""Benchmark bookkeeping (DESIGN.md, Benchmarks).
+
+pytest-benchmark times fastmini's implementation; ``compare`` then times it against its
+baselines *interleaved* (a, b, a, b, ...) in the same process, so that a noisy shared machine
+slows every contender alike and the ratio stays meaningful. The session ends with a table of
+those ratios and of useful GFLOP/s.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import pytest
+import torch
+
+_RESULTS: dict[str, dict] = {}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def synchronised(fn: Callable, device: torch.device) -> Callable:
+    """``fn`` followed by a device synchronisation, so that timings include the GPU work."""
+    if device.type != "cuda":
+        return fn
+
+    def call():
+        result = fn()
+        torch.cuda.synchronize(device)
+        return result
+
+    return call
+
+
+@pytest.fixture
+def compare():
+    """compare(benchmark, group, contenders, baseline, flops, rounds, **info) -> medians in seconds."""
+
+    def _compare(
+        benchmark,
+        group: str,
+        contenders: dict[str, Callable],
+        baseline: str,
+        flops: int | None,
+        rounds: int,
+        **info,
+    ) -> dict[str, float]:
+        for fn in contenders.values():
+            fn()
+        samples: dict[str, list[float]] = {name: [] for name in contenders}
+        names = list(contenders)
+        for round_index in range(rounds):
+            for name in names[round_index % len(names) :] + names[: round_index % len(names)]:
+                start = time.perf_counter()
+                contenders[name]()
+                samples[name].append(time.perf_counter() - start)
+        medians = {name: statistics.median(values) for name, values in samples.items()}
+        _RESULTS[group] = {"medians": medians, "baseline": baseline, "flops": flops}
+        benchmark.extra_info.update(info)
+        benchmark.extra_info["interleaved_median_ms"] = {name: round(m * 1e3, 3) for name, m in medians.items()}
+        benchmark.extra_info["speedup_vs_" + baseline] = {
+            name: round(medians[baseline] / m, 3) for name, m in medians.items() if name != baseline
+        }
+        if flops is not None:
+            benchmark.extra_info["useful_gflop_per_s"] = {
+                name: round(flops / m / 1e9, 1) for name, m in medians.items()
+            }
+        return medians
+
+    return _compare
+
+
+@pytest.fixture
+def describe_device():
+    return device_name
+
+
+@pytest.fixture
+def sync():
+    return synchronised
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _RESULTS:
+        return
+    terminalreporter.section("fastmini: interleaved medians, ratio against the baseline of the same run")
+    for group, result in sorted(_RESULTS.items()):
+        medians, baseline, flops = result["medians"], result["baseline"], result["flops"]
+        for name, median in sorted(medians.items(), key=lambda item: item[1]):
+            gflops = f"{flops / median / 1e9:7.1f} GFLOP/s" if flops else ""
+            terminalreporter.write_line(
+                f"{group:28s} {name:20s} {median * 1e3:9.3f} ms {gflops}  x{medians[baseline] / median:.2f}"
+            )

@@ -1,0 +1,46 @@
+"""fastmini: MiniALBERT (recursive, adapter-tuned ALBERT students) as drop-in Hugging Face models.
+
+``import fastmini`` registers the ``fastmini`` model type with transformers' Auto classes.
+Importing never touches a GPU, builds an extension or imports triton.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
+
+from fastmini.models import (
+    CheckpointError,
+    FastMiniConfig,
+    FastMiniForMaskedLM,
+    FastMiniForSequenceClassification,
+    FastMiniForTokenClassification,
+    FastMiniModel,
+    FastMiniPreTrainedModel,
+)
+from fastmini.models.student import copy_embeddings
+
+__version__ = "0.1.0"
+
+AutoConfig.register(FastMiniConfig.model_type, FastMiniConfig, exist_ok=True)
+for _auto, _model in (
+    (AutoModel, FastMiniModel),
+    (AutoModelForMaskedLM, FastMiniForMaskedLM),
+    (AutoModelForSequenceClassification, FastMiniForSequenceClassification),
+    (AutoModelForTokenClassification, FastMiniForTokenClassification),
+):
+    _auto.register(FastMiniConfig, _model, exist_ok=True)
+
+__all__ = [
+    "CheckpointError",
+    "FastMiniConfig",
+    "FastMiniForMaskedLM",
+    "FastMiniForSequenceClassification",
+    "FastMiniForTokenClassification",
+    "FastMiniModel",
+    "FastMiniPreTrainedModel",
+    "copy_embeddings",
+]

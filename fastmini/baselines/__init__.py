@@ -1,0 +1,1 @@
+"""Baselines: the implementations users have today, kept as oracles for tests and benchmarks."""

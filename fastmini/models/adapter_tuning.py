@@ -1,0 +1,135 @@
+"""Adapter tuning (SPEC.md, Model 6): train only per-recursion adapters and the task head.
+
+Frozen: embeddings, projector, the shared layer (and ALBERT's pooler, which belongs to the
+encoder). Trainable: every adapter and whatever sits outside the base model (the task head).
+Saved adapters hold exactly those tensors, so a task costs ~1% of the model on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from fastmini.models.checkpoint import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_WEIGHTS_NAME = "adapters.safetensors"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+# Adapters only fit a model with the same shape of recursion.
+MATCHING_FIELDS = ("hidden_size", "num_hidden_layers", "reduction_factor")
+
+
+def is_tuned_in_adapter_mode(model, name: str) -> bool:
+    """True for the parameters adapter tuning trains: adapters and the task head."""
+    return "_adapters." in name or (
+        model is not model.base_model and not name.startswith(model.base_model_prefix + ".")
+    )
+
+
+def _ensure_adapters(model) -> None:
+    encoder = model.base_model.encoder
+    if encoder.has_adapters:
+        return
+    reference = next(encoder.shared_layer.parameters())
+    encoder.add_adapters(model.config)
+    model.config.use_adapter = True
+    for adapters in (encoder.attention_adapters, encoder.ffn_adapters):
+        adapters.apply(model._init_weights)
+        adapters.to(device=reference.device, dtype=reference.dtype)
+
+
+def train_adapters_only(model) -> dict[str, int]:
+    _ensure_adapters(model)
+    trainable = total = 0
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = is_tuned_in_adapter_mode(model, name)
+        total += parameter.numel()
+        trainable += parameter.numel() if parameter.requires_grad else 0
+    logger.info("adapter tuning: %d of %d parameters trainable (%.2f%%)", trainable, total, 100.0 * trainable / total)
+    return {"trainable": trainable, "total": total}
+
+
+def _write_atomically(path: Path, write) -> None:
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def save_adapters(model, directory) -> None:
+    if not model.base_model.encoder.has_adapters:
+        raise ValueError("save_adapters: this model has no adapters (call train_adapters_only() first)")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        name: parameter.detach().cpu().contiguous()
+        for name, parameter in model.named_parameters()
+        if is_tuned_in_adapter_mode(model, name)
+    }
+    config = model.config
+    description = {
+        "format": "fastmini-adapters",
+        "architecture": type(model).__name__,
+        **{name: getattr(config, name) for name in MATCHING_FIELDS},
+        "num_labels": config.num_labels,
+        "id2label": {str(k): v for k, v in (config.id2label or {}).items()},
+        "problem_type": config.problem_type,
+    }
+    _write_atomically(directory / ADAPTER_WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp))
+    _write_atomically(
+        directory / ADAPTER_CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(description, indent=2))
+    )
+
+
+def load_adapters(model, directory) -> None:
+    directory = Path(directory)
+    config_path, weights_path = directory / ADAPTER_CONFIG_NAME, directory / ADAPTER_WEIGHTS_NAME
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (expected a directory written by save_adapters)")
+    try:
+        description = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{config_path}: not readable JSON ({error})") from error
+    for name in MATCHING_FIELDS:
+        if description.get(name) != getattr(model.config, name):
+            raise CheckpointError(
+                f"{config_path}: adapters were saved for {name}={description.get(name)}, "
+                f"this model has {name}={getattr(model.config, name)}"
+            )
+    if description.get("architecture") != type(model).__name__:
+        raise CheckpointError(
+            f"{config_path}: adapters and head were saved from {description.get('architecture')}, "
+            f"this model is {type(model).__name__}"
+        )
+    try:
+        tensors = load_file(str(weights_path))
+    except Exception as error:  # safetensors raises several types for a damaged file
+        raise CheckpointError(f"{weights_path}: not a readable safetensors file ({error})") from error
+    _ensure_adapters(model)
+    parameters = dict(model.named_parameters())
+    expected = {name for name in parameters if is_tuned_in_adapter_mode(model, name)}
+    if set(tensors) != expected:
+        difference = sorted(set(tensors) ^ expected)
+        raise CheckpointError(f"{weights_path}: keys do not match this model's adapters and head: {difference[:8]}")
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(parameters[name].shape):
+            raise CheckpointError(
+                f"{weights_path}: '{name}' has shape {tuple(tensor.shape)}, the model expects "
+                f"{tuple(parameters[name].shape)}"
+            )
+    if description.get("id2label"):
+        model.config.id2label = {int(k): v for k, v in description["id2label"].items()}
+        model.config.label2id = {v: k for k, v in model.config.id2label.items()}
+    model.config.problem_type = description.get("problem_type")
+    model.load_state_dict(tensors, strict=False)

@@ -1,0 +1,195 @@
+"""``from_pretrained`` for every fastmini class and every checkpoint format it accepts.
+
+One path for all formats: read config.json (local directory or hub id), build the
+FastMiniConfig (converting original MiniALBERT / ALBERT configs), read the weights safely,
+rename original keys, reconcile them with the model's own parameters, and refuse anything
+inconsistent with one CheckpointError naming the file and the keys. Task heads that the
+checkpoint lacks are freshly initialised with a warning, as transformers does.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from fastmini.models.checkpoint import (
+    HUB_KWARGS,
+    CheckpointError,
+    config_file,
+    hub_kwargs_from,
+    load_state_dict,
+    read_config_dict,
+    weights_file,
+)
+from fastmini.models.configuration import FastMiniConfig, check_config
+from fastmini.models.conversion import FASTMINI, config_from_original, convert_state_dict, detect_format
+
+logger = logging.getLogger(__name__)
+
+# Keys that some classes have and others do not; their absence or presence is not an error.
+OPTIONAL_PREFIXES = ("lm_head.", "classifier.", "fastmini.pooler.", "pooler.")
+# from_pretrained arguments that only make sense for transformers' own loader.
+IGNORED_KWARGS = {
+    "trust_remote_code",
+    "low_cpu_mem_usage",
+    "attn_implementation",
+    "use_safetensors",
+    "weights_only",
+    "from_tf",
+    "from_flax",
+    "state_dict",
+    "adapter_kwargs",
+}
+
+
+def _build_config(config_dict: dict[str, Any], checkpoint_format: str, source: str) -> FastMiniConfig:
+    if checkpoint_format != FASTMINI:
+        return config_from_original(config_dict, checkpoint_format, source)
+    try:
+        return FastMiniConfig.from_dict(config_dict)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{source}: {error}") from error
+
+
+def _apply_overrides(config: FastMiniConfig, overrides: dict[str, Any], source: str) -> None:
+    unknown = []
+    for name, value in overrides.items():
+        if name.startswith("_") or name in IGNORED_KWARGS or value is None:
+            continue
+        if hasattr(config, name):
+            setattr(config, name, value)
+        else:
+            unknown.append(name)
+    if unknown:
+        logger.warning("from_pretrained(%s): ignoring unsupported argument(s) %s", source, ", ".join(sorted(unknown)))
+    try:
+        check_config(config)
+    except ValueError as error:
+        raise CheckpointError(f"{source}: {error}") from error
+
+
+def _is_optional(key: str) -> bool:
+    return key.startswith(OPTIONAL_PREFIXES)
+
+
+def _align_prefix(model, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Match checkpoints saved from the base model to task models, and vice versa."""
+    prefix = model.base_model_prefix + "."
+    if model is model.base_model:
+        if any(key.startswith(prefix) for key in state_dict):
+            return {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
+        return state_dict
+    if not any(key.startswith(prefix) for key in state_dict):
+        return {(key if _is_optional(key) else prefix + key): value for key, value in state_dict.items()}
+    return state_dict
+
+
+def reconcile(
+    model, state_dict: dict[str, torch.Tensor], source: str, ignore_mismatched_sizes: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, list]]:
+    """The subset of ``state_dict`` to load into ``model``; raises on anything inconsistent."""
+    state_dict = _align_prefix(model, state_dict)
+    expected = model.state_dict()
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {}) if model.config.tie_word_embeddings else set()
+    missing = sorted(key for key in expected if key not in state_dict and key not in tied)
+    unexpected = sorted(key for key in state_dict if key not in expected)
+    required = [key for key in missing if not _is_optional(key)]
+    if required:
+        raise CheckpointError(
+            f"{source}: missing weights for {type(model).__name__}: {', '.join(required[:8])}"
+            + (f" and {len(required) - 8} more" if len(required) > 8 else "")
+        )
+    foreign = [key for key in unexpected if not _is_optional(key)]
+    if foreign:
+        raise CheckpointError(
+            f"{source}: unexpected weights not used by {type(model).__name__}: {', '.join(foreign[:8])}"
+            + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+        )
+    mismatched = []
+    for key in sorted(set(state_dict) & set(expected)):
+        got, want = tuple(state_dict[key].shape), tuple(expected[key].shape)
+        if got == want:
+            continue
+        if not (ignore_mismatched_sizes and _is_optional(key)):
+            raise CheckpointError(
+                f"{source}: '{key}' has shape {got} but the model expects {want}"
+                + (" (pass ignore_mismatched_sizes=True to re-initialise a task head)" if _is_optional(key) else "")
+            )
+        mismatched.append((key, got, want))
+    skipped = set(unexpected) | {key for key, _, _ in mismatched}
+    usable = {key: value for key, value in state_dict.items() if key not in skipped}
+    fresh = missing + [key for key, _, _ in mismatched]
+    if fresh:
+        logger.warning(
+            "Some weights of %s were not in %s and are newly initialised: %s. Train the model before using it.",
+            type(model).__name__,
+            source,
+            ", ".join(fresh),
+        )
+    return usable, {
+        "missing_keys": missing,
+        "unexpected_keys": unexpected,
+        "mismatched_keys": mismatched,
+        "error_msgs": [],
+    }
+
+
+def _target_dtype(dtype: Any, state_dict: dict[str, torch.Tensor]) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if dtype == "auto":
+        floating = [t.dtype for t in state_dict.values() if t.is_floating_point()]
+        return floating[0] if floating else torch.float32
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype, None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(f"from_pretrained: unknown dtype '{dtype}'")
+        return resolved
+    return dtype
+
+
+def _target_device(device_map: Any) -> torch.device | None:
+    if device_map is None:
+        return None
+    if device_map == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device_map, dict):
+        raise ValueError("from_pretrained: fastmini models are small; device_map must be one device, not a dict")
+    return torch.device(device_map)
+
+
+def load_pretrained(cls, name_or_path, *model_args, **kwargs):
+    """Implementation of ``FastMiniPreTrainedModel.from_pretrained`` (see its docstring)."""
+    hub_kwargs = hub_kwargs_from(kwargs)
+    for name in HUB_KWARGS:
+        kwargs.pop(name, None)
+    config = kwargs.pop("config", None)
+    dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
+    device = _target_device(kwargs.pop("device_map", None))
+    ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
+    output_loading_info = kwargs.pop("output_loading_info", False)
+
+    config_path = config_file(name_or_path, hub_kwargs)
+    config_dict = read_config_dict(config_path)
+    checkpoint_format = detect_format(config_dict, str(config_path))
+    if config is None:
+        config = _build_config(config_dict, checkpoint_format, str(config_path))
+    elif not isinstance(config, FastMiniConfig):
+        raise TypeError(f"from_pretrained: config must be a FastMiniConfig, got {type(config).__name__}")
+    _apply_overrides(config, kwargs, str(name_or_path))
+    config.name_or_path = str(name_or_path)
+
+    weights_path = weights_file(name_or_path, hub_kwargs)
+    state_dict = load_state_dict(weights_path)
+    if checkpoint_format != FASTMINI:
+        state_dict = convert_state_dict(state_dict, checkpoint_format, str(weights_path))
+    model = cls(config, *model_args)
+    usable, loading_info = reconcile(model, state_dict, str(weights_path), ignore_mismatched_sizes)
+    model.load_state_dict(usable, strict=False)
+    model.to(dtype=_target_dtype(dtype, state_dict))
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return (model, loading_info) if output_loading_info else model

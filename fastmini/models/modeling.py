@@ -1,0 +1,283 @@
+"""The fastmini model family as transformers PreTrainedModels.
+
+FastMiniModel is the MiniALBERT encoder (embeddings, optional E -> H projector, N recursions of
+one shared layer with optional per-recursion adapters); the task classes add the heads of
+SPEC.md. Loading (fastmini, original MiniALBERT and ALBERT checkpoints) lives in loading.py,
+adapter tuning in adapter_tuning.py.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    MaskedLMOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
+
+from fastmini.models import adapter_tuning
+from fastmini.models.configuration import MINIALBERT_FIXED_LAYER_NORM_EPS, FastMiniConfig
+from fastmini.models.loading import load_pretrained
+from fastmini.modules import Embeddings, MaskedLMHead, RecursiveEncoder
+
+
+class FastMiniPreTrainedModel(PreTrainedModel):
+    config_class = FastMiniConfig
+    config: FastMiniConfig
+    base_model_prefix = "fastmini"
+    main_input_name = "input_ids"
+    _no_split_modules = ["SharedLayer", "BottleneckAdapter"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Load a fastmini directory, an original MiniALBERT or an ALBERT checkpoint (local or hub).
+
+        Original checkpoints are recognised by their config.json and converted on the fly;
+        ``save_pretrained`` then writes a fastmini directory with the same outputs.
+        """
+        return load_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs)
+
+    def train_adapters_only(self) -> dict[str, int]:
+        """Adapter tuning (SPEC.md, Model 6): freeze embeddings, projector and shared layer.
+
+        Adapters and the task head stay trainable; a model without adapters gets fresh ones.
+        Returns {"trainable": ..., "total": ...} parameter counts (also logged).
+        """
+        return adapter_tuning.train_adapters_only(self)
+
+    def save_adapters(self, directory) -> None:
+        """Write only the adapters and the task head (``adapters.safetensors`` + config)."""
+        adapter_tuning.save_adapters(self, directory)
+
+    def load_adapters(self, directory) -> None:
+        """Load what ``save_adapters`` wrote (adding adapters to a model without them)."""
+        adapter_tuning.load_adapters(self, directory)
+
+
+def key_padding_mask_from(attention_mask: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
+    if attention_mask is None:
+        return None
+    if attention_mask.shape != shape:
+        raise ValueError(
+            f"attention_mask must have the (batch, sequence) shape of the input, {tuple(shape)}; "
+            f"got {tuple(attention_mask.shape)}"
+        )
+    return attention_mask.bool()
+
+
+class FastMiniModel(FastMiniPreTrainedModel):
+    def __init__(self, config: FastMiniConfig, add_pooling_layer: bool = True):
+        super().__init__(config)
+        self.embeddings = Embeddings(config)
+        self.projector = (
+            nn.Linear(config.embedding_size, config.hidden_size) if config.use_embedding_projection else None
+        )
+        self.encoder = RecursiveEncoder(config)
+        # transformers' ALBERT classifies from a tanh pooler; MiniALBERT from the first token directly.
+        self.pooler = (
+            nn.Linear(config.hidden_size, config.hidden_size)
+            if add_pooling_layer and config.head_variant == "albert"
+            else None
+        )
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.word_embeddings = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPooling | tuple:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("FastMiniModel: give exactly one of input_ids or inputs_embeds")
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
+
+        hidden = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
+        if self.projector is not None:
+            hidden = self.projector(hidden)
+        encoded = self.encoder(
+            hidden,
+            key_padding_mask_from(attention_mask, shape),
+            output_hidden_states=bool(output_hidden_states),
+            output_attentions=bool(output_attentions),
+        )
+        sequence = encoded.last_hidden_state
+        pooled = torch.tanh(self.pooler(sequence[:, 0])) if self.pooler is not None else None
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=sequence,
+            pooler_output=pooled,
+            hidden_states=encoded.hidden_states,
+            attentions=encoded.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+def _finish(output, return_dict: bool | None, config: FastMiniConfig):
+    return output if (config.return_dict if return_dict is None else return_dict) else output.to_tuple()
+
+
+class FastMiniForMaskedLM(FastMiniPreTrainedModel):
+    _tied_weights_keys = {"lm_head.decoder.weight": "fastmini.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: FastMiniConfig):
+        super().__init__(config)
+        self.fastmini = FastMiniModel(config, add_pooling_layer=False)
+        self.lm_head = MaskedLMHead(config, MINIALBERT_FIXED_LAYER_NORM_EPS)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head.decoder
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head.decoder = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> MaskedLMOutput | tuple:
+        """``labels`` (B, S): token ids at the positions to predict, -100 elsewhere."""
+        encoded = self.fastmini(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
+            output_attentions,
+            output_hidden_states,
+            return_dict=True,
+        )
+        logits = self.lm_head(encoded.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = CrossEntropyLoss()(logits.view(-1, logits.shape[-1]), labels.view(-1).to(logits.device))
+        output = MaskedLMOutput(
+            loss=loss, logits=logits, hidden_states=encoded.hidden_states, attentions=encoded.attentions
+        )
+        return _finish(output, return_dict, self.config)
+
+
+def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: FastMiniConfig) -> torch.Tensor:
+    """The loss transformers' classifiers pick from ``config.problem_type`` (set on first use)."""
+    labels = labels.to(logits.device)
+    num_labels = logits.shape[-1]
+    if config.problem_type is None:
+        if num_labels == 1:
+            config.problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    if config.problem_type == "regression":
+        return MSELoss()(logits.squeeze(), labels.squeeze()) if num_labels == 1 else MSELoss()(logits, labels)
+    if config.problem_type == "single_label_classification":
+        return CrossEntropyLoss()(logits.view(-1, num_labels), labels.view(-1))
+    return BCEWithLogitsLoss()(logits, labels.to(logits.dtype))
+
+
+class FastMiniForSequenceClassification(FastMiniPreTrainedModel):
+    def __init__(self, config: FastMiniConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.fastmini = FastMiniModel(config, add_pooling_layer=True)
+        self.dropout = nn.Dropout(config.effective_classifier_dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> SequenceClassifierOutput | tuple:
+        encoded = self.fastmini(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
+            output_attentions,
+            output_hidden_states,
+            return_dict=True,
+        )
+        pooled = encoded.pooler_output if encoded.pooler_output is not None else encoded.last_hidden_state[:, 0]
+        logits = self.classifier(self.dropout(pooled))
+        loss = sequence_classification_loss(logits, labels, self.config) if labels is not None else None
+        output = SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=encoded.hidden_states, attentions=encoded.attentions
+        )
+        return _finish(output, return_dict, self.config)
+
+
+class FastMiniForTokenClassification(FastMiniPreTrainedModel):
+    def __init__(self, config: FastMiniConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.fastmini = FastMiniModel(config, add_pooling_layer=False)
+        self.dropout = nn.Dropout(config.effective_classifier_dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> TokenClassifierOutput | tuple:
+        """``labels`` (B, S): class ids per token, -100 where no loss is wanted."""
+        encoded = self.fastmini(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
+            output_attentions,
+            output_hidden_states,
+            return_dict=True,
+        )
+        logits = self.classifier(self.dropout(encoded.last_hidden_state))
+        loss = None
+        if labels is not None:
+            loss = CrossEntropyLoss()(logits.view(-1, self.num_labels), labels.view(-1).to(logits.device))
+        output = TokenClassifierOutput(
+            loss=loss, logits=logits, hidden_states=encoded.hidden_states, attentions=encoded.attentions
+        )
+        return _finish(output, return_dict, self.config)

@@ -1,0 +1,30 @@
+"""Bottleneck adapter module: a thin owner of parameters around ops.adapter_bottleneck."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastmini.ops import adapter_bottleneck
+
+
+class BottleneckAdapter(nn.Module):
+    """``LayerNorm(x + Up(GELU(Down(x))))`` with Down H -> H/r and Up H/r -> H (SPEC.md, Model 4)."""
+
+    def __init__(self, hidden_size: int, reduction_factor: int, eps: float):
+        super().__init__()
+        self.down = nn.Linear(hidden_size, hidden_size // reduction_factor)
+        self.up = nn.Linear(hidden_size // reduction_factor, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return adapter_bottleneck(
+            x,
+            self.down.weight,
+            self.down.bias,
+            self.up.weight,
+            self.up.bias,
+            self.norm.weight,
+            self.norm.bias,
+            self.norm.eps,
+        )

@@ -1,0 +1,75 @@
+"""The recursion: one SharedLayer applied N times, each pass wrapped by its own adapters.
+
+for i in 0..N-1:  a = AttAdapter_i(h);  x = attention_block(a);  m = FfnAdapter_i(x);  h = ffn_block(m)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fastmini.modules.adapter import BottleneckAdapter
+from fastmini.modules.shared_layer import SharedLayer
+
+
+@dataclass
+class EncoderOutput:
+    last_hidden_state: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None  # N + 1: the encoder's input first
+    attentions: tuple[torch.Tensor, ...] | None  # N maps of (B, A, S, S)
+
+
+def make_adapters(config) -> nn.ModuleList:
+    return nn.ModuleList(
+        BottleneckAdapter(config.hidden_size, config.reduction_factor, config.adapter_layer_norm_eps)
+        for _ in range(config.num_hidden_layers)
+    )
+
+
+class RecursiveEncoder(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.num_recursions = config.num_hidden_layers
+        self.shared_layer = SharedLayer(config)
+        self.attention_adapters: nn.ModuleList | None = None
+        self.ffn_adapters: nn.ModuleList | None = None
+        if config.use_adapter:
+            self.add_adapters(config)
+
+    @property
+    def has_adapters(self) -> bool:
+        return self.attention_adapters is not None
+
+    def add_adapters(self, config) -> None:
+        """Give every recursion a fresh pair of adapters (adapter tuning of a model without them)."""
+        self.attention_adapters = make_adapters(config)
+        self.ffn_adapters = make_adapters(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> EncoderOutput:
+        all_hidden = [hidden_states] if output_hidden_states else None
+        all_attentions = [] if output_attentions else None
+        h = hidden_states
+        for i in range(self.num_recursions):
+            if self.attention_adapters is not None:
+                h = self.attention_adapters[i](h)
+            h, probabilities = self.shared_layer.attention_block(h, key_padding_mask, output_attentions)
+            if self.ffn_adapters is not None:
+                h = self.ffn_adapters[i](h)
+            h = self.shared_layer.ffn_block(h)
+            if all_hidden is not None:
+                all_hidden.append(h)
+            if all_attentions is not None:
+                all_attentions.append(probabilities)
+        return EncoderOutput(
+            last_hidden_state=h,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            attentions=tuple(all_attentions) if all_attentions is not None else None,
+        )

@@ -1,0 +1,26 @@
+"""One public function per fused op; each file holds its ``<op>_ref`` torch oracle beside it.
+
+Every op takes ``backend=None`` ("torch" | "triton" | "cuda"); see :mod:`fastmini.ops.dispatch`.
+"""
+
+from fastmini.ops.adapter_bottleneck import adapter_bottleneck, adapter_bottleneck_ref
+from fastmini.ops.add_layer_norm import add_layer_norm, add_layer_norm_ref
+from fastmini.ops.attention import self_attention, self_attention_ref
+from fastmini.ops.dispatch import BACKEND_ENV_VAR, BACKENDS, BackendUnavailableError, resolve_backend
+from fastmini.ops.linear_gelu import GELU_APPROXIMATIONS, linear_gelu, linear_gelu_ref
+
+__all__ = [
+    "BACKENDS",
+    "BACKEND_ENV_VAR",
+    "BackendUnavailableError",
+    "GELU_APPROXIMATIONS",
+    "adapter_bottleneck",
+    "adapter_bottleneck_ref",
+    "add_layer_norm",
+    "add_layer_norm_ref",
+    "linear_gelu",
+    "linear_gelu_ref",
+    "resolve_backend",
+    "self_attention",
+    "self_attention_ref",
+]

@@ -1,0 +1,61 @@
+"""Backend choice for every op in fastmini.ops.
+
+Order: the op's explicit ``backend=`` argument, then the ``FASTMINI_BACKEND`` environment
+variable, then automatic by the input's device (CUDA tensor: triton where the op has it;
+CPU tensor: torch, or triton when ``TRITON_INTERPRET=1`` runs kernels on the CPU).
+A backend that is asked for but missing is an error, never a silent fallback.
+Nothing here touches a GPU or imports triton.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+BACKEND_ENV_VAR = "FASTMINI_BACKEND"
+TRITON_INTERPRET_ENV_VAR = "TRITON_INTERPRET"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for that this op, this build or this tensor's device cannot run."""
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get(TRITON_INTERPRET_ENV_VAR, "0") not in ("", "0")
+
+
+def _check_runnable(op: str, backend: str, tensor: torch.Tensor) -> None:
+    if backend in ("triton", "cuda") and not tensor.is_cuda:
+        if backend == "triton" and triton_interpreter_enabled():
+            return
+        hint = " (or set TRITON_INTERPRET=1 to run Triton kernels on CPU tensors)" if backend == "triton" else ""
+        raise BackendUnavailableError(
+            f"fastmini op '{op}': backend '{backend}' needs a CUDA tensor, got one on {tensor.device}{hint}"
+        )
+
+
+def resolve_backend(op: str, tensor: torch.Tensor, backend: str | None, available: Mapping[str, Callable]) -> str:
+    """Return the name of the backend that runs ``op`` on ``tensor``."""
+    requested = backend if backend is not None else (os.environ.get(BACKEND_ENV_VAR) or None)
+    if requested is not None:
+        source = "backend=" if backend is not None else f"{BACKEND_ENV_VAR}="
+        if requested not in BACKENDS:
+            raise ValueError(f"fastmini op '{op}': unknown {source}'{requested}'; expected one of {BACKENDS}")
+        if requested not in available:
+            raise BackendUnavailableError(
+                f"fastmini op '{op}' has no '{requested}' backend ({source}'{requested}'); "
+                f"available: {sorted(available)}"
+            )
+        _check_runnable(op, requested, tensor)
+        return requested
+    if "triton" in available and (tensor.is_cuda or triton_interpreter_enabled()):
+        return "triton"
+    return "torch"
+
+
+def choose(op: str, tensor: torch.Tensor, backend: str | None, available: Mapping[str, Callable]) -> Callable:
+    """The implementation of ``op`` to call for ``tensor`` (see :func:`resolve_backend`)."""
+    return available[resolve_backend(op, tensor, backend, available)]

@@ -1,0 +1,62 @@
+"""Shared tiny configurations (transformers' tester sizes: vocab 99, hidden 36, seq 7).
+
+Helpers are fixtures (factories) because tests run with --import-mode=importlib and cannot
+import each other or this file.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastmini  # noqa: F401  (registers the Auto classes)
+from fastmini import FastMiniConfig
+from fastmini.baselines.original import original_config
+
+TINY = dict(
+    vocab_size=99,
+    embedding_size=16,
+    hidden_size=36,
+    num_attention_heads=6,
+    intermediate_size=37,
+    num_hidden_layers=3,
+    max_position_embeddings=64,
+)
+
+
+def _randomize(module: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch.nn.Module:
+    """Large random weights everywhere (LayerNorm affines included) so parity tests see real signal."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+    return module
+
+
+@pytest.fixture
+def tiny_config():
+    """Factory: a tiny FastMiniConfig (r=4 so the adapter is 36 -> 9 -> 36)."""
+    return lambda **overrides: FastMiniConfig(**{**TINY, "reduction_factor": 4, **overrides})
+
+
+@pytest.fixture
+def tiny_original_config():
+    """Factory: a tiny ALBERT config with MiniALBERT's extras, as the original checkpoints carry."""
+    return lambda **overrides: original_config(**{**TINY, "reduction_factor": 4, "hidden_act": "gelu", **overrides})
+
+
+@pytest.fixture
+def randomize():
+    return _randomize
+
+
+@pytest.fixture
+def batch() -> dict[str, torch.Tensor]:
+    """Two sequences of 7 tokens, the second padded after 4, with both token types."""
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(1, TINY["vocab_size"], (2, 7), generator=generator)
+    attention_mask = torch.ones(2, 7, dtype=torch.long)
+    attention_mask[1, 4:] = 0
+    input_ids[1, 4:] = 0
+    token_type_ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0, 0]])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}

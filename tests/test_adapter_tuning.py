@@ -1,0 +1,90 @@
+"""Adapter tuning freezes exactly embeddings, projector and shared layer (SPEC.md, Model 6)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastmini import CheckpointError, FastMiniForMaskedLM, FastMiniForSequenceClassification
+
+
+def trainable_names(model) -> set[str]:
+    return {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+
+
+def test_freezes_exactly_the_encoder_body(tiny_config):
+    model = FastMiniForSequenceClassification(tiny_config(num_labels=2))
+    counts = model.train_adapters_only()
+    names = trainable_names(model)
+    assert names == {
+        name for name, _ in model.named_parameters() if "_adapters." in name or name.startswith("classifier.")
+    }
+    assert any(name.startswith("fastmini.encoder.attention_adapters.") for name in names)
+    assert any(name.startswith("fastmini.encoder.ffn_adapters.") for name in names)
+    assert not any(
+        name.startswith(("fastmini.embeddings.", "fastmini.projector.", "fastmini.encoder.shared_layer."))
+        for name in names
+    )
+    assert counts["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+
+
+def test_adds_fresh_adapters_to_a_model_without(tiny_config, batch):
+    model = FastMiniForMaskedLM(tiny_config(use_adapter=False))
+    assert not model.fastmini.encoder.has_adapters
+    model.train_adapters_only()
+    assert model.config.use_adapter
+    assert len(model.fastmini.encoder.attention_adapters) == model.config.num_hidden_layers
+    down = model.fastmini.encoder.attention_adapters[0].down.weight
+    assert down.std() > 0  # initialised, not left empty
+    assert torch.isfinite(model(**batch).logits).all()
+
+
+def test_training_step_changes_only_adapters_and_head(tiny_config, batch):
+    model = FastMiniForSequenceClassification(tiny_config(num_labels=2))
+    model.train_adapters_only()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    model.train()
+    loss = model(**batch, labels=torch.tensor([0, 1])).loss
+    loss.backward()
+    optimizer.step()
+    for name, parameter in model.named_parameters():
+        changed = not torch.equal(before[name], parameter.detach())
+        assert changed == parameter.requires_grad, name
+
+
+def test_save_and_load_adapters(tiny_config, batch, tmp_path):
+    model = FastMiniForSequenceClassification(tiny_config(num_labels=3, use_adapter=False))
+    model.train_adapters_only()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter) * 0.1)
+    model.eval()
+    model.save_adapters(tmp_path)
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "adapters.safetensors")
+    assert set(saved) == trainable_names(model)
+
+    # same frozen body, no adapters yet: loading the adapters restores the tuned model
+    fresh = FastMiniForSequenceClassification(tiny_config(num_labels=3, use_adapter=False))
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if k in fresh.state_dict()}, strict=False)
+    with torch.no_grad():
+        for name, parameter in fresh.named_parameters():
+            if name.startswith("classifier."):
+                parameter.zero_()
+    fresh.load_adapters(tmp_path)
+    fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+
+
+def test_load_adapters_refuses_another_shape(tiny_config, tmp_path):
+    model = FastMiniForMaskedLM(tiny_config())
+    model.save_adapters(tmp_path)
+    with pytest.raises(CheckpointError, match="num_hidden_layers=3, this model has num_hidden_layers=2"):
+        FastMiniForMaskedLM(tiny_config(num_hidden_layers=2)).load_adapters(tmp_path)
+    with pytest.raises(CheckpointError, match="saved from FastMiniForMaskedLM"):
+        FastMiniForSequenceClassification(tiny_config()).load_adapters(tmp_path)

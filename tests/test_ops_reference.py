@@ -1,0 +1,129 @@
+"""The torch reference ops against SPEC.md's formulas written out by hand, and backend dispatch."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastmini.ops import (
+    BackendUnavailableError,
+    adapter_bottleneck,
+    add_layer_norm,
+    linear_gelu,
+    resolve_backend,
+    self_attention,
+)
+
+
+def layer_norm_by_hand(x, weight, bias, eps):
+    mean = x.mean(-1, keepdim=True)
+    variance = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(variance + eps) * weight + bias
+
+
+def gelu_by_hand(x, approximate="none"):
+    if approximate == "tanh":
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+
+
+@pytest.mark.parametrize("hidden, reduction", [(36, 4), (312, 16), (768, 16)])
+def test_adapter_bottleneck(hidden, reduction):
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, hidden, dtype=torch.float64)
+    down_w, down_b = (
+        torch.randn(hidden // reduction, hidden, dtype=torch.float64),
+        torch.randn(hidden // reduction, dtype=torch.float64),
+    )
+    up_w, up_b = (
+        torch.randn(hidden, hidden // reduction, dtype=torch.float64),
+        torch.randn(hidden, dtype=torch.float64),
+    )
+    norm_w, norm_b = torch.randn(hidden, dtype=torch.float64), torch.randn(hidden, dtype=torch.float64)
+    expected = layer_norm_by_hand(x + gelu_by_hand(x @ down_w.T + down_b) @ up_w.T + up_b, norm_w, norm_b, 1e-12)
+    actual = adapter_bottleneck(x, down_w, down_b, up_w, up_b, norm_w, norm_b, 1e-12)
+    torch.testing.assert_close(actual, expected)
+
+
+def test_add_layer_norm_and_its_dropout():
+    torch.manual_seed(0)
+    x, residual = torch.randn(4, 36, dtype=torch.float64), torch.randn(4, 36, dtype=torch.float64)
+    weight, bias = torch.randn(36, dtype=torch.float64), torch.randn(36, dtype=torch.float64)
+    torch.testing.assert_close(
+        add_layer_norm(x, residual, weight, bias, 1e-5), layer_norm_by_hand(x + residual, weight, bias, 1e-5)
+    )
+    torch.manual_seed(1)
+    dropped = add_layer_norm(x, residual, weight, bias, 1e-5, dropout_p=0.5)
+    torch.manual_seed(1)
+    keep = torch.nn.functional.dropout(torch.ones_like(x), 0.5, training=True)
+    torch.testing.assert_close(dropped, layer_norm_by_hand(x * keep + residual, weight, bias, 1e-5))
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        add_layer_norm(x, residual, weight, bias, 1e-5, dropout_p=1.0)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_linear_gelu(approximate):
+    torch.manual_seed(0)
+    x, w, b = (
+        torch.randn(7, 36, dtype=torch.float64),
+        torch.randn(37, 36, dtype=torch.float64),
+        torch.randn(37, dtype=torch.float64),
+    )
+    torch.testing.assert_close(linear_gelu(x, w, b, approximate), gelu_by_hand(x @ w.T + b, approximate))
+    with pytest.raises(ValueError, match="approximate must be one of"):
+        linear_gelu(x, w, b, "erf")
+
+
+def test_self_attention_both_paths_agree_and_mask_padding():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 7, 36, dtype=torch.float64) for _ in range(3))
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 4:] = False
+    eager, probabilities = self_attention(q, k, v, 6, mask, need_weights=True)
+    fused, none = self_attention(q, k, v, 6, mask, need_weights=False)
+    assert none is None
+    torch.testing.assert_close(eager, fused)
+    # by hand, head 0 of sequence 1: only the 4 real keys
+    scores = q[1, :, :6] @ k[1, :4, :6].T / math.sqrt(6)
+    torch.testing.assert_close(probabilities[1, 0, :, :4], scores.softmax(-1))
+    assert torch.all(probabilities[1, :, :, 4:] == 0)
+
+
+def test_dispatch_rules(monkeypatch):
+    available = {"torch": object()}
+    cpu = torch.zeros(1)
+    monkeypatch.delenv("FASTMINI_BACKEND", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert resolve_backend("op", cpu, None, available) == "torch"
+    assert resolve_backend("op", cpu, None, {**available, "triton": object()}) == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend("op", cpu, None, {**available, "triton": object()}) == "triton"
+    with pytest.raises(BackendUnavailableError, match="op 'op' has no 'triton' backend"):
+        resolve_backend("op", cpu, "triton", available)
+    monkeypatch.setenv("FASTMINI_BACKEND", "cuda")
+    with pytest.raises(BackendUnavailableError, match="FASTMINI_BACKEND='cuda'"):
+        resolve_backend("op", cpu, None, available)
+    assert resolve_backend("op", cpu, "torch", available) == "torch"  # the argument wins over the variable
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(BackendUnavailableError, match="needs a CUDA tensor"):
+        resolve_backend("op", cpu, "triton", {**available, "triton": object()})
+    with pytest.raises(ValueError, match="unknown backend='tpu'"):
+        resolve_backend("op", cpu, "tpu", available)
+
+
+def test_ops_refuse_a_missing_backend():
+    x = torch.randn(2, 36)
+    with pytest.raises(BackendUnavailableError, match="adapter_bottleneck"):
+        adapter_bottleneck(
+            x,
+            torch.randn(9, 36),
+            torch.randn(9),
+            torch.randn(36, 9),
+            torch.randn(36),
+            torch.ones(36),
+            torch.zeros(36),
+            1e-12,
+            backend="cuda",
+        )

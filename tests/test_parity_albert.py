@@ -1,0 +1,85 @@
+"""Plain ALBERT checkpoints (transformers' own classes) load and give transformers' outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    AlbertConfig,
+    AlbertForMaskedLM,
+    AlbertForSequenceClassification,
+    AlbertForTokenClassification,
+    AlbertModel,
+)
+
+from fastmini import (
+    CheckpointError,
+    FastMiniForMaskedLM,
+    FastMiniForSequenceClassification,
+    FastMiniForTokenClassification,
+    FastMiniModel,
+)
+
+RTOL = 1e-5
+PAIRS = {
+    "model": (AlbertModel, FastMiniModel, "last_hidden_state"),
+    "masked_lm": (AlbertForMaskedLM, FastMiniForMaskedLM, "logits"),
+    "sequence_classification": (AlbertForSequenceClassification, FastMiniForSequenceClassification, "logits"),
+    "token_classification": (AlbertForTokenClassification, FastMiniForTokenClassification, "logits"),
+}
+
+
+def albert_config(**overrides) -> AlbertConfig:
+    fields = dict(
+        vocab_size=99,
+        embedding_size=16,
+        hidden_size=36,
+        num_attention_heads=6,
+        intermediate_size=37,
+        num_hidden_layers=3,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+    )
+    return AlbertConfig(**{**fields, **overrides})
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.mark.parametrize("kind", sorted(PAIRS))
+@pytest.mark.parametrize("hidden_act", ["gelu_new", "gelu"])
+@pytest.mark.parametrize("embedding_size", [16, 36], ids=["E!=H", "E==H"])
+def test_albert_checkpoint_parity(kind, hidden_act, embedding_size, randomize, batch, tmp_path):
+    albert_class, fastmini_class, output_name = PAIRS[kind]
+    albert = randomize(albert_class(albert_config(hidden_act=hidden_act, embedding_size=embedding_size))).eval()
+    if kind == "masked_lm":
+        albert.tie_weights()  # randomize() broke the tie; transformers' checkpoints are tied
+    albert.save_pretrained(tmp_path)
+    model = fastmini_class.from_pretrained(tmp_path)
+    assert model.config.head_variant == "albert"
+    assert model.config.use_embedding_projection  # ALBERT always projects E -> H
+    with torch.no_grad():
+        expected = albert(**batch, output_hidden_states=True, output_attentions=True)
+        ours = model(**batch, output_hidden_states=True, output_attentions=True)
+    assert relative_error(ours[output_name], expected[output_name]) <= RTOL
+    for a, b in zip(ours.hidden_states, expected.hidden_states, strict=True):
+        assert relative_error(a, b) <= RTOL
+    for a, b in zip(ours.attentions, expected.attentions, strict=True):
+        assert relative_error(a, b) <= RTOL
+    if kind == "model":
+        assert relative_error(ours.pooler_output, expected.pooler_output) <= RTOL
+
+
+def test_albert_masked_lm_decoder_is_tied(tmp_path):
+    AlbertForMaskedLM(albert_config()).save_pretrained(tmp_path)
+    model = FastMiniForMaskedLM.from_pretrained(tmp_path)
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.decoder.weight.data_ptr() == model.fastmini.embeddings.word_embeddings.weight.data_ptr()
+
+
+@pytest.mark.parametrize("field", ["num_hidden_groups", "inner_group_num"])
+def test_unsupported_albert_variants_are_refused(field, tmp_path):
+    AlbertModel(albert_config(**{field: 3})).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=field):
+        FastMiniModel.from_pretrained(tmp_path)

@@ -1,0 +1,126 @@
+"""Original MiniALBERT checkpoints load as they are and give the original's outputs.
+
+The oracle is fastmini.baselines.original: the original forward re-composed from transformers'
+ALBERT modules, whose state dict carries the original key names.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastmini import (
+    FastMiniForMaskedLM,
+    FastMiniForSequenceClassification,
+    FastMiniForTokenClassification,
+    FastMiniModel,
+)
+from fastmini.baselines.original import (
+    OriginalMiniAlbertForMaskedLM,
+    OriginalMiniAlbertForSequenceClassification,
+    OriginalMiniAlbertForTokenClassification,
+    save_original_checkpoint,
+)
+
+RTOL = 1e-5
+HEADS = {
+    "masked_lm": (OriginalMiniAlbertForMaskedLM, FastMiniForMaskedLM),
+    "sequence_classification": (
+        OriginalMiniAlbertForSequenceClassification,
+        FastMiniForSequenceClassification,
+    ),
+    "token_classification": (OriginalMiniAlbertForTokenClassification, FastMiniForTokenClassification),
+}
+
+
+def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    error = (actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12)
+    assert error <= RTOL, f"{what}: relative error {error:.2e} > {RTOL}"
+
+
+def assert_matches_original(original_outputs, ours, attention_mask: torch.Tensor) -> None:
+    logits, hidden_states, attentions = original_outputs
+    assert_close_relative(ours.logits, logits, "logits")
+    assert len(ours.hidden_states) == len(hidden_states)
+    for i, (a, b) in enumerate(zip(ours.hidden_states, hidden_states, strict=True)):
+        assert_close_relative(a, b, f"hidden_states[{i}]")
+    assert len(ours.attentions) == len(attentions)
+    real_queries = attention_mask.bool()
+    for i, (a, b) in enumerate(zip(ours.attentions, attentions, strict=True)):
+        # (B, A, S, S) -> only the query rows of real tokens, every key column
+        assert_close_relative(a.transpose(1, 2)[real_queries], b.transpose(1, 2)[real_queries], f"attentions[{i}]")
+
+
+@pytest.mark.parametrize("head", sorted(HEADS))
+@pytest.mark.parametrize("use_adapter", [True, False], ids=["adapters", "no-adapters"])
+@pytest.mark.parametrize("embedding_size", [16, 36], ids=["E!=H", "E==H"])
+@pytest.mark.parametrize("hidden_act", ["gelu", "gelu_new"])
+@pytest.mark.parametrize("weights_format", ["safetensors", "bin"])
+def test_original_checkpoint_parity(
+    head,
+    use_adapter,
+    embedding_size,
+    hidden_act,
+    weights_format,
+    tiny_original_config,
+    randomize,
+    batch,
+    tmp_path,
+):
+    config = tiny_original_config(use_adapter=use_adapter, embedding_size=embedding_size, hidden_act=hidden_act)
+    original_class, fastmini_class = HEADS[head]
+    original = randomize(original_class(config)).eval()
+    directory = save_original_checkpoint(original, tmp_path / "original", weights_format)
+
+    model = fastmini_class.from_pretrained(directory)
+    assert model.config.use_adapter == use_adapter
+    assert model.config.use_embedding_projection == (embedding_size != 36)
+    assert model.config.head_variant == "minialbert"
+    with torch.no_grad():
+        expected = original(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        ours = model(**batch, output_hidden_states=True, output_attentions=True)
+    assert_matches_original(expected, ours, batch["attention_mask"])
+
+    # converting and re-saving gives a fastmini directory with the same outputs
+    model.save_pretrained(tmp_path / "converted")
+    reloaded = fastmini_class.from_pretrained(tmp_path / "converted")
+    assert reloaded.config.model_type == "fastmini"
+    with torch.no_grad():
+        again = reloaded(**batch, output_hidden_states=True, output_attentions=True)
+    assert_matches_original(expected, again, batch["attention_mask"])
+
+
+def test_sdpa_path_matches_original_without_attention_outputs(tiny_original_config, randomize, batch, tmp_path):
+    """The default path (no probabilities materialised) gives the same hidden states."""
+    original = randomize(OriginalMiniAlbertForMaskedLM(tiny_original_config())).eval()
+    model = FastMiniForMaskedLM.from_pretrained(save_original_checkpoint(original, tmp_path))
+    with torch.no_grad():
+        logits, hidden_states, _ = original(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        ours = model(**batch, output_hidden_states=True)
+    assert ours.attentions is None
+    real = batch["attention_mask"].bool()
+    assert_close_relative(ours.logits[real], logits[real], "logits")
+    assert_close_relative(ours.hidden_states[-1][real], hidden_states[-1][real], "last hidden state")
+
+
+def test_masked_lm_checkpoint_loads_into_base_and_task_models(tiny_original_config, randomize, batch, tmp_path):
+    original = randomize(OriginalMiniAlbertForMaskedLM(tiny_original_config())).eval()
+    directory = save_original_checkpoint(original, tmp_path)
+    with torch.no_grad():
+        _, hidden_states, _ = original(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    base = FastMiniModel.from_pretrained(directory)
+    with torch.no_grad():
+        encoded = base(**batch)
+    assert_close_relative(encoded.last_hidden_state, hidden_states[-1], "encoder output")
+    assert encoded.pooler_output is None  # MiniALBERT has no pooler
+
+    classifier, info = FastMiniForSequenceClassification.from_pretrained(
+        directory, num_labels=3, output_loading_info=True
+    )
+    assert info["missing_keys"] == ["classifier.bias", "classifier.weight"]
+    assert all(key.startswith("lm_head.") for key in info["unexpected_keys"])
+    torch.testing.assert_close(
+        classifier.fastmini.encoder.shared_layer.query.weight,
+        original.albert.albert.encoder.albert_layer_groups[0].albert_layers[0].attention.query.weight,
+    )
+    assert classifier.classifier.out_features == 3
