@@ -124,3 +124,54 @@ def test_masked_lm_checkpoint_loads_into_base_and_task_models(tiny_original_conf
         original.albert.albert.encoder.albert_layer_groups[0].albert_layers[0].attention.query.weight,
     )
     assert classifier.classifier.out_features == 3
+
+
+def test_bare_minialbert_model_checkpoint(tiny_original_config, randomize, batch, tmp_path):
+    """A saved MiniAlbertModel (no head) carries "albert.<AlbertModel>" keys and top-level adapters."""
+    from fastmini.baselines.original import OriginalMiniAlbertModel
+
+    class BareCheckpoint(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.albert, self.config = model, model.config
+
+    original = randomize(OriginalMiniAlbertModel(tiny_original_config())).eval()
+    directory = save_original_checkpoint(BareCheckpoint(original), tmp_path)
+    with torch.no_grad():
+        expected, _, _ = original(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        actual = FastMiniModel.from_pretrained(directory)(**batch).last_hidden_state
+    real = batch["attention_mask"].bool()
+    assert_close_relative(actual[real], expected[real], "encoder output")
+
+
+def test_hub_model_names_resolve_through_the_hub_client(tiny_original_config, randomize, batch, tmp_path, monkeypatch):
+    """`nlpie/miniALBERT-128`-style names go through huggingface_hub (served here from a local folder)."""
+    import shutil
+
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    original = randomize(OriginalMiniAlbertForMaskedLM(tiny_original_config())).eval()
+    hub = save_original_checkpoint(original, tmp_path / "hub" / "nlpie" / "miniALBERT-tiny", "bin")
+    requested = []
+
+    def fake_download(repo_id, filename, **kwargs):
+        requested.append((repo_id, filename))
+        source = tmp_path / "hub" / repo_id / filename
+        if not source.is_file():
+            raise EntryNotFoundError(f"{filename} not in {repo_id}")
+        target = tmp_path / "cache" / repo_id / filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return str(shutil.copy(source, target))
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    model = FastMiniForMaskedLM.from_pretrained("nlpie/miniALBERT-tiny", revision="main")
+    assert requested == [
+        ("nlpie/miniALBERT-tiny", "config.json"),
+        ("nlpie/miniALBERT-tiny", "model.safetensors"),
+        ("nlpie/miniALBERT-tiny", "pytorch_model.bin"),
+    ]
+    with torch.no_grad():
+        logits, _, _ = original(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        assert_close_relative(model(**batch).logits, logits, "logits")
+    assert hub.is_dir()
