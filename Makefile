@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # The CPU build of torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: venv test demo bench lint clean
+.PHONY: venv test demo bench bench-gpu lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/pytest benchmarks/ --benchmark-only
+
+# On the lent GPU machine, whose python3 already holds torch, triton and transformers (no venv):
+# GPU tests + all benchmarks in one call, written to benchmarks/results/<date>-<gpu>.md.
+bench-gpu:
+	python3 -m pip install --quiet --no-build-isolation --no-deps -e .
+	python3 benchmarks/run_gpu.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check fastmini kernels tests benchmarks examples

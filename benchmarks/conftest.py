@@ -76,6 +76,33 @@ def compare():
     return _compare
 
 
+_COPY_BANDWIDTH: dict[str, float] = {}
+
+
+@pytest.fixture
+def copy_bandwidth():
+    """copy_bandwidth(device) -> bytes/s of a device-to-device copy of 256 MiB (measured once per
+    session): the roofline that memory-bound kernels are reported against."""
+
+    def _measure(device: torch.device) -> float:
+        key = str(device)
+        if key not in _COPY_BANDWIDTH:
+            source = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+            target = torch.empty_like(source)
+            copy = synchronised(lambda: target.copy_(source), device)
+            for _ in range(3):
+                copy()
+            timings = []
+            for _ in range(20):
+                start = time.perf_counter()
+                copy()
+                timings.append(time.perf_counter() - start)
+            _COPY_BANDWIDTH[key] = 2 * source.numel() / statistics.median(timings)  # read + write
+        return _COPY_BANDWIDTH[key]
+
+    return _measure
+
+
 @pytest.fixture
 def describe_device():
     return device_name

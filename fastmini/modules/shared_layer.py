@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastmini.ops import add_layer_norm, linear_gelu, self_attention
+from fastmini.ops import Packing, add_layer_norm, linear_gelu, packed_self_attention, self_attention
 
 
 class SharedLayer(nn.Module):
@@ -36,22 +36,24 @@ class SharedLayer(nn.Module):
     def attention_block(
         self,
         x: torch.Tensor,
-        key_padding_mask: torch.Tensor | None,
+        packing: Packing | None,
         need_weights: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``LayerNorm(x + Dropout(Dense(Attention(x))))`` and the probabilities when asked for.
 
-        The residual is this block's own input, i.e. the attention adapter's output.
+        ``x`` is packed (T, H) when ``packing`` is given, else a full (B, S, H) batch without
+        padding. The residual is this block's own input, i.e. the attention adapter's output.
         """
-        context, probabilities = self_attention(
-            self.query(x),
-            self.key(x),
-            self.value(x),
-            self.num_heads,
-            key_padding_mask,
-            dropout_p=self._dropout(self.attention_dropout_p),
-            need_weights=need_weights,
-        )
+        projections = (self.query(x), self.key(x), self.value(x))
+        dropout_p = self._dropout(self.attention_dropout_p)
+        if packing is not None:
+            context, probabilities = packed_self_attention(
+                *projections, self.num_heads, packing, dropout_p=dropout_p, need_weights=need_weights
+            )
+        else:
+            context, probabilities = self_attention(
+                *projections, self.num_heads, None, dropout_p=dropout_p, need_weights=need_weights
+            )
         norm = self.attention_norm
         out = add_layer_norm(
             self.attention_output(context),

@@ -5,21 +5,24 @@ Every op takes ``backend=None`` ("torch" | "triton" | "cuda"); see :mod:`fastmin
 
 from fastmini.ops.adapter_bottleneck import adapter_bottleneck, adapter_bottleneck_ref
 from fastmini.ops.add_layer_norm import add_layer_norm, add_layer_norm_ref
-from fastmini.ops.attention import self_attention, self_attention_ref
+from fastmini.ops.attention import packed_self_attention, self_attention, self_attention_ref
 from fastmini.ops.dispatch import BACKEND_ENV_VAR, BACKENDS, BackendUnavailableError, resolve_backend
 from fastmini.ops.linear_gelu import GELU_APPROXIMATIONS, linear_gelu, linear_gelu_ref
+from fastmini.ops.packing import Packing
 
 __all__ = [
     "BACKENDS",
     "BACKEND_ENV_VAR",
     "BackendUnavailableError",
     "GELU_APPROXIMATIONS",
+    "Packing",
     "adapter_bottleneck",
     "adapter_bottleneck_ref",
     "add_layer_norm",
     "add_layer_norm_ref",
     "linear_gelu",
     "linear_gelu_ref",
+    "packed_self_attention",
     "resolve_backend",
     "self_attention",
     "self_attention_ref",

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastmini.ops.packing import Packing
+
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """(B, S, H) -> (B, A, S, H/A)."""
@@ -59,3 +61,25 @@ def self_attention(
     mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
     context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     return merge_heads(context), None
+
+
+def packed_self_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    num_heads: int,
+    packing: Packing,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention over packed (T, H) tokens: each token attends to the real tokens of its sequence.
+
+    Only attention sees the padded layout again (its cost per token is 4*S*H against the layer's
+    ~8H^2 + 4HI), so every GEMM, adapter and LayerNorm of the layer runs on real tokens only.
+    Returns the packed (T, H) context and, when asked, (B, A, S, S) probabilities.
+    """
+    padded = (packing.unpack(t) for t in (query, key, value))
+    context, probabilities = self_attention(
+        *padded, num_heads, packing.key_padding_mask, dropout_p=dropout_p, need_weights=need_weights
+    )
+    return packing.pack(context), probabilities

@@ -1,8 +1,10 @@
 """Backend choice for every op in fastmini.ops.
 
 Order: the op's explicit ``backend=`` argument, then the ``FASTMINI_BACKEND`` environment
-variable, then automatic by the input's device (CUDA tensor: triton where the op has it;
-CPU tensor: torch, or triton when ``TRITON_INTERPRET=1`` runs kernels on the CPU).
+variable, then automatic by the input's device (CUDA tensor: triton where the op has it and
+its kernels have passed their tests on a GPU; CPU tensor: torch, or triton when
+``TRITON_INTERPRET=1`` runs kernels on the CPU). Kernels that have only run in the interpreter
+are never chosen automatically for CUDA tensors: asking for them by name is the switch.
 A backend that is asked for but missing is an error, never a silent fallback.
 Nothing here touches a GPU or imports triton.
 """
@@ -10,7 +12,7 @@ Nothing here touches a GPU or imports triton.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import torch
 
@@ -37,8 +39,18 @@ def _check_runnable(op: str, backend: str, tensor: torch.Tensor) -> None:
         )
 
 
-def resolve_backend(op: str, tensor: torch.Tensor, backend: str | None, available: Mapping[str, Callable]) -> str:
-    """Return the name of the backend that runs ``op`` on ``tensor``."""
+def resolve_backend(
+    op: str,
+    tensor: torch.Tensor,
+    backend: str | None,
+    available: Mapping[str, Callable],
+    verified_on_gpu: Collection[str] = (),
+) -> str:
+    """Return the name of the backend that runs ``op`` on ``tensor``.
+
+    ``verified_on_gpu`` names the backends whose kernels have passed their tests on a GPU;
+    only those are picked automatically for CUDA tensors.
+    """
     requested = backend if backend is not None else (os.environ.get(BACKEND_ENV_VAR) or None)
     if requested is not None:
         source = "backend=" if backend is not None else f"{BACKEND_ENV_VAR}="
@@ -51,11 +63,20 @@ def resolve_backend(op: str, tensor: torch.Tensor, backend: str | None, availabl
             )
         _check_runnable(op, requested, tensor)
         return requested
-    if "triton" in available and (tensor.is_cuda or triton_interpreter_enabled()):
-        return "triton"
+    if "triton" in available:
+        if tensor.is_cuda and "triton" in verified_on_gpu:
+            return "triton"
+        if not tensor.is_cuda and triton_interpreter_enabled():
+            return "triton"
     return "torch"
 
 
-def choose(op: str, tensor: torch.Tensor, backend: str | None, available: Mapping[str, Callable]) -> Callable:
+def choose(
+    op: str,
+    tensor: torch.Tensor,
+    backend: str | None,
+    available: Mapping[str, Callable],
+    verified_on_gpu: Collection[str] = (),
+) -> Callable:
     """The implementation of ``op`` to call for ``tensor`` (see :func:`resolve_backend`)."""
-    return available[resolve_backend(op, tensor, backend, available)]
+    return available[resolve_backend(op, tensor, backend, available, verified_on_gpu)]

@@ -1,0 +1,92 @@
+"""`make bench-gpu`: the GPU tests and every benchmark in one call, written up as Markdown.
+
+Runs on the lent GPU machine (its own python3 with torch/triton/transformers installed):
+``pytest -m gpu tests/`` then ``pytest benchmarks/ --benchmark-only``, and writes
+``benchmarks/results/<date>-<gpu>.md`` with the versions, the GPU test outcome and one table
+per benchmark group (medians, ratios against the baseline, GB/s or GFLOP/s as recorded).
+The file is also copied to $OUT when that variable is set (the device tool brings it back).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_command() -> list[str]:
+    found = shutil.which("pytest")
+    return [found] if found else [sys.executable, "-m", "pytest"]
+
+
+def run(arguments: list[str]) -> tuple[int, str]:
+    result = subprocess.run(pytest_command() + arguments, cwd=ROOT, capture_output=True, text=True)
+    output = result.stdout + result.stderr
+    print(output[-6000:], flush=True)
+    return result.returncode, output
+
+
+def summary_line(output: str) -> str:
+    lines = [line for line in output.splitlines() if re.search(r"\b(passed|failed|skipped|error)", line)]
+    return lines[-1].strip("= ") if lines else "no summary"
+
+
+def benchmark_rows(report: dict) -> list[str]:
+    rows = ["| benchmark | median (ms) | details |", "|---|---|---|"]
+    for bench in report.get("benchmarks", []):
+        info = {k: v for k, v in bench.get("extra_info", {}).items() if k not in ("device",)}
+        details = "; ".join(f"{k}: {v}" for k, v in info.items())
+        rows.append(f"| {bench['name']} | {bench['stats']['median'] * 1e3:.4f} | {details} |")
+    return rows
+
+
+def main() -> int:
+    import torch
+    import transformers
+
+    if not torch.cuda.is_available():
+        print("bench-gpu needs a CUDA device", file=sys.stderr)
+        return 2
+    import triton
+
+    gpu = torch.cuda.get_device_name(0)
+    tests_code, tests_output = run(["-m", "gpu", "tests/", "-q", "-p", "no:cacheprovider"])
+    json_path = Path(tempfile.mkdtemp()) / "benchmarks.json"
+    bench_code, bench_output = run(
+        ["benchmarks/", "--benchmark-only", "-q", "-p", "no:cacheprovider", f"--benchmark-json={json_path}"]
+    )
+    report = json.loads(json_path.read_text()) if json_path.exists() else {}
+    today = datetime.date.today().isoformat()
+    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+    lines = [
+        f"# fastmini GPU results, {today}, {gpu}",
+        "",
+        f"torch {torch.__version__}, triton {triton.__version__}, transformers {transformers.__version__}, "
+        f"CUDA {torch.version.cuda}. Produced by `make bench-gpu` (benchmarks/run_gpu.py).",
+        "",
+        f"GPU tests (`pytest -m gpu tests/`): {summary_line(tests_output)} (exit {tests_code})",
+        f"Benchmarks (`pytest benchmarks/ --benchmark-only`): {summary_line(bench_output)} (exit {bench_code})",
+        "",
+        *benchmark_rows(report),
+        "",
+    ]
+    results = ROOT / "benchmarks" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    target = results / f"{today}-{slug}.md"
+    target.write_text("\n".join(lines))
+    print(f"wrote {target}")
+    if os.environ.get("OUT"):
+        shutil.copy(target, Path(os.environ["OUT"]) / target.name)
+    return tests_code or bench_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""The offline English Wikipedia sample that the PyPI package ``gensim`` ships (DESIGN.md).
+
+~6 MB of bz2 XML, 107 full articles; wiki markup is stripped with gensim's own stripper.
+Found through the installed package, never through a machine path.
+"""
+
+from __future__ import annotations
+
+import bz2
+from collections.abc import Iterator
+from pathlib import Path
+
+SAMPLE_NAME = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+
+
+def sample_path() -> Path:
+    try:
+        import gensim
+    except ImportError as error:
+        raise RuntimeError("the offline Wikipedia sample needs gensim: pip install 'fastmini[demo]'") from error
+    path = Path(gensim.__file__).parent / "test" / "test_data" / SAMPLE_NAME
+    if not path.is_file():
+        raise RuntimeError(f"gensim is installed but its Wikipedia sample is missing: {path}")
+    return path
+
+
+def articles(path: Path | None = None) -> Iterator[tuple[str, str]]:
+    """(title, plain text) of every article (namespace 0, redirects skipped)."""
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+    with bz2.open(path or sample_path()) as stream:
+        for title, markup, _ in extract_pages(stream, filter_namespaces=("0",)):
+            text = filter_wiki(markup).strip()
+            if text and not text.upper().startswith("#REDIRECT"):
+                yield title, text
+
+
+def sentences(limit: int | None = None, min_chars: int = 20, max_chars: int = 600) -> list[str]:
+    """Plain-text sentences of the sample in order (a naive '. ' split, good enough for lengths)."""
+    found: list[str] = []
+    for _, text in articles():
+        for paragraph in text.split("\n"):
+            for piece in paragraph.split(". "):
+                piece = piece.strip()
+                if min_chars <= len(piece) <= max_chars:
+                    found.append(piece if piece.endswith(".") else piece + ".")
+                    if limit is not None and len(found) >= limit:
+                        return found
+    return found

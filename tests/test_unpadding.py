@@ -1,0 +1,62 @@
+"""Unpadded execution: the recursion runs on real tokens only and equals the padded computation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastmini import FastMiniForMaskedLM, FastMiniForSequenceClassification, FastMiniModel
+from fastmini.ops import Packing
+
+
+def test_pack_unpack_round_trip_for_any_padding_pattern():
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 0, 1, 0, 1]])
+    packing = Packing.from_attention_mask(mask)
+    assert packing.num_tokens == 9 and packing.max_seqlen == 3
+    assert packing.cu_seqlens.tolist() == [0, 3, 6, 9]
+    x = torch.randn(3, 5, 4)
+    packed = packing.pack(x)
+    torch.testing.assert_close(packed, x[mask.bool()])
+    torch.testing.assert_close(packing.unpack(packed), x * mask[..., None])
+
+
+def test_every_gemm_sees_only_real_tokens(tiny_config, batch):
+    model = FastMiniModel(tiny_config()).eval()
+    seen = []
+    model.encoder.shared_layer.query.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape))
+    model.encoder.shared_layer.ffn_output.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape))
+    model(**batch)
+    real = int(batch["attention_mask"].sum())
+    assert seen and all(shape == (real, shape[-1]) for shape in seen)
+
+
+def test_left_padding_and_holes_equal_each_sequence_alone(tiny_config):
+    model = FastMiniModel(tiny_config()).eval()
+    generator = torch.Generator().manual_seed(3)
+    input_ids = torch.randint(5, 99, (3, 6), generator=generator)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    out = model(input_ids, attention_mask=mask, output_hidden_states=True).last_hidden_state
+    for row in range(3):
+        keep = mask[row].bool()
+        # alone: the same tokens at the same positions, nothing else to attend to
+        positions = torch.arange(6)[keep][None]
+        alone = model(input_ids[row][keep][None], position_ids=positions).last_hidden_state
+        torch.testing.assert_close(out[row][keep], alone[0], rtol=1e-5, atol=1e-6)
+        assert torch.all(out[row][~keep] == 0)
+
+
+def test_masked_lm_loss_and_logits_on_real_tokens(tiny_config, batch):
+    model = FastMiniForMaskedLM(tiny_config()).eval()
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    out = model(**batch, labels=labels)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(out.loss, F.cross_entropy(out.logits[real], labels[real]))
+    assert torch.all(out.logits[~real] == 0)  # no logits are computed for padding
+
+
+def test_training_through_the_packed_path(tiny_config, batch):
+    model = FastMiniForSequenceClassification(tiny_config(num_labels=2)).train()
+    loss = model(**batch, labels=torch.tensor([0, 1])).loss
+    loss.backward()
+    assert model.fastmini.encoder.shared_layer.query.weight.grad.abs().sum() > 0
+    assert model.fastmini.encoder.attention_adapters[0].down.weight.grad.abs().sum() > 0
