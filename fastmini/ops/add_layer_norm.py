@@ -2,6 +2,10 @@
 
 ``add_layer_norm(x, residual) = LayerNorm(residual + Dropout(x))``: the closing step of both
 halves of the shared layer (attention output + adapter output, FFN output + its input).
+
+The Triton backend is a pair of ``torch.library`` custom ops (forward, backward) so that
+autocast and torch.compile see one opaque op each; its kernels live in
+``fastmini.kernels.add_layer_norm`` and are imported only when the backend runs.
 """
 
 from __future__ import annotations
@@ -10,6 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from fastmini.ops.dispatch import choose
+
+# Backends whose kernels have passed their tests on a GPU; only those are auto-selected for CUDA
+# tensors. Flipped by whoever runs tests/test_add_layer_norm_kernel.py on a GPU.
+_VERIFIED_ON_GPU: tuple[str, ...] = ()
+# Dropout seeds stay in int32 so the kernels compile once for every seed.
+_SEED_BOUND = 2**31 - 1
 
 
 def add_layer_norm_ref(
@@ -25,7 +35,157 @@ def add_layer_norm_ref(
     return F.layer_norm(residual + x, (x.shape[-1],), weight, bias, eps)
 
 
-_BACKENDS = {"torch": add_layer_norm_ref}
+def _rows(tensor: torch.Tensor) -> torch.Tensor:
+    """(rows, H) view, all leading dimensions flattened."""
+    return tensor.contiguous().view(-1, tensor.shape[-1])
+
+
+@torch.library.custom_op("fastmini::add_layer_norm_forward", mutates_args=())
+def _forward_op(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+    keep_sum: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out shaped like x, sum (rows, H) or empty, mean (rows,), rstd (rows,)); seed is a 0-dim CPU int64.
+
+    out and sum have the promoted dtype of x and residual; mean and rstd are fp32 (fp64 for fp64).
+    """
+    from fastmini.kernels.add_layer_norm import add_layer_norm_forward
+
+    out, total, mean, rstd = add_layer_norm_forward(
+        _rows(x), _rows(residual), weight.contiguous(), bias.contiguous(), eps, dropout_p, _seed_value(seed), keep_sum
+    )
+    return out.view(x.shape), total, mean, rstd
+
+
+@_forward_op.register_fake
+def _forward_fake(x, residual, weight, bias, eps, dropout_p, seed, keep_sum):
+    from fastmini.kernels.add_layer_norm import compute_dtype
+
+    hidden = x.shape[-1]
+    n_rows = x.numel() // hidden
+    out_dtype = torch.promote_types(x.dtype, residual.dtype)
+    total_shape = (n_rows, hidden) if keep_sum else (0,)
+    return (
+        x.new_empty(x.shape, dtype=out_dtype),
+        x.new_empty(total_shape, dtype=out_dtype),
+        x.new_empty((n_rows,), dtype=compute_dtype(out_dtype)),
+        x.new_empty((n_rows,), dtype=compute_dtype(out_dtype)),
+    )
+
+
+@torch.library.custom_op("fastmini::add_layer_norm_backward", mutates_args=())
+def _backward_op(
+    grad_out: torch.Tensor,
+    total: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_sum (rows, H), grad_x (rows, H) or empty without dropout, grad_weight, grad_bias in mean's dtype)."""
+    from fastmini.kernels.add_layer_norm import add_layer_norm_backward
+
+    return add_layer_norm_backward(
+        _rows(grad_out), total, weight.contiguous(), mean, rstd, dropout_p, _seed_value(seed)
+    )
+
+
+@_backward_op.register_fake
+def _backward_fake(grad_out, total, weight, mean, rstd, dropout_p, seed):
+    hidden = total.shape[-1]
+    return (
+        torch.empty_like(total),
+        torch.empty_like(total) if dropout_p > 0.0 else total.new_empty((0,)),
+        total.new_empty((hidden,), dtype=mean.dtype),
+        total.new_empty((hidden,), dtype=mean.dtype),
+    )
+
+
+def _seed_value(seed: torch.Tensor | None) -> int:
+    return 0 if seed is None else int(seed.item())
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, _eps, dropout_p, seed, keep_sum = inputs
+    _out, total, mean, rstd = output
+    # Nobody differentiates through the saved statistics; without these two lines autograd
+    # would materialise a zero (rows, H) gradient for the sum on every backward.
+    ctx.mark_non_differentiable(total, mean, rstd)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(total, weight, mean, rstd, seed)
+    ctx.keep_sum = keep_sum
+    ctx.dropout_p = dropout_p
+    ctx.shape = x.shape
+    ctx.dtypes = (x.dtype, residual.dtype, weight.dtype, bias.dtype)
+
+
+def _backward(ctx, grad_out, _no_grad_total, _no_grad_mean, _no_grad_rstd):
+    if not ctx.keep_sum:
+        raise RuntimeError("fastmini::add_layer_norm_forward ran with keep_sum=False, so it kept nothing for backward")
+    if grad_out is None:
+        return (None,) * 8
+    total, weight, mean, rstd, seed = ctx.saved_tensors
+    grad_sum, grad_x, grad_weight, grad_bias = _backward_op(grad_out, total, weight, mean, rstd, ctx.dropout_p, seed)
+    # Without dropout d(x) is d(residual): one tensor, written once, handed to both inputs.
+    if ctx.dropout_p == 0.0:
+        grad_x = grad_sum
+    x_dtype, residual_dtype, weight_dtype, bias_dtype = ctx.dtypes
+    return (
+        grad_x.view(ctx.shape).to(x_dtype),
+        grad_sum.view(ctx.shape).to(residual_dtype),
+        grad_weight.to(weight_dtype),
+        grad_bias.to(bias_dtype),
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd("fastmini::add_layer_norm_forward", _backward, setup_context=_setup_context)
+
+
+def _check_inputs(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    if x.dim() == 0:
+        raise ValueError("add_layer_norm: x must have at least one dimension (the normalised one)")
+    hidden = x.shape[-1]
+    if residual.shape != x.shape:
+        raise ValueError(f"add_layer_norm: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    for name, parameter in (("weight", weight), ("bias", bias)):
+        if parameter.shape != (hidden,):
+            raise ValueError(f"add_layer_norm: {name} must have shape ({hidden},), got {tuple(parameter.shape)}")
+    for name, tensor in (("x", x), ("residual", residual), ("weight", weight), ("bias", bias)):
+        if not tensor.is_floating_point():
+            raise TypeError(f"add_layer_norm: {name} must be a floating-point tensor, got {tensor.dtype}")
+        if tensor.device != x.device:
+            raise ValueError(f"add_layer_norm: {name} is on {tensor.device} but x is on {x.device}")
+
+
+def _add_layer_norm_triton(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    _check_inputs(x, residual, weight, bias)
+    # Drawn from torch's default CPU generator, so torch.manual_seed makes the mask reproducible;
+    # a tensor rather than an int so torch.compile traces the draw instead of freezing one value.
+    seed = torch.randint(_SEED_BOUND, (), dtype=torch.int64, device="cpu") if dropout_p > 0.0 else None
+    keep_sum = torch.is_grad_enabled() and any(t.requires_grad for t in (x, residual, weight, bias))
+    out, _total, _mean, _rstd = _forward_op(x, residual, weight, bias, eps, dropout_p, seed, keep_sum)
+    return out
+
+
+_BACKENDS = {"torch": add_layer_norm_ref, "triton": _add_layer_norm_triton}
 
 
 def add_layer_norm(
@@ -40,5 +200,5 @@ def add_layer_norm(
     """``LayerNorm(residual + Dropout_p(x))``; pass ``dropout_p=0`` outside training."""
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"add_layer_norm: dropout_p must be in [0, 1), got {dropout_p}")
-    implementation = choose("add_layer_norm", x, backend, _BACKENDS)
+    implementation = choose("add_layer_norm", x, backend, _BACKENDS, verified_on_gpu=_VERIFIED_ON_GPU)
     return implementation(x, residual, weight, bias, eps, dropout_p)

@@ -1,0 +1,324 @@
+"""Triton kernels of ``fastmini.ops.add_layer_norm``: residual add (+ dropout) + LayerNorm over the last dim.
+
+Rows are all leading dimensions flattened; every row of H values is normalised on its own.
+Only the kernels and their host launchers live here; the custom ops, autograd and backend
+choice are in ``fastmini/ops/add_layer_norm.py``.
+
+Forward, for one row (keep_i ~ Bernoulli(1 - p), drawn by Philox from (seed, element offset)):
+
+    s_i     = residual_i + x_i * keep_i / (1 - p)          (keep_i = 1 when p = 0)
+    mean    = sum_i s_i / H
+    rstd    = 1 / sqrt(sum_i (s_i - mean)^2 / H + eps)
+    xhat_i  = (s_i - mean) * rstd
+    y_i     = xhat_i * w_i + b_i
+
+s is rounded to the output dtype (the promoted dtype of x and residual) before it is
+normalised, as ``residual + x`` is in torch. All arithmetic is fp32 (fp64 for fp64 inputs,
+so that gradcheck means something). mean and rstd (one per row, in that compute dtype) are
+saved for backward, and so is s when a gradient will be asked for: backward then reads s and
+dy, not x, residual and a mask.
+
+Backward, for one row, with g_i = dy_i * w_i:
+
+    ds_i        = rstd * (g_i - mean_j(g_j) - xhat_i * mean_j(g_j * xhat_j))
+    dresidual_i = ds_i
+    dx_i        = ds_i * keep_i / (1 - p)                   (= ds_i when p = 0)
+    dw_i        = sum_rows dy_i * xhat_i,    db_i = sum_rows dy_i
+
+The dropout mask is never stored: forward and backward call the same ``_dropout_keep`` on the
+same (seed, row * H + column), so backward regenerates it bit for bit. dw and db are summed
+per program in compute-dtype registers over a contiguous slab of rows, written as
+(programs, H) partials, and reduced by one torch sum on the host side.
+
+Every block extent is a power of two with masks (H = 36, 312, 768 all pad to the next power
+of two); the whole row stays in registers, so H is limited to MAX_HIDDEN.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+# The whole row lives in registers; past this the kernels would spill badly (and the model
+# never comes near it: MiniALBERT's H is 312 or 768).
+MAX_HIDDEN = 16384
+# Elements of one program's (rows x BLOCK_H) tile: backward keeps about twice as many live
+# values per element as forward, so its tile is half the size.
+_FORWARD_TILE_ELEMENTS = 4096
+_BACKWARD_TILE_ELEMENTS = 2048
+_ELEMENTS_PER_THREAD = 16
+
+
+@triton.jit
+def _dropout_keep(seed, offsets, dropout_p):
+    """True where an element survives dropout; a pure function of (seed, element offset)."""
+    return tl.rand(seed, offsets) > dropout_p
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _add_layer_norm_forward_kernel(
+    x_ptr,  # (rows, H) the branch that dropout applies to
+    residual_ptr,  # (rows, H)
+    weight_ptr,  # (H,)
+    bias_ptr,  # (H,)
+    out_ptr,  # (rows, H) output dtype
+    sum_ptr,  # (rows, H) output dtype; written only when STORE_SUM
+    mean_ptr,  # (rows,) compute dtype: fp32, or fp64 for fp64 inputs
+    rstd_ptr,  # (rows,) compute dtype
+    n_rows,
+    hidden,
+    eps,
+    dropout_p,
+    seed,
+    HAS_DROPOUT: tl.constexpr,
+    STORE_SUM: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    compute = mean_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    columns = tl.arange(0, BLOCK_H)
+    row_in = rows < n_rows
+    column_in = columns < hidden
+    inside = row_in[:, None] & column_in[None, :]
+    # int64 so that rows * H never wraps on large activations (the Philox offset keeps both halves)
+    offsets = rows.to(tl.int64)[:, None] * hidden + columns[None, :]
+
+    x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(compute)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, offsets, dropout_p)
+        x = tl.where(keep, x * (1.0 / (1.0 - dropout_p)), 0.0)
+    total = tl.load(residual_ptr + offsets, mask=inside, other=0.0).to(compute) + x
+    # Normalise s as backward will see it (rounded to the output dtype), as the torch composition does.
+    total = total.to(out_ptr.dtype.element_ty).to(compute)
+
+    mean = tl.sum(total, axis=1) / hidden
+    centered = tl.where(inside, total - mean[:, None], 0.0)
+    variance = tl.sum(centered * centered, axis=1) / hidden
+    rstd = 1.0 / tl.sqrt(variance + eps)
+
+    weight = tl.load(weight_ptr + columns, mask=column_in, other=0.0).to(compute)
+    bias = tl.load(bias_ptr + columns, mask=column_in, other=0.0).to(compute)
+    out = centered * rstd[:, None] * weight[None, :] + bias[None, :]
+
+    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=inside)
+    if STORE_SUM:
+        tl.store(sum_ptr + offsets, total.to(sum_ptr.dtype.element_ty), mask=inside)
+    tl.store(mean_ptr + rows, mean, mask=row_in)
+    tl.store(rstd_ptr + rows, rstd, mask=row_in)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _add_layer_norm_backward_kernel(
+    grad_out_ptr,  # (rows, H) dy
+    sum_ptr,  # (rows, H) s saved by forward
+    weight_ptr,  # (H,)
+    mean_ptr,  # (rows,) compute dtype: fp32, or fp64 for fp64 inputs
+    rstd_ptr,  # (rows,) compute dtype
+    grad_sum_ptr,  # (rows, H) ds = dresidual
+    grad_x_ptr,  # (rows, H) dx; written only when HAS_DROPOUT (otherwise dx is ds)
+    partial_grad_weight_ptr,  # (programs, H) compute dtype
+    partial_grad_bias_ptr,  # (programs, H) compute dtype
+    n_rows,
+    hidden,
+    rows_per_program,  # a multiple of BLOCK_ROWS, so slabs never overlap
+    dropout_p,
+    seed,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    compute = mean_ptr.dtype.element_ty
+    program = tl.program_id(0)
+    first_row = program * rows_per_program
+    end_row = tl.minimum(first_row + rows_per_program, n_rows)
+    columns = tl.arange(0, BLOCK_H)
+    column_in = columns < hidden
+    weight = tl.load(weight_ptr + columns, mask=column_in, other=0.0).to(compute)
+    # Per-row partial sums, folded across rows once at the end rather than every iteration.
+    grad_weight = tl.zeros((BLOCK_ROWS, BLOCK_H), dtype=compute)
+    grad_bias = tl.zeros((BLOCK_ROWS, BLOCK_H), dtype=compute)
+
+    for block_start in range(first_row, end_row, BLOCK_ROWS):
+        rows = block_start + tl.arange(0, BLOCK_ROWS)
+        row_in = rows < end_row
+        inside = row_in[:, None] & column_in[None, :]
+        offsets = rows.to(tl.int64)[:, None] * hidden + columns[None, :]
+
+        grad_out = tl.load(grad_out_ptr + offsets, mask=inside, other=0.0).to(compute)
+        total = tl.load(sum_ptr + offsets, mask=inside, other=0.0).to(compute)
+        mean = tl.load(mean_ptr + rows, mask=row_in, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=row_in, other=0.0)
+        normalized = tl.where(inside, (total - mean[:, None]) * rstd[:, None], 0.0)
+
+        scaled_grad = grad_out * weight[None, :]
+        mean_scaled_grad = tl.sum(scaled_grad, axis=1) / hidden
+        mean_projection = tl.sum(scaled_grad * normalized, axis=1) / hidden
+        grad_sum = (scaled_grad - mean_scaled_grad[:, None] - normalized * mean_projection[:, None]) * rstd[:, None]
+        tl.store(grad_sum_ptr + offsets, grad_sum.to(grad_sum_ptr.dtype.element_ty), mask=inside)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, offsets, dropout_p)
+            grad_x = tl.where(keep, grad_sum * (1.0 / (1.0 - dropout_p)), 0.0)
+            tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=inside)
+
+        grad_weight += grad_out * normalized
+        grad_bias += grad_out
+
+    partial_offsets = program * hidden + columns
+    tl.store(partial_grad_weight_ptr + partial_offsets, tl.sum(grad_weight, axis=0), mask=column_in)
+    tl.store(partial_grad_bias_ptr + partial_offsets, tl.sum(grad_bias, axis=0), mask=column_in)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _dropout_keep_mask_kernel(
+    keep_ptr,  # (rows, H) uint8, 1 where the element survives
+    n_rows,
+    hidden,
+    dropout_p,
+    seed,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    columns = tl.arange(0, BLOCK_H)
+    inside = (rows < n_rows)[:, None] & (columns < hidden)[None, :]
+    offsets = rows.to(tl.int64)[:, None] * hidden + columns[None, :]
+    keep = _dropout_keep(seed, offsets, dropout_p)
+    tl.store(keep_ptr + offsets, keep.to(tl.uint8), mask=inside)
+
+
+def compute_dtype(out_dtype: torch.dtype) -> torch.dtype:
+    """fp32 arithmetic for fp32/bf16/fp16; fp64 inputs (gradcheck) keep fp64 all the way."""
+    return torch.float64 if out_dtype == torch.float64 else torch.float32
+
+
+def _tile(hidden: int, tile_elements: int) -> tuple[int, int, int]:
+    """(BLOCK_ROWS, BLOCK_H, num_warps): a whole padded row per tile row, small H packs several rows."""
+    if hidden > MAX_HIDDEN:
+        raise ValueError(
+            f"add_layer_norm: the Triton kernels keep a whole row on chip and support H <= {MAX_HIDDEN}, got H={hidden}"
+        )
+    block_h = triton.next_power_of_2(hidden)
+    block_rows = max(1, tile_elements // block_h)
+    num_warps = min(16, max(1, block_rows * block_h // (32 * _ELEMENTS_PER_THREAD)))
+    return block_rows, block_h, num_warps
+
+
+@functools.cache
+def _backward_programs_per_device(device: torch.device) -> int:
+    """Enough programs to fill the GPU a few times over; few in the interpreter, where each costs Python time."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def add_layer_norm_forward(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    dropout_p: float,
+    seed: int,
+    keep_sum: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, sum, mean, rstd) for contiguous (rows, H) ``x`` and ``residual``.
+
+    ``out`` and ``sum`` have the promoted dtype of x and residual; ``sum`` is empty unless
+    ``keep_sum`` (backward needs it, inference does not).
+    """
+    n_rows, hidden = x.shape
+    out_dtype = torch.promote_types(x.dtype, residual.dtype)
+    out = torch.empty((n_rows, hidden), dtype=out_dtype, device=x.device)
+    total = torch.empty((n_rows, hidden) if keep_sum else (0,), dtype=out_dtype, device=x.device)
+    mean = torch.empty(n_rows, dtype=compute_dtype(out_dtype), device=x.device)
+    rstd = torch.empty(n_rows, dtype=compute_dtype(out_dtype), device=x.device)
+    if n_rows == 0:
+        return out, total, mean, rstd
+    block_rows, block_h, num_warps = _tile(hidden, _FORWARD_TILE_ELEMENTS)
+    _add_layer_norm_forward_kernel[(triton.cdiv(n_rows, block_rows),)](
+        x,
+        residual,
+        weight,
+        bias,
+        out,
+        total if keep_sum else out,  # never written when STORE_SUM is off
+        mean,
+        rstd,
+        n_rows,
+        hidden,
+        eps,
+        dropout_p,
+        seed,
+        HAS_DROPOUT=dropout_p > 0.0,
+        STORE_SUM=keep_sum,
+        BLOCK_ROWS=block_rows,
+        BLOCK_H=block_h,
+        num_warps=num_warps,
+    )
+    return out, total, mean, rstd
+
+
+def add_layer_norm_backward(
+    grad_out: torch.Tensor,
+    total: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    dropout_p: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_sum, grad_x, grad_weight, grad_bias) for contiguous (rows, H) ``grad_out`` and saved ``total``.
+
+    grad_sum is dresidual, in the dtype of ``total``; grad_x is empty without dropout (it equals
+    grad_sum then). grad_weight and grad_bias are in the compute dtype (that of ``mean``), reduced
+    over all rows.
+    """
+    n_rows, hidden = total.shape
+    grad_sum = torch.empty_like(total)
+    grad_x = torch.empty_like(total) if dropout_p > 0.0 else total.new_empty((0,))
+    if n_rows == 0:
+        zeros = torch.zeros(hidden, dtype=mean.dtype, device=total.device)
+        return grad_sum, grad_x, zeros, zeros.clone()
+    block_rows, block_h, num_warps = _tile(hidden, _BACKWARD_TILE_ELEMENTS)
+    programs_wanted = min(_backward_programs_per_device(total.device), triton.cdiv(n_rows, block_rows))
+    rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs_wanted), block_rows) * block_rows
+    programs = triton.cdiv(n_rows, rows_per_program)
+    partial_grad_weight = torch.empty((programs, hidden), dtype=mean.dtype, device=total.device)
+    partial_grad_bias = torch.empty((programs, hidden), dtype=mean.dtype, device=total.device)
+    _add_layer_norm_backward_kernel[(programs,)](
+        grad_out,
+        total,
+        weight,
+        mean,
+        rstd,
+        grad_sum,
+        grad_x if dropout_p > 0.0 else grad_sum,  # never written without dropout
+        partial_grad_weight,
+        partial_grad_bias,
+        n_rows,
+        hidden,
+        rows_per_program,
+        dropout_p,
+        seed,
+        HAS_DROPOUT=dropout_p > 0.0,
+        BLOCK_ROWS=block_rows,
+        BLOCK_H=block_h,
+        num_warps=num_warps,
+    )
+    return grad_sum, grad_x, partial_grad_weight.sum(0), partial_grad_bias.sum(0)
+
+
+def dropout_keep_mask(seed: int, n_rows: int, hidden: int, dropout_p: float, device: torch.device) -> torch.Tensor:
+    """The (rows, H) bool mask of elements that the kernels above keep for this seed: for tests and debugging."""
+    keep = torch.empty((n_rows, hidden), dtype=torch.uint8, device=device)
+    if n_rows == 0:
+        return keep.bool()
+    block_rows, block_h, num_warps = _tile(hidden, _FORWARD_TILE_ELEMENTS)
+    _dropout_keep_mask_kernel[(triton.cdiv(n_rows, block_rows),)](
+        keep, n_rows, hidden, dropout_p, seed, BLOCK_ROWS=block_rows, BLOCK_H=block_h, num_warps=num_warps
+    )
+    return keep.bool()

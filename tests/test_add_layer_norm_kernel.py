@@ -1,0 +1,393 @@
+"""The Triton add_layer_norm kernels against add_layer_norm_ref: output, every gradient, dropout.
+
+On CPU the kernels run in the Triton interpreter (tests/conftest.py), so shapes stay small;
+the @pytest.mark.gpu sweep at the end runs the real sizes on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastmini.ops import BackendUnavailableError, add_layer_norm, add_layer_norm_ref
+
+EPS = 1e-5
+HIDDEN_SIZES = [36, 312, 768]
+ROW_COUNTS = [1, 7, 130]
+# (atol, rtol) for low-precision activations against the fp32 reference of the same (upcast) inputs.
+LOW_PRECISION_TOLERANCES = {torch.bfloat16: (3e-2, 2e-2), torch.float16: (4e-3, 4e-3)}
+forward_op = torch.ops.fastmini.add_layer_norm_forward
+backward_op = torch.ops.fastmini.add_layer_norm_backward
+
+
+def make_inputs(shape, dtype=torch.float32, parameter_dtype=None, seed=0, requires_grad=True):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = shape[-1]
+    parameter_dtype = parameter_dtype or dtype
+    x = torch.randn(shape, generator=generator).to(dtype)
+    residual = torch.randn(shape, generator=generator).to(dtype)
+    # weight away from zero and bias large enough that a wrong affine shows
+    weight = (1 + 0.5 * torch.randn(hidden, generator=generator)).to(parameter_dtype)
+    bias = torch.randn(hidden, generator=generator).to(parameter_dtype)
+    grad_out = torch.randn(shape, generator=generator)
+    tensors = [t.requires_grad_(requires_grad) for t in (x, residual, weight, bias)]
+    return tensors, grad_out
+
+
+def forward_and_grads(function, tensors, grad_out):
+    out = function(*tensors)
+    grads = torch.autograd.grad(out, tensors, grad_out.to(out.dtype))
+    return out, grads
+
+
+def triton_op(dropout_p=0.0):
+    return lambda x, r, w, b: add_layer_norm(x, r, w, b, EPS, dropout_p, backend="triton")
+
+
+def reference_op(x, r, w, b):
+    return add_layer_norm_ref(x, r, w, b, EPS)
+
+
+def seed_tensor(value):
+    return torch.tensor(value, dtype=torch.int64)
+
+
+def keep_mask(seed, rows, hidden, dropout_p):
+    from fastmini.kernels.add_layer_norm import dropout_keep_mask
+
+    return dropout_keep_mask(seed, rows, hidden, dropout_p, torch.device("cpu"))
+
+
+# ---------------------------------------------------------------- no dropout: the reference exactly
+
+
+@pytest.mark.parametrize("hidden", HIDDEN_SIZES)
+@pytest.mark.parametrize("rows", ROW_COUNTS)
+def test_fp32_matches_reference_with_every_gradient(rows, hidden):
+    tensors, grad_out = make_inputs((rows, hidden))
+    out, grads = forward_and_grads(triton_op(), tensors, grad_out)
+    expected_out, expected_grads = forward_and_grads(reference_op, tensors, grad_out)
+    torch.testing.assert_close(out, expected_out, atol=1e-5, rtol=1e-5)
+    for name, grad, expected in zip(("x", "residual", "weight", "bias"), grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+def test_leading_dimensions_are_flattened_into_rows():
+    tensors, grad_out = make_inputs((2, 5, 36))
+    out, grads = forward_and_grads(triton_op(), tensors, grad_out)
+    expected_out, expected_grads = forward_and_grads(reference_op, tensors, grad_out)
+    assert out.shape == (2, 5, 36)
+    torch.testing.assert_close(out, expected_out, atol=1e-5, rtol=1e-5)
+    for grad, expected in zip(grads, expected_grads, strict=True):
+        assert grad.shape == expected.shape
+        torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_non_contiguous_inputs():
+    (x, residual, weight, bias), grad_out = make_inputs((9, 36))
+    # leaves stored transposed, so the (9, 36) views the op sees have strides (1, 9)
+    x_storage, residual_storage = (t.detach().t().contiguous().requires_grad_() for t in (x, residual))
+    tensors = [x_storage.t(), residual_storage.t(), weight, bias]
+    assert not tensors[0].is_contiguous()
+    leaves = [x_storage, residual_storage, weight, bias]
+    out = triton_op()(*tensors)
+    grads = torch.autograd.grad(out, leaves, grad_out.t().contiguous().t())
+    expected_out = reference_op(*tensors)
+    expected_grads = torch.autograd.grad(expected_out, leaves, grad_out)
+    torch.testing.assert_close(out, expected_out, atol=1e-5, rtol=1e-5)
+    for grad, expected in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_against_the_fp32_reference(dtype):
+    atol, rtol = LOW_PRECISION_TOLERANCES[dtype]
+    tensors, grad_out = make_inputs((7, 312), dtype=dtype)
+    out, grads = forward_and_grads(triton_op(), tensors, grad_out)
+    assert out.dtype == dtype
+    assert [g.dtype for g in grads] == [dtype] * 4
+    upcast = [t.detach().float().requires_grad_() for t in tensors]
+    expected_out, expected_grads = forward_and_grads(reference_op, upcast, grad_out.to(dtype).float())
+    torch.testing.assert_close(out.float(), expected_out, atol=atol, rtol=rtol)
+    for grad, expected in zip(grads, expected_grads, strict=True):
+        # dweight/dbias sum over rows, so their absolute error grows with the row count
+        torch.testing.assert_close(grad.float(), expected, atol=atol * 4, rtol=rtol)
+    # and no further from fp32 than torch's own low-precision composition, plus rounding slack
+    torch_out = reference_op(*tensors).float()
+    assert (out.float() - expected_out).abs().max() <= 2 * (torch_out - expected_out).abs().max() + atol / 4
+
+
+def test_autocast_mix_keeps_every_gradient_in_its_input_dtype():
+    """Under autocast the branch arrives in bf16 while the residual and LayerNorm parameters are fp32."""
+    (x, residual, weight, bias), grad_out = make_inputs((7, 36))
+    x_half = x.detach().bfloat16().requires_grad_()
+    tensors = [x_half, residual, weight, bias]
+    out, grads = forward_and_grads(triton_op(), tensors, grad_out)
+    expected_out, expected_grads = forward_and_grads(reference_op, tensors, grad_out)
+    assert out.dtype == expected_out.dtype == torch.float32
+    assert [g.dtype for g in grads] == [torch.bfloat16, torch.float32, torch.float32, torch.float32]
+    torch.testing.assert_close(out, expected_out, atol=1e-5, rtol=1e-5)
+    for grad, expected in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected, atol=1e-2, rtol=1e-2)
+
+
+def test_bf16_activations_with_fp32_parameters():
+    (x, residual, weight, bias), grad_out = make_inputs((7, 36), dtype=torch.bfloat16, parameter_dtype=torch.float32)
+    out, (grad_x, grad_residual, grad_weight, grad_bias) = forward_and_grads(
+        triton_op(), [x, residual, weight, bias], grad_out
+    )
+    assert out.dtype == grad_x.dtype == grad_residual.dtype == torch.bfloat16
+    assert grad_weight.dtype == grad_bias.dtype == torch.float32
+    torch.testing.assert_close(grad_bias, grad_out.bfloat16().float().sum(0), atol=1e-4, rtol=1e-4)
+
+
+def test_empty_batch():
+    tensors, grad_out = make_inputs((0, 36))
+    out, (grad_x, grad_residual, grad_weight, grad_bias) = forward_and_grads(triton_op(), tensors, grad_out)
+    assert out.shape == grad_x.shape == grad_residual.shape == (0, 36)
+    assert torch.equal(grad_weight, torch.zeros(36)) and torch.equal(grad_bias, torch.zeros(36))
+
+
+def test_gradcheck_float64():
+    tensors, _ = make_inputs((2, 12), dtype=torch.float64)
+    assert torch.autograd.gradcheck(triton_op(), tensors)
+
+
+def test_gradcheck_float64_with_a_fixed_dropout_mask():
+    tensors, _ = make_inputs((2, 12), dtype=torch.float64)
+    seed = seed_tensor(1234)
+
+    def with_fixed_seed(x, r, w, b):
+        return forward_op(x, r, w, b, EPS, 0.4, seed, True)[0]
+
+    assert torch.autograd.gradcheck(with_fixed_seed, tensors)
+
+
+# ---------------------------------------------------------------- dropout
+
+
+def test_same_seed_same_output_and_gradients_and_other_seeds_differ():
+    tensors, grad_out = make_inputs((7, 312))
+    runs = []
+    for seed in (3, 3, 4):
+        torch.manual_seed(seed)
+        runs.append(forward_and_grads(triton_op(0.3), tensors, grad_out))
+    (out_a, grads_a), (out_b, grads_b), (out_c, _) = runs
+    assert torch.equal(out_a, out_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
+    assert not torch.equal(out_a, out_c)
+
+
+def test_the_forward_kernel_uses_the_mask_that_dropout_keep_mask_reports():
+    """With x = 1 the saved sum is residual + keep / (1 - p): the kernel's own mask, read back."""
+    rows, hidden, dropout_p, seed = 7, 312, 0.25, 99
+    residual = torch.randn(rows, hidden)
+    ones = torch.ones(rows, hidden)
+    weight, bias = torch.ones(hidden), torch.zeros(hidden)
+    _out, total, _mean, _rstd = forward_op(ones, residual, weight, bias, EPS, dropout_p, seed_tensor(seed), True)
+    keep = keep_mask(seed, rows, hidden, dropout_p)
+    assert 0 < keep.sum() < keep.numel()
+    torch.testing.assert_close(total - residual, keep / (1 - dropout_p))
+
+
+@pytest.mark.parametrize("hidden", [36, 768])
+def test_dropout_output_and_gradients_match_the_reference_with_the_same_mask(hidden):
+    rows, dropout_p, seed = 7, 0.3, 2024
+    tensors, grad_out = make_inputs((rows, hidden))
+    fixed_seed = seed_tensor(seed)
+    out, grads = forward_and_grads(
+        lambda x, r, w, b: forward_op(x, r, w, b, EPS, dropout_p, fixed_seed, True)[0], tensors, grad_out
+    )
+    keep = keep_mask(seed, rows, hidden, dropout_p)
+    assert 0 < keep.sum() < keep.numel()
+
+    def reference_with_mask(x, r, w, b):
+        return F.layer_norm(r + x * keep / (1 - dropout_p), (hidden,), w, b, EPS)
+
+    expected_out, expected_grads = forward_and_grads(reference_with_mask, tensors, grad_out)
+    torch.testing.assert_close(out, expected_out, atol=1e-5, rtol=1e-5)
+    for grad, expected in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-5)
+    assert torch.all(grads[0][~keep] == 0)
+
+
+@pytest.mark.parametrize("dropout_p", [0.1, 0.5])
+def test_kept_fraction_is_one_minus_p_and_the_mask_has_no_row_or_column_pattern(dropout_p):
+    rows, hidden = 256, 1024
+    keep = keep_mask(7, rows, hidden, dropout_p).float()
+    # 262144 Bernoulli draws: the standard deviation of the fraction is below 0.001
+    assert abs(keep.mean().item() - (1 - dropout_p)) < 0.005
+    assert (keep.mean(1) - (1 - dropout_p)).abs().max() < 0.1  # every row, 1024 draws each
+    assert (keep.mean(0) - (1 - dropout_p)).abs().max() < 0.15  # every column, 256 draws each
+    assert not torch.equal(keep[0], keep[1])
+    assert not torch.equal(keep, keep_mask(8, rows, hidden, dropout_p).float())
+
+
+def test_public_function_draws_its_seed_from_torch_default_generator():
+    tensors, _ = make_inputs((7, 36), requires_grad=False)
+    torch.manual_seed(11)
+    first = add_layer_norm(*tensors, EPS, 0.5, backend="triton")
+    torch.manual_seed(11)
+    torch.rand(1)  # advances the default generator: a different seed, a different mask
+    second = add_layer_norm(*tensors, EPS, 0.5, backend="triton")
+    assert not torch.equal(first, second)
+
+
+# ---------------------------------------------------------------- custom ops, compile, dispatch
+
+
+@pytest.mark.parametrize("dropout_p, keep_sum", [(0.0, True), (0.0, False), (0.3, True)])
+def test_opcheck_forward(dropout_p, keep_sum):
+    (x, residual, weight, bias), _ = make_inputs((7, 36), requires_grad=keep_sum)
+    seed = seed_tensor(5) if dropout_p > 0 else None
+    torch.library.opcheck(forward_op, (x, residual, weight, bias, EPS, dropout_p, seed, keep_sum))
+
+
+def test_only_the_output_is_differentiable():
+    tensors, _ = make_inputs((7, 36))
+    outputs = forward_op(*tensors, EPS, 0.0, None, True)
+    assert [output.requires_grad for output in outputs] == [True, False, False, False]
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_opcheck_backward(dropout_p):
+    (x, residual, weight, bias), grad_out = make_inputs((7, 36), requires_grad=False)
+    seed = seed_tensor(5) if dropout_p > 0 else None
+    _out, total, mean, rstd = forward_op(x, residual, weight, bias, EPS, dropout_p, seed, True)
+    torch.library.opcheck(backward_op, (grad_out, total, weight, mean, rstd, dropout_p, seed))
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_torch_compile_fullgraph_forward_and_backward(dropout_p):
+    tensors, grad_out = make_inputs((7, 36))
+    compiled = torch.compile(triton_op(dropout_p), backend="aot_eager", fullgraph=True)
+    torch.manual_seed(0)
+    out, grads = forward_and_grads(compiled, tensors, grad_out)
+    torch.manual_seed(0)
+    expected_out, expected_grads = forward_and_grads(triton_op(dropout_p), tensors, grad_out)
+    torch.testing.assert_close(out, expected_out, atol=1e-6, rtol=1e-6)
+    for grad, expected in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected, atol=1e-6, rtol=1e-6)
+    if dropout_p > 0:  # the seed is drawn when the graph runs, not frozen when it was traced
+        assert not torch.equal(compiled(*tensors), compiled(*tensors))
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Records every call of the forward host launcher (and the keep_sum it was given)."""
+    import fastmini.kernels.add_layer_norm as kernels
+
+    calls = []
+    launch = kernels.add_layer_norm_forward
+
+    def recording(*args):
+        calls.append({"keep_sum": args[-1]})
+        return launch(*args)
+
+    monkeypatch.setattr(kernels, "add_layer_norm_forward", recording)
+    return calls
+
+
+def test_dispatch_reaches_the_kernel_by_argument_and_by_environment(kernel_calls, monkeypatch):
+    tensors, _ = make_inputs((7, 36))
+    add_layer_norm(*tensors, EPS)  # conftest sets FASTMINI_BACKEND=torch
+    assert kernel_calls == []
+    add_layer_norm(*tensors, EPS, backend="triton")
+    assert len(kernel_calls) == 1
+    monkeypatch.setenv("FASTMINI_BACKEND", "triton")
+    add_layer_norm(*tensors, EPS)
+    assert len(kernel_calls) == 2
+    monkeypatch.delenv("FASTMINI_BACKEND")  # automatic: a CPU tensor under TRITON_INTERPRET=1
+    add_layer_norm(*tensors, EPS)
+    assert len(kernel_calls) == 3
+
+
+def test_inference_keeps_nothing_for_backward(kernel_calls):
+    tensors, _ = make_inputs((7, 36), requires_grad=False)
+    add_layer_norm(*tensors, EPS, backend="triton")
+    (x, residual, weight, bias), _ = make_inputs((7, 36))
+    with torch.no_grad():
+        add_layer_norm(x, residual, weight, bias, EPS, backend="triton")
+    add_layer_norm(x, residual, weight, bias, EPS, backend="triton")
+    assert [call["keep_sum"] for call in kernel_calls] == [False, False, True]
+
+
+def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
+    tensors, _ = make_inputs((7, 36))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailableError, match="needs a CUDA tensor"):
+        add_layer_norm(*tensors, EPS, backend="triton")
+
+
+@pytest.mark.parametrize(
+    "shapes, message",
+    [
+        (((7, 36), (7, 35), (36,), (36,)), "residual must have x's shape"),
+        (((7, 36), (7, 36), (35,), (36,)), r"weight must have shape \(36,\)"),
+        (((7, 36), (7, 36), (36,), (1, 36)), r"bias must have shape \(36,\)"),
+    ],
+)
+def test_wrong_shapes_are_clear_errors(shapes, message):
+    tensors = [torch.randn(shape) for shape in shapes]
+    with pytest.raises(ValueError, match=message):
+        add_layer_norm(*tensors, EPS, backend="triton")
+
+
+def test_other_bad_input_is_a_clear_error():
+    x = torch.randn(2, 36)
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        add_layer_norm(x.long(), x, torch.ones(36), torch.zeros(36), EPS, backend="triton")
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        add_layer_norm(x, x, torch.ones(36), torch.zeros(36), EPS, dropout_p=1.0, backend="triton")
+    too_wide = torch.randn(1, 16385)
+    with pytest.raises(ValueError, match="support H <= 16384"):
+        add_layer_norm(too_wide, too_wide, torch.ones(16385), torch.zeros(16385), EPS, backend="triton")
+
+
+# ---------------------------------------------------------------- GPU, real sizes
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, hidden", [(16384, 768), (1024, 312), (333, 4096)])
+def test_gpu_sweep_at_real_sizes(rows, hidden, dtype):
+    tensors, grad_out = make_inputs((rows, hidden), dtype=dtype)
+    tensors = [t.detach().cuda().requires_grad_() for t in tensors]
+    grad_out = grad_out.cuda()
+    out, grads = forward_and_grads(triton_op(), tensors, grad_out)
+    upcast = [t.detach().float().requires_grad_() for t in tensors]
+    expected_out, expected_grads = forward_and_grads(reference_op, upcast, grad_out.to(dtype).float())
+    atol, rtol = LOW_PRECISION_TOLERANCES.get(dtype, (1e-5, 1e-5))
+    torch.testing.assert_close(out.float(), expected_out, atol=atol, rtol=rtol)
+    for grad, expected in zip(grads[:2], expected_grads[:2], strict=True):
+        torch.testing.assert_close(grad.float(), expected, atol=atol, rtol=rtol)
+    # dweight/dbias sum `rows` terms: compare relative to their size
+    for grad, expected in zip(grads[2:], expected_grads[2:], strict=True):
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(grad.float() / scale, expected / scale, atol=max(atol, 1e-5), rtol=rtol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_dropout_at_real_size():
+    rows, hidden, dropout_p, seed = 16384, 768, 0.1, 77
+    tensors, grad_out = make_inputs((rows, hidden))
+    tensors = [t.detach().cuda().requires_grad_() for t in tensors]
+    grad_out = grad_out.cuda()
+    fixed_seed = seed_tensor(seed)
+    out, grads = forward_and_grads(
+        lambda x, r, w, b: forward_op(x, r, w, b, EPS, dropout_p, fixed_seed, True)[0], tensors, grad_out
+    )
+    from fastmini.kernels.add_layer_norm import dropout_keep_mask
+
+    keep = dropout_keep_mask(seed, rows, hidden, dropout_p, torch.device("cuda"))
+    assert abs(keep.float().mean().item() - (1 - dropout_p)) < 0.002
+    expected_out, expected_grads = forward_and_grads(
+        lambda x, r, w, b: F.layer_norm(r + x * keep / (1 - dropout_p), (hidden,), w, b, EPS), tensors, grad_out
+    )
+    torch.testing.assert_close(out, expected_out, atol=1e-4, rtol=1e-4)
+    for grad, expected in zip(grads, expected_grads, strict=True):
+        scale = max(expected.abs().max().item(), 1.0)
+        torch.testing.assert_close(grad / scale, expected / scale, atol=1e-4, rtol=1e-4)
