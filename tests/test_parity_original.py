@@ -182,3 +182,16 @@ def test_hub_model_names_resolve_through_the_hub_client(tiny_original_config, ra
         real = batch["attention_mask"].bool()
         assert_close_relative(model(**batch).logits[real], logits[real], "logits")
     assert hub.is_dir()
+
+
+def test_original_checkpoint_parity_through_the_triton_kernels(
+    tiny_original_config, randomize, batch, tmp_path, monkeypatch
+):
+    """The whole model through the fused kernels (interpreter on CPU) still gives the original's outputs."""
+    monkeypatch.setenv("FASTMINI_BACKEND", "triton")
+    original = randomize(OriginalMiniAlbertForMaskedLM(tiny_original_config(hidden_act="gelu_new"))).eval()
+    model = FastMiniForMaskedLM.from_pretrained(save_original_checkpoint(original, tmp_path))
+    with torch.no_grad():
+        expected = original(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        ours = model(**batch, output_hidden_states=True, output_attentions=True)
+    assert_matches_original(expected, ours, batch["attention_mask"])

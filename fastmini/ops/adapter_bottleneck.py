@@ -2,6 +2,10 @@
 
 Down is H -> H/r, Up is H/r -> H, GELU is exact (erf). ``adapter_bottleneck_ref`` is the
 oracle for kernels, the CPU path and the benchmark baseline.
+
+The Triton backend is a pair of ``torch.library`` custom ops (forward, backward) joined by
+``register_autograd``, so autocast and torch.compile see one opaque op each; its kernels live in
+``fastmini.kernels.adapter_bottleneck`` and are imported only when the backend runs.
 """
 
 from __future__ import annotations
@@ -10,6 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from fastmini.ops.dispatch import choose
+
+# Backends whose kernels have passed their tests on a GPU; only those are auto-selected for CUDA
+# tensors. Flipped by whoever runs tests/test_adapter_bottleneck_kernel.py on a GPU.
+_VERIFIED_ON_GPU: tuple[str, ...] = ()
+_FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def adapter_bottleneck_ref(
@@ -26,7 +35,151 @@ def adapter_bottleneck_ref(
     return F.layer_norm(x + F.linear(bottleneck, up_weight, up_bias), (x.shape[-1],), norm_weight, norm_bias, eps)
 
 
-_BACKENDS = {"torch": adapter_bottleneck_ref}
+def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("fastmini::adapter_bottleneck_forward", mutates_args=())
+def _forward_op(
+    x: torch.Tensor,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    eps: float,
+    save_for_backward: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y shaped like x, and for backward: mean, rstd (rows,) and the bottleneck before GELU h (rows, R) in
+    fp32 (fp64 for fp64 x); these three are empty when ``save_for_backward`` is False)."""
+    from fastmini.kernels.adapter_bottleneck import adapter_bottleneck_forward
+
+    return adapter_bottleneck_forward(
+        x, down_weight, down_bias, up_weight, up_bias, norm_weight, norm_bias, eps, save_for_backward
+    )
+
+
+@_forward_op.register_fake
+def _forward_fake(x, down_weight, down_bias, up_weight, up_bias, norm_weight, norm_bias, eps, save_for_backward):
+    saved_rows = x.numel() // x.shape[-1] if save_for_backward else 0
+    bottleneck = down_weight.shape[0] if save_for_backward else 0
+    accumulator = _accumulator_dtype(x.dtype)
+    return (
+        x.new_empty(x.shape),
+        x.new_empty((saved_rows,), dtype=accumulator),
+        x.new_empty((saved_rows,), dtype=accumulator),
+        x.new_empty((saved_rows, bottleneck), dtype=accumulator),
+    )
+
+
+@torch.library.custom_op("fastmini::adapter_bottleneck_backward", mutates_args=())
+def _backward_op(
+    grad_output: torch.Tensor,
+    x: torch.Tensor,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    h: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of (x, down_weight, down_bias, up_weight, up_bias, norm_weight, norm_bias), each in its input's
+    dtype, from the forward's saved h, mean and rstd."""
+    from fastmini.kernels.adapter_bottleneck import adapter_bottleneck_backward
+
+    return adapter_bottleneck_backward(
+        grad_output, x, down_weight, down_bias, up_weight, up_bias, norm_weight, norm_bias, h, mean, rstd
+    )
+
+
+@_backward_op.register_fake
+def _backward_fake(grad_output, x, down_weight, down_bias, up_weight, up_bias, norm_weight, norm_bias, h, mean, rstd):
+    return tuple(t.new_empty(t.shape) for t in (x, down_weight, down_bias, up_weight, up_bias, norm_weight, norm_bias))
+
+
+def _setup_context(ctx, inputs, output):
+    x, down_weight, down_bias, up_weight, up_bias, norm_weight, norm_bias, _eps, save_for_backward = inputs
+    _y, mean, rstd, h = output
+    ctx.mark_non_differentiable(mean, rstd, h)
+    ctx.kept_for_backward = save_for_backward
+    ctx.save_for_backward(x, down_weight, down_bias, up_weight, up_bias, norm_weight, norm_bias, h, mean, rstd)
+
+
+def _backward(ctx, grad_output, _grad_mean, _grad_rstd, _grad_h):
+    if not ctx.kept_for_backward:
+        raise RuntimeError(
+            "fastmini::adapter_bottleneck_forward ran with save_for_backward=False, so it kept nothing for backward"
+        )
+    return (*_backward_op(grad_output, *ctx.saved_tensors), None, None)
+
+
+torch.library.register_autograd("fastmini::adapter_bottleneck_forward", _backward, setup_context=_setup_context)
+
+
+def _check_inputs(
+    x: torch.Tensor,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+) -> None:
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"adapter_bottleneck: x must be (..., H) with H > 0, got shape {tuple(x.shape)}")
+    hidden = x.shape[-1]
+    if down_weight.dim() != 2 or down_weight.shape[0] == 0 or down_weight.shape[1] != hidden:
+        raise ValueError(
+            f"adapter_bottleneck: down_weight must be (R, H) = (R, {hidden}) with R > 0 (nn.Linear layout), "
+            f"got {tuple(down_weight.shape)}"
+        )
+    bottleneck = down_weight.shape[0]
+    expected_shapes = {
+        "down_bias": (down_bias, (bottleneck,)),
+        "up_weight": (up_weight, (hidden, bottleneck)),
+        "up_bias": (up_bias, (hidden,)),
+        "norm_weight": (norm_weight, (hidden,)),
+        "norm_bias": (norm_bias, (hidden,)),
+    }
+    for name, (tensor, shape) in expected_shapes.items():
+        if tuple(tensor.shape) != shape:
+            raise ValueError(
+                f"adapter_bottleneck: {name} must have shape {shape} for H={hidden}, R={bottleneck}, "
+                f"got {tuple(tensor.shape)}"
+            )
+    tensors = {"x": x, "down_weight": down_weight, **{name: tensor for name, (tensor, _) in expected_shapes.items()}}
+    for name, tensor in tensors.items():
+        if tensor.dtype not in _FLOATING_DTYPES:
+            raise TypeError(
+                f"adapter_bottleneck: {name} must be float16, bfloat16, float32 or float64, got {tensor.dtype}"
+            )
+        if tensor.device != x.device:
+            raise ValueError(f"adapter_bottleneck: {name} is on {tensor.device} but x is on {x.device}")
+
+
+def _adapter_bottleneck_triton(
+    x: torch.Tensor,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    parameters = (down_weight, down_bias, up_weight, up_bias, norm_weight, norm_bias)
+    _check_inputs(x, *parameters)
+    # Inference writes y only; training also keeps mean, rstd and h (R values a row) for the backward.
+    save_for_backward = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *parameters))
+    y, _mean, _rstd, _h = _forward_op(x, *parameters, float(eps), save_for_backward)
+    return y
+
+
+_BACKENDS = {"torch": adapter_bottleneck_ref, "triton": _adapter_bottleneck_triton}
 
 
 def adapter_bottleneck(
@@ -41,5 +194,5 @@ def adapter_bottleneck(
     backend: str | None = None,
 ) -> torch.Tensor:
     """``LayerNorm(x + Up(GELU(Down(x))))`` over the last dimension of ``x`` (..., H)."""
-    implementation = choose("adapter_bottleneck", x, backend, _BACKENDS)
+    implementation = choose("adapter_bottleneck", x, backend, _BACKENDS, verified_on_gpu=_VERIFIED_ON_GPU)
     return implementation(x, down_weight, down_bias, up_weight, up_bias, norm_weight, norm_bias, eps)

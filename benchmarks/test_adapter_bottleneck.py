@@ -1,0 +1,196 @@
+"""Fused bottleneck adapter, ``LayerNorm(x + Up(GELU(Down(x))))``: the Triton kernels vs the unfused torch composition.
+
+Baseline: ``adapter_bottleneck_ref`` (two F.linear, F.gelu, the residual add and F.layer_norm: five
+kernels forward, about ten backward), measured interleaved in the same process. Forward is timed in
+inference mode (nothing kept for backward); forward+backward is one training step of the op. H = 768,
+r = 16 (MiniALBERT-128: R = 48), rows = tokens; every tensor in the case's dtype. Targets (issue): forward
+at 16384 x 768 bf16 at >= 80% of the measured copy bandwidth; forward+backward >= 3x the baseline.
+
+The op is memory-bound (the two GEMMs are 4HR FLOPs per row, R = 48), so each case reports the bytes it
+must move at least and the GB/s achieved against the measured device-to-device copy bandwidth. The
+minimum reads every input once and writes every output once:
+  forward:          read x and the parameters; write y
+  forward+backward: the forward, plus writing what backward needs beyond x (mean, rstd: 2 fp32 a row;
+                    h: R fp32 a row); then read dy, x, those saved values and the parameters; write dx
+                    and the parameter gradients
+The fused backward itself reads x and dy twice (a row kernel, then a column kernel), so it moves about
+5/3 of this minimum: the ratio of achieved to copy bandwidth shows what is left.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastmini.ops import adapter_bottleneck, adapter_bottleneck_ref
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the CPU path is the torch reference; fused kernels are timed on CUDA only"
+)
+
+HIDDEN = 768
+BOTTLENECK = HIDDEN // 16
+EPS = 1e-12
+ROWS = [16384, 1024]
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+MODES = ["forward", "forward+backward"]
+
+
+def parameter_count() -> int:
+    return 2 * HIDDEN * BOTTLENECK + BOTTLENECK + 3 * HIDDEN
+
+
+def minimum_bytes(mode: str, rows: int, element_size: int) -> int:
+    activation = rows * HIDDEN * element_size
+    parameters = parameter_count() * element_size
+    if mode == "forward":
+        return 2 * activation + parameters
+    saved = rows * (2 + BOTTLENECK) * 4
+    training_forward = 2 * activation + parameters + saved
+    backward = 3 * activation + saved + 2 * parameters
+    return training_forward + backward
+
+
+def useful_flops(mode: str, rows: int) -> int:
+    """DESIGN.md's adapter count: 2 * 2 * H * R a row forward (two GEMMs), twice that backward."""
+    forward = 4 * rows * HIDDEN * BOTTLENECK
+    return forward if mode == "forward" else 3 * forward
+
+
+def make_inputs(rows: int, dtype: torch.dtype, device: torch.device, requires_grad: bool):
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape, scale=1.0, shift=0.0):
+        return torch.randn(shape, device=device, generator=generator) * scale + shift
+
+    tensors = [
+        randn(rows, HIDDEN),
+        randn(BOTTLENECK, HIDDEN, scale=HIDDEN**-0.5),
+        randn(BOTTLENECK, scale=0.1),
+        randn(HIDDEN, BOTTLENECK, scale=BOTTLENECK**-0.5),
+        randn(HIDDEN, scale=0.1),
+        randn(HIDDEN, scale=0.1, shift=1.0),
+        randn(HIDDEN, scale=0.1),
+    ]
+    tensors = [t.to(dtype).requires_grad_(requires_grad) for t in tensors]
+    return tensors, randn(rows, HIDDEN).to(dtype)
+
+
+def make_step(implementation, mode: str, tensors, grad_output):
+    if mode == "forward":
+
+        def forward():
+            with torch.inference_mode():
+                return implementation(*tensors, EPS)
+
+        return forward
+
+    def forward_backward():
+        y = implementation(*tensors, EPS)
+        return torch.autograd.grad(y, tensors, grad_output)
+
+    return forward_backward
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("rows", ROWS)
+def test_adapter_bottleneck(benchmark, compare, describe_device, sync, copy_bandwidth, rows, dtype_name, mode):
+    device = torch.device("cuda")
+    tensors, grad_output = make_inputs(rows, DTYPES[dtype_name], device, requires_grad=mode != "forward")
+
+    def triton_implementation(*args):
+        return adapter_bottleneck(*args, backend="triton")
+
+    contenders = {
+        "triton": sync(make_step(triton_implementation, mode, tensors, grad_output), device),
+        "torch": sync(make_step(adapter_bottleneck_ref, mode, tensors, grad_output), device),
+    }
+    rounds = 200 if rows <= 1024 else 50
+    benchmark.pedantic(contenders["triton"], rounds=rounds, warmup_rounds=5)
+    medians = compare(
+        benchmark,
+        group=f"adapter_bottleneck {mode} {rows}x{HIDDEN} {dtype_name}",
+        contenders=contenders,
+        baseline="torch",
+        flops=useful_flops(mode, rows),
+        rounds=rounds,
+        shape=f"rows={rows} H={HIDDEN} R={BOTTLENECK}",
+        dtype=dtype_name,
+        mode=mode,
+        backend="triton: fastmini.kernels.adapter_bottleneck; torch: adapter_bottleneck_ref (unfused)",
+        device=describe_device(device),
+        torch_version=torch.__version__,
+        target="forward >= 80% of copy bandwidth (16384 x 768 bf16); forward+backward >= 3x torch",
+    )
+    bytes_moved = minimum_bytes(mode, rows, tensors[0].element_size())
+    bandwidth = copy_bandwidth(device)
+    benchmark.extra_info["minimum_bytes"] = bytes_moved
+    benchmark.extra_info["copy_bandwidth_gb_per_s"] = round(bandwidth / 1e9, 1)
+    benchmark.extra_info["achieved_gb_per_s"] = {name: round(bytes_moved / m / 1e9, 1) for name, m in medians.items()}
+    benchmark.extra_info["percent_of_copy_bandwidth"] = {
+        name: round(100 * bytes_moved / m / bandwidth, 1) for name, m in medians.items()
+    }
+
+
+# Tile candidates for the GPU session that sets the defaults (kernels/adapter_bottleneck.py, *_TILES): each
+# differs from the default in one place, so the table says which knob matters.
+FORWARD_TILE_CANDIDATES = {
+    "default": {},
+    "64x128 chunks": {"BLOCK_K": 128},
+    "32 rows, 4 warps": {"BLOCK_M": 32, "num_warps": 4},
+    "128 rows": {"BLOCK_M": 128},
+    "2 stages": {"num_stages": 2},
+    "4 stages": {"num_stages": 4},
+}
+BACKWARD_TILE_CANDIDATES = {
+    "default": {},
+    "rows: 64 rows": {"row_tiles": {"BLOCK_M": 64}},
+    "rows: 32x32, 4 warps": {"row_tiles": {"BLOCK_K": 32, "num_warps": 4}},
+    "columns: 64-row steps": {"column_tiles": {"BLOCK_M": 64}},
+    "columns: 32 wide": {"column_tiles": {"BLOCK_N": 32}},
+    "columns: 16-row steps, 4 warps": {"column_tiles": {"BLOCK_M": 16, "num_warps": 4}},
+    "columns: 3 stages": {"column_tiles": {"num_stages": 3}},
+    "columns: 6 splits": {"splits": 6},
+    "columns: 44 splits": {"splits": 44},
+}
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_adapter_bottleneck_tile_sweep(benchmark, compare, describe_device, sync, copy_bandwidth, direction):
+    """16384 x 768 bf16 through the launchers with each tile candidate; the default is the baseline."""
+    from fastmini.kernels.adapter_bottleneck import adapter_bottleneck_backward, adapter_bottleneck_forward
+
+    device, rows = torch.device("cuda"), 16384
+    tensors, grad_output = make_inputs(rows, torch.bfloat16, device, requires_grad=False)
+    _y, mean, rstd, h = adapter_bottleneck_forward(*tensors, EPS, True)
+
+    def forward_with(tiles):
+        return lambda: adapter_bottleneck_forward(*tensors, EPS, False, tiles=tiles)
+
+    def backward_with(options):
+        return lambda: adapter_bottleneck_backward(grad_output, *tensors, h, mean, rstd, **options)
+
+    if direction == "forward":
+        contenders = {name: sync(forward_with(tiles), device) for name, tiles in FORWARD_TILE_CANDIDATES.items()}
+        bytes_moved = minimum_bytes("forward", rows, 2)
+    else:
+        contenders = {name: sync(backward_with(o), device) for name, o in BACKWARD_TILE_CANDIDATES.items()}
+        activation = rows * HIDDEN * 2
+        bytes_moved = 3 * activation + rows * (2 + BOTTLENECK) * 4 + 2 * parameter_count() * 2
+    benchmark.pedantic(contenders["default"], rounds=50, warmup_rounds=5)
+    medians = compare(
+        benchmark,
+        group=f"adapter_bottleneck tiles {direction} {rows}x{HIDDEN} bf16",
+        contenders=contenders,
+        baseline="default",
+        flops=None,
+        rounds=50,
+        shape=f"rows={rows} H={HIDDEN} R={BOTTLENECK}",
+        dtype="bf16",
+        device=describe_device(device),
+    )
+    bandwidth = copy_bandwidth(device)
+    benchmark.extra_info["percent_of_copy_bandwidth"] = {
+        name: round(100 * bytes_moved / m / bandwidth, 1) for name, m in medians.items()
+    }

@@ -1,0 +1,650 @@
+"""Triton kernels of the bottleneck adapter, ``y = LayerNorm(x + Up(GELU(Down(x))))`` over the last dimension.
+
+Shapes: x (M, H), rows M = all leading dimensions flattened; Down: W_d (R, H), b_d (R,); Up: W_u (H, R),
+b_u (H,); LayerNorm weight w (H,), bias b (H,); R = H / reduction is small (9, 19, 48, 78 in the configs).
+
+Forward, per row:
+    h    = x W_d^T + b_d                                   (R values)
+    g    = GELU(h) = h (1 + erf(h / sqrt 2)) / 2
+    z    = x + g W_u^T + b_u
+    mean = sum_H(z) / H,   rstd = 1 / sqrt(sum_H((z - mean)^2) / H + eps)
+    xhat = (z - mean) rstd
+    y    = xhat w + b
+
+Backward, given dy (sums over rows are the parameter gradients, means over H are per row):
+    dw   = sum_rows(dy xhat)                  db   = sum_rows(dy)
+    wdy  = dy w
+    dz   = rstd (wdy - xhat mean_H(wdy xhat) - mean_H(wdy))           (LayerNorm backward)
+    db_u = sum_rows(dz)                       dW_u = dz^T g           (H, R)
+    dg   = dz W_u                                                     (R values per row)
+    dh   = dg GELU'(h),    GELU'(h) = (1 + erf(h / sqrt 2)) / 2 + h exp(-h^2 / 2) / sqrt(2 pi)
+    db_d = sum_rows(dh)                       dW_d = dh^T x           (R, H)
+    dx   = dz + dh W_d
+
+Design (why it is shaped this way):
+- Forward: one kernel, one program per BLOCK_M rows. The row is walked in BLOCK_K-column chunks three
+  times: (1) h accumulated with tl.dot, (2) z recomputed for the LayerNorm statistics, merged chunk by
+  chunk with Chan's parallel formula (two-pass accuracy without holding z), (3) z recomputed once more,
+  normalised and written. Only the first sweep reads x from DRAM; the tile (BLOCK_M x H, ~100 KB in bf16)
+  is still in L2 for the other two. z is recomputed rather than held because a (BLOCK_M, H) fp32 tile
+  next to the (H, R) weight tiles does not fit in registers at H=768, and Triton cannot index a register
+  tile by chunk; the extra g W_u^T is 2R FLOPs per element, nothing next to the memory traffic.
+  h and g (BLOCK_M x R) stay in registers: the bottleneck never goes to memory, except the copy below.
+- Saved for backward (only when autograd needs it): mean and rstd (M,) and h (M, R), in fp32. h costs
+  R/(2H) of the forward's traffic in bf16 (3% at r=16) and spares the backward the down projection;
+  the column kernel below never sees whole rows, so it could not recompute h at all.
+- Backward: two kernels. The row kernel needs whole rows (the two LayerNorm means, dg = dz W_u is a
+  reduction over H): it reads x and dy (two sweeps, the second from L2) and writes the per-row values
+  dh and g = GELU(h) (M, R) and the two means (M,). The column kernel runs on a grid (column tiles of
+  BLOCK_N, SPLITS row groups): each program holds its slice of W_u and W_d and its fp32 partial dW_u,
+  dW_d, db_u, dw, db on chip across many row blocks, recomputes z, xhat and dz from x, dy and the per-row
+  values, writes dx, and at the end stores its partials. The host sums the SPLITS partials in fp32 and
+  casts each gradient to its parameter's dtype. DRAM traffic in units of one (M, H) activation: forward
+  2 (x in, y out); backward 2 (row kernel: x, dy) + 3 (column kernel: x, dy in, dx out); the per-row
+  values add R/H-sized traffic. The minimum a backward can do is 3; the row kernel's second read of x
+  and dy is the price of the row reductions (a single kernel would need the (H, R) weight-gradient
+  partials of every program, as large as x itself at 16K rows).
+- tl.dot operands are in the activation's dtype when it is 16-bit (tensor cores, as torch's own bf16
+  linear layers; weights are cast to it, as autocast does), otherwise in the accumulator dtype: fp32, or
+  fp64 for gradcheck. fp32 dots on a GPU use input_precision="tf32x3" (each operand split into two TF32
+  halves, three tensor-core products: fp32-level error, as torch's default fp32 matmul without TF32);
+  "ieee" would run them on the FMA units, whose layouts spill registers at these tile sizes (checked with
+  ptxas for sm_90). Elementwise math and all accumulations are fp32 (fp64 for fp64 inputs).
+- tl.dot needs every dimension >= 16 and tl.arange powers of two: R is padded to BLOCK_R >= 16 and H
+  walked in power-of-two chunks, all with masks, so any H and R work (H=36, 312, 768; R=9, 19, 48, 78).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# The interpreter (triton 3.9) multiplies bf16 dot operands as their raw 16-bit integers and casts fp32 to bf16
+# by truncation (a bias that sums up over rows in the weight gradients). There, bf16 dot operands are rounded
+# to nearest-even by hand and multiplied in fp32, and bf16 outputs rounded the same way before the cast: the
+# numbers a GPU gives with bf16 tensor cores accumulating in fp32. Compiled kernels never take these branches.
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+_SQRT_HALF = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+
+
+@triton.jit
+def _round_to_bfloat16(tile):
+    """The nearest bf16 value (ties to even) of each element, kept in fp32 (see _INTERPRETED)."""
+    bits = tile.to(tl.float32).to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot_operand(tile, DOT_DTYPE: tl.constexpr):
+    """``tile`` as a tl.dot operand of dtype DOT_DTYPE (see _INTERPRETED)."""
+    if _INTERPRETED and DOT_DTYPE == tl.bfloat16:
+        operand = _round_to_bfloat16(tile)
+    else:
+        operand = tile.to(DOT_DTYPE)
+    return operand
+
+
+@triton.jit
+def _output(tile, DTYPE: tl.constexpr):
+    """``tile`` cast to the output dtype DTYPE, rounding to nearest-even (see _INTERPRETED)."""
+    if _INTERPRETED and DTYPE == tl.bfloat16:
+        tile = _round_to_bfloat16(tile)
+    return tile.to(DTYPE)
+
+
+@triton.jit
+def _gelu(h):
+    return 0.5 * h * (1.0 + tl.erf(h * _SQRT_HALF))
+
+
+@triton.jit
+def _gelu_derivative(h):
+    return 0.5 * (1.0 + tl.erf(h * _SQRT_HALF)) + h * tl.exp(-0.5 * h * h) * _INV_SQRT_2PI
+
+
+@triton.jit
+def _residual_chunk(
+    x_block,  # (BLOCK_M, H) rows of x from the block's first row on
+    up_weight_ptr,  # (H, R)
+    up_bias_ptr,  # (H,)
+    row_offsets,  # (BLOCK_M,) int32: local row * H
+    row_mask,  # (BLOCK_M,)
+    g,  # (BLOCK_M, BLOCK_R) GELU(h) as a dot operand, zero in the padding
+    start,  # first column of the chunk
+    H: tl.constexpr,
+    R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """z = x + g W_u^T + b_u on columns [start, start + BLOCK_K), zero outside the (M, H) matrix."""
+    columns = start + tl.arange(0, BLOCK_K)
+    column_mask = columns < H
+    bottleneck = tl.arange(0, BLOCK_R)
+    tile_mask = row_mask[:, None] & column_mask[None, :]
+    x = tl.load(x_block + row_offsets[:, None] + columns[None, :], mask=tile_mask, other=0.0)
+    up_weight_t = tl.load(  # (BLOCK_R, BLOCK_K) = W_u[columns, :]^T
+        up_weight_ptr + columns[None, :] * R + bottleneck[:, None],
+        mask=(bottleneck[:, None] < R) & column_mask[None, :],
+        other=0.0,
+    )
+    up_bias = tl.load(up_bias_ptr + columns, mask=column_mask, other=0.0).to(ACC_DTYPE)
+    up = tl.dot(g, _dot_operand(up_weight_t, DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    z = x.to(ACC_DTYPE) + up + up_bias[None, :]
+    return tl.where(tile_mask, z, 0.0), columns, column_mask
+
+
+@triton.jit
+def _bottleneck(
+    x_block,  # (BLOCK_M, H) rows of x from the block's first row on
+    down_weight_ptr,  # (R, H)
+    down_bias_ptr,  # (R,)
+    row_offsets,  # (BLOCK_M,) int32: local row * H
+    row_mask,  # (BLOCK_M,)
+    H: tl.constexpr,
+    R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """h = x W_d^T + b_d for BLOCK_M rows, (BLOCK_M, BLOCK_R), zero in the padded bottleneck columns."""
+    bottleneck = tl.arange(0, BLOCK_R)
+    h = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
+    for start in range(0, H, BLOCK_K):
+        columns = start + tl.arange(0, BLOCK_K)
+        column_mask = columns < H
+        x = tl.load(
+            x_block + row_offsets[:, None] + columns[None, :],
+            mask=row_mask[:, None] & column_mask[None, :],
+            other=0.0,
+        )
+        down_weight_t = tl.load(  # (BLOCK_K, BLOCK_R) = W_d[:, columns]^T
+            down_weight_ptr + bottleneck[None, :] * H + columns[:, None],
+            mask=column_mask[:, None] & (bottleneck[None, :] < R),
+            other=0.0,
+        )
+        h = tl.dot(
+            _dot_operand(x, DOT_DTYPE),
+            _dot_operand(down_weight_t, DOT_DTYPE),
+            h,
+            input_precision=INPUT_PRECISION,
+            out_dtype=ACC_DTYPE,
+        )
+    down_bias = tl.load(down_bias_ptr + bottleneck, mask=bottleneck < R, other=0.0).to(ACC_DTYPE)
+    return h + down_bias[None, :]
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr,  # (M, H) activation dtype
+    down_weight_ptr,  # (R, H)
+    down_bias_ptr,  # (R,)
+    up_weight_ptr,  # (H, R)
+    up_bias_ptr,  # (H,)
+    norm_weight_ptr,  # (H,)
+    norm_bias_ptr,  # (H,)
+    y_ptr,  # (M, H) activation dtype
+    mean_ptr,  # (M,) ACC_DTYPE, written when SAVE_FOR_BACKWARD
+    rstd_ptr,  # (M,) ACC_DTYPE, written when SAVE_FOR_BACKWARD
+    h_ptr,  # (M, R) ACC_DTYPE, written when SAVE_FOR_BACKWARD
+    M,
+    eps,
+    H: tl.constexpr,
+    R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    SAVE_FOR_BACKWARD: tl.constexpr,
+):
+    # The block's rows are addressed from 64-bit base pointers with 32-bit offsets inside the block: a
+    # 64-bit offset per element costs two registers per element in every tile that is kept alive.
+    first_row = tl.program_id(0) * BLOCK_M
+    rows = tl.arange(0, BLOCK_M)
+    row_mask = rows < M - first_row
+    row_offsets = rows * H
+    x_block = x_ptr + first_row.to(tl.int64) * H
+    bottleneck = tl.arange(0, BLOCK_R)
+
+    h = _bottleneck(
+        x_block, down_weight_ptr, down_bias_ptr, row_offsets, row_mask, H, R, BLOCK_M, BLOCK_K, BLOCK_R, DOT_DTYPE,
+        ACC_DTYPE, INPUT_PRECISION,
+    )  # fmt: skip
+    g = _dot_operand(_gelu(h), DOT_DTYPE)
+
+    # LayerNorm statistics, merged chunk by chunk (Chan et al.): each chunk's own mean and centred sum of
+    # squares are exact, and merging them never subtracts two large sums as E[z^2] - E[z]^2 would.
+    mean = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+    centred_squares = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+    for start in range(0, H, BLOCK_K):
+        z, columns, column_mask = _residual_chunk(
+            x_block, up_weight_ptr, up_bias_ptr, row_offsets, row_mask, g, start, H, R, BLOCK_K, BLOCK_R, DOT_DTYPE,
+            ACC_DTYPE, INPUT_PRECISION,
+        )  # fmt: skip
+        seen = start * 1.0  # columns already merged
+        count = tl.minimum(H - start, BLOCK_K) * 1.0
+        chunk_mean = tl.sum(z, axis=1) / count
+        centred = tl.where(column_mask[None, :], z - chunk_mean[:, None], 0.0)
+        delta = chunk_mean - mean
+        mean += delta * (count / (seen + count))
+        centred_squares += tl.sum(centred * centred, axis=1) + delta * delta * (seen * count / (seen + count))
+    rstd = 1.0 / tl.sqrt(centred_squares / H + eps)
+
+    y_block = y_ptr + first_row.to(tl.int64) * H
+    for start in range(0, H, BLOCK_K):
+        z, columns, column_mask = _residual_chunk(
+            x_block, up_weight_ptr, up_bias_ptr, row_offsets, row_mask, g, start, H, R, BLOCK_K, BLOCK_R, DOT_DTYPE,
+            ACC_DTYPE, INPUT_PRECISION,
+        )  # fmt: skip
+        norm_weight = tl.load(norm_weight_ptr + columns, mask=column_mask, other=0.0).to(ACC_DTYPE)
+        norm_bias = tl.load(norm_bias_ptr + columns, mask=column_mask, other=0.0).to(ACC_DTYPE)
+        y = (z - mean[:, None]) * rstd[:, None] * norm_weight[None, :] + norm_bias[None, :]
+        tl.store(
+            y_block + row_offsets[:, None] + columns[None, :],
+            _output(y, y_ptr.dtype.element_ty),
+            mask=row_mask[:, None] & column_mask[None, :],
+        )
+
+    if SAVE_FOR_BACKWARD:
+        tl.store(mean_ptr + first_row + rows, mean, mask=row_mask)
+        tl.store(rstd_ptr + first_row + rows, rstd, mask=row_mask)
+        tl.store(
+            h_ptr + first_row.to(tl.int64) * R + rows[:, None] * R + bottleneck[None, :],
+            h,
+            mask=row_mask[:, None] & (bottleneck[None, :] < R),
+        )
+
+
+@triton.jit
+def _backward_rows_kernel(
+    dy_ptr,  # (M, H) activation dtype
+    x_ptr,  # (M, H) activation dtype
+    up_weight_ptr,  # (H, R)
+    up_bias_ptr,  # (H,)
+    norm_weight_ptr,  # (H,)
+    h_ptr,  # (M, R) ACC_DTYPE, saved by the forward
+    mean_ptr,  # (M,) ACC_DTYPE, saved by the forward
+    rstd_ptr,  # (M,) ACC_DTYPE, saved by the forward
+    dh_ptr,  # (M, R) ACC_DTYPE, out: gradient of h
+    g_ptr,  # (M, R) the dot operand dtype, out: GELU(h), for the column kernel
+    mean_wdy_xhat_ptr,  # (M,) ACC_DTYPE, out: mean_H(wdy xhat)
+    mean_wdy_ptr,  # (M,) ACC_DTYPE, out: mean_H(wdy)
+    M,
+    H: tl.constexpr,
+    R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """The per-row half of the backward: the LayerNorm means, dh = (dz W_u) GELU'(h), and GELU(h) once more
+    (R values a row) so that the column kernel's loop runs no erf: it held ~65 of its registers."""
+    first_row = tl.program_id(0) * BLOCK_M
+    rows = tl.arange(0, BLOCK_M)
+    row_mask = rows < M - first_row
+    row_offsets = rows * H
+    x_block = x_ptr + first_row.to(tl.int64) * H
+    dy_block = dy_ptr + first_row.to(tl.int64) * H
+    bottleneck = tl.arange(0, BLOCK_R)
+    bottleneck_mask = row_mask[:, None] & (bottleneck[None, :] < R)
+    bottleneck_offsets = first_row.to(tl.int64) * R + rows[:, None] * R + bottleneck[None, :]
+    h = tl.load(h_ptr + bottleneck_offsets, mask=bottleneck_mask, other=0.0)
+    g = _dot_operand(_gelu(h), DOT_DTYPE)
+    mean = tl.load(mean_ptr + first_row + rows, mask=row_mask, other=0.0)
+    rstd = tl.load(rstd_ptr + first_row + rows, mask=row_mask, other=0.0)
+
+    sum_wdy_xhat = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+    sum_wdy = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+    for start in range(0, H, BLOCK_K):
+        z, columns, column_mask = _residual_chunk(
+            x_block, up_weight_ptr, up_bias_ptr, row_offsets, row_mask, g, start, H, R, BLOCK_K, BLOCK_R, DOT_DTYPE,
+            ACC_DTYPE, INPUT_PRECISION,
+        )  # fmt: skip
+        tile_mask = row_mask[:, None] & column_mask[None, :]
+        dy = tl.load(dy_block + row_offsets[:, None] + columns[None, :], mask=tile_mask, other=0.0).to(ACC_DTYPE)
+        norm_weight = tl.load(norm_weight_ptr + columns, mask=column_mask, other=0.0).to(ACC_DTYPE)
+        wdy = dy * norm_weight[None, :]  # zero outside the matrix, so the products below are too
+        xhat = (z - mean[:, None]) * rstd[:, None]
+        sum_wdy_xhat += tl.sum(wdy * xhat, axis=1)
+        sum_wdy += tl.sum(wdy, axis=1)
+    mean_wdy_xhat = sum_wdy_xhat / H
+    mean_wdy = sum_wdy / H
+
+    # Second sweep (x and dy now come from L2): dz exactly as the LayerNorm backward defines it, then
+    # dg = dz W_u. Expanding dg into per-row sums would save the sweep but cancel badly in bf16 dots.
+    dg = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
+    for start in range(0, H, BLOCK_K):
+        z, columns, column_mask = _residual_chunk(
+            x_block, up_weight_ptr, up_bias_ptr, row_offsets, row_mask, g, start, H, R, BLOCK_K, BLOCK_R, DOT_DTYPE,
+            ACC_DTYPE, INPUT_PRECISION,
+        )  # fmt: skip
+        tile_mask = row_mask[:, None] & column_mask[None, :]
+        dy = tl.load(dy_block + row_offsets[:, None] + columns[None, :], mask=tile_mask, other=0.0).to(ACC_DTYPE)
+        norm_weight = tl.load(norm_weight_ptr + columns, mask=column_mask, other=0.0).to(ACC_DTYPE)
+        xhat = (z - mean[:, None]) * rstd[:, None]
+        dz = rstd[:, None] * (dy * norm_weight[None, :] - xhat * mean_wdy_xhat[:, None] - mean_wdy[:, None])
+        dz = tl.where(tile_mask, dz, 0.0)
+        up_weight = tl.load(  # (BLOCK_K, BLOCK_R) = W_u[columns, :]
+            up_weight_ptr + columns[:, None] * R + bottleneck[None, :],
+            mask=column_mask[:, None] & (bottleneck[None, :] < R),
+            other=0.0,
+        )
+        dg = tl.dot(
+            _dot_operand(dz, DOT_DTYPE),
+            _dot_operand(up_weight, DOT_DTYPE),
+            dg,
+            input_precision=INPUT_PRECISION,
+            out_dtype=ACC_DTYPE,
+        )
+
+    dh = dg * _gelu_derivative(h)
+    tl.store(dh_ptr + bottleneck_offsets, dh, mask=bottleneck_mask)
+    tl.store(g_ptr + bottleneck_offsets, g, mask=bottleneck_mask)
+    tl.store(mean_wdy_xhat_ptr + first_row + rows, mean_wdy_xhat, mask=row_mask)
+    tl.store(mean_wdy_ptr + first_row + rows, mean_wdy, mask=row_mask)
+
+
+@triton.jit
+def _backward_columns_kernel(
+    dy_ptr,  # (M, H) activation dtype
+    x_ptr,  # (M, H) activation dtype
+    down_weight_ptr,  # (R, H)
+    up_weight_ptr,  # (H, R)
+    up_bias_ptr,  # (H,)
+    norm_weight_ptr,  # (H,)
+    g_ptr,  # (M, R) the dot operand dtype, from the row kernel
+    mean_ptr,  # (M,) ACC_DTYPE
+    rstd_ptr,  # (M,) ACC_DTYPE
+    dh_ptr,  # (M, R) ACC_DTYPE, from the row kernel
+    mean_wdy_xhat_ptr,  # (M,) ACC_DTYPE, from the row kernel
+    mean_wdy_ptr,  # (M,) ACC_DTYPE, from the row kernel
+    dx_ptr,  # (M, H) activation dtype, out
+    down_weight_partial_ptr,  # (SPLITS, R, H) ACC_DTYPE, out
+    down_bias_partial_ptr,  # (SPLITS, R) ACC_DTYPE, out (written by the first column tile)
+    up_weight_partial_ptr,  # (SPLITS, H, R) ACC_DTYPE, out
+    up_bias_partial_ptr,  # (SPLITS, H) ACC_DTYPE, out
+    norm_weight_partial_ptr,  # (SPLITS, H) ACC_DTYPE, out
+    norm_bias_partial_ptr,  # (SPLITS, H) ACC_DTYPE, out
+    M,
+    SPLITS,
+    H: tl.constexpr,
+    R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """dx and the partial parameter gradients of a BLOCK_N column tile over row blocks split, split + SPLITS, ..."""
+    column_tile = tl.program_id(0)
+    split = tl.program_id(1)
+    columns = column_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    column_mask = columns < H
+    bottleneck = tl.arange(0, BLOCK_R)
+    weight_mask = (bottleneck[:, None] < R) & column_mask[None, :]  # (BLOCK_R, BLOCK_N)
+    # This program's slices of the weights stay on chip for all its row blocks.
+    up_weight_t = tl.load(up_weight_ptr + columns[None, :] * R + bottleneck[:, None], mask=weight_mask, other=0.0)
+    up_weight_t = _dot_operand(up_weight_t, DOT_DTYPE)  # (BLOCK_R, BLOCK_N) = W_u[columns, :]^T
+    down_weight = tl.load(down_weight_ptr + bottleneck[:, None] * H + columns[None, :], mask=weight_mask, other=0.0)
+    down_weight = _dot_operand(down_weight, DOT_DTYPE)  # (BLOCK_R, BLOCK_N) = W_d[:, columns]
+    up_bias = tl.load(up_bias_ptr + columns, mask=column_mask, other=0.0).to(ACC_DTYPE)
+    norm_weight = tl.load(norm_weight_ptr + columns, mask=column_mask, other=0.0).to(ACC_DTYPE)
+    # Offsets inside a row block, the same for every block (see _forward_kernel on 32-bit offsets).
+    rows = tl.arange(0, BLOCK_M)
+    tile_offsets = rows[:, None] * H + columns[None, :]
+    bottleneck_offsets = rows[:, None] * R + bottleneck[None, :]
+
+    down_weight_grad = tl.zeros((BLOCK_R, BLOCK_N), dtype=ACC_DTYPE)
+    up_weight_grad = tl.zeros((BLOCK_N, BLOCK_R), dtype=ACC_DTYPE)
+    down_bias_grad = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
+    up_bias_grad = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
+    norm_weight_grad = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
+    norm_bias_grad = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
+    for row_block in range(split, tl.cdiv(M, BLOCK_M), SPLITS):
+        first_row = row_block * BLOCK_M
+        row_mask = rows < M - first_row
+        tile_mask = row_mask[:, None] & column_mask[None, :]
+        bottleneck_mask = row_mask[:, None] & (bottleneck[None, :] < R)
+        tile_start = first_row.to(tl.int64) * H
+        bottleneck_start = first_row.to(tl.int64) * R
+        g = tl.load(g_ptr + bottleneck_start + bottleneck_offsets, mask=bottleneck_mask, other=0.0)
+        g = _dot_operand(g, DOT_DTYPE)
+        dh = tl.load(dh_ptr + bottleneck_start + bottleneck_offsets, mask=bottleneck_mask, other=0.0)
+        dh_dot = _dot_operand(dh, DOT_DTYPE)
+        mean = tl.load(mean_ptr + first_row + rows, mask=row_mask, other=0.0)
+        rstd = tl.load(rstd_ptr + first_row + rows, mask=row_mask, other=0.0)  # 0 outside: dz and xhat vanish
+        mean_wdy_xhat = tl.load(mean_wdy_xhat_ptr + first_row + rows, mask=row_mask, other=0.0)
+        mean_wdy = tl.load(mean_wdy_ptr + first_row + rows, mask=row_mask, other=0.0)
+        x = tl.load(x_ptr + tile_start + tile_offsets, mask=tile_mask, other=0.0)
+        dy = tl.load(dy_ptr + tile_start + tile_offsets, mask=tile_mask, other=0.0).to(ACC_DTYPE)
+
+        up = tl.dot(g, up_weight_t, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        xhat = tl.where(tile_mask, (x.to(ACC_DTYPE) + up + up_bias[None, :] - mean[:, None]) * rstd[:, None], 0.0)
+        dz = rstd[:, None] * (dy * norm_weight[None, :] - xhat * mean_wdy_xhat[:, None] - mean_wdy[:, None])
+        dz = tl.where(tile_mask, dz, 0.0)
+        dx = dz + tl.dot(dh_dot, down_weight, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        tl.store(dx_ptr + tile_start + tile_offsets, _output(dx, dx_ptr.dtype.element_ty), mask=tile_mask)
+
+        dz_dot = _dot_operand(dz, DOT_DTYPE)
+        up_weight_grad = tl.dot(
+            tl.trans(dz_dot), g, up_weight_grad, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE
+        )
+        down_weight_grad = tl.dot(
+            tl.trans(dh_dot),
+            _dot_operand(x, DOT_DTYPE),
+            down_weight_grad,
+            input_precision=INPUT_PRECISION,
+            out_dtype=ACC_DTYPE,
+        )
+        down_bias_grad += tl.sum(dh, axis=0)
+        up_bias_grad += tl.sum(dz, axis=0)
+        norm_weight_grad += tl.sum(dy * xhat, axis=0)
+        norm_bias_grad += tl.sum(dy, axis=0)
+
+    split_offset = split.to(tl.int64) * H
+    tl.store(
+        down_weight_partial_ptr + split_offset * R + bottleneck[:, None] * H + columns[None, :],
+        down_weight_grad,
+        mask=weight_mask,
+    )
+    tl.store(
+        up_weight_partial_ptr + split_offset * R + columns[:, None] * R + bottleneck[None, :],
+        up_weight_grad,
+        mask=column_mask[:, None] & (bottleneck[None, :] < R),
+    )
+    tl.store(up_bias_partial_ptr + split_offset + columns, up_bias_grad, mask=column_mask)
+    tl.store(norm_weight_partial_ptr + split_offset + columns, norm_weight_grad, mask=column_mask)
+    tl.store(norm_bias_partial_ptr + split_offset + columns, norm_bias_grad, mask=column_mask)
+    # Every column tile sums the same dh; the first one stores it.
+    stored_bottleneck = tl.where(column_tile == 0, R, 0)
+    tl.store(down_bias_partial_ptr + split * R + bottleneck, down_bias_grad, mask=bottleneck < stored_bottleneck)
+
+
+# --------------------------------------------------------------------------------------------- host side
+
+# Tile sizes by the activation's element size (fp64 takes the fp32 ones), not yet timed on a GPU. Each was
+# compiled for sm_90 with ptxas (triton 3.9 and 3.6) at H=36, 312, 768 and R=9, 19, 48, 78: no register
+# spills in 16-bit, <= 90 KB shared memory (fp32, whose tf32x3 dots hold two halves of every operand,
+# spills a little at R=78). Larger tiles (64 x 128 chunks, 64-row column steps) spilled or left one CTA
+# per SM. The launchers take overrides, so a GPU sweep needs no edit here.
+FORWARD_TILES = {
+    2: {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+    4: {"BLOCK_M": 32, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+}
+BACKWARD_ROW_TILES = {
+    2: {"BLOCK_M": 32, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+    4: {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
+}
+BACKWARD_COLUMN_TILES = {
+    2: {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+    4: {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+}
+_ROW_GROUPS_ON_CPU = 2  # SPLITS under the interpreter: small, but > 1 so the partial reduction is exercised
+
+_DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def _precision(activation_dtype: torch.dtype) -> tuple[tl.dtype, tl.dtype, torch.dtype]:
+    """(tl.dot operand dtype, accumulator dtype, accumulator dtype in torch) for an activation dtype."""
+    if activation_dtype == torch.float64:
+        return tl.float64, tl.float64, torch.float64
+    return _DOT_DTYPES[activation_dtype], tl.float32, torch.float32
+
+
+def _input_precision(x: torch.Tensor) -> str:
+    """tl.dot's input_precision for fp32 operands (see the module docstring); ignored for 16-bit ones."""
+    return "tf32x3" if x.is_cuda and x.dtype == torch.float32 else "ieee"
+
+
+def _on_device(tensor: torch.Tensor):
+    """Triton launches on the current CUDA device; make it the tensor's."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def _streaming_multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _tiles(table: dict, overrides: dict | None, x: torch.Tensor, rows: int, bottleneck: int, by_rows: bool) -> dict:
+    """The launch's tile sizes: the table's entry for x's element size, then overrides; chunks no wider than
+    the padded row. For kernels with one program per row block (``by_rows``) and no explicit BLOCK_M, small
+    inputs get fewer rows a program (down to tl.dot's 16) until every SM has one."""
+    hidden, device = x.shape[-1], x.device
+    tiles = {**table[min(x.element_size(), 4)], **(overrides or {})}
+    if by_rows and "BLOCK_M" not in (overrides or {}) and device.type == "cuda":
+        while tiles["BLOCK_M"] > 16 and triton.cdiv(rows, tiles["BLOCK_M"]) < _streaming_multiprocessors(device):
+            tiles["BLOCK_M"] //= 2
+    for chunk in ("BLOCK_K", "BLOCK_N"):
+        if chunk in tiles:
+            tiles[chunk] = max(16, min(tiles[chunk], triton.next_power_of_2(hidden)))
+    tiles["BLOCK_R"] = max(16, triton.next_power_of_2(bottleneck))
+    return tiles
+
+
+def _row_groups(device: torch.device, column_tiles: int, row_blocks: int) -> int:
+    """SPLITS of the column kernel: about two programs per SM in all; each split adds one set of partials."""
+    if device.type != "cuda":
+        return max(1, min(_ROW_GROUPS_ON_CPU, row_blocks))
+    return max(1, min(row_blocks, triton.cdiv(2 * _streaming_multiprocessors(device), column_tiles)))
+
+
+def adapter_bottleneck_forward(
+    x: torch.Tensor,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    eps: float,
+    save_for_backward: bool,
+    *,
+    tiles: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y (x's shape and dtype) and, when ``save_for_backward``, mean and rstd (rows,) and h (rows, R) in the
+    accumulator dtype (fp32, fp64 for fp64 x); empty tensors otherwise. Shapes are checked by the caller;
+    ``tiles`` overrides entries of FORWARD_TILES[element size]."""
+    hidden, bottleneck = x.shape[-1], down_weight.shape[0]
+    x_rows = x.reshape(-1, hidden).contiguous()
+    rows = x_rows.shape[0]
+    dot_dtype, acc_dtype, acc_torch_dtype = _precision(x.dtype)
+    y = torch.empty_like(x_rows)
+    saved_rows = rows if save_for_backward else 0
+    mean = torch.empty(saved_rows, dtype=acc_torch_dtype, device=x.device)
+    rstd = torch.empty(saved_rows, dtype=acc_torch_dtype, device=x.device)
+    h = torch.empty(saved_rows, bottleneck if save_for_backward else 0, dtype=acc_torch_dtype, device=x.device)
+    if rows > 0:
+        launch = _tiles(FORWARD_TILES, tiles, x, rows, bottleneck, by_rows=True)
+        with _on_device(x):
+            _forward_kernel[(triton.cdiv(rows, launch["BLOCK_M"]),)](
+                x_rows, down_weight.contiguous(), down_bias.contiguous(), up_weight.contiguous(),
+                up_bias.contiguous(), norm_weight.contiguous(), norm_bias.contiguous(), y, mean, rstd, h, rows, eps,
+                H=hidden, R=bottleneck, DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype, INPUT_PRECISION=_input_precision(x),
+                SAVE_FOR_BACKWARD=save_for_backward, **launch,
+            )  # fmt: skip
+    return y.view(x.shape), mean, rstd, h
+
+
+def adapter_bottleneck_backward(
+    grad_output: torch.Tensor,
+    x: torch.Tensor,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    h: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    *,
+    row_tiles: dict | None = None,
+    column_tiles: dict | None = None,
+    splits: int | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Gradients of x, down_weight, down_bias, up_weight, up_bias, norm_weight, norm_bias (each in its input's
+    dtype) from the forward's saved h, mean and rstd. The biases are passed only for their dtypes.
+    ``row_tiles`` / ``column_tiles`` override BACKWARD_ROW_TILES / BACKWARD_COLUMN_TILES; ``splits`` the
+    number of row groups of the column kernel (partial sums per parameter)."""
+    hidden, bottleneck = x.shape[-1], down_weight.shape[0]
+    x_rows = x.reshape(-1, hidden).contiguous()
+    dy_rows = grad_output.reshape(-1, hidden).contiguous()
+    rows = x_rows.shape[0]
+    dot_dtype, acc_dtype, acc_torch_dtype = _precision(x.dtype)
+    down_weight, up_weight = down_weight.contiguous(), up_weight.contiguous()
+    up_bias, norm_weight = up_bias.contiguous(), norm_weight.contiguous()
+    row_launch = _tiles(BACKWARD_ROW_TILES, row_tiles, x, rows, bottleneck, by_rows=True)
+    column_launch = _tiles(BACKWARD_COLUMN_TILES, column_tiles, x, rows, bottleneck, by_rows=False)
+    column_blocks = triton.cdiv(hidden, column_launch["BLOCK_N"])
+    splits = splits or _row_groups(x.device, column_blocks, triton.cdiv(rows, column_launch["BLOCK_M"]))
+
+    new = dict(dtype=acc_torch_dtype, device=x.device)
+    dh = torch.empty(rows, bottleneck, **new)
+    operand_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else acc_torch_dtype
+    g = torch.empty(rows, bottleneck, dtype=operand_dtype, device=x.device)
+    mean_wdy_xhat, mean_wdy = torch.empty(rows, **new), torch.empty(rows, **new)
+    dx = torch.empty_like(x_rows)
+    # Every program stores its whole tile of partials, so torch.empty is enough (zeros for rows == 0).
+    allocate = torch.empty if rows > 0 else torch.zeros
+    down_weight_partial = allocate(splits, bottleneck, hidden, **new)
+    down_bias_partial = allocate(splits, bottleneck, **new)
+    up_weight_partial = allocate(splits, hidden, bottleneck, **new)
+    up_bias_partial, norm_weight_partial, norm_bias_partial = (allocate(splits, hidden, **new) for _ in range(3))
+    if rows > 0:
+        precision = dict(DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype, INPUT_PRECISION=_input_precision(x))
+        with _on_device(x):
+            _backward_rows_kernel[(triton.cdiv(rows, row_launch["BLOCK_M"]),)](
+                dy_rows, x_rows, up_weight, up_bias, norm_weight, h, mean, rstd, dh, g, mean_wdy_xhat, mean_wdy,
+                rows, H=hidden, R=bottleneck, **precision, **row_launch,
+            )  # fmt: skip
+            _backward_columns_kernel[(column_blocks, splits)](
+                dy_rows, x_rows, down_weight, up_weight, up_bias, norm_weight, g, mean, rstd, dh, mean_wdy_xhat,
+                mean_wdy, dx, down_weight_partial, down_bias_partial, up_weight_partial, up_bias_partial,
+                norm_weight_partial, norm_bias_partial, rows, splits, H=hidden, R=bottleneck, **precision,
+                **column_launch,
+            )  # fmt: skip
+    return (
+        dx.view(x.shape),
+        down_weight_partial.sum(0).to(down_weight.dtype),
+        down_bias_partial.sum(0).to(down_bias.dtype),
+        up_weight_partial.sum(0).to(up_weight.dtype),
+        up_bias_partial.sum(0).to(up_bias.dtype),
+        norm_weight_partial.sum(0).to(norm_weight.dtype),
+        norm_bias_partial.sum(0).to(norm_bias.dtype),
+    )

@@ -1,0 +1,368 @@
+"""The Triton adapter_bottleneck kernels against adapter_bottleneck_ref: output and every gradient.
+
+Every test runs on the GPU when there is one (compiled kernels) and otherwise on the CPU in the Triton
+interpreter (tests/conftest.py), so shapes stay small; the @pytest.mark.gpu tests at the end add the
+real sizes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastmini.ops import adapter_bottleneck, adapter_bottleneck_ref
+from fastmini.ops.adapter_bottleneck import _VERIFIED_ON_GPU
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+EPS = 1e-5
+# (H, R): the tiny tester config (r=4), MiniALBERT-312 at r=16 and r=4, BERT-base width at r=16.
+SHAPES = [(36, 9), (312, 19), (312, 78), (768, 48)]
+ROW_COUNTS = [1, 7, 130]
+GRAD_NAMES = ("x", "down_weight", "down_bias", "up_weight", "up_bias", "norm_weight", "norm_bias")
+# (atol, rtol) of low-precision activations against the fp64 reference of the same (upcast) inputs.
+# Parameter gradients are sums over rows (magnitudes up to ~100 here), so every gradient is compared after
+# dividing both sides by its largest magnitude; fp32 uses (1e-5, 1e-5) on that scale.
+LOW_PRECISION_TOLERANCES = {torch.bfloat16: (2e-2, 1e-2), torch.float16: (3e-3, 2e-3)}
+forward_op = torch.ops.fastmini.adapter_bottleneck_forward
+backward_op = torch.ops.fastmini.adapter_bottleneck_backward
+
+
+def make_inputs(shape, bottleneck, dtype=torch.float32, parameter_dtype=None, seed=0, requires_grad=True):
+    """x and the six parameters, scaled so that GELU works in its curved region and the adapter branch is as
+    large as the residual (a kernel that dropped either would fail), plus an upstream gradient."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden = shape[-1]
+
+    def randn(*size, scale=1.0, shift=0.0):
+        return torch.randn(size, generator=generator, dtype=torch.float64) * scale + shift
+
+    x = randn(*shape, scale=1.5, shift=0.3)
+    parameters = [
+        randn(bottleneck, hidden, scale=1.5 / hidden**0.5),
+        randn(bottleneck, scale=0.5),
+        randn(hidden, bottleneck, scale=1.5 / bottleneck**0.5),
+        randn(hidden, scale=0.5),
+        randn(hidden, scale=0.5, shift=1.0),
+        randn(hidden, scale=0.5),
+    ]
+    grad_output = randn(*shape)
+    x = x.to(DEVICE, dtype).requires_grad_(requires_grad)
+    parameters = [p.to(DEVICE, parameter_dtype or dtype).requires_grad_(requires_grad) for p in parameters]
+    return [x, *parameters], grad_output.to(DEVICE)
+
+
+def triton_adapter(*tensors):
+    return adapter_bottleneck(*tensors, EPS, backend="triton")
+
+
+def reference_adapter(*tensors):
+    return adapter_bottleneck_ref(*tensors, EPS)
+
+
+def forward_and_grads(function, tensors, grad_output):
+    y = function(*tensors)
+    return y, torch.autograd.grad(y, tensors, grad_output.to(y.dtype))
+
+
+def exact(tensors, grad_output):
+    """The fp64 reference on the same (upcast) values."""
+    upcast = [t.detach().double().requires_grad_() for t in tensors]
+    return forward_and_grads(reference_adapter, upcast, grad_output)
+
+
+def assert_matches(actual, expected, atol, rtol):
+    y, grads = actual
+    expected_y, expected_grads = expected
+    torch.testing.assert_close(y.double(), expected_y.double(), atol=atol, rtol=rtol)
+    for name, grad, expected_grad in zip(GRAD_NAMES, grads, expected_grads, strict=True):
+        scale = expected_grad.abs().max().clamp_min(1e-12)
+        torch.testing.assert_close(
+            grad.double() / scale,
+            expected_grad.double() / scale,
+            atol=atol,
+            rtol=rtol,
+            msg=lambda m, n=name: f"d{n}: {m}",
+        )
+
+
+def assert_within_twice_torch_error(kernel, torch_own, truth, atol=1e-3):
+    """flash-attention's rule for low precision: the kernel's error against fp64 stays within 2x the error of
+    torch's own low-precision composition, plus a small atol (errors relative to each tensor's largest value)."""
+    names = ("y", *GRAD_NAMES)
+    kernel, torch_own, truth = ([y, *grads] for y, grads in (kernel, torch_own, truth))
+    for name, got, torch_value, true_value in zip(names, kernel, torch_own, truth, strict=True):
+        scale = true_value.abs().max().item()
+        kernel_error = (got.double() - true_value).abs().max().item() / scale
+        torch_error = (torch_value.double() - true_value).abs().max().item() / scale
+        assert kernel_error <= 2 * torch_error + atol, f"{name}: kernel {kernel_error:.2e}, torch {torch_error:.2e}"
+
+
+# ---------------------------------------------------------------- fp32 and fp64: the reference exactly
+
+
+@pytest.mark.parametrize("hidden, bottleneck", SHAPES, ids=[f"H{h}-R{r}" for h, r in SHAPES])
+@pytest.mark.parametrize("rows", ROW_COUNTS)
+def test_fp32_matches_reference_with_every_gradient(rows, hidden, bottleneck):
+    tensors, grad_output = make_inputs((rows, hidden), bottleneck)
+    y, grads = forward_and_grads(triton_adapter, tensors, grad_output)
+    expected_y, expected_grads = forward_and_grads(reference_adapter, tensors, grad_output)
+    assert y.dtype == torch.float32 and y.shape == expected_y.shape
+    assert [(g.dtype, g.shape) for g in grads] == [(g.dtype, g.shape) for g in expected_grads]
+    assert_matches((y, grads), (expected_y, expected_grads), atol=1e-5, rtol=1e-5)
+
+
+def test_leading_dimensions_are_flattened_into_rows():
+    tensors, grad_output = make_inputs((2, 3, 5, 36), 9)
+    y, grads = forward_and_grads(triton_adapter, tensors, grad_output)
+    assert y.shape == (2, 3, 5, 36) and grads[0].shape == (2, 3, 5, 36)
+    assert_matches((y, grads), forward_and_grads(reference_adapter, tensors, grad_output), atol=1e-5, rtol=1e-5)
+
+
+def test_non_contiguous_inputs_and_gradients():
+    tensors, grad_output = make_inputs((7, 36), 9)
+
+    def column_major(tensor):
+        return tensor.detach().t().contiguous().t().requires_grad_(tensor.requires_grad)
+
+    x, up_weight, grad_output = column_major(tensors[0]), column_major(tensors[3]), column_major(grad_output)
+    tensors = [x, tensors[1], tensors[2], up_weight, *tensors[4:]]
+    assert not x.is_contiguous() and not up_weight.is_contiguous() and not grad_output.is_contiguous()
+    assert_matches(
+        forward_and_grads(triton_adapter, tensors, grad_output),
+        forward_and_grads(reference_adapter, tensors, grad_output),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+
+
+def test_other_tilings_give_the_same_result():
+    """The launchers' tile overrides (what a GPU tuning sweep changes): several row blocks per row group,
+    several column tiles, R=19 padded to 32, chunks that split H=312 unevenly, and 16-row blocks."""
+    from fastmini.kernels.adapter_bottleneck import adapter_bottleneck_backward, adapter_bottleneck_forward
+
+    tensors, grad_output = make_inputs((70, 312), 19, requires_grad=False)
+    y, mean, rstd, h = adapter_bottleneck_forward(
+        *tensors, EPS, True, tiles={"BLOCK_M": 16, "BLOCK_K": 128, "num_warps": 4}
+    )
+    grads = adapter_bottleneck_backward(
+        grad_output.float(),
+        *tensors,
+        h,
+        mean,
+        rstd,
+        row_tiles={"BLOCK_M": 16, "BLOCK_K": 32},
+        column_tiles={"BLOCK_M": 16, "BLOCK_N": 128},
+        splits=3,
+    )
+    assert_matches((y, grads), exact(tensors, grad_output), atol=1e-5, rtol=1e-5)
+
+
+def test_zero_rows():
+    tensors, grad_output = make_inputs((0, 36), 9)
+    y, grads = forward_and_grads(triton_adapter, tensors, grad_output)
+    assert y.shape == (0, 36) and grads[0].shape == (0, 36)
+    for grad, parameter in zip(grads[1:], tensors[1:], strict=True):
+        assert grad.shape == parameter.shape and torch.all(grad == 0)
+
+
+def test_gradcheck_float64():
+    tensors, _ = make_inputs((3, 20), 5, dtype=torch.float64)
+    # fast_mode checks random projections of the Jacobian: the full one is ~600 interpreted launches.
+    assert torch.autograd.gradcheck(triton_adapter, tensors, eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+# ---------------------------------------------------------------- low precision and autocast
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_against_the_fp64_reference(dtype):
+    tensors, grad_output = make_inputs((130, 768), 48, dtype=dtype)
+    y, grads = forward_and_grads(triton_adapter, tensors, grad_output)
+    assert y.dtype == dtype and all(g.dtype == dtype for g in grads)
+    atol, rtol = LOW_PRECISION_TOLERANCES[dtype]
+    assert_matches((y, grads), exact(tensors, grad_output), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_error_within_twice_torch_own(dtype):
+    tensors, grad_output = make_inputs((130, 312), 19, dtype=dtype)
+    assert_within_twice_torch_error(
+        forward_and_grads(triton_adapter, tensors, grad_output),
+        forward_and_grads(reference_adapter, tensors, grad_output),
+        exact(tensors, grad_output),
+    )
+
+
+def test_autocast_bf16_activation_with_fp32_weights():
+    """Under autocast the activation arrives in bf16 while the parameters stay fp32: y comes back in bf16 and
+    each gradient in its own input's dtype."""
+    tensors, grad_output = make_inputs((7, 312), 19, parameter_dtype=torch.float32)
+    x = tensors[0].detach().bfloat16().requires_grad_()
+    tensors = [x, *tensors[1:]]
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        y, grads = forward_and_grads(triton_adapter, tensors, grad_output)
+    assert y.dtype == torch.bfloat16
+    assert [g.dtype for g in grads] == [torch.bfloat16] + [torch.float32] * 6
+    atol, rtol = LOW_PRECISION_TOLERANCES[torch.bfloat16]
+    assert_matches((y, grads), exact(tensors, grad_output), atol=atol, rtol=rtol)
+
+
+# ---------------------------------------------------------------- custom ops, torch.compile, dispatch
+
+
+def test_opcheck_forward_and_backward():
+    tensors, grad_output = make_inputs((7, 36), 9)
+    detached = [t.detach() for t in tensors]
+    torch.library.opcheck(forward_op, (*tensors, EPS, True))
+    torch.library.opcheck(forward_op, (*detached, EPS, False))
+    _y, mean, rstd, h = forward_op(*detached, EPS, True)
+    assert mean.shape == (7,) and rstd.shape == (7,) and h.shape == (7, 9)
+    torch.library.opcheck(backward_op, (grad_output.float(), *detached, h, mean, rstd))
+
+
+def test_inference_keeps_nothing_for_backward(monkeypatch):
+    import fastmini.kernels.adapter_bottleneck as kernels
+
+    seen = []
+    original = kernels.adapter_bottleneck_forward
+
+    def spy(*args, **kwargs):
+        outputs = original(*args, **kwargs)
+        seen.append((args[-1], [t.numel() for t in outputs[1:]]))
+        return outputs
+
+    monkeypatch.setattr(kernels, "adapter_bottleneck_forward", spy)
+    tensors, _ = make_inputs((7, 36), 9)
+    with torch.no_grad():
+        y = triton_adapter(*tensors)
+    triton_adapter(*tensors)
+    assert seen == [(False, [0, 0, 0]), (True, [7, 7, 63])]
+    torch.testing.assert_close(y, reference_adapter(*tensors), atol=1e-5, rtol=1e-5)
+    _y, mean, rstd, h = forward_op(*[t.detach().requires_grad_() for t in tensors], EPS, False)
+    with pytest.raises(RuntimeError, match="save_for_backward=False"):
+        _y.sum().backward()
+
+
+def test_torch_compile_forward_and_backward():
+    tensors, grad_output = make_inputs((7, 312), 19)
+    compiled = torch.compile(triton_adapter, backend="aot_eager", fullgraph=True)
+    assert_matches(
+        forward_and_grads(compiled, tensors, grad_output),
+        forward_and_grads(triton_adapter, tensors, grad_output),
+        atol=1e-6,
+        rtol=1e-6,
+    )
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    import fastmini.kernels.adapter_bottleneck as kernels
+
+    calls = []
+    original = kernels.adapter_bottleneck_forward
+    monkeypatch.setattr(kernels, "adapter_bottleneck_forward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+def test_dispatch_reaches_the_kernel(monkeypatch, kernel_calls):
+    tensors, _ = make_inputs((7, 36), 9)
+    adapter_bottleneck(*tensors, EPS, backend="triton")
+    assert len(kernel_calls) == 1
+    adapter_bottleneck(*tensors, EPS, backend="torch")
+    assert len(kernel_calls) == 1
+    monkeypatch.setenv("FASTMINI_BACKEND", "triton")
+    adapter_bottleneck(*tensors, EPS)
+    assert len(kernel_calls) == 2
+    monkeypatch.delenv("FASTMINI_BACKEND")
+    adapter_bottleneck(*tensors, EPS)
+    # Automatic: CPU tensors take the kernel under the interpreter (on here, tests/conftest.py); CUDA tensors
+    # only once a GPU run has marked it verified.
+    automatic_is_triton = DEVICE.type == "cpu" or "triton" in _VERIFIED_ON_GPU
+    assert len(kernel_calls) == 2 + automatic_is_triton
+
+
+def test_the_adapter_module_runs_through_the_kernel(monkeypatch, kernel_calls):
+    from fastmini.modules.adapter import BottleneckAdapter
+
+    adapter = BottleneckAdapter(36, 4, EPS).to(DEVICE)
+    x = torch.randn(2, 7, 36, device=DEVICE)
+    expected = adapter(x)
+    monkeypatch.setenv("FASTMINI_BACKEND", "triton")
+    torch.testing.assert_close(adapter(x), expected, atol=1e-5, rtol=1e-5)
+    assert len(kernel_calls) == 1
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _replace(tensors, index, value):
+    return [value if i == index else t for i, t in enumerate(tensors)]
+
+
+@pytest.mark.parametrize(
+    "index, bad, message",
+    [
+        (1, torch.randn(36, 9), r"down_weight must be \(R, H\) = \(R, 36\)"),
+        (1, torch.randn(9), "down_weight must be"),
+        (2, torch.randn(8), r"down_bias must have shape \(9,\)"),
+        (3, torch.randn(9, 36), r"up_weight must have shape \(36, 9\)"),
+        (4, torch.randn(35), r"up_bias must have shape \(36,\)"),
+        (5, torch.randn(1, 36), r"norm_weight must have shape \(36,\)"),
+        (6, torch.randn(37), r"norm_bias must have shape \(36,\)"),
+    ],
+)
+def test_wrong_shapes_are_named(index, bad, message):
+    tensors, _ = make_inputs((7, 36), 9, requires_grad=False)
+    with pytest.raises(ValueError, match=message):
+        triton_adapter(*_replace(tensors, index, bad.to(DEVICE)))
+
+
+def test_bad_x_and_dtypes_are_named():
+    tensors, _ = make_inputs((7, 36), 9, requires_grad=False)
+    with pytest.raises(ValueError, match=r"x must be \(..., H\)"):
+        triton_adapter(*_replace(tensors, 0, torch.tensor(1.0, device=DEVICE)))
+    with pytest.raises(ValueError, match=r"down_weight must be \(R, H\) = \(R, 35\)"):
+        triton_adapter(*_replace(tensors, 0, torch.randn(7, 35, device=DEVICE)))
+    with pytest.raises(TypeError, match="x must be float16, bfloat16, float32 or float64"):
+        triton_adapter(*_replace(tensors, 0, torch.ones(7, 36, dtype=torch.int64, device=DEVICE)))
+
+
+# ---------------------------------------------------------------- GPU: the real sizes
+
+GPU_CASES = [
+    (16384, 768, 48, torch.bfloat16),
+    (16384, 768, 48, torch.float32),
+    (4096, 768, 48, torch.float16),
+    (4099, 312, 19, torch.bfloat16),
+    (4099, 312, 78, torch.float32),
+    (1031, 36, 9, torch.bfloat16),
+    (1, 768, 48, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize(
+    "rows, hidden, bottleneck, dtype", GPU_CASES, ids=[f"{m}x{h}-R{r}-{str(d)[6:]}" for m, h, r, d in GPU_CASES]
+)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_matches_reference(rows, hidden, bottleneck, dtype):
+    tensors, grad_output = make_inputs((rows, hidden), bottleneck, dtype=dtype)
+    kernel = forward_and_grads(triton_adapter, tensors, grad_output)
+    truth = exact(tensors, grad_output)
+    if dtype == torch.float32:
+        assert_matches(kernel, truth, atol=1e-4, rtol=1e-4)
+    else:
+        assert_within_twice_torch_error(kernel, forward_and_grads(reference_adapter, tensors, grad_output), truth)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_torch_compile_and_autocast():
+    tensors, grad_output = make_inputs((2048, 768), 48, parameter_dtype=torch.float32)
+    compiled = torch.compile(triton_adapter, fullgraph=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        x = tensors[0].detach().bfloat16().requires_grad_()
+        y, grads = forward_and_grads(compiled, [x, *tensors[1:]], grad_output)
+    assert y.dtype == torch.bfloat16 and [g.dtype for g in grads] == [torch.bfloat16] + [torch.float32] * 6
+    atol, rtol = LOW_PRECISION_TOLERANCES[torch.bfloat16]
+    assert_matches((y, grads), exact([x, *tensors[1:]], grad_output), atol=atol, rtol=rtol)
