@@ -79,28 +79,40 @@ def compare():
 _COPY_BANDWIDTH: dict[str, float] = {}
 
 
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a device-to-device copy of 256 MiB (measured once per session): the roofline
+    that memory-bound kernels are reported against."""
+    key = str(device)
+    if key not in _COPY_BANDWIDTH:
+        source = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+        target = torch.empty_like(source)
+        copy = synchronised(lambda: target.copy_(source), device)
+        for _ in range(3):
+            copy()
+        timings = []
+        for _ in range(20):
+            start = time.perf_counter()
+            copy()
+            timings.append(time.perf_counter() - start)
+        _COPY_BANDWIDTH[key] = 2 * source.numel() / statistics.median(timings)  # read + write
+    return _COPY_BANDWIDTH[key]
+
+
 @pytest.fixture
-def copy_bandwidth():
-    """copy_bandwidth(device) -> bytes/s of a device-to-device copy of 256 MiB (measured once per
-    session): the roofline that memory-bound kernels are reported against."""
+def record_bandwidth():
+    """record_bandwidth(benchmark, medians, bytes_moved, device): achieved GB/s of each contender
+    for the minimum traffic ``bytes_moved``, and its % of the measured copy bandwidth."""
 
-    def _measure(device: torch.device) -> float:
-        key = str(device)
-        if key not in _COPY_BANDWIDTH:
-            source = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
-            target = torch.empty_like(source)
-            copy = synchronised(lambda: target.copy_(source), device)
-            for _ in range(3):
-                copy()
-            timings = []
-            for _ in range(20):
-                start = time.perf_counter()
-                copy()
-                timings.append(time.perf_counter() - start)
-            _COPY_BANDWIDTH[key] = 2 * source.numel() / statistics.median(timings)  # read + write
-        return _COPY_BANDWIDTH[key]
+    def _record(benchmark, medians: dict[str, float], bytes_moved: int, device: torch.device) -> None:
+        bandwidth = copy_bandwidth(device)
+        benchmark.extra_info["minimum_bytes"] = bytes_moved
+        benchmark.extra_info["copy_bandwidth_gb_per_s"] = round(bandwidth / 1e9, 1)
+        benchmark.extra_info["achieved_gb_per_s"] = {n: round(bytes_moved / m / 1e9, 1) for n, m in medians.items()}
+        benchmark.extra_info["percent_of_copy_bandwidth"] = {
+            n: round(100 * bytes_moved / m / bandwidth, 1) for n, m in medians.items()
+        }
 
-    return _measure
+    return _record
 
 
 @pytest.fixture

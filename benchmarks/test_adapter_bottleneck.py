@@ -95,7 +95,7 @@ def make_step(implementation, mode: str, tensors, grad_output):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("rows", ROWS)
-def test_adapter_bottleneck(benchmark, compare, describe_device, sync, copy_bandwidth, rows, dtype_name, mode):
+def test_adapter_bottleneck(benchmark, compare, describe_device, sync, record_bandwidth, rows, dtype_name, mode):
     device = torch.device("cuda")
     tensors, grad_output = make_inputs(rows, DTYPES[dtype_name], device, requires_grad=mode != "forward")
 
@@ -123,14 +123,7 @@ def test_adapter_bottleneck(benchmark, compare, describe_device, sync, copy_band
         torch_version=torch.__version__,
         target="forward >= 80% of copy bandwidth (16384 x 768 bf16); forward+backward >= 3x torch",
     )
-    bytes_moved = minimum_bytes(mode, rows, tensors[0].element_size())
-    bandwidth = copy_bandwidth(device)
-    benchmark.extra_info["minimum_bytes"] = bytes_moved
-    benchmark.extra_info["copy_bandwidth_gb_per_s"] = round(bandwidth / 1e9, 1)
-    benchmark.extra_info["achieved_gb_per_s"] = {name: round(bytes_moved / m / 1e9, 1) for name, m in medians.items()}
-    benchmark.extra_info["percent_of_copy_bandwidth"] = {
-        name: round(100 * bytes_moved / m / bandwidth, 1) for name, m in medians.items()
-    }
+    record_bandwidth(benchmark, medians, minimum_bytes(mode, rows, tensors[0].element_size()), device)
 
 
 # Tile candidates for the GPU session that sets the defaults (kernels/adapter_bottleneck.py, *_TILES): each
@@ -157,7 +150,7 @@ BACKWARD_TILE_CANDIDATES = {
 
 
 @pytest.mark.parametrize("direction", ["forward", "backward"])
-def test_adapter_bottleneck_tile_sweep(benchmark, compare, describe_device, sync, copy_bandwidth, direction):
+def test_adapter_bottleneck_tile_sweep(benchmark, compare, describe_device, sync, record_bandwidth, direction):
     """16384 x 768 bf16 through the launchers with each tile candidate; the default is the baseline."""
     from fastmini.kernels.adapter_bottleneck import adapter_bottleneck_backward, adapter_bottleneck_forward
 
@@ -190,7 +183,4 @@ def test_adapter_bottleneck_tile_sweep(benchmark, compare, describe_device, sync
         dtype="bf16",
         device=describe_device(device),
     )
-    bandwidth = copy_bandwidth(device)
-    benchmark.extra_info["percent_of_copy_bandwidth"] = {
-        name: round(100 * bytes_moved / m / bandwidth, 1) for name, m in medians.items()
-    }
+    record_bandwidth(benchmark, medians, bytes_moved, device)

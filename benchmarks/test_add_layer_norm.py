@@ -63,7 +63,7 @@ def make_step(implementation, mode: str, dropout_p: float, tensors, grad_out):
 @pytest.mark.parametrize("mode, dropout_p", CASES, ids=[f"{mode}-p{p}" for mode, p in CASES])
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("rows", ROWS)
-def test_add_layer_norm(benchmark, compare, describe_device, sync, copy_bandwidth, rows, dtype_name, mode, dropout_p):
+def test_add_layer_norm(benchmark, compare, describe_device, sync, record_bandwidth, rows, dtype_name, mode, dropout_p):
     device = torch.device("cuda")
     dtype = DTYPES[dtype_name]
     generator = torch.Generator(device=device).manual_seed(0)
@@ -100,11 +100,4 @@ def test_add_layer_norm(benchmark, compare, describe_device, sync, copy_bandwidt
         device=describe_device(device),
         torch_version=torch.__version__,
     )
-    bytes_moved = minimum_bytes(mode, dropout_p, rows, x.element_size())
-    bandwidth = copy_bandwidth(device)
-    benchmark.extra_info["minimum_bytes"] = bytes_moved
-    benchmark.extra_info["copy_bandwidth_gb_per_s"] = round(bandwidth / 1e9, 1)
-    benchmark.extra_info["achieved_gb_per_s"] = {name: round(bytes_moved / m / 1e9, 1) for name, m in medians.items()}
-    benchmark.extra_info["percent_of_copy_bandwidth"] = {
-        name: round(100 * bytes_moved / m / bandwidth, 1) for name, m in medians.items()
-    }
+    record_bandwidth(benchmark, medians, minimum_bytes(mode, dropout_p, rows, x.element_size()), device)

@@ -86,7 +86,7 @@ def minimum_bytes(rows: int, dtype: torch.dtype, which_pass: str) -> int:
 @pytest.mark.parametrize("which_pass", PASSES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda dtype: str(dtype).removeprefix("torch."))
 @pytest.mark.parametrize("rows", ROWS)
-def test_linear_gelu(benchmark, compare, describe_device, sync, copy_bandwidth, rows, dtype, which_pass):
+def test_linear_gelu(benchmark, compare, describe_device, sync, record_bandwidth, rows, dtype, which_pass):
     leaves, grad_y = make_inputs(rows, dtype)
     contenders = {path: sync(timed(kernel_path(path), which_pass, leaves, grad_y), DEVICE) for path in PATHS}
     contenders["reference"] = sync(timed(reference, which_pass, leaves, grad_y), DEVICE)
@@ -109,12 +109,6 @@ def test_linear_gelu(benchmark, compare, describe_device, sync, copy_bandwidth, 
         device=describe_device(DEVICE),
         fp32_matmul_precision=torch.get_float32_matmul_precision(),
         flop_count=flops,
-        minimum_bytes=moved,
     )
-    bandwidth = copy_bandwidth(DEVICE)
     benchmark.extra_info["tflop_per_s"] = {name: round(flops / m / 1e12, 1) for name, m in medians.items()}
-    benchmark.extra_info["gb_per_s"] = {name: round(moved / m / 1e9, 1) for name, m in medians.items()}
-    benchmark.extra_info["percent_of_copy_bandwidth"] = {
-        name: round(100 * moved / m / bandwidth, 1) for name, m in medians.items()
-    }
-    benchmark.extra_info["copy_bandwidth_gb_per_s"] = round(bandwidth / 1e9, 1)
+    record_bandwidth(benchmark, medians, moved, DEVICE)
