@@ -24,7 +24,9 @@ def test_every_gemm_sees_only_real_tokens(tiny_config, batch):
     model = FastMiniModel(tiny_config()).eval()
     seen = []
     model.encoder.shared_layer.query.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape))
-    model.encoder.shared_layer.ffn_output.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape))
+    model.encoder.shared_layer.ffn_output.register_forward_hook(
+        lambda module, inputs, output: seen.append(inputs[0].shape)
+    )
     model(**batch)
     real = int(batch["attention_mask"].sum())
     assert seen and all(shape == (real, shape[-1]) for shape in seen)

@@ -7,6 +7,7 @@ Found through the installed package, never through a machine path.
 from __future__ import annotations
 
 import bz2
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,3 +48,23 @@ def sentences(limit: int | None = None, min_chars: int = 20, max_chars: int = 60
                     if limit is not None and len(found) >= limit:
                         return found
     return found
+
+
+_EMPHASIS = re.compile(r"'{2,}")  # ''italic'', '''bold''' quotes that filter_wiki leaves
+_HEADING = re.compile(r"^\s*=+\s*(.*?)\s*=+\s*$", re.MULTILINE)  # == Heading == -> Heading
+_TABLE_LEFTOVER = re.compile(r"^\s*[|!].*$", re.MULTILINE)  # table rows that survive as "| cell"
+_BLANK_LINES = re.compile(r"\n{3,}")
+
+
+def plain_text(text: str) -> str:
+    """What ``articles`` yields, with the markup gensim's stripper leaves removed too:
+    emphasis quotes, heading equals signs and table-row leftovers."""
+    text = _EMPHASIS.sub("", text)
+    text = _HEADING.sub(r"\1", text)
+    text = _TABLE_LEFTOVER.sub("", text)
+    return _BLANK_LINES.sub("\n\n", text).strip()
+
+
+def documents(path: Path | None = None) -> list[str]:
+    """Every article of the sample as plain text, one string per article (the distiller's corpus)."""
+    return [text for text in (plain_text(body) for _, body in articles(path)) if text]

@@ -1,0 +1,217 @@
+"""Documents to distil on: the offline Wikipedia sample, local files, or a ``datasets`` name.
+
+Every source becomes a ``datasets.Dataset`` with one column, ``text``, one row per document
+(windows are cut per document and at most k are kept per document, so "document" matters).
+- ``DEFAULT_DATA``: the ~6 MB English Wikipedia sample that gensim ships, markup stripped.
+- a local file, a directory (every supported file in it, sorted) or a glob pattern:
+  .txt/.text (one document per line, per blank-line-separated paragraph, or per file),
+  .json/.jsonl (objects with a text field; JSON lines or one JSON array), .csv/.tsv (a header
+  row with a text column), .parquet (a text column).
+- anything else is a ``datasets`` name (with an optional config and split): loaded with
+  ``datasets.load_dataset``, so downloads and later tokenisation are cached by datasets.
+Every failure is a DataError naming the file or dataset and what was wrong.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from fastmini.training.errors import UsageError
+
+DEFAULT_DATA = "gensim-wikipedia-sample"
+TEXT_SUFFIXES = (".txt", ".text")
+JSON_SUFFIXES = (".json", ".jsonl")
+CSV_SUFFIXES = (".csv", ".tsv")
+PARQUET_SUFFIXES = (".parquet",)
+SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSON_SUFFIXES + CSV_SUFFIXES + PARQUET_SUFFIXES
+TEXT_UNITS = ("line", "paragraph", "file")
+
+
+class DataError(UsageError):
+    """Data that cannot be read or holds no text; the message names the source."""
+
+
+def load_documents(
+    source: str,
+    *,
+    dataset_config: str | None = None,
+    split: str = "train",
+    text_field: str = "text",
+    text_unit: str = "line",
+    cache_dir: str | None = None,
+):
+    """A ``datasets.Dataset`` with a single ``text`` column of non-empty documents."""
+    if text_unit not in TEXT_UNITS:
+        raise DataError(f"text unit must be one of {TEXT_UNITS}, got '{text_unit}'")
+    if source == DEFAULT_DATA:
+        from fastmini.data import wikipedia
+
+        try:
+            return _as_dataset(wikipedia.documents(), f"the {DEFAULT_DATA}")
+        except RuntimeError as error:  # gensim missing or its sample missing
+            raise DataError(str(error)) from error
+    paths = local_files(source)
+    if paths is not None:
+        texts: list[str] = []
+        for path in paths:
+            texts.extend(read_file(path, text_field=text_field, text_unit=text_unit))
+        return _as_dataset(texts, source)
+    return _load_named_dataset(source, dataset_config, split, text_field, cache_dir)
+
+
+def looks_like_path(source: str) -> bool:
+    return (
+        source.startswith((".", "/", "~"))
+        or "\\" in source
+        or source.count("/") > 1
+        or any(ch in source for ch in "*?[")
+        or Path(source).suffix.lower() in SUPPORTED_SUFFIXES
+    )
+
+
+def local_files(source: str) -> list[Path] | None:
+    """The files ``source`` names on this machine, or None when it is not a local path (a datasets name)."""
+    expanded = Path(source).expanduser()
+    if expanded.is_file():
+        return [expanded]
+    if expanded.is_dir():
+        files = sorted(p for p in expanded.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES)
+        if not files:
+            raise DataError(f"{source}: the directory holds no {'/'.join(SUPPORTED_SUFFIXES)} files")
+        return files
+    if any(ch in source for ch in "*?["):
+        matches = sorted(Path(p) for p in glob.glob(str(expanded), recursive=True) if Path(p).is_file())
+        if not matches:
+            raise DataError(f"{source}: the pattern matches no files")
+        return matches
+    if looks_like_path(source):
+        raise DataError(f"{source}: no such file or directory")
+    return None
+
+
+def read_file(path: Path, *, text_field: str = "text", text_unit: str = "line") -> list[str]:
+    """The documents of one local file, by its suffix."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix in TEXT_SUFFIXES:
+            return _read_text(path, text_unit)
+        if suffix in JSON_SUFFIXES:
+            return _read_json(path, text_field)
+        if suffix in CSV_SUFFIXES:
+            return _read_csv(path, text_field, delimiter="\t" if suffix == ".tsv" else ",")
+        if suffix in PARQUET_SUFFIXES:
+            return _read_parquet(path, text_field)
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from error
+    except OSError as error:
+        raise DataError(f"{path}: cannot be read ({error.strerror or error})") from error
+    raise DataError(f"{path}: unsupported file type '{suffix}'; expected one of {', '.join(SUPPORTED_SUFFIXES)}")
+
+
+def _read_text(path: Path, text_unit: str) -> list[str]:
+    text = path.read_text(encoding="utf-8")
+    if text_unit == "file":
+        pieces: Iterable[str] = [text]
+    elif text_unit == "paragraph":
+        pieces = text.replace("\r\n", "\n").split("\n\n")
+    else:
+        pieces = text.splitlines()
+    return [piece.strip() for piece in pieces if piece.strip()]
+
+
+def _field(record, text_field: str, where: str) -> str:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object with a '{text_field}' field, got {type(record).__name__}")
+    if text_field not in record:
+        raise DataError(f"{where}: no '{text_field}' field (fields: {', '.join(map(str, record)) or 'none'})")
+    value = record[text_field]
+    if value is not None and not isinstance(value, str):
+        raise DataError(f"{where}: field '{text_field}' holds {type(value).__name__}, expected text")
+    return value or ""
+
+
+def _read_json(path: Path, text_field: str) -> list[str]:
+    content = path.read_text(encoding="utf-8")
+    stripped = content.lstrip()
+    if stripped.startswith("["):
+        try:
+            records = json.loads(content)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from error
+        texts = [_field(record, text_field, f"{path}, item {i}") for i, record in enumerate(records)]
+    else:
+        texts = []
+        for number, line in enumerate(content.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}: line {number} is not valid JSON ({error.msg})") from error
+            texts.append(_field(record, text_field, f"{path}, line {number}"))
+    return [text.strip() for text in texts if text.strip()]
+
+
+def _read_csv(path: Path, text_field: str, delimiter: str) -> list[str]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle, delimiter=delimiter)
+        if reader.fieldnames is None:
+            return []
+        if text_field not in reader.fieldnames:
+            raise DataError(f"{path}: no '{text_field}' column (columns: {', '.join(reader.fieldnames)})")
+        try:
+            texts = [row[text_field] or "" for row in reader]
+        except csv.Error as error:
+            raise DataError(f"{path}: malformed CSV at line {reader.line_num}: {error}") from error
+    return [text.strip() for text in texts if text.strip()]
+
+
+def _read_parquet(path: Path, text_field: str) -> list[str]:
+    import pyarrow
+    import pyarrow.parquet as parquet
+
+    try:
+        schema = parquet.read_schema(path)
+        if text_field not in schema.names:
+            raise DataError(f"{path}: no '{text_field}' column (columns: {', '.join(schema.names)})")
+        column = parquet.read_table(path, columns=[text_field]).column(text_field)
+    except pyarrow.ArrowException as error:
+        raise DataError(f"{path}: not a readable Parquet file ({error})") from error
+    if not (pyarrow.types.is_string(column.type) or pyarrow.types.is_large_string(column.type)):
+        raise DataError(f"{path}: column '{text_field}' holds {column.type}, expected text")
+    return [text.strip() for text in column.to_pylist() if text and text.strip()]
+
+
+def _as_dataset(texts: list[str], source: str):
+    import datasets
+
+    texts = [text for text in texts if text and text.strip()]
+    if not texts:
+        raise DataError(f"{source}: no text found (every document is empty)")
+    return datasets.Dataset.from_dict({"text": texts})
+
+
+def _load_named_dataset(name: str, config: str | None, split: str, text_field: str, cache_dir: str | None):
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, config, split=split, cache_dir=cache_dir)
+    except Exception as error:  # datasets raises many kinds (offline, not found, bad config, bad split)
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(
+            f"'{name}' is not a local file or directory, and datasets could not load it "
+            f"(config {config!r}, split '{split}'): {first_line}"
+        ) from error
+    if text_field not in dataset.column_names:
+        raise DataError(f"dataset '{name}': no '{text_field}' column (columns: {', '.join(dataset.column_names)})")
+    dataset = dataset.select_columns([text_field])
+    if text_field != "text":
+        dataset = dataset.rename_column(text_field, "text")
+    dataset = dataset.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
+    if len(dataset) == 0:
+        raise DataError(f"dataset '{name}' (split '{split}'): no text found (every document is empty)")
+    return dataset

@@ -1,0 +1,120 @@
+"""Which windows and which masks every micro-batch gets, as a pure function of (seed, step).
+
+The global batch of optimizer step s is ``batch_size`` consecutive windows of epoch e's
+permutation (a generator seeded with (seed, e)); it is cut into ``processes x accumulation``
+micro-batches, micro-batch j going to process j // accumulation. Masks of micro-batch j are
+drawn from a generator seeded with (seed, s, j). Nothing depends on history, so a resumed
+run, or a run on K processes, sees exactly the batches and masks of an uninterrupted
+one-process run with the same global batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from fastmini.data.masking import mask_tokens
+from fastmini.distill.distiller import Batch
+
+
+def derived_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts (stable across runs and platforms)."""
+    return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:15], 16)
+
+
+class MaskedWindows:
+    """Pads and masks windows (``input_ids`` + ``special_tokens_mask`` rows of a datasets.Dataset)."""
+
+    def __init__(
+        self, windows, tokenizer, vocab_size: int, mask_probability: float, mask_fraction: float, random_fraction: float
+    ):
+        self.windows = windows
+        self.pad_token_id = tokenizer.pad_token_id
+        self.mask_token_id = tokenizer.mask_token_id
+        self.vocab_size = vocab_size
+        self.mask_probability = mask_probability
+        self.mask_fraction = mask_fraction
+        self.random_fraction = random_fraction
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def batch(self, indices: list[int], seed: int) -> Batch:
+        rows = self.windows[indices]
+        longest = max(len(ids) for ids in rows["input_ids"])
+        size = len(indices)
+        input_ids = torch.full((size, longest), self.pad_token_id, dtype=torch.long)
+        special = torch.ones((size, longest), dtype=torch.bool)  # padding is never masked
+        attention_mask = torch.zeros((size, longest), dtype=torch.long)
+        for row, (ids, specials) in enumerate(zip(rows["input_ids"], rows["special_tokens_mask"], strict=True)):
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            special[row, : len(ids)] = torch.tensor(specials, dtype=torch.bool)
+            attention_mask[row, : len(ids)] = 1
+        generator = torch.Generator().manual_seed(seed)
+        corrupted, labels = mask_tokens(
+            input_ids,
+            special,
+            self.mask_token_id,
+            self.vocab_size,
+            generator,
+            self.mask_probability,
+            self.mask_fraction,
+            self.random_fraction,
+        )
+        return Batch(corrupted, attention_mask, torch.zeros_like(input_ids), labels)
+
+
+class StepBatches:
+    """The micro-batches of every optimizer step for one process."""
+
+    def __init__(
+        self, windows: MaskedWindows, batch_size: int, processes: int, accumulation: int, rank: int, seed: int
+    ):
+        self.windows = windows
+        self.batch_size = batch_size
+        self.micro_size = batch_size // (processes * accumulation)
+        self.accumulation = accumulation
+        self.rank = rank
+        self.seed = seed
+        self._order: tuple[int, torch.Tensor] | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.windows) // self.batch_size
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if self._order is None or self._order[0] != epoch:
+            generator = torch.Generator().manual_seed(derived_seed(self.seed, "order", epoch))
+            self._order = (epoch, torch.randperm(len(self.windows), generator=generator))
+        return self._order[1]
+
+    def position(self, step: int) -> dict[str, int]:
+        """Where step ``step`` reads in the data: epoch, step within it, windows consumed before it."""
+        return {
+            "epoch": step // self.steps_per_epoch,
+            "step_in_epoch": step % self.steps_per_epoch,
+            "windows_seen": step * self.batch_size,
+        }
+
+    def micro_batches(self, step: int) -> list[Batch]:
+        """This process's micro-batches of optimizer step ``step`` (``accumulation`` of them)."""
+        position = self.position(step)
+        order = self.order(position["epoch"])
+        start = position["step_in_epoch"] * self.batch_size
+        batches = []
+        for local in range(self.accumulation):
+            micro = self.rank * self.accumulation + local
+            first = start + micro * self.micro_size
+            indices = order[first : first + self.micro_size].tolist()
+            batches.append(self.windows.batch(indices, derived_seed(self.seed, "mask", step, micro)))
+        return batches
+
+
+def evaluation_batches(windows: MaskedWindows, count: int, batch_size: int, seed: int) -> list[Batch]:
+    """The first ``count`` held-out windows, masked once with fixed seeds (same masks before and after)."""
+    count = min(count, len(windows))
+    return [
+        windows.batch(list(range(start, min(start + batch_size, count))), derived_seed(seed, "eval", start))
+        for start in range(0, count, batch_size)
+    ]

@@ -1,0 +1,127 @@
+"""The four distillation losses of the MiniALBERT recipe (SPEC.md, "Distillation recipe").
+
+Each function takes what the recipe compares and nothing more, already reduced to the rows
+that count: packed real tokens for the hidden states, the rows of masked tokens for the
+logits. The attention maps stay (B, A, S, S) because the recipe's "mean" reduction divides by
+the padded length S; only query rows of real tokens are summed.
+
+Efficiency rules (DESIGN.md, "Distillation adds"):
+- the attention KL is an autograd Function that saves nothing new for backward: the student
+  probabilities are already kept by the attention's own backward and the teacher's map is
+  only read (it may be an inference tensor);
+- callers evaluate the MLM head and the output KL on masked rows only (15% of tokens).
+Nothing here knows about models; the weights come from the config (``LossWeights``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# SPEC.md: kl_div(log(s + 1e-12), t + 1e-12).
+ATTENTION_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """total = mlm * MLM + attention * attention-KL + hidden * (1 - cos) + output * output-KL."""
+
+    mlm: float = 1.0
+    attention: float = 3.0
+    hidden: float = 3.0
+    output: float = 5.0
+
+
+@dataclass
+class LossTerms:
+    """The weighted total and its four unweighted terms (scalars; terms switched off are 0)."""
+
+    total: torch.Tensor
+    mlm: torch.Tensor
+    attention: torch.Tensor
+    hidden: torch.Tensor
+    output: torch.Tensor
+
+    def as_floats(self) -> dict[str, float]:
+        return {name: float(getattr(self, name).detach()) for name in ("total", "mlm", "attention", "hidden", "output")}
+
+
+class _AttentionKL(torch.autograd.Function):
+    """sum over real query rows of kl_div(log(s + eps), t + eps), divided by ``denominator``.
+
+    d/ds of t' (log t' - log(s + eps)) is -t' / (s + eps): backward needs s and t only.
+    """
+
+    @staticmethod
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, rows: torch.Tensor, denominator: float):
+        # rows: (B, 1, S, 1) float, 1.0 on query rows of real tokens.
+        target = teacher.to(student.dtype) + ATTENTION_EPS
+        pointwise = target * (target.log() - (student + ATTENTION_EPS).log())
+        ctx.save_for_backward(student, rows)
+        ctx.teacher = teacher  # read in backward, never saved through autograd (may be an inference tensor)
+        ctx.denominator = denominator
+        return (pointwise * rows).sum() / denominator
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        student, rows = ctx.saved_tensors
+        target = ctx.teacher.to(student.dtype) + ATTENTION_EPS
+        grad = target.div_(student + ATTENTION_EPS).mul_(rows).mul_(-grad_output / ctx.denominator)
+        return grad, None, None, None
+
+
+def attention_kl(student: torch.Tensor, teacher: torch.Tensor, real_tokens: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of one layer's attention probabilities, "mean" reduction.
+
+    ``student``/``teacher``: (B, A, S, S) probabilities; ``real_tokens``: (B, S) bool. The sum
+    runs over query rows of real tokens and every key column; it is divided by the number of
+    those elements (rows x A x S), as ``KLDivLoss(reduction="mean")`` on the selected rows does.
+    """
+    batch, heads, seq, keys = student.shape
+    if teacher.shape != student.shape:
+        raise ValueError(f"attention_kl: student maps {tuple(student.shape)} vs teacher maps {tuple(teacher.shape)}")
+    rows = real_tokens.to(student.dtype).view(batch, 1, seq, 1)
+    count = int(real_tokens.sum()) * heads * keys
+    if count == 0:
+        return student.sum() * 0.0
+    return _AttentionKL.apply(student, teacher, rows, float(count))
+
+
+def hidden_cosine(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of 1 - cos(student, teacher); both (T, H), real tokens only (packed)."""
+    if student.shape[0] == 0:
+        return student.sum() * 0.0
+    return (1.0 - F.cosine_similarity(student, teacher.to(student.dtype), dim=-1)).mean()
+
+
+def output_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(softmax(t/T) || softmax(s/T)) * T^2, "batchmean" over the (M, V) masked rows."""
+    rows = student_logits.shape[0]
+    if rows == 0:
+        return student_logits.sum() * 0.0
+    student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    with torch.no_grad():
+        teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    loss = F.kl_div(student_log_probs, teacher_log_probs, reduction="sum", log_target=True) / rows
+    return loss * temperature**2
+
+
+def masked_lm_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the student over the (M, V) masked rows against their (M,) original ids."""
+    if labels.numel() == 0:
+        return student_logits.sum() * 0.0
+    return F.cross_entropy(student_logits.float(), labels)
+
+
+def combine(
+    weights: LossWeights,
+    mlm: torch.Tensor,
+    attention: torch.Tensor,
+    hidden: torch.Tensor,
+    output: torch.Tensor,
+) -> LossTerms:
+    """The recipe's total: mlm * MLM + attention * att + hidden * hid + output * out."""
+    total = weights.mlm * mlm + weights.attention * attention + weights.hidden * hidden + weights.output * output
+    return LossTerms(total=total, mlm=mlm, attention=attention, hidden=hidden, output=output)

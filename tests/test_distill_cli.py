@@ -1,0 +1,322 @@
+"""``python -m fastmini.distill``: options, config files, recipes, bad input, outputs.
+
+Runs in-process through ``main(argv)`` on a tiny random BERT teacher (vocab 99, H 36, 4 layers)
+and its tiny corpus; one test starts the real module in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastmini.distill import config as distill_config
+from fastmini.distill.__main__ import main
+from fastmini.distill.config import FIELDS, RECIPES, DistillConfig, build_parser, resolve, resolve_layer_map
+from fastmini.distill.testing import make_tiny_teacher
+from fastmini.training.errors import UsageError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    return make_tiny_teacher(tmp_path_factory.mktemp("teacher"))
+
+
+@pytest.fixture(scope="module")
+def encoder_teacher_dir(tmp_path_factory) -> Path:
+    return make_tiny_teacher(tmp_path_factory.mktemp("encoder"), masked_lm=False)
+
+
+@pytest.fixture
+def keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_args(teacher: Path, output: Path, *extra: str) -> list[str]:
+    return [
+        "--teacher", str(teacher), "--data", str(teacher / "corpus.txt"), "--output-dir", str(output),
+        "--window-length", "32", "--window-stride", "8", "--recursions", "2", "--embedding-size", "16",
+        "--reduction-factor", "4", "--batch-size", "4", "--max-steps", "4", "--warmup-steps", "1",
+        "--eval-documents", "3", "--eval-windows", "8", "--no-progress", "--threads", "1", *extra,
+    ]  # fmt: skip
+
+
+def error_of(argv: list[str], capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("fastmini.distill: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# ---- options ---------------------------------------------------------------------------------------
+
+
+def test_help_explains_every_option():
+    text = build_parser().format_help()
+    for name in FIELDS:
+        assert distill_config.flag_of(name) in text, name
+    for flag in (
+        "--output-dir",
+        "--max-steps",
+        "--save-every",
+        "--resume",
+        "--teacher",
+        "--data",
+        "--seed",
+        "--config",
+        "--keep-last",
+        "--hidden-projection",
+        "--layer-map",
+        "--grad-accumulation",
+    ):
+        assert flag in text
+    assert all(FIELDS[name].metadata["help"] for name in FIELDS)
+
+
+def test_module_help_runs_from_the_repository_root():
+    result = subprocess.run(
+        [sys.executable, "-m", "fastmini.distill", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and "--output-dir" in result.stdout and "minialbert-128" in result.stdout
+
+
+def test_config_file_then_command_line_overrides(tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("lr: 0.001\nwindow-length: 96\nlayer_map: [1, 2, 3]\nadapters: false\nmax_steps: null\n")
+    config, _ = resolve(["--config", str(yaml_file), "--lr", "0.002", "--recursions", "3"])
+    assert (config.lr, config.window_length, config.layer_map, config.adapters) == (0.002, 96, "1,2,3", False)
+    assert config.max_steps is None and config.recursions == 3
+    json_file = tmp_path / "run.json"
+    json_file.write_text(json.dumps({"seed": 7, "hidden_weight": 0.5}))
+    config, _ = resolve(["--config", str(json_file)])
+    assert config.seed == 7 and config.loss_weights.hidden == 0.5 and config.loss_weights.output == 5.0
+
+
+def test_published_recipe_is_spec_md():
+    config, _ = resolve(["--config", "minialbert-128"])
+    assert (config.window_length, config.window_stride, config.max_windows) == (256, 128, 10)
+    assert (config.lr, config.warmup_steps, config.weight_decay, config.batch_size) == (5e-4, 5000, 1e-4, 192)
+    assert (config.mlm_weight, config.attention_weight, config.hidden_weight, config.output_weight) == (1, 3, 3, 5)
+    assert (config.temperature, config.mask_probability, config.epochs, config.max_steps) == (1.0, 0.15, 1.0, None)
+    assert config.teacher == "bert-base-uncased" and config.save_every == 2500
+    assert RECIPES["minialbert-312"]["embedding_size"] == 312
+
+
+def test_layer_map_stride_auto_and_explicit():
+    assert resolve_layer_map("auto", 12, 6) == (2, 4, 6, 8, 10, 12)  # SPEC: teacher layers 2, 4, ..., 12
+    assert resolve_layer_map("auto", 6, 6) == (1, 2, 3, 4, 5, 6)
+    assert resolve_layer_map("3", 12, 4) == (3, 6, 9, 12)
+    assert resolve_layer_map("1,1,5", 6, 3) == (1, 1, 5)
+    for spec, teacher_layers, recursions, message in (
+        ("auto", 12, 5, "not a multiple"),
+        ("3", 12, 6, "does not exist"),
+        ("1,2", 6, 3, "one teacher layer per recursion"),
+        ("0,1,2", 6, 3, "1-based"),
+    ):
+        with pytest.raises(UsageError, match=message):
+            resolve_layer_map(spec, teacher_layers, recursions)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--lr", "-1"], "--lr must be a positive number"),
+        (["--batch-size", "0"], "--batch-size must be > 0"),
+        (["--window-stride", "128"], "--window-stride .* must be smaller than --window-length"),
+        (["--mask-probability", "1.5"], r"--mask-probability must be in \[0, 1\]"),
+        (["--layer-map", "a,b"], "--layer-map must be"),
+        (["--dropout", "1"], "--dropout"),
+        (["--mask-fraction", "0.9", "--random-fraction", "0.2"], "must be <= 1"),
+        (
+            ["--mlm-weight", "0", "--attention-weight", "0", "--hidden-weight", "0", "--output-weight", "0"],
+            "every loss weight is 0",
+        ),
+        (["--config", "no-such-recipe"], "no such file, and not a recipe"),
+    ],
+)
+def test_nonsense_values_give_one_clear_message(argv, message, capsys):
+    assert __import__("re").search(message, error_of(argv, capsys))
+
+
+def test_bad_config_files(tmp_path, capsys):
+    unknown = tmp_path / "u.yaml"
+    unknown.write_text("learning_rate: 0.1\n")
+    assert "unknown option 'learning_rate'" in error_of(["--config", str(unknown)], capsys)
+    wrong = tmp_path / "w.yaml"
+    wrong.write_text("batch_size: [1, 2]\n")
+    assert "batch_size has the wrong type" in error_of(["--config", str(wrong)], capsys)
+    broken = tmp_path / "b.json"
+    broken.write_text("{not json")
+    assert "not valid JSON" in error_of(["--config", str(broken)], capsys)
+
+
+def test_print_config_shows_the_resolved_options(capsys):
+    assert main(["--config", "minialbert-128", "--seed", "3", "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["seed"] == 3 and printed["window_length"] == 256 and printed.keys() == FIELDS.keys()
+
+
+def test_window_stride_that_leaves_no_room_for_the_special_tokens(teacher_dir, tmp_path, capsys):
+    line = error_of([*tiny_args(teacher_dir, tmp_path / "out"), "--window-length", "8", "--window-stride", "6"], capsys)
+    assert "--window-stride" in line and "special tokens" in line
+
+
+def test_argparse_type_errors_exit_2_with_usage(capsys):
+    with pytest.raises(SystemExit) as raised:
+        main(["--max-steps", "many"])
+    assert raised.value.code == 2 and "--max-steps" in capsys.readouterr().err
+
+
+# ---- bad input -------------------------------------------------------------------------------------
+
+
+def test_missing_teacher(tmp_path, capsys):
+    line = error_of(tiny_args(tmp_path / "nowhere", tmp_path / "out"), capsys)
+    assert "--data" in line or "--teacher" in line
+    line = error_of(["--teacher", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "o")], capsys)
+    assert "--teacher" in line and "no such directory" in line
+    (tmp_path / "empty").mkdir()
+    line = error_of(["--teacher", str(tmp_path / "empty"), "--output-dir", str(tmp_path / "o")], capsys)
+    assert "no config.json" in line
+
+
+def test_empty_or_unreadable_data(teacher_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    line = error_of([*tiny_args(teacher_dir, tmp_path / "out"), "--data", str(empty)], capsys)
+    assert str(empty) in line and "no text found" in line
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("w1 w2\nw3\nw4\nw5 w6\n")
+    line = error_of([*tiny_args(teacher_dir, tmp_path / "out2"), "--data", str(tiny)], capsys)
+    assert "fewer than one global batch" in line
+
+
+def test_vocabulary_mismatch_between_tokenizer_and_teacher(teacher_dir, tmp_path, capsys):
+    from transformers import BertTokenizer
+
+    from fastmini.distill.testing import tiny_vocabulary
+
+    bigger = tmp_path / "tokenizer"
+    BertTokenizer(vocab=tiny_vocabulary(120)).save_pretrained(bigger)
+    line = error_of([*tiny_args(teacher_dir, tmp_path / "out"), "--tokenizer", str(bigger)], capsys)
+    assert "vocabulary mismatch" in line and "120 tokens" in line and "99 rows" in line
+
+
+def test_unwritable_output_directory(teacher_dir, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    line = error_of(tiny_args(teacher_dir, blocker / "out"), capsys)
+    assert "--output-dir" in line and "not a writable directory" in line
+
+
+def test_hidden_size_mismatch_needs_a_projection(teacher_dir, tmp_path, capsys, keep_threads):
+    line = error_of([*tiny_args(teacher_dir, tmp_path / "a"), "--hidden-size", "24"], capsys)
+    assert "differs from the teacher's 36" in line and "--hidden-projection" in line
+    assert main([*tiny_args(teacher_dir, tmp_path / "b"), "--hidden-size", "24", "--hidden-projection"]) == 0
+    saved = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert saved["hidden_size"] == 24 and saved["intermediate_size"] == 96
+
+
+def test_an_unfinished_run_is_not_overwritten_silently(teacher_dir, tmp_path, capsys, keep_threads):
+    output = tmp_path / "out"
+    assert main(tiny_args(teacher_dir, output, "--max-steps", "2", "--save-every", "1")) == 0
+    assert main(tiny_args(teacher_dir, output, "--max-steps", "2", "--save-every", "1")) == 0  # finished: replaced
+    (output / "metrics.json").unlink()  # as if the run had been killed before its end
+    capsys.readouterr()
+    line = error_of(tiny_args(teacher_dir, output, "--max-steps", "2"), capsys)
+    assert "unfinished run" in line and "--resume" in line and "--overwrite-output-dir" in line
+    assert (output / "checkpoints" / "step-00000002").is_dir()
+    assert main(tiny_args(teacher_dir, output, "--max-steps", "2", "--overwrite-output-dir")) == 0
+    assert not (output / "checkpoints").exists()
+
+
+# ---- a run and what it leaves ---------------------------------------------------------------------
+
+
+def test_tiny_run_writes_a_loadable_model_and_improves_on_held_out_data(teacher_dir, tmp_path, keep_threads):
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    output = tmp_path / "out"
+    assert main(tiny_args(teacher_dir, output, "--max-steps", "30", "--lr", "3e-3", "--save-every", "10",
+                          "--log-every", "5", "--keep-last", "0")) == 0  # fmt: skip
+    model = AutoModelForMaskedLM.from_pretrained(output)
+    assert type(model).__name__ == "FastMiniForMaskedLM" and model.config.num_hidden_layers == 2
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    with torch.no_grad():
+        logits = model(**tokenizer(["w1 w4 [MASK] w10"], return_tensors="pt")).logits
+    assert logits.shape[-1] == 99 and torch.isfinite(logits).all()
+    train_config = json.loads((output / "train_config.json").read_text())
+    assert train_config["max_steps"] == 30 and train_config["teacher"] == str(teacher_dir)
+    metrics = json.loads((output / "metrics.json").read_text())
+    before, after = metrics["before"], metrics["after"]
+    assert len(after["hidden_cosine_per_layer"]) == 2 and metrics["layer_map"] == [2, 4]
+    assert after["hidden_cosine_mean"] > before["hidden_cosine_mean"] + 0.3
+    assert {"mlm_accuracy", "attention_kl_sum", "teacher_mlm_accuracy"} <= after.keys()
+    records = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [5, 10, 15, 20, 25, 30]
+    assert all(r["output"] > 0 and r["attention"] >= 0 and r["hidden"] > 0 for r in train)
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert train[-1]["output"] < train[0]["output"] and train[-1]["hidden"] < train[0]["hidden"]
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == [
+        "step-00000010", "step-00000020", "step-00000030"
+    ]  # fmt: skip
+
+
+def test_encoder_teacher_turns_the_output_term_off_with_one_warning(
+    encoder_teacher_dir, tmp_path, capsys, keep_threads
+):
+    output = tmp_path / "out"
+    assert main(tiny_args(encoder_teacher_dir, output, "--max-steps", "3", "--log-every", "1")) == 0
+    err = capsys.readouterr().err
+    assert err.count("no masked-LM head: the output-KL term is off") == 1
+    records = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+    assert all(r["output"] == 0 for r in records if r["kind"] == "train")
+    assert json.loads((output / "metrics.json").read_text())["output_kl"] is False
+
+
+def test_student_embeddings_copied_from_the_teacher(teacher_dir):
+    from transformers import BertForMaskedLM
+
+    from fastmini.distill import models
+
+    config = DistillConfig(teacher=str(teacher_dir), embedding_size=36, copy_embeddings_from="teacher",
+                           recursions=2, reduction_factor=4)  # fmt: skip
+    teacher = models.load_teacher(config, torch.device("cpu"), torch.float32)
+    student = models.build_student(config, teacher)
+    reference = BertForMaskedLM.from_pretrained(teacher_dir).bert.embeddings
+    assert torch.equal(student.fastmini.embeddings.word_embeddings.weight, reference.word_embeddings.weight)
+    with pytest.raises(UsageError, match="copy-embeddings-from"):
+        models.build_student(DistillConfig(**{**config.to_dict(), "embedding_size": 16}), teacher)
+
+
+@pytest.mark.slow
+def test_default_run_on_the_packaged_minilm_and_wikipedia_sample(tmp_path):
+    """The embedded default, shortened: packaged teacher (no MLM head) + gensim sample, from the repo root."""
+    output = tmp_path / "demo"
+    result = subprocess.run(
+        [sys.executable, "-m", "fastmini.distill", "--output-dir", str(output), "--max-steps", "2",
+         "--window-length", "32", "--window-stride", "8", "--max-windows", "2", "--eval-windows", "8",
+         "--no-progress"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("output-KL term is off") == 1 and "Traceback" not in result.stderr
+    from transformers import AutoModelForMaskedLM
+
+    model = AutoModelForMaskedLM.from_pretrained(output)
+    assert (model.config.hidden_size, model.config.vocab_size, model.config.embedding_size) == (384, 30522, 128)
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert len(metrics["before"]["hidden_cosine_per_layer"]) == 6 and metrics["train"]["steps"] == 2
+    assert (output / "vocab.txt").is_file() or (output / "tokenizer.json").is_file()

@@ -1,0 +1,232 @@
+"""Data for distillation: corpus readers, windows, dynamic masking, batches."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fastmini.data.corpus import DEFAULT_DATA, DataError, load_documents, read_file
+from fastmini.data.masking import IGNORE_INDEX, mask_tokens
+from fastmini.data.windows import make_windows, sample_windows
+from fastmini.distill.testing import tiny_vocabulary
+
+
+@pytest.fixture
+def tokenizer():
+    from transformers import BertTokenizer
+
+    return BertTokenizer(vocab=tiny_vocabulary())
+
+
+def as_dataset(texts):
+    import datasets
+
+    return datasets.Dataset.from_dict({"text": texts})
+
+
+def words(start: int, count: int) -> str:
+    return " ".join(f"w{i % 94}" for i in range(start, start + count))
+
+
+# ---- windows --------------------------------------------------------------------------------------
+
+
+def test_windows_are_the_tokenizers_overflowing_windows(tokenizer):
+    """Length, CLS/SEP framing and overlap as transformers' stride defines them (SPEC: 256/128)."""
+    text = words(0, 50)
+    windows = make_windows(as_dataset([text]), tokenizer, window_length=16, stride=6, max_windows=None, seed=0)
+    expected = tokenizer(text, max_length=16, truncation=True, stride=6, return_overflowing_tokens=True)
+    assert windows["input_ids"] == expected["input_ids"]
+    ids = windows["input_ids"]
+    assert len(ids) > 3 and all(len(w) <= 16 for w in ids) and len(ids[0]) == 16
+    assert all(w[0] == tokenizer.cls_token_id and w[-1] == tokenizer.sep_token_id for w in ids)
+    for first, second in zip(ids, ids[1:], strict=False):
+        assert first[1:-1][-6:] == second[1:7]  # consecutive windows share `stride` tokens
+    assert windows["special_tokens_mask"][0] == [1] + [0] * 14 + [1]
+
+
+def test_at_most_k_windows_per_document_sampled_with_the_seed(tokenizer):
+    documents = as_dataset([words(0, 200), words(7, 12), words(3, 200)])
+    kwargs = dict(window_length=16, stride=4, max_windows=3)
+    windows = make_windows(documents, tokenizer, seed=0, **kwargs)
+    everything = make_windows(documents, tokenizer, seed=0, window_length=16, stride=4, max_windows=None)
+    assert len(windows) == 3 + 1 + 3 and len(everything) > 20
+    assert all(w in everything["input_ids"] for w in windows["input_ids"])
+    again = make_windows(documents, tokenizer, seed=0, **kwargs)
+    other_seed = make_windows(documents, tokenizer, seed=1, **kwargs)
+    assert again["input_ids"] == windows["input_ids"]
+    assert other_seed["input_ids"] != windows["input_ids"]
+
+
+def test_window_sampling_does_not_depend_on_how_documents_are_batched(tokenizer):
+    documents = as_dataset([words(i, 150) for i in range(5)])
+    one = documents.map(lambda b: b, batched=True)  # a copy, to map twice without datasets' cache
+    windows = make_windows(documents, tokenizer, 16, 4, 2, seed=3)
+    from fastmini.data.windows import WindowMaker
+
+    per_document = one.map(
+        WindowMaker(tokenizer, 16, 4, 2, 3), batched=True, batch_size=1, with_indices=True, remove_columns=["text"]
+    )
+    assert per_document["input_ids"] == windows["input_ids"]
+
+
+def test_sample_windows_keeps_order_and_bounds():
+    assert sample_windows(5, 10, 0, 0) == [0, 1, 2, 3, 4]
+    kept = sample_windows(50, 10, 0, 3)
+    assert len(kept) == 10 and kept == sorted(set(kept)) and max(kept) < 50
+    assert kept != sample_windows(50, 10, 0, 4)
+
+
+def test_stride_must_leave_room_for_new_tokens(tokenizer):
+    with pytest.raises(ValueError, match="stride"):
+        make_windows(as_dataset(["w1 w2"]), tokenizer, window_length=8, stride=6, max_windows=None, seed=0)
+
+
+def test_tokenised_windows_are_cached_by_datasets(tokenizer, tmp_path):
+    """A dataset that lives in datasets' cache gets its windows cached under a stable fingerprint."""
+    import datasets
+
+    source = tmp_path / "docs.jsonl"
+    source.write_text("\n".join(json.dumps({"text": words(i, 60)}) for i in range(4)))
+    cached = datasets.load_dataset("json", data_files=str(source), split="train", cache_dir=str(tmp_path / "cache"))
+    first = make_windows(cached, tokenizer, 16, 4, 3, seed=0)
+    second = make_windows(cached, tokenizer, 16, 4, 3, seed=0)
+    other = make_windows(cached, tokenizer, 16, 4, 3, seed=1)
+    assert first.cache_files and first.cache_files == second.cache_files
+    assert other.cache_files != first.cache_files
+
+
+# ---- masking --------------------------------------------------------------------------------------
+
+
+def masking_input(rows: int = 400, length: int = 64):
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(5, 99, (rows, length), generator=generator)
+    special = torch.zeros(rows, length, dtype=torch.bool)
+    special[:, 0] = special[:, -1] = True
+    input_ids[:, 0], input_ids[:, -1] = 2, 3
+    special[: rows // 2, length // 2 :] = True  # padding of half the rows
+    input_ids[: rows // 2, length // 2 :] = 0
+    return input_ids, special
+
+
+def test_masking_statistics_are_15_percent_and_80_10_10():
+    input_ids, special = masking_input()
+    corrupted, labels = mask_tokens(input_ids, special, 4, 99, torch.Generator().manual_seed(1))
+    selected = labels != IGNORE_INDEX
+    eligible = ~special
+    share = selected.sum() / eligible.sum()
+    assert abs(share.item() - 0.15) < 0.01  # ~18,000 eligible tokens: 3 sigma is ~0.008
+    masked = (corrupted == 4) & selected
+    unchanged = (corrupted == input_ids) & selected
+    randomised = selected & ~masked & ~unchanged
+    count = selected.sum().item()
+    assert abs(masked.sum().item() / count - 0.8) < 0.03
+    assert abs(unchanged.sum().item() / count - 0.1) < 0.03 + 1 / 99  # a random id may equal the original
+    assert abs(randomised.sum().item() / count - 0.1) < 0.03
+    assert torch.equal(labels[selected], input_ids[selected])
+    assert torch.equal(corrupted[~selected], input_ids[~selected])
+
+
+def test_special_tokens_and_padding_are_never_masked_or_changed():
+    input_ids, special = masking_input()
+    for seed in range(5):
+        corrupted, labels = mask_tokens(input_ids, special, 4, 99, torch.Generator().manual_seed(seed), probability=1.0)
+        assert (labels[special] == IGNORE_INDEX).all()
+        assert torch.equal(corrupted[special], input_ids[special])
+        assert (labels[~special] != IGNORE_INDEX).all()  # probability 1: every other token is selected
+
+
+def test_masking_is_a_function_of_the_generator_seed():
+    input_ids, special = masking_input(rows=8)
+    draw = lambda seed: mask_tokens(input_ids, special, 4, 99, torch.Generator().manual_seed(seed))  # noqa: E731
+    assert all(torch.equal(a, b) for a, b in zip(draw(5), draw(5), strict=True))
+    assert not torch.equal(draw(5)[1], draw(6)[1])
+    before = input_ids.clone()
+    draw(7)
+    assert torch.equal(input_ids, before)
+
+
+# ---- corpus readers -------------------------------------------------------------------------------
+
+
+def test_text_files_by_line_paragraph_and_file(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("one line\nsecond line\n\n  \nthird after blank\n")
+    assert read_file(path, text_unit="line") == ["one line", "second line", "third after blank"]
+    assert read_file(path, text_unit="paragraph") == ["one line\nsecond line", "third after blank"]
+    assert read_file(path, text_unit="file") == ["one line\nsecond line\n\n  \nthird after blank"]
+
+
+def test_json_lines_json_array_csv_tsv_and_parquet(tmp_path):
+    import pyarrow
+    import pyarrow.parquet as parquet
+
+    (tmp_path / "a.jsonl").write_text('{"text": "first doc", "id": 1}\n\n{"text": "second doc"}\n{"text": ""}\n')
+    (tmp_path / "b.json").write_text(json.dumps([{"text": "array doc"}, {"text": None}]))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "f.json").write_text(json.dumps([{"body": "own field"}]))
+    (tmp_path / "c.csv").write_text('id,text\n1,"csv, with comma"\n2,"multi\nline"\n')
+    (tmp_path / "d.tsv").write_text("text\tlabel\ntab doc\t0\n")
+    parquet.write_table(pyarrow.table({"text": ["parquet doc", None, "another"]}), tmp_path / "e.parquet")
+    assert read_file(tmp_path / "a.jsonl") == ["first doc", "second doc"]
+    assert read_file(tmp_path / "b.json") == ["array doc"]
+    assert read_file(tmp_path / "other" / "f.json", text_field="body") == ["own field"]
+    assert read_file(tmp_path / "c.csv") == ["csv, with comma", "multi\nline"]
+    assert read_file(tmp_path / "d.tsv") == ["tab doc"]
+    assert read_file(tmp_path / "e.parquet") == ["parquet doc", "another"]
+    (tmp_path / "other" / "f.json").unlink()
+    everything = load_documents(str(tmp_path))  # a directory: every supported file, sorted by path
+    assert everything["text"] == [
+        "first doc",
+        "second doc",
+        "array doc",
+        "csv, with comma",
+        "multi\nline",
+        "tab doc",
+        "parquet doc",
+        "another",
+    ]
+    assert load_documents(str(tmp_path / "*.jsonl"))["text"] == ["first doc", "second doc"]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("empty.txt", "\n\n  \n", "no text found"),
+        ("bad.jsonl", '{"text": "ok"}\n{"text": broken}\n', "line 2 is not valid JSON"),
+        ("field.jsonl", '{"body": "x"}\n', "no 'text' field"),
+        ("column.csv", "id,body\n1,x\n", r"no 'text' column \(columns: id, body\)"),
+        ("latin1.txt", "caf\xe9".encode("latin-1"), "not UTF-8"),
+        ("corrupt.parquet", b"PAR1 not really parquet", "not a readable Parquet file"),
+        ("number.jsonl", '{"text": 5}\n', "holds int, expected text"),
+    ],
+)
+def test_unreadable_or_empty_files_give_one_clear_error(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(DataError, match=message) as raised:
+        load_documents(str(path))
+    assert str(path) in str(raised.value) or "no text found" in str(raised.value)
+
+
+def test_missing_paths_and_empty_directories(tmp_path):
+    with pytest.raises(DataError, match="no such file or directory"):
+        load_documents(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(DataError, match="holds no"):
+        load_documents(str(tmp_path))
+    with pytest.raises(DataError, match="matches no files"):
+        load_documents(str(tmp_path / "*.txt"))
+    with pytest.raises(DataError, match="text unit"):
+        load_documents(str(tmp_path), text_unit="sentence")
+
+
+@pytest.mark.slow
+def test_offline_default_is_the_gensim_wikipedia_sample_without_markup():
+    documents = load_documents(DEFAULT_DATA)
+    assert len(documents) > 100
+    text = "\n".join(documents["text"])
+    assert "Anarchism is a political philosophy" in text
+    assert "'''" not in text and "''" not in text and "==" not in text and "[[" not in text

@@ -1,0 +1,256 @@
+"""The distillation losses against a straightforward reference of SPEC.md's formulas.
+
+The reference is written here the way the original recipe computes it: padded tensors,
+``masked_select`` of the rows that count, ``nn.KLDivLoss`` / ``nn.CosineEmbeddingLoss`` /
+cross-entropy over full-vocabulary logits. fastmini's versions work on packed rows and
+masked rows only, and must give the same values (1e-6) and the same gradients.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastmini.distill import losses
+from fastmini.distill.distiller import Batch, Distiller, StudentSide
+from fastmini.distill.models import Teacher
+
+pytestmark = pytest.mark.filterwarnings("ignore:reduction. .mean. divides:UserWarning")
+
+B, A, S, H, V = 3, 4, 9, 12, 50
+LENGTHS = (9, 5, 2)  # real tokens per row: one full row, two padded ones
+
+
+def real_mask() -> torch.Tensor:
+    return torch.arange(S)[None, :] < torch.tensor(LENGTHS)[:, None]
+
+
+def random_probabilities(generator: torch.Generator, sharpness: float = 3.0) -> torch.Tensor:
+    """(B, A, S, S) softmax maps with padded keys at exactly zero, as real models produce."""
+    scores = torch.randn(B, A, S, S, generator=generator, dtype=torch.float64) * sharpness
+    scores = scores.masked_fill(~real_mask()[:, None, None, :], torch.finfo(torch.float64).min)
+    return scores.softmax(-1)
+
+
+# ---- reference: SPEC.md as the original code writes it -------------------------------------------
+
+
+def reference_attention(student: torch.Tensor, teacher: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    select = attention_mask.unsqueeze(1).repeat(1, student.shape[1], 1).unsqueeze(-1).expand_as(student).bool()
+    s = torch.masked_select(student, select).view(-1, student.shape[-1]) + 1e-12
+    t = torch.masked_select(teacher, select).view(-1, student.shape[-1]) + 1e-12
+    return nn.KLDivLoss(reduction="mean")(torch.log(s), t)
+
+
+def reference_hidden(student: torch.Tensor, teacher: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    select = attention_mask.unsqueeze(-1).expand_as(student).bool()
+    s = torch.masked_select(student, select).view(-1, student.shape[-1])
+    t = torch.masked_select(teacher, select).view(-1, student.shape[-1])
+    return nn.CosineEmbeddingLoss(reduction="mean")(s, t, s.new_ones(s.shape[0]))
+
+
+def reference_output(student_logits, teacher_logits, labels, temperature):
+    select = (labels > -1).unsqueeze(-1).expand_as(student_logits).bool()
+    s = torch.masked_select(student_logits, select).view(-1, student_logits.shape[-1])
+    t = torch.masked_select(teacher_logits, select).view(-1, student_logits.shape[-1])
+    kl = nn.KLDivLoss(reduction="batchmean")(F.log_softmax(s / temperature, -1), F.softmax(t / temperature, -1))
+    return kl * temperature**2
+
+
+def reference_mlm(student_logits, labels):
+    return F.cross_entropy(student_logits.reshape(-1, student_logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+# ---- the functions --------------------------------------------------------------------------------
+
+
+def test_attention_kl_matches_reference_value_and_gradient():
+    generator = torch.Generator().manual_seed(0)
+    student = random_probabilities(generator).requires_grad_()
+    teacher = random_probabilities(generator)
+    mask = real_mask()
+    expected = reference_attention(student, teacher, mask.long())
+    (expected_grad,) = torch.autograd.grad(expected, student)
+    actual = losses.attention_kl(student, teacher, mask)
+    (actual_grad,) = torch.autograd.grad(actual, student)
+    assert expected.item() > 1e-3  # the maps differ: a real signal, not 0 == 0
+    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(actual_grad, expected_grad, rtol=1e-6, atol=1e-12)
+
+
+def test_attention_kl_divides_by_padded_length_like_the_mean_reduction():
+    """The recipe's "mean" counts every key column, padded ones included: padding the batch
+    further (more all-zero key columns) lowers the value in proportion."""
+    generator = torch.Generator().manual_seed(1)
+    student, teacher, mask = random_probabilities(generator), random_probabilities(generator), real_mask()
+    value = losses.attention_kl(student, teacher, mask)
+    wider = losses.attention_kl(F.pad(student, (0, 3, 0, 3)), F.pad(teacher, (0, 3, 0, 3)), F.pad(mask, (0, 3)))
+    torch.testing.assert_close(wider, value * S / (S + 3), rtol=1e-9, atol=0)
+
+
+def test_attention_kl_function_passes_gradcheck():
+    """Away from zero probabilities (finite differences cannot step around s = 0)."""
+    generator = torch.Generator().manual_seed(2)
+    student = torch.randn(B, A, S, S, generator=generator, dtype=torch.float64).softmax(-1).requires_grad_()
+    teacher = torch.randn(B, A, S, S, generator=generator, dtype=torch.float64).softmax(-1)
+    assert torch.autograd.gradcheck(lambda s: losses.attention_kl(s, teacher, real_mask()), (student,))
+
+
+def test_attention_kl_accepts_an_inference_mode_teacher():
+    generator = torch.Generator().manual_seed(3)
+    student = random_probabilities(generator).float().requires_grad_()
+    with torch.inference_mode():
+        teacher = random_probabilities(generator).float()
+    loss = losses.attention_kl(student, teacher, real_mask())
+    loss.backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+
+
+def test_hidden_cosine_on_packed_rows_matches_padded_reference():
+    generator = torch.Generator().manual_seed(4)
+    student = torch.randn(B, S, H, generator=generator, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(B, S, H, generator=generator, dtype=torch.float64)
+    mask = real_mask()
+    expected = reference_hidden(student, teacher, mask.long())
+    actual = losses.hidden_cosine(student[mask], teacher[mask])
+    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-9)
+    grads = [torch.autograd.grad(v, student)[0] for v in (expected, actual)]
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_output_kl_on_masked_rows_matches_full_vocabulary_reference(temperature):
+    generator = torch.Generator().manual_seed(5)
+    student = torch.randn(B, S, V, generator=generator, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(B, S, V, generator=generator, dtype=torch.float64) * 2
+    labels = torch.randint(V, (B, S), generator=generator)
+    labels[torch.rand(B, S, generator=generator) > 0.3] = -100
+    labels[~real_mask()] = -100
+    assert (labels != -100).sum() >= 2
+    expected = reference_output(student, teacher, labels, temperature)
+    selected = labels != -100
+    actual = losses.output_kl(student[selected], teacher[selected], temperature)
+    torch.testing.assert_close(actual.double(), expected, rtol=1e-6, atol=1e-9)
+    expected_grad = torch.autograd.grad(expected, student)[0]
+    actual_grad = torch.autograd.grad(actual, student)[0]
+    torch.testing.assert_close(actual_grad.double(), expected_grad, rtol=1e-5, atol=1e-9)
+
+
+def test_mlm_cross_entropy_on_masked_rows_matches_reference():
+    generator = torch.Generator().manual_seed(6)
+    logits = torch.randn(B, S, V, generator=generator, dtype=torch.float64)
+    labels = torch.randint(V, (B, S), generator=generator)
+    labels[torch.rand(B, S, generator=generator) > 0.2] = -100
+    selected = labels != -100
+    actual = losses.masked_lm_cross_entropy(logits[selected], labels[selected])
+    torch.testing.assert_close(actual.double(), reference_mlm(logits, labels), rtol=1e-6, atol=1e-9)
+
+
+def test_terms_without_rows_are_zero_not_nan():
+    empty = torch.zeros(0, V, requires_grad=True)
+    for value in (
+        losses.output_kl(empty, torch.zeros(0, V), 1.0),
+        losses.masked_lm_cross_entropy(empty, torch.zeros(0, dtype=torch.long)),
+        losses.hidden_cosine(torch.zeros(0, H, requires_grad=True), torch.zeros(0, H)),
+    ):
+        assert value.item() == 0.0 and value.requires_grad
+
+
+def test_combine_uses_the_weights_it_is_given():
+    one = torch.tensor(1.0)
+    terms = losses.combine(losses.LossWeights(), one * 2, one * 3, one * 5, one * 7)
+    assert terms.total.item() == 1 * 2 + 3 * (3 + 5) + 5 * 7
+    terms = losses.combine(
+        losses.LossWeights(mlm=0.5, attention=0, hidden=2, output=1), one * 2, one * 3, one * 5, one * 7
+    )
+    assert terms.total.item() == 0.5 * 2 + 0 + 2 * 5 + 7
+
+
+# ---- the whole distillation step against the original-style computation ------------------------
+
+
+@pytest.fixture
+def tiny_pair(tiny_config, randomize):
+    """A tiny BertForMaskedLM teacher (4 layers) and a 2-recursion student, both with real signal."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from fastmini import FastMiniForMaskedLM
+
+    torch.manual_seed(0)
+    teacher = BertForMaskedLM(
+        BertConfig(
+            vocab_size=99,
+            hidden_size=36,
+            num_hidden_layers=4,
+            num_attention_heads=6,
+            intermediate_size=37,
+            max_position_embeddings=64,
+            attn_implementation="eager",
+        )
+    ).eval()
+    randomize(teacher, std=0.5, seed=1)
+    student = FastMiniForMaskedLM(tiny_config(num_hidden_layers=2)).eval()
+    randomize(student, std=0.5, seed=2)
+    return teacher, student
+
+
+def masked_batch(seed: int = 7) -> Batch:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([11, 7, 4, 11])
+    mask = (torch.arange(11)[None, :] < lengths[:, None]).long()
+    input_ids = torch.randint(5, 99, (4, 11), generator=generator) * mask
+    labels = torch.randint(5, 99, (4, 11), generator=generator)
+    labels[(torch.rand(4, 11, generator=generator) > 0.3) | (mask == 0)] = -100
+    return Batch(input_ids, mask, torch.zeros_like(input_ids), labels)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_distiller_equals_the_original_style_step(tiny_pair, temperature):
+    """Packed, masked-only, inference-mode teacher == full padded tensors and full-vocabulary logits."""
+    teacher_model, student = tiny_pair
+    batch = masked_batch()
+    layers = (2, 4)
+    weights = losses.LossWeights()
+    teacher = Teacher(encoder=teacher_model.bert, head=teacher_model.cls, config=teacher_model.config, source="t")
+    side = StudentSide(student, projection=None)
+    terms = Distiller(side, teacher, layers, weights, temperature)(batch)
+    fast_grads = torch.autograd.grad(terms.total, list(student.parameters()))
+
+    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, token_type_ids=batch.token_type_ids)
+    s_out = student(**inputs, labels=batch.labels, output_hidden_states=True, output_attentions=True)
+    with torch.no_grad():
+        t_out = teacher_model(**inputs, output_hidden_states=True, output_attentions=True)
+    attention = sum(
+        reference_attention(s_out.attentions[i], t_out.attentions[2 * i + 1], batch.attention_mask) for i in range(2)
+    )
+    hidden = sum(
+        reference_hidden(s_out.hidden_states[1:][i], t_out.hidden_states[1:][2 * i + 1], batch.attention_mask)
+        for i in range(2)
+    )
+    output = reference_output(s_out.logits, t_out.logits, batch.labels, temperature)
+    total = 1.0 * s_out.loss + 3.0 * (attention + hidden) + 5.0 * output
+    reference_grads = torch.autograd.grad(total, list(student.parameters()))
+
+    assert min(attention.item(), hidden.item(), output.item()) > 1e-3
+    for name, expected in (
+        ("mlm", s_out.loss),
+        ("attention", attention),
+        ("hidden", hidden),
+        ("output", output),
+        ("total", total),
+    ):
+        torch.testing.assert_close(getattr(terms, name), expected, rtol=1e-6, atol=1e-6, msg=name)
+    for fast, reference in zip(fast_grads, reference_grads, strict=True):
+        torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_distiller_without_teacher_head_has_no_output_term(tiny_pair):
+    teacher_model, student = tiny_pair
+    teacher = Teacher(encoder=teacher_model.bert, head=None, config=teacher_model.config, source="t")
+    distiller = Distiller(StudentSide(student, None), teacher, (2, 4), losses.LossWeights(), 1.0)
+    terms = distiller(masked_batch())
+    assert not distiller.use_output_kl
+    assert terms.output.item() == 0.0
+    torch.testing.assert_close(terms.total, terms.mlm + 3 * (terms.attention + terms.hidden))

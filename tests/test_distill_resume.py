@@ -1,0 +1,178 @@
+"""Reliability: atomic checkpoints, exact resume after a kill, --keep-last, non-finite loss.
+
+A run killed with SIGKILL (a real process, between two steps or in the middle of writing a
+checkpoint) and resumed must end with exactly the parameters of an uninterrupted run: same
+seed, dropout on, CPU, one thread.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastmini.distill.__main__ import main
+from fastmini.distill.testing import make_tiny_teacher
+from fastmini.training import checkpoints
+from fastmini.training.faults import FAULT_ENV_VAR
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    return make_tiny_teacher(tmp_path_factory.mktemp("teacher"))
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_args(teacher: Path, output: Path, *extra: str) -> list[str]:
+    return [
+        "--teacher", str(teacher), "--data", str(teacher / "corpus.txt"), "--output-dir", str(output),
+        "--window-length", "32", "--window-stride", "8", "--recursions", "2", "--embedding-size", "16",
+        "--reduction-factor", "4", "--batch-size", "4", "--grad-accumulation", "2", "--max-steps", str(STEPS),
+        "--warmup-steps", "2", "--save-every", "2", "--eval-documents", "2", "--eval-windows", "4",
+        "--dropout", "0.1", "--lr", "2e-3", "--seed", "5", "--no-progress", "--threads", "1", *extra,
+    ]  # fmt: skip
+
+
+def killed_run(teacher: Path, output: Path, fault: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fastmini.distill", *run_args(teacher, output)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, FAULT_ENV_VAR: fault, "FASTMINI_BACKEND": "torch"},
+    )  # fmt: skip
+
+
+def final_weights(output: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(output / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(teacher_dir, tmp_path_factory) -> dict[str, torch.Tensor]:
+    output = tmp_path_factory.mktemp("uninterrupted")
+    threads = torch.get_num_threads()
+    # Module scope runs before conftest's function-scoped backend fixture: name the backend here too.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FASTMINI_BACKEND", "torch")
+        assert main(run_args(teacher_dir, output)) == 0
+    torch.set_num_threads(threads)
+    return final_weights(output)
+
+
+def assert_same_parameters(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(actual[name], expected[name]), name
+
+
+def test_kill_between_steps_then_resume_gives_identical_parameters(teacher_dir, tmp_path, uninterrupted):
+    output = tmp_path / "run"
+    killed = killed_run(teacher_dir, output, "kill-after-step:5")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert [step for step, _ in checkpoints.list_checkpoints(output / "checkpoints")] == [4]  # --keep-last 1
+    assert not (output / "model.safetensors").exists()
+    assert main([*run_args(teacher_dir, output), "--resume"]) == 0
+    assert_same_parameters(final_weights(output), uninterrupted)
+    steps = [line for line in (output / "log.jsonl").read_text().splitlines() if '"train"' in line]
+    assert len(steps) == len({line.split('"step": ')[1].split(",")[0] for line in steps})  # no duplicated steps
+
+
+def test_kill_while_writing_a_checkpoint_leaves_the_previous_one_usable(teacher_dir, tmp_path, uninterrupted):
+    output = tmp_path / "run"
+    killed = killed_run(teacher_dir, output, "kill-in-checkpoint:4")
+    assert killed.returncode == -9
+    root = output / "checkpoints"
+    assert [step for step, _ in checkpoints.list_checkpoints(root)] == [2]
+    assert any(p.name.startswith(checkpoints.TEMPORARY_PREFIX) for p in root.iterdir())  # the half-written one
+    assert main([*run_args(teacher_dir, output), "--resume"]) == 0
+    assert_same_parameters(final_weights(output), uninterrupted)
+    assert not any(p.name.startswith(checkpoints.TEMPORARY_PREFIX) for p in root.iterdir())
+
+
+def test_resume_from_an_explicit_checkpoint_and_from_a_finished_run(teacher_dir, tmp_path, uninterrupted):
+    output = tmp_path / "run"
+    assert main(run_args(teacher_dir, output, "--max-steps", str(STEPS), "--keep-last", "0")) == 0
+    assert_same_parameters(final_weights(output), uninterrupted)
+    (output / "model.safetensors").unlink()
+    assert main([*run_args(teacher_dir, output), "--resume", str(output / "checkpoints" / "step-00000002")]) == 0
+    assert_same_parameters(final_weights(output), uninterrupted)
+
+
+def test_checkpoints_hold_everything_needed_and_load_as_models(teacher_dir, tmp_path):
+    from transformers import AutoModelForMaskedLM
+
+    output = tmp_path / "run"
+    assert main(run_args(teacher_dir, output, "--max-steps", "2")) == 0
+    checkpoint = output / "checkpoints" / "step-00000002"
+    state = checkpoints.load_state(checkpoint / "trainer_state.pt")  # weights_only=True
+    assert state["step"] == 2 and state["data_position"]["windows_seen"] == 8
+    assert {"optimizer", "scheduler", "rng", "config", "metrics_before"} <= state.keys()
+    assert state["optimizer"]["state"] and state["scheduler"]["last_epoch"] == 2
+    assert isinstance(state["rng"], list) and "torch" in state["rng"][0]
+    model = AutoModelForMaskedLM.from_pretrained(checkpoint)
+    assert_same_parameters({k: v for k, v in model.state_dict().items()}, final_weights(output))
+
+
+def test_keep_last_prunes_old_checkpoints(teacher_dir, tmp_path):
+    output = tmp_path / "run"
+    assert main(run_args(teacher_dir, output, "--save-every", "1", "--keep-last", "2", "--max-steps", "5")) == 0
+    assert [step for step, _ in checkpoints.list_checkpoints(output / "checkpoints")] == [4, 5]
+
+
+def test_resume_refuses_changed_options(teacher_dir, tmp_path, capsys):
+    output = tmp_path / "run"
+    assert main(run_args(teacher_dir, output, "--max-steps", "2")) == 0
+    capsys.readouterr()
+    assert main([*run_args(teacher_dir, output, "--max-steps", "2", "--lr", "1e-3"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "--lr 0.002 -> 0.001" in err and "Traceback" not in err
+
+
+def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(teacher_dir, tmp_path):
+    output = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "fastmini.distill", *run_args(teacher_dir, output)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, FAULT_ENV_VAR: "nan-loss:3"},
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "the loss is not finite at step 3" in result.stderr and "step-00000002" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert [step for step, _ in checkpoints.list_checkpoints(output / "checkpoints")] == [2]
+    assert not (output / "model.safetensors").exists()
+
+
+def test_atomic_directory_publishes_all_or_nothing(tmp_path):
+    final = tmp_path / "step-1"
+    with pytest.raises(RuntimeError):
+        with checkpoints.atomic_directory(final) as directory:
+            (directory / "a").write_text("partial")
+            raise RuntimeError("disk full")
+    assert not final.exists() and list(tmp_path.iterdir()) == []
+    with checkpoints.atomic_directory(final) as directory:
+        (directory / "a").write_text("one")
+    with checkpoints.atomic_directory(final) as directory:
+        (directory / "a").write_text("two")
+    assert (final / "a").read_text() == "two" and [p.name for p in tmp_path.iterdir()] == ["step-1"]
+
+
+def test_rng_state_round_trip():
+    import random
+
+    state = checkpoints.capture_rng_state()
+    expected = (random.random(), torch.rand(3))
+    torch.rand(5)
+    random.random()
+    checkpoints.restore_rng_state(state)
+    assert random.random() == expected[0] and torch.equal(torch.rand(3), expected[1])
