@@ -5,22 +5,19 @@ permutation (a generator seeded with (seed, e)); it is cut into ``processes x ac
 micro-batches, micro-batch j going to process j // accumulation. Masks of micro-batch j are
 drawn from a generator seeded with (seed, s, j). Nothing depends on history, so a resumed
 run, or a run on K processes, sees exactly the batches and masks of an uninterrupted
-one-process run with the same global batch.
+one-process run with the same global batch. The step arithmetic (StepBatches, derived_seed)
+lives in fastmini.training.batching, shared with the fine-tuner.
 """
 
 from __future__ import annotations
-
-import hashlib
 
 import torch
 
 from fastmini.data.masking import mask_tokens
 from fastmini.distill.distiller import Batch
+from fastmini.training.batching import StepBatches, derived_seed
 
-
-def derived_seed(*parts: object) -> int:
-    """A 63-bit seed from any parts (stable across runs and platforms)."""
-    return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:15], 16)
+__all__ = ["MaskedWindows", "StepBatches", "derived_seed", "evaluation_batches"]
 
 
 class MaskedWindows:
@@ -63,52 +60,6 @@ class MaskedWindows:
             self.random_fraction,
         )
         return Batch(corrupted, attention_mask, torch.zeros_like(input_ids), labels)
-
-
-class StepBatches:
-    """The micro-batches of every optimizer step for one process."""
-
-    def __init__(
-        self, windows: MaskedWindows, batch_size: int, processes: int, accumulation: int, rank: int, seed: int
-    ):
-        self.windows = windows
-        self.batch_size = batch_size
-        self.micro_size = batch_size // (processes * accumulation)
-        self.accumulation = accumulation
-        self.rank = rank
-        self.seed = seed
-        self._order: tuple[int, torch.Tensor] | None = None
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return len(self.windows) // self.batch_size
-
-    def order(self, epoch: int) -> torch.Tensor:
-        if self._order is None or self._order[0] != epoch:
-            generator = torch.Generator().manual_seed(derived_seed(self.seed, "order", epoch))
-            self._order = (epoch, torch.randperm(len(self.windows), generator=generator))
-        return self._order[1]
-
-    def position(self, step: int) -> dict[str, int]:
-        """Where step ``step`` reads in the data: epoch, step within it, windows consumed before it."""
-        return {
-            "epoch": step // self.steps_per_epoch,
-            "step_in_epoch": step % self.steps_per_epoch,
-            "windows_seen": step * self.batch_size,
-        }
-
-    def micro_batches(self, step: int) -> list[Batch]:
-        """This process's micro-batches of optimizer step ``step`` (``accumulation`` of them)."""
-        position = self.position(step)
-        order = self.order(position["epoch"])
-        start = position["step_in_epoch"] * self.batch_size
-        batches = []
-        for local in range(self.accumulation):
-            micro = self.rank * self.accumulation + local
-            first = start + micro * self.micro_size
-            indices = order[first : first + self.micro_size].tolist()
-            batches.append(self.windows.batch(indices, derived_seed(self.seed, "mask", step, micro)))
-        return batches
 
 
 def evaluation_batches(windows: MaskedWindows, count: int, batch_size: int, seed: int) -> list[Batch]:

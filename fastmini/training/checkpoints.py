@@ -73,6 +73,18 @@ def _fsync_directory(directory: Path) -> None:
             os.close(descriptor)
 
 
+def publish_directory_contents(source: Path, target: Path) -> None:
+    """Move every entry of ``source`` into ``target`` (one rename each; an entry of the same name,
+    file or directory, is replaced), then remove ``source``. For final outputs assembled aside."""
+    target.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        destination = target / path.name
+        if destination.is_dir() and not destination.is_symlink():
+            shutil.rmtree(destination)
+        path.replace(destination)
+    source.rmdir()
+
+
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     """(step, path) of the published checkpoints under ``root``, oldest first."""
     root = Path(root)

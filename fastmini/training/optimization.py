@@ -1,16 +1,20 @@
-"""AdamW with transformers Trainer's parameter groups, and the linear warmup + decay schedule.
+"""AdamW with transformers Trainer's parameter groups, and warmup + linear or cosine decay.
 
 The original recipe trained with ``transformers.Trainer`` defaults: AdamW (betas 0.9/0.999,
 eps 1e-8), no weight decay on biases and LayerNorm weights, linear warmup then linear decay
-to zero, gradients clipped to norm 1.0. Shared by the distillation and fine-tuning trainers.
+to zero, gradients clipped to norm 1.0; its NER fine-tuning used the cosine schedule. Shared
+by the distillation and fine-tuning trainers.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
 from torch import nn
+
+SCHEDULES = ("linear", "cosine")
 
 
 def decay_parameter_names(modules: Iterable[nn.Module]) -> set[str]:
@@ -54,12 +58,30 @@ def linear_schedule_factor(step: int, warmup_steps: int, total_steps: int) -> fl
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
-class LinearWarmupDecay(torch.optim.lr_scheduler.LambdaLR):
-    """LambdaLR with the linear schedule; its state dict is plain numbers (checkpoint-safe)."""
+def cosine_schedule_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """transformers' get_cosine_schedule_with_warmup (half a cosine): 0 -> 1 over warmup, then 1 -> 0 at total."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
-    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
-        self.warmup_steps, self.total_steps = warmup_steps, total_steps
+
+class WarmupDecay(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR with linear warmup then linear or cosine decay; its state dict is plain numbers (checkpoint-safe)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, shape: str = "linear"):
+        if shape not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got '{shape}'")
+        self.warmup_steps, self.total_steps, self.shape = warmup_steps, total_steps, shape
         super().__init__(optimizer, self._factor)
 
     def _factor(self, step: int) -> float:
-        return linear_schedule_factor(step, self.warmup_steps, self.total_steps)
+        factor = linear_schedule_factor if self.shape == "linear" else cosine_schedule_factor
+        return factor(step, self.warmup_steps, self.total_steps)
+
+
+class LinearWarmupDecay(WarmupDecay):
+    """The linear schedule (the distiller's)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+        super().__init__(optimizer, warmup_steps, total_steps, "linear")

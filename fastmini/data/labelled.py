@@ -1,0 +1,262 @@
+"""Labelled sentences (and sentence pairs) for fine-tuning, from local files or a ``datasets`` name.
+
+An example is a dict with ``text``, ``text_pair`` (None for single sentences), ``label`` (the
+value as the source holds it: a string, a number, a list of names for multi-label data, or
+None where a test file has no labels) and ``where`` (file and row, for messages).
+- local .csv / .tsv (a header row; TSV cells are never quoted, as in GLUE's files), .jsonl (one
+  object per line) and .json (an array of objects, or JSON lines) files whose columns the caller names;
+- a directory holding ``train.*``, ``validation.*`` or ``dev.*`` and optionally ``test.*``;
+- a ``datasets`` name (with config and split; GLUE tasks come this way when online);
+- the offline default: the 200 labelled movie-review sentences that gensim ships.
+This file only reads: label maps and their checks belong to the fine-tuner. Every failure is
+one DataError naming the file (and row) and what was expected.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from itertools import zip_longest
+from pathlib import Path
+from typing import Any
+
+from fastmini.data.corpus import DataError
+
+LABELLED_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl")
+# Stems of the split files in a data directory, first match wins.
+SPLIT_STEMS = {"train": ("train",), "validation": ("validation", "dev", "valid"), "test": ("test",)}
+
+POLARITY_NAME = "pang_lee_polarity.cor"
+POLARITY_LABELS = ("neg", "pos")  # the file's __label__ prefixes, in label-map order
+POLARITY_DEV_EVERY = 5  # the fixed split: every fifth sentence of each class (20 + 20) is the dev set
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which columns hold the text, the optional second text and the label."""
+
+    text: str = "text"
+    text_pair: str | None = None
+    label: str | None = "label"  # None: the examples have no labels
+
+
+def split_files(directory: Path, suffixes: tuple[str, ...] = LABELLED_SUFFIXES) -> dict[str, Path]:
+    """{"train": ..., "validation": ..., "test": ...} for the split files present in ``directory``.
+
+    A split with two candidate files (train.csv and train.jsonl) is ambiguous and an error."""
+    directory = Path(directory)
+    found: dict[str, Path] = {}
+    for split, stems in SPLIT_STEMS.items():
+        for stem in stems:
+            candidates = sorted(
+                p
+                for p in directory.iterdir()
+                if p.is_file() and p.stem == stem and (p.suffix.lower() in suffixes or not p.suffix)
+            )
+            if len(candidates) > 1:
+                names = ", ".join(p.name for p in candidates)
+                raise DataError(f"{directory}: several {split} files ({names}); keep one")
+            if candidates:
+                found[split] = candidates[0]
+                break
+    return found
+
+
+def read_labelled_file(path: Path, columns: Columns, labels_required: bool = True) -> list[dict[str, Any]]:
+    """The examples of one .csv/.tsv/.json/.jsonl file (by suffix)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in LABELLED_SUFFIXES:
+        raise DataError(f"{path}: unsupported file type '{suffix}' (expected {', '.join(LABELLED_SUFFIXES)})")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from error
+    except OSError as error:
+        raise DataError(f"{path}: cannot be read ({error.strerror or error})") from error
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty")
+    if suffix in (".csv", ".tsv"):
+        names, rows = _csv_rows(path, text, "\t" if suffix == ".tsv" else ",")
+    else:
+        names, rows = _json_rows(path, text)
+    check_columns(str(path), names, columns, labels_required)
+    examples = _examples(rows, columns, labels_required)
+    if not examples:
+        raise DataError(f"{path}: no examples (only a header or empty records)")
+    return examples
+
+
+def _csv_rows(path: Path, text: str, delimiter: str) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
+    # TSV (GLUE's files among them) is not quoted: a sentence that starts with a quote mark is text, not a
+    # quoted field that would swallow the tabs and lines up to the next quote mark.
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.DictReader(text.splitlines(), delimiter=delimiter, quoting=quoting)
+    kind = "TSV" if delimiter == "\t" else "CSV"
+    rows = []
+    try:
+        names = list(reader.fieldnames or [])
+        for row in reader:
+            if None in row:  # more cells than header names
+                raise DataError(
+                    f"{path}, line {reader.line_num}: {len(names) + len(row[None])} cells, the header has {len(names)}"
+                )
+            if all(value in (None, "") for value in row.values()):
+                continue
+            rows.append((f"{path}, line {reader.line_num}", row))
+    except csv.Error as error:
+        raise DataError(f"{path}: malformed {kind} at line {reader.line_num}: {error}") from error
+    return names, rows
+
+
+def _json_rows(path: Path, text: str) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from error
+        rows = [(f"{path}, item {index}", record) for index, record in enumerate(records)]
+    else:
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((f"{path}, line {number}", json.loads(line)))
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}, line {number}: not valid JSON ({error.msg})") from error
+    for where, record in rows:
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    return (list(rows[0][1]) if rows else []), rows
+
+
+def _examples(rows: list[tuple[str, dict[str, Any]]], columns: Columns, labels_required: bool) -> list[dict[str, Any]]:
+    examples = []
+    for where, record in rows:
+        for role, name in (("text", columns.text), ("text pair", columns.text_pair)):
+            if name is not None and name not in record:
+                raise DataError(f"{where}: no '{name}' field (the {role} column)")
+        label = record.get(columns.label)
+        if label is None or label == "":
+            if labels_required:
+                raise DataError(f"{where}: no label in column '{columns.label}'")
+            label = None
+        examples.append(_example(record, columns, label, where))
+    return examples
+
+
+def _example(record: dict[str, Any], columns: Columns, label: Any, where: str) -> dict[str, Any]:
+    pair = _text(record[columns.text_pair], where, columns.text_pair) if columns.text_pair else None
+    return {"text": _text(record[columns.text], where, columns.text), "text_pair": pair, "label": label, "where": where}
+
+
+def check_columns(source: str, names: list[str], columns: Columns, labels_required: bool) -> None:
+    """One DataError for the first named column the source lacks."""
+    wanted = [("text", columns.text), ("text pair", columns.text_pair)]
+    if labels_required:
+        wanted.append(("label", columns.label))
+    for role, name in wanted:
+        if name is not None and name not in names:
+            raise DataError(
+                f"{source}: no column '{name}' (asked for as the {role} column); its columns are: "
+                f"{', '.join(map(str, names)) or 'none'}"
+            )
+
+
+def _text(value: Any, where: str, column: str) -> str:
+    if value is None:
+        raise DataError(f"{where}: empty '{column}'")
+    if isinstance(value, (dict, list, bool)):
+        raise DataError(f"{where}: '{column}' holds {type(value).__name__}, expected text")
+    return str(value)
+
+
+def load_dataset_split(
+    name: str,
+    config: str | None,
+    split: str,
+    columns: Columns,
+    *,
+    labels_required: bool = True,
+    cache_dir: str | None = None,
+) -> tuple[list[dict[str, Any]], list[str] | None]:
+    """(examples, the label names of a ClassLabel column or None) of one split of a ``datasets`` name.
+
+    Rows labelled -1 (GLUE's hidden test labels) have no label."""
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, config, split=split, cache_dir=cache_dir)
+    except Exception as error:  # datasets raises many kinds (offline, not found, bad config, bad split)
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise DataError(
+            f"'{name}' is not a local file or directory, and datasets could not load it "
+            f"(config {config!r}, split '{split}'): {first_line}"
+        ) from error
+    source = f"dataset '{name}'" + (f" ({config})" if config else "") + f", split '{split}'"
+    check_columns(source, list(dataset.column_names), columns, labels_required)
+    feature = dataset.features.get(columns.label)
+    label_names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+    wanted = [c for c in (columns.text, columns.text_pair, columns.label) if c and c in dataset.column_names]
+    examples = []
+    for index, record in enumerate(dataset.select_columns(wanted).to_list()):
+        where = f"{source}, row {index}"
+        label = record.get(columns.label)
+        if label_names is not None and label == -1:
+            label = None
+        if label is None and labels_required:
+            raise DataError(f"{where}: no label in column '{columns.label}'")
+        examples.append(_example(record, columns, label, where))
+    if not examples:
+        raise DataError(f"{source}: no examples")
+    return examples, label_names
+
+
+def polarity_path() -> Path:
+    try:
+        import gensim
+    except ImportError as error:
+        raise DataError("the offline movie-review sentences need gensim: pip install 'fastmini[demo]'") from error
+    path = Path(gensim.__file__).parent / "test" / "test_data" / POLARITY_NAME
+    if not path.is_file():
+        raise DataError(f"gensim is installed but its movie-review sentences are missing: {path}")
+    return path
+
+
+def polarity_examples(path: Path | None = None) -> list[dict[str, Any]]:
+    """gensim's 200 movie-review sentences: ``__label__pos|neg`` then the sentence, one per line.
+
+    The file is Windows-1252 (a few em dashes and accented letters), not UTF-8."""
+    path = path or polarity_path()
+    examples = []
+    for number, line in enumerate(path.read_bytes().decode("cp1252").splitlines(), start=1):
+        if not line.strip():
+            continue
+        prefix, _, text = line.partition(" ")
+        label = prefix.removeprefix("__label__")
+        if not prefix.startswith("__label__") or label not in POLARITY_LABELS:
+            raise DataError(f"{path}, line {number}: expected '__label__pos' or '__label__neg' first")
+        examples.append(
+            {"text": " ".join(text.split()), "text_pair": None, "label": label, "where": f"{path}, line {number}"}
+        )
+    return examples
+
+
+def polarity_split(path: Path | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train, dev): the fixed split of the embedded default, every fifth sentence of each class to dev
+    (160 / 40, balanced). The file lists one class after the other; both splits alternate them, so that
+    the first N examples (--max-train-examples) hold both classes."""
+    examples = polarity_examples(path)
+    train: list[list[dict[str, Any]]] = []
+    dev: list[list[dict[str, Any]]] = []
+    for label in POLARITY_LABELS:
+        of_class = [e for e in examples if e["label"] == label]
+        train.append([e for i, e in enumerate(of_class) if i % POLARITY_DEV_EVERY != POLARITY_DEV_EVERY - 1])
+        dev.append([e for i, e in enumerate(of_class) if i % POLARITY_DEV_EVERY == POLARITY_DEV_EVERY - 1])
+    return _alternate(train), _alternate(dev)
+
+
+def _alternate(groups: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    return [example for row in zip_longest(*groups) for example in row if example is not None]

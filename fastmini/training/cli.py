@@ -1,0 +1,71 @@
+"""What the trainers' command lines share: quiet libraries, a log handler, errors without tracebacks.
+
+``run_cli(name, body)`` runs ``body()`` and turns the ways a run ends early on purpose into one
+line on stderr and an exit code: UsageError (bad input) -> ``<name>: error: ...``, exit 2;
+TrainingError -> ``<name>: stopped: ...``, exit 1; Ctrl-C -> exit 130. Anything else is a bug
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+
+def quiet_libraries() -> None:
+    """Our progress bars and log lines only: transformers/datasets chatter and bars off."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import huggingface_hub
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    huggingface_hub.utils.disable_progress_bars()
+
+
+class CurrentStderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (tests and notebooks swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def setup_logger(name: str) -> logging.Logger:
+    """The ``name`` logger printing ``name: message`` lines to stderr, from rank 0 only under torchrun."""
+    logger = logging.getLogger(name)
+    if not any(isinstance(handler, CurrentStderr) for handler in logger.handlers):
+        handler = CurrentStderr()
+        handler.setFormatter(logging.Formatter(f"{name}: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    if int(os.environ.get("RANK", "0")) != 0:
+        logger.setLevel(logging.ERROR)  # one voice under torchrun
+    return logger
+
+
+def run_cli(name: str, body: Callable[[], int | None], interrupted_hint: str = "") -> int:
+    """``body()``'s exit code (0 for None), or the exit code of the error it raised (see above)."""
+    from fastmini.training.errors import TrainingError, UsageError
+
+    try:
+        return body() or 0
+    except UsageError as error:
+        print(f"{name}: error: {error}", file=sys.stderr)
+        return 2
+    except TrainingError as error:
+        print(f"{name}: stopped: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted{'; ' + interrupted_hint if interrupted_hint else ''}", file=sys.stderr)
+        return 130

@@ -1,0 +1,242 @@
+"""Command-line options described once, by a dataclass: --help, YAML/JSON config files, precedence.
+
+A trainer's config is a dataclass whose fields are declared with ``option(...)`` (default, help
+text, group, parser, flag). ``Options(config_class, ...)`` turns it into an argparse parser
+(``--help`` lists every field with its default), reads ``--config`` files or named recipes,
+checks their values against the fields' types, and resolves the precedence: defaults <
+presets (e.g. a task's recipe) < the config file < the command line. It knows nothing about
+what the options mean: each trainer validates its own config.
+
+Field metadata understood here: ``help``, ``group``, ``parse`` (text -> value, also applied to
+each element of a list), ``flag``, ``metavar``, ``choices``, ``nargs`` ("+" for a list field,
+"?" with ``const`` for an optional value) and ``coerce`` (a config-file value -> the field's value).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import field
+from pathlib import Path
+from typing import Any
+
+from fastmini.training.errors import UsageError
+
+
+def option(default: Any, help: str, group: str, parse: Any = None, flag: str | None = None, **extra: Any):
+    """A dataclass field that also describes its command-line option (a list default is copied per instance)."""
+    metadata = {"help": help, "group": group, "parse": parse, "flag": flag, **extra}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def optional_int(text: str) -> int | None:
+    return None if text.lower() in ("none", "null", "") else int(text)
+
+
+def optional_str(text: str) -> str | None:
+    return None if text.lower() in ("none", "null", "") else text
+
+
+def optional_float(text: str) -> float | None:
+    return None if text.lower() in ("none", "null", "") else float(text)
+
+
+def _default_of(spec: dataclasses.Field) -> Any:
+    if spec.default is not dataclasses.MISSING:
+        return spec.default
+    if spec.default_factory is not dataclasses.MISSING:
+        return spec.default_factory()
+    return None
+
+
+def _is_list(spec: dataclasses.Field) -> bool:
+    return spec.metadata.get("nargs") == "+"
+
+
+def _is_bool(spec: dataclasses.Field) -> bool:
+    return spec.type in (bool, "bool", "bool | None")
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, list):
+        return " ".join(str(item) for item in value)
+    return str(value)
+
+
+class Options:
+    """The option machinery of one trainer (see the module docstring)."""
+
+    def __init__(
+        self,
+        config_class: type,
+        *,
+        prog: str,
+        usage: str,
+        description: str,
+        epilog: str,
+        groups: Mapping[str, str],
+        recipes: Mapping[str, Mapping[str, Any]] | None = None,
+    ):
+        self.config_class = config_class
+        self.prog, self.usage, self.description, self.epilog = prog, usage, description, epilog
+        self.groups = dict(groups)
+        self.recipes = dict(recipes or {})
+        self.fields = {spec.name: spec for spec in dataclasses.fields(config_class)}
+
+    def flag_of(self, name: str) -> str:
+        return self.fields[name].metadata.get("flag") or "--" + name.replace("_", "-")
+
+    def default_of(self, name: str) -> Any:
+        return _default_of(self.fields[name])
+
+    # ------------------------------------------------------------------------------ parser
+    def build_parser(self) -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser(
+            prog=self.prog,
+            usage=self.usage,
+            description=self.description,
+            epilog=self.epilog,
+            argument_default=argparse.SUPPRESS,
+        )
+        recipes = f", or a built-in recipe ({', '.join(self.recipes)})" if self.recipes else ""
+        parser.add_argument(
+            "--config",
+            metavar="FILE_OR_RECIPE" if self.recipes else "FILE",
+            help=f"YAML or JSON file of options{recipes}",
+        )
+        parser.add_argument("--print-config", action="store_true", help="print the resolved options as JSON and exit")
+        groups = {key: parser.add_argument_group(title) for key, title in self.groups.items()}
+        for name, spec in self.fields.items():
+            meta = spec.metadata
+            help_text = meta["help"]
+            if "(default:" not in help_text:
+                help_text += f" (default: {_show(_default_of(spec))})"
+            group = groups[meta["group"]]
+            flag = self.flag_of(name)
+            if _is_bool(spec) and meta.get("nargs") is None:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text, dest=name)
+                continue
+            annotation = str(spec.type)
+            element = annotation.removeprefix("list[")
+            metavar = "N" if element.startswith("int") else "X" if element.startswith("float") else "VALUE"
+            kwargs: dict[str, Any] = {"help": help_text, "dest": name, "metavar": meta.get("metavar", metavar)}
+            if meta.get("parse") is not None:
+                kwargs["type"] = meta["parse"]
+            if meta.get("nargs") is not None:
+                kwargs["nargs"] = meta["nargs"]
+            if "const" in meta:
+                kwargs["const"] = meta["const"]
+            if meta.get("choices"):
+                kwargs["choices"] = meta["choices"]
+                kwargs.pop("metavar")
+            group.add_argument(flag, **kwargs)
+        return parser
+
+    # ------------------------------------------------------------------------- config files
+    def read_config_file(self, source: str) -> dict[str, Any]:
+        """Options from a recipe name or a YAML/JSON file (keys with underscores or dashes)."""
+        if source in self.recipes and not Path(source).exists():
+            return dict(self.recipes[source])
+        path = Path(source).expanduser()
+        if not path.is_file():
+            if self.recipes:
+                raise UsageError(f"--config {source}: no such file, and not a recipe ({', '.join(self.recipes)})")
+            raise UsageError(f"--config {source}: no such file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise UsageError(f"--config {source}: cannot be read ({error})") from error
+        try:
+            if path.suffix.lower() == ".json":
+                values = json.loads(text)
+            else:
+                import yaml
+
+                values = yaml.safe_load(text)
+        except Exception as error:  # json.JSONDecodeError, yaml.YAMLError
+            raise UsageError(
+                f"--config {source}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {error}"
+            ) from error
+        if values is None:
+            return {}
+        if not isinstance(values, dict):
+            raise UsageError(
+                f"--config {source}: expected a mapping of option names to values, got {type(values).__name__}"
+            )
+        return {str(key).replace("-", "_"): value for key, value in values.items()}
+
+    def coerce(self, name: str, value: Any, source: str) -> Any:
+        """A value from a config file (or a preset), checked against the field's type."""
+        spec = self.fields[name]
+        where = f"{source}: {name}"
+        if spec.metadata.get("coerce") is not None and value is not None:
+            return spec.metadata["coerce"](value)
+        if value is None:
+            if "None" in str(spec.type):
+                return None
+            raise UsageError(f"{where} must not be empty")
+        if _is_list(spec):
+            items = value if isinstance(value, list) else [value]
+            if not items:
+                raise UsageError(f"{where} must not be an empty list")
+            element = str(spec.type).removeprefix("list[").removesuffix("]")
+            return [self._scalar(element, item, where) for item in items]
+        if _is_bool(spec):
+            if not isinstance(value, bool):
+                raise UsageError(f"{where} must be true or false, got {value!r}")
+            return value
+        return self._scalar(str(spec.type), value, where)
+
+    @staticmethod
+    def _scalar(annotation: str, value: Any, where: str) -> Any:
+        if isinstance(value, (dict, list, bool)):
+            raise UsageError(f"{where} has the wrong type ({type(value).__name__}: {value!r})")
+        try:
+            if annotation.startswith("int"):
+                if isinstance(value, float) and not value.is_integer():
+                    raise ValueError(value)
+                return int(value)
+            if annotation.startswith("float"):
+                return float(value)  # also reads "5e-4", which YAML 1.1 leaves as a string
+        except (TypeError, ValueError) as error:
+            raise UsageError(f"{where}: cannot read {value!r} as {annotation}") from error
+        return str(value)
+
+    # ---------------------------------------------------------------------------- resolve
+    def resolve(
+        self,
+        argv: list[str] | None,
+        validate: Callable[[Any], None],
+        presets: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> tuple[Any, bool]:
+        """(config, print_config) from defaults < presets < --config < command line; exits on --help.
+
+        ``presets(values)`` gets the values set by the file and the command line and returns
+        defaults that depend on them (a task's recipe); they rank below both.
+        """
+        namespace = vars(self.build_parser().parse_args(argv))
+        config_source = namespace.pop("config", None)
+        print_config = namespace.pop("print_config", False)
+        given: dict[str, Any] = {}
+        if config_source is not None:
+            for name, value in self.read_config_file(config_source).items():
+                if name not in self.fields:
+                    close = [f for f in self.fields if name in f or f in name]
+                    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                    raise UsageError(f"--config {config_source}: unknown option '{name}'{hint}")
+                given[name] = self.coerce(name, value, f"--config {config_source}")
+        given.update(namespace)
+        values: dict[str, Any] = {}
+        if presets is not None:
+            for name, value in presets(given).items():
+                values[name] = self.coerce(name, value, "preset")
+        values.update(given)
+        config = self.config_class(**values)
+        validate(config)
+        return config, print_config

@@ -1,0 +1,238 @@
+"""Fine-tuning data: labelled files with named columns, the NER format, sub-word alignment, label maps."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fastmini.data.corpus import DataError
+from fastmini.data.labelled import Columns, polarity_split, read_labelled_file, split_files
+from fastmini.data.ner import IGNORE_INDEX, align_labels, first_subtoken_positions, label_list, read_ner_file
+from fastmini.finetune.data import encode
+from fastmini.finetune.tasks import LabelMap, build_label_names, task_spec
+from fastmini.finetune.testing import make_tiny_tokenizer, write_table
+
+ROWS = [{"text": "good film", "label": "pos"}, {"text": "bad, dull film", "label": "neg"}]
+
+
+# ---- labelled files ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".json", ".jsonl"])
+def test_every_format_reads_the_same_examples(tmp_path, suffix):
+    path = write_table(tmp_path / f"train{suffix}", ROWS)
+    examples = read_labelled_file(path, Columns())
+    assert [(e["text"], e["text_pair"], e["label"]) for e in examples] == [
+        ("good film", None, "pos"), ("bad, dull film", None, "neg")
+    ]  # fmt: skip
+    assert str(path) in examples[1]["where"]
+
+
+def test_sentence_pairs_and_other_column_names(tmp_path):
+    path = write_table(tmp_path / "dev.tsv", [{"s1": "a", "s2": "b", "gold": 1}, {"s1": "c", "s2": "d", "gold": 0}])
+    examples = read_labelled_file(path, Columns("s1", "s2", "gold"))
+    assert [(e["text"], e["text_pair"], e["label"]) for e in examples] == [("a", "b", "1"), ("c", "d", "0")]
+
+
+def test_tsv_cells_are_not_quoted_as_in_glue(tmp_path):
+    path = tmp_path / "train.tsv"
+    path.write_text('sentence\tlabel\n"the film" is bad\t0\nit\'s "fine\t1\n')
+    examples = read_labelled_file(path, Columns("sentence"))
+    assert [(e["text"], e["label"]) for e in examples] == [('"the film" is bad', "0"), ("it's \"fine", "1")]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_unknown_column_names_the_file_and_the_columns_it_has(tmp_path, suffix):
+    path = write_table(tmp_path / f"train{suffix}", ROWS)
+    with pytest.raises(DataError) as raised:
+        read_labelled_file(path, Columns(text="sentence"))
+    message = str(raised.value)
+    assert str(path) in message and "no column 'sentence'" in message and "text, label" in message
+    with pytest.raises(DataError, match="no column 'gold' .*label column"):
+        read_labelled_file(path, Columns(label="gold"))
+    assert read_labelled_file(path, Columns(label="gold"), labels_required=False)[0]["label"] is None
+
+
+def test_empty_files_and_rows_without_labels(tmp_path):
+    empty = tmp_path / "train.csv"
+    empty.write_text("\n  \n")
+    with pytest.raises(DataError, match="the file is empty"):
+        read_labelled_file(empty, Columns())
+    header_only = tmp_path / "dev.csv"
+    header_only.write_text("text,label\n")
+    with pytest.raises(DataError, match="no examples"):
+        read_labelled_file(header_only, Columns())
+    unlabelled = tmp_path / "x.csv"
+    unlabelled.write_text("text,label\ngood,pos\nbad,\n")
+    with pytest.raises(DataError, match=r"x.csv, line 3: no label in column 'label'"):
+        read_labelled_file(unlabelled, Columns())
+    ragged = tmp_path / "r.csv"
+    ragged.write_text("text,label\ngood,pos,extra\n")
+    with pytest.raises(DataError, match="line 2: 3 cells, the header has 2"):
+        read_labelled_file(ragged, Columns())
+    broken = tmp_path / "b.jsonl"
+    broken.write_text('{"text": "a", "label": 1}\n{"text": \n')
+    with pytest.raises(DataError, match="line 2: not valid JSON"):
+        read_labelled_file(broken, Columns())
+
+
+def test_split_files_of_a_data_directory(tmp_path):
+    for name in ("train.csv", "dev.csv", "test.csv", "notes.txt"):
+        (tmp_path / name).write_text("text,label\na,b\n")
+    found = split_files(tmp_path)
+    assert {split: path.name for split, path in found.items()} == {
+        "train": "train.csv", "validation": "dev.csv", "test": "test.csv"
+    }  # fmt: skip
+    (tmp_path / "train.jsonl").write_text("{}\n")
+    with pytest.raises(DataError, match="several train files"):
+        split_files(tmp_path)
+
+
+def test_the_embedded_movie_review_split():
+    train, dev = polarity_split()
+    assert (len(train), len(dev)) == (160, 40)
+    assert sorted(e["label"] for e in dev) == ["neg"] * 20 + ["pos"] * 20
+    assert [e["label"] for e in train[:4]] == ["neg", "pos", "neg", "pos"]  # the first N hold both classes
+    assert not {e["text"] for e in train} & {e["text"] for e in dev}
+    assert any("—" in e["text"] for e in train + dev)  # Windows-1252 em dashes decoded, not mojibake
+    assert polarity_split()[1] == dev  # fixed: the same every time
+
+
+# ---- NER files ---------------------------------------------------------------------------------------
+
+
+def test_ner_file_sentences_and_docstart(tmp_path):
+    path = tmp_path / "train.tsv"
+    path.write_text("-DOCSTART-\tO\n\nThe\tO\nbig\tB-ANIMAL\ncat\tI-ANIMAL\n\n\nAPC2\tB\nis\tO\n")
+    sentences = read_ner_file(path)
+    assert [s["tokens"] for s in sentences] == [["The", "big", "cat"], ["APC2", "is"]]
+    assert [s["tags"] for s in sentences] == [["O", "B-ANIMAL", "I-ANIMAL"], ["B", "O"]]
+    assert sentences[1]["where"].endswith("line 8")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("The\tO\ncat\tB-ANIMAL\textra\n", r"line 2: expected two columns, 'token<TAB>tag'"),
+        ("The\tO\n\ncat\n", r"line 3: expected two columns"),
+        ("The\tO\ncat\tANIMAL\n", r"line 2: 'ANIMAL' is not a BIO tag"),
+        ("The\tO\ncat\tB_ANIMAL\n", r"line 2: 'B_ANIMAL' is not a BIO tag"),
+        ("\n\n", "the file is empty"),
+        ("-DOCSTART-\tO\n\n", "no sentences"),
+    ],
+)
+def test_malformed_ner_lines_are_named_by_line_number(tmp_path, content, message):
+    path = tmp_path / "dev.tsv"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message) as raised:
+        read_ner_file(path)
+    assert str(path) in str(raised.value)
+
+
+def test_ner_label_map_is_stable():
+    names = label_list([["I-FOOD", "O", "B-ANIMAL"], ["I-ANIMAL", "B-FOOD"]])
+    assert names == ["O", "B-ANIMAL", "I-ANIMAL", "B-FOOD", "I-FOOD"]
+    assert label_list([["B-FOOD", "I-ANIMAL", "B-ANIMAL", "O", "I-FOOD"]]) == names  # order of appearance: irrelevant
+
+
+# ---- sub-word alignment --------------------------------------------------------------------------
+
+
+def test_alignment_every_subtoken_or_first_only():
+    word_ids = [None, 0, 1, 1, 1, 2, None]
+    word_labels = [3, 1, 2]
+    assert align_labels(word_ids, word_labels, "all") == [IGNORE_INDEX, 3, 1, 1, 1, 2, IGNORE_INDEX]
+    assert align_labels(word_ids, word_labels, "first") == [IGNORE_INDEX, 3, 1, IGNORE_INDEX, IGNORE_INDEX, 2,
+                                                            IGNORE_INDEX]  # fmt: skip
+    # the same word id after a special token (a sentence pair) starts again
+    assert align_labels([None, 0, None, 0, 0], [5], "first") == [IGNORE_INDEX, 5, IGNORE_INDEX, 5, IGNORE_INDEX]
+    with pytest.raises(ValueError, match="alignment"):
+        align_labels(word_ids, word_labels, "last")
+    assert first_subtoken_positions(word_ids, 4) == [1, 2, 5, None]  # word 3 was cut off
+
+
+def test_alignment_through_a_real_tokenizer():
+    tokenizer = make_tiny_tokenizer()
+    spec = task_spec("ner")
+    labels = LabelMap(spec, ["O", "B-ANIMAL", "I-ANIMAL"])
+    example = {"tokens": ["big", "cats", "in", "town"], "tags": ["B-ANIMAL", "I-ANIMAL", "O", "O"], "where": "x"}
+    example["target"] = labels.encode(example["tags"], "x")
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer(example["tokens"], is_split_into_words=True)["input_ids"])
+    assert tokens == ["[CLS]", "big", "cat", "##s", "in", "town", "[SEP]"]
+    every = encode(tokenizer, [example], "ner", 32, "all")
+    first = encode(tokenizer, [example], "ner", 32, "first")
+    assert every.targets[0] == [IGNORE_INDEX, 1, 2, 2, 0, 0, IGNORE_INDEX]
+    assert first.targets[0] == [IGNORE_INDEX, 1, 2, IGNORE_INDEX, 0, 0, IGNORE_INDEX]
+    assert every.word_positions[0] == [1, 2, 4, 5]
+    cut = encode(tokenizer, [example], "ner", 5, "all")  # [CLS] big cat ##s [SEP]: "in" and "town" are cut off
+    assert cut.word_positions[0] == [1, 2, None, None] and cut.targets[0] == [IGNORE_INDEX, 1, 2, 2, IGNORE_INDEX]
+    batch = every.batch([0])
+    assert batch["labels"].tolist() == [every.targets[0]] and batch["attention_mask"].all()
+
+
+def test_batches_pad_inputs_and_labels():
+    tokenizer = make_tiny_tokenizer()
+    spec = task_spec("ner")
+    labels = LabelMap(spec, ["O", "B-FOOD"])
+    examples = [{"tokens": words, "where": str(i)} for i, words in enumerate((["apple"], ["a", "bread", "and"]))]
+    for example, tags in zip(examples, (["B-FOOD"], ["O", "B-FOOD", "O"]), strict=True):
+        example["target"] = labels.encode(tags, example["where"])
+    batch = encode(tokenizer, examples, "ner", 16).batch([0, 1])
+    assert batch["input_ids"].shape == (2, 5)
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 1, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX],
+                                        [IGNORE_INDEX, 0, 1, 0, IGNORE_INDEX]]  # fmt: skip
+    assert batch["input_ids"][0, 3:].tolist() == [tokenizer.pad_token_id] * 2
+
+
+# ---- label maps ------------------------------------------------------------------------------------
+
+
+def test_label_maps_are_sorted_and_stable():
+    classification = task_spec("classification")
+    assert build_label_names(classification, ["pos", "neg", "pos"]) == ["neg", "pos"]
+    assert build_label_names(classification, ["10", 2, "1", 2.0]) == [
+        "1",
+        "2",
+        "10",
+    ]  # numerically, one class per value
+    assert build_label_names(task_spec("multilabel"), [["b", "a"], "c,a", []]) == ["a", "b", "c"]
+    assert build_label_names(task_spec("rte"), ["whatever"]) == ["entailment", "not_entailment"]
+    assert build_label_names(task_spec("regression"), [1.0]) is None
+
+
+def test_labels_missing_from_the_map_name_the_row():
+    labels = LabelMap(task_spec("classification"), ["neg", "pos"])
+    assert labels.encode("pos", "x") == 1 and labels.encode(" neg ", "x") == 0
+    with pytest.raises(DataError, match=r"dev.csv, line 7: label 'maybe' is not in the label map .*neg, pos"):
+        labels.encode("maybe", "dev.csv, line 7")
+    glue = LabelMap(task_spec("mrpc"), list(task_spec("mrpc").label_names))
+    assert glue.encode(1, "x") == 1 and glue.encode("0", "x") == 0 and glue.encode("equivalent", "x") == 1
+    with pytest.raises(DataError, match="outside 0..1"):
+        glue.encode(2, "row 3")
+    with pytest.raises(DataError, match="not a number"):
+        LabelMap(task_spec("regression"), None).encode("high", "row 1")
+    multi = LabelMap(task_spec("multilabel"), ["animal", "food"])
+    assert multi.encode(["food"], "x") == [0.0, 1.0] and multi.encode("animal, food", "x") == [1.0, 1.0]
+    with pytest.raises(DataError, match="label 'toy'"):
+        multi.encode("toy", "row 2")
+    ner = LabelMap(task_spec("ner"), ["O", "B-ANIMAL"])
+    with pytest.raises(DataError, match="label 'B-FOOD'"):
+        ner.encode(["O", "B-FOOD"], "test.tsv, line 12")
+
+
+def test_targets_become_tensors_of_the_right_type(tmp_path):
+    tokenizer = make_tiny_tokenizer()
+    for kind, target, dtype in (("classification", 1, torch.long), ("regression", 2.5, torch.float32),
+                                ("multilabel", [1.0, 0.0], torch.float32)):  # fmt: skip
+        example = {"text": "good film", "text_pair": None, "target": target, "where": "x"}
+        labels = encode(tokenizer, [example], kind, 16).batch([0])["labels"]
+        assert labels.dtype == dtype and labels.tolist() == [target]
+    pair = {"text": "good film", "text_pair": "bad", "target": 0, "where": "x"}
+    batch = encode(tokenizer, [pair], "classification", 16).batch([0])
+    assert batch["token_type_ids"].tolist() == [[0, 0, 0, 0, 1, 1]]
+    unlabelled = encode(tokenizer, [{"text": "good", "text_pair": None, "where": "x"}], "classification", 16)
+    assert unlabelled.targets is None and "labels" not in unlabelled.batch([0])
+    assert json.dumps(batch["input_ids"].tolist())  # plain ints
