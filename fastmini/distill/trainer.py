@@ -34,6 +34,7 @@ from fastmini.distill.distiller import Distiller, StudentSide
 from fastmini.distill.evaluation import evaluate
 from fastmini.training import checkpoints, distributed, faults
 from fastmini.training.checkpoints import publish_directory_contents
+from fastmini.training.cli import writable_directory
 from fastmini.training.errors import TrainingError, UsageError
 from fastmini.training.optimization import LinearWarmupDecay, build_adamw
 from fastmini.training.run_log import RunLog
@@ -62,16 +63,7 @@ def prepare_output_dir(config: DistillConfig) -> Path:
     unless --resume continues them or --overwrite-output-dir discards them; a finished run's
     directory is simply replaced (so that the default run can be repeated as it is).
     """
-    output = Path(config.output_dir).expanduser()
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        probe = output / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise UsageError(
-            f"--output-dir {config.output_dir}: not a writable directory ({error.strerror or error})"
-        ) from error
+    output = writable_directory(config.output_dir)
     existing = checkpoints.list_checkpoints(output / CHECKPOINTS_DIR)
     if existing and config.resume is None:
         metrics = output / METRICS_NAME

@@ -7,30 +7,18 @@ interrupted run exits 130. Other exceptions are bugs and keep their traceback.
 
 from __future__ import annotations
 
-import json
 import sys
 
-from fastmini.training.cli import quiet_libraries, run_cli, setup_logger
+from fastmini.training.cli import trainer_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logger("fastmini.finetune")
-
-    def body() -> int:
-        from fastmini.finetune.config import resolve
-
-        config, print_config = resolve(argv)
-        if print_config:
-            print(json.dumps(config.to_dict(), indent=2))
-            return 0
-        quiet_libraries()
-        import fastmini  # noqa: F401  (registers the Auto classes)
+    def run(config) -> None:
         from fastmini.finetune.trainer import finetune
 
         finetune(config)
-        return 0
 
-    return run_cli("fastmini.finetune", body, "resume with --resume")
+    return trainer_main("fastmini.finetune", "fastmini.finetune.config", run, argv)
 
 
 if __name__ == "__main__":

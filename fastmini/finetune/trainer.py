@@ -38,6 +38,7 @@ from fastmini.finetune.models import ModelSource, load_task_model, task_model_cl
 from fastmini.finetune.tasks import LOWER_IS_BETTER, TaskSpec, task_spec
 from fastmini.training import checkpoints, distributed, faults
 from fastmini.training.batching import StepBatches, derived_seed
+from fastmini.training.cli import writable_directory
 from fastmini.training.errors import TrainingError, UsageError
 from fastmini.training.optimization import WarmupDecay, build_adamw
 from fastmini.training.run_log import RunLog
@@ -105,16 +106,7 @@ def prepare_output_dir(config: FinetuneConfig) -> Path:
 
     An unfinished job (runs/grid.json newer than metrics.json) is kept unless --resume continues it
     or --overwrite-output-dir discards it; a finished job's runs are simply replaced."""
-    output = Path(config.output_dir).expanduser()
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        probe = output / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise UsageError(
-            f"--output-dir {config.output_dir}: not a writable directory ({error.strerror or error})"
-        ) from error
+    output = writable_directory(config.output_dir)
     runs = output / RUNS_DIR
     grid = runs / GRID_NAME
     if config.resume:

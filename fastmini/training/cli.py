@@ -8,10 +8,13 @@ and keeps its traceback.
 
 from __future__ import annotations
 
+import importlib
+import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 
 def quiet_libraries() -> None:
@@ -69,3 +72,37 @@ def run_cli(name: str, body: Callable[[], int | None], interrupted_hint: str = "
     except KeyboardInterrupt:
         print(f"{name}: interrupted{'; ' + interrupted_hint if interrupted_hint else ''}", file=sys.stderr)
         return 130
+
+
+def trainer_main(name: str, config_module: str, run: Callable[[object], object], argv: Sequence[str] | None) -> int:
+    """The whole ``python -m <name>`` of a trainer: parse options with ``<config_module>.resolve``,
+    print them (``--print-config``) or ``run(config)``, errors as one line (see ``run_cli``)."""
+    setup_logger(name)
+
+    def body() -> int:
+        config, print_config = importlib.import_module(config_module).resolve(argv)
+        if print_config:
+            print(json.dumps(config.to_dict(), indent=2))
+            return 0
+        quiet_libraries()
+        import fastmini  # noqa: F401  (registers the Auto classes)
+
+        run(config)
+        return 0
+
+    return run_cli(name, body, "resume with --resume")
+
+
+def writable_directory(path: str, option: str = "--output-dir") -> Path:
+    """``path`` created if needed and checked writable, or a UsageError naming ``option``."""
+    from fastmini.training.errors import UsageError
+
+    directory = Path(path).expanduser()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise UsageError(f"{option} {path}: not a writable directory ({error.strerror or error})") from error
+    return directory
