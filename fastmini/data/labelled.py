@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fastmini.data.corpus import DataError
+from fastmini.data.gensim_samples import gensim_test_file
 
 LABELLED_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl")
 # Stems of the split files in a data directory, first match wins.
@@ -215,14 +216,7 @@ def load_dataset_split(
 
 
 def polarity_path() -> Path:
-    try:
-        import gensim
-    except ImportError as error:
-        raise DataError("the offline movie-review sentences need gensim: pip install 'fastmini[demo]'") from error
-    path = Path(gensim.__file__).parent / "test" / "test_data" / POLARITY_NAME
-    if not path.is_file():
-        raise DataError(f"gensim is installed but its movie-review sentences are missing: {path}")
-    return path
+    return gensim_test_file(POLARITY_NAME, "movie-review sentences")
 
 
 def polarity_examples(path: Path | None = None) -> list[dict[str, Any]]:

@@ -11,18 +11,13 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+from fastmini.data.gensim_samples import gensim_test_file
+
 SAMPLE_NAME = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
 
 def sample_path() -> Path:
-    try:
-        import gensim
-    except ImportError as error:
-        raise RuntimeError("the offline Wikipedia sample needs gensim: pip install 'fastmini[demo]'") from error
-    path = Path(gensim.__file__).parent / "test" / "test_data" / SAMPLE_NAME
-    if not path.is_file():
-        raise RuntimeError(f"gensim is installed but its Wikipedia sample is missing: {path}")
-    return path
+    return gensim_test_file(SAMPLE_NAME, "Wikipedia sample")
 
 
 def articles(path: Path | None = None) -> Iterator[tuple[str, str]]:
