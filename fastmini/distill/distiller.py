@@ -74,12 +74,13 @@ class StudentSide(nn.Module):
             batch.token_type_ids,
             output_attentions=need_attentions,
             output_hidden_states=need_hidden,
+            repad_hidden_states=False,
         )
         packing = encoded.packing
         hidden = []
         if need_hidden:
             for state in encoded.hidden_states[1:]:
-                rows = state.flatten(0, 1) if packing is None else packing.pack(state)
+                rows = state.flatten(0, 1) if packing is None else state  # packed (T, H) already
                 hidden.append(self.projection(rows) if self.projection is not None else rows)
         rows = masked_rows(batch.labels, packing)
         masked_logits = self.student.lm_head(encoded.sequence.reshape(-1, encoded.sequence.shape[-1])[rows])

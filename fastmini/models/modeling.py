@@ -81,7 +81,7 @@ class Encoded:
 
     sequence: torch.Tensor
     packing: Packing | None
-    hidden_states: tuple[torch.Tensor, ...] | None  # already re-padded
+    hidden_states: tuple[torch.Tensor, ...] | None  # re-padded unless encode() was asked not to
     attentions: tuple[torch.Tensor, ...] | None
 
     def repad(self, packed: torch.Tensor) -> torch.Tensor:
@@ -119,9 +119,11 @@ class FastMiniModel(FastMiniPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        repad_hidden_states: bool = True,
     ) -> Encoded:
         """Embeddings, unpadding, projector and the recursion; heads call this directly so that
-        they too run on real tokens only."""
+        they too run on real tokens only. With ``repad_hidden_states=False`` the hidden states of
+        a padded batch stay packed (T, H), for callers that work on real tokens (the distiller)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("FastMiniModel: give exactly one of input_ids or inputs_embeds")
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
@@ -140,7 +142,7 @@ class FastMiniModel(FastMiniPreTrainedModel):
             hidden, packing, output_hidden_states=bool(output_hidden_states), output_attentions=bool(output_attentions)
         )
         hidden_states = encoded.hidden_states
-        if hidden_states is not None and packing is not None:
+        if hidden_states is not None and packing is not None and repad_hidden_states:
             hidden_states = tuple(packing.unpack(h) for h in hidden_states)
         return Encoded(encoded.last_hidden_state, packing, hidden_states, encoded.attentions)
 
