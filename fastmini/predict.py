@@ -157,7 +157,7 @@ class Predictor:
 
 def read_inputs(source: str, kind: str, text_column: str, pair_column: str | None, tokens_column: str):
     """The examples of an input file (see the module docstring), in order."""
-    from fastmini.data.corpus import DataError
+    from fastmini.data.corpus import DataError, read_text_file
     from fastmini.data.labelled import Columns, read_labelled_file
     from fastmini.data.ner import read_ner_file
 
@@ -176,10 +176,7 @@ def read_inputs(source: str, kind: str, text_column: str, pair_column: str | Non
         if kind == "ner":
             return [{"tokens": e["text"].split(), "where": e["where"]} for e in examples]
         return examples
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from error
+    lines = read_text_file(path, allow_empty=True).splitlines()
     return _from_lines(lines, str(path), kind, pair_column)
 
 

@@ -112,6 +112,19 @@ def read_file(path: Path, *, text_field: str = "text", text_unit: str = "line") 
     raise DataError(f"{path}: unsupported file type '{suffix}'; expected one of {', '.join(SUPPORTED_SUFFIXES)}")
 
 
+def read_text_file(path: Path, allow_empty: bool = False) -> str:
+    """The UTF-8 text of ``path`` (a BOM is dropped), or one DataError saying why not."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from error
+    except OSError as error:
+        raise DataError(f"{path}: cannot be read ({error.strerror or error})") from error
+    if not allow_empty and not text.strip():
+        raise DataError(f"{path}: the file is empty")
+    return text
+
+
 def _read_text(path: Path, text_unit: str) -> list[str]:
     text = path.read_text(encoding="utf-8")
     if text_unit == "file":

@@ -21,7 +21,7 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
-from fastmini.data.corpus import DataError
+from fastmini.data.corpus import DataError, read_text_file
 from fastmini.data.gensim_samples import gensim_test_file
 
 LABELLED_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl")
@@ -70,14 +70,7 @@ def read_labelled_file(path: Path, columns: Columns, labels_required: bool = Tru
     suffix = path.suffix.lower()
     if suffix not in LABELLED_SUFFIXES:
         raise DataError(f"{path}: unsupported file type '{suffix}' (expected {', '.join(LABELLED_SUFFIXES)})")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from error
-    except OSError as error:
-        raise DataError(f"{path}: cannot be read ({error.strerror or error})") from error
-    if not text.strip():
-        raise DataError(f"{path}: the file is empty")
+    text = read_text_file(path)
     if suffix in (".csv", ".tsv"):
         names, rows = _csv_rows(path, text, "\t" if suffix == ".tsv" else ",")
     else:

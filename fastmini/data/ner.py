@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fastmini.data.corpus import DataError
+from fastmini.data.corpus import DataError, read_text_file
 
 IGNORE_INDEX = -100  # CrossEntropyLoss's ignore_index: no loss, no gradient
 ALIGNMENTS = ("all", "first")
@@ -30,14 +30,7 @@ DOCUMENT_START = "-DOCSTART-"
 def read_ner_file(path: Path) -> list[dict[str, Any]]:
     """Sentences of a two-column file: ``{"tokens": [...], "tags": [...], "where": "file, line N"}``."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from error
-    except OSError as error:
-        raise DataError(f"{path}: cannot be read ({error.strerror or error})") from error
-    if not text.strip():
-        raise DataError(f"{path}: the file is empty")
+    text = read_text_file(path)
     sentences: list[dict[str, Any]] = []
     tokens: list[str] = []
     tags: list[str] = []

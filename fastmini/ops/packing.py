@@ -16,29 +16,21 @@ import torch
 @dataclass(frozen=True)
 class Packing:
     indices: torch.Tensor  # (T,) int64 flat positions of the real tokens in the (B*S) layout
-    cu_seqlens: torch.Tensor  # (B+1,) int32 start of each sequence in the packed layout
-    max_seqlen: int  # longest sequence (real tokens)
     key_padding_mask: torch.Tensor  # (B, S) bool, True for real tokens
     batch_size: int
     seq_len: int
 
     @classmethod
     def from_attention_mask(cls, attention_mask: torch.Tensor) -> Packing:
+        # Only what pack/unpack and attention use: cumulative lengths for a varlen kernel would
+        # cost a host-device sync on every forward, so they wait for that kernel.
         mask = attention_mask.bool()
-        lengths = mask.sum(dim=1, dtype=torch.int32)
-        cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
         return cls(
             indices=mask.flatten().nonzero().squeeze(1),
-            cu_seqlens=cu_seqlens,
-            max_seqlen=int(lengths.max()) if lengths.numel() else 0,
             key_padding_mask=mask,
             batch_size=mask.shape[0],
             seq_len=mask.shape[1],
         )
-
-    @property
-    def num_tokens(self) -> int:
-        return self.indices.numel()
 
     def pack(self, padded: torch.Tensor) -> torch.Tensor:
         """(B, S, ...) -> (T, ...)."""
