@@ -32,7 +32,9 @@ demo: $(STAMP)
 demo-foundation: $(STAMP)
 	$(BIN)/python examples/foundation_demo.py
 
+# The bench extra (onnxruntime, onnx, onnxscript) only here: `make test` never installs it.
 bench: $(STAMP)
+	$(BIN)/pip install --quiet -e ".[dev,demo,bench]"
 	$(BIN)/pytest benchmarks/ --benchmark-only
 
 # On the lent GPU machine, whose python3 already holds torch, triton and transformers (no venv):

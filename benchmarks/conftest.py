@@ -3,7 +3,7 @@
 pytest-benchmark times fastmini's implementation; ``compare`` then times it against its
 baselines *interleaved* (a, b, a, b, ...) in the same process, so that a noisy shared machine
 slows every contender alike and the ratio stays meaningful. The session ends with a table of
-those ratios and of useful GFLOP/s.
+those ratios, of useful GFLOP/s and of useful tokens/s (padding excluded) where given.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def synchronised(fn: Callable, device: torch.device) -> Callable:
 
 @pytest.fixture
 def compare():
-    """compare(benchmark, group, contenders, baseline, flops, rounds, **info) -> medians in seconds."""
+    """compare(benchmark, group, contenders, baseline, flops, rounds, useful_tokens=None, **info) -> medians
+    in seconds. ``flops`` and ``useful_tokens`` count useful work (padding excluded); either may be None."""
 
     def _compare(
         benchmark,
@@ -49,6 +50,7 @@ def compare():
         baseline: str,
         flops: int | None,
         rounds: int,
+        useful_tokens: int | None = None,
         **info,
     ) -> dict[str, float]:
         for fn in contenders.values():
@@ -61,7 +63,7 @@ def compare():
                 contenders[name]()
                 samples[name].append(time.perf_counter() - start)
         medians = {name: statistics.median(values) for name, values in samples.items()}
-        _RESULTS[group] = {"medians": medians, "baseline": baseline, "flops": flops}
+        _RESULTS[group] = {"medians": medians, "baseline": baseline, "flops": flops, "tokens": useful_tokens}
         benchmark.extra_info.update(info)
         benchmark.extra_info["interleaved_median_ms"] = {name: round(m * 1e3, 3) for name, m in medians.items()}
         benchmark.extra_info["speedup_vs_" + baseline] = {
@@ -71,6 +73,9 @@ def compare():
             benchmark.extra_info["useful_gflop_per_s"] = {
                 name: round(flops / m / 1e9, 1) for name, m in medians.items()
             }
+        if useful_tokens is not None:
+            benchmark.extra_info["useful_tokens"] = useful_tokens
+            benchmark.extra_info["useful_tokens_per_s"] = {n: round(useful_tokens / m) for n, m in medians.items()}
         return medians
 
     return _compare
@@ -115,12 +120,12 @@ def record_bandwidth():
     return _record
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def describe_device():
     return device_name
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def sync():
     return synchronised
 
@@ -130,9 +135,10 @@ def pytest_terminal_summary(terminalreporter):
         return
     terminalreporter.section("fastmini: interleaved medians, ratio against the baseline of the same run")
     for group, result in sorted(_RESULTS.items()):
-        medians, baseline, flops = result["medians"], result["baseline"], result["flops"]
+        medians, baseline, flops, tokens = result["medians"], result["baseline"], result["flops"], result["tokens"]
         for name, median in sorted(medians.items(), key=lambda item: item[1]):
             gflops = f"{flops / median / 1e9:7.1f} GFLOP/s" if flops else ""
-            terminalreporter.write_line(
-                f"{group:28s} {name:20s} {median * 1e3:9.3f} ms {gflops}  x{medians[baseline] / median:.2f}"
-            )
+            tokens_per_s = f"  {tokens / median:9.0f} tokens/s" if tokens else ""
+            ratio = medians[baseline] / median
+            line = f"{group:28s} {name:20s} {median * 1e3:9.3f} ms {gflops}{tokens_per_s}  x{ratio:.2f}"
+            terminalreporter.write_line(line)

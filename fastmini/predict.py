@@ -121,7 +121,7 @@ class Predictor:
         self.device = resolve_device(device)
         use_bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
-        self.model.to(self.device).eval()
+        self.model.to(self.device).eval().optimize_for_inference()
 
     def predict(self, examples: list[dict[str, Any]], batch_size: int, max_length: int | None) -> list[dict[str, Any]]:
         from fastmini.finetune import inference

@@ -61,3 +61,22 @@ def test_training_through_the_packed_path(tiny_config, batch):
     loss.backward()
     assert model.fastmini.encoder.shared_layer.query.weight.grad.abs().sum() > 0
     assert model.fastmini.encoder.attention_adapters[0].down.weight.grad.abs().sum() > 0
+
+
+def test_padded_layout_with_masked_keys_equals_unpadding(tiny_config, randomize):
+    """encode(unpad=False), the layout CUDA graphs need, computes what unpadding computes."""
+    model = randomize(FastMiniModel(tiny_config())).eval()
+    generator = torch.Generator().manual_seed(4)
+    input_ids = torch.randint(5, 99, (3, 6), generator=generator)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    kwargs = dict(output_hidden_states=True, output_attentions=True)
+    unpadded = model.encode(input_ids, mask, **kwargs)
+    padded = model.encode(input_ids, mask, unpad=False, **kwargs)
+    assert padded.packing is None and padded.sequence.shape == (3, 6, 36)
+    torch.testing.assert_close(padded.sequence, unpadded.repad(unpadded.sequence), rtol=1e-5, atol=1e-5)
+    assert torch.count_nonzero(padded.sequence[mask == 0]) == 0
+    for a, b in zip(padded.hidden_states, unpadded.hidden_states, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    real = mask.bool()[:, None, :, None]  # attention rows of real queries
+    for a, b in zip(padded.attentions, unpadded.attentions, strict=True):
+        torch.testing.assert_close(a.masked_fill(~real, 0), b.masked_fill(~real, 0), rtol=1e-5, atol=1e-6)

@@ -74,7 +74,7 @@ def read_labelled_file(path: Path, columns: Columns, labels_required: bool = Tru
     if suffix in (".csv", ".tsv"):
         names, rows = _csv_rows(path, text, "\t" if suffix == ".tsv" else ",")
     else:
-        names, rows = _json_rows(path, text)
+        names, rows = json_records(path, text)
     check_columns(str(path), names, columns, labels_required)
     examples = _examples(rows, columns, labels_required)
     if not examples:
@@ -104,7 +104,8 @@ def _csv_rows(path: Path, text: str, delimiter: str) -> tuple[list[str], list[tu
     return names, rows
 
 
-def _json_rows(path: Path, text: str) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
+def json_records(path: Path, text: str) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
+    """(the first record's field names, [(where, record)]) of a JSON array of objects or of JSON lines."""
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)
@@ -167,38 +168,47 @@ def _text(value: Any, where: str, column: str) -> str:
     return str(value)
 
 
-def load_dataset_split(
-    name: str,
-    config: str | None,
-    split: str,
-    columns: Columns,
-    *,
-    labels_required: bool = True,
-    cache_dir: str | None = None,
-) -> tuple[list[dict[str, Any]], list[str] | None]:
-    """(examples, the label names of a ClassLabel column or None) of one split of a ``datasets`` name.
-
-    Rows labelled -1 (GLUE's hidden test labels) have no label."""
+def open_dataset_split(name: str, config: str | None, split: str, cache_dir: str | None = None):
+    """One split of a ``datasets`` name, as a ``datasets.Dataset``; a DataError when it cannot be loaded."""
     import datasets
 
     try:
-        dataset = datasets.load_dataset(name, config, split=split, cache_dir=cache_dir)
+        return datasets.load_dataset(name, config, split=split, cache_dir=cache_dir)
     except Exception as error:  # datasets raises many kinds (offline, not found, bad config, bad split)
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise DataError(
             f"'{name}' is not a local file or directory, and datasets could not load it "
             f"(config {config!r}, split '{split}'): {first_line}"
         ) from error
-    source = f"dataset '{name}'" + (f" ({config})" if config else "") + f", split '{split}'"
+
+
+def dataset_source(name: str, config: str | None, split: str) -> str:
+    """How messages name one split of a ``datasets`` name."""
+    return f"dataset '{name}'" + (f" ({config})" if config else "") + f", split '{split}'"
+
+
+def dataset_examples(
+    dataset, source: str, columns: Columns, *, labels_required: bool = True
+) -> tuple[list[dict[str, Any]], list[str] | None]:
+    """(examples, the label names of a ClassLabel column or None) of a loaded ``datasets.Dataset``.
+
+    -1 is GLUE's placeholder for its hidden test labels: a ClassLabel row of -1 has no label, and neither
+    has any row of a split whose labels are optional (a test split) and all -1 (STS-B's test scores).
+    ``dataset`` comes from ``open_dataset_split``; ``source`` (``dataset_source``) names it in messages."""
+    import datasets
+
     check_columns(source, list(dataset.column_names), columns, labels_required)
     feature = dataset.features.get(columns.label)
     label_names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
     wanted = [c for c in (columns.text, columns.text_pair, columns.label) if c and c in dataset.column_names]
+    records = dataset.select_columns(wanted).to_list()
+    # Only where labels are optional (test splits): a validation split is read as it is.
+    hidden = not labels_required and bool(records) and all(_is_placeholder(r.get(columns.label)) for r in records)
     examples = []
-    for index, record in enumerate(dataset.select_columns(wanted).to_list()):
+    for index, record in enumerate(records):
         where = f"{source}, row {index}"
         label = record.get(columns.label)
-        if label_names is not None and label == -1:
+        if hidden or (label_names is not None and _is_placeholder(label)):
             label = None
         if label is None and labels_required:
             raise DataError(f"{where}: no label in column '{columns.label}'")
@@ -206,6 +216,10 @@ def load_dataset_split(
     if not examples:
         raise DataError(f"{source}: no examples")
     return examples, label_names
+
+
+def _is_placeholder(label: Any) -> bool:
+    return isinstance(label, (int, float)) and not isinstance(label, bool) and label == -1
 
 
 def polarity_path() -> Path:

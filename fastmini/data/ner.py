@@ -1,10 +1,18 @@
-"""Named-entity data: the two-column TSV format, and sub-word label alignment.
+"""Named-entity data: the two-column TSV format, rows of word and tag lists, and sub-word label alignment.
 
-The format (BioBERT's NER files, e.g. NCBI-disease): one ``token TAB tag`` per line, a blank
-line between sentences, ``train``, ``dev``/``validation`` and ``test`` files. Tags are BIO(ES)
-tags with a type (``B-Disease``) or without one (BioBERT's bare ``B`` / ``I`` / ``O``). CoNLL's
-``-DOCSTART-`` lines end a sentence and are skipped. A malformed line is a DataError naming
-the file and the line number.
+The two-column format (BioBERT's NER files, e.g. NCBI-disease): one ``token TAB tag`` per line,
+a blank line between sentences, ``train``, ``dev``/``validation`` and ``test`` files. Tags are
+BIO(ES) tags with a type (``B-Disease``) or without one (BioBERT's bare ``B`` / ``I`` / ``O``).
+CoNLL's ``-DOCSTART-`` lines end a sentence and are skipped. A malformed line is a DataError
+naming the file and the line number.
+
+Rows (a ``datasets`` split such as conll2003's, or local .parquet / .json / .jsonl files): one
+sentence per row, a list of words in one column (``tokens``) and a list of tags of the same
+length in another (``ner_tags``). Tags are names (``B-PER``) or integers of a
+``Sequence(ClassLabel)`` feature, which are turned into its names, so that label maps are
+always by name. Rows without words and conll2003's ``["-DOCSTART-"]`` rows are skipped, as
+blank and ``-DOCSTART-`` lines are above. A bad row is a DataError naming the source, the row
+and the column.
 
 Alignment: a word split into several sub-tokens gives every sub-token its label ("all", the
 MiniALBERT recipe) or only the first one ("first", the others get -100 and no loss); special
@@ -19,10 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from fastmini.data.corpus import DataError, read_text_file
+from fastmini.data.labelled import json_records
 
 IGNORE_INDEX = -100  # CrossEntropyLoss's ignore_index: no loss, no gradient
 ALIGNMENTS = ("all", "first")
 NER_SUFFIXES = (".tsv", ".txt", ".conll", ".iob", ".bio")
+RECORD_SUFFIXES = (".parquet", ".json", ".jsonl")  # one sentence per row, word and tag lists in columns
+TOKENS_COLUMN = "tokens"  # conll2003's column names, the defaults of --text-column / --label-column for NER
+TAGS_COLUMN = "ner_tags"
 TAG_PATTERN = re.compile(r"^(O|[BIES](-\S+)?)$")
 DOCUMENT_START = "-DOCSTART-"
 
@@ -68,6 +80,147 @@ def read_ner_file(path: Path) -> list[dict[str, Any]]:
     if not sentences:
         raise DataError(f"{path}: no sentences")
     return sentences
+
+
+# ------------------------------------------------------------------------------ rows of lists
+def dataset_sentences(
+    dataset, source: str, tokens_column: str, tags_column: str, *, tags_required: bool = True
+) -> tuple[list[dict[str, Any]], list[str] | None]:
+    """(sentences, the tag names its tags column declares or None) of a loaded ``datasets.Dataset``.
+
+    Without ``tags_required`` (a test split), a split that has no tags column gives unlabelled sentences."""
+    has_tags = _check_record_columns(source, list(dataset.column_names), tokens_column, tags_column, tags_required)
+    names = declared_tag_names(source, tags_column, dataset.features.get(tags_column)) if has_tags else None
+    wanted = [tokens_column, tags_column] if has_tags else [tokens_column]
+    records = [(f"{source}, row {index}", row) for index, row in enumerate(dataset.select_columns(wanted).to_list())]
+    return sentences_of(records, source, tokens_column, tags_column if has_tags else None, names), names
+
+
+def read_ner_records(
+    path: Path, tokens_column: str, tags_column: str, *, tags_required: bool = True
+) -> tuple[list[dict[str, Any]], list[str] | None]:
+    """(sentences, declared tag names or None) of a local .parquet / .json / .jsonl file of word and tag lists.
+
+    Parquet files that ``datasets`` wrote keep their features, ClassLabel names included."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in RECORD_SUFFIXES:
+        raise DataError(f"{path}: unsupported file type '{suffix}' (expected {', '.join(RECORD_SUFFIXES)})")
+    if suffix == ".parquet":
+        columns, records, features = _parquet_records(path)
+    else:
+        columns, records = json_records(path, read_text_file(path))
+        features = {}
+    has_tags = _check_record_columns(str(path), columns, tokens_column, tags_column, tags_required)
+    names = declared_tag_names(str(path), tags_column, features.get(tags_column)) if has_tags else None
+    return sentences_of(records, str(path), tokens_column, tags_column if has_tags else None, names), names
+
+
+def _parquet_records(path: Path):
+    import datasets
+    import pyarrow.parquet
+
+    try:
+        table = pyarrow.parquet.read_table(path)
+        features = datasets.Features.from_arrow_schema(table.schema)
+    except Exception as error:  # pyarrow raises ArrowInvalid, OSError and others for a damaged or foreign file
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise DataError(f"{path}: not a readable parquet file ({first_line})") from error
+    records = [(f"{path}, row {index}", row) for index, row in enumerate(table.to_pylist())]
+    return list(table.column_names), records, features
+
+
+def _check_record_columns(source: str, names: list[str], tokens_column: str, tags_column: str, tags_required) -> bool:
+    """One DataError for a missing words (or, where required, tags) column; whether the tags column exists."""
+    wanted = [("words", tokens_column)] + ([("tags", tags_column)] if tags_required else [])
+    for role, name in wanted:
+        if name not in names:
+            raise DataError(
+                f"{source}: no column '{name}' (asked for as the {role} column of --task ner); its columns are: "
+                f"{', '.join(map(str, names)) or 'none'}"
+            )
+    return tags_column in names
+
+
+def declared_tag_names(source: str, column: str, feature) -> list[str] | None:
+    """The names of a ``Sequence(ClassLabel)`` tags column (datasets' List or Sequence), checked as BIO tags."""
+    import datasets
+
+    inner = getattr(feature, "feature", None)
+    if not isinstance(inner, datasets.ClassLabel):
+        return None
+    names = list(inner.names)
+    for name in names:
+        if not TAG_PATTERN.match(name):
+            raise DataError(
+                f"{source}: column '{column}' declares the tag name '{name}', which is not a BIO tag "
+                "(expected O, B-TYPE, I-TYPE, or bare B / I)"
+            )
+    return names
+
+
+def sentences_of(
+    records: list[tuple[str, dict[str, Any]]],
+    source: str,
+    tokens_column: str,
+    tags_column: str | None,
+    names: list[str] | None,
+) -> list[dict[str, Any]]:
+    """Sentences of ``(where, row)`` records; ``tags_column`` None: unlabelled (``"tags": None``)."""
+    sentences = []
+    for where, record in records:
+        sentence = _record_sentence(where, record, tokens_column, tags_column, names)
+        if sentence is not None:
+            sentences.append(sentence)
+    if not sentences:
+        raise DataError(f"{source}: no sentences")
+    return sentences
+
+
+def _record_sentence(where: str, record: dict[str, Any], tokens_column: str, tags_column: str | None, names):
+    tokens = _list_field(where, record, tokens_column, "words")
+    raw_tags = None if tags_column is None else _list_field(where, record, tags_column, "tags")
+    if raw_tags is not None and len(raw_tags) != len(tokens):
+        raise DataError(
+            f"{where}: {len(tokens)} words in column '{tokens_column}' but {len(raw_tags)} tags in column "
+            f"'{tags_column}'; every word needs one tag"
+        )
+    if not tokens or tokens == [DOCUMENT_START]:
+        return None
+    for token in tokens:
+        if not isinstance(token, str):
+            raise DataError(f"{where}: column '{tokens_column}' holds {token!r}, expected words (strings)")
+    tags = None if raw_tags is None else [_tag_name(where, tags_column, tag, names) for tag in raw_tags]
+    return {"tokens": list(tokens), "tags": tags, "where": where}
+
+
+def _list_field(where: str, record: dict[str, Any], column: str, role: str) -> list:
+    if column not in record:
+        raise DataError(f"{where}: no '{column}' field (the {role} column)")
+    value = record[column]
+    if not isinstance(value, list):
+        raise DataError(f"{where}: column '{column}' holds {type(value).__name__}, expected a list of {role}")
+    return value
+
+
+def _tag_name(where: str, column: str, tag: Any, names: list[str] | None) -> str:
+    """The name of one tag: a string as it is (a BIO tag), an integer through the column's ClassLabel names."""
+    if isinstance(tag, str):
+        if not TAG_PATTERN.match(tag):
+            raise DataError(
+                f"{where}: '{tag}' in column '{column}' is not a BIO tag (expected O, B-TYPE, I-TYPE, or bare B / I)"
+            )
+        return tag
+    if not isinstance(tag, int) or isinstance(tag, bool):
+        raise DataError(f"{where}: column '{column}' holds {tag!r}, expected tag names (B-PER) or ClassLabel integers")
+    if names is None:
+        raise DataError(
+            f"{where}: column '{column}' holds integer tags ({tag}) but no tag names; store the names (O, B-PER, ...) "
+            "or give the column a Sequence(ClassLabel) feature"
+        )
+    if not 0 <= tag < len(names):
+        raise DataError(f"{where}: tag {tag} in column '{column}' is outside its ClassLabel's 0..{len(names) - 1}")
+    return names[tag]
 
 
 def label_list(tag_sequences: Sequence[Sequence[str]]) -> list[str]:

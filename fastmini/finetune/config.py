@@ -119,14 +119,21 @@ class FinetuneConfig:
     data: str | None = option(
         None,
         "a directory holding train.* and validation.* or dev.* (and optionally test.*) files: csv/tsv/json/jsonl "
-        "with named columns, or two-column NER TSV files (token TAB tag) for --task ner; or a datasets name "
-        "(default: a GLUE task's own dataset; otherwise the 200 movie-review sentences that gensim ships)",
+        "with named columns; for --task ner, two-column files (token TAB tag) or parquet/json/jsonl rows with a "
+        "list of words and a list of tags; or a datasets name (its validation, dev or valid split; test if any; "
+        "ner: e.g. conll2003) (default: a GLUE task's own dataset; otherwise the 200 movie-review sentences that "
+        "gensim ships)",
         "data",
         parse=optional_str,
         metavar="PATH",
     )
     data_config: str | None = option(None, "config of a datasets name", "data", parse=optional_str, metavar="NAME")
-    text_column: str = option("text", "column holding the text (GLUE: the task's own)", "data", metavar="NAME")
+    text_column: str = option(
+        "text",
+        "column holding the text (GLUE: the task's own; --task ner: each row's list of words, by default 'tokens')",
+        "data",
+        metavar="NAME",
+    )
     text_pair_column: str | None = option(
         None,
         "column holding the second text of a sentence pair (GLUE: the task's own)",
@@ -134,7 +141,13 @@ class FinetuneConfig:
         parse=optional_str,
         metavar="NAME",
     )
-    label_column: str = option("label", "column holding the label", "data", metavar="NAME")
+    label_column: str = option(
+        "label",
+        "column holding the label (--task ner: each row's list of tags, names such as B-PER or the integers of a "
+        "Sequence(ClassLabel), by default 'ner_tags')",
+        "data",
+        metavar="NAME",
+    )
     label_separator: str = option(
         ",", "multilabel: the separator of label names in a text cell (JSON lists need none)", "data", metavar="SEP"
     )
@@ -276,3 +289,7 @@ def validate(config: FinetuneConfig) -> None:
         raise UsageError("--label-separator must not be empty")
     if config.text_pair_column is not None and config.text_pair_column == config.text_column:
         raise UsageError(f"--text-pair-column must differ from --text-column ('{config.text_column}')")
+    if config.label_column == config.text_column:
+        raise UsageError(f"--label-column must differ from --text-column ('{config.text_column}')")
+    if config.text_pair_column is not None and TASKS[config.task].kind == "ner":
+        raise UsageError("--text-pair-column: --task ner reads one list of words per row, not pairs")

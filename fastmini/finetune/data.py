@@ -2,8 +2,11 @@
 
 Sources (``--data``): none (a GLUE task's own ``datasets`` split, or the embedded movie-review
 sentences), a local directory of ``train`` / ``validation`` or ``dev`` / ``test`` files, or a
-``datasets`` name. Validation labels are required; test files may lack labels (then they only
-get predictions). Labels outside the training label map stop the run with the row named.
+``datasets`` name (its ``validation`` split, else ``dev`` or ``valid``; ``test`` if it has one).
+NER reads two-column files, or rows holding a list of words and a list of tags (a ``datasets``
+name, local .parquet / .json / .jsonl files; columns --text-column / --label-column, by default
+``tokens`` / ``ner_tags``). Validation labels are required; test files may lack labels (then they
+only get predictions). Labels outside the training label map stop the run with the row named.
 
 ``Encoded`` is what the training loop and the evaluator read: token ids per example, the model
 targets (class index, number, multi-hot row, or one label per sub-token), and for NER the
@@ -20,8 +23,28 @@ from typing import Any
 import torch
 
 from fastmini.data.corpus import DataError
-from fastmini.data.labelled import Columns, load_dataset_split, polarity_split, read_labelled_file, split_files
-from fastmini.data.ner import IGNORE_INDEX, NER_SUFFIXES, align_labels, first_subtoken_positions, read_ner_file
+from fastmini.data.labelled import (
+    LABELLED_SUFFIXES,
+    SPLIT_STEMS,
+    Columns,
+    dataset_examples,
+    dataset_source,
+    open_dataset_split,
+    polarity_split,
+    read_labelled_file,
+    split_files,
+)
+from fastmini.data.ner import (
+    IGNORE_INDEX,
+    NER_SUFFIXES,
+    RECORD_SUFFIXES,
+    align_labels,
+    dataset_sentences,
+    first_subtoken_positions,
+    label_list,
+    read_ner_file,
+    read_ner_records,
+)
 from fastmini.finetune.config import FinetuneConfig
 from fastmini.finetune.tasks import LabelMap, TaskSpec, build_label_names
 
@@ -79,20 +102,19 @@ def _read_splits(config: FinetuneConfig, spec: TaskSpec):
         return train, {"validation": dev}, {}, None, "gensim's 200 movie-review sentences (fixed 160 / 40 split)"
     path = Path(config.data).expanduser()
     if path.is_dir():
-        return (*_local_splits(path, config, spec), None, str(path))
+        return (*_local_splits(path, config, spec), str(path))
     if path.exists():
         raise DataError(
             f"--data {config.data}: expected a directory holding train.* and validation.* (or dev.*) files, got a file"
         )
     if config.data.startswith((".", "/", "~")) or config.data.count("/") > 1:
         raise DataError(f"--data {config.data}: no such directory")
-    if spec.kind == "ner":
-        raise DataError(f"--data {config.data}: --task ner reads a directory of two-column files (token TAB tag)")
     return _datasets_splits(config.data, config.data_config, config, spec)
 
 
 def _local_splits(directory: Path, config: FinetuneConfig, spec: TaskSpec):
-    suffixes = NER_SUFFIXES if spec.kind == "ner" else (".csv", ".tsv", ".json", ".jsonl")
+    """(train, validation, test, label names or None) of a directory of split files."""
+    suffixes = NER_SUFFIXES + RECORD_SUFFIXES if spec.kind == "ner" else LABELLED_SUFFIXES
     files = split_files(directory, suffixes)
     for needed, names in (("train", "train.*"), ("validation", "validation.* or dev.*")):
         if needed not in files:
@@ -101,37 +123,81 @@ def _local_splits(directory: Path, config: FinetuneConfig, spec: TaskSpec):
                 f"named train, validation or dev, and optionally test)"
             )
 
-    def read(split: str, labels_required: bool) -> list[dict[str, Any]]:
-        if spec.kind == "ner":
-            return read_ner_file(files[split])
-        return read_labelled_file(files[split], columns_of(config), labels_required)
+    def read(split: str, labels_required: bool):
+        path = files[split]
+        if spec.kind != "ner":
+            return read_labelled_file(path, columns_of(config), labels_required), None
+        if path.suffix.lower() in RECORD_SUFFIXES:
+            return read_ner_records(path, config.text_column, config.label_column, tags_required=labels_required)
+        return read_ner_file(path), None
 
-    test = {"test": read("test", False)} if "test" in files else {}
-    return read("train", True), {"validation": read("validation", True)}, test
+    train, declared = read("train", True)
+    validation = {"validation": read("validation", True)[0]}
+    test = {"test": read("test", False)[0]} if "test" in files else {}
+    return train, validation, test, _ner_label_names(spec, train, declared)
+
+
+def _ner_label_names(spec: TaskSpec, train: list[dict[str, Any]], declared: list[str] | None) -> list[str] | None:
+    """NER: the training tags and every tag name the training split declares (a ClassLabel's), in label_list's
+    stable order, so that a tag the dataset defines but the training split lacks still has an output."""
+    if spec.kind != "ner" or declared is None:
+        return None
+    return label_list([*(example["tags"] for example in train), declared])
 
 
 def _datasets_splits(name: str, dataset_config: str | None, config: FinetuneConfig, spec: TaskSpec):
-    columns = columns_of(config)
+    def opened(split: str):
+        return open_dataset_split(name, dataset_config, split, config.cache_dir)
 
-    def load(split: str, labels_required: bool):
-        return load_dataset_split(
-            name, dataset_config, split, columns, labels_required=labels_required, cache_dir=config.cache_dir
-        )
+    def read(split: str, dataset, labels_required: bool):
+        source = dataset_source(name, dataset_config, split)
+        if spec.kind == "ner":
+            return dataset_sentences(
+                dataset, source, config.text_column, config.label_column, tags_required=labels_required
+            )
+        return dataset_examples(dataset, source, columns_of(config), labels_required=labels_required)
 
-    train, label_names = load("train", True)
-    validation = {split: load(split, True)[0] for split in spec.validation_splits}
+    train, label_names = read("train", opened("train"), True)
+    validation = {}
+    for split in spec.validation_splits:
+        found, dataset = _open_first(opened, _split_names(split, spec))
+        validation[split] = read(found, dataset, True)[0]
     test = {}
     for split in spec.test_splits:
         try:
-            test[split] = load(split, False)[0]
+            dataset = opened(split)
         except DataError:
-            pass  # a dataset without a test split: validation only
+            continue  # a dataset without a test split: validation only
+        test[split] = read(split, dataset, False)[0]
     if spec.label_names is not None:
         label_names = list(spec.label_names)
-    if spec.kind != "classification":
+    if spec.kind == "ner":
+        label_names = _ner_label_names(spec, train, label_names)
+    elif spec.kind != "classification":
         label_names = None
     source = f"dataset '{name}'" + (f" ({dataset_config})" if dataset_config else "")
     return train, validation, test, label_names, source
+
+
+def _split_names(split: str, spec: TaskSpec) -> tuple[str, ...]:
+    """The split names to try for one validation split: GLUE's own, else validation, dev or valid (as files)."""
+    if spec.is_glue or split != "validation":
+        return (split,)
+    return SPLIT_STEMS["validation"]
+
+
+def _open_first(opened, names: tuple[str, ...]):
+    """(name, dataset) of the first split of ``names`` that loads; the first one's error when none does."""
+    errors = []
+    for name in names:
+        try:
+            return name, opened(name)
+        except DataError as error:
+            errors.append(error)
+    if len(names) == 1:
+        raise errors[0]
+    tried = ", ".join(f"'{name}'" for name in names[1:])
+    raise DataError(f"{errors[0]} (no split {tried} either)") from errors[0]
 
 
 # ------------------------------------------------------------------------------------ encoding

@@ -60,19 +60,58 @@ class FastMiniPreTrainedModel(PreTrainedModel):
         """Load what ``save_adapters`` wrote (adding adapters to a model without them)."""
         adapter_tuning.load_adapters(self, directory)
 
+    def optimize_for_inference(self, prepacked_weights: bool = True, varlen_attention: bool = False):
+        """Switch on the inference fast paths; returns the model. Training is unaffected.
 
-def packing_for(attention_mask: torch.Tensor | None, shape: torch.Size) -> Packing | None:
-    """A Packing when the batch has padding; None when every token is real (nothing to skip)."""
-    if attention_mask is None:
-        return None
+        ``prepacked_weights``: on the CPU, the shared layer's GEMM weights are reordered once for
+        oneDNN and stay so across recursions and calls (fastmini.ops.prepacked_linear); the cache
+        follows in-place updates, optimizer steps, ``load_state_dict`` and ``.to()`` by itself, but
+        not writes through ``param.data`` (they bypass version counters): call this again after
+        those. ``False`` switches it off again.
+        ``varlen_attention``: on CUDA, padded batches attend through torch's variable-length flash
+        kernel on the packed tokens (fp16/bf16). UNVERIFIED: it has not run on a GPU yet, hence off
+        by default.
+        """
+        shared_layer = self.base_encoder().encoder.shared_layer
+        shared_layer.use_prepacked_weights(prepacked_weights)
+        shared_layer.packed_attention_backend = "cuda" if varlen_attention else None
+        return self
+
+    def graphed_encoder(self, **options):
+        """The encoder's last hidden state, (B, S, H), replayed through one CUDA graph per shape
+        bucket: ``fastmini.runtime.GraphedEncoder`` over ``encode(..., unpad=False)`` (options:
+        its bucket and capture arguments). For inference on CUDA, model in ``eval()``.
+        UNVERIFIED: it has not run on a GPU yet."""
+        from fastmini.runtime import GraphedEncoder
+
+        base = self.base_encoder()
+        options.setdefault("max_sequence_length", self.config.max_position_embeddings)
+        return GraphedEncoder(lambda ids, mask: base.encode(ids, mask, unpad=False).sequence, **options)
+
+    def base_encoder(self) -> FastMiniModel:
+        return self if isinstance(self, FastMiniModel) else getattr(self, self.base_model_prefix)
+
+
+def _check_mask_shape(attention_mask: torch.Tensor, shape: torch.Size) -> None:
     if attention_mask.shape != shape:
         raise ValueError(
             f"attention_mask must have the (batch, sequence) shape of the input, {tuple(shape)}; "
             f"got {tuple(attention_mask.shape)}"
         )
+
+
+def packing_for(attention_mask: torch.Tensor | None, shape: torch.Size) -> Packing | None:
+    """A Packing when the batch has padding; None when every token is real (nothing to skip)."""
+    if attention_mask is None:
+        return None
+    _check_mask_shape(attention_mask, shape)
     if bool(attention_mask.bool().all()):
         return None
     return Packing.from_attention_mask(attention_mask)
+
+
+def _zero_padding(hidden: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+    return hidden.masked_fill(~key_padding_mask[..., None], 0.0)
 
 
 @dataclass
@@ -120,10 +159,15 @@ class FastMiniModel(FastMiniPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         repad_hidden_states: bool = True,
+        unpad: bool = True,
     ) -> Encoded:
         """Embeddings, unpadding, projector and the recursion; heads call this directly so that
         they too run on real tokens only. With ``repad_hidden_states=False`` the hidden states of
-        a padded batch stay packed (T, H), for callers that work on real tokens (the distiller)."""
+        a padded batch stay packed (T, H), for callers that work on real tokens (the distiller).
+
+        ``unpad=False`` keeps the padded (B, S) layout and masks padded keys instead: more work,
+        but no shape depends on the mask's values and no host sync reads it, which is what CUDA
+        graph capture needs (fastmini.runtime). Padded positions of the outputs are zeros either way."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("FastMiniModel: give exactly one of input_ids or inputs_embeds")
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
@@ -131,7 +175,14 @@ class FastMiniModel(FastMiniPreTrainedModel):
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         )
         shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
-        packing = packing_for(attention_mask, shape)
+        key_padding_mask = None
+        if unpad:
+            packing = packing_for(attention_mask, shape)
+        elif attention_mask is not None:
+            _check_mask_shape(attention_mask, shape)
+            packing, key_padding_mask = None, attention_mask.bool()
+        else:
+            packing = None
 
         hidden = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
         if packing is not None:
@@ -139,12 +190,20 @@ class FastMiniModel(FastMiniPreTrainedModel):
         if self.projector is not None:
             hidden = self.projector(hidden)
         encoded = self.encoder(
-            hidden, packing, output_hidden_states=bool(output_hidden_states), output_attentions=bool(output_attentions)
+            hidden,
+            packing,
+            output_hidden_states=bool(output_hidden_states),
+            output_attentions=bool(output_attentions),
+            key_padding_mask=key_padding_mask,
         )
-        hidden_states = encoded.hidden_states
+        sequence, hidden_states = encoded.last_hidden_state, encoded.hidden_states
         if hidden_states is not None and packing is not None and repad_hidden_states:
             hidden_states = tuple(packing.unpack(h) for h in hidden_states)
-        return Encoded(encoded.last_hidden_state, packing, hidden_states, encoded.attentions)
+        if key_padding_mask is not None:
+            sequence = _zero_padding(sequence, key_padding_mask)
+            if hidden_states is not None:
+                hidden_states = tuple(_zero_padding(h, key_padding_mask) for h in hidden_states)
+        return Encoded(sequence, packing, hidden_states, encoded.attentions)
 
     def forward(
         self,

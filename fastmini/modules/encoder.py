@@ -54,14 +54,17 @@ class RecursiveEncoder(nn.Module):
         packing: Packing | None = None,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
+        key_padding_mask: torch.Tensor | None = None,
     ) -> EncoderOutput:
+        """``hidden_states`` is packed (T, H) with ``packing``, or (B, S, H) whose padded keys (if
+        any) ``key_padding_mask`` marks False: the padded layout, for shapes fixed in advance."""
         all_hidden = [hidden_states] if output_hidden_states else None
         all_attentions = [] if output_attentions else None
         h = hidden_states
         for i in range(self.num_recursions):
             if self.attention_adapters is not None:
                 h = self.attention_adapters[i](h)
-            h, probabilities = self.shared_layer.attention_block(h, packing, output_attentions)
+            h, probabilities = self.shared_layer.attention_block(h, packing, output_attentions, key_padding_mask)
             if self.ffn_adapters is not None:
                 h = self.ffn_adapters[i](h)
             h = self.shared_layer.ffn_block(h)

@@ -3,6 +3,10 @@
 Split in two halves because the per-recursion adapters sit between them:
 ``attention_block`` (q/k/v, attention, output projection, residual + LayerNorm) and
 ``ffn_block`` (H -> I with GELU, I -> H, residual + LayerNorm).
+
+``use_prepacked_weights()`` (CPU inference, see ops.prepacked_linear) keeps the layer's GEMM
+weights reordered for oneDNN across recursions and forwards, query/key/value as one matrix; any
+input the cache does not apply to (training, gradients, CUDA, non-fp32) takes the usual ops.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import torch
 from torch import nn
 
 from fastmini.ops import Packing, add_layer_norm, linear_gelu, packed_self_attention, self_attention
+from fastmini.ops.prepacked_linear import PrepackedLinears
 
 
 class SharedLayer(nn.Module):
@@ -29,6 +34,20 @@ class SharedLayer(nn.Module):
         self.ffn_intermediate = nn.Linear(hidden, config.intermediate_size)
         self.ffn_output = nn.Linear(config.intermediate_size, hidden)
         self.ffn_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.prepacked: PrepackedLinears | None = None  # a cache, not state: never saved
+        self.packed_attention_backend: str | None = None  # None: ops.attention's automatic choice
+
+    def use_prepacked_weights(self, enabled: bool = True) -> None:
+        self.prepacked = PrepackedLinears() if enabled else None
+
+    def _prepacked_for(self, x: torch.Tensor) -> PrepackedLinears | None:
+        """The prepacked cache when it applies to this input, else None (the usual ops run)."""
+        prepacked = self.prepacked
+        return prepacked if prepacked is not None and prepacked.applies(x, (self.query.weight,)) else None
+
+    def _linear(self, prepacked: PrepackedLinears | None, name: str, x: torch.Tensor) -> torch.Tensor:
+        layer = getattr(self, name)
+        return layer(x) if prepacked is None else prepacked.linear(name, x, [layer.weight], [layer.bias])
 
     def _dropout(self, p: float) -> float:
         return p if self.training else 0.0
@@ -38,25 +57,38 @@ class SharedLayer(nn.Module):
         x: torch.Tensor,
         packing: Packing | None,
         need_weights: bool,
+        key_padding_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``LayerNorm(x + Dropout(Dense(Attention(x))))`` and the probabilities when asked for.
 
-        ``x`` is packed (T, H) when ``packing`` is given, else a full (B, S, H) batch without
-        padding. The residual is this block's own input, i.e. the attention adapter's output.
+        ``x`` is packed (T, H) when ``packing`` is given, else a (B, S, H) batch whose padded keys,
+        if any, ``key_padding_mask`` (B, S) marks False. The residual is this block's own input,
+        i.e. the attention adapter's output.
         """
-        projections = (self.query(x), self.key(x), self.value(x))
+        prepacked = self._prepacked_for(x)
+        if prepacked is None:
+            projections = (self.query(x), self.key(x), self.value(x))
+        else:
+            layers = (self.query, self.key, self.value)
+            qkv = prepacked.linear("qkv", x, [m.weight for m in layers], [m.bias for m in layers])
+            projections = qkv.split(self.query.out_features, dim=-1)
         dropout_p = self._dropout(self.attention_dropout_p)
         if packing is not None:
             context, probabilities = packed_self_attention(
-                *projections, self.num_heads, packing, dropout_p=dropout_p, need_weights=need_weights
+                *projections,
+                self.num_heads,
+                packing,
+                dropout_p=dropout_p,
+                need_weights=need_weights,
+                backend=self.packed_attention_backend,
             )
         else:
             context, probabilities = self_attention(
-                *projections, self.num_heads, None, dropout_p=dropout_p, need_weights=need_weights
+                *projections, self.num_heads, key_padding_mask, dropout_p=dropout_p, need_weights=need_weights
             )
         norm = self.attention_norm
         out = add_layer_norm(
-            self.attention_output(context),
+            self._linear(prepacked, "attention_output", context),
             x,
             norm.weight,
             norm.bias,
@@ -67,10 +99,15 @@ class SharedLayer(nn.Module):
 
     def ffn_block(self, x: torch.Tensor) -> torch.Tensor:
         """``LayerNorm(x + Dropout(FfnOut(GELU(Ffn(x)))))``."""
-        intermediate = linear_gelu(x, self.ffn_intermediate.weight, self.ffn_intermediate.bias, self.gelu_approximation)
+        up = self.ffn_intermediate
+        prepacked = self._prepacked_for(x)
+        if prepacked is None:
+            intermediate = linear_gelu(x, up.weight, up.bias, self.gelu_approximation)
+        else:
+            intermediate = prepacked.linear("ffn_intermediate", x, [up.weight], [up.bias], gelu=self.gelu_approximation)
         norm = self.ffn_norm
         return add_layer_norm(
-            self.ffn_output(intermediate),
+            self._linear(prepacked, "ffn_output", intermediate),
             x,
             norm.weight,
             norm.bias,

@@ -3,6 +3,11 @@
 The probabilities (B, A, S, S) are materialised only when ``need_weights`` is set (the
 distiller and ``output_attentions=True`` need them); otherwise torch's
 ``scaled_dot_product_attention`` picks a fused kernel and never writes them out.
+
+Packed (unpadded) tokens attend through the padded layout by default; on CUDA, backend "cuda"
+runs torch's variable-length flash attention on the packed tokens directly
+(``torch.nn.attention.varlen``, fp16/bf16, no dropout, no probabilities: other calls keep the
+padded path). It has not run on a GPU yet, so it is chosen only when asked for by name.
 """
 
 from __future__ import annotations
@@ -10,7 +15,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastmini.ops.dispatch import BackendUnavailableError
 from fastmini.ops.packing import Packing
+
+PACKED_ATTENTION_BACKENDS = ("torch", "cuda")
+# Set to ("cuda",) once tests/test_varlen_attention.py's GPU tests pass: then CUDA picks it by itself.
+_VERIFIED_ON_GPU: tuple[str, ...] = ()
+_VARLEN_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -63,6 +74,44 @@ def self_attention(
     return merge_heads(context), None
 
 
+def varlen_attention_ref(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor
+) -> torch.Tensor:
+    """The varlen kernel's contract, one sequence at a time: (T, A, D) heads -> (T, A, D) context."""
+    bounds = cu_seqlens.tolist()
+    outputs = []
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))  # (A, L, D)
+        outputs.append(F.scaled_dot_product_attention(q, k, v).transpose(0, 1))
+    return torch.cat(outputs)
+
+
+def _varlen_attention(query, key, value, cu_seqlens, max_seqlen):
+    from torch.nn.attention.varlen import varlen_attn  # torch >= 2.9; CUDA only
+
+    return varlen_attn(query, key, value, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+
+
+def _packed_backend(x: torch.Tensor, backend: str | None) -> str:
+    if backend is None:
+        return "cuda" if x.is_cuda and "cuda" in _VERIFIED_ON_GPU else "torch"
+    if backend not in PACKED_ATTENTION_BACKENDS:
+        raise ValueError(f"packed attention: unknown backend '{backend}'; expected one of {PACKED_ATTENTION_BACKENDS}")
+    if backend == "cuda":
+        if not x.is_cuda:
+            raise BackendUnavailableError(
+                f"packed attention: backend 'cuda' needs a CUDA tensor, got one on {x.device}"
+            )
+        try:
+            import torch.nn.attention.varlen  # noqa: F401
+        except ImportError as error:
+            raise BackendUnavailableError(
+                f"packed attention: backend 'cuda' needs torch.nn.attention.varlen (torch >= 2.9); this is "
+                f"torch {torch.__version__}"
+            ) from error
+    return backend
+
+
 def packed_self_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -71,13 +120,21 @@ def packed_self_attention(
     packing: Packing,
     dropout_p: float = 0.0,
     need_weights: bool = False,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention over packed (T, H) tokens: each token attends to the real tokens of its sequence.
 
     Only attention sees the padded layout again (its cost per token is 4*S*H against the layer's
     ~8H^2 + 4HI), so every GEMM, adapter and LayerNorm of the layer runs on real tokens only.
     Returns the packed (T, H) context and, when asked, (B, A, S, S) probabilities.
+    ``backend="cuda"``: the varlen flash kernel where it can serve the call (see the module doc).
     """
+    chosen = _packed_backend(query, backend)
+    if chosen == "cuda" and not need_weights and dropout_p == 0.0 and query.dtype in _VARLEN_DTYPES:
+        tokens, hidden = query.shape
+        heads = (t.reshape(tokens, num_heads, hidden // num_heads) for t in (query, key, value))
+        context = _varlen_attention(*heads, packing.cu_seqlens, packing.seq_len)
+        return context.reshape(tokens, hidden), None
     padded = (packing.unpack(t) for t in (query, key, value))
     context, probabilities = self_attention(
         *padded, num_heads, packing.key_padding_mask, dropout_p=dropout_p, need_weights=need_weights

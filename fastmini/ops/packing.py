@@ -9,6 +9,7 @@ positions of the real tokens in row-major order.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -31,6 +32,17 @@ class Packing:
             batch_size=mask.shape[0],
             seq_len=mask.shape[1],
         )
+
+    @cached_property
+    def cu_seqlens(self) -> torch.Tensor:
+        """(B + 1,) int32 offsets of each sequence's tokens in the packed order, for varlen kernels.
+
+        Computed on the mask's device when first asked for (no host sync); a row's real tokens are
+        always adjacent in the packed order because ``indices`` are row-major, whatever the padding
+        pattern. ``seq_len`` bounds every length, so kernels can take it as the maximum.
+        """
+        lengths = self.key_padding_mask.sum(dim=1, dtype=torch.int32)
+        return torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
 
     def pack(self, padded: torch.Tensor) -> torch.Tensor:
         """(B, S, ...) -> (T, ...)."""

@@ -1,0 +1,69 @@
+"""Shape buckets for CUDA-graph replay: a (batch, sequence) input runs in the smallest captured
+(batch bucket, sequence bucket) that holds it, so a handful of graphs serve every shape.
+
+Powers of two keep the padding waste under 2x in each dimension while the number of graphs (one
+per bucket pair) stays small; a graph's memory is mostly its output and activations, which grow
+with the bucket, so very large buckets are better left to eager execution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+DEFAULT_SEQUENCE_BUCKETS = (32, 64, 128, 256, 512)
+
+
+def normalize_buckets(buckets: Iterable[int], name: str) -> tuple[int, ...]:
+    """Sorted, de-duplicated positive ints; a clear ValueError otherwise."""
+    values = tuple(buckets)
+    if not values:
+        raise ValueError(f"{name}: give at least one bucket size")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name}: bucket sizes must be positive ints, got {value!r}")
+    return tuple(sorted(set(values)))
+
+
+def clip_buckets(buckets: tuple[int, ...], limit: int | None) -> tuple[int, ...]:
+    """Buckets above ``limit`` (e.g. the model's max_position_embeddings) replaced by ``limit`` itself:
+    a 70-token input must not be padded to 128 positions by a model that has only 100."""
+    if limit is None:
+        return buckets
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+        raise ValueError(f"max_sequence_length must be a positive int, got {limit!r}")
+    kept = tuple(b for b in buckets if b < limit)
+    return kept + (limit,) if len(kept) < len(buckets) else kept
+
+
+def bucket_for(size: int, buckets: tuple[int, ...]) -> int | None:
+    """The smallest bucket >= size, or None when size is beyond the largest."""
+    for bucket in buckets:
+        if bucket >= size:
+            return bucket
+    return None
+
+
+@dataclass(frozen=True)
+class BucketGrid:
+    batch: tuple[int, ...] = DEFAULT_BATCH_BUCKETS
+    sequence: tuple[int, ...] = DEFAULT_SEQUENCE_BUCKETS
+
+    @classmethod
+    def make(
+        cls,
+        batch: Iterable[int] = DEFAULT_BATCH_BUCKETS,
+        sequence: Iterable[int] = DEFAULT_SEQUENCE_BUCKETS,
+        max_sequence_length: int | None = None,
+    ) -> BucketGrid:
+        return cls(
+            normalize_buckets(batch, "batch_buckets"),
+            clip_buckets(normalize_buckets(sequence, "sequence_buckets"), max_sequence_length),
+        )
+
+    def choose(self, batch_size: int, sequence_length: int) -> tuple[int, int] | None:
+        """The (batch, sequence) bucket for an input of that shape; None when either is too large."""
+        batch = bucket_for(batch_size, self.batch)
+        sequence = bucket_for(sequence_length, self.sequence)
+        return None if batch is None or sequence is None else (batch, sequence)

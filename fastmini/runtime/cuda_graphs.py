@@ -1,0 +1,173 @@
+"""GraphedEncoder: an encoder callable run through one CUDA graph per shape bucket.
+
+At batch 1-8 the N-recursion forward is launch-bound (DESIGN.md, "The two regimes"): ~150 kernel
+launches of a few microseconds each. Replaying a captured graph launches them all at once.
+
+Usage (the model must run in its padded layout, where no shape and no host sync depends on the
+mask's values; the unpadded path reads the mask on the host and cannot be captured)::
+
+    model = FastMiniModel.from_pretrained(...).cuda().eval().to(torch.bfloat16)
+    encoder = GraphedEncoder(
+        lambda ids, mask: model(ids, mask, unpad=False).last_hidden_state,
+        max_sequence_length=model.config.max_position_embeddings,
+    )
+    hidden = encoder(input_ids, attention_mask)   # (B, S, H), a fresh tensor
+
+Each call rounds (B, S) up to the nearest (batch bucket, sequence bucket), copies the inputs into
+that bucket's static zero-padded buffers, captures the bucket's graph on first use, replays it and
+returns the (B, S, H) slice of the static output as a new tensor (the next replay overwrites the
+static one). Inputs larger than the largest bucket run eagerly. ``stats`` counts captures,
+replays and eager fallbacks.
+
+Rules that follow from replaying recorded kernels:
+
+- inference only: everything runs under ``torch.no_grad()``, the model must be in ``eval()``
+  mode (dropout would be frozen into the graph);
+- parameters may change in place (``copy_``, optimizer steps) and replays see the new values, but
+  replacing them (``.to()``, ``load_state_dict(assign=True)``, re-packing them into one buffer for
+  an L2 window) leaves the graphs reading the old memory: call ``reset()`` afterwards;
+- autocast state is frozen at capture time; prefer casting the model (``.to(torch.bfloat16)``);
+- one thread at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from fastmini.runtime.buckets import DEFAULT_BATCH_BUCKETS, DEFAULT_SEQUENCE_BUCKETS, BucketGrid
+from fastmini.runtime.capture import Captured, CaptureStrategy, CudaGraphCapture, EncoderFn
+
+
+@dataclass
+class GraphStats:
+    captures: int = 0
+    replays: int = 0
+    eager_fallbacks: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass
+class _Bucket:
+    input_ids: torch.Tensor  # static, zero-padded: graphs read these addresses
+    attention_mask: torch.Tensor
+    captured: Captured
+
+
+class GraphedEncoder:
+    """``fn(input_ids, attention_mask) -> (B, S, H)`` run through one captured graph per shape bucket.
+
+    ``capture``: the strategy (default ``CudaGraphCapture()``; ``EagerCapture()`` runs the same
+    bookkeeping without graphs). ``max_sequence_length`` caps the sequence buckets at the model's
+    number of positions.
+    """
+
+    def __init__(
+        self,
+        fn: EncoderFn,
+        *,
+        batch_buckets: Iterable[int] = DEFAULT_BATCH_BUCKETS,
+        sequence_buckets: Iterable[int] = DEFAULT_SEQUENCE_BUCKETS,
+        max_sequence_length: int | None = None,
+        capture: CaptureStrategy | None = None,
+    ):
+        if not callable(fn):
+            raise TypeError(f"GraphedEncoder: fn must be callable, got {type(fn).__name__}")
+        self.fn = fn
+        self.grid = BucketGrid.make(batch_buckets, sequence_buckets, max_sequence_length)
+        self.capture = CudaGraphCapture() if capture is None else capture
+        self.stats = GraphStats()
+        self._buckets: dict[tuple[int, int], _Bucket] = {}
+        self._device: torch.device | None = None
+
+    @property
+    def captured_buckets(self) -> list[tuple[int, int]]:
+        return sorted(self._buckets)
+
+    def reset(self) -> None:
+        """Drop every captured graph (and its memory); the next calls capture again."""
+        self._buckets.clear()
+        self._device = None
+
+    def prepare(self, shapes: Iterable[tuple[int, int]], device: torch.device | str = "cuda") -> None:
+        """Capture the buckets of these (batch, sequence) shapes now, e.g. before timing, on dummy
+        inputs (graphs do not depend on values). Shapes beyond the largest bucket are skipped."""
+        for batch_size, sequence_length in shapes:
+            bucket = self.grid.choose(batch_size, sequence_length)
+            if bucket is not None and bucket not in self._buckets:
+                ids = torch.zeros(bucket, dtype=torch.long, device=device)
+                self(ids, torch.ones_like(ids))
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        attention_mask = self._check(input_ids, attention_mask)
+        batch_size, sequence_length = input_ids.shape
+        bucket = self.grid.choose(batch_size, sequence_length)
+        if bucket is None:
+            self.stats.eager_fallbacks += 1
+            with torch.no_grad():
+                return self.fn(input_ids, attention_mask)
+        entry = self._buckets.get(bucket)
+        if entry is None:
+            entry = self._capture(bucket, input_ids, attention_mask)
+        else:
+            self._fill(entry, input_ids, attention_mask)
+        with torch.no_grad():
+            entry.captured.replay()
+        self.stats.replays += 1
+        # The static output is overwritten by the next replay of this bucket: hand out a copy.
+        return entry.captured.output[:batch_size, :sequence_length].clone(memory_format=torch.contiguous_format)
+
+    def _check(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"GraphedEncoder: input_ids must be a (batch, sequence) tensor, got {shape}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex:
+            raise TypeError(f"GraphedEncoder: input_ids must hold integer token ids, got {input_ids.dtype}")
+        if 0 in input_ids.shape:
+            raise ValueError(f"GraphedEncoder: empty input of shape {tuple(input_ids.shape)}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        elif not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+            shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
+            raise ValueError(
+                "GraphedEncoder: attention_mask must have the shape of input_ids, "
+                f"{tuple(input_ids.shape)}; got {shape}"
+            )
+        if attention_mask.device != input_ids.device:
+            raise ValueError(
+                f"GraphedEncoder: input_ids are on {input_ids.device} but attention_mask is on {attention_mask.device}"
+            )
+        self.capture.check_inputs(input_ids)
+        if self._device is not None and input_ids.device != self._device:
+            raise ValueError(
+                f"GraphedEncoder: graphs were captured on {self._device}; got inputs on {input_ids.device} "
+                "(call reset() after moving the model)"
+            )
+        return attention_mask
+
+    def _fill(self, entry: _Bucket, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        batch_size, sequence_length = input_ids.shape
+        entry.input_ids.zero_()
+        entry.input_ids[:batch_size, :sequence_length].copy_(input_ids)
+        entry.attention_mask.zero_()
+        entry.attention_mask[:batch_size, :sequence_length].copy_(attention_mask)
+        # Rows that only pad the batch get one "real" token: a row with every key masked makes
+        # softmax 0/0 = NaN in some attention kernels. Harmless to the real rows (rows never mix),
+        # but NaNs in the static buffers would trip anomaly checks and slow some GPUs down.
+        entry.attention_mask[batch_size:, 0] = 1
+
+    def _capture(self, bucket: tuple[int, int], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> _Bucket:
+        device = input_ids.device
+        static_ids = torch.zeros(bucket, dtype=input_ids.dtype, device=device)
+        static_mask = torch.zeros(bucket, dtype=attention_mask.dtype, device=device)
+        entry = _Bucket(static_ids, static_mask, captured=None)  # type: ignore[arg-type]
+        self._fill(entry, input_ids, attention_mask)
+        entry.captured = self.capture.capture(self.fn, static_ids, static_mask)
+        self._buckets[bucket] = entry
+        self._device = device
+        self.stats.captures += 1
+        return entry

@@ -1,0 +1,75 @@
+"""Find and build fastmini's C++ sources (csrc/ at the repository root) on first use.
+
+csrc/ is not inside the ``fastmini`` package, so it exists only in a source checkout (an editable
+install, ``pip install -e .``); ``FASTMINI_CSRC_DIR`` points elsewhere. The build goes through
+``torch.utils.cpp_extension.load`` (ninja + a C++ compiler; cached under TORCH_EXTENSIONS_DIR or
+torch's default, rebuilt when the source changes). Nothing here runs at import: importing
+torch.utils.cpp_extension alone takes a while and probes for compilers.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import torch
+
+CSRC_ENV_VAR = "FASTMINI_CSRC_DIR"
+L2_SOURCE = "l2_persistence.cpp"
+
+
+def csrc_directory(source: str = L2_SOURCE) -> Path:
+    """The directory holding ``source``: $FASTMINI_CSRC_DIR, else <checkout>/csrc next to the package."""
+    override = os.environ.get(CSRC_ENV_VAR)
+    directory = Path(override) if override else Path(__file__).resolve().parents[2] / "csrc"
+    if not (directory / source).is_file():
+        where = f"${CSRC_ENV_VAR}={override}" if override else "the repository's csrc/ next to the fastmini package"
+        raise RuntimeError(
+            f"fastmini: C++ source {source} not found in {directory} ({where}). The CUDA runtime helpers are "
+            f"built from a source checkout: install fastmini with `pip install -e .`, or set {CSRC_ENV_VAR}"
+        )
+    return directory
+
+
+def _require_cuda(feature: str) -> None:
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"fastmini: {feature} needs a CUDA device; torch sees none on this machine")
+
+
+def _driver_flags(cuda_home: str | None) -> tuple[list[str], list[str]]:
+    """Include path for cuda.h and link flags for libcuda (the driver; the toolkit's stub at link
+    time, the system's libcuda.so.1 at run time)."""
+    if cuda_home is None:
+        raise RuntimeError(
+            "fastmini: building the L2-persistence extension needs the CUDA toolkit's headers (cuda.h); "
+            "set CUDA_HOME to the toolkit (the directory holding include/cuda.h)"
+        )
+    home = Path(cuda_home)
+    if not (home / "include" / "cuda.h").is_file():
+        raise RuntimeError(f"fastmini: {home / 'include' / 'cuda.h'} not found; set CUDA_HOME to a CUDA toolkit")
+    stubs = [home / sub / "stubs" for sub in ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib")]
+    ldflags = [f"-L{path}" for path in stubs if (path / "libcuda.so").is_file()]
+    return [str(home / "include")], [*ldflags, "-lcuda"]
+
+
+@functools.cache
+def load_l2_extension(verbose: bool = False):
+    """The compiled ``fastmini_l2_persistence`` module, built on first call (seconds: no torch headers)."""
+    _require_cuda("L2 persistence")
+    source = csrc_directory(L2_SOURCE) / L2_SOURCE
+    from torch.utils import cpp_extension  # deferred: slow to import, probes compilers
+
+    includes, ldflags = _driver_flags(cpp_extension.CUDA_HOME)
+    try:
+        return cpp_extension.load(
+            name="fastmini_l2_persistence",
+            sources=[str(source)],
+            extra_cflags=["-O2"],
+            extra_include_paths=includes,
+            extra_ldflags=ldflags,
+            with_cuda=False,  # we link the driver ourselves; no libcudart, no nvcc needed
+            verbose=verbose,
+        )
+    except Exception as error:  # compiler, ninja or linker missing or failing
+        raise RuntimeError(f"fastmini: building the L2-persistence extension from {source} failed: {error}") from error

@@ -1,0 +1,152 @@
+"""CPU inference through oneDNN-prepacked weights (ops.prepacked_linear, optimize_for_inference)."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastmini import FastMiniForMaskedLM, FastMiniForSequenceClassification, FastMiniModel
+from fastmini.ops.prepacked_linear import PrepackedLinears, linear_ref, onednn_linear_available
+
+pytestmark = pytest.mark.skipif(not onednn_linear_available(), reason="this torch build has no oneDNN linear")
+
+
+def _weights(*shapes, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(out, inp, generator=generator) * 0.1 for out, inp in shapes]
+    biases = [torch.randn(out, generator=generator) for out, _ in shapes]
+    return weights, biases
+
+
+@pytest.mark.parametrize("gelu", [None, "none", "tanh"])
+@pytest.mark.parametrize("leading", [(7,), (2, 5), (0,)], ids=["2d", "3d", "empty"])
+@pytest.mark.parametrize("fused", [1, 3], ids=["one", "qkv"])
+def test_matches_the_reference(gelu, leading, fused):
+    weights, biases = _weights(*[(36, 36)] * fused)
+    x = torch.randn(*leading, 36)
+    cache = PrepackedLinears()
+    with torch.inference_mode():
+        out = cache.linear("w", x, weights, biases, gelu=gelu)
+        expected = linear_ref(x, weights, biases, gelu)
+    assert out.shape == (*leading, 36 * fused)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert len(cache) == 1
+
+
+def test_non_contiguous_input_and_no_bias():
+    weights, _ = _weights((37, 36))
+    x = torch.randn(5, 72)[:, ::2]
+    with torch.inference_mode():
+        out = PrepackedLinears().linear("w", x, weights, [None])
+    torch.testing.assert_close(out, F.linear(x, weights[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_biases_are_refused():
+    weights, biases = _weights((4, 4), (4, 4))
+    with torch.inference_mode(), pytest.raises(ValueError, match="bias for every weight"):
+        PrepackedLinears().linear("w", torch.randn(2, 4), weights, [biases[0], None])
+
+
+def test_unknown_gelu_is_refused():
+    weights, biases = _weights((4, 4))
+    with pytest.raises(ValueError, match="gelu must be one of"):
+        PrepackedLinears().linear("w", torch.randn(2, 4), weights, biases, gelu="relu")
+
+
+@pytest.mark.parametrize(
+    "case", ["weight_requires_grad", "input_requires_grad", "float64"], ids=lambda c: c.replace("_", " ")
+)
+def test_falls_back_to_torch_where_the_cache_does_not_apply(case):
+    weights, biases = _weights((8, 4))
+    x = torch.randn(3, 4)
+    if case == "weight_requires_grad":
+        weights[0].requires_grad_(True)
+    elif case == "input_requires_grad":
+        x.requires_grad_(True)
+    else:
+        weights, biases, x = [weights[0].double()], [biases[0].double()], x.double()
+    cache = PrepackedLinears()
+    out = cache.linear("w", x, weights, biases)
+    assert torch.equal(out, F.linear(x, weights[0], biases[0]))  # the torch path itself, bit for bit
+    assert len(cache) == 0
+    if x.requires_grad or weights[0].requires_grad:
+        out.sum().backward()  # gradients still flow
+
+
+def test_in_place_weight_updates_rebuild_the_entry():
+    weights, biases = _weights((8, 4))
+    x = torch.randn(3, 4)
+    cache = PrepackedLinears()
+    with torch.inference_mode():
+        before = cache.linear("w", x, weights, biases)
+    with torch.no_grad():
+        weights[0].mul_(2.0)  # what an optimizer step or load_state_dict does
+    with torch.inference_mode():
+        after = cache.linear("w", x, weights, biases)
+    torch.testing.assert_close(after, F.linear(x, weights[0], biases[0]), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(before, after)
+
+
+def _padded_batch():
+    generator = torch.Generator().manual_seed(2)
+    input_ids = torch.randint(1, 99, (3, 9), generator=generator)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 5:] = 0
+    mask[2, 2:] = 0
+    return input_ids, mask
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
+@pytest.mark.parametrize("hidden_act", ["gelu", "gelu_new"])
+def test_optimized_model_equals_the_plain_one(tiny_config, randomize, padded, hidden_act):
+    plain = randomize(FastMiniForMaskedLM(tiny_config(hidden_act=hidden_act))).eval()
+    optimized = copy.deepcopy(plain).optimize_for_inference()
+    input_ids, mask = _padded_batch()
+    if not padded:
+        mask = torch.ones_like(mask)
+    with torch.inference_mode():
+        expected = plain(input_ids, mask, output_hidden_states=True)
+        got = optimized(input_ids, mask, output_hidden_states=True)
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-4)
+    for a, b in zip(got.hidden_states, expected.hidden_states, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert len(optimized.fastmini.encoder.shared_layer.prepacked) == 4  # qkv, attention out, ffn up, ffn down
+
+
+def test_training_is_untouched(tiny_config, randomize, batch):
+    """With gradients on, the optimized model takes the ordinary ops: same loss, same gradients."""
+    plain = randomize(FastMiniForSequenceClassification(tiny_config(num_labels=3)))
+    optimized = copy.deepcopy(plain).optimize_for_inference()
+    labels = torch.tensor([0, 2])
+    for model in (plain, optimized):
+        torch.manual_seed(0)  # the same dropout masks
+        model(**batch, labels=labels).loss.backward()
+    for (name, a), b in zip(plain.named_parameters(), optimized.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad), name
+    assert len(optimized.fastmini.encoder.shared_layer.prepacked) == 0
+
+
+def test_copies_pickles_and_saves_carry_no_cache(tiny_config, tmp_path):
+    model = FastMiniModel(tiny_config()).eval().optimize_for_inference()
+    input_ids, mask = _padded_batch()
+    with torch.inference_mode():
+        expected = model(input_ids, mask).last_hidden_state
+    assert len(model.encoder.shared_layer.prepacked) == 4
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert len(clone.encoder.shared_layer.prepacked) == 0
+        with torch.inference_mode():
+            torch.testing.assert_close(clone(input_ids, mask).last_hidden_state, expected)
+    model.save_pretrained(tmp_path)
+    reloaded = FastMiniModel.from_pretrained(tmp_path).eval()
+    assert reloaded.encoder.shared_layer.prepacked is None
+    assert set(reloaded.state_dict()) == set(model.state_dict())
+
+
+def test_switching_off(tiny_config):
+    model = FastMiniModel(tiny_config()).optimize_for_inference()
+    assert model.optimize_for_inference(prepacked_weights=False) is model
+    assert model.encoder.shared_layer.prepacked is None

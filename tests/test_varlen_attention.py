@@ -1,0 +1,85 @@
+"""Packed attention's varlen path: the layout contract on the CPU, torch's flash kernel on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastmini import FastMiniModel
+from fastmini.ops import BackendUnavailableError, Packing, packed_self_attention
+from fastmini.ops.attention import varlen_attention_ref
+
+MASKS = {
+    "right": [[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]],
+    "left": [[0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1], [1, 1, 1, 1, 1, 1]],
+    "holes": [[1, 0, 1, 0, 1, 1], [0, 1, 1, 0, 0, 1], [1, 1, 1, 0, 1, 1]],
+}
+
+
+def _packed_qkv(packing: Packing, hidden: int, dtype=torch.float32, device="cpu", seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    tokens = packing.indices.numel()
+    return [torch.randn(tokens, hidden, generator=generator).to(device=device, dtype=dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize("pattern", MASKS)
+def test_cu_seqlens_are_the_offsets_of_each_sequence(pattern):
+    mask = torch.tensor(MASKS[pattern])
+    packing = Packing.from_attention_mask(mask)
+    assert packing.cu_seqlens.dtype == torch.int32
+    assert packing.cu_seqlens.tolist() == [0, *mask.sum(1).cumsum(0).tolist()]
+
+
+@pytest.mark.parametrize("pattern", MASKS)
+def test_the_varlen_contract_equals_packed_attention(pattern):
+    """What fastmini hands the varlen kernel (packed heads + cu_seqlens) means the same attention."""
+    packing = Packing.from_attention_mask(torch.tensor(MASKS[pattern]))
+    query, key, value = _packed_qkv(packing, hidden=24)
+    expected, _ = packed_self_attention(query, key, value, 4, packing)
+    heads = [t.view(t.shape[0], 4, 6) for t in (query, key, value)]
+    got = varlen_attention_ref(*heads, packing.cu_seqlens).reshape(expected.shape)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_backend_choice_errors():
+    packing = Packing.from_attention_mask(torch.tensor(MASKS["right"]))
+    query, key, value = _packed_qkv(packing, hidden=24)
+    with pytest.raises(BackendUnavailableError, match="needs a CUDA tensor"):
+        packed_self_attention(query, key, value, 4, packing, backend="cuda")
+    with pytest.raises(ValueError, match="unknown backend 'triton'"):
+        packed_self_attention(query, key, value, 4, packing, backend="triton")
+
+
+def test_the_model_switch_reaches_the_shared_layer(tiny_config):
+    model = FastMiniModel(tiny_config()).optimize_for_inference(varlen_attention=True)
+    assert model.encoder.shared_layer.packed_attention_backend == "cuda"
+    assert model.optimize_for_inference().encoder.shared_layer.packed_attention_backend is None
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pattern", MASKS)
+def test_varlen_kernel_matches_the_padded_path_on_gpu(pattern, dtype):
+    mask = torch.tensor(MASKS[pattern], device="cuda").repeat(4, 20)  # 12 sequences of up to 120 tokens
+    packing = Packing.from_attention_mask(mask)
+    query, key, value = _packed_qkv(packing, hidden=768, dtype=dtype, device="cuda")
+    expected, _ = packed_self_attention(query, key, value, 12, packing, backend="torch")
+    got, _ = packed_self_attention(query, key, value, 12, packing, backend="cuda")
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@cuda
+def test_model_with_varlen_attention_on_gpu(tiny_config, randomize):
+    model = randomize(FastMiniModel(tiny_config(hidden_size=64, num_attention_heads=4)), std=0.1)
+    model = model.to("cuda", torch.bfloat16).eval()
+    input_ids = torch.randint(5, 99, (3, 6), device="cuda")
+    mask = torch.tensor(MASKS["holes"], device="cuda")
+    with torch.inference_mode():
+        expected = model(input_ids, mask).last_hidden_state
+        got = model.optimize_for_inference(varlen_attention=True)(input_ids, mask).last_hidden_state
+    torch.testing.assert_close(got.float(), expected.float(), rtol=3e-2, atol=3e-2)
