@@ -1,10 +1,16 @@
-"""One distillation step, fastmini's distiller vs the original recipe's step, on the CPU.
+"""One distillation step, fastmini's distiller vs the original recipe's step.
 
-Pair: a MiniLM-L6-H384-sized BERT teacher *with* an MLM head (so all four losses run: V=30522,
-H=384, A=12, I=1536, 6 layers; random weights) and the demo student (E=128, N=6, r=16, adapters).
-Batch 8 x 128 of Wikipedia-like windows: six full windows and two shorter last-of-document ones
-(100 and 60 tokens), 15% masked. One step = teacher forward + student forward/backward + all four
-losses (no optimizer update), both in train mode with dropout 0.1, fp32.
+Two setups (one step = teacher forward + student forward/backward + all four losses, no optimizer
+update, both in train mode with dropout 0.1):
+- "cpu" (CPU only; target >= 2x): a MiniLM-L6-H384-sized BERT teacher *with* an MLM head (so all
+  four losses run: V=30522, H=384, A=12, I=1536, 6 layers; random weights) and the demo student
+  (E=128, N=6, r=16, adapters); batch 8 x 128 of Wikipedia-like windows (six full, two shorter
+  last-of-document ones), fp32.
+- "cuda" (CUDA only; target >= 3x tokens/s and <= 0.5x peak memory): a bert-base-sized teacher
+  (H=768, 12 layers, I=3072, MLM head; random weights) and the published student (E=128, H=768,
+  N=6, r=16, every second teacher layer); batch 48 x 256 (40 full windows, 8 shorter), teacher in
+  bf16, student under bf16 autocast, for both contenders.
+Inputs are 15% masked.
 
 Baseline ("original"): the original recipe's step (nlpie-research/MiniALBERT
 general_distillation.py) rebuilt on transformers 5: fastmini.baselines.original's MiniALBERT
@@ -18,6 +24,9 @@ KL without extra saved maps).
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,44 +39,83 @@ from fastmini.distill.losses import LossWeights
 from fastmini.distill.models import Teacher
 from fastmini.flops import encoder_flops, masked_lm_head_flops
 
-DEVICE = torch.device("cpu")
-BATCH, SEQ = 8, 128
-LENGTHS = [128] * 6 + [100, 60]
+
+@dataclass(frozen=True)
+class Setup:
+    device: str
+    teacher: dict
+    student: dict
+    layers: tuple[int, ...]  # teacher layer matched to each recursion
+    lengths: tuple[int, ...]  # real tokens of each sequence; the batch is padded to the longest
+    bf16: bool
+    rounds: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.lengths), max(self.lengths)
+
+
 MINILM = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+BERT_BASE = dict(
+    vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072
+)
 STUDENT = dict(num_recursions=6, embedding_size=128, use_adapter=True, reduction_factor=16)
-LAYERS = (1, 2, 3, 4, 5, 6)  # teacher layers / recursions = 1
+SETUPS = {
+    "cpu": Setup("cpu", MINILM, STUDENT, (1, 2, 3, 4, 5, 6), (128,) * 6 + (100, 60), bf16=False, rounds=8),
+    "cuda": Setup("cuda", BERT_BASE, STUDENT, (2, 4, 6, 8, 10, 12), (256,) * 40 + (200, 180, 150, 120, 100, 80, 60, 40),
+                  bf16=True, rounds=20),
+}  # fmt: skip
+
+
+def available(name: str) -> bool:
+    """The CPU setup where there is no GPU (a GPU machine's time goes to the GPU setup)."""
+    return torch.cuda.is_available() == (name == "cuda")
+
+
+@pytest.fixture(scope="module", params=list(SETUPS))
+def setup(request) -> Setup:
+    if not available(request.param):
+        pytest.skip(f"the {request.param} setup runs {'on CUDA only' if request.param == 'cuda' else 'without CUDA'}")
+    return SETUPS[request.param]
 
 
 @pytest.fixture(scope="module")
-def pair():
+def pair(setup):
     from transformers import BertConfig, BertForMaskedLM
 
     torch.manual_seed(0)
-    teacher = BertForMaskedLM(BertConfig(**MINILM, attn_implementation="eager")).eval().requires_grad_(False)
-    config = FastMiniConfig.from_teacher(teacher.config, **STUDENT)
+    teacher = BertForMaskedLM(BertConfig(**setup.teacher, attn_implementation="eager")).eval().requires_grad_(False)
+    config = FastMiniConfig.from_teacher(teacher.config, **setup.student)
     fields = {
         name: getattr(config, name)
         for name in ("vocab_size", "embedding_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "intermediate_size", "hidden_act", "max_position_embeddings", "use_adapter", "reduction_factor")
     }  # fmt: skip
     original = OriginalMiniAlbertForMaskedLM(original_config(**fields)).train()
-    return teacher, FastMiniForMaskedLM(config).train(), original
+    teacher_dtype = torch.bfloat16 if setup.bf16 else torch.float32
+    return (
+        teacher.to(setup.device, teacher_dtype),
+        FastMiniForMaskedLM(config).train().to(setup.device),
+        original.to(setup.device),
+    )
 
 
 @pytest.fixture(scope="module")
-def batch() -> Batch:
+def batch(setup) -> Batch:
     generator = torch.Generator().manual_seed(0)
-    mask = (torch.arange(SEQ)[None, :] < torch.tensor(LENGTHS)[:, None]).long()
-    input_ids = torch.randint(1000, 30000, (BATCH, SEQ), generator=generator) * mask
+    size, seq = setup.shape
+    lengths = torch.tensor(setup.lengths)
+    mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
+    input_ids = torch.randint(1000, 30000, (size, seq), generator=generator) * mask
     special = torch.zeros_like(mask, dtype=torch.bool)
     special[:, 0] = True
-    special[torch.arange(BATCH), torch.tensor(LENGTHS) - 1] = True
-    selected = (torch.rand(BATCH, SEQ, generator=generator) < 0.15) & mask.bool() & ~special
+    special[torch.arange(size), lengths - 1] = True
+    selected = (torch.rand(size, seq, generator=generator) < 0.15) & mask.bool() & ~special
     labels = input_ids.masked_fill(~selected, -100)
-    return Batch(input_ids.masked_fill(selected, 103), mask, torch.zeros_like(input_ids), labels)
+    return Batch(input_ids.masked_fill(selected, 103), mask, torch.zeros_like(input_ids), labels).to(setup.device)
 
 
-def original_losses(student, teacher, batch: Batch) -> torch.Tensor:
+def original_losses(student, teacher, batch: Batch, layers: tuple[int, ...]) -> torch.Tensor:
     """general_distillation.py's DistillationWrapper.forward, as SPEC.md writes the losses."""
     mask = batch.attention_mask
     logits, hidden_states, attentions = student(batch.input_ids, mask, batch.token_type_ids)
@@ -79,12 +127,12 @@ def original_losses(student, teacher, batch: Batch) -> torch.Tensor:
     mlm = F.cross_entropy(logits.view(-1, logits.shape[-1]), batch.labels.view(-1), ignore_index=-100)
     attention = hidden = 0.0
     for i, s_map in enumerate(attentions):
-        t_map = t.attentions[LAYERS[i] - 1]
+        t_map = t.attentions[layers[i] - 1].float()
         select = mask.unsqueeze(1).repeat(1, s_map.shape[1], 1).unsqueeze(-1).expand_as(s_map).bool()
-        s = torch.masked_select(s_map, select).view(-1, s_map.shape[-1]) + 1e-12
+        s = torch.masked_select(s_map.float(), select).view(-1, s_map.shape[-1]) + 1e-12
         tt = torch.masked_select(t_map, select).view(-1, s_map.shape[-1]) + 1e-12
         attention = attention + nn.KLDivLoss(reduction="mean")(torch.log(s), tt)
-        s_hidden, t_hidden = hidden_states[1:][i], t.hidden_states[1:][LAYERS[i] - 1]
+        s_hidden, t_hidden = hidden_states[1:][i], t.hidden_states[1:][layers[i] - 1]
         select = mask.unsqueeze(-1).expand_as(s_hidden).bool()
         sh = torch.masked_select(s_hidden, select).view(-1, s_hidden.shape[-1])
         th = torch.masked_select(t_hidden, select).view(-1, s_hidden.shape[-1])
@@ -96,42 +144,76 @@ def original_losses(student, teacher, batch: Batch) -> torch.Tensor:
     return 1.0 * mlm + 3.0 * (attention + hidden) + 5.0 * output
 
 
-def step_flops(student_config, teacher_config, masked: int) -> int:
+def step_flops(setup: Setup, student_config, masked: int) -> int:
     """Useful work of one step: teacher forward, student forward + backward (2x), masked-row heads."""
     teacher_encoder = encoder_flops(
-        FastMiniConfig(**{**MINILM, "embedding_size": 384, "use_adapter": False}), LENGTHS
+        FastMiniConfig(**{**setup.teacher, "embedding_size": setup.teacher["hidden_size"], "use_adapter": False}),
+        list(setup.lengths),
     )  # a BERT layer is the shared layer without adapters
-    student = encoder_flops(student_config, LENGTHS) + masked_lm_head_flops(student_config, masked)
+    student = encoder_flops(student_config, list(setup.lengths)) + masked_lm_head_flops(student_config, masked)
     return teacher_encoder + masked_lm_head_flops(student_config, masked) + 3 * student
 
 
+def _synchronise(setup: Setup) -> None:
+    if setup.device == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory(step, setup: Setup) -> int | None:
+    """Peak bytes allocated on the GPU during one step (None on the CPU)."""
+    if setup.device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
 @pytest.mark.filterwarnings("ignore:reduction. .mean. divides:UserWarning")
-def test_distillation_step(benchmark, compare, describe_device, pair, batch):
+def test_distillation_step(benchmark, compare, describe_device, setup, pair, batch):
     teacher_model, student, original = pair
     teacher = Teacher(encoder=teacher_model.bert, head=teacher_model.cls, config=teacher_model.config, source="bench")
-    distiller = Distiller(StudentSide(student, None), teacher, LAYERS, LossWeights(), temperature=1.0)
+    autocast_dtype = torch.bfloat16 if setup.bf16 else None
+    distiller = Distiller(StudentSide(student, None), teacher, setup.layers, LossWeights(), 1.0, autocast_dtype)
+
+    def autocast():
+        if autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(setup.device, dtype=autocast_dtype)
 
     def fastmini_step():
         distiller(batch).total.backward()
         student.zero_grad(set_to_none=True)
+        _synchronise(setup)
 
     def original_step():
-        original_losses(original, teacher_model, batch).backward()
+        with autocast():
+            loss = original_losses(original, teacher_model, batch, setup.layers)
+        loss.backward()
         original.zero_grad(set_to_none=True)
+        _synchronise(setup)
 
     masked = int((batch.labels != -100).sum())
-    benchmark.pedantic(fastmini_step, rounds=5, warmup_rounds=1)
+    size, seq = setup.shape
+    benchmark.pedantic(fastmini_step, rounds=max(3, setup.rounds // 2), warmup_rounds=1)
+    peaks = {"original": peak_memory(original_step, setup), "fastmini": peak_memory(fastmini_step, setup)}
     medians = compare(
         benchmark,
-        group=f"distillation step {BATCH}x{SEQ}",
+        group=f"distillation step {size}x{seq} ({setup.device})",
         contenders={"original": original_step, "fastmini": fastmini_step},
         baseline="original",
-        flops=step_flops(student.config, teacher_model.config, masked),
-        rounds=8,
-        shape=f"batch={BATCH}x{SEQ} ({sum(LENGTHS)} real tokens, {masked} masked); teacher MiniLM-sized BERT "
-        "with MLM head (H=384, 6 layers, V=30522); student E=128 H=384 N=6 r=16",
-        dtype="float32",
+        flops=step_flops(setup, student.config, masked),
+        useful_tokens=sum(setup.lengths),
+        rounds=setup.rounds,
+        shape=f"batch={size}x{seq} ({sum(setup.lengths)} real tokens, {masked} masked); teacher BERT with MLM head "
+        f"(H={setup.teacher['hidden_size']}, {setup.teacher['num_hidden_layers']} layers, V=30522); student E=128 "
+        f"H={student.config.hidden_size} N=6 r=16, layers {setup.layers}",
+        dtype="bf16 teacher + bf16 autocast student" if setup.bf16 else "float32",
         backend="fastmini: Distiller, torch ops; original: transformers modules, eager attention, full logits",
-        device=describe_device(DEVICE),
+        device=describe_device(torch.device(setup.device)),
     )
     benchmark.extra_info["speedup"] = round(medians["original"] / medians["fastmini"], 2)
+    if peaks["fastmini"] is not None:
+        benchmark.extra_info["peak_memory_gib"] = {name: round(peak / 2**30, 2) for name, peak in peaks.items()}
+        benchmark.extra_info["peak_memory_ratio"] = round(peaks["fastmini"] / peaks["original"], 3)
