@@ -1,0 +1,80 @@
+"""Both trainers end to end in bf16: through CPU autocast here, and on CUDA where there is one.
+
+The CPU runs check the bf16 plumbing (teacher cast, student autocast, losses in fp32, a loadable
+fp32 model at the end); the ``gpu`` runs are the same commands with ``--device cuda``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastmini.distill.__main__ import main as distill_main
+from fastmini.distill.testing import make_tiny_teacher
+from fastmini.finetune.__main__ import main as finetune_main
+from fastmini.finetune.testing import make_tiny_model, write_task_data
+from fastmini.models import FastMiniForMaskedLM, FastMiniForSequenceClassification
+
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param(
+        "cuda",
+        id="cuda",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
+    ),
+]
+
+
+@pytest.fixture
+def keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _finite_numbers(value) -> bool:
+    if isinstance(value, dict):
+        return all(_finite_numbers(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite_numbers(v) for v in value)
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_distillation_in_bf16(device, tmp_path, keep_threads):
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    output = tmp_path / "student"
+    argv = [
+        "--teacher", str(teacher), "--data", str(teacher / "corpus.txt"), "--output-dir", str(output),
+        "--window-length", "32", "--window-stride", "8", "--recursions", "2", "--embedding-size", "16",
+        "--reduction-factor", "4", "--batch-size", "4", "--max-steps", "4", "--warmup-steps", "1",
+        "--eval-documents", "3", "--eval-windows", "8", "--no-progress", "--threads", "1",
+        "--device", device, "--precision", "bf16",
+    ]  # fmt: skip
+    assert distill_main(argv) == 0
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert _finite_numbers(metrics)
+    student = FastMiniForMaskedLM.from_pretrained(output)
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in student.parameters())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fine_tuning_in_bf16(device, tmp_path, keep_threads):
+    model = make_tiny_model(tmp_path / "model")
+    data = write_task_data(tmp_path / "data", "classification")
+    output = tmp_path / "run"
+    argv = [
+        "--model", str(model), "--data", str(data), "--output-dir", str(output), "--lr", "5e-3", "--seed", "1",
+        "--epochs", "2", "--batch-size", "8", "--no-progress", "--threads", "1",
+        "--device", device, "--precision", "bf16",
+    ]  # fmt: skip
+    assert finetune_main(argv) == 0
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert _finite_numbers(metrics)
+    best = next(Path(output).rglob("config.json")).parent
+    classifier = FastMiniForSequenceClassification.from_pretrained(best)
+    assert all(torch.isfinite(p).all() for p in classifier.parameters())
