@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # The CPU build of torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: venv test demo demo-foundation bench bench-gpu lint clean
+.PHONY: venv test demo demo-foundation bench bench-gpu device-wheels lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,10 +38,20 @@ bench: $(STAMP)
 	$(BIN)/pytest benchmarks/ --benchmark-only
 
 # On the lent GPU machine, whose python3 already holds torch, triton and transformers (no venv):
-# GPU tests + all benchmarks in one call, written to benchmarks/results/<date>-<gpu>.md.
+# GPU tests + the GPU benchmarks in one call, written to benchmarks/results/<date>-<gpu>.md.
+# That machine has no package registry and no `datasets` (the trainers need it): run
+# `make device-wheels` here first and carry .device-wheels; bench-gpu installs what it finds there.
 bench-gpu:
+	if [ -d $(DEVICE_WHEELS) ]; then python3 -m pip install --quiet --no-index --no-deps $(DEVICE_WHEELS)/*.whl; fi
 	python3 -m pip install --quiet --no-build-isolation --no-deps -e .
 	python3 benchmarks/run_gpu.py
+
+# Wheels for the GPU machine's python 3.12 that its image lacks (datasets and its own pins).
+DEVICE_WHEELS := .device-wheels
+device-wheels: $(STAMP)
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --implementation cp \
+		-d $(DEVICE_WHEELS) datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 pyarrow==26.0.1 fsspec==2026.9.0
 
 lint: $(STAMP)
 	$(BIN)/ruff check fastmini kernels tests benchmarks examples
