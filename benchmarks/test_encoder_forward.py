@@ -38,22 +38,14 @@ import torch
 from transformers import AlbertConfig, AlbertModel
 
 from fastmini import FastMiniModel
-from fastmini.baselines.original import OriginalMiniAlbertModel, original_config, save_original_checkpoint
+from fastmini.baselines.original import (
+    PUBLISHED_MINIALBERT_128,
+    PUBLISHED_MINIALBERT_128_SHAPE,
+    OriginalMiniAlbertModel,
+    random_published_checkpoint,
+)
 from fastmini.flops import encoder_flops
 
-# nlpie/miniALBERT-128 (SPEC.md): E=128, H=768, A=12, I=3072, N=6, r=16, adapters on.
-PUBLISHED = dict(
-    vocab_size=30522,
-    embedding_size=128,
-    hidden_size=768,
-    num_attention_heads=12,
-    intermediate_size=3072,
-    num_hidden_layers=6,
-    reduction_factor=16,
-    hidden_act="gelu",
-    use_adapter=True,
-)
-PUBLISHED_SHAPE = "E=128 H=768 A=12 I=3072 N=6 r=16"
 SHAPES = [(1, 32), (1, 128), (8, 128), (32, 128)]
 RAGGED_BATCH = 32
 RAGGED_ROUNDS = 8
@@ -68,14 +60,6 @@ class Contender(NamedTuple):
 
     build: Callable[[torch.Tensor, torch.Tensor], Callable[[], object]]
     backend: str
-
-
-class _BareMiniAlbertCheckpoint(torch.nn.Module):
-    """Gives a bare MiniAlbertModel the "albert." prefix its saved checkpoints carry."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.albert, self.config = model, model.config
 
 
 class _LastHiddenState(torch.nn.Module):
@@ -103,7 +87,7 @@ def torch_contender(model: torch.nn.Module, backend: str, sync: Callable) -> Con
 def padded_sample(batch: int, seq: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Random ids with padding in every other row: checks run on masked batches."""
     generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(1, PUBLISHED["vocab_size"], (batch, seq), generator=generator)
+    input_ids = torch.randint(1, PUBLISHED_MINIALBERT_128["vocab_size"], (batch, seq), generator=generator)
     attention_mask = torch.ones(batch, seq, dtype=torch.long)
     for row in range(1, batch, 2):
         attention_mask[row, seq // 2 + row :] = 0
@@ -113,7 +97,7 @@ def padded_sample(batch: int, seq: int, seed: int = 1) -> tuple[torch.Tensor, to
 def albert_sdpa_from(original: OriginalMiniAlbertModel) -> tuple[AlbertModel, int]:
     """transformers' AlbertModel (SDPA attention, no pooler) with the original's embeddings,
     E->H projection and shared layer; returns it and the SDPA calls counted in one forward."""
-    fields = {k: v for k, v in PUBLISHED.items() if k not in ("use_adapter", "reduction_factor")}
+    fields = {k: v for k, v in PUBLISHED_MINIALBERT_128.items() if k not in ("use_adapter", "reduction_factor")}
     config = AlbertConfig(**fields, num_hidden_groups=1, inner_group_num=1, attn_implementation="sdpa")
     albert = AlbertModel(config, add_pooling_layer=False).eval()
     state = {
@@ -144,7 +128,7 @@ def export_onnx(module: torch.nn.Module, path: Path) -> str:
         warnings.simplefilter("ignore")
         if importlib.util.find_spec("onnxscript") is not None:
             batch = torch.export.Dim("batch")
-            seq = torch.export.Dim("sequence", max=PUBLISHED.get("max_position_embeddings", 512))
+            seq = torch.export.Dim("sequence", max=PUBLISHED_MINIALBERT_128.get("max_position_embeddings", 512))
             shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
             torch.onnx.export(module, sample, str(path), dynamo=True, verbose=False, dynamic_shapes=shapes, **names)
             return "torch.onnx.export(dynamo=True)"
@@ -202,9 +186,7 @@ class Published(NamedTuple):
 @pytest.fixture(scope="module")
 def published(tmp_path_factory) -> Published:
     """The original-style model with seeded random weights, its checkpoint, and fastmini loaded from it."""
-    torch.manual_seed(0)
-    original = OriginalMiniAlbertModel(original_config(**PUBLISHED)).eval()
-    directory = save_original_checkpoint(_BareMiniAlbertCheckpoint(original), tmp_path_factory.mktemp("published"))
+    original, directory = random_published_checkpoint(tmp_path_factory.mktemp("published"))
     return Published(original, directory, FastMiniModel.from_pretrained(directory).eval())
 
 
@@ -265,7 +247,7 @@ def time_contenders(
 @pytest.mark.parametrize("batch, seq", SHAPES, ids=[f"{b}x{s}" for b, s in SHAPES])
 def test_encoder_forward(benchmark, compare, describe_device, contenders, published, batch, seq):
     generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(1, PUBLISHED["vocab_size"], (batch, seq), generator=generator)
+    input_ids = torch.randint(1, PUBLISHED_MINIALBERT_128["vocab_size"], (batch, seq), generator=generator)
     attention_mask = torch.ones(batch, seq, dtype=torch.long)
     time_contenders(
         benchmark,
@@ -277,7 +259,7 @@ def test_encoder_forward(benchmark, compare, describe_device, contenders, publis
         input_ids=input_ids,
         attention_mask=attention_mask,
         rounds=max(5, min(60, 12_000 // (batch * seq))),
-        shape=f"batch={batch} seq={seq} {PUBLISHED_SHAPE}",
+        shape=f"batch={batch} seq={seq} {PUBLISHED_MINIALBERT_128_SHAPE}",
     )
 
 
@@ -311,5 +293,5 @@ def test_encoder_forward_ragged(benchmark, compare, describe_device, contenders,
         attention_mask=attention_mask,
         rounds=RAGGED_ROUNDS,
         shape=f"batch={RAGGED_BATCH} padded to {input_ids.shape[1]}, {useful} real of {padded} tokens "
-        f"({100 * (1 - useful / padded):.0f}% padding), {PUBLISHED_SHAPE}",
+        f"({100 * (1 - useful / padded):.0f}% padding), {PUBLISHED_MINIALBERT_128_SHAPE}",
     )

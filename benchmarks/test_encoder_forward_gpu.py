@@ -34,31 +34,18 @@ import pytest
 import torch
 
 from fastmini import FastMiniModel
-from fastmini.baselines.original import OriginalMiniAlbertModel, original_config, save_original_checkpoint
+from fastmini.baselines.original import (
+    PUBLISHED_MINIALBERT_128,
+    PUBLISHED_MINIALBERT_128_SHAPE,
+    random_published_checkpoint,
+)
 from fastmini.flops import encoder_flops
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU targets: timed on CUDA only")
 
-PUBLISHED = dict(
-    vocab_size=30522,
-    embedding_size=128,
-    hidden_size=768,
-    num_attention_heads=12,
-    intermediate_size=3072,
-    num_hidden_layers=6,
-    reduction_factor=16,
-    hidden_act="gelu",
-    use_adapter=True,
-)
 DEVICE = torch.device("cuda")
 DTYPE = torch.bfloat16
-SHAPE = "E=128 H=768 A=12 I=3072 N=6 r=16, bf16"
-
-
-class _BareMiniAlbertCheckpoint(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.albert, self.config = model, model.config
+SHAPE = f"{PUBLISHED_MINIALBERT_128_SHAPE}, bf16"
 
 
 @contextlib.contextmanager
@@ -92,9 +79,7 @@ def bf16_matmul_rate() -> float:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    torch.manual_seed(0)
-    original = OriginalMiniAlbertModel(original_config(**PUBLISHED)).eval()
-    directory = save_original_checkpoint(_BareMiniAlbertCheckpoint(original), tmp_path_factory.mktemp("published"))
+    original, directory = random_published_checkpoint(tmp_path_factory.mktemp("published"))
 
     def fastmini_copy() -> FastMiniModel:
         return FastMiniModel.from_pretrained(directory).to(DEVICE, DTYPE).eval()
@@ -184,12 +169,12 @@ def _run_group(benchmark, compare, describe_device, models, group, input_ids, ma
 def _flops(lengths) -> int:
     from fastmini import FastMiniConfig
 
-    return encoder_flops(FastMiniConfig(**PUBLISHED), lengths)
+    return encoder_flops(FastMiniConfig(**PUBLISHED_MINIALBERT_128), lengths)
 
 
 def _full_batch(batch: int, seq: int):
     generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(1, PUBLISHED["vocab_size"], (batch, seq), generator=generator)
+    input_ids = torch.randint(1, PUBLISHED_MINIALBERT_128["vocab_size"], (batch, seq), generator=generator)
     return input_ids.to(DEVICE), torch.ones(batch, seq, dtype=torch.long, device=DEVICE)
 
 
@@ -224,7 +209,7 @@ def test_ragged_half_padding(benchmark, compare, describe_device, models):
     generator = torch.Generator().manual_seed(0)
     lengths = torch.randint(1, 129, (64,), generator=generator)
     mask = (torch.arange(128)[None, :] < lengths[:, None]).long()
-    input_ids = torch.randint(1, PUBLISHED["vocab_size"], (64, 128), generator=generator) * mask
+    input_ids = torch.randint(1, PUBLISHED_MINIALBERT_128["vocab_size"], (64, 128), generator=generator) * mask
     input_ids, mask = input_ids.to(DEVICE), mask.to(DEVICE)
     _run_group(
         benchmark, compare, describe_device, models, "gpu encoder ragged 64x128", input_ids, mask,

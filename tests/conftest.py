@@ -39,6 +39,14 @@ def torch_backend_by_default(monkeypatch):
     monkeypatch.setenv("FASTMINI_BACKEND", "torch")
 
 
+@pytest.fixture(autouse=True)
+def keep_threads():
+    """The trainers' --threads sets torch's thread count for the process: give it back after each test."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def _randomize(module: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch.nn.Module:
     """Large random weights everywhere (LayerNorm affines included) so parity tests see real signal."""
     generator = torch.Generator().manual_seed(seed)

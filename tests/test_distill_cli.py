@@ -34,12 +34,6 @@ def encoder_teacher_dir(tmp_path_factory) -> Path:
     return make_tiny_teacher(tmp_path_factory.mktemp("encoder"), masked_lm=False)
 
 
-@pytest.fixture
-def keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_args(teacher: Path, output: Path, *extra: str) -> list[str]:
     return [
@@ -220,7 +214,7 @@ def test_unwritable_output_directory(teacher_dir, tmp_path, capsys):
     assert "--output-dir" in line and "not a writable directory" in line
 
 
-def test_hidden_size_mismatch_needs_a_projection(teacher_dir, tmp_path, capsys, keep_threads):
+def test_hidden_size_mismatch_needs_a_projection(teacher_dir, tmp_path, capsys):
     line = error_of([*tiny_args(teacher_dir, tmp_path / "a"), "--hidden-size", "24"], capsys)
     assert "differs from the teacher's 36" in line and "--hidden-projection" in line
     assert main([*tiny_args(teacher_dir, tmp_path / "b"), "--hidden-size", "24", "--hidden-projection"]) == 0
@@ -228,7 +222,7 @@ def test_hidden_size_mismatch_needs_a_projection(teacher_dir, tmp_path, capsys, 
     assert saved["hidden_size"] == 24 and saved["intermediate_size"] == 96
 
 
-def test_an_unfinished_run_is_not_overwritten_silently(teacher_dir, tmp_path, capsys, keep_threads):
+def test_an_unfinished_run_is_not_overwritten_silently(teacher_dir, tmp_path, capsys):
     output = tmp_path / "out"
     assert main(tiny_args(teacher_dir, output, "--max-steps", "2", "--save-every", "1")) == 0
     assert main(tiny_args(teacher_dir, output, "--max-steps", "2", "--save-every", "1")) == 0  # finished: replaced
@@ -244,7 +238,7 @@ def test_an_unfinished_run_is_not_overwritten_silently(teacher_dir, tmp_path, ca
 # ---- a run and what it leaves ---------------------------------------------------------------------
 
 
-def test_tiny_run_writes_a_loadable_model_and_improves_on_held_out_data(teacher_dir, tmp_path, keep_threads):
+def test_tiny_run_writes_a_loadable_model_and_improves_on_held_out_data(teacher_dir, tmp_path):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     output = tmp_path / "out"
@@ -275,7 +269,7 @@ def test_tiny_run_writes_a_loadable_model_and_improves_on_held_out_data(teacher_
 
 
 def test_encoder_teacher_turns_the_output_term_off_with_one_warning(
-    encoder_teacher_dir, tmp_path, capsys, keep_threads
+    encoder_teacher_dir, tmp_path, capsys
 ):
     output = tmp_path / "out"
     assert main(tiny_args(encoder_teacher_dir, output, "--max-steps", "3", "--log-every", "1")) == 0

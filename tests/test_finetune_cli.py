@@ -30,12 +30,6 @@ def model_dir(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("model"))
 
 
-@pytest.fixture(autouse=True)
-def keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
 
 def args(model: Path, data: Path, output: Path, *extra: str) -> list[str]:
     return ["--model", str(model), "--data", str(data), "--output-dir", str(output), "--lr", "5e-3", "--seed", "1",

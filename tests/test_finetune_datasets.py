@@ -14,7 +14,6 @@ from pathlib import Path
 
 import datasets
 import pytest
-import torch
 
 from fastmini.data.corpus import DataError
 from fastmini.data.ner import dataset_sentences, read_ner_records, sentences_of
@@ -31,12 +30,6 @@ AS_CONLL = {"O": "O", "B-ANIMAL": "B-PER", "I-ANIMAL": "I-PER", "B-FOOD": "B-LOC
 def model_dir(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("model"))
 
-
-@pytest.fixture(autouse=True)
-def keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 class Hub:

@@ -34,12 +34,6 @@ def setup(tmp_path_factory) -> tuple[Path, Path]:
     return make_tiny_model(root / "model"), write_task_data(root / "data", "classification", train=32, dev=16)
 
 
-@pytest.fixture(autouse=True)
-def keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
 
 def job_args(setup: tuple[Path, Path], output: Path, *extra: str) -> list[str]:
     model, data = setup

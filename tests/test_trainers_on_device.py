@@ -29,12 +29,6 @@ DEVICES = [
 ]
 
 
-@pytest.fixture
-def keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
 
 def _finite_numbers(value) -> bool:
     if isinstance(value, dict):
@@ -45,7 +39,7 @@ def _finite_numbers(value) -> bool:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_distillation_in_bf16(device, tmp_path, keep_threads):
+def test_distillation_in_bf16(device, tmp_path):
     teacher = make_tiny_teacher(tmp_path / "teacher")
     output = tmp_path / "student"
     argv = [
@@ -63,7 +57,7 @@ def test_distillation_in_bf16(device, tmp_path, keep_threads):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_fine_tuning_in_bf16(device, tmp_path, keep_threads):
+def test_fine_tuning_in_bf16(device, tmp_path):
     model = make_tiny_model(tmp_path / "model")
     data = write_task_data(tmp_path / "data", "classification")
     output = tmp_path / "run"

@@ -148,3 +148,34 @@ def save_original_checkpoint(model: nn.Module, directory: str | Path, weights_fo
     else:
         raise ValueError(f"weights_format must be 'safetensors' or 'bin', got '{weights_format}'")
     return directory
+
+
+# nlpie/miniALBERT-128 (SPEC.md): the published encoder that the benchmarks time.
+PUBLISHED_MINIALBERT_128 = dict(
+    vocab_size=30522,
+    embedding_size=128,
+    hidden_size=768,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    num_hidden_layers=6,
+    reduction_factor=16,
+    hidden_act="gelu",
+    use_adapter=True,
+)
+PUBLISHED_MINIALBERT_128_SHAPE = "E=128 H=768 A=12 I=3072 N=6 r=16"
+
+
+class _BareModelCheckpoint(nn.Module):
+    """Gives a bare MiniAlbertModel the "albert." prefix its saved checkpoints carry."""
+
+    def __init__(self, model: OriginalMiniAlbertModel):
+        super().__init__()
+        self.albert, self.config = model, model.config
+
+
+def random_published_checkpoint(directory: str | Path, seed: int = 0) -> tuple[OriginalMiniAlbertModel, Path]:
+    """An original MiniAlbertModel at the published configuration with random weights (seeded),
+    in eval mode, and the directory it was saved to as the original checkpoints are."""
+    torch.manual_seed(seed)
+    model = OriginalMiniAlbertModel(original_config(**PUBLISHED_MINIALBERT_128)).eval()
+    return model, save_original_checkpoint(_BareModelCheckpoint(model), directory)
