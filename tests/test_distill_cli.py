@@ -20,6 +20,7 @@ from fastmini.distill.__main__ import main
 from fastmini.distill.config import FIELDS, RECIPES, DistillConfig, build_parser, resolve, resolve_layer_map
 from fastmini.distill.testing import make_tiny_teacher
 from fastmini.training.errors import UsageError
+from fastmini.training.testing import cli_error
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,7 +35,6 @@ def encoder_teacher_dir(tmp_path_factory) -> Path:
     return make_tiny_teacher(tmp_path_factory.mktemp("encoder"), masked_lm=False)
 
 
-
 def tiny_args(teacher: Path, output: Path, *extra: str) -> list[str]:
     return [
         "--teacher", str(teacher), "--data", str(teacher / "corpus.txt"), "--output-dir", str(output),
@@ -45,12 +45,7 @@ def tiny_args(teacher: Path, output: Path, *extra: str) -> list[str]:
 
 
 def error_of(argv: list[str], capsys) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("fastmini.distill: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
+    return cli_error(main, argv, capsys)
 
 
 # ---- options ---------------------------------------------------------------------------------------
@@ -268,9 +263,7 @@ def test_tiny_run_writes_a_loadable_model_and_improves_on_held_out_data(teacher_
     ]  # fmt: skip
 
 
-def test_encoder_teacher_turns_the_output_term_off_with_one_warning(
-    encoder_teacher_dir, tmp_path, capsys
-):
+def test_encoder_teacher_turns_the_output_term_off_with_one_warning(encoder_teacher_dir, tmp_path, capsys):
     output = tmp_path / "out"
     assert main(tiny_args(encoder_teacher_dir, output, "--max-steps", "3", "--log-every", "1")) == 0
     err = capsys.readouterr().err

@@ -30,7 +30,6 @@ def teacher_dir(tmp_path_factory) -> Path:
     return make_tiny_teacher(tmp_path_factory.mktemp("teacher"))
 
 
-
 def run_args(teacher: Path, output: Path, *extra: str) -> list[str]:
     return [
         "--teacher", str(teacher), "--data", str(teacher / "corpus.txt"), "--output-dir", str(output),

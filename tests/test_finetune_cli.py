@@ -21,6 +21,7 @@ from fastmini.finetune.__main__ import main
 from fastmini.finetune.config import FIELDS, build_parser, flag_of, resolve
 from fastmini.finetune.testing import classification_examples, make_tiny_model, write_table, write_task_data
 from fastmini.training.errors import UsageError
+from fastmini.training.testing import cli_error
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,19 +31,13 @@ def model_dir(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("model"))
 
 
-
 def args(model: Path, data: Path, output: Path, *extra: str) -> list[str]:
     return ["--model", str(model), "--data", str(data), "--output-dir", str(output), "--lr", "5e-3", "--seed", "1",
             "--epochs", "6", "--batch-size", "8", "--no-progress", "--threads", "1", *extra]  # fmt: skip
 
 
 def error_of(argv: list[str], capsys) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("fastmini.finetune: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
+    return cli_error(main, argv, capsys)
 
 
 def metrics_of(output: Path) -> dict:

@@ -20,6 +20,7 @@ from fastmini.data.ner import dataset_sentences, read_ner_records, sentences_of
 from fastmini.finetune import metrics as metric_functions
 from fastmini.finetune.__main__ import main
 from fastmini.finetune.testing import classification_examples, make_tiny_model, ner_sentences
+from fastmini.training.testing import cli_error
 
 CONLL_TAGS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]  # conll2003's order
 # The test data's entity types (fastmini.finetune.testing) as conll2003 types.
@@ -29,7 +30,6 @@ AS_CONLL = {"O": "O", "B-ANIMAL": "B-PER", "I-ANIMAL": "I-PER", "B-FOOD": "B-LOC
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("model"))
-
 
 
 class Hub:
@@ -73,12 +73,7 @@ def predictions_of(output: Path, split: str) -> list[dict]:
 
 
 def error_of(argv: list[str], capsys) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("fastmini.finetune: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
+    return cli_error(main, argv, capsys)
 
 
 # ---- GLUE by name ------------------------------------------------------------------------------------

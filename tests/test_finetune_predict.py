@@ -13,6 +13,7 @@ import torch
 from fastmini.finetune.__main__ import main as finetune
 from fastmini.finetune.testing import make_tiny_model, write_table, write_task_data
 from fastmini.predict import main
+from fastmini.training.testing import cli_error
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,12 +114,7 @@ def test_tagger_predictions_and_entities(tagger, tmp_path):
 
 
 def error_of(argv: list[str], capsys) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("fastmini.predict: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
+    return cli_error(main, argv, capsys)
 
 
 def test_bad_input(classifier, tmp_path, capsys):

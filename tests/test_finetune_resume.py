@@ -34,7 +34,6 @@ def setup(tmp_path_factory) -> tuple[Path, Path]:
     return make_tiny_model(root / "model"), write_task_data(root / "data", "classification", train=32, dev=16)
 
 
-
 def job_args(setup: tuple[Path, Path], output: Path, *extra: str) -> list[str]:
     model, data = setup
     return ["--model", str(model), "--data", str(data), "--output-dir", str(output), "--lr", "2e-3", "--seed", "1",

@@ -29,7 +29,6 @@ DEVICES = [
 ]
 
 
-
 def _finite_numbers(value) -> bool:
     if isinstance(value, dict):
         return all(_finite_numbers(v) for v in value.values())
