@@ -1,0 +1,180 @@
+"""Every Triton kernel launch the fused ops make, compiled for an H100 (sm_90) without a GPU.
+
+The interpreter runs kernels through numpy and forgives what the real compiler refuses (a tl.dot
+on mismatched dtypes, a block too large for shared memory, a constexpr of the wrong kind). So the
+launches of a representative sweep are recorded under the interpreter, and each distinct
+(kernel, argument types, constexprs, num_warps, num_stages) is compiled by Triton's CUDA backend
+down to a cubin for compute capability 9.0, in a subprocess without the interpreter (the kernels
+then take their GPU code paths). ptxas ships in the triton wheel; no GPU or driver is involved.
+Passing says the kernels build for Hopper, not that they run correctly there: that is the GPU
+tests' job.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the kernels themselves")
+triton = pytest.importorskip("triton")
+
+_POINTER_TYPES = {
+    torch.float32: "fp32",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+    torch.bool: "i1",
+}
+
+COMPILER = r"""
+import json, os, sys
+from concurrent.futures import ProcessPoolExecutor
+
+def compile_one(spec):
+    import importlib
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(importlib.import_module(spec["module"]), spec["name"])
+    names = list(spec["signature"])
+    constexprs = {}
+    for name, value in spec["constexprs"].items():
+        constexprs[(names.index(name),)] = tl.dtype(value["dtype"]) if isinstance(value, dict) else value
+    try:
+        compiled = triton.compile(
+            ASTSource(fn=fn, signature=spec["signature"], constexprs=constexprs),
+            target=GPUTarget("cuda", 90, 32),
+            options=spec["options"],
+        )
+        return {"ok": True, "shared": compiled.metadata.shared}
+    except Exception as error:
+        return {"ok": False, "error": f"{type(error).__name__}: {str(error)[:2000]}"}
+
+if __name__ == "__main__":
+    specs = json.load(sys.stdin)
+    with ProcessPoolExecutor(max_workers=2) as pool:
+        print(json.dumps(list(pool.map(compile_one, specs))))
+"""
+
+
+def _is_constexpr(parameter: inspect.Parameter) -> bool:
+    annotation = parameter.annotation
+    return annotation == "tl.constexpr" or annotation is triton.language.constexpr
+
+
+def _spec(fn, args: tuple, kwargs: dict) -> dict:
+    """The kernel's argument types and constexpr values, as ASTSource takes them (JSON-able)."""
+    parameters = inspect.signature(fn).parameters
+    bound = {**dict(zip(parameters, args, strict=False)), **{k: v for k, v in kwargs.items() if k in parameters}}
+    signature, constexprs = {}, {}
+    for name, parameter in parameters.items():
+        value = bound.get(name, parameter.default)
+        if _is_constexpr(parameter) or value is None:
+            signature[name] = "constexpr"
+            constexprs[name] = {"dtype": value.name} if isinstance(value, triton.language.dtype) else value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + _POINTER_TYPES[value.dtype]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: argument {name} of unexpected type {type(value).__name__}")
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    return {
+        "module": fn.__module__,
+        "name": fn.__name__,
+        "signature": signature,
+        "constexprs": constexprs,
+        "options": options,
+    }
+
+
+def _record_launches(monkeypatch, sweep) -> list[dict]:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    specs: dict[str, dict] = {}
+    original_run = InterpretedFunction.run
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        spec = _spec(self.fn, args, kwargs)
+        specs.setdefault(json.dumps(spec, sort_keys=True), spec)
+        return original_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", recording_run)
+    sweep()
+    return list(specs.values())
+
+
+def _operands(dtype: torch.dtype, rows: int, hidden: int, *shapes):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, hidden, generator=generator).to(dtype).requires_grad_()
+    return x, [(torch.randn(shape, generator=generator) * 0.1).to(dtype).requires_grad_() for shape in shapes]
+
+
+def _sweep():
+    """Forward and backward of each op through its Triton backend, at the published sizes (H=768,
+    r=16, I=3072) in fp32, bf16 and fp16, and an odd one (H=312) in fp32 and bf16; rows past one 128-row
+    tile."""
+    from fastmini.kernels import linear_gelu as linear_gelu_kernels
+
+    from fastmini.ops import adapter_bottleneck, add_layer_norm
+
+    for dtype, hiddens in ((torch.float32, (768, 312)), (torch.bfloat16, (768, 312)), (torch.float16, (768,))):
+        for hidden in hiddens:
+            bottleneck, intermediate = hidden // 16, 4 * hidden
+            x, (down_w, down_b, up_w, up_b, norm_w, norm_b) = _operands(
+                dtype, 130, hidden, (bottleneck, hidden), (bottleneck,), (hidden, bottleneck), (hidden,), (hidden,),
+                (hidden,),
+            )  # fmt: skip
+            adapter_bottleneck(x, down_w, down_b, up_w, up_b, norm_w, norm_b, 1e-12, backend="triton").sum().backward()
+            residual = torch.randn_like(x).requires_grad_()
+            for dropout_p in (0.0, 0.1):
+                out = add_layer_norm(x, residual, norm_w, norm_b, 1e-12, dropout_p, backend="triton")
+                out.sum().backward()
+            weight = (torch.randn(intermediate, hidden) * 0.05).to(dtype)
+            bias = torch.zeros(intermediate, dtype=dtype)
+            grad = torch.ones(130, intermediate, dtype=dtype)
+            for path in linear_gelu_kernels.PATHS:
+                for approximate in ("none", "tanh"):
+                    x_plain = x.detach()
+                    _y, pre = linear_gelu_kernels.linear_gelu_forward(
+                        x_plain, weight, bias, approximate, save_pre=True, path=path
+                    )
+                    linear_gelu_kernels.linear_gelu_backward(grad, x_plain, weight, bias, pre, approximate, True)
+
+
+@pytest.mark.slow
+def test_every_kernel_launch_compiles_for_sm90(monkeypatch, tmp_path):
+    specs = _record_launches(monkeypatch, _sweep)
+    kernels = {spec["name"] for spec in specs}
+    assert len(kernels) >= 6, kernels  # adapter fwd/bwd x2, add_layer_norm fwd/bwd, bias-GELU fwd/bwd, GEMM
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 is today's default
+    result = subprocess.run(
+        [sys.executable, "-c", COMPILER], input=json.dumps(specs), capture_output=True, text=True, env=env, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    outcomes = json.loads(result.stdout.strip().splitlines()[-1])
+    failures = [
+        f"{spec['name']} {spec['signature']} {spec['constexprs']} {spec['options']}: {outcome['error']}"
+        for spec, outcome in zip(specs, outcomes, strict=True)
+        if not outcome["ok"]
+    ]
+    assert not failures, "\n\n".join(failures)
+    # Hopper gives a block at most 227 KB of shared memory; the compiler checks the limit only when launching.
+    assert max(outcome["shared"] for outcome in outcomes) <= 227 * 1024
