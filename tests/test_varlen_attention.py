@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fastmini import FastMiniModel
-from fastmini.ops import BackendUnavailableError, Packing, packed_self_attention
-from fastmini.ops.attention import varlen_attention_ref
+from fastmini.ops import BackendUnavailableError, Packing, attention, packed_self_attention, self_attention
+from fastmini.ops.attention import per_sequence_attention
 
 MASKS = {
     "right": [[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]],
@@ -35,10 +35,42 @@ def test_the_varlen_contract_equals_packed_attention(pattern):
     """What fastmini hands the varlen kernel (packed heads + cu_seqlens) means the same attention."""
     packing = Packing.from_attention_mask(torch.tensor(MASKS[pattern]))
     query, key, value = _packed_qkv(packing, hidden=24)
-    expected, _ = packed_self_attention(query, key, value, 4, packing)
+    padded = [packing.unpack(t) for t in (query, key, value)]
+    expected = packing.pack(self_attention(*padded, 4, packing.key_padding_mask)[0])
     heads = [t.view(t.shape[0], 4, 6) for t in (query, key, value)]
-    got = varlen_attention_ref(*heads, packing.cu_seqlens).reshape(expected.shape)
+    got = per_sequence_attention(*heads, packing.cu_seqlens).reshape(expected.shape)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "lengths, per_sequence",
+    [([128, 8, 8, 8], True), ([128, 120, 127, 100], False), ([40, 6, 6, 6], True), ([40, 35], False)],
+)
+def test_cpu_attends_per_sequence_when_padding_dominates(monkeypatch, lengths, per_sequence):
+    mask = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
+    packing = Packing.from_attention_mask(mask)
+    query, key, value = _packed_qkv(packing, hidden=24)
+    padded = [packing.unpack(t) for t in (query, key, value)]
+    expected = packing.pack(self_attention(*padded, 4, packing.key_padding_mask)[0])
+    calls = []
+    original = attention.per_sequence_attention
+    monkeypatch.setattr(attention, "per_sequence_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    got, _ = packed_self_attention(query, key, value, 4, packing)
+    assert bool(calls) == per_sequence
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_per_sequence_attention_trains(tiny_config, randomize):
+    """Gradients flow through the per-sequence path (dropout on): a padded batch that takes it."""
+    from fastmini import FastMiniForSequenceClassification
+
+    model = randomize(FastMiniForSequenceClassification(tiny_config(num_labels=2)), std=0.1).train()
+    mask = torch.zeros(4, 12, dtype=torch.long)
+    mask[0, :] = 1
+    mask[1:, :2] = 1
+    input_ids = torch.randint(5, 99, (4, 12)) * mask
+    model(input_ids, mask, labels=torch.tensor([0, 1, 0, 1])).loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
 
 
 def test_backend_choice_errors():
