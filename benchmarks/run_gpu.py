@@ -4,12 +4,15 @@ Runs on the lent GPU machine (its own python3 with torch/triton/transformers ins
 ``pytest -m gpu tests/`` then the GPU benchmarks (``GPU_BENCHMARKS``), and writes
 ``benchmarks/results/<date>-<gpu>.md`` with the versions, the GPU test outcome and one table
 per benchmark group (medians, ratios against the baseline, GB/s or GFLOP/s as recorded).
-The file is also copied to $OUT when that variable is set (the device tool brings it back).
+Logs (gpu-tests.log, gpu-benchmarks.log) and benchmarks.json are written into $OUT as the runs go
+when that variable is set (the device tool brings $OUT back, even after a timeout), and the
+results file is copied there too.
 """
 
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import os
 import re
@@ -32,13 +35,32 @@ GPU_BENCHMARKS = [
 
 
 def pytest_command() -> list[str]:
-    found = shutil.which("pytest")
-    return [found] if found else [sys.executable, "-m", "pytest"]
+    """The pytest of this interpreter's environment. Not ``python -m pytest``: that puts the checkout
+    on sys.path, where the top-level kernels/ would shadow the `kernels` package transformers probes for."""
+    beside = Path(sys.executable).parent / "pytest"
+    found = str(beside) if beside.is_file() else shutil.which("pytest")
+    if found is None:
+        raise SystemExit("bench-gpu: no pytest next to this python or on PATH")
+    return [found]
 
 
-def run(arguments: list[str]) -> tuple[int, str]:
-    result = subprocess.run(pytest_command() + arguments, cwd=ROOT, capture_output=True, text=True)
-    output = result.stdout + result.stderr
+def log_directory() -> Path:
+    """$OUT when the device tool set it (what is written there comes back even if a call times out),
+    else a temporary directory."""
+    return Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(tempfile.mkdtemp())
+
+
+def per_test_timeout(seconds: int) -> list[str]:
+    """pytest-timeout's limit where the plugin is installed: a hung capture or kernel fails one test,
+    not the whole call."""
+    return [f"--timeout={seconds}"] if importlib.util.find_spec("pytest_timeout") else []
+
+
+def run(arguments: list[str], log: Path) -> tuple[int, str]:
+    """pytest with its output streamed into ``log`` as it runs."""
+    with log.open("w") as stream:
+        result = subprocess.run(pytest_command() + arguments, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT)
+    output = log.read_text()
     print(output[-6000:], flush=True)
     return result.returncode, output
 
@@ -67,11 +89,16 @@ def main() -> int:
     import triton
 
     gpu = torch.cuda.get_device_name(0)
-    tests_code, tests_output = run(["-m", "gpu", "tests/", "-q", "-p", "no:cacheprovider"])
-    json_path = Path(tempfile.mkdtemp()) / "benchmarks.json"
-    bench_code, bench_output = run(
-        [*GPU_BENCHMARKS, "--benchmark-only", "-q", "-p", "no:cacheprovider", f"--benchmark-json={json_path}"]
+    logs = log_directory()
+    tests_code, tests_output = run(
+        ["-m", "gpu", "tests/", "-q", "-rfEs", "-p", "no:cacheprovider", *per_test_timeout(180)], logs / "gpu-tests.log"
     )
+    json_path = logs / "benchmarks.json"
+    bench_code, bench_output = run(
+        [*GPU_BENCHMARKS, "--benchmark-only", "-q", "-p", "no:cacheprovider", f"--benchmark-json={json_path}",
+         *per_test_timeout(300)],
+        logs / "gpu-benchmarks.log",
+    )  # fmt: skip
     report = json.loads(json_path.read_text()) if json_path.exists() else {}
     today = datetime.date.today().isoformat()
     slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
@@ -93,11 +120,8 @@ def main() -> int:
     target = results / f"{today}-{slug}.md"
     target.write_text("\n".join(lines))
     print(f"wrote {target}")
-    if os.environ.get("OUT"):  # the device tool brings $OUT back: the results and both full logs
-        out = Path(os.environ["OUT"])
-        shutil.copy(target, out / target.name)
-        (out / "gpu-tests.log").write_text(tests_output)
-        (out / "gpu-benchmarks.log").write_text(bench_output)
+    if os.environ.get("OUT"):  # the device tool brings $OUT back: the results beside both logs and the JSON
+        shutil.copy(target, logs / target.name)
     return tests_code or bench_code
 
 
