@@ -115,6 +115,25 @@ def test_optimized_model_equals_the_plain_one(tiny_config, randomize, padded, hi
     for a, b in zip(got.hidden_states, expected.hidden_states, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert len(optimized.fastmini.encoder.shared_layer.prepacked) == 4  # qkv, attention out, ffn up, ffn down
+    assert len(optimized.lm_head.prepacked) == 2  # transform, decoder
+
+
+def test_albert_head_with_its_decoder_tied_to_the_embeddings(tiny_config, randomize):
+    plain = randomize(FastMiniForMaskedLM(tiny_config(head_variant="albert", tie_word_embeddings=True))).eval()
+    optimized = copy.deepcopy(plain).optimize_for_inference()
+    assert optimized.lm_head.decoder.weight is optimized.fastmini.embeddings.word_embeddings.weight
+    input_ids, mask = _padded_batch()
+
+    def same_logits():
+        with torch.inference_mode():
+            expected = plain(input_ids, mask).logits
+            torch.testing.assert_close(optimized(input_ids, mask).logits, expected, rtol=1e-5, atol=1e-4)
+
+    same_logits()
+    with torch.no_grad():  # an update of the tied embedding reaches the decoder's prepacked copy
+        optimized.fastmini.embeddings.word_embeddings.weight.mul_(0.5)
+        plain.fastmini.embeddings.word_embeddings.weight.mul_(0.5)
+    same_logits()
 
 
 def test_training_is_untouched(tiny_config, randomize, batch):

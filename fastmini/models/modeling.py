@@ -26,6 +26,7 @@ from fastmini.models.configuration import MINIALBERT_FIXED_LAYER_NORM_EPS, FastM
 from fastmini.models.loading import load_pretrained
 from fastmini.modules import Embeddings, MaskedLMHead, RecursiveEncoder
 from fastmini.ops import Packing
+from fastmini.ops.prepacked_linear import PrepackedWeightsMixin
 
 
 class FastMiniPreTrainedModel(PreTrainedModel):
@@ -63,8 +64,9 @@ class FastMiniPreTrainedModel(PreTrainedModel):
     def optimize_for_inference(self, prepacked_weights: bool = True, varlen_attention: bool = False):
         """Switch on the inference fast paths; returns the model. Training is unaffected.
 
-        ``prepacked_weights``: on the CPU, the shared layer's GEMM weights are reordered once for
-        oneDNN and stay so across recursions and calls (fastmini.ops.prepacked_linear); the cache
+        ``prepacked_weights``: on the CPU, the GEMM weights of the shared layer (and of the masked-LM
+        head) are reordered once for oneDNN and stay so across recursions and calls
+        (fastmini.ops.prepacked_linear); the cache
         follows in-place updates, optimizer steps, ``load_state_dict`` and ``.to()`` by itself, but
         not writes through ``param.data`` (they bypass version counters): call this again after
         those. ``False`` switches it off again.
@@ -72,9 +74,10 @@ class FastMiniPreTrainedModel(PreTrainedModel):
         kernel on the packed tokens (fp16/bf16). UNVERIFIED: it has not run on a GPU yet, hence off
         by default.
         """
-        shared_layer = self.base_encoder().encoder.shared_layer
-        shared_layer.use_prepacked_weights(prepacked_weights)
-        shared_layer.packed_attention_backend = "cuda" if varlen_attention else None
+        for module in self.modules():
+            if isinstance(module, PrepackedWeightsMixin):  # the shared layer and the masked-LM head
+                module.use_prepacked_weights(prepacked_weights)
+        self.base_encoder().encoder.shared_layer.packed_attention_backend = "cuda" if varlen_attention else None
         return self
 
     def graphed_encoder(self, **options):

@@ -6,9 +6,10 @@ import torch
 from torch import nn
 
 from fastmini.ops import linear_gelu
+from fastmini.ops.prepacked_linear import PrepackedWeightsMixin
 
 
-class MaskedLMHead(nn.Module):
+class MaskedLMHead(PrepackedWeightsMixin, nn.Module):
     """``Decoder(LayerNorm(GELU(Transform(h))))``.
 
     minialbert: Transform H -> H, exact GELU, LayerNorm(H, 1e-12), Decoder H -> V (own weights).
@@ -31,5 +32,10 @@ class MaskedLMHead(nn.Module):
         self.decoder = nn.Linear(width, config.vocab_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        transformed = linear_gelu(hidden_states, self.transform.weight, self.transform.bias, self.gelu_approximation)
-        return self.decoder(self.norm(transformed))
+        transform = self.transform
+        prepacked = self.prepacked_for(hidden_states, transform.weight)
+        if prepacked is None:
+            transformed = linear_gelu(hidden_states, transform.weight, transform.bias, self.gelu_approximation)
+        else:  # the decoder is the larger GEMM: H x V against the encoder's ~7 H^2 a recursion
+            transformed = self.linear_through(prepacked, "transform", hidden_states, gelu=self.gelu_approximation)
+        return self.linear_through(prepacked, "decoder", self.norm(transformed))

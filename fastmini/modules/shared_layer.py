@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from fastmini.ops import Packing, add_layer_norm, linear_gelu, packed_self_attention, self_attention
-from fastmini.ops.prepacked_linear import PrepackedLinears
+from fastmini.ops.prepacked_linear import PrepackedWeightsMixin
 
 
-class SharedLayer(nn.Module):
+class SharedLayer(PrepackedWeightsMixin, nn.Module):
     def __init__(self, config):
         super().__init__()
         hidden = config.hidden_size
@@ -34,20 +34,7 @@ class SharedLayer(nn.Module):
         self.ffn_intermediate = nn.Linear(hidden, config.intermediate_size)
         self.ffn_output = nn.Linear(config.intermediate_size, hidden)
         self.ffn_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
-        self.prepacked: PrepackedLinears | None = None  # a cache, not state: never saved
         self.packed_attention_backend: str | None = None  # None: ops.attention's automatic choice
-
-    def use_prepacked_weights(self, enabled: bool = True) -> None:
-        self.prepacked = PrepackedLinears() if enabled else None
-
-    def _prepacked_for(self, x: torch.Tensor) -> PrepackedLinears | None:
-        """The prepacked cache when it applies to this input, else None (the usual ops run)."""
-        prepacked = self.prepacked
-        return prepacked if prepacked is not None and prepacked.applies(x, (self.query.weight,)) else None
-
-    def _linear(self, prepacked: PrepackedLinears | None, name: str, x: torch.Tensor) -> torch.Tensor:
-        layer = getattr(self, name)
-        return layer(x) if prepacked is None else prepacked.linear(name, x, [layer.weight], [layer.bias])
 
     def _dropout(self, p: float) -> float:
         return p if self.training else 0.0
@@ -65,7 +52,7 @@ class SharedLayer(nn.Module):
         if any, ``key_padding_mask`` (B, S) marks False. The residual is this block's own input,
         i.e. the attention adapter's output.
         """
-        prepacked = self._prepacked_for(x)
+        prepacked = self.prepacked_for(x, self.query.weight)
         if prepacked is None:
             projections = (self.query(x), self.key(x), self.value(x))
         else:
@@ -88,7 +75,7 @@ class SharedLayer(nn.Module):
             )
         norm = self.attention_norm
         out = add_layer_norm(
-            self._linear(prepacked, "attention_output", context),
+            self.linear_through(prepacked, "attention_output", context),
             x,
             norm.weight,
             norm.bias,
@@ -100,14 +87,14 @@ class SharedLayer(nn.Module):
     def ffn_block(self, x: torch.Tensor) -> torch.Tensor:
         """``LayerNorm(x + Dropout(FfnOut(GELU(Ffn(x)))))``."""
         up = self.ffn_intermediate
-        prepacked = self._prepacked_for(x)
+        prepacked = self.prepacked_for(x, up.weight)
         if prepacked is None:
             intermediate = linear_gelu(x, up.weight, up.bias, self.gelu_approximation)
         else:
-            intermediate = prepacked.linear("ffn_intermediate", x, [up.weight], [up.bias], gelu=self.gelu_approximation)
+            intermediate = self.linear_through(prepacked, "ffn_intermediate", x, gelu=self.gelu_approximation)
         norm = self.ffn_norm
         return add_layer_norm(
-            self._linear(prepacked, "ffn_output", intermediate),
+            self.linear_through(prepacked, "ffn_output", intermediate),
             x,
             norm.weight,
             norm.bias,

@@ -105,3 +105,26 @@ class PrepackedLinears:
         entry = self._entry(name, weights, biases)
         attr, algorithm = _ONEDNN_ACTIVATIONS[gelu]
         return torch.ops.mkldnn._linear_pointwise(x, entry.packed, entry.bias, attr, [], algorithm)
+
+
+class PrepackedWeightsMixin:
+    """For modules whose linears may run through a PrepackedLinears cache (switched on by
+    ``FastMiniPreTrainedModel.optimize_for_inference``); off (None) until asked for."""
+
+    prepacked: PrepackedLinears | None = None
+
+    def use_prepacked_weights(self, enabled: bool = True) -> None:
+        self.prepacked = PrepackedLinears() if enabled else None
+
+    def prepacked_for(self, x: torch.Tensor, weight: torch.Tensor) -> PrepackedLinears | None:
+        """The cache when it is on and applies to this input, else None (the module's usual ops run)."""
+        prepacked = self.prepacked
+        return prepacked if prepacked is not None and prepacked.applies(x, (weight,)) else None
+
+    def linear_through(self, prepacked: PrepackedLinears | None, name: str, x: torch.Tensor, gelu=None):
+        """The submodule ``name`` (an nn.Linear) applied to x: through the cache when given, else as it is
+        (``gelu`` only with the cache: callers without it run their own fused op)."""
+        layer = getattr(self, name)
+        if prepacked is None:
+            return layer(x)
+        return prepacked.linear(name, x, [layer.weight], [layer.bias], gelu=gelu)
