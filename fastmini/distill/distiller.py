@@ -10,7 +10,6 @@ so it is what DDP wraps.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +20,7 @@ from fastmini.distill import losses
 from fastmini.distill.models import Teacher
 from fastmini.models import FastMiniForMaskedLM
 from fastmini.ops import Packing
+from fastmini.training.precision import autocast
 
 
 @dataclass
@@ -148,17 +148,12 @@ class Distiller:
         self.need_attentions = weights.attention > 0
         self.use_output_kl = weights.output > 0 and teacher.head is not None
 
-    def _autocast(self, device: torch.device):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=self.autocast_dtype)
-
     def __call__(self, batch: Batch) -> losses.LossTerms:
         device = batch.input_ids.device
         teacher = teacher_forward(
             self.teacher, batch, self.layers, self.need_hidden, self.need_attentions, self.use_output_kl
         )
-        with self._autocast(device):
+        with autocast(device, self.autocast_dtype):
             student = self.student_side(batch, self.need_hidden, self.need_attentions)
         zero = student.masked_logits.sum() * 0.0
         real_tokens = batch.attention_mask.bool()

@@ -32,7 +32,8 @@ from fastmini.distill.batches import MaskedWindows, StepBatches, evaluation_batc
 from fastmini.distill.config import RUN_ONLY_FIELDS, DistillConfig, flag_of, resolve_layer_map
 from fastmini.distill.distiller import Distiller, StudentSide
 from fastmini.distill.evaluation import evaluate
-from fastmini.training import checkpoints, distributed, faults
+from fastmini.training import checkpoints, distributed, faults, precision
+from fastmini.training.batching import check_global_batch
 from fastmini.training.checkpoints import publish_directory_contents
 from fastmini.training.cli import writable_directory
 from fastmini.training.errors import TrainingError, UsageError
@@ -86,16 +87,10 @@ class DistillationRun:
         self.device = context.device
         if config.threads:
             torch.set_num_threads(config.threads)
-        use_bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
-        self.teacher_dtype = torch.bfloat16 if use_bf16 else torch.float32
-        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        self.autocast_dtype = precision.autocast_dtype(config.precision, self.device)
+        self.teacher_dtype = self.autocast_dtype or torch.float32
 
-        micro_total = context.world_size * config.grad_accumulation
-        if config.batch_size % micro_total:
-            raise UsageError(
-                f"--batch-size {config.batch_size} (the global batch) must be divisible by processes x "
-                f"--grad-accumulation = {context.world_size} x {config.grad_accumulation}"
-            )
+        check_global_batch(config.batch_size, context.world_size, config.grad_accumulation)
         self.output = prepare_output_dir(config) if context.is_main else Path(config.output_dir).expanduser()
         distributed.barrier(context)
         self.checkpoint_root = self.output / CHECKPOINTS_DIR

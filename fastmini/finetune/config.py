@@ -19,9 +19,9 @@ from fastmini.finetune.tasks import GENERIC_TASKS, GLUE_TASKS, TASKS
 from fastmini.training.errors import UsageError
 from fastmini.training.optimization import SCHEDULES
 from fastmini.training.options import Options, option, optional_int, optional_str
+from fastmini.training.precision import PRECISIONS
 
 DEFAULT_MODEL = "outputs/distill"  # what `make demo`'s distillation writes
-PRECISIONS = ("auto", "fp32", "bf16")
 # The embedded default's grid: SPEC.md's three learning rates x two seeds (so that a mean and a std
 # exist) x both modes, 3 epochs instead of 5 so that the 12 runs fit in about two minutes on 2 CPU cores.
 EMBEDDED_RECIPE = {"seed": [1, 2], "epochs": 3}

@@ -8,7 +8,6 @@ examples' own order. Used by the trainer's evaluation, its predictions files and
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 from fastmini.finetune import metrics
 from fastmini.finetune.data import Encoded
 from fastmini.finetune.tasks import LabelMap, TaskSpec
+from fastmini.training.precision import autocast
 
 MULTILABEL_THRESHOLD = 0.5
 
@@ -25,12 +25,6 @@ def length_sorted_batches(encoded: Encoded, batch_size: int) -> Iterator[list[in
     order = sorted(range(len(encoded)), key=lambda i: len(encoded.input_ids[i]))
     for start in range(0, len(order), batch_size):
         yield order[start : start + batch_size]
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @torch.inference_mode()

@@ -36,8 +36,8 @@ from fastmini.finetune.config import DEFAULT_MAX_LENGTH, RUN_ONLY_FIELDS, Finetu
 from fastmini.finetune.data import TaskData, encode, load_task_data
 from fastmini.finetune.models import ModelSource, load_task_model, task_model_class
 from fastmini.finetune.tasks import LOWER_IS_BETTER, TaskSpec, task_spec
-from fastmini.training import checkpoints, distributed, faults
-from fastmini.training.batching import StepBatches, derived_seed
+from fastmini.training import checkpoints, distributed, faults, precision
+from fastmini.training.batching import StepBatches, check_global_batch, derived_seed
 from fastmini.training.cli import writable_directory
 from fastmini.training.errors import TrainingError, UsageError
 from fastmini.training.optimization import WarmupDecay, build_adamw
@@ -133,14 +133,8 @@ class FineTuning:
         self.config, self.context, self.device = config, context, context.device
         if config.threads:
             torch.set_num_threads(config.threads)
-        use_bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
-        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
-        micro_total = context.world_size * config.grad_accumulation
-        if config.batch_size % micro_total:
-            raise UsageError(
-                f"--batch-size {config.batch_size} (the global batch) must be divisible by processes x "
-                f"--grad-accumulation = {context.world_size} x {config.grad_accumulation}"
-            )
+        self.autocast_dtype = precision.autocast_dtype(config.precision, self.device)
+        check_global_batch(config.batch_size, context.world_size, config.grad_accumulation)
         self.spec: TaskSpec = task_spec(config.task)
         self.modes = modes_of(config)
         # Everything that can be wrong with the data or the model is found before the output directory is touched.
@@ -568,7 +562,7 @@ class GridRun:
             last = index == len(micro_batches) - 1
             sync = self.trained.no_sync() if self.context.is_distributed and not last else contextlib.nullcontext()
             with sync:
-                with inference.autocast(self.device, self.job.autocast_dtype):
+                with precision.autocast(self.device, self.job.autocast_dtype):
                     loss = self.trained(**batch).loss
                 (loss / len(micro_batches)).backward()
             loss_sum += float(loss.detach())

@@ -13,6 +13,18 @@ import hashlib
 
 import torch
 
+from fastmini.training.errors import UsageError
+
+
+def check_global_batch(batch_size: int, world_size: int, grad_accumulation: int) -> None:
+    """The global batch must split evenly into processes x accumulation micro-batches."""
+    micro_total = world_size * grad_accumulation
+    if batch_size % micro_total:
+        raise UsageError(
+            f"--batch-size {batch_size} (the global batch) must be divisible by processes x "
+            f"--grad-accumulation = {world_size} x {grad_accumulation}"
+        )
+
 
 def derived_seed(*parts: object) -> int:
     """A 63-bit seed from any parts (stable across runs and platforms)."""
