@@ -281,14 +281,8 @@ class DistillationRun:
             self.student_side.projection.load_state_dict(state["projection"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        rng = state["rng"]
-        if len(rng) != self.context.world_size:
-            log.warning(
-                "--resume: checkpoint written by %d processes, running %d: dropout draws will differ",
-                len(rng),
-                self.context.world_size,
-            )
-        self._rng_to_restore = rng[self.context.rank % len(rng)]
+        context = self.context
+        self._rng_to_restore = checkpoints.rng_state_of_rank(state["rng"], context.rank, context.world_size, log)
         self.start_step = state["step"]
         self.metrics_before = state["metrics_before"]
         self.elapsed_before = state["elapsed_seconds"]

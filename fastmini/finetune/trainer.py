@@ -512,13 +512,6 @@ class GridRun:
         self.scheduler.load_state_dict(state["scheduler"])
         self.state = state["progress"]
         self.last_checkpoint = path
-        rng = state["rng"]
-        if len(rng) != self.context.world_size:
-            log.warning(
-                "--resume: checkpoint written by %d processes, running %d: dropout draws will differ",
-                len(rng),
-                self.context.world_size,
-            )
         log.info(
             "run %s: resuming from %s (step %d of %d)",
             self.setting.name,
@@ -526,7 +519,7 @@ class GridRun:
             self.state["step"],
             self.job.total_steps,
         )
-        return rng[self.context.rank % len(rng)]
+        return checkpoints.rng_state_of_rank(state["rng"], self.context.rank, self.context.world_size, log)
 
     def _save_checkpoint(self) -> None:
         step = self.state["step"]
