@@ -8,6 +8,8 @@ Contenders, all fp32, eval, inference mode, on the CPU, on the same inputs:
 - "fastmini": the same weights loaded from the original's checkpoint;
 - "fastmini-prepacked": the same after ``optimize_for_inference()`` (the shared layer's weights
   reordered once for oneDNN and kept so across recursions and calls);
+- "fastmini-compiled": ``torch.compile(model)`` (inductor, default mode), what users try first;
+  compiled for each shape before timing;
 - "albert-sdpa": transformers' own ``AlbertModel`` with SDPA attention at the published
   configuration, given the same embeddings, projection and shared layer. ALBERT has no adapters,
   so it does ~2% fewer FLOPs than the count that GFLOP/s use (recorded in the info);
@@ -73,12 +75,13 @@ class _LastHiddenState(torch.nn.Module):
         return self.model(input_ids, attention_mask)[0]
 
 
-def torch_contender(model: torch.nn.Module, backend: str, sync: Callable) -> Contender:
+def torch_contender(model: Callable, backend: str, sync: Callable) -> Contender:
     def build(input_ids, attention_mask):
         def forward():
             with torch.inference_mode():
                 return model(input_ids, attention_mask)
 
+        forward()  # a compiled model compiles for this shape here, not while timed
         return sync(forward, DEVICE)
 
     return Contender(build, backend)
@@ -203,6 +206,11 @@ def contenders(published, sync, tmp_path_factory) -> dict[str, Contender]:
         "fastmini-prepacked": torch_contender(
             FastMiniModel.from_pretrained(published.directory).eval().optimize_for_inference(),
             "fastmini after optimize_for_inference(): shared-layer weights prepacked for oneDNN",
+            sync,
+        ),
+        "fastmini-compiled": torch_contender(
+            torch.compile(FastMiniModel.from_pretrained(published.directory).eval()),
+            "torch.compile(model), inductor, default mode; unpadding on (a graph break where the mask is read)",
             sync,
         ),
         "albert-sdpa": torch_contender(

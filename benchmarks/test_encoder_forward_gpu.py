@@ -13,6 +13,9 @@ Contenders (same weights, bf16, eval, inference mode):
 - "fastmini-graphed-triton": the same captured with ``FASTMINI_BACKEND=triton`` (the fused kernels);
 - "fastmini-graphed-l2": graphed, the shared layer's weights in one buffer under a persisting L2
   access-policy window (fastmini.runtime.persist_in_l2); measured to decide whether it pays;
+- "torch-compile" (latency group only: one more compile is a minute of device time): what users
+  would try instead of graphed_encoder(), ``torch.compile(model.set_unpadding(False),
+  mode="reduce-overhead", fullgraph=True)`` (inductor's kernels replayed through CUDA graphs);
 - ragged group: "fastmini-padded" (``encode(unpad=False)``: the same batch run padded, the
   baseline), "fastmini" (unpadded, padded-layout attention), "fastmini-varlen" (unpadded with
   torch's varlen flash attention, ``optimize_for_inference(varlen_attention=True)``).
@@ -130,6 +133,9 @@ def contenders_for(models, input_ids, mask, names) -> tuple[dict[str, Callable],
         "fastmini-graphed": lambda: bound(_graphed(fresh())),
         "fastmini-graphed-triton": lambda: bound(_graphed(fresh(), backend="triton")),
         "fastmini-graphed-l2": lambda: bound(_graphed(fresh(), l2=True)),
+        "torch-compile": lambda: bound(
+            torch.compile(fresh().set_unpadding(False), mode="reduce-overhead", fullgraph=True)
+        ),
     }
     built, unavailable = {}, {}
     for name in names:
@@ -185,7 +191,7 @@ def test_latency_1x128(benchmark, compare, describe_device, models):
     input_ids, mask = _full_batch(1, 128)
     medians = _run_group(
         benchmark, compare, describe_device, models, "gpu encoder latency 1x128", input_ids, mask,
-        ["original", "fastmini", *GRAPHED], "original", rounds=200,
+        ["original", "fastmini", *GRAPHED, "torch-compile"], "original", rounds=200,
     )  # fmt: skip
     benchmark.extra_info["target"] = "<= 0.25 ms and >= 10x lower than original"
     benchmark.extra_info["best_ms"] = round(min(medians.values()) * 1e3, 4)

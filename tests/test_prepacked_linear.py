@@ -118,6 +118,25 @@ def test_optimized_model_equals_the_plain_one(tiny_config, randomize, padded, hi
     assert len(optimized.lm_head.prepacked) == 2  # transform, decoder
 
 
+def test_an_optimized_model_still_compiles(tiny_config, randomize):
+    """torch.compile of an optimized model takes the plain ops (inductor could not lower oneDNN's linear
+    on a weight that is not a graph constant); its eager calls keep the cache."""
+    plain = randomize(FastMiniForMaskedLM(tiny_config())).eval()
+    optimized = copy.deepcopy(plain).optimize_for_inference()
+    input_ids, mask = _padded_batch()
+    torch._dynamo.reset()
+    try:
+        with torch.inference_mode():
+            expected = plain(input_ids, mask).logits
+            compiled = torch.compile(optimized)(input_ids, mask).logits
+            eager = optimized(input_ids, mask).logits
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(eager, expected, rtol=1e-5, atol=1e-4)
+    assert len(optimized.fastmini.encoder.shared_layer.prepacked) == 4
+
+
 def test_albert_head_with_its_decoder_tied_to_the_embeddings(tiny_config, randomize):
     plain = randomize(FastMiniForMaskedLM(tiny_config(head_variant="albert", tie_word_embeddings=True))).eval()
     optimized = copy.deepcopy(plain).optimize_for_inference()

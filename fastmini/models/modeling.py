@@ -91,6 +91,16 @@ class FastMiniPreTrainedModel(PreTrainedModel):
         options.setdefault("max_sequence_length", self.config.max_position_embeddings)
         return GraphedEncoder(lambda ids, mask: base.encode(ids, mask, unpad=False).sequence, **options)
 
+    def set_unpadding(self, enabled: bool = True):
+        """Whether padded batches run on their real tokens only (the default) or in the padded layout
+        with padded keys masked; returns the model. The outputs are the same either way (zeros at
+        padded positions, padding never in a loss). The padded layout spends work on padding but no
+        shape depends on the mask's values and no host sync reads it: what ``torch.compile(...,
+        fullgraph=True)``, ``mode="reduce-overhead"`` and CUDA graphs need. With unpadding on,
+        ``torch.compile`` still works, with a graph break where the mask is read."""
+        self.base_encoder().unpadding = bool(enabled)
+        return self
+
     def base_encoder(self) -> FastMiniModel:
         return self if isinstance(self, FastMiniModel) else getattr(self, self.base_model_prefix)
 
@@ -125,9 +135,30 @@ class Encoded:
     packing: Packing | None
     hidden_states: tuple[torch.Tensor, ...] | None  # re-padded unless encode() was asked not to
     attentions: tuple[torch.Tensor, ...] | None
+    key_padding_mask: torch.Tensor | None = None  # (B, S) True for real tokens, in the padded layout only
 
-    def repad(self, packed: torch.Tensor) -> torch.Tensor:
-        return packed if self.packing is None else self.packing.unpack(packed)
+    def repad(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Per-token values in ``sequence``'s layout as (B, S, ...) with zeros at padded positions."""
+        if self.packing is not None:
+            return self.packing.unpack(tokens)
+        if self.key_padding_mask is not None:
+            return _zero_padding(tokens, self.key_padding_mask)
+        return tokens
+
+    def token_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token ``labels`` (B, S) aligned with ``sequence``, padding never counted: packed (T,)
+        when the batch was unpadded, else (B, S) with -100 at padded positions. Either layout gives
+        the same loss."""
+        if self.packing is not None:
+            return self.packing.pack(labels)
+        if self.key_padding_mask is not None:
+            return labels.masked_fill(~self.key_padding_mask, -100)
+        return labels
+
+    def token_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of per-token ``logits`` (aligned with ``sequence``) over the real tokens labelled."""
+        labels = self.token_labels(labels.to(logits.device))
+        return CrossEntropyLoss()(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
 class FastMiniModel(FastMiniPreTrainedModel):
@@ -138,6 +169,7 @@ class FastMiniModel(FastMiniPreTrainedModel):
             nn.Linear(config.embedding_size, config.hidden_size) if config.use_embedding_projection else None
         )
         self.encoder = RecursiveEncoder(config)
+        self.unpadding = True  # see set_unpadding
         # transformers' ALBERT classifies from a tanh pooler; MiniALBERT from the first token directly.
         self.pooler = (
             nn.Linear(config.hidden_size, config.hidden_size)
@@ -162,7 +194,7 @@ class FastMiniModel(FastMiniPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         repad_hidden_states: bool = True,
-        unpad: bool = True,
+        unpad: bool | None = None,
     ) -> Encoded:
         """Embeddings, unpadding, projector and the recursion; heads call this directly so that
         they too run on real tokens only. With ``repad_hidden_states=False`` the hidden states of
@@ -170,7 +202,8 @@ class FastMiniModel(FastMiniPreTrainedModel):
 
         ``unpad=False`` keeps the padded (B, S) layout and masks padded keys instead: more work,
         but no shape depends on the mask's values and no host sync reads it, which is what CUDA
-        graph capture needs (fastmini.runtime). Padded positions of the outputs are zeros either way."""
+        graph capture needs (fastmini.runtime). Padded positions of the outputs are zeros either way.
+        ``None``: the model's setting (``set_unpadding``; on by default)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("FastMiniModel: give exactly one of input_ids or inputs_embeds")
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
@@ -179,6 +212,8 @@ class FastMiniModel(FastMiniPreTrainedModel):
         )
         shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
         key_padding_mask = None
+        if unpad is None:
+            unpad = self.unpadding
         if unpad:
             packing = packing_for(attention_mask, shape)
         elif attention_mask is not None:
@@ -206,7 +241,7 @@ class FastMiniModel(FastMiniPreTrainedModel):
             sequence = _zero_padding(sequence, key_padding_mask)
             if hidden_states is not None:
                 hidden_states = tuple(_zero_padding(h, key_padding_mask) for h in hidden_states)
-        return Encoded(sequence, packing, hidden_states, encoded.attentions)
+        return Encoded(sequence, packing, hidden_states, encoded.attentions, key_padding_mask)
 
     def forward(
         self,
@@ -283,11 +318,7 @@ class FastMiniForMaskedLM(FastMiniPreTrainedModel):
             output_hidden_states,
         )
         logits = self.lm_head(encoded.sequence)  # real tokens only when the batch is padded
-        loss = None
-        if labels is not None:
-            labels = labels.to(logits.device)
-            packed_labels = labels if encoded.packing is None else encoded.packing.pack(labels)
-            loss = CrossEntropyLoss()(logits.reshape(-1, logits.shape[-1]), packed_labels.reshape(-1))
+        loss = encoded.token_loss(logits, labels) if labels is not None else None
         logits = encoded.repad(logits)
         output = MaskedLMOutput(
             loss=loss, logits=logits, hidden_states=encoded.hidden_states, attentions=encoded.attentions
@@ -385,11 +416,7 @@ class FastMiniForTokenClassification(FastMiniPreTrainedModel):
             output_hidden_states,
         )
         logits = self.classifier(self.dropout(encoded.sequence))
-        loss = None
-        if labels is not None:
-            labels = labels.to(logits.device)
-            packed_labels = labels if encoded.packing is None else encoded.packing.pack(labels)
-            loss = CrossEntropyLoss()(logits.reshape(-1, self.num_labels), packed_labels.reshape(-1))
+        loss = encoded.token_loss(logits, labels) if labels is not None else None
         logits = encoded.repad(logits)
         output = TokenClassifierOutput(
             loss=loss, logits=logits, hidden_states=encoded.hidden_states, attentions=encoded.attentions

@@ -11,8 +11,8 @@ weights' identity, storage and version counter, so an optimizer step, ``load_sta
 ``.to()`` makes them stale and they are rebuilt on the next use (writes through ``param.data``
 bypass the version counter: whoever does that must start a new cache); copies and pickles of a model
 carry an empty cache (oneDNN's opaque tensors cannot be copied). The oneDNN op has no autograd
-rule fastmini relies on, so the fast path runs only when no gradient is wanted; training and
-every non-CPU or non-fp32 input take ``F.linear``.
+rule fastmini relies on, so the fast path runs only when no gradient is wanted; training,
+``torch.compile`` and every non-CPU or non-fp32 input take ``F.linear``.
 """
 
 from __future__ import annotations
@@ -69,6 +69,10 @@ class PrepackedLinears:
     @staticmethod
     def applies(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
         if x.device.type != "cpu" or x.dtype != torch.float32 or weights[0].dtype != torch.float32:
+            return False
+        # Under torch.compile the plain ops: inductor cannot lower oneDNN's linear on a weight that is
+        # not a graph constant (it crashed), and packs weights itself where it wants to (freezing).
+        if torch.compiler.is_compiling():
             return False
         if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
             return False

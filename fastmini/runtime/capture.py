@@ -42,7 +42,7 @@ def _check_output(output: object, input_ids: torch.Tensor) -> torch.Tensor:
         raise TypeError(
             "GraphedEncoder: the wrapped callable must return the (batch, sequence, hidden) tensor, got "
             f"{type(output).__name__}; wrap a model as "
-            "`lambda ids, mask: model(ids, mask, unpad=False).last_hidden_state`"
+            "`lambda ids, mask: model.encode(ids, mask, unpad=False).sequence`"
         )
     if output.dim() < 2 or tuple(output.shape[:2]) != tuple(input_ids.shape):
         raise ValueError(
@@ -154,7 +154,8 @@ class CudaGraphCapture:
                 raise RuntimeError(
                     f"GraphedEncoder: capturing the {tuple(input_ids.shape)} bucket failed: {error}\n"
                     "A callable that reads tensor values on the host (.item(), bool(tensor), nonzero, the model's "
-                    "unpadded path) or moves data from the CPU cannot be captured; run the model with unpad=False"
+                    "unpadded path) or moves data from the CPU cannot be captured; run the model in its padded layout "
+                    "(model.encode(ids, mask, unpad=False), or model.set_unpadding(False))"
                 ) from error
             output = _check_output(output, input_ids)
             if self.graph_hook is not None:

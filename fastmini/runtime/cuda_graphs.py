@@ -8,7 +8,7 @@ mask's values; the unpadded path reads the mask on the host and cannot be captur
 
     model = FastMiniModel.from_pretrained(...).cuda().eval().to(torch.bfloat16)
     encoder = GraphedEncoder(
-        lambda ids, mask: model(ids, mask, unpad=False).last_hidden_state,
+        lambda ids, mask: model.encode(ids, mask, unpad=False).sequence,
         max_sequence_length=model.config.max_position_embeddings,
     )
     hidden = encoder(input_ids, attention_mask)   # (B, S, H), a fresh tensor
