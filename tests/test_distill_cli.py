@@ -307,3 +307,23 @@ def test_default_run_on_the_packaged_minilm_and_wikipedia_sample(tmp_path):
     metrics = json.loads((output / "metrics.json").read_text())
     assert len(metrics["before"]["hidden_cosine_per_layer"]) == 6 and metrics["train"]["steps"] == 2
     assert (output / "vocab.txt").is_file() or (output / "tokenizer.json").is_file()
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(teacher_dir, tmp_path):
+    """Dropout on (the default 0.1): the recomputed recursions draw the same masks, so the loss
+    trajectory and the final student equal the run that keeps its activations."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, extra in (("plain", ()), ("checkpointed", ("--gradient-checkpointing",))):
+        output = tmp_path / name
+        assert main(tiny_args(teacher_dir, output, "--log-every", "1", *extra)) == 0
+        records = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+        runs[name] = ([r for r in records if r["kind"] == "train"], load_file(str(output / "model.safetensors")))
+    (plain, plain_weights), (checkpointed, checkpointed_weights) = runs["plain"], runs["checkpointed"]
+    assert [r["step"] for r in checkpointed] == [1, 2, 3, 4]
+    for a, b in zip(plain, checkpointed, strict=True):
+        for term in ("loss", "mlm", "attention", "hidden", "output", "grad_norm"):
+            assert b[term] == pytest.approx(a[term], rel=1e-5, abs=1e-7), (a["step"], term)
+    for name, value in plain_weights.items():
+        torch.testing.assert_close(checkpointed_weights[name], value, rtol=1e-5, atol=1e-7, msg=name)

@@ -419,3 +419,17 @@ def test_usage_errors_are_usage_errors():
     from fastmini.data.corpus import DataError
 
     assert issubclass(DataError, UsageError)
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(model_dir, tmp_path):
+    data = write_task_data(tmp_path / "data", "classification", train=32, test=0)
+    losses = {}
+    for name, extra in (("plain", ()), ("checkpointed", ("--gradient-checkpointing",))):
+        output = tmp_path / name
+        assert main(args(model_dir, data, output, "--epochs", "2", "--log-every", "1", *extra)) == 0
+        log = output / "runs" / "full-lr0.005-seed1" / "log.jsonl"
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        losses[name] = [r["loss"] for r in records if "loss" in r]
+        losses[name + " dev"] = chosen_validation(output)
+    assert len(losses["plain"]) >= 4 and losses["plain"] == pytest.approx(losses["checkpointed"], rel=1e-5)
+    assert losses["plain dev"] == pytest.approx(losses["checkpointed dev"], rel=1e-5)

@@ -78,6 +78,12 @@ class DistillConfig:
         choices=PRECISIONS,
     )
     threads: int | None = option(None, "CPU threads for torch (default: torch's choice)", "run", parse=optional_int)
+    gradient_checkpointing: bool = option(
+        False,
+        "recompute each recursion during backward instead of keeping its activations: far less memory for "
+        "about one more forward of compute a step; the same losses and gradients",
+        "run",
+    )
     progress: bool = option(True, "show a progress bar with the loss terms", "run")
 
     # teacher and student
@@ -244,6 +250,7 @@ RUN_ONLY_FIELDS = frozenset(
         "log_every",
         "progress",
         "threads",
+        "gradient_checkpointing",
         "tokenize_workers",
         "cache_dir",
         "eval_windows",

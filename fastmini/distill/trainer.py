@@ -37,6 +37,7 @@ from fastmini.training.batching import check_global_batch
 from fastmini.training.checkpoints import publish_directory_contents
 from fastmini.training.cli import writable_directory
 from fastmini.training.errors import TrainingError, UsageError
+from fastmini.training.memory import enable_activation_checkpointing
 from fastmini.training.optimization import LinearWarmupDecay, build_adamw
 from fastmini.training.run_log import RunLog
 
@@ -110,6 +111,8 @@ class DistillationRun:
         torch.manual_seed(config.seed)  # the student's initialisation depends on the seed only
         student = models.build_student(config, self.teacher)
         models.check_attention_compatible(config, student, self.teacher)
+        if config.gradient_checkpointing:
+            enable_activation_checkpointing(student)
         projection = models.hidden_projection(config, student, self.teacher)
         self.student_side = StudentSide(student, projection).to(self.device).train()
         self.optimizer = build_adamw(self.student_side, config.lr, config.weight_decay)

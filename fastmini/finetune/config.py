@@ -74,6 +74,12 @@ class FinetuneConfig:
         "auto", "'auto' (bf16 autocast on GPU, fp32 on CPU), 'fp32' or 'bf16'", "run", choices=PRECISIONS
     )
     threads: int | None = option(None, "CPU threads for torch (default: torch's choice)", "run", parse=optional_int)
+    gradient_checkpointing: bool = option(
+        False,
+        "recompute each recursion during backward instead of keeping its activations: far less memory for "
+        "about one more forward of compute a step; the same losses and gradients",
+        "run",
+    )
     progress: bool = option(True, "show progress bars", "run")
 
     # model
@@ -204,6 +210,7 @@ RUN_ONLY_FIELDS = frozenset(
         "log_every",
         "progress",
         "threads",
+        "gradient_checkpointing",
         "cache_dir",
         "eval_batch_size",
         "device",

@@ -40,6 +40,7 @@ from fastmini.training import checkpoints, distributed, faults, precision
 from fastmini.training.batching import StepBatches, check_global_batch, derived_seed
 from fastmini.training.cli import writable_directory
 from fastmini.training.errors import TrainingError, UsageError
+from fastmini.training.memory import enable_activation_checkpointing
 from fastmini.training.optimization import WarmupDecay, build_adamw
 from fastmini.training.run_log import RunLog
 
@@ -427,6 +428,8 @@ class GridRun:
             job.source, job.spec, job.data.labels, setting.seed, setting.mode == "adapter"
         )
         self.model = model.to(self.device)
+        if config.gradient_checkpointing:
+            enable_activation_checkpointing(model)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.counts = (sum(p.numel() for p in self.trainable), sum(p.numel() for p in model.parameters()))
         self.optimizer = build_adamw(model, setting.lr, config.weight_decay)

@@ -35,6 +35,10 @@ class FastMiniPreTrainedModel(PreTrainedModel):
     base_model_prefix = "fastmini"
     main_input_name = "input_ids"
     _no_split_modules = ["SharedLayer", "BottleneckAdapter"]
+    supports_gradient_checkpointing = True  # one recursion at a time (modules/encoder.py)
+    # Attention runs through scaled_dot_product_attention unless probabilities are asked for, whatever
+    # attn_implementation says; declaring it lets callers that pass attn_implementation="sdpa" load us.
+    _supports_sdpa = True
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):

@@ -1,10 +1,16 @@
 """The recursion: one SharedLayer applied N times, each pass wrapped by its own adapters.
 
 for i in 0..N-1:  a = AttAdapter_i(h);  x = attention_block(a);  m = FfnAdapter_i(x);  h = ffn_block(m)
+
+Activation checkpointing (transformers' ``gradient_checkpointing_enable()``, which sets
+``gradient_checkpointing`` and ``_gradient_checkpointing_func`` here) checkpoints one recursion at a
+time: backward keeps only each recursion's input and recomputes the rest, dropout masks included
+(torch.utils.checkpoint restores the RNG states).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +36,8 @@ def make_adapters(config) -> nn.ModuleList:
 
 
 class RecursiveEncoder(nn.Module):
+    gradient_checkpointing = False  # switched by transformers' gradient_checkpointing_enable()
+
     def __init__(self, config):
         super().__init__()
         self.num_recursions = config.num_hidden_layers
@@ -60,14 +68,13 @@ class RecursiveEncoder(nn.Module):
         any) ``key_padding_mask`` marks False: the padded layout, for shapes fixed in advance."""
         all_hidden = [hidden_states] if output_hidden_states else None
         all_attentions = [] if output_attentions else None
+        recursion = self.recursion
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            recursion = functools.partial(self._gradient_checkpointing_func, self.recursion)
         h = hidden_states
         for i in range(self.num_recursions):
-            if self.attention_adapters is not None:
-                h = self.attention_adapters[i](h)
-            h, probabilities = self.shared_layer.attention_block(h, packing, output_attentions, key_padding_mask)
-            if self.ffn_adapters is not None:
-                h = self.ffn_adapters[i](h)
-            h = self.shared_layer.ffn_block(h)
+            # Positional arguments only: reentrant checkpointing tracks gradients through those alone.
+            h, probabilities = recursion(h, i, packing, output_attentions, key_padding_mask)
             if all_hidden is not None:
                 all_hidden.append(h)
             if all_attentions is not None:
@@ -77,3 +84,20 @@ class RecursiveEncoder(nn.Module):
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
             attentions=tuple(all_attentions) if all_attentions is not None else None,
         )
+
+    def recursion(
+        self,
+        h: torch.Tensor,
+        index: int,
+        packing: Packing | None,
+        need_weights: bool,
+        key_padding_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Recursion ``index``: its adapters around the shared layer; the new hidden state and, when
+        ``need_weights``, the attention probabilities."""
+        if self.attention_adapters is not None:
+            h = self.attention_adapters[index](h)
+        h, probabilities = self.shared_layer.attention_block(h, packing, need_weights, key_padding_mask)
+        if self.ffn_adapters is not None:
+            h = self.ffn_adapters[index](h)
+        return self.shared_layer.ffn_block(h), probabilities
