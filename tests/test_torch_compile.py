@@ -101,3 +101,22 @@ def test_set_unpadding_switches_the_layout_of_every_head(tiny_config):
     encoded = model.fastmini.encode(**batch)
     assert encoded.packing is None and encoded.sequence.shape[:2] == MASK.shape
     assert model.fastmini.encode(**batch, unpad=True).packing is not None  # an explicit argument wins
+
+
+def test_torch_export_of_the_padded_layout_with_dynamic_shapes(tiny_config, randomize):
+    """torch.export (the route to ONNX and AOTInductor) traces the padded layout; the exported program
+    serves other batch sizes and lengths."""
+    model = randomize(FastMiniModel(tiny_config()), 0.2).eval().set_unpadding(False)
+    batch, length = torch.export.Dim("batch"), torch.export.Dim("length", max=model.config.max_position_embeddings)
+    dynamic = {"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}}
+    sample = inputs(model.config.vocab_size)
+    program = torch.export.export(model, (), kwargs=sample, dynamic_shapes=dynamic)
+    generator = torch.Generator().manual_seed(7)
+    input_ids = torch.randint(5, model.config.vocab_size, (4, 11), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 6:] = 0
+    attention_mask[3, :2] = 0
+    got = program.module()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    with torch.no_grad():
+        expected = model.set_unpadding(True)(input_ids, attention_mask=attention_mask).last_hidden_state
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
