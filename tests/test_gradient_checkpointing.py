@@ -23,8 +23,8 @@ def enable_checkpointing(model, use_reentrant: bool) -> None:
 
 
 def loss_and_grads(model, batch, seed: int = 0):
-    torch.manual_seed(seed)  # the same dropout draws in both runs
-    loss = model(**batch, labels=torch.tensor([0, 1])).loss
+    torch.manual_seed(seed)  # the same dropout draws in both runs (CPU and CUDA generators)
+    loss = model(**batch, labels=torch.tensor([0, 1], device=batch["input_ids"].device)).loss
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
@@ -53,11 +53,25 @@ def make_model(tiny_config, randomize, **overrides):
     return randomize(FastMiniForSequenceClassification(config), 0.2).train()
 
 
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param(
+        "cuda",
+        id="cuda",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
+    ),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_same_loss_and_gradients_with_dropout(use_reentrant, backend, tiny_config, randomize, batch, monkeypatch):
+def test_same_loss_and_gradients_with_dropout(
+    device, use_reentrant, backend, tiny_config, randomize, batch, monkeypatch
+):
     monkeypatch.setenv("FASTMINI_BACKEND", backend)
-    model = make_model(tiny_config, randomize)
+    model = make_model(tiny_config, randomize).to(device)
+    batch = {name: tensor.to(device) for name, tensor in batch.items()}
     expected_loss, expected = loss_and_grads(model, batch)
     enable_checkpointing(model, use_reentrant)
     assert model.fastmini.encoder.gradient_checkpointing
