@@ -11,15 +11,7 @@ import pytest
 import torch
 
 from fastmini import FastMiniForSequenceClassification
-
-
-def enable_checkpointing(model, use_reentrant: bool) -> None:
-    """transformers >= 5.2x names it activation_checkpointing_enable (the old name warns)."""
-    kwargs = {"use_reentrant": use_reentrant}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+from fastmini.training.memory import enable_activation_checkpointing
 
 
 def loss_and_grads(model, batch, seed: int = 0):
@@ -73,7 +65,7 @@ def test_same_loss_and_gradients_with_dropout(
     model = make_model(tiny_config, randomize).to(device)
     batch = {name: tensor.to(device) for name, tensor in batch.items()}
     expected_loss, expected = loss_and_grads(model, batch)
-    enable_checkpointing(model, use_reentrant)
+    enable_activation_checkpointing(model, use_reentrant)
     assert model.fastmini.encoder.gradient_checkpointing
     loss, grads = loss_and_grads(model, batch)
     torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=1e-7)
@@ -85,7 +77,7 @@ def test_same_loss_and_gradients_with_dropout(
 def test_backward_keeps_less(tiny_config, randomize, batch):
     model = make_model(tiny_config, randomize, num_hidden_layers=6)
     plain = saved_bytes(model, batch)
-    enable_checkpointing(model, use_reentrant=False)
+    enable_activation_checkpointing(model, use_reentrant=False)
     checkpointed = saved_bytes(model, batch)
     assert checkpointed < 0.5 * plain, (checkpointed, plain)
 
@@ -97,7 +89,7 @@ def test_adapter_tuning_with_checkpointing(tiny_config, randomize, batch):
     model = make_model(tiny_config, randomize)
     model.train_adapters_only()
     _, expected = loss_and_grads(model, batch)
-    enable_checkpointing(model, use_reentrant=True)
+    enable_activation_checkpointing(model, use_reentrant=True)
     _, grads = loss_and_grads(model, batch)
     adapters = [name for name in expected if "adapters" in name]
     assert adapters and grads.keys() == expected.keys()
@@ -109,7 +101,7 @@ def test_adapter_tuning_with_checkpointing(tiny_config, randomize, batch):
 
 def test_inference_is_not_checkpointed(tiny_config, randomize, batch):
     model = make_model(tiny_config, randomize).eval()
-    enable_checkpointing(model, use_reentrant=False)
+    enable_activation_checkpointing(model, use_reentrant=False)
     calls = []
     encoder = model.fastmini.encoder
     original = encoder._gradient_checkpointing_func

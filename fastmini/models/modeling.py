@@ -145,7 +145,7 @@ class Encoded:
         """Per-token values in ``sequence``'s layout as (B, S, ...) with zeros at padded positions."""
         if self.packing is not None:
             return self.packing.unpack(tokens)
-        if self.key_padding_mask is not None:
+        if self.key_padding_mask is not None and tokens is not self.sequence:  # encode() zeroed sequence already
             return _zero_padding(tokens, self.key_padding_mask)
         return tokens
 

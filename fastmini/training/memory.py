@@ -1,6 +1,6 @@
 """Activation checkpointing for the trainers' ``--gradient-checkpointing``.
 
-transformers' own switch, non-reentrant: fastmini's encoder then checkpoints one recursion at a
+transformers' own switch, non-reentrant by default: fastmini's encoder then checkpoints one recursion at a
 time (fastmini/modules/encoder.py). Same losses and gradients, a fraction of the activation memory,
 about one more forward of compute per step.
 """
@@ -10,9 +10,9 @@ from __future__ import annotations
 from transformers import PreTrainedModel
 
 
-def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+def enable_activation_checkpointing(model: PreTrainedModel, use_reentrant: bool = False) -> None:
     """transformers renamed the switch (activation_checkpointing_enable from 5.2x; the old name warns)."""
-    kwargs = {"use_reentrant": False}
+    kwargs = {"use_reentrant": use_reentrant}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
