@@ -88,3 +88,33 @@ def test_load_adapters_refuses_another_shape(tiny_config, tmp_path):
         FastMiniForMaskedLM(tiny_config(num_hidden_layers=2)).load_adapters(tmp_path)
     with pytest.raises(CheckpointError, match="saved from FastMiniForMaskedLM"):
         FastMiniForSequenceClassification(tiny_config()).load_adapters(tmp_path)
+
+
+def test_albert_classifier_from_a_masked_lm_round_trips_through_its_adapters(tiny_config, batch, tmp_path):
+    """A masked-LM checkpoint has no pooler: the albert variant's pooler is fresh on every load, so
+    adapter tuning trains and saves it with the head, or reloaded adapters would not reproduce the model."""
+    FastMiniForMaskedLM(tiny_config(head_variant="albert")).save_pretrained(tmp_path / "mlm")
+    model = FastMiniForSequenceClassification.from_pretrained(tmp_path / "mlm", num_labels=2)
+    model.train_adapters_only()
+    assert {"fastmini.pooler.weight", "fastmini.pooler.bias"} <= trainable_names(model)
+    model.eval().save_adapters(tmp_path / "adapters")
+    reloaded = FastMiniForSequenceClassification.from_pretrained(tmp_path / "mlm", num_labels=2)
+    reloaded.load_adapters(tmp_path / "adapters")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+
+
+def test_refused_adapters_leave_the_model_as_it_was(tiny_config, tmp_path):
+    FastMiniForSequenceClassification(tiny_config(num_labels=3)).save_adapters(tmp_path)
+    model = FastMiniForSequenceClassification(tiny_config(num_labels=2, use_adapter=False))
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"classifier\.(weight|bias)' has shape"):
+        model.load_adapters(tmp_path)
+    assert not model.fastmini.encoder.has_adapters and not model.config.use_adapter
+    assert set(model.state_dict()) == set(before)
+
+
+def test_load_adapters_refuses_another_head_variant(tiny_config, tmp_path):
+    FastMiniForSequenceClassification(tiny_config(num_labels=2)).save_adapters(tmp_path)
+    with pytest.raises(CheckpointError, match="head_variant=minialbert, this model has head_variant=albert"):
+        FastMiniForSequenceClassification(tiny_config(num_labels=2, head_variant="albert")).load_adapters(tmp_path)

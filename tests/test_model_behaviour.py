@@ -149,3 +149,39 @@ def test_gradients_reach_every_parameter(tiny_config, batch):
         if name.endswith("position_embeddings.weight") or name.endswith("token_type_embeddings.weight"):
             continue
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("unpad", [True, False], ids=["unpadded", "padded-layout"])
+@pytest.mark.parametrize("head_variant", ["minialbert", "albert"])
+def test_classification_reads_the_first_real_token_with_left_padding(tiny_config, batch, unpad, head_variant):
+    """Left padding (padding_side="left") classifies like right padding: position 0 is padding there."""
+    model = FastMiniForSequenceClassification(tiny_config(num_labels=3, head_variant=head_variant)).eval()
+    model.set_unpadding(unpad)
+    right = batch["attention_mask"]
+    order = torch.argsort(right, dim=1, stable=True)  # each row's padding first, then its tokens in order
+    left = {name: value.gather(1, order) for name, value in batch.items()}
+    positions = (left["attention_mask"].cumsum(1) - 1).clamp(min=0)  # the tokens keep their positions
+    with torch.no_grad():
+        expected = model(**batch)
+        actual = model(**left, position_ids=positions)
+        torch.testing.assert_close(actual.logits, expected.logits)
+        base = model.fastmini
+        torch.testing.assert_close(
+            base(**left, position_ids=positions).pooler_output if head_variant == "albert" else actual.logits,
+            base(**batch).pooler_output if head_variant == "albert" else expected.logits,
+        )
+
+
+def test_a_row_without_real_tokens_classifies_from_zeros(tiny_config, batch):
+    model = FastMiniForSequenceClassification(tiny_config(num_labels=3)).eval()
+    mask = batch["attention_mask"].clone()
+    mask[1] = 0
+    with torch.no_grad():
+        logits = model(batch["input_ids"], mask).logits
+    torch.testing.assert_close(logits[1], model.classifier.bias)
+
+
+def test_unbatched_input_is_refused_with_a_hint(tiny_config, batch):
+    model = FastMiniModel(tiny_config()).eval()
+    with pytest.raises(ValueError, match=r"input_ids must be batched.*input_ids\[None\]"):
+        model(batch["input_ids"][0])

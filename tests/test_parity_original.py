@@ -175,6 +175,7 @@ def test_hub_model_names_resolve_through_the_hub_client(tiny_original_config, ra
     assert requested == [
         ("nlpie/miniALBERT-tiny", "config.json"),
         ("nlpie/miniALBERT-tiny", "model.safetensors"),
+        ("nlpie/miniALBERT-tiny", "model.safetensors.index.json"),  # a sharded safetensors checkpoint
         ("nlpie/miniALBERT-tiny", "pytorch_model.bin"),
     ]
     with torch.no_grad():

@@ -188,3 +188,35 @@ def test_switching_off(tiny_config):
     model = FastMiniModel(tiny_config()).optimize_for_inference()
     assert model.optimize_for_inference(prepacked_weights=False) is model
     assert model.encoder.shared_layer.prepacked is None
+
+
+@pytest.mark.parametrize("fused_optimizer", [True, False], ids=["fused", "foreach"])
+def test_eval_after_training_steps_uses_the_trained_weights(tiny_config, randomize, fused_optimizer):
+    """Fused AdamW (the Trainer's default) writes parameters without bumping their version counters:
+    the cache must not serve the weights from before the step."""
+    input_ids, mask = _padded_batch()
+    model = randomize(FastMiniForSequenceClassification(tiny_config(num_labels=2)), std=0.1).eval()
+    model.optimize_for_inference()
+    with torch.no_grad():
+        model(input_ids, mask)  # fills the cache
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused_optimizer, foreach=not fused_optimizer)
+    for train_mode in (True, False):  # stepping in eval mode (no dropout) too
+        model.train(train_mode)
+        model(input_ids, mask, labels=torch.tensor([0, 1, 1])).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        model.eval()
+        plain = copy.deepcopy(model).optimize_for_inference(prepacked_weights=False)
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids, mask).logits, plain(input_ids, mask).logits)
+
+
+def test_training_mode_frees_the_cache(tiny_config):
+    input_ids, mask = _padded_batch()
+    model = FastMiniForMaskedLM(tiny_config()).eval().optimize_for_inference()
+    with torch.no_grad():
+        model(input_ids, mask)
+    assert len(model.fastmini.encoder.shared_layer.prepacked) > 0
+    model.train()
+    assert model.fastmini.encoder.shared_layer.prepacked is not None  # still switched on ...
+    assert len(model.fastmini.encoder.shared_layer.prepacked) == 0  # ... but empty

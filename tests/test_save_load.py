@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -14,6 +16,7 @@ from transformers import (
 )
 
 from fastmini import (
+    CheckpointError,
     FastMiniConfig,
     FastMiniForMaskedLM,
     FastMiniForSequenceClassification,
@@ -80,3 +83,71 @@ def test_dtype_argument(tiny_config, tmp_path):
     FastMiniForMaskedLM(tiny_config()).save_pretrained(tmp_path)
     assert FastMiniForMaskedLM.from_pretrained(tmp_path, dtype=torch.bfloat16).dtype == torch.bfloat16
     assert FastMiniForMaskedLM.from_pretrained(tmp_path).dtype == torch.float32
+    assert FastMiniForMaskedLM.from_pretrained(tmp_path, dtype="float16").config.dtype == torch.float16
+
+
+def test_default_dtype_is_the_checkpoints_as_in_transformers_5(tiny_config, tmp_path):
+    """transformers 5 loads with dtype="auto": what config.json records, else the weights' own dtype."""
+    FastMiniForMaskedLM(tiny_config()).to(torch.bfloat16).save_pretrained(tmp_path)
+    reloaded = FastMiniForMaskedLM.from_pretrained(tmp_path)
+    assert reloaded.dtype == torch.bfloat16 and reloaded.config.dtype == torch.bfloat16
+    assert FastMiniForMaskedLM.from_pretrained(tmp_path, dtype=torch.float32).dtype == torch.float32
+
+
+@pytest.mark.parametrize("safe_serialization", [True, False], ids=["safetensors", "pickle"])
+def test_sharded_checkpoints_load(tiny_config, randomize, batch, tmp_path, safe_serialization):
+    model = randomize(FastMiniForMaskedLM(tiny_config())).eval()
+    model.save_pretrained(tmp_path, max_shard_size="20KB", safe_serialization=safe_serialization)
+    if not safe_serialization:  # transformers 5 writes safetensors only: rewrite its shards as pickles
+        index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+        for shard in set(index["weight_map"].values()):
+            torch.save(load_file(tmp_path / shard), tmp_path / shard.replace(".safetensors", ".bin"))
+            (tmp_path / shard).unlink()
+        index["weight_map"] = {k: v.replace(".safetensors", ".bin") for k, v in index["weight_map"].items()}
+        (tmp_path / "model.safetensors.index.json").unlink()
+        (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    assert len(set(json.loads(next(tmp_path.glob("*.index.json")).read_text())["weight_map"].values())) > 1
+    reloaded = AutoModelForMaskedLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, reloaded(**batch).logits)
+
+
+def test_a_sharded_checkpoint_with_a_missing_or_escaping_shard_is_refused(tiny_config, tmp_path):
+    FastMiniForMaskedLM(tiny_config()).save_pretrained(tmp_path, max_shard_size="20KB")
+    index_path = tmp_path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = sorted(set(index["weight_map"].values()))[-1]
+    (tmp_path / shard).rename(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(CheckpointError, match=f"names the shard {shard}, which is missing"):
+        FastMiniForMaskedLM.from_pretrained(tmp_path)
+    index["weight_map"] = {key: "../elsewhere.safetensors" for key in index["weight_map"]}
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="not a file name beside the index"):
+        FastMiniForMaskedLM.from_pretrained(tmp_path)
+
+
+def test_subfolder_of_a_local_directory(tiny_config, batch, tmp_path):
+    model = FastMiniForMaskedLM(tiny_config()).eval()
+    model.save_pretrained(tmp_path / "student")
+    reloaded = FastMiniForMaskedLM.from_pretrained(tmp_path, subfolder="student")
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, reloaded(**batch).logits)
+
+
+def test_weights_from_memory_as_transformers_takes_them(tiny_config, randomize, batch, tmp_path):
+    model = randomize(FastMiniForMaskedLM(tiny_config())).eval()
+    reloaded = FastMiniForMaskedLM.from_pretrained(None, config=model.config, state_dict=model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, reloaded(**batch).logits)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="state_dict cannot be passed together with a model name"):
+        FastMiniForMaskedLM.from_pretrained(tmp_path, state_dict=model.state_dict())
+
+
+def test_albert_heads_tie_the_decoder_by_default(tiny_config):
+    albert = FastMiniForMaskedLM(tiny_config(head_variant="albert"))
+    assert albert.config.tie_word_embeddings
+    assert albert.lm_head.decoder.weight is albert.fastmini.embeddings.word_embeddings.weight
+    assert not FastMiniForMaskedLM(tiny_config()).config.tie_word_embeddings  # MiniALBERT's decoder is its own
+    untied = FastMiniForMaskedLM(tiny_config(head_variant="albert", tie_word_embeddings=False))
+    assert untied.lm_head.decoder.weight is not untied.fastmini.embeddings.word_embeddings.weight

@@ -1,8 +1,9 @@
 """Adapter tuning (SPEC.md, Model 6): train only per-recursion adapters and the task head.
 
-Frozen: embeddings, projector, the shared layer (and ALBERT's pooler, which belongs to the
-encoder). Trainable: every adapter and whatever sits outside the base model (the task head).
-Saved adapters hold exactly those tensors, so a task costs ~1% of the model on disk.
+Frozen: embeddings, projector, the shared layer. Trainable: every adapter, whatever sits outside the
+base model (the task head) and ALBERT's tanh pooler: it lives in the base model but serves only the
+classifier, and a masked-LM checkpoint has none, so a frozen one would stay random and differ on every
+load. Saved adapters hold exactly those tensors, so a task costs ~1% of the model on disk.
 """
 
 from __future__ import annotations
@@ -13,23 +14,27 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from fastmini.models.checkpoint import CheckpointError
+from fastmini.modules.encoder import make_adapters
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS_NAME = "adapters.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
-# Adapters only fit a model with the same shape of recursion.
-MATCHING_FIELDS = ("hidden_size", "num_hidden_layers", "reduction_factor")
+# Adapters only fit a model with the same shape of recursion, and the head one with the same pooling.
+MATCHING_FIELDS = ("hidden_size", "num_hidden_layers", "reduction_factor", "head_variant")
+# Written by save_adapters before head_variant was recorded: "minialbert" was the only variant then.
+MATCHING_DEFAULTS = {"head_variant": "minialbert"}
 
 
 def is_tuned_in_adapter_mode(model, name: str) -> bool:
-    """True for the parameters adapter tuning trains: adapters and the task head."""
-    return "_adapters." in name or (
-        model is not model.base_model and not name.startswith(model.base_model_prefix + ".")
-    )
+    """True for the parameters adapter tuning trains: adapters, the pooler and the task head."""
+    if "_adapters." in name or name.startswith(("pooler.", f"{model.base_model_prefix}.pooler.")):
+        return True
+    return model is not model.base_model and not name.startswith(model.base_model_prefix + ".")
 
 
 def _ensure_adapters(model) -> None:
@@ -42,6 +47,25 @@ def _ensure_adapters(model) -> None:
     for adapters in (encoder.attention_adapters, encoder.ffn_adapters):
         adapters.apply(model._init_weights)
         adapters.to(device=reference.device, dtype=reference.dtype)
+
+
+def _expected_adapter_shapes(model) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor save_adapters writes for this model, adapters included when the
+    model has none yet (load_adapters adds them)."""
+    encoder = model.base_model.encoder
+    shapes = {
+        name: tuple(parameter.shape)
+        for name, parameter in model.named_parameters()
+        if is_tuned_in_adapter_mode(model, name)
+    }
+    if not encoder.has_adapters:
+        encoder_name = next(name for name, module in model.named_modules() if module is encoder)
+        with torch.device("meta"):  # shapes only, no memory
+            fresh = {"attention_adapters": make_adapters(model.config), "ffn_adapters": make_adapters(model.config)}
+        for kind, adapters in fresh.items():
+            for name, parameter in adapters.named_parameters():
+                shapes[f"{encoder_name}.{kind}.{name}"] = tuple(parameter.shape)
+    return shapes
 
 
 def train_adapters_only(model) -> dict[str, int]:
@@ -102,7 +126,7 @@ def load_adapters(model, directory) -> None:
     except (OSError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{config_path}: not readable JSON ({error})") from error
     for name in MATCHING_FIELDS:
-        if description.get(name) != getattr(model.config, name):
+        if description.get(name, MATCHING_DEFAULTS.get(name)) != getattr(model.config, name):
             raise CheckpointError(
                 f"{config_path}: adapters were saved for {name}={description.get(name)}, "
                 f"this model has {name}={getattr(model.config, name)}"
@@ -116,18 +140,16 @@ def load_adapters(model, directory) -> None:
         tensors = load_file(str(weights_path))
     except Exception as error:  # safetensors raises several types for a damaged file
         raise CheckpointError(f"{weights_path}: not a readable safetensors file ({error})") from error
-    _ensure_adapters(model)
-    parameters = dict(model.named_parameters())
-    expected = {name for name in parameters if is_tuned_in_adapter_mode(model, name)}
-    if set(tensors) != expected:
-        difference = sorted(set(tensors) ^ expected)
+    expected = _expected_adapter_shapes(model)
+    if set(tensors) != set(expected):
+        difference = sorted(set(tensors) ^ set(expected))
         raise CheckpointError(f"{weights_path}: keys do not match this model's adapters and head: {difference[:8]}")
     for name, tensor in tensors.items():
-        if tuple(tensor.shape) != tuple(parameters[name].shape):
+        if tuple(tensor.shape) != expected[name]:
             raise CheckpointError(
-                f"{weights_path}: '{name}' has shape {tuple(tensor.shape)}, the model expects "
-                f"{tuple(parameters[name].shape)}"
+                f"{weights_path}: '{name}' has shape {tuple(tensor.shape)}, the model expects {expected[name]}"
             )
+    _ensure_adapters(model)  # only now: a refused directory leaves the model as it was
     if description.get("id2label"):
         model.config.id2label = {int(k): v for k, v in description["id2label"].items()}
         model.config.label2id = {v: k for k, v in model.config.id2label.items()}

@@ -1,8 +1,9 @@
 """Finding and reading checkpoint files, locally or on the hub, without executing pickled code.
 
 Weights are read from ``model.safetensors`` first, and from ``pytorch_model.bin`` only through
-``torch.load(weights_only=True)``. Every failure is a CheckpointError whose message names the
-file and what was wrong with it.
+``torch.load(weights_only=True)``; sharded checkpoints (``save_pretrained(max_shard_size=...)``,
+an ``*.index.json`` beside its shards) are read shard by shard. Every failure is a CheckpointError
+whose message names the file and what was wrong with it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ import torch
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
 PICKLE_NAME = "pytorch_model.bin"
-WEIGHT_NAMES = (SAFETENSORS_NAME, PICKLE_NAME)
+SAFETENSORS_INDEX_NAME = SAFETENSORS_NAME + ".index.json"
+PICKLE_INDEX_NAME = PICKLE_NAME + ".index.json"
+# In order of preference: safetensors before pickles, one file before shards.
+WEIGHT_NAMES = (SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, PICKLE_NAME, PICKLE_INDEX_NAME)
 HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "subfolder")
 
 
@@ -46,37 +50,90 @@ def _download(repo_id: str, filename: str, hub_kwargs: dict[str, Any]) -> Path |
         ) from error
 
 
+def _local_directory(name_or_path: str | Path, hub_kwargs: dict[str, Any]) -> Path | None:
+    """The local model directory (``subfolder`` applied, as transformers does), or None for a hub id."""
+    path = Path(name_or_path)
+    if not path.is_dir():
+        return None
+    return path / hub_kwargs["subfolder"] if hub_kwargs.get("subfolder") else path
+
+
 def config_file(name_or_path: str | Path, hub_kwargs: dict[str, Any] | None = None) -> Path:
     """Path of the ``config.json`` of a local directory or hub model id."""
-    path = Path(name_or_path)
-    if path.is_dir():
-        found = path / CONFIG_NAME
+    hub_kwargs = hub_kwargs or {}
+    directory = _local_directory(name_or_path, hub_kwargs)
+    if directory is not None:
+        found = directory / CONFIG_NAME
         if not found.is_file():
-            raise CheckpointError(f"{path}: no {CONFIG_NAME} in this directory (expected a saved model directory)")
+            raise CheckpointError(
+                f"{directory}: no {CONFIG_NAME} in this directory (expected a saved model directory)"
+            )
         return found
+    path = Path(name_or_path)
     if path.exists():
         raise CheckpointError(f"{path}: expected a model directory holding {CONFIG_NAME}, got a file")
     if str(name_or_path).count("/") > 1 or str(name_or_path).startswith((".", "/", "~")):
         raise CheckpointError(f"{name_or_path}: no such directory")
-    found = _download(str(name_or_path), CONFIG_NAME, hub_kwargs or {})
+    found = _download(str(name_or_path), CONFIG_NAME, hub_kwargs)
     if found is None:
         raise CheckpointError(f"hub model '{name_or_path}' has no {CONFIG_NAME}")
     return found
 
 
 def weights_file(name_or_path: str | Path, hub_kwargs: dict[str, Any] | None = None) -> Path:
-    """Path of the weights (safetensors preferred) of a local directory or hub model id."""
-    path = Path(name_or_path)
-    if path.is_dir():
+    """Path of the weights (safetensors preferred) of a local directory or hub model id: one file,
+    or the index of a sharded checkpoint."""
+    hub_kwargs = hub_kwargs or {}
+    directory = _local_directory(name_or_path, hub_kwargs)
+    if directory is not None:
         for name in WEIGHT_NAMES:
-            if (path / name).is_file():
-                return path / name
-        raise CheckpointError(f"{path}: no weights file; expected one of {', '.join(WEIGHT_NAMES)}")
+            if (directory / name).is_file():
+                return directory / name
+        raise CheckpointError(f"{directory}: no weights file; expected one of {', '.join(WEIGHT_NAMES)}")
     for name in WEIGHT_NAMES:
-        found = _download(str(name_or_path), name, hub_kwargs or {})
+        found = _download(str(name_or_path), name, hub_kwargs)
         if found is not None:
             return found
     raise CheckpointError(f"hub model '{name_or_path}' has none of {', '.join(WEIGHT_NAMES)}")
+
+
+def _shard_names(index_path: Path) -> dict[str, list[str]]:
+    """Shard file name -> the tensor names the index places in it."""
+    index = read_config_dict(index_path)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_path}: expected a non-empty 'weight_map' of tensor names to shard files")
+    shards: dict[str, list[str]] = {}
+    for key, shard in weight_map.items():
+        # Shards lie beside their index: a name with a directory in it could point anywhere.
+        if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+            raise CheckpointError(f"{index_path}: '{key}' maps to {shard!r}, not a file name beside the index")
+        shards.setdefault(shard, []).append(key)
+    return shards
+
+
+def read_weights(
+    name_or_path: str | Path, hub_kwargs: dict[str, Any] | None = None
+) -> tuple[dict[str, torch.Tensor], Path]:
+    """All tensors of a checkpoint on the CPU (every shard of a sharded one) and the file they were
+    found through (the weights file or the shards' index)."""
+    hub_kwargs = hub_kwargs or {}
+    path = weights_file(name_or_path, hub_kwargs)
+    if not path.name.endswith(".index.json"):
+        return load_state_dict(path), path
+    state_dict: dict[str, torch.Tensor] = {}
+    for shard, keys in _shard_names(path).items():
+        shard_path = path.parent / shard
+        if _local_directory(name_or_path, hub_kwargs) is None:
+            shard_path = _download(str(name_or_path), shard, hub_kwargs) or shard_path
+        if not shard_path.is_file():
+            raise CheckpointError(f"{path}: names the shard {shard}, which is missing")
+        tensors = load_state_dict(shard_path)
+        absent = [key for key in keys if key not in tensors]
+        if absent:
+            raise CheckpointError(f"{shard_path}: lacks {', '.join(absent[:8])}, which {path.name} places there")
+        state_dict.update(tensors)
+    return state_dict, path
 
 
 def read_config_dict(path: Path) -> dict[str, Any]:

@@ -41,6 +41,8 @@ class FastMiniConfig(PretrainedConfig):
             (MiniALBERT). ALBERT checkpoints always have the projection.
         head_variant: "minialbert" or "albert" (see HEAD_VARIANTS above).
         classifier_dropout: dropout before the task classifiers; None means hidden_dropout_prob.
+        tie_word_embeddings: tie the MLM decoder to the word embeddings (albert heads only); None
+            means "as the head variant does" (tied for "albert", as AlbertConfig; untied for "minialbert").
     """
 
     model_type = "fastmini"
@@ -67,9 +69,11 @@ class FastMiniConfig(PretrainedConfig):
     pad_token_id: int | None = 0
     bos_token_id: int | None = None
     eos_token_id: int | None = None
-    tie_word_embeddings: bool = False
+    tie_word_embeddings: bool | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
+        if self.tie_word_embeddings is None:
+            self.tie_word_embeddings = self.head_variant == "albert"
         super().__post_init__(**kwargs)
         if self.use_embedding_projection is None:
             self.use_embedding_projection = self.embedding_size != self.hidden_size

@@ -19,9 +19,8 @@ from fastmini.models.checkpoint import (
     CheckpointError,
     config_file,
     hub_kwargs_from,
-    load_state_dict,
     read_config_dict,
-    weights_file,
+    read_weights,
 )
 from fastmini.models.configuration import FastMiniConfig, check_config
 from fastmini.models.conversion import FASTMINI, config_from_original, convert_state_dict, detect_format
@@ -39,7 +38,6 @@ IGNORED_KWARGS = {
     "weights_only",
     "from_tf",
     "from_flax",
-    "state_dict",
     "adapter_kwargs",
 }
 
@@ -136,10 +134,13 @@ def reconcile(
     }
 
 
-def _target_dtype(dtype: Any, state_dict: dict[str, torch.Tensor]) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if dtype == "auto":
+def _target_dtype(dtype: Any, config_dict: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> torch.dtype:
+    """transformers 5's rule: ``"auto"`` (the default) is the dtype config.json records, else the
+    checkpoint's first floating-point tensor's; a dtype or its name is taken as it is."""
+    if dtype is None or dtype == "auto":
+        recorded = config_dict.get("dtype") or config_dict.get("torch_dtype")
+        if recorded is not None:
+            return _target_dtype(recorded, {}, {})
         floating = [t.dtype for t in state_dict.values() if t.is_floating_point()]
         return floating[0] if floating else torch.float32
     if isinstance(dtype, str):
@@ -170,6 +171,9 @@ def load_pretrained(cls, name_or_path, *model_args, **kwargs):
     device = _target_device(kwargs.pop("device_map", None))
     ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
     output_loading_info = kwargs.pop("output_loading_info", False)
+    state_dict = kwargs.pop("state_dict", None)
+    if state_dict is not None:
+        return _from_state_dict(cls, name_or_path, config, state_dict, dtype, device, model_args, kwargs)
 
     config_path = config_file(name_or_path, hub_kwargs)
     config_dict = read_config_dict(config_path)
@@ -181,15 +185,34 @@ def load_pretrained(cls, name_or_path, *model_args, **kwargs):
     _apply_overrides(config, kwargs, str(name_or_path))
     config.name_or_path = str(name_or_path)
 
-    weights_path = weights_file(name_or_path, hub_kwargs)
-    state_dict = load_state_dict(weights_path)
+    state_dict, weights_path = read_weights(name_or_path, hub_kwargs)
     if checkpoint_format != FASTMINI:
         state_dict = convert_state_dict(state_dict, checkpoint_format, str(weights_path))
     model = cls(config, *model_args)
     usable, loading_info = reconcile(model, state_dict, str(weights_path), ignore_mismatched_sizes)
     model.load_state_dict(usable, strict=False)
-    model.to(dtype=_target_dtype(dtype, state_dict))
+    _finish_loading(model, _target_dtype(dtype, config_dict, state_dict), device)
+    return (model, loading_info) if output_loading_info else model
+
+
+def _finish_loading(model, dtype: torch.dtype, device: torch.device | None) -> None:
+    model.to(dtype=dtype)
+    model.config.dtype = dtype
     if device is not None:
         model.to(device)
     model.eval()
-    return (model, loading_info) if output_loading_info else model
+
+
+def _from_state_dict(cls, name_or_path, config, state_dict, dtype, device, model_args, overrides):
+    """``from_pretrained(None, config=config, state_dict=...)``: transformers' way of building a model
+    from weights in memory (fastmini key names)."""
+    if name_or_path is not None:
+        raise ValueError("from_pretrained: state_dict cannot be passed together with a model name or path")
+    if not isinstance(config, FastMiniConfig):
+        raise TypeError("from_pretrained: state_dict needs config=FastMiniConfig(...) and no model name or path")
+    _apply_overrides(config, overrides, "state_dict")
+    model = cls(config, *model_args)
+    usable, _ = reconcile(model, state_dict, "state_dict")
+    model.load_state_dict(usable, strict=False)
+    _finish_loading(model, _target_dtype(dtype, {}, state_dict), device)
+    return model

@@ -149,6 +149,22 @@ class Encoded:
             return _zero_padding(tokens, self.key_padding_mask)
         return tokens
 
+    def first_tokens(self) -> torch.Tensor:
+        """(B, H): each row's first real token, what classification reads ([CLS] with right and with left
+        padding alike; zeros for a row without real tokens). Without padding, ``sequence[:, 0]``."""
+        if self.packing is not None:
+            tokens, width = self.sequence.shape
+            offsets = self.packing.cu_seqlens.long()
+            empty = offsets[1:] == offsets[:-1]
+            if tokens == 0:
+                return self.sequence.new_zeros(empty.shape[0], width)
+            first = self.sequence.index_select(0, offsets[:-1].clamp(max=tokens - 1))
+            return first.masked_fill(empty[:, None], 0.0)
+        if self.key_padding_mask is not None:  # encode() zeroed the padding: an empty row reads zeros
+            first = self.key_padding_mask.int().argmax(dim=1)
+            return self.sequence[torch.arange(self.sequence.shape[0], device=first.device), first]
+        return self.sequence[:, 0]
+
     def token_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Per-token ``labels`` (B, S) aligned with ``sequence``, padding never counted: packed (T,)
         when the batch was unpadded, else (B, S) with -100 at padded positions. Either layout gives
@@ -215,6 +231,13 @@ class FastMiniModel(FastMiniPreTrainedModel):
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         )
         shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
+        if len(shape) != 2:
+            given = "input_ids" if input_ids is not None else "inputs_embeds"
+            full = tuple((input_ids if input_ids is not None else inputs_embeds).shape)
+            raise ValueError(
+                f"FastMiniModel: {given} must be batched, (batch, sequence{'' if input_ids is not None else ', E'}); "
+                f"got shape {full} (one sequence: add a batch dimension, e.g. {given}[None])"
+            )
         key_padding_mask = None
         if unpad is None:
             unpad = self.unpadding
@@ -270,7 +293,7 @@ class FastMiniModel(FastMiniPreTrainedModel):
             output_hidden_states,
         )
         sequence = encoded.repad(encoded.sequence)
-        pooled = torch.tanh(self.pooler(sequence[:, 0])) if self.pooler is not None else None
+        pooled = torch.tanh(self.pooler(encoded.first_tokens())) if self.pooler is not None else None
         output = BaseModelOutputWithPooling(
             last_hidden_state=sequence,
             pooler_output=pooled,
@@ -378,7 +401,7 @@ class FastMiniForSequenceClassification(FastMiniPreTrainedModel):
             output_attentions,
             output_hidden_states,
         )
-        first_token = encoded.repad(encoded.sequence)[:, 0]
+        first_token = encoded.first_tokens()  # no re-padding: B rows are read, not B x S
         pooled = torch.tanh(self.fastmini.pooler(first_token)) if self.fastmini.pooler is not None else first_token
         logits = self.classifier(self.dropout(pooled))
         loss = sequence_classification_loss(logits, labels, self.config) if labels is not None else None

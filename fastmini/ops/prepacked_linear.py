@@ -7,9 +7,12 @@ on this project's 2-core AVX-512 CPU (fp32, 32 rows): 768 -> 3072 ran at 117 GFL
 ``F.linear`` and 202 GFLOP/s through oneDNN with a pre-reordered weight; 3072 -> 768 116 vs 204.
 
 The reordered copy is a cache, never the source of truth: entries are keyed on the source
-weights' identity, storage and version counter, so an optimizer step, ``load_state_dict`` or
-``.to()`` makes them stale and they are rebuilt on the next use (writes through ``param.data``
-bypass the version counter: whoever does that must start a new cache); copies and pickles of a model
+weights' identity, storage and version counter and on the number of optimizer steps taken in the
+process, so an optimizer step, ``load_state_dict`` or ``.to()`` makes them stale and they are
+rebuilt on the next use. The step count is there because fused optimizers (``AdamW(fused=True)``,
+the Trainer's default) write parameters without bumping their version counters; switching a model
+to training mode empties its caches too. Writes through ``param.data`` bypass both: whoever does
+that must start a new cache. Copies and pickles of a model
 carry an empty cache (oneDNN's opaque tensors cannot be copied). The oneDNN op has no autograd
 rule fastmini relies on, so the fast path runs only when no gradient is wanted; training,
 ``torch.compile`` and every non-CPU or non-fp32 input take ``F.linear``.
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 # Post-ops oneDNN fuses into the GEMM, by fastmini's GELU names (ops.linear_gelu's approximations).
 _ONEDNN_ACTIVATIONS = {None: ("none", ""), "none": ("gelu", "none"), "tanh": ("gelu", "tanh")}
@@ -46,8 +50,26 @@ class _Entry:
     key: tuple
 
 
+_optimizer_steps = 0
+_counting_optimizer_steps = False
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+def _start_counting_optimizer_steps() -> None:
+    """One global hook on every torch optimizer's step, registered when the first cache is made."""
+    global _counting_optimizer_steps
+    if not _counting_optimizer_steps:
+        register_optimizer_step_post_hook(_count_optimizer_step)
+        _counting_optimizer_steps = True
+
+
 def _key(tensors: Sequence[torch.Tensor | None]) -> tuple:
-    return tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors if t is not None)
+    versions = tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors if t is not None)
+    return (_optimizer_steps, *versions)
 
 
 class PrepackedLinears:
@@ -56,6 +78,7 @@ class PrepackedLinears:
 
     def __init__(self) -> None:
         self._entries: dict[str, _Entry] = {}
+        _start_counting_optimizer_steps()
 
     def __deepcopy__(self, memo) -> PrepackedLinears:
         return PrepackedLinears()
@@ -119,6 +142,12 @@ class PrepackedWeightsMixin:
 
     def use_prepacked_weights(self, enabled: bool = True) -> None:
         self.prepacked = PrepackedLinears() if enabled else None
+
+    def train(self, mode: bool = True):
+        # Training is about to change the weights (and never reads the cache): free the packed copies.
+        if mode and self.prepacked is not None and len(self.prepacked):
+            self.prepacked = PrepackedLinears()
+        return super().train(mode)
 
     def prepacked_for(self, x: torch.Tensor, weight: torch.Tensor) -> PrepackedLinears | None:
         """The cache when it is on and applies to this input, else None (the module's usual ops run)."""
