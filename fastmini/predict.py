@@ -7,8 +7,14 @@ The model is a directory written by ``python -m fastmini.finetune`` (or any fast
 - ``.jsonl`` / ``.json``: objects with ``--text-column`` (and ``--text-pair-column`` for pairs);
   for a tagger, ``--tokens-column`` (a list of words) or the text column;
 - ``.csv`` / ``.tsv``: a header row naming those columns; for a tagger, ``.tsv`` / ``.conll``
-  files in the two-column training format (the tags are ignored).
-Output: one JSON object per input, in input order (``--output FILE`` or stdout). Examples are
+  files in the two-column training format (the tags are ignored, and may be left out: one token
+  per line).
+Output: one JSON object per input, in input order (``--output FILE`` or stdout), its ``index``
+the input's position: of its line in a text file (so that ``paste`` lines them up), of its
+record in a JSON / CSV file (header not counted), of its sentence in a two-column file. An
+empty line or row still gets its record: ``"prediction": null`` (a tagger: no tokens, no tags).
+``--output`` is written to a temporary file beside it and renamed at the end: a run that fails
+leaves an existing file as it was. Examples are
 batched by length and run through the model's unpadded fast path in inference mode, bf16 on a
 GPU. The same directory also works in ``transformers.pipeline("text-classification" |
 "token-classification", model=DIR)`` after ``import fastmini``.
@@ -18,8 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +35,17 @@ from fastmini.training.precision import PRECISIONS, autocast_dtype
 
 CHUNK = 4096  # examples tokenised and predicted at a time, so that a large file streams
 NER_FILE_SUFFIXES = (".tsv", ".conll", ".iob", ".bio")
+TRAIN_CONFIG_NAME = "train_config.json"  # fastmini.finetune's record of its options, beside the model
+
+log = logging.getLogger("fastmini.predict")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fastmini.predict",
         description="Label a text file or a JSONL/CSV batch with a fine-tuned fastmini model, batch-wise.",
-        epilog="Writes one JSON object per input line: the prediction (label and probability, a number, labels, or "
-        "tags with their entities).",
+        epilog="Writes one JSON object per input line (per record of a JSON/CSV file), with its index: the "
+        "prediction (label and probability, a number, labels, or tags with their entities); null for an empty line.",
     )
     parser.add_argument("--model", required=True, metavar="DIR", help="a fine-tuned model directory (with tokenizer)")
     parser.add_argument("--input", required=True, metavar="FILE", help="a .txt/.jsonl/.json/.csv/.tsv file, or -")
@@ -73,6 +82,7 @@ class Predictor:
     def __init__(self, directory: str, device: str = "auto", precision: str = "auto"):
         from transformers import AutoTokenizer
 
+        from fastmini.finetune.models import TEXT_PAIR_FIELD, read_model_config
         from fastmini.finetune.tasks import GENERIC_TASKS, LabelMap
         from fastmini.models import (
             CheckpointError,
@@ -81,14 +91,12 @@ class Predictor:
         )
         from fastmini.training.distributed import resolve_device
 
+        self.device = resolve_device(device)  # a bad --device is reported at once, not after loading the model
         path = Path(directory).expanduser()
-        config_path = path / "config.json"
-        if not config_path.is_file():
-            raise UsageError(f"--model {directory}: no config.json (expected a directory written by fastmini.finetune)")
-        try:
-            architectures = json.loads(config_path.read_text()).get("architectures") or []
-        except (OSError, json.JSONDecodeError, AttributeError) as error:
-            raise UsageError(f"--model {directory}: config.json is not readable JSON ({error})") from error
+        saved_config = read_model_config(path, directory)
+        architectures = saved_config.get("architectures") or []
+        # The second text column the model was fine-tuned with (None: single texts); older models: train_config.json.
+        self.text_pair_column = saved_config.get(TEXT_PAIR_FIELD, _trained_pair_column(path))
         if any(name.endswith("ForTokenClassification") for name in architectures):
             model_class = FastMiniForTokenClassification
         elif any(name.endswith("ForSequenceClassification") for name in architectures):
@@ -118,11 +126,22 @@ class Predictor:
         self.spec = GENERIC_TASKS[kind]
         names = None if kind == "regression" else [config.id2label[i] for i in range(config.num_labels)]
         self.labels = LabelMap(self.spec, names)
-        self.device = resolve_device(device)
         self.autocast_dtype = autocast_dtype(precision, self.device)
         self.model.to(self.device).eval().optimize_for_inference()
 
     def predict(self, examples: list[dict[str, Any]], batch_size: int, max_length: int | None) -> list[dict[str, Any]]:
+        """One record per example, in order; an empty example (a blank line) gets a record without a prediction."""
+        filled = [example for example in examples if not _is_empty(example)]
+        predicted = iter(self._predict(filled, batch_size, max_length) if filled else [])
+        return [self._empty_record(example) if _is_empty(example) else next(predicted) for example in examples]
+
+    def _empty_record(self, example: dict[str, Any]) -> dict[str, Any]:
+        if self.spec.kind == "ner":
+            return {"tokens": example["tokens"], "tags": [], "entities": []}
+        pair = {"text_pair": example["text_pair"]} if example["text_pair"] is not None else {}
+        return {"text": example["text"], **pair, "prediction": None}
+
+    def _predict(self, examples: list[dict[str, Any]], batch_size: int, max_length: int | None) -> list[dict[str, Any]]:
         from fastmini.finetune import inference
         from fastmini.finetune.data import encode
         from fastmini.finetune.metrics import entities
@@ -155,78 +174,108 @@ class Predictor:
 
 
 def read_inputs(source: str, kind: str, text_column: str, pair_column: str | None, tokens_column: str):
-    """The examples of an input file (see the module docstring), in order."""
+    """The examples of an input file (see the module docstring), in order, one per line / record / sentence."""
     from fastmini.data.corpus import DataError, read_text_file
-    from fastmini.data.labelled import Columns, read_labelled_file
+    from fastmini.data.labelled import Columns, read_labelled_file, split_lines
     from fastmini.data.ner import read_ner_file
 
     if source == "-":
-        return _from_lines(sys.stdin.read().splitlines(), "stdin", kind, pair_column)
+        examples = _from_lines(split_lines(_read_stdin()), "stdin", kind, pair_column)
+        return _refuse_all_empty(examples, "stdin")
     path = Path(source).expanduser()
     if not path.is_file():
         raise DataError(f"--input {source}: no such file")
     suffix = path.suffix.lower()
     if kind == "ner" and suffix in NER_FILE_SUFFIXES:
-        return [{"tokens": s["tokens"], "where": s["where"]} for s in read_ner_file(path)]
+        return [{"tokens": s["tokens"], "where": s["where"]} for s in read_ner_file(path, tags_required=False)]
     if kind == "ner" and suffix in (".json", ".jsonl"):
         return _tagger_json(path, text_column, tokens_column)
     if suffix in (".csv", ".tsv", ".json", ".jsonl"):
-        examples = read_labelled_file(path, Columns(text_column, pair_column, None), labels_required=False)
+        columns = Columns(text_column, pair_column, None)
+        examples = read_labelled_file(path, columns, labels_required=False, keep_empty_rows=True)
         if kind == "ner":
-            return [{"tokens": e["text"].split(), "where": e["where"]} for e in examples]
-        return examples
-    lines = read_text_file(path, allow_empty=True).splitlines()
-    return _from_lines(lines, str(path), kind, pair_column)
+            examples = [{"tokens": e["text"].split(), "where": e["where"]} for e in examples]
+        return _refuse_all_empty(examples, str(path))
+    lines = split_lines(read_text_file(path, allow_empty=True))
+    return _refuse_all_empty(_from_lines(lines, str(path), kind, pair_column), str(path))
+
+
+def _read_stdin() -> str:
+    """Standard input as UTF-8 text (a BOM dropped), or one DataError, as files are read."""
+    from fastmini.data.corpus import DataError
+
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # a text stream without bytes underneath (tests, notebooks)
+        return sys.stdin.read()
+    data = stream.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DataError(f"stdin: not UTF-8 text ({error.reason} at byte {error.start})") from error
 
 
 def _from_lines(lines: list[str], where: str, kind: str, pair_column: str | None) -> list[dict[str, Any]]:
+    """One example per line, blank lines included (as empty examples): the output's index is the line's."""
     from fastmini.data.corpus import DataError
 
     if pair_column is not None:
         raise DataError(f"{where}: sentence pairs need a .jsonl/.json/.csv/.tsv input with named columns")
     examples = []
     for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
         if kind == "ner":
             examples.append({"tokens": line.split(), "where": f"{where}, line {number}"})
         else:
             examples.append({"text": line.strip(), "text_pair": None, "where": f"{where}, line {number}"})
-    if not examples:
+    return examples
+
+
+def _is_empty(example: dict[str, Any]) -> bool:
+    """A blank line or row: nothing for the model to read."""
+    if "tokens" in example:
+        return not example["tokens"]
+    return not example["text"].strip() and not (example["text_pair"] or "").strip()
+
+
+def _refuse_all_empty(examples: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
+    from fastmini.data.corpus import DataError
+
+    if all(_is_empty(example) for example in examples):
         raise DataError(f"{where}: no text (the input is empty)")
     return examples
 
 
 def _tagger_json(path: Path, text_column: str, tokens_column: str) -> list[dict[str, Any]]:
-    from fastmini.data.corpus import DataError
+    from fastmini.data.corpus import DataError, read_text_file
+    from fastmini.data.labelled import json_records
 
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        records = [(f"{path}, item {i}", r) for i, r in enumerate(json.loads(text))]
-    else:
-        records = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    records.append((f"{path}, line {number}", json.loads(line)))
-                except json.JSONDecodeError as error:
-                    raise DataError(f"{path}, line {number}: not valid JSON ({error.msg})") from error
+    _, records = json_records(path, read_text_file(path))
     examples = []
     for where, record in records:
-        if isinstance(record, dict) and isinstance(record.get(tokens_column), list):
+        if isinstance(record.get(tokens_column), list):
             examples.append({"tokens": [str(t) for t in record[tokens_column]], "where": where})
-        elif isinstance(record, dict) and isinstance(record.get(text_column), str):
+        elif isinstance(record.get(text_column), str):
             examples.append({"tokens": record[text_column].split(), "where": where})
         else:
             raise DataError(f"{where}: expected an object with a '{tokens_column}' list or a '{text_column}' text")
-    if not examples:
-        raise DataError(f"{path}: no examples")
-    return examples
+    return _refuse_all_empty(examples, str(path))
 
 
-def _chunks(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def _trained_pair_column(directory: Path) -> str | None:
+    """The --text-pair-column of the fine-tuning job in ``directory`` (its train_config.json), if it says."""
+    try:
+        saved = json.loads((directory / TRAIN_CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none there (a model from elsewhere), or unreadable: nothing to go by
+        return None
+    return saved.get("text_pair_column") if isinstance(saved, dict) else None
+
+
+def warn_about_missing_pairs(predictor: Predictor, pair_column: str | None) -> None:
+    if predictor.spec.kind != "ner" and predictor.text_pair_column and pair_column is None:
+        log.warning(
+            "the model was fine-tuned on sentence pairs (second text: column '%s'); without --text-pair-column "
+            "every input is read as a single text, which it was not trained on",
+            predictor.text_pair_column,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,29 +289,45 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         import fastmini  # noqa: F401  (registers the Auto classes)
+        from fastmini.finetune.config import check_max_length
 
         if args.threads:
             torch.set_num_threads(args.threads)
         predictor = Predictor(args.model, args.device, args.precision)
+        check_max_length(args.max_length, predictor.model.config.max_position_embeddings)
         examples = read_inputs(
             args.input, predictor.spec.kind, args.text_column, args.text_pair_column, args.tokens_column
         )
-        try:
-            output = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
-        except OSError as error:
-            raise UsageError(f"--output {args.output}: cannot be written ({error.strerror or error})") from error
-        try:
-            index = 0
-            for chunk in _chunks(examples, CHUNK):
-                for record in predictor.predict(chunk, args.batch_size, args.max_length):
-                    output.write(json.dumps({"index": index, **record}, ensure_ascii=False) + "\n")
-                    index += 1
-        finally:
-            if output is not sys.stdout:
-                output.close()
+        warn_about_missing_pairs(predictor, args.text_pair_column)
+
+        def write(handle) -> None:
+            for start in range(0, len(examples), CHUNK):
+                records = predictor.predict(examples[start : start + CHUNK], args.batch_size, args.max_length)
+                for index, record in enumerate(records, start=start):
+                    handle.write(json.dumps({"index": index, **record}, ensure_ascii=False) + "\n")
+
+        if args.output:
+            write_output_file(args.output, write)
+        else:
+            write(sys.stdout)  # a reader that stops early (`| head`) is run_cli's to handle
         return 0
 
     return run_cli("fastmini.predict", body)
+
+
+def write_output_file(name: str, write) -> None:
+    """``write(handle)`` into a temporary file beside ``name``, renamed to ``name`` once complete: a run that
+    fails half-way leaves an existing file as it was."""
+    from fastmini.files import write_file_atomically
+
+    def write_temporary(temporary: str) -> None:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            write(handle)
+
+    try:
+        write_file_atomically(Path(name).expanduser(), write_temporary)
+    except OSError as error:
+        raise UsageError(f"--output {name}: cannot be written ({error.strerror or error})") from error
 
 
 if __name__ == "__main__":

@@ -132,10 +132,20 @@ def test_layer_map_stride_auto_and_explicit():
             "every loss weight is 0",
         ),
         (["--config", "no-such-recipe"], "no such file, and not a recipe"),
+        (["--weight-decay", "nan"], "--weight-decay must be >= 0, got nan"),
+        (["--max-grad-norm", "inf"], "--max-grad-norm must be >= 0, got inf"),
+        (["--hidden-weight", "nan"], "--hidden-weight must be >= 0, got nan"),
+        (["--threads", "-1"], "--threads must be > 0, got -1"),
+        (["--threads", "0"], "--threads must be > 0, got 0"),
+        (["--tokenize-workers", "-2"], "--tokenize-workers must be > 0, got -2"),
+        (["--resume", "--overwrite-output-dir"], "--resume .* --overwrite-output-dir .*: give one of them"),
     ],
 )
-def test_nonsense_values_give_one_clear_message(argv, message, capsys):
+def test_nonsense_values_give_one_clear_message(argv, message, capsys, tmp_path):
+    # A teacher that does not exist: a value that slipped through validation fails fast on it, not after a run.
+    argv = [*argv, "--teacher", str(tmp_path / "no-teacher"), "--output-dir", str(tmp_path / "out")]
     assert __import__("re").search(message, error_of(argv, capsys))
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_config_files(tmp_path, capsys):
@@ -148,6 +158,35 @@ def test_bad_config_files(tmp_path, capsys):
     broken = tmp_path / "b.json"
     broken.write_text("{not json")
     assert "not valid JSON" in error_of(["--config", str(broken)], capsys)
+
+
+def test_config_files_read_text_with_the_options_own_parsers(tmp_path, capsys):
+    """'none' for an optional number as on the command line; errors in words, not Python types."""
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("max_steps: none\nmax_windows: 'null'\nhidden_size: none\nlr: 5e-4\n")
+    config, _ = resolve(["--config", str(yaml_file)])
+    assert (config.max_steps, config.max_windows, config.hidden_size, config.lr) == (None, None, None, 5e-4)
+    for text, message in (
+        ("max_steps: abc\n", "max_steps: expected an integer or 'none', got 'abc'"),
+        ("lr: fast\n", "lr: expected a number, got 'fast'"),
+    ):
+        yaml_file.write_text(text)
+        line = error_of(["--config", str(yaml_file)], capsys)
+        assert message in line and "| None" not in line and "float" not in line
+
+
+def test_broken_config_files_give_one_line_naming_the_line(tmp_path, capsys):
+    broken = tmp_path / "b.yaml"
+    broken.write_text("lr: 0.1\nseed: [1, 2\nmax_steps: 3\n")
+    capsys.readouterr()
+    assert main(["--config", str(broken)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not valid YAML at line" in err, err
+    upper = tmp_path / "RUN.JSON"
+    upper.write_text('{"seed": 7}')
+    assert resolve(["--config", str(upper)])[0].seed == 7
+    upper.write_text("{broken")
+    assert "not valid JSON at line 1" in error_of(["--config", str(upper)], capsys)
 
 
 def test_print_config_shows_the_resolved_options(capsys):
@@ -164,7 +203,14 @@ def test_window_stride_that_leaves_no_room_for_the_special_tokens(teacher_dir, t
 def test_argparse_type_errors_exit_2_with_usage(capsys):
     with pytest.raises(SystemExit) as raised:
         main(["--max-steps", "many"])
-    assert raised.value.code == 2 and "--max-steps" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert raised.value.code == 2 and "--max-steps: expected an integer or 'none', got 'many'" in err
+    assert "optional_int" not in err
+
+
+def test_student_config_errors_name_the_options(teacher_dir, tmp_path, capsys):
+    line = error_of([*tiny_args(teacher_dir, tmp_path / "out"), "--reduction-factor", "5"], capsys)
+    assert "must be divisible by --reduction-factor (5)" in line and "reduction_factor" not in line
 
 
 # ---- bad input -------------------------------------------------------------------------------------
@@ -189,6 +235,55 @@ def test_empty_or_unreadable_data(teacher_dir, tmp_path, capsys):
     tiny.write_text("w1 w2\nw3\nw4\nw5 w6\n")
     line = error_of([*tiny_args(teacher_dir, tmp_path / "out2"), "--data", str(tiny)], capsys)
     assert "fewer than one global batch" in line
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x"] + ([] if torch.cuda.is_available() else ["cuda"]))
+def test_bad_device_is_one_message_in_both_trainers_before_the_output_dir_exists(device, tmp_path, capsys):
+    from fastmini.finetune.__main__ import main as finetune_main
+
+    expected = "no CUDA device is available here" if device == "cuda" else "expected auto, cpu, cuda or cuda:N"
+    for cli in (main, finetune_main):
+        line = cli_error(cli, ["--device", device, "--output-dir", str(tmp_path / "out")], capsys)
+        assert f"--device {device}: {expected}" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_or_mismatched_weights_name_the_directory(teacher_dir, tmp_path, capsys):
+    import shutil
+
+    truncated = shutil.copytree(teacher_dir, tmp_path / "truncated")
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    line = error_of([*tiny_args(teacher_dir, tmp_path / "o1"), "--teacher", str(truncated)], capsys)
+    assert f"--teacher {truncated}: cannot load its weights" in line
+    line = error_of([*tiny_args(teacher_dir, tmp_path / "o2"), "--embedding-size", "36", "--copy-embeddings-from",
+                     str(truncated)], capsys)  # fmt: skip
+    assert f"--copy-embeddings-from {truncated}: cannot load" in line
+    mismatched = shutil.copytree(teacher_dir, tmp_path / "mismatched")
+    config = json.loads((mismatched / "config.json").read_text())
+    (mismatched / "config.json").write_text(json.dumps({**config, "intermediate_size": 50}))
+    line = error_of([*tiny_args(teacher_dir, tmp_path / "o3"), "--teacher", str(mismatched)], capsys)
+    assert "do not have the shapes its config.json describes" in line
+    assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3"))
+
+
+def test_a_teacher_without_a_usable_tokenizer_is_refused(teacher_dir, tmp_path, capsys):
+    import shutil
+
+    from transformers import BertTokenizer
+
+    from fastmini.distill.testing import tiny_vocabulary
+
+    bare = shutil.copytree(teacher_dir, tmp_path / "bare")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (bare / name).unlink(missing_ok=True)
+    line = error_of([*tiny_args(teacher_dir, tmp_path / "out"), "--teacher", str(bare)], capsys)
+    assert "no tokenizer files" in line and "--tokenizer" in line
+    smaller = tmp_path / "tokenizer"
+    BertTokenizer(vocab=tiny_vocabulary(20)).save_pretrained(smaller)
+    line = error_of([*tiny_args(teacher_dir, tmp_path / "out"), "--tokenizer", str(smaller)], capsys)
+    assert "only 20 tokens for the teacher's 99 embedding rows" in line
+    assert not (tmp_path / "out").exists()
 
 
 def test_vocabulary_mismatch_between_tokenizer_and_teacher(teacher_dir, tmp_path, capsys):
@@ -230,6 +325,71 @@ def test_an_unfinished_run_is_not_overwritten_silently(teacher_dir, tmp_path, ca
     assert not (output / "checkpoints").exists()
 
 
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_command_that_fails_validation_leaves_the_output_directory_as_it_was(teacher_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    output = tmp_path / "out"
+    assert main(tiny_args(teacher_dir, output, "--max-steps", "2", "--save-every", "1", "--keep-last", "0")) == 0
+    finished = snapshot(output)
+    assert "checkpoints/step-00000002/model.safetensors" in finished and "log.jsonl" in finished
+    capsys.readouterr()
+    assert "no text found" in error_of([*tiny_args(teacher_dir, output), "--data", str(empty)], capsys)
+    assert snapshot(output) == finished
+    (output / "metrics.json").unlink()  # now an unfinished run: --overwrite-output-dir with bad data keeps it
+    unfinished = snapshot(output)
+    error_of([*tiny_args(teacher_dir, output), "--data", str(empty), "--overwrite-output-dir"], capsys)
+    assert snapshot(output) == unfinished
+    error_of([*tiny_args(teacher_dir, tmp_path / "new"), "--data", str(empty)], capsys)
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("extra", [("--eval-windows", "0"), ("--eval-documents", "0"), ("--data", "ONE")])
+def test_evaluation_can_be_off(extra, teacher_dir, tmp_path):
+    if extra[1] == "ONE":
+        one = tmp_path / "one.txt"
+        one.write_text(" ".join(f"w{i % 90}" for i in range(400)) + "\n")  # one document, many windows
+        extra = ("--data", str(one), "--max-windows", "none")
+    output = tmp_path / "out"
+    assert main([*tiny_args(teacher_dir, output, "--max-steps", "2"), *extra]) == 0
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["evaluation"]["enabled"] is False and metrics["before"] is None and metrics["after"] is None
+    assert metrics["train"]["steps"] == 2
+
+
+def test_ctrl_c_without_a_checkpoint_does_not_suggest_resume(teacher_dir, tmp_path, capsys, monkeypatch):
+    from fastmini.distill import trainer
+
+    def interrupted(self, step):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer.DistillationRun, "_train_step", interrupted)
+    assert main(tiny_args(teacher_dir, tmp_path / "out", "--save-every", "0")) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; no checkpoint was written (--save-every 0), so there is nothing to resume" in err
+    assert "with --resume" not in err
+
+
+def test_hub_lookups_are_quiet_and_use_the_cache_when_the_hub_is_unreachable(monkeypatch):
+    import logging
+
+    from huggingface_hub import constants
+
+    from fastmini.training import cli
+
+    cli.quiet_libraries()
+    assert logging.getLogger("huggingface_hub").getEffectiveLevel() >= logging.ERROR  # no retry chatter
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(cli, "_hub_unreachable", lambda: True)
+    cli.use_cache_if_hub_unreachable()
+    assert constants.HF_HUB_OFFLINE is True
+
+
 # ---- a run and what it leaves ---------------------------------------------------------------------
 
 
@@ -242,6 +402,7 @@ def test_tiny_run_writes_a_loadable_model_and_improves_on_held_out_data(teacher_
     model = AutoModelForMaskedLM.from_pretrained(output)
     assert type(model).__name__ == "FastMiniForMaskedLM" and model.config.num_hidden_layers == 2
     tokenizer = AutoTokenizer.from_pretrained(output)
+    assert json.loads((output / "tokenizer.json").read_text())["truncation"] is None  # not the windowing's
     with torch.no_grad():
         logits = model(**tokenizer(["w1 w4 [MASK] w10"], return_tensors="pt")).logits
     assert logits.shape[-1] == 99 and torch.isfinite(logits).all()

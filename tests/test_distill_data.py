@@ -230,3 +230,9 @@ def test_offline_default_is_the_gensim_wikipedia_sample_without_markup():
     text = "\n".join(documents["text"])
     assert "Anarchism is a political philosophy" in text
     assert "'''" not in text and "''" not in text and "==" not in text and "[[" not in text
+
+
+def test_csv_fields_longer_than_the_csv_modules_default_limit(tmp_path):
+    article = "w1 " * 70_000  # 210,000 characters: above csv's default 131,072 per field
+    (tmp_path / "long.csv").write_text(f'id,text\n1,"{article}"\n')
+    assert read_file(tmp_path / "long.csv") == [article.strip()]

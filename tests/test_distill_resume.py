@@ -146,6 +146,44 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint
     assert not (output / "model.safetensors").exists()
 
 
+def test_overflowing_gradients_stop_the_run_before_they_reach_the_weights(teacher_dir, tmp_path, capsys):
+    """lr 1e6: step 1's loss is finite but its gradients overflow; the checkpoints stay finite."""
+    output = tmp_path / "run"
+    argv = run_args(teacher_dir, output, "--max-steps", "10", "--save-every", "1", "--keep-last", "0", "--lr", "1e6",
+                    "--warmup-steps", "0", "--grad-accumulation", "1", "--max-grad-norm", "0")  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "the gradient norm is not finite at step" in err and "stopped without updating the student" in err
+    saved = checkpoints.list_checkpoints(output / "checkpoints")
+    assert saved and f"the last good checkpoint is {saved[-1][1]}" in err
+    for _, path in saved:
+        assert all(torch.isfinite(value).all() for value in load_file(str(path / "model.safetensors")).values())
+
+
+def test_gradient_norm_is_measured_with_and_without_clipping():
+    from fastmini.training.optimization import gradient_norm
+
+    weight = torch.nn.Parameter(torch.zeros(2))
+    weight.grad = torch.tensor([3.0, 4.0])
+    assert gradient_norm([weight], 0.0) == 5.0 and torch.equal(weight.grad, torch.tensor([3.0, 4.0]))
+    assert gradient_norm([weight], 1.0) == 5.0 and torch.allclose(weight.grad.norm(), torch.tensor(1.0))
+    weight.grad = torch.tensor([float("inf"), 0.0])
+    assert gradient_norm([weight], 0.0) == float("inf")
+
+
+def test_resume_refuses_another_held_out_set_and_accepts_the_same_data_by_another_path(
+    teacher_dir, tmp_path, capsys, monkeypatch
+):
+    output = tmp_path / "run"
+    assert main(run_args(teacher_dir, output, "--max-steps", "2")) == 0
+    capsys.readouterr()
+    for option, value in (("--eval-windows", "2"), ("--eval-batch-size", "2")):
+        assert main([*run_args(teacher_dir, output, "--max-steps", "2", option, value), "--resume"]) == 2
+        assert option in capsys.readouterr().err
+    monkeypatch.chdir(teacher_dir)
+    assert main([*run_args(teacher_dir, output, "--max-steps", "2", "--data", "./corpus.txt"), "--resume"]) == 0
+
+
 def test_atomic_directory_publishes_all_or_nothing(tmp_path):
     final = tmp_path / "step-1"
     with pytest.raises(RuntimeError):

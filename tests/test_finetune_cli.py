@@ -96,10 +96,12 @@ def test_task_recipes_rank_below_config_files_and_the_command_line(tmp_path):
         (["--epochs", "0"], "--epochs must be > 0"),
         (["--warmup-ratio", "1"], r"--warmup-ratio must be in \[0, 1\)"),
         (["--text-pair-column", "text"], "must differ from --text-column"),
+        (["--resume", "--overwrite-output-dir"], "--resume .* --overwrite-output-dir .*: give one of them"),
     ],
 )
-def test_nonsense_values_give_one_clear_message(argv, message, capsys):
-    assert re.search(message, error_of(argv, capsys))
+def test_nonsense_values_give_one_clear_message(argv, message, capsys, tmp_path):
+    assert re.search(message, error_of([*argv, "--output-dir", str(tmp_path / "out")], capsys))
+    assert not (tmp_path / "out").exists()
 
 
 def test_print_config(capsys):
@@ -145,6 +147,7 @@ def test_each_task_kind_learns_and_leaves_a_loadable_model(name, model_dir, tmp_
                        "ner": ["O", "B-ANIMAL", "I-ANIMAL", "B-FOOD"]}[kind]  # fmt: skip
     assert metrics["label_names"] == expected_labels
     assert AutoTokenizer.from_pretrained(output).pad_token == "[PAD]"
+    assert model.config.finetuned_text_pair_column == ("hypothesis" if kind == "pair" else None)  # for predict
 
     dev = [json.loads(line) for line in (output / "predictions_validation.jsonl").read_text().splitlines()]
     test = [json.loads(line) for line in (output / "predictions_test.jsonl").read_text().splitlines()]
@@ -348,7 +351,7 @@ def test_labels_missing_from_the_label_map_at_test_time(model_dir, good_data, tm
     ner = write_task_data(tmp_path / "ner", "ner")
     (ner / "dev.tsv").write_text("a\tO\ntoy\tB-TOY\n")
     line = error_of(args(model_dir, ner, tmp_path / "out2", "--task", "ner"), capsys)
-    assert "dev.tsv, line 1: label 'B-TOY'" in line
+    assert "dev.tsv, line 2: label 'B-TOY'" in line  # the tag's own line, not its sentence's first
 
 
 def test_empty_files(model_dir, good_data, tmp_path, capsys):
@@ -388,6 +391,40 @@ def test_model_directories_that_are_not_fastmini_minialbert_or_albert(good_data,
     assert "--model" in line and "model.safetensors" in line
 
 
+def test_a_broken_config_json_is_named_as_such(good_data, tmp_path, capsys):
+    junk = make_tiny_model(tmp_path / "junk")
+    for content in (b"{not json", b'{"model_type": "caf\xe9"}', b"[]"):
+        (junk / "config.json").write_bytes(content)
+        line = error_of(args(junk, good_data, tmp_path / "out"), capsys)
+        assert "--model" in line and "config.json" in line and "tokenizer" not in line, line
+
+
+def test_test_files_with_some_or_no_labels(model_dir, tmp_path, capsys):
+    data = write_task_data(tmp_path / "data", "classification", train=16)
+    rows = classification_examples(4, 3)
+    rows[1]["label"] = ""  # the second test row has no label
+    write_table(data / "test.csv", rows)
+    output = tmp_path / "out"
+    assert main(args(model_dir, data, output, "--epochs", "1")) == 0
+    err = capsys.readouterr().err
+    assert err.count("test.csv: 1 of 4 rows have no label; test metrics cover the 3 labelled rows only") == 1, err
+    (mode,) = metrics_of(output)["modes"].values()
+    assert mode["chosen"]["test"]["test"].keys() == {"accuracy", "f1", "matthews_correlation"}
+    predictions = [json.loads(line) for line in (output / "predictions_test.jsonl").read_text().splitlines()]
+    assert [p["label"] is None for p in predictions] == [False, True, False, False]
+    # NER: a test file in the two-column format without its tags (one token per line) gets predictions only
+    ner = write_task_data(tmp_path / "ner", "ner", train=16, dev=8)
+    (ner / "test.tsv").write_text("the\nbig\ncat\n\nbread\n")
+    output = tmp_path / "ner-out"
+    assert main(args(model_dir, ner, output, "--task", "ner", "--epochs", "1")) == 0
+    (mode,) = metrics_of(output)["modes"].values()
+    assert mode["chosen"]["test"] is None and "no label" not in capsys.readouterr().err
+    predictions = [json.loads(line) for line in (output / "predictions_test.jsonl").read_text().splitlines()]
+    assert [(p["tokens"], p["label"], len(p["prediction"])) for p in predictions] == [
+        (["the", "big", "cat"], None, 3), (["bread"], None, 1)
+    ]  # fmt: skip
+
+
 def test_other_bad_data(model_dir, good_data, tmp_path, capsys):
     (good_data / "dev.csv").unlink()
     assert "no validation.* or dev.* file" in error_of(args(model_dir, good_data, tmp_path / "out"), capsys)
@@ -413,6 +450,57 @@ def test_an_unfinished_job_is_not_overwritten_silently(model_dir, good_data, tmp
     line = error_of(args(model_dir, good_data, output, "--epochs", "1"), capsys)
     assert "unfinished fine-tuning job" in line and "--resume" in line and "--overwrite-output-dir" in line
     assert main(args(model_dir, good_data, output, "--epochs", "1", "--overwrite-output-dir")) == 0
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_the_output_directory_is_checked_first_and_left_as_it_was(model_dir, good_data, tmp_path, capsys,
+                                                                   monkeypatch):  # fmt: skip
+    output = tmp_path / "out"
+    assert main(args(model_dir, good_data, output, "--epochs", "1")) == 0
+    (output / "metrics.json").unlink()  # as if the job had been killed before its end
+    unfinished = snapshot(output)
+    empty_dev = write_task_data(tmp_path / "bad", "classification")
+    (empty_dev / "dev.csv").write_text("text,label\n")
+    capsys.readouterr()
+    for extra in ((), ("--overwrite-output-dir",)):  # bad data: the unfinished job stays, even when it may go
+        error_of(args(model_dir, empty_dev, output, "--epochs", "1", *extra), capsys)
+        assert snapshot(output) == unfinished
+    error_of(args(model_dir, empty_dev, tmp_path / "new"), capsys)
+    assert not (tmp_path / "new").exists()
+
+    from fastmini.finetune import trainer
+
+    def not_before_the_output_dir(*arguments, **keywords):
+        raise AssertionError("the data was loaded before the output directory was checked")
+
+    monkeypatch.setattr(trainer, "load_task_data", not_before_the_output_dir)
+    assert "unfinished fine-tuning job" in error_of(args(model_dir, good_data, output, "--epochs", "1"), capsys)
+    line = error_of(args(model_dir, good_data, output, "--epochs", "2", "--resume"), capsys)
+    assert "--resume: the job in" in line and "--epochs 1 -> 2" in line
+    assert snapshot(output) == unfinished
+
+
+def test_hub_names_use_the_cache_when_the_hub_is_unreachable(model_dir, good_data, tmp_path, capsys, monkeypatch):
+    import datasets.config
+    from huggingface_hub import constants
+
+    from fastmini.training import cli
+
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(cli, "_hub_unreachable", lambda: True)
+    for model, data, message in (
+        ("nobody/no-such-model", good_data, "nobody/no-such-model"),
+        (model_dir, "nobody/no-such-dataset", "datasets could not load it"),
+    ):
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+        assert message in error_of(args(model, data, tmp_path / "out"), capsys)
+        assert constants.HF_HUB_OFFLINE is True  # offline for this process: the cache, or one message at once
+    assert datasets.config.HF_HUB_OFFLINE is True
 
 
 def test_usage_errors_are_usage_errors():

@@ -9,8 +9,16 @@ import torch
 
 from fastmini.data.corpus import DataError
 from fastmini.data.labelled import Columns, polarity_split, read_labelled_file, split_files
-from fastmini.data.ner import IGNORE_INDEX, align_labels, first_subtoken_positions, label_list, read_ner_file
-from fastmini.finetune.data import encode
+from fastmini.data.ner import (
+    IGNORE_INDEX,
+    align_labels,
+    continuation_labels,
+    first_subtoken_positions,
+    label_list,
+    read_ner_file,
+)
+from fastmini.finetune.config import FinetuneConfig
+from fastmini.finetune.data import encode, load_task_data
 from fastmini.finetune.tasks import LabelMap, build_label_names, task_spec
 from fastmini.finetune.testing import make_tiny_tokenizer, write_table
 
@@ -41,6 +49,25 @@ def test_tsv_cells_are_not_quoted_as_in_glue(tmp_path):
     path.write_text('sentence\tlabel\n"the film" is bad\t0\nit\'s "fine\t1\n')
     examples = read_labelled_file(path, Columns("sentence"))
     assert [(e["text"], e["label"]) for e in examples] == [('"the film" is bad', "0"), ("it's \"fine", "1")]
+
+
+@pytest.fixture
+def default_csv_field_limit():
+    """The csv module's own limit per field, as a fresh process has it (another test may have raised it)."""
+    import csv
+
+    limit = csv.field_size_limit(131072)
+    yield
+    csv.field_size_limit(limit)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv"])
+def test_a_cell_longer_than_the_csv_modules_default_limit_is_text(tmp_path, suffix, default_csv_field_limit):
+    review = "a long and good film " * 10_000  # 210,000 characters, past csv's 131,072
+    path = write_table(tmp_path / f"train{suffix}", [{"text": review, "label": "pos"}, *ROWS])
+    examples = read_labelled_file(path, Columns())
+    expected = [(review, "pos"), ("good film", "pos"), ("bad, dull film", "neg")]
+    assert [(e["text"], e["label"]) for e in examples] == expected
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
@@ -76,6 +103,41 @@ def test_empty_files_and_rows_without_labels(tmp_path):
     broken.write_text('{"text": "a", "label": 1}\n{"text": \n')
     with pytest.raises(DataError, match="line 2: not valid JSON"):
         read_labelled_file(broken, Columns())
+
+
+def test_an_empty_multilabel_cell_is_the_empty_label_set(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.csv").write_text('text,labels\na cat,animal\nthe film,\ncat and bread,"animal,food"\nbread,food\n')
+    (data / "dev.csv").write_text("text,labels\nthe plot,\na dog,animal\n")
+    config = FinetuneConfig(task="multilabel", data=str(data), label_column="labels")
+    task = load_task_data(config, task_spec("multilabel"))
+    assert task.labels.names == ["animal", "food"]
+    assert [e["target"] for e in task.train] == [[1.0, 0.0], [0.0, 0.0], [1.0, 1.0], [0.0, 1.0]]
+    assert [e["target"] for e in task.validation["validation"]] == [[0.0, 0.0], [1.0, 0.0]]
+    # a row shorter than the header has no label cell at all: still missing
+    (data / "dev.csv").write_text("text,labels\nthe plot\n")
+    with pytest.raises(DataError, match=r"dev.csv, line 2: no label in column 'labels'"):
+        load_task_data(config, task_spec("multilabel"))
+    # single-label data: an empty cell is still a missing label
+    with pytest.raises(DataError, match=r"train.csv, line 3: no label"):
+        read_labelled_file(data / "train.csv", Columns(label="labels"))
+
+
+def test_lines_end_at_newlines_only(tmp_path):
+    odd = "a\u2028b\u0085c\x0cd\u2029e"  # line and paragraph separators, NEL, form feed: text, not line ends
+    jsonl = tmp_path / "x.jsonl"
+    jsonl.write_text(json.dumps({"text": odd, "label": "pos"}, ensure_ascii=False) + '\n{"text": "b", "label": 1}\n')
+    assert [e["text"] for e in read_labelled_file(jsonl, Columns())] == [odd, "b"]
+    csv_file = tmp_path / "x.csv"
+    csv_file.write_bytes(f'text,label\r\n{odd},pos\r\n"two\nlines",neg\r\nlast,pos\r\n'.encode())
+    examples = read_labelled_file(csv_file, Columns())
+    assert [(e["text"], e["label"]) for e in examples] == [(odd, "pos"), ("two\nlines", "neg"), ("last", "pos")]
+    assert examples[2]["where"].endswith("line 5")  # the quoted line break counts as a line
+    ner = tmp_path / "x.tsv"
+    ner.write_text(f"{odd}\tO\ncat\tB-ANIMAL\n\nbread\tB-FOOD\n")
+    sentences = read_ner_file(ner)
+    assert [s["tokens"] for s in sentences] == [[odd, "cat"], ["bread"]] and sentences[1]["where"].endswith("line 4")
 
 
 def test_split_files_of_a_data_directory(tmp_path):
@@ -131,6 +193,33 @@ def test_malformed_ner_lines_are_named_by_line_number(tmp_path, content, message
     assert str(path) in str(raised.value)
 
 
+def test_unlabelled_ner_files_hold_one_token_per_line(tmp_path):
+    path = tmp_path / "test.tsv"
+    path.write_text("-DOCSTART-\n\nThe\nbig\ncat\n\nbread\n")
+    with pytest.raises(DataError, match=r"line 3: expected two columns, 'token<TAB>tag', got 'The'"):
+        read_ner_file(path)  # training and validation files need their tags
+    sentences = read_ner_file(path, tags_required=False)
+    assert [(s["tokens"], s["tags"]) for s in sentences] == [(["The", "big", "cat"], None), (["bread"], None)]
+    # mixing both kinds is refused at the first line that differs
+    path.write_text("The\nbig\tO\n")
+    with pytest.raises(DataError, match=r"test.tsv, line 2: 2 column\(s\), but line 1 has 1"):
+        read_ner_file(path, tags_required=False)
+    path.write_text("The\tO\n\nbig\n")
+    with pytest.raises(DataError, match=r"test.tsv, line 3: 1 column\(s\), but line 1 has 2"):
+        read_ner_file(path, tags_required=False)
+    path.write_text("The\tO\nbig\tB-ANIMAL\n")  # a labelled test file keeps its tags
+    assert read_ner_file(path, tags_required=False)[0]["tags"] == ["O", "B-ANIMAL"]
+
+
+def test_an_unknown_ner_tag_is_named_at_its_own_line(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.tsv").write_text("a\tO\ncat\tB-ANIMAL\n\nbig\tB-ANIMAL\ndog\tI-ANIMAL\n")
+    (data / "dev.tsv").write_text("a\tO\ncat\tB-ANIMAL\n\nthe\tO\nbig\tO\ntoy\tB-TOY\n")
+    with pytest.raises(DataError, match=r"dev.tsv, line 6: label 'B-TOY' is not in the label map"):
+        load_task_data(FinetuneConfig(task="ner", data=str(data)), task_spec("ner"))
+
+
 def test_ner_label_map_is_stable():
     names = label_list([["I-FOOD", "O", "B-ANIMAL"], ["I-ANIMAL", "B-FOOD"]])
     assert names == ["O", "B-ANIMAL", "I-ANIMAL", "B-FOOD", "I-FOOD"]
@@ -151,6 +240,24 @@ def test_alignment_every_subtoken_or_first_only():
     with pytest.raises(ValueError, match="alignment"):
         align_labels(word_ids, word_labels, "last")
     assert first_subtoken_positions(word_ids, 4) == [1, 2, 5, None]  # word 3 was cut off
+
+
+def test_later_subtokens_of_a_beginning_are_inside_the_entity():
+    names = ["O", "B-ANIMAL", "I-ANIMAL", "B-FOOD", "B", "I"]  # no I-FOOD: B-FOOD stays B-FOOD
+    continuation = continuation_labels(names)
+    assert continuation == [0, 2, 2, 3, 5, 5]
+    word_ids = [None, 0, 0, 1, 1, 2, 2, None]  # dog ##s, bread ##s, a bare-B word in two pieces
+    assert align_labels(word_ids, [1, 3, 4], "all", continuation) == [IGNORE_INDEX, 1, 2, 3, 3, 4, 5, IGNORE_INDEX]
+    assert align_labels(word_ids, [1, 3, 4], "first", continuation) == [IGNORE_INDEX, 1, IGNORE_INDEX, 3,
+                                                                        IGNORE_INDEX, 4, IGNORE_INDEX,
+                                                                        IGNORE_INDEX]  # fmt: skip
+    tokenizer = make_tiny_tokenizer()
+    labels = LabelMap(task_spec("ner"), ["O", "B-ANIMAL", "I-ANIMAL"])
+    example = {"tokens": ["dogs", "in", "town"], "where": "x"}
+    example["target"] = labels.encode(["B-ANIMAL", "O", "O"], "x")
+    encoded = encode(tokenizer, [example], "ner", 32, "all", continuation_labels(labels.names))
+    tokens = tokenizer.convert_ids_to_tokens(encoded.input_ids[0])
+    assert list(zip(tokens, encoded.targets[0], strict=True))[1:3] == [("dog", 1), ("##s", 2)]
 
 
 def test_alignment_through_a_real_tokenizer():
@@ -212,8 +319,13 @@ def test_labels_missing_from_the_map_name_the_row():
     assert glue.encode(1, "x") == 1 and glue.encode("0", "x") == 0 and glue.encode("equivalent", "x") == 1
     with pytest.raises(DataError, match="outside 0..1"):
         glue.encode(2, "row 3")
+    regression = LabelMap(task_spec("regression"), None)
     with pytest.raises(DataError, match="not a number"):
-        LabelMap(task_spec("regression"), None).encode("high", "row 1")
+        regression.encode("high", "row 1")
+    assert regression.encode(" 2.5 ", "x") == 2.5 and regression.encode(3, "x") == 3.0
+    for value in ("nan", "inf", "-Infinity", float("nan"), float("inf"), 10**400):
+        with pytest.raises(DataError, match=r"dev.csv, line 4: label .* is not a finite number"):
+            regression.encode(value, "dev.csv, line 4")
     multi = LabelMap(task_spec("multilabel"), ["animal", "food"])
     assert multi.encode(["food"], "x") == [0.0, 1.0] and multi.encode("animal, food", "x") == [1.0, 1.0]
     with pytest.raises(DataError, match="label 'toy'"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -39,6 +40,18 @@ def test_correlations_and_mse_by_hand():
     assert metrics.spearman([1, 2, 3, 4], [1, 4, 9, 16]) == pytest.approx(1.0)  # monotone, not linear
     assert metrics.pearson([1, 1, 1], [1, 2, 3]) == 0.0
     assert metrics.mean_squared_error([1, 2], [2, 4]) == 2.5
+
+
+def test_non_finite_predictions_never_score_well():
+    labels = [1.0, 2.0, 3.0, 4.0]
+    for bad in ([math.nan] * 4, [1.0, math.nan, 3.0, 4.0], [1.0, 2.0, math.inf, 4.0]):
+        assert metrics.pearson(labels, bad) == 0.0 and metrics.pearson(bad, labels) == 0.0
+        assert metrics.spearman(labels, bad) == 0.0
+        mse = metrics.mean_squared_error(labels, bad)
+        assert math.isfinite(mse) and mse > 1e300  # the worst score, and one that JSON can hold
+    scores = metrics.regression_scores(labels, [math.nan] * 4)
+    assert scores["pearson"] == scores["spearman"] == 0.0
+    assert "NaN" not in json.dumps(scores) and "Infinity" not in json.dumps(scores)
 
 
 def test_multilabel_scores_by_hand():

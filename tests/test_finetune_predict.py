@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastmini import predict
 from fastmini.finetune.__main__ import main as finetune
 from fastmini.finetune.testing import make_tiny_model, write_table, write_task_data
 from fastmini.predict import main
@@ -43,7 +46,8 @@ def tagger(tmp_path_factory) -> Path:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    # Not splitlines: records may hold U+2028 and other characters that it takes for line ends.
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
 
 
 def test_text_file_predictions_match_the_trainers_own(classifier, tmp_path):
@@ -53,7 +57,8 @@ def test_text_file_predictions_match_the_trainers_own(classifier, tmp_path):
     output = tmp_path / "predicted.jsonl"
     assert main(["--model", str(classifier), "--input", str(texts), "--output", str(output), "--batch-size", "5"]) == 0
     predicted = read_jsonl(output)
-    assert [p["index"] for p in predicted] == list(range(len(reference)))  # input order, blank line skipped
+    assert [p["index"] for p in predicted] == list(range(len(reference) + 1))  # one per line, the blank one too
+    assert predicted.pop() == {"index": len(reference), "text": "", "prediction": None}
     assert [p["prediction"] for p in predicted] == [r["prediction"] for r in reference]
     for p, r in zip(predicted, reference, strict=True):
         assert p["score"] == pytest.approx(r["score"], abs=1e-5) and p["text"] == r["text"]
@@ -133,6 +138,145 @@ def test_bad_input(classifier, tmp_path, capsys):
     source = write_table(tmp_path / "b.csv", [{"review": "good"}])
     line = error_of(["--model", str(classifier), "--input", str(source)], capsys)
     assert "no column 'text'" in line and "review" in line
+
+
+def test_one_record_per_input_line_with_its_index(classifier, tmp_path, monkeypatch, capsys):
+    lines = ["a good film", "", "odd \u2028 separators \x0c and \u0085 inside", "   ", "an awful plot"]
+    texts = tmp_path / "t.txt"
+    texts.write_bytes(("\r\n".join(lines) + "\r\n").encode())
+    output = tmp_path / "out.jsonl"
+    assert main(["--model", str(classifier), "--input", str(texts), "--output", str(output)]) == 0
+    predicted = read_jsonl(output)
+    assert [(p["index"], p["text"]) for p in predicted] == list(enumerate(line.strip() for line in lines))
+    assert [p["prediction"] is None for p in predicted] == [False, True, False, True, False]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("\n".join(lines).encode())))
+    assert main(["--model", str(classifier), "--input", "-"]) == 0
+    assert capsys.readouterr().out == output.read_text(encoding="utf-8")
+    rows = tmp_path / "rows.csv"
+    rows.write_text("id,text\n1,a good film\n,\n3,\n4,an awful plot\n")
+    assert main(["--model", str(classifier), "--input", str(rows), "--output", str(output)]) == 0
+    predicted = read_jsonl(output)
+    assert [p["index"] for p in predicted] == [0, 1, 2, 3]  # empty rows keep their place
+    assert [p["prediction"] is None for p in predicted] == [False, True, True, False]
+    one_column = tmp_path / "one.csv"
+    one_column.write_text("text\ngood\n\nbad\n")  # a blank line is an empty cell
+    assert main(["--model", str(classifier), "--input", str(one_column), "--output", str(output)]) == 0
+    assert [p["text"] for p in read_jsonl(output)] == ["good", "", "bad"]
+
+
+def test_tagger_input_is_read_like_the_classifiers(tagger, tmp_path, capsys):
+    output = tmp_path / "tags.jsonl"
+    jsonl = tmp_path / "words.jsonl"
+    jsonl.write_bytes(b'\xef\xbb\xbf' + json.dumps({"text": "a big\u2028cat"}, ensure_ascii=False).encode() + b"\n"
+                      + b'{"tokens": []}\n')  # fmt: skip
+    assert main(["--model", str(tagger), "--input", str(jsonl), "--output", str(output)]) == 0
+    first, empty = read_jsonl(output)
+    assert first["tokens"] == ["a", "big", "cat"] and len(first["tags"]) == 3  # U+2028 is a space between words
+    assert empty == {"index": 1, "tokens": [], "tags": [], "entities": []}
+    jsonl.write_text('{"tokens": ["a"]}\n{"tokens": ["a",\n')
+    assert "words.jsonl, line 2: not valid JSON" in error_of(["--model", str(tagger), "--input", str(jsonl)], capsys)
+    jsonl.write_bytes('{"text": "café"}\n'.encode("latin-1"))
+    assert "words.jsonl: not UTF-8 text" in error_of(["--model", str(tagger), "--input", str(jsonl)], capsys)
+    array = tmp_path / "words.json"
+    array.write_text('[{"tokens": ["a"]}, 3]')
+    assert "words.json, item 1: expected a JSON object" in error_of(["--model", str(tagger), "--input", str(array)],
+                                                                    capsys)  # fmt: skip
+    unlabelled = tmp_path / "test.tsv"  # the two-column format without its tags: one token per line
+    unlabelled.write_text("the\nbig\ncat\n\nbread\n")
+    assert main(["--model", str(tagger), "--input", str(unlabelled), "--output", str(output)]) == 0
+    assert [r["tokens"] for r in read_jsonl(output)] == [["the", "big", "cat"], ["bread"]]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("1000", "--max-length 1000 exceeds the model's 64 positions"), ("-3", "at least 8 tokens, got -3"),
+     ("0", "at least 8 tokens, got 0"), ("2", "at least 8 tokens, got 2")],
+)  # fmt: skip
+def test_max_length_is_checked_as_finetune_checks_it(classifier, tmp_path, capsys, value, message):
+    texts = tmp_path / "t.txt"
+    texts.write_text("good film\n")
+    assert message in error_of(["--model", str(classifier), "--input", str(texts), "--max-length", value], capsys)
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x"] + ([] if torch.cuda.is_available() else ["cuda"]))
+def test_a_bad_device_is_reported_before_the_model_is_loaded(device, tmp_path, capsys):
+    texts = tmp_path / "t.txt"
+    texts.write_text("good film\n")
+    # A model directory that does not exist: the device is checked first, so its message is the one.
+    line = error_of(["--model", str(tmp_path / "no-model"), "--input", str(texts), "--device", device], capsys)
+    assert f"--device {device}: " in line and "--model" not in line
+
+
+def test_a_failed_run_leaves_an_existing_output_file_as_it_was(classifier, tmp_path, monkeypatch):
+    texts = tmp_path / "t.txt"
+    texts.write_text("good film\nbad film\ndull plot\n")
+    output = tmp_path / "out.jsonl"
+    output.write_text("earlier results\n")
+    calls = []
+
+    def fail_on_the_second_chunk(self, examples, batch_size, max_length):
+        calls.append(len(examples))
+        if len(calls) == 2:
+            raise RuntimeError("crash half-way")
+        return original(self, examples, batch_size, max_length)
+
+    original = predict.Predictor._predict
+    monkeypatch.setattr(predict, "CHUNK", 2)
+    monkeypatch.setattr(predict.Predictor, "_predict", fail_on_the_second_chunk)
+    with pytest.raises(RuntimeError, match="crash half-way"):
+        main(["--model", str(classifier), "--input", str(texts), "--output", str(output)])
+    assert output.read_text() == "earlier results\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "t.txt"]  # no temporary file left behind
+    monkeypatch.setattr(predict.Predictor, "_predict", original)
+    assert main(["--model", str(classifier), "--input", str(texts), "--output", str(output)]) == 0
+    assert [r["text"] for r in read_jsonl(output)] == ["good film", "bad film", "dull plot"]
+    assert output.stat().st_mode & 0o777 == 0o666 & ~current_umask()  # a usual file, not mkstemp's private one
+
+
+def current_umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_broken_config_json_is_named_before_the_tokenizer(classifier, tmp_path, capsys):
+    texts = tmp_path / "t.txt"
+    texts.write_text("good film\n")
+    broken = Path(shutil.copytree(classifier, tmp_path / "junk", ignore=shutil.ignore_patterns("runs")))
+    for content in (b"{not json", b'{"architectures": ["caf\xe9"]}', b"[1, 2]"):
+        (broken / "config.json").write_bytes(content)
+        line = error_of(["--model", str(broken), "--input", str(texts)], capsys)
+        assert "config.json" in line and "tokenizer" not in line
+
+
+def test_a_sentence_pair_model_given_single_texts_warns_once(classifier, tmp_path, capsys):
+    saved = json.loads((classifier / "config.json").read_text())
+    assert "finetuned_text_pair_column" in saved and saved["finetuned_text_pair_column"] is None  # recorded
+    texts = tmp_path / "t.txt"
+    texts.write_text("good film\nbad film\n")
+    assert main(["--model", str(classifier), "--input", str(texts)]) == 0
+    assert "pairs" not in capsys.readouterr().err
+    pair_model = Path(shutil.copytree(classifier, tmp_path / "pairs", ignore=shutil.ignore_patterns("runs")))
+    (pair_model / "config.json").write_text(json.dumps({**saved, "finetuned_text_pair_column": "hypothesis"}))
+    assert main(["--model", str(pair_model), "--input", str(texts)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("fine-tuned on sentence pairs (second text: column 'hypothesis')") == 1, err
+    rows = write_table(tmp_path / "pairs.jsonl", [{"text": "a film", "hypothesis": "good"}])
+    assert main(["--model", str(pair_model), "--input", str(rows), "--text-pair-column", "hypothesis"]) == 0
+    assert "pairs" not in capsys.readouterr().err
+
+
+def test_output_into_a_closed_pipe_ends_quietly(classifier, tmp_path):
+    texts = tmp_path / "t.txt"
+    texts.write_text("a very good film and a great story\n" * 3000)  # far more than a pipe buffer holds
+    process = subprocess.Popen([sys.executable, "-m", "fastmini.predict", "--model", str(classifier), "--input",
+                                str(texts)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    assert json.loads(process.stdout.readline())["index"] == 0  # like `| head -1`
+    process.stdout.close()
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
 
 
 def test_module_runs_from_the_repository_root(classifier, tmp_path):

@@ -8,6 +8,7 @@ on, CPU, one thread. The grid has two runs, so resuming also skips the finished 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -145,6 +146,63 @@ def test_non_finite_loss_stops_with_a_message(setup, tmp_path):
     assert result.returncode == 1
     assert "the loss is not finite at step 3" in result.stderr and "step-00000002" in result.stderr
     assert "Traceback" not in result.stderr and not (output / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("max_grad_norm", ["0", "1"])
+def test_overflowing_gradients_stop_the_run_before_they_reach_the_weights(setup, tmp_path, capsys, monkeypatch,
+                                                                          max_grad_norm):  # fmt: skip
+    """A finite loss whose gradients overflow (made inf in backward at step 4, the last of epoch 1): the run
+    stops before AdamW would write NaN into the weights, so every checkpoint and best/ stays finite."""
+    from fastmini.finetune import trainer
+
+    def overflowing_at_step_4(*arguments, **keywords):
+        model, fresh_head = load_task_model(*arguments, **keywords)
+        backward_passes = itertools.count(1)
+        weight = next(p for p in model.parameters() if p.requires_grad)
+        weight.register_hook(lambda grad: torch.full_like(grad, float("inf")) if next(backward_passes) == 4 else grad)
+        return model, fresh_head
+
+    load_task_model = trainer.load_task_model
+    monkeypatch.setattr(trainer, "load_task_model", overflowing_at_step_4)
+    output = tmp_path / "job"
+    assert main(job_args(setup, output, "--save-every", "1", "--max-grad-norm", max_grad_norm)) == 1
+    err = capsys.readouterr().err
+    assert f"run {RUNS[0]}: the gradient norm is not finite at step 4" in err
+    latest = output / "runs" / RUNS[0] / "checkpoints" / "step-00000003"
+    assert f"stopped without updating the model; the checkpoints written so far hold finite weights (the latest: " \
+           f"{latest})" in err  # fmt: skip
+    saved = sorted(output.rglob("*.safetensors"))
+    assert latest / "model.safetensors" in saved and not (output / "metrics.json").exists()
+    for path in saved:
+        assert all(torch.isfinite(tensor).all() for tensor in load_file(str(path)).values()), path
+
+
+def test_ctrl_c_says_what_resume_would_continue(setup, tmp_path, capsys, monkeypatch, uninterrupted):
+    from fastmini.finetune import trainer
+
+    train_step = trainer.GridRun._train_step
+    interrupt_at = {}
+
+    def interrupted(self, step):
+        if interrupt_at.pop((self.setting.seed, step + 1), False):
+            raise KeyboardInterrupt
+        return train_step(self, step)
+
+    monkeypatch.setattr(trainer.GridRun, "_train_step", interrupted)
+    output = tmp_path / "job"
+    for seed, step, hint in (
+        (1, 1, "no checkpoint was written yet, so there is nothing to resume; start afresh with "
+               "--overwrite-output-dir"),
+        (1, 6, f"--resume continues run {RUNS[0]} from step-00000004"),
+        (2, 1, f"--resume starts run {RUNS[1]} afresh (none of its checkpoints was written yet) and keeps the 1 "
+               "finished run(s)"),
+    ):  # fmt: skip
+        interrupt_at[(seed, step)] = True
+        resuming = ["--resume"] if (output / "runs").exists() else []
+        assert main([*job_args(setup, output), *resuming]) == 130
+        assert f"fastmini.finetune: interrupted; {hint}" in capsys.readouterr().err
+    assert main([*job_args(setup, output), "--resume"]) == 0  # what the last hint said: the same job in the end
+    assert_same_outcome(outcome(output), uninterrupted)
 
 
 # ---- shared plumbing -----------------------------------------------------------------------------------

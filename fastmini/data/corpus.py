@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -169,7 +170,20 @@ def _read_json(path: Path, text_field: str) -> list[str]:
     return [text.strip() for text in texts if text.strip()]
 
 
+def allow_long_csv_fields() -> None:
+    """Lift the csv module's default limit of 131072 characters per field (process-wide): a document may be a
+    whole article, a fine-tuning example a long review, and csv would call either malformed."""
+    limit = sys.maxsize
+    while True:
+        try:
+            csv.field_size_limit(max(limit, csv.field_size_limit()))
+            return
+        except OverflowError:  # a C long narrower than sys.maxsize (Windows)
+            limit //= 2
+
+
 def _read_csv(path: Path, text_field: str, delimiter: str) -> list[str]:
+    allow_long_csv_fields()
     with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle, delimiter=delimiter)
         if reader.fieldnames is None:
@@ -211,6 +225,9 @@ def _as_dataset(texts: list[str], source: str):
 def _load_named_dataset(name: str, config: str | None, split: str, text_field: str, cache_dir: str | None):
     import datasets
 
+    from fastmini.training.cli import use_cache_if_hub_unreachable
+
+    use_cache_if_hub_unreachable()
     try:
         dataset = datasets.load_dataset(name, config, split=split, cache_dir=cache_dir)
     except Exception as error:  # datasets raises many kinds (offline, not found, bad config, bad split)

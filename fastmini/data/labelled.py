@@ -15,13 +15,14 @@ one DataError naming the file (and row) and what was expected.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
-from fastmini.data.corpus import DataError, read_text_file
+from fastmini.data.corpus import DataError, allow_long_csv_fields, read_text_file
 from fastmini.data.gensim_samples import gensim_test_file
 
 LABELLED_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl")
@@ -64,40 +65,70 @@ def split_files(directory: Path, suffixes: tuple[str, ...] = LABELLED_SUFFIXES) 
     return found
 
 
-def read_labelled_file(path: Path, columns: Columns, labels_required: bool = True) -> list[dict[str, Any]]:
-    """The examples of one .csv/.tsv/.json/.jsonl file (by suffix)."""
+def split_lines(text: str) -> list[str]:
+    """The lines of ``text``, cut at "\\n" only (a trailing "\\r" dropped), no empty piece after a final newline.
+
+    Not ``str.splitlines``: it also cuts at U+2028, U+0085, form feeds and other characters that are text inside
+    a JSON string or a sentence, which would break a valid JSON line or shift every later line number."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
+def read_labelled_file(
+    path: Path,
+    columns: Columns,
+    labels_required: bool = True,
+    *,
+    empty_label_is_a_value: bool = False,
+    keep_empty_rows: bool = False,
+) -> list[dict[str, Any]]:
+    """The examples of one .csv/.tsv/.json/.jsonl file (by suffix).
+
+    ``empty_label_is_a_value``: an empty label cell is a label (multi-label data: the empty set of names), not a
+    missing one. ``keep_empty_rows``: a CSV row of empty cells is an example too (prediction keeps one output per
+    input row) instead of being skipped."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in LABELLED_SUFFIXES:
         raise DataError(f"{path}: unsupported file type '{suffix}' (expected {', '.join(LABELLED_SUFFIXES)})")
     text = read_text_file(path)
     if suffix in (".csv", ".tsv"):
-        names, rows = _csv_rows(path, text, "\t" if suffix == ".tsv" else ",")
+        names, rows = _csv_rows(path, text, "\t" if suffix == ".tsv" else ",", keep_empty_rows)
     else:
         names, rows = json_records(path, text)
     check_columns(str(path), names, columns, labels_required)
-    examples = _examples(rows, columns, labels_required)
+    examples = _examples(rows, columns, labels_required, empty_label_is_a_value)
     if not examples:
         raise DataError(f"{path}: no examples (only a header or empty records)")
     return examples
 
 
-def _csv_rows(path: Path, text: str, delimiter: str) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
+def _csv_rows(
+    path: Path, text: str, delimiter: str, keep_empty_rows: bool = False
+) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
+    """(header names, [(where, {name: cell})]); a short row's missing cells are None. Rows of empty cells and
+    blank lines are skipped, or with ``keep_empty_rows`` kept as rows of empty cells (in a one-column file a
+    blank line is an empty cell)."""
+    allow_long_csv_fields()
     # TSV (GLUE's files among them) is not quoted: a sentence that starts with a quote mark is text, not a
     # quoted field that would swallow the tabs and lines up to the next quote mark.
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    reader = csv.DictReader(text.splitlines(), delimiter=delimiter, quoting=quoting)
+    # newline="": the csv module finds the line ends itself (only \n, \r\n and \r, and never inside quotes).
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
     kind = "TSV" if delimiter == "\t" else "CSV"
     rows = []
     try:
-        names = list(reader.fieldnames or [])
-        for row in reader:
-            if None in row:  # more cells than header names
-                raise DataError(
-                    f"{path}, line {reader.line_num}: {len(names) + len(row[None])} cells, the header has {len(names)}"
-                )
-            if all(value in (None, "") for value in row.values()):
-                continue
+        names = next(reader, [])
+        for cells in reader:
+            if len(cells) > len(names):
+                raise DataError(f"{path}, line {reader.line_num}: {len(cells)} cells, the header has {len(names)}")
+            if not any(cells):
+                if not keep_empty_rows:
+                    continue
+                cells = [""] * len(names)  # a blank line is one row of empty cells, not a row of missing ones
+            row = dict(zip_longest(names, cells))
             rows.append((f"{path}, line {reader.line_num}", row))
     except csv.Error as error:
         raise DataError(f"{path}: malformed {kind} at line {reader.line_num}: {error}") from error
@@ -114,7 +145,7 @@ def json_records(path: Path, text: str) -> tuple[list[str], list[tuple[str, dict
         rows = [(f"{path}, item {index}", record) for index, record in enumerate(records)]
     else:
         rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in enumerate(split_lines(text), start=1):
             if not line.strip():
                 continue
             try:
@@ -127,14 +158,17 @@ def json_records(path: Path, text: str) -> tuple[list[str], list[tuple[str, dict
     return (list(rows[0][1]) if rows else []), rows
 
 
-def _examples(rows: list[tuple[str, dict[str, Any]]], columns: Columns, labels_required: bool) -> list[dict[str, Any]]:
+def _examples(
+    rows: list[tuple[str, dict[str, Any]]], columns: Columns, labels_required: bool, empty_label_is_a_value: bool
+) -> list[dict[str, Any]]:
     examples = []
     for where, record in rows:
         for role, name in (("text", columns.text), ("text pair", columns.text_pair)):
             if name is not None and name not in record:
                 raise DataError(f"{where}: no '{name}' field (the {role} column)")
         label = record.get(columns.label)
-        if label is None or label == "":
+        # None: no such field, or a CSV row shorter than its header.
+        if label is None or (label == "" and not empty_label_is_a_value):
             if labels_required:
                 raise DataError(f"{where}: no label in column '{columns.label}'")
             label = None
@@ -172,6 +206,9 @@ def open_dataset_split(name: str, config: str | None, split: str, cache_dir: str
     """One split of a ``datasets`` name, as a ``datasets.Dataset``; a DataError when it cannot be loaded."""
     import datasets
 
+    from fastmini.training.cli import use_cache_if_hub_unreachable
+
+    use_cache_if_hub_unreachable()
     try:
         return datasets.load_dataset(name, config, split=split, cache_dir=cache_dir)
     except Exception as error:  # datasets raises many kinds (offline, not found, bad config, bad split)

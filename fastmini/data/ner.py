@@ -4,7 +4,8 @@ The two-column format (BioBERT's NER files, e.g. NCBI-disease): one ``token TAB 
 a blank line between sentences, ``train``, ``dev``/``validation`` and ``test`` files. Tags are
 BIO(ES) tags with a type (``B-Disease``) or without one (BioBERT's bare ``B`` / ``I`` / ``O``).
 CoNLL's ``-DOCSTART-`` lines end a sentence and are skipped. A malformed line is a DataError
-naming the file and the line number.
+naming the file and the line number. An unlabelled file (a test file, prediction input) may
+hold one token per line and no tags.
 
 Rows (a ``datasets`` split such as conll2003's, or local .parquet / .json / .jsonl files): one
 sentence per row, a list of words in one column (``tokens``) and a list of tags of the same
@@ -15,8 +16,9 @@ blank and ``-DOCSTART-`` lines are above. A bad row is a DataError naming the so
 and the column.
 
 Alignment: a word split into several sub-tokens gives every sub-token its label ("all", the
-MiniALBERT recipe) or only the first one ("first", the others get -100 and no loss); special
-tokens always get -100. Evaluation reads each word's prediction at its first sub-token.
+MiniALBERT recipe; a B-X word's later sub-tokens get I-X, as in transformers' run_ner, so that
+one word stays one entity) or only the first one ("first", the others get -100 and no loss);
+special tokens always get -100. Evaluation reads each word's prediction at its first sub-token.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fastmini.data.corpus import DataError, read_text_file
-from fastmini.data.labelled import json_records
+from fastmini.data.labelled import json_records, split_lines
 
 IGNORE_INDEX = -100  # CrossEntropyLoss's ignore_index: no loss, no gradient
 ALIGNMENTS = ("all", "first")
@@ -39,22 +41,38 @@ TAG_PATTERN = re.compile(r"^(O|[BIES](-\S+)?)$")
 DOCUMENT_START = "-DOCSTART-"
 
 
-def read_ner_file(path: Path) -> list[dict[str, Any]]:
-    """Sentences of a two-column file: ``{"tokens": [...], "tags": [...], "where": "file, line N"}``."""
+def read_ner_file(path: Path, tags_required: bool = True) -> list[dict[str, Any]]:
+    """Sentences of a two-column file: ``{"tokens": [...], "tags": [...], "where": "file, line N", "tag_wheres":
+    ["file, line N", ...]}`` (each tag's own line, for messages about it).
+
+    Without ``tags_required`` (a test file, or prediction input) the file may hold one token per line and no
+    tags at all: its sentences have ``"tags": None``. One file is either labelled or not: a file mixing both
+    kinds of lines is an error at the first line that differs."""
     path = Path(path)
     text = read_text_file(path)
     sentences: list[dict[str, Any]] = []
     tokens: list[str] = []
     tags: list[str] = []
-    first_line = 0
+    lines: list[int] = []
+    first_token_line = 0  # the first token line of the file: it decides whether the file has tags
+    file_unlabelled = False
 
     def close() -> None:
         if tokens:
-            sentences.append({"tokens": list(tokens), "tags": list(tags), "where": f"{path}, line {first_line}"})
+            labelled = len(tags) == len(tokens)
+            sentences.append(
+                {
+                    "tokens": list(tokens),
+                    "tags": list(tags) if labelled else None,
+                    "where": f"{path}, line {lines[0]}",
+                    "tag_wheres": [f"{path}, line {number}" for number in lines] if labelled else None,
+                }
+            )
             tokens.clear()
             tags.clear()
+            lines.clear()
 
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(split_lines(text), start=1):
         if not line.strip():
             close()
             continue
@@ -63,19 +81,29 @@ def read_ner_file(path: Path) -> list[dict[str, Any]]:
         if fields and fields[0] == DOCUMENT_START:
             close()
             continue
-        if len(fields) != 2 or not fields[0] or not fields[1]:
+        unlabelled = len(fields) == 1 and not tags_required
+        if not unlabelled and (len(fields) != 2 or not fields[0] or not fields[1]):
+            expected = "'token<TAB>tag'" + ("" if tags_required else " (or 'token' alone in an unlabelled file)")
             raise DataError(
-                f"{path}, line {number}: expected two columns, 'token<TAB>tag', got {line.strip()!r} "
+                f"{path}, line {number}: expected two columns, {expected}, got {line.strip()!r} "
                 f"({len([f for f in fields if f])} column(s))"
             )
-        if not TAG_PATTERN.match(fields[1]):
+        if not first_token_line:
+            first_token_line, file_unlabelled = number, unlabelled
+        elif unlabelled != file_unlabelled:
+            raise DataError(
+                f"{path}, line {number}: {len(fields)} column(s), but line {first_token_line} has "
+                f"{1 if file_unlabelled else 2}; a file holds either 'token<TAB>tag' lines or, unlabelled, "
+                "'token' lines only"
+            )
+        if not unlabelled and not TAG_PATTERN.match(fields[1]):
             raise DataError(
                 f"{path}, line {number}: '{fields[1]}' is not a BIO tag (expected O, B-TYPE, I-TYPE, or bare B / I)"
             )
-        if not tokens:
-            first_line = number
         tokens.append(fields[0])
-        tags.append(fields[1])
+        lines.append(number)
+        if not unlabelled:
+            tags.append(fields[1])
     close()
     if not sentences:
         raise DataError(f"{path}: no sentences")
@@ -231,8 +259,22 @@ def label_list(tag_sequences: Sequence[Sequence[str]]) -> list[str]:
     return (["O"] if "O" in tags else []) + others
 
 
-def align_labels(word_ids: Sequence[int | None], word_labels: Sequence[int], alignment: str = "all") -> list[int]:
-    """One label per sub-token from one label per word (see the module docstring)."""
+def continuation_labels(names: Sequence[str]) -> list[int]:
+    """For every label index, the label of a word's later sub-tokens: I-X for B-X (I for a bare B) when the label
+    map has it, else the label itself (transformers' run_ner ``b_to_i_label``). Otherwise "dogs" = B-ANIMAL would
+    teach "dog" B-ANIMAL, "##s" B-ANIMAL: two entities where the word holds one."""
+    index = {name: i for i, name in enumerate(names)}
+    return [index.get("I" + name[1:], i) if name[:1] == "B" else i for i, name in enumerate(names)]
+
+
+def align_labels(
+    word_ids: Sequence[int | None],
+    word_labels: Sequence[int],
+    alignment: str = "all",
+    continuation: Sequence[int] | None = None,
+) -> list[int]:
+    """One label per sub-token from one label per word (see the module docstring); with ``continuation``
+    (``continuation_labels``), "all" gives a word's later sub-tokens the inside label of its B- label."""
     if alignment not in ALIGNMENTS:
         raise ValueError(f"alignment must be one of {ALIGNMENTS}, got '{alignment}'")
     labels = []
@@ -240,8 +282,11 @@ def align_labels(word_ids: Sequence[int | None], word_labels: Sequence[int], ali
     for word in word_ids:
         if word is None:
             labels.append(IGNORE_INDEX)
-        elif word != previous or alignment == "all":
+        elif word != previous:
             labels.append(word_labels[word])
+        elif alignment == "all":
+            label = word_labels[word]
+            labels.append(continuation[label] if continuation is not None and label >= 0 else label)
         else:
             labels.append(IGNORE_INDEX)
         previous = word

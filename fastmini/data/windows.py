@@ -58,6 +58,16 @@ def sample_windows(count: int, max_windows: int | None, seed: int, document_inde
     return sorted(generator.sample(range(count), max_windows))
 
 
+def check_window_stride(tokenizer, window_length: int, stride: int) -> None:
+    """A ValueError unless consecutive windows can share ``stride`` tokens and still advance."""
+    specials = tokenizer.num_special_tokens_to_add(pair=False)
+    if not 0 <= stride < window_length - specials:
+        raise ValueError(
+            f"window stride ({stride}) must be smaller than the window length ({window_length}) minus the "
+            f"{specials} special tokens the tokenizer adds"
+        )
+
+
 def make_windows(
     documents,
     tokenizer,
@@ -69,12 +79,7 @@ def make_windows(
     description: str = "tokenising into windows",
 ):
     """A ``datasets.Dataset`` with ``input_ids`` and ``special_tokens_mask`` per window."""
-    specials = tokenizer.num_special_tokens_to_add(pair=False)
-    if not 0 <= stride < window_length - specials:
-        raise ValueError(
-            f"window stride ({stride}) must be smaller than the window length ({window_length}) minus the "
-            f"{specials} special tokens the tokenizer adds"
-        )
+    check_window_stride(tokenizer, window_length, stride)
     return documents.map(
         WindowMaker(tokenizer, window_length, stride, max_windows, seed),
         batched=True,

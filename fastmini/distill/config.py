@@ -19,6 +19,7 @@ from fastmini.distill.losses import LossWeights
 from fastmini.training.errors import UsageError
 from fastmini.training.options import (
     Options,
+    check_resume_or_overwrite,
     device_option,
     gradient_checkpointing_option,
     option,
@@ -254,10 +255,11 @@ RUN_ONLY_FIELDS = frozenset(
         "gradient_checkpointing",
         "tokenize_workers",
         "cache_dir",
-        "eval_windows",
-        "eval_batch_size",
     }
 )
+# Not run-only: --eval-windows and --eval-batch-size choose the held-out windows and their masks
+# (and --eval-windows 0 gives the held-out documents to training), so "before" and "after" of a
+# resumed run would be measured on different sets.
 
 # The published recipe (SPEC.md; nlpie-research/MiniALBERT general_distillation.py and
 # wikipedia_preprocessing.py). The original read the 20220301.en dump of the script dataset
@@ -334,7 +336,8 @@ def validate(config: DistillConfig) -> None:
         value = getattr(config, name)
         if value is None:
             return
-        if (value < 0) if allow_zero else (value <= 0):
+        # "not value >= 0" rather than "value < 0": NaN compares false either way and must be refused.
+        if not math.isfinite(value) or not ((value >= 0) if allow_zero else (value > 0)):
             raise UsageError(f"{flag_of(name)} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
     for name in (
@@ -350,6 +353,8 @@ def validate(config: DistillConfig) -> None:
         "intermediate_size",
         "max_windows",
         "max_steps",
+        "threads",
+        "tokenize_workers",
     ):
         positive(name)
     for name in (
@@ -396,6 +401,7 @@ def validate(config: DistillConfig) -> None:
     parse_layer_map(config.layer_map)
     if not config.output_dir:
         raise UsageError("--output-dir must not be empty")
+    check_resume_or_overwrite(config.resume is not None, config.overwrite_output_dir)
 
 
 def parse_layer_map(spec: str) -> int | tuple[int, ...] | None:

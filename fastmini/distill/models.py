@@ -9,6 +9,7 @@ positions, attention maps that cannot be compared, a hidden-size mismatch withou
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from torch import nn
 from fastmini.distill.config import DEFAULT_TEACHER, DistillConfig
 from fastmini.models import FastMiniConfig, FastMiniForMaskedLM
 from fastmini.models.student import copy_embeddings
+from fastmini.training.cli import use_cache_if_hub_unreachable
 from fastmini.training.errors import UsageError
 
 log = logging.getLogger("fastmini.distill")
@@ -48,7 +50,34 @@ def resolve_model_path(name_or_path: str, what: str, marker_files: tuple[str, ..
         raise UsageError(f"{what} {name_or_path}: expected a model directory, got a file")
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         raise UsageError(f"{what} {name_or_path}: no such directory")
+    use_cache_if_hub_unreachable()
     return name_or_path  # a hub name
+
+
+# What a weights file that is cut short, or weights of other shapes than the config says, raise.
+try:
+    from safetensors import SafetensorError
+except ImportError:  # older safetensors
+    SafetensorError = OSError  # noqa: N806
+UNLOADABLE_WEIGHTS = (OSError, ValueError, RuntimeError, SafetensorError)
+
+# Files one of which a saved tokenizer has; a model directory without any has no tokenizer.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
+def _weights_problem(error: Exception) -> str:
+    """One line about why weights did not load (transformers' own points at a report printed "above")."""
+    text = str(error)
+    if "mismatch" in text.lower():
+        return "its weights do not have the shapes its config.json describes"
+    return (text.strip().splitlines() or [type(error).__name__])[0]
 
 
 def _hub_error(what: str, name: str, error: Exception) -> UsageError:
@@ -95,9 +124,11 @@ def load_teacher(config: DistillConfig, device: torch.device, dtype: torch.dtype
     try:
         # Eager attention: the attention loss needs the probabilities, which SDPA does not return.
         model = loader.from_pretrained(path, attn_implementation="eager", dtype=dtype)
-    except (OSError, ValueError) as error:
+    except UNLOADABLE_WEIGHTS as error:
         if Path(path).is_dir():
-            raise UsageError(f"--teacher {config.teacher}: cannot load its weights ({error})") from error
+            raise UsageError(
+                f"--teacher {config.teacher}: cannot load its weights ({_weights_problem(error)})"
+            ) from error
         raise _hub_error("--teacher", config.teacher, error) from error
     model.eval().requires_grad_(False).to(device)
     if not has_head:
@@ -119,31 +150,51 @@ def load_tokenizer(config: DistillConfig, teacher: Teacher):
     path = (
         teacher.source
         if config.tokenizer is None
-        else resolve_model_path(
-            config.tokenizer, "--tokenizer", ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "config.json")
-        )
+        else resolve_model_path(config.tokenizer, "--tokenizer", (*TOKENIZER_FILES, "config.json"))
     )
+    if config.tokenizer is None and Path(path).is_dir() and not _has_tokenizer_files(Path(path)):
+        # transformers would build a tokenizer of special tokens only from config.json: every word [UNK].
+        raise UsageError(
+            f"--teacher {config.teacher}: no tokenizer files in the directory ({', '.join(TOKENIZER_FILES)}); "
+            "save the teacher's tokenizer there or give one with --tokenizer"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError) as error:
         if Path(path).is_dir():
             raise UsageError(f"tokenizer {name}: cannot load a tokenizer from {path} ({error})") from error
         raise _hub_error("--tokenizer", name, error) from error
+    check_tokenizer_fits(tokenizer, name, teacher)
+    positions = getattr(teacher.config, "max_position_embeddings", None)
+    if positions is not None and config.window_length > positions:
+        raise UsageError(f"--window-length {config.window_length} exceeds the teacher's {positions} positions")
+    return tokenizer
+
+
+def _has_tokenizer_files(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in TOKENIZER_FILES)
+
+
+def check_tokenizer_fits(tokenizer, name: str, teacher: Teacher) -> None:
+    """The tokenizer's ids index the teacher's embeddings, and it covers most of them (not just special tokens)."""
     vocab_size = teacher.config.vocab_size
     if len(tokenizer) > vocab_size:
         raise UsageError(
             f"vocabulary mismatch: the tokenizer of {name} has {len(tokenizer)} tokens, the teacher's embeddings "
             f"have {vocab_size} rows (use the teacher's own tokenizer)"
         )
+    # Embedding tables are often padded (to a multiple of 8 or 64), never to twice the vocabulary.
+    if len(tokenizer) < vocab_size / 2:
+        raise UsageError(
+            f"vocabulary mismatch: the tokenizer of {name} has only {len(tokenizer)} tokens for the teacher's "
+            f"{vocab_size} embedding rows, so most text would become unknown tokens (use the teacher's own "
+            "tokenizer, with --tokenizer if it is saved elsewhere)"
+        )
     for token in ("mask_token_id", "pad_token_id"):
         if getattr(tokenizer, token) is None:
             raise UsageError(
                 f"tokenizer {name} has no {token.removesuffix('_id').replace('_', ' ')}: masked-LM needs one"
             )
-    positions = getattr(teacher.config, "max_position_embeddings", None)
-    if positions is not None and config.window_length > positions:
-        raise UsageError(f"--window-length {config.window_length} exceeds the teacher's {positions} positions")
-    return tokenizer
 
 
 def build_student(config: DistillConfig, teacher: Teacher) -> FastMiniForMaskedLM:
@@ -168,7 +219,7 @@ def build_student(config: DistillConfig, teacher: Teacher) -> FastMiniForMaskedL
             **overrides,
         )
     except ValueError as error:
-        raise UsageError(f"student: {error}") from error
+        raise UsageError(f"student: {_with_option_names(str(error), config.hidden_size is not None)}") from error
     if student_config.hidden_size != teacher_hidden and not config.hidden_projection:
         raise UsageError(
             f"student hidden size {student_config.hidden_size} differs from the teacher's {teacher_hidden}: "
@@ -184,6 +235,27 @@ def build_student(config: DistillConfig, teacher: Teacher) -> FastMiniForMaskedL
     return student
 
 
+# FastMiniConfig's field names in its messages -> the options that set them.
+OPTION_OF_FIELD = {
+    "num_hidden_layers": "--recursions",
+    "embedding_size": "--embedding-size",
+    "reduction_factor": "--reduction-factor",
+    "intermediate_size": "--intermediate-size",
+    "hidden_dropout_prob": "--dropout",
+    "attention_probs_dropout_prob": "--dropout",
+    "use_adapter": "--adapters",
+}
+
+
+def _with_option_names(message: str, hidden_size_given: bool) -> str:
+    """A FastMiniConfig message in the user's terms: "hidden_size (36) must be divisible by reduction_factor
+    (5)" -> "the teacher's hidden size (36) must be divisible by --reduction-factor (5)"."""
+    for field_name, flag in OPTION_OF_FIELD.items():
+        message = re.sub(rf"\b{field_name}\b", flag, message)
+    # H is the teacher's unless --hidden-size was given.
+    return re.sub(r"\bhidden_size\b", "--hidden-size" if hidden_size_given else "the teacher's hidden size", message)
+
+
 def _embedding_source(config: DistillConfig, teacher: Teacher) -> nn.Module:
     if config.copy_embeddings_from == "teacher":
         return teacher.encoder
@@ -192,9 +264,9 @@ def _embedding_source(config: DistillConfig, teacher: Teacher) -> nn.Module:
     path = resolve_model_path(config.copy_embeddings_from, "--copy-embeddings-from")
     try:
         return AutoModel.from_pretrained(path)
-    except (OSError, ValueError) as error:
+    except UNLOADABLE_WEIGHTS as error:
         if Path(path).is_dir():
-            raise UsageError(f"--copy-embeddings-from {path}: cannot load ({error})") from error
+            raise UsageError(f"--copy-embeddings-from {path}: cannot load ({_weights_problem(error)})") from error
         raise _hub_error("--copy-embeddings-from", config.copy_embeddings_from, error) from error
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from fastmini.data.corpus import load_documents
-from fastmini.data.windows import make_windows
+from fastmini.data.windows import check_window_stride, make_windows
 from fastmini.distill import models
 from fastmini.distill.batches import MaskedWindows, StepBatches, evaluation_batches
 from fastmini.distill.config import RUN_ONLY_FIELDS, DistillConfig, flag_of, resolve_layer_map
@@ -35,10 +35,10 @@ from fastmini.distill.evaluation import evaluate
 from fastmini.training import checkpoints, distributed, faults, precision
 from fastmini.training.batching import check_global_batch
 from fastmini.training.checkpoints import publish_directory_contents
-from fastmini.training.cli import writable_directory
-from fastmini.training.errors import TrainingError, UsageError
+from fastmini.training.cli import check_writable_directory, writable_directory
+from fastmini.training.errors import Interrupted, TrainingError, UsageError
 from fastmini.training.memory import enable_activation_checkpointing
-from fastmini.training.optimization import LinearWarmupDecay, build_adamw
+from fastmini.training.optimization import LinearWarmupDecay, build_adamw, gradient_norm
 from fastmini.training.run_log import RunLog
 
 log = logging.getLogger("fastmini.distill")
@@ -58,25 +58,40 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         distributed.teardown()
 
 
-def prepare_output_dir(config: DistillConfig) -> Path:
-    """Create the output directory, check it is writable, and never mix two runs in it.
+def check_output_dir(config: DistillConfig) -> Path:
+    """The output directory, checked without writing anything: writable (or creatable), and never
+    mixing two runs.
 
     Checkpoints of an *unfinished* run (no metrics.json after its latest checkpoint) are kept
     unless --resume continues them or --overwrite-output-dir discards them; a finished run's
-    directory is simply replaced (so that the default run can be repeated as it is).
+    directory is simply replaced (so that the default run can be repeated as it is), but only by
+    ``replace_previous_run`` once every input of the new run has been checked.
     """
+    output = check_writable_directory(config.output_dir)
+    existing = checkpoints.list_checkpoints(output / CHECKPOINTS_DIR)
+    if existing and config.resume is None and not config.overwrite_output_dir and not _finished(output, existing):
+        raise UsageError(
+            f"--output-dir {config.output_dir} holds checkpoints of an unfinished run "
+            f"(latest: {existing[-1][1].name}); pass --resume to continue it or --overwrite-output-dir to "
+            "start afresh"
+        )
+    return output
+
+
+def _finished(output: Path, existing: list[tuple[int, Path]]) -> bool:
+    metrics = output / METRICS_NAME
+    return metrics.is_file() and metrics.stat().st_mtime >= existing[-1][1].stat().st_mtime
+
+
+def replace_previous_run(config: DistillConfig) -> Path:
+    """Create the output directory and drop an earlier run's checkpoints (not on --resume).
+
+    Called after the teacher, tokenizer, data, student and resume checkpoint have all been checked:
+    a command that fails on any of them leaves the directory as it was (or absent)."""
     output = writable_directory(config.output_dir)
     existing = checkpoints.list_checkpoints(output / CHECKPOINTS_DIR)
     if existing and config.resume is None:
-        metrics = output / METRICS_NAME
-        finished = metrics.is_file() and metrics.stat().st_mtime >= existing[-1][1].stat().st_mtime
-        if not finished and not config.overwrite_output_dir:
-            raise UsageError(
-                f"--output-dir {config.output_dir} holds checkpoints of an unfinished run "
-                f"(latest: {existing[-1][1].name}); pass --resume to continue it or --overwrite-output-dir to "
-                "start afresh"
-            )
-        log.info("replacing the %s run in %s", "finished" if finished else "unfinished", output)
+        log.info("replacing the %s run in %s", "finished" if _finished(output, existing) else "unfinished", output)
         shutil.rmtree(output / CHECKPOINTS_DIR)
     return output
 
@@ -92,8 +107,8 @@ class DistillationRun:
         self.teacher_dtype = self.autocast_dtype or torch.float32
 
         check_global_batch(config.batch_size, context.world_size, config.grad_accumulation)
-        self.output = prepare_output_dir(config) if context.is_main else Path(config.output_dir).expanduser()
-        distributed.barrier(context)
+        # Refuse an unfinished run's directory now, before the heavy work; write nothing yet.
+        self.output = check_output_dir(config)
         self.checkpoint_root = self.output / CHECKPOINTS_DIR
 
         torch.manual_seed(config.seed)
@@ -132,6 +147,10 @@ class DistillationRun:
         self.last_checkpoint: Path | None = None
         self._rng_to_restore: dict[str, Any] | None = None
         self._maybe_resume()
+        # Everything the command could get wrong has been checked: only now may an earlier run go.
+        if context.is_main:
+            replace_previous_run(config)
+        distributed.barrier(context)
 
     # ----------------------------------------------------------------------------------- data
     def _prepare_data(self) -> None:
@@ -144,24 +163,25 @@ class DistillationRun:
             text_unit=config.text_unit,
             cache_dir=config.cache_dir,
         )
-        held_out = min(config.eval_documents, len(documents) - 1) if config.eval_windows else 0
-        train_documents = documents.select(range(len(documents) - held_out))
-        eval_documents = documents.select(range(len(documents) - held_out, len(documents)))
+        held_out = self._held_out_count(len(documents))
+        train_documents = documents.select(range(len(documents) - held_out)) if held_out else documents
+        eval_documents = documents.select(range(len(documents) - held_out, len(documents))) if held_out else None
+        try:
+            check_window_stride(self.tokenizer, config.window_length, config.window_stride)
+        except ValueError as error:  # a stride that leaves no room once special tokens are added
+            raise UsageError(f"--window-stride / --window-length: {error}") from error
 
         def windows_of(selected, what: str):
-            try:
-                return make_windows(
-                    selected,
-                    self.tokenizer,
-                    config.window_length,
-                    config.window_stride,
-                    config.max_windows,
-                    config.seed,
-                    num_proc=config.tokenize_workers,
-                    description=f"tokenising {what} into windows",
-                )
-            except ValueError as error:  # a stride that leaves no room once special tokens are added
-                raise UsageError(f"--window-stride / --window-length: {error}") from error
+            return make_windows(
+                selected,
+                self.tokenizer,
+                config.window_length,
+                config.window_stride,
+                config.max_windows,
+                config.seed,
+                num_proc=config.tokenize_workers,
+                description=f"tokenising {what} into windows",
+            )
 
         # Rank 0 tokenises first so that a datasets cache is written once, then read by the others.
         if not self.context.is_main:
@@ -204,6 +224,22 @@ class DistillationRun:
             if eval_windows is not None
             else []
         )
+
+    def _held_out_count(self, documents: int) -> int:
+        """How many of the last documents are held out for evaluation; 0 turns evaluation off
+        (``self.evaluation_off`` then says why)."""
+        config = self.config
+        self.evaluation_off: str | None = None
+        if config.eval_windows == 0:
+            self.evaluation_off = "--eval-windows 0"
+        elif config.eval_documents == 0:
+            self.evaluation_off = "--eval-documents 0"
+        elif documents < 2:
+            self.evaluation_off = f"--data {config.data} has one document, none left to hold out"
+        if self.evaluation_off is not None:
+            log.info("held-out evaluation is off (%s); every document is for training", self.evaluation_off)
+            return 0
+        return min(config.eval_documents, documents - 1)
 
     # --------------------------------------------------------------------------- checkpoints
     def _state(self, step: int, elapsed: float) -> dict[str, Any]:
@@ -267,7 +303,7 @@ class DistillationRun:
         changed = [
             f"{flag_of(name)} {saved.get(name)!r} -> {current[name]!r}"
             for name in current
-            if name not in RUN_ONLY_FIELDS and saved.get(name) != current[name]
+            if name not in RUN_ONLY_FIELDS and not _same_option(name, saved.get(name), current[name])
         ]
         if changed:
             raise UsageError(f"--resume {path}: the checkpoint was written with other options: {'; '.join(changed)}")
@@ -297,6 +333,12 @@ class DistillationRun:
         if not self.context.is_main:
             return {}
         return evaluate(self.student_side, self.teacher, self.layers, self.eval_batches, self.device)
+
+    def _evaluation_summary(self) -> dict[str, Any]:
+        if self.evaluation_off is not None:
+            return {"enabled": False, "reason": self.evaluation_off}
+        windows = sum(int(batch.input_ids.shape[0]) for batch in self.eval_batches)
+        return {"enabled": True, "windows": windows}
 
     def _describe(self) -> None:
         if not self.context.is_main:
@@ -339,6 +381,11 @@ class DistillationRun:
             str(self.teacher_dtype).removeprefix("torch."),
         )
 
+    def _last_good(self) -> str:
+        if self.last_checkpoint:
+            return f"the last good checkpoint is {self.last_checkpoint}"
+        return "no checkpoint was written yet"
+
     def _train_step(self, step: int) -> tuple[dict[str, float], int]:
         micro_batches = self.batches.micro_batches(step)
         sums = torch.zeros(5, dtype=torch.float64)
@@ -357,19 +404,19 @@ class DistillationRun:
         if faults.nan_if_armed(step + 1):
             values["loss"] = float("nan")
         if not all(math.isfinite(v) for v in values.values()):
-            where = (
-                f"the last good checkpoint is {self.last_checkpoint}"
-                if self.last_checkpoint
-                else "no checkpoint was written yet"
-            )
+            where = self._last_good()
             terms_text = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
             raise TrainingError(
                 f"the loss is not finite at step {step + 1} ({terms_text}); stopped without updating the student; "
                 f"{where}"
             )
-        if self.config.max_grad_norm > 0:
-            values["grad_norm"] = float(
-                torch.nn.utils.clip_grad_norm_(self.student_side.parameters(), self.config.max_grad_norm)
+        # A finite loss can still give inf/NaN gradients (an overflow in backward); one AdamW step with
+        # them writes NaN into every weight, and the next checkpoint would hold that student.
+        values["grad_norm"] = gradient_norm(self.student_side.parameters(), self.config.max_grad_norm)
+        if not math.isfinite(values["grad_norm"]):
+            raise TrainingError(
+                f"the gradient norm is not finite at step {step + 1} ({values['grad_norm']}, loss "
+                f"{values['loss']:.4g}); stopped without updating the student; {self._last_good()}"
             )
         values["lr"] = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
@@ -425,6 +472,8 @@ class DistillationRun:
                     run_log.write("train", step, {**values, "tokens_per_second": tokens_seen / max(elapsed, 1e-9)})
                 if config.save_every and step % config.save_every == 0:
                     self.save_checkpoint(step, self.elapsed_before + time.perf_counter() - started)
+        except KeyboardInterrupt as interrupt:
+            raise Interrupted(self._after_interrupt()) from interrupt
         finally:
             bar.close()
         train_seconds = time.perf_counter() - started
@@ -434,8 +483,9 @@ class DistillationRun:
             if after:
                 log.info("held-out after:  %s", _summary(after))
             metrics = {
-                "before": self.metrics_before,
-                "after": after,
+                "before": self.metrics_before or None,
+                "after": after or None,
+                "evaluation": self._evaluation_summary(),
                 "train": {
                     "steps": step,
                     "resumed_from_step": self.start_step or None,
@@ -454,17 +504,41 @@ class DistillationRun:
         distributed.barrier(context)
         return metrics
 
+    def _after_interrupt(self) -> str:
+        """What the user can do after Ctrl-C: resume from a checkpoint, or start again when there is none."""
+        if self.last_checkpoint is not None:
+            return f"continue from {self.last_checkpoint.name} with --resume"
+        reason = "--save-every 0" if not self.config.save_every else f"none before step {self.config.save_every}"
+        return f"no checkpoint was written ({reason}), so there is nothing to resume; run the command again"
+
     def _save_outputs(self, metrics: dict[str, Any]) -> None:
         staging = self.output / ".tmp-final"
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir()
         self.student_side.student.save_pretrained(staging)
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            # Windowing set truncation to --window-length / --window-stride on the fast tokenizer; a user of
+            # the saved one would silently get windows cut short.
+            backend.no_truncation()
         self.tokenizer.save_pretrained(staging)
         (staging / TRAIN_CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2))
         (staging / METRICS_NAME).write_text(json.dumps(metrics, indent=2))
         publish_directory_contents(staging, self.output)
         log.info("wrote the student, tokenizer, %s and %s to %s", TRAIN_CONFIG_NAME, METRICS_NAME, self.output)
+
+
+# Options that name files: the same file given as another path (relative, with ~) is the same option.
+PATH_FIELDS = ("data", "teacher", "tokenizer", "copy_embeddings_from")
+
+
+def _same_option(name: str, saved: Any, current: Any) -> bool:
+    if saved == current:
+        return True
+    if name in PATH_FIELDS and isinstance(saved, str) and isinstance(current, str):
+        return Path(saved).expanduser().resolve() == Path(current).expanduser().resolve()
+    return False
 
 
 def _summary(metrics: dict[str, Any]) -> str:

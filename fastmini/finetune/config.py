@@ -20,6 +20,7 @@ from fastmini.training.errors import UsageError
 from fastmini.training.optimization import SCHEDULES
 from fastmini.training.options import (
     Options,
+    check_resume_or_overwrite,
     device_option,
     gradient_checkpointing_option,
     option,
@@ -125,7 +126,8 @@ class FinetuneConfig:
     )
     data: str | None = option(
         None,
-        "a directory holding train.* and validation.* or dev.* (and optionally test.*) files: csv/tsv/json/jsonl "
+        "a directory holding train.* and validation.* or dev.* (and optionally test.*, whose labels may be left "
+        "out: test metrics cover its labelled rows, with a warning when only some have one) files: csv/tsv/json/jsonl "
         "with named columns; for --task ner, two-column files (token TAB tag) or parquet/json/jsonl rows with a "
         "list of words and a list of tags; or a datasets name (its validation, dev or valid split; test if any; "
         "ner: e.g. conll2003) (default: a GLUE task's own dataset; otherwise the 200 movie-review sentences that "
@@ -200,6 +202,19 @@ class FinetuneConfig:
 
 
 DEFAULT_MAX_LENGTH = 128
+MIN_MAX_LENGTH = 8  # [CLS] and [SEP] leave a few tokens of text at least
+
+
+def check_max_length(max_length: int | None, positions: int | None = None) -> None:
+    """One UsageError for a --max-length that is too short for text, or (``positions`` given) longer than the
+    model's position embeddings; None (the default) passes. fastmini.predict checks its own the same way."""
+    if max_length is None:
+        return
+    if max_length < MIN_MAX_LENGTH:
+        raise UsageError(f"--max-length must be at least {MIN_MAX_LENGTH} tokens, got {max_length}")
+    if positions is not None and max_length > positions:
+        raise UsageError(f"--max-length {max_length} exceeds the model's {positions} positions")
+
 
 # Fields that do not change what a run computes: a resumed run may change them.
 RUN_ONLY_FIELDS = frozenset(
@@ -289,10 +304,10 @@ def validate(config: FinetuneConfig) -> None:
         raise UsageError("--lr and --seed must not repeat a value")
     if not 0.0 <= config.warmup_ratio < 1.0:
         raise UsageError(f"--warmup-ratio must be in [0, 1), got {config.warmup_ratio}")
-    if config.max_length is not None and config.max_length < 8:
-        raise UsageError(f"--max-length must be at least 8 tokens, got {config.max_length}")
+    check_max_length(config.max_length)
     if not config.output_dir:
         raise UsageError("--output-dir must not be empty")
+    check_resume_or_overwrite(config.resume, config.overwrite_output_dir)
     if not config.label_separator:
         raise UsageError("--label-separator must not be empty")
     if config.text_pair_column is not None and config.text_pair_column == config.text_column:

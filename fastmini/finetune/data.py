@@ -6,7 +6,9 @@ sentences), a local directory of ``train`` / ``validation`` or ``dev`` / ``test`
 NER reads two-column files, or rows holding a list of words and a list of tags (a ``datasets``
 name, local .parquet / .json / .jsonl files; columns --text-column / --label-column, by default
 ``tokens`` / ``ner_tags``). Validation labels are required; test files may lack labels (then they
-only get predictions). Labels outside the training label map stop the run with the row named.
+only get predictions). A test split where only some rows have labels gets a warning naming it and
+the count, and its test metrics cover its labelled rows only. Labels outside the training label
+map stop the run with the row named. Multi-label data: an empty label cell is the empty set of labels.
 
 ``Encoded`` is what the training loop and the evaluator read: token ids per example, the model
 targets (class index, number, multi-hot row, or one label per sub-token), and for NER the
@@ -16,6 +18,7 @@ the fly, to the longest example of the batch.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +50,8 @@ from fastmini.data.ner import (
 )
 from fastmini.finetune.config import FinetuneConfig
 from fastmini.finetune.tasks import LabelMap, TaskSpec, build_label_names
+
+log = logging.getLogger("fastmini.finetune")
 
 
 @dataclass
@@ -84,7 +89,7 @@ def load_task_data(config: FinetuneConfig, spec: TaskSpec) -> TaskData:
         for example in examples:
             value = example["tags"] if spec.kind == "ner" else example["label"]
             if value is not None:
-                example["target"] = labels.encode(value, example["where"])
+                example["target"] = labels.encode(value, example["where"], example.get("tag_wheres"))
     return TaskData(spec, train, validation, test, labels, source)
 
 
@@ -126,15 +131,35 @@ def _local_splits(directory: Path, config: FinetuneConfig, spec: TaskSpec):
     def read(split: str, labels_required: bool):
         path = files[split]
         if spec.kind != "ner":
-            return read_labelled_file(path, columns_of(config), labels_required), None
+            multilabel = spec.kind == "multilabel"
+            columns = columns_of(config)
+            return read_labelled_file(path, columns, labels_required, empty_label_is_a_value=multilabel), None
         if path.suffix.lower() in RECORD_SUFFIXES:
             return read_ner_records(path, config.text_column, config.label_column, tags_required=labels_required)
-        return read_ner_file(path), None
+        return read_ner_file(path, tags_required=labels_required), None
 
     train, declared = read("train", True)
     validation = {"validation": read("validation", True)[0]}
-    test = {"test": read("test", False)[0]} if "test" in files else {}
+    test = {}
+    if "test" in files:
+        test["test"] = warn_if_partly_labelled(read("test", False)[0], str(files["test"]), spec)
     return train, validation, test, _ner_label_names(spec, train, declared)
+
+
+def warn_if_partly_labelled(examples: list[dict[str, Any]], source: str, spec: TaskSpec) -> list[dict[str, Any]]:
+    """``examples``, after one warning when some of them (not none, not all) lack a label: their test metrics
+    then cover the labelled ones only, which a forgotten label cell should not change unnoticed."""
+    key = "tags" if spec.kind == "ner" else "label"
+    missing = sum(example[key] is None for example in examples)
+    if 0 < missing < len(examples):
+        log.warning(
+            "%s: %d of %d rows have no label; test metrics cover the %d labelled rows only",
+            source,
+            missing,
+            len(examples),
+            len(examples) - missing,
+        )
+    return examples
 
 
 def _ner_label_names(spec: TaskSpec, train: list[dict[str, Any]], declared: list[str] | None) -> list[str] | None:
@@ -168,7 +193,9 @@ def _datasets_splits(name: str, dataset_config: str | None, config: FinetuneConf
             dataset = opened(split)
         except DataError:
             continue  # a dataset without a test split: validation only
-        test[split] = read(split, dataset, False)[0]
+        test[split] = warn_if_partly_labelled(
+            read(split, dataset, False)[0], dataset_source(name, dataset_config, split), spec
+        )
     if spec.label_names is not None:
         label_names = list(spec.label_names)
     if spec.kind == "ner":
@@ -245,11 +272,21 @@ class Encoded:
         return torch.tensor(targets, dtype=torch.float32)  # regression: (B,), multi-label: (B, K)
 
 
-def encode(tokenizer, examples: list[dict[str, Any]], kind: str, max_length: int, alignment: str = "all") -> Encoded:
-    """Tokenise ``examples`` (targets included when every example has one)."""
+def encode(
+    tokenizer,
+    examples: list[dict[str, Any]],
+    kind: str,
+    max_length: int,
+    alignment: str = "all",
+    continuation: list[int] | None = None,
+) -> Encoded:
+    """Tokenise ``examples`` (targets included when every example has one; a split where only some have one is
+    predicted without targets, and its metrics are computed on the labelled examples by the caller).
+
+    ``continuation``: NER, the label of a word's later sub-tokens per label (``ner.continuation_labels``)."""
     labelled = all("target" in example for example in examples)
     if kind == "ner":
-        return _encode_words(tokenizer, examples, max_length, alignment, labelled)
+        return _encode_words(tokenizer, examples, max_length, alignment, labelled, continuation)
     texts = [e["text"] for e in examples]
     pairs = [e["text_pair"] for e in examples] if examples and examples[0]["text_pair"] is not None else None
     encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
@@ -263,7 +300,7 @@ def encode(tokenizer, examples: list[dict[str, Any]], kind: str, max_length: int
     )
 
 
-def _encode_words(tokenizer, examples, max_length: int, alignment: str, labelled: bool) -> Encoded:
+def _encode_words(tokenizer, examples, max_length: int, alignment: str, labelled: bool, continuation) -> Encoded:
     if not getattr(tokenizer, "is_fast", False):
         raise DataError(
             "NER needs a fast tokenizer (one with tokenizer.json) to map sub-tokens to words; "
@@ -277,7 +314,7 @@ def _encode_words(tokenizer, examples, max_length: int, alignment: str, labelled
         word_ids = encoded.word_ids(index)
         positions.append(first_subtoken_positions(word_ids, len(example["tokens"])))
         if labelled:
-            targets.append(align_labels(word_ids, example["target"], alignment))
+            targets.append(align_labels(word_ids, example["target"], alignment, continuation))
     return Encoded(
         kind="ner",
         input_ids=encoded["input_ids"],

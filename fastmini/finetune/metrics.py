@@ -9,12 +9,15 @@
   change of type; E and S tags (IOBES) are read the same way seqeval reads them;
 - each GLUE task's official metrics by name (``glue_metrics``).
 Degenerate inputs follow scikit-learn: a zero denominator gives 0.0 (never NaN, which JSON and
-model selection cannot use).
+model selection cannot use). Non-finite values (NaN predictions of a diverged model) never score
+well: Pearson and Spearman give 0.0 (no correlation), the mean squared error gives the largest
+float (JSON has no infinity).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from collections import Counter
 from collections.abc import Sequence
 
@@ -70,15 +73,20 @@ def matthews_correlation(labels: Sequence[int], predictions: Sequence[int]) -> f
     return _ratio(covariance, denominator)
 
 
+def _all_finite(*values: Sequence[float]) -> bool:
+    return all(math.isfinite(v) for sequence in values for v in sequence)
+
+
 def pearson(x: Sequence[float], y: Sequence[float]) -> float:
     _same_length(x, y)
     n = len(x)
-    if n < 2:
+    if n < 2 or not _all_finite(x, y):  # NaN would pass the clamp below as 1.0: a perfect score
         return 0.0
     mean_x, mean_y = sum(x) / n, sum(y) / n
     covariance = sum((a - mean_x) * (b - mean_y) for a, b in zip(x, y, strict=True))
     spread = math.sqrt(sum((a - mean_x) ** 2 for a in x) * sum((b - mean_y) ** 2 for b in y))
-    return max(-1.0, min(1.0, _ratio(covariance, spread)))
+    value = _ratio(covariance, spread)
+    return max(-1.0, min(1.0, value)) if math.isfinite(value) else 0.0  # an overflow of huge values
 
 
 def ranks(values: Sequence[float]) -> list[float]:
@@ -97,12 +105,16 @@ def ranks(values: Sequence[float]) -> list[float]:
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    _same_length(x, y)
+    if not _all_finite(x, y):  # NaN sorts nowhere in particular: its ranks would be an arbitrary order
+        return 0.0
     return pearson(ranks(x), ranks(y))
 
 
 def mean_squared_error(labels: Sequence[float], predictions: Sequence[float]) -> float:
     _same_length(labels, predictions)
-    return _ratio(sum((a - b) ** 2 for a, b in zip(labels, predictions, strict=True)), len(labels))
+    value = _ratio(sum((a - b) ** 2 for a, b in zip(labels, predictions, strict=True)), len(labels))
+    return value if math.isfinite(value) else sys.float_info.max  # the worst score that JSON can hold
 
 
 def multilabel_scores(labels: Sequence[Sequence[int]], predictions: Sequence[Sequence[int]]) -> dict[str, float]:

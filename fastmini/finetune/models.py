@@ -12,12 +12,15 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from fastmini.finetune.config import DEFAULT_MODEL, FinetuneConfig
+from fastmini.finetune.config import DEFAULT_MODEL, FinetuneConfig, check_max_length
 from fastmini.finetune.tasks import LabelMap, TaskSpec
 from fastmini.models import CheckpointError, FastMiniForSequenceClassification, FastMiniForTokenClassification
+from fastmini.models.checkpoint import read_config_dict
+from fastmini.training.cli import use_cache_if_hub_unreachable
 from fastmini.training.errors import UsageError
 
 log = logging.getLogger("fastmini.finetune")
@@ -25,6 +28,21 @@ log = logging.getLogger("fastmini.finetune")
 FRESH_STUDENT_SEED = 0  # the fresh student's weights do not depend on --seed: every run starts from the same model
 FRESH_STUDENT_SHAPE = {"num_recursions": 6, "embedding_size": 128, "use_adapter": True, "reduction_factor": 16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model")
+# The config.json field where a fine-tuned model records its second text column (None: single texts), so that
+# fastmini.predict can tell when a sentence-pair model is given single texts.
+TEXT_PAIR_FIELD = "finetuned_text_pair_column"
+
+
+def read_model_config(directory: Path, shown: str) -> dict[str, Any]:
+    """The config.json of a model directory as a dict, or one UsageError naming it (``shown``: how the user gave
+    the directory). Checked before the tokenizer, which reads config.json too and would take the blame."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise UsageError(f"--model {shown}: no config.json in this directory (expected a saved model)")
+    try:
+        return read_config_dict(path)
+    except CheckpointError as error:
+        raise UsageError(f"--model {shown}: {error}") from error
 
 
 class ModelSource:
@@ -50,13 +68,13 @@ class ModelSource:
     def _existing(self, name: str) -> str:
         path = Path(name).expanduser()
         if path.is_dir():
-            if not (path / "config.json").is_file():
-                raise UsageError(f"--model {name}: no config.json in this directory (expected a saved model)")
+            read_model_config(path, name)
             return str(path)
         if path.exists():
             raise UsageError(f"--model {name}: expected a model directory, got a file")
         if name.startswith((".", "/", "~")) or name.count("/") > 1:
             raise UsageError(f"--model {name}: no such directory")
+        use_cache_if_hub_unreachable()
         return name  # a hub name; from_pretrained says whether it exists
 
     def _fresh_student(self) -> str:
@@ -96,6 +114,8 @@ class ModelSource:
                 f"{'--tokenizer' if self.config.tokenizer else '--model'} {shown}: no tokenizer files in this "
                 "directory; pass --tokenizer DIR"
             )
+        if not local.is_dir():
+            use_cache_if_hub_unreachable()  # a hub name (--tokenizer, or --model's own)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(local) if local.is_dir() else name)
         except (OSError, ValueError, TypeError) as error:
@@ -144,10 +164,9 @@ def load_task_model(source: ModelSource, spec: TaskSpec, labels: LabelMap, seed:
             f"vocabulary mismatch: the tokenizer has {len(tokenizer)} tokens, the model's embeddings have "
             f"{model.config.vocab_size} rows (use the model's own tokenizer)"
         )
-    positions = model.config.max_position_embeddings
-    if source.config.max_length is not None and source.config.max_length > positions:
-        raise UsageError(f"--max-length {source.config.max_length} exceeds the model's {positions} positions")
+    check_max_length(source.config.max_length, model.config.max_position_embeddings)
     model.config.problem_type = spec.problem_type
+    setattr(model.config, TEXT_PAIR_FIELD, source.config.text_pair_column)  # saved with the model
     model.train()
     if adapter_tuning:
         model.train_adapters_only()

@@ -14,6 +14,8 @@ the row, since the model has no output for it.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -186,18 +188,28 @@ class LabelMap:
             "no output for it"
         )
 
-    def encode(self, value: Any, where: str) -> Any:
-        """A class index, a float (regression), a multi-hot list (multi-label) or a list of tag indices (NER)."""
+    def encode(self, value: Any, where: str, tag_wheres: Sequence[str] | None = None) -> Any:
+        """A class index, a float (regression), a multi-hot list (multi-label) or a list of tag indices (NER).
+
+        ``tag_wheres``: NER, where each tag is (its own line of a two-column file), for a message naming it."""
         kind = self.spec.kind
         if kind == "regression":
             number = _as_number(value)
             if number is None:
                 raise DataError(f"{where}: label {value!r} is not a number (task {self.spec.name} is a regression)")
-            return float(number)
+            try:
+                number = float(number)
+            except OverflowError:  # a JSON integer too large for a float
+                number = math.inf
+            if not math.isfinite(number):  # 'nan' / 'inf' parse as floats, but no loss or metric can use them
+                raise DataError(
+                    f"{where}: label {value!r} is not a finite number (task {self.spec.name} is a regression)"
+                )
+            return number
         if kind == "ner":
-            unknown = [tag for tag in value if tag not in self.index]
-            if unknown:
-                raise self._unknown(unknown[0], where)
+            for position, tag in enumerate(value):
+                if tag not in self.index:
+                    raise self._unknown(tag, tag_wheres[position] if tag_wheres else where)
             return [self.index[tag] for tag in value]
         if kind == "multilabel":
             row = [0.0] * len(self.names)

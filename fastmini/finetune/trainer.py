@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastmini.data.ner import continuation_labels
+from fastmini.files import write_file_atomically
 from fastmini.finetune import inference
 from fastmini.finetune.config import DEFAULT_MAX_LENGTH, RUN_ONLY_FIELDS, FinetuneConfig, flag_of
 from fastmini.finetune.data import TaskData, encode, load_task_data
@@ -38,10 +40,10 @@ from fastmini.finetune.models import ModelSource, load_task_model, task_model_cl
 from fastmini.finetune.tasks import LOWER_IS_BETTER, TaskSpec, task_spec
 from fastmini.training import checkpoints, distributed, faults, precision
 from fastmini.training.batching import StepBatches, check_global_batch, derived_seed
-from fastmini.training.cli import writable_directory
-from fastmini.training.errors import TrainingError, UsageError
+from fastmini.training.cli import check_writable_directory, writable_directory
+from fastmini.training.errors import Interrupted, TrainingError, UsageError
 from fastmini.training.memory import enable_activation_checkpointing
-from fastmini.training.optimization import WarmupDecay, build_adamw
+from fastmini.training.optimization import WarmupDecay, build_adamw, gradient_norm
 from fastmini.training.run_log import RunLog
 
 log = logging.getLogger("fastmini.finetune")
@@ -97,32 +99,60 @@ def is_better(value: float, best: float | None, metric: str) -> bool:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(value, indent=2) + "\n")
-    temporary.replace(path)
+    write_file_atomically(path, lambda temporary: Path(temporary).write_text(json.dumps(value, indent=2) + "\n"))
 
 
-def prepare_output_dir(config: FinetuneConfig) -> Path:
-    """Create the output directory, check it is writable, and never mix two jobs in it.
+def check_output_dir(config: FinetuneConfig) -> Path:
+    """The output directory, checked without writing anything: writable (or creatable), and never mixing two
+    jobs.
 
-    An unfinished job (runs/grid.json newer than metrics.json) is kept unless --resume continues it
-    or --overwrite-output-dir discards it; a finished job's runs are simply replaced."""
+    An unfinished job (runs/grid.json newer than metrics.json) is kept unless --resume continues it (with the
+    options it was started with) or --overwrite-output-dir discards it; a finished job's runs are simply
+    replaced, but only by ``replace_previous_job`` once every input of the new job has been checked."""
+    output = check_writable_directory(config.output_dir)
+    grid = output / RUNS_DIR / GRID_NAME
+    if config.resume:
+        if grid.is_file():
+            _check_resumed_options(grid, config)
+        else:
+            log.warning("--resume: nothing to resume in %s; starting a fresh job", output)
+    elif grid.is_file() and not config.overwrite_output_dir and not _finished(output):
+        raise UsageError(
+            f"--output-dir {config.output_dir} holds an unfinished fine-tuning job; pass --resume to continue it "
+            "or --overwrite-output-dir to start afresh"
+        )
+    return output
+
+
+def _finished(output: Path) -> bool:
+    metrics = output / METRICS_NAME
+    return metrics.is_file() and metrics.stat().st_mtime >= (output / RUNS_DIR / GRID_NAME).stat().st_mtime
+
+
+def _check_resumed_options(grid: Path, config: FinetuneConfig) -> None:
+    """--resume continues a job only with the options it was started with (run-only ones aside)."""
+    saved = json.loads(grid.read_text())
+    current = config.to_dict()
+    changed = [
+        f"{flag_of(name)} {saved.get(name)!r} -> {current[name]!r}"
+        for name in current
+        if name not in RUN_ONLY_FIELDS and saved.get(name) != current[name]
+    ]
+    if changed:
+        raise UsageError(
+            f"--resume: the job in {grid.parent.parent} was started with other options: {'; '.join(changed)}"
+        )
+
+
+def replace_previous_job(config: FinetuneConfig) -> Path:
+    """Create the output directory and drop an earlier job's runs (not on --resume).
+
+    Called once the data, the model and the tokenizer have all been checked: a command that fails on any of
+    them leaves the directory as it was (or absent)."""
     output = writable_directory(config.output_dir)
     runs = output / RUNS_DIR
-    grid = runs / GRID_NAME
-    if config.resume:
-        if not grid.is_file():
-            log.warning("--resume: nothing to resume in %s; starting a fresh job", output)
-        return output
-    if grid.is_file():
-        metrics = output / METRICS_NAME
-        finished = metrics.is_file() and metrics.stat().st_mtime >= grid.stat().st_mtime
-        if not finished and not config.overwrite_output_dir:
-            raise UsageError(
-                f"--output-dir {config.output_dir} holds an unfinished fine-tuning job; pass --resume to continue it "
-                "or --overwrite-output-dir to start afresh"
-            )
-    if runs.exists():
+    if runs.exists() and not config.resume:
+        log.info("replacing the %s job in %s", "finished" if _finished(output) else "unfinished", output)
         shutil.rmtree(runs)
     return output
 
@@ -136,6 +166,8 @@ class FineTuning:
             torch.set_num_threads(config.threads)
         self.autocast_dtype = precision.autocast_dtype(config.precision, self.device)
         check_global_batch(config.batch_size, context.world_size, config.grad_accumulation)
+        # Refuse an unfinished job's directory now, before the heavy work; write nothing yet.
+        self.output = check_output_dir(config)
         self.spec: TaskSpec = task_spec(config.task)
         self.modes = modes_of(config)
         # Everything that can be wrong with the data or the model is found before the output directory is touched.
@@ -146,9 +178,10 @@ class FineTuning:
         del probe
         tokenizer = self.source.tokenizer
         kind = self.spec.kind
+        continuation = continuation_labels(self.data.labels.names) if kind == "ner" else None
 
         def encoded(examples):
-            return encode(tokenizer, examples, kind, self.max_length, config.label_subtokens)
+            return encode(tokenizer, examples, kind, self.max_length, config.label_subtokens, continuation)
 
         self.train = encoded(self.data.train)
         self.validation = {split: encoded(examples) for split, examples in self.data.validation.items()}
@@ -158,7 +191,9 @@ class FineTuning:
                 f"--data: only {len(self.train)} training examples, fewer than one global batch "
                 f"(--batch-size {config.batch_size}); give more data or a smaller batch"
             )
-        self.output = prepare_output_dir(config) if context.is_main else Path(config.output_dir).expanduser()
+        # Everything the command could get wrong has been checked: only now may an earlier job go.
+        if context.is_main:
+            replace_previous_job(config)
         distributed.barrier(context)
         self.runs_dir = self.output / RUNS_DIR
         self.steps_per_epoch = len(self.train) // config.batch_size
@@ -169,23 +204,12 @@ class FineTuning:
         distributed.barrier(context)
 
     def _record_grid(self) -> None:
-        """Write runs/grid.json, or check on --resume that the options still match it."""
+        """Write runs/grid.json, which --resume checks the options against (``check_output_dir``)."""
         grid = self.runs_dir / GRID_NAME
-        current = self.config.to_dict()
         if self.config.resume and grid.is_file():
-            saved = json.loads(grid.read_text())
-            changed = [
-                f"{flag_of(name)} {saved.get(name)!r} -> {current[name]!r}"
-                for name in current
-                if name not in RUN_ONLY_FIELDS and saved.get(name) != current[name]
-            ]
-            if changed:
-                raise UsageError(
-                    f"--resume: the job in {self.output} was started with other options: {'; '.join(changed)}"
-                )
             return
         self.runs_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(grid, current)
+        _write_json(grid, self.config.to_dict())
 
     # ------------------------------------------------------------------------------ describe
     def _describe(self) -> None:
@@ -217,8 +241,12 @@ class FineTuning:
             self._describe()
         started = time.perf_counter()
         results: dict[str, list[dict[str, Any]]] = {mode: [] for mode in self.modes}
-        for setting in self.grid:
-            results[setting.mode].append(GridRun(self, setting).run())
+        for finished, setting in enumerate(self.grid):
+            grid_run = GridRun(self, setting)
+            try:
+                results[setting.mode].append(grid_run.run())
+            except KeyboardInterrupt as interrupt:
+                raise Interrupted(_after_interrupt(grid_run, finished)) from interrupt
         metrics: dict[str, Any] = {}
         if self.context.is_main:
             metrics = self._finish(results, time.perf_counter() - started)
@@ -295,8 +323,10 @@ class FineTuning:
             write_predictions(
                 staging / f"predictions_{split}.jsonl", self.spec, self.data, examples, predictions, logits
             )
-            if split in self.test and encoded.targets is not None:
-                test_metrics[split] = inference.scores(self.spec, self.data.labels, examples, predictions)
+            if split in self.test:
+                scored = labelled_scores(self.spec, self.data, examples, predictions)
+                if scored is not None:
+                    test_metrics[split] = scored
         checkpoints.publish_directory_contents(staging, target)
         return test_metrics or None
 
@@ -315,6 +345,32 @@ class FineTuning:
                 predictions = inference.decode(self.spec.kind, logits, encoded, self._outside_index())
                 result[split] = inference.scores(self.spec, self.data.labels, self.data.validation[split], predictions)
         return distributed.broadcast_from_main(result, self.context)
+
+
+def _after_interrupt(interrupted: GridRun, finished: int) -> str:
+    """What the user can do after Ctrl-C: --resume keeps the finished runs of the grid and continues the
+    interrupted one from its checkpoint; with neither, there is nothing to keep."""
+    kept = f" and keeps the {finished} finished run(s)" if finished else ""
+    name = interrupted.setting.name
+    if interrupted.last_checkpoint is not None:
+        return f"--resume continues run {name} from {interrupted.last_checkpoint.name}{kept}"
+    if finished:
+        return f"--resume starts run {name} afresh (none of its checkpoints was written yet){kept}"
+    return (
+        "no checkpoint was written yet, so there is nothing to resume; start afresh with --overwrite-output-dir "
+        "(the unfinished job is refused otherwise)"
+    )
+
+
+def labelled_scores(spec: TaskSpec, data: TaskData, examples, predictions) -> dict[str, float] | None:
+    """The metrics of the examples that have a label (a test split may lack some or all: see data.py); None
+    when none has one."""
+    pairs = [(example, prediction) for example, prediction in zip(examples, predictions, strict=True)
+             if "target" in example]  # fmt: skip
+    if not pairs:
+        return None
+    labelled, predicted = zip(*pairs, strict=True)
+    return inference.scores(spec, data.labels, list(labelled), list(predicted))
 
 
 def write_predictions(path: Path, spec: TaskSpec, data: TaskData, examples, predictions, logits) -> None:
@@ -404,6 +460,7 @@ class GridRun:
         self.config, self.context, self.device = job.config, job.context, job.device
         self.directory = job.runs_dir / setting.name
         self.checkpoint_root = self.directory / CHECKPOINTS_DIR
+        self.last_checkpoint: Path | None = None
 
     def run(self) -> dict[str, Any]:
         result_path = self.directory / RESULT_NAME
@@ -457,7 +514,6 @@ class GridRun:
             "loss_sum": 0.0,
             "loss_steps": 0,
         }
-        self.last_checkpoint: Path | None = None
         rng = self._maybe_resume()
         run_log = RunLog(self.directory, self.context.is_main, self.state["step"] if rng is not None else None)
         if rng is not None:
@@ -567,18 +623,28 @@ class GridRun:
         if faults.nan_if_armed(step + 1):
             values["loss"] = float("nan")
         if not math.isfinite(values["loss"]):
-            where = f"the last checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint yet"
             raise TrainingError(
                 f"run {self.setting.name}: the loss is not finite at step {step + 1}; stopped without updating the "
-                f"model; {where}"
+                f"model; {self._last_good()}"
             )
-        if self.config.max_grad_norm > 0:
-            values["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm))
+        # A finite loss can still give inf/NaN gradients (an overflow in backward); one AdamW step with them
+        # writes NaN into every weight, and the next checkpoint and best/ would hold that model.
+        values["grad_norm"] = gradient_norm(self.trainable, self.config.max_grad_norm)
+        if not math.isfinite(values["grad_norm"]):
+            raise TrainingError(
+                f"run {self.setting.name}: the gradient norm is not finite at step {step + 1} ({values['grad_norm']}, "
+                f"loss {values['loss']:.4g}); stopped without updating the model; {self._last_good()}"
+            )
         values["lr"] = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return values
+
+    def _last_good(self) -> str:
+        if self.last_checkpoint is None:
+            return "no checkpoint of this run was written yet"
+        return f"the checkpoints written so far hold finite weights (the latest: {self.last_checkpoint})"
 
     def _end_of_epoch(self, run_log: RunLog) -> bool:
         """Evaluate, keep the best epoch, checkpoint; True when early stopping ends the run."""

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from fastmini.files import write_file_atomically
 from fastmini.models.checkpoint import CheckpointError
 from fastmini.modules.encoder import make_adapters
 
@@ -79,17 +78,6 @@ def train_adapters_only(model) -> dict[str, int]:
     return {"trainable": trainable, "total": total}
 
 
-def _write_atomically(path: Path, write) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def save_adapters(model, directory) -> None:
     if not model.base_model.encoder.has_adapters:
         raise ValueError("save_adapters: this model has no adapters (call train_adapters_only() first)")
@@ -109,8 +97,8 @@ def save_adapters(model, directory) -> None:
         "id2label": {str(k): v for k, v in (config.id2label or {}).items()},
         "problem_type": config.problem_type,
     }
-    _write_atomically(directory / ADAPTER_WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp))
-    _write_atomically(
+    write_file_atomically(directory / ADAPTER_WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp))
+    write_file_atomically(
         directory / ADAPTER_CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(description, indent=2))
     )
 

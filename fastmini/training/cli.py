@@ -2,12 +2,14 @@
 
 ``run_cli(name, body)`` runs ``body()`` and turns the ways a run ends early on purpose into one
 line on stderr and an exit code: UsageError (bad input) -> ``<name>: error: ...``, exit 2;
-TrainingError -> ``<name>: stopped: ...``, exit 1; Ctrl-C -> exit 130. Anything else is a bug
-and keeps its traceback.
+TrainingError -> ``<name>: stopped: ...``, exit 1; Ctrl-C -> exit 130; a reader of stdout that
+stops early (``| head``) -> exit 0, quietly. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import json
 import logging
@@ -29,6 +31,42 @@ def quiet_libraries() -> None:
     datasets.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     huggingface_hub.utils.disable_progress_bars()
+    # Its retry warnings ("... thrown while requesting HEAD ...; Retrying in 8s") bury our one-line error.
+    huggingface_hub.utils.logging.set_verbosity_error()
+
+
+def use_cache_if_hub_unreachable() -> None:
+    """Before a hub lookup: when HF_HUB_OFFLINE is unset and the hub cannot be reached within a few
+    seconds, switch huggingface_hub (and datasets) to offline mode for this process.
+
+    A model or dataset already in the local cache then still loads, and one that is not fails at
+    once instead of after huggingface_hub's five retries with back-off (about 25 s)."""
+    if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or not _hub_unreachable():
+        return
+    from huggingface_hub import constants
+
+    constants.HF_HUB_OFFLINE = True  # what huggingface_hub.is_offline_mode() and transformers read
+    with contextlib.suppress(ImportError):
+        import datasets.config
+
+        datasets.config.HF_HUB_OFFLINE = True
+
+
+@functools.cache
+def _hub_unreachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub's endpoint fails (probed once per process)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    except OSError:
+        return True
+    return False
 
 
 class CurrentStderr(logging.StreamHandler):
@@ -59,19 +97,53 @@ def setup_logger(name: str) -> logging.Logger:
 
 def run_cli(name: str, body: Callable[[], int | None], interrupted_hint: str = "") -> int:
     """``body()``'s exit code (0 for None), or the exit code of the error it raised (see above)."""
-    from fastmini.training.errors import TrainingError, UsageError
+    from fastmini.training.errors import Interrupted, TrainingError, UsageError
 
     try:
-        return body() or 0
+        code = body() or 0
+        sys.stdout.flush()  # here, not at exit: a reader that stopped early is then caught below
+        return code
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise  # another pipe or socket of the run broke: a real failure
+        # The reader of stdout stopped early (`| head -1`): it has what it wanted, not an error.
+        _discard_stdout()
+        return 0
     except UsageError as error:
         print(f"{name}: error: {error}", file=sys.stderr)
         return 2
     except TrainingError as error:
         print(f"{name}: stopped: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"{name}: interrupted{'; ' + interrupted_hint if interrupted_hint else ''}", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        # A run that knows better (e.g. there is no checkpoint to resume from) says so in the exception.
+        hint = str(interrupt) if isinstance(interrupt, Interrupted) else interrupted_hint
+        print(f"{name}: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
         return 130
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe that its reader has closed (assumed where that cannot be asked)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), 0)  # a closed pipe's writer always gets POLLERR
+    except AttributeError:  # no poll() (Windows)
+        return True
+    except (OSError, ValueError):  # a stdout without a file descriptor (tests, notebooks)
+        return False
+    return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
+def _discard_stdout() -> None:
+    """Point stdout at the null device: Python flushes it again at exit, which would raise into the
+    closed pipe once more (and print "Exception ignored ... BrokenPipeError")."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
 
 
 def trainer_main(name: str, config_module: str, run: Callable[[object], object], argv: Sequence[str] | None) -> int:
@@ -91,6 +163,22 @@ def trainer_main(name: str, config_module: str, run: Callable[[object], object],
         return 0
 
     return run_cli(name, body, "resume with --resume")
+
+
+def check_writable_directory(path: str, option: str = "--output-dir") -> Path:
+    """``path`` as a Path if it is a writable directory or could be created as one; a UsageError naming
+    ``option`` otherwise. Creates and writes nothing (a command that fails later leaves no trace)."""
+    from fastmini.training.errors import UsageError
+
+    directory = Path(path).expanduser()
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise UsageError(f"{option} {path}: not a writable directory ({existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: not a writable directory (permission denied on {existing})")
+    return directory
 
 
 def writable_directory(path: str, option: str = "--output-dir") -> Path:

@@ -30,13 +30,35 @@ class DistributedContext:
         return self.world_size > 1
 
 
-def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
-    """ "auto": this process's GPU when there is one, else the CPU; "cpu" / "cuda" / "cuda:N" as given."""
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
+def resolve_device(requested: str, local_rank: int = 0, option: str = "--device") -> torch.device:
+    """ "auto": this process's GPU when there is one, else the CPU; "cpu" / "cuda" / "cuda:N" as given.
+
+    Anything else, or a GPU this machine does not have, is a UsageError naming ``option``: found
+    here, before a trainer touches its output directory, instead of an assertion deep in torch."""
+    from fastmini.training.errors import UsageError
+
     if requested == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and device.index is None:
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise UsageError(f"{option} {requested}: expected {DEVICE_CHOICES}") from error
+    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
+        raise UsageError(f"{option} {requested}: expected {DEVICE_CHOICES}")
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UsageError(f"{option} {requested}: no CUDA device is available here (use cpu or auto)")
+    if device.index is None:
         device = torch.device("cuda", local_rank)
+    if device.index >= torch.cuda.device_count():
+        raise UsageError(
+            f"{option} {requested}: there is no CUDA device {device.index} (this machine has "
+            f"{torch.cuda.device_count()})"
+        )
     return device
 
 

@@ -1,4 +1,4 @@
-"""The two ways a training run ends early on purpose; CLIs print the message without a traceback."""
+"""The ways a training run ends early on purpose; CLIs print the message without a traceback."""
 
 from __future__ import annotations
 
@@ -9,3 +9,7 @@ class UsageError(Exception):
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); checkpoints already written stay. Exit 1."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, carrying what the user can do now (e.g. which checkpoint --resume would continue). Exit 130."""

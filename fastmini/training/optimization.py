@@ -51,6 +51,21 @@ def build_adamw(
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
 
 
+def gradient_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> float:
+    """The total L2 norm of the gradients, which are then clipped to ``max_norm`` (0: not clipped).
+
+    The norm is computed even without clipping because a trainer must check it: a finite loss can
+    still give inf/NaN gradients (an overflow in backward), and one AdamW step with them writes NaN
+    into every weight. When it is not finite, stop without calling ``optimizer.step()``."""
+    parameters = [parameter for parameter in parameters if parameter.grad is not None]
+    if not parameters:
+        return 0.0
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+    norms = [torch.linalg.vector_norm(parameter.grad.detach(), 2.0).float() for parameter in parameters]
+    return float(torch.linalg.vector_norm(torch.stack([norm.to(norms[0].device) for norm in norms]), 2.0))
+
+
 def linear_schedule_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     """transformers' get_linear_schedule_with_warmup: 0 -> 1 over warmup, then 1 -> 0 at total."""
     if step < warmup_steps:

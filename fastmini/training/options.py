@@ -61,6 +61,28 @@ def _is_bool(spec: dataclasses.Field) -> bool:
     return spec.type in (bool, "bool", "bool | None")
 
 
+def expected_value(annotation: Any) -> str:
+    """What a field of type ``annotation`` accepts, in words ("an integer or 'none'"), for messages."""
+    element = str(annotation).removeprefix("list[").removesuffix("]")
+    base = element.split("|")[0].strip()
+    kind = {"int": "an integer", "float": "a number", "str": "text"}.get(base, "a value")
+    return f"{kind} or 'none'" if "None" in element else kind
+
+
+def readable_parser(parse: Callable[[str], Any], expected: str) -> Callable[[str], Any]:
+    """``parse`` whose failure argparse reports as "expected <expected>, got 'text'" (not "invalid
+    optional_int value")."""
+
+    def parse_option(text: str) -> Any:
+        try:
+            return parse(text)
+        except (TypeError, ValueError) as error:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from error
+
+    parse_option.__name__ = getattr(parse, "__name__", "value")
+    return parse_option
+
+
 def _show(value: Any) -> str:
     if value is None:
         return "none"
@@ -127,7 +149,7 @@ class Options:
             metavar = "N" if element.startswith("int") else "X" if element.startswith("float") else "VALUE"
             kwargs: dict[str, Any] = {"help": help_text, "dest": name, "metavar": meta.get("metavar", metavar)}
             if meta.get("parse") is not None:
-                kwargs["type"] = meta["parse"]
+                kwargs["type"] = readable_parser(meta["parse"], expected_value(spec.type))
             if meta.get("nargs") is not None:
                 kwargs["nargs"] = meta["nargs"]
             if "const" in meta:
@@ -152,17 +174,18 @@ class Options:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
             raise UsageError(f"--config {source}: cannot be read ({error})") from error
+        is_json = path.suffix.lower() == ".json"
         try:
-            if path.suffix.lower() == ".json":
+            if is_json:
                 values = json.loads(text)
             else:
                 import yaml
 
                 values = yaml.safe_load(text)
-        except Exception as error:  # json.JSONDecodeError, yaml.YAMLError
-            raise UsageError(
-                f"--config {source}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {error}"
-            ) from error
+        except json.JSONDecodeError as error:
+            raise UsageError(f"--config {source}: not valid JSON at line {error.lineno}: {error.msg}") from error
+        except Exception as error:  # yaml.YAMLError (its str() is a multi-line dump of the offending text)
+            raise UsageError(f"--config {source}: not valid YAML{_yaml_problem(error)}") from error
         if values is None:
             return {}
         if not isinstance(values, dict):
@@ -172,7 +195,10 @@ class Options:
         return {str(key).replace("-", "_"): value for key, value in values.items()}
 
     def coerce(self, name: str, value: Any, source: str) -> Any:
-        """A value from a config file (or a preset), checked against the field's type."""
+        """A value from a config file (or a preset), checked against the field's type.
+
+        Text is read by the field's own parser, as on the command line ('none' for an optional
+        number, "5e-4" that YAML 1.1 leaves as a string)."""
         spec = self.fields[name]
         where = f"{source}: {name}"
         if spec.metadata.get("coerce") is not None and value is not None:
@@ -185,19 +211,23 @@ class Options:
             items = value if isinstance(value, list) else [value]
             if not items:
                 raise UsageError(f"{where} must not be an empty list")
-            element = str(spec.type).removeprefix("list[").removesuffix("]")
-            return [self._scalar(element, item, where) for item in items]
+            return [self._scalar(spec, item, where) for item in items]
         if _is_bool(spec):
             if not isinstance(value, bool):
                 raise UsageError(f"{where} must be true or false, got {value!r}")
             return value
-        return self._scalar(str(spec.type), value, where)
+        return self._scalar(spec, value, where)
 
     @staticmethod
-    def _scalar(annotation: str, value: Any, where: str) -> Any:
+    def _scalar(spec: dataclasses.Field, value: Any, where: str) -> Any:
+        expected = expected_value(spec.type)
         if isinstance(value, (dict, list, bool)):
-            raise UsageError(f"{where} has the wrong type ({type(value).__name__}: {value!r})")
+            raise UsageError(f"{where} has the wrong type ({type(value).__name__}: {value!r}); expected {expected}")
+        annotation = str(spec.type).removeprefix("list[")
+        parse = spec.metadata.get("parse")
         try:
+            if isinstance(value, str) and parse is not None:
+                return parse(value)
             if annotation.startswith("int"):
                 if isinstance(value, float) and not value.is_integer():
                     raise ValueError(value)
@@ -205,7 +235,7 @@ class Options:
             if annotation.startswith("float"):
                 return float(value)  # also reads "5e-4", which YAML 1.1 leaves as a string
         except (TypeError, ValueError) as error:
-            raise UsageError(f"{where}: cannot read {value!r} as {annotation}") from error
+            raise UsageError(f"{where}: expected {expected}, got {value!r}") from error
         return str(value)
 
     # ---------------------------------------------------------------------------- resolve
@@ -242,6 +272,23 @@ class Options:
         return config, print_config
 
 
+def _yaml_problem(error: Exception) -> str:
+    """ " at line N: <problem>" of a YAML error (one line), or ": <its first line>"."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None)
+    if mark is not None and problem:
+        return f" at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return ": " + (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def check_resume_or_overwrite(resuming: bool, overwrite_output_dir: bool) -> None:
+    """Both trainers: --resume and --overwrite-output-dir contradict each other."""
+    if resuming and overwrite_output_dir:
+        raise UsageError(
+            "--resume continues the run in --output-dir, --overwrite-output-dir discards it: give one of them"
+        )
+
+
 # Options both trainers take with the same meaning, declared once.
 def device_option():
     return option(
@@ -250,7 +297,7 @@ def device_option():
 
 
 def threads_option():
-    return option(None, "CPU threads for torch (default: torch's choice)", "run", parse=optional_int)
+    return option(None, "CPU threads for torch, >= 1 (default: torch's choice)", "run", parse=optional_int)
 
 
 def gradient_checkpointing_option():

@@ -1,0 +1,35 @@
+"""Writing one file so that a reader never sees half of it."""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def write_file_atomically(path: str | Path, write: Callable[[str], object]) -> None:
+    """``write(temporary)`` fills a temporary file beside ``path``, which then replaces ``path`` in one rename.
+
+    A reader never sees half a file, and a write that fails (or is interrupted) leaves the old file, or none,
+    and no temporary. The file gets the usual permissions (0666 less the umask), not mkstemp's private 0600."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(handle)
+    try:
+        os.chmod(temporary, _usual_mode())
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+@functools.cache
+def _usual_mode() -> int:
+    """The mode open() gives a new file. Read once: the umask can only be read by setting it, which is not
+    safe while other threads create files."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
