@@ -333,7 +333,7 @@ def test_bad_approximation_and_path_are_clear_errors():
 
 def test_integer_input_is_a_clear_error():
     (_, weight, bias), _ = make_inputs(7, 36, 37)
-    with pytest.raises(ValueError, match="must be floating point"):
+    with pytest.raises(TypeError, match="x must be float16, bfloat16, float32 or float64"):
         linear_gelu(torch.ones(7, 36, dtype=torch.long, device=DEVICE), weight, bias, backend="triton")
 
 

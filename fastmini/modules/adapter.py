@@ -27,4 +27,5 @@ class BottleneckAdapter(nn.Module):
             self.norm.weight,
             self.norm.bias,
             self.norm.eps,
+            check_inputs=False,  # its own parameters, built to fit: no checks on the recursion's hot path
         )

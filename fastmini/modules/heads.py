@@ -35,7 +35,9 @@ class MaskedLMHead(PrepackedWeightsMixin, nn.Module):
         transform = self.transform
         prepacked = self.prepacked_for(hidden_states, transform.weight)
         if prepacked is None:
-            transformed = linear_gelu(hidden_states, transform.weight, transform.bias, self.gelu_approximation)
+            transformed = linear_gelu(
+                hidden_states, transform.weight, transform.bias, self.gelu_approximation, check_inputs=False
+            )
         else:  # the decoder is the larger GEMM: H x V against the encoder's ~7 H^2 a recursion
             transformed = self.linear_through(prepacked, "transform", hidden_states, gelu=self.gelu_approximation)
         return self.linear_through(prepacked, "decoder", self.norm(transformed))

@@ -81,6 +81,7 @@ class SharedLayer(PrepackedWeightsMixin, nn.Module):
             norm.bias,
             norm.eps,
             self._dropout(self.hidden_dropout_p),
+            check_inputs=False,  # the layer's own parameters, built to fit x (see ops.checks)
         )
         return out, probabilities
 
@@ -89,7 +90,7 @@ class SharedLayer(PrepackedWeightsMixin, nn.Module):
         up = self.ffn_intermediate
         prepacked = self.prepacked_for(x, up.weight)
         if prepacked is None:
-            intermediate = linear_gelu(x, up.weight, up.bias, self.gelu_approximation)
+            intermediate = linear_gelu(x, up.weight, up.bias, self.gelu_approximation, check_inputs=False)
         else:
             intermediate = self.linear_through(prepacked, "ffn_intermediate", x, gelu=self.gelu_approximation)
         norm = self.ffn_norm
@@ -100,4 +101,5 @@ class SharedLayer(PrepackedWeightsMixin, nn.Module):
             norm.bias,
             norm.eps,
             self._dropout(self.hidden_dropout_p),
+            check_inputs=False,  # the layer's own parameters, built to fit x (see ops.checks)
         )

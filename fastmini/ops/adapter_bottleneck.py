@@ -13,12 +13,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastmini.ops.checks import (
+    all_in,
+    cast_to,
+    check_eps,
+    check_features,
+    check_parameter,
+    check_tensor,
+    layer_norm_parameter,
+)
 from fastmini.ops.dispatch import choose
+
+_OP = "adapter_bottleneck"
 
 # Backends whose kernels have passed their tests on a GPU; only those are auto-selected for CUDA
 # tensors. Flipped by whoever runs tests/test_adapter_bottleneck_kernel.py on a GPU.
 _VERIFIED_ON_GPU: tuple[str, ...] = ()
-_FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def adapter_bottleneck_ref(
@@ -128,37 +138,49 @@ def _check_inputs(
     up_bias: torch.Tensor,
     norm_weight: torch.Tensor,
     norm_bias: torch.Tensor,
+    eps: float,
 ) -> None:
-    if x.dim() == 0 or x.shape[-1] == 0:
-        raise ValueError(f"adapter_bottleneck: x must be (..., H) with H > 0, got shape {tuple(x.shape)}")
-    hidden = x.shape[-1]
+    hidden = check_features(_OP, x)
+    device = x.device
+    check_tensor(_OP, "down_weight", down_weight, device)
     if down_weight.dim() != 2 or down_weight.shape[0] == 0 or down_weight.shape[1] != hidden:
         raise ValueError(
-            f"adapter_bottleneck: down_weight must be (R, H) = (R, {hidden}) with R > 0 (nn.Linear layout), "
+            f"{_OP}: down_weight must be (R, H) = (R, {hidden}) with R > 0 (nn.Linear layout), "
             f"got {tuple(down_weight.shape)}"
         )
     bottleneck = down_weight.shape[0]
-    expected_shapes = {
-        "down_bias": (down_bias, (bottleneck,)),
-        "up_weight": (up_weight, (hidden, bottleneck)),
-        "up_bias": (up_bias, (hidden,)),
-        "norm_weight": (norm_weight, (hidden,)),
-        "norm_bias": (norm_bias, (hidden,)),
-    }
-    for name, (tensor, shape) in expected_shapes.items():
-        if tuple(tensor.shape) != shape:
-            raise ValueError(
-                f"adapter_bottleneck: {name} must have shape {shape} for H={hidden}, R={bottleneck}, "
-                f"got {tuple(tensor.shape)}"
-            )
-    tensors = {"x": x, "down_weight": down_weight, **{name: tensor for name, (tensor, _) in expected_shapes.items()}}
-    for name, tensor in tensors.items():
-        if tensor.dtype not in _FLOATING_DTYPES:
-            raise TypeError(
-                f"adapter_bottleneck: {name} must be float16, bfloat16, float32 or float64, got {tensor.dtype}"
-            )
-        if tensor.device != x.device:
-            raise ValueError(f"adapter_bottleneck: {name} is on {tensor.device} but x is on {x.device}")
+    check_parameter(_OP, "down_bias", down_bias, (bottleneck,), device)
+    check_parameter(_OP, "up_weight", up_weight, (hidden, bottleneck), device)
+    check_parameter(_OP, "up_bias", up_bias, (hidden,), device)
+    check_parameter(_OP, "norm_weight", norm_weight, (hidden,), device)
+    check_parameter(_OP, "norm_bias", norm_bias, (hidden,), device)
+    check_eps(_OP, eps)
+
+
+def _adapter_bottleneck_torch(
+    x: torch.Tensor,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """The oracle, with parameters of another dtype than x cast to it as the kernels do (F.linear needs one dtype)."""
+    dtype = x.dtype
+    if all_in(dtype, down_weight, down_bias, up_weight, up_bias, norm_weight, norm_bias):
+        return adapter_bottleneck_ref(x, down_weight, down_bias, up_weight, up_bias, norm_weight, norm_bias, eps)
+    return adapter_bottleneck_ref(
+        x,
+        cast_to(down_weight, dtype),
+        cast_to(down_bias, dtype),
+        cast_to(up_weight, dtype),
+        cast_to(up_bias, dtype),
+        layer_norm_parameter(norm_weight, dtype),
+        layer_norm_parameter(norm_bias, dtype),
+        eps,
+    )
 
 
 def _adapter_bottleneck_triton(
@@ -172,14 +194,13 @@ def _adapter_bottleneck_triton(
     eps: float,
 ) -> torch.Tensor:
     parameters = (down_weight, down_bias, up_weight, up_bias, norm_weight, norm_bias)
-    _check_inputs(x, *parameters)
     # Inference writes y only; training also keeps mean, rstd and h (R values a row) for the backward.
     save_for_backward = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *parameters))
     y, _mean, _rstd, _h = _forward_op(x, *parameters, float(eps), save_for_backward)
     return y
 
 
-_BACKENDS = {"torch": adapter_bottleneck_ref, "triton": _adapter_bottleneck_triton}
+_BACKENDS = {"torch": _adapter_bottleneck_torch, "triton": _adapter_bottleneck_triton}
 
 
 def adapter_bottleneck(
@@ -192,7 +213,19 @@ def adapter_bottleneck(
     norm_bias: torch.Tensor,
     eps: float,
     backend: str | None = None,
+    *,
+    check_inputs: bool = True,
 ) -> torch.Tensor:
-    """``LayerNorm(x + Up(GELU(Down(x))))`` over the last dimension of ``x`` (..., H)."""
+    """``LayerNorm(x + Up(GELU(Down(x))))`` over the last dimension of ``x`` (..., H).
+
+    Parameters are (R, H), (R,), (H, R), (H,), (H,), (H,) on x's device (no bias may be None); one in another
+    floating dtype than x is used in x's dtype, as under autocast. ``eps`` is a Python float > 0. Misuse is a
+    ValueError or TypeError naming the argument, whichever backend runs.
+
+    ``check_inputs=False`` skips the argument checks (a few microseconds a call): for callers whose parameters
+    fit x by construction, such as fastmini's own modules on the recursion's hot path.
+    """
+    if check_inputs:
+        _check_inputs(x, down_weight, down_bias, up_weight, up_bias, norm_weight, norm_bias, eps)
     implementation = choose("adapter_bottleneck", x, backend, _BACKENDS, verified_on_gpu=_VERIFIED_ON_GPU)
     return implementation(x, down_weight, down_bias, up_weight, up_bias, norm_weight, norm_bias, eps)

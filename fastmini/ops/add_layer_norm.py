@@ -13,7 +13,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastmini.ops.checks import (
+    all_in,
+    check_eps,
+    check_features,
+    check_parameter,
+    check_probability,
+    check_tensor,
+    layer_norm_parameter,
+)
 from fastmini.ops.dispatch import choose
+
+_OP = "add_layer_norm"
 
 # Backends whose kernels have passed their tests on a GPU; only those are auto-selected for CUDA
 # tensors. Flipped by whoever runs tests/test_add_layer_norm_kernel.py on a GPU.
@@ -152,20 +163,35 @@ def _backward(ctx, grad_out, _no_grad_total, _no_grad_mean, _no_grad_rstd):
 torch.library.register_autograd("fastmini::add_layer_norm_forward", _backward, setup_context=_setup_context)
 
 
-def _check_inputs(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
-    if x.dim() == 0:
-        raise ValueError("add_layer_norm: x must have at least one dimension (the normalised one)")
-    hidden = x.shape[-1]
+def _check_inputs(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, dropout_p: float
+) -> None:
+    hidden = check_features(_OP, x)
+    device = x.device
+    check_tensor(_OP, "residual", residual, device)
     if residual.shape != x.shape:
-        raise ValueError(f"add_layer_norm: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-    for name, parameter in (("weight", weight), ("bias", bias)):
-        if parameter.shape != (hidden,):
-            raise ValueError(f"add_layer_norm: {name} must have shape ({hidden},), got {tuple(parameter.shape)}")
-    for name, tensor in (("x", x), ("residual", residual), ("weight", weight), ("bias", bias)):
-        if not tensor.is_floating_point():
-            raise TypeError(f"add_layer_norm: {name} must be a floating-point tensor, got {tensor.dtype}")
-        if tensor.device != x.device:
-            raise ValueError(f"add_layer_norm: {name} is on {tensor.device} but x is on {x.device}")
+        raise ValueError(f"{_OP}: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    check_parameter(_OP, "weight", weight, (hidden,), device)
+    check_parameter(_OP, "bias", bias, (hidden,), device)
+    check_eps(_OP, eps)
+    check_probability(_OP, "dropout_p", dropout_p)
+
+
+def _add_layer_norm_torch(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """The oracle, with weight and bias in the dtype of the sum where F.layer_norm would refuse theirs."""
+    if all_in(x.dtype, residual, weight, bias):
+        return add_layer_norm_ref(x, residual, weight, bias, eps, dropout_p)
+    dtype = torch.promote_types(x.dtype, residual.dtype)
+    return add_layer_norm_ref(
+        x, residual, layer_norm_parameter(weight, dtype), layer_norm_parameter(bias, dtype), eps, dropout_p
+    )
 
 
 def _add_layer_norm_triton(
@@ -176,7 +202,6 @@ def _add_layer_norm_triton(
     eps: float,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    _check_inputs(x, residual, weight, bias)
     # Drawn from torch's default CPU generator, so torch.manual_seed makes the mask reproducible;
     # a tensor rather than an int so torch.compile traces the draw instead of freezing one value.
     seed = torch.randint(_SEED_BOUND, (), dtype=torch.int64, device="cpu") if dropout_p > 0.0 else None
@@ -185,7 +210,7 @@ def _add_layer_norm_triton(
     return out
 
 
-_BACKENDS = {"torch": add_layer_norm_ref, "triton": _add_layer_norm_triton}
+_BACKENDS = {"torch": _add_layer_norm_torch, "triton": _add_layer_norm_triton}
 
 
 def add_layer_norm(
@@ -196,9 +221,21 @@ def add_layer_norm(
     eps: float,
     dropout_p: float = 0.0,
     backend: str | None = None,
+    *,
+    check_inputs: bool = True,
 ) -> torch.Tensor:
-    """``LayerNorm(residual + Dropout_p(x))``; pass ``dropout_p=0`` outside training."""
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"add_layer_norm: dropout_p must be in [0, 1), got {dropout_p}")
+    """``LayerNorm(residual + Dropout_p(x))`` over the last dimension of x (..., H).
+
+    Dropout is applied whenever ``dropout_p > 0``, with or without grad: training is signalled by the caller
+    passing its dropout probability, ``dropout_p=0`` outside training. residual has x's shape (no broadcasting),
+    weight and bias are (H,) on x's device; the output has the promoted dtype of x and residual. ``eps`` is a
+    Python float > 0, ``dropout_p`` one in [0, 1). Misuse is a ValueError or TypeError naming the argument,
+    whichever backend runs.
+
+    ``check_inputs=False`` skips the argument checks (a few microseconds a call): for callers whose parameters
+    fit x by construction, such as fastmini's own modules on the recursion's hot path.
+    """
+    if check_inputs:
+        _check_inputs(x, residual, weight, bias, eps, dropout_p)
     implementation = choose("add_layer_norm", x, backend, _BACKENDS, verified_on_gpu=_VERIFIED_ON_GPU)
     return implementation(x, residual, weight, bias, eps, dropout_p)

@@ -54,8 +54,10 @@ def resolve_backend(
     requested = backend if backend is not None else (os.environ.get(BACKEND_ENV_VAR) or None)
     if requested is not None:
         source = "backend=" if backend is not None else f"{BACKEND_ENV_VAR}="
+        if not isinstance(requested, str):
+            raise TypeError(f"fastmini op '{op}': backend must be a str or None, got {type(requested).__name__}")
         if requested not in BACKENDS:
-            raise ValueError(f"fastmini op '{op}': unknown {source}'{requested}'; expected one of {BACKENDS}")
+            raise ValueError(f"fastmini op '{op}': unknown {source}{requested!r}; expected one of {BACKENDS}")
         if requested not in available:
             raise BackendUnavailableError(
                 f"fastmini op '{op}' has no '{requested}' backend ({source}'{requested}'); "

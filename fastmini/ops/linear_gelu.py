@@ -15,7 +15,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastmini.ops.checks import all_in, cast_to, check_parameter, check_tensor
 from fastmini.ops.dispatch import choose
+
+_OP = "linear_gelu"
 
 GELU_APPROXIMATIONS = ("none", "tanh")
 
@@ -118,25 +121,27 @@ def _backward(ctx, grad_y, _grad_pre):
 _linear_gelu_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
+def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, approximate: str) -> None:
+    check_tensor(_OP, "x", x)
+    check_tensor(_OP, "weight", weight, x.device)
     if weight.dim() != 2:
-        raise ValueError(f"linear_gelu: weight must be 2-D (intermediate, hidden), got shape {tuple(weight.shape)}")
+        raise ValueError(f"{_OP}: weight must be 2-D (intermediate, hidden), got shape {tuple(weight.shape)}")
     intermediate, hidden = weight.shape
     if x.dim() < 1 or x.shape[-1] != hidden:
         raise ValueError(
-            f"linear_gelu: x's last dimension must be the weight's hidden size {hidden} "
+            f"{_OP}: x's last dimension must be the weight's hidden size {hidden} "
             f"(weight is (intermediate, hidden) = {tuple(weight.shape)}), got x of shape {tuple(x.shape)}"
         )
-    if tuple(bias.shape) != (intermediate,):
-        raise ValueError(f"linear_gelu: bias must have shape ({intermediate},), got {tuple(bias.shape)}")
-    if not (x.device == weight.device == bias.device):
-        raise ValueError(
-            f"linear_gelu: x, weight and bias must be on one device, got {x.device}, {weight.device}, {bias.device}"
-        )
-    if not all(tensor.is_floating_point() for tensor in (x, weight, bias)):
-        raise ValueError(
-            f"linear_gelu: x, weight and bias must be floating point, got {x.dtype}, {weight.dtype}, {bias.dtype}"
-        )
+    check_parameter(_OP, "bias", bias, (intermediate,), x.device)
+    if approximate not in GELU_APPROXIMATIONS:
+        raise ValueError(f"{_OP}: approximate must be one of {GELU_APPROXIMATIONS}, got '{approximate}'")
+
+
+def _linear_gelu_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Tensor:
+    """The oracle, with weight and bias of another dtype than x cast to it as the kernels do (F.linear needs one)."""
+    if all_in(x.dtype, weight, bias):
+        return linear_gelu_ref(x, weight, bias, approximate)
+    return linear_gelu_ref(x, cast_to(weight, x.dtype), cast_to(bias, x.dtype), approximate)
 
 
 def _autocast_activation(x: torch.Tensor) -> torch.Tensor:
@@ -150,7 +155,6 @@ def _autocast_activation(x: torch.Tensor) -> torch.Tensor:
 
 
 def _linear_gelu_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Tensor:
-    _check_inputs(x, weight, bias)
     x = _autocast_activation(x)
     # Inference needs no pre-activation: the launcher then skips writing it (or writes y over it).
     save_pre = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
@@ -159,7 +163,7 @@ def _linear_gelu_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-_BACKENDS = {"torch": linear_gelu_ref, "triton": _linear_gelu_triton}
+_BACKENDS = {"torch": _linear_gelu_torch, "triton": _linear_gelu_triton}
 
 
 def linear_gelu(
@@ -168,9 +172,19 @@ def linear_gelu(
     bias: torch.Tensor,
     approximate: str = "none",
     backend: str | None = None,
+    *,
+    check_inputs: bool = True,
 ) -> torch.Tensor:
-    """``GELU(x @ weight^T + bias)`` with ``approximate`` in ``("none", "tanh")``."""
-    if approximate not in GELU_APPROXIMATIONS:
-        raise ValueError(f"linear_gelu: approximate must be one of {GELU_APPROXIMATIONS}, got '{approximate}'")
+    """``GELU(x @ weight^T + bias)`` with ``approximate`` in ``("none", "tanh")``.
+
+    x is (..., H), weight (I, H), bias (I,) (not None), all on one device; a weight or bias in another floating
+    dtype than x is used in x's dtype, as under autocast. Misuse is a ValueError or TypeError naming the
+    argument, whichever backend runs.
+
+    ``check_inputs=False`` skips the argument checks (a few microseconds a call): for callers whose parameters
+    fit x by construction, such as fastmini's own modules on the recursion's hot path.
+    """
+    if check_inputs:
+        _check_inputs(x, weight, bias, approximate)
     implementation = choose("linear_gelu", x, backend, _BACKENDS, verified_on_gpu=_VERIFIED_ON_GPU)
     return implementation(x, weight, bias, approximate)
