@@ -68,10 +68,16 @@ class SharedLayer(PrepackedWeightsMixin, nn.Module):
                 dropout_p=dropout_p,
                 need_weights=need_weights,
                 backend=self.packed_attention_backend,
+                check_inputs=False,  # projections of the layer's own x and the encoder's packing: fit by construction
             )
         else:
             context, probabilities = self_attention(
-                *projections, self.num_heads, key_padding_mask, dropout_p=dropout_p, need_weights=need_weights
+                *projections,
+                self.num_heads,
+                key_padding_mask,
+                dropout_p=dropout_p,
+                need_weights=need_weights,
+                check_inputs=False,
             )
         norm = self.attention_norm
         out = add_layer_norm(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastmini.ops.checks import check_probability, check_tensor
 from fastmini.ops.dispatch import BackendUnavailableError
 from fastmini.ops.packing import Packing
 
@@ -25,6 +26,25 @@ PACKED_ATTENTION_BACKENDS = ("torch", "cuda")
 # Set to ("cuda",) once tests/test_varlen_attention.py's GPU tests pass: then CUDA picks it by itself.
 _VERIFIED_ON_GPU: tuple[str, ...] = ()
 _VARLEN_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _check_qkv(op: str, query: object, key: object, value: object, num_heads: object, dropout_p: object) -> None:
+    """q/k/v: floating tensors of one shape, dtype and device; ``num_heads`` divides their width; a dropout
+    probability in [0, 1). Tensor attributes and Python scalars only: no host-device sync."""
+    check_tensor(op, "query", query)
+    device = query.device
+    for name, tensor in (("key", key), ("value", value)):
+        check_tensor(op, name, tensor, device)
+        if tensor.shape != query.shape:
+            raise ValueError(f"{op}: {name} must have query's shape {tuple(query.shape)}, got {tuple(tensor.shape)}")
+        if tensor.dtype != query.dtype:
+            raise TypeError(f"{op}: {name} must have query's dtype {query.dtype}, got {tensor.dtype}")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int):
+        raise TypeError(f"{op}: num_heads must be a Python int, got {type(num_heads).__name__}")
+    hidden = query.shape[-1] if query.dim() > 0 else 0
+    if num_heads <= 0 or hidden % num_heads != 0:
+        raise ValueError(f"{op}: num_heads must be > 0 and divide the width of query ({hidden}), got {num_heads}")
+    check_probability(op, "dropout_p", dropout_p)
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -55,6 +75,22 @@ def self_attention_ref(
     return torch.matmul(dropped, value), probabilities
 
 
+def _check_key_padding_mask(mask: object, query: torch.Tensor) -> None:
+    """A (B, S) bool mask: a float one would be an additive bias to SDPA (no masking) and an error to the
+    eager path."""
+    op = "self_attention"
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{op}: key_padding_mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{op}: key_padding_mask must be bool (True for real tokens), got {mask.dtype}")
+    if mask.shape != query.shape[:2]:
+        raise ValueError(
+            f"{op}: key_padding_mask must be (B, S) = {tuple(query.shape[:2])} like query, got {tuple(mask.shape)}"
+        )
+    if mask.device != query.device:
+        raise ValueError(f"{op}: key_padding_mask is on {mask.device} but query is on {query.device}")
+
+
 def self_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -63,11 +99,25 @@ def self_attention(
     key_padding_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     need_weights: bool = False,
+    check_inputs: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention over projected (B, S, H) query/key/value; returns ((B, S, H) context, probs or None).
 
-    ``key_padding_mask`` is (B, S) bool, True for real tokens; padded keys get no weight.
+    ``key_padding_mask`` is (B, S) bool, True for real tokens; padded keys get no weight. Padded queries
+    attend too (their rows are those of a real query, as in transformers): callers ignore or zero them.
+    A row with no real token at all has no key to attend to: its probabilities are uniform over its S
+    (padded) keys and its context is whatever the kernel gives (zeros from torch 2.13's SDPA on the CPU).
+    ``dropout_p`` is applied whenever it is > 0 (callers pass 0 in eval mode); the probabilities
+    returned are those before dropout. ``need_weights=True`` runs the eager ``self_attention_ref``.
+    ``check_inputs=False`` skips the argument checks (a few microseconds a call), for callers whose
+    tensors are built to fit; misuse then fails, if at all, deep inside torch.
     """
+    if check_inputs:
+        _check_qkv("self_attention", query, key, value, num_heads, dropout_p)
+        if query.dim() != 3:
+            raise ValueError(f"self_attention: query must be (B, S, H), got shape {tuple(query.shape)}")
+        if key_padding_mask is not None:
+            _check_key_padding_mask(key_padding_mask, query)
     q, k, v = (split_heads(t, num_heads) for t in (query, key, value))
     if need_weights:
         context, probabilities = self_attention_ref(q, k, v, key_padding_mask, dropout_p)
@@ -133,24 +183,45 @@ def packed_self_attention(
     dropout_p: float = 0.0,
     need_weights: bool = False,
     backend: str | None = None,
+    check_inputs: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention over packed (T, H) tokens: each token attends to the real tokens of its sequence.
 
-    Only attention sees the padded layout again (its cost per token is 4*S*H against the layer's
-    ~8H^2 + 4HI), so every GEMM, adapter and LayerNorm of the layer runs on real tokens only.
-    Returns the packed (T, H) context and, when asked, (B, A, S, S) probabilities.
+    Only attention may see the padded layout again (its cost per token is 4*S*H against the layer's
+    ~8H^2 + 4HI), so every GEMM, adapter and LayerNorm of the layer runs on real tokens only; on the
+    CPU a mostly padded batch attends one sequence at a time instead (see the module doc).
+    Returns the packed (T, H) context and, when asked, the (B, A, S, S) probabilities of
+    ``self_attention`` on the padded layout (zero weight on padded keys; padded query rows as there).
     ``backend="cuda"``: the varlen flash kernel where it can serve the call (see the module doc).
+    ``check_inputs=False`` skips the argument checks, as in ``self_attention``.
     """
+    if check_inputs:
+        op = "packed_self_attention"
+        _check_qkv(op, query, key, value, num_heads, dropout_p)
+        if not isinstance(packing, Packing):
+            raise TypeError(f"{op}: packing must be a fastmini.ops.Packing, got {type(packing).__name__}")
+        if query.dim() != 2 or query.shape[0] != packing.indices.shape[0]:
+            raise ValueError(
+                f"{op}: query must be packed (T, H) with T = {packing.indices.shape[0]} real tokens of packing, "
+                f"got shape {tuple(query.shape)}"
+            )
+        if packing.indices.device != query.device:
+            raise ValueError(f"{op}: packing is on {packing.indices.device} but query is on {query.device}")
     chosen = _packed_backend(query, backend)
     tokens, hidden = query.shape
     heads = (t.reshape(tokens, num_heads, hidden // num_heads) for t in (query, key, value))
     if chosen == "cuda" and not need_weights and dropout_p == 0.0 and query.dtype in _VARLEN_DTYPES:
         context = _varlen_attention(*heads, packing.cu_seqlens, packing.seq_len)
         return context.reshape(tokens, hidden), None
-    if not query.is_cuda and not need_weights and _mostly_padding(packing):
+    if query.device.type == "cpu" and not need_weights and _mostly_padding(packing):
         return per_sequence_attention(*heads, packing.cu_seqlens, dropout_p).reshape(tokens, hidden), None
     padded = (packing.unpack(t) for t in (query, key, value))
     context, probabilities = self_attention(
-        *padded, num_heads, packing.key_padding_mask, dropout_p=dropout_p, need_weights=need_weights
+        *padded,
+        num_heads,
+        packing.key_padding_mask,
+        dropout_p=dropout_p,
+        need_weights=need_weights,
+        check_inputs=False,  # checked above, or the caller's tensors are built to fit
     )
     return packing.pack(context), probabilities

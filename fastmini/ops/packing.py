@@ -23,8 +23,16 @@ class Packing:
 
     @classmethod
     def from_attention_mask(cls, attention_mask: torch.Tensor) -> Packing:
-        # Only what pack/unpack and attention use: cumulative lengths for a varlen kernel would
-        # cost a host-device sync on every forward, so they wait for that kernel.
+        """``attention_mask``: (B, S), nonzero (True) for real tokens.
+
+        Only what pack/unpack and attention use: ``cu_seqlens`` for a varlen kernel is computed
+        when first asked for."""
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+            shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else None
+            raise ValueError(
+                f"Packing.from_attention_mask: attention_mask must be a (batch, sequence) tensor, got "
+                f"{type(attention_mask).__name__ if shape is None else f'shape {shape}'}"
+            )
         mask = attention_mask.bool()
         return cls(
             indices=mask.flatten().nonzero().squeeze(1),
@@ -46,10 +54,20 @@ class Packing:
 
     def pack(self, padded: torch.Tensor) -> torch.Tensor:
         """(B, S, ...) -> (T, ...)."""
+        if padded.shape[:2] != (self.batch_size, self.seq_len):
+            raise ValueError(
+                f"Packing.pack: padded must be (B, S, ...) with (B, S) = {(self.batch_size, self.seq_len)}, "
+                f"got shape {tuple(padded.shape)}"
+            )
         return padded.flatten(0, 1).index_select(0, self.indices)
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """(T, ...) -> (B, S, ...) with zeros at the padded positions."""
+        if packed.dim() == 0 or packed.shape[0] != self.indices.shape[0]:
+            raise ValueError(
+                f"Packing.unpack: packed must be (T, ...) with T = {self.indices.shape[0]} real tokens, "
+                f"got shape {tuple(packed.shape)}"
+            )
         flat = packed.new_zeros((self.batch_size * self.seq_len, *packed.shape[1:]))
         flat = flat.index_copy(0, self.indices, packed)
         return flat.view(self.batch_size, self.seq_len, *packed.shape[1:])
