@@ -521,3 +521,17 @@ def test_gradient_checkpointing_changes_nothing_but_memory(model_dir, tmp_path):
         losses[name + " dev"] = chosen_validation(output)
     assert len(losses["plain"]) >= 4 and losses["plain"] == pytest.approx(losses["checkpointed"], rel=1e-5)
     assert losses["plain dev"] == pytest.approx(losses["checkpointed dev"], rel=1e-5)
+
+
+def test_resume_takes_the_same_data_by_another_path(tmp_path, monkeypatch):
+    """--resume compares file options as files: a relative path to the same directory is no change."""
+    from fastmini.finetune.config import changed_options
+
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    saved = {"data": str(tmp_path / "data"), "lr": [5e-5], "output_dir": "a"}
+    assert changed_options(saved, {"data": "data", "lr": [5e-5], "output_dir": "b"}) == []
+    assert changed_options(saved, {"data": "other", "lr": [1e-3], "output_dir": "a"}) == [
+        f"--data {str(tmp_path / 'data')!r} -> 'other'",
+        "--lr [5e-05] -> [0.001]",
+    ]

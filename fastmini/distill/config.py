@@ -257,6 +257,8 @@ RUN_ONLY_FIELDS = frozenset(
         "cache_dir",
     }
 )
+# Options that name files or directories: on resume, the same one given by another path is no change.
+PATH_FIELDS = frozenset({"data", "teacher", "tokenizer", "copy_embeddings_from"})
 # Not run-only: --eval-windows and --eval-batch-size choose the held-out windows and their masks
 # (and --eval-windows 0 gives the held-out documents to training), so "before" and "after" of a
 # resumed run would be measured on different sets.
@@ -320,6 +322,11 @@ OPTIONS = Options(
 )
 FIELDS = OPTIONS.fields
 flag_of = OPTIONS.flag_of
+
+
+def changed_options(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What a resumed run was asked to change that it may not ("--flag old -> new" each)."""
+    return OPTIONS.changed(saved, current, RUN_ONLY_FIELDS, PATH_FIELDS)
 build_parser = OPTIONS.build_parser
 read_config_file = OPTIONS.read_config_file
 

@@ -29,7 +29,7 @@ from fastmini.data.corpus import load_documents
 from fastmini.data.windows import check_window_stride, make_windows
 from fastmini.distill import models
 from fastmini.distill.batches import MaskedWindows, StepBatches, evaluation_batches
-from fastmini.distill.config import RUN_ONLY_FIELDS, DistillConfig, flag_of, resolve_layer_map
+from fastmini.distill.config import DistillConfig, changed_options, resolve_layer_map
 from fastmini.distill.distiller import Distiller, StudentSide
 from fastmini.distill.evaluation import evaluate
 from fastmini.training import checkpoints, distributed, faults, precision
@@ -300,11 +300,7 @@ class DistillationRun:
         except Exception as error:  # a truncated or foreign file
             raise UsageError(f"--resume {path}: {STATE_NAME} cannot be read ({error})") from error
         saved, current = state["config"], self.config.to_dict()
-        changed = [
-            f"{flag_of(name)} {saved.get(name)!r} -> {current[name]!r}"
-            for name in current
-            if name not in RUN_ONLY_FIELDS and not _same_option(name, saved.get(name), current[name])
-        ]
+        changed = changed_options(saved, current)
         if changed:
             raise UsageError(f"--resume {path}: the checkpoint was written with other options: {'; '.join(changed)}")
         if state["data_position"]["train_windows"] != len(self.train_windows):
@@ -527,18 +523,6 @@ class DistillationRun:
         (staging / METRICS_NAME).write_text(json.dumps(metrics, indent=2))
         publish_directory_contents(staging, self.output)
         log.info("wrote the student, tokenizer, %s and %s to %s", TRAIN_CONFIG_NAME, METRICS_NAME, self.output)
-
-
-# Options that name files: the same file given as another path (relative, with ~) is the same option.
-PATH_FIELDS = ("data", "teacher", "tokenizer", "copy_embeddings_from")
-
-
-def _same_option(name: str, saved: Any, current: Any) -> bool:
-    if saved == current:
-        return True
-    if name in PATH_FIELDS and isinstance(saved, str) and isinstance(current, str):
-        return Path(saved).expanduser().resolve() == Path(current).expanduser().resolve()
-    return False
 
 
 def _summary(metrics: dict[str, Any]) -> str:

@@ -232,6 +232,8 @@ RUN_ONLY_FIELDS = frozenset(
         "device",
     }
 )
+# Options that name files or directories: on resume, the same one given by another path is no change.
+PATH_FIELDS = frozenset({"model", "data", "tokenizer"})
 
 OPTIONS = Options(
     FinetuneConfig,
@@ -253,6 +255,11 @@ OPTIONS = Options(
 )
 FIELDS = OPTIONS.fields
 flag_of = OPTIONS.flag_of
+
+
+def changed_options(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What a resumed job was asked to change that it may not ("--flag old -> new" each)."""
+    return OPTIONS.changed(saved, current, RUN_ONLY_FIELDS, PATH_FIELDS)
 build_parser = OPTIONS.build_parser
 
 

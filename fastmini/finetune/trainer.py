@@ -34,7 +34,7 @@ from torch import nn
 from fastmini.data.ner import continuation_labels
 from fastmini.files import write_file_atomically
 from fastmini.finetune import inference
-from fastmini.finetune.config import DEFAULT_MAX_LENGTH, RUN_ONLY_FIELDS, FinetuneConfig, flag_of
+from fastmini.finetune.config import DEFAULT_MAX_LENGTH, FinetuneConfig, changed_options
 from fastmini.finetune.data import TaskData, encode, load_task_data
 from fastmini.finetune.models import ModelSource, load_task_model, task_model_class
 from fastmini.finetune.tasks import LOWER_IS_BETTER, TaskSpec, task_spec
@@ -133,11 +133,7 @@ def _check_resumed_options(grid: Path, config: FinetuneConfig) -> None:
     """--resume continues a job only with the options it was started with (run-only ones aside)."""
     saved = json.loads(grid.read_text())
     current = config.to_dict()
-    changed = [
-        f"{flag_of(name)} {saved.get(name)!r} -> {current[name]!r}"
-        for name in current
-        if name not in RUN_ONLY_FIELDS and saved.get(name) != current[name]
-    ]
+    changed = changed_options(saved, current)
     if changed:
         raise UsageError(
             f"--resume: the job in {grid.parent.parent} was started with other options: {'; '.join(changed)}"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import field
 from pathlib import Path
 from typing import Any
@@ -83,6 +83,14 @@ def readable_parser(parse: Callable[[str], Any], expected: str) -> Callable[[str
     return parse_option
 
 
+def _same_value(saved: Any, current: Any, is_path: bool) -> bool:
+    if saved == current:
+        return True
+    if is_path and isinstance(saved, str) and isinstance(current, str):
+        return Path(saved).expanduser().resolve() == Path(current).expanduser().resolve()
+    return False
+
+
 def _show(value: Any) -> str:
     if value is None:
         return "none"
@@ -116,6 +124,18 @@ class Options:
 
     def default_of(self, name: str) -> Any:
         return _default_of(self.fields[name])
+
+    def changed(
+        self, saved: Mapping[str, Any], current: Mapping[str, Any], run_only: Collection[str], paths: Collection[str]
+    ) -> list[str]:
+        """"--flag old -> new" for every option ``current`` gives otherwise than ``saved`` (a resumed run's
+        record), ``run_only`` ones aside; options in ``paths`` name files, and the same file given by another
+        path (relative, with ~) is the same option."""
+        return [
+            f"{self.flag_of(name)} {saved.get(name)!r} -> {value!r}"
+            for name, value in current.items()
+            if name not in run_only and not _same_value(saved.get(name), value, name in paths)
+        ]
 
     # ------------------------------------------------------------------------------ parser
     def build_parser(self) -> argparse.ArgumentParser:
