@@ -9,6 +9,7 @@ import torch
 
 from fastmini.data.corpus import DEFAULT_DATA, DataError, load_documents, read_file
 from fastmini.data.masking import IGNORE_INDEX, mask_tokens
+from fastmini.data.wikipedia import plain_text
 from fastmini.data.windows import make_windows, sample_windows
 from fastmini.distill.testing import tiny_vocabulary
 
@@ -96,6 +97,37 @@ def test_tokenised_windows_are_cached_by_datasets(tokenizer, tmp_path):
     other = make_windows(cached, tokenizer, 16, 4, 3, seed=1)
     assert first.cache_files and first.cache_files == second.cache_files
     assert other.cache_files != first.cache_files
+
+
+def test_a_new_windows_format_is_not_served_from_an_old_cache(tokenizer, tmp_path, monkeypatch):
+    import datasets
+
+    import fastmini.data.windows as windows_module
+
+    source = tmp_path / "docs.jsonl"
+    source.write_text("\n".join(json.dumps({"text": words(i, 60)}) for i in range(4)))
+    cached = datasets.load_dataset("json", data_files=str(source), split="train", cache_dir=str(tmp_path / "cache"))
+    before = make_windows(cached, tokenizer, 16, 4, 3, seed=0)
+    monkeypatch.setattr(windows_module, "WINDOWS_FORMAT_VERSION", windows_module.WINDOWS_FORMAT_VERSION + 1)
+    after = make_windows(cached, tokenizer, 16, 4, 3, seed=0)
+    assert after.cache_files != before.cache_files
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["slow", "fast"])
+def test_special_token_strings_in_a_document_are_text_not_special_ids(tmp_path, fast):
+    from transformers import BertTokenizer, BertTokenizerFast
+
+    tokenizer = BertTokenizer(vocab=tiny_vocabulary())
+    if fast:
+        tokenizer.save_pretrained(tmp_path)
+        tokenizer = BertTokenizerFast.from_pretrained(tmp_path)
+    windows = make_windows(as_dataset(["w1 [MASK] w2 [SEP] [PAD] [CLS] w3"]), tokenizer, 32, 4, None, seed=0)
+    input_ids, special = windows["input_ids"][0], windows["special_tokens_mask"][0]
+    specials = {tokenizer.mask_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id, tokenizer.cls_token_id}
+    inner = input_ids[1:-1]  # [UNK] for the brackets of this vocabulary is fine: unknown text
+    assert input_ids[0] == tokenizer.cls_token_id and input_ids[-1] == tokenizer.sep_token_id
+    assert special == [1] + [0] * len(inner) + [1]
+    assert not specials & set(inner), "a literal special-token string became a special id"
 
 
 # ---- masking --------------------------------------------------------------------------------------
@@ -230,6 +262,29 @@ def test_offline_default_is_the_gensim_wikipedia_sample_without_markup():
     text = "\n".join(documents["text"])
     assert "Anarchism is a political philosophy" in text
     assert "'''" not in text and "''" not in text and "==" not in text and "[[" not in text
+    for image_markup in ("File:", "Image:", "alt=", "30px", "__TOC__", ".jpg|"):
+        assert image_markup not in text
+    assert "ReferencesExternal links" not in text  # headings glued across their blank lines
+
+
+def test_wiki_headings_keep_their_own_lines_and_image_captions_keep_their_text():
+    markup = (
+        "Intro.\n\n==History==\n\n\n===Early years===\nBorn.\n"
+        "File:Snow.jpg|The range in snow\nA grave|alt=A twin gravestone\nAfrica 30px\n__TOC__\nEnd."
+    )
+    assert plain_text(markup) == "Intro.\n\nHistory\n\nEarly years\nBorn.\nThe range in snow\nA grave\nAfrica\n\nEnd."
+
+
+@pytest.mark.parametrize("name", ["a.txt", "a.jsonl", "a.json", "a.csv"])
+def test_a_byte_order_mark_is_not_part_of_the_first_text_or_column_name(tmp_path, name):
+    contents = {
+        "a.txt": "first\nsecond\n",
+        "a.jsonl": '{"text": "first"}\n{"text": "second"}\n',
+        "a.json": '[{"text": "first"}, {"text": "second"}]',
+        "a.csv": "text,label\nfirst,0\nsecond,1\n",
+    }
+    (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + contents[name].encode())
+    assert read_file(tmp_path / name) == ["first", "second"]
 
 
 def test_csv_fields_longer_than_the_csv_modules_default_limit(tmp_path):

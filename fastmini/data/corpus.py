@@ -127,7 +127,7 @@ def read_text_file(path: Path, allow_empty: bool = False) -> str:
 
 
 def _read_text(path: Path, text_unit: str) -> list[str]:
-    text = path.read_text(encoding="utf-8")
+    text = read_text_file(path, allow_empty=True)
     if text_unit == "file":
         pieces: Iterable[str] = [text]
     elif text_unit == "paragraph":
@@ -149,7 +149,7 @@ def _field(record, text_field: str, where: str) -> str:
 
 
 def _read_json(path: Path, text_field: str) -> list[str]:
-    content = path.read_text(encoding="utf-8")
+    content = read_text_file(path, allow_empty=True)
     stripped = content.lstrip()
     if stripped.startswith("["):
         try:
@@ -184,7 +184,7 @@ def allow_long_csv_fields() -> None:
 
 def _read_csv(path: Path, text_field: str, delimiter: str) -> list[str]:
     allow_long_csv_fields()
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: a spreadsheet's BOM is not in a name
         reader = csv.DictReader(handle, delimiter=delimiter)
         if reader.fieldnames is None:
             return []

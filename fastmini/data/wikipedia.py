@@ -46,17 +46,28 @@ def sentences(limit: int | None = None, min_chars: int = 20, max_chars: int = 60
 
 
 _EMPHASIS = re.compile(r"'{2,}")  # ''italic'', '''bold''' quotes that filter_wiki leaves
-_HEADING = re.compile(r"^\s*=+\s*(.*?)\s*=+\s*$", re.MULTILINE)  # == Heading == -> Heading
-_TABLE_LEFTOVER = re.compile(r"^\s*[|!].*$", re.MULTILINE)  # table rows that survive as "| cell"
+# [ \t], not \s: a \s* runs across the blank lines around a heading and glues the next heading on.
+_HEADING = re.compile(r"^[ \t]*=+[ \t]*(.*?)[ \t]*=+[ \t]*$", re.MULTILINE)  # == Heading == -> Heading
+_TABLE_LEFTOVER = re.compile(r"^[ \t]*[|!].*$", re.MULTILINE)  # table rows that survive as "| cell"
+# Image markup that survives too: gallery lines "File:x.jpg|Caption" (the caption stays), "alt=..." image
+# descriptions (to the end of their line), size and placement options ("|thumb", "30px", "|217x217px")
+# and magic words ("__TOC__").
+_IMAGE_FILE = re.compile(
+    r"^(?:File|Image)(?::[^|\n]*)?(?:\||$)|^[^|\n]*\.(?:jpe?g|png|gif|svg|tiff?|ogv|ogg|webm)\|", re.I | re.MULTILINE
+)
+_IMAGE_ALT = re.compile(r"\|?\balt=.*$", re.MULTILINE)
+_IMAGE_OPTION = re.compile(r"[ \t]*\|?\b(?:\d+x)?\d+px\b|\|(?:thumb|thumbnail|upright|frameless|left|right|center)\b")
+_MAGIC_WORD = re.compile(r"__[A-Z]+__")
 _BLANK_LINES = re.compile(r"\n{3,}")
 
 
 def plain_text(text: str) -> str:
     """What ``articles`` yields, with the markup gensim's stripper leaves removed too:
-    emphasis quotes, heading equals signs and table-row leftovers."""
+    emphasis quotes, heading equals signs, table-row leftovers and image markup."""
     text = _EMPHASIS.sub("", text)
     text = _HEADING.sub(r"\1", text)
-    text = _TABLE_LEFTOVER.sub("", text)
+    for leftover in (_TABLE_LEFTOVER, _IMAGE_FILE, _IMAGE_ALT, _IMAGE_OPTION, _MAGIC_WORD):
+        text = leftover.sub("", text)
     return _BLANK_LINES.sub("\n\n", text).strip()
 
 

@@ -14,6 +14,9 @@ from __future__ import annotations
 import random
 
 WINDOW_COLUMNS = ("input_ids", "special_tokens_mask")
+# Part of every windowed dataset's cache fingerprint (datasets hashes WindowMaker's attributes, not its
+# code): bump it whenever the windows a corpus gives change, so that no cache from before is reused.
+WINDOWS_FORMAT_VERSION = 2
 
 
 class WindowMaker:
@@ -25,6 +28,7 @@ class WindowMaker:
         self.stride = stride
         self.max_windows = max_windows
         self.seed = seed
+        self.format_version = WINDOWS_FORMAT_VERSION
 
     def __call__(self, batch: dict, indices: list[int]) -> dict:
         encoded = self.tokenizer(
@@ -36,6 +40,9 @@ class WindowMaker:
             return_special_tokens_mask=True,
             return_attention_mask=False,
             return_token_type_ids=False,
+            # "[MASK]" or "[SEP]" written in a document is text: as special ids they could be masked and
+            # learned as targets, and the special-tokens mask would not know them.
+            split_special_tokens=True,
         )
         by_document: dict[int, list[int]] = {}
         for window, document in enumerate(encoded["overflow_to_sample_mapping"]):
