@@ -7,6 +7,7 @@ import torch
 from transformers import (
     AlbertConfig,
     AlbertForMaskedLM,
+    AlbertForQuestionAnswering,
     AlbertForSequenceClassification,
     AlbertForTokenClassification,
     AlbertModel,
@@ -14,6 +15,7 @@ from transformers import (
 
 from fastmini import (
     CheckpointError,
+    FastMiniConfig,
     FastMiniForMaskedLM,
     FastMiniForSequenceClassification,
     FastMiniForTokenClassification,
@@ -89,3 +91,42 @@ def test_unsupported_albert_variants_are_refused(field, tmp_path):
     AlbertModel(albert_config(**{field: 3})).save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match=field):
         FastMiniModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("hidden_act, approximation", [("gelu_python", "none"), ("gelu_fast", "tanh")])
+def test_gelu_spellings_of_the_supported_variants(hidden_act, approximation, randomize, batch, tmp_path):
+    """transformers' "gelu_python" (erf) and "gelu_fast" (tanh) are the GELUs fastmini runs."""
+    from transformers.activations import ACT2FN
+
+    x = torch.randn(10_000, generator=torch.Generator().manual_seed(0)) * 4
+    torch.testing.assert_close(ACT2FN[hidden_act](x), torch.nn.functional.gelu(x, approximate=approximation))
+    albert = randomize(AlbertModel(albert_config(hidden_act=hidden_act))).eval()
+    albert.save_pretrained(tmp_path)
+    model = FastMiniModel.from_pretrained(tmp_path)
+    assert model.config.gelu_approximation == approximation
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        expected, ours = albert(**batch), model(**batch)
+    assert relative_error(ours.last_hidden_state[real], expected.last_hidden_state[real]) <= RTOL
+
+
+def test_question_answering_checkpoint_loads_its_encoder(randomize, batch, tmp_path):
+    """fastmini has no QA head: qa_outputs is dropped as the other unused ALBERT heads are."""
+    albert = randomize(AlbertForQuestionAnswering(albert_config())).eval()
+    albert.save_pretrained(tmp_path)
+    model = FastMiniModel.from_pretrained(tmp_path)
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        expected, ours = albert.albert(**batch), model(**batch)
+    assert relative_error(ours.last_hidden_state[real], expected.last_hidden_state[real]) <= RTOL
+
+
+def test_config_from_pretrained_converts_an_albert_directory(randomize, batch, tmp_path):
+    """FastMiniConfig.from_pretrained(<ALBERT dir>) passed back as config= loads the same model."""
+    albert = randomize(AlbertForSequenceClassification(albert_config(num_labels=3))).eval()
+    albert.save_pretrained(tmp_path)
+    config = FastMiniConfig.from_pretrained(tmp_path)
+    assert config.head_variant == "albert" and config.tie_word_embeddings and config.num_labels == 3
+    model = FastMiniForSequenceClassification.from_pretrained(tmp_path, config=config)
+    with torch.no_grad():
+        assert relative_error(model(**batch).logits, albert(**batch).logits) <= RTOL

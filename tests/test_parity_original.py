@@ -6,8 +6,12 @@ ALBERT modules, whose state dict carries the original key names.
 
 from __future__ import annotations
 
+import json
+import logging
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from fastmini import (
     FastMiniForMaskedLM,
@@ -108,7 +112,7 @@ def test_sdpa_path_matches_original_without_attention_outputs(tiny_original_conf
     assert_close_relative(ours.hidden_states[-1][real], hidden_states[-1][real], "last hidden state")
 
 
-def test_masked_lm_checkpoint_loads_into_base_and_task_models(tiny_original_config, randomize, batch, tmp_path):
+def test_masked_lm_checkpoint_loads_into_base_and_task_models(tiny_original_config, randomize, batch, tmp_path, caplog):
     original = randomize(OriginalMiniAlbertForMaskedLM(tiny_original_config())).eval()
     directory = save_original_checkpoint(original, tmp_path)
     with torch.no_grad():
@@ -120,11 +124,14 @@ def test_masked_lm_checkpoint_loads_into_base_and_task_models(tiny_original_conf
     assert_close_relative(encoded.last_hidden_state[real], hidden_states[-1][real], "encoder output")
     assert encoded.pooler_output is None  # MiniALBERT has no pooler
 
-    classifier, info = FastMiniForSequenceClassification.from_pretrained(
-        directory, num_labels=3, output_loading_info=True
-    )
+    with caplog.at_level(logging.WARNING, logger="fastmini"):
+        classifier, info = FastMiniForSequenceClassification.from_pretrained(
+            directory, num_labels=3, output_loading_info=True
+        )
     assert info["missing_keys"] == ["classifier.bias", "classifier.weight"]
     assert all(key.startswith("lm_head.") for key in info["unexpected_keys"])
+    # the dropped MLM head is said out loud, as transformers' UNEXPECTED keys are
+    assert "not used by FastMiniForSequenceClassification and are ignored: lm_head.* (6 tensors)" in caplog.text
     torch.testing.assert_close(
         classifier.fastmini.encoder.shared_layer.query.weight,
         original.albert.albert.encoder.albert_layer_groups[0].albert_layers[0].attention.query.weight,
@@ -132,22 +139,97 @@ def test_masked_lm_checkpoint_loads_into_base_and_task_models(tiny_original_conf
     assert classifier.classifier.out_features == 3
 
 
-def test_bare_minialbert_model_checkpoint(tiny_original_config, randomize, batch, tmp_path):
-    """A saved MiniAlbertModel (no head) carries "albert.<AlbertModel>" keys and top-level adapters."""
+@pytest.mark.parametrize("weights_format", ["safetensors", "bin"])
+def test_bare_minialbert_model_checkpoint(weights_format, tiny_original_config, randomize, batch, tmp_path):
+    """A saved MiniAlbertModel (no head) carries "albert.<AlbertModel>" keys and top-level projector
+    and adapters, as the original MiniAlbertModel.save_pretrained writes them."""
     from fastmini.baselines.original import OriginalMiniAlbertModel
 
-    class BareCheckpoint(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.albert, self.config = model, model.config
-
     original = randomize(OriginalMiniAlbertModel(tiny_original_config())).eval()
-    directory = save_original_checkpoint(BareCheckpoint(original), tmp_path)
+    directory = save_original_checkpoint(original, tmp_path, weights_format)
+    assert json.loads((directory / "config.json").read_text())["architectures"] == ["MiniAlbertModel"]
+    if weights_format == "bin":
+        keys = set(torch.load(directory / "pytorch_model.bin", weights_only=True))
+    else:
+        keys = set(load_file(directory / "model.safetensors"))
+    assert {"albert.embeddings.word_embeddings.weight", "projector.weight", "att_adapters.0.block.0.weight"} <= keys
+    assert not any(key.startswith(("albert.albert.", "albert.projector.")) for key in keys)
+    if weights_format == "bin":
+        assert "albert.embeddings.position_ids" in keys
     with torch.no_grad():
         expected, _, _ = original(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
         actual = FastMiniModel.from_pretrained(directory)(**batch).last_hidden_state
     real = batch["attention_mask"].bool()
     assert_close_relative(actual[real], expected[real], "encoder output")
+
+
+def test_published_model_checkpoint_has_the_bare_layout(tiny_original_config, monkeypatch, tmp_path):
+    """The benchmarks' stand-in for nlpie/miniALBERT-128 is saved as a real MiniAlbertModel."""
+    from fastmini.baselines import original as baseline
+
+    monkeypatch.setattr(baseline, "original_config", lambda **published: tiny_original_config())  # tiny, fast
+    _, directory = baseline.random_published_checkpoint(tmp_path)
+    assert json.loads((directory / "config.json").read_text())["architectures"] == ["MiniAlbertModel"]
+    assert "projector.weight" in load_file(directory / "model.safetensors")
+
+
+def test_num_labels_stated_without_id2label(tiny_original_config, randomize, batch, tmp_path):
+    """A config.json that gives num_labels (and no id2label) keeps its label count, as in transformers."""
+    original = randomize(OriginalMiniAlbertForSequenceClassification(tiny_original_config(num_labels=3))).eval()
+    directory = save_original_checkpoint(original, tmp_path)
+    config_dict = json.loads((directory / "config.json").read_text())
+    config_dict.pop("id2label"), config_dict.pop("label2id")
+    (directory / "config.json").write_text(json.dumps({**config_dict, "num_labels": 3}))
+    model = FastMiniForSequenceClassification.from_pretrained(directory)
+    assert model.config.num_labels == 3 and model.classifier.out_features == 3
+    with torch.no_grad():
+        expected, _, _ = original(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        assert_close_relative(model(**batch).logits, expected, "logits")
+
+
+def test_config_from_pretrained_converts_an_original_directory(tiny_original_config, randomize, batch, tmp_path):
+    """FastMiniConfig.from_pretrained(<MiniALBERT dir>) is the config the model classes build from it,
+    so it can be edited and passed back as config=."""
+    from fastmini import FastMiniConfig
+
+    original = randomize(OriginalMiniAlbertForMaskedLM(tiny_original_config())).eval()
+    directory = save_original_checkpoint(original, tmp_path)
+    config = FastMiniConfig.from_pretrained(directory)
+    built = FastMiniForMaskedLM.from_pretrained(directory).config
+    assert (config.head_variant, config.use_adapter, config.reduction_factor) == ("minialbert", True, 4)
+
+    def fields(config):  # what loading sets on top: where it came from, the weights' dtype
+        return {k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "dtype")}
+
+    assert fields(config) == fields(built)
+    assert fields(FastMiniConfig.from_dict(json.loads((directory / "config.json").read_text()))) == fields(built)
+
+    config.num_labels = 3
+    classifier = FastMiniForSequenceClassification.from_pretrained(directory, config=config)
+    assert classifier.classifier.out_features == 3
+    with torch.no_grad():
+        _, hidden_states, _ = original(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        encoded = classifier.fastmini(**batch, output_hidden_states=True).hidden_states[-1]
+    real = batch["attention_mask"].bool()
+    assert_close_relative(encoded[real], hidden_states[-1][real], "encoder output")
+
+
+def test_the_random_weights_leave_per_token_signal(tiny_original_config, randomize, batch, tmp_path):
+    """Parity at RTOL means something only if a broken model misses it by far: the random weights
+    must keep the tokens apart through every recursion (conftest's _randomize)."""
+    original = randomize(OriginalMiniAlbertForMaskedLM(tiny_original_config())).eval()
+    directory = save_original_checkpoint(original, tmp_path)
+    with torch.no_grad():
+        logits, hidden_states, _ = original(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    real = batch["attention_mask"].bool()
+    last = hidden_states[-1][real]
+    assert (last - last[:1]).abs().max() > 0.1 * last.abs().max(), "every token ends up alike"
+    for mutate in ("token_type_embeddings", "word_embeddings"):
+        model = FastMiniForMaskedLM.from_pretrained(directory)
+        with torch.no_grad():
+            getattr(model.fastmini.embeddings, mutate).weight.zero_()
+            error = (model(**batch).logits[real] - logits[real]).abs().max() / logits[real].abs().max()
+        assert error > 1000 * RTOL, f"zeroing {mutate} changes the logits by only {error:.1e}"
 
 
 def test_hub_model_names_resolve_through_the_hub_client(tiny_original_config, randomize, batch, tmp_path, monkeypatch):

@@ -151,3 +151,81 @@ def test_albert_heads_tie_the_decoder_by_default(tiny_config):
     assert not FastMiniForMaskedLM(tiny_config()).config.tie_word_embeddings  # MiniALBERT's decoder is its own
     untied = FastMiniForMaskedLM(tiny_config(head_variant="albert", tie_word_embeddings=False))
     assert untied.lm_head.decoder.weight is not untied.fastmini.embeddings.word_embeddings.weight
+
+
+def serve_hub(monkeypatch, tmp_path, files: dict, failures: dict) -> list[str]:
+    """Stand-in for huggingface_hub.hf_hub_download: `files` (name -> local path) are served, names in
+    `failures` raise that exception, any other name is missing from the repository."""
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    requested = []
+
+    def fake_download(repo_id, filename, **kwargs):
+        requested.append(filename)
+        if filename in failures:
+            raise failures[filename]
+        if filename not in files:
+            raise EntryNotFoundError(f"{filename} not in {repo_id}")
+        return str(files[filename])
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    return requested
+
+
+def test_a_hub_model_missing_from_the_local_cache_is_reported_as_such(monkeypatch, tmp_path):
+    """LocalEntryNotFoundError is an EntryNotFoundError: offline it must not read as "no config.json"."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    serve_hub(monkeypatch, tmp_path, {}, {"config.json": LocalEntryNotFoundError("offline")})
+    with pytest.raises(CheckpointError, match=r"config.json is not in the local hub cache \(offline"):
+        FastMiniForMaskedLM.from_pretrained("someone/tiny", local_files_only=True)
+
+
+def test_offline_the_weights_search_skips_uncached_names(tiny_config, batch, monkeypatch, tmp_path):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    model = FastMiniForMaskedLM(tiny_config()).eval()
+    model.save_pretrained(tmp_path)
+    state_dict = load_file(tmp_path / "model.safetensors")
+    torch.save(state_dict, tmp_path / "pytorch_model.bin")
+    uncached = {name: LocalEntryNotFoundError(name) for name in ("model.safetensors", "model.safetensors.index.json")}
+    files = {"config.json": tmp_path / "config.json", "pytorch_model.bin": tmp_path / "pytorch_model.bin"}
+    requested = serve_hub(monkeypatch, tmp_path, files, uncached)
+    reloaded = FastMiniForMaskedLM.from_pretrained("someone/tiny", local_files_only=True)
+    assert requested[-1] == "pytorch_model.bin"
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, reloaded(**batch).logits)
+
+    files.pop("pytorch_model.bin")
+    uncached["pytorch_model.bin"] = LocalEntryNotFoundError("pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="none of its weight files .* is in the local hub cache"):
+        FastMiniForMaskedLM.from_pretrained("someone/tiny", local_files_only=True)
+
+
+def test_a_gated_hub_repository_asks_for_a_token(monkeypatch, tmp_path):
+    """GatedRepoError is a RepositoryNotFoundError: the repository exists, access needs a login."""
+    from types import SimpleNamespace
+
+    from huggingface_hub.errors import GatedRepoError
+
+    gated = GatedRepoError(
+        "Access to model someone/gated is restricted", response=SimpleNamespace(headers={}, request=None)
+    )
+    serve_hub(monkeypatch, tmp_path, {}, {"config.json": gated})
+    with pytest.raises(CheckpointError, match=r"gated repository.*huggingface-cli login.*token="):
+        FastMiniForMaskedLM.from_pretrained("someone/gated")
+
+
+@pytest.mark.parametrize(
+    "device_map", ["cpu", {"": "cpu"}, {"": torch.device("cpu")}, {"fastmini": "cpu", "lm_head": "cpu"}]
+)
+def test_device_map_on_one_device(device_map, tiny_config, tmp_path):
+    """transformers spells "everything on one device" as a dict too ({"": 0} is cuda:0)."""
+    from fastmini.models.loading import _target_device
+
+    FastMiniForMaskedLM(tiny_config()).save_pretrained(tmp_path)
+    assert FastMiniForMaskedLM.from_pretrained(tmp_path, device_map=device_map).device == torch.device("cpu")
+    assert _target_device({"": "cuda:0"}) == torch.device("cuda", 0)  # {"": 0} too, where a GPU is
+    with pytest.raises(ValueError, match="one device"):
+        FastMiniForMaskedLM.from_pretrained(tmp_path, device_map={"fastmini": "cpu", "lm_head": "meta"})

@@ -123,6 +123,9 @@ class OriginalMiniAlbertForTokenClassification(OriginalMiniAlbertForSequenceClas
 def save_original_checkpoint(model: nn.Module, directory: str | Path, weights_format: str = "safetensors") -> Path:
     """Write ``model`` as the original code's checkpoints look: ALBERT config.json + original keys.
 
+    A bare OriginalMiniAlbertModel is saved as the original MiniAlbertModel saves itself: its own
+    state dict ("albert.<AlbertModel>", "projector.*", "att_adapters.*", "mlp_adapters.*") under the
+    architecture "MiniAlbertModel"; the head models nest it under "albert.".
     ``weights_format`` is "safetensors" (model.safetensors) or "bin" (pytorch_model.bin, with the
     int64 position_ids buffer that older files carry).
     """
@@ -142,7 +145,8 @@ def save_original_checkpoint(model: nn.Module, directory: str | Path, weights_fo
 
         save_file(state_dict, str(directory / "model.safetensors"))
     elif weights_format == "bin":
-        prefix = "albert.albert." if hasattr(model, "albert") else "albert."
+        # The bare model holds AlbertModel as "albert."; the head models hold the bare model there.
+        prefix = "albert." if isinstance(model, OriginalMiniAlbertModel) else "albert.albert."
         state_dict[prefix + "embeddings.position_ids"] = torch.arange(model.config.max_position_embeddings)[None]
         torch.save(state_dict, directory / "pytorch_model.bin")
     else:
@@ -165,17 +169,9 @@ PUBLISHED_MINIALBERT_128 = dict(
 PUBLISHED_MINIALBERT_128_SHAPE = "E=128 H=768 A=12 I=3072 N=6 r=16"
 
 
-class _BareModelCheckpoint(nn.Module):
-    """Gives a bare MiniAlbertModel the "albert." prefix its saved checkpoints carry."""
-
-    def __init__(self, model: OriginalMiniAlbertModel):
-        super().__init__()
-        self.albert, self.config = model, model.config
-
-
 def random_published_checkpoint(directory: str | Path, seed: int = 0) -> tuple[OriginalMiniAlbertModel, Path]:
     """An original MiniAlbertModel at the published configuration with random weights (seeded),
     in eval mode, and the directory it was saved to as the original checkpoints are."""
     torch.manual_seed(seed)
     model = OriginalMiniAlbertModel(original_config(**PUBLISHED_MINIALBERT_128)).eval()
-    return model, save_original_checkpoint(_BareModelCheckpoint(model), directory)
+    return model, save_original_checkpoint(model, directory)

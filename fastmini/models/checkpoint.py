@@ -30,23 +30,39 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and the problem."""
 
 
+class NotInLocalCacheError(CheckpointError):
+    """A hub file that is not in the local cache while downloading is off (offline, local_files_only)."""
+
+
 def _download(repo_id: str, filename: str, hub_kwargs: dict[str, Any]) -> Path | None:
     """One file of a hub repository, or None when the repository has no such file."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     try:
         return Path(hf_hub_download(repo_id, filename, **hub_kwargs))
+    # Subclasses before their bases: LocalEntryNotFoundError is an EntryNotFoundError (a cache miss,
+    # not a missing file) and GatedRepoError is a RepositoryNotFoundError (it exists, access is refused).
+    except LocalEntryNotFoundError as error:
+        raise NotInLocalCacheError(
+            f"'{repo_id}' is not a local directory, and its {filename} is not in the local hub cache "
+            "(offline, or local_files_only=True)"
+        ) from error
     except EntryNotFoundError:
         return None
+    except GatedRepoError as error:
+        raise CheckpointError(
+            f"'{repo_id}' is a gated repository on the Hugging Face hub: accept its conditions on the hub, "
+            "then log in (`huggingface-cli login`) or pass token=..."
+        ) from error
     except RepositoryNotFoundError as error:
         raise CheckpointError(
             f"'{repo_id}' is not a local directory and not a model on the Hugging Face hub"
-        ) from error
-    except LocalEntryNotFoundError as error:
-        raise CheckpointError(
-            f"'{repo_id}' is not a local directory, and its {filename} is not in the hub cache "
-            "(offline, or local_files_only=True)"
         ) from error
 
 
@@ -65,9 +81,7 @@ def config_file(name_or_path: str | Path, hub_kwargs: dict[str, Any] | None = No
     if directory is not None:
         found = directory / CONFIG_NAME
         if not found.is_file():
-            raise CheckpointError(
-                f"{directory}: no {CONFIG_NAME} in this directory (expected a saved model directory)"
-            )
+            raise CheckpointError(f"{directory}: no {CONFIG_NAME} in this directory (expected a saved model directory)")
         return found
     path = Path(name_or_path)
     if path.exists():
@@ -90,10 +104,21 @@ def weights_file(name_or_path: str | Path, hub_kwargs: dict[str, Any] | None = N
             if (directory / name).is_file():
                 return directory / name
         raise CheckpointError(f"{directory}: no weights file; expected one of {', '.join(WEIGHT_NAMES)}")
+    not_cached = False
     for name in WEIGHT_NAMES:
-        found = _download(str(name_or_path), name, hub_kwargs)
+        # Offline, an uncached name may just be one the repository does not use: try the next.
+        try:
+            found = _download(str(name_or_path), name, hub_kwargs)
+        except NotInLocalCacheError:
+            not_cached = True
+            continue
         if found is not None:
             return found
+    if not_cached:
+        raise NotInLocalCacheError(
+            f"'{name_or_path}' is not a local directory, and none of its weight files ({', '.join(WEIGHT_NAMES)}) "
+            "is in the local hub cache (offline, or local_files_only=True)"
+        )
     raise CheckpointError(f"hub model '{name_or_path}' has none of {', '.join(WEIGHT_NAMES)}")
 
 

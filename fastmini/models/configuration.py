@@ -14,8 +14,16 @@ from transformers import PretrainedConfig
 # The original MiniALBERT hard-codes this eps for its adapters' and its MLM head's LayerNorms.
 MINIALBERT_FIXED_LAYER_NORM_EPS = 1e-12
 
-# config.hidden_act -> the ``approximate`` argument of torch's GELU.
-GELU_APPROXIMATION_BY_ACT = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
+# config.hidden_act -> the ``approximate`` argument of torch's GELU. transformers' "gelu_python" is
+# the same erf formula written out, "gelu_fast" the tanh one with sqrt(2/pi) rounded to 10 digits
+# (1e-12 apart in float64): the same functions, so checkpoints that name them load too.
+GELU_APPROXIMATION_BY_ACT = {
+    "gelu": "none",
+    "gelu_python": "none",
+    "gelu_new": "tanh",
+    "gelu_pytorch_tanh": "tanh",
+    "gelu_fast": "tanh",
+}
 
 # "minialbert": the original MiniALBERT heads (MLM head H->H, exact GELU, LayerNorm eps 1e-12,
 #   untied H->V decoder; sequence classification on the first token, no pooler).
@@ -34,7 +42,8 @@ class FastMiniConfig(PretrainedConfig):
         num_hidden_layers: N, how many times the shared layer is applied (recursions).
         num_attention_heads: A; H must be divisible by A.
         intermediate_size: I, width of the FFN.
-        hidden_act: "gelu" (exact erf GELU), "gelu_new" or "gelu_pytorch_tanh" (tanh approximation).
+        hidden_act: "gelu" or "gelu_python" (exact erf GELU), "gelu_new", "gelu_pytorch_tanh" or
+            "gelu_fast" (tanh approximation).
         use_adapter: give every recursion its own attention and FFN bottleneck adapters.
         reduction_factor: r; adapters are H -> H/r -> H, H must be divisible by r.
         use_embedding_projection: project E -> H after the embeddings; None means "when E != H"
@@ -78,6 +87,19 @@ class FastMiniConfig(PretrainedConfig):
         if self.use_embedding_projection is None:
             self.use_embedding_projection = self.embedding_size != self.hidden_size
         check_config(self)
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict[str, Any], dict[str, Any]]:
+        """transformers' reader, with an original MiniALBERT or ALBERT config.json converted (so that
+        ``FastMiniConfig.from_pretrained(directory)`` is the config the model classes build from it)."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        return _as_fastmini_dict(config_dict, str(pretrained_model_name_or_path)), kwargs
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> FastMiniConfig:
+        """As transformers' ``from_dict``; the content of an original MiniALBERT or ALBERT config.json
+        is converted first, as the model classes' ``from_pretrained`` converts it."""
+        return super().from_dict(_as_fastmini_dict(config_dict, "config dict"), **kwargs)
 
     @property
     def num_recursions(self) -> int:
@@ -138,6 +160,17 @@ class FastMiniConfig(PretrainedConfig):
                 **overrides,
             }
         )
+
+
+def _as_fastmini_dict(config_dict: dict[str, Any], source: str) -> dict[str, Any]:
+    """A config dict in fastmini's fields: one whose model_type is another ("albert") goes through
+    conversion.py, the converter the model classes' ``from_pretrained`` uses; anything else as it is."""
+    if config_dict.get("model_type", FastMiniConfig.model_type) == FastMiniConfig.model_type:
+        return config_dict
+    # conversion.py imports this module, so it can only be imported here.
+    from fastmini.models.conversion import config_from_original, detect_format
+
+    return config_from_original(config_dict, detect_format(config_dict, source), source).to_dict()
 
 
 def check_config(config: FastMiniConfig) -> None:

@@ -80,7 +80,13 @@ def detect_format(config_dict: dict[str, Any], source: str) -> str:
 def _albert_config(config_dict: dict[str, Any], source: str):
     from transformers import AlbertConfig
 
-    known = {key: value for key, value in config_dict.items() if key in AlbertConfig.__dataclass_fields__}
+    # num_labels is an init argument of every config but no dataclass field; transformers honours it
+    # when id2label is absent, so a 3-label checkpoint must not come back with the default 2 labels.
+    known = {
+        key: value
+        for key, value in config_dict.items()
+        if key in AlbertConfig.__dataclass_fields__ or key == "num_labels"
+    }
     try:
         albert = AlbertConfig(**known)
     except (TypeError, ValueError) as error:
@@ -169,6 +175,7 @@ def _albert_rules(albert: str) -> list[tuple[str, str | None]]:
         ("predictions.decoder.", "lm_head.decoder."),
         ("predictions.bias", "lm_head.decoder.bias"),
         ("sop_classifier.", DROP),
+        ("qa_outputs.", DROP),  # AlbertForQuestionAnswering's span head: fastmini has no QA class
         ("classifier.", "classifier."),
     ]
     rules += [

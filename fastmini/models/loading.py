@@ -126,12 +126,33 @@ def reconcile(
             source,
             ", ".join(fresh),
         )
+    if unexpected:
+        # As transformers' UNEXPECTED keys: a checkpoint's head that this class has no use for (an MLM
+        # head loaded for classification) is dropped, which the user should hear about.
+        logger.warning(
+            "Some weights of %s were not used by %s and are ignored: %s.",
+            source,
+            type(model).__name__,
+            _compact(unexpected),
+        )
     return usable, {
         "missing_keys": missing,
         "unexpected_keys": unexpected,
         "mismatched_keys": mismatched,
         "error_msgs": [],
     }
+
+
+def _compact(keys: list[str]) -> str:
+    """Key names grouped by their optional prefix ("lm_head.* (6 tensors)"), others one by one."""
+    groups: dict[str, int] = {}
+    for key in keys:
+        prefix = next((p for p in OPTIONAL_PREFIXES if key.startswith(p)), key)
+        groups[prefix] = groups.get(prefix, 0) + 1
+    return ", ".join(
+        name if name in keys else f"{name}* ({count} tensor{'s' if count > 1 else ''})"
+        for name, count in groups.items()
+    )
 
 
 def _target_dtype(dtype: Any, config_dict: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> torch.dtype:
@@ -157,7 +178,14 @@ def _target_device(device_map: Any) -> torch.device | None:
     if device_map == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(device_map, dict):
-        raise ValueError("from_pretrained: fastmini models are small; device_map must be one device, not a dict")
+        # {"": "cpu"} or {"": 0}: transformers' spelling of "everything on one device".
+        devices = set(device_map.values())
+        if len(devices) != 1:
+            raise ValueError(
+                "from_pretrained: fastmini models are small; device_map must place every module on one "
+                f"device, got {device_map}"
+            )
+        return _target_device(devices.pop())
     return torch.device(device_map)
 
 
@@ -181,7 +209,10 @@ def load_pretrained(cls, name_or_path, *model_args, **kwargs):
     if config is None:
         config = _build_config(config_dict, checkpoint_format, str(config_path))
     elif not isinstance(config, FastMiniConfig):
-        raise TypeError(f"from_pretrained: config must be a FastMiniConfig, got {type(config).__name__}")
+        raise TypeError(
+            f"from_pretrained: config must be a FastMiniConfig, got {type(config).__name__} "
+            "(FastMiniConfig.from_pretrained converts ALBERT and MiniALBERT configs)"
+        )
     _apply_overrides(config, kwargs, str(name_or_path))
     config.name_or_path = str(name_or_path)
 
