@@ -57,45 +57,14 @@ Design (why it is shaped this way):
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import triton
 import triton.language as tl
+from fastmini.kernels.interpreter import cast_output, dot_operand
 
-# The interpreter (triton 3.9) multiplies bf16 dot operands as their raw 16-bit integers and casts fp32 to bf16
-# by truncation (a bias that sums up over rows in the weight gradients). There, bf16 dot operands are rounded
-# to nearest-even by hand and multiplied in fp32, and bf16 outputs rounded the same way before the cast: the
-# numbers a GPU gives with bf16 tensor cores accumulating in fp32. Compiled kernels never take these branches.
-_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 _SQRT_HALF = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
-
-
-@triton.jit
-def _round_to_bfloat16(tile):
-    """The nearest bf16 value (ties to even) of each element, kept in fp32 (see _INTERPRETED)."""
-    bits = tile.to(tl.float32).to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _dot_operand(tile, DOT_DTYPE: tl.constexpr):
-    """``tile`` as a tl.dot operand of dtype DOT_DTYPE (see _INTERPRETED)."""
-    if _INTERPRETED and DOT_DTYPE == tl.bfloat16:
-        operand = _round_to_bfloat16(tile)
-    else:
-        operand = tile.to(DOT_DTYPE)
-    return operand
-
-
-@triton.jit
-def _output(tile, DTYPE: tl.constexpr):
-    """``tile`` cast to the output dtype DTYPE, rounding to nearest-even (see _INTERPRETED)."""
-    if _INTERPRETED and DTYPE == tl.bfloat16:
-        tile = _round_to_bfloat16(tile)
-    return tile.to(DTYPE)
 
 
 @triton.jit
@@ -137,7 +106,7 @@ def _residual_chunk(
         other=0.0,
     )
     up_bias = tl.load(up_bias_ptr + columns, mask=column_mask, other=0.0).to(ACC_DTYPE)
-    up = tl.dot(g, _dot_operand(up_weight_t, DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    up = tl.dot(g, dot_operand(up_weight_t, DOT_DTYPE), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     z = x.to(ACC_DTYPE) + up + up_bias[None, :]
     return tl.where(tile_mask, z, 0.0), columns, column_mask
 
@@ -175,8 +144,8 @@ def _bottleneck(
             other=0.0,
         )
         h = tl.dot(
-            _dot_operand(x, DOT_DTYPE),
-            _dot_operand(down_weight_t, DOT_DTYPE),
+            dot_operand(x, DOT_DTYPE),
+            dot_operand(down_weight_t, DOT_DTYPE),
             h,
             input_precision=INPUT_PRECISION,
             out_dtype=ACC_DTYPE,
@@ -223,7 +192,7 @@ def _forward_kernel(
         x_block, down_weight_ptr, down_bias_ptr, row_offsets, row_mask, H, R, BLOCK_M, BLOCK_K, BLOCK_R, DOT_DTYPE,
         ACC_DTYPE, INPUT_PRECISION,
     )  # fmt: skip
-    g = _dot_operand(_gelu(h), DOT_DTYPE)
+    g = dot_operand(_gelu(h), DOT_DTYPE)
 
     # LayerNorm statistics, merged chunk by chunk (Chan et al.): each chunk's own mean and centred sum of
     # squares are exact, and merging them never subtracts two large sums as E[z^2] - E[z]^2 would.
@@ -254,7 +223,7 @@ def _forward_kernel(
         y = (z - mean[:, None]) * rstd[:, None] * norm_weight[None, :] + norm_bias[None, :]
         tl.store(
             y_block + row_offsets[:, None] + columns[None, :],
-            _output(y, y_ptr.dtype.element_ty),
+            cast_output(y, y_ptr.dtype.element_ty),
             mask=row_mask[:, None] & column_mask[None, :],
         )
 
@@ -304,7 +273,7 @@ def _backward_rows_kernel(
     bottleneck_mask = row_mask[:, None] & (bottleneck[None, :] < R)
     bottleneck_offsets = first_row.to(tl.int64) * R + rows[:, None] * R + bottleneck[None, :]
     h = tl.load(h_ptr + bottleneck_offsets, mask=bottleneck_mask, other=0.0)
-    g = _dot_operand(_gelu(h), DOT_DTYPE)
+    g = dot_operand(_gelu(h), DOT_DTYPE)
     mean = tl.load(mean_ptr + first_row + rows, mask=row_mask, other=0.0)
     rstd = tl.load(rstd_ptr + first_row + rows, mask=row_mask, other=0.0)
 
@@ -345,8 +314,8 @@ def _backward_rows_kernel(
             other=0.0,
         )
         dg = tl.dot(
-            _dot_operand(dz, DOT_DTYPE),
-            _dot_operand(up_weight, DOT_DTYPE),
+            dot_operand(dz, DOT_DTYPE),
+            dot_operand(up_weight, DOT_DTYPE),
             dg,
             input_precision=INPUT_PRECISION,
             out_dtype=ACC_DTYPE,
@@ -400,9 +369,9 @@ def _backward_columns_kernel(
     weight_mask = (bottleneck[:, None] < R) & column_mask[None, :]  # (BLOCK_R, BLOCK_N)
     # This program's slices of the weights stay on chip for all its row blocks.
     up_weight_t = tl.load(up_weight_ptr + columns[None, :] * R + bottleneck[:, None], mask=weight_mask, other=0.0)
-    up_weight_t = _dot_operand(up_weight_t, DOT_DTYPE)  # (BLOCK_R, BLOCK_N) = W_u[columns, :]^T
+    up_weight_t = dot_operand(up_weight_t, DOT_DTYPE)  # (BLOCK_R, BLOCK_N) = W_u[columns, :]^T
     down_weight = tl.load(down_weight_ptr + bottleneck[:, None] * H + columns[None, :], mask=weight_mask, other=0.0)
-    down_weight = _dot_operand(down_weight, DOT_DTYPE)  # (BLOCK_R, BLOCK_N) = W_d[:, columns]
+    down_weight = dot_operand(down_weight, DOT_DTYPE)  # (BLOCK_R, BLOCK_N) = W_d[:, columns]
     up_bias = tl.load(up_bias_ptr + columns, mask=column_mask, other=0.0).to(ACC_DTYPE)
     norm_weight = tl.load(norm_weight_ptr + columns, mask=column_mask, other=0.0).to(ACC_DTYPE)
     # Offsets inside a row block, the same for every block (see _forward_kernel on 32-bit offsets).
@@ -424,9 +393,9 @@ def _backward_columns_kernel(
         tile_start = first_row.to(tl.int64) * H
         bottleneck_start = first_row.to(tl.int64) * R
         g = tl.load(g_ptr + bottleneck_start + bottleneck_offsets, mask=bottleneck_mask, other=0.0)
-        g = _dot_operand(g, DOT_DTYPE)
+        g = dot_operand(g, DOT_DTYPE)
         dh = tl.load(dh_ptr + bottleneck_start + bottleneck_offsets, mask=bottleneck_mask, other=0.0)
-        dh_dot = _dot_operand(dh, DOT_DTYPE)
+        dh_dot = dot_operand(dh, DOT_DTYPE)
         mean = tl.load(mean_ptr + first_row + rows, mask=row_mask, other=0.0)
         rstd = tl.load(rstd_ptr + first_row + rows, mask=row_mask, other=0.0)  # 0 outside: dz and xhat vanish
         mean_wdy_xhat = tl.load(mean_wdy_xhat_ptr + first_row + rows, mask=row_mask, other=0.0)
@@ -439,15 +408,15 @@ def _backward_columns_kernel(
         dz = rstd[:, None] * (dy * norm_weight[None, :] - xhat * mean_wdy_xhat[:, None] - mean_wdy[:, None])
         dz = tl.where(tile_mask, dz, 0.0)
         dx = dz + tl.dot(dh_dot, down_weight, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        tl.store(dx_ptr + tile_start + tile_offsets, _output(dx, dx_ptr.dtype.element_ty), mask=tile_mask)
+        tl.store(dx_ptr + tile_start + tile_offsets, cast_output(dx, dx_ptr.dtype.element_ty), mask=tile_mask)
 
-        dz_dot = _dot_operand(dz, DOT_DTYPE)
+        dz_dot = dot_operand(dz, DOT_DTYPE)
         up_weight_grad = tl.dot(
             tl.trans(dz_dot), g, up_weight_grad, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE
         )
         down_weight_grad = tl.dot(
             tl.trans(dh_dot),
-            _dot_operand(x, DOT_DTYPE),
+            dot_operand(x, DOT_DTYPE),
             down_weight_grad,
             input_precision=INPUT_PRECISION,
             out_dtype=ACC_DTYPE,

@@ -41,6 +41,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from fastmini.kernels.interpreter import cast_output
 
 # The whole row lives in registers; past this the kernels would spill badly (and the model
 # never comes near it: MiniALBERT's H is 312 or 768).
@@ -93,7 +94,7 @@ def _add_layer_norm_forward_kernel(
         x = tl.where(keep, x * (1.0 / (1.0 - dropout_p)), 0.0)
     total = tl.load(residual_ptr + offsets, mask=inside, other=0.0).to(compute) + x
     # Normalise s as backward will see it (rounded to the output dtype), as the torch composition does.
-    total = total.to(out_ptr.dtype.element_ty).to(compute)
+    total = cast_output(total, out_ptr.dtype.element_ty).to(compute)
 
     mean = tl.sum(total, axis=1) / hidden
     centered = tl.where(inside, total - mean[:, None], 0.0)
@@ -104,9 +105,9 @@ def _add_layer_norm_forward_kernel(
     bias = tl.load(bias_ptr + columns, mask=column_in, other=0.0).to(compute)
     out = centered * rstd[:, None] * weight[None, :] + bias[None, :]
 
-    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=inside)
+    tl.store(out_ptr + offsets, cast_output(out, out_ptr.dtype.element_ty), mask=inside)
     if STORE_SUM:
-        tl.store(sum_ptr + offsets, total.to(sum_ptr.dtype.element_ty), mask=inside)
+        tl.store(sum_ptr + offsets, cast_output(total, sum_ptr.dtype.element_ty), mask=inside)
     tl.store(mean_ptr + rows, mean, mask=row_in)
     tl.store(rstd_ptr + rows, rstd, mask=row_in)
 
@@ -158,11 +159,11 @@ def _add_layer_norm_backward_kernel(
         mean_scaled_grad = tl.sum(scaled_grad, axis=1) / hidden
         mean_projection = tl.sum(scaled_grad * normalized, axis=1) / hidden
         grad_sum = (scaled_grad - mean_scaled_grad[:, None] - normalized * mean_projection[:, None]) * rstd[:, None]
-        tl.store(grad_sum_ptr + offsets, grad_sum.to(grad_sum_ptr.dtype.element_ty), mask=inside)
+        tl.store(grad_sum_ptr + offsets, cast_output(grad_sum, grad_sum_ptr.dtype.element_ty), mask=inside)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, offsets, dropout_p)
             grad_x = tl.where(keep, grad_sum * (1.0 / (1.0 - dropout_p)), 0.0)
-            tl.store(grad_x_ptr + offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=inside)
+            tl.store(grad_x_ptr + offsets, cast_output(grad_x, grad_x_ptr.dtype.element_ty), mask=inside)
 
         grad_weight += grad_out * normalized
         grad_bias += grad_out

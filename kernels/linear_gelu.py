@@ -48,6 +48,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from fastmini.kernels.interpreter import cast_output
 
 PATHS = ("bias_gelu", "fused_gemm")
 DEFAULT_PATH = "bias_gelu"
@@ -107,7 +108,7 @@ def _bias_gelu_forward_kernel(
     offsets = row_offsets.to(tl.int64)[:, None] * cols + col_offsets[None, :]
     bias = tl.load(bias_ptr + col_offsets, mask=col_mask, other=0.0).to(ACC_DTYPE)
     z = tl.load(pre_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE) + bias[None, :]
-    tl.store(y_ptr + offsets, _gelu(z, APPROX_TANH).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offsets, cast_output(_gelu(z, APPROX_TANH), y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -141,7 +142,7 @@ def _bias_gelu_backward_kernel(
         grad_y = tl.load(grad_y_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
         z = tl.load(pre_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE) + bias[None, :]
         grad_pre = grad_y * _gelu_derivative(z, APPROX_TANH)  # 0 where masked: dy loads as 0
-        tl.store(grad_pre_ptr + offsets, grad_pre.to(grad_pre_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_pre_ptr + offsets, cast_output(grad_pre, grad_pre_ptr.dtype.element_ty), mask=mask)
         if COMPUTE_BIAS_GRAD:
             bias_grad += tl.sum(grad_pre, axis=0)
     if COMPUTE_BIAS_GRAD:
@@ -206,10 +207,10 @@ def _linear_gelu_gemm_kernel(
     out_mask = row_mask[:, None] & col_mask[None, :]
     out_offsets = row_offsets.to(tl.int64)[:, None] * intermediate + col_offsets[None, :]
     if STORE_PRE:
-        tl.store(pre_ptr + out_offsets, acc.to(pre_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(pre_ptr + out_offsets, cast_output(acc, pre_ptr.dtype.element_ty), mask=out_mask)
     bias = tl.load(bias_ptr + col_offsets, mask=col_mask, other=0.0).to(ACC_DTYPE)
     y = _gelu(acc + bias[None, :], APPROX_TANH)
-    tl.store(y_ptr + out_offsets, y.to(y_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(y_ptr + out_offsets, cast_output(y, y_ptr.dtype.element_ty), mask=out_mask)
 
 
 def _accumulator_dtype(dtype: torch.dtype) -> tuple[tl.dtype, torch.dtype]:

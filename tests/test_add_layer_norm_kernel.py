@@ -391,3 +391,32 @@ def test_gpu_dropout_at_real_size():
     for grad, expected in zip(grads, expected_grads, strict=True):
         scale = max(expected.abs().max().item(), 1.0)
         torch.testing.assert_close(grad / scale, expected / scale, atol=1e-4, rtol=1e-4)
+
+
+def test_gradients_of_x_and_residual_accumulate_separately():
+    """Without dropout d(x) = d(residual): the two leaves' .grad must still be two tensors, or a second
+    backward (gradient accumulation) and any in-place change to one grad would reach the other."""
+    generator = torch.Generator().manual_seed(0)
+    x, residual, grad = (torch.randn(4, 36, generator=generator) for _ in range(3))
+    x.requires_grad_(), residual.requires_grad_()
+    weight, bias = torch.ones(36), torch.zeros(36)
+    for _ in range(2):
+        add_layer_norm(x, residual, weight, bias, EPS, backend="triton").backward(grad)
+    once = torch.autograd.grad(add_layer_norm(x, residual, weight, bias, EPS, backend="torch"), x, grad)[0]
+    torch.testing.assert_close(x.grad, 2 * once)
+    torch.testing.assert_close(residual.grad, 2 * once)
+    x.grad.mul_(0.5)
+    torch.testing.assert_close(residual.grad, 2 * once)
+
+
+def test_bf16_sum_and_output_round_to_nearest_like_torch():
+    """Rows far from zero (x + 300), where rounding the sum by truncation (the interpreter's own cast)
+    moves every normalised value: the kernel must round as torch's composition does."""
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(16, 312, generator=generator) + 300).to(torch.bfloat16)
+    residual = torch.randn(16, 312, generator=generator).to(torch.bfloat16)
+    weight = torch.ones(312, dtype=torch.bfloat16)
+    bias = torch.zeros(312, dtype=torch.bfloat16)
+    fused = add_layer_norm(x, residual, weight, bias, EPS, backend="triton")
+    composed = add_layer_norm(x, residual, weight, bias, EPS, backend="torch")
+    assert (fused.float() - composed.float()).abs().max().item() <= 2**-7  # one bf16 step near 1

@@ -348,3 +348,30 @@ def test_gpu_real_sizes(path, approximate, dtype):
     (x, weight, bias), grad_y = make_inputs(16384, 768, 3072, dtype)
     results = run_path(path, x, weight, bias, approximate, grad_y)
     assert_within_torch_error(results, x, weight, bias, approximate, grad_y, atol=1e-4)
+
+
+def test_opcheck_backward_of_transposed_inputs():
+    """Gradients are fresh contiguous tensors whatever the strides of x and weight; the fake
+    implementation must say so, or inductor's stride checks fail on a transposed input or tied weight."""
+    (x, weight, bias), grad_y = make_inputs(8, 36, 40)
+    x, weight, bias = x.detach().T.contiguous().T, weight.detach().T.contiguous().T, bias.detach()
+    assert not x.is_contiguous() and not weight.is_contiguous()
+    pre = x @ weight.T
+    torch.library.opcheck(
+        torch.ops.fastmini.linear_gelu_backward, (grad_y, x, weight, bias, pre, "none", True, True, True)
+    )
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_bf16_outputs_round_to_nearest_like_torch(path):
+    """Large pre-activations, where a cast that truncates (the interpreter's own) and one that rounds
+    differ in about half the elements: pre and y = GELU(pre + bias) must round as torch rounds them."""
+    (x, weight, bias), _ = make_inputs(64, 36, 37, torch.bfloat16)
+    x, bias = x.detach() * 40, bias.detach() + 100
+    with torch.no_grad():
+        y, pre = torch.ops.fastmini.linear_gelu_forward(x, weight, bias, "none", True, path)
+    # bias_gelu adds the bias to the rounded GEMM output; fused_gemm to its fp32 accumulator
+    exact_pre = pre.float() if path == "bias_gelu" else x.float() @ weight.detach().float().T
+    expected = (exact_pre.to(torch.bfloat16), torch.nn.functional.gelu(exact_pre + bias.float()).to(torch.bfloat16))
+    for result, reference in zip((pre, y), expected, strict=True):
+        assert (result != reference).float().mean().item() < 0.01

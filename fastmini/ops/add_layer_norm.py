@@ -144,13 +144,15 @@ def _backward(ctx, grad_out, _no_grad_total, _no_grad_mean, _no_grad_rstd):
         return (None,) * 8
     total, weight, mean, rstd, seed = ctx.saved_tensors
     grad_sum, grad_x, grad_weight, grad_bias = _backward_op(grad_out, total, weight, mean, rstd, ctx.dropout_p, seed)
-    # Without dropout d(x) is d(residual): one tensor, written once, handed to both inputs.
-    if ctx.dropout_p == 0.0:
-        grad_x = grad_sum
     x_dtype, residual_dtype, weight_dtype, bias_dtype = ctx.dtypes
+    grad_residual = grad_sum.view(ctx.shape).to(residual_dtype)
+    # Without dropout d(x) is d(residual): one tensor, written once, handed to both inputs as the same
+    # object. Two view objects of it would not do: autograd would take both as the .grad of leaf inputs
+    # without copying, and every later accumulation into one would add into the other as well.
+    grad_x = grad_residual.to(x_dtype) if ctx.dropout_p == 0.0 else grad_x.view(ctx.shape).to(x_dtype)
     return (
-        grad_x.view(ctx.shape).to(x_dtype),
-        grad_sum.view(ctx.shape).to(residual_dtype),
+        grad_x,
+        grad_residual,
         grad_weight.to(weight_dtype),
         grad_bias.to(bias_dtype),
         None,

@@ -79,8 +79,10 @@ def _linear_gelu_backward(
 @_linear_gelu_backward.register_fake
 def _(grad_y, x, weight, bias, pre, approximate, needs_input_grad, needs_weight_grad, needs_bias_grad):
     needed = (needs_input_grad, needs_weight_grad, needs_bias_grad)
+    # Contiguous whatever the strides of x and weight (a transposed view, a tied weight): the real
+    # gradients are fresh matmul results, and inductor checks the fake strides against them.
     return tuple(
-        torch.empty_like(like) if need else like.new_empty((0,))
+        like.new_empty(like.shape) if need else like.new_empty((0,))
         for need, like in zip(needed, (x, weight, bias), strict=True)
     )
 
