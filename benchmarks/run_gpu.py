@@ -7,6 +7,12 @@ per benchmark group (medians, ratios against the baseline, GB/s or GFLOP/s as re
 Logs (gpu-tests.log, gpu-benchmarks.log) and benchmarks.json are written into $OUT as the runs go
 when that variable is set (the device tool brings $OUT back, even after a timeout), and the
 results file is copied there too.
+
+The whole call must come back within one device command (10 minutes, installs and start-up
+included), so the two pytest steps share a wall-clock budget (``BUDGET_S``, 8 minutes;
+$FASTMINI_BENCH_GPU_BUDGET_S overrides it). A step that reaches its share is interrupted like a
+Ctrl-C: pytest stops after the running test and still writes its summary and the JSON of the
+benchmarks already done, so the results file is written with what finished.
 """
 
 from __future__ import annotations
@@ -17,9 +23,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,6 +40,11 @@ GPU_BENCHMARKS = [
     "benchmarks/test_encoder_forward_gpu.py",
     "benchmarks/test_distill_step.py",
 ]
+# Every benchmark here times a fixed number of rounds (benchmark.pedantic and the interleaved
+# `compare`), so pytest-benchmark's --benchmark-max-time cannot bound them: wall-clock budgets do.
+BUDGET_S = int(os.environ.get("FASTMINI_BENCH_GPU_BUDGET_S", "480"))
+TESTS_SHARE_S = 200  # at most this for the GPU tests (the benchmarks get the rest)
+INTERRUPT_GRACE_S = 20  # after the interrupt, for pytest to finish the running test and write its reports
 
 
 def pytest_command() -> list[str]:
@@ -56,18 +69,55 @@ def per_test_timeout(seconds: int) -> list[str]:
     return [f"--timeout={seconds}"] if importlib.util.find_spec("pytest_timeout") else []
 
 
-def run(arguments: list[str], log: Path) -> tuple[int, str]:
-    """pytest with its output streamed into ``log`` as it runs."""
+def run(arguments: list[str], log: Path, budget_s: float) -> tuple[int, str]:
+    """pytest with its output streamed into ``log`` as it runs, stopped within ``budget_s`` seconds."""
+    return run_within(pytest_command() + arguments, log, budget_s)
+
+
+def run_within(command: list[str], log: Path, budget_s: float, grace_s: float = INTERRUPT_GRACE_S) -> tuple[int, str]:
+    """``command`` with its output in ``log``; after ``budget_s - grace_s`` seconds it gets SIGINT
+    (pytest then ends the session cleanly: summary, --benchmark-json), after ``budget_s`` SIGKILL."""
     with log.open("w") as stream:
-        result = subprocess.run(pytest_command() + arguments, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT)
+        # A session of its own: a kill then reaches the compile workers it started too.
+        process = subprocess.Popen(command, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code, note = _stop_within(process, budget_s, grace_s)
+        except BaseException:  # the runner itself interrupted (Ctrl-C): its own session no longer reaches the step
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            raise
+    if note:
+        with log.open("a") as stream:
+            stream.write(f"\n{note}\n")
     output = log.read_text()
     print(output[-6000:], flush=True)
-    return result.returncode, output
+    return code, output
+
+
+def _stop_within(process: subprocess.Popen, budget_s: float, grace_s: float) -> tuple[int, str]:
+    """The exit code, and a note when the budget stopped it."""
+    try:
+        return process.wait(timeout=max(budget_s - grace_s, 1)), ""
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGINT)
+    try:
+        return process.wait(timeout=grace_s), f"bench-gpu: stopped at its {budget_s:.0f} s budget (interrupted)"
+    except subprocess.TimeoutExpired:  # stuck in a kernel or a compile: no reports from it
+        os.killpg(process.pid, signal.SIGKILL)
+        return process.wait(), f"bench-gpu: stopped at its {budget_s:.0f} s budget (killed)"
 
 
 def summary_line(output: str) -> str:
     lines = [line for line in output.splitlines() if re.search(r"\b(passed|failed|skipped|error)", line)]
-    return lines[-1].strip("= ") if lines else "no summary"
+    summary = lines[-1].strip("= ") if lines else "no summary"
+    stopped = [line for line in output.splitlines() if line.startswith("bench-gpu: stopped")]
+    return f"{summary}; {stopped[-1].removeprefix('bench-gpu: ')}" if stopped else summary
+
+
+def markdown_cell(value: object) -> str:
+    """``value`` as one table cell: error texts in extra_info may hold newlines (which end the row)
+    and pipes (which split it)."""
+    return " ".join(str(value).split()).replace("|", "\\|")
 
 
 def benchmark_rows(report: dict) -> list[str]:
@@ -75,8 +125,22 @@ def benchmark_rows(report: dict) -> list[str]:
     for bench in report.get("benchmarks", []):
         info = {k: v for k, v in bench.get("extra_info", {}).items() if k not in ("device",)}
         details = "; ".join(f"{k}: {v}" for k, v in info.items())
-        rows.append(f"| {bench['name']} | {bench['stats']['median'] * 1e3:.4f} | {details} |")
+        median = f"{bench['stats']['median'] * 1e3:.4f}"
+        rows.append(f"| {markdown_cell(bench['name'])} | {median} | {markdown_cell(details)} |")
     return rows
+
+
+def missing_datasets_hint() -> str | None:
+    """A one-line hint when `datasets` cannot be imported: the trainers' GPU tests need it, the rest do not."""
+    try:
+        import datasets  # noqa: F401
+    except Exception as error:  # noqa: BLE001 - a broken install (e.g. no pyarrow) is as missing
+        return (
+            f"`datasets` is not importable here ({type(error).__name__}: {markdown_cell(error)}): the trainers' "
+            "GPU tests will fail, the others run. Run `make device-wheels` on the CPU machine and carry "
+            ".device-wheels (see the Makefile)"
+        )
+    return None
 
 
 def main() -> int:
@@ -88,16 +152,23 @@ def main() -> int:
         return 2
     import triton
 
+    deadline = time.monotonic() + BUDGET_S
+    hint = missing_datasets_hint()
+    if hint:
+        print(f"bench-gpu: {hint}", flush=True)
     gpu = torch.cuda.get_device_name(0)
     logs = log_directory()
     tests_code, tests_output = run(
-        ["-m", "gpu", "tests/", "-q", "-rfEs", "-p", "no:cacheprovider", *per_test_timeout(180)], logs / "gpu-tests.log"
+        ["-m", "gpu", "tests/", "-q", "-rfEs", "-p", "no:cacheprovider", *per_test_timeout(120)],
+        logs / "gpu-tests.log",
+        min(TESTS_SHARE_S, deadline - time.monotonic()),
     )
     json_path = logs / "benchmarks.json"
     bench_code, bench_output = run(
         [*GPU_BENCHMARKS, "--benchmark-only", "-q", "-p", "no:cacheprovider", f"--benchmark-json={json_path}",
          *per_test_timeout(300)],
         logs / "gpu-benchmarks.log",
+        deadline - time.monotonic(),
     )  # fmt: skip
     report = json.loads(json_path.read_text()) if json_path.exists() else {}
     today = datetime.date.today().isoformat()
@@ -111,6 +182,7 @@ def main() -> int:
         f"GPU tests (`pytest -m gpu tests/`): {summary_line(tests_output)} (exit {tests_code})",
         f"Benchmarks (`pytest {' '.join(GPU_BENCHMARKS)} --benchmark-only`): {summary_line(bench_output)} "
         f"(exit {bench_code})",
+        *([f"Note: {hint}"] if hint else []),
         "",
         *benchmark_rows(report),
         "",

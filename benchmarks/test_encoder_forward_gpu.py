@@ -100,14 +100,22 @@ def _inference(fn: Callable) -> Callable:
     return call
 
 
-def _graphed(model: FastMiniModel, backend: str | None = None, l2: bool = False) -> Callable:
-    """fn(input_ids, mask) through CUDA graphs; captures happen inside the backend context."""
+def _graphed(
+    model: FastMiniModel, backend: str | None = None, l2_resources: contextlib.ExitStack | None = None
+) -> Callable:
+    """fn(input_ids, mask) through CUDA graphs; captures happen inside the backend context.
+
+    With ``l2_resources``, the shared layer's weights go under a persisting L2 window that the graphs'
+    kernel nodes carry (graph_hook); the window, a device-wide reservation, is handed to that stack so
+    that it is removed when the contender is dropped or its group ends, not left to later groups and files.
+    """
     from fastmini.runtime import CudaGraphCapture, pack_parameters, persist_in_l2
 
     options = {}
-    if l2:
+    if l2_resources is not None:
         packed = pack_parameters(model.encoder.shared_layer)
-        window = persist_in_l2(packed.buffer, stream=torch.cuda.Stream())
+        # No stream: the graphs' kernel nodes get the window by the hook; a stream window would be unused.
+        window = l2_resources.enter_context(persist_in_l2(packed.buffer))
         options["capture"] = CudaGraphCapture(graph_hook=window.apply_to_graph)
     encoder = model.graphed_encoder(**options)
 
@@ -118,56 +126,65 @@ def _graphed(model: FastMiniModel, backend: str | None = None, l2: bool = False)
     return run
 
 
-def contenders_for(models, input_ids, mask, names) -> tuple[dict[str, Callable], dict[str, str]]:
-    """The named contenders as zero-argument callables; those that fail to build are listed apart."""
+def contenders_for(
+    models, input_ids, mask, names, resources: contextlib.ExitStack
+) -> tuple[dict[str, Callable], dict[str, str]]:
+    """The named contenders as zero-argument callables; those that fail to build are listed apart.
+    What a built contender holds on the device beyond memory (the L2 window) goes into ``resources``."""
     fresh = models["fastmini_copy"]
 
     def bound(fn: Callable) -> Callable:
         return lambda: fn(input_ids, mask)
 
     builders = {
-        "original": lambda: bound(models["original"]),
-        "fastmini": lambda: bound(fresh()),
-        "fastmini-padded": lambda: bound(functools.partial(fresh().encode, unpad=False)),
-        "fastmini-varlen": lambda: bound(fresh().optimize_for_inference(varlen_attention=True)),
-        "fastmini-graphed": lambda: bound(_graphed(fresh())),
-        "fastmini-graphed-triton": lambda: bound(_graphed(fresh(), backend="triton")),
-        "fastmini-graphed-l2": lambda: bound(_graphed(fresh(), l2=True)),
-        "torch-compile": lambda: bound(
+        "original": lambda _: bound(models["original"]),
+        "fastmini": lambda _: bound(fresh()),
+        "fastmini-padded": lambda _: bound(functools.partial(fresh().encode, unpad=False)),
+        "fastmini-varlen": lambda _: bound(fresh().optimize_for_inference(varlen_attention=True)),
+        "fastmini-graphed": lambda _: bound(_graphed(fresh())),
+        "fastmini-graphed-triton": lambda _: bound(_graphed(fresh(), backend="triton")),
+        "fastmini-graphed-l2": lambda own: bound(_graphed(fresh(), l2_resources=own)),
+        "torch-compile": lambda _: bound(
             torch.compile(fresh().set_unpadding(False), mode="reduce-overhead", fullgraph=True)
         ),
     }
     built, unavailable = {}, {}
     for name in names:
-        try:
-            candidate = _inference(builders[name]())
-            candidate()  # first call: captures graphs, compiles kernels
+        with contextlib.ExitStack() as own:  # a contender that fails to build gives its resources back here
+            try:
+                candidate = _inference(builders[name](own))
+                candidate()  # first call: captures graphs, compiles kernels
+            except Exception as error:  # noqa: BLE001 - reported in the results, the others still run
+                unavailable[name] = f"{type(error).__name__}: {str(error)[:300]}"
+                continue
             built[name] = candidate
-        except Exception as error:  # noqa: BLE001 - reported in the results, the others still run
-            unavailable[name] = f"{type(error).__name__}: {str(error)[:300]}"
+            resources.enter_context(own.pop_all())
     return built, unavailable
 
 
 def _run_group(benchmark, compare, describe_device, models, group, input_ids, mask, names, baseline, rounds):
-    contenders, unavailable = contenders_for(models, input_ids, mask, names)
-    if baseline not in contenders:
-        pytest.fail(f"baseline {baseline} unavailable: {unavailable.get(baseline)}")
-    lengths = mask.sum(1).tolist()
-    timed = "fastmini-graphed" if "fastmini-graphed" in contenders else baseline
-    benchmark.pedantic(contenders[timed], rounds=rounds, warmup_rounds=3)
-    medians = compare(
-        benchmark,
-        group=group,
-        contenders=contenders,
-        baseline=baseline,
-        flops=_flops(lengths),
-        useful_tokens=sum(lengths),
-        rounds=rounds,
-        shape=f"batch={mask.shape[0]} seq={mask.shape[1]} real tokens={sum(lengths)}, {SHAPE}",
-        dtype="bfloat16",
-        pedantic_contender=timed,
-        device=describe_device(DEVICE),
-    )
+    # The L2 window stays for the group's interleaved timing (re-reserving it around every call of
+    # its contender would time driver calls too) and is removed when the group ends, passed or failed.
+    with contextlib.ExitStack() as resources:
+        contenders, unavailable = contenders_for(models, input_ids, mask, names, resources)
+        if baseline not in contenders:
+            pytest.fail(f"baseline {baseline} unavailable: {unavailable.get(baseline)}")
+        lengths = mask.sum(1).tolist()
+        timed = "fastmini-graphed" if "fastmini-graphed" in contenders else baseline
+        benchmark.pedantic(contenders[timed], rounds=rounds, warmup_rounds=3)
+        medians = compare(
+            benchmark,
+            group=group,
+            contenders=contenders,
+            baseline=baseline,
+            flops=_flops(lengths),
+            useful_tokens=sum(lengths),
+            rounds=rounds,
+            shape=f"batch={mask.shape[0]} seq={mask.shape[1]} real tokens={sum(lengths)}, {SHAPE}",
+            dtype="bfloat16",
+            pedantic_contender=timed,
+            device=describe_device(DEVICE),
+        )
     benchmark.extra_info["unavailable"] = unavailable
     return medians
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import datasets
 import pytest
 
 from fastmini.data.corpus import DataError
@@ -21,6 +20,10 @@ from fastmini.finetune import metrics as metric_functions
 from fastmini.finetune.__main__ import main
 from fastmini.finetune.testing import classification_examples, make_tiny_model, ner_sentences
 from fastmini.training.testing import cli_error
+
+# An optional dependency (the trainers' `datasets` sources): without it this module is skipped, and the
+# rest of a run (e.g. `pytest -m gpu tests/` on a machine without it) still collects.
+datasets = pytest.importorskip("datasets")
 
 CONLL_TAGS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]  # conll2003's order
 # The test data's entity types (fastmini.finetune.testing) as conll2003 types.

@@ -155,6 +155,48 @@ def test_reset_and_prepare():
     assert encoder.captured_buckets == []
 
 
+@pytest.mark.parametrize(
+    "first, later",
+    [
+        (torch.inference_mode, torch.no_grad),
+        (torch.no_grad, torch.inference_mode),
+        (torch.inference_mode, torch.enable_grad),
+    ],
+    ids=["inference-then-no-grad", "no-grad-then-inference", "inference-then-grad"],
+)
+def test_captures_under_inference_mode_serve_calls_outside_it(first, later):
+    """Static buffers made during a call under inference_mode must not be inference tensors: the next
+    call outside it writes them in place (torch refuses that for inference tensors)."""
+    fn = masked_mixer()
+    encoder = eager_encoder(fn, batch_buckets=(4,), sequence_buckets=(8,))
+    for context, seed in [(first, 1), (later, 2), (first, 3)]:
+        ids, mask = ragged_batch(3, 6, seed=seed)
+        with context():
+            out = encoder(ids, mask)
+        torch.testing.assert_close(out, fn(ids, mask), rtol=1e-5, atol=1e-6)
+    assert encoder.stats.as_dict() == {"captures": 1, "replays": 3, "eager_fallbacks": 0}
+
+
+def test_prepare_defaults_to_where_the_graphs_live():
+    encoder = eager_encoder(masked_mixer(), batch_buckets=(1, 4), sequence_buckets=(8,))
+    encoder(*ragged_batch(1, 5))  # captured on the CPU
+    encoder.prepare([(3, 8)])  # no device: the CPU again, not CUDA
+    assert encoder.captured_buckets == [(1, 8), (4, 8)]
+    fresh = GraphedEncoder(masked_mixer(), capture=EagerCapture(), sequence_buckets=(8,), device="cpu")
+    fresh.prepare([(2, 8)])  # nothing captured yet: the constructor's device
+    assert fresh.captured_buckets == [(2, 8)]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
+def test_prepare_on_cuda_without_a_gpu_is_one_clear_error():
+    encoder = eager_encoder(masked_mixer())
+    with pytest.raises(RuntimeError, match="GraphedEncoder.prepare.*needs a CUDA device"):
+        encoder.prepare([(1, 8)])  # nothing captured, no device given: CUDA
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        encoder.prepare([(1, 8)], device="cuda")
+    assert encoder.captured_buckets == []
+
+
 def test_a_bool_mask_and_int32_ids_work():
     fn = masked_mixer()
     ids, mask = ragged_batch(2, 6)
@@ -245,6 +287,20 @@ def test_the_model_through_the_stand_in_matches_its_unpadded_forward(tiny_config
     assert encoder.stats.captures == 4
 
 
+def test_the_models_encoder_prepares_on_the_models_device(tiny_config, randomize):
+    encoder = tiny_model(tiny_config, randomize).graphed_encoder(capture=EagerCapture(), sequence_buckets=(8,))
+    assert encoder.device == torch.device("cpu")
+    encoder.prepare([(2, 8)])
+    assert encoder.captured_buckets == [(2, 8)]
+
+
+def test_a_model_in_train_mode_is_refused(tiny_config, randomize):
+    model = tiny_model(tiny_config, randomize).train()
+    with pytest.raises(RuntimeError, match=r"train\(\) mode.*eval\(\)"):
+        model.graphed_encoder(capture=EagerCapture())
+    assert isinstance(model.eval().graphed_encoder(capture=EagerCapture()), GraphedEncoder)
+
+
 # ---- on a GPU ---------------------------------------------------------------------------------
 
 GPU_SHAPES = [(1, 7), (1, 32), (3, 20), (5, 33), (8, 64)]
@@ -272,7 +328,8 @@ def test_graphed_model_matches_eager_on_real_tokens(tiny_config, randomize, dtyp
         assert torch.isfinite(out[real]).all()
         torch.testing.assert_close(out[real], padded[real], **SAME_LAYOUT[dtype])
         torch.testing.assert_close(out[real], unpadded[real], **UNPADDED[dtype])
-    assert encoder.stats.captures == len(GPU_SHAPES) and encoder.stats.replays == len(GPU_SHAPES)
+    buckets = {encoder.grid.choose(*shape) for shape in GPU_SHAPES}  # (5, 33) and (8, 64) share one: 4 captures
+    assert encoder.stats.captures == len(buckets) and encoder.stats.replays == len(GPU_SHAPES)
 
 
 @pytest.mark.gpu

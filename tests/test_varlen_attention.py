@@ -90,6 +90,19 @@ def test_the_model_switch_reaches_the_shared_layer(tiny_config):
     assert model.optimize_for_inference().encoder.shared_layer.packed_attention_backend is None
 
 
+@pytest.mark.parametrize("lengths", [[6, 4, 2], [12, 1, 1, 1]], ids=["padded", "mostly-padding"])
+def test_the_switch_leaves_a_cpu_model_on_its_cpu_path(tiny_config, randomize, lengths):
+    """The switch means "on CUDA": on the CPU, padded batches run as without it (no backend error)."""
+    model = randomize(FastMiniModel(tiny_config()), std=0.1).eval()
+    mask = (torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]).long()
+    input_ids = torch.randint(5, 99, mask.shape) * mask
+    with torch.no_grad():
+        expected = model(input_ids, mask).last_hidden_state
+        got = model.optimize_for_inference(varlen_attention=True)(input_ids, mask).last_hidden_state
+    assert model.encoder.shared_layer.packed_attention_backend == "cuda"
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 cuda = pytest.mark.skipif(
     not torch.cuda.is_available() or importlib.util.find_spec("torch.nn.attention.varlen") is None,
     reason="needs a CUDA device and torch.nn.attention.varlen (torch >= 2.9)",

@@ -75,8 +75,8 @@ class FastMiniPreTrainedModel(PreTrainedModel):
         not writes through ``param.data`` (they bypass version counters): call this again after
         those. ``False`` switches it off again.
         ``varlen_attention``: on CUDA, padded batches attend through torch's variable-length flash
-        kernel on the packed tokens (fp16/bf16). UNVERIFIED: it has not run on a GPU yet, hence off
-        by default.
+        kernel on the packed tokens (fp16/bf16; a model on the CPU, other dtypes and dropout keep the
+        usual path). UNVERIFIED: it has not run on a GPU yet, hence off by default.
         """
         for module in self.modules():
             if isinstance(module, PrepackedWeightsMixin):  # the shared layer and the masked-LM head
@@ -91,8 +91,11 @@ class FastMiniPreTrainedModel(PreTrainedModel):
         UNVERIFIED: it has not run on a GPU yet."""
         from fastmini.runtime import GraphedEncoder
 
+        if self.training:  # dropout would run in every capture and be frozen into its graph
+            raise RuntimeError("graphed_encoder: the model is in train() mode; call model.eval() first")
         base = self.base_encoder()
         options.setdefault("max_sequence_length", self.config.max_position_embeddings)
+        options.setdefault("device", self.device)  # where prepare() captures before any call
         return GraphedEncoder(lambda ids, mask: base.encode(ids, mask, unpad=False).sequence, **options)
 
     def set_unpadding(self, enabled: bool = True):

@@ -67,7 +67,9 @@ class SharedLayer(PrepackedWeightsMixin, nn.Module):
                 packing,
                 dropout_p=dropout_p,
                 need_weights=need_weights,
-                backend=self.packed_attention_backend,
+                # A CUDA switch (optimize_for_inference(varlen_attention=True)): CPU tensors keep the
+                # CPU path, as fp32 or dropout keep the padded one on CUDA.
+                backend=self.packed_attention_backend if x.is_cuda else None,
                 check_inputs=False,  # projections of the layer's own x and the encoder's packing: fit by construction
             )
         else:

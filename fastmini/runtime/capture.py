@@ -55,7 +55,10 @@ def _check_output(output: object, input_ids: torch.Tensor) -> torch.Tensor:
 class _EagerCaptured:
     def __init__(self, fn: EncoderFn, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         self._fn, self._inputs = fn, (input_ids, attention_mask)
-        self.output = self._run().clone()
+        output = self._run()
+        # A normal tensor even under torch.inference_mode(): replays outside it write it in place.
+        with torch.inference_mode(False):
+            self.output = output.clone()
 
     def _run(self) -> torch.Tensor:
         with torch.no_grad():

@@ -39,6 +39,7 @@ import torch
 
 from fastmini.runtime.buckets import DEFAULT_BATCH_BUCKETS, DEFAULT_SEQUENCE_BUCKETS, BucketGrid
 from fastmini.runtime.capture import Captured, CaptureStrategy, CudaGraphCapture, EncoderFn
+from fastmini.runtime.extension import _require_cuda
 
 
 @dataclass
@@ -63,7 +64,8 @@ class GraphedEncoder:
 
     ``capture``: the strategy (default ``CudaGraphCapture()``; ``EagerCapture()`` runs the same
     bookkeeping without graphs). ``max_sequence_length`` caps the sequence buckets at the model's
-    number of positions.
+    number of positions. ``device``: where ``prepare()`` puts its dummy inputs before anything has
+    been captured (``model.graphed_encoder()`` passes the model's); None: CUDA.
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class GraphedEncoder:
         sequence_buckets: Iterable[int] = DEFAULT_SEQUENCE_BUCKETS,
         max_sequence_length: int | None = None,
         capture: CaptureStrategy | None = None,
+        device: torch.device | str | None = None,
     ):
         if not callable(fn):
             raise TypeError(f"GraphedEncoder: fn must be callable, got {type(fn).__name__}")
@@ -83,6 +86,7 @@ class GraphedEncoder:
         self.stats = GraphStats()
         self._buckets: dict[tuple[int, int], _Bucket] = {}
         self._device: torch.device | None = None
+        self.device = None if device is None else torch.device(device)
 
     @property
     def captured_buckets(self) -> list[tuple[int, int]]:
@@ -93,9 +97,15 @@ class GraphedEncoder:
         self._buckets.clear()
         self._device = None
 
-    def prepare(self, shapes: Iterable[tuple[int, int]], device: torch.device | str = "cuda") -> None:
+    def prepare(self, shapes: Iterable[tuple[int, int]], device: torch.device | str | None = None) -> None:
         """Capture the buckets of these (batch, sequence) shapes now, e.g. before timing, on dummy
-        inputs (graphs do not depend on values). Shapes beyond the largest bucket are skipped."""
+        inputs (graphs do not depend on values). Shapes beyond the largest bucket are skipped.
+        ``device`` None: where the graphs so far were captured, else the constructor's ``device``, else CUDA."""
+        if device is None:
+            device = self._device or self.device or "cuda"
+        device = torch.device(device)
+        if device.type == "cuda":
+            _require_cuda("GraphedEncoder.prepare() on CUDA")  # not torch's assertion from deep inside
         for batch_size, sequence_length in shapes:
             bucket = self.grid.choose(batch_size, sequence_length)
             if bucket is not None and bucket not in self._buckets:
@@ -162,8 +172,12 @@ class GraphedEncoder:
 
     def _capture(self, bucket: tuple[int, int], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> _Bucket:
         device = input_ids.device
-        static_ids = torch.zeros(bucket, dtype=input_ids.dtype, device=device)
-        static_mask = torch.zeros(bucket, dtype=attention_mask.dtype, device=device)
+        # Normal tensors even when the first call runs under torch.inference_mode(): later calls
+        # outside it fill them in place, which torch refuses for inference tensors (and in-place
+        # writes to normal tensors are allowed inside inference mode).
+        with torch.inference_mode(False):
+            static_ids = torch.zeros(bucket, dtype=input_ids.dtype, device=device)
+            static_mask = torch.zeros(bucket, dtype=attention_mask.dtype, device=device)
         entry = _Bucket(static_ids, static_mask, captured=None)  # type: ignore[arg-type]
         self._fill(entry, input_ids, attention_mask)
         entry.captured = self.capture.capture(self.fn, static_ids, static_mask)
