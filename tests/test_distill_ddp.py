@@ -1,8 +1,9 @@
 """``torchrun --nproc_per_node=2 -m fastmini.distill`` on CPU (gloo): same global batch semantics.
 
-Two processes with one micro-batch each must follow the loss trajectory of one process that
-accumulates the same two micro-batches (dropout off, so only summation order differs), log from
-rank 0 only, and resume exactly.
+The trajectory depends on the global batch only: one process with the whole batch, two processes
+with half each, and one process accumulating two halves follow the same losses to the same
+parameters (dropout off, so only summation order differs). Rank 0 alone logs and reports; a
+resume continues exactly, or, on another split of the same global batch, with a warning.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fastmini.distill.__main__ import main
 from fastmini.distill.testing import make_tiny_teacher
 from fastmini.training import checkpoints
 
@@ -29,19 +31,19 @@ def teacher_dir(tmp_path_factory) -> Path:
     return make_tiny_teacher(tmp_path_factory.mktemp("teacher"))
 
 
-def run(teacher: Path, output: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
-    launcher = (
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-        if processes > 1
-        else [sys.executable]
-    )
-    args = [
-        "-m", "fastmini.distill", "--teacher", str(teacher), "--data", str(teacher / "corpus.txt"),
+def distill_args(teacher: Path, output: Path, *extra: str) -> list[str]:
+    return [
+        "--teacher", str(teacher), "--data", str(teacher / "corpus.txt"),
         "--output-dir", str(output), "--window-length", "32", "--window-stride", "8", "--recursions", "2",
         "--embedding-size", "16", "--reduction-factor", "4", "--batch-size", "8", "--max-steps", "4",
         "--warmup-steps", "1", "--eval-documents", "2", "--eval-windows", "4", "--dropout", "0", "--lr", "2e-3",
         "--no-progress", "--threads", "1", "--log-every", "1", "--save-every", "2", "--keep-last", "0", *extra,
     ]  # fmt: skip
+
+
+def torchrun(teacher: Path, output: Path, *extra: str) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    args = ["-m", "fastmini.distill", *distill_args(teacher, output, *extra)]
     env = {**os.environ, "FASTMINI_BACKEND": "torch", "OMP_NUM_THREADS": "1"}
     # A session of its own, so that a hang kills torchrun's workers too, not only torchrun.
     process = subprocess.Popen(
@@ -64,25 +66,45 @@ def train_records(output: Path) -> list[dict]:
     return [r for r in records if r["kind"] == "train"]
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(teacher_dir, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    run(teacher_dir, one, 1, "--grad-accumulation", "2")
-    result = run(teacher_dir, two, 2)
-    assert result.stderr.count("held-out after") == 1  # rank 0 speaks, rank 1 does not
-    single, double = train_records(one), train_records(two)
-    assert [r["step"] for r in double] == [1, 2, 3, 4]  # one log line per step: rank 0 writes alone
-    for a, b in zip(single, double, strict=True):
+def assert_same_run(reference: Path, other: Path) -> None:
+    """Same logged terms every step and the same final parameters (float summation order aside)."""
+    expected, actual = train_records(reference), train_records(other)
+    assert [r["step"] for r in actual] == [1, 2, 3, 4]  # one log line per step: rank 0 writes alone
+    for a, b in zip(expected, actual, strict=True):
         for term in ("loss", "mlm", "attention", "hidden", "output", "grad_norm"):
             assert b[term] == pytest.approx(a[term], rel=1e-5, abs=1e-7), (a["step"], term)
-    assert single[-1]["loss"] != single[0]["loss"]
-    weights_one, weights_two = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
-    for name, value in weights_one.items():
-        torch.testing.assert_close(weights_two[name], value, rtol=1e-4, atol=1e-6, msg=name)
+    assert expected[-1]["loss"] != expected[0]["loss"]
+    weights, other_weights = (load_file(str(output / "model.safetensors")) for output in (reference, other))
+    for name, value in weights.items():
+        torch.testing.assert_close(other_weights[name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_trajectory_depends_on_the_global_batch_only(teacher_dir, tmp_path, capsys):
+    whole, two, accumulated = tmp_path / "whole", tmp_path / "two", tmp_path / "accumulated"
+    assert main(distill_args(teacher_dir, whole)) == 0  # one process: in this one
+    result = torchrun(teacher_dir, two)
+    assert main(distill_args(teacher_dir, accumulated, "--grad-accumulation", "2")) == 0
+    assert result.stderr.count("held-out after") == 1  # rank 0 speaks, rank 1 does not
+    assert_same_run(whole, two)
+    assert_same_run(whole, accumulated)
+    # Tokens are counted over the global batch, not rank 0's share times the processes.
+    tokens = [json.loads((d / "metrics.json").read_text())["train"]["tokens_this_session"] for d in (whole, two)]
+    assert tokens[0] == tokens[1] > 0
 
     # The checkpoint holds both processes' RNG states; resuming under torchrun ends where the run ended.
+    weights_two = load_file(str(two / "model.safetensors"))
     state = checkpoints.load_state(two / "checkpoints" / "step-00000002" / "trainer_state.pt")
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     (two / "model.safetensors").unlink()
-    run(teacher_dir, two, 2, "--resume", str(two / "checkpoints" / "step-00000002"))
+    torchrun(teacher_dir, two, "--resume", str(two / "checkpoints" / "step-00000002"))
     resumed = load_file(str(two / "model.safetensors"))
     assert all(torch.equal(resumed[name], weights_two[name]) for name in weights_two)
+
+    # Another split of the same global batch may resume it: said once, and the run ends the same.
+    capsys.readouterr()
+    resume = ["--grad-accumulation", "1", "--resume", str(two / "checkpoints" / "step-00000002")]
+    assert main(distill_args(teacher_dir, accumulated, *resume)) == 0
+    err = capsys.readouterr().err
+    assert "written by 2 x 1 (processes x --grad-accumulation), this run uses 1 x 1" in err
+    assert "the same up to dropout draws" in err
+    assert_same_run(whole, accumulated)

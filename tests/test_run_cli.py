@@ -40,3 +40,59 @@ def test_a_broken_pipe_that_is_not_stdout_is_a_real_failure():
 
     with pytest.raises(BrokenPipeError, match="a worker's pipe"):
         run_cli("worker", body)
+
+
+# Every rank fails alike, as the trainers' usage errors, non-finite losses and interrupts do.
+TWO_RANKS = """
+import sys
+from fastmini.training.cli import run_cli
+from fastmini.training.errors import UsageError
+
+def body():
+    raise UsageError("--batch-size 7 is not divisible by 2")
+
+sys.exit(run_cli("demo", body))
+"""
+
+
+def test_under_torchrun_a_failure_of_every_rank_is_printed_once(tmp_path):
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANKS)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    result = subprocess.run(launcher, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.count("demo: error: --batch-size 7 is not divisible by 2") == 1, result.stderr
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_failure_that_may_be_a_ranks_own_is_printed_by_that_rank_with_its_rank(rank, monkeypatch, capsys):
+    from fastmini.training.errors import UsageError
+
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+
+    def body():
+        raise UsageError("no CUDA device 3 here", rank_specific=True)
+
+    assert run_cli("demo", body) == 2
+    assert capsys.readouterr().err == f"[rank {rank}] demo: error: no CUDA device 3 here\n"
+
+    def alike():
+        raise UsageError("--batch-size 7")
+
+    assert run_cli("demo", alike) == 2
+    assert capsys.readouterr().err == ("demo: error: --batch-size 7\n" if rank == "0" else "")
+
+
+def test_sigterm_ends_a_command_like_ctrl_c(capsys):
+    import os
+    import signal
+
+    def body():
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not interrupt")
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert run_cli("demo", body, "resume with --resume") == 130
+    assert capsys.readouterr().err == "demo: interrupted; resume with --resume\n"
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is the command's, not the caller's

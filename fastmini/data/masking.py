@@ -5,7 +5,8 @@ with probability ``probability``; a selected token becomes the mask token with p
 ``mask_fraction``, a random vocabulary id with probability ``random_fraction``, and stays as
 it is otherwise. ``labels`` hold the original id at selected positions and -100 elsewhere.
 This is transformers' DataCollatorForLanguageModeling, drawn from an explicit generator so
-that a batch's masks depend only on its seed (resumed and multi-process runs draw the same).
+that the masks depend only on its seed (the distiller seeds each window by its position in the
+global batch: resumed and multi-process runs draw the same).
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 
 The global batch of optimizer step s is ``batch_size`` consecutive windows of epoch e's
 permutation (a generator seeded with (seed, e)); it is cut into ``processes x accumulation``
-micro-batches, micro-batch j going to process j // accumulation. Masks of micro-batch j are
-drawn from a generator seeded with (seed, s, j). Nothing depends on history, so a resumed
-run, or a run on K processes, sees exactly the batches and masks of an uninterrupted
+micro-batches, micro-batch j going to process j // accumulation. The masks of the window at
+position p of the global batch are drawn from a generator seeded with (seed, s, p), each window
+on its own. Nothing depends on history or on the split, so a resumed run, or a run on K
+processes with any --grad-accumulation, sees exactly the batches and masks of an uninterrupted
 one-process run with the same global batch. The step arithmetic (StepBatches, derived_seed)
 lives in fastmini.training.batching, shared with the fine-tuner.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from fastmini.data.masking import mask_tokens
+from fastmini.data.masking import IGNORE_INDEX, mask_tokens
 from fastmini.distill.distiller import Batch
 from fastmini.training.batching import StepBatches, derived_seed
 
@@ -37,7 +38,9 @@ class MaskedWindows:
     def __len__(self) -> int:
         return len(self.windows)
 
-    def batch(self, indices: list[int], seed: int) -> Batch:
+    def batch(self, indices: list[int], seeds: list[int]) -> Batch:
+        """Windows ``indices`` padded to the longest; window i masked with a generator seeded by ``seeds[i]``
+        (over its own tokens: its masks do not depend on which batch or padding it comes with)."""
         rows = self.windows[indices]
         longest = max(len(ids) for ids in rows["input_ids"])
         size = len(indices)
@@ -48,24 +51,28 @@ class MaskedWindows:
             input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             special[row, : len(ids)] = torch.tensor(specials, dtype=torch.bool)
             attention_mask[row, : len(ids)] = 1
-        generator = torch.Generator().manual_seed(seed)
-        corrupted, labels = mask_tokens(
-            input_ids,
-            special,
-            self.mask_token_id,
-            self.vocab_size,
-            generator,
-            self.mask_probability,
-            self.mask_fraction,
-            self.random_fraction,
-        )
+        corrupted = input_ids.clone()
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        for row, (ids, seed) in enumerate(zip(rows["input_ids"], seeds, strict=True)):
+            length = len(ids)
+            corrupted[row, :length], labels[row, :length] = mask_tokens(
+                input_ids[row, :length],
+                special[row, :length],
+                self.mask_token_id,
+                self.vocab_size,
+                torch.Generator().manual_seed(seed),
+                self.mask_probability,
+                self.mask_fraction,
+                self.random_fraction,
+            )
         return Batch(corrupted, attention_mask, torch.zeros_like(input_ids), labels)
 
 
 def evaluation_batches(windows: MaskedWindows, count: int, batch_size: int, seed: int) -> list[Batch]:
     """The first ``count`` held-out windows, masked once with fixed seeds (same masks before and after)."""
     count = min(count, len(windows))
-    return [
-        windows.batch(list(range(start, min(start + batch_size, count))), derived_seed(seed, "eval", start))
-        for start in range(0, count, batch_size)
-    ]
+    batches = []
+    for start in range(0, count, batch_size):
+        indices = list(range(start, min(start + batch_size, count)))
+        batches.append(windows.batch(indices, [derived_seed(seed, "eval", index) for index in indices]))
+    return batches

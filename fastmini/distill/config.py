@@ -197,11 +197,17 @@ class DistillConfig:
     batch_size: int = option(
         8,
         "windows per optimizer step over all processes (recipe: 192); split into processes x --grad-accumulation "
-        "micro-batches",
+        "micro-batches, with the same masks and losses however it is split",
         "recipe",
         parse=int,
     )
-    grad_accumulation: int = option(1, "micro-batches per process per optimizer step", "recipe", parse=int)
+    grad_accumulation: int = option(
+        1,
+        "micro-batches per process per optimizer step; with the process count, only how --batch-size is split "
+        "(the losses are those of the whole batch)",
+        "recipe",
+        parse=int,
+    )
     mlm_weight: float = option(
         LossWeights.mlm, "weight of the student's masked-LM cross-entropy", "recipe", parse=float
     )
@@ -259,9 +265,10 @@ RUN_ONLY_FIELDS = frozenset(
 )
 # Options that name files or directories: on resume, the same one given by another path is no change.
 PATH_FIELDS = frozenset({"data", "teacher", "tokenizer", "copy_embeddings_from"})
-# Not run-only: --eval-windows and --eval-batch-size choose the held-out windows and their masks
-# (and --eval-windows 0 gives the held-out documents to training), so "before" and "after" of a
-# resumed run would be measured on different sets.
+# Not run-only: --eval-windows chooses the held-out windows (and --eval-windows 0 gives the held-out
+# documents to training), --eval-batch-size their padding (the attention KL divides by the padded
+# length), so "before" and "after" of a resumed run would be measured differently.
+# --grad-accumulation is compared on resume without the split (training.batching.SPLIT_OPTIONS).
 
 # The published recipe (SPEC.md; nlpie-research/MiniALBERT general_distillation.py and
 # wikipedia_preprocessing.py). The original read the 20220301.en dump of the script dataset
@@ -327,6 +334,8 @@ flag_of = OPTIONS.flag_of
 def changed_options(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """What a resumed run was asked to change that it may not ("--flag old -> new" each)."""
     return OPTIONS.changed(saved, current, RUN_ONLY_FIELDS, PATH_FIELDS)
+
+
 build_parser = OPTIONS.build_parser
 read_config_file = OPTIONS.read_config_file
 

@@ -44,6 +44,29 @@ class Batch:
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
+    @property
+    def num_masked(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+    @property
+    def padded_length(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
+@dataclass(frozen=True)
+class StepCounts:
+    """What the loss terms divide by: counts of the whole global batch of an optimizer step (all
+    micro-batches on all processes), so that micro-batch terms add up to the full batch's."""
+
+    tokens: int  # real tokens: the hidden-state rows and the attention query rows
+    masked: int  # masked tokens: the MLM and output-KL rows
+    padded_length: int  # the longest window: one process padding the whole batch has this many key columns
+
+    @classmethod
+    def of(cls, batch: Batch) -> StepCounts:
+        """One batch on its own (SPEC.md's formulas)."""
+        return cls(batch.num_tokens, batch.num_masked, batch.padded_length)
+
 
 @dataclass
 class StudentOutputs:
@@ -148,7 +171,9 @@ class Distiller:
         self.need_attentions = weights.attention > 0
         self.use_output_kl = weights.output > 0 and teacher.head is not None
 
-    def __call__(self, batch: Batch) -> losses.LossTerms:
+    def __call__(self, batch: Batch, counts: StepCounts | None = None) -> losses.LossTerms:
+        """The terms of ``batch``, divided by ``counts`` (default: the batch's own, SPEC.md's means)."""
+        counts = counts or StepCounts.of(batch)
         device = batch.input_ids.device
         teacher = teacher_forward(
             self.teacher, batch, self.layers, self.need_hidden, self.need_attentions, self.use_output_kl
@@ -159,17 +184,25 @@ class Distiller:
         real_tokens = batch.attention_mask.bool()
         attention = sum(
             (
-                losses.attention_kl(s.float(), t, real_tokens)
+                losses.attention_kl(s.float(), t, real_tokens, counts.tokens * s.shape[1] * counts.padded_length)
                 for s, t in zip(student.attentions, teacher.attentions, strict=True)
             ),
             zero,
         )
         hidden = sum(
-            (losses.hidden_cosine(s.float(), t) for s, t in zip(student.hidden, teacher.hidden, strict=True)), zero
+            (
+                losses.hidden_cosine(s.float(), t, counts.tokens)
+                for s, t in zip(student.hidden, teacher.hidden, strict=True)
+            ),
+            zero,
         )
-        mlm = losses.masked_lm_cross_entropy(student.masked_logits, student.masked_labels) if self.weights.mlm else zero
+        mlm = (
+            losses.masked_lm_cross_entropy(student.masked_logits, student.masked_labels, counts.masked)
+            if self.weights.mlm
+            else zero
+        )
         output = (
-            losses.output_kl(student.masked_logits, teacher.masked_logits, self.temperature)
+            losses.output_kl(student.masked_logits, teacher.masked_logits, self.temperature, counts.masked)
             if self.use_output_kl
             else zero
         )

@@ -11,6 +11,11 @@ Efficiency rules (DESIGN.md, "Distillation adds"):
   only read (it may be an inference tensor);
 - callers evaluate the MLM head and the output KL on masked rows only (15% of tokens).
 Nothing here knows about models; the weights come from the config (``LossWeights``).
+
+Every term is a sum divided by a count. By default the count is the batch's own (SPEC.md's
+formulas for one batch); a micro-batch of a larger step passes ``denominator``, the count of
+the whole global batch, so that its terms add up, over micro-batches and processes, to the
+full batch's value (fastmini.training.normalization).
 """
 
 from __future__ import annotations
@@ -72,12 +77,16 @@ class _AttentionKL(torch.autograd.Function):
         return grad, None, None, None
 
 
-def attention_kl(student: torch.Tensor, teacher: torch.Tensor, real_tokens: torch.Tensor) -> torch.Tensor:
+def attention_kl(
+    student: torch.Tensor, teacher: torch.Tensor, real_tokens: torch.Tensor, denominator: float | None = None
+) -> torch.Tensor:
     """KL(teacher || student) of one layer's attention probabilities, "mean" reduction.
 
     ``student``/``teacher``: (B, A, S, S) probabilities; ``real_tokens``: (B, S) bool. The sum
     runs over query rows of real tokens and every key column; it is divided by the number of
-    those elements (rows x A x S), as ``KLDivLoss(reduction="mean")`` on the selected rows does.
+    those elements (rows x A x S), as ``KLDivLoss(reduction="mean")`` on the selected rows does,
+    or by ``denominator`` (for a global batch: its real rows x A x its padded length; padded key
+    columns add exactly 0 to the sum, so a micro-batch padded less sums the same).
     """
     batch, heads, seq, keys = student.shape
     if teacher.shape != student.shape:
@@ -86,33 +95,43 @@ def attention_kl(student: torch.Tensor, teacher: torch.Tensor, real_tokens: torc
     count = int(real_tokens.sum()) * heads * keys
     if count == 0:
         return student.sum() * 0.0
-    return _AttentionKL.apply(student, teacher, rows, float(count))
+    return _AttentionKL.apply(student, teacher, rows, float(denominator or count))
 
 
-def hidden_cosine(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of 1 - cos(student, teacher); both (T, H), real tokens only (packed)."""
+def hidden_cosine(student: torch.Tensor, teacher: torch.Tensor, denominator: float | None = None) -> torch.Tensor:
+    """Mean over rows of 1 - cos(student, teacher); both (T, H), real tokens only (packed).
+    ``denominator``: divide the sum by it instead of T."""
     if student.shape[0] == 0:
         return student.sum() * 0.0
-    return (1.0 - F.cosine_similarity(student, teacher.to(student.dtype), dim=-1)).mean()
+    distances = 1.0 - F.cosine_similarity(student, teacher.to(student.dtype), dim=-1)
+    return distances.mean() if denominator is None else distances.sum() / denominator
 
 
-def output_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(softmax(t/T) || softmax(s/T)) * T^2, "batchmean" over the (M, V) masked rows."""
+def output_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, denominator: float | None = None
+) -> torch.Tensor:
+    """KL(softmax(t/T) || softmax(s/T)) * T^2, "batchmean" over the (M, V) masked rows (or the sum
+    divided by ``denominator``)."""
     rows = student_logits.shape[0]
     if rows == 0:
         return student_logits.sum() * 0.0
     student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
     with torch.no_grad():
         teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    loss = F.kl_div(student_log_probs, teacher_log_probs, reduction="sum", log_target=True) / rows
+    loss = F.kl_div(student_log_probs, teacher_log_probs, reduction="sum", log_target=True) / (denominator or rows)
     return loss * temperature**2
 
 
-def masked_lm_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the student over the (M, V) masked rows against their (M,) original ids."""
+def masked_lm_cross_entropy(
+    student_logits: torch.Tensor, labels: torch.Tensor, denominator: float | None = None
+) -> torch.Tensor:
+    """Cross-entropy of the student over the (M, V) masked rows against their (M,) original ids
+    (mean, or the sum divided by ``denominator``)."""
     if labels.numel() == 0:
         return student_logits.sum() * 0.0
-    return F.cross_entropy(student_logits.float(), labels)
+    if denominator is None:
+        return F.cross_entropy(student_logits.float(), labels)
+    return F.cross_entropy(student_logits.float(), labels, reduction="sum") / denominator
 
 
 def combine(

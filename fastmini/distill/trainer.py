@@ -30,14 +30,15 @@ from fastmini.data.windows import check_window_stride, make_windows
 from fastmini.distill import models
 from fastmini.distill.batches import MaskedWindows, StepBatches, evaluation_batches
 from fastmini.distill.config import DistillConfig, changed_options, resolve_layer_map
-from fastmini.distill.distiller import Distiller, StudentSide
+from fastmini.distill.distiller import Distiller, StepCounts, StudentSide
 from fastmini.distill.evaluation import evaluate
 from fastmini.training import checkpoints, distributed, faults, precision
-from fastmini.training.batching import check_global_batch
+from fastmini.training.batching import check_global_batch, check_resumed_split, without_split
 from fastmini.training.checkpoints import publish_directory_contents
 from fastmini.training.cli import check_writable_directory, writable_directory
 from fastmini.training.errors import Interrupted, TrainingError, UsageError
 from fastmini.training.memory import enable_activation_checkpointing
+from fastmini.training.normalization import backward_share, step_totals
 from fastmini.training.optimization import LinearWarmupDecay, build_adamw, gradient_norm
 from fastmini.training.run_log import RunLog
 
@@ -272,9 +273,10 @@ class DistillationRun:
                 checkpoints.save_state(directory / STATE_NAME, state)
                 (directory / TRAIN_CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2))
                 faults.kill_if_armed("kill-in-checkpoint", step)
-            self.last_checkpoint = final
             checkpoints.prune(self.checkpoint_root, self.config.keep_last)
         distributed.barrier(self.context)
+        # On every rank, once rank 0 has published it: each rank's messages after a stop name it.
+        self.last_checkpoint = self.checkpoint_root / checkpoints.checkpoint_name(step)
 
     def _find_resume_checkpoint(self) -> Path | None:
         requested = self.config.resume
@@ -300,7 +302,7 @@ class DistillationRun:
         except Exception as error:  # a truncated or foreign file
             raise UsageError(f"--resume {path}: {STATE_NAME} cannot be read ({error})") from error
         saved, current = state["config"], self.config.to_dict()
-        changed = changed_options(saved, current)
+        changed = changed_options(without_split(saved), without_split(current))
         if changed:
             raise UsageError(f"--resume {path}: the checkpoint was written with other options: {'; '.join(changed)}")
         if state["data_position"]["train_windows"] != len(self.train_windows):
@@ -317,7 +319,13 @@ class DistillationRun:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         context = self.context
-        self._rng_to_restore = checkpoints.rng_state_of_rank(state["rng"], context.rank, context.world_size, log)
+        check_resumed_split(
+            (state["world_size"], saved.get("grad_accumulation")),
+            (context.world_size, self.config.grad_accumulation),
+            self.config.batch_size,
+            log,
+        )
+        self._rng_to_restore = checkpoints.rng_state_of_rank(state["rng"], context.rank)
         self.start_step = state["step"]
         self.metrics_before = state["metrics_before"]
         self.elapsed_before = state["elapsed_seconds"]
@@ -382,20 +390,29 @@ class DistillationRun:
             return f"the last good checkpoint is {self.last_checkpoint}"
         return "no checkpoint was written yet"
 
+    def _step_counts(self, micro_batches: list) -> StepCounts:
+        """What every micro-batch's terms divide by: the counts of the whole global batch (one collective)."""
+        totals = step_totals(
+            {"tokens": sum(b.num_tokens for b in micro_batches), "masked": sum(b.num_masked for b in micro_batches)},
+            self.context,
+            maxima={"padded_length": max(b.padded_length for b in micro_batches)},
+        )
+        return StepCounts(**totals)
+
     def _train_step(self, step: int) -> tuple[dict[str, float], int]:
+        """One optimizer step; (the logged values, the global batch's real tokens)."""
         micro_batches = self.batches.micro_batches(step)
-        sums = torch.zeros(5, dtype=torch.float64)
-        tokens = 0
+        counts = self._step_counts(micro_batches)
+        shares = torch.zeros(5, dtype=torch.float64)
         for index, batch in enumerate(micro_batches):
             batch = batch.to(self.device)
             last = index == len(micro_batches) - 1
             sync = self.trained.no_sync() if self.context.is_distributed and not last else contextlib.nullcontext()
             with sync:
-                terms = self.distiller(batch)
-                (terms.total / len(micro_batches)).backward()
-            sums += torch.tensor(list(terms.as_floats().values()), dtype=torch.float64)
-            tokens += batch.num_tokens
-        means = distributed.mean_over_processes(sums / len(micro_batches), self.context)
+                terms = self.distiller(batch, counts)  # this micro-batch's share of the global batch's terms
+                backward_share(terms.total, self.context)
+            shares += torch.tensor(list(terms.as_floats().values()), dtype=torch.float64)
+        means = distributed.sum_over_processes(shares, self.context)  # the shares add up to the global means
         values = dict(zip(("loss", "mlm", "attention", "hidden", "output"), means.tolist(), strict=True))
         if faults.nan_if_armed(step + 1):
             values["loss"] = float("nan")
@@ -418,7 +435,7 @@ class DistillationRun:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return values, tokens
+        return values, counts.tokens
 
     def run(self) -> dict[str, Any]:
         config, context = self.config, self.context
@@ -487,7 +504,7 @@ class DistillationRun:
                     "resumed_from_step": self.start_step or None,
                     "seconds_this_session": round(train_seconds, 2),
                     "seconds_total": round(self.elapsed_before + train_seconds, 2),
-                    "tokens_this_session": tokens_seen * context.world_size,
+                    "tokens_this_session": tokens_seen,  # every process's: counted over the global batch
                     "processes": context.world_size,
                     "device": str(self.device),
                 },

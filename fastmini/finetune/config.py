@@ -186,11 +186,17 @@ class FinetuneConfig:
     batch_size: int = option(
         16,
         "examples per optimizer step over all processes (GLUE's large tasks: 32); split into processes x "
-        "--grad-accumulation micro-batches",
+        "--grad-accumulation micro-batches, with the same losses however it is split",
         "recipe",
         parse=int,
     )
-    grad_accumulation: int = option(1, "micro-batches per process per optimizer step", "recipe", parse=int)
+    grad_accumulation: int = option(
+        1,
+        "micro-batches per process per optimizer step; with the process count, only how --batch-size is split "
+        "(the losses are those of the whole batch)",
+        "recipe",
+        parse=int,
+    )
     eval_batch_size: int = option(64, "examples per evaluation batch", "recipe", parse=int)
 
     def to_dict(self) -> dict[str, Any]:
@@ -260,6 +266,8 @@ flag_of = OPTIONS.flag_of
 def changed_options(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """What a resumed job was asked to change that it may not ("--flag old -> new" each)."""
     return OPTIONS.changed(saved, current, RUN_ONLY_FIELDS, PATH_FIELDS)
+
+
 build_parser = OPTIONS.build_parser
 
 

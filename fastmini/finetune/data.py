@@ -242,8 +242,8 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    def batch(self, indices: list[int], seed: int | None = None) -> dict[str, torch.Tensor]:
-        """Padded tensors for ``indices`` (``seed`` is unused: nothing here is random)."""
+    def batch(self, indices: list[int], seeds: list[int] | None = None) -> dict[str, torch.Tensor]:
+        """Padded tensors for ``indices`` (``seeds``, one per index, are unused: nothing here is random)."""
         longest = max(len(self.input_ids[i]) for i in indices)
         size = len(indices)
         input_ids = torch.full((size, longest), self.pad_token_id, dtype=torch.long)

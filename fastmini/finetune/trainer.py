@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastmini.data.ner import continuation_labels
+from fastmini.data.ner import IGNORE_INDEX, continuation_labels
 from fastmini.files import write_file_atomically
 from fastmini.finetune import inference
 from fastmini.finetune.config import DEFAULT_MAX_LENGTH, FinetuneConfig, changed_options
@@ -39,10 +39,17 @@ from fastmini.finetune.data import TaskData, encode, load_task_data
 from fastmini.finetune.models import ModelSource, load_task_model, task_model_class
 from fastmini.finetune.tasks import LOWER_IS_BETTER, TaskSpec, task_spec
 from fastmini.training import checkpoints, distributed, faults, precision
-from fastmini.training.batching import StepBatches, check_global_batch, derived_seed
+from fastmini.training.batching import (
+    StepBatches,
+    check_global_batch,
+    check_resumed_split,
+    derived_seed,
+    without_split,
+)
 from fastmini.training.cli import check_writable_directory, writable_directory
 from fastmini.training.errors import Interrupted, TrainingError, UsageError
 from fastmini.training.memory import enable_activation_checkpointing
+from fastmini.training.normalization import backward_share, share_of_mean, step_totals
 from fastmini.training.optimization import WarmupDecay, build_adamw, gradient_norm
 from fastmini.training.run_log import RunLog
 
@@ -133,7 +140,7 @@ def _check_resumed_options(grid: Path, config: FinetuneConfig) -> None:
     """--resume continues a job only with the options it was started with (run-only ones aside)."""
     saved = json.loads(grid.read_text())
     current = config.to_dict()
-    changed = changed_options(saved, current)
+    changed = changed_options(without_split(saved), without_split(current))
     if changed:
         raise UsageError(
             f"--resume: the job in {grid.parent.parent} was started with other options: {'; '.join(changed)}"
@@ -567,6 +574,12 @@ class GridRun:
         self.scheduler.load_state_dict(state["scheduler"])
         self.state = state["progress"]
         self.last_checkpoint = path
+        check_resumed_split(
+            (state["world_size"], state.get("grad_accumulation")),
+            (self.context.world_size, self.config.grad_accumulation),
+            self.config.batch_size,
+            log,
+        )
         log.info(
             "run %s: resuming from %s (step %d of %d)",
             self.setting.name,
@@ -574,7 +587,7 @@ class GridRun:
             self.state["step"],
             self.job.total_steps,
         )
-        return checkpoints.rng_state_of_rank(state["rng"], self.context.rank, self.context.world_size, log)
+        return checkpoints.rng_state_of_rank(state["rng"], self.context.rank)
 
     def _save_checkpoint(self) -> None:
         step = self.state["step"]
@@ -590,6 +603,7 @@ class GridRun:
                 "rng": rng_states,
                 "progress": self.state,
                 "world_size": self.context.world_size,
+                "grad_accumulation": self.config.grad_accumulation,
             }
             final = self.checkpoint_root / checkpoints.checkpoint_name(step)
             checkpoints.remove_temporaries(self.checkpoint_root)
@@ -597,25 +611,37 @@ class GridRun:
                 self.model.save_pretrained(directory)
                 checkpoints.save_state(directory / STATE_NAME, state)
                 faults.kill_if_armed("kill-in-checkpoint", step)
-            self.last_checkpoint = final
             checkpoints.prune(self.checkpoint_root, 1)
         distributed.barrier(self.context)
+        # On every rank, once rank 0 has published it: each rank's messages after a stop name it.
+        self.last_checkpoint = self.checkpoint_root / checkpoints.checkpoint_name(step)
 
     # ---------------------------------------------------------------------------------- loop
+    def _loss_items(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many items the model's loss averages over: labelled real tokens (NER), else examples."""
+        if self.job.spec.kind == "ner":
+            return int(((batch["labels"] != IGNORE_INDEX) & batch["attention_mask"].bool()).sum())
+        return int(batch["input_ids"].shape[0])
+
     def _train_step(self, step: int) -> dict[str, float]:
         micro_batches = self.batches.micro_batches(step)
-        loss_sum = 0.0
-        for index, batch in enumerate(micro_batches):
+        items = [self._loss_items(batch) for batch in micro_batches]
+        total = step_totals({"items": sum(items)}, self.context)["items"]  # the global batch's, before any backward
+        share_sum = 0.0
+        for index, (batch, count) in enumerate(zip(micro_batches, items, strict=True)):
             batch = {name: tensor.to(self.device) for name, tensor in batch.items()}
             last = index == len(micro_batches) - 1
             sync = self.trained.no_sync() if self.context.is_distributed and not last else contextlib.nullcontext()
             with sync:
                 with precision.autocast(self.device, self.job.autocast_dtype):
-                    loss = self.trained(**batch).loss
-                (loss / len(micro_batches)).backward()
-            loss_sum += float(loss.detach())
-        mean = distributed.mean_over_processes(torch.tensor([loss_sum / len(micro_batches)]), self.context)
-        values = {"loss": float(mean[0])}
+                    output = self.trained(**batch)
+                # The model's mean over this micro-batch's items, as its share of the global batch's mean.
+                share = share_of_mean(output.loss, count, total)
+                if share is None:  # no labelled token here: nothing to add, but DDP expects every gradient
+                    share = output.logits.sum() * 0.0
+                backward_share(share, self.context)
+            share_sum += float(share.detach())
+        values = {"loss": float(distributed.sum_over_processes(torch.tensor([share_sum]), self.context)[0])}
         if faults.nan_if_armed(step + 1):
             values["loss"] = float("nan")
         if not math.isfinite(values["loss"]):

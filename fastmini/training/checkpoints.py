@@ -10,7 +10,6 @@ which is ignored and cleaned up by the next save. Training state is read back wi
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import random
 import re
@@ -133,15 +132,10 @@ def capture_rng_state() -> dict[str, Any]:
     return state
 
 
-def rng_state_of_rank(saved: list[dict[str, Any]], rank: int, world_size: int, log: logging.Logger) -> dict[str, Any]:
+def rng_state_of_rank(saved: list[dict[str, Any]], rank: int) -> dict[str, Any]:
     """This process's share of the RNG states a checkpoint saved, one per process; a run resumed on
-    another number of processes continues, with a warning, on the saved states taken round robin."""
-    if len(saved) != world_size:
-        log.warning(
-            "--resume: checkpoint written by %d processes, running %d: dropout draws will differ",
-            len(saved),
-            world_size,
-        )
+    another number of processes continues on the saved states taken round robin (its dropout draws
+    differ: batching.check_resumed_split warns)."""
     return saved[rank % len(saved)]
 
 

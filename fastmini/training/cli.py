@@ -2,8 +2,10 @@
 
 ``run_cli(name, body)`` runs ``body()`` and turns the ways a run ends early on purpose into one
 line on stderr and an exit code: UsageError (bad input) -> ``<name>: error: ...``, exit 2;
-TrainingError -> ``<name>: stopped: ...``, exit 1; Ctrl-C -> exit 130; a reader of stdout that
-stops early (``| head``) -> exit 0, quietly. Anything else is a bug and keeps its traceback.
+TrainingError -> ``<name>: stopped: ...``, exit 1; Ctrl-C or SIGTERM -> exit 130; a reader of
+stdout that stops early (``| head``) -> exit 0, quietly. Anything else is a bug and keeps its
+traceback. Under torchrun every rank ends the same way, and rank 0 alone prints the line (see
+fastmini.training.errors for failures that may be one rank's own).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import importlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -100,7 +104,8 @@ def run_cli(name: str, body: Callable[[], int | None], interrupted_hint: str = "
     from fastmini.training.errors import Interrupted, TrainingError, UsageError
 
     try:
-        code = body() or 0
+        with _sigterm_interrupts():
+            code = body() or 0
         sys.stdout.flush()  # here, not at exit: a reader that stopped early is then caught below
         return code
     except BrokenPipeError:
@@ -110,16 +115,56 @@ def run_cli(name: str, body: Callable[[], int | None], interrupted_hint: str = "
         _discard_stdout()
         return 0
     except UsageError as error:
-        print(f"{name}: error: {error}", file=sys.stderr)
+        _report(f"{name}: error: {error}", error.rank_specific)
         return 2
     except TrainingError as error:
-        print(f"{name}: stopped: {error}", file=sys.stderr)
-        return 1
+        _report(f"{name}: stopped: {error}", error.rank_specific)
+        return _leave_if_torchrun_worker(1)
     except KeyboardInterrupt as interrupt:
         # A run that knows better (e.g. there is no checkpoint to resume from) says so in the exception.
         hint = str(interrupt) if isinstance(interrupt, Interrupted) else interrupted_hint
-        print(f"{name}: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
-        return 130
+        _report(f"{name}: interrupted{'; ' + hint if hint else ''}")
+        return _leave_if_torchrun_worker(130)
+
+
+def _leave_if_torchrun_worker(code: int) -> int:
+    """A torchrun worker that stopped or was interrupted exits at once with ``code``: left to the normal
+    interpreter exit it can sit in the process group's teardown until torchrun kills it 30 s later. Safe:
+    checkpoints are published atomically, log.jsonl is appended line by line, the message is printed."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return code
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _report(message: str, rank_specific: bool = False) -> None:
+    """``message`` on stderr once per torchrun job: from rank 0 for what every rank raises alike, from
+    each rank that has it, named, for what may be a rank's own."""
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and rank_specific:
+        print(f"[rank {rank}] {message}", file=sys.stderr)
+    elif rank == 0:
+        print(message, file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """While the body runs, SIGTERM (torchrun passing on its own signal, a job scheduler's time limit,
+    ``kill``) ends it like Ctrl-C: the same message, the same --resume hint, exit 130."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _stdout_reader_gone() -> bool:

@@ -2,10 +2,16 @@
 
 Without torchrun's environment (WORLD_SIZE unset or 1) everything here is a no-op, so the
 trainers call the same functions in one process and in K.
+
+Collectives wait at most FASTMINI_DISTRIBUTED_TIMEOUT seconds (default 7200) for the slowest
+rank: rank 0 alone evaluates and publishes (held-out sets, predictions on a large dev or test
+split) while the others wait at a barrier, which can outlast torch's default (10 minutes for
+NCCL, 30 for gloo). A rank that really hangs is then found after that long.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -40,10 +46,10 @@ def resolve_device(requested: str, local_rank: int = 0, option: str = "--device"
     here, before a trainer touches its output directory, instead of an assertion deep in torch."""
     from fastmini.training.errors import UsageError
 
-    if requested == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if requested == "auto" and not torch.cuda.is_available():
+        return torch.device("cpu")
     try:
-        device = torch.device(requested)
+        device = torch.device("cuda" if requested == "auto" else requested)  # auto: this process's GPU, checked below
     except (RuntimeError, TypeError, ValueError) as error:
         raise UsageError(f"{option} {requested}: expected {DEVICE_CHOICES}") from error
     if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
@@ -55,11 +61,30 @@ def resolve_device(requested: str, local_rank: int = 0, option: str = "--device"
     if device.index is None:
         device = torch.device("cuda", local_rank)
     if device.index >= torch.cuda.device_count():
-        raise UsageError(
+        raise UsageError(  # under torchrun, a machine's device count is its ranks' own
             f"{option} {requested}: there is no CUDA device {device.index} (this machine has "
-            f"{torch.cuda.device_count()})"
+            f"{torch.cuda.device_count()})",
+            rank_specific=True,
         )
     return device
+
+
+TIMEOUT_ENV_VAR = "FASTMINI_DISTRIBUTED_TIMEOUT"
+DEFAULT_TIMEOUT_SECONDS = 7200
+
+
+def collective_timeout() -> datetime.timedelta:
+    """How long a collective waits for the slowest rank (see the module docstring)."""
+    from fastmini.training.errors import UsageError
+
+    value = os.environ.get(TIMEOUT_ENV_VAR, str(DEFAULT_TIMEOUT_SECONDS))
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise UsageError(f"{TIMEOUT_ENV_VAR}={value}: expected a number of seconds > 0")
+    return datetime.timedelta(seconds=seconds)
 
 
 def setup(requested_device: str = "auto") -> DistributedContext:
@@ -72,7 +97,7 @@ def setup(requested_device: str = "auto") -> DistributedContext:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=collective_timeout())
     return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
@@ -86,13 +111,26 @@ def barrier(context: DistributedContext) -> None:
         dist.barrier()
 
 
-def mean_over_processes(values: torch.Tensor, context: DistributedContext) -> torch.Tensor:
-    """The mean of ``values`` (any shape) over all processes; the tensor itself in one process."""
+def sum_over_processes(values: torch.Tensor, context: DistributedContext) -> torch.Tensor:
+    """The sum of ``values`` (any shape) over all processes; the tensor itself in one process."""
     if not context.is_distributed:
         return values
     reduced = values.to(context.device, copy=True)  # NCCL reduces device tensors only
     dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
-    return (reduced / context.world_size).to(values.device)
+    return reduced.to(values.device)
+
+
+def sums_and_maxima_over_processes(
+    sums: list[int], maxima: list[int], context: DistributedContext
+) -> tuple[list[int], list[int]]:
+    """``sums`` summed and ``maxima`` maximised over all processes, in one collective (an all-gather)."""
+    if not context.is_distributed:
+        return list(sums), list(maxima)
+    local = torch.tensor([*sums, *maxima], dtype=torch.int64, device=context.device)
+    gathered = [torch.empty_like(local) for _ in range(context.world_size)]
+    dist.all_gather(gathered, local)
+    table = torch.stack(gathered).cpu()
+    return table[:, : len(sums)].sum(0).tolist(), table[:, len(sums) :].max(0).values.tolist()
 
 
 def broadcast_from_main(value: Any, context: DistributedContext) -> Any:

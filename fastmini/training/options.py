@@ -128,7 +128,7 @@ class Options:
     def changed(
         self, saved: Mapping[str, Any], current: Mapping[str, Any], run_only: Collection[str], paths: Collection[str]
     ) -> list[str]:
-        """"--flag old -> new" for every option ``current`` gives otherwise than ``saved`` (a resumed run's
+        """ "--flag old -> new" for every option ``current`` gives otherwise than ``saved`` (a resumed run's
         record), ``run_only`` ones aside; options in ``paths`` name files, and the same file given by another
         path (relative, with ~) is the same option."""
         return [

@@ -1,0 +1,66 @@
+"""``torchrun --nproc_per_node=2 -m fastmini.finetune`` on CPU (gloo) for a token-level loss (NER).
+
+The NER cross-entropy averages over labelled tokens, which micro-batches hold in unequal numbers:
+the trainer divides by the global batch's count, so one process with the whole batch, two processes
+with half each and one process accumulating two halves follow the same losses to the same model
+(dropout off). (Sentence-level tasks: tests/test_finetune_resume.py.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastmini.finetune.__main__ import main
+from fastmini.finetune.testing import make_tiny_model, write_task_data
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = "full-lr0.002-seed1"
+
+
+def torchrun(argv: list[str]) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {**os.environ, "FASTMINI_BACKEND": "torch", "OMP_NUM_THREADS": "1"}
+    # A session of its own, so that a hang kills torchrun's workers too, not only torchrun.
+    process = subprocess.Popen([*launcher, "-m", "fastmini.finetune", *argv], cwd=REPO, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    assert process.returncode == 0, stderr[-3000:]
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def train_losses(output: Path) -> list[float]:
+    lines = (output / "runs" / RUN / "log.jsonl").read_text().splitlines()
+    return [record["loss"] for record in map(json.loads, lines) if record["kind"] == "train"]
+
+
+def test_ner_trajectory_depends_on_the_global_batch_only(tmp_path):
+    model = make_tiny_model(tmp_path / "model", dropout=0.0)
+    data = write_task_data(tmp_path / "data", "ner", train=32, dev=8)
+    common = ["--model", str(model), "--data", str(data), "--task", "ner", "--lr", "2e-3", "--seed", "1",
+              "--epochs", "1", "--batch-size", "8", "--log-every", "1", "--no-progress", "--threads", "1"]  # fmt: skip
+    whole, two, accumulated = tmp_path / "whole", tmp_path / "two", tmp_path / "accumulated"
+    assert main([*common, "--output-dir", str(whole)]) == 0
+    torchrun([*common, "--output-dir", str(two)])
+    assert main([*common, "--output-dir", str(accumulated), "--grad-accumulation", "2"]) == 0
+    expected = train_losses(whole)
+    assert len(expected) == 4 and expected[-1] != expected[0]
+    weights = load_file(str(whole / "model.safetensors"))
+    for other in (two, accumulated):
+        assert train_losses(other) == pytest.approx(expected, rel=1e-5)
+        other_weights = load_file(str(other / "model.safetensors"))
+        for name, value in weights.items():
+            torch.testing.assert_close(other_weights[name], value, rtol=1e-4, atol=1e-6, msg=name)
