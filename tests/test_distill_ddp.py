@@ -9,10 +9,7 @@ resume continues exactly, or, on another split of the same global batch, with a 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,8 +19,7 @@ from safetensors.torch import load_file
 from fastmini.distill.__main__ import main
 from fastmini.distill.testing import make_tiny_teacher
 from fastmini.training import checkpoints
-
-REPO = Path(__file__).resolve().parents[1]
+from fastmini.training.testing import run_module
 
 
 @pytest.fixture(scope="module")
@@ -42,23 +38,7 @@ def distill_args(teacher: Path, output: Path, *extra: str) -> list[str]:
 
 
 def torchrun(teacher: Path, output: Path, *extra: str) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    args = ["-m", "fastmini.distill", *distill_args(teacher, output, *extra)]
-    env = {**os.environ, "FASTMINI_BACKEND": "torch", "OMP_NUM_THREADS": "1"}
-    # A session of its own, so that a hang kills torchrun's workers too, not only torchrun.
-    process = subprocess.Popen(
-        [*launcher, *args], cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        stdout, stderr = process.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        raise
-    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    return run_module("fastmini.distill", distill_args(teacher, output, *extra), processes=2)
 
 
 def train_records(output: Path) -> list[dict]:

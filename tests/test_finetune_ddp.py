@@ -9,10 +9,7 @@ with half each and one process accumulating two halves follow the same losses to
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,25 +18,13 @@ from safetensors.torch import load_file
 
 from fastmini.finetune.__main__ import main
 from fastmini.finetune.testing import make_tiny_model, write_task_data
+from fastmini.training.testing import run_module
 
-REPO = Path(__file__).resolve().parents[1]
 RUN = "full-lr0.002-seed1"
 
 
 def torchrun(argv: list[str]) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    env = {**os.environ, "FASTMINI_BACKEND": "torch", "OMP_NUM_THREADS": "1"}
-    # A session of its own, so that a hang kills torchrun's workers too, not only torchrun.
-    process = subprocess.Popen([*launcher, "-m", "fastmini.finetune", *argv], cwd=REPO, env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
-    try:
-        stdout, stderr = process.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        raise
-    assert process.returncode == 0, stderr[-3000:]
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    return run_module("fastmini.finetune", argv, processes=2)
 
 
 def train_losses(output: Path) -> list[float]:

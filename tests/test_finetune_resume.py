@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from fastmini.finetune.__main__ import main
 from fastmini.finetune.testing import make_tiny_model, write_task_data
 from fastmini.training import checkpoints
 from fastmini.training.faults import FAULT_ENV_VAR
+from fastmini.training.testing import run_module
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = ("full-lr0.002-seed1", "full-lr0.002-seed2")
@@ -254,23 +254,10 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp
     data = write_task_data(tmp_path / "data", "classification", train=32, dev=16)
 
     def run(output: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
-        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-                    if processes > 1 else [sys.executable])  # fmt: skip
-        argv = [*launcher, "-m", "fastmini.finetune", "--model", str(model), "--data", str(data), "--output-dir",
-                str(output), "--lr", "2e-3", "--seed", "1", "--epochs", "2", "--batch-size", "8", "--log-every", "1",
-                "--no-progress", "--threads", "1", *extra]  # fmt: skip
-        env = {**os.environ, "FASTMINI_BACKEND": "torch", "OMP_NUM_THREADS": "1"}
-        # A session of its own, so that a hang kills torchrun's workers too, not only torchrun.
-        process = subprocess.Popen(argv, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   start_new_session=True)  # fmt: skip
-        try:
-            stdout, stderr = process.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-            raise
-        assert process.returncode == 0, stderr[-3000:]
-        return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
+        argv = ["--model", str(model), "--data", str(data), "--output-dir", str(output), "--lr", "2e-3", "--seed",
+                "1", "--epochs", "2", "--batch-size", "8", "--log-every", "1", "--no-progress", "--threads", "1",
+                *extra]  # fmt: skip
+        return run_module("fastmini.finetune", argv, processes)
 
     run(tmp_path / "one", 1, "--grad-accumulation", "2")
     result = run(tmp_path / "two", 2)

@@ -18,3 +18,32 @@ def cli_error(main: Callable[[Sequence[str]], int], argv: Sequence[str], capsys)
     lines = [line for line in err.splitlines() if line.startswith(f"{program}: error:")]
     assert len(lines) == 1, err
     return lines[0]
+
+
+def run_module(module: str, argv: Sequence[str], processes: int = 1, timeout: float = 240):
+    """``python -m module argv``, or under ``torchrun --nproc_per_node=processes``
+    (gloo on CPU), with the torch backend and one thread a process; fails unless it exits 0.
+
+    The launch gets a session of its own, so that a hang kills torchrun's workers too, not only torchrun.
+    """
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    command = [*launcher, "-m", module, *argv]
+    env = {**os.environ, "FASTMINI_BACKEND": "torch", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        command, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    assert process.returncode == 0, stderr[-3000:]
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
