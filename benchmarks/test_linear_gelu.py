@@ -44,17 +44,20 @@ def make_inputs(rows: int, dtype: torch.dtype):
     return leaves, grad_y.to(DEVICE, dtype)
 
 
-def kernel_path(path: str):
+def kernel_path(path: str, approximate: str):
     """linear_gelu through the Triton custom op with one code path of the kernel module."""
 
     def run(x, weight, bias, save_pre):
-        return torch.ops.fastmini.linear_gelu_forward(x, weight, bias, "none", save_pre, path)[0]
+        return torch.ops.fastmini.linear_gelu_forward(x, weight, bias, approximate, save_pre, path)[0]
 
     return run
 
 
-def reference(x, weight, bias, save_pre):
-    return linear_gelu_ref(x, weight, bias, "none")
+def reference(approximate: str):
+    def run(x, weight, bias, save_pre):
+        return linear_gelu_ref(x, weight, bias, approximate)
+
+    return run
 
 
 def timed(implementation, which_pass: str, leaves, grad_y):
@@ -83,27 +86,33 @@ def minimum_bytes(rows: int, dtype: torch.dtype, which_pass: str) -> int:
     return (inputs + outputs) * size
 
 
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("which_pass", PASSES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda dtype: str(dtype).removeprefix("torch."))
 @pytest.mark.parametrize("rows", ROWS)
-def test_linear_gelu(benchmark, compare, describe_device, sync, record_bandwidth, rows, dtype, which_pass):
+def test_linear_gelu(benchmark, compare, describe_device, sync, record_bandwidth, rows, dtype, which_pass, approximate):
+    if approximate == "tanh" and (rows, dtype) != (ROWS[0], torch.bfloat16):
+        pytest.skip("gelu_new (tanh) is timed at the largest bf16 shape only: the published config uses exact GELU")
     leaves, grad_y = make_inputs(rows, dtype)
-    contenders = {path: sync(timed(kernel_path(path), which_pass, leaves, grad_y), DEVICE) for path in PATHS}
-    contenders["reference"] = sync(timed(reference, which_pass, leaves, grad_y), DEVICE)
+    contenders = {
+        path: sync(timed(kernel_path(path, approximate), which_pass, leaves, grad_y), DEVICE) for path in PATHS
+    }
+    contenders["reference"] = sync(timed(reference(approximate), which_pass, leaves, grad_y), DEVICE)
     rounds = 30 if rows > 4096 else 100
     gemms = 1 if which_pass == "forward" else 3
     flops = gemms * 2 * rows * HIDDEN * INTERMEDIATE
     moved = minimum_bytes(rows, dtype, which_pass)
 
     benchmark.pedantic(contenders["bias_gelu"], rounds=rounds, warmup_rounds=3)
+    dtype_name = str(dtype).removeprefix("torch.")
     medians = compare(
         benchmark,
-        group=f"linear_gelu {which_pass} {rows}x{HIDDEN}x{INTERMEDIATE} {str(dtype).removeprefix('torch.')}",
+        group=f"linear_gelu {approximate} {which_pass} {rows}x{HIDDEN}x{INTERMEDIATE} {dtype_name}",
         contenders=contenders,
         baseline="reference",
         flops=flops,
         rounds=rounds,
-        shape=f"rows={rows} H={HIDDEN} I={INTERMEDIATE} approximate=none",
+        shape=f"rows={rows} H={HIDDEN} I={INTERMEDIATE} approximate={approximate}",
         dtype=str(dtype),
         backend="bias_gelu: cuBLAS + Triton bias-GELU; fused_gemm: Triton GEMM+epilogue; reference: F.linear, F.gelu",
         device=describe_device(DEVICE),

@@ -203,8 +203,9 @@ def _forward_kernel(
             x_block, up_weight_ptr, up_bias_ptr, row_offsets, row_mask, g, start, H, R, BLOCK_K, BLOCK_R, DOT_DTYPE,
             ACC_DTYPE, INPUT_PRECISION,
         )  # fmt: skip
-        seen = start * 1.0  # columns already merged
-        count = tl.minimum(H - start, BLOCK_K) * 1.0
+        # In ACC_DTYPE, not as "* 1.0" (fp32): fp64 statistics need fp64 merge weights too.
+        seen = tl.cast(start, ACC_DTYPE)  # columns already merged
+        count = tl.cast(tl.minimum(H - start, BLOCK_K), ACC_DTYPE)
         chunk_mean = tl.sum(z, axis=1) / count
         centred = tl.where(column_mask[None, :], z - chunk_mean[:, None], 0.0)
         delta = chunk_mean - mean

@@ -171,6 +171,14 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(triton_adapter, tensors, eps=1e-6, atol=1e-7, fast_mode=True)
 
 
+def test_float64_is_float64_accurate_across_several_column_chunks():
+    """H=312 spans several BLOCK_K chunks, whose LayerNorm statistics are merged: fp64 inputs must stay
+    at fp64 accuracy there too (gradcheck above runs a single chunk)."""
+    tensors, grad_output = make_inputs((7, 312), 19, dtype=torch.float64)
+    y, grads = forward_and_grads(triton_adapter, tensors, grad_output)
+    assert_matches((y, grads), forward_and_grads(reference_adapter, tensors, grad_output), atol=1e-12, rtol=1e-12)
+
+
 # ---------------------------------------------------------------- low precision and autocast
 
 
