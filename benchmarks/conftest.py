@@ -3,7 +3,8 @@
 pytest-benchmark times fastmini's implementation; ``compare`` then times it against its
 baselines *interleaved* (a, b, a, b, ...) in the same process, so that a noisy shared machine
 slows every contender alike and the ratio stays meaningful. The session ends with a table of
-those ratios, of useful GFLOP/s and of useful tokens/s (padding excluded) where given.
+those ratios, of useful GFLOP/s (and their share of the measured matmul rate where recorded) and of
+useful tokens/s (padding excluded) where given.
 """
 
 from __future__ import annotations
@@ -120,6 +121,46 @@ def record_bandwidth():
     return _record
 
 
+_MATMUL_RATE: dict[tuple, float] = {}
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, m: int, k: int, n: int) -> float:
+    """FLOP/s of an (m, k) @ (k, n) matmul on random data (median of 10 after 3 warm-ups, measured once per
+    session and shape): the roofline that GEMM-bound work is reported against (sgemm for fp32 on a CPU)."""
+    key = (str(device), dtype, m, k, n)
+    if key not in _MATMUL_RATE:
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
+        multiply = synchronised(lambda: a @ b, device)
+        for _ in range(3):
+            multiply()
+        timings = []
+        for _ in range(10):
+            start = time.perf_counter()
+            multiply()
+            timings.append(time.perf_counter() - start)
+        _MATMUL_RATE[key] = 2 * m * k * n / statistics.median(timings)
+    return _MATMUL_RATE[key]
+
+
+@pytest.fixture
+def record_matmul_fraction():
+    """record_matmul_fraction(benchmark, group, medians, flops, device, dtype, shape=(m, k, n)): the measured
+    matmul rate and each contender's useful FLOP/s as a % of it (also in the session's summary table)."""
+
+    def _record(benchmark, group: str, medians: dict[str, float], flops: int, device, dtype, shape) -> float:
+        rate = matmul_rate(device, dtype, *shape)
+        name = f"{str(dtype).removeprefix('torch.')} matmul {'x'.join(map(str, shape))}"
+        benchmark.extra_info["matmul"] = f"{name}: {rate / 1e9:.1f} GFLOP/s"
+        benchmark.extra_info["percent_of_matmul_rate"] = {
+            n: round(100 * flops / m / rate, 1) for n, m in medians.items()
+        }
+        _RESULTS[group]["matmul_rate"] = rate
+        return rate
+
+    return _record
+
+
 @pytest.fixture(scope="session")
 def describe_device():
     return device_name
@@ -136,8 +177,10 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.section("fastmini: interleaved medians, ratio against the baseline of the same run")
     for group, result in sorted(_RESULTS.items()):
         medians, baseline, flops, tokens = result["medians"], result["baseline"], result["flops"], result["tokens"]
+        rate = result.get("matmul_rate")
         for name, median in sorted(medians.items(), key=lambda item: item[1]):
             gflops = f"{flops / median / 1e9:7.1f} GFLOP/s" if flops else ""
+            gflops += f" ({100 * flops / median / rate:3.0f}% of matmul)" if flops and rate else ""
             tokens_per_s = f"  {tokens / median:9.0f} tokens/s" if tokens else ""
             ratio = medians[baseline] / median
             line = f"{group:28s} {name:20s} {median * 1e3:9.3f} ms {gflops}{tokens_per_s}  x{ratio:.2f}"

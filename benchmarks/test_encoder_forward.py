@@ -224,18 +224,33 @@ def contenders(published, sync, tmp_path_factory) -> dict[str, Contender]:
     return {name: contender for name, contender in built.items() if contender is not None}
 
 
+# The sgemm that useful GFLOP/s are compared with: the FFN's up-projection at 32 x 128 tokens.
+SGEMM_SHAPE = (4096, 768, 3072)
+
+
 def time_contenders(
-    benchmark, compare, describe_device, contenders, published, group, input_ids, attention_mask, rounds, shape
+    benchmark,
+    compare,
+    describe_device,
+    record_matmul_fraction,
+    contenders,
+    published,
+    group,
+    input_ids,
+    attention_mask,
+    rounds,
+    shape,
 ):
     """Times fastmini alone (pytest-benchmark's own table), then every contender interleaved;
-    records useful tokens/s and GFLOP/s on the real tokens of ``attention_mask``."""
+    records useful tokens/s and GFLOP/s on the real tokens of ``attention_mask``, and those GFLOP/s
+    as a share of this machine's measured sgemm rate."""
     lengths = attention_mask.sum(1).tolist()
     forwards = {name: contender.build(input_ids, attention_mask) for name, contender in contenders.items()}
     benchmark.pedantic(forwards["fastmini"], rounds=rounds, warmup_rounds=1)
     flops = encoder_flops(published.fastmini.config, lengths)
     no_adapters = copy.deepcopy(published.fastmini.config)
     no_adapters.use_adapter = False
-    return compare(
+    medians = compare(
         benchmark,
         group=group,
         contenders=forwards,
@@ -250,10 +265,14 @@ def time_contenders(
         f"and does {100 * (1 - encoder_flops(no_adapters, lengths) / flops):.1f}% fewer FLOPs",
         device=describe_device(DEVICE),
     )
+    record_matmul_fraction(benchmark, group, medians, flops, DEVICE, torch.float32, SGEMM_SHAPE)
+    return medians
 
 
 @pytest.mark.parametrize("batch, seq", SHAPES, ids=[f"{b}x{s}" for b, s in SHAPES])
-def test_encoder_forward(benchmark, compare, describe_device, contenders, published, batch, seq):
+def test_encoder_forward(
+    benchmark, compare, describe_device, record_matmul_fraction, contenders, published, batch, seq
+):
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(1, PUBLISHED_MINIALBERT_128["vocab_size"], (batch, seq), generator=generator)
     attention_mask = torch.ones(batch, seq, dtype=torch.long)
@@ -261,6 +280,7 @@ def test_encoder_forward(benchmark, compare, describe_device, contenders, publis
         benchmark,
         compare,
         describe_device,
+        record_matmul_fraction,
         contenders,
         published,
         group=f"encoder forward {batch}x{seq}",
@@ -287,13 +307,16 @@ def ragged_batch():
     return tokenizer(sentences, padding=True, truncation=True, max_length=128, return_tensors="pt")
 
 
-def test_encoder_forward_ragged(benchmark, compare, describe_device, contenders, published, ragged_batch):
+def test_encoder_forward_ragged(
+    benchmark, compare, describe_device, record_matmul_fraction, contenders, published, ragged_batch
+):
     input_ids, attention_mask = ragged_batch["input_ids"], ragged_batch["attention_mask"]
     useful, padded = int(attention_mask.sum()), attention_mask.numel()
     time_contenders(
         benchmark,
         compare,
         describe_device,
+        record_matmul_fraction,
         contenders,
         published,
         group=f"encoder forward ragged {RAGGED_BATCH}",

@@ -29,8 +29,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import statistics
-import time
 from collections.abc import Callable
 
 import pytest
@@ -63,21 +61,6 @@ def fastmini_backend(name: str | None):
             os.environ.pop("FASTMINI_BACKEND", None)
         else:
             os.environ["FASTMINI_BACKEND"] = previous
-
-
-def bf16_matmul_rate() -> float:
-    """FLOP/s of an 8192^3 bf16 matmul on random data (median of 10 after 3 warm-ups)."""
-    a, b = (torch.randn(8192, 8192, device=DEVICE, dtype=DTYPE) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    timings = []
-    for _ in range(10):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        a @ b
-        torch.cuda.synchronize()
-        timings.append(time.perf_counter() - start)
-    return 2 * 8192**3 / statistics.median(timings)
 
 
 @pytest.fixture(scope="module")
@@ -214,17 +197,15 @@ def test_latency_1x128(benchmark, compare, describe_device, models):
     benchmark.extra_info["best_ms"] = round(min(medians.values()) * 1e3, 4)
 
 
-def test_throughput_128x128(benchmark, compare, describe_device, models):
+def test_throughput_128x128(benchmark, compare, describe_device, record_matmul_fraction, models):
     input_ids, mask = _full_batch(128, 128)
     medians = _run_group(
         benchmark, compare, describe_device, models, "gpu encoder throughput 128x128", input_ids, mask,
         ["original", "fastmini", *GRAPHED], "original", rounds=30,
     )  # fmt: skip
-    rate = bf16_matmul_rate()
-    flops = _flops([128] * 128)
     benchmark.extra_info["target"] = ">= 4 M useful tokens/s"
-    benchmark.extra_info["bf16_matmul_tflop_per_s"] = round(rate / 1e12, 1)
-    benchmark.extra_info["percent_of_bf16_matmul"] = {n: round(100 * flops / m / rate, 1) for n, m in medians.items()}
+    flops = _flops([128] * 128)
+    record_matmul_fraction(benchmark, "gpu encoder throughput 128x128", medians, flops, DEVICE, DTYPE, (8192,) * 3)
 
 
 def test_ragged_half_padding(benchmark, compare, describe_device, models):
