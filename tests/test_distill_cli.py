@@ -488,3 +488,80 @@ def test_gradient_checkpointing_changes_nothing_but_memory(teacher_dir, tmp_path
             assert b[term] == pytest.approx(a[term], rel=1e-5, abs=1e-7), (a["step"], term)
     for name, value in plain_weights.items():
         torch.testing.assert_close(checkpointed_weights[name], value, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("epochs, steps", [("1", 6), ("1.5", 9)])
+def test_epochs_mode_takes_epochs_times_full_batches_and_decays_the_lr_over_exactly_those_steps(
+    epochs, steps, teacher_dir, tmp_path
+):
+    """--max-steps none --epochs E: 27 one-window documents in batches of 4 are 6 full batches an epoch
+    (the partial batch of 3 is dropped), so E epochs are ceil(6 E) steps; the linear schedule's total is
+    that same count, so the logged lr (the one each step used) falls by lr/(steps - 1) a step after the
+    one warmup step and the last step runs at lr/(steps - 1), one decrement above zero."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(" ".join(f"w{(d + i) % 90}" for i in range(10)) + "\n" for d in range(27)))
+    output = tmp_path / "out"
+    argv = tiny_args(teacher_dir, output, "--data", str(corpus), "--max-steps", "none", "--epochs", epochs,
+                     "--eval-windows", "0", "--log-every", "1", "--lr", "8e-3", "--save-every", "0")  # fmt: skip
+    assert main(argv) == 0
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["train"]["steps"] == steps
+    train = [r for r in map(json.loads, (output / "log.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, steps + 1))
+    expected = [0.0] + [8e-3 * (steps - k) / (steps - 1) for k in range(1, steps)]  # warmup 1, then linear to 0
+    assert [r["lr"] for r in train] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_a_teacher_by_hub_name_loads_from_the_local_hub_cache_offline(teacher_dir, tmp_path, monkeypatch, capsys):
+    """--teacher ORG/NAME is a hub name: with HF_HUB_OFFLINE=1 and the model in huggingface_hub's cache
+    layout (models--ORG--NAME/snapshots/<commit>/ + refs/main), the teacher and its tokenizer load from the
+    cache and a run distils from them; the output records the name as given."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-bert"
+    shutil.copytree(teacher_dir, repo / "snapshots" / commit, ignore=shutil.ignore_patterns("corpus.txt"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    # huggingface_hub reads its cache directory and offline flag from these constants at call time (they
+    # were taken from the environment at import); the environment variable skips fastmini's hub probe.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    output = tmp_path / "out"
+    argv = tiny_args(teacher_dir, output, "--teacher", "tiny-org/tiny-bert", "--max-steps", "2")
+    assert main(argv) == 0
+    assert json.loads((output / "train_config.json").read_text())["teacher"] == "tiny-org/tiny-bert"
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["layer_map"] == [2, 4] and metrics["output_kl"] is True  # the tiny BertForMaskedLM, head and all
+    assert json.loads((output / "config.json").read_text())["vocab_size"] == 99
+    message = error_of(tiny_args(teacher_dir, tmp_path / "other", "--teacher", "tiny-org/missing"), capsys)
+    assert "--teacher 'tiny-org/missing' is not a local directory and could not be loaded" in message  # not cached
+
+
+def test_data_by_datasets_name_passes_config_split_and_text_field_through_the_command_line(
+    teacher_dir, tmp_path, monkeypatch
+):
+    """--data NAME --data-config C --data-split S --text-field F reach datasets.load_dataset (a stand-in:
+    no hub in tests) and the run distils on column F's documents."""
+    import datasets
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    documents = (teacher_dir / "corpus.txt").read_text().splitlines()
+    requested = []
+
+    def load_dataset(name, config, split, cache_dir=None):
+        requested.append((name, config, split))
+        return datasets.Dataset.from_dict({"content": documents, "id": list(range(len(documents)))})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    output = tmp_path / "out"
+    argv = tiny_args(teacher_dir, output, "--data", "someone/corpus", "--data-config", "en", "--data-split",
+                     "train[:50%]", "--text-field", "content", "--max-steps", "2")  # fmt: skip
+    assert main(argv) == 0
+    assert requested == [("someone/corpus", "en", "train[:50%]")]
+    saved = json.loads((output / "train_config.json").read_text())
+    assert (saved["data"], saved["data_config"], saved["text_field"]) == ("someone/corpus", "en", "content")
+    assert json.loads((output / "metrics.json").read_text())["train"]["steps"] == 2

