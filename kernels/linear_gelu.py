@@ -230,6 +230,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def _upcast_dot_operands(x: torch.Tensor) -> bool:
+    """16-bit GEMM operands are upcast to fp32 off the GPU only (the interpreter's bf16 dots are wrong)."""
+    return not x.is_cuda
+
+
 def _gemm_blocks(rows: int, hidden: int, intermediate: int, dtype: torch.dtype) -> dict:
     """Tiles of the fused GEMM: 128 x 128 output tiles with 64-wide (16-bit) or 32-wide (fp32) K steps
     at real sizes, three pipeline stages (~96 KB of shared memory); small sizes shrink to 16.
@@ -299,7 +304,7 @@ def fused_gemm(
         STORE_PRE=save_pre,
         ACC_DTYPE=acc_dtype,
         DOT_PRECISION=_dot_precision(x.dtype),
-        UPCAST_DOT_OPERANDS=not x.is_cuda,
+        UPCAST_DOT_OPERANDS=_upcast_dot_operands(x),
         **blocks,
     )
     return y, pre

@@ -103,7 +103,9 @@ def _spec(fn, args: tuple, kwargs: dict) -> dict:
     }
 
 
-def _record_launches(monkeypatch, sweep) -> list[dict]:
+def _record_launches(monkeypatch, sweep, execute: bool = True) -> list[dict]:
+    """The distinct launches ``sweep`` makes; with ``execute`` False they are recorded, not run (for
+    launch choices the interpreter cannot run, e.g. bf16 tl.dot operands or TF32 precision)."""
     from triton.runtime.interpreter import InterpretedFunction
 
     specs: dict[str, dict] = {}
@@ -112,10 +114,11 @@ def _record_launches(monkeypatch, sweep) -> list[dict]:
     def recording_run(self, *args, grid, warmup, **kwargs):
         spec = _spec(self.fn, args, kwargs)
         specs.setdefault(json.dumps(spec, sort_keys=True), spec)
-        return original_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+        return original_run(self, *args, grid=grid, warmup=warmup, **kwargs) if execute else None
 
-    monkeypatch.setattr(InterpretedFunction, "run", recording_run)
-    sweep()
+    with monkeypatch.context() as patch:
+        patch.setattr(InterpretedFunction, "run", recording_run)
+        sweep(patch)
     return list(specs.values())
 
 
@@ -125,7 +128,7 @@ def _operands(dtype: torch.dtype, rows: int, hidden: int, *shapes):
     return x, [(torch.randn(shape, generator=generator) * 0.1).to(dtype).requires_grad_() for shape in shapes]
 
 
-def _sweep():
+def _sweep(_patch=None):
     """Forward and backward of each op through its Triton backend, at the published sizes (H=768,
     r=16, I=3072) in fp32, bf16 and fp16, and an odd one (H=312) in fp32 and bf16; rows past one 128-row
     tile."""
@@ -157,11 +160,39 @@ def _sweep():
                     linear_gelu_kernels.linear_gelu_backward(grad, x_plain, weight, bias, pre, approximate, True)
 
 
-@pytest.mark.slow
-def test_every_kernel_launch_compiles_for_sm90(monkeypatch, tmp_path):
-    specs = _record_launches(monkeypatch, _sweep)
-    kernels = {spec["name"] for spec in specs}
-    assert len(kernels) >= 6, kernels  # adapter fwd/bwd x2, add_layer_norm fwd/bwd, bias-GELU fwd/bwd, GEMM
+def _gpu_only_sweep(patch):
+    """The launch choices that only CUDA tensors get, so that the sweep above never records them: fp32
+    adapter dots in "tf32x3", 16-bit GEMM operands not upcast, the adapter forward's BLOCK_M shrunk to
+    16 or 32 for small batches; also add_layer_norm at its largest H and the dropout-mask kernel."""
+    from fastmini.kernels import adapter_bottleneck as adapter_kernels
+    from fastmini.kernels import add_layer_norm as add_layer_norm_kernels
+    from fastmini.kernels import linear_gelu as linear_gelu_kernels
+
+    patch.setattr(adapter_kernels, "_input_precision", lambda x: "tf32x3" if x.dtype == torch.float32 else "ieee")
+    patch.setattr(linear_gelu_kernels, "_upcast_dot_operands", lambda x: False)
+    for dtype in (torch.float32, torch.bfloat16):
+        x, (down_w, down_b, up_w, up_b, norm_w, norm_b) = _operands(
+            dtype, 130, 768, (48, 768), (48,), (768, 48), (768,), (768,), (768,)
+        )
+        parameters = [t.detach() for t in (down_w, down_b, up_w, up_b, norm_w, norm_b)]
+        for block_m in (16, 32, None):
+            _y, mean, rstd, h = adapter_kernels.adapter_bottleneck_forward(
+                x.detach(), *parameters, 1e-12, True, tiles={"BLOCK_M": block_m} if block_m else None
+            )
+        adapter_kernels.adapter_bottleneck_backward(torch.ones_like(x), x.detach(), *parameters, h, mean, rstd)
+        weight, bias = torch.zeros(3072, 768, dtype=dtype), torch.zeros(3072, dtype=dtype)
+        for save_pre in (True, False):
+            linear_gelu_kernels.linear_gelu_forward(
+                x.detach(), weight, bias, "none", save_pre=save_pre, path="fused_gemm"
+            )
+    wide = torch.zeros(4, add_layer_norm_kernels.MAX_HIDDEN, dtype=torch.bfloat16)
+    ones = torch.ones(add_layer_norm_kernels.MAX_HIDDEN, dtype=torch.bfloat16)
+    add_layer_norm_kernels.add_layer_norm_forward(wide, wide, ones, ones, 1e-12, 0.1, 7, True)
+    add_layer_norm_kernels.dropout_keep_mask(7, 130, 768, 0.1, torch.device("cpu"))
+
+
+def _compile_for_sm90(specs: list[dict], tmp_path) -> None:
+    """Compile every spec for sm_90 in a subprocess without the interpreter; fail listing what did not build."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 is today's default
@@ -178,3 +209,21 @@ def test_every_kernel_launch_compiles_for_sm90(monkeypatch, tmp_path):
     assert not failures, "\n\n".join(failures)
     # Hopper gives a block at most 227 KB of shared memory; the compiler checks the limit only when launching.
     assert max(outcome["shared"] for outcome in outcomes) <= 227 * 1024
+
+
+@pytest.mark.slow
+def test_every_kernel_launch_compiles_for_sm90(monkeypatch, tmp_path):
+    specs = _record_launches(monkeypatch, _sweep)
+    kernels = {spec["name"] for spec in specs}
+    assert len(kernels) >= 6, kernels  # adapter fwd/bwd x2, add_layer_norm fwd/bwd, bias-GELU fwd/bwd, GEMM
+    _compile_for_sm90(specs, tmp_path)
+
+
+@pytest.mark.slow
+def test_launch_choices_only_a_gpu_makes_compile_for_sm90(monkeypatch, tmp_path):
+    specs = _record_launches(monkeypatch, _gpu_only_sweep, execute=False)
+    constexprs = [spec["constexprs"] for spec in specs]
+    assert any(c.get("INPUT_PRECISION") == "tf32x3" for c in constexprs)
+    assert any(c.get("UPCAST_DOT_OPERANDS") is False for c in constexprs)
+    assert {16, 32} <= {c.get("BLOCK_M") for c in constexprs}
+    _compile_for_sm90(specs, tmp_path)
