@@ -82,6 +82,18 @@ def compare():
     return _compare
 
 
+def median_seconds(fn: Callable, runs: int, warmups: int = 3) -> float:
+    """Median wall time of ``fn`` (synchronised by the caller) over ``runs`` calls after ``warmups``."""
+    for _ in range(warmups):
+        fn()
+    timings = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        timings.append(time.perf_counter() - start)
+    return statistics.median(timings)
+
+
 _COPY_BANDWIDTH: dict[str, float] = {}
 
 
@@ -93,14 +105,7 @@ def copy_bandwidth(device: torch.device) -> float:
         source = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
         target = torch.empty_like(source)
         copy = synchronised(lambda: target.copy_(source), device)
-        for _ in range(3):
-            copy()
-        timings = []
-        for _ in range(20):
-            start = time.perf_counter()
-            copy()
-            timings.append(time.perf_counter() - start)
-        _COPY_BANDWIDTH[key] = 2 * source.numel() / statistics.median(timings)  # read + write
+        _COPY_BANDWIDTH[key] = 2 * source.numel() / median_seconds(copy, runs=20)  # read + write
     return _COPY_BANDWIDTH[key]
 
 
@@ -132,14 +137,7 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, m: int, k: int, n: int
         a = torch.randn(m, k, device=device, dtype=dtype)
         b = torch.randn(k, n, device=device, dtype=dtype)
         multiply = synchronised(lambda: a @ b, device)
-        for _ in range(3):
-            multiply()
-        timings = []
-        for _ in range(10):
-            start = time.perf_counter()
-            multiply()
-            timings.append(time.perf_counter() - start)
-        _MATMUL_RATE[key] = 2 * m * k * n / statistics.median(timings)
+        _MATMUL_RATE[key] = 2 * m * k * n / median_seconds(multiply, runs=10)
     return _MATMUL_RATE[key]
 
 

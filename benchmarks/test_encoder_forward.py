@@ -228,61 +228,47 @@ def contenders(published, sync, tmp_path_factory) -> dict[str, Contender]:
 SGEMM_SHAPE = (4096, 768, 3072)
 
 
-def time_contenders(
-    benchmark,
-    compare,
-    describe_device,
-    record_matmul_fraction,
-    contenders,
-    published,
-    group,
-    input_ids,
-    attention_mask,
-    rounds,
-    shape,
-):
-    """Times fastmini alone (pytest-benchmark's own table), then every contender interleaved;
-    records useful tokens/s and GFLOP/s on the real tokens of ``attention_mask``, and those GFLOP/s
-    as a share of this machine's measured sgemm rate."""
-    lengths = attention_mask.sum(1).tolist()
-    forwards = {name: contender.build(input_ids, attention_mask) for name, contender in contenders.items()}
-    benchmark.pedantic(forwards["fastmini"], rounds=rounds, warmup_rounds=1)
-    flops = encoder_flops(published.fastmini.config, lengths)
-    no_adapters = copy.deepcopy(published.fastmini.config)
-    no_adapters.use_adapter = False
-    medians = compare(
-        benchmark,
-        group=group,
-        contenders=forwards,
-        baseline=BASELINE,
-        flops=flops,
-        useful_tokens=sum(lengths),
-        rounds=rounds,
-        shape=shape,
-        dtype="float32",
-        backend={name: contender.backend for name, contender in contenders.items()},
-        flops_note=f"GFLOP/s of every contender use fastmini's count, adapters included; ALBERT has no adapters "
-        f"and does {100 * (1 - encoder_flops(no_adapters, lengths) / flops):.1f}% fewer FLOPs",
-        device=describe_device(DEVICE),
-    )
-    record_matmul_fraction(benchmark, group, medians, flops, DEVICE, torch.float32, SGEMM_SHAPE)
-    return medians
+@pytest.fixture
+def time_contenders(benchmark, compare, describe_device, record_matmul_fraction, contenders, published):
+    """time_contenders(group, input_ids, attention_mask, rounds, shape) -> medians: times fastmini alone
+    (pytest-benchmark's own table), then every contender interleaved; records useful tokens/s and GFLOP/s
+    on the real tokens of ``attention_mask``, and those GFLOP/s as a share of this machine's measured
+    sgemm rate."""
+
+    def run(group: str, input_ids, attention_mask, rounds: int, shape: str) -> dict[str, float]:
+        lengths = attention_mask.sum(1).tolist()
+        forwards = {name: contender.build(input_ids, attention_mask) for name, contender in contenders.items()}
+        benchmark.pedantic(forwards["fastmini"], rounds=rounds, warmup_rounds=1)
+        flops = encoder_flops(published.fastmini.config, lengths)
+        no_adapters = copy.deepcopy(published.fastmini.config)
+        no_adapters.use_adapter = False
+        medians = compare(
+            benchmark,
+            group=group,
+            contenders=forwards,
+            baseline=BASELINE,
+            flops=flops,
+            useful_tokens=sum(lengths),
+            rounds=rounds,
+            shape=shape,
+            dtype="float32",
+            backend={name: contender.backend for name, contender in contenders.items()},
+            flops_note=f"GFLOP/s of every contender use fastmini's count, adapters included; ALBERT has no "
+            f"adapters and does {100 * (1 - encoder_flops(no_adapters, lengths) / flops):.1f}% fewer FLOPs",
+            device=describe_device(DEVICE),
+        )
+        record_matmul_fraction(benchmark, group, medians, flops, DEVICE, torch.float32, SGEMM_SHAPE)
+        return medians
+
+    return run
 
 
 @pytest.mark.parametrize("batch, seq", SHAPES, ids=[f"{b}x{s}" for b, s in SHAPES])
-def test_encoder_forward(
-    benchmark, compare, describe_device, record_matmul_fraction, contenders, published, batch, seq
-):
+def test_encoder_forward(time_contenders, batch, seq):
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(1, PUBLISHED_MINIALBERT_128["vocab_size"], (batch, seq), generator=generator)
     attention_mask = torch.ones(batch, seq, dtype=torch.long)
     time_contenders(
-        benchmark,
-        compare,
-        describe_device,
-        record_matmul_fraction,
-        contenders,
-        published,
         group=f"encoder forward {batch}x{seq}",
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -307,18 +293,10 @@ def ragged_batch():
     return tokenizer(sentences, padding=True, truncation=True, max_length=128, return_tensors="pt")
 
 
-def test_encoder_forward_ragged(
-    benchmark, compare, describe_device, record_matmul_fraction, contenders, published, ragged_batch
-):
+def test_encoder_forward_ragged(time_contenders, ragged_batch):
     input_ids, attention_mask = ragged_batch["input_ids"], ragged_batch["attention_mask"]
     useful, padded = int(attention_mask.sum()), attention_mask.numel()
     time_contenders(
-        benchmark,
-        compare,
-        describe_device,
-        record_matmul_fraction,
-        contenders,
-        published,
         group=f"encoder forward ragged {RAGGED_BATCH}",
         input_ids=input_ids,
         attention_mask=attention_mask,
