@@ -420,3 +420,16 @@ def test_bf16_sum_and_output_round_to_nearest_like_torch():
     fused = add_layer_norm(x, residual, weight, bias, EPS, backend="triton")
     composed = add_layer_norm(x, residual, weight, bias, EPS, backend="torch")
     assert (fused.float() - composed.float()).abs().max().item() <= 2**-7  # one bf16 step near 1
+
+
+def test_x_and_residual_of_different_dtypes_each_get_a_full_precision_gradient():
+    """fp32 x with a bf16 residual: x's gradient must not pass through the residual's dtype."""
+    (x, residual, weight, bias), grad_out = make_inputs((8, 64))
+    residual = residual.detach().to(torch.bfloat16).requires_grad_()
+    grads = torch.autograd.grad(
+        add_layer_norm(x, residual, weight, bias, EPS, backend="triton"), (x, residual), grad_out
+    )
+    expected = torch.autograd.grad(add_layer_norm_ref(x, residual, weight, bias, EPS), (x, residual), grad_out)
+    assert grads[0].dtype == torch.float32 and grads[1].dtype == torch.bfloat16
+    torch.testing.assert_close(grads[0], expected[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[1], expected[1])

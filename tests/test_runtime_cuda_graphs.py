@@ -289,7 +289,7 @@ def test_the_model_through_the_stand_in_matches_its_unpadded_forward(tiny_config
 
 def test_the_models_encoder_prepares_on_the_models_device(tiny_config, randomize):
     encoder = tiny_model(tiny_config, randomize).graphed_encoder(capture=EagerCapture(), sequence_buckets=(8,))
-    assert encoder.device == torch.device("cpu")
+    assert encoder.default_device == torch.device("cpu")
     encoder.prepare([(2, 8)])
     assert encoder.captured_buckets == [(2, 8)]
 

@@ -16,6 +16,47 @@ import torch
 IGNORE_INDEX = -100
 
 
+def check_masking(probability: float, mask_fraction: float, random_fraction: float) -> None:
+    """A ValueError unless the rates make sense."""
+    if not 0.0 <= probability <= 1.0:
+        raise ValueError(f"mask probability must be in [0, 1], got {probability}")
+    if mask_fraction < 0 or random_fraction < 0 or mask_fraction + random_fraction > 1.0:
+        raise ValueError(
+            f"mask_fraction ({mask_fraction}) and random_fraction ({random_fraction}) must be >= 0 and sum to <= 1"
+        )
+
+
+def masking_draws(
+    shape: tuple[int, ...], vocab_size: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Everything the masking of ``shape`` tokens draws from ``generator``: (3, *shape) uniforms (select,
+    mask, randomise) and the random replacement ids. Two calls, so drawing per window stays cheap."""
+    uniforms = torch.rand((3, *shape), generator=generator)
+    return uniforms, torch.randint(vocab_size, shape, generator=generator)
+
+
+def apply_masking(
+    input_ids: torch.Tensor,
+    special_tokens_mask: torch.Tensor,
+    mask_token_id: int,
+    uniforms: torch.Tensor,
+    random_ids: torch.Tensor,
+    probability: float,
+    mask_fraction: float,
+    random_fraction: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(corrupted input ids, labels) from ``masking_draws``' values (any batch of them at once)."""
+    selected = (uniforms[0] < probability) & ~special_tokens_mask.bool()
+    labels = input_ids.masked_fill(~selected, IGNORE_INDEX)
+    to_mask = selected & (uniforms[1] < mask_fraction)
+    # Of the selected tokens not masked, this share gets a random id (0.1 / 0.2 = 0.5 for 80/10/10).
+    remaining = 1.0 - mask_fraction
+    random_share = random_fraction / remaining if remaining > 0 else 0.0
+    to_randomise = selected & ~to_mask & (uniforms[2] < random_share)
+    corrupted = torch.where(to_randomise, random_ids.to(input_ids.dtype), input_ids.masked_fill(to_mask, mask_token_id))
+    return corrupted, labels
+
+
 def mask_tokens(
     input_ids: torch.Tensor,
     special_tokens_mask: torch.Tensor,
@@ -27,26 +68,8 @@ def mask_tokens(
     random_fraction: float = 0.1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(corrupted input ids, labels), both shaped like ``input_ids``; the input is not modified."""
-    if not 0.0 <= probability <= 1.0:
-        raise ValueError(f"mask probability must be in [0, 1], got {probability}")
-    if mask_fraction < 0 or random_fraction < 0 or mask_fraction + random_fraction > 1.0:
-        raise ValueError(
-            f"mask_fraction ({mask_fraction}) and random_fraction ({random_fraction}) must be >= 0 and sum to <= 1"
-        )
-    special = special_tokens_mask.bool()
-    chances = torch.full(input_ids.shape, probability).masked_fill_(special, 0.0)
-    selected = torch.bernoulli(chances, generator=generator).bool()
-    labels = input_ids.masked_fill(~selected, IGNORE_INDEX)
-
-    corrupted = input_ids.clone()
-    to_mask = torch.bernoulli(torch.full(input_ids.shape, mask_fraction), generator=generator).bool() & selected
-    corrupted[to_mask] = mask_token_id
-    # Of the selected tokens not masked, this share gets a random id (0.1 / 0.2 = 0.5 for 80/10/10).
-    remaining = 1.0 - mask_fraction
-    random_share = random_fraction / remaining if remaining > 0 else 0.0
-    to_randomise = (
-        torch.bernoulli(torch.full(input_ids.shape, random_share), generator=generator).bool() & selected & ~to_mask
+    check_masking(probability, mask_fraction, random_fraction)
+    uniforms, random_ids = masking_draws(tuple(input_ids.shape), vocab_size, generator)
+    return apply_masking(
+        input_ids, special_tokens_mask, mask_token_id, uniforms, random_ids, probability, mask_fraction, random_fraction
     )
-    random_ids = torch.randint(vocab_size, input_ids.shape, generator=generator, dtype=input_ids.dtype)
-    corrupted[to_randomise] = random_ids[to_randomise]
-    return corrupted, labels

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from fastmini.data.masking import IGNORE_INDEX, mask_tokens
+from fastmini.data.masking import apply_masking, check_masking, masking_draws
 from fastmini.distill.distiller import Batch
 from fastmini.training.batching import StepBatches, derived_seed
 
@@ -27,6 +27,7 @@ class MaskedWindows:
     def __init__(
         self, windows, tokenizer, vocab_size: int, mask_probability: float, mask_fraction: float, random_fraction: float
     ):
+        check_masking(mask_probability, mask_fraction, random_fraction)
         self.windows = windows
         self.pad_token_id = tokenizer.pad_token_id
         self.mask_token_id = tokenizer.mask_token_id
@@ -51,20 +52,25 @@ class MaskedWindows:
             input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             special[row, : len(ids)] = torch.tensor(specials, dtype=torch.bool)
             attention_mask[row, : len(ids)] = 1
-        corrupted = input_ids.clone()
-        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        # Each window draws from its own generator over its own tokens; the thresholds then run once for the
+        # whole batch (padding is special: never selected, whatever its draws).
+        uniforms = torch.ones((3, size, longest))
+        random_ids = torch.zeros((size, longest), dtype=torch.long)
         for row, (ids, seed) in enumerate(zip(rows["input_ids"], seeds, strict=True)):
             length = len(ids)
-            corrupted[row, :length], labels[row, :length] = mask_tokens(
-                input_ids[row, :length],
-                special[row, :length],
-                self.mask_token_id,
-                self.vocab_size,
-                torch.Generator().manual_seed(seed),
-                self.mask_probability,
-                self.mask_fraction,
-                self.random_fraction,
+            uniforms[:, row, :length], random_ids[row, :length] = masking_draws(
+                (length,), self.vocab_size, torch.Generator().manual_seed(seed)
             )
+        corrupted, labels = apply_masking(
+            input_ids,
+            special,
+            self.mask_token_id,
+            uniforms,
+            random_ids,
+            self.mask_probability,
+            self.mask_fraction,
+            self.random_fraction,
+        )
         return Batch(corrupted, attention_mask, torch.zeros_like(input_ids), labels)
 
 

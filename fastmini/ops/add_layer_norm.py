@@ -147,9 +147,13 @@ def _backward(ctx, grad_out, _no_grad_total, _no_grad_mean, _no_grad_rstd):
     x_dtype, residual_dtype, weight_dtype, bias_dtype = ctx.dtypes
     grad_residual = grad_sum.view(ctx.shape).to(residual_dtype)
     # Without dropout d(x) is d(residual): one tensor, written once, handed to both inputs as the same
-    # object. Two view objects of it would not do: autograd would take both as the .grad of leaf inputs
-    # without copying, and every later accumulation into one would add into the other as well.
-    grad_x = grad_residual.to(x_dtype) if ctx.dropout_p == 0.0 else grad_x.view(ctx.shape).to(x_dtype)
+    # object when their dtypes agree. Two view objects of it would not do: autograd would take both as
+    # the .grad of leaf inputs without copying, and every later accumulation into one would add into the
+    # other as well. (With dtypes that differ, each gets its own cast of the full-precision gradient.)
+    if ctx.dropout_p == 0.0:
+        grad_x = grad_residual if x_dtype == residual_dtype else grad_sum.view(ctx.shape).to(x_dtype)
+    else:
+        grad_x = grad_x.view(ctx.shape).to(x_dtype)
     return (
         grad_x,
         grad_residual,

@@ -39,7 +39,7 @@ import torch
 
 from fastmini.runtime.buckets import DEFAULT_BATCH_BUCKETS, DEFAULT_SEQUENCE_BUCKETS, BucketGrid
 from fastmini.runtime.capture import Captured, CaptureStrategy, CudaGraphCapture, EncoderFn
-from fastmini.runtime.extension import _require_cuda
+from fastmini.runtime.extension import require_cuda
 
 
 @dataclass
@@ -86,7 +86,7 @@ class GraphedEncoder:
         self.stats = GraphStats()
         self._buckets: dict[tuple[int, int], _Bucket] = {}
         self._device: torch.device | None = None
-        self.device = None if device is None else torch.device(device)
+        self.default_device = None if device is None else torch.device(device)
 
     @property
     def captured_buckets(self) -> list[tuple[int, int]]:
@@ -102,10 +102,10 @@ class GraphedEncoder:
         inputs (graphs do not depend on values). Shapes beyond the largest bucket are skipped.
         ``device`` None: where the graphs so far were captured, else the constructor's ``device``, else CUDA."""
         if device is None:
-            device = self._device or self.device or "cuda"
+            device = self._device or self.default_device or "cuda"
         device = torch.device(device)
         if device.type == "cuda":
-            _require_cuda("GraphedEncoder.prepare() on CUDA")  # not torch's assertion from deep inside
+            require_cuda("GraphedEncoder.prepare() on CUDA")  # not torch's assertion from deep inside
         for batch_size, sequence_length in shapes:
             bucket = self.grid.choose(batch_size, sequence_length)
             if bucket is not None and bucket not in self._buckets:

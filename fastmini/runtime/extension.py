@@ -32,7 +32,7 @@ def csrc_directory(source: str = L2_SOURCE) -> Path:
     return directory
 
 
-def _require_cuda(feature: str) -> None:
+def require_cuda(feature: str) -> None:
     if not torch.cuda.is_available():
         raise RuntimeError(f"fastmini: {feature} needs a CUDA device; torch sees none on this machine")
 
@@ -56,7 +56,7 @@ def _driver_flags(cuda_home: str | None) -> tuple[list[str], list[str]]:
 @functools.cache
 def load_l2_extension(verbose: bool = False):
     """The compiled ``fastmini_l2_persistence`` module, built on first call (seconds: no torch headers)."""
-    _require_cuda("L2 persistence")
+    require_cuda("L2 persistence")
     source = csrc_directory(L2_SOURCE) / L2_SOURCE
     from torch.utils import cpp_extension  # deferred: slow to import, probes compilers
 

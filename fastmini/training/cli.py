@@ -116,7 +116,7 @@ def run_cli(name: str, body: Callable[[], int | None], interrupted_hint: str = "
         return 0
     except UsageError as error:
         _report(f"{name}: error: {error}", error.rank_specific)
-        return 2
+        return _leave_if_torchrun_worker(2)
     except TrainingError as error:
         _report(f"{name}: stopped: {error}", error.rank_specific)
         return _leave_if_torchrun_worker(1)
@@ -128,9 +128,10 @@ def run_cli(name: str, body: Callable[[], int | None], interrupted_hint: str = "
 
 
 def _leave_if_torchrun_worker(code: int) -> int:
-    """A torchrun worker that stopped or was interrupted exits at once with ``code``: left to the normal
-    interpreter exit it can sit in the process group's teardown until torchrun kills it 30 s later. Safe:
-    checkpoints are published atomically, log.jsonl is appended line by line, the message is printed."""
+    """A torchrun worker whose run ended early (bad input, a stop, an interrupt) exits at once with ``code``:
+    left to the normal interpreter exit it can sit in the process group's teardown until torchrun kills it
+    30 s later. Safe: checkpoints are published atomically, log.jsonl is appended line by line, the message
+    is printed."""
     if "TORCHELASTIC_RUN_ID" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
         return code
     logging.shutdown()
