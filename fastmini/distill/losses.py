@@ -104,7 +104,7 @@ def hidden_cosine(student: torch.Tensor, teacher: torch.Tensor, denominator: flo
     if student.shape[0] == 0:
         return student.sum() * 0.0
     distances = 1.0 - F.cosine_similarity(student, teacher.to(student.dtype), dim=-1)
-    return distances.mean() if denominator is None else distances.sum() / denominator
+    return distances.sum() / (denominator or distances.shape[0])
 
 
 def output_kl(
@@ -129,9 +129,7 @@ def masked_lm_cross_entropy(
     (mean, or the sum divided by ``denominator``)."""
     if labels.numel() == 0:
         return student_logits.sum() * 0.0
-    if denominator is None:
-        return F.cross_entropy(student_logits.float(), labels)
-    return F.cross_entropy(student_logits.float(), labels, reduction="sum") / denominator
+    return F.cross_entropy(student_logits.float(), labels, reduction="sum") / (denominator or labels.numel())
 
 
 def combine(
