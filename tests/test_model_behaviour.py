@@ -83,6 +83,9 @@ def test_inputs_embeds_equals_input_ids(tiny_config, batch):
     torch.testing.assert_close(model(inputs_embeds=embeds, **rest).last_hidden_state, model(**batch).last_hidden_state)
     with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
         model(inputs_embeds=embeds, **batch)
+    hidden_wide = torch.zeros(*batch["input_ids"].shape, model.config.hidden_size)  # BERT's habit: E = H
+    with pytest.raises(ValueError, match=r"inputs_embeds must be embedding_size \(16\) wide.*got 36"):
+        model(inputs_embeds=hidden_wide, **rest)
 
 
 def test_bad_shapes_are_named(tiny_config, batch):

@@ -130,6 +130,13 @@ def packing_for(attention_mask: torch.Tensor | None, shape: torch.Size) -> Packi
     return Packing.from_attention_mask(attention_mask)
 
 
+def _recording_a_graph() -> bool:
+    """torch.jit.trace and torch.export (the ONNX exporters' tracers) record one graph for every later input:
+    unpadding would bake in the example's mask (its branch, its number of real tokens), so they get the padded
+    layout, whose shapes do not depend on the mask's values (same outputs)."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
+
+
 def _zero_padding(hidden: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
     return hidden.masked_fill(~key_padding_mask[..., None], 0.0)
 
@@ -226,7 +233,8 @@ class FastMiniModel(FastMiniPreTrainedModel):
         ``unpad=False`` keeps the padded (B, S) layout and masks padded keys instead: more work,
         but no shape depends on the mask's values and no host sync reads it, which is what CUDA
         graph capture needs (fastmini.runtime). Padded positions of the outputs are zeros either way.
-        ``None``: the model's setting (``set_unpadding``; on by default)."""
+        ``None``: the model's setting (``set_unpadding``; on by default), except while ``torch.jit.trace``
+        or ``torch.export`` records a graph: the padded layout then."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("FastMiniModel: give exactly one of input_ids or inputs_embeds")
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
@@ -241,9 +249,14 @@ class FastMiniModel(FastMiniPreTrainedModel):
                 f"FastMiniModel: {given} must be batched, (batch, sequence{'' if input_ids is not None else ', E'}); "
                 f"got shape {full} (one sequence: add a batch dimension, e.g. {given}[None])"
             )
+        if inputs_embeds is not None and inputs_embeds.shape[-1] != self.config.embedding_size:
+            raise ValueError(
+                f"FastMiniModel: inputs_embeds must be embedding_size ({self.config.embedding_size}) wide, the "
+                f"width of the word embeddings (factorised: not hidden_size); got {inputs_embeds.shape[-1]}"
+            )
         key_padding_mask = None
         if unpad is None:
-            unpad = self.unpadding
+            unpad = self.unpadding and not _recording_a_graph()
         if unpad:
             packing = packing_for(attention_mask, shape)
         elif attention_mask is not None:

@@ -42,7 +42,7 @@ def adapter_bottleneck_ref(
     eps: float,
 ) -> torch.Tensor:
     bottleneck = F.gelu(F.linear(x, down_weight, down_bias))
-    return F.layer_norm(x + F.linear(bottleneck, up_weight, up_bias), (x.shape[-1],), norm_weight, norm_bias, eps)
+    return F.layer_norm(x + F.linear(bottleneck, up_weight, up_bias), norm_weight.shape, norm_weight, norm_bias, eps)
 
 
 def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -43,7 +43,7 @@ def add_layer_norm_ref(
 ) -> torch.Tensor:
     if dropout_p > 0.0:
         x = F.dropout(x, p=dropout_p, training=True)
-    return F.layer_norm(residual + x, (x.shape[-1],), weight, bias, eps)
+    return F.layer_norm(residual + x, weight.shape, weight, bias, eps)
 
 
 def _rows(tensor: torch.Tensor) -> torch.Tensor:

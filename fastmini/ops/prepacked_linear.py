@@ -97,6 +97,9 @@ class PrepackedLinears:
         # not a graph constant (it crashed), and packs weights itself where it wants to (freezing).
         if torch.compiler.is_compiling():
             return False
+        # torch.jit.trace cannot record oneDNN's fused linear (its optional scalar arguments): the plain ops.
+        if torch.jit.is_tracing() or torch.jit.is_scripting():
+            return False
         if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
             return False
         return onednn_linear_available()
