@@ -43,12 +43,16 @@ def test_a_broken_pipe_that_is_not_stdout_is_a_real_failure():
 
 
 # Every rank fails alike, as the trainers' usage errors, non-finite losses and interrupts do.
+# Rank 0, which alone prints, is the slower one: torchrun ends every worker once one has exited, so rank 1 must
+# not exit first.
 TWO_RANKS = """
-import sys
+import os, sys, time
 from fastmini.training.cli import run_cli
 from fastmini.training.errors import UsageError
 
 def body():
+    if os.environ["RANK"] == "0":
+        time.sleep(3)
     raise UsageError("--batch-size 7 is not divisible by 2")
 
 sys.exit(run_cli("demo", body))

@@ -19,8 +19,13 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+# How long a torchrun worker that left its error message to rank 0 waits for torchrun to end it (see
+# _leave_if_torchrun_worker): ranks raise the same error within moments of each other, slow imports aside.
+RANK0_REPORT_GRACE_S = 20.0
 
 
 def quiet_libraries() -> None:
@@ -116,27 +121,35 @@ def run_cli(name: str, body: Callable[[], int | None], interrupted_hint: str = "
         return 0
     except UsageError as error:
         _report(f"{name}: error: {error}", error.rank_specific)
-        return _leave_if_torchrun_worker(2)
+        return _leave_if_torchrun_worker(2, wait_for_rank0=not error.rank_specific)
     except TrainingError as error:
         _report(f"{name}: stopped: {error}", error.rank_specific)
-        return _leave_if_torchrun_worker(1)
+        return _leave_if_torchrun_worker(1, wait_for_rank0=not error.rank_specific)
     except KeyboardInterrupt as interrupt:
         # A run that knows better (e.g. there is no checkpoint to resume from) says so in the exception.
         hint = str(interrupt) if isinstance(interrupt, Interrupted) else interrupted_hint
         _report(f"{name}: interrupted{'; ' + hint if hint else ''}")
-        return _leave_if_torchrun_worker(130)
+        return _leave_if_torchrun_worker(130, wait_for_rank0=False)
 
 
-def _leave_if_torchrun_worker(code: int) -> int:
+def _leave_if_torchrun_worker(code: int, wait_for_rank0: bool) -> int:
     """A torchrun worker whose run ended early (bad input, a stop, an interrupt) exits at once with ``code``:
     left to the normal interpreter exit it can sit in the process group's teardown until torchrun kills it
     30 s later. Safe: checkpoints are published atomically, log.jsonl is appended line by line, the message
-    is printed."""
+    is printed.
+
+    Except a worker that left the message of an error every rank raises alike to rank 0: torchrun ends
+    every other worker (SIGTERM) as soon as one exits, so such a worker exiting first could cut rank 0 off
+    before it prints, and the user would see torchrun's summary alone. It waits for that SIGTERM instead,
+    which ends it at once (the body's SIGTERM handler is gone by now), once rank 0 has printed and exited.
+    Not after an interrupt: torchrun is stopping every worker then anyway, and would not signal again."""
     if "TORCHELASTIC_RUN_ID" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
         return code
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
+    if wait_for_rank0 and int(os.environ.get("RANK", "0")) != 0:
+        time.sleep(RANK0_REPORT_GRACE_S)
     os._exit(code)
 
 
