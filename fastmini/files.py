@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -24,6 +25,11 @@ def write_file_atomically(path: str | Path, write: Callable[[str], object]) -> N
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomically(path: str | Path, value: object) -> None:
+    """``value`` as indented JSON (one trailing newline), written atomically."""
+    write_file_atomically(path, lambda temporary: Path(temporary).write_text(json.dumps(value, indent=2) + "\n"))
 
 
 @functools.cache

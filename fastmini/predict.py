@@ -82,6 +82,7 @@ class Predictor:
     def __init__(self, directory: str, device: str = "auto", precision: str = "auto"):
         from transformers import AutoTokenizer
 
+        from fastmini.data.ner import TAG_PATTERN
         from fastmini.finetune.models import TEXT_PAIR_FIELD, read_model_config
         from fastmini.finetune.tasks import GENERIC_TASKS, LabelMap
         from fastmini.models import (
@@ -126,6 +127,15 @@ class Predictor:
         self.spec = GENERIC_TASKS[kind]
         names = None if kind == "regression" else [config.id2label[i] for i in range(config.num_labels)]
         self.labels = LabelMap(self.spec, names)
+        # Entities are read off BIO tags; a tagger from elsewhere may have other labels ("PER", "LABEL_3").
+        self.bio_tags = kind == "ner" and all(TAG_PATTERN.match(name) for name in names)
+        if kind == "ner" and not self.bio_tags:
+            log.warning(
+                "--model %s: the tagger's labels (%s) are not BIO tags (O, B-TYPE, I-TYPE): each record has its "
+                "tags, and entities null",
+                directory,
+                ", ".join(names[:8]) + (", ..." if len(names) > 8 else ""),
+            )
         self.autocast_dtype = autocast_dtype(precision, self.device)
         self.model.to(self.device).eval().optimize_for_inference()
 
@@ -137,7 +147,7 @@ class Predictor:
 
     def _empty_record(self, example: dict[str, Any]) -> dict[str, Any]:
         if self.spec.kind == "ner":
-            return {"tokens": example["tokens"], "tags": [], "entities": []}
+            return {"tokens": example["tokens"], "tags": [], "entities": [] if self.bio_tags else None}
         pair = {"text_pair": example["text_pair"]} if example["text_pair"] is not None else {}
         return {"text": example["text"], **pair, "prediction": None}
 
@@ -161,7 +171,9 @@ class Predictor:
                     "entities": [
                         {"type": kind, "start": first, "end": last + 1, "text": " ".join(tokens[first : last + 1])}
                         for kind, first, last in entities(tags)
-                    ],
+                    ]
+                    if self.bio_tags
+                    else None,
                 }
             else:
                 record = {

@@ -403,6 +403,7 @@ def test_tiny_run_writes_a_loadable_model_and_improves_on_held_out_data(teacher_
     assert type(model).__name__ == "FastMiniForMaskedLM" and model.config.num_hidden_layers == 2
     tokenizer = AutoTokenizer.from_pretrained(output)
     assert json.loads((output / "tokenizer.json").read_text())["truncation"] is None  # not the windowing's
+    assert tokenizer.model_max_length == model.config.max_position_embeddings  # what truncation=True cuts to
     with torch.no_grad():
         logits = model(**tokenizer(["w1 w4 [MASK] w10"], return_tensors="pt")).logits
     assert logits.shape[-1] == 99 and torch.isfinite(logits).all()

@@ -248,7 +248,7 @@ def test_adapter_tuning_changes_only_adapters_and_head(adapters, tmp_path):
 
 def test_embedded_default_runs_both_modes_on_the_movie_reviews(model_dir, tmp_path, capsys):
     """No --data: gensim's 200 sentences, fixed split, full fine-tuning and adapter tuning side by side."""
-    from fastmini.finetune.trainer import modes_of
+    from fastmini.finetune.selection import modes_of
 
     assert modes_of(resolve([])[0]) == ["full", "adapter"]
     assert modes_of(resolve(["--adapter-tuning"])[0]) == ["adapter"]

@@ -93,6 +93,63 @@ def test_pipelines_agree_with_predict(classifier, tagger, tmp_path, capsys):
     assert {e["entity"] for e in entities} <= {"B-ANIMAL", "I-ANIMAL", "B-FOOD"} and entities
 
 
+def test_the_saved_tokenizer_truncates_to_the_models_positions(classifier, tmp_path):
+    """The source tokenizer carries no limit of its own: pipelines' truncation=True must still cut to the
+    model's positions rather than hand it a sequence it refuses."""
+    from transformers import AutoTokenizer, pipeline
+
+    positions = json.loads((classifier / "config.json").read_text())["max_position_embeddings"]
+    assert AutoTokenizer.from_pretrained(classifier).model_max_length == positions
+    (result,) = pipeline("text-classification", model=str(classifier), device="cpu")(
+        "a very good film " * positions, truncation=True
+    )
+    assert result["label"] in ("pos", "neg")
+
+
+def test_a_diverged_model_writes_null_not_nan(classifier, tmp_path):
+    """NaN is not JSON: strict parsers (jq, JavaScript) refuse the bare NaN that json.dumps would write."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(classifier, broken, ignore=shutil.ignore_patterns("runs"))
+    weights = load_file(str(broken / "model.safetensors"))
+    weights["classifier.bias"] = torch.full_like(weights["classifier.bias"], float("nan"))
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "t.txt").write_text("a very good film\n")
+    output = tmp_path / "out.jsonl"
+    assert main(["--model", str(broken), "--input", str(tmp_path / "t.txt"), "--output", str(output)]) == 0
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    (record,) = [json.loads(line, parse_constant=refuse) for line in output.read_text().splitlines()]
+    assert record["score"] is None
+
+
+def test_a_tagger_whose_labels_are_not_bio_tags_gives_tags_and_no_entities(tmp_path, capsys):
+    """A token classifier from elsewhere, labelled "PER"/"LOC": reading entities off its tags would invent
+    them (type "ER" from "PER")."""
+    from transformers import AlbertConfig, AlbertForTokenClassification
+
+    from fastmini.finetune.testing import make_tiny_tokenizer
+
+    names = {0: "O", 1: "PER", 2: "LOC"}
+    config = AlbertConfig(vocab_size=99, embedding_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          intermediate_size=37, max_position_embeddings=64, num_labels=3, id2label=names,
+                          label2id={name: index for index, name in names.items()})  # fmt: skip
+    model_dir = tmp_path / "albert-tagger"
+    torch.manual_seed(0)
+    AlbertForTokenClassification(config).save_pretrained(model_dir)
+    make_tiny_tokenizer().save_pretrained(model_dir)
+    (tmp_path / "s.txt").write_text("the big cat and a dog\n\n")
+    output = tmp_path / "out.jsonl"
+    assert main(["--model", str(model_dir), "--input", str(tmp_path / "s.txt"), "--output", str(output)]) == 0
+    assert "are not BIO tags" in capsys.readouterr().err
+    tagged, empty = read_jsonl(output)
+    assert len(tagged["tags"]) == 6 and set(tagged["tags"]) <= set(names.values())
+    assert tagged["entities"] is None and empty["entities"] is None
+
+
 def test_tagger_predictions_and_entities(tagger, tmp_path):
     sentences = tmp_path / "s.txt"
     sentences.write_text("the big cat is a film\ncats and bread\n")

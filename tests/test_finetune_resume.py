@@ -153,7 +153,7 @@ def test_overflowing_gradients_stop_the_run_before_they_reach_the_weights(setup,
                                                                           max_grad_norm):  # fmt: skip
     """A finite loss whose gradients overflow (made inf in backward at step 4, the last of epoch 1): the run
     stops before AdamW would write NaN into the weights, so every checkpoint and best/ stays finite."""
-    from fastmini.finetune import trainer
+    from fastmini.finetune import grid_run
 
     def overflowing_at_step_4(*arguments, **keywords):
         model, fresh_head = load_task_model(*arguments, **keywords)
@@ -162,8 +162,8 @@ def test_overflowing_gradients_stop_the_run_before_they_reach_the_weights(setup,
         weight.register_hook(lambda grad: torch.full_like(grad, float("inf")) if next(backward_passes) == 4 else grad)
         return model, fresh_head
 
-    load_task_model = trainer.load_task_model
-    monkeypatch.setattr(trainer, "load_task_model", overflowing_at_step_4)
+    load_task_model = grid_run.load_task_model
+    monkeypatch.setattr(grid_run, "load_task_model", overflowing_at_step_4)
     output = tmp_path / "job"
     assert main(job_args(setup, output, "--save-every", "1", "--max-grad-norm", max_grad_norm)) == 1
     err = capsys.readouterr().err
@@ -178,9 +178,9 @@ def test_overflowing_gradients_stop_the_run_before_they_reach_the_weights(setup,
 
 
 def test_ctrl_c_says_what_resume_would_continue(setup, tmp_path, capsys, monkeypatch, uninterrupted):
-    from fastmini.finetune import trainer
+    from fastmini.finetune.grid_run import GridRun
 
-    train_step = trainer.GridRun._train_step
+    train_step = GridRun._train_step
     interrupt_at = {}
 
     def interrupted(self, step):
@@ -188,7 +188,7 @@ def test_ctrl_c_says_what_resume_would_continue(setup, tmp_path, capsys, monkeyp
             raise KeyboardInterrupt
         return train_step(self, step)
 
-    monkeypatch.setattr(trainer.GridRun, "_train_step", interrupted)
+    monkeypatch.setattr(GridRun, "_train_step", interrupted)
     output = tmp_path / "job"
     for seed, step, hint in (
         (1, 1, "no checkpoint was written yet, so there is nothing to resume; start afresh with "

@@ -535,7 +535,7 @@ class DistillationRun:
             # Windowing set truncation to --window-length / --window-stride on the fast tokenizer; a user of
             # the saved one would silently get windows cut short.
             backend.no_truncation()
-        self.tokenizer.save_pretrained(staging)
+        checkpoints.save_tokenizer(self.tokenizer, staging, self.student_side.student.config.max_position_embeddings)
         (staging / TRAIN_CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2))
         (staging / METRICS_NAME).write_text(json.dumps(metrics, indent=2))
         publish_directory_contents(staging, self.output)

@@ -8,6 +8,7 @@ examples' own order. Used by the trainer's evaluation, its predictions files and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -85,19 +86,25 @@ def scores(
     return {name: round(computed[name], 6) for name in spec.metrics}
 
 
+def _json_number(value: float) -> float | None:
+    """``value`` rounded to 6 digits; None (JSON null) for NaN or infinity, which JSON has no word for (a
+    diverged model's outputs): json.dumps would write a bare NaN that strict parsers refuse."""
+    return round(value, 6) if math.isfinite(value) else None
+
+
 def readable(spec: TaskSpec, labels: LabelMap, prediction: Any, row_logits: torch.Tensor) -> dict[str, Any]:
     """One prediction as JSON: label name(s) and probabilities, a number, or tags."""
     names = labels.names
     if spec.kind == "classification":
         probabilities = torch.softmax(row_logits, -1)
-        return {"prediction": names[prediction], "score": round(float(probabilities[prediction]), 6)}
+        return {"prediction": names[prediction], "score": _json_number(float(probabilities[prediction]))}
     if spec.kind == "regression":
-        return {"prediction": round(prediction, 6)}
+        return {"prediction": _json_number(prediction)}
     if spec.kind == "multilabel":
         probabilities = torch.sigmoid(row_logits).tolist()
         return {
             "prediction": [names[k] for k, on in enumerate(prediction) if on],
-            "scores": {names[k]: round(p, 6) for k, p in enumerate(probabilities)},
+            "scores": {names[k]: _json_number(p) for k, p in enumerate(probabilities)},
         }
     return {"prediction": [names[i] for i in prediction]}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from fastmini.files import write_file_atomically
+from fastmini.files import write_file_atomically, write_json_atomically
 from fastmini.models.checkpoint import CheckpointError
 from fastmini.modules.encoder import make_adapters
 
@@ -98,9 +98,7 @@ def save_adapters(model, directory) -> None:
         "problem_type": config.problem_type,
     }
     write_file_atomically(directory / ADAPTER_WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp))
-    write_file_atomically(
-        directory / ADAPTER_CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(description, indent=2))
-    )
+    write_json_atomically(directory / ADAPTER_CONFIG_NAME, description)
 
 
 def load_adapters(model, directory) -> None:

@@ -158,3 +158,13 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
 
 def load_state(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def save_tokenizer(tokenizer, directory: Path, max_positions: int) -> None:
+    """Save the tokenizer beside a model whose inputs hold at most ``max_positions`` tokens.
+
+    Its ``model_max_length`` is capped at that (on the object too): what ``truncation=True`` cuts to, in
+    transformers' pipelines for one. A tokenizer that carries no limit (1e30) or a larger one than the
+    model's positions would hand the model sequences it refuses."""
+    tokenizer.model_max_length = min(tokenizer.model_max_length, max_positions)
+    tokenizer.save_pretrained(directory)
