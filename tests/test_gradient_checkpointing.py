@@ -7,6 +7,8 @@ drawn from torch's CPU generator), so loss and every gradient equal the run with
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -111,3 +113,29 @@ def test_inference_is_not_checkpointed(tiny_config, randomize, batch):
     model.train()
     model(**batch, labels=torch.tensor([0, 1])).loss.backward()
     assert len(calls) == model.config.num_hidden_layers  # training only, once per recursion
+
+
+def test_every_n_layers_counts_recursions(tiny_config, randomize, batch):
+    """transformers' every_n_layers (activation_checkpointing_enable, transformers >= 5.2x): with 5 recursions
+    and n = 2, recursions 0, 2 and 4 are checkpointed; the gradients stay the same."""
+    model = make_model(tiny_config, randomize, num_hidden_layers=5)
+    switch = getattr(model, "activation_checkpointing_enable", None)
+    if switch is None or "every_n_layers" not in inspect.signature(switch).parameters:
+        pytest.skip("this transformers has no every_n_layers")
+    _, expected = loss_and_grads(model, batch)
+    model.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=2)
+    encoder = model.fastmini.encoder
+    checkpointed = []
+    original = encoder._gradient_checkpointing_func
+
+    def counting(function, h, index, *rest, **options):
+        checkpointed.append(index)
+        return original(function, h, index, *rest, **options)
+
+    encoder._gradient_checkpointing_func = counting
+    _, grads = loss_and_grads(model, batch)
+    assert checkpointed == [0, 2, 4]
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-7, msg=name)
+    model.gradient_checkpointing_disable()
+    assert encoder.checkpoint_every == 1 and not encoder.gradient_checkpointing

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import (
     BaseModelOutputWithPooling,
@@ -48,6 +49,12 @@ class FastMiniPreTrainedModel(PreTrainedModel):
         ``save_pretrained`` then writes a fastmini directory with the same outputs.
         """
         return load_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs)
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint, **options):
+        """transformers' switch (``activation_checkpointing_enable``); its ``every_n_layers`` counts recursions,
+        the layers of this model: every n-th is checkpointed, the others keep their activations."""
+        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, **options)
+        self.base_encoder().encoder.checkpoint_every = options.get("every_n_layers", 1) if enable else 1
 
     def train_adapters_only(self) -> dict[str, int]:
         """Adapter tuning (SPEC.md, Model 6): freeze embeddings, projector and shared layer.

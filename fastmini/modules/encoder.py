@@ -37,6 +37,7 @@ def make_adapters(config) -> nn.ModuleList:
 
 class RecursiveEncoder(nn.Module):
     gradient_checkpointing = False  # switched by transformers' gradient_checkpointing_enable()
+    checkpoint_every = 1  # its every_n_layers: recursions 0, n, 2n, ... are checkpointed, the others keep theirs
 
     def __init__(self, config):
         super().__init__()
@@ -68,11 +69,12 @@ class RecursiveEncoder(nn.Module):
         any) ``key_padding_mask`` marks False: the padded layout, for shapes fixed in advance."""
         all_hidden = [hidden_states] if output_hidden_states else None
         all_attentions = [] if output_attentions else None
-        recursion = self.recursion
+        checkpointed = None
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            recursion = functools.partial(self._gradient_checkpointing_func, self.recursion)
+            checkpointed = functools.partial(self._gradient_checkpointing_func, self.recursion)
         h = hidden_states
         for i in range(self.num_recursions):
+            recursion = checkpointed if checkpointed is not None and i % self.checkpoint_every == 0 else self.recursion
             # Positional arguments only: reentrant checkpointing tracks gradients through those alone.
             h, probabilities = recursion(h, i, packing, output_attentions, key_padding_mask)
             if all_hidden is not None:
