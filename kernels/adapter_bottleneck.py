@@ -61,20 +61,8 @@ import contextlib
 import torch
 import triton
 import triton.language as tl
+from fastmini.kernels.gelu import gelu, gelu_derivative
 from fastmini.kernels.interpreter import cast_output, dot_operand
-
-_SQRT_HALF = tl.constexpr(0.7071067811865476)
-_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
-
-
-@triton.jit
-def _gelu(h):
-    return 0.5 * h * (1.0 + tl.erf(h * _SQRT_HALF))
-
-
-@triton.jit
-def _gelu_derivative(h):
-    return 0.5 * (1.0 + tl.erf(h * _SQRT_HALF)) + h * tl.exp(-0.5 * h * h) * _INV_SQRT_2PI
 
 
 @triton.jit
@@ -192,7 +180,7 @@ def _forward_kernel(
         x_block, down_weight_ptr, down_bias_ptr, row_offsets, row_mask, H, R, BLOCK_M, BLOCK_K, BLOCK_R, DOT_DTYPE,
         ACC_DTYPE, INPUT_PRECISION,
     )  # fmt: skip
-    g = dot_operand(_gelu(h), DOT_DTYPE)
+    g = dot_operand(gelu(h, False), DOT_DTYPE)
 
     # LayerNorm statistics, merged chunk by chunk (Chan et al.): each chunk's own mean and centred sum of
     # squares are exact, and merging them never subtracts two large sums as E[z^2] - E[z]^2 would.
@@ -274,7 +262,7 @@ def _backward_rows_kernel(
     bottleneck_mask = row_mask[:, None] & (bottleneck[None, :] < R)
     bottleneck_offsets = first_row.to(tl.int64) * R + rows[:, None] * R + bottleneck[None, :]
     h = tl.load(h_ptr + bottleneck_offsets, mask=bottleneck_mask, other=0.0)
-    g = dot_operand(_gelu(h), DOT_DTYPE)
+    g = dot_operand(gelu(h, False), DOT_DTYPE)
     mean = tl.load(mean_ptr + first_row + rows, mask=row_mask, other=0.0)
     rstd = tl.load(rstd_ptr + first_row + rows, mask=row_mask, other=0.0)
 
@@ -322,7 +310,7 @@ def _backward_rows_kernel(
             out_dtype=ACC_DTYPE,
         )
 
-    dh = dg * _gelu_derivative(h)
+    dh = dg * gelu_derivative(h, False)
     tl.store(dh_ptr + bottleneck_offsets, dh, mask=bottleneck_mask)
     tl.store(g_ptr + bottleneck_offsets, g, mask=bottleneck_mask)
     tl.store(mean_wdy_xhat_ptr + first_row + rows, mean_wdy_xhat, mask=row_mask)

@@ -48,15 +48,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from fastmini.kernels.gelu import gelu, gelu_derivative
 from fastmini.kernels.interpreter import cast_output
 
 PATHS = ("bias_gelu", "fused_gemm")
 DEFAULT_PATH = "bias_gelu"
-
-_SQRT_2_OVER_PI: tl.constexpr = tl.constexpr(0.7978845608028654)
-_INV_SQRT_2: tl.constexpr = tl.constexpr(0.7071067811865476)
-_INV_SQRT_2PI: tl.constexpr = tl.constexpr(0.3989422804014327)
-_TANH_CUBIC: tl.constexpr = tl.constexpr(0.044715)
 
 # Elementwise tiles: BLOCK_M x BLOCK_N = 4096 elements, 16 per thread at 4 warps.
 _ELEMENTWISE_ELEMENTS = 4096
@@ -64,28 +60,6 @@ _ELEMENTWISE_MAX_COLUMNS = 256
 # The bias gradient is reduced from at most this many fp32 partial rows (each program walks several
 # row blocks first), so the host-side sum reads ~1.5 MB at I=3072 whatever M is.
 _MAX_BIAS_PARTIALS = 128
-
-
-@triton.jit
-def _gelu(z, APPROX_TANH: tl.constexpr):
-    if APPROX_TANH:
-        inner = _SQRT_2_OVER_PI * (z + _TANH_CUBIC * z * z * z)
-        return z * tl.sigmoid(2.0 * inner)
-    else:
-        return 0.5 * z * (1.0 + tl.math.erf(z * _INV_SQRT_2))
-
-
-@triton.jit
-def _gelu_derivative(z, APPROX_TANH: tl.constexpr):
-    if APPROX_TANH:
-        inner = _SQRT_2_OVER_PI * (z + _TANH_CUBIC * z * z * z)
-        s = tl.sigmoid(2.0 * inner)
-        inner_derivative = _SQRT_2_OVER_PI * (1.0 + 3.0 * _TANH_CUBIC * z * z)
-        return s + 2.0 * z * s * (1.0 - s) * inner_derivative
-    else:
-        cdf = 0.5 * (1.0 + tl.math.erf(z * _INV_SQRT_2))
-        pdf = _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
-        return cdf + z * pdf
 
 
 @triton.jit
@@ -108,7 +82,7 @@ def _bias_gelu_forward_kernel(
     offsets = row_offsets.to(tl.int64)[:, None] * cols + col_offsets[None, :]
     bias = tl.load(bias_ptr + col_offsets, mask=col_mask, other=0.0).to(ACC_DTYPE)
     z = tl.load(pre_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE) + bias[None, :]
-    tl.store(y_ptr + offsets, cast_output(_gelu(z, APPROX_TANH), y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offsets, cast_output(gelu(z, APPROX_TANH), y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -141,7 +115,7 @@ def _bias_gelu_backward_kernel(
         offsets = row_offsets.to(tl.int64)[:, None] * cols + col_offsets[None, :]
         grad_y = tl.load(grad_y_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
         z = tl.load(pre_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE) + bias[None, :]
-        grad_pre = grad_y * _gelu_derivative(z, APPROX_TANH)  # 0 where masked: dy loads as 0
+        grad_pre = grad_y * gelu_derivative(z, APPROX_TANH)  # 0 where masked: dy loads as 0
         tl.store(grad_pre_ptr + offsets, cast_output(grad_pre, grad_pre_ptr.dtype.element_ty), mask=mask)
         if COMPUTE_BIAS_GRAD:
             bias_grad += tl.sum(grad_pre, axis=0)
@@ -209,7 +183,7 @@ def _linear_gelu_gemm_kernel(
     if STORE_PRE:
         tl.store(pre_ptr + out_offsets, cast_output(acc, pre_ptr.dtype.element_ty), mask=out_mask)
     bias = tl.load(bias_ptr + col_offsets, mask=col_mask, other=0.0).to(ACC_DTYPE)
-    y = _gelu(acc + bias[None, :], APPROX_TANH)
+    y = gelu(acc + bias[None, :], APPROX_TANH)
     tl.store(y_ptr + out_offsets, cast_output(y, y_ptr.dtype.element_ty), mask=out_mask)
 
 
