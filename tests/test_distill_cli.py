@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -433,6 +434,24 @@ def test_encoder_teacher_turns_the_output_term_off_with_one_warning(encoder_teac
     records = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
     assert all(r["output"] == 0 for r in records if r["kind"] == "train")
     assert json.loads((output / "metrics.json").read_text())["output_kl"] is False
+
+
+@pytest.mark.parametrize("architectures, head", [(None, True), (["BertForMaskedLM"], False)],
+                         ids=["head-without-architectures", "architectures-without-head"])  # fmt: skip
+def test_the_teachers_weights_decide_whether_it_has_a_head(architectures, head, teacher_dir, encoder_teacher_dir,
+                                                           tmp_path, capsys):  # fmt: skip
+    """Not config.json: a converted checkpoint may list no architectures while holding the head (the output-KL
+    term, the recipe's heaviest, must stay on), and a masked-LM class may be named over an encoder alone (its
+    head would be random: the term must go off)."""
+    teacher = tmp_path / "teacher"
+    shutil.copytree(teacher_dir if head else encoder_teacher_dir, teacher)
+    config = json.loads((teacher / "config.json").read_text())
+    config["architectures"] = architectures
+    (teacher / "config.json").write_text(json.dumps(config))
+    output = tmp_path / "out"
+    assert main(tiny_args(teacher, output, "--data", str(teacher_dir / "corpus.txt"), "--max-steps", "2")) == 0
+    assert ("no masked-LM head" in capsys.readouterr().err) is not head
+    assert json.loads((output / "metrics.json").read_text())["output_kl"] is head
 
 
 def test_student_embeddings_copied_from_the_teacher(teacher_dir):

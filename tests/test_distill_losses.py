@@ -98,6 +98,26 @@ def test_attention_kl_function_passes_gradcheck():
     assert torch.autograd.gradcheck(lambda s: losses.attention_kl(s, teacher, real_mask()), (student,))
 
 
+def test_attention_kl_of_bf16_maps_computes_in_fp32_and_keeps_no_copy():
+    """Under bf16 autocast the student's maps are bf16: the loss reads them in fp32 (the value and gradient
+    of their fp32 upcast) without keeping an fp32 copy of each map for backward."""
+    generator = torch.Generator().manual_seed(4)
+    student = random_probabilities(generator).to(torch.bfloat16).requires_grad_()
+    teacher = random_probabilities(generator).to(torch.bfloat16)
+    expected = losses.attention_kl(student.float(), teacher, real_mask())
+    (expected_grad,) = torch.autograd.grad(expected, student)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        actual = losses.attention_kl(student, teacher, real_mask())
+    assert actual.dtype == torch.float32
+    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=0)
+    (actual_grad,) = torch.autograd.grad(actual, student)
+    assert actual_grad.dtype == torch.bfloat16
+    torch.testing.assert_close(actual_grad, expected_grad)
+    big = [t for t in saved if t.numel() == student.numel()]
+    assert [t.data_ptr() for t in big] == [student.data_ptr()], [(t.dtype, t.shape) for t in big]
+
+
 def test_attention_kl_accepts_an_inference_mode_teacher():
     generator = torch.Generator().manual_seed(3)
     student = random_probabilities(generator).float().requires_grad_()
@@ -246,6 +266,18 @@ def test_distiller_equals_the_original_style_step(tiny_pair, temperature):
     scale = max(float(reference.abs().max()) for reference in reference_grads)
     for fast, reference in zip(fast_grads, reference_grads, strict=True):
         torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-6 * scale)
+
+
+def test_a_student_in_the_padded_layout_gives_the_same_terms(tiny_pair):
+    """set_unpadding(False) (for torch.compile's one graph or CUDA graphs): the same real tokens count."""
+    teacher_model, student = tiny_pair
+    teacher = Teacher(encoder=teacher_model.bert, head=teacher_model.cls, config=teacher_model.config, source="t")
+    distiller = Distiller(StudentSide(student, None), teacher, (2, 4), losses.LossWeights(), 1.0)
+    unpadded = distiller(masked_batch())
+    student.set_unpadding(False)
+    padded = Distiller(StudentSide(student, None), teacher, (2, 4), losses.LossWeights(), 1.0)(masked_batch())
+    for name in ("mlm", "attention", "hidden", "output", "total"):
+        torch.testing.assert_close(getattr(padded, name), getattr(unpadded, name), rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_distiller_without_teacher_head_has_no_output_term(tiny_pair):

@@ -76,6 +76,15 @@ class StudentOutputs:
     masked_labels: torch.Tensor  # (M,)
 
 
+def real_rows(state: torch.Tensor, packing: Packing | None, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """A hidden state's (T, H) rows of real tokens: packed already, or read off the padded layout (a student
+    set to ``set_unpadding(False)``, whose padded positions ``key_padding_mask`` marks False)."""
+    if packing is not None:
+        return state
+    rows = state.flatten(0, 1)
+    return rows if key_padding_mask is None else rows[key_padding_mask.flatten()]
+
+
 def masked_rows(labels: torch.Tensor, packing: Packing | None) -> torch.Tensor:
     """Indices of the masked tokens among the student's packed rows (row-major order)."""
     packed = labels.flatten() if packing is None else packing.pack(labels)
@@ -103,7 +112,7 @@ class StudentSide(nn.Module):
         hidden = []
         if need_hidden:
             for state in encoded.hidden_states[1:]:
-                rows = state.flatten(0, 1) if packing is None else state  # packed (T, H) already
+                rows = real_rows(state, packing, encoded.key_padding_mask)
                 hidden.append(self.projection(rows) if self.projection is not None else rows)
         rows = masked_rows(batch.labels, packing)
         masked_logits = self.student.lm_head(encoded.sequence.reshape(-1, encoded.sequence.shape[-1])[rows])
@@ -184,7 +193,7 @@ class Distiller:
         real_tokens = batch.attention_mask.bool()
         attention = sum(
             (
-                losses.attention_kl(s.float(), t, real_tokens, counts.tokens * s.shape[1] * counts.padded_length)
+                losses.attention_kl(s, t, real_tokens, counts.tokens * s.shape[1] * counts.padded_length)
                 for s, t in zip(student.attentions, teacher.attentions, strict=True)
             ),
             zero,

@@ -56,14 +56,16 @@ class LossTerms:
 class _AttentionKL(torch.autograd.Function):
     """sum over real query rows of kl_div(log(s + eps), t + eps), divided by ``denominator``.
 
-    d/ds of t' (log t' - log(s + eps)) is -t' / (s + eps): backward needs s and t only.
+    d/ds of t' (log t' - log(s + eps)) is -t' / (s + eps): backward needs s and t only. Both are read
+    in fp32 (fp64 stays fp64) whatever their dtype, and only ``student`` as given is saved: under bf16
+    autocast an fp32 copy of every map kept for backward would outweigh the maps themselves.
     """
 
     @staticmethod
     def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, rows: torch.Tensor, denominator: float):
-        # rows: (B, 1, S, 1) float, 1.0 on query rows of real tokens.
-        target = teacher.to(student.dtype) + ATTENTION_EPS
-        pointwise = target * (target.log() - (student + ATTENTION_EPS).log())
+        # rows: (B, 1, S, 1) in the computing dtype, 1.0 on query rows of real tokens.
+        target = teacher.to(rows.dtype) + ATTENTION_EPS
+        pointwise = target * (target.log() - (student.to(rows.dtype) + ATTENTION_EPS).log())
         ctx.save_for_backward(student, rows)
         ctx.teacher = teacher  # read in backward, never saved through autograd (may be an inference tensor)
         ctx.denominator = denominator
@@ -72,17 +74,17 @@ class _AttentionKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         student, rows = ctx.saved_tensors
-        target = ctx.teacher.to(student.dtype) + ATTENTION_EPS
-        grad = target.div_(student + ATTENTION_EPS).mul_(rows).mul_(-grad_output / ctx.denominator)
-        return grad, None, None, None
+        target = ctx.teacher.to(rows.dtype) + ATTENTION_EPS
+        grad = target.div_(student.to(rows.dtype) + ATTENTION_EPS).mul_(rows).mul_(-grad_output / ctx.denominator)
+        return grad.to(student.dtype), None, None, None
 
 
 def attention_kl(
     student: torch.Tensor, teacher: torch.Tensor, real_tokens: torch.Tensor, denominator: float | None = None
 ) -> torch.Tensor:
-    """KL(teacher || student) of one layer's attention probabilities, "mean" reduction.
+    """KL(teacher || student) of one layer's attention probabilities, "mean" reduction, in fp32.
 
-    ``student``/``teacher``: (B, A, S, S) probabilities; ``real_tokens``: (B, S) bool. The sum
+    ``student``/``teacher``: (B, A, S, S) probabilities, any float dtype; ``real_tokens``: (B, S) bool. The sum
     runs over query rows of real tokens and every key column; it is divided by the number of
     those elements (rows x A x S), as ``KLDivLoss(reduction="mean")`` on the selected rows does,
     or by ``denominator`` (for a global batch: its real rows x A x its padded length; padded key
@@ -91,7 +93,8 @@ def attention_kl(
     batch, heads, seq, keys = student.shape
     if teacher.shape != student.shape:
         raise ValueError(f"attention_kl: student maps {tuple(student.shape)} vs teacher maps {tuple(teacher.shape)}")
-    rows = real_tokens.to(student.dtype).view(batch, 1, seq, 1)
+    computing = torch.float64 if student.dtype == torch.float64 else torch.float32
+    rows = real_tokens.to(computing).view(batch, 1, seq, 1)
     count = int(real_tokens.sum()) * heads * keys
     if count == 0:
         return student.sum() * 0.0

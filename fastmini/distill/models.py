@@ -24,8 +24,6 @@ from fastmini.training.errors import UsageError
 
 log = logging.getLogger("fastmini.distill")
 
-MASKED_LM_SUFFIXES = ("ForMaskedLM", "ForPreTraining")
-
 
 def resolve_model_path(name_or_path: str, what: str, marker_files: tuple[str, ...] = ("config.json",)) -> str:
     """A local directory as a string, the packaged MiniLM's directory, or a hub name as given.
@@ -103,7 +101,7 @@ class Teacher:
 
 
 def load_teacher(config: DistillConfig, device: torch.device, dtype: torch.dtype) -> Teacher:
-    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+    from transformers import AutoConfig
 
     path = resolve_model_path(config.teacher, "--teacher")
     try:
@@ -118,12 +116,8 @@ def load_teacher(config: DistillConfig, device: torch.device, dtype: torch.dtype
                 f"--teacher {config.teacher}: a {teacher_config.model_type} config without '{needed}' is not a "
                 "BERT-style encoder"
             )
-    architectures = getattr(teacher_config, "architectures", None) or []
-    has_head = any(name.endswith(MASKED_LM_SUFFIXES) for name in architectures)
-    loader = AutoModelForMaskedLM if has_head else AutoModel
     try:
-        # Eager attention: the attention loss needs the probabilities, which SDPA does not return.
-        model = loader.from_pretrained(path, attn_implementation="eager", dtype=dtype)
+        model, has_head = _load_teacher_model(path, teacher_config, dtype)
     except UNLOADABLE_WEIGHTS as error:
         if Path(path).is_dir():
             raise UsageError(
@@ -132,7 +126,7 @@ def load_teacher(config: DistillConfig, device: torch.device, dtype: torch.dtype
         raise _hub_error("--teacher", config.teacher, error) from error
     model.eval().requires_grad_(False).to(device)
     if not has_head:
-        return Teacher(encoder=model, head=None, config=model.config, source=path)
+        return Teacher(encoder=model.base_model, head=None, config=model.config, source=path)
     encoder = model.base_model
     heads = [module for name, module in model.named_children() if name != model.base_model_prefix]
     if len(heads) != 1:
@@ -141,6 +135,28 @@ def load_teacher(config: DistillConfig, device: torch.device, dtype: torch.dtype
             "supports BERT-style masked-LM models with one head module (e.g. BertForMaskedLM.cls)"
         )
     return Teacher(encoder=encoder, head=heads[0], config=model.config, source=path)
+
+
+def _load_teacher_model(path: str, teacher_config, dtype: torch.dtype) -> tuple[nn.Module, bool]:
+    """(model, whether its masked-LM head came with the checkpoint).
+
+    The checkpoint's weights decide, not config.json's ``architectures``: checkpoints converted from
+    TensorFlow often list none while holding the head (the output-KL term, the recipe's heaviest, would be
+    dropped), and a config may name a masked-LM class over an encoder alone (a random head would teach).
+    The head counts when none of its weights is missing; the decoder tied to the word embeddings is never
+    stored, and never reported missing."""
+    from transformers import AutoModel, AutoModelForMaskedLM
+
+    # Eager attention: the attention loss needs the probabilities, which SDPA does not return.
+    options = {"attn_implementation": "eager", "dtype": dtype}
+    try:
+        AutoModelForMaskedLM._model_mapping[type(teacher_config)]
+    except KeyError:  # a model type without a masked-LM class
+        return AutoModel.from_pretrained(path, **options), False
+    model, loading = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True, **options)
+    prefix = f"{model.base_model_prefix}."
+    head_missing = [key for key in loading["missing_keys"] if not key.startswith(prefix)]
+    return model, not head_missing
 
 
 def load_tokenizer(config: DistillConfig, teacher: Teacher):
