@@ -108,7 +108,8 @@ class FastMiniPreTrainedModel(PreTrainedModel):
     def set_unpadding(self, enabled: bool = True):
         """Whether padded batches run on their real tokens only (the default) or in the padded layout
         with padded keys masked; returns the model. The outputs are the same either way (zeros at
-        padded positions, padding never in a loss). The padded layout spends work on padding but no
+        padded positions, padding never in a loss; of the attention maps, the rows of real tokens:
+        a padded query's row means nothing in either layout). The padded layout spends work on padding but no
         shape depends on the mask's values and no host sync reads it: what ``torch.compile(...,
         fullgraph=True)``, ``mode="reduce-overhead"`` and CUDA graphs need. With unpadding on,
         ``torch.compile`` still works, with a graph break where the mask is read."""
