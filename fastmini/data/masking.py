@@ -13,7 +13,12 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # CrossEntropyLoss's ignore_index: no loss, no gradient (MLM and NER labels)
+# BERT's masking (SPEC.md): this share of the non-special tokens is selected; of those, MASK_FRACTION become
+# the mask token, RANDOM_FRACTION a random token, and the rest stay as they are.
+MASK_PROBABILITY = 0.15
+MASK_FRACTION = 0.8
+RANDOM_FRACTION = 0.1
 
 
 def check_masking(probability: float, mask_fraction: float, random_fraction: float) -> None:
@@ -63,9 +68,9 @@ def mask_tokens(
     mask_token_id: int,
     vocab_size: int,
     generator: torch.Generator,
-    probability: float = 0.15,
-    mask_fraction: float = 0.8,
-    random_fraction: float = 0.1,
+    probability: float = MASK_PROBABILITY,
+    mask_fraction: float = MASK_FRACTION,
+    random_fraction: float = RANDOM_FRACTION,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(corrupted input ids, labels), both shaped like ``input_ids``; the input is not modified."""
     check_masking(probability, mask_fraction, random_fraction)

@@ -30,8 +30,8 @@ from typing import Any
 
 from fastmini.data.corpus import DataError, read_text_file
 from fastmini.data.labelled import json_records, split_lines
+from fastmini.data.masking import IGNORE_INDEX
 
-IGNORE_INDEX = -100  # CrossEntropyLoss's ignore_index: no loss, no gradient
 ALIGNMENTS = ("all", "first")
 NER_SUFFIXES = (".tsv", ".txt", ".conll", ".iob", ".bio")
 RECORD_SUFFIXES = (".parquet", ".json", ".jsonl")  # one sentence per row, word and tag lists in columns

@@ -4,7 +4,8 @@ Precedence: these defaults < a recipe or YAML/JSON file given with ``--config`` 
 the command line. The defaults are the offline demo that ``python -m fastmini.distill`` runs
 on CPU in a few minutes (packaged MiniLM-L6-H384 teacher, gensim's Wikipedia sample, short
 windows, a few hundred steps); ``--config minialbert-128`` is the published recipe (SPEC.md).
-The loss weights, the temperature and the layer map live here and nowhere else.
+The loss weights' values (losses.LossWeights holds them for the losses), the temperature and the layer
+map are set here and nowhere else.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastmini.data.corpus import DEFAULT_DATA, TEXT_UNITS
+from fastmini.data.masking import MASK_FRACTION, MASK_PROBABILITY, RANDOM_FRACTION
 from fastmini.distill.losses import LossWeights
 from fastmini.training.errors import UsageError
 from fastmini.training.options import (
@@ -181,10 +183,14 @@ class DistillConfig:
         "data",
         parse=optional_int,
     )
-    mask_probability: float = option(0.15, "share of non-special tokens selected for masked-LM", "data", parse=float)
-    mask_fraction: float = option(0.8, "of the selected tokens, share replaced by the mask token", "data", parse=float)
+    mask_probability: float = option(
+        MASK_PROBABILITY, "share of non-special tokens selected for masked-LM", "data", parse=float
+    )
+    mask_fraction: float = option(
+        MASK_FRACTION, "of the selected tokens, share replaced by the mask token", "data", parse=float
+    )
     random_fraction: float = option(
-        0.1, "of the selected tokens, share replaced by a random token (the rest stay)", "data", parse=float
+        RANDOM_FRACTION, "of the selected tokens, share replaced by a random token (the rest stay)", "data", parse=float
     )
 
     # recipe

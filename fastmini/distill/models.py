@@ -18,6 +18,7 @@ from torch import nn
 
 from fastmini.distill.config import DEFAULT_TEACHER, DistillConfig
 from fastmini.models import FastMiniConfig, FastMiniForMaskedLM
+from fastmini.models.checkpoint import CONFIG_NAME, TOKENIZER_FILES
 from fastmini.models.student import copy_embeddings
 from fastmini.training.cli import use_cache_if_hub_unreachable
 from fastmini.training.errors import UsageError
@@ -25,7 +26,7 @@ from fastmini.training.errors import UsageError
 log = logging.getLogger("fastmini.distill")
 
 
-def resolve_model_path(name_or_path: str, what: str, marker_files: tuple[str, ...] = ("config.json",)) -> str:
+def resolve_model_path(name_or_path: str, what: str, marker_files: tuple[str, ...] = (CONFIG_NAME,)) -> str:
     """A local directory as a string, the packaged MiniLM's directory, or a hub name as given.
 
     A local directory must hold one of ``marker_files``."""
@@ -58,16 +59,6 @@ try:
 except ImportError:  # older safetensors
     SafetensorError = OSError  # noqa: N806
 UNLOADABLE_WEIGHTS = (OSError, ValueError, RuntimeError, SafetensorError)
-
-# Files one of which a saved tokenizer has; a model directory without any has no tokenizer.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.txt",
-    "vocab.json",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-)
 
 
 def _weights_problem(error: Exception) -> str:
@@ -166,7 +157,7 @@ def load_tokenizer(config: DistillConfig, teacher: Teacher):
     path = (
         teacher.source
         if config.tokenizer is None
-        else resolve_model_path(config.tokenizer, "--tokenizer", (*TOKENIZER_FILES, "config.json"))
+        else resolve_model_path(config.tokenizer, "--tokenizer", (*TOKENIZER_FILES, CONFIG_NAME))
     )
     if config.tokenizer is None and Path(path).is_dir() and not _has_tokenizer_files(Path(path)):
         # transformers would build a tokenizer of special tokens only from config.json: every word [UNK].

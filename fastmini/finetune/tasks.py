@@ -43,6 +43,10 @@ class TaskSpec:
     test_splits: tuple[str, ...] = ("test",)
     recipe: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"TaskSpec {self.name}: kind must be one of {KINDS}, got '{self.kind}'")
+
     @property
     def is_glue(self) -> bool:
         return self.dataset == GLUE_DATASET

@@ -39,6 +39,7 @@ from fastmini.finetune.selection import Setting, choose, modes_of, results_table
 from fastmini.finetune.tasks import TaskSpec, task_spec
 from fastmini.training import checkpoints, distributed, precision
 from fastmini.training.batching import check_global_batch, without_split
+from fastmini.training.checkpoints import METRICS_NAME, TRAIN_CONFIG_NAME
 from fastmini.training.cli import check_writable_directory, writable_directory
 from fastmini.training.errors import Interrupted, UsageError
 
@@ -46,8 +47,6 @@ log = logging.getLogger("fastmini.finetune")
 
 RUNS_DIR = "runs"
 GRID_NAME = "grid.json"
-METRICS_NAME = "metrics.json"
-TRAIN_CONFIG_NAME = "train_config.json"
 ADAPTERS_DIR = "adapters"
 
 

@@ -23,6 +23,15 @@ SAFETENSORS_INDEX_NAME = SAFETENSORS_NAME + ".index.json"
 PICKLE_INDEX_NAME = PICKLE_NAME + ".index.json"
 # In order of preference: safetensors before pickles, one file before shards.
 WEIGHT_NAMES = (SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, PICKLE_NAME, PICKLE_INDEX_NAME)
+# Files one of which a saved tokenizer has; a model directory without any has no tokenizer.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "subfolder")
 
 

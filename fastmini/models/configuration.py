@@ -122,17 +122,24 @@ class FastMiniConfig(PretrainedConfig):
     def from_teacher(
         cls,
         teacher_config: PretrainedConfig,
-        num_recursions: int = 6,
-        embedding_size: int = 128,
-        use_adapter: bool = True,
-        reduction_factor: int = 16,
+        num_recursions: int | None = None,
+        embedding_size: int | None = None,
+        use_adapter: bool | None = None,
+        reduction_factor: int | None = None,
         **overrides: Any,
     ) -> FastMiniConfig:
         """A student config whose H, A, I, V, positions and token types match ``teacher_config``.
 
         The distillation losses compare hidden states and attention maps, so hidden size and
-        heads must equal the teacher's; the vocabulary must match for the output KL.
+        heads must equal the teacher's; the vocabulary must match for the output KL. The student's
+        own shape (N recursions, E, adapters, r) is the class's default unless given.
         """
+        own = {
+            "num_hidden_layers": cls.num_hidden_layers if num_recursions is None else num_recursions,
+            "embedding_size": cls.embedding_size if embedding_size is None else embedding_size,
+            "use_adapter": cls.use_adapter if use_adapter is None else use_adapter,
+            "reduction_factor": cls.reduction_factor if reduction_factor is None else reduction_factor,
+        }
         inherited = {
             name: getattr(teacher_config, name)
             for name in (
@@ -150,16 +157,7 @@ class FastMiniConfig(PretrainedConfig):
         }
         if inherited.get("hidden_act") not in GELU_APPROXIMATION_BY_ACT:
             inherited["hidden_act"] = "gelu"
-        return cls(
-            **{
-                **inherited,
-                "num_hidden_layers": num_recursions,
-                "embedding_size": embedding_size,
-                "use_adapter": use_adapter,
-                "reduction_factor": reduction_factor,
-                **overrides,
-            }
-        )
+        return cls(**{**inherited, **own, **overrides})
 
 
 def _as_fastmini_dict(config_dict: dict[str, Any], source: str) -> dict[str, Any]:

@@ -22,6 +22,12 @@ import torch
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
 TEMPORARY_PREFIX = ".tmp-"
+# Names in a trainer's output directory, the same for both trainers (fastmini.finetune looks for a
+# distillation's checkpoints; fastmini.predict reads a fine-tuning's options).
+CHECKPOINTS_DIR = "checkpoints"  # <output>/checkpoints/step-N/
+STATE_NAME = "trainer_state.pt"  # in a checkpoint, beside the model: optimizer, scheduler, RNG, progress
+TRAIN_CONFIG_NAME = "train_config.json"  # every option of the run
+METRICS_NAME = "metrics.json"
 
 
 def checkpoint_name(step: int) -> str:

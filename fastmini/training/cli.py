@@ -99,7 +99,7 @@ def setup_logger(name: str) -> logging.Logger:
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    if int(os.environ.get("RANK", "0")) != 0:
+    if _rank() != 0:
         logger.setLevel(logging.ERROR)  # one voice under torchrun
     return logger
 
@@ -143,20 +143,30 @@ def _leave_if_torchrun_worker(code: int, wait_for_rank0: bool) -> int:
     before it prints, and the user would see torchrun's summary alone. It waits for that SIGTERM instead,
     which ends it at once (the body's SIGTERM handler is gone by now), once rank 0 has printed and exited.
     Not after an interrupt: torchrun is stopping every worker then anyway, and would not signal again."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+    if "TORCHELASTIC_RUN_ID" not in os.environ or _world_size() < 2:
         return code
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    if wait_for_rank0 and int(os.environ.get("RANK", "0")) != 0:
+    if wait_for_rank0 and _rank() != 0:
         time.sleep(RANK0_REPORT_GRACE_S)
     os._exit(code)
+
+
+def _rank() -> int:
+    """This process's rank in a torchrun job, from torchrun's environment (0 outside torchrun); read without
+    torch.distributed, which the command lines do not import before they need it."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _report(message: str, rank_specific: bool = False) -> None:
     """``message`` on stderr once per torchrun job: from rank 0 for what every rank raises alike, from
     each rank that has it, named, for what may be a rank's own."""
-    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world_size = _rank(), _world_size()
     if world_size > 1 and rank_specific:
         print(f"[rank {rank}] {message}", file=sys.stderr)
     elif rank == 0:
