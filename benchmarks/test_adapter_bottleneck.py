@@ -22,6 +22,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fastmini.models.configuration import MINIALBERT_FIXED_LAYER_NORM_EPS
 from fastmini.ops import adapter_bottleneck, adapter_bottleneck_ref
 
 pytestmark = pytest.mark.skipif(
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.skipif(
 
 HIDDEN = 768
 BOTTLENECK = HIDDEN // 16
-EPS = 1e-12
+EPS = MINIALBERT_FIXED_LAYER_NORM_EPS  # the adapters' LayerNorm eps in every MiniALBERT checkpoint
 ROWS = [16384, 1024]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 MODES = ["forward", "forward+backward"]

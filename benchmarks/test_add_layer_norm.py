@@ -21,6 +21,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fastmini.models.configuration import FastMiniConfig
 from fastmini.ops import add_layer_norm, add_layer_norm_ref
 
 pytestmark = pytest.mark.skipif(
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 HIDDEN = 768
-EPS = 1e-12
+EPS = FastMiniConfig.layer_norm_eps  # the shared layer's two LayerNorms, at the config's default
 ROWS = [16384, 1024]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # (mode, dropout_p): inference never drops; training is timed both ways

@@ -6,7 +6,7 @@ Contenders, timed interleaved in one process by the ``compare`` fixture:
 - ``reference``: linear_gelu_ref, i.e. F.linear (cuBLAS with the bias) then F.gelu.
 Shapes: rows 16384 (throughput) and 1024 (a small batch), BERT-base FFN H=768, I=3072, bf16 and fp32
 (fp32 GEMMs at torch's default precision, no TF32, in all three), exact GELU. "forward" runs in
-inference mode (no pre-activation kept); "forward_backward" also computes dx, dW and db.
+inference mode (no pre-activation kept); "forward+backward" also computes dx, dW and db.
 
 Work: 2 * rows * H * I FLOPs per GEMM (one forward, three forward + backward), reported as TFLOP/s.
 Bytes: the minimum traffic (x, W, b and dy read once; y, dx, dW, db written once), reported as GB/s
@@ -22,6 +22,9 @@ import torch
 
 from fastmini.ops import linear_gelu_ref
 
+# The kernel module (for its code paths) needs triton, a dev extra: without it there is nothing to time.
+linear_gelu_kernels = pytest.importorskip("fastmini.kernels.linear_gelu", reason="the Triton kernels need triton")
+
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="the CPU path is the torch reference; fused kernels are timed on CUDA only"
 )
@@ -30,8 +33,8 @@ DEVICE = torch.device("cuda")
 HIDDEN, INTERMEDIATE = 768, 3072
 ROWS = [16384, 1024]
 DTYPES = [torch.bfloat16, torch.float32]
-PASSES = ["forward", "forward_backward"]
-PATHS = ("bias_gelu", "fused_gemm")
+PASSES = ["forward", "forward+backward"]
+PATHS = linear_gelu_kernels.PATHS
 
 
 def make_inputs(rows: int, dtype: torch.dtype):
@@ -80,7 +83,7 @@ def minimum_bytes(rows: int, dtype: torch.dtype, which_pass: str) -> int:
     size = torch.tensor([], dtype=dtype).element_size()
     inputs = rows * HIDDEN + INTERMEDIATE * HIDDEN + INTERMEDIATE  # x, W, b
     outputs = rows * INTERMEDIATE  # y
-    if which_pass == "forward_backward":
+    if which_pass == "forward+backward":
         inputs += rows * INTERMEDIATE  # dy
         outputs += rows * HIDDEN + INTERMEDIATE * HIDDEN + INTERMEDIATE  # dx, dW, db
     return (inputs + outputs) * size

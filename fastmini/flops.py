@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from fastmini.models.configuration import FastMiniConfig
 
-def encoder_flops(config, lengths: Iterable[int]) -> int:
+
+def encoder_flops(config: FastMiniConfig, lengths: Iterable[int]) -> int:
     """FLOPs of one encoder forward over sequences with these real lengths."""
     hidden, intermediate = config.hidden_size, config.intermediate_size
     per_token_dense = 2 * (4 * hidden * hidden + 2 * hidden * intermediate)
     if config.use_adapter:
-        per_token_dense += 2 * 2 * 2 * hidden * (hidden // config.reduction_factor)
+        per_token_dense += 2 * 2 * 2 * hidden * config.adapter_size
     projection = 2 * config.embedding_size * hidden if config.use_embedding_projection else 0
     total = 0
     for length in lengths:
@@ -24,5 +26,5 @@ def encoder_flops(config, lengths: Iterable[int]) -> int:
     return total
 
 
-def masked_lm_head_flops(config, predicted_tokens: int) -> int:
+def masked_lm_head_flops(config: FastMiniConfig, predicted_tokens: int) -> int:
     return predicted_tokens * (2 * config.hidden_size * config.hidden_size + 2 * config.hidden_size * config.vocab_size)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -18,6 +20,9 @@ from safetensors.torch import load_file, save_file
 from fastmini.files import write_file_atomically, write_json_atomically
 from fastmini.models.checkpoint import CheckpointError
 from fastmini.modules.encoder import make_adapters
+
+if TYPE_CHECKING:  # modeling.py imports this module
+    from fastmini.models.modeling import FastMiniPreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +34,7 @@ MATCHING_FIELDS = ("hidden_size", "num_hidden_layers", "reduction_factor", "head
 MATCHING_DEFAULTS = {"head_variant": "minialbert"}
 
 
-def is_tuned_in_adapter_mode(model, name: str) -> bool:
+def is_tuned_in_adapter_mode(model: FastMiniPreTrainedModel, name: str) -> bool:
     """True for the parameters adapter tuning trains: adapters, the pooler and the task head."""
     if "_adapters." in name or name.startswith(("pooler.", f"{model.base_model_prefix}.pooler.")):
         return True
@@ -67,7 +72,7 @@ def _expected_adapter_shapes(model) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def train_adapters_only(model) -> dict[str, int]:
+def train_adapters_only(model: FastMiniPreTrainedModel) -> dict[str, int]:
     _ensure_adapters(model)
     trainable = total = 0
     for name, parameter in model.named_parameters():
@@ -78,7 +83,7 @@ def train_adapters_only(model) -> dict[str, int]:
     return {"trainable": trainable, "total": total}
 
 
-def save_adapters(model, directory) -> None:
+def save_adapters(model: FastMiniPreTrainedModel, directory: str | os.PathLike) -> None:
     if not model.base_model.encoder.has_adapters:
         raise ValueError("save_adapters: this model has no adapters (call train_adapters_only() first)")
     directory = Path(directory)
@@ -101,7 +106,7 @@ def save_adapters(model, directory) -> None:
     write_json_atomically(directory / ADAPTER_CONFIG_NAME, description)
 
 
-def load_adapters(model, directory) -> None:
+def load_adapters(model: FastMiniPreTrainedModel, directory: str | os.PathLike) -> None:
     directory = Path(directory)
     config_path, weights_path = directory / ADAPTER_CONFIG_NAME, directory / ADAPTER_WEIGHTS_NAME
     for path in (config_path, weights_path):

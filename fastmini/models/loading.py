@@ -10,7 +10,8 @@ checkpoint lacks are freshly initialised with a warning, as transformers does.
 from __future__ import annotations
 
 import logging
-from typing import Any
+import os
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -25,7 +26,12 @@ from fastmini.models.checkpoint import (
 from fastmini.models.configuration import FastMiniConfig, check_config
 from fastmini.models.conversion import FASTMINI, config_from_original, convert_state_dict, detect_format
 
+if TYPE_CHECKING:  # modeling.py imports this module
+    from fastmini.models.modeling import FastMiniPreTrainedModel
+
 logger = logging.getLogger(__name__)
+
+Model = TypeVar("Model", bound="FastMiniPreTrainedModel")
 
 # Keys that some classes have and others do not; their absence or presence is not an error.
 OPTIONAL_PREFIXES = ("lm_head.", "classifier.", "fastmini.pooler.", "pooler.")
@@ -85,7 +91,10 @@ def _align_prefix(model, state_dict: dict[str, torch.Tensor]) -> dict[str, torch
 
 
 def reconcile(
-    model, state_dict: dict[str, torch.Tensor], source: str, ignore_mismatched_sizes: bool = False
+    model: FastMiniPreTrainedModel,
+    state_dict: dict[str, torch.Tensor],
+    source: str,
+    ignore_mismatched_sizes: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, list]]:
     """The subset of ``state_dict`` to load into ``model``; raises on anything inconsistent."""
     state_dict = _align_prefix(model, state_dict)
@@ -189,7 +198,9 @@ def _target_device(device_map: Any) -> torch.device | None:
     return torch.device(device_map)
 
 
-def load_pretrained(cls, name_or_path, *model_args, **kwargs):
+def load_pretrained(
+    cls: type[Model], name_or_path: str | os.PathLike | None, *model_args: Any, **kwargs: Any
+) -> Model | tuple[Model, dict[str, list]]:
     """Implementation of ``FastMiniPreTrainedModel.from_pretrained`` (see its docstring)."""
     hub_kwargs = hub_kwargs_from(kwargs)
     for name in HUB_KWARGS:

@@ -8,7 +8,9 @@ adapter tuning in adapter_tuning.py.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Self
 
 import torch
 from torch import nn
@@ -22,12 +24,16 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 
+from fastmini.data.masking import IGNORE_INDEX
 from fastmini.models import adapter_tuning
 from fastmini.models.configuration import MINIALBERT_FIXED_LAYER_NORM_EPS, FastMiniConfig
 from fastmini.models.loading import load_pretrained
 from fastmini.modules import Embeddings, MaskedLMHead, RecursiveEncoder
 from fastmini.ops import Packing
 from fastmini.ops.prepacked_linear import PrepackedWeightsMixin
+
+if TYPE_CHECKING:  # fastmini.runtime is imported on first use of graphed_encoder only
+    from fastmini.runtime import GraphedEncoder
 
 
 class FastMiniPreTrainedModel(PreTrainedModel):
@@ -42,11 +48,14 @@ class FastMiniPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike | None, *model_args: Any, **kwargs: Any
+    ) -> Self | tuple[Self, dict[str, list]]:
         """Load a fastmini directory, an original MiniALBERT or an ALBERT checkpoint (local or hub).
 
         Original checkpoints are recognised by their config.json and converted on the fly;
-        ``save_pretrained`` then writes a fastmini directory with the same outputs.
+        ``save_pretrained`` then writes a fastmini directory with the same outputs. With
+        ``output_loading_info=True``, (model, loading info) as transformers returns them.
         """
         return load_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs)
 
@@ -64,15 +73,15 @@ class FastMiniPreTrainedModel(PreTrainedModel):
         """
         return adapter_tuning.train_adapters_only(self)
 
-    def save_adapters(self, directory) -> None:
+    def save_adapters(self, directory: str | os.PathLike) -> None:
         """Write only the adapters and the task head (``adapters.safetensors`` + config)."""
         adapter_tuning.save_adapters(self, directory)
 
-    def load_adapters(self, directory) -> None:
+    def load_adapters(self, directory: str | os.PathLike) -> None:
         """Load what ``save_adapters`` wrote (adding adapters to a model without them)."""
         adapter_tuning.load_adapters(self, directory)
 
-    def optimize_for_inference(self, prepacked_weights: bool = True, varlen_attention: bool = False):
+    def optimize_for_inference(self, prepacked_weights: bool = True, varlen_attention: bool = False) -> Self:
         """Switch on the inference fast paths; returns the model. Training is unaffected.
 
         ``prepacked_weights``: on the CPU, the GEMM weights of the shared layer (and of the masked-LM
@@ -91,7 +100,7 @@ class FastMiniPreTrainedModel(PreTrainedModel):
         self.base_encoder().encoder.shared_layer.packed_attention_backend = "cuda" if varlen_attention else None
         return self
 
-    def graphed_encoder(self, **options):
+    def graphed_encoder(self, **options: Any) -> GraphedEncoder:
         """The encoder's last hidden state, (B, S, H), replayed through one CUDA graph per shape
         bucket: ``fastmini.runtime.GraphedEncoder`` over ``encode(..., unpad=False)`` (options:
         its bucket and capture arguments). For inference on CUDA, model in ``eval()``.
@@ -105,7 +114,7 @@ class FastMiniPreTrainedModel(PreTrainedModel):
         options.setdefault("device", self.device)  # where prepare() captures before any call
         return GraphedEncoder(lambda ids, mask: base.encode(ids, mask, unpad=False).sequence, **options)
 
-    def set_unpadding(self, enabled: bool = True):
+    def set_unpadding(self, enabled: bool = True) -> Self:
         """Whether padded batches run on their real tokens only (the default) or in the padded layout
         with padded keys masked; returns the model. The outputs are the same either way (zeros at
         padded positions, padding never in a loss; of the attention maps, the rows of real tokens:
@@ -185,12 +194,12 @@ class Encoded:
 
     def token_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Per-token ``labels`` (B, S) aligned with ``sequence``, padding never counted: packed (T,)
-        when the batch was unpadded, else (B, S) with -100 at padded positions. Either layout gives
+        when the batch was unpadded, else (B, S) with IGNORE_INDEX at padded positions. Either layout gives
         the same loss."""
         if self.packing is not None:
             return self.packing.pack(labels)
         if self.key_padding_mask is not None:
-            return labels.masked_fill(~self.key_padding_mask, -100)
+            return labels.masked_fill(~self.key_padding_mask, IGNORE_INDEX)
         return labels
 
     def token_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

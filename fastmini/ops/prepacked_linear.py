@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Self
 
 import torch
 import torch.nn.functional as F
@@ -146,7 +147,7 @@ class PrepackedWeightsMixin:
     def use_prepacked_weights(self, enabled: bool = True) -> None:
         self.prepacked = PrepackedLinears() if enabled else None
 
-    def train(self, mode: bool = True):
+    def train(self, mode: bool = True) -> Self:
         # Training is about to change the weights (and never reads the cache): free the packed copies.
         if mode and self.prepacked is not None and len(self.prepacked):
             self.prepacked = PrepackedLinears()
@@ -157,7 +158,9 @@ class PrepackedWeightsMixin:
         prepacked = self.prepacked
         return prepacked if prepacked is not None and prepacked.applies(x, (weight,)) else None
 
-    def linear_through(self, prepacked: PrepackedLinears | None, name: str, x: torch.Tensor, gelu=None):
+    def linear_through(
+        self, prepacked: PrepackedLinears | None, name: str, x: torch.Tensor, gelu: str | None = None
+    ) -> torch.Tensor:
         """The submodule ``name`` (an nn.Linear) applied to x: through the cache when given, else as it is
         (``gelu`` only with the cache: callers without it run their own fused op)."""
         layer = getattr(self, name)

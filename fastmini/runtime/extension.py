@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -54,7 +55,7 @@ def _driver_flags(cuda_home: str | None) -> tuple[list[str], list[str]]:
 
 
 @functools.cache
-def load_l2_extension(verbose: bool = False):
+def load_l2_extension(verbose: bool = False) -> ModuleType:
     """The compiled ``fastmini_l2_persistence`` module, built on first call (seconds: no torch headers)."""
     require_cuda("L2 persistence")
     source = csrc_directory(L2_SOURCE) / L2_SOURCE

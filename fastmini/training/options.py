@@ -25,7 +25,8 @@ from typing import Any
 from fastmini.training.errors import UsageError
 
 
-def option(default: Any, help: str, group: str, parse: Any = None, flag: str | None = None, **extra: Any):
+# -> Any, as dataclasses.field is typed: the class body assigns the Field where it declares the value's type.
+def option(default: Any, help: str, group: str, parse: Any = None, flag: str | None = None, **extra: Any) -> Any:
     """A dataclass field that also describes its command-line option (a list default is copied per instance)."""
     metadata = {"help": help, "group": group, "parse": parse, "flag": flag, **extra}
     if isinstance(default, list):
@@ -39,10 +40,6 @@ def optional_int(text: str) -> int | None:
 
 def optional_str(text: str) -> str | None:
     return None if text.lower() in ("none", "null", "") else text
-
-
-def optional_float(text: str) -> float | None:
-    return None if text.lower() in ("none", "null", "") else float(text)
 
 
 def _default_of(spec: dataclasses.Field) -> Any:
@@ -310,17 +307,17 @@ def check_resume_or_overwrite(resuming: bool, overwrite_output_dir: bool) -> Non
 
 
 # Options both trainers take with the same meaning, declared once.
-def device_option():
+def device_option() -> Any:
     return option(
         "auto", "'auto' (this process's GPU if any, else CPU), 'cpu', 'cuda' or 'cuda:N'", "run", metavar="DEVICE"
     )
 
 
-def threads_option():
+def threads_option() -> Any:
     return option(None, "CPU threads for torch, >= 1 (default: torch's choice)", "run", parse=optional_int)
 
 
-def gradient_checkpointing_option():
+def gradient_checkpointing_option() -> Any:
     return option(
         False,
         "recompute each recursion during backward instead of keeping its activations: far less memory for "

@@ -17,7 +17,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if use_bf16 else None
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[None]:
     """torch.autocast to ``dtype`` on ``device``'s type; a no-op context for None."""
     if dtype is None:
         return contextlib.nullcontext()
