@@ -140,3 +140,5 @@ def test_every_n_layers_counts_recursions(tiny_config, randomize, batch):
         torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-7, msg=name)
     model.gradient_checkpointing_disable()
     assert encoder.checkpoint_every == 1 and not encoder.gradient_checkpointing
+    with pytest.raises(ValueError, match="every_n_layers must be an int >= 1"):
+        switch({"use_reentrant": False}, every_n_layers=0)  # not a ZeroDivisionError at the first forward

@@ -99,3 +99,22 @@ def test_legacy_onnx_export_with_dynamic_axes(tiny_config, randomize, tmp_path):
     with torch.no_grad():
         expected = model(**other)[0]
     torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_recorded_graph_holds_plain_torch_ops_where_triton_would_be_chosen(classifier, monkeypatch):
+    """Automatic choice picks the Triton kernels here (the interpreter on the CPU, verified kernels on a GPU):
+    a recorded graph takes the torch ops instead, so that the ONNX exporters, AOTInductor and processes
+    without fastmini can run it."""
+    from fastmini.ops import resolve_backend
+    from fastmini.ops.adapter_bottleneck import _BACKENDS
+
+    monkeypatch.delenv("FASTMINI_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    batch = padded_batch(classifier.config.vocab_size, (3, 9), 5)
+    assert resolve_backend("adapter_bottleneck", batch["input_ids"].float(), None, _BACKENDS) == "triton"
+    program = torch.export.export(classifier, (), kwargs=batch)
+    custom = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert not [target for target in custom if "fastmini" in target], custom
+    other = padded_batch(classifier.config.vocab_size, (3, 9), 11)
+    monkeypatch.setenv("FASTMINI_BACKEND", "torch")
+    torch.testing.assert_close(program.module()(**other).logits, eager_logits(classifier, other), rtol=1e-5, atol=1e-5)

@@ -85,6 +85,7 @@ class Teacher:
     head: nn.Module | None
     config: object
     source: str
+    head_weights_missing: tuple[str, ...] = ()  # of a masked-LM head config.json names: why it is not used
 
     @property
     def num_layers(self) -> int:
@@ -108,7 +109,7 @@ def load_teacher(config: DistillConfig, device: torch.device, dtype: torch.dtype
                 "BERT-style encoder"
             )
     try:
-        model, has_head = _load_teacher_model(path, teacher_config, dtype)
+        model, head_missing = _load_teacher_model(path, teacher_config, dtype)
     except UNLOADABLE_WEIGHTS as error:
         if Path(path).is_dir():
             raise UsageError(
@@ -116,8 +117,10 @@ def load_teacher(config: DistillConfig, device: torch.device, dtype: torch.dtype
             ) from error
         raise _hub_error("--teacher", config.teacher, error) from error
     model.eval().requires_grad_(False).to(device)
-    if not has_head:
-        return Teacher(encoder=model.base_model, head=None, config=model.config, source=path)
+    if head_missing is not None:
+        # Named only where config.json promised a head: an encoder's checkpoint lacks every head weight, as it should.
+        promised = any(name.endswith(("ForMaskedLM", "ForPreTraining")) for name in teacher_config.architectures or [])
+        return Teacher(model.base_model, None, model.config, path, tuple(head_missing) if promised else ())
     encoder = model.base_model
     heads = [module for name, module in model.named_children() if name != model.base_model_prefix]
     if len(heads) != 1:
@@ -128,8 +131,9 @@ def load_teacher(config: DistillConfig, device: torch.device, dtype: torch.dtype
     return Teacher(encoder=encoder, head=heads[0], config=model.config, source=path)
 
 
-def _load_teacher_model(path: str, teacher_config, dtype: torch.dtype) -> tuple[nn.Module, bool]:
-    """(model, whether its masked-LM head came with the checkpoint).
+def _load_teacher_model(path: str, teacher_config, dtype: torch.dtype) -> tuple[nn.Module, list[str] | None]:
+    """(model, None when its masked-LM head came with the checkpoint, else the head's weights it lacks: all of
+    them, or none listed for a model type without a masked-LM class).
 
     The checkpoint's weights decide, not config.json's ``architectures``: checkpoints converted from
     TensorFlow often list none while holding the head (the output-KL term, the recipe's heaviest, would be
@@ -143,11 +147,11 @@ def _load_teacher_model(path: str, teacher_config, dtype: torch.dtype) -> tuple[
     try:
         AutoModelForMaskedLM._model_mapping[type(teacher_config)]
     except KeyError:  # a model type without a masked-LM class
-        return AutoModel.from_pretrained(path, **options), False
+        return AutoModel.from_pretrained(path, **options), []
     model, loading = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True, **options)
     prefix = f"{model.base_model_prefix}."
-    head_missing = [key for key in loading["missing_keys"] if not key.startswith(prefix)]
-    return model, not head_missing
+    head_missing = sorted(key for key in loading["missing_keys"] if not key.startswith(prefix))
+    return model, head_missing or None
 
 
 def load_tokenizer(config: DistillConfig, teacher: Teacher):

@@ -118,9 +118,13 @@ class DistillationRun:
         self.teacher = models.load_teacher(config, self.device, self.teacher_dtype)
         self.tokenizer = models.load_tokenizer(config, self.teacher)
         if self.teacher.head is None and config.output_weight > 0:
+            missing = self.teacher.head_weights_missing
             log.warning(
-                "the teacher (%s) has no masked-LM head: the output-KL term is off (weight %s ignored)",
+                "the teacher (%s) has no masked-LM head%s: the output-KL term is off (weight %s ignored)",
                 config.teacher,
+                f" (its checkpoint lacks {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"
+                if missing
+                else "",
                 config.output_weight,
             )
         self.layers = resolve_layer_map(config.layer_map, self.teacher.num_layers, config.recursions)

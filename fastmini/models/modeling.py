@@ -30,6 +30,7 @@ from fastmini.models.configuration import MINIALBERT_FIXED_LAYER_NORM_EPS, FastM
 from fastmini.models.loading import load_pretrained
 from fastmini.modules import Embeddings, MaskedLMHead, RecursiveEncoder
 from fastmini.ops import Packing
+from fastmini.ops.dispatch import recording_a_graph
 from fastmini.ops.prepacked_linear import PrepackedWeightsMixin
 
 if TYPE_CHECKING:  # fastmini.runtime is imported on first use of graphed_encoder only
@@ -62,8 +63,11 @@ class FastMiniPreTrainedModel(PreTrainedModel):
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint, **options):
         """transformers' switch (``activation_checkpointing_enable``); its ``every_n_layers`` counts recursions,
         the layers of this model: every n-th is checkpointed, the others keep their activations."""
+        every = options.get("every_n_layers", 1)
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every_n_layers must be an int >= 1 (1: every recursion), got {every!r}")
         super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, **options)
-        self.base_encoder().encoder.checkpoint_every = options.get("every_n_layers", 1) if enable else 1
+        self.base_encoder().encoder.checkpoint_every = every if enable else 1
 
     def train_adapters_only(self) -> dict[str, int]:
         """Adapter tuning (SPEC.md, Model 6): freeze embeddings, projector and shared layer.
@@ -145,13 +149,6 @@ def packing_for(attention_mask: torch.Tensor | None, shape: torch.Size) -> Packi
     if bool(attention_mask.bool().all()):
         return None
     return Packing.from_attention_mask(attention_mask)
-
-
-def _recording_a_graph() -> bool:
-    """torch.jit.trace and torch.export (the ONNX exporters' tracers) record one graph for every later input:
-    unpadding would bake in the example's mask (its branch, its number of real tokens), so they get the padded
-    layout, whose shapes do not depend on the mask's values (same outputs)."""
-    return torch.jit.is_tracing() or torch.compiler.is_exporting()
 
 
 def _zero_padding(hidden: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
@@ -273,7 +270,9 @@ class FastMiniModel(FastMiniPreTrainedModel):
             )
         key_padding_mask = None
         if unpad is None:
-            unpad = self.unpadding and not _recording_a_graph()
+            # A recorded graph serves every later input: unpadding would bake in the example's mask (its branch,
+            # its number of real tokens), so recorders get the padded layout, whose shapes do not depend on it.
+            unpad = self.unpadding and not recording_a_graph()
         if unpad:
             packing = packing_for(attention_mask, shape)
         elif attention_mask is not None:

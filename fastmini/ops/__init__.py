@@ -1,6 +1,8 @@
 """One public function per fused op; each file holds its ``<op>_ref`` torch oracle beside it.
 
-Every op takes ``backend=None`` ("torch" | "triton" | "cuda"); see :mod:`fastmini.ops.dispatch`.
+The fused ops take ``backend=None`` ("torch" | "triton"); see :mod:`fastmini.ops.dispatch`.
+``packed_self_attention`` takes ``backend=None`` ("torch" | "cuda": torch's varlen flash kernel), chosen
+by the model's ``optimize_for_inference(varlen_attention=True)``, not by ``FASTMINI_BACKEND``.
 """
 
 from fastmini.ops.adapter_bottleneck import adapter_bottleneck, adapter_bottleneck_ref

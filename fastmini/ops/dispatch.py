@@ -3,8 +3,11 @@
 Order: the op's explicit ``backend=`` argument, then the ``FASTMINI_BACKEND`` environment
 variable, then automatic by the input's device (CUDA tensor: triton where the op has it and
 its kernels have passed their tests on a GPU; CPU tensor: torch, or triton when
-``TRITON_INTERPRET=1`` runs kernels on the CPU). Kernels that have only run in the interpreter
-are never chosen automatically for CUDA tensors: asking for them by name is the switch.
+``TRITON_INTERPRET=1`` runs kernels on the CPU). While torch.jit.trace or torch.export records a
+graph, automatic is torch: the recorded graph holds plain aten ops, which every consumer of it
+(the ONNX exporters, AOTInductor, a process without fastmini) can run. Kernels that have only run
+in the interpreter are never chosen automatically for CUDA tensors: asking for them by name is the
+switch.
 A backend that is asked for but missing is an error, never a silent fallback.
 Nothing here touches a GPU or imports triton.
 """
@@ -27,6 +30,12 @@ class BackendUnavailableError(RuntimeError):
 
 def triton_interpreter_enabled() -> bool:
     return os.environ.get(TRITON_INTERPRET_ENV_VAR, "0") not in ("", "0")
+
+
+def recording_a_graph() -> bool:
+    """Whether torch.jit.trace or torch.export (the ONNX exporters' tracers) is recording a graph, which they
+    keep for every later input."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
 
 
 def _check_runnable(op: str, backend: str, tensor: torch.Tensor) -> None:
@@ -65,6 +74,8 @@ def resolve_backend(
             )
         _check_runnable(op, requested, tensor)
         return requested
+    if recording_a_graph():
+        return "torch"
     if "triton" in available:
         if tensor.is_cuda and "triton" in verified_on_gpu:
             return "triton"
