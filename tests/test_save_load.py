@@ -134,6 +134,25 @@ def test_subfolder_of_a_local_directory(tiny_config, batch, tmp_path):
         assert torch.equal(model(**batch).logits, reloaded(**batch).logits)
 
 
+def test_a_directory_of_weights_alone_loads_with_a_config(tiny_config, randomize, batch, tmp_path):
+    """What accelerate's save_model writes: model.safetensors and no config.json; config= supplies it."""
+    model = randomize(FastMiniForMaskedLM(tiny_config())).eval()
+    model.save_pretrained(tmp_path)
+    (tmp_path / "config.json").unlink()
+    reloaded = FastMiniForMaskedLM.from_pretrained(tmp_path, config=model.config)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, reloaded(**batch).logits)
+    with pytest.raises(CheckpointError, match="no config.json in this directory"):
+        FastMiniForMaskedLM.from_pretrained(tmp_path)  # and without config= it is still named
+
+
+def test_loading_under_a_meta_device_context_is_refused(tiny_config, tmp_path):
+    """It would give a model on meta with no weights loaded, and only a warning per tensor."""
+    FastMiniModel(tiny_config()).save_pretrained(tmp_path)
+    with torch.device("meta"), pytest.raises(RuntimeError, match="would load no weights at all"):
+        FastMiniModel.from_pretrained(tmp_path)
+
+
 def test_weights_from_memory_as_transformers_takes_them(tiny_config, randomize, batch, tmp_path):
     model = randomize(FastMiniForMaskedLM(tiny_config())).eval()
     reloaded = FastMiniForMaskedLM.from_pretrained(None, config=model.config, state_dict=model.state_dict())

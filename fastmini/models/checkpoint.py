@@ -75,7 +75,7 @@ def _download(repo_id: str, filename: str, hub_kwargs: dict[str, Any]) -> Path |
         ) from error
 
 
-def _local_directory(name_or_path: str | Path, hub_kwargs: dict[str, Any]) -> Path | None:
+def local_directory(name_or_path: str | Path, hub_kwargs: dict[str, Any]) -> Path | None:
     """The local model directory (``subfolder`` applied, as transformers does), or None for a hub id."""
     path = Path(name_or_path)
     if not path.is_dir():
@@ -86,7 +86,7 @@ def _local_directory(name_or_path: str | Path, hub_kwargs: dict[str, Any]) -> Pa
 def config_file(name_or_path: str | Path, hub_kwargs: dict[str, Any] | None = None) -> Path:
     """Path of the ``config.json`` of a local directory or hub model id."""
     hub_kwargs = hub_kwargs or {}
-    directory = _local_directory(name_or_path, hub_kwargs)
+    directory = local_directory(name_or_path, hub_kwargs)
     if directory is not None:
         found = directory / CONFIG_NAME
         if not found.is_file():
@@ -107,7 +107,7 @@ def weights_file(name_or_path: str | Path, hub_kwargs: dict[str, Any] | None = N
     """Path of the weights (safetensors preferred) of a local directory or hub model id: one file,
     or the index of a sharded checkpoint."""
     hub_kwargs = hub_kwargs or {}
-    directory = _local_directory(name_or_path, hub_kwargs)
+    directory = local_directory(name_or_path, hub_kwargs)
     if directory is not None:
         for name in WEIGHT_NAMES:
             if (directory / name).is_file():
@@ -158,7 +158,7 @@ def read_weights(
     state_dict: dict[str, torch.Tensor] = {}
     for shard, keys in _shard_names(path).items():
         shard_path = path.parent / shard
-        if _local_directory(name_or_path, hub_kwargs) is None:
+        if local_directory(name_or_path, hub_kwargs) is None:
             shard_path = _download(str(name_or_path), shard, hub_kwargs) or shard_path
         if not shard_path.is_file():
             raise CheckpointError(f"{path}: names the shard {shard}, which is missing")

@@ -16,10 +16,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from fastmini.models.checkpoint import (
+    CONFIG_NAME,
     HUB_KWARGS,
     CheckpointError,
     config_file,
     hub_kwargs_from,
+    local_directory,
     read_config_dict,
     read_weights,
 )
@@ -202,6 +204,11 @@ def load_pretrained(
     cls: type[Model], name_or_path: str | os.PathLike | None, *model_args: Any, **kwargs: Any
 ) -> Model | tuple[Model, dict[str, list]]:
     """Implementation of ``FastMiniPreTrainedModel.from_pretrained`` (see its docstring)."""
+    if torch.get_default_device().type == "meta":
+        raise RuntimeError(
+            "from_pretrained under `with torch.device('meta')` would load no weights at all; build an empty model "
+            "with the class itself there (FastMiniModel(config)) or with accelerate's init_empty_weights()"
+        )
     hub_kwargs = hub_kwargs_from(kwargs)
     for name in HUB_KWARGS:
         kwargs.pop(name, None)
@@ -214,11 +221,9 @@ def load_pretrained(
     if state_dict is not None:
         return _from_state_dict(cls, name_or_path, config, state_dict, dtype, device, model_args, kwargs)
 
-    config_path = config_file(name_or_path, hub_kwargs)
-    config_dict = read_config_dict(config_path)
-    checkpoint_format = detect_format(config_dict, str(config_path))
+    config_dict, checkpoint_format, config_source = _saved_config(name_or_path, hub_kwargs, config)
     if config is None:
-        config = _build_config(config_dict, checkpoint_format, str(config_path))
+        config = _build_config(config_dict, checkpoint_format, config_source)
     elif not isinstance(config, FastMiniConfig):
         raise TypeError(
             f"from_pretrained: config must be a FastMiniConfig, got {type(config).__name__} "
@@ -235,6 +240,20 @@ def load_pretrained(
     model.load_state_dict(usable, strict=False)
     _finish_loading(model, _target_dtype(dtype, config_dict, state_dict), device)
     return (model, loading_info) if output_loading_info else model
+
+
+def _saved_config(
+    name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any], config: FastMiniConfig | None
+) -> tuple[dict[str, Any], str, str]:
+    """(config.json's dict, the checkpoint format it tells, where it was read). A local directory of weights
+    alone (accelerate's save_model writes no config.json) loads with ``config=FastMiniConfig(...)``: fastmini's
+    own format then, and the weights' dtype."""
+    directory = local_directory(name_or_path, hub_kwargs)
+    if isinstance(config, FastMiniConfig) and directory is not None and not (directory / CONFIG_NAME).is_file():
+        return {}, FASTMINI, str(directory)
+    config_path = config_file(name_or_path, hub_kwargs)
+    config_dict = read_config_dict(config_path)
+    return config_dict, detect_format(config_dict, str(config_path)), str(config_path)
 
 
 def _finish_loading(model, dtype: torch.dtype, device: torch.device | None) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastmini.ops import adapter_bottleneck
+from fastmini.ops.plain_layers import all_plain
 
 
 class BottleneckAdapter(nn.Module):
@@ -18,6 +20,8 @@ class BottleneckAdapter(nn.Module):
         self.norm = nn.LayerNorm(hidden_size, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (all_plain(self.down, self.up, self.norm)):  # see ops.plain_layers
+            return self.norm(x + self.up(F.gelu(self.down(x))))
         return adapter_bottleneck(
             x,
             self.down.weight,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastmini.ops.plain_layers import all_plain
+
 
 class Embeddings(nn.Module):
     def __init__(self, config):
@@ -31,13 +33,19 @@ class Embeddings(nn.Module):
                 f"sequence length {seq_length} exceeds max_position_embeddings "
                 f"({self.position_embeddings.num_embeddings})"
             )
-        if position_ids is None:
+        # The default ids read the tables directly (no gather), where that equals calling them (ops.plain_layers).
+        device = inputs_embeds.device
+        if position_ids is None and all_plain(self.position_embeddings):
             position_embeddings = self.position_embeddings.weight[:seq_length].unsqueeze(0)
         else:
+            if position_ids is None:
+                position_ids = torch.arange(seq_length, device=device).unsqueeze(0)
             position_embeddings = self.position_embeddings(position_ids)
-        if token_type_ids is None:
+        if token_type_ids is None and all_plain(self.token_type_embeddings):
             token_type_embeddings = self.token_type_embeddings.weight[0]
         else:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=device)
             token_type_embeddings = self.token_type_embeddings(token_type_ids)
         embeddings = inputs_embeds + token_type_embeddings + position_embeddings
         return self.dropout(self.norm(embeddings))

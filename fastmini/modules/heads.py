@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from fastmini.ops import linear_gelu
+from fastmini.ops.plain_layers import all_plain
 from fastmini.ops.prepacked_linear import PrepackedWeightsMixin
 
 
@@ -33,11 +34,11 @@ class MaskedLMHead(PrepackedWeightsMixin, nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         transform = self.transform
-        prepacked = self.prepacked_for(hidden_states, transform.weight)
-        if prepacked is None:
+        prepacked = self.prepacked_for(hidden_states, transform)
+        if prepacked is None and all_plain(transform):  # see ops.plain_layers
             transformed = linear_gelu(
                 hidden_states, transform.weight, transform.bias, self.gelu_approximation, check_inputs=False
             )
-        else:  # the decoder is the larger GEMM: H x V against the encoder's ~7 H^2 a recursion
+        else:  # prepacked (the decoder is the larger GEMM: H x V against ~7 H^2 a recursion), or called as it is
             transformed = self.linear_through(prepacked, "transform", hidden_states, gelu=self.gelu_approximation)
         return self.linear_through(prepacked, "decoder", self.norm(transformed))

@@ -7,14 +7,18 @@ Split in two halves because the per-recursion adapters sit between them:
 ``use_prepacked_weights()`` (CPU inference, see ops.prepacked_linear) keeps the layer's GEMM
 weights reordered for oneDNN across recursions and forwards, query/key/value as one matrix; any
 input the cache does not apply to (training, gradients, CUDA, non-fp32) takes the usual ops.
+A submodule that is not a plain nn.Linear / nn.LayerNorm (a PEFT LoRA layer, a hook, a quantized
+layer: ops.plain_layers) is called as it is instead of having its weights read by a fused op.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastmini.ops import Packing, add_layer_norm, linear_gelu, packed_self_attention, self_attention
+from fastmini.ops.plain_layers import all_plain
 from fastmini.ops.prepacked_linear import PrepackedWeightsMixin
 
 
@@ -52,13 +56,13 @@ class SharedLayer(PrepackedWeightsMixin, nn.Module):
         if any, ``key_padding_mask`` (B, S) marks False. The residual is this block's own input,
         i.e. the attention adapter's output.
         """
-        prepacked = self.prepacked_for(x, self.query.weight)
-        if prepacked is None:
-            projections = (self.query(x), self.key(x), self.value(x))
-        else:
-            layers = (self.query, self.key, self.value)
+        layers = (self.query, self.key, self.value)
+        prepacked = self.prepacked_for(x, self.query)
+        if prepacked is not None and all_plain(*layers):
             qkv = prepacked.linear("qkv", x, [m.weight for m in layers], [m.bias for m in layers])
             projections = qkv.split(self.query.out_features, dim=-1)
+        else:
+            projections = tuple(layer(x) for layer in layers)
         dropout_p = self._dropout(self.attention_dropout_p)
         if packing is not None:
             context, probabilities = packed_self_attention(
@@ -81,33 +85,23 @@ class SharedLayer(PrepackedWeightsMixin, nn.Module):
                 need_weights=need_weights,
                 check_inputs=False,
             )
-        norm = self.attention_norm
-        out = add_layer_norm(
-            self.linear_through(prepacked, "attention_output", context),
-            x,
-            norm.weight,
-            norm.bias,
-            norm.eps,
-            self._dropout(self.hidden_dropout_p),
-            check_inputs=False,  # the layer's own parameters, built to fit x (see ops.checks)
-        )
+        out = self._add_and_norm(self.linear_through(prepacked, "attention_output", context), x, self.attention_norm)
         return out, probabilities
 
     def ffn_block(self, x: torch.Tensor) -> torch.Tensor:
         """``LayerNorm(x + Dropout(FfnOut(GELU(Ffn(x)))))``."""
         up = self.ffn_intermediate
-        prepacked = self.prepacked_for(x, up.weight)
-        if prepacked is None:
+        prepacked = self.prepacked_for(x, up)
+        if prepacked is None and all_plain(up):
             intermediate = linear_gelu(x, up.weight, up.bias, self.gelu_approximation, check_inputs=False)
         else:
             intermediate = self.linear_through(prepacked, "ffn_intermediate", x, gelu=self.gelu_approximation)
-        norm = self.ffn_norm
-        return add_layer_norm(
-            self.linear_through(prepacked, "ffn_output", intermediate),
-            x,
-            norm.weight,
-            norm.bias,
-            norm.eps,
-            self._dropout(self.hidden_dropout_p),
-            check_inputs=False,  # the layer's own parameters, built to fit x (see ops.checks)
-        )
+        return self._add_and_norm(self.linear_through(prepacked, "ffn_output", intermediate), x, self.ffn_norm)
+
+    def _add_and_norm(self, x: torch.Tensor, residual: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """``norm(residual + Dropout(x))``: fused when ``norm`` is a plain LayerNorm (ops.plain_layers)."""
+        dropout_p = self._dropout(self.hidden_dropout_p)
+        if not all_plain(norm):
+            return norm(residual + F.dropout(x, p=dropout_p, training=dropout_p > 0.0))
+        # check_inputs=False: the layer's own parameters, built to fit x (see ops.checks)
+        return add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, dropout_p, check_inputs=False)

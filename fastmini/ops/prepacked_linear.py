@@ -26,7 +26,10 @@ from typing import Self
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from fastmini.ops.plain_layers import all_plain
 
 # Post-ops oneDNN fuses into the GEMM, by fastmini's GELU names (ops.linear_gelu's approximations).
 _ONEDNN_ACTIVATIONS = {None: ("none", ""), "none": ("gelu", "none"), "tanh": ("gelu", "tanh")}
@@ -153,17 +156,21 @@ class PrepackedWeightsMixin:
             self.prepacked = PrepackedLinears()
         return super().train(mode)
 
-    def prepacked_for(self, x: torch.Tensor, weight: torch.Tensor) -> PrepackedLinears | None:
-        """The cache when it is on and applies to this input, else None (the module's usual ops run)."""
+    def prepacked_for(self, x: torch.Tensor, layer: nn.Module) -> PrepackedLinears | None:
+        """The cache when it is on and applies to this input and to ``layer`` (a plain nn.Linear: see
+        ops.plain_layers), else None (the module's usual ops run)."""
         prepacked = self.prepacked
-        return prepacked if prepacked is not None and prepacked.applies(x, (weight,)) else None
+        if prepacked is None or not all_plain(layer):
+            return None
+        return prepacked if prepacked.applies(x, (layer.weight,)) else None
 
     def linear_through(
         self, prepacked: PrepackedLinears | None, name: str, x: torch.Tensor, gelu: str | None = None
     ) -> torch.Tensor:
-        """The submodule ``name`` (an nn.Linear) applied to x: through the cache when given, else as it is
-        (``gelu`` only with the cache: callers without it run their own fused op)."""
+        """The submodule ``name`` applied to x, then GELU when asked: through the cache when given and the
+        submodule is a plain nn.Linear, else by calling it."""
         layer = getattr(self, name)
-        if prepacked is None:
-            return layer(x)
+        if prepacked is None or not all_plain(layer):
+            out = layer(x)
+            return out if gelu is None else F.gelu(out, approximate=gelu)
         return prepacked.linear(name, x, [layer.weight], [layer.bias], gelu=gelu)

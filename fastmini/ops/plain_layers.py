@@ -1,0 +1,32 @@
+"""When a fused op may read a submodule's parameters instead of calling the submodule.
+
+The fused ops (linear_gelu, adapter_bottleneck, add_layer_norm, the prepacked linears) take weights, not
+modules, and the embeddings read their position and token-type tables for the default ids. Reading
+``layer.weight`` equals calling ``layer`` only for torch's own nn.Linear / nn.LayerNorm / nn.Embedding
+with no hook: a wrapper (PEFT's LoRA layers), a subclass or a parametrization (quantized, pruned or
+weight-normed layers) or a forward hook changes what the call computes. Such a layer is called as it is,
+through the unfused ops, so that what users attach to a layer always takes effect (the fused path would
+silently skip it).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.nn.modules import module as module_internals
+
+PLAIN_KINDS = (nn.Linear, nn.LayerNorm, nn.Embedding)
+# Hooks registered for every module (register_module_forward_hook): dicts torch mutates in place.
+_GLOBAL_HOOKS = tuple(
+    getattr(module_internals, name, {}) for name in ("_global_forward_hooks", "_global_forward_pre_hooks")
+)
+
+
+def all_plain(*layers: nn.Module) -> bool:
+    """Whether every layer is exactly torch's nn.Linear, nn.LayerNorm or nn.Embedding (no subclass, no
+    wrapper) with no forward hook on it or on every module. On the recursion's hot path: ~0.4 us."""
+    if any(_GLOBAL_HOOKS):
+        return False
+    for layer in layers:
+        if type(layer) not in PLAIN_KINDS or layer._forward_hooks or layer._forward_pre_hooks:
+            return False
+    return True
