@@ -20,7 +20,7 @@ class BottleneckAdapter(nn.Module):
         self.norm = nn.LayerNorm(hidden_size, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (all_plain(self.down, self.up, self.norm)):  # see ops.plain_layers
+        if not all_plain(self.down, self.up, self.norm):  # see ops.plain_layers
             return self.norm(x + self.up(F.gelu(self.down(x))))
         return adapter_bottleneck(
             x,
