@@ -219,6 +219,10 @@ def test_one_record_per_input_line_with_its_index(classifier, tmp_path, monkeypa
     one_column.write_text("text\ngood\n\nbad\n")  # a blank line is an empty cell
     assert main(["--model", str(classifier), "--input", str(one_column), "--output", str(output)]) == 0
     assert [p["text"] for p in read_jsonl(output)] == ["good", "", "bad"]
+    records = tmp_path / "records.jsonl"
+    records.write_text('{"text": "a good film"}\n{"text": null}\n{"text": "an awful plot"}\n')  # null: as an empty cell
+    assert main(["--model", str(classifier), "--input", str(records), "--output", str(output)]) == 0
+    assert [p["prediction"] is None for p in read_jsonl(output)] == [False, True, False]
 
 
 def test_tagger_input_is_read_like_the_classifiers(tagger, tmp_path, capsys):

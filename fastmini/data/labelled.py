@@ -99,7 +99,7 @@ def read_labelled_file(
     else:
         names, rows = json_records(path, text)
     check_columns(str(path), names, columns, labels_required)
-    examples = _examples(rows, columns, labels_required, empty_label_is_a_value)
+    examples = _examples(rows, columns, labels_required, empty_label_is_a_value, keep_empty_rows)
     if not examples:
         raise DataError(f"{path}: no examples (only a header or empty records)")
     return examples
@@ -159,7 +159,11 @@ def json_records(path: Path, text: str) -> tuple[list[str], list[tuple[str, dict
 
 
 def _examples(
-    rows: list[tuple[str, dict[str, Any]]], columns: Columns, labels_required: bool, empty_label_is_a_value: bool
+    rows: list[tuple[str, dict[str, Any]]],
+    columns: Columns,
+    labels_required: bool,
+    empty_label_is_a_value: bool,
+    keep_empty_rows: bool = False,
 ) -> list[dict[str, Any]]:
     examples = []
     for where, record in rows:
@@ -172,13 +176,22 @@ def _examples(
             if labels_required:
                 raise DataError(f"{where}: no label in column '{columns.label}'")
             label = None
-        examples.append(_example(record, columns, label, where))
+        examples.append(_example(record, columns, label, where, null_text_is_empty=keep_empty_rows))
     return examples
 
 
-def _example(record: dict[str, Any], columns: Columns, label: Any, where: str) -> dict[str, Any]:
-    pair = _text(record[columns.text_pair], where, columns.text_pair) if columns.text_pair else None
-    return {"text": _text(record[columns.text], where, columns.text), "text_pair": pair, "label": label, "where": where}
+def _example(
+    record: dict[str, Any], columns: Columns, label: Any, where: str, null_text_is_empty: bool = False
+) -> dict[str, Any]:
+    """``null_text_is_empty``: a JSON null text is an empty example, as an empty CSV cell is (prediction keeps
+    one output per input record); elsewhere it is an error."""
+
+    def text(column: str) -> str:
+        value = record[column]
+        return "" if value is None and null_text_is_empty else _text(value, where, column)
+
+    pair = text(columns.text_pair) if columns.text_pair else None
+    return {"text": text(columns.text), "text_pair": pair, "label": label, "where": where}
 
 
 def check_columns(source: str, names: list[str], columns: Columns, labels_required: bool) -> None:
