@@ -219,7 +219,7 @@ def test_student_config_errors_name_the_options(teacher_dir, tmp_path, capsys):
 
 def test_missing_teacher(tmp_path, capsys):
     line = error_of(tiny_args(tmp_path / "nowhere", tmp_path / "out"), capsys)
-    assert "--data" in line or "--teacher" in line
+    assert "--teacher" in line and "no such directory" in line  # the teacher is checked before the data
     line = error_of(["--teacher", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "o")], capsys)
     assert "--teacher" in line and "no such directory" in line
     (tmp_path / "empty").mkdir()
@@ -492,15 +492,19 @@ def test_default_run_on_the_packaged_minilm_and_wikipedia_sample(tmp_path):
     assert (output / "vocab.txt").is_file() or (output / "tokenizer.json").is_file()
 
 
-def test_gradient_checkpointing_changes_nothing_but_memory(teacher_dir, tmp_path):
+def test_gradient_checkpointing_changes_nothing_but_memory(teacher_dir, tmp_path, monkeypatch):
     """Dropout on (the default 0.1): the recomputed recursions draw the same masks, so the loss
     trajectory and the final student equal the run that keeps its activations."""
     from safetensors.torch import load_file
 
+    from fastmini.training.testing import record_checkpointed_forwards
+
     runs = {}
     for name, extra in (("plain", ()), ("checkpointed", ("--gradient-checkpointing",))):
         output = tmp_path / name
+        checkpointed_forwards = record_checkpointed_forwards(monkeypatch)
         assert main(tiny_args(teacher_dir, output, "--log-every", "1", *extra)) == 0
+        assert any(checkpointed_forwards) is bool(extra)  # the flag reached the encoder, and only with it
         records = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
         runs[name] = ([r for r in records if r["kind"] == "train"], load_file(str(output / "model.safetensors")))
     (plain, plain_weights), (checkpointed, checkpointed_weights) = runs["plain"], runs["checkpointed"]

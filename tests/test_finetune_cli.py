@@ -509,12 +509,16 @@ def test_usage_errors_are_usage_errors():
     assert issubclass(DataError, UsageError)
 
 
-def test_gradient_checkpointing_changes_nothing_but_memory(model_dir, tmp_path):
+def test_gradient_checkpointing_changes_nothing_but_memory(model_dir, tmp_path, monkeypatch):
+    from fastmini.training.testing import record_checkpointed_forwards
+
     data = write_task_data(tmp_path / "data", "classification", train=32, test=0)
     losses = {}
     for name, extra in (("plain", ()), ("checkpointed", ("--gradient-checkpointing",))):
         output = tmp_path / name
+        checkpointed_forwards = record_checkpointed_forwards(monkeypatch)
         assert main(args(model_dir, data, output, "--epochs", "2", "--log-every", "1", *extra)) == 0
+        assert any(checkpointed_forwards) is bool(extra)  # the flag reached the encoder, and only with it
         log = output / "runs" / "full-lr0.005-seed1" / "log.jsonl"
         records = [json.loads(line) for line in log.read_text().splitlines()]
         losses[name] = [r["loss"] for r in records if "loss" in r]

@@ -88,9 +88,16 @@ def test_pipelines_agree_with_predict(classifier, tagger, tmp_path, capsys):
     assert [r["label"] for r in results] == [p["prediction"] for p in predicted]
     assert [r["score"] for r in results] == pytest.approx([p["score"] for p in predicted], abs=1e-5)
 
-    tag = pipeline("token-classification", model=str(tagger), device="cpu")
-    entities = tag("the big cat and a bread")
-    assert {e["entity"] for e in entities} <= {"B-ANIMAL", "I-ANIMAL", "B-FOOD"} and entities
+    sentence = "the big cats and a bread"
+    (tmp_path / "s.txt").write_text(sentence + "\n")
+    assert main(["--model", str(tagger), "--input", str(tmp_path / "s.txt")]) == 0
+    (tagged,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    tag = pipeline("token-classification", model=str(tagger), device="cpu", ignore_labels=[])
+    sub_tokens = tag(sentence)  # one result per sub-token, "O" included; a word's first has no "##"
+    first_of_each_word = [t["entity"] for t in sub_tokens if not t["word"].startswith("##")]
+    assert len(sub_tokens) > len(first_of_each_word)  # "cats" is two sub-tokens: the alignment is exercised
+    assert first_of_each_word == tagged["tags"] and len(tagged["tags"]) == len(sentence.split())
+    assert set(tagged["tags"]) - {"O"}  # the tagger learned something: not all "O"
 
 
 def test_the_saved_tokenizer_truncates_to_the_models_positions(classifier, tmp_path):

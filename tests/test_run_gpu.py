@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -53,10 +52,8 @@ def test_a_step_past_its_budget_is_interrupted_and_its_reports_kept(run_gpu, tmp
         "try:\n    time.sleep(60)\n"
         f"except KeyboardInterrupt:\n    pathlib.Path({str(done)!r}).write_text('partial')\n    raise SystemExit(2)\n"
     )
-    start = time.monotonic()
     code, output = run_gpu.run_within([sys.executable, "-c", program], tmp_path / "step.log", budget_s=4, grace_s=2)
-    assert time.monotonic() - start < 10
-    assert code == 2 and done.read_text() == "partial"
+    assert code == 2 and done.read_text() == "partial"  # interrupted in its sleep, not after it
     assert "stopped at its 4 s budget (interrupted)" in output
     assert run_gpu.summary_line("1 passed, 2 skipped in 3s\n" + output).endswith("(interrupted)")
 
@@ -66,10 +63,8 @@ def test_a_step_that_ignores_the_interrupt_is_killed(run_gpu, tmp_path):
         "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); print('started', flush=True); "
         "time.sleep(60)"
     )
-    start = time.monotonic()
     code, output = run_gpu.run_within([sys.executable, "-c", program], tmp_path / "step.log", budget_s=4, grace_s=2)
-    assert time.monotonic() - start < 10
-    assert code != 0 and "started" in output and "(killed)" in output
+    assert code != 0 and "started" in output and "(killed)" in output  # a sleep to its end would exit 0
 
 
 def test_interrupted_benchmarks_still_write_their_json(run_gpu, tmp_path):

@@ -4,7 +4,6 @@ and remove windows on a stream and on captured CUDA graphs."""
 
 from __future__ import annotations
 
-import inspect
 import subprocess
 import sys
 import warnings
@@ -359,8 +358,6 @@ def test_a_window_over_the_shared_layer_applies_and_is_removed(tiny_config, rand
 @needs_l2
 def test_graph_kernel_nodes_get_the_window(tiny_config, randomize, persisting_l2):
     model = tiny_model(tiny_config, randomize, "cuda", torch.bfloat16)
-    if "unpad" not in inspect.signature(model.encode).parameters:
-        pytest.skip("FastMiniModel.encode has no unpad=False yet")
     fn = lambda ids, mask: model.encode(ids, mask, unpad=False).sequence  # noqa: E731
     packed = pack_parameters(model.encoder.shared_layer)
     counts = []

@@ -29,6 +29,24 @@ DEVICES = [
 ]
 
 
+QUERY = "fastmini.encoder.shared_layer.query"  # a GEMM of every recursion: bf16 out under bf16 autocast
+
+
+def record_query_dtypes(monkeypatch, module, builder: str) -> set[torch.dtype]:
+    """The dtypes the student's query projection gives while the trainer runs (``module.builder`` builds it)."""
+    seen: set[torch.dtype] = set()
+    build = getattr(module, builder)
+
+    def spied(*arguments, **keywords):
+        built = build(*arguments, **keywords)
+        model = built[0] if isinstance(built, tuple) else built
+        model.get_submodule(QUERY).register_forward_hook(lambda layer, inputs, output: seen.add(output.dtype))
+        return built
+
+    monkeypatch.setattr(module, builder, spied)
+    return seen
+
+
 def _finite_numbers(value) -> bool:
     if isinstance(value, dict):
         return all(_finite_numbers(v) for v in value.values())
@@ -38,7 +56,10 @@ def _finite_numbers(value) -> bool:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_distillation_in_bf16(device, tmp_path):
+def test_distillation_in_bf16(device, tmp_path, monkeypatch):
+    from fastmini.distill import models
+
+    seen = record_query_dtypes(monkeypatch, models, "build_student")
     teacher = make_tiny_teacher(tmp_path / "teacher")
     output = tmp_path / "student"
     argv = [
@@ -49,6 +70,7 @@ def test_distillation_in_bf16(device, tmp_path):
         "--device", device, "--precision", "bf16",
     ]  # fmt: skip
     assert distill_main(argv) == 0
+    assert torch.bfloat16 in seen  # the student trained under bf16 autocast (evaluation runs it in fp32)
     metrics = json.loads((output / "metrics.json").read_text())
     assert _finite_numbers(metrics)
     student = FastMiniForMaskedLM.from_pretrained(output)
@@ -56,7 +78,10 @@ def test_distillation_in_bf16(device, tmp_path):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_fine_tuning_in_bf16(device, tmp_path):
+def test_fine_tuning_in_bf16(device, tmp_path, monkeypatch):
+    from fastmini.finetune import grid_run
+
+    seen = record_query_dtypes(monkeypatch, grid_run, "load_task_model")
     model = make_tiny_model(tmp_path / "model")
     data = write_task_data(tmp_path / "data", "classification")
     output = tmp_path / "run"
@@ -66,6 +91,7 @@ def test_fine_tuning_in_bf16(device, tmp_path):
         "--device", device, "--precision", "bf16",
     ]  # fmt: skip
     assert finetune_main(argv) == 0
+    assert seen == {torch.bfloat16}  # training and evaluation both under bf16 autocast
     metrics = json.loads((output / "metrics.json").read_text())
     assert _finite_numbers(metrics)
     best = next(Path(output).rglob("config.json")).parent

@@ -47,3 +47,22 @@ def run_module(module: str, argv: Sequence[str], processes: int = 1, timeout: fl
         raise
     assert process.returncode == 0, stderr[-3000:]
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def record_checkpointed_forwards(monkeypatch) -> list[bool]:
+    """For each training forward of a RecursiveEncoder from now on, whether activation checkpointing was on in
+    it (what ``--gradient-checkpointing`` must switch on)."""
+    import torch
+
+    from fastmini.modules.encoder import RecursiveEncoder
+
+    seen: list[bool] = []
+    forward = RecursiveEncoder.forward
+
+    def recording(self, *arguments, **keywords):
+        if self.training and torch.is_grad_enabled():
+            seen.append(bool(self.gradient_checkpointing))
+        return forward(self, *arguments, **keywords)
+
+    monkeypatch.setattr(RecursiveEncoder, "forward", recording)
+    return seen
