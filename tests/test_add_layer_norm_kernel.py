@@ -114,8 +114,13 @@ def test_low_precision_against_the_fp32_reference(dtype):
         # dweight/dbias sum over rows, so their absolute error grows with the row count
         torch.testing.assert_close(grad.float(), expected, atol=atol * 4, rtol=rtol)
     # and no further from fp32 than torch's own low-precision composition, plus rounding slack
-    torch_out = reference_op(*tensors).float()
-    assert (out.float() - expected_out).abs().max() <= 2 * (torch_out - expected_out).abs().max() + atol / 4
+    torch_out, torch_grads = forward_and_grads(reference_op, tensors, grad_out)
+    names = ("out", "dx", "dresidual", "dweight", "dbias")
+    results, torch_results, references = (out, *grads), (torch_out, *torch_grads), (expected_out, *expected_grads)
+    for name, result, torch_result, expected in zip(names, results, torch_results, references, strict=True):
+        error = (result.float() - expected).abs().max().item()
+        torch_error = (torch_result.float() - expected).abs().max().item()
+        assert error <= 2 * torch_error + atol / 4, f"{name}: error {error} vs torch's own {torch_error}"
 
 
 def test_autocast_mix_keeps_every_gradient_in_its_input_dtype():
@@ -133,13 +138,22 @@ def test_autocast_mix_keeps_every_gradient_in_its_input_dtype():
 
 
 def test_bf16_activations_with_fp32_parameters():
-    (x, residual, weight, bias), grad_out = make_inputs((7, 36), dtype=torch.bfloat16, parameter_dtype=torch.float32)
-    out, (grad_x, grad_residual, grad_weight, grad_bias) = forward_and_grads(
-        triton_op(), [x, residual, weight, bias], grad_out
-    )
+    atol, rtol = LOW_PRECISION_TOLERANCES[torch.bfloat16]
+    tensors, grad_out = make_inputs((7, 36), dtype=torch.bfloat16, parameter_dtype=torch.float32)
+    out, grads = forward_and_grads(triton_op(), tensors, grad_out)
+    grad_x, grad_residual, grad_weight, grad_bias = grads
     assert out.dtype == grad_x.dtype == grad_residual.dtype == torch.bfloat16
     assert grad_weight.dtype == grad_bias.dtype == torch.float32
     torch.testing.assert_close(grad_bias, grad_out.bfloat16().float().sum(0), atol=1e-4, rtol=1e-4)
+    # every value against the fp32 reference of the same (upcast) inputs
+    upcast = [t.detach().float().requires_grad_() for t in tensors]
+    expected_out, expected_grads = forward_and_grads(reference_op, upcast, grad_out.bfloat16().float())
+    torch.testing.assert_close(out.float(), expected_out, atol=atol, rtol=rtol)
+    for name, grad, expected in zip(("x", "residual"), grads[:2], expected_grads[:2], strict=True):
+        torch.testing.assert_close(grad.float(), expected, atol=atol, rtol=rtol, msg=lambda m, n=name: f"d{n}: {m}")
+    # dweight/dbias sum over rows: the same allowance as test_low_precision_against_the_fp32_reference
+    for name, grad, expected in zip(("weight", "bias"), grads[2:], expected_grads[2:], strict=True):
+        torch.testing.assert_close(grad, expected, atol=atol * 4, rtol=rtol, msg=lambda m, n=name: f"d{n}: {m}")
 
 
 def test_empty_batch():
@@ -426,10 +440,12 @@ def test_x_and_residual_of_different_dtypes_each_get_a_full_precision_gradient()
     """fp32 x with a bf16 residual: x's gradient must not pass through the residual's dtype."""
     (x, residual, weight, bias), grad_out = make_inputs((8, 64))
     residual = residual.detach().to(torch.bfloat16).requires_grad_()
-    grads = torch.autograd.grad(
-        add_layer_norm(x, residual, weight, bias, EPS, backend="triton"), (x, residual), grad_out
-    )
-    expected = torch.autograd.grad(add_layer_norm_ref(x, residual, weight, bias, EPS), (x, residual), grad_out)
-    assert grads[0].dtype == torch.float32 and grads[1].dtype == torch.bfloat16
+    tensors = (x, residual, weight, bias)
+    grads = torch.autograd.grad(add_layer_norm(*tensors, EPS, backend="triton"), tensors, grad_out)
+    expected = torch.autograd.grad(add_layer_norm_ref(*tensors, EPS), tensors, grad_out)
+    assert [g.dtype for g in grads] == [torch.float32, torch.bfloat16, torch.float32, torch.float32]
     torch.testing.assert_close(grads[0], expected[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grads[1], expected[1])
+    # the sum is fp32 (x's dtype), so the fp32 parameters' gradients are the reference's to fp32 rounding
+    for name, grad, reference in zip(("weight", "bias"), grads[2:], expected[2:], strict=True):
+        torch.testing.assert_close(grad, reference, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"d{n}: {m}")

@@ -370,8 +370,10 @@ def test_bf16_outputs_round_to_nearest_like_torch(path):
     x, bias = x.detach() * 40, bias.detach() + 100
     with torch.no_grad():
         y, pre = torch.ops.fastmini.linear_gelu_forward(x, weight, bias, "none", True, path)
-    # bias_gelu adds the bias to the rounded GEMM output; fused_gemm to its fp32 accumulator
-    exact_pre = pre.float() if path == "bias_gelu" else x.float() @ weight.detach().float().T
-    expected = (exact_pre.to(torch.bfloat16), torch.nn.functional.gelu(exact_pre + bias.float()).to(torch.bfloat16))
+    # pre = x @ W^T on both paths, rounded once from an fp32 product computed here (not the kernel's pre);
+    # bias_gelu adds the bias to that rounded GEMM output, fused_gemm to its fp32 accumulator
+    exact_pre = x.float() @ weight.detach().float().T
+    gelu_input = exact_pre.to(torch.bfloat16).float() if path == "bias_gelu" else exact_pre
+    expected = (exact_pre.to(torch.bfloat16), torch.nn.functional.gelu(gelu_input + bias.float()).to(torch.bfloat16))
     for result, reference in zip((pre, y), expected, strict=True):
         assert (result != reference).float().mean().item() < 0.01
