@@ -32,7 +32,7 @@ demo: $(STAMP)
 demo-foundation: $(STAMP)
 	$(BIN)/python examples/foundation_demo.py
 
-# The bench extra (onnxruntime, onnx, onnxscript) only here: `make test` never installs it.
+# The bench extra (onnxruntime, onnx, onnxscript; dev has them too, for the ONNX export tests).
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -e ".[dev,demo,bench]"
 	$(BIN)/pytest benchmarks/ --benchmark-only

@@ -76,7 +76,7 @@ def test_torch_export_of_a_default_model_serves_other_masks_batches_and_lengths(
 def test_legacy_onnx_export_with_dynamic_axes(tiny_config, randomize, tmp_path):
     """The TorchScript-based exporter (dynamo=False), which tools such as optimum still use: the LayerNorms'
     width must be a constant of the graph, not read from a dynamic input's shape."""
-    pytest.importorskip("onnx")  # the bench extra (make bench); make test does not install it
+    pytest.importorskip("onnx")  # the dev extra has it (make test); a plain install does not
     onnxruntime = pytest.importorskip("onnxruntime")
     model = randomize(FastMiniModel(tiny_config(return_dict=False)), 0.2).eval()
     example = padded_batch(model.config.vocab_size, (3, 9), 5)
@@ -118,3 +118,31 @@ def test_a_recorded_graph_holds_plain_torch_ops_where_triton_would_be_chosen(cla
     other = padded_batch(classifier.config.vocab_size, (3, 9), 11)
     monkeypatch.setenv("FASTMINI_BACKEND", "torch")
     torch.testing.assert_close(program.module()(**other).logits, eager_logits(classifier, other), rtol=1e-5, atol=1e-5)
+
+
+def test_onnx_export_of_a_default_model_runs_in_onnxruntime(classifier, tmp_path):
+    """torch.onnx.export's default (dynamo) exporter on a model as users get it: other masks, batch sizes and
+    lengths through onnxruntime equal the eager model."""
+    pytest.importorskip("onnxscript")  # the dynamo exporter's
+    onnxruntime = pytest.importorskip("onnxruntime")
+    batch, length = torch.export.Dim("batch"), torch.export.Dim("length", max=classifier.config.max_position_embeddings)
+    dynamic = {"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}}
+    path = tmp_path / "classifier.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            classifier,
+            (),
+            str(path),
+            kwargs=padded_batch(classifier.config.vocab_size, (3, 9), 5),
+            dynamic_shapes=dynamic,
+            dynamo=True,
+            verbose=False,
+        )
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+    for shape in ((4, 11), (2, 5)):
+        other = padded_batch(classifier.config.vocab_size, shape)
+        outputs = dict(zip(names, session.run(None, {k: v.numpy() for k, v in other.items()}), strict=True))
+        logits = torch.from_numpy(outputs.get("logits", next(iter(outputs.values()))))
+        torch.testing.assert_close(logits, eager_logits(classifier, other), rtol=1e-4, atol=1e-5)
