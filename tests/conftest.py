@@ -88,6 +88,32 @@ def randomize():
     return _randomize
 
 
+KERNEL_OPS = ("add_layer_norm", "linear_gelu", "adapter_bottleneck")
+
+
+@pytest.fixture
+def triton_launches(monkeypatch):
+    """Counts, per op, the calls of each Triton kernel's forward host launcher
+    (``fastmini.kernels.<op>.<op>_forward``, which the op's Triton backend looks up when it runs), so that
+    a test that runs a model "through the kernels" can check that they ran and how often. Backward
+    launchers are not counted: activation checkpointing's recomputation shows as extra forward calls."""
+    import importlib
+
+    counts = dict.fromkeys(KERNEL_OPS, 0)
+
+    def counting(op, launch):
+        def launch_and_count(*args, **kwargs):
+            counts[op] += 1
+            return launch(*args, **kwargs)
+
+        return launch_and_count
+
+    for op in KERNEL_OPS:
+        module = importlib.import_module(f"fastmini.kernels.{op}")
+        monkeypatch.setattr(module, f"{op}_forward", counting(op, getattr(module, f"{op}_forward")))
+    return counts
+
+
 @pytest.fixture
 def batch() -> dict[str, torch.Tensor]:
     """Two sequences of 7 tokens, the second padded after 4, with both token types."""

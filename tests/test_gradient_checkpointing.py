@@ -61,15 +61,23 @@ DEVICES = [
 @pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_same_loss_and_gradients_with_dropout(
-    device, use_reentrant, backend, tiny_config, randomize, batch, monkeypatch
+    device, use_reentrant, backend, tiny_config, randomize, batch, monkeypatch, triton_launches
 ):
     monkeypatch.setenv("FASTMINI_BACKEND", backend)
     model = make_model(tiny_config, randomize).to(device)
     batch = {name: tensor.to(device) for name, tensor in batch.items()}
+    n = model.config.num_hidden_layers
+    # Per recursion two add-and-norms, one Linear+GELU, two adapters; no kernel under backend "torch"
+    per_pass = {"add_layer_norm": 2 * n, "linear_gelu": n, "adapter_bottleneck": 2 * n}
+    if backend == "torch":
+        per_pass = dict.fromkeys(per_pass, 0)
     expected_loss, expected = loss_and_grads(model, batch)
+    assert triton_launches == per_pass
     enable_activation_checkpointing(model, use_reentrant)
     assert model.fastmini.encoder.gradient_checkpointing
     loss, grads = loss_and_grads(model, batch)
+    # backward recomputed every recursion (through the kernels too): a second forward's launches
+    assert triton_launches == {op: 3 * count for op, count in per_pass.items()}
     torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=1e-7)
     assert grads.keys() == expected.keys() and len(grads) == len(list(model.parameters()))
     for name, grad in grads.items():

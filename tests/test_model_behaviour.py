@@ -100,7 +100,10 @@ def test_return_dict_false_gives_tuples(tiny_config, batch):
     model = FastMiniForMaskedLM(tiny_config()).eval()
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     loss, logits = model(**batch, labels=labels, return_dict=False)
-    torch.testing.assert_close(logits, model(**batch).logits)
+    expected = model(**batch, labels=labels)
+    torch.testing.assert_close(logits, expected.logits)
+    assert loss.shape == () and loss > 0
+    torch.testing.assert_close(loss, expected.loss)
 
 
 def test_masked_lm_loss_ignores_unlabelled_positions(tiny_config, batch):

@@ -268,7 +268,7 @@ def test_hub_model_names_resolve_through_the_hub_client(tiny_original_config, ra
 
 
 def test_original_checkpoint_parity_through_the_triton_kernels(
-    tiny_original_config, randomize, batch, tmp_path, monkeypatch
+    tiny_original_config, randomize, batch, tmp_path, monkeypatch, triton_launches
 ):
     """The whole model through the fused kernels (interpreter on CPU) still gives the original's outputs."""
     monkeypatch.setenv("FASTMINI_BACKEND", "triton")
@@ -277,4 +277,9 @@ def test_original_checkpoint_parity_through_the_triton_kernels(
     with torch.no_grad():
         expected = original(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
         ours = model(**batch, output_hidden_states=True, output_attentions=True)
+    # every fused op ran as a kernel: per recursion two add-and-norms, one Linear+GELU and two adapters,
+    # and the MLM head's transform one Linear+GELU
+    n = model.config.num_hidden_layers
+    assert model.config.use_adapter
+    assert triton_launches == {"add_layer_norm": 2 * n, "linear_gelu": n + 1, "adapter_bottleneck": 2 * n}
     assert_matches_original(expected, ours, batch["attention_mask"])

@@ -32,6 +32,15 @@ AUTO = [
 ]
 
 
+def assert_same_weights(model, reloaded) -> None:
+    """Every tensor reloaded exactly (the models are randomized first: with default initialisation, biases 0
+    and LayerNorm 1/0, a loader that dropped those tensors would go unseen)."""
+    expected, actual = model.state_dict(), reloaded.state_dict()
+    assert actual.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(actual[name], tensor), name
+
+
 @pytest.mark.parametrize("auto_class, model_class", AUTO, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("use_adapter", [True, False])
 def test_auto_round_trip_is_exact(auto_class, model_class, use_adapter, tiny_config, randomize, batch, tmp_path):
@@ -60,13 +69,14 @@ def test_saved_weights_use_fastmini_names(tiny_config, tmp_path):
     assert "lm_head.decoder.weight" in keys
 
 
-def test_pickle_weights_of_a_fastmini_directory_load_too(tiny_config, batch, tmp_path):
-    model = FastMiniForMaskedLM(tiny_config()).eval()
+def test_pickle_weights_of_a_fastmini_directory_load_too(tiny_config, randomize, batch, tmp_path):
+    model = randomize(FastMiniForMaskedLM(tiny_config())).eval()
     model.save_pretrained(tmp_path)
     state_dict = load_file(tmp_path / "model.safetensors")
     (tmp_path / "model.safetensors").unlink()
     torch.save(state_dict, tmp_path / "pytorch_model.bin")
     reloaded = FastMiniForMaskedLM.from_pretrained(tmp_path)
+    assert_same_weights(model, reloaded)
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, reloaded(**batch).logits)
 
@@ -126,10 +136,11 @@ def test_a_sharded_checkpoint_with_a_missing_or_escaping_shard_is_refused(tiny_c
         FastMiniForMaskedLM.from_pretrained(tmp_path)
 
 
-def test_subfolder_of_a_local_directory(tiny_config, batch, tmp_path):
-    model = FastMiniForMaskedLM(tiny_config()).eval()
+def test_subfolder_of_a_local_directory(tiny_config, randomize, batch, tmp_path):
+    model = randomize(FastMiniForMaskedLM(tiny_config())).eval()
     model.save_pretrained(tmp_path / "student")
     reloaded = FastMiniForMaskedLM.from_pretrained(tmp_path, subfolder="student")
+    assert_same_weights(model, reloaded)
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, reloaded(**batch).logits)
 
@@ -201,10 +212,10 @@ def test_a_hub_model_missing_from_the_local_cache_is_reported_as_such(monkeypatc
         FastMiniForMaskedLM.from_pretrained("someone/tiny", local_files_only=True)
 
 
-def test_offline_the_weights_search_skips_uncached_names(tiny_config, batch, monkeypatch, tmp_path):
+def test_offline_the_weights_search_skips_uncached_names(tiny_config, randomize, batch, monkeypatch, tmp_path):
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    model = FastMiniForMaskedLM(tiny_config()).eval()
+    model = randomize(FastMiniForMaskedLM(tiny_config())).eval()
     model.save_pretrained(tmp_path)
     state_dict = load_file(tmp_path / "model.safetensors")
     torch.save(state_dict, tmp_path / "pytorch_model.bin")
@@ -213,6 +224,7 @@ def test_offline_the_weights_search_skips_uncached_names(tiny_config, batch, mon
     requested = serve_hub(monkeypatch, tmp_path, files, uncached)
     reloaded = FastMiniForMaskedLM.from_pretrained("someone/tiny", local_files_only=True)
     assert requested[-1] == "pytorch_model.bin"
+    assert_same_weights(model, reloaded)
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, reloaded(**batch).logits)
 

@@ -32,30 +32,58 @@ def save(model, tokenizer, directory):
     return str(directory)
 
 
-def test_fill_mask_pipeline(tiny_config, tokenizer, tmp_path):
-    directory = save(FastMiniForMaskedLM(tiny_config()), tokenizer, tmp_path)
+def probabilities(model, tokenizer, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model computed directly (not through a pipeline): token ids and softmax of the logits."""
+    inputs = tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        logits = model.eval()(**inputs).logits[0]
+    return inputs["input_ids"][0], logits.softmax(-1)
+
+
+def test_fill_mask_pipeline(tiny_config, randomize, tokenizer, tmp_path):
+    model = randomize(FastMiniForMaskedLM(tiny_config()))
+    directory = save(model, tokenizer, tmp_path)
     fill = pipeline("fill-mask", model=directory, device="cpu")
     assert isinstance(fill.model, FastMiniForMaskedLM)
-    predictions = fill("the cat [MASK] on the mat", top_k=3)
-    assert len(predictions) == 3
-    assert all(0.0 <= p["score"] <= 1.0 and p["token_str"] for p in predictions)
+    text = "the cat [MASK] on the mat"
+    predictions = fill(text, top_k=3)
+    input_ids, probs = probabilities(model, tokenizer, text)
+    top = probs[input_ids.tolist().index(tokenizer.mask_token_id)].topk(3)
+    assert [p["token"] for p in predictions] == top.indices.tolist()
+    assert [p["token_str"] for p in predictions] == tokenizer.convert_ids_to_tokens(top.indices.tolist())
+    assert [p["score"] for p in predictions] == pytest.approx(top.values.tolist(), abs=1e-5)
+    assert top.values[0] > 2 / tiny_config().vocab_size  # the random weights give the softmax some shape
 
 
-def test_text_classification_pipeline(tiny_config, tokenizer, tmp_path):
+def test_text_classification_pipeline(tiny_config, randomize, tokenizer, tmp_path):
     config = tiny_config(num_labels=2, id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})
-    directory = save(FastMiniForSequenceClassification(config), tokenizer, tmp_path)
+    model = randomize(FastMiniForSequenceClassification(config))
+    directory = save(model, tokenizer, tmp_path)
     classify = pipeline("text-classification", model=directory, device="cpu")
-    results = classify(["a very good film", "a bad movie"])
-    assert [r["label"] in ("NEGATIVE", "POSITIVE") for r in results] == [True, True]
+    texts = ["a very good film", "a bad movie"]
+    results = classify(texts)
+    assert len(results) == len(texts)
+    for text, result in zip(texts, results, strict=True):
+        _, probs = probabilities(model, tokenizer, text)
+        assert result["label"] == config.id2label[probs.argmax().item()]
+        assert result["score"] == pytest.approx(probs.max().item(), abs=1e-5)
+        assert result["score"] < 1 - 1e-3  # not saturated: the comparison sees the logits' values
 
 
-def test_token_classification_pipeline(tiny_config, tokenizer, tmp_path):
+def test_token_classification_pipeline(tiny_config, randomize, tokenizer, tmp_path):
     labels = ["O", "B-ANIMAL", "I-ANIMAL"]
     config = tiny_config(num_labels=3, id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
-    directory = save(FastMiniForTokenClassification(config), tokenizer, tmp_path)
-    tag = pipeline("token-classification", model=directory, device="cpu")
-    entities = tag("the dog sat on the mat")
-    assert all(e["entity"] in labels for e in entities)
+    model = randomize(FastMiniForTokenClassification(config))
+    directory = save(model, tokenizer, tmp_path)
+    tag = pipeline("token-classification", model=directory, device="cpu", ignore_labels=[])  # keep "O" too
+    text = "the dog sat on the mat"
+    entities = tag(text)
+    input_ids, probs = probabilities(model, tokenizer, text)
+    # one entity per word-piece token, [CLS] and [SEP] left out (every word here is one token)
+    assert [e["index"] for e in entities] == list(range(1, len(input_ids) - 1))
+    assert [e["word"] for e in entities] == text.split()
+    assert [e["entity"] for e in entities] == [labels[i] for i in probs[1:-1].argmax(-1).tolist()]
+    assert [e["score"] for e in entities] == pytest.approx(probs[1:-1].max(-1).values.tolist(), abs=1e-5)
     assert isinstance(AutoModelForTokenClassification.from_pretrained(directory), FastMiniForTokenClassification)
 
 
