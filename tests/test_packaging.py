@@ -14,3 +14,9 @@ def test_every_subpackage_is_installed():
         "fastmini.kernels"
     }
     assert listed == found
+
+
+def test_the_package_reports_the_version_pyproject_gives():
+    import fastmini
+
+    assert fastmini.__version__ == tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
