@@ -46,7 +46,7 @@ from fastmini.training.cli import check_writable_directory, writable_directory
 from fastmini.training.errors import Interrupted, TrainingError, UsageError
 from fastmini.training.memory import enable_activation_checkpointing
 from fastmini.training.normalization import backward_share, step_totals
-from fastmini.training.optimization import LinearWarmupDecay, build_adamw, gradient_norm
+from fastmini.training.optimization import LinearWarmupDecay, build_adamw, checked_step
 from fastmini.training.run_log import RunLog
 
 log = logging.getLogger("fastmini.distill")
@@ -429,18 +429,16 @@ class DistillationRun:
                 f"the loss is not finite at step {step + 1} ({terms_text}); stopped without updating the student; "
                 f"{where}"
             )
-        # A finite loss can still give inf/NaN gradients (an overflow in backward); one AdamW step with
-        # them writes NaN into every weight, and the next checkpoint would hold that student.
-        values["grad_norm"] = gradient_norm(self.student_side.parameters(), self.config.max_grad_norm)
-        if not math.isfinite(values["grad_norm"]):
-            raise TrainingError(
-                f"the gradient norm is not finite at step {step + 1} ({values['grad_norm']}, loss "
-                f"{values['loss']:.4g}); stopped without updating the student; {self._last_good()}"
-            )
-        values["lr"] = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        values["grad_norm"], values["lr"] = checked_step(
+            self.optimizer,
+            self.scheduler,
+            self.student_side.parameters(),
+            self.config.max_grad_norm,
+            lambda norm: (
+                f"the gradient norm is not finite at step {step + 1} ({norm}, loss {values['loss']:.4g}); "
+                f"stopped without updating the student; {self._last_good()}"
+            ),
+        )
         return values, counts.tokens
 
     def run(self) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from fastmini.training.checkpoints import CHECKPOINTS_DIR, STATE_NAME
 from fastmini.training.errors import TrainingError, UsageError
 from fastmini.training.memory import enable_activation_checkpointing
 from fastmini.training.normalization import backward_share, share_of_mean, step_totals
-from fastmini.training.optimization import WarmupDecay, build_adamw, gradient_norm
+from fastmini.training.optimization import WarmupDecay, build_adamw, checked_step
 from fastmini.training.run_log import RunLog
 
 if TYPE_CHECKING:
@@ -235,18 +235,16 @@ class GridRun:
                 f"run {self.setting.name}: the loss is not finite at step {step + 1}; stopped without updating the "
                 f"model; {self._last_good()}"
             )
-        # A finite loss can still give inf/NaN gradients (an overflow in backward); one AdamW step with them
-        # writes NaN into every weight, and the next checkpoint and best/ would hold that model.
-        values["grad_norm"] = gradient_norm(self.trainable, self.config.max_grad_norm)
-        if not math.isfinite(values["grad_norm"]):
-            raise TrainingError(
-                f"run {self.setting.name}: the gradient norm is not finite at step {step + 1} ({values['grad_norm']}, "
+        values["grad_norm"], values["lr"] = checked_step(
+            self.optimizer,
+            self.scheduler,
+            self.trainable,
+            self.config.max_grad_norm,
+            lambda norm: (
+                f"run {self.setting.name}: the gradient norm is not finite at step {step + 1} ({norm}, "
                 f"loss {values['loss']:.4g}); stopped without updating the model; {self._last_good()}"
-            )
-        values["lr"] = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            ),
+        )
         return values
 
     def _last_good(self) -> str:

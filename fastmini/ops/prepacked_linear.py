@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from fastmini.ops.dispatch import recording_a_graph
 from fastmini.ops.plain_layers import all_plain
 
 # Post-ops oneDNN fuses into the GEMM, by fastmini's GELU names (ops.linear_gelu's approximations).
@@ -101,8 +102,9 @@ class PrepackedLinears:
         # not a graph constant (it crashed), and packs weights itself where it wants to (freezing).
         if torch.compiler.is_compiling():
             return False
-        # torch.jit.trace cannot record oneDNN's fused linear (its optional scalar arguments): the plain ops.
-        if torch.jit.is_tracing() or torch.jit.is_scripting():
+        # torch.jit.trace cannot record oneDNN's fused linear (its optional scalar arguments), and a recorded
+        # graph should hold plain aten ops anyway (ops.dispatch): the plain ops.
+        if recording_a_graph() or torch.jit.is_scripting():
             return False
         if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
             return False

@@ -9,10 +9,12 @@ by the distillation and fine-tuning trainers.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
+
+from fastmini.training.errors import TrainingError
 
 SCHEDULES = ("linear", "cosine")
 
@@ -64,6 +66,28 @@ def gradient_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> float:
         return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
     norms = [torch.linalg.vector_norm(parameter.grad.detach(), 2.0).float() for parameter in parameters]
     return float(torch.linalg.vector_norm(torch.stack([norm.to(norms[0].device) for norm in norms]), 2.0))
+
+
+def checked_step(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    parameters: Iterable[nn.Parameter],
+    max_grad_norm: float,
+    stopped: Callable[[float], str],
+) -> tuple[float, float]:
+    """Clip the gradients, then one optimizer and scheduler step; returns (gradient norm, the step's lr).
+
+    Gradients whose norm is not finite raise ``TrainingError(stopped(norm))`` before any step: a finite
+    loss can still overflow in backward, and one AdamW step with it writes NaN into every weight (and
+    the next checkpoint would hold them)."""
+    norm = gradient_norm(parameters, max_grad_norm)
+    if not math.isfinite(norm):
+        raise TrainingError(stopped(norm))
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm, lr
 
 
 def linear_schedule_factor(step: int, warmup_steps: int, total_steps: int) -> float:
