@@ -118,3 +118,12 @@ def test_load_adapters_refuses_another_head_variant(tiny_config, tmp_path):
     FastMiniForSequenceClassification(tiny_config(num_labels=2)).save_adapters(tmp_path)
     with pytest.raises(CheckpointError, match="head_variant=minialbert, this model has head_variant=albert"):
         FastMiniForSequenceClassification(tiny_config(num_labels=2, head_variant="albert")).load_adapters(tmp_path)
+
+
+def test_a_model_whose_width_allows_no_adapters_is_refused_unchanged(tiny_config):
+    # Built without adapters, a config may carry any reduction_factor (36 is not divisible by 16): adding
+    # adapters then would make them 36 // 16 wide and save a config that cannot be loaded again.
+    model = FastMiniForSequenceClassification(tiny_config(num_labels=2, use_adapter=False, reduction_factor=16))
+    with pytest.raises(ValueError, match=r"cannot add adapters to this model: .*divisible by reduction_factor \(16\)"):
+        model.train_adapters_only()
+    assert not model.fastmini.encoder.has_adapters and not model.config.use_adapter

@@ -145,6 +145,10 @@ def test_unknown_original_key(tiny_original_config, tmp_path):
         ),
         (dict(hidden_dropout_prob=1.5), "hidden_dropout_prob must be in"),
         (dict(tie_word_embeddings=True), "tie_word_embeddings is only possible"),
+        (dict(vocab_size=11, pad_token_id=11), "pad_token_id must be a token id below vocab_size \\(11\\)"),
+        (dict(vocab_size=11, pad_token_id=-12), "pad_token_id must be a token id below vocab_size"),
+        (dict(layer_norm_eps=-1.0), "layer_norm_eps must be a number >= 0"),
+        (dict(adapter_layer_norm_eps=float("nan")), "adapter_layer_norm_eps must be a number >= 0"),
     ],
 )
 def test_inconsistent_config(fields, message):

@@ -391,6 +391,15 @@ def test_model_directories_that_are_not_fastmini_minialbert_or_albert(good_data,
     assert "--model" in line and "model.safetensors" in line
 
 
+def test_adapter_tuning_of_a_model_too_narrow_for_its_adapters(good_data, tmp_path, capsys):
+    narrow = make_tiny_model(tmp_path / "narrow", adapters=False)  # as a converted ALBERT: no adapters, r=16
+    config = json.loads((narrow / "config.json").read_text())
+    (narrow / "config.json").write_text(json.dumps({**config, "reduction_factor": 16}))
+    line = error_of(args(narrow, good_data, tmp_path / "out", "--adapter-tuning"), capsys)
+    assert "--adapter-tuning" in line and "divisible by reduction_factor (16)" in line, line
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
 def test_a_broken_config_json_is_named_as_such(good_data, tmp_path, capsys):
     junk = make_tiny_model(tmp_path / "junk")
     for content in (b"{not json", b'{"model_type": "caf\xe9"}', b"[]"):

@@ -196,7 +196,10 @@ def load_task_model(source: ModelSource, spec: TaskSpec, labels: LabelMap, seed:
     setattr(model.config, TEXT_PAIR_FIELD, source.config.text_pair_column)  # saved with the model
     model.train()
     if adapter_tuning:
-        model.train_adapters_only()
+        try:
+            model.train_adapters_only()
+        except ValueError as error:
+            raise UsageError(f"--adapter-tuning with --model {source.config.model}: {error}") from error
     fresh_head = [
         key
         for key in info["missing_keys"] + [k for k, _, _ in info["mismatched_keys"]]

@@ -8,6 +8,7 @@ load. Saved adapters hold exactly those tensors, so a task costs ~1% of the mode
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from fastmini.files import write_file_atomically, write_json_atomically
 from fastmini.models.checkpoint import CheckpointError
+from fastmini.models.configuration import check_config
 from fastmini.modules.encoder import make_adapters
 
 if TYPE_CHECKING:  # modeling.py imports this module
@@ -41,10 +43,22 @@ def is_tuned_in_adapter_mode(model: FastMiniPreTrainedModel, name: str) -> bool:
     return model is not model.base_model and not name.startswith(model.base_model_prefix + ".")
 
 
+def _check_adapters_fit(config) -> None:
+    """Refuse, before anything changes, a model whose config allows no adapters: a model built without
+    them may carry any reduction_factor (a converted ALBERT keeps the default 16 whatever its width)."""
+    with_adapters = copy.copy(config)
+    with_adapters.use_adapter = True
+    try:
+        check_config(with_adapters)
+    except ValueError as error:
+        raise ValueError(f"cannot add adapters to this model: {error}") from None
+
+
 def _ensure_adapters(model) -> None:
     encoder = model.base_model.encoder
     if encoder.has_adapters:
         return
+    _check_adapters_fit(model.config)
     reference = next(encoder.shared_layer.parameters())
     encoder.add_adapters(model.config)
     model.config.use_adapter = True

@@ -211,6 +211,16 @@ def check_config(config: FastMiniConfig) -> None:
         )
     if config.tie_word_embeddings and config.head_variant != "albert":
         raise ValueError("FastMiniConfig: tie_word_embeddings is only possible with head_variant='albert'")
+    # The word embeddings' padding_idx: torch takes -vocab_size..vocab_size-1 (negative counts from the end).
+    if config.pad_token_id is not None and not -config.vocab_size <= config.pad_token_id < config.vocab_size:
+        raise ValueError(
+            f"FastMiniConfig: pad_token_id must be a token id below vocab_size ({config.vocab_size}) or None, "
+            f"got {config.pad_token_id!r}"
+        )
+    for name in ("layer_norm_eps", "adapter_layer_norm_eps"):
+        value = getattr(config, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+            raise ValueError(f"FastMiniConfig: {name} must be a number >= 0, got {value!r}")
     for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
         value = getattr(config, name)
         if value is not None and not 0.0 <= value < 1.0:
