@@ -1,18 +1,21 @@
 """`make bench-gpu`: the GPU tests and every benchmark in one call, written up as Markdown.
 
-Runs on the lent GPU machine (its own python3 with torch/triton/transformers installed):
-``pytest -m gpu tests/`` then the GPU benchmarks (``GPU_BENCHMARKS``), and writes
-``benchmarks/results/<date>-<gpu>.md`` with the versions, the GPU test outcome and one table
-per benchmark group (medians, ratios against the baseline, GB/s or GFLOP/s as recorded).
-Logs (gpu-tests.log, gpu-benchmarks.log) and benchmarks.json are written into $OUT as the runs go
-when that variable is set (the device tool brings $OUT back, even after a timeout), and the
-results file is copied there too.
+Runs on the lent GPU machine (its own python3 with torch/triton/transformers installed): the GPU
+tests (``pytest -m gpu`` over the test files carrying the mark, the quick ones first), then each GPU
+benchmark file (``GPU_BENCHMARKS``) in a pytest of its own, and writes
+``benchmarks/results/<date>-<gpu>.md`` with the versions, the outcome of each step and one table row
+per benchmark (medians, ratios against the baseline, GB/s or GFLOP/s as recorded). Logs (gpu-tests.log,
+gpu-benchmarks-<file>.log) and benchmarks-<file>.json are written into $OUT as the runs go when that
+variable is set (the device tool brings $OUT back, even after a timeout), and the results file is
+copied there too.
 
 The whole call must come back within one device command (10 minutes, installs and start-up
-included), so the two pytest steps share a wall-clock budget (``BUDGET_S``, 8 minutes;
-$FASTMINI_BENCH_GPU_BUDGET_S overrides it). A step that reaches its share is interrupted like a
-Ctrl-C: pytest stops after the running test and still writes its summary and the JSON of the
-benchmarks already done, so the results file is written with what finished.
+included), so the steps share a wall-clock budget (``BUDGET_S``, 8 minutes; $FASTMINI_BENCH_GPU_BUDGET_S
+overrides it): the tests get at most ``TESTS_SHARE_S``, each benchmark file what is left less a reserve
+for the files after it. A step that reaches its share is interrupted like a Ctrl-C: pytest stops after
+the running test and still writes its summary and the JSON of the benchmarks already done (benchmarks
+stopped before their first timed round are dropped from it, see benchmarks/conftest.py), so the
+results file is written with what finished.
 """
 
 from __future__ import annotations
@@ -31,8 +34,19 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# The benchmarks with a CUDA part; the CPU-only encoder benchmark would spend device time on the
-# host's CPU (and test_distill_step.py runs its GPU setup alone where CUDA is present).
+# The GPU tests run in this order (files marked gpu that are not listed follow, alphabetically): the quick
+# ones that gate whole features first, so that a budget spent compiling the kernel tests' many
+# specialisations (~2 s each) cuts those last.
+GPU_TESTS_FIRST = [
+    "tests/test_varlen_attention.py",
+    "tests/test_trainers_on_device.py",
+    "tests/test_runtime_cuda_graphs.py",
+    "tests/test_runtime_l2_persistence.py",
+    "tests/test_gradient_checkpointing.py",
+]
+# The benchmarks with a CUDA part, one pytest process each (a CUDA error that poisons a process, or a
+# stop, costs one file's results, not the others'); the CPU-only encoder benchmark would spend device
+# time on the host's CPU (and test_distill_step.py runs its GPU setup alone where CUDA is present).
 GPU_BENCHMARKS = [
     "benchmarks/test_adapter_bottleneck.py",
     "benchmarks/test_add_layer_norm.py",
@@ -44,6 +58,7 @@ GPU_BENCHMARKS = [
 # `compare`), so pytest-benchmark's --benchmark-max-time cannot bound them: wall-clock budgets do.
 BUDGET_S = int(os.environ.get("FASTMINI_BENCH_GPU_BUDGET_S", "480"))
 TESTS_SHARE_S = 200  # at most this for the GPU tests (the benchmarks get the rest)
+BENCHMARK_FILE_RESERVE_S = 40  # kept back for each benchmark file still to run when one starts
 INTERRUPT_GRACE_S = 20  # after the interrupt, for pytest to finish the running test and write its reports
 
 
@@ -90,7 +105,7 @@ def run_within(command: list[str], log: Path, budget_s: float, grace_s: float = 
         with log.open("a") as stream:
             stream.write(f"\n{note}\n")
     output = log.read_text()
-    print(output[-6000:], flush=True)
+    print(output[-3000:], flush=True)
     return code, output
 
 
@@ -107,6 +122,49 @@ def _stop_within(process: subprocess.Popen, budget_s: float, grace_s: float) -> 
         return process.wait(), f"bench-gpu: stopped at its {budget_s:.0f} s budget (killed)"
 
 
+def gpu_test_files() -> list[str]:
+    """GPU_TESTS_FIRST, then every other test file with a gpu mark, alphabetically."""
+    marked = sorted(
+        f"tests/{path.name}" for path in (ROOT / "tests").glob("test_*.py") if "mark.gpu" in path.read_text()
+    )
+    return [name for name in GPU_TESTS_FIRST if (ROOT / name).is_file()] + [
+        name for name in marked if name not in GPU_TESTS_FIRST
+    ]
+
+
+def read_report(path: Path) -> dict:
+    """pytest-benchmark's JSON, or an empty report when a stopped run left none or half a file."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def run_benchmark_files(files: list[str], logs: Path, deadline: float) -> tuple[int, list[str], dict]:
+    """Each file in its own pytest, within what is left before ``deadline`` less a reserve for each file
+    after it: the exit code (the first failure's), one summary line per file, the merged reports."""
+    code, lines, merged = 0, [], {"benchmarks": []}
+    for index, name in enumerate(files):
+        stem = Path(name).stem
+        json_path = logs / f"benchmarks-{stem}.json"
+        json_path.unlink(missing_ok=True)  # a file left by an earlier run must not count as this one's
+        budget = deadline - time.monotonic() - BENCHMARK_FILE_RESERVE_S * (len(files) - index - 1)
+        if budget < INTERRUPT_GRACE_S:
+            lines.append(f"`{name}`: not run (no time left)")
+            code = code or 1
+            continue
+        file_code, output = run(
+            [name, "--benchmark-only", "-q", "-p", "no:cacheprovider", f"--benchmark-json={json_path}",
+             *per_test_timeout(300)],
+            logs / f"gpu-benchmarks-{stem}.log",
+            budget,
+        )  # fmt: skip
+        lines.append(f"`{name}`: {summary_line(output)} (exit {file_code})")
+        code = code or file_code
+        merged["benchmarks"] += read_report(json_path).get("benchmarks", [])
+    return code, lines, merged
+
+
 def summary_line(output: str) -> str:
     lines = [line for line in output.splitlines() if re.search(r"\b(passed|failed|skipped|error)", line)]
     summary = lines[-1].strip("= ") if lines else "no summary"
@@ -121,7 +179,9 @@ def markdown_cell(value: object) -> str:
 
 
 def benchmark_rows(report: dict) -> list[str]:
-    rows = ["| benchmark | median (ms) | details |", "|---|---|---|"]
+    # pytest-benchmark's own timing covers one contender per test (fastmini's fused path, the default tile
+    # or extra_info's pedantic_contender); every contender's interleaved median is in the details.
+    rows = ["| benchmark | median (ms) of the timed contender | details |", "|---|---|---|"]
     for bench in report.get("benchmarks", []):
         info = {k: v for k, v in bench.get("extra_info", {}).items() if k not in ("device",)}
         details = "; ".join(f"{k}: {v}" for k, v in info.items())
@@ -159,18 +219,11 @@ def main() -> int:
     gpu = torch.cuda.get_device_name(0)
     logs = log_directory()
     tests_code, tests_output = run(
-        ["-m", "gpu", "tests/", "-q", "-rfEs", "-p", "no:cacheprovider", *per_test_timeout(120)],
+        ["-m", "gpu", *gpu_test_files(), "-q", "-rfEs", "-p", "no:cacheprovider", *per_test_timeout(120)],
         logs / "gpu-tests.log",
         min(TESTS_SHARE_S, deadline - time.monotonic()),
     )
-    json_path = logs / "benchmarks.json"
-    bench_code, bench_output = run(
-        [*GPU_BENCHMARKS, "--benchmark-only", "-q", "-p", "no:cacheprovider", f"--benchmark-json={json_path}",
-         *per_test_timeout(300)],
-        logs / "gpu-benchmarks.log",
-        deadline - time.monotonic(),
-    )  # fmt: skip
-    report = json.loads(json_path.read_text()) if json_path.exists() else {}
+    bench_code, bench_lines, report = run_benchmark_files(GPU_BENCHMARKS, logs, deadline)
     today = datetime.date.today().isoformat()
     slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
     lines = [
@@ -180,8 +233,10 @@ def main() -> int:
         f"CUDA {torch.version.cuda}. Produced by `make bench-gpu` (benchmarks/run_gpu.py).",
         "",
         f"GPU tests (`pytest -m gpu tests/`): {summary_line(tests_output)} (exit {tests_code})",
-        f"Benchmarks (`pytest {' '.join(GPU_BENCHMARKS)} --benchmark-only`): {summary_line(bench_output)} "
-        f"(exit {bench_code})",
+        "",
+        "Benchmarks (`pytest FILE --benchmark-only`, one process a file):",
+        "",
+        *[f"- {line}" for line in bench_lines],
         *([f"Note: {hint}"] if hint else []),
         "",
         *benchmark_rows(report),

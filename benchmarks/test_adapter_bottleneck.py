@@ -103,10 +103,11 @@ def test_adapter_bottleneck(benchmark, compare, describe_device, sync, record_ba
     def triton_implementation(*args):
         return adapter_bottleneck(*args, backend="triton")
 
-    contenders = {
-        "triton": sync(make_step(triton_implementation, mode, tensors, grad_output), device),
-        "torch": sync(make_step(adapter_bottleneck_ref, mode, tensors, grad_output), device),
+    steps = {
+        "triton": make_step(triton_implementation, mode, tensors, grad_output),
+        "torch": make_step(adapter_bottleneck_ref, mode, tensors, grad_output),
     }
+    contenders = {name: sync(step, device) for name, step in steps.items()}
     rounds = 200 if rows <= 1024 else 50
     benchmark.pedantic(contenders["triton"], rounds=rounds, warmup_rounds=5)
     medians = compare(
@@ -122,9 +123,9 @@ def test_adapter_bottleneck(benchmark, compare, describe_device, sync, record_ba
         backend="triton: fastmini.kernels.adapter_bottleneck; torch: adapter_bottleneck_ref (unfused)",
         device=describe_device(device),
         torch_version=torch.__version__,
-        target="forward >= 80% of copy bandwidth (16384 x 768 bf16); forward+backward >= 3x torch",
+        target="forward >= 80% of copy bandwidth (16384 x 768 bf16, device time); forward+backward >= 3x torch",
     )
-    record_bandwidth(benchmark, medians, minimum_bytes(mode, rows, tensors[0].element_size()), device)
+    record_bandwidth(benchmark, medians, minimum_bytes(mode, rows, tensors[0].element_size()), device, steps)
 
 
 # Tile candidates for the GPU session that sets the defaults (kernels/adapter_bottleneck.py, *_TILES): each
@@ -166,12 +167,13 @@ def test_adapter_bottleneck_tile_sweep(benchmark, compare, describe_device, sync
         return lambda: adapter_bottleneck_backward(grad_output, *tensors, h, mean, rstd, **options)
 
     if direction == "forward":
-        contenders = {name: sync(forward_with(tiles), device) for name, tiles in FORWARD_TILE_CANDIDATES.items()}
+        steps = {name: forward_with(tiles) for name, tiles in FORWARD_TILE_CANDIDATES.items()}
         bytes_moved = minimum_bytes("forward", rows, 2)
     else:
-        contenders = {name: sync(backward_with(o), device) for name, o in BACKWARD_TILE_CANDIDATES.items()}
+        steps = {name: backward_with(options) for name, options in BACKWARD_TILE_CANDIDATES.items()}
         activation = rows * HIDDEN * 2
         bytes_moved = 3 * activation + rows * (2 + BOTTLENECK) * 4 + 2 * parameter_count() * 2
+    contenders = {name: sync(step, device) for name, step in steps.items()}
     benchmark.pedantic(contenders["default"], rounds=50, warmup_rounds=5)
     medians = compare(
         benchmark,
@@ -182,6 +184,7 @@ def test_adapter_bottleneck_tile_sweep(benchmark, compare, describe_device, sync
         rounds=50,
         shape=f"rows={rows} H={HIDDEN} R={BOTTLENECK}",
         dtype="bf16",
+        backend="triton (the kernel's launchers, one tile candidate each)",
         device=describe_device(device),
     )
-    record_bandwidth(benchmark, medians, bytes_moved, device)
+    record_bandwidth(benchmark, medians, bytes_moved, device, steps, baseline="default")

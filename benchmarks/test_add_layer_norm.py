@@ -80,10 +80,11 @@ def test_add_layer_norm(benchmark, compare, describe_device, sync, record_bandwi
     def triton_implementation(*args):
         return add_layer_norm(*args, backend="triton")
 
-    contenders = {
-        "triton": sync(make_step(triton_implementation, mode, dropout_p, tensors, grad_out), device),
-        "torch": sync(make_step(add_layer_norm_ref, mode, dropout_p, tensors, grad_out), device),
+    steps = {
+        "triton": make_step(triton_implementation, mode, dropout_p, tensors, grad_out),
+        "torch": make_step(add_layer_norm_ref, mode, dropout_p, tensors, grad_out),
     }
+    contenders = {name: sync(step, device) for name, step in steps.items()}
     rounds = 200 if rows <= 1024 else 50
     benchmark.pedantic(contenders["triton"], rounds=rounds, warmup_rounds=5)
     medians = compare(
@@ -101,4 +102,4 @@ def test_add_layer_norm(benchmark, compare, describe_device, sync, record_bandwi
         device=describe_device(device),
         torch_version=torch.__version__,
     )
-    record_bandwidth(benchmark, medians, minimum_bytes(mode, dropout_p, rows, x.element_size()), device)
+    record_bandwidth(benchmark, medians, minimum_bytes(mode, dropout_p, rows, x.element_size()), device, steps)

@@ -90,10 +90,12 @@ def pair(setup):
     torch.manual_seed(0)
     teacher = BertForMaskedLM(BertConfig(**setup.teacher, attn_implementation="eager")).eval().requires_grad_(False)
     config = FastMiniConfig.from_teacher(teacher.config, **setup.student)
+    # The dropout too: AlbertConfig's default is 0.0, the recipe's students train with 0.1.
     fields = {
         name: getattr(config, name)
         for name in ("vocab_size", "embedding_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "intermediate_size", "hidden_act", "max_position_embeddings", "use_adapter", "reduction_factor")
+                     "intermediate_size", "hidden_act", "max_position_embeddings", "use_adapter", "reduction_factor",
+                     "hidden_dropout_prob", "attention_probs_dropout_prob")
     }  # fmt: skip
     original = OriginalMiniAlbertForMaskedLM(original_config(**fields)).train()
     teacher_dtype = torch.bfloat16 if setup.bf16 else torch.float32
@@ -163,15 +165,23 @@ def _synchronise(setup: Setup) -> None:
         torch.cuda.synchronize()
 
 
-def peak_memory(step, setup: Setup) -> int | None:
-    """Peak bytes allocated on the GPU during one step (None on the CPU)."""
+def resident_bytes(*models: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for m in models for t in (*m.parameters(), *m.buffers()))
+
+
+def peak_memory(step, setup: Setup, models: tuple[nn.Module, ...]) -> int | None:
+    """Peak bytes on the GPU of one step as a process holding only ``models`` (the teacher and this
+    contender's student) would see it: what the step adds above the memory in use before it, plus those
+    models' weights. The benchmark holds three students at once; counting them all would add the same
+    fixed amount to every contender and push every ratio towards 1. None on the CPU."""
     if setup.device != "cuda":
         return None
     torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     step()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated()
+    return torch.cuda.max_memory_allocated() - before + resident_bytes(*models)
 
 
 @pytest.mark.filterwarnings("ignore:reduction. .mean. divides:UserWarning")
@@ -210,7 +220,8 @@ def test_distillation_step(benchmark, compare, describe_device, setup, pair, bat
     size, seq = setup.shape
     benchmark.pedantic(fastmini_step, rounds=max(3, setup.rounds // 2), warmup_rounds=1)
     contenders = {"original": original_step, "fastmini": fastmini_step, "fastmini-checkpointed": checkpointed_step}
-    peaks = {name: peak_memory(step, setup) for name, step in contenders.items()}
+    models = {"original": original, "fastmini": student, "fastmini-checkpointed": checkpointed}
+    peaks = {name: peak_memory(step, setup, (teacher_model, models[name])) for name, step in contenders.items()}
     medians = compare(
         benchmark,
         group=f"distillation step {size}x{seq} ({setup.device})",

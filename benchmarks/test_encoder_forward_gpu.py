@@ -166,6 +166,8 @@ def _run_group(benchmark, compare, describe_device, models, group, input_ids, ma
             rounds=rounds,
             shape=f"batch={mask.shape[0]} seq={mask.shape[1]} real tokens={sum(lengths)}, {SHAPE}",
             dtype="bfloat16",
+            backend="original: transformers' ALBERT modules, eager attention; fastmini*: the contender's name says "
+            "the path (automatic op backend unless it names triton)",
             pedantic_contender=timed,
             device=describe_device(DEVICE),
         )

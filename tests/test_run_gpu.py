@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,68 @@ def test_interrupted_benchmarks_still_write_their_json(run_gpu, tmp_path):
     )  # fmt: skip
     assert "(interrupted)" in output, output
     assert [bench["name"] for bench in json.loads(report.read_text())["benchmarks"]] == ["test_fast"]
+
+
+BENCHMARKS_CONFTEST = RUN_GPU.parent / "conftest.py"
+
+
+def write_benchmarks(directory: Path, source: str, name: str = "test_some.py") -> Path:
+    """A benchmark file beside a copy of benchmarks/conftest.py (its hooks apply as they do there)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "conftest.py").write_text(BENCHMARKS_CONFTEST.read_text())
+    path = directory / name
+    path.write_text(source)
+    return path
+
+
+def test_a_benchmark_stopped_in_its_warm_up_does_not_lose_the_others(run_gpu, tmp_path):
+    """pytest-benchmark cannot summarise a benchmark with no timed round and then writes no JSON at all;
+    benchmarks/conftest.py drops such a benchmark first (a Triton compile in a warm-up takes seconds)."""
+    path = write_benchmarks(
+        tmp_path / "bench",
+        "import time\n"
+        "def test_fast(benchmark):\n    benchmark.pedantic(lambda: None, rounds=3)\n"
+        "def test_stopped_in_warm_up(benchmark):\n"
+        "    benchmark.pedantic(lambda: time.sleep(60), rounds=1, warmup_rounds=1)\n",
+    )
+    report = tmp_path / "bench.json"
+    code, output = run_gpu.run_within(
+        [*run_gpu.pytest_command(), str(path), "-q", "-p", "no:cacheprovider", f"--rootdir={path.parent}",
+         f"--benchmark-json={report}"],
+        tmp_path / "bench.log",
+        budget_s=30,
+        grace_s=10,
+    )  # fmt: skip
+    assert "(interrupted)" in output, output
+    assert [bench["name"] for bench in run_gpu.read_report(report)["benchmarks"]] == ["test_fast"]
+
+
+def test_gpu_tests_run_the_quick_feature_gates_first_and_every_marked_file(run_gpu):
+    files = run_gpu.gpu_test_files()
+    assert files[: len(run_gpu.GPU_TESTS_FIRST)] == run_gpu.GPU_TESTS_FIRST
+    root = RUN_GPU.parent.parent
+    marked = {f"tests/{p.name}" for p in (root / "tests").glob("test_*.py") if "pytest.mark.gpu" in p.read_text()}
+    assert set(files) == marked and len(files) == len(marked)
+    assert "tests/test_adapter_bottleneck_kernel.py" in files
+
+
+def test_each_benchmark_file_runs_alone_and_their_reports_are_merged(run_gpu, tmp_path, monkeypatch):
+    timed = "    benchmark.pedantic(lambda: None, rounds=2)\n"
+    first = write_benchmarks(tmp_path, f"def test_one(benchmark):\n{timed}", "test_first.py")
+    broken = write_benchmarks(
+        tmp_path, "def test_two(benchmark):\n    raise RuntimeError('CUDA error')\n", "test_bad.py"
+    )
+    second = write_benchmarks(tmp_path, f"def test_three(benchmark):\n{timed}", "test_second.py")
+    files = [str(first), str(broken), str(second)]
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    code, lines, report = run_gpu.run_benchmark_files(files, logs, time.monotonic() + 300)
+    assert sorted(bench["name"] for bench in report["benchmarks"]) == ["test_one", "test_three"]  # after a failure too
+    assert code != 0 and len(lines) == 3 and "1 failed" in lines[1] and "1 passed" in lines[2], lines
+    monkeypatch.setattr(run_gpu, "BENCHMARK_FILE_RESERVE_S", 1000)  # the time is kept for the last file
+    code, lines, report = run_gpu.run_benchmark_files([str(first), str(second)], logs, time.monotonic() + 300)
+    assert code != 0 and "not run (no time left)" in lines[0] and "1 passed" in lines[1], lines
+    assert [bench["name"] for bench in report["benchmarks"]] == ["test_three"]
+    assert run_gpu.read_report(tmp_path / "missing.json") == {}
+    (logs / "half.json").write_text('{"benchmarks": [')
+    assert run_gpu.read_report(logs / "half.json") == {}
