@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,18 +152,33 @@ def test_a_missing_source_directory_is_one_clear_error(tmp_path, monkeypatch):
         csrc_directory()
 
 
-def test_driver_flags_need_the_toolkit_headers(tmp_path):
+def fake_toolkit(home: Path) -> Path:
+    (home / "include").mkdir(parents=True)
+    (home / "include" / "cuda.h").write_text("")
+    (home / "lib64" / "stubs").mkdir(parents=True)
+    (home / "lib64" / "stubs" / "libcuda.so").write_text("")
+    return home
+
+
+def test_driver_flags_need_the_toolkit_headers(tmp_path, monkeypatch):
+    monkeypatch.setattr(extension_module, "FALLBACK_CUDA_HOMES", (str(tmp_path / "nowhere"),))
     with pytest.raises(RuntimeError, match="CUDA_HOME"):
         extension_module._driver_flags(None)
-    with pytest.raises(RuntimeError, match="cuda.h not found"):
+    with pytest.raises(RuntimeError) as refused:
         extension_module._driver_flags(str(tmp_path))
-    (tmp_path / "include").mkdir()
-    (tmp_path / "include" / "cuda.h").write_text("")
-    (tmp_path / "lib64" / "stubs").mkdir(parents=True)
-    (tmp_path / "lib64" / "stubs" / "libcuda.so").write_text("")
-    includes, ldflags = extension_module._driver_flags(str(tmp_path))
-    assert includes == [str(tmp_path / "include")]
-    assert ldflags == [f"-L{tmp_path / 'lib64' / 'stubs'}", "-lcuda"]
+    assert f"not found (tried {tmp_path}/include/cuda.h, {tmp_path}/nowhere/include/cuda.h)" in str(refused.value)
+    home = fake_toolkit(tmp_path / "toolkit")
+    includes, ldflags = extension_module._driver_flags(str(home))
+    assert includes == [str(home / "include")]
+    assert ldflags == [f"-L{home / 'lib64' / 'stubs'}", "-lcuda"]
+
+
+def test_driver_flags_find_the_toolkit_behind_an_nvcc_wrapper(tmp_path, monkeypatch):
+    # torch's CUDA_HOME is `which nvcc`/../..: a wrapper script in /usr/local/bin makes it /usr/local
+    toolkit = fake_toolkit(tmp_path / "cuda")
+    monkeypatch.setattr(extension_module, "FALLBACK_CUDA_HOMES", (str(toolkit),))
+    includes, _ = extension_module._driver_flags(str(tmp_path / "usr-local"))
+    assert includes == [str(toolkit / "include")]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")

@@ -38,17 +38,23 @@ def require_cuda(feature: str) -> None:
         raise RuntimeError(f"fastmini: {feature} needs a CUDA device; torch sees none on this machine")
 
 
+# Where the toolkit usually is when torch's guess misses it: torch derives CUDA_HOME from `which nvcc`, and
+# an nvcc that is a wrapper script in /usr/local/bin (as on this project's machines) gives /usr/local.
+FALLBACK_CUDA_HOMES = ("/usr/local/cuda",)
+
+
 def _driver_flags(cuda_home: str | None) -> tuple[list[str], list[str]]:
     """Include path for cuda.h and link flags for libcuda (the driver; the toolkit's stub at link
-    time, the system's libcuda.so.1 at run time)."""
-    if cuda_home is None:
+    time, the system's libcuda.so.1 at run time). ``cuda_home`` is torch's guess; the first of it and
+    FALLBACK_CUDA_HOMES that holds include/cuda.h is used."""
+    candidates = [Path(home) for home in (cuda_home, *FALLBACK_CUDA_HOMES) if home]
+    home = next((candidate for candidate in candidates if (candidate / "include" / "cuda.h").is_file()), None)
+    if home is None:
+        tried = ", ".join(str(candidate / "include" / "cuda.h") for candidate in candidates) or "nothing"
         raise RuntimeError(
-            "fastmini: building the L2-persistence extension needs the CUDA toolkit's headers (cuda.h); "
-            "set CUDA_HOME to the toolkit (the directory holding include/cuda.h)"
+            "fastmini: building the L2-persistence extension needs the CUDA toolkit's headers (cuda.h), not "
+            f"found (tried {tried}); set CUDA_HOME to the toolkit (the directory holding include/cuda.h)"
         )
-    home = Path(cuda_home)
-    if not (home / "include" / "cuda.h").is_file():
-        raise RuntimeError(f"fastmini: {home / 'include' / 'cuda.h'} not found; set CUDA_HOME to a CUDA toolkit")
     stubs = [home / sub / "stubs" for sub in ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib")]
     ldflags = [f"-L{path}" for path in stubs if (path / "libcuda.so").is_file()]
     return [str(home / "include")], [*ldflags, "-lcuda"]
