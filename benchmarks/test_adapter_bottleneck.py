@@ -22,15 +22,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastmini.models.configuration import MINIALBERT_FIXED_LAYER_NORM_EPS
+from fastmini.baselines.original import PUBLISHED_MINIALBERT_128
+from fastmini.models.configuration import MINIALBERT_FIXED_LAYER_NORM_EPS, FastMiniConfig
 from fastmini.ops import adapter_bottleneck, adapter_bottleneck_ref
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="the CPU path is the torch reference; fused kernels are timed on CUDA only"
 )
 
-HIDDEN = 768
-BOTTLENECK = HIDDEN // 16
+PUBLISHED = FastMiniConfig(**PUBLISHED_MINIALBERT_128)
+HIDDEN = PUBLISHED.hidden_size  # 768
+BOTTLENECK = PUBLISHED.adapter_size  # 768 / 16 = 48
 EPS = MINIALBERT_FIXED_LAYER_NORM_EPS  # the adapters' LayerNorm eps in every MiniALBERT checkpoint
 ROWS = [16384, 1024]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

@@ -21,6 +21,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fastmini.baselines.original import PUBLISHED_MINIALBERT_128
 from fastmini.models.configuration import FastMiniConfig
 from fastmini.ops import add_layer_norm, add_layer_norm_ref
 
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="the CPU path is the torch reference; fused kernels are timed on CUDA only"
 )
 
-HIDDEN = 768
+HIDDEN = PUBLISHED_MINIALBERT_128["hidden_size"]  # 768
 EPS = FastMiniConfig.layer_norm_eps  # the shared layer's two LayerNorms, at the config's default
 ROWS = [16384, 1024]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

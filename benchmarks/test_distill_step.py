@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmini import FastMiniConfig, FastMiniForMaskedLM
-from fastmini.baselines.original import OriginalMiniAlbertForMaskedLM, original_config
+from fastmini.baselines.original import OriginalMiniAlbertForMaskedLM, original_config_like
 from fastmini.distill.distiller import Batch, Distiller, StudentSide
 from fastmini.distill.losses import LossWeights
 from fastmini.distill.models import Teacher
@@ -90,14 +90,7 @@ def pair(setup):
     torch.manual_seed(0)
     teacher = BertForMaskedLM(BertConfig(**setup.teacher, attn_implementation="eager")).eval().requires_grad_(False)
     config = FastMiniConfig.from_teacher(teacher.config, **setup.student)
-    # The dropout too: AlbertConfig's default is 0.0, the recipe's students train with 0.1.
-    fields = {
-        name: getattr(config, name)
-        for name in ("vocab_size", "embedding_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "intermediate_size", "hidden_act", "max_position_embeddings", "use_adapter", "reduction_factor",
-                     "hidden_dropout_prob", "attention_probs_dropout_prob")
-    }  # fmt: skip
-    original = OriginalMiniAlbertForMaskedLM(original_config(**fields)).train()
+    original = OriginalMiniAlbertForMaskedLM(original_config_like(config)).train()
     teacher_dtype = torch.bfloat16 if setup.bf16 else torch.float32
     return (
         teacher.to(setup.device, teacher_dtype),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fastmini.baselines.original import PUBLISHED_MINIALBERT_128
 from fastmini.ops import linear_gelu_ref
 
 # The kernel module (for its code paths) needs triton, a dev extra: without it there is nothing to time.
@@ -30,7 +31,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 DEVICE = torch.device("cuda")
-HIDDEN, INTERMEDIATE = 768, 3072
+HIDDEN = PUBLISHED_MINIALBERT_128["hidden_size"]  # 768
+INTERMEDIATE = PUBLISHED_MINIALBERT_128["intermediate_size"]  # 3072
 ROWS = [16384, 1024]
 DTYPES = [torch.bfloat16, torch.float32]
 PASSES = ["forward", "forward+backward"]

@@ -26,7 +26,7 @@ import fastmini
 from fastmini import FastMiniConfig, FastMiniForMaskedLM
 from fastmini.baselines.original import (
     OriginalMiniAlbertForMaskedLM,
-    original_config,
+    original_config_like,
     save_original_checkpoint,
 )
 from fastmini.data import wikipedia
@@ -63,22 +63,7 @@ def main() -> None:
     )
 
     # 1. an original-format checkpoint with the teacher's embeddings
-    fields = {
-        k: getattr(student_config, k)
-        for k in (
-            "vocab_size",
-            "embedding_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "intermediate_size",
-            "hidden_act",
-            "max_position_embeddings",
-            "use_adapter",
-            "reduction_factor",
-        )
-    }
-    original = OriginalMiniAlbertForMaskedLM(original_config(**fields)).eval()
+    original = OriginalMiniAlbertForMaskedLM(original_config_like(student_config)).eval()
     fastmini.copy_embeddings(original.albert.albert, teacher)
     original_dir = save_original_checkpoint(original, output / "original-format")
     print(f"wrote an original MiniALBERT checkpoint: {original_dir}")

@@ -283,3 +283,15 @@ def test_original_checkpoint_parity_through_the_triton_kernels(
     assert model.config.use_adapter
     assert triton_launches == {"add_layer_norm": 2 * n, "linear_gelu": n + 1, "adapter_bottleneck": 2 * n}
     assert_matches_original(expected, ours, batch["attention_mask"])
+
+
+def test_the_original_config_of_a_fastmini_config_keeps_every_shared_field(tiny_config):
+    from fastmini.baselines.original import SHARED_CONFIG_FIELDS, original_config_like
+
+    config = tiny_config(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.05, layer_norm_eps=1e-6)
+    original = original_config_like(config)
+    assert {name: getattr(original, name) for name in SHARED_CONFIG_FIELDS} == {
+        name: getattr(config, name) for name in SHARED_CONFIG_FIELDS
+    }
+    assert original.hidden_dropout_prob == 0.1  # not AlbertConfig's default 0.0
+    assert original_config_like(config, hidden_dropout_prob=0.0).hidden_dropout_prob == 0.0

@@ -41,6 +41,31 @@ def original_config(**fields) -> AlbertConfig:
     return config
 
 
+# The fields a fastmini config and the original's ALBERT config share, by the same names and meanings.
+SHARED_CONFIG_FIELDS = (
+    "vocab_size",
+    "embedding_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "layer_norm_eps",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "use_adapter",
+    "reduction_factor",
+)
+
+
+def original_config_like(config, **overrides) -> AlbertConfig:
+    """The original's config for the same model as the fastmini ``config`` (dropout included:
+    AlbertConfig's own default is 0.0, MiniALBERT's students train with 0.1)."""
+    return original_config(**{**{name: getattr(config, name) for name in SHARED_CONFIG_FIELDS}, **overrides})
+
+
 def extended_attention_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """transformers 4.x ``get_extended_attention_mask``: (B, S) 0/1 -> additive (B, 1, 1, S)."""
     return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
