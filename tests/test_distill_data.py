@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from fastmini.data.corpus import DEFAULT_DATA, DataError, load_documents, read_file
-from fastmini.data.masking import IGNORE_INDEX, mask_tokens
+from fastmini.data.masking import IGNORE_INDEX, MASK_FRACTION, MASK_PROBABILITY, RANDOM_FRACTION
 from fastmini.data.wikipedia import plain_text
 from fastmini.data.windows import make_windows, sample_windows
+from fastmini.distill.batches import MaskedWindows, derived_seed
+from fastmini.distill.config import DistillConfig, validate
 from fastmini.distill.testing import tiny_vocabulary
+from fastmini.training.errors import UsageError
 
 
 @pytest.fixture
@@ -130,55 +134,116 @@ def test_special_token_strings_in_a_document_are_text_not_special_ids(tmp_path, 
     assert not specials & set(inner), "a literal special-token string became a special id"
 
 
-# ---- masking --------------------------------------------------------------------------------------
+# ---- masking: through the distiller's own path, MaskedWindows.batch ------------------------------
 
 
-def masking_input(rows: int = 400, length: int = 64):
+def masked_windows(tokenizer, probability: float = MASK_PROBABILITY, rows: int = 400, length: int = 64):
+    """(MaskedWindows over ``rows`` windows [CLS] words [SEP], every other one half as long so that a batch of
+    them pads it, the batch's unmasked ids padded with [PAD], where those are special: [CLS], [SEP], padding)."""
+    import datasets
+
     generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(5, 99, (rows, length), generator=generator)
-    special = torch.zeros(rows, length, dtype=torch.bool)
-    special[:, 0] = special[:, -1] = True
-    input_ids[:, 0], input_ids[:, -1] = 2, 3
-    special[: rows // 2, length // 2 :] = True  # padding of half the rows
-    input_ids[: rows // 2, length // 2 :] = 0
-    return input_ids, special
+    lengths = [length // 2 if row % 2 else length for row in range(rows)]
+    input_ids = torch.full((rows, length), tokenizer.pad_token_id)
+    special = torch.ones(rows, length, dtype=torch.bool)
+    for row, size in enumerate(lengths):
+        input_ids[row, 1 : size - 1] = torch.randint(5, len(tokenizer), (size - 2,), generator=generator)
+        input_ids[row, 0], input_ids[row, size - 1] = tokenizer.cls_token_id, tokenizer.sep_token_id
+        special[row, 1 : size - 1] = False
+    windows = datasets.Dataset.from_dict(
+        {
+            "input_ids": [ids[:size].tolist() for ids, size in zip(input_ids, lengths, strict=True)],
+            "special_tokens_mask": [flags[:size].int().tolist() for flags, size in zip(special, lengths, strict=True)],
+        }
+    )
+    masked = MaskedWindows(windows, tokenizer, len(tokenizer), probability, MASK_FRACTION, RANDOM_FRACTION)
+    return masked, input_ids, special
 
 
-def test_masking_statistics_are_15_percent_and_80_10_10():
-    input_ids, special = masking_input()
-    corrupted, labels = mask_tokens(input_ids, special, 4, 99, torch.Generator().manual_seed(1))
+def masked_batch(windows: MaskedWindows, seed: int = 1):
+    """Every window in one batch, each masked with its own seed as the distiller derives them."""
+    indices = list(range(len(windows)))
+    return windows.batch(indices, [derived_seed(seed, index) for index in indices])
+
+
+def test_masking_statistics_are_15_percent_and_80_10_10(tokenizer):
+    windows, input_ids, special = masked_windows(tokenizer)
+    batch = masked_batch(windows)
+    corrupted, labels = batch.input_ids, batch.labels
     selected = labels != IGNORE_INDEX
-    eligible = ~special
-    share = selected.sum() / eligible.sum()
+    share = selected.sum() / (~special).sum()
     assert abs(share.item() - 0.15) < 0.01  # ~18,000 eligible tokens: 3 sigma is ~0.008
-    masked = (corrupted == 4) & selected
+    masked = (corrupted == tokenizer.mask_token_id) & selected
     unchanged = (corrupted == input_ids) & selected
     randomised = selected & ~masked & ~unchanged
     count = selected.sum().item()
     assert abs(masked.sum().item() / count - 0.8) < 0.03
-    assert abs(unchanged.sum().item() / count - 0.1) < 0.03 + 1 / 99  # a random id may equal the original
+    assert abs(unchanged.sum().item() / count - 0.1) < 0.03 + 1 / len(tokenizer)  # a random id may equal the original
     assert abs(randomised.sum().item() / count - 0.1) < 0.03
     assert torch.equal(labels[selected], input_ids[selected])
     assert torch.equal(corrupted[~selected], input_ids[~selected])
 
 
-def test_special_tokens_and_padding_are_never_masked_or_changed():
-    input_ids, special = masking_input()
+def test_special_tokens_and_padding_are_never_masked_or_changed(tokenizer):
+    windows, input_ids, special = masked_windows(tokenizer, probability=1.0)
     for seed in range(5):
-        corrupted, labels = mask_tokens(input_ids, special, 4, 99, torch.Generator().manual_seed(seed), probability=1.0)
-        assert (labels[special] == IGNORE_INDEX).all()
-        assert torch.equal(corrupted[special], input_ids[special])
-        assert (labels[~special] != IGNORE_INDEX).all()  # probability 1: every other token is selected
+        batch = masked_batch(windows, seed)
+        assert (batch.labels[special] == IGNORE_INDEX).all()
+        assert torch.equal(batch.input_ids[special], input_ids[special])  # [CLS], [SEP] and [PAD] as they were
+        assert (batch.labels[~special] != IGNORE_INDEX).all()  # probability 1: every other token is selected
+    assert torch.equal(batch.attention_mask.bool(), input_ids != tokenizer.pad_token_id)
+    assert not batch.token_type_ids.any()
 
 
-def test_masking_is_a_function_of_the_generator_seed():
-    input_ids, special = masking_input(rows=8)
-    draw = lambda seed: mask_tokens(input_ids, special, 4, 99, torch.Generator().manual_seed(seed))  # noqa: E731
-    assert all(torch.equal(a, b) for a, b in zip(draw(5), draw(5), strict=True))
-    assert not torch.equal(draw(5)[1], draw(6)[1])
-    before = input_ids.clone()
-    draw(7)
-    assert torch.equal(input_ids, before)
+def test_masks_are_a_function_of_each_windows_seed_alone(tokenizer):
+    """Same seeds, same masks; another seed, other masks; and a window masks the same alone as in a batch
+    (padded or not: resumed and multi-process runs regroup windows)."""
+    windows, _, _ = masked_windows(tokenizer, rows=8)
+    first, again, other = masked_batch(windows, 5), masked_batch(windows, 5), masked_batch(windows, 6)
+    assert torch.equal(first.input_ids, again.input_ids) and torch.equal(first.labels, again.labels)
+    assert not torch.equal(first.labels, other.labels)
+    for row in (0, 3):
+        alone = windows.batch([row], [derived_seed(5, row)])
+        size = alone.input_ids.shape[1]
+        assert torch.equal(alone.input_ids[0], first.input_ids[row, :size])
+        assert torch.equal(alone.labels[0], first.labels[row, :size])
+
+
+@pytest.mark.parametrize(
+    ("rates", "message", "option_message"),
+    [
+        (
+            (float("nan"), 0.8, 0.1),
+            r"^mask_probability must be in \[0, 1\], got nan$",
+            r"^--mask-probability must be in \[0, 1\], got nan$",
+        ),
+        ((0.15, 1.5, 0.0), r"^mask_fraction must be in \[0, 1\], got 1.5$", r"^--mask-fraction must be in \[0, 1\]"),
+        ((0.15, 0.8, -0.1), r"^random_fraction must be in \[0, 1\]", r"^--random-fraction must be in \[0, 1\]"),
+        (
+            (0.15, 0.9, 0.2),
+            r"^mask_fraction \(0.9\) \+ random_fraction \(0.2\) must be <= 1$",
+            r"^--mask-fraction \(0.9\) \+ --random-fraction \(0.2\) must be <= 1$",
+        ),
+    ],
+    ids=["nan-probability", "fraction-above-1", "negative-fraction", "fractions-above-1-together"],
+)
+def test_nonsense_masking_rates_are_refused_by_one_rule_named_by_parameter_or_option(
+    tokenizer, rates, message, option_message
+):
+    """MaskedWindows and the distiller's options check the rates by the same rule (check_masking); the options
+    say it with their flags."""
+    windows, _, _ = masked_windows(tokenizer, rows=2)
+    with pytest.raises(ValueError, match=message):
+        MaskedWindows(windows.windows, tokenizer, len(tokenizer), *rates)
+    names = ("mask_probability", "mask_fraction", "random_fraction")
+    with pytest.raises(UsageError, match=option_message):
+        validate(dataclasses.replace(DistillConfig(), **dict(zip(names, rates, strict=True))))
+
+
+def test_the_distiller_needs_some_masked_tokens():
+    with pytest.raises(UsageError, match="--mask-probability must be > 0"):
+        validate(dataclasses.replace(DistillConfig(), mask_probability=0.0))
+    validate(DistillConfig())  # the defaults pass
 
 
 # ---- corpus readers -------------------------------------------------------------------------------

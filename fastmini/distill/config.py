@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from fastmini.data.corpus import DEFAULT_DATA, TEXT_UNITS
-from fastmini.data.masking import MASK_FRACTION, MASK_PROBABILITY, RANDOM_FRACTION
+from fastmini.data.masking import MASK_FRACTION, MASK_PROBABILITY, RANDOM_FRACTION, check_masking
 from fastmini.distill.losses import LossWeights
 from fastmini.training.errors import UsageError
 from fastmini.training.options import (
@@ -398,16 +399,7 @@ def validate(config: DistillConfig) -> None:
         value = getattr(config, name)
         if not math.isfinite(value) or value <= 0:
             raise UsageError(f"{flag_of(name)} must be a positive number, got {value}")
-    for name in ("mask_probability", "mask_fraction", "random_fraction"):
-        value = getattr(config, name)
-        if not 0.0 <= value <= 1.0:
-            raise UsageError(f"{flag_of(name)} must be in [0, 1], got {value}")
-    if config.mask_probability == 0.0:
-        raise UsageError("--mask-probability must be > 0 (the masked-LM and output-KL terms need masked tokens)")
-    if config.mask_fraction + config.random_fraction > 1.0:
-        raise UsageError(
-            f"--mask-fraction ({config.mask_fraction}) + --random-fraction ({config.random_fraction}) must be <= 1"
-        )
+    check_masking_options(config)
     if config.dropout is not None and not 0.0 <= config.dropout < 1.0:
         raise UsageError(f"--dropout must be in [0, 1), got {config.dropout}")
     if config.window_stride >= config.window_length:
@@ -424,6 +416,21 @@ def validate(config: DistillConfig) -> None:
     if not config.output_dir:
         raise UsageError("--output-dir must not be empty")
     check_resume_or_overwrite(config.resume is not None, config.overwrite_output_dir)
+
+
+def check_masking_options(config: DistillConfig) -> None:
+    """The masking rates by check_masking's rules (the ones MaskedWindows enforces), in the options' names."""
+    try:
+        check_masking(config.mask_probability, config.mask_fraction, config.random_fraction)
+    except ValueError as error:
+        # check_masking's parameters are named like these fields: its message with the flags in their place.
+        message = str(error)
+        for name in ("mask_probability", "mask_fraction", "random_fraction"):
+            message = re.sub(rf"\b{name}\b", flag_of(name), message)
+        raise UsageError(message) from error
+    # The distiller's own rule on top: with nothing selected, two of its four losses have nothing to compare.
+    if config.mask_probability == 0.0:
+        raise UsageError("--mask-probability must be > 0 (the masked-LM and output-KL terms need masked tokens)")
 
 
 def parse_layer_map(spec: str) -> int | tuple[int, ...] | None:
