@@ -1,4 +1,5 @@
-"""Writing one file so that a reader never sees half of it."""
+"""Local files: writing one so that a reader never sees half of it, and telling a local path that does not
+exist from a Hugging Face hub or datasets name."""
 
 from __future__ import annotations
 
@@ -39,3 +40,11 @@ def _usual_mode() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return 0o666 & ~mask
+
+
+def looks_like_local_path(name: str) -> bool:
+    """Whether ``name``, which names nothing on this machine, was meant as a local path rather than a Hugging Face
+    hub or datasets name ("name" or "owner/name"): it starts as a path does (".", "/", "~"), has more than one "/",
+    or a backslash, none of which a hub name can. The loaders of models and of fine-tuning data then say "no such
+    directory" rather than ask the hub; the corpus reader widens the rule for data files (data.corpus)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fastmini.training.checkpoints import TRAIN_CONFIG_NAME
+from fastmini.training.checkpoints import METRICS_NAME, TRAIN_CONFIG_NAME
 from fastmini.training.cli import quiet_libraries, run_cli, setup_logger
 from fastmini.training.errors import UsageError
 from fastmini.training.precision import PRECISIONS, autocast_dtype
@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-length",
         type=int,
         metavar="N",
-        help="tokens per example, longer ones are cut (default: the model's positions)",
+        help="tokens per example, longer ones are cut (default: the length the model was fine-tuned with, which "
+        "python -m fastmini.finetune records in it; for a model from elsewhere, the model's positions)",
     )
     parser.add_argument("--device", default="auto", metavar="DEVICE", help="'auto', 'cpu', 'cuda' (default: auto)")
     parser.add_argument(
@@ -83,7 +84,7 @@ class Predictor:
         from transformers import AutoTokenizer
 
         from fastmini.data.ner import TAG_PATTERN
-        from fastmini.finetune.models import TEXT_PAIR_FIELD, read_model_config
+        from fastmini.finetune.models import MAX_LENGTH_FIELD, TEXT_PAIR_FIELD, read_model_config
         from fastmini.finetune.tasks import GENERIC_TASKS, LabelMap
         from fastmini.models import (
             CheckpointError,
@@ -97,7 +98,12 @@ class Predictor:
         saved_config = read_model_config(path, directory)
         architectures = saved_config.get("architectures") or []
         # The second text column the model was fine-tuned with (None: single texts); older models: train_config.json.
-        self.text_pair_column = saved_config.get(TEXT_PAIR_FIELD, _trained_pair_column(path))
+        self.text_pair_column = saved_config.get(
+            TEXT_PAIR_FIELD, _training_record(path, TRAIN_CONFIG_NAME, "text_pair_column")
+        )
+        # The tokens per example it was fine-tuned with (older models: metrics.json), so that a long text is cut
+        # where the fine-tuning cut it; a model from elsewhere records none.
+        recorded_max_length = saved_config.get(MAX_LENGTH_FIELD, _training_record(path, METRICS_NAME, "max_length"))
         if any(name.endswith("ForTokenClassification") for name in architectures):
             model_class = FastMiniForTokenClassification
         elif any(name.endswith("ForSequenceClassification") for name in architectures):
@@ -116,6 +122,7 @@ class Predictor:
         except (OSError, ValueError, TypeError) as error:
             raise UsageError(f"--model {directory}: no usable tokenizer in the directory ({error})") from error
         config = self.model.config
+        self.default_max_length = _usable_max_length(recorded_max_length, config.max_position_embeddings)
         if model_class is FastMiniForTokenClassification:
             kind = "ner"
         elif config.problem_type == "regression" or config.num_labels == 1:
@@ -156,7 +163,7 @@ class Predictor:
         from fastmini.finetune.data import encode
         from fastmini.finetune.metrics import entities
 
-        max_length = max_length or self.model.config.max_position_embeddings
+        max_length = max_length or self.default_max_length
         encoded = encode(self.tokenizer, examples, self.spec.kind, max_length)
         logits = inference.predict_logits(self.model, encoded, batch_size, self.device, self.autocast_dtype)
         predictions = inference.decode(self.spec.kind, logits, encoded, self.labels.index.get("O", 0))
@@ -272,13 +279,23 @@ def _tagger_json(path: Path, text_column: str, tokens_column: str) -> list[dict[
     return _refuse_all_empty(examples, str(path))
 
 
-def _trained_pair_column(directory: Path) -> str | None:
-    """The --text-pair-column of the fine-tuning job in ``directory`` (its train_config.json), if it says."""
+def _training_record(directory: Path, file_name: str, field: str) -> Any:
+    """``field`` of a JSON file that fine-tuning wrote into ``directory`` (train_config.json, metrics.json), or
+    None when the file does not say."""
     try:
-        saved = json.loads((directory / TRAIN_CONFIG_NAME).read_text(encoding="utf-8"))
+        saved = json.loads((directory / file_name).read_text(encoding="utf-8"))
     except (OSError, ValueError):  # none there (a model from elsewhere), or unreadable: nothing to go by
         return None
-    return saved.get("text_pair_column") if isinstance(saved, dict) else None
+    return saved.get(field) if isinstance(saved, dict) else None
+
+
+def _usable_max_length(recorded: Any, positions: int) -> int:
+    """The recorded fine-tuning length when it is one the model can take, else the model's ``positions``."""
+    from fastmini.finetune.config import MIN_MAX_LENGTH
+
+    if isinstance(recorded, int) and not isinstance(recorded, bool) and MIN_MAX_LENGTH <= recorded <= positions:
+        return recorded
+    return positions
 
 
 def warn_about_missing_pairs(predictor: Predictor, pair_column: str | None) -> None:

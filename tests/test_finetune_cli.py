@@ -550,6 +550,13 @@ def test_resume_takes_the_same_data_by_another_path(tmp_path, monkeypatch):
     ]
 
 
+def test_the_default_model_is_what_the_distiller_writes_by_default():
+    from fastmini.distill.config import DistillConfig
+    from fastmini.finetune.config import FinetuneConfig
+
+    assert FinetuneConfig().model == DistillConfig().output_dir == "outputs/distill"
+
+
 def test_default_model_with_only_an_interrupted_distillations_checkpoints_falls_back_to_a_fresh_student(
     tmp_path, monkeypatch, capsys
 ):

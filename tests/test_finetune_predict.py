@@ -266,6 +266,37 @@ def test_max_length_is_checked_as_finetune_checks_it(classifier, tmp_path, capsy
     assert message in error_of(["--model", str(classifier), "--input", str(texts), "--max-length", value], capsys)
 
 
+def test_long_texts_are_cut_where_the_fine_tuning_cut_them(tmp_path):
+    """By default predict cuts a text to the length the model was fine-tuned with, so that it gives the fine-tuning's
+    own predictions (and dev metric); --max-length still wins, and a model from elsewhere gets its positions."""
+    from transformers import AutoTokenizer
+
+    model = fine_tuned(tmp_path / "job", "classification", "--max-length", "8")
+    saved = json.loads((model / "config.json").read_text())
+    assert saved["finetuned_max_length"] == 8 and saved["max_position_embeddings"] == 64
+    reference = read_jsonl(model / "predictions_validation.jsonl")  # scored with 8 tokens per text
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    assert any(len(tokenizer(r["text"])["input_ids"]) > 8 for r in reference)  # some texts are cut
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(r["text"] for r in reference) + "\n")
+
+    def scores(directory: Path, *flags: str) -> list[float]:
+        output = tmp_path / "out.jsonl"
+        assert main(["--model", str(directory), "--input", str(texts), "--output", str(output), *flags]) == 0
+        return [r["score"] for r in read_jsonl(output)]
+
+    fine_tuning_scores = [r["score"] for r in reference]
+    assert scores(model) == pytest.approx(fine_tuning_scores, abs=1e-5)
+    whole_texts = scores(model, "--max-length", "64")
+    assert max(abs(a - b) for a, b in zip(whole_texts, fine_tuning_scores, strict=True)) > 1e-4  # the flag wins
+    older = Path(shutil.copytree(model, tmp_path / "older", ignore=shutil.ignore_patterns("runs")))
+    del saved["finetuned_max_length"]  # fine-tuned before config.json recorded it: metrics.json says
+    (older / "config.json").write_text(json.dumps(saved))
+    assert scores(older) == pytest.approx(fine_tuning_scores, abs=1e-5)
+    (older / "metrics.json").unlink()  # a model from elsewhere: its positions
+    assert scores(older) == pytest.approx(whole_texts, abs=1e-6)
+
+
 @pytest.mark.parametrize("device", ["tpu", "cuda:x"] + ([] if torch.cuda.is_available() else ["cuda"]))
 def test_a_bad_device_is_reported_before_the_model_is_loaded(device, tmp_path, capsys):
     texts = tmp_path / "t.txt"

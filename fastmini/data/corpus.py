@@ -21,6 +21,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+from fastmini.files import looks_like_local_path
 from fastmini.training.errors import UsageError
 
 DEFAULT_DATA = "gensim-wikipedia-sample"
@@ -30,6 +31,7 @@ CSV_SUFFIXES = (".csv", ".tsv")
 PARQUET_SUFFIXES = (".parquet",)
 SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSON_SUFFIXES + CSV_SUFFIXES + PARQUET_SUFFIXES
 TEXT_UNITS = ("line", "paragraph", "file")
+GLOB_CHARACTERS = "*?["  # a source holding one is a pattern of local files
 
 
 class DataError(UsageError):
@@ -65,11 +67,12 @@ def load_documents(
 
 
 def looks_like_path(source: str) -> bool:
+    """Whether ``source``, which names nothing on this machine, was meant as local data rather than a datasets
+    name. The rule for model names (files.looks_like_local_path), widened because a corpus may be files: a glob
+    pattern or a data file's suffix too ("corpus.txt" is a missing file, not a datasets name)."""
     return (
-        source.startswith((".", "/", "~"))
-        or "\\" in source
-        or source.count("/") > 1
-        or any(ch in source for ch in "*?[")
+        looks_like_local_path(source)
+        or any(ch in source for ch in GLOB_CHARACTERS)
         or Path(source).suffix.lower() in SUPPORTED_SUFFIXES
     )
 
@@ -84,7 +87,7 @@ def local_files(source: str) -> list[Path] | None:
         if not files:
             raise DataError(f"{source}: the directory holds no {'/'.join(SUPPORTED_SUFFIXES)} files")
         return files
-    if any(ch in source for ch in "*?["):
+    if any(ch in source for ch in GLOB_CHARACTERS):
         matches = sorted(Path(p) for p in glob.glob(str(expanded), recursive=True) if Path(p).is_file())
         if not matches:
             raise DataError(f"{source}: the pattern matches no files")

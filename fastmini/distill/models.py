@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fastmini.distill.config import DEFAULT_TEACHER, DistillConfig
+from fastmini.files import looks_like_local_path
 from fastmini.models import FastMiniConfig, FastMiniForMaskedLM
 from fastmini.models.checkpoint import CONFIG_NAME, TOKENIZER_FILES
 from fastmini.models.student import copy_embeddings
@@ -47,7 +48,7 @@ def resolve_model_path(name_or_path: str, what: str, marker_files: tuple[str, ..
         return str(path)
     if path.exists():
         raise UsageError(f"{what} {name_or_path}: expected a model directory, got a file")
-    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+    if looks_like_local_path(name_or_path):
         raise UsageError(f"{what} {name_or_path}: no such directory")
     use_cache_if_hub_unreachable()
     return name_or_path  # a hub name

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastmini.data.ner import ALIGNMENTS
+from fastmini.distill.config import OPTIONS as DISTILL_OPTIONS
 from fastmini.finetune.tasks import GENERIC_TASKS, GLUE_TASKS, TASKS
 from fastmini.training.errors import UsageError
 from fastmini.training.optimization import SCHEDULES
@@ -30,7 +31,8 @@ from fastmini.training.options import (
 )
 from fastmini.training.precision import PRECISIONS
 
-DEFAULT_MODEL = "outputs/distill"  # what `make demo`'s distillation writes
+# What `make demo`'s distillation writes: the distiller's own default --output-dir.
+DEFAULT_MODEL = DISTILL_OPTIONS.default_of("output_dir")
 # The embedded default's grid: SPEC.md's three learning rates x two seeds (so that a mean and a std
 # exist) x both modes, 3 epochs instead of 5 so that the 12 runs fit in about two minutes on 2 CPU cores.
 EMBEDDED_RECIPE = {"seed": [1, 2], "epochs": 3}
@@ -210,6 +212,12 @@ class FinetuneConfig:
     @property
     def embedded_default(self) -> bool:
         return self.data is None and not TASKS[self.task].is_glue
+
+
+def finetuning_max_length(max_length: int | None, positions: int) -> int:
+    """The tokens per example a job uses: --max-length, else DEFAULT_MAX_LENGTH cut to the model's ``positions``.
+    The fine-tuned model records it, and fastmini.predict uses it by default."""
+    return max_length or min(DEFAULT_MAX_LENGTH, positions)
 
 
 def check_max_length(max_length: int | None, positions: int | None = None) -> None:

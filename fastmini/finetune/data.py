@@ -48,6 +48,7 @@ from fastmini.data.ner import (
     read_ner_file,
     read_ner_records,
 )
+from fastmini.files import looks_like_local_path
 from fastmini.finetune.config import FinetuneConfig
 from fastmini.finetune.tasks import LabelMap, TaskSpec, build_label_names
 
@@ -112,7 +113,7 @@ def _read_splits(config: FinetuneConfig, spec: TaskSpec):
         raise DataError(
             f"--data {config.data}: expected a directory holding train.* and validation.* (or dev.*) files, got a file"
         )
-    if config.data.startswith((".", "/", "~")) or config.data.count("/") > 1:
+    if looks_like_local_path(config.data):
         raise DataError(f"--data {config.data}: no such directory")
     return _datasets_splits(config.data, config.data_config, config, spec)
 

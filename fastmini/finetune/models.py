@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from fastmini.finetune.config import DEFAULT_MODEL, FinetuneConfig, check_max_length
+from fastmini.files import looks_like_local_path
+from fastmini.finetune.config import DEFAULT_MODEL, FinetuneConfig, check_max_length, finetuning_max_length
 from fastmini.finetune.tasks import LabelMap, TaskSpec
 from fastmini.models import CheckpointError, FastMiniForSequenceClassification, FastMiniForTokenClassification
 from fastmini.models.checkpoint import CONFIG_NAME, TOKENIZER_FILES, read_config_dict
@@ -32,6 +33,9 @@ FRESH_STUDENT_SEED = 0  # the fresh student's weights do not depend on --seed: e
 # The config.json field where a fine-tuned model records its second text column (None: single texts), so that
 # fastmini.predict can tell when a sentence-pair model is given single texts.
 TEXT_PAIR_FIELD = "finetuned_text_pair_column"
+# The config.json field where it records the tokens per example it was fine-tuned with, which fastmini.predict
+# then uses by default: a long text is cut where the fine-tuning (and its dev metric) cut it.
+MAX_LENGTH_FIELD = "finetuned_max_length"
 
 
 def read_model_config(directory: Path, shown: str) -> dict[str, Any]:
@@ -96,7 +100,7 @@ class ModelSource:
             return str(path)
         if path.exists():
             raise UsageError(f"--model {name}: expected a model directory, got a file")
-        if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        if looks_like_local_path(name):
             raise UsageError(f"--model {name}: no such directory")
         use_cache_if_hub_unreachable()
         return name  # a hub name; from_pretrained says whether it exists
@@ -193,7 +197,13 @@ def load_task_model(source: ModelSource, spec: TaskSpec, labels: LabelMap, seed:
         )
     check_max_length(source.config.max_length, model.config.max_position_embeddings)
     model.config.problem_type = spec.problem_type
-    setattr(model.config, TEXT_PAIR_FIELD, source.config.text_pair_column)  # saved with the model
+    # Saved with the model, for fastmini.predict.
+    setattr(model.config, TEXT_PAIR_FIELD, source.config.text_pair_column)
+    setattr(
+        model.config,
+        MAX_LENGTH_FIELD,
+        finetuning_max_length(source.config.max_length, model.config.max_position_embeddings),
+    )
     model.train()
     if adapter_tuning:
         try:

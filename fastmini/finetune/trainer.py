@@ -31,7 +31,7 @@ from torch import nn
 from fastmini.data.ner import continuation_labels
 from fastmini.files import write_json_atomically
 from fastmini.finetune import inference
-from fastmini.finetune.config import DEFAULT_MAX_LENGTH, FinetuneConfig, changed_options
+from fastmini.finetune.config import FinetuneConfig, changed_options, finetuning_max_length
 from fastmini.finetune.data import TaskData, encode, load_task_data
 from fastmini.finetune.grid_run import BEST_DIR, GridRun
 from fastmini.finetune.models import ModelSource, load_task_model, task_model_class
@@ -131,7 +131,7 @@ class FineTuning:
         self.data: TaskData = load_task_data(config, self.spec)
         self.source = ModelSource(config)
         probe, _ = load_task_model(self.source, self.spec, self.data.labels, config.seed[0], adapter_tuning=False)
-        self.max_length = config.max_length or min(DEFAULT_MAX_LENGTH, probe.config.max_position_embeddings)
+        self.max_length = finetuning_max_length(config.max_length, probe.config.max_position_embeddings)
         del probe
         tokenizer = self.source.tokenizer
         kind = self.spec.kind

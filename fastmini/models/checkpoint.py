@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from fastmini.files import looks_like_local_path
+
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
 PICKLE_NAME = "pytorch_model.bin"
@@ -95,7 +97,7 @@ def config_file(name_or_path: str | Path, hub_kwargs: dict[str, Any] | None = No
     path = Path(name_or_path)
     if path.exists():
         raise CheckpointError(f"{path}: expected a model directory holding {CONFIG_NAME}, got a file")
-    if str(name_or_path).count("/") > 1 or str(name_or_path).startswith((".", "/", "~")):
+    if looks_like_local_path(str(name_or_path)):
         raise CheckpointError(f"{name_or_path}: no such directory")
     found = _download(str(name_or_path), CONFIG_NAME, hub_kwargs)
     if found is None:
