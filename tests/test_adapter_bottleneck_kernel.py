@@ -292,7 +292,7 @@ def test_dispatch_reaches_the_kernel(monkeypatch, kernel_calls):
 def test_the_adapter_module_runs_through_the_kernel(monkeypatch, kernel_calls):
     from fastmini.modules.adapter import BottleneckAdapter
 
-    adapter = BottleneckAdapter(36, 4, EPS).to(DEVICE)
+    adapter = BottleneckAdapter(36, 9, EPS).to(DEVICE)
     x = torch.randn(2, 7, 36, device=DEVICE)
     expected = adapter(x)
     monkeypatch.setenv("FASTMINI_BACKEND", "triton")

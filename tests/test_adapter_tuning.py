@@ -54,14 +54,21 @@ def test_training_step_changes_only_adapters_and_head(tiny_config, batch):
         assert changed == parameter.requires_grad, name
 
 
-def test_save_and_load_adapters(tiny_config, batch, tmp_path):
+def _tuned_and_fresh(tiny_config):
+    """A classifier with tuned adapters and head, and one with the same frozen body and none yet."""
     model = FastMiniForSequenceClassification(tiny_config(num_labels=3, use_adapter=False))
     model.train_adapters_only()
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.requires_grad:
                 parameter.add_(torch.randn_like(parameter) * 0.1)
-    model.eval()
+    fresh = FastMiniForSequenceClassification(tiny_config(num_labels=3, use_adapter=False))
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if k in fresh.state_dict()}, strict=False)
+    return model.eval(), fresh
+
+
+def test_save_and_load_adapters(tiny_config, batch, tmp_path):
+    model, fresh = _tuned_and_fresh(tiny_config)
     model.save_adapters(tmp_path)
     from safetensors.torch import load_file
 
@@ -69,8 +76,6 @@ def test_save_and_load_adapters(tiny_config, batch, tmp_path):
     assert set(saved) == trainable_names(model)
 
     # same frozen body, no adapters yet: loading the adapters restores the tuned model
-    fresh = FastMiniForSequenceClassification(tiny_config(num_labels=3, use_adapter=False))
-    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if k in fresh.state_dict()}, strict=False)
     with torch.no_grad():
         for name, parameter in fresh.named_parameters():
             if name.startswith("classifier."):
@@ -79,6 +84,37 @@ def test_save_and_load_adapters(tiny_config, batch, tmp_path):
     fresh.eval()
     with torch.no_grad():
         torch.testing.assert_close(fresh(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+
+
+def test_saved_adapters_are_not_taken_for_a_peft_adapter(tiny_config, tmp_path):
+    """adapter_config.json is PEFT's file: with peft installed, transformers' Auto from_pretrained reads a
+    directory holding it as a PEFT adapter (and looks for its base_model_name_or_path)."""
+    FastMiniForSequenceClassification(tiny_config(num_labels=2)).save_adapters(tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["adapters.safetensors", "fastmini_adapters.json"]
+
+
+def test_adapters_saved_under_the_earlier_config_name_still_load(tiny_config, batch, tmp_path):
+    model, fresh = _tuned_and_fresh(tiny_config)
+    model.save_adapters(tmp_path)
+    (tmp_path / "fastmini_adapters.json").rename(tmp_path / "adapter_config.json")  # as earlier versions wrote it
+    fresh.load_adapters(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+
+
+def test_the_current_config_name_wins_over_the_earlier_one(tiny_config, tmp_path):
+    """A directory saved again by this version may still hold the earlier file, now stale."""
+    FastMiniForMaskedLM(tiny_config(num_hidden_layers=2)).save_adapters(tmp_path)
+    (tmp_path / "fastmini_adapters.json").rename(tmp_path / "adapter_config.json")
+    FastMiniForMaskedLM(tiny_config()).save_adapters(tmp_path)
+    FastMiniForMaskedLM(tiny_config()).load_adapters(tmp_path)
+
+
+def test_load_adapters_names_the_missing_description(tiny_config, tmp_path):
+    FastMiniForMaskedLM(tiny_config()).save_adapters(tmp_path)
+    (tmp_path / "fastmini_adapters.json").unlink()
+    with pytest.raises(CheckpointError, match=r"fastmini_adapters\.json: missing \(expected a directory written by"):
+        FastMiniForMaskedLM(tiny_config()).load_adapters(tmp_path)
 
 
 def test_load_adapters_refuses_another_shape(tiny_config, tmp_path):

@@ -140,7 +140,7 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint
         cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, FAULT_ENV_VAR: "nan-loss:3"},
     )  # fmt: skip
     assert result.returncode == 1
-    assert "the loss is not finite at step 3" in result.stderr and "step-00000002" in result.stderr
+    assert "the loss is not finite at step 3 (loss=nan, mlm=" in result.stderr and "step-00000002" in result.stderr
     assert "Traceback" not in result.stderr
     assert [step for step, _ in checkpoints.list_checkpoints(output / "checkpoints")] == [2]
     assert not (output / "model.safetensors").exists()
@@ -169,6 +169,31 @@ def test_gradient_norm_is_measured_with_and_without_clipping():
     assert gradient_norm([weight], 1.0) == 5.0 and torch.allclose(weight.grad.norm(), torch.tensor(1.0))
     weight.grad = torch.tensor([float("inf"), 0.0])
     assert gradient_norm([weight], 0.0) == float("inf")
+
+
+@pytest.mark.parametrize(
+    "loss, grad, problem, details",
+    [
+        (float("nan"), 1.0, "the loss is not finite", "loss=nan, mlm=0.5"),
+        (0.5, float("inf"), "the gradient norm is not finite", "norm=inf, loss=0.5, mlm=0.5"),
+    ],
+)
+def test_checked_step_stops_before_any_update_on_a_non_finite_loss_or_gradient(loss, grad, problem, details):
+    """Both trainers' one check: nothing steps (weights, AdamW's state, the schedule) and the trainer's message
+    gets what was not finite and the step's values."""
+    from fastmini.training.errors import TrainingError
+    from fastmini.training.optimization import LinearWarmupDecay, checked_step
+
+    weight = torch.nn.Parameter(torch.ones(2))
+    weight.grad = torch.tensor([grad, 0.0])
+    optimizer = torch.optim.AdamW([weight], lr=0.1)
+    scheduler = LinearWarmupDecay(optimizer, 0, 10)
+    with pytest.raises(TrainingError) as raised:
+        checked_step(
+            optimizer, scheduler, [weight], 0.0, {"loss": loss, "mlm": 0.5}, "{} at step 3 ({}); stopped".format
+        )
+    assert str(raised.value) == f"{problem} at step 3 ({details}); stopped"
+    assert torch.equal(weight.detach(), torch.ones(2)) and not optimizer.state and scheduler.last_epoch == 0
 
 
 def test_resume_refuses_another_held_out_set_and_accepts_the_same_data_by_another_path(

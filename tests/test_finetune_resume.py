@@ -144,7 +144,8 @@ def test_non_finite_loss_stops_with_a_message(setup, tmp_path):
     output = tmp_path / "job"
     result = subprocess_run(job_args(setup, output), "nan-loss:3")
     assert result.returncode == 1
-    assert "the loss is not finite at step 3" in result.stderr and "step-00000002" in result.stderr
+    assert "the loss is not finite at step 3 (loss=nan); stopped without updating the model" in result.stderr
+    assert "step-00000002" in result.stderr
     assert "Traceback" not in result.stderr and not (output / "metrics.json").exists()
 
 
@@ -167,7 +168,7 @@ def test_overflowing_gradients_stop_the_run_before_they_reach_the_weights(setup,
     output = tmp_path / "job"
     assert main(job_args(setup, output, "--save-every", "1", "--max-grad-norm", max_grad_norm)) == 1
     err = capsys.readouterr().err
-    assert f"run {RUNS[0]}: the gradient norm is not finite at step 4" in err
+    assert f"run {RUNS[0]}: the gradient norm is not finite at step 4 (norm=inf, loss=" in err
     latest = output / "runs" / RUNS[0] / "checkpoints" / "step-00000003"
     assert f"stopped without updating the model; the checkpoints written so far hold finite weights (the latest: " \
            f"{latest})" in err  # fmt: skip

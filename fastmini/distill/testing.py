@@ -1,6 +1,6 @@
 """Tiny, fully offline distillation fixtures: a random BERT teacher, its tokenizer, a corpus.
 
-Used by the test suite and the benchmark; handy for a smoke run of the CLI on any machine:
+Used by the test suite; handy for a smoke run of the CLI on any machine:
 ``make_tiny_teacher(dir)`` then ``python -m fastmini.distill --teacher dir --data dir/corpus.txt``.
 Sizes follow transformers' tester configs (vocab 99, hidden 36).
 """

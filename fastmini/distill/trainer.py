@@ -43,7 +43,7 @@ from fastmini.training.checkpoints import (
     publish_directory_contents,
 )
 from fastmini.training.cli import check_writable_directory, writable_directory
-from fastmini.training.errors import Interrupted, TrainingError, UsageError
+from fastmini.training.errors import Interrupted, UsageError
 from fastmini.training.memory import enable_activation_checkpointing
 from fastmini.training.normalization import backward_share, step_totals
 from fastmini.training.optimization import LinearWarmupDecay, build_adamw, checked_step
@@ -422,21 +422,14 @@ class DistillationRun:
         values = dict(zip(("loss", "mlm", "attention", "hidden", "output"), means.tolist(), strict=True))
         if faults.nan_if_armed(step + 1):
             values["loss"] = float("nan")
-        if not all(math.isfinite(v) for v in values.values()):
-            where = self._last_good()
-            terms_text = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-            raise TrainingError(
-                f"the loss is not finite at step {step + 1} ({terms_text}); stopped without updating the student; "
-                f"{where}"
-            )
         values["grad_norm"], values["lr"] = checked_step(
             self.optimizer,
             self.scheduler,
             self.student_side.parameters(),
             self.config.max_grad_norm,
-            lambda norm: (
-                f"the gradient norm is not finite at step {step + 1} ({norm}, loss {values['loss']:.4g}); "
-                f"stopped without updating the student; {self._last_good()}"
+            values,
+            lambda problem, details: (
+                f"{problem} at step {step + 1} ({details}); stopped without updating the student; {self._last_good()}"
             ),
         )
         return values, counts.tokens

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import shutil
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from fastmini.models.checkpoint import SAFETENSORS_NAME
 from fastmini.training import checkpoints, distributed, faults, precision
 from fastmini.training.batching import StepBatches, check_resumed_split, derived_seed
 from fastmini.training.checkpoints import CHECKPOINTS_DIR, STATE_NAME
-from fastmini.training.errors import TrainingError, UsageError
+from fastmini.training.errors import UsageError
 from fastmini.training.memory import enable_activation_checkpointing
 from fastmini.training.normalization import backward_share, share_of_mean, step_totals
 from fastmini.training.optimization import WarmupDecay, build_adamw, checked_step
@@ -230,19 +229,15 @@ class GridRun:
         values = {"loss": float(distributed.sum_over_processes(torch.tensor([share_sum]), self.context)[0])}
         if faults.nan_if_armed(step + 1):
             values["loss"] = float("nan")
-        if not math.isfinite(values["loss"]):
-            raise TrainingError(
-                f"run {self.setting.name}: the loss is not finite at step {step + 1}; stopped without updating the "
-                f"model; {self._last_good()}"
-            )
         values["grad_norm"], values["lr"] = checked_step(
             self.optimizer,
             self.scheduler,
             self.trainable,
             self.config.max_grad_norm,
-            lambda norm: (
-                f"run {self.setting.name}: the gradient norm is not finite at step {step + 1} ({norm}, "
-                f"loss {values['loss']:.4g}); stopped without updating the model; {self._last_good()}"
+            values,
+            lambda problem, details: (
+                f"run {self.setting.name}: {problem} at step {step + 1} ({details}); stopped without updating the "
+                f"model; {self._last_good()}"
             ),
         )
         return values

@@ -29,7 +29,10 @@ if TYPE_CHECKING:  # modeling.py imports this module
 logger = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS_NAME = "adapters.safetensors"
-ADAPTER_CONFIG_NAME = "adapter_config.json"
+# Not PEFT's adapter_config.json: with peft installed, transformers' Auto from_pretrained and PEFT's tools
+# would take a directory holding that name for a PEFT adapter.
+ADAPTER_CONFIG_NAME = "fastmini_adapters.json"
+LEGACY_ADAPTER_CONFIG_NAME = "adapter_config.json"  # what save_adapters wrote before; load_adapters still reads it
 # Adapters only fit a model with the same shape of recursion, and the head one with the same pooling.
 MATCHING_FIELDS = ("hidden_size", "num_hidden_layers", "reduction_factor", "head_variant")
 # Written by save_adapters before head_variant was recorded: "minialbert" was the only variant then.
@@ -120,9 +123,16 @@ def save_adapters(model: FastMiniPreTrainedModel, directory: str | os.PathLike) 
     write_json_atomically(directory / ADAPTER_CONFIG_NAME, description)
 
 
+def _adapter_config_path(directory: Path) -> Path:
+    """The description save_adapters wrote: its own name, else the name of earlier versions."""
+    path = directory / ADAPTER_CONFIG_NAME
+    legacy = directory / LEGACY_ADAPTER_CONFIG_NAME
+    return legacy if not path.is_file() and legacy.is_file() else path
+
+
 def load_adapters(model: FastMiniPreTrainedModel, directory: str | os.PathLike) -> None:
     directory = Path(directory)
-    config_path, weights_path = directory / ADAPTER_CONFIG_NAME, directory / ADAPTER_WEIGHTS_NAME
+    config_path, weights_path = _adapter_config_path(directory), directory / ADAPTER_WEIGHTS_NAME
     for path in (config_path, weights_path):
         if not path.is_file():
             raise CheckpointError(f"{path}: missing (expected a directory written by save_adapters)")

@@ -61,13 +61,14 @@ class FastMiniPreTrainedModel(PreTrainedModel):
         return load_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs)
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint, **options):
-        """transformers' switch (``activation_checkpointing_enable``); its ``every_n_layers`` counts recursions,
-        the layers of this model: every n-th is checkpointed, the others keep their activations."""
+        """transformers' switch (``activation_checkpointing_enable``, ``gradient_checkpointing_enable`` before 5.23);
+        its ``every_n_layers`` counts recursions, the layers of this model: every n-th is checkpointed, the others
+        keep their activations."""
         every = options.get("every_n_layers", 1)
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every_n_layers must be an int >= 1 (1: every recursion), got {every!r}")
         super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, **options)
-        self.base_encoder().encoder.checkpoint_every = every if enable else 1
+        self.base_model.encoder.checkpoint_every = every if enable else 1
 
     def train_adapters_only(self) -> dict[str, int]:
         """Adapter tuning (SPEC.md, Model 6): freeze embeddings, projector and shared layer.
@@ -78,7 +79,7 @@ class FastMiniPreTrainedModel(PreTrainedModel):
         return adapter_tuning.train_adapters_only(self)
 
     def save_adapters(self, directory: str | os.PathLike) -> None:
-        """Write only the adapters and the task head (``adapters.safetensors`` + config)."""
+        """Write only the adapters and the task head (``adapters.safetensors`` + ``fastmini_adapters.json``)."""
         adapter_tuning.save_adapters(self, directory)
 
     def load_adapters(self, directory: str | os.PathLike) -> None:
@@ -101,7 +102,7 @@ class FastMiniPreTrainedModel(PreTrainedModel):
         for module in self.modules():
             if isinstance(module, PrepackedWeightsMixin):  # the shared layer and the masked-LM head
                 module.use_prepacked_weights(prepacked_weights)
-        self.base_encoder().encoder.shared_layer.packed_attention_backend = "cuda" if varlen_attention else None
+        self.base_model.encoder.shared_layer.packed_attention_backend = "cuda" if varlen_attention else None
         return self
 
     def graphed_encoder(self, **options: Any) -> GraphedEncoder:
@@ -113,7 +114,7 @@ class FastMiniPreTrainedModel(PreTrainedModel):
 
         if self.training:  # dropout would run in every capture and be frozen into its graph
             raise RuntimeError("graphed_encoder: the model is in train() mode; call model.eval() first")
-        base = self.base_encoder()
+        base = self.base_model
         options.setdefault("max_sequence_length", self.config.max_position_embeddings)
         options.setdefault("device", self.device)  # where prepare() captures before any call
         return GraphedEncoder(lambda ids, mask: base.encode(ids, mask, unpad=False).sequence, **options)
@@ -126,11 +127,8 @@ class FastMiniPreTrainedModel(PreTrainedModel):
         shape depends on the mask's values and no host sync reads it: what ``torch.compile(...,
         fullgraph=True)``, ``mode="reduce-overhead"`` and CUDA graphs need. With unpadding on,
         ``torch.compile`` still works, with a graph break where the mask is read."""
-        self.base_encoder().unpadding = bool(enabled)
+        self.base_model.unpadding = bool(enabled)
         return self
-
-    def base_encoder(self) -> FastMiniModel:
-        return self if isinstance(self, FastMiniModel) else getattr(self, self.base_model_prefix)
 
 
 def _check_mask_shape(attention_mask: torch.Tensor, shape: torch.Size) -> None:

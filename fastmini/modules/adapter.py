@@ -13,10 +13,11 @@ from fastmini.ops.plain_layers import all_plain
 class BottleneckAdapter(nn.Module):
     """``LayerNorm(x + Up(GELU(Down(x))))`` with Down H -> H/r and Up H/r -> H (SPEC.md, Model 4)."""
 
-    def __init__(self, hidden_size: int, reduction_factor: int, eps: float):
+    def __init__(self, hidden_size: int, adapter_size: int, eps: float):
+        """``adapter_size``: the bottleneck width H/r (``FastMiniConfig.adapter_size``)."""
         super().__init__()
-        self.down = nn.Linear(hidden_size, hidden_size // reduction_factor)
-        self.up = nn.Linear(hidden_size // reduction_factor, hidden_size)
+        self.down = nn.Linear(hidden_size, adapter_size)
+        self.up = nn.Linear(adapter_size, hidden_size)
         self.norm = nn.LayerNorm(hidden_size, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,10 +2,12 @@
 
 for i in 0..N-1:  a = AttAdapter_i(h);  x = attention_block(a);  m = FfnAdapter_i(x);  h = ffn_block(m)
 
-Activation checkpointing (transformers' ``gradient_checkpointing_enable()``, which sets
+Activation checkpointing (transformers' ``activation_checkpointing_enable()``, named
+``gradient_checkpointing_enable()`` before 5.23 and kept as a deprecated alias since; either sets
 ``gradient_checkpointing`` and ``_gradient_checkpointing_func`` here) checkpoints one recursion at a
 time: backward keeps only each recursion's input and recomputes the rest, dropout masks included
-(torch.utils.checkpoint restores the RNG states).
+(torch.utils.checkpoint restores the RNG states). fastmini.training.memory calls whichever the
+installed transformers has.
 """
 
 from __future__ import annotations
@@ -30,13 +32,13 @@ class EncoderOutput:
 
 def make_adapters(config) -> nn.ModuleList:
     return nn.ModuleList(
-        BottleneckAdapter(config.hidden_size, config.reduction_factor, config.adapter_layer_norm_eps)
+        BottleneckAdapter(config.hidden_size, config.adapter_size, config.adapter_layer_norm_eps)
         for _ in range(config.num_hidden_layers)
     )
 
 
 class RecursiveEncoder(nn.Module):
-    gradient_checkpointing = False  # switched by transformers' gradient_checkpointing_enable()
+    gradient_checkpointing = False  # switched by transformers' activation_checkpointing_enable() (see above)
     checkpoint_every = 1  # its every_n_layers: recursions 0, n, 2n, ... are checkpointed, the others keep theirs
 
     def __init__(self, config):

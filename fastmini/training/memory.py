@@ -11,7 +11,8 @@ from transformers import PreTrainedModel
 
 
 def enable_activation_checkpointing(model: PreTrainedModel, use_reentrant: bool = False) -> None:
-    """transformers renamed the switch (activation_checkpointing_enable from 5.23; the old name warns)."""
+    """transformers renamed the switch: activation_checkpointing_enable from 5.23, where the old
+    gradient_checkpointing_enable stays as an alias that warns; before 5.23 only the old name exists."""
     kwargs = {"use_reentrant": use_reentrant}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)

@@ -9,7 +9,7 @@ by the distillation and fine-tuning trainers.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -73,16 +73,23 @@ def checked_step(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     parameters: Iterable[nn.Parameter],
     max_grad_norm: float,
-    stopped: Callable[[float], str],
+    losses: Mapping[str, float],
+    stopped: Callable[[str, str], str],
 ) -> tuple[float, float]:
-    """Clip the gradients, then one optimizer and scheduler step; returns (gradient norm, the step's lr).
+    """Check the step's losses and gradients, clip the gradients, then one optimizer and scheduler step;
+    returns (gradient norm, the step's lr).
 
-    Gradients whose norm is not finite raise ``TrainingError(stopped(norm))`` before any step: a finite
-    loss can still overflow in backward, and one AdamW step with it writes NaN into every weight (and
-    the next checkpoint would hold them)."""
+    Nothing steps when a value is not finite: one AdamW step with inf/NaN writes NaN into every weight (and
+    the next checkpoint would hold them), and a finite loss can still overflow in backward. A loss (any
+    value of ``losses``) raises ``TrainingError(stopped("the loss is not finite", details))``, a gradient
+    norm ``stopped("the gradient norm is not finite", details)``; ``details`` lists the values as
+    ``name=value``, and ``stopped`` puts the two in the trainer's own message."""
+    loss_text = ", ".join(f"{name}={value:.4g}" for name, value in losses.items())
+    if not all(math.isfinite(value) for value in losses.values()):
+        raise TrainingError(stopped("the loss is not finite", loss_text))
     norm = gradient_norm(parameters, max_grad_norm)
     if not math.isfinite(norm):
-        raise TrainingError(stopped(norm))
+        raise TrainingError(stopped("the gradient norm is not finite", f"norm={norm}, {loss_text}"))
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
