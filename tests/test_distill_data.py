@@ -12,9 +12,10 @@ from fastmini.data.corpus import DEFAULT_DATA, DataError, load_documents, read_f
 from fastmini.data.masking import IGNORE_INDEX, MASK_FRACTION, MASK_PROBABILITY, RANDOM_FRACTION
 from fastmini.data.wikipedia import plain_text
 from fastmini.data.windows import make_windows, sample_windows
-from fastmini.distill.batches import MaskedWindows, derived_seed
+from fastmini.distill.batches import MaskedWindows
 from fastmini.distill.config import DistillConfig, validate
 from fastmini.distill.testing import tiny_vocabulary
+from fastmini.training.batching import derived_seed
 from fastmini.training.errors import UsageError
 
 

@@ -16,9 +16,9 @@ import torch
 
 from fastmini.data.masking import apply_masking, check_masking, masking_draws
 from fastmini.distill.distiller import Batch
-from fastmini.training.batching import StepBatches, derived_seed
+from fastmini.training.batching import derived_seed
 
-__all__ = ["MaskedWindows", "StepBatches", "derived_seed", "evaluation_batches"]
+__all__ = ["MaskedWindows", "evaluation_batches"]
 
 
 class MaskedWindows:

@@ -28,13 +28,13 @@ from torch import nn
 from fastmini.data.corpus import load_documents
 from fastmini.data.windows import check_window_stride, make_windows
 from fastmini.distill import models
-from fastmini.distill.batches import MaskedWindows, StepBatches, evaluation_batches
+from fastmini.distill.batches import MaskedWindows, evaluation_batches
 from fastmini.distill.config import DistillConfig, changed_options, resolve_layer_map
 from fastmini.distill.distiller import Distiller, StepCounts, StudentSide
 from fastmini.distill.evaluation import evaluate
 from fastmini.models.checkpoint import SAFETENSORS_NAME
 from fastmini.training import checkpoints, distributed, faults, precision
-from fastmini.training.batching import check_global_batch, check_resumed_split, without_split
+from fastmini.training.batching import StepBatches, check_global_batch, check_resumed_split, without_split
 from fastmini.training.checkpoints import (
     CHECKPOINTS_DIR,
     METRICS_NAME,
