@@ -118,6 +118,22 @@ def test_optimized_model_equals_the_plain_one(tiny_config, randomize, padded, hi
     assert len(optimized.lm_head.prepacked) == 2  # transform, decoder
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_under_cpu_autocast_an_optimized_model_computes_as_the_plain_one(tiny_config, randomize, dtype):
+    """oneDNN's linear is not on autocast's lists: run under it, the cache would keep computing in fp32 where
+    a plain model computes in the autocast dtype (E == H: no projector casts the encoder's input first)."""
+    config = tiny_config(embedding_size=36, use_embedding_projection=False)
+    plain = randomize(FastMiniForMaskedLM(config)).eval()
+    optimized = copy.deepcopy(plain).optimize_for_inference()
+    input_ids, mask = _padded_batch()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=dtype):
+        expected = plain(input_ids, mask).logits
+        got = optimized(input_ids, mask).logits
+    assert expected.dtype == got.dtype == dtype
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert len(optimized.fastmini.encoder.shared_layer.prepacked) == 0  # never built: nothing ran through it
+
+
 def test_an_optimized_model_still_compiles(tiny_config, randomize):
     """torch.compile of an optimized model takes the plain ops (inductor could not lower oneDNN's linear
     on a weight that is not a graph constant); its eager calls keep the cache."""

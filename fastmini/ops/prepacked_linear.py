@@ -98,6 +98,10 @@ class PrepackedLinears:
     def applies(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
         if x.device.type != "cpu" or x.dtype != torch.float32 or weights[0].dtype != torch.float32:
             return False
+        # Under CPU autocast F.linear computes in the autocast dtype; oneDNN's op is not on autocast's lists
+        # and would keep computing (and returning) fp32: the plain ops, as without the cache.
+        if torch.is_autocast_enabled("cpu"):
+            return False
         # Under torch.compile the plain ops: inductor cannot lower oneDNN's linear on a weight that is
         # not a graph constant (it crashed), and packs weights itself where it wants to (freezing).
         if torch.compiler.is_compiling():
