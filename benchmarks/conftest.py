@@ -110,13 +110,37 @@ def copy_bandwidth(device: torch.device, bytes_moved: int = DRAM_COPY_BYTES) -> 
     return _COPY_BANDWIDTH[key]
 
 
-def device_median_seconds(fn: Callable) -> float:
-    """Median GPU time of ``fn`` (not synchronised: Triton's ``do_bench`` records CUDA events around each
-    call and empties the L2 cache before it, so the time is the kernels' own, from DRAM, without the host's
-    launch overhead that a wall-clock timing of a ~20 us kernel would mostly measure)."""
-    from triton.testing import do_bench
+L2_FLUSH_BYTES = 256 * 2**20  # written before each timed call: more than any GPU's L2, so inputs come from DRAM
+SM_CLOCK_HZ_CEILING = 2.0e9  # above an H100/H200's boost clock: a spin of n cycles lasts at least n / this
 
-    return do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+
+def device_and_host_seconds(fn: Callable, reps: int = 20) -> tuple[float, float]:
+    """(median GPU time of ``fn``, its host time to enqueue) in seconds: ``fn`` (not synchronised) timed
+    between CUDA events, from DRAM, without launch gaps.
+
+    Before each timed call the L2 cache is overwritten, then the GPU spins (``torch.cuda._sleep``) for twice
+    the host time that enqueuing ``fn`` takes, so that every kernel of ``fn`` is queued before the start event
+    fires. (Triton's do_bench leaves only the cache flush, ~85 us, as a head start: an op whose launches take
+    longer, a forward+backward through autograd for one, would be timed with the host's gaps between its
+    kernels.) What is left is what the kernels take, as they would in a CUDA graph."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(5):
+        fn()
+    host_seconds = (time.perf_counter() - start) / 5
+    torch.cuda.synchronize()
+    spin_cycles = int(2 * host_seconds * SM_CLOCK_HZ_CEILING)
+    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for begin, end in events:
+        flush.zero_()
+        torch.cuda._sleep(spin_cycles)
+        begin.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(begin.elapsed_time(end) for begin, end in events) / 1e3, host_seconds
 
 
 @pytest.fixture
@@ -124,10 +148,10 @@ def record_bandwidth():
     """record_bandwidth(benchmark, medians, bytes_moved, device, steps=None, baseline="torch"): achieved GB/s
     of each contender for the minimum traffic ``bytes_moved``, as a % of a copy moving the same bytes (a fair
     roofline whatever the size: small cases fit in L2 or cache, and so does their copy) and of a DRAM-sized
-    copy. ``medians``
-    are wall-clock (launch and synchronisation included, as an eager caller sees them). On CUDA, ``steps``
-    (the contenders without synchronisation) are also timed on the device itself, cold L2, against a copy of
-    the same bytes timed the same way: the figures the bandwidth targets are read from."""
+    copy. ``medians`` are wall-clock (launch and synchronisation included, as an eager caller sees them). On
+    CUDA, ``steps`` (the contenders without synchronisation) are also timed on the device itself
+    (device_and_host_seconds: cold L2, no launch gaps), against a copy of the same bytes timed the same way:
+    the figures the bandwidth targets are read from."""
 
     def _record(benchmark, medians, bytes_moved: int, device: torch.device, steps=None, baseline="torch") -> None:
         same_size, dram = copy_bandwidth(device, bytes_moved), copy_bandwidth(device)
@@ -150,9 +174,12 @@ def record_bandwidth():
 def _record_device_times(info: dict, steps: dict[str, Callable], bytes_moved: int, device, baseline: str) -> None:
     source = torch.empty(max(1, bytes_moved // 2), dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
-    copy = 2 * source.numel() / device_median_seconds(lambda: target.copy_(source))
-    times = {name: device_median_seconds(step) for name, step in steps.items()}
+    copy = 2 * source.numel() / device_and_host_seconds(lambda: target.copy_(source))[0]
+    measured = {name: device_and_host_seconds(step) for name, step in steps.items()}
+    times = {name: device for name, (device, _host) in measured.items()}
     info["device_median_us"] = {n: round(t * 1e6, 2) for n, t in times.items()}
+    # Above the device time, an eager caller waits for the host: what a CUDA graph would save.
+    info["host_launch_us"] = {n: round(host * 1e6, 2) for n, (_device, host) in measured.items()}
     info["device_copy_bandwidth_gb_per_s"] = round(copy / 1e9, 1)
     info["device_percent_of_copy_bandwidth"] = {n: round(100 * bytes_moved / t / copy, 1) for n, t in times.items()}
     if baseline in times:
