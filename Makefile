@@ -3,15 +3,18 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-# The CPU build of torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+# The CPU build of torch first and pinned: an unpinned torch would pull a multi-GB CUDA build. This
+# project's machines hold the CPU wheel; elsewhere name PyTorch's CPU index, e.g.
+# `make test TORCH_INDEX=https://download.pytorch.org/whl/cpu` (PyPI's torch is the CUDA build).
 TORCH := torch==2.13.0
+TORCH_INDEX ?=
 
 .PHONY: venv test demo demo-foundation bench bench-gpu device-wheels lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet -e ".[dev,demo]"
 	touch $(STAMP)
 

@@ -73,7 +73,11 @@ class FinetuneConfig:
         nargs="+",
     )
     epochs: int = option(
-        5, "passes over the training set per run (GLUE's large tasks and the embedded default: 3)", "run", parse=int
+        5,
+        "passes over the training set per run (GLUE's large tasks and the embedded default: 3); each pass is "
+        "reshuffled and takes only whole batches, leaving out the last len %% --batch-size examples of its order",
+        "run",
+        parse=int,
     )
     early_stopping: int = option(
         0, "stop a run after N epochs without a better dev metric (0: never)", "run", parse=int, metavar="N"

@@ -3,7 +3,7 @@
 Frozen: embeddings, projector, the shared layer. Trainable: every adapter, whatever sits outside the
 base model (the task head) and ALBERT's tanh pooler: it lives in the base model but serves only the
 classifier, and a masked-LM checkpoint has none, so a frozen one would stay random and differ on every
-load. Saved adapters hold exactly those tensors, so a task costs ~1% of the model on disk.
+load. Saved adapters hold exactly those tensors: a task costs a few percent of the model on disk.
 """
 
 from __future__ import annotations
