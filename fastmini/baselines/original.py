@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from transformers import AlbertConfig, AlbertModel
 
+from fastmini.models.conversion import ALBERT_FIELDS
+
 
 class OriginalBottleneckAdapter(nn.Module):
     def __init__(self, dim: int, reduction_factor: int):
@@ -41,23 +43,9 @@ def original_config(**fields) -> AlbertConfig:
     return config
 
 
-# The fields a fastmini config and the original's ALBERT config share, by the same names and meanings.
-SHARED_CONFIG_FIELDS = (
-    "vocab_size",
-    "embedding_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-    "hidden_act",
-    "max_position_embeddings",
-    "type_vocab_size",
-    "layer_norm_eps",
-    "hidden_dropout_prob",
-    "attention_probs_dropout_prob",
-    "use_adapter",
-    "reduction_factor",
-)
+# The fields a fastmini config and the original's config share, by the same names and meanings: the ALBERT
+# fields that conversion copies from an original checkpoint's config, and MiniALBERT's adapter extras.
+SHARED_CONFIG_FIELDS = (*ALBERT_FIELDS, "use_adapter", "reduction_factor")
 
 
 def original_config_like(config, **overrides) -> AlbertConfig:
