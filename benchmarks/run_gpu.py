@@ -9,13 +9,13 @@ gpu-benchmarks-<file>.log) and benchmarks-<file>.json are written into $OUT as t
 variable is set (the device tool brings $OUT back, even after a timeout), and the results file is
 copied there too.
 
-The whole call must come back within one device command (10 minutes, installs and start-up
-included), so the steps share a wall-clock budget (``BUDGET_S``, 8 minutes; $FASTMINI_BENCH_GPU_BUDGET_S
-overrides it): the tests get at most ``TESTS_SHARE_S``, each benchmark file what is left less a reserve
-for the files after it. A step that reaches its share is interrupted like a Ctrl-C: pytest stops after
-the running test and still writes its summary and the JSON of the benchmarks already done (benchmarks
-stopped before their first timed round are dropped from it, see benchmarks/conftest.py), so the
-results file is written with what finished.
+The whole call must come back within one device command (10 minutes, installs and start-up included:
+call it with the device tool's timeout_s=600), so the steps share a wall-clock budget (``BUDGET_S``, 8.5
+minutes; $FASTMINI_BENCH_GPU_BUDGET_S overrides it): the tests get at most ``TESTS_SHARE_S``, each benchmark
+file what is left less a reserve for the files after it. A step that reaches its share is interrupted like
+a Ctrl-C: pytest stops after the running test and still writes its summary and the JSON of the benchmarks
+already done (benchmarks stopped before their first timed round are dropped from it, see
+benchmarks/conftest.py), so the results file is written with what finished.
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ GPU_BENCHMARKS = [
 ]
 # Every benchmark here times a fixed number of rounds (benchmark.pedantic and the interleaved
 # `compare`), so pytest-benchmark's --benchmark-max-time cannot bound them: wall-clock budgets do.
-BUDGET_S = int(os.environ.get("FASTMINI_BENCH_GPU_BUDGET_S", "480"))
-TESTS_SHARE_S = 200  # at most this for the GPU tests (the benchmarks get the rest)
+BUDGET_S = int(os.environ.get("FASTMINI_BENCH_GPU_BUDGET_S", "510"))
+TESTS_SHARE_S = 220  # at most this for the GPU tests (the benchmarks get the rest)
 BENCHMARK_FILE_RESERVE_S = 40  # kept back for each benchmark file still to run when one starts
 INTERRUPT_GRACE_S = 20  # after the interrupt, for pytest to finish the running test and write its reports
 
@@ -137,14 +137,16 @@ def _stop_within(process: subprocess.Popen, budget_s: float, grace_s: float) -> 
         return process.wait(), f"bench-gpu: stopped at its {budget_s:.0f} s budget (killed)"
 
 
-def gpu_test_files() -> list[str]:
-    """GPU_TESTS_FIRST, then every other test file with a gpu mark, alphabetically."""
+def gpu_test_files(parallel: bool = False) -> list[str]:
+    """Every test file with a gpu mark: GPU_TESTS_FIRST, then the others (the kernel files) alphabetically.
+    In ``parallel`` (pytest-xdist hands out whole files in this order as workers free up) the long kernel files
+    go first instead, each to a worker of its own, while the last worker runs the quick ones."""
     marked = sorted(
         f"tests/{path.name}" for path in (ROOT / "tests").glob("test_*.py") if "mark.gpu" in path.read_text()
     )
-    return [name for name in GPU_TESTS_FIRST if (ROOT / name).is_file()] + [
-        name for name in marked if name not in GPU_TESTS_FIRST
-    ]
+    quick = [name for name in GPU_TESTS_FIRST if (ROOT / name).is_file()]
+    long = [name for name in marked if name not in GPU_TESTS_FIRST]
+    return long + quick if parallel else quick + long
 
 
 def read_report(path: Path) -> dict:
@@ -237,7 +239,7 @@ def main() -> int:
         [
             "-m",
             "gpu",
-            *gpu_test_files(),
+            *gpu_test_files(parallel=bool(parallel_workers())),
             "-q",
             "-rfEs",
             "-p",
