@@ -95,3 +95,22 @@ def test_the_corpus_reader_also_takes_file_names_and_patterns_for_local_files(hu
     assert not looks_like_local_path(name)
     with pytest.raises(DataError, match="no such file|matches no files"):
         corpus_documents(name)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from fastmini.finetune.testing import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("model"))
+
+
+@pytest.mark.parametrize("name", MISSING_PATHS)
+def test_finetune_tokenizer_calls_a_missing_local_path_missing(hub_unreachable, tiny_model, name):
+    with pytest.raises(UsageError, match="--tokenizer .*: no such directory"):
+        finetune_models.ModelSource(FinetuneConfig(model=str(tiny_model), tokenizer=name))
+
+
+@pytest.mark.parametrize("name", HUB_NAMES)
+def test_finetune_tokenizer_takes_a_hub_name_to_the_hub(hub_unreachable, tiny_model, name):
+    with pytest.raises(AskedTheHub):
+        finetune_models.ModelSource(FinetuneConfig(model=str(tiny_model), tokenizer=name))

@@ -146,6 +146,8 @@ class ModelSource:
                 "directory; pass --tokenizer DIR"
             )
         if not local.is_dir():
+            if self.config.tokenizer and looks_like_local_path(name):
+                raise UsageError(f"--tokenizer {shown}: no such directory")
             use_cache_if_hub_unreachable()  # a hub name (--tokenizer, or --model's own)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(local) if local.is_dir() else name)
