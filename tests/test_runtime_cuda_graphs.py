@@ -312,17 +312,32 @@ UNPADDED = {torch.float32: dict(rtol=1e-3, atol=1e-3), torch.bfloat16: dict(rtol
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_graphed_model_matches_eager_on_real_tokens(tiny_config, randomize, dtype):
+def test_graphed_model_matches_eager_on_real_tokens(
+    tiny_config, randomize, dtype, backend, monkeypatch, triton_launches
+):
+    """Through torch's ops and through the Triton kernels (which CUDA picks by itself once verified): a
+    kernel launch must be capturable (no host sync, no allocation outside the pool) and replay alike."""
+    monkeypatch.setenv("FASTMINI_BACKEND", backend)
     model = tiny_model(tiny_config, randomize, dtype, "cuda")
     fn = padded_encoder(model)
     encoder = GraphedEncoder(fn, batch_buckets=(1, 2, 4, 8), sequence_buckets=(8, 16, 32, 64), max_sequence_length=64)
+    captured = set()
     for shape in GPU_SHAPES:
         ids, mask = (t.cuda() for t in ragged_batch(*shape, vocab=99, seed=shape[1]))
         with torch.no_grad():
             padded = fn(ids, mask)  # same layout, same shape, eager
             unpadded = model(ids, mask).last_hidden_state  # the default path
+        before = dict(triton_launches)
         out = encoder(ids, mask)
+        launched = {op: count - before[op] for op, count in triton_launches.items()}
+        bucket = encoder.grid.choose(*shape)
+        if backend == "triton" and bucket not in captured:  # warm-up and capture ran every kernel
+            assert all(launched.values()), (shape, launched)
+        else:  # torch's ops, or a replay: no Python runs, so no launcher
+            assert not any(launched.values()), (shape, launched)
+        captured.add(bucket)
         real = mask.bool()
         assert out.shape == (*shape, model.config.hidden_size) and out.dtype == dtype
         assert torch.isfinite(out[real]).all()

@@ -372,7 +372,12 @@ def test_a_window_over_the_shared_layer_applies_and_is_removed(tiny_config, rand
 
 @pytest.mark.gpu
 @needs_l2
-def test_graph_kernel_nodes_get_the_window(tiny_config, randomize, persisting_l2):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_graph_kernel_nodes_get_the_window(
+    tiny_config, randomize, persisting_l2, backend, monkeypatch, triton_launches
+):
+    """Torch's kernels and the Triton kernels (CUDA's choice once verified) alike: every kernel node gets it."""
+    monkeypatch.setenv("FASTMINI_BACKEND", backend)
     model = tiny_model(tiny_config, randomize, "cuda", torch.bfloat16)
     fn = lambda ids, mask: model.encode(ids, mask, unpad=False).sequence  # noqa: E731
     packed = pack_parameters(model.encoder.shared_layer)
@@ -388,11 +393,16 @@ def test_graph_kernel_nodes_get_the_window(tiny_config, randomize, persisting_l2
         )
         ids, mask = ragged(3, 12, "cuda")
         out = encoder(ids, mask)
+        launched = dict(triton_launches)  # by the warm-up and the capture: the graph holds those kernels' nodes
         with torch.no_grad():
             expected = fn(ids, mask)
         torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
     kernels, windowed = counts[0]
     assert kernels > 0 and windowed == kernels
+    if backend == "triton":
+        assert all(launched.values()), launched
+    else:
+        assert not any(launched.values()), launched
     torch.testing.assert_close(encoder(ids, mask), out, rtol=1e-6, atol=1e-6)  # replays after the window is gone
 
 

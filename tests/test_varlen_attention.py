@@ -109,27 +109,82 @@ cuda = pytest.mark.skipif(
 )
 
 
+@pytest.fixture
+def varlen_calls(monkeypatch) -> list[int]:
+    """One entry per call of the varlen kernel (``attention._varlen_attention``, which packed attention looks up
+    when it runs): a test sees that the kernel ran, not only that the results agree."""
+    calls: list[int] = []
+    run = attention._varlen_attention
+
+    def counted(*arguments, **keywords):
+        calls.append(1)
+        return run(*arguments, **keywords)
+
+    monkeypatch.setattr(attention, "_varlen_attention", counted)
+    return calls
+
+
+def _gpu_qkv(pattern: str, dtype: torch.dtype) -> tuple[Packing, list[torch.Tensor]]:
+    """12 sequences of up to 120 tokens with ``pattern``'s padding, BERT-base's 768 = 12 x 64 heads."""
+    mask = torch.tensor(MASKS[pattern], device="cuda").repeat(4, 20)
+    packing = Packing.from_attention_mask(mask)
+    return packing, _packed_qkv(packing, hidden=768, dtype=dtype, device="cuda")
+
+
+def _qkv_gradients(inputs, grad_output, packing: Packing, backend: str) -> tuple[torch.Tensor, ...]:
+    """d(query, key, value) of ``sum(context * grad_output)`` through packed attention on ``backend``."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    context, _ = packed_self_attention(*leaves, 12, packing, backend=backend)
+    return torch.autograd.grad(context, leaves, grad_output)
+
+
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("pattern", MASKS)
-def test_varlen_kernel_matches_the_padded_path_on_gpu(pattern, dtype):
-    mask = torch.tensor(MASKS[pattern], device="cuda").repeat(4, 20)  # 12 sequences of up to 120 tokens
-    packing = Packing.from_attention_mask(mask)
-    query, key, value = _packed_qkv(packing, hidden=768, dtype=dtype, device="cuda")
+def test_varlen_kernel_matches_the_padded_path_on_gpu(pattern, dtype, varlen_calls):
+    packing, (query, key, value) = _gpu_qkv(pattern, dtype)
     expected, _ = packed_self_attention(query, key, value, 12, packing, backend="torch")
+    assert not varlen_calls
     got, _ = packed_self_attention(query, key, value, 12, packing, backend="cuda")
+    assert len(varlen_calls) == 1
     torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.gpu
 @cuda
-def test_model_with_varlen_attention_on_gpu(tiny_config, randomize):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pattern", MASKS)
+def test_varlen_kernel_gradients_match_the_padded_path_on_gpu(pattern, dtype, varlen_calls):
+    """Once "cuda" is verified, every packed 16-bit call without dropout takes the varlen kernel, training
+    included: its backward must give the padded path's query/key/value gradients.
+
+    Tolerance: at these sizes the gradients reach ~2, and bf16 math puts the padded path ~0.014 from an
+    fp64 reference (measured on the CPU); a wrong gradient (a sequence attending past its end, a missing
+    term) is off by O(1)."""
+    packing, inputs = _gpu_qkv(pattern, dtype)
+    generator = torch.Generator().manual_seed(1)
+    grad_output = torch.randn(inputs[0].shape, generator=generator).to(device="cuda", dtype=dtype)
+    expected = _qkv_gradients(inputs, grad_output, packing, "torch")
+    got = _qkv_gradients(inputs, grad_output, packing, "cuda")
+    assert len(varlen_calls) == 1
+    for name, gradient, reference in zip(("query", "key", "value"), got, expected, strict=True):
+        assert gradient.dtype == dtype and torch.isfinite(gradient).all(), name
+        torch.testing.assert_close(gradient.float(), reference.float(), rtol=2e-2, atol=3e-2, msg=name)
+
+
+@pytest.mark.gpu
+@cuda
+def test_model_with_varlen_attention_on_gpu(tiny_config, randomize, varlen_calls, monkeypatch):
+    # The reference is the padded path whether or not CUDA already picks the varlen kernel by itself.
+    monkeypatch.setattr(attention, "_VERIFIED_ON_GPU", ())
     model = randomize(FastMiniModel(tiny_config(hidden_size=64, num_attention_heads=4)), std=0.1)
     model = model.to("cuda", torch.bfloat16).eval()
-    input_ids = torch.randint(5, 99, (3, 6), device="cuda")
+    input_ids = torch.randint(5, 99, (3, 6), generator=torch.Generator().manual_seed(0)).cuda()
     mask = torch.tensor(MASKS["holes"], device="cuda")
     with torch.inference_mode():
         expected = model(input_ids, mask).last_hidden_state
+        assert not varlen_calls
         got = model.optimize_for_inference(varlen_attention=True)(input_ids, mask).last_hidden_state
+    assert len(varlen_calls) == model.config.num_hidden_layers  # the shared layer, once a recursion
     torch.testing.assert_close(got.float(), expected.float(), rtol=3e-2, atol=3e-2)

@@ -20,10 +20,13 @@ def cli_error(main: Callable[[Sequence[str]], int], argv: Sequence[str], capsys)
     return lines[0]
 
 
-def run_module(module: str, argv: Sequence[str], processes: int = 1, timeout: float = 240):
+def run_module(module: str, argv: Sequence[str], processes: int = 1, timeout: float = 240, backend: str = "torch"):
     """``python -m module argv``, or under ``torchrun --nproc_per_node=processes``
-    (gloo on CPU), with the torch backend and one thread a process; fails unless it exits 0.
+    (gloo on CPU), with ``FASTMINI_BACKEND=backend`` and one thread a process; fails unless it exits 0.
 
+    The backend is named because the child inherits the test session's environment, where CPU-only
+    machines have TRITON_INTERPRET=1 (tests/conftest.py): with no backend named, fastmini would pick the
+    Triton interpreter for every CPU op of the run. "torch" by default, "triton" to train through the kernels.
     The launch gets a session of its own, so that a hang kills torchrun's workers too, not only torchrun.
     """
     import os
@@ -31,11 +34,13 @@ def run_module(module: str, argv: Sequence[str], processes: int = 1, timeout: fl
     import subprocess
     import sys
 
+    from fastmini.ops.dispatch import BACKEND_ENV_VAR
+
     launcher = [sys.executable]
     if processes > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
     command = [*launcher, "-m", module, *argv]
-    env = {**os.environ, "FASTMINI_BACKEND": "torch", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, BACKEND_ENV_VAR: backend, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
         command, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
     )
