@@ -1,8 +1,8 @@
 """The Triton adapter_bottleneck kernels against adapter_bottleneck_ref: output and every gradient.
 
-Every test runs on the GPU when there is one (compiled kernels) and otherwise on the CPU in the Triton
-interpreter (tests/conftest.py), so shapes stay small; the @pytest.mark.gpu tests at the end add the
-real sizes.
+Every test runs on the GPU when there is one (compiled kernels; the whole module is then marked gpu, so
+`pytest -m gpu` runs all of it) and otherwise on the CPU in the Triton interpreter (tests/conftest.py),
+so shapes stay small; the GPU-only tests at the end add the real sizes.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from fastmini.ops import adapter_bottleneck, adapter_bottleneck_ref
 from fastmini.ops.adapter_bottleneck import _VERIFIED_ON_GPU
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = [pytest.mark.gpu] if DEVICE.type == "cuda" else []
 EPS = 1e-5
 # (H, R): the tiny tester config (r=4), MiniALBERT-312 at r=16 and r=4, BERT-base width at r=16.
 SHAPES = [(36, 9), (312, 19), (312, 78), (768, 48)]

@@ -1,17 +1,23 @@
 """The Triton add_layer_norm kernels against add_layer_norm_ref: output, every gradient, dropout.
 
-On CPU the kernels run in the Triton interpreter (tests/conftest.py), so shapes stay small;
-the @pytest.mark.gpu sweep at the end runs the real sizes on a GPU.
+Every test runs on the GPU when there is one (compiled kernels; the whole module is then marked gpu, so
+`pytest -m gpu` runs all of it) and otherwise on the CPU in the Triton interpreter (tests/conftest.py),
+so shapes stay small; the GPU-only tests at the end add the real sizes.
 """
 
 from __future__ import annotations
+
+import importlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fastmini.ops import BackendUnavailableError, add_layer_norm, add_layer_norm_ref
+from fastmini.ops.add_layer_norm import _VERIFIED_ON_GPU
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = [pytest.mark.gpu] if DEVICE.type == "cuda" else []
 EPS = 1e-5
 HIDDEN_SIZES = [36, 312, 768]
 ROW_COUNTS = [1, 7, 130]
@@ -21,16 +27,18 @@ forward_op = torch.ops.fastmini.add_layer_norm_forward
 backward_op = torch.ops.fastmini.add_layer_norm_backward
 
 
-def make_inputs(shape, dtype=torch.float32, parameter_dtype=None, seed=0, requires_grad=True):
+def make_inputs(shape, dtype=torch.float32, parameter_dtype=None, seed=0, requires_grad=True, device=DEVICE):
+    """x, residual, weight, bias (drawn on the CPU, so every device sees the same values) and an upstream
+    gradient (fp32), on ``device``."""
     generator = torch.Generator().manual_seed(seed)
     hidden = shape[-1]
     parameter_dtype = parameter_dtype or dtype
-    x = torch.randn(shape, generator=generator).to(dtype)
-    residual = torch.randn(shape, generator=generator).to(dtype)
+    x = torch.randn(shape, generator=generator).to(device, dtype)
+    residual = torch.randn(shape, generator=generator).to(device, dtype)
     # weight away from zero and bias large enough that a wrong affine shows
-    weight = (1 + 0.5 * torch.randn(hidden, generator=generator)).to(parameter_dtype)
-    bias = torch.randn(hidden, generator=generator).to(parameter_dtype)
-    grad_out = torch.randn(shape, generator=generator)
+    weight = (1 + 0.5 * torch.randn(hidden, generator=generator)).to(device, parameter_dtype)
+    bias = torch.randn(hidden, generator=generator).to(device, parameter_dtype)
+    grad_out = torch.randn(shape, generator=generator).to(device)
     tensors = [t.requires_grad_(requires_grad) for t in (x, residual, weight, bias)]
     return tensors, grad_out
 
@@ -50,13 +58,14 @@ def reference_op(x, r, w, b):
 
 
 def seed_tensor(value):
+    """The forward op's seed: a 0-dim CPU int64 whatever the device of the other inputs."""
     return torch.tensor(value, dtype=torch.int64)
 
 
 def keep_mask(seed, rows, hidden, dropout_p):
     from fastmini.kernels.add_layer_norm import dropout_keep_mask
 
-    return dropout_keep_mask(seed, rows, hidden, dropout_p, torch.device("cpu"))
+    return dropout_keep_mask(seed, rows, hidden, dropout_p, DEVICE)
 
 
 # ---------------------------------------------------------------- no dropout: the reference exactly
@@ -160,7 +169,8 @@ def test_empty_batch():
     tensors, grad_out = make_inputs((0, 36))
     out, (grad_x, grad_residual, grad_weight, grad_bias) = forward_and_grads(triton_op(), tensors, grad_out)
     assert out.shape == grad_x.shape == grad_residual.shape == (0, 36)
-    assert torch.equal(grad_weight, torch.zeros(36)) and torch.equal(grad_bias, torch.zeros(36))
+    zeros = torch.zeros(36, device=DEVICE)
+    assert torch.equal(grad_weight, zeros) and torch.equal(grad_bias, zeros)
 
 
 def test_gradcheck_float64():
@@ -196,9 +206,9 @@ def test_same_seed_same_output_and_gradients_and_other_seeds_differ():
 def test_the_forward_kernel_uses_the_mask_that_dropout_keep_mask_reports():
     """With x = 1 the saved sum is residual + keep / (1 - p): the kernel's own mask, read back."""
     rows, hidden, dropout_p, seed = 7, 312, 0.25, 99
-    residual = torch.randn(rows, hidden)
-    ones = torch.ones(rows, hidden)
-    weight, bias = torch.ones(hidden), torch.zeros(hidden)
+    residual = torch.randn(rows, hidden, device=DEVICE)
+    ones = torch.ones(rows, hidden, device=DEVICE)
+    weight, bias = torch.ones(hidden, device=DEVICE), torch.zeros(hidden, device=DEVICE)
     _out, total, _mean, _rstd = forward_op(ones, residual, weight, bias, EPS, dropout_p, seed_tensor(seed), True)
     keep = keep_mask(seed, rows, hidden, dropout_p)
     assert 0 < keep.sum() < keep.numel()
@@ -312,9 +322,12 @@ def test_dispatch_reaches_the_kernel_by_argument_and_by_environment(kernel_calls
     monkeypatch.setenv("FASTMINI_BACKEND", "triton")
     add_layer_norm(*tensors, EPS)
     assert len(kernel_calls) == 2
-    monkeypatch.delenv("FASTMINI_BACKEND")  # automatic: a CPU tensor under TRITON_INTERPRET=1
+    monkeypatch.delenv("FASTMINI_BACKEND")
     add_layer_norm(*tensors, EPS)
-    assert len(kernel_calls) == 3
+    # Automatic: CPU tensors take the kernel under the interpreter (on here, tests/conftest.py); CUDA tensors
+    # only once a GPU run has marked it verified.
+    automatic_is_triton = DEVICE.type == "cpu" or "triton" in _VERIFIED_ON_GPU
+    assert len(kernel_calls) == 2 + automatic_is_triton
 
 
 def test_inference_keeps_nothing_for_backward(kernel_calls):
@@ -328,7 +341,7 @@ def test_inference_keeps_nothing_for_backward(kernel_calls):
 
 
 def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
-    tensors, _ = make_inputs((7, 36))
+    tensors, _ = make_inputs((7, 36), device=torch.device("cpu"))  # CPU tensors on a GPU machine too
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(BackendUnavailableError, match="needs a CUDA tensor"):
         add_layer_norm(*tensors, EPS, backend="triton")
@@ -343,20 +356,22 @@ def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
     ],
 )
 def test_wrong_shapes_are_clear_errors(shapes, message):
-    tensors = [torch.randn(shape) for shape in shapes]
+    tensors = [torch.randn(shape, device=DEVICE) for shape in shapes]
     with pytest.raises(ValueError, match=message):
         add_layer_norm(*tensors, EPS, backend="triton")
 
 
 def test_other_bad_input_is_a_clear_error():
-    x = torch.randn(2, 36)
+    x = torch.randn(2, 36, device=DEVICE)
+    weight, bias = torch.ones(36, device=DEVICE), torch.zeros(36, device=DEVICE)
     with pytest.raises(TypeError, match="x must be float16, bfloat16, float32 or float64"):
-        add_layer_norm(x.long(), x, torch.ones(36), torch.zeros(36), EPS, backend="triton")
+        add_layer_norm(x.long(), x, weight, bias, EPS, backend="triton")
     with pytest.raises(ValueError, match="dropout_p must be in"):
-        add_layer_norm(x, x, torch.ones(36), torch.zeros(36), EPS, dropout_p=1.0, backend="triton")
-    too_wide = torch.randn(1, 16385)
+        add_layer_norm(x, x, weight, bias, EPS, dropout_p=1.0, backend="triton")
+    too_wide = torch.randn(1, 16385, device=DEVICE)
+    wide_weight, wide_bias = torch.ones(16385, device=DEVICE), torch.zeros(16385, device=DEVICE)
     with pytest.raises(ValueError, match="support H <= 16384"):
-        add_layer_norm(too_wide, too_wide, torch.ones(16385), torch.zeros(16385), EPS, backend="triton")
+        add_layer_norm(too_wide, too_wide, wide_weight, wide_bias, EPS, backend="triton")
 
 
 # ---------------------------------------------------------------- GPU, real sizes
@@ -368,8 +383,6 @@ def test_other_bad_input_is_a_clear_error():
 @pytest.mark.parametrize("rows, hidden", [(16384, 768), (1024, 312), (333, 4096)])
 def test_gpu_sweep_at_real_sizes(rows, hidden, dtype):
     tensors, grad_out = make_inputs((rows, hidden), dtype=dtype)
-    tensors = [t.detach().cuda().requires_grad_() for t in tensors]
-    grad_out = grad_out.cuda()
     out, grads = forward_and_grads(triton_op(), tensors, grad_out)
     upcast = [t.detach().float().requires_grad_() for t in tensors]
     expected_out, expected_grads = forward_and_grads(reference_op, upcast, grad_out.to(dtype).float())
@@ -388,15 +401,11 @@ def test_gpu_sweep_at_real_sizes(rows, hidden, dtype):
 def test_gpu_dropout_at_real_size():
     rows, hidden, dropout_p, seed = 16384, 768, 0.1, 77
     tensors, grad_out = make_inputs((rows, hidden))
-    tensors = [t.detach().cuda().requires_grad_() for t in tensors]
-    grad_out = grad_out.cuda()
     fixed_seed = seed_tensor(seed)
     out, grads = forward_and_grads(
         lambda x, r, w, b: forward_op(x, r, w, b, EPS, dropout_p, fixed_seed, True)[0], tensors, grad_out
     )
-    from fastmini.kernels.add_layer_norm import dropout_keep_mask
-
-    keep = dropout_keep_mask(seed, rows, hidden, dropout_p, torch.device("cuda"))
+    keep = keep_mask(seed, rows, hidden, dropout_p)
     assert abs(keep.float().mean().item() - (1 - dropout_p)) < 0.002
     expected_out, expected_grads = forward_and_grads(
         lambda x, r, w, b: F.layer_norm(r + x * keep / (1 - dropout_p), (hidden,), w, b, EPS), tensors, grad_out
@@ -407,13 +416,65 @@ def test_gpu_dropout_at_real_size():
         torch.testing.assert_close(grad / scale, expected / scale, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    "other_dtype", [torch.float32, torch.bfloat16], ids=["fp32-residual-and-parameters", "all-bf16"]
+)
+def test_gpu_public_op_with_bf16_dropout_at_real_size(other_dtype, monkeypatch):
+    """Training under autocast: the branch x arrives in bf16 and goes through dropout, while the residual and
+    LayerNorm parameters stay fp32 (or, in a bf16 model, are bf16 too), through the public op, whose seed is
+    drawn on the CPU. The seed it hands the kernel is read back, and output and gradients must match the fp32
+    reference (on the same values) with that seed's mask."""
+    # the module, not the function that fastmini.ops exports under the same name
+    add_layer_norm_module = importlib.import_module("fastmini.ops.add_layer_norm")
+    rows, hidden, dropout_p = 16384, 768, 0.1
+    tensors, grad_out = make_inputs((rows, hidden), dtype=other_dtype)
+    x = tensors[0].detach().bfloat16().requires_grad_()
+    tensors = [x, *tensors[1:]]
+    seeds = []
+    forward = add_layer_norm_module._forward_op
+
+    def recording_the_seed(*args):
+        seeds.append(args[6])  # (x, residual, weight, bias, eps, dropout_p, seed, keep_sum)
+        return forward(*args)
+
+    monkeypatch.setattr(add_layer_norm_module, "_forward_op", recording_the_seed)
+    out, grads = forward_and_grads(triton_op(dropout_p), tensors, grad_out)
+    [seed] = seeds
+    assert seed.device.type == "cpu" and out.dtype == other_dtype
+    assert [g.dtype for g in grads] == [torch.bfloat16] + [other_dtype] * 3
+    keep = keep_mask(int(seed), rows, hidden, dropout_p)
+    assert abs(keep.float().mean().item() - (1 - dropout_p)) < 0.002
+    assert torch.all(grads[0][~keep] == 0)
+
+    def reference_with_mask(x, r, w, b):
+        return F.layer_norm(r + x * keep / (1 - dropout_p), (hidden,), w, b, EPS)
+
+    upcast = [t.detach().float().requires_grad_() for t in tensors]
+    expected_out, expected_grads = forward_and_grads(reference_with_mask, upcast, grad_out.to(out.dtype).float())
+    # fp32 results are the fp32 reference's to rounding; bf16 ones are rounded once (and an all-bf16 sum too)
+    atol, rtol = LOW_PRECISION_TOLERANCES[torch.bfloat16] if other_dtype == torch.bfloat16 else (1e-4, 1e-4)
+    torch.testing.assert_close(out.float(), expected_out, atol=atol, rtol=rtol)
+    names = ("x", "residual", "weight", "bias")
+    for name, grad, expected in zip(names, grads, expected_grads, strict=True):
+        # dweight/dbias sum `rows` terms: every gradient is compared relative to its size
+        grad_atol, grad_rtol = (
+            LOW_PRECISION_TOLERANCES[torch.bfloat16] if grad.dtype == torch.bfloat16 else (atol, rtol)
+        )
+        scale = max(expected.abs().max().item(), 1.0)
+        torch.testing.assert_close(
+            grad.float() / scale, expected / scale, atol=grad_atol, rtol=grad_rtol, msg=lambda m, n=name: f"d{n}: {m}"
+        )
+
+
 def test_gradients_of_x_and_residual_accumulate_separately():
     """Without dropout d(x) = d(residual): the two leaves' .grad must still be two tensors, or a second
     backward (gradient accumulation) and any in-place change to one grad would reach the other."""
     generator = torch.Generator().manual_seed(0)
-    x, residual, grad = (torch.randn(4, 36, generator=generator) for _ in range(3))
+    x, residual, grad = (torch.randn(4, 36, generator=generator).to(DEVICE) for _ in range(3))
     x.requires_grad_(), residual.requires_grad_()
-    weight, bias = torch.ones(36), torch.zeros(36)
+    weight, bias = torch.ones(36, device=DEVICE), torch.zeros(36, device=DEVICE)
     for _ in range(2):
         add_layer_norm(x, residual, weight, bias, EPS, backend="triton").backward(grad)
     once = torch.autograd.grad(add_layer_norm(x, residual, weight, bias, EPS, backend="torch"), x, grad)[0]
@@ -427,10 +488,10 @@ def test_bf16_sum_and_output_round_to_nearest_like_torch():
     """Rows far from zero (x + 300), where rounding the sum by truncation (the interpreter's own cast)
     moves every normalised value: the kernel must round as torch's composition does."""
     generator = torch.Generator().manual_seed(0)
-    x = (torch.randn(16, 312, generator=generator) + 300).to(torch.bfloat16)
-    residual = torch.randn(16, 312, generator=generator).to(torch.bfloat16)
-    weight = torch.ones(312, dtype=torch.bfloat16)
-    bias = torch.zeros(312, dtype=torch.bfloat16)
+    x = (torch.randn(16, 312, generator=generator) + 300).to(DEVICE, torch.bfloat16)
+    residual = torch.randn(16, 312, generator=generator).to(DEVICE, torch.bfloat16)
+    weight = torch.ones(312, dtype=torch.bfloat16, device=DEVICE)
+    bias = torch.zeros(312, dtype=torch.bfloat16, device=DEVICE)
     fused = add_layer_norm(x, residual, weight, bias, EPS, backend="triton")
     composed = add_layer_norm(x, residual, weight, bias, EPS, backend="torch")
     assert (fused.float() - composed.float()).abs().max().item() <= 2**-7  # one bf16 step near 1
