@@ -80,14 +80,15 @@ def log_directory() -> Path:
     return Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(tempfile.mkdtemp())
 
 
-GPU_TEST_WORKERS = 4  # pytest-xdist processes for the GPU tests, where it is installed
+GPU_TEST_WORKERS = 6  # pytest-xdist processes for the GPU tests, where it is installed (16 cores there)
 
 
 def parallel_workers() -> list[str]:
     """pytest-xdist's options where the plugin is installed: the GPU tests spend most of their time compiling
-    Triton specialisations on the host's CPU (~2 s each), which several processes do side by side; a file
-    stays in one process (``loadfile``), so its module fixtures and the order within it are as in one."""
-    return ["-n", str(GPU_TEST_WORKERS), "--dist", "loadfile"] if importlib.util.find_spec("xdist") else []
+    Triton specialisations on the host's CPU (~2 s each), which several processes do side by side. Tests are
+    handed out one by one (the kernel files hold ~190 of them), except those of an ``xdist_group``, which
+    share a worker (the L2 persistence tests: the set-aside is the device's)."""
+    return ["-n", str(GPU_TEST_WORKERS), "--dist", "loadgroup"] if importlib.util.find_spec("xdist") else []
 
 
 def per_test_timeout(seconds: int) -> list[str]:
@@ -137,16 +138,14 @@ def _stop_within(process: subprocess.Popen, budget_s: float, grace_s: float) -> 
         return process.wait(), f"bench-gpu: stopped at its {budget_s:.0f} s budget (killed)"
 
 
-def gpu_test_files(parallel: bool = False) -> list[str]:
+def gpu_test_files() -> list[str]:
     """Every test file with a gpu mark: GPU_TESTS_FIRST, then the others (the kernel files) alphabetically.
-    In ``parallel`` (pytest-xdist hands out whole files in this order as workers free up) the long kernel files
-    go first instead, each to a worker of its own, while the last worker runs the quick ones."""
+    pytest-xdist's workers take the tests in this order too, so a stop at the budget cuts the kernel tests."""
     marked = sorted(
         f"tests/{path.name}" for path in (ROOT / "tests").glob("test_*.py") if "mark.gpu" in path.read_text()
     )
     quick = [name for name in GPU_TESTS_FIRST if (ROOT / name).is_file()]
-    long = [name for name in marked if name not in GPU_TESTS_FIRST]
-    return long + quick if parallel else quick + long
+    return quick + [name for name in marked if name not in GPU_TESTS_FIRST]
 
 
 def read_report(path: Path) -> dict:
@@ -239,7 +238,7 @@ def main() -> int:
         [
             "-m",
             "gpu",
-            *gpu_test_files(parallel=bool(parallel_workers())),
+            *gpu_test_files(),
             "-q",
             "-rfEs",
             "-p",

@@ -124,10 +124,6 @@ def test_a_benchmark_stopped_in_its_warm_up_does_not_lose_the_others(run_gpu, tm
 def test_gpu_tests_run_the_quick_feature_gates_first_and_every_marked_file(run_gpu):
     files = run_gpu.gpu_test_files()
     assert files[: len(run_gpu.GPU_TESTS_FIRST)] == run_gpu.GPU_TESTS_FIRST
-    in_parallel = run_gpu.gpu_test_files(parallel=True)  # the long ones first, one worker each
-    assert (
-        sorted(in_parallel) == sorted(files) and in_parallel[-len(run_gpu.GPU_TESTS_FIRST) :] == run_gpu.GPU_TESTS_FIRST
-    )
     root = RUN_GPU.parent.parent
     marked = {f"tests/{p.name}" for p in (root / "tests").glob("test_*.py") if "pytest.mark.gpu" in p.read_text()}
     assert set(files) == marked and len(files) == len(marked)

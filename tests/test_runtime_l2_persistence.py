@@ -26,6 +26,10 @@ from fastmini.runtime import extension as extension_module
 from fastmini.runtime.extension import CSRC_ENV_VAR, csrc_directory, load_l2_extension
 from fastmini.runtime.l2_persistence import _stream_handle, count_graph_window_nodes, l2_limits, persist_range_in_l2
 
+# The persisting L2 set-aside is the device's: under bench-gpu's pytest-xdist workers these tests share one
+# worker, so that no two of them change it at once.
+pytestmark = pytest.mark.xdist_group("l2-persistence")
+
 MB = 1 << 20
 
 
