@@ -235,20 +235,11 @@ def main() -> int:
     gpu = torch.cuda.get_device_name(0)
     logs = log_directory()
     tests_code, tests_output = run(
-        [
-            "-m",
-            "gpu",
-            *gpu_test_files(),
-            "-q",
-            "-rfEs",
-            "-p",
-            "no:cacheprovider",
-            *parallel_workers(),
-            *per_test_timeout(120),
-        ],
+        ["-m", "gpu", *gpu_test_files(), "-q", "-rfEs", "-p", "no:cacheprovider", *parallel_workers(),
+         *per_test_timeout(120)],
         logs / "gpu-tests.log",
         min(TESTS_SHARE_S, deadline - time.monotonic()),
-    )
+    )  # fmt: skip
     bench_code, bench_lines, report = run_benchmark_files(GPU_BENCHMARKS, logs, deadline)
     today = datetime.date.today().isoformat()
     slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
@@ -258,7 +249,8 @@ def main() -> int:
         f"torch {torch.__version__}, triton {triton.__version__}, transformers {transformers.__version__}, "
         f"CUDA {torch.version.cuda}. Produced by `make bench-gpu` (benchmarks/run_gpu.py).",
         "",
-        f"GPU tests (`pytest -m gpu tests/`): {summary_line(tests_output)} (exit {tests_code})",
+        f"GPU tests (`{' '.join(['pytest', '-m', 'gpu', *parallel_workers()])}` over {len(gpu_test_files())} files): "
+        f"{summary_line(tests_output)} (exit {tests_code})",
         "",
         "Benchmarks (`pytest FILE --benchmark-only`, one process a file):",
         "",
