@@ -109,8 +109,18 @@ def run_within(command: list[str], log: Path, budget_s: float, grace_s: float | 
     if grace_s is None:
         grace_s = min(INTERRUPT_GRACE_S, budget_s / 4)
     with log.open("w") as stream:
-        # A session of its own: a kill then reaches the compile workers it started too.
-        process = subprocess.Popen(command, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT, start_new_session=True)
+        # A session of its own: a kill then reaches the compile workers it started too. SIGINT back to its
+        # default: a command started in the background by a shell without job control (as `make bench-gpu`
+        # may be) inherits it ignored, and Python then never raises KeyboardInterrupt: pytest would run on to
+        # the kill and write no reports.
+        process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            stdout=stream,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_interrupt_by_default,
+        )
         try:
             code, note = _stop_within(process, budget_s, grace_s)
         except BaseException:  # the runner itself interrupted (Ctrl-C): its own session no longer reaches the step
@@ -123,6 +133,10 @@ def run_within(command: list[str], log: Path, budget_s: float, grace_s: float | 
     output = log.read_text()
     print(output[-3000:], flush=True)
     return code, output
+
+
+def _interrupt_by_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _stop_within(process: subprocess.Popen, budget_s: float, grace_s: float) -> tuple[int, str]:

@@ -60,6 +60,20 @@ def test_a_step_past_its_budget_is_interrupted_and_its_reports_kept(run_gpu, tmp
     assert run_gpu.summary_line("1 passed, 2 skipped in 3s\n" + output).endswith("(interrupted)")
 
 
+def test_a_step_is_interruptible_even_when_started_with_sigint_ignored(run_gpu, tmp_path):
+    """A shell without job control starts background commands with SIGINT ignored, and children inherit that:
+    the step must get it back, or pytest would never end cleanly at the budget."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as `make bench-gpu &` from a script would be
+    try:
+        program = "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+        code, output = run_gpu.run_within([sys.executable, "-c", program], tmp_path / "step.log", budget_s=30)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert code == 0 and output.startswith("True"), output
+
+
 def test_a_step_that_ignores_the_interrupt_is_killed(run_gpu, tmp_path):
     program = (
         "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); print('started', flush=True); "
