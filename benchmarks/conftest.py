@@ -103,11 +103,16 @@ def copy_bandwidth(device: torch.device, bytes_moved: int = DRAM_COPY_BYTES) -> 
     once per size and session): the roofline that memory-bound kernels are reported against."""
     key = (str(device), bytes_moved)
     if key not in _COPY_BANDWIDTH:
-        source = torch.empty(max(1, bytes_moved // 2), dtype=torch.uint8, device=device)
-        target = torch.empty_like(source)
-        copy = synchronised(lambda: target.copy_(source), device)
-        _COPY_BANDWIDTH[key] = 2 * source.numel() / median_seconds(copy, runs=20)  # read + write
+        copy, moved = copy_step(device, bytes_moved)
+        _COPY_BANDWIDTH[key] = moved / median_seconds(synchronised(copy, device), runs=20)
     return _COPY_BANDWIDTH[key]
+
+
+def copy_step(device: torch.device, bytes_moved: int) -> tuple[Callable, int]:
+    """A device-to-device copy reading ``bytes_moved / 2`` bytes and writing as many, and the bytes it moves."""
+    source = torch.empty(max(1, bytes_moved // 2), dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    return (lambda: target.copy_(source)), 2 * source.numel()
 
 
 L2_FLUSH_BYTES = 256 * 2**20  # written before each timed call: more than any GPU's L2, so inputs come from DRAM
@@ -172,9 +177,8 @@ def record_bandwidth():
 
 
 def _record_device_times(info: dict, steps: dict[str, Callable], bytes_moved: int, device, baseline: str) -> None:
-    source = torch.empty(max(1, bytes_moved // 2), dtype=torch.uint8, device=device)
-    target = torch.empty_like(source)
-    copy = 2 * source.numel() / device_and_host_seconds(lambda: target.copy_(source))[0]
+    copy_fn, copied = copy_step(device, bytes_moved)
+    copy = copied / device_and_host_seconds(copy_fn)[0]
     measured = {name: device_and_host_seconds(step) for name, step in steps.items()}
     times = {name: device for name, (device, _host) in measured.items()}
     info["device_median_us"] = {n: round(t * 1e6, 2) for n, t in times.items()}

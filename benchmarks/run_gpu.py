@@ -248,9 +248,9 @@ def main() -> int:
         print(f"bench-gpu: {hint}", flush=True)
     gpu = torch.cuda.get_device_name(0)
     logs = log_directory()
+    test_files, workers = gpu_test_files(), parallel_workers()
     tests_code, tests_output = run(
-        ["-m", "gpu", *gpu_test_files(), "-q", "-rfEs", "-p", "no:cacheprovider", *parallel_workers(),
-         *per_test_timeout(120)],
+        ["-m", "gpu", *test_files, "-q", "-rfEs", "-p", "no:cacheprovider", *workers, *per_test_timeout(120)],
         logs / "gpu-tests.log",
         min(TESTS_SHARE_S, deadline - time.monotonic()),
     )  # fmt: skip
@@ -263,7 +263,7 @@ def main() -> int:
         f"torch {torch.__version__}, triton {triton.__version__}, transformers {transformers.__version__}, "
         f"CUDA {torch.version.cuda}. Produced by `make bench-gpu` (benchmarks/run_gpu.py).",
         "",
-        f"GPU tests (`{' '.join(['pytest', '-m', 'gpu', *parallel_workers()])}` over {len(gpu_test_files())} files): "
+        f"GPU tests (`{' '.join(['pytest', '-m', 'gpu', *workers])}` over {len(test_files)} files): "
         f"{summary_line(tests_output)} (exit {tests_code})",
         "",
         "Benchmarks (`pytest FILE --benchmark-only`, one process a file):",
