@@ -44,10 +44,11 @@ bench: $(STAMP)
 # GPU tests + the GPU benchmarks in one call, written to benchmarks/results/<date>-<gpu>.md.
 # That machine has no package registry and no `datasets` (the trainers need it): run
 # `make device-wheels` here first and carry .device-wheels; bench-gpu installs what it finds there.
+# A subset: make bench-gpu BENCH_GPU_ARGS="--label encoder benchmarks/test_encoder_forward_gpu.py".
 bench-gpu:
 	if [ -d $(DEVICE_WHEELS) ]; then python3 -m pip install --quiet --no-index --no-deps $(DEVICE_WHEELS)/*.whl; fi
 	python3 -m pip install --quiet --no-build-isolation --no-deps -e .
-	python3 benchmarks/run_gpu.py
+	python3 benchmarks/run_gpu.py $(BENCH_GPU_ARGS)
 
 # Wheels for the GPU machine's python 3.12 that its image lacks (datasets and its own pins).
 DEVICE_WHEELS := .device-wheels

@@ -4,10 +4,12 @@ Runs on the lent GPU machine (its own python3 with torch/triton/transformers ins
 tests (``pytest -m gpu`` over the test files carrying the mark, the quick ones first), then each GPU
 benchmark file (``GPU_BENCHMARKS``) in a pytest of its own, and writes
 ``benchmarks/results/<date>-<gpu>.md`` with the versions, the outcome of each step and one table row
-per benchmark (medians, ratios against the baseline, GB/s or GFLOP/s as recorded). Logs (gpu-tests.log,
-gpu-benchmarks-<file>.log) and benchmarks-<file>.json are written into $OUT as the runs go when that
-variable is set (the device tool brings $OUT back, even after a timeout), and the results file is
-copied there too.
+per benchmark (medians, ratios against the baseline, GB/s or GFLOP/s as recorded), the failed tests
+named. Four files are written into $OUT as the runs go when that variable is set (the device tool brings
+$OUT back, even after a timeout, but at most 8 files): gpu-tests.log, gpu-benchmarks.log (every benchmark
+file's output, one after the other), benchmarks.json (the reports merged so far) and the results file.
+``run_gpu.py [--label NAME] [BENCHMARK_FILE ...]`` runs the named benchmark files only (the GPU tests
+always) and names the results ``<date>-<gpu>-<label>.md``.
 
 The whole call must come back within one device command (10 minutes, installs and start-up included:
 call it with the device tool's timeout_s=600), so the steps share a wall-clock budget (``BUDGET_S``, 8.5
@@ -20,6 +22,7 @@ benchmarks/conftest.py), so the results file is written with what finished.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib.util
 import json
@@ -97,18 +100,22 @@ def per_test_timeout(seconds: int) -> list[str]:
     return [f"--timeout={seconds}"] if importlib.util.find_spec("pytest_timeout") else []
 
 
-def run(arguments: list[str], log: Path, budget_s: float) -> tuple[int, str]:
+def run(arguments: list[str], log: Path, budget_s: float, append: bool = False) -> tuple[int, str]:
     """pytest with its output streamed into ``log`` as it runs, stopped within ``budget_s`` seconds."""
-    return run_within(pytest_command() + arguments, log, budget_s)
+    return run_within(pytest_command() + arguments, log, budget_s, append=append)
 
 
-def run_within(command: list[str], log: Path, budget_s: float, grace_s: float | None = None) -> tuple[int, str]:
-    """``command`` with its output in ``log``; after ``budget_s - grace_s`` seconds it gets SIGINT
-    (pytest then ends the session cleanly: summary, --benchmark-json), after ``budget_s`` SIGKILL.
-    The grace is INTERRUPT_GRACE_S, or a quarter of a shorter budget (a 40 s share still runs 30 s)."""
+def run_within(
+    command: list[str], log: Path, budget_s: float, grace_s: float | None = None, append: bool = False
+) -> tuple[int, str]:
+    """``command`` with its output in ``log`` (after what it holds already when ``append``); after
+    ``budget_s - grace_s`` seconds it gets SIGINT (pytest then ends the session cleanly: summary,
+    --benchmark-json), after ``budget_s`` SIGKILL. The grace is INTERRUPT_GRACE_S, or a quarter of a shorter
+    budget (a 40 s share still runs 30 s). Returns the exit code and this command's output."""
     if grace_s is None:
         grace_s = min(INTERRUPT_GRACE_S, budget_s / 4)
-    with log.open("w") as stream:
+    start = log.stat().st_size if append and log.exists() else 0
+    with log.open("a" if append else "w") as stream:
         # A session of its own: a kill then reaches the compile workers it started too. SIGINT back to its
         # default: a command started in the background by a shell without job control (as `make bench-gpu`
         # may be) inherits it ignored, and Python then never raises KeyboardInterrupt: pytest would run on to
@@ -130,7 +137,9 @@ def run_within(command: list[str], log: Path, budget_s: float, grace_s: float | 
     if note:
         with log.open("a") as stream:
             stream.write(f"\n{note}\n")
-    output = log.read_text()
+    with log.open() as stream:
+        stream.seek(start)
+        output = stream.read()
     print(output[-3000:], flush=True)
     return code, output
 
@@ -172,27 +181,40 @@ def read_report(path: Path) -> dict:
 
 def run_benchmark_files(files: list[str], logs: Path, deadline: float) -> tuple[int, list[str], dict]:
     """Each file in its own pytest, within what is left before ``deadline`` less a reserve for each file
-    after it: the exit code (the first failure's), one summary line per file, the merged reports."""
+    after it: the exit code (the first failure's), one summary line per file, the merged reports. The outputs
+    follow one another in ``logs``/gpu-benchmarks.log; the reports merged so far are rewritten to
+    ``logs``/benchmarks.json after each file."""
     code, lines, merged = 0, [], {"benchmarks": []}
-    for index, name in enumerate(files):
-        stem = Path(name).stem
-        json_path = logs / f"benchmarks-{stem}.json"
-        json_path.unlink(missing_ok=True)  # a file left by an earlier run must not count as this one's
-        budget = deadline - time.monotonic() - BENCHMARK_FILE_RESERVE_S * (len(files) - index - 1)
-        if budget < INTERRUPT_GRACE_S:
-            lines.append(f"`{name}`: not run (no time left)")
-            code = code or 1
-            continue
-        file_code, output = run(
-            [name, "--benchmark-only", "-q", "-p", "no:cacheprovider", f"--benchmark-json={json_path}",
-             *per_test_timeout(300)],
-            logs / f"gpu-benchmarks-{stem}.log",
-            budget,
-        )  # fmt: skip
-        lines.append(f"`{name}`: {summary_line(output)} (exit {file_code})")
-        code = code or file_code
-        merged["benchmarks"] += read_report(json_path).get("benchmarks", [])
+    log, merged_path = logs / "gpu-benchmarks.log", logs / "benchmarks.json"
+    log.write_text("")
+    merged_path.unlink(missing_ok=True)  # a file left by an earlier run must not count as this one's
+    with tempfile.TemporaryDirectory() as scratch:
+        for index, name in enumerate(files):
+            json_path = Path(scratch) / f"benchmarks-{Path(name).stem}.json"
+            budget = deadline - time.monotonic() - BENCHMARK_FILE_RESERVE_S * (len(files) - index - 1)
+            if budget < INTERRUPT_GRACE_S:
+                lines.append(f"`{name}`: not run (no time left)")
+                code = code or 1
+                continue
+            with log.open("a") as stream:
+                stream.write(f"\n==== {name} ====\n")
+            file_code, output = run(
+                [name, "--benchmark-only", "-q", "-p", "no:cacheprovider", f"--benchmark-json={json_path}",
+                 *per_test_timeout(300)],
+                log,
+                budget,
+                append=True,
+            )  # fmt: skip
+            lines.append(f"`{name}`: {summary_line(output)} (exit {file_code})")
+            code = code or file_code
+            merged["benchmarks"] += read_report(json_path).get("benchmarks", [])
+            merged_path.write_text(json.dumps(merged))
     return code, lines, merged
+
+
+def failed_tests(output: str) -> list[str]:
+    """pytest's short summary lines (-rfE) of the tests that failed or errored."""
+    return [line.strip() for line in output.splitlines() if line.startswith(("FAILED ", "ERROR "))]
 
 
 def summary_line(output: str) -> str:
@@ -233,7 +255,23 @@ def missing_datasets_hint() -> str | None:
     return None
 
 
-def main() -> int:
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="The GPU tests and benchmarks in one call (make bench-gpu).")
+    parser.add_argument(
+        "benchmarks", nargs="*", default=GPU_BENCHMARKS, help="benchmark files to run (default: GPU_BENCHMARKS)"
+    )
+    parser.add_argument("--label", help="results go to benchmarks/results/<date>-<gpu>-<label>.md")
+    arguments = parser.parse_args(argv)
+    if arguments.label is not None and not re.fullmatch(r"[a-z0-9][a-z0-9-]*", arguments.label):
+        parser.error(f"--label must be lowercase letters, digits and '-', got {arguments.label!r}")
+    missing = [name for name in arguments.benchmarks if not (ROOT / name).is_file()]
+    if missing:
+        parser.error(f"no such benchmark file: {', '.join(missing)}")
+    return arguments
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = parse_arguments(argv)
     import torch
     import transformers
 
@@ -254,7 +292,8 @@ def main() -> int:
         logs / "gpu-tests.log",
         min(TESTS_SHARE_S, deadline - time.monotonic()),
     )  # fmt: skip
-    bench_code, bench_lines, report = run_benchmark_files(GPU_BENCHMARKS, logs, deadline)
+    bench_code, bench_lines, report = run_benchmark_files(arguments.benchmarks, logs, deadline)
+    failures = failed_tests(tests_output)
     today = datetime.date.today().isoformat()
     slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
     lines = [
@@ -265,6 +304,7 @@ def main() -> int:
         "",
         f"GPU tests (`{' '.join(['pytest', '-m', 'gpu', *workers])}` over {len(test_files)} files): "
         f"{summary_line(tests_output)} (exit {tests_code})",
+        *[f"- {markdown_cell(line)}" for line in failures],
         "",
         "Benchmarks (`pytest FILE --benchmark-only`, one process a file):",
         "",
@@ -276,10 +316,10 @@ def main() -> int:
     ]
     results = ROOT / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)
-    target = results / f"{today}-{slug}.md"
+    target = results / f"{today}-{slug}{'-' + arguments.label if arguments.label else ''}.md"
     target.write_text("\n".join(lines))
     print(f"wrote {target}")
-    if os.environ.get("OUT"):  # the device tool brings $OUT back: the results beside both logs and the JSON
+    if os.environ.get("OUT"):  # the device tool brings $OUT back: the results beside the logs and the JSON
         shutil.copy(target, logs / target.name)
     return tests_code or bench_code
 

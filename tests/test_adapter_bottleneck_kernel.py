@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastmini.ops import adapter_bottleneck, adapter_bottleneck_ref
-from fastmini.ops.adapter_bottleneck import _VERIFIED_ON_GPU
+from fastmini.ops.adapter_bottleneck import _VERIFIED_ON_GPU, _triton_pays_off_on_gpu
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = [pytest.mark.gpu] if DEVICE.type == "cuda" else []
@@ -285,8 +285,8 @@ def test_dispatch_reaches_the_kernel(monkeypatch, kernel_calls):
     monkeypatch.delenv("FASTMINI_BACKEND")
     adapter_bottleneck(*tensors, EPS)
     # Automatic: CPU tensors take the kernel under the interpreter (on here, tests/conftest.py); CUDA tensors
-    # only once a GPU run has marked it verified.
-    automatic_is_triton = DEVICE.type == "cpu" or "triton" in _VERIFIED_ON_GPU
+    # only once a GPU run has marked it verified, and where its measured rule says it pays off.
+    automatic_is_triton = DEVICE.type == "cpu" or ("triton" in _VERIFIED_ON_GPU and _triton_pays_off_on_gpu(tensors[0]))
     assert len(kernel_calls) == 2 + automatic_is_triton
 
 
@@ -367,11 +367,19 @@ def test_gpu_matches_reference(rows, hidden, bottleneck, dtype):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_torch_compile_and_autocast():
+    """Under bf16 autocast the kernel multiplies bf16 copies of the fp32 weights, as torch's autocast linear
+    layers do: held to flash-attention's rule against torch's own autocast composition (a fixed tolerance
+    against fp64 of the fp32 weights failed on 4 of 1.5M outputs on an H200, by 0.03 against 0.02).
+    On equal terms: torch's autocast LayerNorm returns fp32, so its y is rounded to the kernel's bf16, and every
+    side gets the same bf16-valued upstream gradient (an fp32 one would spare torch's bias gradients the
+    rounding of dy that the kernel's bf16 y imposes)."""
     tensors, grad_output = make_inputs((2048, 768), 48, parameter_dtype=torch.float32)
+    grad_output = grad_output.bfloat16().double()
     compiled = torch.compile(triton_adapter, fullgraph=True)
+    x = tensors[0].detach().bfloat16().requires_grad_()
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        x = tensors[0].detach().bfloat16().requires_grad_()
         y, grads = forward_and_grads(compiled, [x, *tensors[1:]], grad_output)
+        torch_y, torch_grads = forward_and_grads(reference_adapter, [x, *tensors[1:]], grad_output)
     assert y.dtype == torch.bfloat16 and [g.dtype for g in grads] == [torch.bfloat16] + [torch.float32] * 6
-    atol, rtol = LOW_PRECISION_TOLERANCES[torch.bfloat16]
-    assert_matches((y, grads), exact([x, *tensors[1:]], grad_output), atol=atol, rtol=rtol)
+    torch_own = (torch_y.bfloat16(), torch_grads)
+    assert_within_twice_torch_error((y, grads), torch_own, exact([x, *tensors[1:]], grad_output))

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmini.ops import BackendUnavailableError, add_layer_norm, add_layer_norm_ref
-from fastmini.ops.add_layer_norm import _VERIFIED_ON_GPU
+from fastmini.ops.add_layer_norm import _VERIFIED_ON_GPU, _triton_pays_off_on_gpu
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = [pytest.mark.gpu] if DEVICE.type == "cuda" else []
@@ -325,8 +325,8 @@ def test_dispatch_reaches_the_kernel_by_argument_and_by_environment(kernel_calls
     monkeypatch.delenv("FASTMINI_BACKEND")
     add_layer_norm(*tensors, EPS)
     # Automatic: CPU tensors take the kernel under the interpreter (on here, tests/conftest.py); CUDA tensors
-    # only once a GPU run has marked it verified.
-    automatic_is_triton = DEVICE.type == "cpu" or "triton" in _VERIFIED_ON_GPU
+    # only once a GPU run has marked it verified, and where its measured rule says it pays off.
+    automatic_is_triton = DEVICE.type == "cpu" or ("triton" in _VERIFIED_ON_GPU and _triton_pays_off_on_gpu(tensors[0]))
     assert len(kernel_calls) == 2 + automatic_is_triton
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -123,6 +124,45 @@ def test_unverified_kernels_are_never_chosen_automatically_for_cuda(monkeypatch)
     assert resolve_backend("op", cuda_tensor, None, available) == "torch"
     assert resolve_backend("op", cuda_tensor, None, available, verified_on_gpu=("triton",)) == "triton"
     assert resolve_backend("op", cuda_tensor, "triton", available) == "triton"
+
+
+def test_automatic_choice_on_cuda_follows_each_ops_measured_rule(monkeypatch):
+    """Verified kernels are picked for CUDA tensors only where the op's rule says they pay off: add_layer_norm
+    while a CUDA graph is recorded, adapter_bottleneck then too from TRITON_MIN_ROWS_ON_GPU rows on,
+    linear_gelu never; outside a recording (eager code, where the host's launch cost counts) torch."""
+    from types import SimpleNamespace
+
+    from fastmini.ops.dispatch import in_cuda_graph_recording, recording_cuda_graph
+
+    # The modules, not the functions of the same names that fastmini.ops exports.
+    adapter_op, add_layer_norm_op, linear_gelu_op = (
+        importlib.import_module(f"fastmini.ops.{name}")
+        for name in ("adapter_bottleneck", "add_layer_norm", "linear_gelu")
+    )
+    monkeypatch.delenv("FASTMINI_BACKEND", raising=False)
+    rows = adapter_op.TRITON_MIN_ROWS_ON_GPU
+
+    def cuda_tensor(n_rows, hidden=768):
+        return SimpleNamespace(is_cuda=True, device="cuda:0", shape=(n_rows, hidden), numel=lambda: n_rows * hidden)
+
+    def automatic(module, tensor):
+        return resolve_backend(
+            "op", tensor, None, module._BACKENDS, module._VERIFIED_ON_GPU, module._triton_pays_off_on_gpu
+        )
+
+    large, small = cuda_tensor(rows), cuda_tensor(rows - 1)
+    for module in (add_layer_norm_op, adapter_op, linear_gelu_op):
+        assert "triton" in module._VERIFIED_ON_GPU
+        assert automatic(module, large) == "torch", module.__name__
+    assert not in_cuda_graph_recording()
+    with recording_cuda_graph():
+        assert in_cuda_graph_recording()
+        assert automatic(add_layer_norm_op, small) == "triton"
+        assert automatic(adapter_op, large) == "triton"
+        assert automatic(adapter_op, small) == "torch"
+        assert automatic(linear_gelu_op, large) == "torch"
+        assert resolve_backend("op", small, "triton", linear_gelu_op._BACKENDS) == "triton"  # by name: always
+    assert not in_cuda_graph_recording()
 
 
 def test_ops_refuse_a_missing_backend():

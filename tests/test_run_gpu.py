@@ -145,6 +145,30 @@ def test_gpu_tests_run_the_quick_feature_gates_first_and_every_marked_file(run_g
     assert "tests/test_adapter_bottleneck_kernel.py" in files
 
 
+def test_failed_tests_are_named_from_the_short_summary(run_gpu):
+    output = (
+        "..F.\n=========================== short test summary info ============================\n"
+        "FAILED tests/test_a.py::test_x - AssertionError: off\nERROR tests/test_b.py::test_y\n"
+        "1 failed, 2 passed, 1 error in 3.0s\n"
+    )
+    assert run_gpu.failed_tests(output) == [
+        "FAILED tests/test_a.py::test_x - AssertionError: off",
+        "ERROR tests/test_b.py::test_y",
+    ]
+    assert run_gpu.failed_tests("4 passed in 1.0s\n") == []
+
+
+def test_a_subset_of_benchmarks_and_a_label_are_checked(run_gpu, capsys):
+    arguments = run_gpu.parse_arguments([])
+    assert arguments.benchmarks == run_gpu.GPU_BENCHMARKS and arguments.label is None
+    arguments = run_gpu.parse_arguments(["--label", "encoder", "benchmarks/test_encoder_forward_gpu.py"])
+    assert arguments.benchmarks == ["benchmarks/test_encoder_forward_gpu.py"] and arguments.label == "encoder"
+    for bad, message in ((["benchmarks/missing.py"], "no such benchmark file"), (["--label", "a/b"], "--label")):
+        with pytest.raises(SystemExit):
+            run_gpu.parse_arguments(bad)
+        assert message in capsys.readouterr().err
+
+
 def test_each_benchmark_file_runs_alone_and_their_reports_are_merged(run_gpu, tmp_path, monkeypatch):
     timed = "    benchmark.pedantic(lambda: None, rounds=2)\n"
     first = write_benchmarks(tmp_path, f"def test_one(benchmark):\n{timed}", "test_first.py")
@@ -155,9 +179,19 @@ def test_each_benchmark_file_runs_alone_and_their_reports_are_merged(run_gpu, tm
     files = [str(first), str(broken), str(second)]
     logs = tmp_path / "logs"
     logs.mkdir()
+    (logs / "benchmarks.json").write_text('{"benchmarks": [{"name": "stale"}]}')
     code, lines, report = run_gpu.run_benchmark_files(files, logs, time.monotonic() + 300)
     assert sorted(bench["name"] for bench in report["benchmarks"]) == ["test_one", "test_three"]  # after a failure too
     assert code != 0 and len(lines) == 3 and "1 failed" in lines[1] and "1 passed" in lines[2], lines
+    # Two files come back from the device ($OUT holds at most 8): one log, every file's output in turn, and
+    # the merged reports.
+    assert sorted(path.name for path in logs.iterdir()) == ["benchmarks.json", "gpu-benchmarks.log"]
+    assert json.loads((logs / "benchmarks.json").read_text()) == report
+    log = (logs / "gpu-benchmarks.log").read_text()
+    assert [log.index(f"==== {name} ====") for name in files] == sorted(
+        log.index(f"==== {name} ====") for name in files
+    )
+    assert "RuntimeError: CUDA error" in log
     monkeypatch.setattr(run_gpu, "BENCHMARK_FILE_RESERVE_S", 1000)  # the time is kept for the last file
     code, lines, report = run_gpu.run_benchmark_files([str(first), str(second)], logs, time.monotonic() + 300)
     assert code != 0 and "not run (no time left)" in lines[0] and "1 passed" in lines[1], lines

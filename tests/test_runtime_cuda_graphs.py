@@ -349,6 +349,27 @@ def test_graphed_model_matches_eager_on_real_tokens(
 
 @pytest.mark.gpu
 @needs_cuda
+def test_automatic_choice_takes_the_graph_only_kernels_while_recording(
+    tiny_config, randomize, monkeypatch, triton_launches
+):
+    """With no backend named, eager calls run torch's ops, while the capture (its warm-up included, where the
+    kernels compile) records add_layer_norm's kernel, and no others at these few rows (fastmini/ops/dispatch.py)."""
+    monkeypatch.delenv("FASTMINI_BACKEND", raising=False)
+    model = tiny_model(tiny_config, randomize, torch.bfloat16, "cuda")
+    fn = padded_encoder(model)
+    ids, mask = (t.cuda() for t in ragged_batch(3, 20, vocab=99, seed=3))
+    with torch.no_grad():
+        eager = fn(ids, mask)
+    assert not any(triton_launches.values()), triton_launches
+    out = GraphedEncoder(fn, batch_buckets=(4,), sequence_buckets=(32,))(ids, mask)
+    assert triton_launches["add_layer_norm"] > 0 and triton_launches["adapter_bottleneck"] == 0
+    assert triton_launches["linear_gelu"] == 0
+    real = mask.bool()
+    torch.testing.assert_close(out[real], eager[real], **SAME_LAYOUT[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_graphs_are_reused_and_outputs_survive_replays(tiny_config, randomize):
     model = tiny_model(tiny_config, randomize, device="cuda")
     fn = padded_encoder(model)

@@ -84,6 +84,19 @@ def test_backend_choice_errors():
         packed_self_attention(query, key, value, 4, packing, backend="triton")
 
 
+def test_the_varlen_kernel_is_used_only_where_it_can_serve_the_call():
+    """The flash kernel raises on head sizes that are not multiples of 8 (the tiny test configs' 9 did, on an
+    H200, once CUDA chose it by itself): those, fp32, dropout and probabilities keep the padded path."""
+    serves = attention._varlen_serves
+    assert serves(torch.bfloat16, 64, 0.0, False) and serves(torch.float16, 8, 0.0, False)
+    assert serves(torch.bfloat16, 256, 0.0, False)
+    assert not serves(torch.bfloat16, 9, 0.0, False)
+    assert not serves(torch.bfloat16, 264, 0.0, False)
+    assert not serves(torch.float32, 64, 0.0, False)
+    assert not serves(torch.bfloat16, 64, 0.1, False)
+    assert not serves(torch.bfloat16, 64, 0.0, True)
+
+
 def test_the_model_switch_reaches_the_shared_layer(tiny_config):
     model = FastMiniModel(tiny_config()).optimize_for_inference(varlen_attention=True)
     assert model.encoder.shared_layer.packed_attention_backend == "cuda"

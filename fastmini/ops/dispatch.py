@@ -1,9 +1,17 @@
 """Backend choice for every op in fastmini.ops.
 
 Order: the op's explicit ``backend=`` argument, then the ``FASTMINI_BACKEND`` environment
-variable, then automatic by the input's device (CUDA tensor: triton where the op has it and
-its kernels have passed their tests on a GPU; CPU tensor: torch, or triton when
-``TRITON_INTERPRET=1`` runs kernels on the CPU). While torch.jit.trace or torch.export records a
+variable, then automatic by the input's device (CUDA tensor: triton where the op has it, its
+kernels have passed their tests on a GPU and the op's measured rule says they pay off here;
+CPU tensor: torch, or triton when ``TRITON_INTERPRET=1`` runs kernels on the CPU).
+
+Why a rule per op (measured on an H200, benchmarks/results/2026-11-26-nvidia-h200*.md): the fused
+kernels take less GPU time than torch's composition, but each call costs the host far more (Triton's
+launcher ~1.4 us an argument, the custom op's dispatch ~60 us: ~155 us for add_layer_norm against
+~28 us for torch's two kernels), so in eager code they win only where the GPU, not the host, is the
+bottleneck. While a CUDA graph is recorded (``recording_cuda_graph()``, set by fastmini's graph
+capture for its warm-up and capture) the host cost is paid once and the device time is all that
+counts. While torch.jit.trace or torch.export records a
 graph, automatic is torch: the recorded graph holds plain aten ops, which every consumer of it
 (the ONNX exporters, AOTInductor, a process without fastmini) can run. Kernels that have only run
 in the interpreter are never chosen automatically for CUDA tensors: asking for them by name is the
@@ -14,14 +22,35 @@ Nothing here touches a GPU or imports triton.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 
 import torch
 
 BACKENDS = ("torch", "triton", "cuda")
 BACKEND_ENV_VAR = "FASTMINI_BACKEND"
 TRITON_INTERPRET_ENV_VAR = "TRITON_INTERPRET"
+
+
+_RECORDING_CUDA_GRAPH = contextvars.ContextVar("fastmini_recording_cuda_graph", default=False)
+
+
+@contextlib.contextmanager
+def recording_cuda_graph() -> Iterator[None]:
+    """Within: the calls are being recorded into a CUDA graph (its eager warm-up runs included, so that the
+    kernels the capture picks are compiled before it), and the ops' automatic choice may count device time
+    alone."""
+    token = _RECORDING_CUDA_GRAPH.set(True)
+    try:
+        yield
+    finally:
+        _RECORDING_CUDA_GRAPH.reset(token)
+
+
+def in_cuda_graph_recording() -> bool:
+    return _RECORDING_CUDA_GRAPH.get()
 
 
 class BackendUnavailableError(RuntimeError):
@@ -54,11 +83,13 @@ def resolve_backend(
     backend: str | None,
     available: Mapping[str, Callable],
     verified_on_gpu: Collection[str] = (),
+    pays_off_on_gpu: Callable[[torch.Tensor], bool] | None = None,
 ) -> str:
     """Return the name of the backend that runs ``op`` on ``tensor``.
 
     ``verified_on_gpu`` names the backends whose kernels have passed their tests on a GPU;
-    only those are picked automatically for CUDA tensors.
+    only those are picked automatically for CUDA tensors, and only where ``pays_off_on_gpu(tensor)``
+    (the op's measured rule; None: wherever verified).
     """
     requested = backend if backend is not None else (os.environ.get(BACKEND_ENV_VAR) or None)
     if requested is not None:
@@ -77,7 +108,7 @@ def resolve_backend(
     if recording_a_graph():
         return "torch"
     if "triton" in available:
-        if tensor.is_cuda and "triton" in verified_on_gpu:
+        if tensor.is_cuda and "triton" in verified_on_gpu and (pays_off_on_gpu is None or pays_off_on_gpu(tensor)):
             return "triton"
         if not tensor.is_cuda and triton_interpreter_enabled():
             return "triton"
@@ -90,6 +121,7 @@ def choose(
     backend: str | None,
     available: Mapping[str, Callable],
     verified_on_gpu: Collection[str] = (),
+    pays_off_on_gpu: Callable[[torch.Tensor], bool] | None = None,
 ) -> Callable:
     """The implementation of ``op`` to call for ``tensor`` (see :func:`resolve_backend`)."""
-    return available[resolve_backend(op, tensor, backend, available, verified_on_gpu)]
+    return available[resolve_backend(op, tensor, backend, available, verified_on_gpu, pays_off_on_gpu)]
