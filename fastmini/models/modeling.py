@@ -106,19 +106,30 @@ class FastMiniPreTrainedModel(PreTrainedModel):
         self.base_model.encoder.shared_layer.packed_attention_backend = "cuda" if varlen_attention else None
         return self
 
-    def graphed_encoder(self, **options: Any) -> GraphedEncoder:
+    def graphed_encoder(self, *, unpadded: bool = False, **options: Any) -> GraphedEncoder:
         """The encoder's last hidden state, (B, S, H), replayed through one CUDA graph per shape
         bucket: ``fastmini.runtime.GraphedEncoder`` over ``encode(..., unpad=False)`` (options:
         its bucket and capture arguments). For inference on CUDA, model in ``eval()``.
-        Verified on an H200 (tests/test_runtime_cuda_graphs.py)."""
-        from fastmini.runtime import GraphedEncoder
+        Verified on an H200 (tests/test_runtime_cuda_graphs.py).
+
+        ``unpadded=True``: ``fastmini.runtime.UnpaddedGraphedEncoder``, one graph per (batch, sequence,
+        token count) bucket running the unpadded path on the real tokens (for ragged batches; one host
+        sync a call reads the mask). UNVERIFIED: it has not run on a GPU yet."""
+        from fastmini.runtime import GraphedEncoder, UnpaddedGraphedEncoder
 
         if self.training:  # dropout would run in every capture and be frozen into its graph
             raise RuntimeError("graphed_encoder: the model is in train() mode; call model.eval() first")
         base = self.base_model
         options.setdefault("max_sequence_length", self.config.max_position_embeddings)
         options.setdefault("device", self.device)  # where prepare() captures before any call
-        return GraphedEncoder(lambda ids, mask: base.encode(ids, mask, unpad=False).sequence, **options)
+        if not unpadded:
+            return GraphedEncoder(lambda ids, mask: base.encode(ids, mask, unpad=False).sequence, **options)
+
+        def encode_packed(ids: torch.Tensor, mask: torch.Tensor, packing: Packing | None) -> torch.Tensor:
+            encoded = base.encode(ids, mask, packing=packing)
+            return encoded.repad(encoded.sequence)
+
+        return UnpaddedGraphedEncoder(encode_packed, **options)
 
     def set_unpadding(self, enabled: bool = True) -> Self:
         """Whether padded batches run on their real tokens only (the default) or in the padded layout
@@ -238,6 +249,7 @@ class FastMiniModel(FastMiniPreTrainedModel):
         output_hidden_states: bool | None = None,
         repad_hidden_states: bool = True,
         unpad: bool | None = None,
+        packing: Packing | None = None,
     ) -> Encoded:
         """Embeddings, unpadding, projector and the recursion; heads call this directly so that
         they too run on real tokens only. With ``repad_hidden_states=False`` the hidden states of
@@ -247,7 +259,11 @@ class FastMiniModel(FastMiniPreTrainedModel):
         but no shape depends on the mask's values and no host sync reads it, which is what CUDA
         graph capture needs (fastmini.runtime). Padded positions of the outputs are zeros either way.
         ``None``: the model's setting (``set_unpadding``; on by default), except while ``torch.jit.trace``
-        or ``torch.export`` records a graph: the padded layout then."""
+        or ``torch.export`` records a graph: the padded layout then.
+
+        ``packing``: the caller's own Packing of ``attention_mask`` (fastmini.runtime's unpadded CUDA graphs
+        build one from static buffers, so that no host sync reads the mask inside the graph); the model then
+        runs unpadded on its tokens whatever ``unpad`` says."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("FastMiniModel: give exactly one of input_ids or inputs_embeds")
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
@@ -272,7 +288,10 @@ class FastMiniModel(FastMiniPreTrainedModel):
             # A recorded graph serves every later input: unpadding would bake in the example's mask (its branch,
             # its number of real tokens), so recorders get the padded layout, whose shapes do not depend on it.
             unpad = self.unpadding and not recording_a_graph()
-        if unpad:
+        if packing is not None:
+            if not isinstance(packing, Packing) or (packing.batch_size, packing.seq_len) != tuple(shape):
+                raise ValueError(f"FastMiniModel.encode: packing must be a Packing of a {tuple(shape)} batch")
+        elif unpad:
             packing = packing_for(attention_mask, shape)
         elif attention_mask is not None:
             _check_mask_shape(attention_mask, shape)

@@ -3,6 +3,8 @@ shared layer's weights (DESIGN.md, "The two regimes": the latency regime).
 
 - ``GraphedEncoder`` (cuda_graphs.py): ``fn(input_ids, attention_mask)`` replayed through one
   CUDA graph per (batch, sequence) bucket; ``CudaGraphCapture`` / ``EagerCapture`` (capture.py).
+- ``UnpaddedGraphedEncoder`` (unpadded_graphs.py): the same on the real tokens of ragged batches, one
+  graph per (batch, sequence, token count) bucket.
 - ``pack_parameters`` (param_buffer.py): parameters moved into one contiguous buffer.
 - ``persist_in_l2`` / ``L2Window`` (l2_persistence.py): a persisting L2 access-policy window over
   such a buffer, through a C++ extension (csrc/l2_persistence.cpp) built on first use.
@@ -23,6 +25,7 @@ from fastmini.runtime.l2_persistence import (
     plan_window,
 )
 from fastmini.runtime.param_buffer import PackedParameters, pack_parameters
+from fastmini.runtime.unpadded_graphs import UnpaddedGraphedEncoder
 
 __all__ = [
     "DEFAULT_BATCH_BUCKETS",
@@ -35,6 +38,7 @@ __all__ = [
     "GraphedEncoder",
     "L2Window",
     "PackedParameters",
+    "UnpaddedGraphedEncoder",
     "WindowPlan",
     "l2_limits",
     "pack_parameters",

@@ -13,6 +13,10 @@ from dataclasses import dataclass
 
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 DEFAULT_SEQUENCE_BUCKETS = (32, 64, 128, 256, 512)
+# Token buckets of the unpadded graphs: from SMALLEST_TOKEN_BUCKET on, TOKEN_STEPS_PER_DOUBLING even steps
+# between powers of two (8, 10, 12, 14, 16, 20, ...): at most 25% filler tokens, ~4 graphs per doubling.
+SMALLEST_TOKEN_BUCKET = 8
+TOKEN_STEPS_PER_DOUBLING = 4
 
 
 def normalize_buckets(buckets: Iterable[int], name: str) -> tuple[int, ...]:
@@ -67,3 +71,25 @@ class BucketGrid:
         batch = bucket_for(batch_size, self.batch)
         sequence = bucket_for(sequence_length, self.sequence)
         return None if batch is None or sequence is None else (batch, sequence)
+
+
+def token_buckets(limit: int) -> tuple[int, ...]:
+    """The token counts unpadded graphs are captured for, up to ``limit`` (the batch bucket times the sequence
+    bucket, every token real), which is always the last."""
+    sizes, step = [SMALLEST_TOKEN_BUCKET], SMALLEST_TOKEN_BUCKET // TOKEN_STEPS_PER_DOUBLING
+    while sizes[-1] < limit:
+        if sizes[-1] + step > 2 * step * TOKEN_STEPS_PER_DOUBLING:
+            step *= 2
+        sizes.append(sizes[-1] + step)
+    return tuple(size for size in sizes if size < limit) + (limit,)
+
+
+def token_bucket(real_tokens: int, limit: int) -> tuple[int, int]:
+    """(the token bucket that holds ``real_tokens`` <= ``limit``, the most filler tokens any input of that bucket
+    needs): its graph is recorded for exactly that many tokens, the real ones topped up with filler."""
+    if not 0 < real_tokens <= limit:
+        raise ValueError(f"token_bucket: real_tokens must be in 1..{limit}, got {real_tokens}")
+    buckets = token_buckets(limit)
+    index = next(i for i, size in enumerate(buckets) if size >= real_tokens)
+    smaller = buckets[index - 1] if index else 0
+    return buckets[index], buckets[index] - smaller - 1

@@ -84,12 +84,12 @@ class GraphedEncoder:
         self.grid = BucketGrid.make(batch_buckets, sequence_buckets, max_sequence_length)
         self.capture = CudaGraphCapture() if capture is None else capture
         self.stats = GraphStats()
-        self._buckets: dict[tuple[int, int], _Bucket] = {}
+        self._buckets: dict[tuple[int, ...], _Bucket] = {}
         self._device: torch.device | None = None
         self.default_device = None if device is None else torch.device(device)
 
     @property
-    def captured_buckets(self) -> list[tuple[int, int]]:
+    def captured_buckets(self) -> list[tuple[int, ...]]:
         return sorted(self._buckets)
 
     def reset(self) -> None:
@@ -106,20 +106,27 @@ class GraphedEncoder:
         device = torch.device(device)
         if device.type == "cuda":
             require_cuda("GraphedEncoder.prepare() on CUDA")  # not torch's assertion from deep inside
-        for batch_size, sequence_length in shapes:
-            bucket = self.grid.choose(batch_size, sequence_length)
-            if bucket is not None and bucket not in self._buckets:
-                ids = torch.zeros(bucket, dtype=torch.long, device=device)
-                self(ids, torch.ones_like(ids))
+        for shape in shapes:
+            grid_bucket = self.grid.choose(*shape[:2])
+            if grid_bucket is None:
+                continue
+            ids = torch.zeros(grid_bucket, dtype=torch.long, device=device)
+            mask = self._dummy_mask(shape, ids)
+            if self._bucket_for(ids, mask) not in self._buckets:
+                self(ids, mask)
+
+    def _dummy_mask(self, shape: tuple[int, ...], ids: torch.Tensor) -> torch.Tensor:
+        """prepare()'s mask for a shape's bucket-sized dummy ids: every token real."""
+        return torch.ones_like(ids)
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         attention_mask = self._check(input_ids, attention_mask)
         batch_size, sequence_length = input_ids.shape
-        bucket = self.grid.choose(batch_size, sequence_length)
+        bucket = self._bucket_for(input_ids, attention_mask)
         if bucket is None:
             self.stats.eager_fallbacks += 1
             with torch.no_grad():
-                return self.fn(input_ids, attention_mask)
+                return self._run_eagerly(input_ids, attention_mask)
         entry = self._buckets.get(bucket)
         if entry is None:
             entry = self._capture(bucket, input_ids, attention_mask)
@@ -130,6 +137,13 @@ class GraphedEncoder:
         self.stats.replays += 1
         # The static output is overwritten by the next replay of this bucket: hand out a copy.
         return entry.captured.output[:batch_size, :sequence_length].clone(memory_format=torch.contiguous_format)
+
+    def _bucket_for(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[int, ...] | None:
+        """The key of the graph that serves this input; None: run it eagerly."""
+        return self.grid.choose(*input_ids.shape)
+
+    def _run_eagerly(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.fn(input_ids, attention_mask)
 
     def _check(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
@@ -170,18 +184,32 @@ class GraphedEncoder:
         # but NaNs in the static buffers would trip anomaly checks and slow some GPUs down.
         entry.attention_mask[batch_size:, 0] = 1
 
-    def _capture(self, bucket: tuple[int, int], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> _Bucket:
+    def _allocate(self, bucket: tuple[int, ...], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> _Bucket:
+        """The bucket's static input buffers (the graph reads their addresses)."""
+        return _Bucket(
+            static_zeros(bucket, input_ids),
+            static_zeros(bucket, attention_mask),
+            captured=None,  # type: ignore[arg-type]
+        )
+
+    def _recorded_fn(self, entry: _Bucket) -> EncoderFn:
+        """What the bucket's graph records, called on its static buffers."""
+        return self.fn
+
+    def _capture(self, bucket: tuple[int, ...], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> _Bucket:
         device = input_ids.device
-        # Normal tensors even when the first call runs under torch.inference_mode(): later calls
-        # outside it fill them in place, which torch refuses for inference tensors (and in-place
-        # writes to normal tensors are allowed inside inference mode).
-        with torch.inference_mode(False):
-            static_ids = torch.zeros(bucket, dtype=input_ids.dtype, device=device)
-            static_mask = torch.zeros(bucket, dtype=attention_mask.dtype, device=device)
-        entry = _Bucket(static_ids, static_mask, captured=None)  # type: ignore[arg-type]
+        entry = self._allocate(bucket, input_ids, attention_mask)
         self._fill(entry, input_ids, attention_mask)
-        entry.captured = self.capture.capture(self.fn, static_ids, static_mask)
+        entry.captured = self.capture.capture(self._recorded_fn(entry), entry.input_ids, entry.attention_mask)
         self._buckets[bucket] = entry
         self._device = device
         self.stats.captures += 1
         return entry
+
+
+def static_zeros(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A zero buffer of ``like``'s dtype and device that a graph may read. A normal tensor even when the first
+    call runs under torch.inference_mode(): later calls outside it fill it in place, which torch refuses for
+    inference tensors (and in-place writes to normal tensors are allowed inside inference mode)."""
+    with torch.inference_mode(False):
+        return torch.zeros(shape, dtype=like.dtype, device=like.device)

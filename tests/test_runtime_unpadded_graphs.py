@@ -1,0 +1,177 @@
+"""UnpaddedGraphedEncoder (fastmini.runtime): token buckets, filler tokens, static packing and reuse on the
+CPU through the EagerCapture stand-in; the @pytest.mark.gpu test captures real CUDA graphs of a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastmini import FastMiniModel
+from fastmini.runtime import EagerCapture, UnpaddedGraphedEncoder
+from fastmini.runtime.buckets import SMALLEST_TOKEN_BUCKET, token_bucket, token_buckets
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+BUCKETS = dict(batch_buckets=(1, 2, 4, 8), sequence_buckets=(8, 16, 32, 64))
+
+
+def tiny_model(tiny_config, randomize, dtype=torch.float32, device="cpu") -> FastMiniModel:
+    model = randomize(FastMiniModel(tiny_config(max_position_embeddings=64)))
+    return model.eval().to(device=device, dtype=dtype)
+
+
+def masked_batch(lengths, length, pattern="right", seed=0, vocab=99):
+    """Token ids and a mask with ``lengths[i]`` real tokens in row i: at the start ("right" padding), at the end
+    ("left") or spread with holes ("holes")."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (len(lengths), length), generator=generator)
+    mask = torch.zeros(len(lengths), length, dtype=torch.long)
+    for row, real in enumerate(lengths):
+        if pattern == "right":
+            mask[row, :real] = 1
+        elif pattern == "left":
+            mask[row, length - real :] = 1
+        else:
+            mask[row, torch.randperm(length, generator=generator)[:real]] = 1
+    return ids, mask
+
+
+# ---- token buckets ----------------------------------------------------------------------------
+
+
+def test_token_buckets_step_evenly_between_powers_of_two_and_end_at_the_limit():
+    assert token_buckets(8192)[:13] == (8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64)
+    assert token_buckets(8192)[-1] == 8192 and token_buckets(100)[-2:] == (96, 100) and token_buckets(5) == (5,)
+
+
+@pytest.mark.parametrize("limit", [5, 100, 8192])
+def test_each_count_gets_the_smallest_bucket_that_holds_it_and_its_filler_bound(limit):
+    buckets = token_buckets(limit)
+    most_filler_seen: dict[int, int] = {}
+    for real in range(1, limit + 1):
+        bucket, most_filler = token_bucket(real, limit)
+        assert bucket == min(b for b in buckets if b >= real)
+        assert bucket - real <= most_filler
+        most_filler_seen[bucket] = max(most_filler_seen.get(bucket, 0), bucket - real)
+        if real >= SMALLEST_TOKEN_BUCKET:
+            assert bucket <= 1.25 * real  # at most a quarter of the graph's tokens are filler
+    for bucket, seen in most_filler_seen.items():
+        assert token_bucket(bucket, limit)[1] == seen  # the bound is reached: no spare filler rows
+
+
+def test_token_bucket_refuses_counts_outside_the_grid_bucket():
+    for bad in (0, 33):
+        with pytest.raises(ValueError, match="real_tokens must be in 1..32"):
+            token_bucket(bad, 32)
+
+
+# ---- the model through the stand-in ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pattern", ["right", "left", "holes"])
+def test_real_tokens_match_the_models_unpadded_forward(tiny_config, randomize, pattern):
+    model = tiny_model(tiny_config, randomize)
+    encoder = model.graphed_encoder(unpadded=True, capture=EagerCapture(), **BUCKETS)
+    cases = [([5], 8), ([13, 2, 7], 13), ([32, 1, 17, 9, 32], 32), ([40, 3], 40), ([1, 1, 1, 1, 1, 1, 1, 1], 3)]
+    for lengths, length in cases:
+        ids, mask = masked_batch(lengths, length, pattern, seed=length)
+        with torch.no_grad():
+            expected = model(ids, mask).last_hidden_state
+        out = encoder(ids, mask)
+        real = mask.bool()
+        assert out.shape == expected.shape
+        torch.testing.assert_close(out[real], expected[real], rtol=1e-4, atol=1e-4)
+        assert not out[~real].any()
+    assert encoder.stats.eager_fallbacks == 0 and encoder.stats.replays == len(cases)
+
+
+def test_the_recorded_packing_holds_the_token_bucket_with_filler_in_rows_of_its_own(tiny_config, randomize):
+    model = tiny_model(tiny_config, randomize)
+    seen = []
+
+    def spy(ids, mask, packing):
+        seen.append(packing)
+        encoded = model.encode(ids, mask, packing=packing)
+        return encoded.repad(encoded.sequence)
+
+    encoder = UnpaddedGraphedEncoder(spy, capture=EagerCapture(), **BUCKETS)
+    ids, mask = masked_batch([17, 2, 30], 30, seed=1)  # 49 real tokens: bucket (4, 32) holds them as 56
+    encoder(ids, mask)
+    assert encoder.captured_buckets == [(4, 32, 56)]
+    packing = seen[-1]
+    assert packing.indices.shape == (56,)
+    rows, sequence = packing.batch_size, packing.seq_len
+    assert sequence == 32 and rows == 4 + 1  # 56 - 49 = 7 filler tokens at most 56 - 48 - 1: one extra row
+    lengths = packing.cu_seqlens.diff().tolist()
+    assert lengths == [17, 2, 30, 0, 7]  # the batch, an empty bucket row, the filler's own sequence
+    assert max(lengths) <= sequence
+
+
+def test_a_bucket_is_reused_with_its_buffers_refilled(tiny_config, randomize):
+    model = tiny_model(tiny_config, randomize)
+    encoder = model.graphed_encoder(unpadded=True, capture=EagerCapture(), **BUCKETS)
+    first = masked_batch([10, 20, 5], 24, seed=1)  # 35 tokens -> bucket 40
+    second = masked_batch([24, 3, 11], 24, seed=2)  # 38 tokens -> bucket 40 again, other filler
+    for ids, mask in (first, second, first):
+        with torch.no_grad():
+            expected = model(ids, mask).last_hidden_state
+        out = encoder(ids, mask)
+        torch.testing.assert_close(out[mask.bool()], expected[mask.bool()], rtol=1e-4, atol=1e-4)
+    assert encoder.captured_buckets == [(4, 32, 40)]
+    assert encoder.stats.captures == 1 and encoder.stats.replays == 3
+
+
+def test_shapes_beyond_the_buckets_and_empty_masks_run_eagerly(tiny_config, randomize):
+    model = tiny_model(tiny_config, randomize)
+    encoder = model.graphed_encoder(unpadded=True, capture=EagerCapture(), batch_buckets=(2,), sequence_buckets=(8,))
+    ids, mask = masked_batch([3, 9], 9)
+    with torch.no_grad():
+        expected = model(ids, mask).last_hidden_state
+    torch.testing.assert_close(encoder(ids, mask), expected)
+    no_tokens = torch.zeros(2, 4, dtype=torch.long)
+    assert not encoder(no_tokens, no_tokens).any()
+    assert encoder.stats.eager_fallbacks == 2 and encoder.stats.captures == 0
+
+
+def test_prepare_captures_token_buckets_of_the_shapes_given(tiny_config, randomize):
+    model = tiny_model(tiny_config, randomize)
+    encoder = model.graphed_encoder(unpadded=True, capture=EagerCapture(), **BUCKETS)
+    encoder.prepare([(3, 20, 37), (1, 8)], device="cpu")
+    assert encoder.captured_buckets == [(1, 8, 8), (4, 32, 40)]
+    encoder.prepare([(3, 20, 38)], device="cpu")  # same bucket: nothing new
+    assert encoder.stats.captures == 2
+    with pytest.raises(ValueError, match="real tokens of \\(2, 4, 9\\) must be in 1..batch\\*sequence"):
+        encoder.prepare([(2, 4, 9)], device="cpu")
+
+
+def test_encode_refuses_a_packing_of_another_shape(tiny_config, randomize):
+    from fastmini.ops import Packing
+
+    model = tiny_model(tiny_config, randomize)
+    ids, mask = masked_batch([3, 5], 5)
+    packing = Packing.from_attention_mask(torch.ones(3, 5))
+    with pytest.raises(ValueError, match=r"packing must be a Packing of a \(2, 5\) batch"):
+        model.encode(ids, mask, packing=packing)
+
+
+# ---- on a GPU ---------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_unpadded_graphs_match_the_eager_model_on_gpu(tiny_config, randomize, dtype):
+    """Real CUDA graphs of the unpadded path (bf16: varlen attention where the head size allows): the packing
+    is built inside the graph from static buffers, so nothing may read the mask on the host while recording."""
+    model = tiny_model(tiny_config, randomize, dtype, "cuda")
+    encoder = model.graphed_encoder(unpadded=True, **BUCKETS)
+    tolerance = dict(rtol=1e-3, atol=1e-3) if dtype == torch.float32 else dict(rtol=5e-2, atol=1e-1)
+    for lengths, length in [([5], 8), ([13, 2, 7], 13), ([32, 1, 17, 9, 32], 32), ([13, 2, 7], 13)]:
+        ids, mask = (t.cuda() for t in masked_batch(lengths, length, seed=length))
+        with torch.no_grad():
+            expected = model(ids, mask).last_hidden_state
+        out = encoder(ids, mask)
+        real = mask.bool()
+        assert torch.isfinite(out[real]).all()
+        torch.testing.assert_close(out[real], expected[real], **tolerance)
+        assert not out[~real].any()
+    assert encoder.stats.captures == 3 and encoder.stats.replays == 4
