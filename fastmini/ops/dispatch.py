@@ -108,7 +108,14 @@ def resolve_backend(
     if recording_a_graph():
         return "torch"
     if "triton" in available:
-        if tensor.is_cuda and "triton" in verified_on_gpu and (pays_off_on_gpu is None or pays_off_on_gpu(tensor)):
+        # Under torch.compile, torch: inductor fuses the elementwise work itself, around kernels it can see into
+        # (and the rules below read Python state that dynamo should not trace).
+        if (
+            tensor.is_cuda
+            and "triton" in verified_on_gpu
+            and not torch.compiler.is_compiling()
+            and (pays_off_on_gpu is None or pays_off_on_gpu(tensor))
+        ):
             return "triton"
         if not tensor.is_cuda and triton_interpreter_enabled():
             return "triton"
