@@ -130,35 +130,22 @@ def test_adapter_bottleneck(benchmark, compare, describe_device, sync, record_ba
     record_bandwidth(benchmark, medians, minimum_bytes(mode, rows, tensors[0].element_size()), device, steps)
 
 
-# Tile candidates for the GPU session that sets the defaults (kernels/adapter_bottleneck.py, *_TILES): each
-# differs from the default in one place, so the table says which knob matters.
-FORWARD_TILE_CANDIDATES = {
-    "default": {},
-    "64x128 chunks": {"BLOCK_K": 128},
-    "32 rows, 4 warps": {"BLOCK_M": 32, "num_warps": 4},
-    "128 rows": {"BLOCK_M": 128},
-    "2 stages": {"num_stages": 2},
-    "4 stages": {"num_stages": 4},
-}
-BACKWARD_TILE_CANDIDATES = {
-    "default": {},
-    "rows: 64 rows": {"row_tiles": {"BLOCK_M": 64}},
-    "rows: 32x32, 4 warps": {"row_tiles": {"BLOCK_K": 32, "num_warps": 4}},
-    "columns: 64-row steps": {"column_tiles": {"BLOCK_M": 64}},
-    "columns: 32 wide": {"column_tiles": {"BLOCK_N": 32}},
-    "columns: 16-row steps, 4 warps": {"column_tiles": {"BLOCK_M": 16, "num_warps": 4}},
-    "columns: 3 stages": {"column_tiles": {"num_stages": 3}},
-    "columns: 6 splits": {"splits": 6},
-    "columns: 44 splits": {"splits": 44},
-}
+@pytest.mark.parametrize(
+    "direction, rows",
+    [("forward", 16384), ("forward", 1024), ("backward", 16384)],
+    ids=["forward", "forward-1024", "backward"],
+)
+def test_adapter_bottleneck_tile_sweep(benchmark, compare, describe_device, sync, record_bandwidth, direction, rows):
+    """rows x 768 bf16 through the launchers with each tile candidate (kernels/adapter_bottleneck.py,
+    *_TILE_CANDIDATES); the default is the baseline."""
+    from fastmini.kernels.adapter_bottleneck import (
+        BACKWARD_TILE_CANDIDATES,
+        FORWARD_TILE_CANDIDATES,
+        adapter_bottleneck_backward,
+        adapter_bottleneck_forward,
+    )
 
-
-@pytest.mark.parametrize("direction", ["forward", "backward"])
-def test_adapter_bottleneck_tile_sweep(benchmark, compare, describe_device, sync, record_bandwidth, direction):
-    """16384 x 768 bf16 through the launchers with each tile candidate; the default is the baseline."""
-    from fastmini.kernels.adapter_bottleneck import adapter_bottleneck_backward, adapter_bottleneck_forward
-
-    device, rows = torch.device("cuda"), 16384
+    device = torch.device("cuda")
     tensors, grad_output = make_inputs(rows, torch.bfloat16, device, requires_grad=False)
     _y, mean, rstd, h = adapter_bottleneck_forward(*tensors, EPS, True)
 

@@ -436,11 +436,14 @@ def _backward_columns_kernel(
 
 # --------------------------------------------------------------------------------------------- host side
 
-# Tile sizes by the activation's element size (fp64 takes the fp32 ones), not yet timed on a GPU. Each was
-# compiled for sm_90 with ptxas (triton 3.9 and 3.6) at H=36, 312, 768 and R=9, 19, 48, 78: no register
-# spills in 16-bit, <= 90 KB shared memory (fp32, whose tf32x3 dots hold two halves of every operand,
-# spills a little at R=78). Larger tiles (64 x 128 chunks, 64-row column steps) spilled or left one CTA
-# per SM. The launchers take overrides, so a GPU sweep needs no edit here.
+# Tile sizes by the activation's element size (fp64 takes the fp32 ones). Each was compiled for sm_90 with
+# ptxas (triton 3.9 and 3.6) at H=36, 312, 768 and R=9, 19, 48, 78: no register spills in 16-bit, <= 90 KB
+# shared memory (fp32, whose tf32x3 dots hold two halves of every operand, spills a little at R=78). The
+# launchers take overrides, so a GPU sweep needs no edit here (benchmarks/test_adapter_bottleneck.py times
+# the *_TILE_CANDIDATES below). The first sweep (H200, 2026-11-26, 16384 x 768 bf16, GPU time) found two
+# changes faster than these defaults: forward 64 x 128 chunks (BLOCK_K=128) 0.89x, backward column kernel
+# with 16-row steps and 4 warps 0.90x; every other candidate was slower. They become the defaults once the
+# kernel tests have run on a GPU with them (they ran there only in the timing sweep, which checks no values).
 FORWARD_TILES = {
     2: {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
     4: {"BLOCK_M": 32, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
@@ -452,6 +455,30 @@ BACKWARD_ROW_TILES = {
 BACKWARD_COLUMN_TILES = {
     2: {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
     4: {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+}
+# What a GPU sweep tries besides the defaults: each candidate differs from them in one place (launcher
+# overrides), so a results table says which knob matters. Small batches (a few programs per SM) sit on
+# a latency floor of ~17 us at every BLOCK_M (H200): the wide-chunk candidates take fewer steps along H.
+FORWARD_TILE_CANDIDATES = {
+    "default": {},
+    "64x128 chunks": {"BLOCK_K": 128},
+    "256-wide chunks": {"BLOCK_K": 256},
+    "16 rows, 128-wide chunks, 4 warps": {"BLOCK_M": 16, "BLOCK_K": 128, "num_warps": 4},
+    "32 rows, 4 warps": {"BLOCK_M": 32, "num_warps": 4},
+    "128 rows": {"BLOCK_M": 128},
+    "2 stages": {"num_stages": 2},
+    "4 stages": {"num_stages": 4},
+}
+BACKWARD_TILE_CANDIDATES = {
+    "default": {},
+    "rows: 64 rows": {"row_tiles": {"BLOCK_M": 64}},
+    "rows: 32x32, 4 warps": {"row_tiles": {"BLOCK_K": 32, "num_warps": 4}},
+    "columns: 64-row steps": {"column_tiles": {"BLOCK_M": 64}},
+    "columns: 32 wide": {"column_tiles": {"BLOCK_N": 32}},
+    "columns: 16-row steps, 4 warps": {"column_tiles": {"BLOCK_M": 16, "num_warps": 4}},
+    "columns: 3 stages": {"column_tiles": {"num_stages": 3}},
+    "columns: 6 splits": {"splits": 6},
+    "columns: 44 splits": {"splits": 44},
 }
 _ROW_GROUPS_ON_CPU = 2  # SPLITS under the interpreter: small, but > 1 so the partial reduction is exercised
 

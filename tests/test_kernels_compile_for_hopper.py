@@ -163,7 +163,8 @@ def _sweep(_patch=None):
 def _gpu_only_sweep(patch):
     """The launch choices that only CUDA tensors get, so that the sweep above never records them: fp32
     adapter dots in "tf32x3", 16-bit GEMM operands not upcast, the adapter forward's BLOCK_M shrunk to
-    16 or 32 for small batches; also add_layer_norm at its largest H and the dropout-mask kernel."""
+    16 or 32 for small batches, the GPU tile sweep's candidates; also add_layer_norm at its largest H and the
+    dropout-mask kernel."""
     from fastmini.kernels import adapter_bottleneck as adapter_kernels
     from fastmini.kernels import add_layer_norm as add_layer_norm_kernels
     from fastmini.kernels import linear_gelu as linear_gelu_kernels
@@ -180,6 +181,13 @@ def _gpu_only_sweep(patch):
                 x.detach(), *parameters, 1e-12, True, tiles={"BLOCK_M": block_m} if block_m else None
             )
         adapter_kernels.adapter_bottleneck_backward(torch.ones_like(x), x.detach(), *parameters, h, mean, rstd)
+        if dtype == torch.bfloat16:  # the GPU tile sweep's candidates (benchmarks/test_adapter_bottleneck.py)
+            for tiles in adapter_kernels.FORWARD_TILE_CANDIDATES.values():
+                adapter_kernels.adapter_bottleneck_forward(x.detach(), *parameters, 1e-12, False, tiles=tiles)
+            for options in adapter_kernels.BACKWARD_TILE_CANDIDATES.values():
+                adapter_kernels.adapter_bottleneck_backward(
+                    torch.ones_like(x), x.detach(), *parameters, h, mean, rstd, **options
+                )
         weight, bias = torch.zeros(3072, 768, dtype=dtype), torch.zeros(3072, dtype=dtype)
         for save_pre in (True, False):
             linear_gelu_kernels.linear_gelu_forward(
