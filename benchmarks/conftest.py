@@ -225,6 +225,45 @@ def record_matmul_fraction():
     return _record
 
 
+def kernel_profile(step: Callable, activity: str = "cuda", top: int = 12) -> dict:
+    """Where one run of ``step`` spends its device time (torch.profiler): the summed time of every kernel, and
+    the ``top`` kernels by total time as "name: ms (calls)". Against the step's wall-clock median this says
+    whether it is bound by the GPU (kernel time close to it) or by the host launching kernels (far below)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CUDA if activity == "cuda" else ProfilerActivity.CPU]
+    with profile(activities=activities) as profiler:
+        step()
+        if activity == "cuda":
+            torch.cuda.synchronize()
+
+    def device_us(event) -> float:  # torch renamed cuda_time_total to device_time_total; CPU runs use cpu_time
+        if activity != "cuda":
+            return event.self_cpu_time_total
+        return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+
+    rows = sorted(((device_us(e), e.key, e.count) for e in profiler.key_averages()), reverse=True)
+    rows = [row for row in rows if row[0] > 0]
+    return {
+        "kernel_ms": round(sum(us for us, _, _ in rows) / 1e3, 3),
+        "top": [f"{name}: {us / 1e3:.3f} ms ({calls})" for us, name, calls in rows[:top]],
+    }
+
+
+@pytest.fixture
+def record_kernel_profile():
+    """record_kernel_profile(benchmark, name, step): extra_info["profile_<name>"] = kernel_profile(step) on CUDA;
+    a failure (a profiler the machine does not support) is recorded instead of failing the benchmark."""
+
+    def _record(benchmark, name: str, step: Callable) -> None:
+        try:
+            benchmark.extra_info[f"profile_{name}"] = kernel_profile(step)
+        except Exception as error:  # noqa: BLE001 - reported in the results
+            benchmark.extra_info[f"profile_{name}"] = f"{type(error).__name__}: {str(error)[:200]}"
+
+    return _record
+
+
 @pytest.fixture(scope="session")
 def describe_device():
     return device_name

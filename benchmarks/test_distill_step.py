@@ -180,7 +180,7 @@ def peak_memory(step, setup: Setup, models: tuple[nn.Module, ...]) -> int | None
 
 
 @pytest.mark.filterwarnings("ignore:reduction. .mean. divides:UserWarning")
-def test_distillation_step(benchmark, compare, describe_device, setup, pair, batch):
+def test_distillation_step(benchmark, compare, describe_device, record_kernel_profile, setup, pair, batch):
     teacher_model, student, original = pair
     teacher = Teacher(encoder=teacher_model.bert, head=teacher_model.cls, config=teacher_model.config, source="bench")
     autocast_dtype = torch.bfloat16 if setup.bf16 else None
@@ -234,6 +234,9 @@ def test_distillation_step(benchmark, compare, describe_device, setup, pair, bat
         device=describe_device(torch.device(setup.device)),
     )
     benchmark.extra_info["speedup"] = round(medians["original"] / medians["fastmini"], 2)
+    if setup.device == "cuda":  # is the step GPU-bound? kernel time against the median, and the top kernels
+        for name in ("original", "fastmini"):
+            record_kernel_profile(benchmark, name, contenders[name])
     if peaks["fastmini"] is not None:
         benchmark.extra_info["peak_allocated_gib"] = {name: round(peak / 2**30, 2) for name, peak in peaks.items()}
         benchmark.extra_info["peak_memory_ratio"] = {

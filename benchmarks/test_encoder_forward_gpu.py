@@ -151,7 +151,11 @@ def contenders_for(
     return built, unavailable
 
 
-def _run_group(benchmark, compare, describe_device, models, group, input_ids, mask, names, baseline, rounds):
+def _run_group(
+    benchmark, compare, describe_device, models, group, input_ids, mask, names, baseline, rounds, profiler=None
+):
+    """Times the named contenders interleaved; with ``profiler`` (the record_kernel_profile fixture) also profiles
+    "fastmini" once: its kernel time against its median says how host-bound the eager model is."""
     # The L2 window stays for the group's interleaved timing (re-reserving it around every call of
     # its contender would time driver calls too) and is removed when the group ends, passed or failed.
     with contextlib.ExitStack() as resources:
@@ -176,6 +180,8 @@ def _run_group(benchmark, compare, describe_device, models, group, input_ids, ma
             pedantic_contender=timed,
             device=describe_device(DEVICE),
         )
+        if profiler is not None and "fastmini" in contenders:
+            profiler(benchmark, "fastmini", contenders["fastmini"])
     benchmark.extra_info["unavailable"] = unavailable
     return medians
 
@@ -195,11 +201,11 @@ def _full_batch(batch: int, seq: int):
 GRAPHED = ["fastmini-graphed", "fastmini-graphed-triton", "fastmini-graphed-l2"]
 
 
-def test_latency_1x128(benchmark, compare, describe_device, models):
+def test_latency_1x128(benchmark, compare, describe_device, record_kernel_profile, models):
     input_ids, mask = _full_batch(1, 128)
     medians = _run_group(
         benchmark, compare, describe_device, models, "gpu encoder latency 1x128", input_ids, mask,
-        ["original", "fastmini", *GRAPHED], "original", rounds=200,
+        ["original", "fastmini", *GRAPHED], "original", rounds=200, profiler=record_kernel_profile,
     )  # fmt: skip
     benchmark.extra_info["target"] = "<= 0.25 ms and >= 10x lower than original"
     benchmark.extra_info["best_ms"] = round(min(medians.values()) * 1e3, 4)
@@ -216,7 +222,7 @@ def test_throughput_128x128(benchmark, compare, describe_device, record_matmul_f
     record_matmul_fraction(benchmark, "gpu encoder throughput 128x128", medians, flops, DEVICE, DTYPE, (8192,) * 3)
 
 
-def test_ragged_half_padding(benchmark, compare, describe_device, models):
+def test_ragged_half_padding(benchmark, compare, describe_device, record_kernel_profile, models):
     """64 sequences with lengths uniform in 1..128 (a fixed draw, ~50% padding), padded to 128."""
     generator = torch.Generator().manual_seed(0)
     lengths = torch.randint(1, 129, (64,), generator=generator)
@@ -226,7 +232,7 @@ def test_ragged_half_padding(benchmark, compare, describe_device, models):
     _run_group(
         benchmark, compare, describe_device, models, "gpu encoder ragged 64x128", input_ids, mask,
         ["fastmini-padded", "fastmini", "fastmini-graphed", "fastmini-graphed-unpadded", "original"],
-        "fastmini-padded", rounds=30,
+        "fastmini-padded", rounds=30, profiler=record_kernel_profile,
     )  # fmt: skip
     benchmark.extra_info["padding_percent"] = round(100 * (1 - float(mask.float().mean())), 1)
     benchmark.extra_info["target"] = "unpadded >= 1.8x fastmini-padded (and graphed-unpadded against graphed)"

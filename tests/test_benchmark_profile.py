@@ -1,0 +1,33 @@
+"""benchmarks/conftest.py's kernel_profile, on the CPU's profiler (the GPU benchmarks use CUDA's)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+CONFTEST = Path(__file__).resolve().parent.parent / "benchmarks" / "conftest.py"
+
+
+def load_benchmark_conftest():
+    spec = importlib.util.spec_from_file_location("benchmark_conftest", CONFTEST)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kernel_profile_sums_the_time_and_names_the_largest_first():
+    conftest = load_benchmark_conftest()
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+
+    def step():
+        for _ in range(3):
+            a @ b
+        torch.relu(a)
+
+    profile = conftest.kernel_profile(step, activity="cpu", top=2)
+    assert profile["kernel_ms"] > 0 and len(profile["top"]) == 2
+    assert profile["top"][0].startswith("aten::") and profile["top"][0].endswith(")")
+    times = [float(row.split(": ")[-1].split(" ms")[0]) for row in profile["top"]]
+    assert times == sorted(times, reverse=True) and sum(times) <= profile["kernel_ms"] + 1e-3
