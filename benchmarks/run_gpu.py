@@ -213,8 +213,11 @@ def run_benchmark_files(files: list[str], logs: Path, deadline: float) -> tuple[
 
 
 def failed_tests(output: str) -> list[str]:
-    """pytest's short summary lines (-rfE) of the tests that failed or errored."""
-    return [line.strip() for line in output.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    """pytest's short summary lines (-rfE) of the tests that failed or errored: only after its banner, where
+    a captured log's "ERROR    logger:..." lines cannot be taken for them."""
+    lines = output.splitlines()
+    start = next((i for i, line in enumerate(lines) if "short test summary info" in line), len(lines))
+    return [line.strip() for line in lines[start + 1 :] if re.match(r"(FAILED|ERROR) (collecting )?\S+(::|\.py)", line)]
 
 
 def summary_line(output: str) -> str:

@@ -147,13 +147,17 @@ def test_gpu_tests_run_the_quick_feature_gates_first_and_every_marked_file(run_g
 
 def test_failed_tests_are_named_from_the_short_summary(run_gpu):
     output = (
-        "..F.\n=========================== short test summary info ============================\n"
+        "..F.\n------------------------------ Captured log call -------------------------------\n"
+        "ERROR    fastmini.runtime:capture.py:3 capture fell back to eager\n"
+        "=========================== short test summary info ============================\n"
         "FAILED tests/test_a.py::test_x - AssertionError: off\nERROR tests/test_b.py::test_y\n"
+        "ERROR collecting tests/test_c.py - ImportError\n"
         "1 failed, 2 passed, 1 error in 3.0s\n"
     )
     assert run_gpu.failed_tests(output) == [
         "FAILED tests/test_a.py::test_x - AssertionError: off",
         "ERROR tests/test_b.py::test_y",
+        "ERROR collecting tests/test_c.py - ImportError",
     ]
     assert run_gpu.failed_tests("4 passed in 1.0s\n") == []
 

@@ -120,6 +120,31 @@ def test_a_bucket_is_reused_with_its_buffers_refilled(tiny_config, randomize):
     assert encoder.stats.captures == 1 and encoder.stats.replays == 3
 
 
+def test_a_mask_refilled_in_place_between_calls_is_read_again(tiny_config, randomize):
+    """A serving loop may reuse one mask tensor: the host copy of the mask belongs to one call only."""
+    model = tiny_model(tiny_config, randomize)
+    encoder = model.graphed_encoder(unpadded=True, capture=EagerCapture(), **BUCKETS)
+    ids, mask = masked_batch([10, 20, 5], 24, seed=1)
+    encoder(ids, mask)
+    _, other = masked_batch([24, 3, 11], 24, seed=2)  # 38 tokens: the same bucket as 35, other indices
+    mask.copy_(other)
+    with torch.no_grad():
+        expected = model(ids, mask).last_hidden_state
+    out = encoder(ids, mask)
+    torch.testing.assert_close(out[mask.bool()], expected[mask.bool()], rtol=1e-4, atol=1e-4)
+    assert not out[~mask.bool()].any()
+
+
+def test_every_token_bucket_of_a_batch_bucket_shares_one_static_output(tiny_config, randomize):
+    """The memory kept stays one padded output per (batch, sequence) bucket however many token graphs it has."""
+    model = tiny_model(tiny_config, randomize)
+    encoder = model.graphed_encoder(unpadded=True, capture=EagerCapture(), **BUCKETS)
+    for lengths in ([1, 1, 0], [5, 9, 2], [30, 30, 30, 30]):
+        encoder(*masked_batch(lengths, 30))
+    assert [bucket[:2] for bucket in encoder.captured_buckets] == [(4, 32)] * 3
+    assert len(encoder._outputs) == 1
+
+
 def test_shapes_beyond_the_buckets_and_empty_masks_run_eagerly(tiny_config, randomize):
     model = tiny_model(tiny_config, randomize)
     encoder = model.graphed_encoder(unpadded=True, capture=EagerCapture(), batch_buckets=(2,), sequence_buckets=(8,))
@@ -132,12 +157,13 @@ def test_shapes_beyond_the_buckets_and_empty_masks_run_eagerly(tiny_config, rand
     assert encoder.stats.eager_fallbacks == 2 and encoder.stats.captures == 0
 
 
-def test_prepare_captures_token_buckets_of_the_shapes_given(tiny_config, randomize):
+def test_prepare_captures_the_buckets_those_shapes_will_use(tiny_config, randomize):
     model = tiny_model(tiny_config, randomize)
     encoder = model.graphed_encoder(unpadded=True, capture=EagerCapture(), **BUCKETS)
-    encoder.prepare([(3, 20, 37), (1, 8)], device="cpu")
-    assert encoder.captured_buckets == [(1, 8, 8), (4, 32, 40)]
+    encoder.prepare([(3, 20, 37), (3, 20)], device="cpu")  # 37 real tokens; every token of a 3 x 20 batch real
+    assert encoder.captured_buckets == [(4, 32, 40), (4, 32, 64)]
     encoder.prepare([(3, 20, 38)], device="cpu")  # same bucket: nothing new
+    encoder(*masked_batch([20, 20, 20], 20))  # a full 3 x 20 batch: prepared already
     assert encoder.stats.captures == 2
     with pytest.raises(ValueError, match="real tokens of \\(2, 4, 9\\) must be in 1..batch\\*sequence"):
         encoder.prepare([(2, 4, 9)], device="cpu")
@@ -159,10 +185,19 @@ def test_encode_refuses_a_packing_of_another_shape(tiny_config, randomize):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_unpadded_graphs_match_the_eager_model_on_gpu(tiny_config, randomize, dtype):
-    """Real CUDA graphs of the unpadded path (bf16: varlen attention where the head size allows): the packing
-    is built inside the graph from static buffers, so nothing may read the mask on the host while recording."""
-    model = tiny_model(tiny_config, randomize, dtype, "cuda")
+def test_unpadded_graphs_match_the_eager_model_on_gpu(tiny_config, randomize, dtype, monkeypatch, triton_launches):
+    """Real CUDA graphs of the unpadded path with CUDA's own choices (no backend named): in bf16 with head size 8,
+    varlen attention over the static packing (empty sequences of rows beyond the batch included) and the
+    graph-only Triton kernels; in fp32 the padded-layout attention. The packing is built inside the graph from
+    static buffers, so nothing may read the mask on the host while recording."""
+    from fastmini.ops import attention
+
+    monkeypatch.delenv("FASTMINI_BACKEND", raising=False)
+    varlen_calls = []
+    varlen = attention._varlen_attention
+    monkeypatch.setattr(attention, "_varlen_attention", lambda *a: varlen_calls.append(1) or varlen(*a))
+    model = randomize(FastMiniModel(tiny_config(hidden_size=32, num_attention_heads=4, max_position_embeddings=64)))
+    model = model.eval().to(device="cuda", dtype=dtype)
     encoder = model.graphed_encoder(unpadded=True, **BUCKETS)
     tolerance = dict(rtol=1e-3, atol=1e-3) if dtype == torch.float32 else dict(rtol=5e-2, atol=1e-1)
     for lengths, length in [([5], 8), ([13, 2, 7], 13), ([32, 1, 17, 9, 32], 32), ([13, 2, 7], 13)]:
@@ -175,3 +210,5 @@ def test_unpadded_graphs_match_the_eager_model_on_gpu(tiny_config, randomize, dt
         torch.testing.assert_close(out[real], expected[real], **tolerance)
         assert not out[~real].any()
     assert encoder.stats.captures == 3 and encoder.stats.replays == 4
+    assert (len(varlen_calls) > 0) == (dtype == torch.bfloat16)
+    assert triton_launches["add_layer_norm"] > 0  # recorded while capturing: the graph-only kernel

@@ -85,16 +85,31 @@ def test_backend_choice_errors():
 
 
 def test_the_varlen_kernel_is_used_only_where_it_can_serve_the_call():
-    """The flash kernel raises on head sizes that are not multiples of 8 (the tiny test configs' 9 did, on an
-    H200, once CUDA chose it by itself): those, fp32, dropout and probabilities keep the padded path."""
+    """The flash kernel raises on head sizes that are not multiples of 8 (the tiny test configs' 6 did, on an
+    H200, once CUDA chose it by itself): those, fp32, dropout, probabilities and no tokens at all keep the
+    padded path."""
     serves = attention._varlen_serves
-    assert serves(torch.bfloat16, 64, 0.0, False) and serves(torch.float16, 8, 0.0, False)
-    assert serves(torch.bfloat16, 256, 0.0, False)
-    assert not serves(torch.bfloat16, 9, 0.0, False)
-    assert not serves(torch.bfloat16, 264, 0.0, False)
-    assert not serves(torch.float32, 64, 0.0, False)
-    assert not serves(torch.bfloat16, 64, 0.1, False)
-    assert not serves(torch.bfloat16, 64, 0.0, True)
+    assert serves(torch.bfloat16, 64, 0.0, False, 5) and serves(torch.float16, 8, 0.0, False, 1)
+    assert serves(torch.bfloat16, 256, 0.0, False, 5)
+    assert not serves(torch.bfloat16, 6, 0.0, False, 5)
+    assert not serves(torch.bfloat16, 264, 0.0, False, 5)
+    assert not serves(torch.float32, 64, 0.0, False, 5)
+    assert not serves(torch.bfloat16, 64, 0.1, False, 5)
+    assert not serves(torch.bfloat16, 64, 0.0, True, 5)
+    assert not serves(torch.bfloat16, 64, 0.0, False, 0)
+
+
+def test_cuda_takes_the_varlen_kernel_by_itself_only_where_torch_and_the_gpu_have_it(monkeypatch):
+    from types import SimpleNamespace
+
+    cuda_tensor = SimpleNamespace(is_cuda=True, device="cuda:0")
+    monkeypatch.setattr(attention, "_varlen_runs_on", lambda device: True)
+    assert attention._packed_backend(cuda_tensor, None) == "cuda"
+    monkeypatch.setattr(attention, "_varlen_runs_on", lambda device: False)  # torch < 2.9, or a pre-Ampere GPU
+    assert attention._packed_backend(cuda_tensor, None) == "torch"
+    monkeypatch.setattr(attention, "_varlen_module_available", lambda: False)
+    with pytest.raises(BackendUnavailableError, match=r"needs torch.nn.attention.varlen \(torch >= 2.9\); this is"):
+        attention._packed_backend(cuda_tensor, "cuda")
 
 
 def test_the_model_switch_reaches_the_shared_layer(tiny_config):

@@ -8,12 +8,16 @@ Packed (unpadded) tokens attend through the padded layout, or one sequence at a 
 does less work: on the CPU when the padded layout would spend more than half its attention FLOPs
 on padding (measured here: 40% padding, 32 x 85: 20.6 -> 8.9 ms; at 3-9% padding the loop is
 ~30% slower than one batched call). On CUDA, backend "cuda" runs torch's variable-length flash
-attention on the packed tokens directly (``torch.nn.attention.varlen``, fp16/bf16, head size a
-multiple of 8 up to 256, no dropout, no probabilities: other calls keep the padded path). Its tests
-passed on an H200, so CUDA tensors take it by themselves where it can serve the call.
+attention on the packed tokens directly (``torch.nn.attention.varlen``, torch >= 2.9, a GPU of compute
+capability >= 8.0; fp16/bf16, head size a multiple of 8 up to 256, no dropout, no probabilities, at least
+one token: other calls keep the padded path). Its tests passed on an H200, so CUDA tensors take it by
+themselves where it can serve the call.
 """
 
 from __future__ import annotations
+
+import functools
+import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +31,9 @@ PACKED_ATTENTION_BACKENDS = ("torch", "cuda")
 # ragged benchmark (64 x 128, 48% padding, bf16) the model ran 1.16x faster with it than with the torch path.
 _VERIFIED_ON_GPU: tuple[str, ...] = ("cuda",)
 _VARLEN_DTYPES = (torch.float16, torch.bfloat16)
-# The flash kernel's head sizes: multiples of 8 up to 256 (it raises on others, e.g. the tiny test configs' 9).
+# The flash kernel's head sizes: multiples of 8 up to 256 (it raises on others, e.g. the tiny test configs' 6).
 _VARLEN_HEAD_SIZE_MULTIPLE, _VARLEN_MAX_HEAD_SIZE = 8, 256
+_VARLEN_MIN_CAPABILITY = (8, 0)  # torch's flash kernels: Ampere and newer
 
 
 def _check_qkv(op: str, query: object, key: object, value: object, num_heads: object, dropout_p: object) -> None:
@@ -157,7 +162,7 @@ def _varlen_attention(query, key, value, cu_seqlens, max_seqlen):
     return varlen_attn(query, key, value, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
 
 
-def _varlen_serves(dtype: torch.dtype, head_size: int, dropout_p: float, need_weights: bool) -> bool:
+def _varlen_serves(dtype: torch.dtype, head_size: int, dropout_p: float, need_weights: bool, tokens: int) -> bool:
     """Whether the varlen flash kernel can run this call (the others take the padded path)."""
     return (
         dtype in _VARLEN_DTYPES
@@ -165,12 +170,24 @@ def _varlen_serves(dtype: torch.dtype, head_size: int, dropout_p: float, need_we
         and head_size <= _VARLEN_MAX_HEAD_SIZE
         and dropout_p == 0.0
         and not need_weights
+        and tokens > 0
     )
+
+
+@functools.cache
+def _varlen_module_available() -> bool:
+    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+
+
+@functools.cache
+def _varlen_runs_on(device: torch.device) -> bool:
+    """torch's varlen module exists (torch >= 2.9) and the GPU has flash attention (compute capability >= 8.0)."""
+    return _varlen_module_available() and torch.cuda.get_device_capability(device) >= _VARLEN_MIN_CAPABILITY
 
 
 def _packed_backend(x: torch.Tensor, backend: str | None) -> str:
     if backend is None:
-        return "cuda" if x.is_cuda and "cuda" in _VERIFIED_ON_GPU else "torch"
+        return "cuda" if x.is_cuda and "cuda" in _VERIFIED_ON_GPU and _varlen_runs_on(x.device) else "torch"
     if backend not in PACKED_ATTENTION_BACKENDS:
         raise ValueError(f"packed attention: unknown backend '{backend}'; expected one of {PACKED_ATTENTION_BACKENDS}")
     if backend == "cuda":
@@ -178,13 +195,11 @@ def _packed_backend(x: torch.Tensor, backend: str | None) -> str:
             raise BackendUnavailableError(
                 f"packed attention: backend 'cuda' needs a CUDA tensor, got one on {x.device}"
             )
-        try:
-            import torch.nn.attention.varlen  # noqa: F401
-        except ImportError as error:
+        if not _varlen_module_available():
             raise BackendUnavailableError(
                 f"packed attention: backend 'cuda' needs torch.nn.attention.varlen (torch >= 2.9); this is "
                 f"torch {torch.__version__}"
-            ) from error
+            )
     return backend
 
 
@@ -225,7 +240,7 @@ def packed_self_attention(
     tokens, hidden = query.shape
     head_size = hidden // num_heads
     heads = (t.reshape(tokens, num_heads, head_size) for t in (query, key, value))
-    if chosen == "cuda" and _varlen_serves(query.dtype, head_size, dropout_p, need_weights):
+    if chosen == "cuda" and _varlen_serves(query.dtype, head_size, dropout_p, need_weights, tokens):
         context = _varlen_attention(*heads, packing.cu_seqlens, packing.seq_len)
         return context.reshape(tokens, hidden), None
     if query.device.type == "cpu" and not need_weights and _mostly_padding(packing):

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 DEFAULT_SEQUENCE_BUCKETS = (32, 64, 128, 256, 512)
 # Token buckets of the unpadded graphs: from SMALLEST_TOKEN_BUCKET on, TOKEN_STEPS_PER_DOUBLING even steps
-# between powers of two (8, 10, 12, 14, 16, 20, ...): at most 25% filler tokens, ~4 graphs per doubling.
+# between powers of two (8, 10, 12, 14, 16, 20, ...): ~4 graphs per doubling, and from 8 real tokens on at
+# most 25% of a graph's tokens are filler (below 8, the first bucket of 8 is mostly filler).
 SMALLEST_TOKEN_BUCKET = 8
 TOKEN_STEPS_PER_DOUBLING = 4
 
@@ -93,3 +94,8 @@ def token_bucket(real_tokens: int, limit: int) -> tuple[int, int]:
     index = next(i for i, size in enumerate(buckets) if size >= real_tokens)
     smaller = buckets[index - 1] if index else 0
     return buckets[index], buckets[index] - smaller - 1
+
+
+def most_filler(limit: int) -> int:
+    """The most filler tokens any token bucket up to ``limit`` needs (what its filler rows must hold)."""
+    return max(token_bucket(size, limit)[1] for size in token_buckets(limit))

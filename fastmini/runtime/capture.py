@@ -161,8 +161,9 @@ class CudaGraphCapture:
                 raise RuntimeError(
                     f"GraphedEncoder: capturing the {tuple(input_ids.shape)} bucket failed: {error}\n"
                     "A callable that reads tensor values on the host (.item(), bool(tensor), nonzero, the model's "
-                    "unpadded path) or moves data from the CPU cannot be captured; run the model in its padded layout "
-                    "(model.encode(ids, mask, unpad=False), or model.set_unpadding(False))"
+                    "unpadded path without a given packing) or moves data from the CPU cannot be captured; run the "
+                    "model in its padded layout (model.encode(ids, mask, unpad=False), or model.set_unpadding(False)), "
+                    "or unpadded on a static packing (model.graphed_encoder(unpadded=True))"
                 ) from error
             output = _check_output(output, input_ids)
             if self.graph_hook is not None:

@@ -4,7 +4,8 @@ At batch 1-8 the N-recursion forward is launch-bound (DESIGN.md, "The two regime
 launches of a few microseconds each. Replaying a captured graph launches them all at once.
 
 Usage (the model must run in its padded layout, where no shape and no host sync depends on the
-mask's values; the unpadded path reads the mask on the host and cannot be captured)::
+mask's values: the model's own unpadded path reads the mask on the host and cannot be captured;
+UnpaddedGraphedEncoder, unpadded_graphs.py, packs on the host before each replay instead)::
 
     model = FastMiniModel.from_pretrained(...).cuda().eval().to(torch.bfloat16)
     encoder = GraphedEncoder(

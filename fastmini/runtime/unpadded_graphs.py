@@ -4,9 +4,10 @@ GraphedEncoder replays the padded layout: a batch with half its positions paddin
 GEMM on them. Here each graph runs the model's unpadded path on a fixed number of packed tokens, so a
 ragged batch costs what its real tokens cost, rounded up to a token bucket, without launch overhead.
 
-A graph is recorded per (batch bucket, sequence bucket, token bucket) (``buckets.token_bucket``: at
-most ~25% filler). Before each replay the host reads the mask (one sync: nothing else is possible
-without knowing the shapes) and fills the bucket's static buffers:
+A graph is recorded per (batch bucket, sequence bucket, token bucket) (``buckets.token_bucket``: from
+8 real tokens on, at most 25% filler; ~4 buckets per doubling of the token count). Before each replay
+the host copies the mask once (one sync: the shapes depend on it; nothing else is read back), builds
+the packing's indices from that copy, and fills the bucket's static buffers:
 
 - ``input_ids`` / ``attention_mask``, (batch bucket + filler rows, sequence bucket): the batch in the
   top-left corner, zeros elsewhere;
@@ -17,9 +18,11 @@ without knowing the shapes) and fills the bucket's static buffers:
 - ``indices``, the flat positions of real and filler tokens, which the graph packs and unpacks with.
 
 The recorded function then builds a ``Packing`` from these buffers (its offsets computed on the GPU,
-inside the graph) and runs ``fn(input_ids, attention_mask, packing)``. Rows of the batch bucket beyond
-the batch have no tokens at all (empty sequences). Everything else is GraphedEncoder's: inference only,
-``reset()`` after replacing parameters, one thread at a time.
+inside the graph), runs ``fn(input_ids, attention_mask, packing)`` and copies the result into one
+static output per (batch, sequence) bucket, which all of that bucket's token graphs share: the memory
+kept is the padded GraphedEncoder's, whatever the number of token buckets used. Rows of the batch
+bucket beyond the batch have no tokens at all (empty sequences). Everything else is GraphedEncoder's:
+inference only, ``reset()`` after replacing parameters, one thread at a time.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from fastmini.ops.packing import Packing
-from fastmini.runtime.buckets import token_bucket
+from fastmini.runtime.buckets import most_filler, token_bucket
 from fastmini.runtime.capture import EncoderFn
 from fastmini.runtime.cuda_graphs import GraphedEncoder, _Bucket, static_zeros
 
@@ -50,9 +53,18 @@ class UnpaddedGraphedEncoder(GraphedEncoder):
     CUDA graph per (batch, sequence, token) bucket on the real tokens only. Options as GraphedEncoder's.
     ``prepare()`` takes (batch, sequence) shapes, all tokens real, or (batch, sequence, real tokens)."""
 
+    def __init__(self, fn: UnpaddedEncoderFn, **options):
+        super().__init__(fn, **options)
+        self._outputs: dict[tuple[int, int], torch.Tensor] = {}  # one per (batch, sequence) bucket
+        self._host_mask: tuple[torch.Tensor, torch.Tensor] | None = None  # (a mask, its bool copy on the host)
+
+    def reset(self) -> None:
+        super().reset()
+        self._outputs.clear()
+
     def prepare(self, shapes: Iterable[tuple[int, ...]], device: torch.device | str | None = None) -> None:
-        """Capture the buckets of these shapes now, on dummy inputs whose first ``real tokens`` positions
-        (row by row) are real; shapes beyond the largest bucket are skipped."""
+        """Capture the buckets of these shapes now, on dummy inputs with the first ``real tokens`` positions
+        (row by row) real, or the whole (batch, sequence) block; shapes beyond the largest bucket are skipped."""
         shapes = list(shapes)
         for shape in shapes:
             if len(shape) == 3 and not 0 < shape[2] <= shape[0] * shape[1]:
@@ -61,14 +73,24 @@ class UnpaddedGraphedEncoder(GraphedEncoder):
 
     def _dummy_mask(self, shape: tuple[int, ...], ids: torch.Tensor) -> torch.Tensor:
         mask = torch.zeros_like(ids)
-        mask.view(-1)[: shape[2] if len(shape) == 3 else ids.numel()] = 1
+        if len(shape) == 3:
+            mask.view(-1)[: shape[2]] = 1
+        else:
+            mask[: shape[0], : shape[1]] = 1
         return mask
+
+    def _on_host(self, attention_mask: torch.Tensor, fresh: bool = False) -> torch.Tensor:
+        """The mask's real tokens as a bool tensor on the host: copied by the call's first use (``fresh``: a
+        caller may refill one mask tensor between calls), reused by the rest of the call."""
+        if fresh or self._host_mask is None or self._host_mask[0] is not attention_mask:
+            self._host_mask = (attention_mask, attention_mask.detach().to("cpu").bool())
+        return self._host_mask[1]
 
     def _bucket_for(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[int, ...] | None:
         grid_bucket = self.grid.choose(*input_ids.shape)
         if grid_bucket is None:
             return None
-        real_tokens = int(attention_mask.bool().sum())  # the one host sync: the shapes depend on it
+        real_tokens = int(self._on_host(attention_mask, fresh=True).sum())  # the call's one host sync
         if real_tokens == 0:
             return None  # nothing to pack: the callable's own path (zeros) serves it
         batch_rows, sequence = grid_bucket
@@ -82,9 +104,8 @@ class UnpaddedGraphedEncoder(GraphedEncoder):
         self, bucket: tuple[int, ...], input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> _UnpaddedBucket:
         batch_rows, sequence, tokens = bucket
-        _, most_filler = token_bucket(tokens, batch_rows * sequence)
-        filler_rows = -(-most_filler // sequence)  # ceil
-        shape = (batch_rows + filler_rows, sequence)
+        _, filler = token_bucket(tokens, batch_rows * sequence)
+        shape = (batch_rows + _rows_for(filler, sequence), sequence)
         return _UnpaddedBucket(
             input_ids=static_zeros(shape, input_ids),
             attention_mask=static_zeros(shape, attention_mask),
@@ -95,23 +116,45 @@ class UnpaddedGraphedEncoder(GraphedEncoder):
 
     def _fill(self, entry: _UnpaddedBucket, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         batch_size, sequence_length = input_ids.shape
-        real = attention_mask.bool()
+        sequence = entry.input_ids.shape[1]
         entry.input_ids.zero_()
         entry.input_ids[:batch_size, :sequence_length].copy_(input_ids)
         entry.attention_mask.zero_()
-        entry.attention_mask[:batch_size, :sequence_length].copy_(real)
-        filler = entry.indices.shape[0] - int(real.sum())
+        entry.attention_mask[:batch_size, :sequence_length].copy_(attention_mask.bool())
+        # Indices from the host copy (row-major, as the mask's nonzero would give them): no further sync.
+        real = self._on_host(attention_mask).nonzero()
+        filler = entry.indices.shape[0] - real.shape[0]
+        first_filler = entry.batch_rows * sequence
+        indices = torch.cat([real[:, 0] * sequence + real[:, 1], torch.arange(first_filler, first_filler + filler)])
         entry.attention_mask[entry.batch_rows :].view(-1)[:filler] = 1
-        entry.indices.copy_(entry.attention_mask.flatten().nonzero().squeeze(1))
+        entry.indices.copy_(indices, non_blocking=True)
 
     def _recorded_fn(self, entry: _UnpaddedBucket) -> EncoderFn:
         indices, rows, sequence = entry.indices, *entry.input_ids.shape
+        grid_bucket = (entry.batch_rows, sequence)
 
         def run_packed(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
             # A new Packing every run: its offsets (cu_seqlens) are computed from the mask inside the graph.
             packing = Packing(
                 indices=indices, key_padding_mask=attention_mask.bool(), batch_size=rows, seq_len=sequence
             )
-            return self.fn(input_ids, attention_mask, packing)
+            output = self._shared_output(grid_bucket, self.fn(input_ids, attention_mask, packing))
+            return output[:rows]
 
         return run_packed
+
+    def _shared_output(self, grid_bucket: tuple[int, int], padded: torch.Tensor) -> torch.Tensor:
+        """The (batch, sequence) bucket's static output with ``padded`` copied into its first rows. Created by the
+        first warm-up run of the bucket's first graph, outside any capture."""
+        output = self._outputs.get(grid_bucket)
+        if output is None:
+            batch_rows, sequence = grid_bucket
+            rows = batch_rows + _rows_for(most_filler(batch_rows * sequence), sequence)
+            output = self._outputs[grid_bucket] = static_zeros((rows, *padded.shape[1:]), padded)
+        output[: padded.shape[0]].copy_(padded)
+        return output
+
+
+def _rows_for(tokens: int, sequence: int) -> int:
+    """Rows of ``sequence`` positions that hold ``tokens`` filler tokens."""
+    return -(-tokens // sequence)
