@@ -464,6 +464,7 @@ FORWARD_TILE_CANDIDATES = {
     "64x128 chunks": {"BLOCK_K": 128},
     "256-wide chunks": {"BLOCK_K": 256},
     "16 rows, 128-wide chunks, 4 warps": {"BLOCK_M": 16, "BLOCK_K": 128, "num_warps": 4},
+    "16 rows, whole rows": {"BLOCK_M": 16, "BLOCK_K": 1024},
     "32 rows, 4 warps": {"BLOCK_M": 32, "num_warps": 4},
     "128 rows": {"BLOCK_M": 128},
     "2 stages": {"num_stages": 2},

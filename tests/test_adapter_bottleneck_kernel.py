@@ -158,6 +158,33 @@ def test_other_tilings_give_the_same_result():
     assert_matches((y, grads), exact(tensors, grad_output), atol=1e-5, rtol=1e-5)
 
 
+def _tile_candidates():
+    from fastmini.kernels.adapter_bottleneck import BACKWARD_TILE_CANDIDATES, FORWARD_TILE_CANDIDATES
+
+    return [("forward", name) for name in FORWARD_TILE_CANDIDATES if name != "default"] + [
+        ("backward", name) for name in BACKWARD_TILE_CANDIDATES if name != "default"
+    ]
+
+
+@pytest.mark.parametrize("direction, candidate", _tile_candidates())
+def test_every_tile_candidate_of_the_gpu_sweep_gives_the_same_result(direction, candidate):
+    """The sweep in benchmarks/test_adapter_bottleneck.py times these; a candidate the sweep finds faster can
+    only become a default if it is also right (on a GPU this module runs compiled)."""
+    from fastmini.kernels.adapter_bottleneck import (
+        BACKWARD_TILE_CANDIDATES,
+        FORWARD_TILE_CANDIDATES,
+        adapter_bottleneck_backward,
+        adapter_bottleneck_forward,
+    )
+
+    tensors, grad_output = make_inputs((70, 312), 19, requires_grad=False)
+    forward_tiles = FORWARD_TILE_CANDIDATES[candidate] if direction == "forward" else None
+    y, mean, rstd, h = adapter_bottleneck_forward(*tensors, EPS, True, tiles=forward_tiles)
+    backward_options = BACKWARD_TILE_CANDIDATES[candidate] if direction == "backward" else {}
+    grads = adapter_bottleneck_backward(grad_output.float(), *tensors, h, mean, rstd, **backward_options)
+    assert_matches((y, grads), exact(tensors, grad_output), atol=1e-5, rtol=1e-5)
+
+
 def test_zero_rows():
     tensors, grad_output = make_inputs((0, 36), 9)
     y, grads = forward_and_grads(triton_adapter, tensors, grad_output)
