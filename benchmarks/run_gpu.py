@@ -5,9 +5,10 @@ tests (``pytest -m gpu`` over the test files carrying the mark, the quick ones f
 benchmark file (``GPU_BENCHMARKS``) in a pytest of its own, and writes
 ``benchmarks/results/<date>-<gpu>.md`` with the versions, the outcome of each step and one table row
 per benchmark (medians, ratios against the baseline, GB/s or GFLOP/s as recorded), the failed tests
-named. Four files are written into $OUT as the runs go when that variable is set (the device tool brings
-$OUT back, even after a timeout, but at most 8 files): gpu-tests.log, gpu-benchmarks.log (every benchmark
-file's output, one after the other), benchmarks.json (the reports merged so far) and the results file.
+named, and last each op's host cost and GPU time (benchmarks/launch_overhead.py). Five files are written
+into $OUT as the runs go when that variable is set (the device tool brings $OUT back, even after a timeout,
+but at most 8 files): gpu-tests.log, gpu-benchmarks.log (every benchmark file's output, one after the
+other), benchmarks.json (the reports merged so far), launch-overhead.log and the results file.
 ``run_gpu.py [--label NAME] [BENCHMARK_FILE ...]`` runs the named benchmark files only (the GPU tests
 always) and names the results ``<date>-<gpu>-<label>.md``.
 
@@ -65,6 +66,7 @@ BUDGET_S = int(os.environ.get("FASTMINI_BENCH_GPU_BUDGET_S", "510"))
 TESTS_SHARE_S = 220  # at most this for the GPU tests (the benchmarks get the rest)
 BENCHMARK_FILE_RESERVE_S = 40  # kept back for each benchmark file still to run when one starts
 INTERRUPT_GRACE_S = 20  # after the interrupt, for pytest to finish the running test and write its reports
+LAUNCH_OVERHEAD_S = 60  # benchmarks/launch_overhead.py runs last, when this much of the budget is left
 
 
 def pytest_command() -> list[str]:
@@ -220,6 +222,17 @@ def failed_tests(output: str) -> list[str]:
     return [line.strip() for line in lines[start + 1 :] if re.match(r"(FAILED|ERROR) (collecting )?\S+(::|\.py)", line)]
 
 
+def launch_overhead(logs: Path, deadline: float) -> str:
+    """benchmarks/launch_overhead.py's report (host cost and GPU time of each op), or why there is none."""
+    left = deadline - time.monotonic()
+    if left < LAUNCH_OVERHEAD_S:
+        return f"not run: {left:.0f} s of the budget left, it wants {LAUNCH_OVERHEAD_S}"
+    code, output = run_within(
+        [sys.executable, str(ROOT / "benchmarks" / "launch_overhead.py")], logs / "launch-overhead.log", left
+    )
+    return output if code == 0 else f"exit {code}:\n{output[-2000:]}"
+
+
 def summary_line(output: str) -> str:
     lines = [line for line in output.splitlines() if re.search(r"\b(passed|failed|skipped|error)", line)]
     summary = lines[-1].strip("= ") if lines else "no summary"
@@ -295,8 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         logs / "gpu-tests.log",
         min(TESTS_SHARE_S, deadline - time.monotonic()),
     )  # fmt: skip
-    bench_code, bench_lines, report = run_benchmark_files(arguments.benchmarks, logs, deadline)
+    bench_code, bench_lines, report = run_benchmark_files(arguments.benchmarks, logs, deadline - LAUNCH_OVERHEAD_S)
     failures = failed_tests(tests_output)
+    launch_costs = launch_overhead(logs, deadline)
     today = datetime.date.today().isoformat()
     slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
     lines = [
@@ -315,6 +329,12 @@ def main(argv: list[str] | None = None) -> int:
         *(["", f"Note: {hint}"] if hint else []),
         "",
         *benchmark_rows(report),
+        "",
+        "Each op's host cost and GPU time (`python3 benchmarks/launch_overhead.py`):",
+        "",
+        "```",
+        launch_costs.rstrip(),
+        "```",
         "",
     ]
     results = ROOT / "benchmarks" / "results"

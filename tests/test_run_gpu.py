@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 RUN_GPU = Path(__file__).resolve().parent.parent / "benchmarks" / "run_gpu.py"
 
@@ -203,3 +204,11 @@ def test_each_benchmark_file_runs_alone_and_their_reports_are_merged(run_gpu, tm
     assert run_gpu.read_report(tmp_path / "missing.json") == {}
     (logs / "half.json").write_text('{"benchmarks": [')
     assert run_gpu.read_report(logs / "half.json") == {}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the report would run for real")
+def test_the_launch_cost_report_runs_last_within_the_budget_or_says_why_not(run_gpu, tmp_path):
+    assert run_gpu.launch_overhead(tmp_path, time.monotonic() + 5).startswith("not run: 5 s of the budget left")
+    report = run_gpu.launch_overhead(tmp_path, time.monotonic() + run_gpu.LAUNCH_OVERHEAD_S + 60)
+    assert report.startswith("exit 1:") and "needs a CUDA device" in report  # this machine has none
+    assert "needs a CUDA device" in (tmp_path / "launch-overhead.log").read_text()
