@@ -8,6 +8,7 @@ seed, dropout on, CPU, one thread.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +102,23 @@ def test_resume_from_an_explicit_checkpoint_and_from_a_finished_run(teacher_dir,
     (output / "model.safetensors").unlink()
     assert main([*run_args(teacher_dir, output), "--resume", str(output / "checkpoints" / "step-00000002")]) == 0
     assert_same_parameters(final_weights(output), uninterrupted)
+
+
+def test_finished_or_not_is_read_from_the_files_not_their_times(teacher_dir, tmp_path, capsys):
+    """A copy of a finished run made without its files' times (cp -r) is still finished; a new run killed in a
+    finished run's directory is unfinished: the old metrics.json does not vouch for the new checkpoints."""
+    output = tmp_path / "run"
+    assert main(run_args(teacher_dir, output, "--keep-last", "0")) == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(output, copy, copy_function=shutil.copyfile)
+    os.utime(copy / "metrics.json", (0, 0))  # older than every checkpoint, as a copy may leave it
+    assert main(run_args(teacher_dir, copy, "--keep-last", "0")) == 0  # finished: replaced, not refused
+    killed = killed_run(teacher_dir, output, "kill-after-step:3")  # a new run, stopped after its checkpoint 2
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (output / "metrics.json").exists()
+    capsys.readouterr()
+    assert main(run_args(teacher_dir, output)) != 0
+    assert "unfinished run" in capsys.readouterr().err
 
 
 def test_checkpoints_hold_everything_needed_and_load_as_models(teacher_dir, tmp_path):

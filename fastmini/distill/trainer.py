@@ -65,8 +65,8 @@ def check_output_dir(config: DistillConfig) -> Path:
     """The output directory, checked without writing anything: writable (or creatable), and never
     mixing two runs.
 
-    Checkpoints of an *unfinished* run (no metrics.json after its latest checkpoint) are kept
-    unless --resume continues them or --overwrite-output-dir discards them; a finished run's
+    Checkpoints of an *unfinished* run (no metrics.json of a run that reached its latest checkpoint's step)
+    are kept unless --resume continues them or --overwrite-output-dir discards them; a finished run's
     directory is simply replaced (so that the default run can be repeated as it is), but only by
     ``replace_previous_run`` once every input of the new run has been checked.
     """
@@ -82,8 +82,14 @@ def check_output_dir(config: DistillConfig) -> Path:
 
 
 def _finished(output: Path, existing: list[tuple[int, Path]]) -> bool:
-    metrics = output / METRICS_NAME
-    return metrics.is_file() and metrics.stat().st_mtime >= existing[-1][1].stat().st_mtime
+    """Whether metrics.json says a run ended at or after the latest checkpoint's step: read from the files'
+    contents, not their times (a copy without preserved times, `cp -r`, reorders those). A new run removes the
+    metrics.json of the run it replaces (``replace_previous_run``), so it cannot vouch for the new checkpoints."""
+    try:
+        steps = json.loads((output / METRICS_NAME).read_text())["train"]["steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return isinstance(steps, int) and steps >= existing[-1][0]
 
 
 def replace_previous_run(config: DistillConfig) -> Path:
@@ -93,9 +99,14 @@ def replace_previous_run(config: DistillConfig) -> Path:
     a command that fails on any of them leaves the directory as it was (or absent)."""
     output = writable_directory(config.output_dir)
     existing = checkpoints.list_checkpoints(output / CHECKPOINTS_DIR)
-    if existing and config.resume is None:
-        log.info("replacing the %s run in %s", "finished" if _finished(output, existing) else "unfinished", output)
-        shutil.rmtree(output / CHECKPOINTS_DIR)
+    if config.resume is None:
+        if existing:
+            state = "finished" if _finished(output, existing) else "unfinished"
+            log.info("replacing the %s run in %s", state, output)
+            shutil.rmtree(output / CHECKPOINTS_DIR)
+        # Its metrics describe a run that is being replaced: were this one stopped, they must not vouch for its
+        # checkpoints (_finished).
+        (output / METRICS_NAME).unlink(missing_ok=True)
     return output
 
 
