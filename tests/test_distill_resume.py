@@ -113,11 +113,45 @@ def test_finished_or_not_is_read_from_the_files_not_their_times(teacher_dir, tmp
     shutil.copytree(output, copy, copy_function=shutil.copyfile)
     os.utime(copy / "metrics.json", (0, 0))  # older than every checkpoint, as a copy may leave it
     assert main(run_args(teacher_dir, copy, "--keep-last", "0")) == 0  # finished: replaced, not refused
+    assert not (copy / "metrics.previous.json").exists()  # the replaced run's metrics go with its end
     killed = killed_run(teacher_dir, output, "kill-after-step:3")  # a new run, stopped after its checkpoint 2
     assert killed.returncode == -9, killed.stderr[-2000:]
-    assert not (output / "metrics.json").exists()
+    assert not (output / "metrics.json").exists() and (output / "metrics.previous.json").is_file()
     capsys.readouterr()
     assert main(run_args(teacher_dir, output)) != 0
+    assert "unfinished run" in capsys.readouterr().err
+
+
+def test_a_resume_that_finds_nothing_to_continue_does_not_inherit_the_old_metrics(teacher_dir, tmp_path, capsys):
+    """--resume with no checkpoint starts afresh: a finished run's metrics.json (here one without checkpoints,
+    --save-every 0) must not vouch for the new run's checkpoints once it is killed."""
+    output = tmp_path / "run"
+    assert main(run_args(teacher_dir, output, "--save-every", "0")) == 0
+    killed = subprocess.run(
+        [sys.executable, "-m", "fastmini.distill", *run_args(teacher_dir, output), "--resume"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, FAULT_ENV_VAR: "kill-after-step:5", "FASTMINI_BACKEND": "torch"},
+    )  # fmt: skip
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert checkpoints.list_checkpoints(output / "checkpoints")[-1][0] == 4
+    capsys.readouterr()
+    assert main(run_args(teacher_dir, output)) != 0
+    assert "unfinished run" in capsys.readouterr().err
+
+
+def test_a_run_resumed_from_another_directory_replaces_this_ones_run(teacher_dir, tmp_path, capsys):
+    """Resuming from a checkpoint elsewhere is a new run for the output directory: its finished run's
+    checkpoints go (else --keep-last could prune the resumed run's own), an unfinished run's are refused."""
+    finished, other = tmp_path / "finished", tmp_path / "other"
+    assert main(run_args(teacher_dir, finished, "--keep-last", "0")) == 0
+    assert killed_run(teacher_dir, other, "kill-after-step:3").returncode == -9  # other holds step 2
+    elsewhere = str(other / "checkpoints" / "step-00000002")
+    assert main([*run_args(teacher_dir, finished, "--keep-last", "1"), "--resume", elsewhere]) == 0
+    assert [step for step, _ in checkpoints.list_checkpoints(finished / "checkpoints")] == [6]
+    unfinished = tmp_path / "unfinished"
+    assert killed_run(teacher_dir, unfinished, "kill-after-step:3").returncode == -9
+    capsys.readouterr()
+    assert main([*run_args(teacher_dir, unfinished), "--resume", elsewhere]) != 0
     assert "unfinished run" in capsys.readouterr().err
 
 

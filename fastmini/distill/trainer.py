@@ -38,6 +38,7 @@ from fastmini.training.batching import StepBatches, check_global_batch, check_re
 from fastmini.training.checkpoints import (
     CHECKPOINTS_DIR,
     METRICS_NAME,
+    PREVIOUS_METRICS_NAME,
     STATE_NAME,
     TRAIN_CONFIG_NAME,
     publish_directory_contents,
@@ -66,13 +67,19 @@ def check_output_dir(config: DistillConfig) -> Path:
     mixing two runs.
 
     Checkpoints of an *unfinished* run (no metrics.json of a run that reached its latest checkpoint's step)
-    are kept unless --resume continues them or --overwrite-output-dir discards them; a finished run's
-    directory is simply replaced (so that the default run can be repeated as it is), but only by
-    ``replace_previous_run`` once every input of the new run has been checked.
+    are kept unless --resume continues them (from that directory's checkpoints) or --overwrite-output-dir
+    discards them; a finished run's directory is simply replaced (so that the default run can be repeated
+    as it is), but only by ``replace_previous_run`` once every input of the new run has been checked. A run
+    resumed from a checkpoint elsewhere is a new run for this directory.
     """
     output = check_writable_directory(config.output_dir)
     existing = checkpoints.list_checkpoints(output / CHECKPOINTS_DIR)
-    if existing and config.resume is None and not config.overwrite_output_dir and not _finished(output, existing):
+    if (
+        existing
+        and not _continues_own_run(config, output)
+        and not config.overwrite_output_dir
+        and not _finished(output, existing)
+    ):
         raise UsageError(
             f"--output-dir {config.output_dir} holds checkpoints of an unfinished run "
             f"(latest: {existing[-1][1].name}); pass --resume to continue it or --overwrite-output-dir to "
@@ -81,10 +88,20 @@ def check_output_dir(config: DistillConfig) -> Path:
     return output
 
 
+def _continues_own_run(config: DistillConfig, output: Path) -> bool:
+    """--resume of the output directory's own checkpoints (``latest``, or a path inside its checkpoints/)."""
+    if config.resume is None:
+        return False
+    if config.resume == "latest":
+        return True
+    return (output / CHECKPOINTS_DIR).resolve() in Path(config.resume).expanduser().resolve().parents
+
+
 def _finished(output: Path, existing: list[tuple[int, Path]]) -> bool:
     """Whether metrics.json says a run ended at or after the latest checkpoint's step: read from the files'
-    contents, not their times (a copy without preserved times, `cp -r`, reorders those). A new run removes the
-    metrics.json of the run it replaces (``replace_previous_run``), so it cannot vouch for the new checkpoints."""
+    contents, not their times (a copy without preserved times, `cp -r`, reorders those). A run that starts
+    training moves the directory's metrics.json aside (``replace_previous_run``), so it cannot vouch for the
+    new checkpoints."""
     try:
         steps = json.loads((output / METRICS_NAME).read_text())["train"]["steps"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -93,20 +110,20 @@ def _finished(output: Path, existing: list[tuple[int, Path]]) -> bool:
 
 
 def replace_previous_run(config: DistillConfig) -> Path:
-    """Create the output directory and drop an earlier run's checkpoints (not on --resume).
+    """Create the output directory and drop an earlier run's checkpoints (unless --resume continues them), and
+    move its metrics.json aside to metrics.previous.json: until this run writes its own, nothing in the directory
+    may vouch for the checkpoints it writes (_finished), were it stopped. The earlier run's model files stay
+    until this run publishes its own.
 
     Called after the teacher, tokenizer, data, student and resume checkpoint have all been checked:
     a command that fails on any of them leaves the directory as it was (or absent)."""
     output = writable_directory(config.output_dir)
     existing = checkpoints.list_checkpoints(output / CHECKPOINTS_DIR)
-    if config.resume is None:
-        if existing:
-            state = "finished" if _finished(output, existing) else "unfinished"
-            log.info("replacing the %s run in %s", state, output)
-            shutil.rmtree(output / CHECKPOINTS_DIR)
-        # Its metrics describe a run that is being replaced: were this one stopped, they must not vouch for its
-        # checkpoints (_finished).
-        (output / METRICS_NAME).unlink(missing_ok=True)
+    if existing and not _continues_own_run(config, output):
+        log.info("replacing the %s run in %s", "finished" if _finished(output, existing) else "unfinished", output)
+        shutil.rmtree(output / CHECKPOINTS_DIR)
+    if (output / METRICS_NAME).is_file():
+        (output / METRICS_NAME).replace(output / PREVIOUS_METRICS_NAME)
     return output
 
 
@@ -547,6 +564,7 @@ class DistillationRun:
         (staging / TRAIN_CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2))
         (staging / METRICS_NAME).write_text(json.dumps(metrics, indent=2))
         publish_directory_contents(staging, self.output)
+        (self.output / PREVIOUS_METRICS_NAME).unlink(missing_ok=True)  # this run's metrics.json replaces them
         log.info("wrote the student, tokenizer, %s and %s to %s", TRAIN_CONFIG_NAME, METRICS_NAME, self.output)
 
 

@@ -28,6 +28,8 @@ CHECKPOINTS_DIR = "checkpoints"  # <output>/checkpoints/step-N/
 STATE_NAME = "trainer_state.pt"  # in a checkpoint, beside the model: optimizer, scheduler, RNG, progress
 TRAIN_CONFIG_NAME = "train_config.json"  # every option of the run
 METRICS_NAME = "metrics.json"
+# A distillation run that starts training moves the directory's metrics.json here; removed when it ends.
+PREVIOUS_METRICS_NAME = "metrics.previous.json"
 
 
 def checkpoint_name(step: int) -> str:
