@@ -225,8 +225,10 @@ def failed_tests(output: str) -> list[str]:
 def launch_overhead(logs: Path, deadline: float) -> str:
     """benchmarks/launch_overhead.py's report (host cost and GPU time of each op), or why there is none."""
     left = deadline - time.monotonic()
-    if left < LAUNCH_OVERHEAD_S:
-        return f"not run: {left:.0f} s of the budget left, it wants {LAUNCH_OVERHEAD_S}"
+    # The benchmarks stop LAUNCH_OVERHEAD_S before the deadline, but one killed after its grace ends a little
+    # later: half of the reserve is enough to run on.
+    if left < LAUNCH_OVERHEAD_S / 2:
+        return f"not run: {left:.0f} s of the budget left, it wants at least {LAUNCH_OVERHEAD_S // 2}"
     code, output = run_within(
         [sys.executable, str(ROOT / "benchmarks" / "launch_overhead.py")], logs / "launch-overhead.log", left
     )

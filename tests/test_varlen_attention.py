@@ -84,11 +84,18 @@ def test_backend_choice_errors():
         packed_self_attention(query, key, value, 4, packing, backend="triton")
 
 
-def test_the_varlen_kernel_is_used_only_where_it_can_serve_the_call():
+def test_the_varlen_kernel_is_used_only_where_it_can_serve_the_call(monkeypatch):
     """The flash kernel raises on head sizes that are not multiples of 8 (the tiny test configs' 6 did, on an
     H200, once CUDA chose it by itself): those, fp32, dropout, probabilities and no tokens at all keep the
-    padded path."""
-    serves = attention._varlen_serves
+    padded path, as does a GPU without flash attention even when "cuda" is asked for by name."""
+    from types import SimpleNamespace
+
+    def serves(dtype, head_size, dropout_p, need_weights, tokens):
+        query = SimpleNamespace(dtype=dtype, shape=(tokens, 4 * head_size), device="cuda:0")
+        return attention._varlen_serves(query, head_size, dropout_p, need_weights)
+
+    runs_on = {"flash": True}
+    monkeypatch.setattr(attention, "_varlen_runs_on", lambda device: runs_on["flash"])
     assert serves(torch.bfloat16, 64, 0.0, False, 5) and serves(torch.float16, 8, 0.0, False, 1)
     assert serves(torch.bfloat16, 256, 0.0, False, 5)
     assert not serves(torch.bfloat16, 6, 0.0, False, 5)
@@ -97,6 +104,8 @@ def test_the_varlen_kernel_is_used_only_where_it_can_serve_the_call():
     assert not serves(torch.bfloat16, 64, 0.1, False, 5)
     assert not serves(torch.bfloat16, 64, 0.0, True, 5)
     assert not serves(torch.bfloat16, 64, 0.0, False, 0)
+    runs_on["flash"] = False  # torch < 2.9 or a GPU of compute capability < 8.0
+    assert not serves(torch.bfloat16, 64, 0.0, False, 5)
 
 
 def test_cuda_takes_the_varlen_kernel_by_itself_only_where_torch_and_the_gpu_have_it(monkeypatch):

@@ -162,15 +162,17 @@ def _varlen_attention(query, key, value, cu_seqlens, max_seqlen):
     return varlen_attn(query, key, value, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
 
 
-def _varlen_serves(dtype: torch.dtype, head_size: int, dropout_p: float, need_weights: bool, tokens: int) -> bool:
-    """Whether the varlen flash kernel can run this call (the others take the padded path)."""
+def _varlen_serves(query: torch.Tensor, head_size: int, dropout_p: float, need_weights: bool) -> bool:
+    """Whether the varlen flash kernel can run this call of a CUDA backend, asked for by name or chosen (the
+    others take the padded path)."""
     return (
-        dtype in _VARLEN_DTYPES
+        query.dtype in _VARLEN_DTYPES
         and head_size % _VARLEN_HEAD_SIZE_MULTIPLE == 0
         and head_size <= _VARLEN_MAX_HEAD_SIZE
         and dropout_p == 0.0
         and not need_weights
-        and tokens > 0
+        and query.shape[0] > 0
+        and _varlen_runs_on(query.device)
     )
 
 
@@ -240,7 +242,7 @@ def packed_self_attention(
     tokens, hidden = query.shape
     head_size = hidden // num_heads
     heads = (t.reshape(tokens, num_heads, head_size) for t in (query, key, value))
-    if chosen == "cuda" and _varlen_serves(query.dtype, head_size, dropout_p, need_weights, tokens):
+    if chosen == "cuda" and _varlen_serves(query, head_size, dropout_p, need_weights):
         context = _varlen_attention(*heads, packing.cu_seqlens, packing.seq_len)
         return context.reshape(tokens, hidden), None
     if query.device.type == "cpu" and not need_weights and _mostly_padding(packing):

@@ -27,6 +27,7 @@ inference only, ``reset()`` after replacing parameters, one thread at a time.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -56,11 +57,22 @@ class UnpaddedGraphedEncoder(GraphedEncoder):
     def __init__(self, fn: UnpaddedEncoderFn, **options):
         super().__init__(fn, **options)
         self._outputs: dict[tuple[int, int], torch.Tensor] = {}  # one per (batch, sequence) bucket
-        self._host_mask: tuple[torch.Tensor, torch.Tensor] | None = None  # (a mask, its bool copy on the host)
+        self._host_mask: tuple[torch.Tensor, torch.Tensor] | None = None  # (this call's mask, its bool host copy)
+        self._caller_stream: torch.cuda.Stream | None = None  # the stream of the call that captures
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        try:
+            return super().__call__(input_ids, attention_mask)
+        finally:
+            self._host_mask = None  # the caller's mask is not kept past its call
 
     def reset(self) -> None:
         super().reset()
         self._outputs.clear()
+
+    def _capture(self, bucket: tuple[int, ...], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> _Bucket:
+        self._caller_stream = torch.cuda.current_stream(input_ids.device) if input_ids.is_cuda else None
+        return super()._capture(bucket, input_ids, attention_mask)
 
     def prepare(self, shapes: Iterable[tuple[int, ...]], device: torch.device | str | None = None) -> None:
         """Capture the buckets of these shapes now, on dummy inputs with the first ``real tokens`` positions
@@ -150,7 +162,11 @@ class UnpaddedGraphedEncoder(GraphedEncoder):
         if output is None:
             batch_rows, sequence = grid_bucket
             rows = batch_rows + _rows_for(most_filler(batch_rows * sequence), sequence)
-            output = self._outputs[grid_bucket] = static_zeros((rows, *padded.shape[1:]), padded)
+            # On the caller's stream, which replays and reads it, not the capture's warm-up stream: the caching
+            # allocator hands a freed block (after reset()) back to the stream it was allocated on.
+            on_caller = self._caller_stream is not None
+            with torch.cuda.stream(self._caller_stream) if on_caller else contextlib.nullcontext():
+                output = self._outputs[grid_bucket] = static_zeros((rows, *padded.shape[1:]), padded)
         output[: padded.shape[0]].copy_(padded)
         return output
 
