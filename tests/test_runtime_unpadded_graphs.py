@@ -133,7 +133,7 @@ def test_a_mask_refilled_in_place_between_calls_is_read_again(tiny_config, rando
     out = encoder(ids, mask)
     torch.testing.assert_close(out[mask.bool()], expected[mask.bool()], rtol=1e-4, atol=1e-4)
     assert not out[~mask.bool()].any()
-    assert encoder._host_mask is None  # nor is the caller's mask kept past its call
+    assert encoder._host_real is None  # nor is the caller's mask kept past its call
 
 
 def test_every_token_bucket_of_a_batch_bucket_shares_one_static_output(tiny_config, randomize):

@@ -57,14 +57,14 @@ class UnpaddedGraphedEncoder(GraphedEncoder):
     def __init__(self, fn: UnpaddedEncoderFn, **options):
         super().__init__(fn, **options)
         self._outputs: dict[tuple[int, int], torch.Tensor] = {}  # one per (batch, sequence) bucket
-        self._host_mask: tuple[torch.Tensor, torch.Tensor] | None = None  # (this call's mask, its bool host copy)
+        self._host_real: torch.Tensor | None = None  # this call's mask as bool on the host (set by _bucket_for)
         self._caller_stream: torch.cuda.Stream | None = None  # the stream of the call that captures
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         try:
             return super().__call__(input_ids, attention_mask)
         finally:
-            self._host_mask = None  # the caller's mask is not kept past its call
+            self._host_real = None  # the caller's mask is not kept past its call
 
     def reset(self) -> None:
         super().reset()
@@ -91,18 +91,13 @@ class UnpaddedGraphedEncoder(GraphedEncoder):
             mask[: shape[0], : shape[1]] = 1
         return mask
 
-    def _on_host(self, attention_mask: torch.Tensor, fresh: bool = False) -> torch.Tensor:
-        """The mask's real tokens as a bool tensor on the host: copied by the call's first use (``fresh``: a
-        caller may refill one mask tensor between calls), reused by the rest of the call."""
-        if fresh or self._host_mask is None or self._host_mask[0] is not attention_mask:
-            self._host_mask = (attention_mask, attention_mask.detach().to("cpu").bool())
-        return self._host_mask[1]
-
     def _bucket_for(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[int, ...] | None:
         grid_bucket = self.grid.choose(*input_ids.shape)
         if grid_bucket is None:
             return None
-        real_tokens = int(self._on_host(attention_mask, fresh=True).sum())  # the call's one host sync
+        # The call's one host sync; _fill, which always follows in the same call, builds the indices from it.
+        self._host_real = attention_mask.detach().to("cpu").bool()
+        real_tokens = int(self._host_real.sum())
         if real_tokens == 0:
             return None  # nothing to pack: the callable's own path (zeros) serves it
         batch_rows, sequence = grid_bucket
@@ -134,7 +129,7 @@ class UnpaddedGraphedEncoder(GraphedEncoder):
         entry.attention_mask.zero_()
         entry.attention_mask[:batch_size, :sequence_length].copy_(attention_mask.bool())
         # Indices from the host copy (row-major, as the mask's nonzero would give them): no further sync.
-        real = self._on_host(attention_mask).nonzero()
+        real = self._host_real.nonzero()
         filler = entry.indices.shape[0] - real.shape[0]
         first_filler = entry.batch_rows * sequence
         indices = torch.cat([real[:, 0] * sequence + real[:, 1], torch.arange(first_filler, first_filler + filler)])
