@@ -250,6 +250,36 @@ def kernel_profile(step: Callable, activity: str = "cuda", top: int = 12) -> dic
     }
 
 
+def host_syncs(step: Callable) -> int:
+    """How many times one run of ``step`` makes the host wait for the GPU (``item()``, ``nonzero``, boolean
+    indexing, copies to the host...), as torch's CUDA sync debug mode reports them. ``step`` should not end
+    with a synchronisation of its own."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return sum("synchroniz" in str(warning.message) for warning in caught)
+
+
+@pytest.fixture
+def record_host_syncs():
+    """record_host_syncs(benchmark, name, step): extra_info["host_syncs_<name>"] = host_syncs(step) on CUDA."""
+
+    def _record(benchmark, name: str, step: Callable) -> None:
+        try:
+            benchmark.extra_info[f"host_syncs_{name}"] = host_syncs(step)
+        except Exception as error:  # noqa: BLE001 - reported in the results
+            benchmark.extra_info[f"host_syncs_{name}"] = f"{type(error).__name__}: {str(error)[:200]}"
+
+    return _record
+
+
 @pytest.fixture
 def record_kernel_profile():
     """record_kernel_profile(benchmark, name, step): extra_info["profile_<name>"] = kernel_profile(step) on CUDA;

@@ -21,7 +21,8 @@ full forward with eager attention and full-vocabulary logits, full-vocabulary st
 and the losses as SPEC.md writes them (masked_select of the counted rows, KLDivLoss "mean" /
 CosineEmbeddingLoss / KLDivLoss "batchmean" / cross-entropy). fastmini: ``Distiller`` (teacher
 under inference_mode, student unpadded, MLM heads and output KL on masked rows only, attention
-KL without extra saved maps).
+KL without extra saved maps, no host reads of device values: the batch is built on the CPU and moved
+by ``Batch.to``, which works out its token positions there, as the trainer does).
 """
 
 from __future__ import annotations
@@ -180,20 +181,23 @@ def peak_memory(step, setup: Setup, models: tuple[nn.Module, ...]) -> int | None
 
 
 @pytest.mark.filterwarnings("ignore:reduction. .mean. divides:UserWarning")
-def test_distillation_step(benchmark, compare, describe_device, record_kernel_profile, setup, pair, batch):
+def test_distillation_step(
+    benchmark, compare, describe_device, record_kernel_profile, record_host_syncs, setup, pair, batch
+):
     teacher_model, student, original = pair
     teacher = Teacher(encoder=teacher_model.bert, head=teacher_model.cls, config=teacher_model.config, source="bench")
     autocast_dtype = torch.bfloat16 if setup.bf16 else None
     checkpointed = copy.deepcopy(student)
     enable_activation_checkpointing(checkpointed)  # --gradient-checkpointing
 
-    def step_of(model):
+    def step_of(model, synchronise: bool = True):
         distiller = Distiller(StudentSide(model, None), teacher, setup.layers, LossWeights(), 1.0, autocast_dtype)
 
         def step():
             distiller(batch).total.backward()
             model.zero_grad(set_to_none=True)
-            _synchronise(setup)
+            if synchronise:
+                _synchronise(setup)
 
         return step
 
@@ -204,11 +208,14 @@ def test_distillation_step(benchmark, compare, describe_device, record_kernel_pr
 
     fastmini_step, checkpointed_step = step_of(student), step_of(checkpointed)
 
-    def original_step():
+    def original_body():
         with autocast():
             loss = original_losses(original, teacher_model, batch, setup.layers)
         loss.backward()
         original.zero_grad(set_to_none=True)
+
+    def original_step():
+        original_body()
         _synchronise(setup)
 
     masked = int((batch.labels != -100).sum())
@@ -237,6 +244,9 @@ def test_distillation_step(benchmark, compare, describe_device, record_kernel_pr
     if setup.device == "cuda":  # is the step GPU-bound? kernel time against the median, and the top kernels
         for name in ("original", "fastmini"):
             record_kernel_profile(benchmark, name, contenders[name])
+        # How often a step makes the host wait for the GPU (the GPU idles while the host catches up after each).
+        record_host_syncs(benchmark, "original", original_body)
+        record_host_syncs(benchmark, "fastmini", step_of(student, synchronise=False))
     if peaks["fastmini"] is not None:
         benchmark.extra_info["peak_allocated_gib"] = {name: round(peak / 2**30, 2) for name, peak in peaks.items()}
         benchmark.extra_info["peak_memory_ratio"] = {

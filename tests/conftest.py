@@ -7,6 +7,7 @@ import each other or this file.
 from __future__ import annotations
 
 import os
+import traceback
 
 import torch
 
@@ -16,6 +17,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import fastmini  # noqa: E402, F401  (registers the Auto classes)
 from fastmini import FastMiniConfig  # noqa: E402
@@ -112,6 +114,44 @@ def triton_launches(monkeypatch):
         module = importlib.import_module(f"fastmini.kernels.{op}")
         monkeypatch.setattr(module, f"{op}_forward", counting(op, getattr(module, f"{op}_forward")))
     return counts
+
+
+class HostReads(TorchDispatchMode):
+    """Records the ops that read a tensor's values on the host: on a GPU each waits for all queued work
+    (``item``/``int()``/``bool()``, ``nonzero``, boolean indexing, ``masked_select``, ``unique``, ...). The CPU
+    runs the same ops, so a CPU test shows what a GPU step would wait on."""
+
+    ALWAYS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "_unique2", "unique_dim",
+              "unique_consecutive", "repeat_interleave"}  # fmt: skip
+    INDEXING = {"index", "index_put", "index_put_", "_index_put_impl_"}  # only with boolean indices
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[tuple[str, str]] = []  # (op, "file:line" of the innermost caller outside torch)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.ALWAYS or (name in self.INDEXING and self._boolean_index(args)):
+            if not (name == "repeat_interleave" and (kwargs or {}).get("output_size") is not None):
+                self.ops.append((name, self._caller()))
+        return func(*args, **(kwargs or {}))
+
+    @staticmethod
+    def _caller() -> str:
+        frame = [f for f in traceback.extract_stack() if f"{os.sep}torch{os.sep}" not in f.filename][-3]
+        # [-1] is _caller itself, [-2] __torch_dispatch__
+        return f"{frame.filename}:{frame.lineno}"
+
+    @staticmethod
+    def _boolean_index(args) -> bool:
+        indices = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()
+        return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices)
+
+
+@pytest.fixture
+def host_reads():
+    """``with host_reads() as reads: ...`` then ``reads.ops``: see HostReads."""
+    return HostReads
 
 
 @pytest.fixture

@@ -316,3 +316,40 @@ def test_micro_batches_divided_by_the_global_counts_add_up_to_the_full_batch(tin
     # On its own, a micro-batch is SPEC.md's mean over itself: another (larger) attention value.
     alone = distiller(rows([1, 2], 7))
     assert alone.attention.item() > parts[0].attention.item()
+
+
+@pytest.mark.parametrize("layout", ["padded batch", "no padding", "padded student"])
+def test_a_step_on_a_moved_batch_reads_no_values_on_the_host(tiny_pair, host_reads, layout):
+    """Batch.to works out the token positions where the batch is built; the step (teacher, student, losses,
+    backward) then only gathers rows at those indices: nothing of fastmini's in it makes a GPU's host wait.
+    transformers' own mask builder checks a padded batch's mask once, at the start (mask.all())."""
+    teacher_model, student = tiny_pair
+    teacher = Teacher(encoder=teacher_model.bert, head=teacher_model.cls, config=teacher_model.config, source="t")
+    student.set_unpadding(layout != "padded student")
+    batch = masked_batch()
+    if layout == "no padding":
+        full_rows = [0, 3]
+        batch = Batch(*(t[full_rows] for t in (batch.input_ids, batch.attention_mask, batch.token_type_ids,
+                                               batch.labels)))  # fmt: skip
+    moved = batch.to(torch.device("cpu"))
+    assert batch.positions is not None and (moved.positions.packing is None) == (layout == "no padding")
+    distiller = Distiller(StudentSide(student, None), teacher, (2, 4), losses.LossWeights(), 1.0)
+    with host_reads() as reads:
+        terms = distiller(moved, StepCounts.of(moved))
+        terms.total.backward()
+    outside_the_teacher = [(op, where) for op, where in reads.ops if "transformers" not in where]
+    assert outside_the_teacher == []
+    assert len(reads.ops) == (0 if layout == "no padding" else 1)
+    for name in ("mlm", "attention", "hidden", "output"):
+        assert getattr(terms, name).item() > 0
+
+
+def test_labels_at_padded_positions_are_neither_counted_nor_trained_on(tiny_pair):
+    teacher_model, student = tiny_pair
+    teacher = Teacher(encoder=teacher_model.bert, head=teacher_model.cls, config=teacher_model.config, source="t")
+    distiller = Distiller(StudentSide(student, None), teacher, (2, 4), losses.LossWeights(), 1.0)
+    batch = masked_batch()
+    stray = batch.labels.masked_fill(batch.attention_mask == 0, 7)  # labels where there is no token
+    with_stray = Batch(batch.input_ids, batch.attention_mask, batch.token_type_ids, stray)
+    assert with_stray.num_masked == batch.num_masked < int((stray != -100).sum())
+    torch.testing.assert_close(distiller(with_stray).total, distiller(batch).total)

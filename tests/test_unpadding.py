@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -80,3 +81,14 @@ def test_padded_layout_with_masked_keys_equals_unpadding(tiny_config, randomize)
     real = mask.bool()[:, None, :, None]  # attention rows of real queries
     for a, b in zip(padded.attentions, unpadded.attentions, strict=True):
         torch.testing.assert_close(a.masked_fill(~real, 0), b.masked_fill(~real, 0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("padded", [True, False], ids=["padding", "no-padding"])
+def test_an_unpadded_forward_reads_the_mask_on_the_host_once(tiny_config, batch, host_reads, padded):
+    """Packing needs the number of real tokens on the host (on a GPU, a wait): one read, also to find out
+    that there is no padding at all."""
+    model = FastMiniModel(tiny_config()).eval()
+    mask = batch["attention_mask"] if padded else torch.ones_like(batch["attention_mask"])
+    with torch.no_grad(), host_reads() as reads:
+        model(input_ids=batch["input_ids"], attention_mask=mask)
+    assert [op for op, _ in reads.ops] == ["nonzero"]

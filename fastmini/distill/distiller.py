@@ -6,6 +6,13 @@ it has one, likewise. Hidden states are compared as packed (T, H) rows; attentio
 (B, A, S, S) with padded query rows excluded (see losses.attention_kl). Only the student side
 (``StudentSide``: the student and the optional hidden projection) holds trainable parameters,
 so it is what DDP wraps.
+
+No step reads a tensor's values on the host. Which tokens are real and which are masked decides the
+shapes of the packed and masked rows; on a GPU, finding that out from device tensors (``nonzero``,
+boolean indexing, ``int(t.sum())``) makes the host wait until every kernel queued so far has run, and
+the host then has nothing queued while it issues the next op. So ``TokenPositions`` works the positions
+out once, on the host, where the batch is built (``Batch.to`` does it before moving the batch), and the
+step only gathers rows at those indices.
 """
 
 from __future__ import annotations
@@ -23,6 +30,46 @@ from fastmini.ops import Packing
 from fastmini.training.precision import autocast
 
 
+@dataclass(frozen=True)
+class TokenPositions:
+    """Where a batch's real and masked tokens are: index tensors and counts, worked out on the batch's own
+    device (the host, where batches are built) and moved with it. Masked tokens are the labelled real ones."""
+
+    packing: Packing | None  # the real tokens; None when no token is padding (nothing to pack)
+    masked_flat: torch.Tensor  # (M,) int64: flat (B*S) positions of the masked tokens, row-major
+    masked_packed: torch.Tensor  # (M,) int64: the same tokens' rows among the packed real tokens
+    tokens: int
+    masked: int
+
+    @classmethod
+    def of(cls, attention_mask: torch.Tensor, labels: torch.Tensor) -> TokenPositions:
+        real = attention_mask.bool()
+        real_flat = real.flatten()
+        masked_flat = ((labels.flatten() != IGNORE_INDEX) & real_flat).nonzero().squeeze(1)
+        tokens = int(real_flat.sum())
+        packing = None if tokens == real.numel() else Packing.from_attention_mask(real)
+        # Packed rows are the real tokens in row-major order: a token's row is the number of real tokens before it.
+        masked_packed = (real_flat.long().cumsum(0) - 1).index_select(0, masked_flat)
+        return cls(packing, masked_flat, masked_packed, tokens, int(masked_flat.numel()))
+
+    def real_rows(self, state: torch.Tensor) -> torch.Tensor:
+        """The (T, ...) real-token rows of a padded (B, S, ...) tensor."""
+        rows = state.flatten(0, 1)
+        return rows if self.packing is None else rows.index_select(0, self.packing.indices)
+
+    def apply(self, fn) -> TokenPositions:
+        """The same positions with ``fn`` applied to their tensors, e.g. ``lambda t: t.to(device)``."""
+        packing = self.packing.apply(fn) if self.packing is not None else None
+        return TokenPositions(packing, fn(self.masked_flat), fn(self.masked_packed), self.tokens, self.masked)
+
+
+def _mover(device: torch.device | str, source: torch.Tensor):
+    """Copies to ``device`` that do not wait for the GPU: from pinned memory when the copy goes from the host to
+    a GPU (a copy from pageable memory first waits for the stream's queued work)."""
+    pin = torch.device(device).type == "cuda" and source.device.type == "cpu"
+    return lambda t: (t.pin_memory() if pin else t).to(device, non_blocking=True)
+
+
 @dataclass
 class Batch:
     """A padded micro-batch, already masked: ``labels`` is -100 except at masked positions."""
@@ -31,22 +78,28 @@ class Batch:
     attention_mask: torch.Tensor  # (B, S) 1 for real tokens
     token_type_ids: torch.Tensor  # (B, S)
     labels: torch.Tensor  # (B, S)
+    positions: TokenPositions | None = None  # worked out when first asked for (token_positions)
+
+    def token_positions(self) -> TokenPositions:
+        if self.positions is None:
+            self.positions = TokenPositions.of(self.attention_mask, self.labels)
+        return self.positions
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(
-            *(
-                t.to(device, non_blocking=True)
-                for t in (self.input_ids, self.attention_mask, self.token_type_ids, self.labels)
-            )
-        )
+        """The batch on ``device``, its token positions worked out first (where the batch is: see the module doc)."""
+        positions = self.token_positions()
+        move = _mover(device, self.input_ids)
+        tensors = (self.input_ids, self.attention_mask, self.token_type_ids, self.labels)
+        return Batch(*(move(t) for t in tensors), positions.apply(move))
 
     @property
     def num_tokens(self) -> int:
-        return int(self.attention_mask.sum())
+        return self.token_positions().tokens
 
     @property
     def num_masked(self) -> int:
-        return int((self.labels != IGNORE_INDEX).sum())
+        """Masked real tokens (a label at a padded position is neither counted nor trained on)."""
+        return self.token_positions().masked
 
     @property
     def padded_length(self) -> int:
@@ -76,21 +129,6 @@ class StudentOutputs:
     masked_labels: torch.Tensor  # (M,)
 
 
-def real_rows(state: torch.Tensor, packing: Packing | None, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
-    """A hidden state's (T, H) rows of real tokens: packed already, or read off the padded layout (a student
-    set to ``set_unpadding(False)``, whose padded positions ``key_padding_mask`` marks False)."""
-    if packing is not None:
-        return state
-    rows = state.flatten(0, 1)
-    return rows if key_padding_mask is None else rows[key_padding_mask.flatten()]
-
-
-def masked_rows(labels: torch.Tensor, packing: Packing | None) -> torch.Tensor:
-    """Indices of the masked tokens among the student's packed rows (row-major order)."""
-    packed = labels.flatten() if packing is None else packing.pack(labels)
-    return (packed != IGNORE_INDEX).nonzero().squeeze(1)
-
-
 class StudentSide(nn.Module):
     """The trainable half of a distillation step (what DDP wraps)."""
 
@@ -100,23 +138,29 @@ class StudentSide(nn.Module):
         self.projection = projection
 
     def forward(self, batch: Batch, need_hidden: bool = True, need_attentions: bool = True) -> StudentOutputs:
-        encoded = self.student.fastmini.encode(
+        positions = batch.token_positions()
+        model = self.student.fastmini
+        # An unpadding model gets the batch's own packing (or no mask without padding) rather than packing the
+        # mask itself; a padded one (set_unpadding(False)) masks padded keys.
+        packed = model.unpadding and positions.packing is not None
+        encoded = model.encode(
             batch.input_ids,
-            batch.attention_mask,
+            batch.attention_mask if not model.unpadding else None,
             batch.token_type_ids,
             output_attentions=need_attentions,
             output_hidden_states=need_hidden,
             repad_hidden_states=False,
+            packing=positions.packing if packed else None,
         )
-        packing = encoded.packing
         hidden = []
         if need_hidden:
             for state in encoded.hidden_states[1:]:
-                rows = real_rows(state, packing, encoded.key_padding_mask)
+                rows = state if packed else positions.real_rows(state)
                 hidden.append(self.projection(rows) if self.projection is not None else rows)
-        rows = masked_rows(batch.labels, packing)
-        masked_logits = self.student.lm_head(encoded.sequence.reshape(-1, encoded.sequence.shape[-1])[rows])
-        masked_labels = batch.labels.flatten()[batch.labels.flatten() != IGNORE_INDEX]
+        masked = positions.masked_packed if packed else positions.masked_flat
+        sequence = encoded.sequence.reshape(-1, encoded.sequence.shape[-1])
+        masked_logits = self.student.lm_head(sequence.index_select(0, masked))
+        masked_labels = batch.labels.flatten().index_select(0, positions.masked_flat)
         return StudentOutputs(hidden, list(encoded.attentions or ()), masked_logits, masked_labels)
 
 
@@ -136,10 +180,12 @@ def teacher_forward(
     need_logits: bool,
 ) -> TeacherOutputs:
     """The teacher's matched hidden states (packed), attention maps, and logits at masked positions."""
+    positions = batch.token_positions()
     with torch.inference_mode():
         output = teacher.encoder(
             input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
+            # No mask without padding: transformers' mask builders check a given one on the host (mask.all()).
+            attention_mask=batch.attention_mask if positions.packing is not None else None,
             token_type_ids=batch.token_type_ids,
             output_hidden_states=need_hidden,
             output_attentions=need_attentions,
@@ -149,12 +195,10 @@ def teacher_forward(
         hidden_padded = [output.hidden_states[layer] for layer in layers] if need_hidden else []
         logits = None
         if need_logits and teacher.head is not None:
-            flat_masked = (batch.labels.flatten() != IGNORE_INDEX).nonzero().squeeze(1)
-            last = output.last_hidden_state.flatten(0, 1).index_select(0, flat_masked)
+            last = output.last_hidden_state.flatten(0, 1).index_select(0, positions.masked_flat)
             logits = teacher.head(last)
     # Outside inference mode these selections are ordinary tensors that the losses may keep.
-    real = batch.attention_mask.flatten().bool()
-    hidden = [state.flatten(0, 1)[real].float() for state in hidden_padded]
+    hidden = [positions.real_rows(state).float() for state in hidden_padded]
     return TeacherOutputs(hidden, attentions, logits.float() if logits is not None else None)
 
 

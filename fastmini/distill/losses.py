@@ -49,8 +49,12 @@ class LossTerms:
     hidden: torch.Tensor
     output: torch.Tensor
 
-    def as_floats(self) -> dict[str, float]:
-        return {name: float(getattr(self, name).detach()) for name in ("total", "mlm", "attention", "hidden", "output")}
+    NAMES = ("total", "mlm", "attention", "hidden", "output")
+
+    def as_vector(self) -> torch.Tensor:
+        """(total, mlm, attention, hidden, output) detached, in float64, where the terms are: reading them on the
+        host is left to the caller, once a step (on a GPU each read waits for all queued work)."""
+        return torch.stack([getattr(self, name).detach().double() for name in self.NAMES])
 
 
 class _AttentionKL(torch.autograd.Function):
@@ -95,10 +99,11 @@ def attention_kl(
         raise ValueError(f"attention_kl: student maps {tuple(student.shape)} vs teacher maps {tuple(teacher.shape)}")
     computing = torch.float64 if student.dtype == torch.float64 else torch.float32
     rows = real_tokens.to(computing).view(batch, 1, seq, 1)
-    count = int(real_tokens.sum()) * heads * keys
+    # Counting the rows reads the mask on the host (on a GPU, a wait for all queued work): only without a denominator.
+    count = denominator if denominator is not None else int(real_tokens.sum()) * heads * keys
     if count == 0:
         return student.sum() * 0.0
-    return _AttentionKL.apply(student, teacher, rows, float(denominator or count))
+    return _AttentionKL.apply(student, teacher, rows, float(count))
 
 
 def hidden_cosine(student: torch.Tensor, teacher: torch.Tensor, denominator: float | None = None) -> torch.Tensor:

@@ -437,7 +437,7 @@ class DistillationRun:
         """One optimizer step; (the logged values, the global batch's real tokens)."""
         micro_batches = self.batches.micro_batches(step)
         counts = self._step_counts(micro_batches)
-        shares = torch.zeros(5, dtype=torch.float64)
+        shares = None
         for index, batch in enumerate(micro_batches):
             batch = batch.to(self.device)
             last = index == len(micro_batches) - 1
@@ -445,7 +445,8 @@ class DistillationRun:
             with sync:
                 terms = self.distiller(batch, counts)  # this micro-batch's share of the global batch's terms
                 backward_share(terms.total, self.context)
-            shares += torch.tensor(list(terms.as_floats().values()), dtype=torch.float64)
+            share = terms.as_vector()  # kept where it is: the host reads the step's terms once, below
+            shares = share if shares is None else shares + share
         means = distributed.sum_over_processes(shares, self.context)  # the shares add up to the global means
         values = dict(zip(("loss", "mlm", "attention", "hidden", "output"), means.tolist(), strict=True))
         if faults.nan_if_armed(step + 1):

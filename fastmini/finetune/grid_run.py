@@ -212,7 +212,7 @@ class GridRun:
         micro_batches = self.batches.micro_batches(step)
         items = [self._loss_items(batch) for batch in micro_batches]
         total = step_totals({"items": sum(items)}, self.context)["items"]  # the global batch's, before any backward
-        share_sum = 0.0
+        share_sum = None  # on the device: the host reads the step's loss once, after every micro-batch is queued
         for index, (batch, count) in enumerate(zip(micro_batches, items, strict=True)):
             batch = {name: tensor.to(self.device) for name, tensor in batch.items()}
             last = index == len(micro_batches) - 1
@@ -225,8 +225,9 @@ class GridRun:
                 if share is None:  # no labelled token here: nothing to add, but DDP expects every gradient
                     share = output.logits.sum() * 0.0
                 backward_share(share, self.context)
-            share_sum += float(share.detach())
-        values = {"loss": float(distributed.sum_over_processes(torch.tensor([share_sum]), self.context)[0])}
+            share = share.detach().double().reshape(1)
+            share_sum = share if share_sum is None else share_sum + share
+        values = {"loss": float(distributed.sum_over_processes(share_sum, self.context)[0])}
         if faults.nan_if_armed(step + 1):
             values["loss"] = float("nan")
         values["grad_norm"], values["lr"] = checked_step(

@@ -152,13 +152,15 @@ def _check_mask_shape(attention_mask: torch.Tensor, shape: torch.Size) -> None:
 
 
 def packing_for(attention_mask: torch.Tensor | None, shape: torch.Size) -> Packing | None:
-    """A Packing when the batch has padding; None when every token is real (nothing to skip)."""
+    """A Packing when the batch has padding; None when every token is real (nothing to skip).
+
+    Whether there is padding is read off the packing's own token count: one read of the mask on the host
+    (on a GPU, a wait for the queued work) where asking ``mask.all()`` first would be a second."""
     if attention_mask is None:
         return None
     _check_mask_shape(attention_mask, shape)
-    if bool(attention_mask.bool().all()):
-        return None
-    return Packing.from_attention_mask(attention_mask)
+    packing = Packing.from_attention_mask(attention_mask)
+    return None if packing.indices.numel() == attention_mask.numel() else packing
 
 
 def _zero_padding(hidden: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:

@@ -75,10 +75,11 @@ class RecursiveEncoder(nn.Module):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             checkpointed = functools.partial(self._gradient_checkpointing_func, self.recursion)
         h = hidden_states
+        qkv_weight, qkv_bias = self.shared_layer.fused_qkv(h)  # once for all recursions (see SharedLayer.fused_qkv)
         for i in range(self.num_recursions):
             recursion = checkpointed if checkpointed is not None and i % self.checkpoint_every == 0 else self.recursion
             # Positional arguments only: reentrant checkpointing tracks gradients through those alone.
-            h, probabilities = recursion(h, i, packing, output_attentions, key_padding_mask)
+            h, probabilities = recursion(h, i, packing, output_attentions, key_padding_mask, qkv_weight, qkv_bias)
             if all_hidden is not None:
                 all_hidden.append(h)
             if all_attentions is not None:
@@ -96,12 +97,16 @@ class RecursiveEncoder(nn.Module):
         packing: Packing | None,
         need_weights: bool,
         key_padding_mask: torch.Tensor | None,
+        qkv_weight: torch.Tensor | None = None,
+        qkv_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Recursion ``index``: its adapters around the shared layer; the new hidden state and, when
-        ``need_weights``, the attention probabilities."""
+        ``need_weights``, the attention probabilities. ``qkv_*``: SharedLayer.fused_qkv's, when fused."""
         if self.attention_adapters is not None:
             h = self.attention_adapters[index](h)
-        h, probabilities = self.shared_layer.attention_block(h, packing, need_weights, key_padding_mask)
+        h, probabilities = self.shared_layer.attention_block(
+            h, packing, need_weights, key_padding_mask, qkv_weight, qkv_bias
+        )
         if self.ffn_adapters is not None:
             h = self.ffn_adapters[index](h)
         return self.shared_layer.ffn_block(h), probabilities

@@ -41,6 +41,10 @@ class Packing:
             seq_len=mask.shape[1],
         )
 
+    def apply(self, fn) -> Packing:
+        """The same packing with ``fn`` applied to its tensors, e.g. ``lambda t: t.to(device)``."""
+        return Packing(fn(self.indices), fn(self.key_padding_mask), self.batch_size, self.seq_len)
+
     @cached_property
     def cu_seqlens(self) -> torch.Tensor:
         """(B + 1,) int32 offsets of each sequence's tokens in the packed order, for varlen kernels.
