@@ -267,31 +267,29 @@ def host_syncs(step: Callable) -> int:
     return sum("synchroniz" in str(warning.message) for warning in caught)
 
 
-@pytest.fixture
-def record_host_syncs():
-    """record_host_syncs(benchmark, name, step): extra_info["host_syncs_<name>"] = host_syncs(step) on CUDA."""
+def _recorder(prefix: str, measure: Callable[[Callable], object]) -> Callable:
+    """record(benchmark, name, step): extra_info["<prefix>_<name>"] = measure(step); a failure (a profiler or
+    debug mode the machine does not support) is recorded instead of failing the benchmark."""
 
     def _record(benchmark, name: str, step: Callable) -> None:
         try:
-            benchmark.extra_info[f"host_syncs_{name}"] = host_syncs(step)
+            benchmark.extra_info[f"{prefix}_{name}"] = measure(step)
         except Exception as error:  # noqa: BLE001 - reported in the results
-            benchmark.extra_info[f"host_syncs_{name}"] = f"{type(error).__name__}: {str(error)[:200]}"
+            benchmark.extra_info[f"{prefix}_{name}"] = f"{type(error).__name__}: {str(error)[:200]}"
 
     return _record
+
+
+@pytest.fixture
+def record_host_syncs():
+    """record_host_syncs(benchmark, name, step): extra_info["host_syncs_<name>"] = host_syncs(step) (CUDA)."""
+    return _recorder("host_syncs", host_syncs)
 
 
 @pytest.fixture
 def record_kernel_profile():
-    """record_kernel_profile(benchmark, name, step): extra_info["profile_<name>"] = kernel_profile(step) on CUDA;
-    a failure (a profiler the machine does not support) is recorded instead of failing the benchmark."""
-
-    def _record(benchmark, name: str, step: Callable) -> None:
-        try:
-            benchmark.extra_info[f"profile_{name}"] = kernel_profile(step)
-        except Exception as error:  # noqa: BLE001 - reported in the results
-            benchmark.extra_info[f"profile_{name}"] = f"{type(error).__name__}: {str(error)[:200]}"
-
-    return _record
+    """record_kernel_profile(benchmark, name, step): extra_info["profile_<name>"] = kernel_profile(step) (CUDA)."""
+    return _recorder("profile", kernel_profile)
 
 
 @pytest.fixture(scope="session")
