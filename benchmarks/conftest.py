@@ -256,13 +256,14 @@ def host_syncs(step: Callable) -> int:
     with a synchronisation of its own."""
     import warnings
 
+    previous = torch.cuda.get_sync_debug_mode()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
             step()
         finally:
-            torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.set_sync_debug_mode(previous)
     torch.cuda.synchronize()
     return sum("synchroniz" in str(warning.message) for warning in caught)
 

@@ -11,8 +11,11 @@ Contenders (same weights, bf16, eval, inference mode):
 - "fastmini": the default path (unpadded when the batch has padding; ops by dispatch);
 - "fastmini-graphed": ``model.graphed_encoder()``, one CUDA graph per shape bucket (padded layout);
 - "fastmini-graphed-triton": the same captured with ``FASTMINI_BACKEND=triton`` (the fused kernels);
-- "fastmini-graphed-l2": graphed, the shared layer's weights in one buffer under a persisting L2
-  access-policy window (fastmini.runtime.persist_in_l2); measured to decide whether it pays;
+- "fastmini-graphed-three-qkv": graphed with query, key and value as three GEMMs
+  (``SharedLayer.fuse_qkv = False``): what the one concatenated GEMM gains;
+- "fastmini-graphed-l2" (throughput group only since it measured no gain at either size on an H200,
+  2026-11-26): graphed, the shared layer's weights in one buffer under a persisting L2 access-policy window
+  (fastmini.runtime.persist_in_l2);
 - "torch-compile" (a latency group of its own, the file's last test: its compile is a minute of device
   time): what users would try instead of graphed_encoder(), ``torch.compile(model.set_unpadding(False),
   mode="reduce-overhead", fullgraph=True)`` (inductor's kernels replayed through CUDA graphs);
@@ -115,6 +118,11 @@ def _graphed(
     return run
 
 
+def _three_qkv(model: FastMiniModel) -> FastMiniModel:
+    model.encoder.shared_layer.fuse_qkv = False
+    return model
+
+
 def contenders_for(
     models, input_ids, mask, names, resources: contextlib.ExitStack
 ) -> tuple[dict[str, Callable], dict[str, str]]:
@@ -133,6 +141,7 @@ def contenders_for(
         "fastmini-graphed-triton": lambda _: bound(_graphed(fresh(), backend="triton")),
         "fastmini-graphed-l2": lambda own: bound(_graphed(fresh(), l2_resources=own)),
         "fastmini-graphed-unpadded": lambda _: bound(_graphed(fresh(), unpadded=True)),
+        "fastmini-graphed-three-qkv": lambda _: bound(_graphed(_three_qkv(fresh()))),
         "torch-compile": lambda _: bound(
             torch.compile(fresh().set_unpadding(False), mode="reduce-overhead", fullgraph=True)
         ),
@@ -198,7 +207,7 @@ def _full_batch(batch: int, seq: int):
     return input_ids.to(DEVICE), torch.ones(batch, seq, dtype=torch.long, device=DEVICE)
 
 
-GRAPHED = ["fastmini-graphed", "fastmini-graphed-triton", "fastmini-graphed-l2"]
+GRAPHED = ["fastmini-graphed", "fastmini-graphed-triton", "fastmini-graphed-three-qkv"]
 
 
 def test_latency_1x128(benchmark, compare, describe_device, record_kernel_profile, models):
@@ -215,7 +224,7 @@ def test_throughput_128x128(benchmark, compare, describe_device, record_matmul_f
     input_ids, mask = _full_batch(128, 128)
     medians = _run_group(
         benchmark, compare, describe_device, models, "gpu encoder throughput 128x128", input_ids, mask,
-        ["original", "fastmini", *GRAPHED], "original", rounds=30,
+        ["original", "fastmini", *GRAPHED, "fastmini-graphed-l2"], "original", rounds=30,
     )  # fmt: skip
     benchmark.extra_info["target"] = ">= 4 M useful tokens/s"
     flops = _flops([128] * 128)

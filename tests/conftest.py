@@ -118,11 +118,13 @@ def triton_launches(monkeypatch):
 
 class HostReads(TorchDispatchMode):
     """Records the ops that read a tensor's values on the host: on a GPU each waits for all queued work
-    (``item``/``int()``/``bool()``, ``nonzero``, boolean indexing, ``masked_select``, ``unique``, ...). The CPU
-    runs the same ops, so a CPU test shows what a GPU step would wait on."""
+    (``item``/``int()``/``bool()``, ``nonzero``, boolean indexing, ``masked_select``, ``unique``, ...). Code
+    that takes the same path on the CPU as on a GPU dispatches the same ops, so a CPU test shows what a GPU
+    run would wait on. Not seen: ``tolist()`` and copies to the host (no aten op on CPU tensors), reads
+    inside composite ops (``allclose``), and CPU-only branches are reported like any other code."""
 
     ALWAYS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "_unique2", "unique_dim",
-              "unique_consecutive", "repeat_interleave"}  # fmt: skip
+              "unique_consecutive", "repeat_interleave", "bincount", "histc"}  # fmt: skip
     INDEXING = {"index", "index_put", "index_put_", "_index_put_impl_"}  # only with boolean indices
 
     def __init__(self):

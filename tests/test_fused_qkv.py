@@ -26,13 +26,28 @@ def loss_and_gradients(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tens
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
+def fused_widths(monkeypatch) -> list[int | None]:
+    """The width of the fused weight every attention_block call receives (None: three projections)."""
+    widths = []
+    attention_block = SharedLayer.attention_block
+
+    def spy(self, x, packing, need_weights, key_padding_mask=None, qkv_weight=None, qkv_bias=None):
+        widths.append(None if qkv_weight is None else qkv_weight.shape[0])
+        return attention_block(self, x, packing, need_weights, key_padding_mask, qkv_weight, qkv_bias)
+
+    monkeypatch.setattr(SharedLayer, "attention_block", spy)
+    return widths
+
+
 def test_training_fuses_and_matches_three_projections(tiny_config, randomize, batch, monkeypatch):
     model = masked_lm(tiny_config, randomize)
     layer = model.fastmini.encoder.shared_layer
     x = torch.zeros(3, layer.query.in_features, dtype=torch.float64)
     weight, bias = layer.fused_qkv(x)
     assert weight.shape == (3 * layer.query.out_features, layer.query.in_features) and bias.shape == (weight.shape[0],)
+    widths = fused_widths(monkeypatch)
     fused_loss, fused_grads = loss_and_gradients(model, batch)
+    assert widths == [3 * layer.query.out_features] * model.config.num_hidden_layers  # every recursion fused
     three_projections(monkeypatch)
     loss, grads = loss_and_gradients(model, batch)
     torch.testing.assert_close(fused_loss, loss, rtol=1e-12, atol=1e-12)
@@ -41,12 +56,15 @@ def test_training_fuses_and_matches_three_projections(tiny_config, randomize, ba
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-10, atol=1e-12, msg=name)
 
 
-def test_cpu_inference_keeps_three_projections(tiny_config, randomize):
-    layer = masked_lm(tiny_config, randomize).eval().fastmini.encoder.shared_layer
+def test_cpu_inference_keeps_three_projections(tiny_config, randomize, batch, monkeypatch):
+    model = masked_lm(tiny_config, randomize).eval()
+    layer = model.fastmini.encoder.shared_layer
     x = torch.zeros(3, layer.query.in_features, dtype=torch.float64)
     assert layer.fused_qkv(x) == (None, None)
+    widths = fused_widths(monkeypatch)
     with torch.no_grad():
-        assert layer.fused_qkv(x) == (None, None)
+        model(**batch)
+    assert widths == [None] * model.config.num_hidden_layers
 
 
 def test_under_autocast_the_fused_weight_is_cast_once(tiny_config, randomize, batch, monkeypatch):
@@ -61,10 +79,31 @@ def test_under_autocast_the_fused_weight_is_cast_once(tiny_config, randomize, ba
     torch.testing.assert_close(fused, separate, rtol=0.05, atol=0.05)
 
 
+def test_fp64_under_autocast_keeps_its_dtype(tiny_config, randomize, batch):
+    """Autocast leaves fp64 alone: so does the fused weight (a bf16 copy would not multiply fp64 inputs)."""
+    model = masked_lm(tiny_config, randomize)
+    expected = model(**batch).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(**batch).logits
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("hook", ["forward", "full backward"])
 @pytest.mark.parametrize("projection", ["query", "key", "value"])
-def test_a_hooked_projection_is_called_in_training(tiny_config, randomize, batch, projection):
+def test_a_hooked_projection_is_called_in_training(tiny_config, randomize, batch, projection, hook):
     model = masked_lm(tiny_config, randomize)
     calls = []
-    getattr(model.fastmini.encoder.shared_layer, projection).register_forward_hook(lambda *args: calls.append(1))
-    model(**batch)
+    layer = getattr(model.fastmini.encoder.shared_layer, projection)
+    register = layer.register_forward_hook if hook == "forward" else layer.register_full_backward_hook
+    register(lambda *args: calls.append(1))
+    model(**batch).logits.sum().backward()
     assert len(calls) == model.config.num_hidden_layers
+
+
+def test_the_switch_keeps_three_projections_in_training(tiny_config, randomize, batch, monkeypatch):
+    model = masked_lm(tiny_config, randomize)
+    model.fastmini.encoder.shared_layer.fuse_qkv = False
+    widths = fused_widths(monkeypatch)
+    model(**batch)
+    assert widths == [None] * model.config.num_hidden_layers

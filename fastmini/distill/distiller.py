@@ -27,6 +27,7 @@ from fastmini.distill import losses
 from fastmini.distill.models import Teacher
 from fastmini.models import FastMiniForMaskedLM
 from fastmini.ops import Packing
+from fastmini.ops.dispatch import recording_a_graph
 from fastmini.training.precision import autocast
 
 
@@ -78,7 +79,9 @@ class Batch:
     attention_mask: torch.Tensor  # (B, S) 1 for real tokens
     token_type_ids: torch.Tensor  # (B, S)
     labels: torch.Tensor  # (B, S)
-    positions: TokenPositions | None = None  # worked out when first asked for (token_positions)
+    # Worked out when first asked for (token_positions) and kept: a batch whose mask or labels change after
+    # that (in place, or through dataclasses.replace, which copies them) needs positions=None again.
+    positions: TokenPositions | None = None
 
     def token_positions(self) -> TokenPositions:
         if self.positions is None:
@@ -141,11 +144,13 @@ class StudentSide(nn.Module):
         positions = batch.token_positions()
         model = self.student.fastmini
         # An unpadding model gets the batch's own packing (or no mask without padding) rather than packing the
-        # mask itself; a padded one (set_unpadding(False)) masks padded keys.
-        packed = model.unpadding and positions.packing is not None
+        # mask itself; a padded one (set_unpadding(False), or encode's choice while a graph is recorded) masks
+        # padded keys.
+        unpad = model.unpadding and not recording_a_graph()
+        packed = unpad and positions.packing is not None
         encoded = model.encode(
             batch.input_ids,
-            batch.attention_mask if not model.unpadding else None,
+            None if unpad else batch.attention_mask,
             batch.token_type_ids,
             output_attentions=need_attentions,
             output_hidden_states=need_hidden,

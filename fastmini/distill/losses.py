@@ -100,7 +100,7 @@ def attention_kl(
     computing = torch.float64 if student.dtype == torch.float64 else torch.float32
     rows = real_tokens.to(computing).view(batch, 1, seq, 1)
     # Counting the rows reads the mask on the host (on a GPU, a wait for all queued work): only without a denominator.
-    count = denominator if denominator is not None else int(real_tokens.sum()) * heads * keys
+    count = denominator or int(real_tokens.sum()) * heads * keys
     if count == 0:
         return student.sum() * 0.0
     return _AttentionKL.apply(student, teacher, rows, float(count))

@@ -23,6 +23,8 @@ from fastmini.ops.prepacked_linear import PrepackedWeightsMixin
 
 
 class SharedLayer(PrepackedWeightsMixin, nn.Module):
+    fuse_qkv = True  # see fused_qkv; False keeps three projection GEMMs (what the GPU benchmarks compare against)
+
     def __init__(self, config):
         super().__init__()
         hidden = config.hidden_size
@@ -58,10 +60,10 @@ class SharedLayer(PrepackedWeightsMixin, nn.Module):
         """
         layers = (self.query, self.key, self.value)
         cpu_inference = x.device.type == "cpu" and not self.training
-        if cpu_inference or not all_plain(*layers) or any(m.bias is None for m in layers):
+        if not self.fuse_qkv or cpu_inference or not all_plain(*layers) or any(m.bias is None for m in layers):
             return None, None
         weight, bias = torch.cat([m.weight for m in layers]), torch.cat([m.bias for m in layers])
-        if torch.is_autocast_enabled(x.device.type):
+        if torch.is_autocast_enabled(x.device.type) and weight.dtype != torch.float64:  # autocast keeps fp64
             dtype = torch.get_autocast_dtype(x.device.type)
             weight, bias = weight.to(dtype), bias.to(dtype)
         return weight, bias
