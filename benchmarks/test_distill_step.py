@@ -11,7 +11,9 @@ update, both in train mode with dropout 0.1):
   N=6, r=16, every second teacher layer); batch 48 x 256 (40 full windows, 8 shorter), teacher in
   bf16, student under bf16 autocast, for both contenders.
 A third contender, "fastmini-checkpointed", is fastmini with ``--gradient-checkpointing`` (one recursion
-recomputed at a time in backward): what it costs in time, and on CUDA what it saves in peak memory.
+recomputed at a time in backward): what it costs in time, and on CUDA what it saves in peak memory. On
+CUDA, "fastmini-triton-kl" is fastmini with the attention terms through the Triton kernels
+(fastmini.kernels.attention_kl; torch's elementwise ops are the default until they have run on a GPU).
 Inputs are 15% masked.
 
 Baseline ("original"): the original recipe's step (nlpie-research/MiniALBERT
@@ -190,8 +192,10 @@ def test_distillation_step(
     checkpointed = copy.deepcopy(student)
     enable_activation_checkpointing(checkpointed)  # --gradient-checkpointing
 
-    def step_of(model, synchronise: bool = True):
-        distiller = Distiller(StudentSide(model, None), teacher, setup.layers, LossWeights(), 1.0, autocast_dtype)
+    def step_of(model, synchronise: bool = True, attention_kl_backend: str | None = None):
+        distiller = Distiller(
+            StudentSide(model, None), teacher, setup.layers, LossWeights(), 1.0, autocast_dtype, attention_kl_backend
+        )
 
         def step():
             distiller(batch).total.backward()
@@ -223,6 +227,9 @@ def test_distillation_step(
     benchmark.pedantic(fastmini_step, rounds=max(3, setup.rounds // 2), warmup_rounds=1)
     contenders = {"original": original_step, "fastmini": fastmini_step, "fastmini-checkpointed": checkpointed_step}
     models = {"original": original, "fastmini": student, "fastmini-checkpointed": checkpointed}
+    if setup.device == "cuda":  # the attention terms through fastmini.kernels.attention_kl (asked for by name)
+        contenders["fastmini-triton-kl"] = step_of(student, attention_kl_backend="triton")
+        models["fastmini-triton-kl"] = student
     peaks = {name: peak_memory(step, setup, (teacher_model, models[name])) for name, step in contenders.items()}
     medians = compare(
         benchmark,

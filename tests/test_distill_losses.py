@@ -356,3 +356,17 @@ def test_labels_at_padded_positions_are_neither_counted_nor_trained_on(tiny_pair
     with_stray = Batch(batch.input_ids, batch.attention_mask, batch.token_type_ids, stray)
     assert with_stray.num_masked == batch.num_masked < int((stray != -100).sum())
     torch.testing.assert_close(distiller(with_stray).total, distiller(batch).total)
+
+
+def test_the_attention_term_through_the_triton_kernels_matches_torch(tiny_pair):
+    teacher_model, student = tiny_pair
+    teacher = Teacher(encoder=teacher_model.bert, head=teacher_model.cls, config=teacher_model.config, source="t")
+    side = StudentSide(student.eval(), None)
+    results = {}
+    for backend in ("torch", "triton"):
+        distiller = Distiller(side, teacher, (2, 4), losses.LossWeights(), 1.0, attention_kl_backend=backend)
+        terms = distiller(masked_batch())
+        results[backend] = (terms.attention.detach(), torch.autograd.grad(terms.attention, list(student.parameters())))
+    torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-5, atol=1e-7)
+    for got, expected in zip(results["triton"][1], results["torch"][1], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)

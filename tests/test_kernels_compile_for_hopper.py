@@ -25,6 +25,7 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests
 triton = pytest.importorskip("triton")
 
 _POINTER_TYPES = {
+    torch.float64: "fp64",
     torch.float32: "fp32",
     torch.bfloat16: "bf16",
     torch.float16: "fp16",
@@ -160,6 +161,20 @@ def _sweep(_patch=None):
                     linear_gelu_kernels.linear_gelu_backward(grad, x_plain, weight, bias, pre, approximate, True)
 
 
+def _attention_kl_sweep(_patch=None):
+    """The attention-KL kernels at the recipe's dtypes (fp32 or bf16 student, bf16 teacher; fp64 for tests), rows
+    of one key chunk (S=256) and of several (S past MAX_BLOCK_K)."""
+    from fastmini.ops.attention_kl import attention_kl_sum
+
+    for student_dtype, teacher_dtype in ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
+                                         (torch.float64, torch.float64)):  # fmt: skip
+        for seq in (256, 1100):
+            student = torch.full((1, 1, 2, seq), 1.0 / seq, dtype=student_dtype, requires_grad=True)
+            teacher = torch.full((1, 1, 2, seq), 1.0 / seq, dtype=teacher_dtype)
+            real = torch.ones(1, 2, dtype=torch.bool)
+            attention_kl_sum(student, teacher, real, 1.0, backend="triton").backward()
+
+
 def _gpu_only_sweep(patch):
     """The launch choices that only CUDA tensors get, so that the sweep above never records them: fp32
     adapter dots in "tf32x3", 16-bit GEMM operands not upcast, the adapter forward's BLOCK_M shrunk to
@@ -234,4 +249,12 @@ def test_launch_choices_only_a_gpu_makes_compile_for_sm90(monkeypatch, tmp_path)
     assert any(c.get("INPUT_PRECISION") == "tf32x3" for c in constexprs)
     assert any(c.get("UPCAST_DOT_OPERANDS") is False for c in constexprs)
     assert {16, 32} <= {c.get("BLOCK_M") for c in constexprs}
+    _compile_for_sm90(specs, tmp_path)
+
+
+@pytest.mark.slow
+def test_attention_kl_kernels_compile_for_sm90(monkeypatch, tmp_path):
+    specs = _record_launches(monkeypatch, _attention_kl_sweep)
+    assert {spec["name"] for spec in specs} == {"_forward_kernel", "_backward_kernel"}
+    assert {spec["constexprs"]["BLOCK_K"] for spec in specs} == {256, 1024}
     _compile_for_sm90(specs, tmp_path)

@@ -208,7 +208,8 @@ def teacher_forward(
 
 
 class Distiller:
-    """Computes the recipe's LossTerms for one micro-batch."""
+    """Computes the recipe's LossTerms for one micro-batch. ``attention_kl_backend``: of the attention term
+    (fastmini.ops.attention_kl; None: its automatic choice)."""
 
     def __init__(
         self,
@@ -218,7 +219,9 @@ class Distiller:
         weights: losses.LossWeights,
         temperature: float,
         autocast_dtype: torch.dtype | None = None,
+        attention_kl_backend: str | None = None,
     ):
+        self.attention_kl_backend = attention_kl_backend
         self.student_side = student_side
         self.teacher = teacher
         self.layers = layers
@@ -242,7 +245,9 @@ class Distiller:
         real_tokens = batch.attention_mask.bool()
         attention = sum(
             (
-                losses.attention_kl(s, t, real_tokens, counts.tokens * s.shape[1] * counts.padded_length)
+                losses.attention_kl(
+                    s, t, real_tokens, counts.tokens * s.shape[1] * counts.padded_length, self.attention_kl_backend
+                )
                 for s, t in zip(student.attentions, teacher.attentions, strict=True)
             ),
             zero,

@@ -25,8 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# SPEC.md: kl_div(log(s + 1e-12), t + 1e-12).
-ATTENTION_EPS = 1e-12
+from fastmini.ops.attention_kl import attention_kl_sum
 
 
 @dataclass(frozen=True)
@@ -57,34 +56,12 @@ class LossTerms:
         return torch.stack([getattr(self, name).detach().double() for name in self.NAMES])
 
 
-class _AttentionKL(torch.autograd.Function):
-    """sum over real query rows of kl_div(log(s + eps), t + eps), divided by ``denominator``.
-
-    d/ds of t' (log t' - log(s + eps)) is -t' / (s + eps): backward needs s and t only. Both are read
-    in fp32 (fp64 stays fp64) whatever their dtype, and only ``student`` as given is saved: under bf16
-    autocast an fp32 copy of every map kept for backward would outweigh the maps themselves.
-    """
-
-    @staticmethod
-    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, rows: torch.Tensor, denominator: float):
-        # rows: (B, 1, S, 1) in the computing dtype, 1.0 on query rows of real tokens.
-        target = teacher.to(rows.dtype) + ATTENTION_EPS
-        pointwise = target * (target.log() - (student.to(rows.dtype) + ATTENTION_EPS).log())
-        ctx.save_for_backward(student, rows)
-        ctx.teacher = teacher  # read in backward, never saved through autograd (may be an inference tensor)
-        ctx.denominator = denominator
-        return (pointwise * rows).sum() / denominator
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        student, rows = ctx.saved_tensors
-        target = ctx.teacher.to(rows.dtype) + ATTENTION_EPS
-        grad = target.div_(student.to(rows.dtype) + ATTENTION_EPS).mul_(rows).mul_(-grad_output / ctx.denominator)
-        return grad.to(student.dtype), None, None, None
-
-
 def attention_kl(
-    student: torch.Tensor, teacher: torch.Tensor, real_tokens: torch.Tensor, denominator: float | None = None
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    real_tokens: torch.Tensor,
+    denominator: float | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """KL(teacher || student) of one layer's attention probabilities, "mean" reduction, in fp32.
 
@@ -92,18 +69,17 @@ def attention_kl(
     runs over query rows of real tokens and every key column; it is divided by the number of
     those elements (rows x A x S), as ``KLDivLoss(reduction="mean")`` on the selected rows does,
     or by ``denominator`` (for a global batch: its real rows x A x its padded length; padded key
-    columns add exactly 0 to the sum, so a micro-batch padded less sums the same).
+    columns add exactly 0 to the sum, so a micro-batch padded less sums the same). ``backend``: of
+    fastmini.ops.attention_kl (torch, or triton's two kernels).
     """
-    batch, heads, seq, keys = student.shape
+    _batch, heads, _seq, keys = student.shape
     if teacher.shape != student.shape:
         raise ValueError(f"attention_kl: student maps {tuple(student.shape)} vs teacher maps {tuple(teacher.shape)}")
-    computing = torch.float64 if student.dtype == torch.float64 else torch.float32
-    rows = real_tokens.to(computing).view(batch, 1, seq, 1)
     # Counting the rows reads the mask on the host (on a GPU, a wait for all queued work): only without a denominator.
     count = denominator or int(real_tokens.sum()) * heads * keys
     if count == 0:
         return student.sum() * 0.0
-    return _AttentionKL.apply(student, teacher, rows, float(count))
+    return attention_kl_sum(student, teacher, real_tokens, count, backend)
 
 
 def hidden_cosine(student: torch.Tensor, teacher: torch.Tensor, denominator: float | None = None) -> torch.Tensor:

@@ -1,0 +1,103 @@
+"""KL(teacher || student) of attention maps over the query rows of real tokens: the distillation's attention loss.
+
+``attention_kl_sum(student, teacher, rows, denominator)`` is
+``sum(rows * t' (log t' - log(s + eps))) / denominator`` with t' = t + eps (SPEC.md: kl_div(log(s + 1e-12),
+t + 1e-12)), over (B, A, S, K) maps and per-query weights ``rows`` (B, S). fastmini.distill.losses builds
+the recipe's term on it (which rows, which denominator).
+
+Backends: "torch" (an autograd Function that saves nothing new: the student map is kept by the attention's
+own backward, the teacher's is only read, and may be an inference tensor) and "triton" (two kernels that
+read each map once per pass: fastmini.kernels.attention_kl). Automatic is torch on CUDA until the kernels
+have run there (``_VERIFIED_ON_GPU``); ``backend="triton"`` or ``FASTMINI_BACKEND=triton`` asks for them.
+Both are autograd Functions rather than torch.library custom ops: the loss is never compiled or exported.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastmini.ops.dispatch import choose
+
+_OP = "attention_kl"
+ATTENTION_EPS = 1e-12  # SPEC.md: kl_div(log(s + 1e-12), t + 1e-12)
+# Backends whose kernels have passed their tests on a GPU: none yet (written without one, 2026-11-26).
+_VERIFIED_ON_GPU: tuple[str, ...] = ()
+
+
+def _computing_dtype(student: torch.Tensor) -> torch.dtype:
+    return torch.float64 if student.dtype == torch.float64 else torch.float32
+
+
+def attention_kl_sum_ref(
+    student: torch.Tensor, teacher: torch.Tensor, rows: torch.Tensor, denominator: float
+) -> torch.Tensor:
+    """The formula as written, differentiable by autograd: the oracle of both backends."""
+    dtype = _computing_dtype(student)
+    target = teacher.to(dtype) + ATTENTION_EPS
+    pointwise = target * (target.log() - (student.to(dtype) + ATTENTION_EPS).log())
+    return (pointwise * rows.to(dtype)[:, None, :, None]).sum() / denominator
+
+
+class _TorchAttentionKL(torch.autograd.Function):
+    """d/ds of t' (log t' - log(s + eps)) is -t' / (s + eps): backward needs s and t only. Both are read in fp32
+    (fp64 stays fp64) whatever their dtype, and only ``student`` as given is saved: under bf16 autocast an fp32
+    copy of every map kept for backward would outweigh the maps themselves."""
+
+    @staticmethod
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, rows: torch.Tensor, denominator: float):
+        dtype = _computing_dtype(student)
+        weights = rows.to(dtype)[:, None, :, None]
+        target = teacher.to(dtype) + ATTENTION_EPS
+        pointwise = target * (target.log() - (student.to(dtype) + ATTENTION_EPS).log())
+        ctx.save_for_backward(student, weights)
+        ctx.teacher = teacher  # read in backward, never saved through autograd (may be an inference tensor)
+        ctx.denominator = denominator
+        return (pointwise * weights).sum() / denominator
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        student, weights = ctx.saved_tensors
+        target = ctx.teacher.to(weights.dtype) + ATTENTION_EPS
+        grad = target.div_(student.to(weights.dtype) + ATTENTION_EPS).mul_(weights)
+        return grad.mul_(-grad_output / ctx.denominator).to(student.dtype), None, None, None
+
+
+class _TritonAttentionKL(torch.autograd.Function):
+    """The same through fastmini.kernels.attention_kl; saves the student map (as given) and the query weights."""
+
+    @staticmethod
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, rows: torch.Tensor, denominator: float):
+        from fastmini.kernels.attention_kl import attention_kl_forward
+
+        student, teacher = student.contiguous(), teacher.contiguous()
+        weights = rows.to(_computing_dtype(student)).contiguous().view(-1)
+        ctx.save_for_backward(student, weights)
+        ctx.teacher = teacher
+        ctx.denominator = denominator
+        return attention_kl_forward(student, teacher, weights, ATTENTION_EPS) / denominator
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        from fastmini.kernels.attention_kl import attention_kl_backward
+
+        student, weights = ctx.saved_tensors
+        scale = (grad_output.to(weights.dtype) / -ctx.denominator).reshape(1)  # on the device: no host read
+        return attention_kl_backward(student, ctx.teacher, weights, ATTENTION_EPS, scale), None, None, None
+
+
+_BACKENDS = {"torch": _TorchAttentionKL.apply, "triton": _TritonAttentionKL.apply}
+
+
+def attention_kl_sum(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    rows: torch.Tensor,
+    denominator: float,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``sum(rows * t' (log t' - log(s + eps))) / denominator``, a 0-dim tensor in fp32 (fp64 for fp64 maps).
+
+    ``student``/``teacher``: (B, A, S, K) probabilities, any float dtypes (gradients flow to ``student``);
+    ``rows``: (B, S) weights of the query rows (1 for real tokens, 0 for padding), any dtype. Shapes are the
+    caller's to check (fastmini.distill.losses.attention_kl)."""
+    return choose(_OP, student, backend, _BACKENDS, _VERIFIED_ON_GPU)(student, teacher, rows, float(denominator))
