@@ -243,7 +243,8 @@ def test_distillation_step(
         f"(H={setup.teacher['hidden_size']}, {setup.teacher['num_hidden_layers']} layers, V=30522); student E=128 "
         f"H={student.config.hidden_size} N=6 r=16, layers {setup.layers}",
         dtype="bf16 teacher + bf16 autocast student" if setup.bf16 else "float32",
-        backend="fastmini: Distiller, torch ops (-checkpointed: --gradient-checkpointing, one recursion at a time); "
+        backend="fastmini: Distiller, torch ops (-checkpointed: --gradient-checkpointing, one recursion at a time; "
+        "-triton-kl: the attention terms through fastmini.kernels.attention_kl); "
         "original: transformers modules, eager attention, full logits",
         device=describe_device(torch.device(setup.device)),
     )

@@ -10,7 +10,7 @@ Why kernels: torch's composition runs ~10 elementwise passes over fp32 copies of
 backward (one map is 151 MB in fp32 at 48 x 12 x 256 x 256, six of them a step). Here the forward reads
 each map once (student in its dtype, teacher in its own, bf16 under the recipe) and writes one partial
 sum per program; the backward reads them once more and writes the gradient. The partial sums are added
-by the host in a fixed order (deterministic, no atomics). The backward takes its scale (the upstream
+in a fixed order (deterministic, no atomics). The backward takes its scale (the upstream
 gradient over the denominator) as a one-element device tensor: nothing is read on the host.
 Accumulation in fp32 (fp64 for fp64 maps).
 """
@@ -40,7 +40,7 @@ def _rows(weight_ptr, first_row, n_rows, heads_queries, queries, BLOCK_ROWS: tl.
 def _tile(
     student_ptr, teacher_ptr, rows, row_mask, start, keys, eps, BLOCK_K: tl.constexpr, ACC_DTYPE: tl.constexpr
 ):  # fmt: skip
-    """(s, t', offsets, mask) of the rows' keys [start, start + BLOCK_K)."""
+    """(s, t', offsets, mask) of the rows' keys [start, start + BLOCK_K); ``eps`` a [1, 1] ACC_DTYPE tile."""
     columns = start + tl.arange(0, BLOCK_K)
     mask = row_mask[:, None] & (columns < keys)[None, :]
     offsets = rows.to(tl.int64)[:, None] * keys + columns[None, :]
@@ -51,9 +51,10 @@ def _tile(
 
 @triton.jit
 def _forward_kernel(
-    student_ptr, teacher_ptr, weight_ptr, partial_ptr, n_rows, keys, heads_queries, queries, eps,
-    BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    student_ptr, teacher_ptr, weight_ptr, partial_ptr, n_rows, keys, heads_queries, queries,
+    EPS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):  # fmt: skip
+    eps = tl.full([1, 1], EPS, ACC_DTYPE)  # a float argument would be fp32, even for fp64 maps
     rows, row_mask, weight = _rows(
         weight_ptr, tl.program_id(0) * BLOCK_ROWS, n_rows, heads_queries, queries, BLOCK_ROWS, ACC_DTYPE
     )
@@ -69,9 +70,10 @@ def _forward_kernel(
 
 @triton.jit
 def _backward_kernel(
-    student_ptr, teacher_ptr, weight_ptr, scale_ptr, grad_ptr, n_rows, keys, heads_queries, queries, eps,
-    BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    student_ptr, teacher_ptr, weight_ptr, scale_ptr, grad_ptr, n_rows, keys, heads_queries, queries,
+    EPS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):  # fmt: skip
+    eps = tl.full([1, 1], EPS, ACC_DTYPE)
     rows, row_mask, weight = _rows(
         weight_ptr, tl.program_id(0) * BLOCK_ROWS, n_rows, heads_queries, queries, BLOCK_ROWS, ACC_DTYPE
     )
@@ -91,8 +93,8 @@ def _accumulator(student: torch.Tensor) -> tuple[tl.dtype, torch.dtype]:
 def _launch(student: torch.Tensor, block_k: int | None) -> tuple[int, int, int, int, int, dict]:
     """(rows, keys, heads x queries, queries, programs, constexprs) for maps (B, A, S, K)."""
     _batch, heads, queries, keys = student.shape
-    rows = student.numel() // keys
-    block_k = block_k or min(triton.next_power_of_2(keys), MAX_BLOCK_K)
+    rows = student.numel() // keys if keys else 0
+    block_k = block_k or min(triton.next_power_of_2(max(keys, 1)), MAX_BLOCK_K)
     block_rows = max(1, TILE_ELEMENTS // block_k)
     constexprs = {"BLOCK_ROWS": block_rows, "BLOCK_K": block_k, "num_warps": NUM_WARPS}
     return rows, keys, heads * queries, queries, triton.cdiv(rows, block_rows), constexprs
@@ -116,7 +118,7 @@ def attention_kl_forward(
     partial = torch.empty(programs, dtype=acc_dtype, device=student.device)
     with _on_device(student):
         _forward_kernel[(programs,)](
-            student, teacher, weight, partial, rows, keys, heads_queries, queries, eps, ACC_DTYPE=tl_dtype,
+            student, teacher, weight, partial, rows, keys, heads_queries, queries, EPS=eps, ACC_DTYPE=tl_dtype,
             **constexprs,
         )  # fmt: skip
     return partial.sum()
@@ -140,7 +142,7 @@ def attention_kl_backward(
         return grad
     with _on_device(student):
         _backward_kernel[(programs,)](
-            student, teacher, weight, scale, grad, rows, keys, heads_queries, queries, eps, ACC_DTYPE=tl_dtype,
+            student, teacher, weight, scale, grad, rows, keys, heads_queries, queries, EPS=eps, ACC_DTYPE=tl_dtype,
             **constexprs,
         )  # fmt: skip
     return grad

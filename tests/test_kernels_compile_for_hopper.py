@@ -162,12 +162,12 @@ def _sweep(_patch=None):
 
 
 def _attention_kl_sweep(_patch=None):
-    """The attention-KL kernels at the recipe's dtypes (fp32 or bf16 student, bf16 teacher; fp64 for tests), rows
-    of one key chunk (S=256) and of several (S past MAX_BLOCK_K)."""
+    """The attention-KL kernels at the recipe's dtypes (fp32 or bf16 student, bf16 teacher), fp16 with fp32 and
+    fp64 (the tests'), rows of one key chunk (S=256) and of several (S past MAX_BLOCK_K)."""
     from fastmini.ops.attention_kl import attention_kl_sum
 
     for student_dtype, teacher_dtype in ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
-                                         (torch.float64, torch.float64)):  # fmt: skip
+                                         (torch.float16, torch.float32), (torch.float64, torch.float64)):  # fmt: skip
         for seq in (256, 1100):
             student = torch.full((1, 1, 2, seq), 1.0 / seq, dtype=student_dtype, requires_grad=True)
             teacher = torch.full((1, 1, 2, seq), 1.0 / seq, dtype=teacher_dtype)

@@ -63,7 +63,9 @@ class _TorchAttentionKL(torch.autograd.Function):
 
 
 class _TritonAttentionKL(torch.autograd.Function):
-    """The same through fastmini.kernels.attention_kl; saves the student map (as given) and the query weights."""
+    """The same through fastmini.kernels.attention_kl; saves the student map and the query weights. The kernels
+    read contiguous maps (the attention's own are): others are copied first, and the copies kept for backward.
+    Its backward is not differentiable again (second-order gradients: the torch backend)."""
 
     @staticmethod
     def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, rows: torch.Tensor, denominator: float):
@@ -79,6 +81,9 @@ class _TritonAttentionKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         from fastmini.kernels.attention_kl import attention_kl_backward
+
+        if torch.is_grad_enabled():  # a backward with create_graph=True: the kernels' gradient has no graph
+            raise RuntimeError(f"{_OP}: the triton backend has no second derivative; use backend='torch'")
 
         student, weights = ctx.saved_tensors
         scale = (grad_output.to(weights.dtype) / -ctx.denominator).reshape(1)  # on the device: no host read
@@ -97,7 +102,27 @@ def attention_kl_sum(
 ) -> torch.Tensor:
     """``sum(rows * t' (log t' - log(s + eps))) / denominator``, a 0-dim tensor in fp32 (fp64 for fp64 maps).
 
-    ``student``/``teacher``: (B, A, S, K) probabilities, any float dtypes (gradients flow to ``student``);
-    ``rows``: (B, S) weights of the query rows (1 for real tokens, 0 for padding), any dtype. Shapes are the
-    caller's to check (fastmini.distill.losses.attention_kl)."""
+    ``student``/``teacher``: (B, A, S, K) probabilities, any float dtypes, on one device; gradients flow to
+    ``student`` only (the teacher is a target: one that requires grad is refused); ``rows``: (B, S) weights of
+    the query rows (1 for real tokens, 0 for padding), any dtype."""
+    _check_inputs(student, teacher, rows)
     return choose(_OP, student, backend, _BACKENDS, _VERIFIED_ON_GPU)(student, teacher, rows, float(denominator))
+
+
+def _check_inputs(student: torch.Tensor, teacher: torch.Tensor, rows: torch.Tensor) -> None:
+    """Shapes and devices, never values (no host read), so that misuse is the same error on every backend."""
+    if student.dim() != 4 or teacher.shape != student.shape:
+        raise ValueError(
+            f"{_OP}: student and teacher must be (B, A, S, K) maps of one shape, got {tuple(student.shape)} and "
+            f"{tuple(teacher.shape)}"
+        )
+    if rows.shape != (student.shape[0], student.shape[2]):
+        raise ValueError(
+            f"{_OP}: rows must be (B, S) = {(student.shape[0], student.shape[2])} like the maps' batch and queries, "
+            f"got {tuple(rows.shape)}"
+        )
+    if not (student.device == teacher.device == rows.device):
+        raise ValueError(f"{_OP}: student, teacher and rows must be on one device, got {student.device}, "
+                         f"{teacher.device} and {rows.device}")  # fmt: skip
+    if teacher.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{_OP}: the teacher's maps are the target and get no gradient; detach them first")
