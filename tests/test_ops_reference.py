@@ -11,6 +11,7 @@ import torch
 from fastmini.ops import (
     BackendUnavailableError,
     adapter_bottleneck,
+    adapter_bottleneck_ref,
     add_layer_norm,
     linear_gelu,
     resolve_backend,
@@ -165,6 +166,26 @@ def test_automatic_choice_on_cuda_follows_each_ops_measured_rule(monkeypatch):
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # inductor fuses by itself
         assert automatic(add_layer_norm_op, small) == "torch"
     assert not in_cuda_graph_recording()
+
+
+@pytest.mark.parametrize("backend", [None, "torch"])
+def test_the_adapters_torch_composition_passes_its_backend_request_to_add_layer_norm(
+    monkeypatch, triton_launches, backend
+):
+    """Chosen automatically, the adapter's torch composition leaves its residual + LayerNorm to add_layer_norm's
+    own automatic choice (on a GPU, its fused kernel while a CUDA graph of a small batch is recorded: here, on
+    the CPU, the interpreter's); asked for by name, torch stays torch throughout. Same values either way."""
+    adapter_op = importlib.import_module("fastmini.ops.adapter_bottleneck")
+    monkeypatch.delenv("FASTMINI_BACKEND", raising=False)  # automatic: the interpreter's triton on the CPU
+    resolve = adapter_op.resolve_backend
+    monkeypatch.setattr(adapter_op, "resolve_backend", lambda *args: "torch" if args[2] is None else resolve(*args))
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 36, generator=generator)
+    parameters = [torch.randn(shape, generator=generator) * 0.3 for shape in ((9, 36), (9,), (36, 9), (36,))]
+    parameters += [1 + 0.1 * torch.randn(36, generator=generator), 0.1 * torch.randn(36, generator=generator)]
+    got = adapter_bottleneck(x, *parameters, 1e-12, backend=backend)
+    assert triton_launches == {"add_layer_norm": int(backend is None), "linear_gelu": 0, "adapter_bottleneck": 0}
+    torch.testing.assert_close(got, adapter_bottleneck_ref(x, *parameters, 1e-12), rtol=1e-5, atol=1e-5)
 
 
 def test_ops_refuse_a_missing_backend():
