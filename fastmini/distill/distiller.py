@@ -10,7 +10,7 @@ so it is what DDP wraps.
 No step reads a tensor's values on the host. Which tokens are real and which are masked decides the
 shapes of the packed and masked rows; on a GPU, finding that out from device tensors (``nonzero``,
 boolean indexing, ``int(t.sum())``) makes the host wait until every kernel queued so far has run, and
-the host then has nothing queued while it issues the next op. So ``TokenPositions`` works the positions
+the GPU then idles while the host issues the next ops. So ``TokenPositions`` works the positions
 out once, on the host, where the batch is built (``Batch.to`` does it before moving the batch), and the
 step only gathers rows at those indices.
 """
