@@ -56,13 +56,12 @@ Design (why it is shaped this way):
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 from fastmini.kernels.gelu import gelu, gelu_derivative
 from fastmini.kernels.interpreter import cast_output, dot_operand
+from fastmini.kernels.launching import on_device
 
 
 @triton.jit
@@ -498,11 +497,6 @@ def _input_precision(x: torch.Tensor) -> str:
     return "tf32x3" if x.is_cuda and x.dtype == torch.float32 else "ieee"
 
 
-def _on_device(tensor: torch.Tensor):
-    """Triton launches on the current CUDA device; make it the tensor's."""
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
-
-
 def _streaming_multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
@@ -557,7 +551,7 @@ def adapter_bottleneck_forward(
     h = torch.empty(saved_rows, bottleneck if save_for_backward else 0, dtype=acc_torch_dtype, device=x.device)
     if rows > 0:
         launch = _tiles(FORWARD_TILES, tiles, x, rows, bottleneck, by_rows=True)
-        with _on_device(x):
+        with on_device(x):
             _forward_kernel[(triton.cdiv(rows, launch["BLOCK_M"]),)](
                 x_rows, down_weight.contiguous(), down_bias.contiguous(), up_weight.contiguous(),
                 up_bias.contiguous(), norm_weight.contiguous(), norm_bias.contiguous(), y, mean, rstd, h, rows, eps,
@@ -614,7 +608,7 @@ def adapter_bottleneck_backward(
     up_bias_partial, norm_weight_partial, norm_bias_partial = (allocate(splits, hidden, **new) for _ in range(3))
     if rows > 0:
         precision = dict(DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype, INPUT_PRECISION=_input_precision(x))
-        with _on_device(x):
+        with on_device(x):
             _backward_rows_kernel[(triton.cdiv(rows, row_launch["BLOCK_M"]),)](
                 dy_rows, x_rows, up_weight, up_bias, norm_weight, h, mean, rstd, dh, g, mean_wdy_xhat, mean_wdy,
                 rows, H=hidden, R=bottleneck, **precision, **row_launch,

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 from fastmini.kernels.interpreter import cast_output
+from fastmini.kernels.launching import on_device
 
 TILE_ELEMENTS = 4096  # elements a program holds at once: rows x keys chunk
 MAX_BLOCK_K = 1024  # longer rows are walked in chunks
@@ -100,12 +101,6 @@ def _launch(student: torch.Tensor, block_k: int | None) -> tuple[int, int, int, 
     return rows, keys, heads * queries, queries, triton.cdiv(rows, block_rows), constexprs
 
 
-def _on_device(tensor: torch.Tensor):
-    import contextlib
-
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
-
-
 def attention_kl_forward(
     student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor, eps: float, *, block_k: int | None = None
 ) -> torch.Tensor:
@@ -116,7 +111,7 @@ def attention_kl_forward(
     if rows == 0 or keys == 0:
         return torch.zeros((), dtype=acc_dtype, device=student.device)
     partial = torch.empty(programs, dtype=acc_dtype, device=student.device)
-    with _on_device(student):
+    with on_device(student):
         _forward_kernel[(programs,)](
             student, teacher, weight, partial, rows, keys, heads_queries, queries, EPS=eps, ACC_DTYPE=tl_dtype,
             **constexprs,
@@ -140,7 +135,7 @@ def attention_kl_backward(
     grad = torch.empty_like(student)
     if rows == 0 or keys == 0:
         return grad
-    with _on_device(student):
+    with on_device(student):
         _backward_kernel[(programs,)](
             student, teacher, weight, scale, grad, rows, keys, heads_queries, queries, EPS=eps, ACC_DTYPE=tl_dtype,
             **constexprs,
