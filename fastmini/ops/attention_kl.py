@@ -41,25 +41,30 @@ def attention_kl_sum_ref(
 class _TorchAttentionKL(torch.autograd.Function):
     """d/ds of t' (log t' - log(s + eps)) is -t' / (s + eps): backward needs s and t only. Both are read in fp32
     (fp64 stays fp64) whatever their dtype, and only ``student`` as given is saved: under bf16 autocast an fp32
-    copy of every map kept for backward would outweigh the maps themselves."""
+    copy of every map kept for backward would outweigh the maps themselves. Few passes over the maps: the
+    logarithms in place, t' . log-ratio as one dot product per query row (no product map written), the row
+    weights and the scale applied to (B, A, S) row sums forward and as one factor backward."""
 
     @staticmethod
     def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, rows: torch.Tensor, denominator: float):
         dtype = _computing_dtype(student)
-        weights = rows.to(dtype)[:, None, :, None]
+        weights = rows.to(dtype)[:, None, :]  # (B, 1, S): a weight per query row
         target = teacher.to(dtype) + ATTENTION_EPS
-        pointwise = target * (target.log() - (student.to(dtype) + ATTENTION_EPS).log())
+        log_ratio = target.log()
+        log_ratio -= (student.to(dtype) + ATTENTION_EPS).log_()
+        row_sums = torch.linalg.vecdot(target, log_ratio)  # (B, A, S)
         ctx.save_for_backward(student, weights)
         ctx.teacher = teacher  # read in backward, never saved through autograd (may be an inference tensor)
         ctx.denominator = denominator
-        return (pointwise * weights).sum() / denominator
+        return (row_sums * weights).sum() / denominator
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         student, weights = ctx.saved_tensors
         target = ctx.teacher.to(weights.dtype) + ATTENTION_EPS
-        grad = target.div_(student.to(weights.dtype) + ATTENTION_EPS).mul_(weights)
-        return grad.mul_(-grad_output / ctx.denominator).to(student.dtype), None, None, None
+        factor = (weights * (-grad_output / ctx.denominator))[..., None]  # (B, 1, S, 1)
+        grad = target.div_(student.to(weights.dtype) + ATTENTION_EPS).mul_(factor)
+        return grad.to(student.dtype), None, None, None
 
 
 class _TritonAttentionKL(torch.autograd.Function):
