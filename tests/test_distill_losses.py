@@ -370,3 +370,12 @@ def test_the_attention_term_through_the_triton_kernels_matches_torch(tiny_pair):
     torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-5, atol=1e-7)
     for got, expected in zip(results["triton"][1], results["torch"][1], strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_attention_kl_checks_shapes_before_counting_rows():
+    """A mask that does not fit the maps is refused, even one without real tokens (whose term would be 0)."""
+    student = torch.rand(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="one shape"):
+        losses.attention_kl(student, torch.rand(2, 3, 4, 5), torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="rows must be"):
+        losses.attention_kl(student, student, torch.zeros(2, 5, dtype=torch.bool))

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fastmini.ops.attention_kl import attention_kl_sum
+from fastmini.ops.attention_kl import attention_kl_sum, check_attention_maps
 
 
 @dataclass(frozen=True)
@@ -72,9 +72,8 @@ def attention_kl(
     columns add exactly 0 to the sum, so a micro-batch padded less sums the same). ``backend``: of
     fastmini.ops.attention_kl (torch, or triton's two kernels).
     """
+    check_attention_maps(student, teacher, real_tokens)  # the op's own checks, before the shapes are read here
     _batch, heads, _seq, keys = student.shape
-    if teacher.shape != student.shape:
-        raise ValueError(f"attention_kl: student maps {tuple(student.shape)} vs teacher maps {tuple(teacher.shape)}")
     # Counting the rows reads the mask on the host (on a GPU, a wait for all queued work): only without a denominator.
     count = denominator or int(real_tokens.sum()) * heads * keys
     if count == 0:

@@ -110,11 +110,11 @@ def attention_kl_sum(
     ``student``/``teacher``: (B, A, S, K) probabilities, any float dtypes, on one device; gradients flow to
     ``student`` only (the teacher is a target: one that requires grad is refused); ``rows``: (B, S) weights of
     the query rows (1 for real tokens, 0 for padding), any dtype."""
-    _check_inputs(student, teacher, rows)
+    check_attention_maps(student, teacher, rows)
     return choose(_OP, student, backend, _BACKENDS, _VERIFIED_ON_GPU)(student, teacher, rows, float(denominator))
 
 
-def _check_inputs(student: torch.Tensor, teacher: torch.Tensor, rows: torch.Tensor) -> None:
+def check_attention_maps(student: torch.Tensor, teacher: torch.Tensor, rows: torch.Tensor) -> None:
     """Shapes and devices, never values (no host read), so that misuse is the same error on every backend."""
     if student.dim() != 4 or teacher.shape != student.shape:
         raise ValueError(
