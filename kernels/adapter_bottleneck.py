@@ -30,6 +30,19 @@ Design (why it is shaped this way):
   next to the (H, R) weight tiles does not fit in registers at H=768, and Triton cannot index a register
   tile by chunk; the extra g W_u^T is 2R FLOPs per element, nothing next to the memory traffic.
   h and g (BLOCK_M x R) stay in registers: the bottleneck never goes to memory, except the copy below.
+- Closed-form statistics (``CLOSED_FORM_STATS``, opt-in until a GPU has timed it): the first sweep also
+  gathers what the LayerNorm statistics of z = x + v + b_u[0], v = g W_u^T + (b_u - b_u[0]), need, so the
+  second sweep goes and the forward walks the row twice instead of three times (one program per SM runs
+  these tiles, so the time is ~the chain of dependent chunk steps: 36 -> 24 at 64-wide chunks):
+      sum (z - mean)^2 = S_xx + 2 S_xv + S_vv,   S_xx = sum (x - s)^2 - (sum (x - s))^2 / H  (s = x[0]),
+      S_xv = g . (x W_u) + x . b - s sum v - mean_v sum (x - s),
+      S_vv = g G g^T + 2 g . (W_u^T b) + |b|^2 - H mean_v^2,   G = W_u^T W_u,  b = b_u - b_u[0],
+  with x W_u, G, 1^T W_u and W_u^T b accumulated by tl.dot and sums over the same chunks. Shifting x by its
+  row's first element and b_u by its first keeps every difference of large sums small: with offsets of
+  100 or 1e4 in x and 100 in b_u the statistics are as close to fp64 as the merged ones (tested). g is the
+  rounded dot operand and W_u rounded as the dots round it, so they are the statistics of the z the last
+  sweep forms. Costs: 229 registers at the bf16 64 x 64 tiles (the default 133; one program per SM
+  either way), 72 KB of shared memory; fp32's tf32x3 dots spill, so it is for 16-bit activations.
 - Saved for backward (only when autograd needs it): mean and rstd (M,) and h (M, R), in fp32. h costs
   R/(2H) of the forward's traffic in bf16 (3% at r=16) and spares the backward the down projection;
   the column kernel below never sees whole rows, so it could not recompute h at all.
@@ -142,6 +155,151 @@ def _bottleneck(
 
 
 @triton.jit
+def _bottleneck_and_merged_statistics(
+    x_block,  # (BLOCK_M, H) rows of x from the block's first row on
+    down_weight_ptr,  # (R, H)
+    down_bias_ptr,  # (R,)
+    up_weight_ptr,  # (H, R)
+    up_bias_ptr,  # (H,)
+    row_offsets,  # (BLOCK_M,) int32: local row * H
+    row_mask,  # (BLOCK_M,)
+    H: tl.constexpr,
+    R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """h, g = GELU(h) (as the dot operand) and the LayerNorm mean and centred sum of squares of z, in two
+    sweeps: h, then z recomputed chunk by chunk."""
+    h = _bottleneck(
+        x_block, down_weight_ptr, down_bias_ptr, row_offsets, row_mask, H, R, BLOCK_M, BLOCK_K, BLOCK_R, DOT_DTYPE,
+        ACC_DTYPE, INPUT_PRECISION,
+    )  # fmt: skip
+    g = dot_operand(gelu(h, False), DOT_DTYPE)
+
+    # Merged chunk by chunk (Chan et al.): each chunk's own mean and centred sum of squares are exact, and
+    # merging them never subtracts two large sums as E[z^2] - E[z]^2 would.
+    mean = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+    centred_squares = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+    for start in range(0, H, BLOCK_K):
+        z, columns, column_mask = _residual_chunk(
+            x_block, up_weight_ptr, up_bias_ptr, row_offsets, row_mask, g, start, H, R, BLOCK_K, BLOCK_R, DOT_DTYPE,
+            ACC_DTYPE, INPUT_PRECISION,
+        )  # fmt: skip
+        # In ACC_DTYPE, not as "* 1.0" (fp32): fp64 statistics need fp64 merge weights too.
+        seen = tl.cast(start, ACC_DTYPE)  # columns already merged
+        count = tl.cast(tl.minimum(H - start, BLOCK_K), ACC_DTYPE)
+        chunk_mean = tl.sum(z, axis=1) / count
+        centred = tl.where(column_mask[None, :], z - chunk_mean[:, None], 0.0)
+        delta = chunk_mean - mean
+        mean += delta * (count / (seen + count))
+        centred_squares += tl.sum(centred * centred, axis=1) + delta * delta * (seen * count / (seen + count))
+    return h, g, mean, centred_squares
+
+
+@triton.jit
+def _bottleneck_and_statistics(
+    x_block,  # (BLOCK_M, H) rows of x from the block's first row on
+    down_weight_ptr,  # (R, H)
+    down_bias_ptr,  # (R,)
+    up_weight_ptr,  # (H, R)
+    up_bias_ptr,  # (H,)
+    row_offsets,  # (BLOCK_M,) int32: local row * H
+    row_mask,  # (BLOCK_M,)
+    H: tl.constexpr,
+    R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    STATS_PRECISION: tl.constexpr,
+):
+    """One sweep over x for h, g = GELU(h) (as the dot operand) and the LayerNorm statistics of
+    z = x + u, u = g W_u^T + b_u, without forming z (see "closed-form statistics" in the module doc)."""
+    bottleneck = tl.arange(0, BLOCK_R)
+    bottleneck_mask = bottleneck < R
+    # Shifted sums of x: each row's first element is near its mean (within a few standard deviations), so
+    # sum((x - s)^2) - sum(x - s)^2 / H cancels nothing large, whatever the rows' offset.
+    shift = tl.load(x_block + row_offsets, mask=row_mask, other=0.0).to(ACC_DTYPE)
+    # The same for u: it is taken as u - b_u[0], so a bias with a large mean cancels nothing either.
+    up_bias_shift = tl.load(up_bias_ptr).to(ACC_DTYPE)
+    h = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
+    x_up = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)  # x W_u: (BLOCK_M, R)
+    gram = tl.zeros((BLOCK_R, BLOCK_R), dtype=ACC_DTYPE)  # W_u^T W_u
+    up_column_sums = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)  # 1^T W_u
+    up_bias_projection = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)  # (b_u - b_u[0])^T W_u
+    up_bias_sums = tl.zeros((BLOCK_K,), dtype=ACC_DTYPE)
+    up_bias_squares = tl.zeros((BLOCK_K,), dtype=ACC_DTYPE)
+    # Element-wise partial sums, reduced across the row once after the sweep: fewer steps in the loop
+    # (ptxas for sm_90, bf16 64 x 64 tiles: 229 registers, no spills; reduced chunk by chunk, 255).
+    x_sums = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
+    x_squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
+    x_up_bias = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
+    for start in range(0, H, BLOCK_K):
+        columns = start + tl.arange(0, BLOCK_K)
+        column_mask = columns < H
+        tile_mask = row_mask[:, None] & column_mask[None, :]
+        x = tl.load(x_block + row_offsets[:, None] + columns[None, :], mask=tile_mask, other=0.0)
+        weight_mask = column_mask[:, None] & bottleneck_mask[None, :]
+        down_weight_t = tl.load(  # (BLOCK_K, BLOCK_R) = W_d[:, columns]^T
+            down_weight_ptr + bottleneck[None, :] * H + columns[:, None], mask=weight_mask, other=0.0
+        )
+        # (BLOCK_K, BLOCK_R) = W_u[columns, :], rounded as the second sweep's dots round it, so the
+        # statistics are those of the z that sweep computes.
+        up_weight = dot_operand(
+            tl.load(up_weight_ptr + columns[:, None] * R + bottleneck[None, :], mask=weight_mask, other=0.0),
+            DOT_DTYPE,
+        )
+        up_bias = tl.load(up_bias_ptr + columns, mask=column_mask, other=0.0).to(ACC_DTYPE)
+        up_bias = tl.where(column_mask, up_bias - up_bias_shift, 0.0)
+        x_dot = dot_operand(x, DOT_DTYPE)
+        down_weight_t = dot_operand(down_weight_t, DOT_DTYPE)
+        h = tl.dot(x_dot, down_weight_t, h, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        x_up = tl.dot(x_dot, up_weight, x_up, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        gram = tl.dot(tl.trans(up_weight), up_weight, gram, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        up_weight_values = up_weight.to(ACC_DTYPE)
+        up_column_sums += tl.sum(up_weight_values, axis=0)
+        up_bias_projection += tl.sum(up_weight_values * up_bias[:, None], axis=0)
+        up_bias_sums += up_bias
+        up_bias_squares += up_bias * up_bias
+        x_values = x.to(ACC_DTYPE)
+        shifted = tl.where(tile_mask, x_values - shift[:, None], 0.0)
+        x_sums += shifted
+        x_squares += shifted * shifted
+        x_up_bias += x_values * up_bias[None, :]
+    down_bias = tl.load(down_bias_ptr + bottleneck, mask=bottleneck_mask, other=0.0).to(ACC_DTYPE)
+    h = h + down_bias[None, :]
+    g = dot_operand(gelu(h, False), DOT_DTYPE)
+    g_values = g.to(ACC_DTYPE)  # zero in the padded bottleneck columns (GELU(0) = 0)
+
+    # x: mean and centred sum of squares from the shifted sums.
+    shifted_sum = tl.sum(x_sums, axis=1)
+    x_mean = shift + shifted_sum / H
+    x_centred_squares = tl.sum(x_squares, axis=1) - shifted_sum * shifted_sum / H
+    # v = u - b_u[0] = g W_u^T + (b_u - b_u[0]): its mean, and sum_j v_j^2 = g G g^T + 2 g . (W_u^T b) + |b|^2.
+    up_bias_sum = tl.sum(up_bias_sums, axis=0)
+    v_mean = (tl.sum(g_values * up_column_sums[None, :], axis=1) + up_bias_sum) / H
+    g_gram = tl.dot(g_values, gram, input_precision=STATS_PRECISION, out_dtype=ACC_DTYPE)
+    v_squares = (
+        tl.sum(g_gram * g_values, axis=1)
+        + 2.0 * tl.sum(g_values * up_bias_projection[None, :], axis=1)
+        + tl.sum(up_bias_squares, axis=0)
+    )
+    v_centred_squares = v_squares - H * v_mean * v_mean
+    # sum_j (x_j - x_mean)(v_j - v_mean) = sum_j (x_j - s) v_j - v_mean sum_j (x_j - s), and
+    # sum_j x_j v_j = g . (x W_u) + x . (b_u - b_u[0]).
+    x_times_v = tl.sum(g_values * x_up, axis=1) + tl.sum(x_up_bias, axis=1)
+    cross = x_times_v - shift * (H * v_mean) - v_mean * shifted_sum
+    centred_squares = tl.maximum(x_centred_squares + 2.0 * cross + v_centred_squares, 0.0)
+    return h, g, x_mean + v_mean + up_bias_shift, centred_squares
+
+
+@triton.jit
 def _forward_kernel(
     x_ptr,  # (M, H) activation dtype
     down_weight_ptr,  # (R, H)
@@ -165,6 +323,8 @@ def _forward_kernel(
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     SAVE_FOR_BACKWARD: tl.constexpr,
+    CLOSED_FORM_STATS: tl.constexpr,
+    STATS_PRECISION: tl.constexpr,
 ):
     # The block's rows are addressed from 64-bit base pointers with 32-bit offsets inside the block: a
     # 64-bit offset per element costs two registers per element in every tile that is kept alive.
@@ -175,29 +335,16 @@ def _forward_kernel(
     x_block = x_ptr + first_row.to(tl.int64) * H
     bottleneck = tl.arange(0, BLOCK_R)
 
-    h = _bottleneck(
-        x_block, down_weight_ptr, down_bias_ptr, row_offsets, row_mask, H, R, BLOCK_M, BLOCK_K, BLOCK_R, DOT_DTYPE,
-        ACC_DTYPE, INPUT_PRECISION,
-    )  # fmt: skip
-    g = dot_operand(gelu(h, False), DOT_DTYPE)
-
-    # LayerNorm statistics, merged chunk by chunk (Chan et al.): each chunk's own mean and centred sum of
-    # squares are exact, and merging them never subtracts two large sums as E[z^2] - E[z]^2 would.
-    mean = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
-    centred_squares = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
-    for start in range(0, H, BLOCK_K):
-        z, columns, column_mask = _residual_chunk(
-            x_block, up_weight_ptr, up_bias_ptr, row_offsets, row_mask, g, start, H, R, BLOCK_K, BLOCK_R, DOT_DTYPE,
-            ACC_DTYPE, INPUT_PRECISION,
+    if CLOSED_FORM_STATS:
+        h, g, mean, centred_squares = _bottleneck_and_statistics(
+            x_block, down_weight_ptr, down_bias_ptr, up_weight_ptr, up_bias_ptr, row_offsets, row_mask, H, R,
+            BLOCK_M, BLOCK_K, BLOCK_R, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, STATS_PRECISION,
         )  # fmt: skip
-        # In ACC_DTYPE, not as "* 1.0" (fp32): fp64 statistics need fp64 merge weights too.
-        seen = tl.cast(start, ACC_DTYPE)  # columns already merged
-        count = tl.cast(tl.minimum(H - start, BLOCK_K), ACC_DTYPE)
-        chunk_mean = tl.sum(z, axis=1) / count
-        centred = tl.where(column_mask[None, :], z - chunk_mean[:, None], 0.0)
-        delta = chunk_mean - mean
-        mean += delta * (count / (seen + count))
-        centred_squares += tl.sum(centred * centred, axis=1) + delta * delta * (seen * count / (seen + count))
+    else:
+        h, g, mean, centred_squares = _bottleneck_and_merged_statistics(
+            x_block, down_weight_ptr, down_bias_ptr, up_weight_ptr, up_bias_ptr, row_offsets, row_mask, H, R,
+            BLOCK_M, BLOCK_K, BLOCK_R, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION,
+        )  # fmt: skip
     rstd = 1.0 / tl.sqrt(centred_squares / H + eps)
 
     y_block = y_ptr + first_row.to(tl.int64) * H
@@ -444,8 +591,8 @@ def _backward_columns_kernel(
 # with 16-row steps and 4 warps 0.90x; every other candidate was slower. They become the defaults once the
 # kernel tests have run on a GPU with them (they ran there only in the timing sweep, which checks no values).
 FORWARD_TILES = {
-    2: {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
-    4: {"BLOCK_M": 32, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+    2: {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3, "CLOSED_FORM_STATS": False},
+    4: {"BLOCK_M": 32, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3, "CLOSED_FORM_STATS": False},
 }
 BACKWARD_ROW_TILES = {
     2: {"BLOCK_M": 32, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
@@ -460,6 +607,8 @@ BACKWARD_COLUMN_TILES = {
 # a latency floor of ~17 us at every BLOCK_M (H200): the wide-chunk candidates take fewer steps along H.
 FORWARD_TILE_CANDIDATES = {
     "default": {},
+    "closed-form statistics": {"CLOSED_FORM_STATS": True},
+    "closed-form statistics, 16 rows, 4 warps": {"CLOSED_FORM_STATS": True, "BLOCK_M": 16, "num_warps": 4},
     "64x128 chunks": {"BLOCK_K": 128},
     "256-wide chunks": {"BLOCK_K": 256},
     "16 rows, 128-wide chunks, 4 warps": {"BLOCK_M": 16, "BLOCK_K": 128, "num_warps": 4},
@@ -495,6 +644,12 @@ def _precision(activation_dtype: torch.dtype) -> tuple[tl.dtype, tl.dtype, torch
 def _input_precision(x: torch.Tensor) -> str:
     """tl.dot's input_precision for fp32 operands (see the module docstring); ignored for 16-bit ones."""
     return "tf32x3" if x.is_cuda and x.dtype == torch.float32 else "ieee"
+
+
+def _statistics_precision(x: torch.Tensor) -> str:
+    """tl.dot's input_precision for the closed-form statistics' fp32 product g G: "tf32x3" on a GPU (fp32-level
+    error on tensor cores; "ieee" runs on the FMA units), "ieee" in the interpreter and for fp64."""
+    return "tf32x3" if x.is_cuda and x.dtype != torch.float64 else "ieee"
 
 
 def _streaming_multiprocessors(device: torch.device) -> int:
@@ -556,7 +711,7 @@ def adapter_bottleneck_forward(
                 x_rows, down_weight.contiguous(), down_bias.contiguous(), up_weight.contiguous(),
                 up_bias.contiguous(), norm_weight.contiguous(), norm_bias.contiguous(), y, mean, rstd, h, rows, eps,
                 H=hidden, R=bottleneck, DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype, INPUT_PRECISION=_input_precision(x),
-                SAVE_FOR_BACKWARD=save_for_backward, **launch,
+                SAVE_FOR_BACKWARD=save_for_backward, STATS_PRECISION=_statistics_precision(x), **launch,
             )  # fmt: skip
     return y.view(x.shape), mean, rstd, h
 

@@ -217,6 +217,66 @@ def test_float64_is_float64_accurate_across_several_column_chunks():
     assert_matches((y, grads), forward_and_grads(reference_adapter, tensors, grad_output), atol=1e-12, rtol=1e-12)
 
 
+def _saved_statistics_of(tensors, dtype):
+    """The fp64 LayerNorm mean and rstd of z = x + Up(GELU(Down(x))) on the given values."""
+    x, down_weight, down_bias, up_weight, up_bias = (t.detach().double() for t in tensors[:5])
+    g = torch.nn.functional.gelu(torch.nn.functional.linear(x, down_weight, down_bias))
+    if dtype in (torch.float16, torch.bfloat16):
+        g = g.to(dtype).double()  # the kernel's up dot takes g rounded to the activation's dtype
+    z = x + torch.nn.functional.linear(g, up_weight, up_bias)
+    return z.mean(-1), (z.var(-1, unbiased=False) + EPS).rsqrt()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("hidden, bottleneck", SHAPES, ids=[f"H{h}-R{r}" for h, r in SHAPES])
+def test_closed_form_statistics_match_the_reference(hidden, bottleneck, dtype):
+    """The forward variant that gathers the LayerNorm statistics in its first sweep (CLOSED_FORM_STATS):
+    y, the saved mean and rstd, and every gradient computed from them, at every config width."""
+    from fastmini.kernels.adapter_bottleneck import adapter_bottleneck_backward, adapter_bottleneck_forward
+
+    tensors, grad_output = make_inputs((37, hidden), bottleneck, dtype=dtype, requires_grad=False)
+    y, mean, rstd, h = adapter_bottleneck_forward(*tensors, EPS, True, tiles={"CLOSED_FORM_STATS": True})
+    grads = adapter_bottleneck_backward(grad_output.to(dtype), *tensors, h, mean, rstd)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    assert_matches((y, grads), exact(tensors, grad_output), atol=tolerance, rtol=tolerance)
+    expected_mean, expected_rstd = _saved_statistics_of(tensors, dtype)
+    torch.testing.assert_close(mean.double(), expected_mean, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(rstd.double(), expected_rstd, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "x_offset, up_bias_offset",
+    [(100.0, 0.0), (1e4, 0.0), (0.0, 100.0), (-300.0, 50.0)],
+    ids=["x+100", "x+1e4", "b_u+100", "both"],
+)
+def test_closed_form_statistics_are_as_accurate_as_merged_ones_under_large_offsets(x_offset, up_bias_offset, dtype):
+    """sum (z - mean)^2 written as sums over x, v and their products would subtract numbers ~(offset / std)^2
+    times larger than itself: the variant shifts x and b_u by their first elements so that it never does.
+    Held to the default forward's own accuracy (Chan's merges) against fp64 statistics: an offset costs
+    both the rounding of z = x + v itself (x + 1e4 in fp32: ~3e-4 of the rstd)."""
+    from fastmini.kernels.adapter_bottleneck import adapter_bottleneck_forward
+
+    tensors, _ = make_inputs((33, 768), 48, dtype=torch.float64, requires_grad=False)
+    # Rows of W_d that sum to zero keep x's offset out of h: z gets the offset, not a variance ~offset^2.
+    tensors[1] = tensors[1] - tensors[1].mean(dim=1, keepdim=True)
+    tensors[0] = tensors[0] + x_offset
+    tensors[4] = tensors[4] + up_bias_offset
+    tensors = [t.to(dtype) for t in tensors]
+    expected_mean, expected_rstd = _saved_statistics_of(tensors, dtype)
+
+    def errors(closed_form):
+        _y, mean, rstd, _h = adapter_bottleneck_forward(*tensors, EPS, True, tiles={"CLOSED_FORM_STATS": closed_form})
+        mean_error = ((mean.double() - expected_mean) * expected_rstd).abs().max()  # in units of the row's std
+        return mean_error, (rstd.double() / expected_rstd - 1).abs().max()
+
+    # bf16 x + 1e4 (x in steps of 64): the cross term's fp32 sums give 2.4e-6 of the rstd against 8e-7, far
+    # below what a bf16 output resolves (4e-3); fp32 is held to 1e-7.
+    slack = 1e-7 if dtype == torch.float32 else 1e-5
+    for closed_form_error, merged_error in zip(errors(True), errors(False), strict=True):
+        assert closed_form_error <= 2 * merged_error + slack, (closed_form_error, merged_error)
+
+
 # ---------------------------------------------------------------- low precision and autocast
 
 
@@ -399,6 +459,22 @@ def test_gpu_matches_reference(rows, hidden, bottleneck, dtype):
         assert_matches(kernel, truth, atol=1e-4, rtol=1e-4)
     else:
         assert_within_twice_torch_error(kernel, forward_and_grads(reference_adapter, tensors, grad_output), truth)
+
+
+@pytest.mark.parametrize("rows, hidden, bottleneck, dtype", [c for c in GPU_CASES if c[3] != torch.float32])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_closed_form_statistics(rows, hidden, bottleneck, dtype):
+    """The opt-in forward variant, compiled, at the 16-bit GPU cases: y and the gradients from its saved
+    statistics within twice torch's own error."""
+    from fastmini.kernels.adapter_bottleneck import adapter_bottleneck_backward, adapter_bottleneck_forward
+
+    tensors, grad_output = make_inputs((rows, hidden), bottleneck, dtype=dtype, requires_grad=False)
+    upstream = grad_output.to(dtype)
+    y, mean, rstd, h = adapter_bottleneck_forward(*tensors, EPS, True, tiles={"CLOSED_FORM_STATS": True})
+    grads = adapter_bottleneck_backward(upstream, *tensors, h, mean, rstd)
+    torch_own = forward_and_grads(reference_adapter, [t.detach().requires_grad_() for t in tensors], upstream)
+    assert_within_twice_torch_error((y, grads), torch_own, exact(tensors, upstream))
 
 
 @pytest.mark.gpu
