@@ -41,8 +41,12 @@ Design (why it is shaped this way):
   row's first element and b_u by its first keeps every difference of large sums small: with offsets of
   100 or 1e4 in x and 100 in b_u the statistics are as close to fp64 as the merged ones (tested). g is the
   rounded dot operand and W_u rounded as the dots round it, so they are the statistics of the z the last
-  sweep forms. Costs: 229 registers at the bf16 64 x 64 tiles (the default 133; one program per SM
-  either way), 72 KB of shared memory; fp32's tf32x3 dots spill, so it is for 16-bit activations.
+  sweep forms. g G keeps ~16 bits of G (two 16-bit products, _fp32_product). Costs (ptxas, sm_90, bf16
+  64 x 64 tiles): 229 registers against the default's 133 (one program of 8 warps per SM either way),
+  72 KB of shared memory; fp32's tf32x3 dots spill, so it is meant for 16-bit activations.
+  The backward row kernel has the same option (_row_gradient_sums): the LayerNorm means and dg = dz W_u
+  from x W_u, wdy W_u, G and row sums in one sweep, instead of two that recompute z (bf16 32 x 64 tiles:
+  255 registers and 64 bytes of spills; 16-row blocks: 254, none).
 - Saved for backward (only when autograd needs it): mean and rstd (M,) and h (M, R), in fp32. h costs
   R/(2H) of the forward's traffic in bf16 (3% at r=16) and spares the backward the down projection;
   the column kernel below never sees whole rows, so it could not recompute h at all.
@@ -201,6 +205,40 @@ def _bottleneck_and_merged_statistics(
 
 
 @triton.jit
+def _fp32_product(
+    a,  # (M, K) in ACC_DTYPE
+    b,  # (K, N) a dot operand (DOT_DTYPE)
+    acc,  # (M, N) ACC_DTYPE
+    DOT_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """acc + a b with a kept to ~16 significant bits where the dots are 16-bit: a = high + low, each a 16-bit
+    operand, two tensor-core products (fp32 operands in tf32x3 hold twice the registers and spill here)."""
+    if DOT_DTYPE == ACC_DTYPE:
+        return tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    high = dot_operand(a, DOT_DTYPE)
+    acc = tl.dot(high, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    low = dot_operand(a - high.to(ACC_DTYPE), DOT_DTYPE)
+    return tl.dot(low, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+
+
+@triton.jit
+def _times_gram(
+    g,  # (BLOCK_M, BLOCK_R) dot operand
+    gram,  # (BLOCK_R, BLOCK_R) ACC_DTYPE, symmetric
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """g G (BLOCK_M, BLOCK_R), G kept to ~16 bits: computed as (G g^T)^T, G being symmetric."""
+    product = tl.zeros((BLOCK_R, BLOCK_M), dtype=ACC_DTYPE)
+    return tl.trans(_fp32_product(gram, tl.trans(g), product, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION))
+
+
+@triton.jit
 def _bottleneck_and_statistics(
     x_block,  # (BLOCK_M, H) rows of x from the block's first row on
     down_weight_ptr,  # (R, H)
@@ -217,7 +255,6 @@ def _bottleneck_and_statistics(
     DOT_DTYPE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-    STATS_PRECISION: tl.constexpr,
 ):
     """One sweep over x for h, g = GELU(h) (as the dot operand) and the LayerNorm statistics of
     z = x + u, u = g W_u^T + b_u, without forming z (see "closed-form statistics" in the module doc)."""
@@ -284,7 +321,7 @@ def _bottleneck_and_statistics(
     # v = u - b_u[0] = g W_u^T + (b_u - b_u[0]): its mean, and sum_j v_j^2 = g G g^T + 2 g . (W_u^T b) + |b|^2.
     up_bias_sum = tl.sum(up_bias_sums, axis=0)
     v_mean = (tl.sum(g_values * up_column_sums[None, :], axis=1) + up_bias_sum) / H
-    g_gram = tl.dot(g_values, gram, input_precision=STATS_PRECISION, out_dtype=ACC_DTYPE)
+    g_gram = _times_gram(g, gram, BLOCK_M, BLOCK_R, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION)
     v_squares = (
         tl.sum(g_gram * g_values, axis=1)
         + 2.0 * tl.sum(g_values * up_bias_projection[None, :], axis=1)
@@ -324,7 +361,6 @@ def _forward_kernel(
     INPUT_PRECISION: tl.constexpr,
     SAVE_FOR_BACKWARD: tl.constexpr,
     CLOSED_FORM_STATS: tl.constexpr,
-    STATS_PRECISION: tl.constexpr,
 ):
     # The block's rows are addressed from 64-bit base pointers with 32-bit offsets inside the block: a
     # 64-bit offset per element costs two registers per element in every tile that is kept alive.
@@ -338,7 +374,7 @@ def _forward_kernel(
     if CLOSED_FORM_STATS:
         h, g, mean, centred_squares = _bottleneck_and_statistics(
             x_block, down_weight_ptr, down_bias_ptr, up_weight_ptr, up_bias_ptr, row_offsets, row_mask, H, R,
-            BLOCK_M, BLOCK_K, BLOCK_R, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, STATS_PRECISION,
+            BLOCK_M, BLOCK_K, BLOCK_R, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION,
         )  # fmt: skip
     else:
         h, g, mean, centred_squares = _bottleneck_and_merged_statistics(
@@ -373,6 +409,80 @@ def _forward_kernel(
 
 
 @triton.jit
+def _row_gradient_sums(
+    x_block,  # (BLOCK_M, H) rows of x from the block's first row on
+    dy_block,  # (BLOCK_M, H) rows of dy likewise
+    up_weight_ptr,  # (H, R)
+    up_bias_ptr,  # (H,)
+    norm_weight_ptr,  # (H,)
+    row_offsets,  # (BLOCK_M,) int32: local row * H
+    row_mask,  # (BLOCK_M,)
+    g,  # (BLOCK_M, BLOCK_R) GELU(h) as the dot operand
+    mean,  # (BLOCK_M,)
+    rstd,  # (BLOCK_M,)
+    H: tl.constexpr,
+    R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """mean_H(wdy xhat), mean_H(wdy) and dg = dz W_u in one sweep over x and dy, without forming z or dz
+    (see "closed-form statistics" in the module doc):
+        sum wdy z = wdy . (x + b_u) + g . (wdy W_u),       z W_u = x W_u + g G + W_u^T b_u,
+        dg = rstd (wdy W_u - a rstd (z W_u - mean 1^T W_u) - b 1^T W_u),   a, b the two means.
+    wdy W_u keeps ~16 bits of wdy (_fp32_product): dg is a difference of it and the other terms, so rounding
+    wdy to 8 bits first would cost dg the accuracy it keeps when dz is rounded instead."""
+    bottleneck = tl.arange(0, BLOCK_R)
+    bottleneck_mask = bottleneck < R
+    wdy_up = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)  # wdy W_u
+    x_up = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)  # x W_u
+    gram = tl.zeros((BLOCK_R, BLOCK_R), dtype=ACC_DTYPE)  # W_u^T W_u
+    up_column_sums = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)  # 1^T W_u
+    up_bias_projection = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)  # W_u^T b_u
+    # Element-wise partial sums, reduced across the row once after the sweep.
+    wdy_sums = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
+    wdy_residual = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)  # wdy (x + b_u)
+    for start in range(0, H, BLOCK_K):
+        columns = start + tl.arange(0, BLOCK_K)
+        column_mask = columns < H
+        tile_mask = row_mask[:, None] & column_mask[None, :]
+        x = tl.load(x_block + row_offsets[:, None] + columns[None, :], mask=tile_mask, other=0.0)
+        dy = tl.load(dy_block + row_offsets[:, None] + columns[None, :], mask=tile_mask, other=0.0).to(ACC_DTYPE)
+        norm_weight = tl.load(norm_weight_ptr + columns, mask=column_mask, other=0.0).to(ACC_DTYPE)
+        up_bias = tl.load(up_bias_ptr + columns, mask=column_mask, other=0.0).to(ACC_DTYPE)
+        up_weight = dot_operand(  # (BLOCK_K, BLOCK_R) = W_u[columns, :], rounded as the forward's dots round it
+            tl.load(
+                up_weight_ptr + columns[:, None] * R + bottleneck[None, :],
+                mask=column_mask[:, None] & bottleneck_mask[None, :],
+                other=0.0,
+            ),
+            DOT_DTYPE,
+        )
+        up_weight_values = up_weight.to(ACC_DTYPE)
+        wdy = dy * norm_weight[None, :]  # zero outside the matrix
+        wdy_up = _fp32_product(wdy, up_weight, wdy_up, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION)
+        x_up = tl.dot(dot_operand(x, DOT_DTYPE), up_weight, x_up, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        gram = tl.dot(tl.trans(up_weight), up_weight, gram, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        up_column_sums += tl.sum(up_weight_values, axis=0)
+        up_bias_projection += tl.sum(up_weight_values * up_bias[:, None], axis=0)
+        wdy_sums += wdy
+        wdy_residual += wdy * (x.to(ACC_DTYPE) + up_bias[None, :])
+    g_values = g.to(ACC_DTYPE)
+    sum_wdy = tl.sum(wdy_sums, axis=1)
+    sum_wdy_z = tl.sum(wdy_residual, axis=1) + tl.sum(g_values * wdy_up, axis=1)
+    mean_wdy_xhat = rstd * (sum_wdy_z - mean * sum_wdy) / H
+    mean_wdy = sum_wdy / H
+    z_up = x_up + _times_gram(g, gram, BLOCK_M, BLOCK_R, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION)
+    z_up += up_bias_projection[None, :]
+    xhat_up = rstd[:, None] * (z_up - mean[:, None] * up_column_sums[None, :])
+    dg = rstd[:, None] * (wdy_up - mean_wdy_xhat[:, None] * xhat_up - mean_wdy[:, None] * up_column_sums[None, :])
+    return mean_wdy_xhat, mean_wdy, dg
+
+
+@triton.jit
 def _backward_rows_kernel(
     dy_ptr,  # (M, H) activation dtype
     x_ptr,  # (M, H) activation dtype
@@ -395,6 +505,7 @@ def _backward_rows_kernel(
     DOT_DTYPE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    CLOSED_FORM_STATS: tl.constexpr,
 ):
     """The per-row half of the backward: the LayerNorm means, dh = (dz W_u) GELU'(h), and GELU(h) once more
     (R values a row) so that the column kernel's loop runs no erf: it held ~65 of its registers."""
@@ -412,49 +523,55 @@ def _backward_rows_kernel(
     mean = tl.load(mean_ptr + first_row + rows, mask=row_mask, other=0.0)
     rstd = tl.load(rstd_ptr + first_row + rows, mask=row_mask, other=0.0)
 
-    sum_wdy_xhat = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
-    sum_wdy = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
-    for start in range(0, H, BLOCK_K):
-        z, columns, column_mask = _residual_chunk(
-            x_block, up_weight_ptr, up_bias_ptr, row_offsets, row_mask, g, start, H, R, BLOCK_K, BLOCK_R, DOT_DTYPE,
-            ACC_DTYPE, INPUT_PRECISION,
+    if CLOSED_FORM_STATS:
+        mean_wdy_xhat, mean_wdy, dg = _row_gradient_sums(
+            x_block, dy_block, up_weight_ptr, up_bias_ptr, norm_weight_ptr, row_offsets, row_mask, g, mean, rstd,
+            H, R, BLOCK_M, BLOCK_K, BLOCK_R, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION,
         )  # fmt: skip
-        tile_mask = row_mask[:, None] & column_mask[None, :]
-        dy = tl.load(dy_block + row_offsets[:, None] + columns[None, :], mask=tile_mask, other=0.0).to(ACC_DTYPE)
-        norm_weight = tl.load(norm_weight_ptr + columns, mask=column_mask, other=0.0).to(ACC_DTYPE)
-        wdy = dy * norm_weight[None, :]  # zero outside the matrix, so the products below are too
-        xhat = (z - mean[:, None]) * rstd[:, None]
-        sum_wdy_xhat += tl.sum(wdy * xhat, axis=1)
-        sum_wdy += tl.sum(wdy, axis=1)
-    mean_wdy_xhat = sum_wdy_xhat / H
-    mean_wdy = sum_wdy / H
+    else:
+        sum_wdy_xhat = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+        sum_wdy = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+        for start in range(0, H, BLOCK_K):
+            z, columns, column_mask = _residual_chunk(
+                x_block, up_weight_ptr, up_bias_ptr, row_offsets, row_mask, g, start, H, R, BLOCK_K, BLOCK_R, DOT_DTYPE,
+                ACC_DTYPE, INPUT_PRECISION,
+            )  # fmt: skip
+            tile_mask = row_mask[:, None] & column_mask[None, :]
+            dy = tl.load(dy_block + row_offsets[:, None] + columns[None, :], mask=tile_mask, other=0.0).to(ACC_DTYPE)
+            norm_weight = tl.load(norm_weight_ptr + columns, mask=column_mask, other=0.0).to(ACC_DTYPE)
+            wdy = dy * norm_weight[None, :]  # zero outside the matrix, so the products below are too
+            xhat = (z - mean[:, None]) * rstd[:, None]
+            sum_wdy_xhat += tl.sum(wdy * xhat, axis=1)
+            sum_wdy += tl.sum(wdy, axis=1)
+        mean_wdy_xhat = sum_wdy_xhat / H
+        mean_wdy = sum_wdy / H
 
-    # Second sweep (x and dy now come from L2): dz exactly as the LayerNorm backward defines it, then
-    # dg = dz W_u. Expanding dg into per-row sums would save the sweep but cancel badly in bf16 dots.
-    dg = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
-    for start in range(0, H, BLOCK_K):
-        z, columns, column_mask = _residual_chunk(
-            x_block, up_weight_ptr, up_bias_ptr, row_offsets, row_mask, g, start, H, R, BLOCK_K, BLOCK_R, DOT_DTYPE,
-            ACC_DTYPE, INPUT_PRECISION,
-        )  # fmt: skip
-        tile_mask = row_mask[:, None] & column_mask[None, :]
-        dy = tl.load(dy_block + row_offsets[:, None] + columns[None, :], mask=tile_mask, other=0.0).to(ACC_DTYPE)
-        norm_weight = tl.load(norm_weight_ptr + columns, mask=column_mask, other=0.0).to(ACC_DTYPE)
-        xhat = (z - mean[:, None]) * rstd[:, None]
-        dz = rstd[:, None] * (dy * norm_weight[None, :] - xhat * mean_wdy_xhat[:, None] - mean_wdy[:, None])
-        dz = tl.where(tile_mask, dz, 0.0)
-        up_weight = tl.load(  # (BLOCK_K, BLOCK_R) = W_u[columns, :]
-            up_weight_ptr + columns[:, None] * R + bottleneck[None, :],
-            mask=column_mask[:, None] & (bottleneck[None, :] < R),
-            other=0.0,
-        )
-        dg = tl.dot(
-            dot_operand(dz, DOT_DTYPE),
-            dot_operand(up_weight, DOT_DTYPE),
-            dg,
-            input_precision=INPUT_PRECISION,
-            out_dtype=ACC_DTYPE,
-        )
+        # Second sweep (x and dy now come from L2): dz exactly as the LayerNorm backward defines it, then
+        # dg = dz W_u. Expanding dg into per-row sums would save the sweep but cancel badly in bf16 dots.
+        dg = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
+        for start in range(0, H, BLOCK_K):
+            z, columns, column_mask = _residual_chunk(
+                x_block, up_weight_ptr, up_bias_ptr, row_offsets, row_mask, g, start, H, R, BLOCK_K, BLOCK_R, DOT_DTYPE,
+                ACC_DTYPE, INPUT_PRECISION,
+            )  # fmt: skip
+            tile_mask = row_mask[:, None] & column_mask[None, :]
+            dy = tl.load(dy_block + row_offsets[:, None] + columns[None, :], mask=tile_mask, other=0.0).to(ACC_DTYPE)
+            norm_weight = tl.load(norm_weight_ptr + columns, mask=column_mask, other=0.0).to(ACC_DTYPE)
+            xhat = (z - mean[:, None]) * rstd[:, None]
+            dz = rstd[:, None] * (dy * norm_weight[None, :] - xhat * mean_wdy_xhat[:, None] - mean_wdy[:, None])
+            dz = tl.where(tile_mask, dz, 0.0)
+            up_weight = tl.load(  # (BLOCK_K, BLOCK_R) = W_u[columns, :]
+                up_weight_ptr + columns[:, None] * R + bottleneck[None, :],
+                mask=column_mask[:, None] & (bottleneck[None, :] < R),
+                other=0.0,
+            )
+            dg = tl.dot(
+                dot_operand(dz, DOT_DTYPE),
+                dot_operand(up_weight, DOT_DTYPE),
+                dg,
+                input_precision=INPUT_PRECISION,
+                out_dtype=ACC_DTYPE,
+            )
 
     dh = dg * gelu_derivative(h, False)
     tl.store(dh_ptr + bottleneck_offsets, dh, mask=bottleneck_mask)
@@ -595,8 +712,8 @@ FORWARD_TILES = {
     4: {"BLOCK_M": 32, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3, "CLOSED_FORM_STATS": False},
 }
 BACKWARD_ROW_TILES = {
-    2: {"BLOCK_M": 32, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
-    4: {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
+    2: {"BLOCK_M": 32, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3, "CLOSED_FORM_STATS": False},
+    4: {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3, "CLOSED_FORM_STATS": False},
 }
 BACKWARD_COLUMN_TILES = {
     2: {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
@@ -620,6 +737,8 @@ FORWARD_TILE_CANDIDATES = {
 }
 BACKWARD_TILE_CANDIDATES = {
     "default": {},
+    "rows: closed-form sums": {"row_tiles": {"CLOSED_FORM_STATS": True}},
+    "rows: closed-form sums, 16 rows": {"row_tiles": {"CLOSED_FORM_STATS": True, "BLOCK_M": 16}},
     "rows: 64 rows": {"row_tiles": {"BLOCK_M": 64}},
     "rows: 32x32, 4 warps": {"row_tiles": {"BLOCK_K": 32, "num_warps": 4}},
     "columns: 64-row steps": {"column_tiles": {"BLOCK_M": 64}},
@@ -644,12 +763,6 @@ def _precision(activation_dtype: torch.dtype) -> tuple[tl.dtype, tl.dtype, torch
 def _input_precision(x: torch.Tensor) -> str:
     """tl.dot's input_precision for fp32 operands (see the module docstring); ignored for 16-bit ones."""
     return "tf32x3" if x.is_cuda and x.dtype == torch.float32 else "ieee"
-
-
-def _statistics_precision(x: torch.Tensor) -> str:
-    """tl.dot's input_precision for the closed-form statistics' fp32 product g G: "tf32x3" on a GPU (fp32-level
-    error on tensor cores; "ieee" runs on the FMA units), "ieee" in the interpreter and for fp64."""
-    return "tf32x3" if x.is_cuda and x.dtype != torch.float64 else "ieee"
 
 
 def _streaming_multiprocessors(device: torch.device) -> int:
@@ -711,7 +824,7 @@ def adapter_bottleneck_forward(
                 x_rows, down_weight.contiguous(), down_bias.contiguous(), up_weight.contiguous(),
                 up_bias.contiguous(), norm_weight.contiguous(), norm_bias.contiguous(), y, mean, rstd, h, rows, eps,
                 H=hidden, R=bottleneck, DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype, INPUT_PRECISION=_input_precision(x),
-                SAVE_FOR_BACKWARD=save_for_backward, STATS_PRECISION=_statistics_precision(x), **launch,
+                SAVE_FOR_BACKWARD=save_for_backward, **launch,
             )  # fmt: skip
     return y.view(x.shape), mean, rstd, h
 

@@ -230,13 +230,15 @@ def _saved_statistics_of(tensors, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("hidden, bottleneck", SHAPES, ids=[f"H{h}-R{r}" for h, r in SHAPES])
 def test_closed_form_statistics_match_the_reference(hidden, bottleneck, dtype):
-    """The forward variant that gathers the LayerNorm statistics in its first sweep (CLOSED_FORM_STATS):
-    y, the saved mean and rstd, and every gradient computed from them, at every config width."""
+    """The forward variant that gathers the LayerNorm statistics in its first sweep and the backward row
+    kernel's one-sweep variant (CLOSED_FORM_STATS in both): y, the saved mean and rstd, and every gradient,
+    at every config width."""
     from fastmini.kernels.adapter_bottleneck import adapter_bottleneck_backward, adapter_bottleneck_forward
 
     tensors, grad_output = make_inputs((37, hidden), bottleneck, dtype=dtype, requires_grad=False)
     y, mean, rstd, h = adapter_bottleneck_forward(*tensors, EPS, True, tiles={"CLOSED_FORM_STATS": True})
-    grads = adapter_bottleneck_backward(grad_output.to(dtype), *tensors, h, mean, rstd)
+    closed_form = {"CLOSED_FORM_STATS": True}
+    grads = adapter_bottleneck_backward(grad_output.to(dtype), *tensors, h, mean, rstd, row_tiles=closed_form)
     tolerance = 1e-12 if dtype == torch.float64 else 1e-5
     assert_matches((y, grads), exact(tensors, grad_output), atol=tolerance, rtol=tolerance)
     expected_mean, expected_rstd = _saved_statistics_of(tensors, dtype)
@@ -465,14 +467,15 @@ def test_gpu_matches_reference(rows, hidden, bottleneck, dtype):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_closed_form_statistics(rows, hidden, bottleneck, dtype):
-    """The opt-in forward variant, compiled, at the 16-bit GPU cases: y and the gradients from its saved
-    statistics within twice torch's own error."""
+    """The opt-in closed-form variants of the forward and the backward row kernel, compiled, at the 16-bit GPU
+    cases: y and every gradient within twice torch's own error."""
     from fastmini.kernels.adapter_bottleneck import adapter_bottleneck_backward, adapter_bottleneck_forward
 
     tensors, grad_output = make_inputs((rows, hidden), bottleneck, dtype=dtype, requires_grad=False)
     upstream = grad_output.to(dtype)
-    y, mean, rstd, h = adapter_bottleneck_forward(*tensors, EPS, True, tiles={"CLOSED_FORM_STATS": True})
-    grads = adapter_bottleneck_backward(upstream, *tensors, h, mean, rstd)
+    closed_form = {"CLOSED_FORM_STATS": True}
+    y, mean, rstd, h = adapter_bottleneck_forward(*tensors, EPS, True, tiles=closed_form)
+    grads = adapter_bottleneck_backward(upstream, *tensors, h, mean, rstd, row_tiles=closed_form)
     torch_own = forward_and_grads(reference_adapter, [t.detach().requires_grad_() for t in tensors], upstream)
     assert_within_twice_torch_error((y, grads), torch_own, exact(tensors, upstream))
 
