@@ -31,15 +31,19 @@ Design (why it is shaped this way):
   tile by chunk; the extra g W_u^T is 2R FLOPs per element, nothing next to the memory traffic.
   h and g (BLOCK_M x R) stay in registers: the bottleneck never goes to memory, except the copy below.
 - Closed-form statistics (``CLOSED_FORM_STATS``, opt-in until a GPU has timed it): the first sweep also
-  gathers what the LayerNorm statistics of z = x + v + b_u[0], v = g W_u^T + (b_u - b_u[0]), need, so the
+  gathers what the LayerNorm statistics of z = x + v + c, v = g W_u^T + (b_u - c), need, so the
   second sweep goes and the forward walks the row twice instead of three times (one program per SM runs
   these tiles, so the time is ~the chain of dependent chunk steps: 36 -> 24 at 64-wide chunks):
-      sum (z - mean)^2 = S_xx + 2 S_xv + S_vv,   S_xx = sum (x - s)^2 - (sum (x - s))^2 / H  (s = x[0]),
+      sum (z - mean)^2 = S_xx + 2 S_xv + S_vv,   S_xx = sum (x - s)^2 - (sum (x - s))^2 / H,
       S_xv = g . (x W_u) + x . b - s sum v - mean_v sum (x - s),
-      S_vv = g G g^T + 2 g . (W_u^T b) + |b|^2 - H mean_v^2,   G = W_u^T W_u,  b = b_u - b_u[0],
-  with x W_u, G, 1^T W_u and W_u^T b accumulated by tl.dot and sums over the same chunks. Shifting x by its
-  row's first element and b_u by its first keeps every difference of large sums small: with offsets of
-  100 or 1e4 in x and 100 in b_u the statistics are as close to fp64 as the merged ones (tested). g is the
+      S_vv = g G g^T + 2 g . (W_u^T b) + |b|^2 - H mean_v^2,   G = W_u^T W_u,  b = b_u - c,
+  with x W_u, G, 1^T W_u and W_u^T b accumulated by tl.dot and sums over the same chunks; s is the mean of
+  the row's first chunk of x and c that of b_u's. The shifts take a common offset out of the sums: with
+  offsets of 100 or 1e4 in x and 100 in b_u the statistics are as close to fp64 as the merged ones
+  (tested). What no shift removes, and why it stays opt-in: the three terms cancel when z varies much
+  less than x (an adapter output that nearly cancels its input: relative error ~ 1e-7 var(x) / var(z) in
+  fp32, also in fp64 where the merged ones are exact), or when W_u's columns share a large mean. fp16 is
+  refused: G's diagonal overflows fp16 operands once a column's RMS exceeds ~sqrt(65504 / H). g is the
   rounded dot operand and W_u rounded as the dots round it, so they are the statistics of the z the last
   sweep forms. g G keeps ~16 bits of G (two 16-bit products, _fp32_product). Costs (ptxas, sm_90, bf16
   64 x 64 tiles): 229 registers against the default's 133 (one program of 8 warps per SM either way),
@@ -260,11 +264,20 @@ def _bottleneck_and_statistics(
     z = x + u, u = g W_u^T + b_u, without forming z (see "closed-form statistics" in the module doc)."""
     bottleneck = tl.arange(0, BLOCK_R)
     bottleneck_mask = bottleneck < R
-    # Shifted sums of x: each row's first element is near its mean (within a few standard deviations), so
-    # sum((x - s)^2) - sum(x - s)^2 / H cancels nothing large, whatever the rows' offset.
-    shift = tl.load(x_block + row_offsets, mask=row_mask, other=0.0).to(ACC_DTYPE)
-    # The same for u: it is taken as u - b_u[0], so a bias with a large mean cancels nothing either.
-    up_bias_shift = tl.load(up_bias_ptr).to(ACC_DTYPE)
+    # Shifted sums of x: s, the mean of the row's first chunk, is near the row's mean, so sum((x - s)^2) -
+    # sum(x - s)^2 / H cancels little whatever the rows' common offset (a mean of BLOCK_K elements, not one
+    # element, which an outlier column would make the worst shift). b_u likewise, by its first chunk's mean.
+    first_columns = tl.arange(0, BLOCK_K)
+    first_mask = first_columns < H
+    first_count = tl.cast(tl.minimum(H, BLOCK_K), ACC_DTYPE)
+    first_chunk = tl.load(
+        x_block + row_offsets[:, None] + first_columns[None, :],
+        mask=row_mask[:, None] & first_mask[None, :],
+        other=0.0,
+    ).to(ACC_DTYPE)
+    shift = tl.sum(first_chunk, axis=1) / first_count
+    up_bias_first = tl.load(up_bias_ptr + first_columns, mask=first_mask, other=0.0).to(ACC_DTYPE)
+    up_bias_shift = tl.sum(up_bias_first, axis=0) / first_count
     h = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
     x_up = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)  # x W_u: (BLOCK_M, R)
     gram = tl.zeros((BLOCK_R, BLOCK_R), dtype=ACC_DTYPE)  # W_u^T W_u
@@ -765,6 +778,13 @@ def _input_precision(x: torch.Tensor) -> str:
     return "tf32x3" if x.is_cuda and x.dtype == torch.float32 else "ieee"
 
 
+def _refuse_closed_form_in_fp16(overrides: dict | None, x: torch.Tensor) -> None:
+    """The closed-form variants multiply G = W_u^T W_u as 16-bit operands: in fp16 its diagonal overflows
+    (to a silently wrong rstd) once a column of W_u has an RMS above ~sqrt(65504 / H); bf16 has fp32's range."""
+    if (overrides or {}).get("CLOSED_FORM_STATS") and x.dtype == torch.float16:
+        raise ValueError("adapter_bottleneck: CLOSED_FORM_STATS supports bf16, fp32 and fp64 activations, not fp16")
+
+
 def _streaming_multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
@@ -809,6 +829,7 @@ def adapter_bottleneck_forward(
     accumulator dtype (fp32, fp64 for fp64 x); empty tensors otherwise. Shapes are checked by the caller;
     ``tiles`` overrides entries of FORWARD_TILES[element size]."""
     hidden, bottleneck = x.shape[-1], down_weight.shape[0]
+    _refuse_closed_form_in_fp16(tiles, x)
     x_rows = x.reshape(-1, hidden).contiguous()
     rows = x_rows.shape[0]
     dot_dtype, acc_dtype, acc_torch_dtype = _precision(x.dtype)
@@ -851,6 +872,7 @@ def adapter_bottleneck_backward(
     ``row_tiles`` / ``column_tiles`` override BACKWARD_ROW_TILES / BACKWARD_COLUMN_TILES; ``splits`` the
     number of row groups of the column kernel (partial sums per parameter)."""
     hidden, bottleneck = x.shape[-1], down_weight.shape[0]
+    _refuse_closed_form_in_fp16(row_tiles, x)
     x_rows = x.reshape(-1, hidden).contiguous()
     dy_rows = grad_output.reshape(-1, hidden).contiguous()
     rows = x_rows.shape[0]
