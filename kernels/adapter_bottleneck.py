@@ -40,13 +40,15 @@ Design (why it is shaped this way):
   with x W_u, G, 1^T W_u and W_u^T b accumulated by tl.dot and sums over the same chunks; s is the mean of
   the row's first chunk of x and c that of b_u's. The shifts take a common offset out of the sums: with
   offsets of 100 or 1e4 in x and 100 in b_u the statistics are as close to fp64 as the merged ones
-  (tested). What no shift removes, and why it stays opt-in: the three terms cancel when z varies much
-  less than x (an adapter output that nearly cancels its input: relative error ~ 1e-7 var(x) / var(z) in
-  fp32, also in fp64 where the merged ones are exact), or when W_u's columns share a large mean. fp16 is
-  refused: G's diagonal overflows fp16 operands once a column's RMS exceeds ~sqrt(65504 / H). g is the
+  (tested). What no shift removes: the three terms cancel when z varies much less than x (an adapter
+  output that nearly cancels its input: error ~ 1e-7 var(x) / var(z) in fp32) or when W_u's columns share
+  a large mean. So the kernel compares the terms' size with their sum, and a block with a row where they
+  exceed CANCELLATION_LIMIT times it recomputes its statistics by the merged sweep (exact, as the
+  default's: such blocks cost what the default does). fp16 is refused: G's diagonal overflows fp16
+  operands once a column's RMS exceeds ~sqrt(65504 / H). g is the
   rounded dot operand and W_u rounded as the dots round it, so they are the statistics of the z the last
   sweep forms. g G keeps ~16 bits of G (two 16-bit products, _fp32_product). Costs (ptxas, sm_90, bf16
-  64 x 64 tiles): 229 registers against the default's 133 (one program of 8 warps per SM either way),
+  64 x 64 tiles): 242 registers against the default's 133 (one program of 8 warps per SM either way),
   72 KB of shared memory; fp32's tf32x3 dots spill, so it is meant for 16-bit activations.
   The backward row kernel has the same option (_row_gradient_sums): the LayerNorm means and dg = dz W_u
   from x W_u, wdy W_u, G and row sums in one sweep, instead of two that recompute z (bf16 32 x 64 tiles:
@@ -83,6 +85,10 @@ import triton.language as tl
 from fastmini.kernels.gelu import gelu, gelu_derivative
 from fastmini.kernels.interpreter import cast_output, dot_operand
 from fastmini.kernels.launching import on_device
+
+# The closed-form statistics' terms may add up to at most this many times their result before a block
+# recomputes its statistics by the merged sweep: the error is then at most ~16 units of ACC_DTYPE rounding.
+CANCELLATION_LIMIT: tl.constexpr = tl.constexpr(16.0)
 
 
 @triton.jit
@@ -163,14 +169,13 @@ def _bottleneck(
 
 
 @triton.jit
-def _bottleneck_and_merged_statistics(
+def _merged_statistics(
     x_block,  # (BLOCK_M, H) rows of x from the block's first row on
-    down_weight_ptr,  # (R, H)
-    down_bias_ptr,  # (R,)
     up_weight_ptr,  # (H, R)
     up_bias_ptr,  # (H,)
     row_offsets,  # (BLOCK_M,) int32: local row * H
     row_mask,  # (BLOCK_M,)
+    g,  # (BLOCK_M, BLOCK_R) GELU(h) as the dot operand
     H: tl.constexpr,
     R: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -180,16 +185,9 @@ def _bottleneck_and_merged_statistics(
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """h, g = GELU(h) (as the dot operand) and the LayerNorm mean and centred sum of squares of z, in two
-    sweeps: h, then z recomputed chunk by chunk."""
-    h = _bottleneck(
-        x_block, down_weight_ptr, down_bias_ptr, row_offsets, row_mask, H, R, BLOCK_M, BLOCK_K, BLOCK_R, DOT_DTYPE,
-        ACC_DTYPE, INPUT_PRECISION,
-    )  # fmt: skip
-    g = dot_operand(gelu(h, False), DOT_DTYPE)
-
-    # Merged chunk by chunk (Chan et al.): each chunk's own mean and centred sum of squares are exact, and
-    # merging them never subtracts two large sums as E[z^2] - E[z]^2 would.
+    """The LayerNorm mean and centred sum of squares of z = x + g W_u^T + b_u, z recomputed chunk by chunk and
+    merged (Chan et al.): each chunk's own mean and centred sum of squares are exact, and merging them never
+    subtracts two large sums as E[z^2] - E[z]^2 would."""
     mean = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
     centred_squares = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
     for start in range(0, H, BLOCK_K):
@@ -205,7 +203,7 @@ def _bottleneck_and_merged_statistics(
         delta = chunk_mean - mean
         mean += delta * (count / (seen + count))
         centred_squares += tl.sum(centred * centred, axis=1) + delta * delta * (seen * count / (seen + count))
-    return h, g, mean, centred_squares
+    return mean, centred_squares
 
 
 @triton.jit
@@ -286,7 +284,7 @@ def _bottleneck_and_statistics(
     up_bias_sums = tl.zeros((BLOCK_K,), dtype=ACC_DTYPE)
     up_bias_squares = tl.zeros((BLOCK_K,), dtype=ACC_DTYPE)
     # Element-wise partial sums, reduced across the row once after the sweep: fewer steps in the loop
-    # (ptxas for sm_90, bf16 64 x 64 tiles: 229 registers, no spills; reduced chunk by chunk, 255).
+    # (ptxas for sm_90, bf16 64 x 64 tiles: 242 registers for the kernel, no spills; reduced chunk by chunk, more).
     x_sums = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
     x_squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
     x_up_bias = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
@@ -346,7 +344,11 @@ def _bottleneck_and_statistics(
     x_times_v = tl.sum(g_values * x_up, axis=1) + tl.sum(x_up_bias, axis=1)
     cross = x_times_v - shift * (H * v_mean) - v_mean * shifted_sum
     centred_squares = tl.maximum(x_centred_squares + 2.0 * cross + v_centred_squares, 0.0)
-    return h, g, x_mean + v_mean + up_bias_shift, centred_squares
+    # The three terms cancel when z varies much less than x (or W_u's columns share a large mean): the
+    # error is then ~ their size over the result, in units of ACC_DTYPE's precision. Flag such rows.
+    magnitude = x_centred_squares + 2.0 * tl.abs(cross) + v_squares + H * v_mean * v_mean
+    cancels = magnitude > CANCELLATION_LIMIT * centred_squares
+    return h, g, x_mean + v_mean + up_bias_shift, centred_squares, cancels
 
 
 @triton.jit
@@ -385,14 +387,25 @@ def _forward_kernel(
     bottleneck = tl.arange(0, BLOCK_R)
 
     if CLOSED_FORM_STATS:
-        h, g, mean, centred_squares = _bottleneck_and_statistics(
+        h, g, mean, centred_squares, cancels = _bottleneck_and_statistics(
             x_block, down_weight_ptr, down_bias_ptr, up_weight_ptr, up_bias_ptr, row_offsets, row_mask, H, R,
             BLOCK_M, BLOCK_K, BLOCK_R, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION,
         )  # fmt: skip
+        # Where the closed form cancelled, this block pays the sweep it saved (the default's statistics).
+        if tl.max(cancels.to(tl.int32), axis=0) > 0:
+            mean, centred_squares = _merged_statistics(
+                x_block, up_weight_ptr, up_bias_ptr, row_offsets, row_mask, g, H, R, BLOCK_M, BLOCK_K, BLOCK_R,
+                DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION,
+            )  # fmt: skip
     else:
-        h, g, mean, centred_squares = _bottleneck_and_merged_statistics(
-            x_block, down_weight_ptr, down_bias_ptr, up_weight_ptr, up_bias_ptr, row_offsets, row_mask, H, R,
-            BLOCK_M, BLOCK_K, BLOCK_R, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION,
+        h = _bottleneck(
+            x_block, down_weight_ptr, down_bias_ptr, row_offsets, row_mask, H, R, BLOCK_M, BLOCK_K, BLOCK_R,
+            DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION,
+        )  # fmt: skip
+        g = dot_operand(gelu(h, False), DOT_DTYPE)
+        mean, centred_squares = _merged_statistics(
+            x_block, up_weight_ptr, up_bias_ptr, row_offsets, row_mask, g, H, R, BLOCK_M, BLOCK_K, BLOCK_R,
+            DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION,
         )  # fmt: skip
     rstd = 1.0 / tl.sqrt(centred_squares / H + eps)
 

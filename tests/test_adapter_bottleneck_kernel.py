@@ -217,14 +217,14 @@ def test_float64_is_float64_accurate_across_several_column_chunks():
     assert_matches((y, grads), forward_and_grads(reference_adapter, tensors, grad_output), atol=1e-12, rtol=1e-12)
 
 
-def _saved_statistics_of(tensors, dtype):
+def _saved_statistics_of(tensors, dtype, eps=EPS):
     """The fp64 LayerNorm mean and rstd of z = x + Up(GELU(Down(x))) on the given values."""
     x, down_weight, down_bias, up_weight, up_bias = (t.detach().double() for t in tensors[:5])
     g = torch.nn.functional.gelu(torch.nn.functional.linear(x, down_weight, down_bias))
     if dtype in (torch.float16, torch.bfloat16):
         g = g.to(dtype).double()  # the kernel's up dot takes g rounded to the activation's dtype
     z = x + torch.nn.functional.linear(g, up_weight, up_bias)
-    return z.mean(-1), (z.var(-1, unbiased=False) + EPS).rsqrt()
+    return z.mean(-1), (z.var(-1, unbiased=False) + eps).rsqrt()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
@@ -291,6 +291,43 @@ def test_closed_form_statistics_shift_by_a_chunk_mean_not_an_outlier():
     y, mean, rstd, h = adapter_bottleneck_forward(*tensors, EPS, True, tiles=closed_form)
     grads = adapter_bottleneck_backward(grad_output.float(), *tensors, h, mean, rstd, row_tiles=closed_form)
     assert_matches((y, grads), exact(tensors, grad_output), atol=1e-5, rtol=1e-5)
+
+
+def _cancelling_inputs(case):
+    """Inputs whose closed-form statistics cancel: z varies much less than x, or not at all."""
+    functional = torch.nn.functional
+    if case == "u_cancels_x":  # W_d = 0 fixes g; x = -u + noise, var(z) ~ 2e-4 var(x)
+        tensors, _ = make_inputs((16, 312), 19, dtype=torch.float64, requires_grad=False)
+        tensors[1] = torch.zeros_like(tensors[1])
+        u = functional.linear(functional.gelu(functional.linear(*tensors[:3])), tensors[3], tensors[4])
+        noise = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        tensors[0] = -u + 1e-2 * noise
+        return [t.float() for t in tensors], 1e-5
+    if case == "z_constant":  # W_u = 0, x = 2.5 - b_u: every row of z is 2.5, x is not constant
+        tensors, _ = make_inputs((5, 312), 19, dtype=torch.float64, requires_grad=False)
+        tensors[3] = torch.zeros_like(tensors[3])
+        tensors[0] = (2.5 - tensors[4]).expand_as(tensors[0]).clone()
+        return tensors, 1e-12
+    tensors, _ = make_inputs((16, 312), 19, dtype=torch.float64, requires_grad=False)  # W_u's columns offset
+    tensors[3] = tensors[3] + 1.0
+    return [t.float() for t in tensors], 2e-6  # the merged statistics: 4e-7; the closed form alone: 5e-6
+
+
+@pytest.mark.parametrize("case", ["u_cancels_x", "z_constant", "up_weight_offset"])
+def test_closed_form_statistics_fall_back_where_they_cancel(case):
+    """Where the closed form's terms add up to more than CANCELLATION_LIMIT times the result, the block
+    recomputes its statistics with the merged sweep: fp32 to 1e-5 (2e-6 where the closed form alone is off by
+    5e-6), fp64 (eps 1e-12, z constant) to 1e-12."""
+    from fastmini.kernels.adapter_bottleneck import adapter_bottleneck_forward
+
+    tensors, tolerance = _cancelling_inputs(case)
+    eps = 1e-12
+    y, _mean, rstd, _h = adapter_bottleneck_forward(*tensors, eps, True, tiles={"CLOSED_FORM_STATS": True})
+    expected = adapter_bottleneck_ref(*[t.double() for t in tensors], eps)
+    scale = expected.abs().max()
+    assert ((y.double() - expected).abs().max() / scale) <= tolerance
+    _expected_mean, expected_rstd = _saved_statistics_of(tensors, tensors[0].dtype, eps)
+    torch.testing.assert_close(rstd.double(), expected_rstd, atol=0.0, rtol=tolerance)
 
 
 def test_closed_form_statistics_refuse_fp16():
