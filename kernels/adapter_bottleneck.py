@@ -457,7 +457,7 @@ def _row_gradient_sums(
 ):
     """mean_H(wdy xhat), mean_H(wdy) and dg = dz W_u in one sweep over x and dy, without forming z or dz
     (see "closed-form statistics" in the module doc):
-        sum wdy z = wdy . (x + b_u) + g . (wdy W_u),       z W_u = x W_u + g G + W_u^T b_u,
+        sum wdy (z - mean) = wdy . (x + b_u - mean) + g . (wdy W_u),       z W_u = x W_u + g G + W_u^T b_u,
         dg = rstd (wdy W_u - a rstd (z W_u - mean 1^T W_u) - b 1^T W_u),   a, b the two means.
     wdy W_u keeps ~16 bits of wdy (_fp32_product): dg is a difference of it and the other terms, so rounding
     wdy to 8 bits first would cost dg the accuracy it keeps when dz is rounded instead."""
@@ -470,7 +470,7 @@ def _row_gradient_sums(
     up_bias_projection = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)  # W_u^T b_u
     # Element-wise partial sums, reduced across the row once after the sweep.
     wdy_sums = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
-    wdy_residual = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)  # wdy (x + b_u)
+    wdy_residual = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)  # wdy (x + b_u - mean)
     for start in range(0, H, BLOCK_K):
         columns = start + tl.arange(0, BLOCK_K)
         column_mask = columns < H
@@ -495,11 +495,12 @@ def _row_gradient_sums(
         up_column_sums += tl.sum(up_weight_values, axis=0)
         up_bias_projection += tl.sum(up_weight_values * up_bias[:, None], axis=0)
         wdy_sums += wdy
-        wdy_residual += wdy * (x.to(ACC_DTYPE) + up_bias[None, :])
+        # Centred by the saved mean here, element by element, so that a row with a large mean cancels nothing.
+        wdy_residual += wdy * (x.to(ACC_DTYPE) + up_bias[None, :] - mean[:, None])
     g_values = g.to(ACC_DTYPE)
     sum_wdy = tl.sum(wdy_sums, axis=1)
-    sum_wdy_z = tl.sum(wdy_residual, axis=1) + tl.sum(g_values * wdy_up, axis=1)
-    mean_wdy_xhat = rstd * (sum_wdy_z - mean * sum_wdy) / H
+    sum_wdy_centred_z = tl.sum(wdy_residual, axis=1) + tl.sum(g_values * wdy_up, axis=1)
+    mean_wdy_xhat = rstd * sum_wdy_centred_z / H
     mean_wdy = sum_wdy / H
     z_up = x_up + _times_gram(g, gram, BLOCK_M, BLOCK_R, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION)
     z_up += up_bias_projection[None, :]

@@ -330,6 +330,40 @@ def test_closed_form_statistics_fall_back_where_they_cancel(case):
     torch.testing.assert_close(rstd.double(), expected_rstd, atol=0.0, rtol=tolerance)
 
 
+@pytest.mark.parametrize("case", ["dz_tiny", "up_bias_offset", "x_offset"])
+def test_closed_form_backward_is_as_accurate_as_the_two_sweeps(case):
+    """The backward row kernel's one-sweep sums against its two sweeps, fp32, on inputs that make sums
+    cancel: dy almost in span{xhat, 1} / w (dz ~1e-3 of wdy: dg = rstd (wdy W_u - a xhat W_u - b 1^T W_u)
+    is a difference), b_u + 100 (z's mean, taken out element by element), x + 1e3. Every gradient within
+    3x the two-sweep kernel's error + 1e-7 (relative to the gradient's largest value)."""
+    from fastmini.kernels.adapter_bottleneck import adapter_bottleneck_backward, adapter_bottleneck_forward
+
+    functional = torch.nn.functional
+    tensors, grad_output = make_inputs((16, 768), 48, dtype=torch.float64, requires_grad=False)
+    if case == "dz_tiny":
+        x, down_weight, down_bias, up_weight, up_bias, norm_weight, _ = tensors
+        z = x + functional.linear(functional.gelu(functional.linear(x, down_weight, down_bias)), up_weight, up_bias)
+        xhat = (z - z.mean(-1, keepdim=True)) / (z.var(-1, unbiased=False, keepdim=True) + EPS).sqrt()
+        grad_output = (3.0 * xhat + 2.0) / norm_weight + 1e-3 * grad_output
+    elif case == "up_bias_offset":
+        tensors[4] = tensors[4] + 100.0
+    else:
+        tensors[1] = tensors[1] - tensors[1].mean(dim=1, keepdim=True)  # keeps the offset out of h
+        tensors[0] = tensors[0] + 1e3
+    tensors = [t.float() for t in tensors]
+    _y, mean, rstd, h = adapter_bottleneck_forward(*tensors, EPS, True)
+    _, expected = exact(tensors, grad_output)
+
+    def errors(closed_form):
+        grads = adapter_bottleneck_backward(
+            grad_output.float(), *tensors, h, mean, rstd, row_tiles={"CLOSED_FORM_STATS": closed_form}
+        )
+        return [((g.double() - e).abs().max() / e.abs().max()).item() for g, e in zip(grads, expected, strict=True)]
+
+    for name, closed_form_error, two_sweep_error in zip(GRAD_NAMES, errors(True), errors(False), strict=True):
+        assert closed_form_error <= 3 * two_sweep_error + 1e-7, (name, closed_form_error, two_sweep_error)
+
+
 def test_closed_form_statistics_refuse_fp16():
     from fastmini.kernels.adapter_bottleneck import adapter_bottleneck_backward, adapter_bottleneck_forward
 
