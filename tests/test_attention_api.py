@@ -68,6 +68,25 @@ def test_padded_and_packed_attention_match_the_reference_on_real_tokens(pattern,
         assert torch.all(probabilities[keys_of_nonempty_rows] == 0)  # padded keys get no weight
 
 
+@pytest.mark.parametrize(
+    "dtype, autocast",
+    [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False), (torch.float64, False),
+     (torch.float64, True), (torch.float16, False)],
+    ids=["fp32", "fp32-bf16-autocast", "bf16", "fp64", "fp64-autocast", "fp16"],
+)  # fmt: skip
+def test_masked_keys_and_empty_rows_in_the_scores_dtype(dtype, autocast):
+    """The mask is an additive bias of the scores' lowest value, in the dtype the scores come out in: under
+    autocast that is autocast's (fp32's lowest value cast to bf16 is -inf, and an empty row would be NaN)."""
+    mask = torch.tensor(MASKS["empty_row"]).bool()
+    query, key, value = _qkv(mask.shape, dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        _context, probabilities = self_attention(query, key, value, HEADS, mask, need_weights=True)
+    assert torch.isfinite(probabilities).all()
+    assert torch.all(probabilities[1][:, :, ~mask[1]] == 0)  # the padded key of the non-empty row
+    if dtype != torch.float16:  # fp16's lowest value does not absorb every score (see self_attention_ref)
+        assert torch.all(probabilities[0] == 1 / mask.shape[1])  # no real key: uniform over the padded ones
+
+
 def test_non_contiguous_inputs_give_the_contiguous_result():
     mask = torch.tensor(MASKS["holes"]).bool()
     wide = _qkv((*mask.shape, 2))  # (B, S, 2, H): [..., 0, :] is a strided (B, S, H) view
