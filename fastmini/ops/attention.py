@@ -97,8 +97,8 @@ def self_attention_ref(
         bias, beta = queries.new_zeros(()), 0.0  # beta 0: the bias is never read
     else:
         dtype = _score_dtype(query)
-        bias = torch.zeros((batch, 1, 1, seq), dtype=dtype, device=query.device)
-        bias.masked_fill_(~key_padding_mask[:, None, None, :], torch.finfo(dtype).min)
+        bias = torch.full((batch, 1, 1, seq), torch.finfo(dtype).min, dtype=dtype, device=query.device)
+        bias.masked_fill_(key_padding_mask[:, None, None, :], 0.0)
         bias, beta = bias.expand(batch, heads, 1, seq).reshape(batch * heads, 1, seq), 1.0
     scores = torch.baddbmm(bias, queries, keys_t, beta=beta, alpha=head_dim**-0.5)
     probabilities = scores.softmax(dim=-1).view(batch, heads, seq, seq)
