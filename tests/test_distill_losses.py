@@ -140,6 +140,23 @@ def test_hidden_cosine_on_packed_rows_matches_padded_reference():
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-12)
 
 
+def test_hidden_cosine_is_cosine_similarity_with_its_eps_and_takes_an_inference_teacher():
+    """The same value and gradient as F.cosine_similarity, zero rows (whose norm it clamps to eps) included,
+    with the teacher's rows made under inference_mode (as the distiller's teacher forward makes them)."""
+    generator = torch.Generator().manual_seed(9)
+    student = torch.randn(6, H, generator=generator, dtype=torch.float64)
+    student[2] = 0.0
+    student.requires_grad_()
+    with torch.inference_mode():
+        teacher = torch.randn(6, H, generator=generator, dtype=torch.float64)
+        teacher[4] = 0.0
+    expected = (1.0 - F.cosine_similarity(student, teacher.clone(), dim=-1)).sum() / 6
+    actual = losses.hidden_cosine(student, teacher)
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+    grads = [torch.autograd.grad(value, student)[0] for value in (expected, actual)]
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_output_kl_on_masked_rows_matches_full_vocabulary_reference(temperature):
     generator = torch.Generator().manual_seed(5)

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 
 from fastmini.ops.attention_kl import attention_kl_sum, check_attention_maps
 
+_COSINE_EPS = 1e-8  # F.cosine_similarity's default: a row's norm is taken as at least this
+
 
 @dataclass(frozen=True)
 class LossWeights:
@@ -86,7 +88,15 @@ def hidden_cosine(student: torch.Tensor, teacher: torch.Tensor, denominator: flo
     ``denominator``: divide the sum by it instead of T."""
     if student.shape[0] == 0:
         return student.sum() * 0.0
-    distances = 1.0 - F.cosine_similarity(student, teacher.to(student.dtype), dim=-1)
+    # F.cosine_similarity's value, (s / max(|s|, eps)) . (t / max(|t|, eps)), from one normalised copy (the
+    # teacher's, a new tensor: the teacher's own may be inference tensors, which autograd cannot save) and two
+    # row reductions; cosine_similarity normalises and clones both (T, H) inputs forward and reads them
+    # backward (one layer's term, 4096 x 768 fp32, forward+backward, 2 CPU threads: 41.7 -> 17 ms).
+    with torch.no_grad():
+        teacher = teacher.to(student.dtype)
+        teacher_unit = teacher / torch.linalg.vector_norm(teacher, dim=-1, keepdim=True).clamp_min(_COSINE_EPS)
+    student_norm = torch.linalg.vector_norm(student, dim=-1).clamp_min(_COSINE_EPS)
+    distances = 1.0 - torch.linalg.vecdot(student, teacher_unit) / student_norm
     return distances.sum() / (denominator or distances.shape[0])
 
 
