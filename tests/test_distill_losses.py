@@ -175,6 +175,29 @@ def test_output_kl_on_masked_rows_matches_full_vocabulary_reference(temperature)
     torch.testing.assert_close(actual_grad.double(), expected_grad, rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("rows", [7, 0])
+def test_masked_lm_and_output_kl_together_equal_each_alone(temperature, rows, dtype):
+    """The distiller's one log-softmax for both terms: the same values as each term computed on its own, also
+    without rows and from bf16 logits as under autocast, and the same summed gradient (fp32: alone, the two
+    gradients are rounded to bf16 one by one, together once)."""
+    generator = torch.Generator().manual_seed(8)
+    student = torch.randn(rows, V, generator=generator).to(dtype).requires_grad_()
+    teacher = torch.randn(rows, V, generator=generator) * 2
+    labels = torch.randint(V, (rows,), generator=generator)
+    together = losses.masked_lm_and_output_kl(student, labels, teacher, temperature, 5.0)
+    alone = (
+        losses.masked_lm_cross_entropy(student, labels, 5.0),
+        losses.output_kl(student, teacher, temperature, 5.0),
+    )
+    for actual, expected in zip(together, alone, strict=True):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    if dtype == torch.float32:
+        gradients = [torch.autograd.grad(terms[0] + terms[1], student)[0] for terms in (together, alone)]
+        torch.testing.assert_close(gradients[0], gradients[1], rtol=1e-6, atol=1e-7)
+
+
 def test_mlm_cross_entropy_on_masked_rows_matches_reference():
     generator = torch.Generator().manual_seed(6)
     logits = torch.randn(B, S, V, generator=generator, dtype=torch.float64)

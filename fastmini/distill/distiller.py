@@ -259,14 +259,16 @@ class Distiller:
             ),
             zero,
         )
-        mlm = (
-            losses.masked_lm_cross_entropy(student.masked_logits, student.masked_labels, counts.masked)
-            if self.weights.mlm
-            else zero
-        )
-        output = (
-            losses.output_kl(student.masked_logits, teacher.masked_logits, self.temperature, counts.masked)
-            if self.use_output_kl
-            else zero
-        )
+        logits, labels = student.masked_logits, student.masked_labels
+        if self.weights.mlm and self.use_output_kl:  # one log-softmax of the student's logits for both
+            mlm, output = losses.masked_lm_and_output_kl(
+                logits, labels, teacher.masked_logits, self.temperature, counts.masked
+            )
+        else:
+            mlm = losses.masked_lm_cross_entropy(logits, labels, counts.masked) if self.weights.mlm else zero
+            output = (
+                losses.output_kl(logits, teacher.masked_logits, self.temperature, counts.masked)
+                if self.use_output_kl
+                else zero
+            )
         return losses.combine(self.weights, mlm, attention, hidden, output)

@@ -100,29 +100,65 @@ def hidden_cosine(student: torch.Tensor, teacher: torch.Tensor, denominator: flo
     return distances.sum() / (denominator or distances.shape[0])
 
 
+def log_probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / T) over the last dimension, in fp32 (no division at T = 1: a pass over (M, V))."""
+    logits = logits.float()
+    return F.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+
+
 def output_kl(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, denominator: float | None = None
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    denominator: float | None = None,
+    student_log_probs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """KL(softmax(t/T) || softmax(s/T)) * T^2, "batchmean" over the (M, V) masked rows (or the sum
-    divided by ``denominator``)."""
+    divided by ``denominator``). ``student_log_probs``: ``log_probabilities(student_logits, temperature)``,
+    when the caller has them (``masked_lm_and_output_kl``)."""
     rows = student_logits.shape[0]
     if rows == 0:
         return student_logits.sum() * 0.0
-    student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    if student_log_probs is None:
+        student_log_probs = log_probabilities(student_logits, temperature)
     with torch.no_grad():
-        teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+        teacher_log_probs = log_probabilities(teacher_logits, temperature)
     loss = F.kl_div(student_log_probs, teacher_log_probs, reduction="sum", log_target=True) / (denominator or rows)
     return loss * temperature**2
 
 
 def masked_lm_cross_entropy(
-    student_logits: torch.Tensor, labels: torch.Tensor, denominator: float | None = None
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    denominator: float | None = None,
+    student_log_probs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of the student over the (M, V) masked rows against their (M,) original ids
-    (mean, or the sum divided by ``denominator``)."""
+    (mean, or the sum divided by ``denominator``). ``student_log_probs``: ``log_probabilities(student_logits)``,
+    when the caller has them."""
     if labels.numel() == 0:
         return student_logits.sum() * 0.0
-    return F.cross_entropy(student_logits.float(), labels, reduction="sum") / (denominator or labels.numel())
+    if student_log_probs is None:
+        student_log_probs = log_probabilities(student_logits)
+    return F.nll_loss(student_log_probs, labels, reduction="sum") / (denominator or labels.numel())
+
+
+def masked_lm_and_output_kl(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    denominator: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(masked_lm_cross_entropy, output_kl) of the same rows from one fp32 log-softmax of the student's logits
+    at T = 1 (the recipe's): each term alone takes an fp32 copy of the (M, V) logits and a log-softmax, and
+    their backward passes, of ~200 MB each at 48 x 256 tokens."""
+    log_probs = log_probabilities(student_logits) if labels.numel() > 0 else None
+    scaled = log_probs if temperature == 1.0 else None
+    return (
+        masked_lm_cross_entropy(student_logits, labels, denominator, log_probs),
+        output_kl(student_logits, teacher_logits, temperature, denominator, scaled),
+    )
 
 
 def combine(
