@@ -59,6 +59,7 @@ GPU_BENCHMARKS = [
     "benchmarks/test_adapter_bottleneck.py",
     "benchmarks/test_add_layer_norm.py",
     "benchmarks/test_attention_kl.py",
+    "benchmarks/test_logit_losses.py",
     "benchmarks/test_linear_gelu.py",
 ]
 # Every benchmark here times a fixed number of rounds (benchmark.pedantic and the interleaved

@@ -12,8 +12,9 @@ update, both in train mode with dropout 0.1):
   bf16, student under bf16 autocast, for both contenders.
 A third contender, "fastmini-checkpointed", is fastmini with ``--gradient-checkpointing`` (one recursion
 recomputed at a time in backward): what it costs in time, and on CUDA what it saves in peak memory. On
-CUDA, "fastmini-triton-kl" is fastmini with the attention terms through the Triton kernels
-(fastmini.kernels.attention_kl; torch's elementwise ops are the default until they have run on a GPU).
+CUDA, "fastmini-triton-losses" is fastmini with the attention, MLM and output-KL terms through the Triton
+kernels (fastmini.kernels.attention_kl and .logit_losses; torch's ops are the default until they have run on
+a GPU).
 Inputs are 15% masked.
 
 Baseline ("original"): the original recipe's step (nlpie-research/MiniALBERT
@@ -192,9 +193,9 @@ def test_distillation_step(
     checkpointed = copy.deepcopy(student)
     enable_activation_checkpointing(checkpointed)  # --gradient-checkpointing
 
-    def step_of(model, synchronise: bool = True, attention_kl_backend: str | None = None):
+    def step_of(model, synchronise: bool = True, loss_backend: str | None = None):
         distiller = Distiller(
-            StudentSide(model, None), teacher, setup.layers, LossWeights(), 1.0, autocast_dtype, attention_kl_backend
+            StudentSide(model, None), teacher, setup.layers, LossWeights(), 1.0, autocast_dtype, loss_backend
         )
 
         def step():
@@ -227,9 +228,9 @@ def test_distillation_step(
     benchmark.pedantic(fastmini_step, rounds=max(3, setup.rounds // 2), warmup_rounds=1)
     contenders = {"original": original_step, "fastmini": fastmini_step, "fastmini-checkpointed": checkpointed_step}
     models = {"original": original, "fastmini": student, "fastmini-checkpointed": checkpointed}
-    if setup.device == "cuda":  # the attention terms through fastmini.kernels.attention_kl (asked for by name)
-        contenders["fastmini-triton-kl"] = step_of(student, attention_kl_backend="triton")
-        models["fastmini-triton-kl"] = student
+    if setup.device == "cuda":  # the loss terms through fastmini.kernels.attention_kl / logit_losses (by name)
+        contenders["fastmini-triton-losses"] = step_of(student, loss_backend="triton")
+        models["fastmini-triton-losses"] = student
     peaks = {name: peak_memory(step, setup, (teacher_model, models[name])) for name, step in contenders.items()}
     medians = compare(
         benchmark,
@@ -244,7 +245,7 @@ def test_distillation_step(
         f"H={student.config.hidden_size} N=6 r=16, layers {setup.layers}",
         dtype="bf16 teacher + bf16 autocast student" if setup.bf16 else "float32",
         backend="fastmini: Distiller, torch ops (-checkpointed: --gradient-checkpointing, one recursion at a time; "
-        "-triton-kl: the attention terms through fastmini.kernels.attention_kl); "
+        "-triton-losses: the loss terms through fastmini.kernels.attention_kl and .logit_losses); "
         "original: transformers modules, eager attention, full logits",
         device=describe_device(torch.device(setup.device)),
     )

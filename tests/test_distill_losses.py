@@ -398,18 +398,32 @@ def test_labels_at_padded_positions_are_neither_counted_nor_trained_on(tiny_pair
     torch.testing.assert_close(distiller(with_stray).total, distiller(batch).total)
 
 
-def test_the_attention_term_through_the_triton_kernels_matches_torch(tiny_pair):
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_the_loss_terms_through_the_triton_kernels_match_torch(tiny_pair, temperature):
+    """loss_backend="triton": the attention term (fastmini.kernels.attention_kl) and the MLM and output-KL
+    terms (fastmini.kernels.logit_losses), each term's value and its gradient for every student parameter."""
     teacher_model, student = tiny_pair
     teacher = Teacher(encoder=teacher_model.bert, head=teacher_model.cls, config=teacher_model.config, source="t")
     side = StudentSide(student.eval(), None)
+    parameters = [p for p in student.parameters() if p.requires_grad]
     results = {}
     for backend in ("torch", "triton"):
-        distiller = Distiller(side, teacher, (2, 4), losses.LossWeights(), 1.0, attention_kl_backend=backend)
+        distiller = Distiller(side, teacher, (2, 4), losses.LossWeights(), temperature, loss_backend=backend)
         terms = distiller(masked_batch())
-        results[backend] = (terms.attention.detach(), torch.autograd.grad(terms.attention, list(student.parameters())))
-    torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-5, atol=1e-7)
-    for got, expected in zip(results["triton"][1], results["torch"][1], strict=True):
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+        results[backend] = [
+            (term.detach(), torch.autograd.grad(term, parameters, retain_graph=True, allow_unused=True))
+            for term in (terms.attention, terms.mlm, terms.output)
+        ]
+    for (value, grads), (expected_value, expected_grads) in zip(results["triton"], results["torch"], strict=True):
+        assert expected_value > 0
+        torch.testing.assert_close(value, expected_value, rtol=1e-5, atol=1e-7)
+        # fp32 sums in other orders: to 1e-5 of the term's largest gradient element (some parameters' are ~0).
+        scale = max(float(g.abs().max()) for g in expected_grads if g is not None)
+        for got, expected in zip(grads, expected_grads, strict=True):
+            if expected is None:
+                assert got is None
+            else:
+                torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * scale)
 
 
 def test_attention_kl_checks_shapes_before_counting_rows():

@@ -175,6 +175,20 @@ def _attention_kl_sweep(_patch=None):
             attention_kl_sum(student, teacher, real, 1.0, backend="triton").backward()
 
 
+def _logit_losses_sweep(_patch=None):
+    """The logit-loss kernels at the recipe's dtypes (bf16 or fp32 student, fp32 teacher), fp16 and fp64 (the
+    tests'), at T = 1 (one log-sum-exp shared) and T = 2, over the recipe's vocabulary (several chunks)."""
+    from fastmini.ops.logit_losses import logit_losses_sum
+
+    for student_dtype, teacher_dtype in ((torch.bfloat16, torch.float32), (torch.float32, torch.float32),
+                                         (torch.float16, torch.bfloat16), (torch.float64, torch.float64)):  # fmt: skip
+        for temperature in (1.0, 2.0):
+            student = torch.zeros(2, 30522, dtype=student_dtype, requires_grad=True)
+            teacher = torch.zeros(2, 30522, dtype=teacher_dtype)
+            ce_sum, kl_sum = logit_losses_sum(student, torch.tensor([3, -100]), teacher, temperature, "triton")
+            (ce_sum + kl_sum).backward()
+
+
 def _gpu_only_sweep(patch):
     """The launch choices that only CUDA tensors get, so that the sweep above never records them: fp32
     adapter dots in "tf32x3", 16-bit GEMM operands not upcast, the adapter forward's BLOCK_M shrunk to
@@ -249,6 +263,14 @@ def test_launch_choices_only_a_gpu_makes_compile_for_sm90(monkeypatch, tmp_path)
     assert any(c.get("INPUT_PRECISION") == "tf32x3" for c in constexprs)
     assert any(c.get("UPCAST_DOT_OPERANDS") is False for c in constexprs)
     assert {16, 32} <= {c.get("BLOCK_M") for c in constexprs}
+    _compile_for_sm90(specs, tmp_path)
+
+
+@pytest.mark.slow
+def test_logit_losses_kernels_compile_for_sm90(monkeypatch, tmp_path):
+    specs = _record_launches(monkeypatch, _logit_losses_sweep)
+    assert {spec["name"] for spec in specs} == {"_forward_kernel", "_backward_kernel"}
+    assert {spec["constexprs"]["SAME_SCALE"] for spec in specs if spec["name"] == "_forward_kernel"} == {True, False}
     _compile_for_sm90(specs, tmp_path)
 
 

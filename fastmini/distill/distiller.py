@@ -208,8 +208,8 @@ def teacher_forward(
 
 
 class Distiller:
-    """Computes the recipe's LossTerms for one micro-batch. ``attention_kl_backend``: of the attention term
-    (fastmini.ops.attention_kl; None: its automatic choice)."""
+    """Computes the recipe's LossTerms for one micro-batch. ``loss_backend``: of the loss ops
+    (fastmini.ops.attention_kl and fastmini.ops.logit_losses; None: their automatic choice)."""
 
     def __init__(
         self,
@@ -219,9 +219,9 @@ class Distiller:
         weights: losses.LossWeights,
         temperature: float,
         autocast_dtype: torch.dtype | None = None,
-        attention_kl_backend: str | None = None,
+        loss_backend: str | None = None,
     ):
-        self.attention_kl_backend = attention_kl_backend
+        self.loss_backend = loss_backend
         self.student_side = student_side
         self.teacher = teacher
         self.layers = layers
@@ -246,7 +246,7 @@ class Distiller:
         attention = sum(
             (
                 losses.attention_kl(
-                    s, t, real_tokens, counts.tokens * s.shape[1] * counts.padded_length, self.attention_kl_backend
+                    s, t, real_tokens, counts.tokens * s.shape[1] * counts.padded_length, self.loss_backend
                 )
                 for s, t in zip(student.attentions, teacher.attentions, strict=True)
             ),
@@ -262,7 +262,7 @@ class Distiller:
         logits, labels = student.masked_logits, student.masked_labels
         if self.weights.mlm and self.use_output_kl:  # one log-softmax of the student's logits for both
             mlm, output = losses.masked_lm_and_output_kl(
-                logits, labels, teacher.masked_logits, self.temperature, counts.masked
+                logits, labels, teacher.masked_logits, self.temperature, counts.masked, self.loss_backend
             )
         else:
             mlm = losses.masked_lm_cross_entropy(logits, labels, counts.masked) if self.weights.mlm else zero

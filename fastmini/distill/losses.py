@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmini.ops.attention_kl import attention_kl_sum, check_attention_maps
+from fastmini.ops.logit_losses import log_probabilities, logit_losses_sum
 
 _COSINE_EPS = 1e-8  # F.cosine_similarity's default: a row's norm is taken as at least this
 
@@ -100,27 +101,15 @@ def hidden_cosine(student: torch.Tensor, teacher: torch.Tensor, denominator: flo
     return distances.sum() / (denominator or distances.shape[0])
 
 
-def log_probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / T) over the last dimension, in fp32 (no division at T = 1: a pass over (M, V))."""
-    logits = logits.float()
-    return F.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
-
-
 def output_kl(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    temperature: float,
-    denominator: float | None = None,
-    student_log_probs: torch.Tensor | None = None,
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, denominator: float | None = None
 ) -> torch.Tensor:
     """KL(softmax(t/T) || softmax(s/T)) * T^2, "batchmean" over the (M, V) masked rows (or the sum
-    divided by ``denominator``). ``student_log_probs``: ``log_probabilities(student_logits, temperature)``,
-    when the caller has them (``masked_lm_and_output_kl``)."""
+    divided by ``denominator``)."""
     rows = student_logits.shape[0]
     if rows == 0:
         return student_logits.sum() * 0.0
-    if student_log_probs is None:
-        student_log_probs = log_probabilities(student_logits, temperature)
+    student_log_probs = log_probabilities(student_logits, temperature)
     with torch.no_grad():
         teacher_log_probs = log_probabilities(teacher_logits, temperature)
     loss = F.kl_div(student_log_probs, teacher_log_probs, reduction="sum", log_target=True) / (denominator or rows)
@@ -128,19 +117,13 @@ def output_kl(
 
 
 def masked_lm_cross_entropy(
-    student_logits: torch.Tensor,
-    labels: torch.Tensor,
-    denominator: float | None = None,
-    student_log_probs: torch.Tensor | None = None,
+    student_logits: torch.Tensor, labels: torch.Tensor, denominator: float | None = None
 ) -> torch.Tensor:
     """Cross-entropy of the student over the (M, V) masked rows against their (M,) original ids
-    (mean, or the sum divided by ``denominator``). ``student_log_probs``: ``log_probabilities(student_logits)``,
-    when the caller has them."""
+    (mean, or the sum divided by ``denominator``)."""
     if labels.numel() == 0:
         return student_logits.sum() * 0.0
-    if student_log_probs is None:
-        student_log_probs = log_probabilities(student_logits)
-    return F.nll_loss(student_log_probs, labels, reduction="sum") / (denominator or labels.numel())
+    return F.nll_loss(log_probabilities(student_logits), labels, reduction="sum") / (denominator or labels.numel())
 
 
 def masked_lm_and_output_kl(
@@ -149,16 +132,18 @@ def masked_lm_and_output_kl(
     teacher_logits: torch.Tensor,
     temperature: float,
     denominator: float | None = None,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(masked_lm_cross_entropy, output_kl) of the same rows from one fp32 log-softmax of the student's logits
-    at T = 1 (the recipe's): each term alone takes an fp32 copy of the (M, V) logits and a log-softmax, and
-    their backward passes, of ~200 MB each at 48 x 256 tokens."""
-    log_probs = log_probabilities(student_logits) if labels.numel() > 0 else None
-    scaled = log_probs if temperature == 1.0 else None
-    return (
-        masked_lm_cross_entropy(student_logits, labels, denominator, log_probs),
-        output_kl(student_logits, teacher_logits, temperature, denominator, scaled),
-    )
+    """(masked_lm_cross_entropy, output_kl) of the same rows together (fastmini.ops.logit_losses): torch's
+    backend takes one fp32 log-softmax of the student's logits for both at T = 1 (each term alone copies the
+    (M, V) logits to fp32 and log-softmaxes them, ~200 MB a pass at 48 x 256 tokens); the Triton kernels read
+    both logits once forward and once backward. ``backend``: of that op (None: its automatic choice)."""
+    rows = student_logits.shape[0]
+    if rows == 0:
+        zero = student_logits.sum() * 0.0
+        return zero, zero
+    ce_sum, kl_sum = logit_losses_sum(student_logits, labels, teacher_logits, temperature, backend)
+    return ce_sum / (denominator or rows), kl_sum / (denominator or rows) * temperature**2
 
 
 def combine(

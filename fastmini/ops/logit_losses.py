@@ -1,0 +1,112 @@
+"""The distillation's two losses on the masked rows' logits, together: the MLM cross-entropy and the output KL.
+
+``logit_losses_sum(student, labels, teacher, temperature)`` is ``(ce_sum, kl_sum)`` over (M, V) logits:
+
+    ce_sum = sum_r -log softmax(s_r)[y_r]                       (rows with label -100 left out)
+    kl_sum = sum_r KL(softmax(t_r / T) || softmax(s_r / T))
+
+fastmini.distill.losses scales them into the recipe's terms (the denominator, T^2).
+
+Backends: "torch" (the composition, one fp32 log-softmax of the student's logits for both terms at T = 1;
+autograd as usual) and "triton" (two kernels that read both logits once per pass: fastmini.kernels.logit_losses;
+labels outside [0, V) are ignored there, as -100 is). Automatic is torch on CUDA until the kernels have run
+there (``_VERIFIED_ON_GPU``); ``backend="triton"`` or ``FASTMINI_BACKEND=triton`` asks for them. Autograd
+Functions, not custom ops: the loss is never compiled or exported.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastmini.ops.dispatch import choose
+
+_OP = "logit_losses"
+# Backends whose kernels have passed their tests on a GPU: none yet (written without one, 2026-11-26).
+_VERIFIED_ON_GPU: tuple[str, ...] = ()
+
+
+def log_probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / T) over the last dimension, in fp32 (fp64 stays fp64; no division at T = 1)."""
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    return F.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+
+
+def logit_losses_sum_ref(
+    student: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The formulas in torch, differentiable by autograd: the oracle of both backends, and the torch backend."""
+    student_log_probs = log_probabilities(student)
+    ce_sum = F.nll_loss(student_log_probs, labels, reduction="sum")
+    if temperature != 1.0:
+        student_log_probs = log_probabilities(student, temperature)
+    with torch.no_grad():
+        teacher_log_probs = log_probabilities(teacher, temperature).to(student_log_probs.dtype)
+    kl_sum = F.kl_div(student_log_probs, teacher_log_probs, reduction="sum", log_target=True)
+    return ce_sum, kl_sum
+
+
+class _TritonLogitLosses(torch.autograd.Function):
+    """Saves the per-row log-sum-exps; reads the logits again in backward (never saved through autograd: the
+    teacher's may be inference tensors). Its backward is not differentiable again."""
+
+    @staticmethod
+    def forward(ctx, student: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor, temperature: float):
+        from fastmini.kernels.logit_losses import logit_losses_forward
+
+        student, labels, teacher = student.contiguous(), labels.contiguous(), teacher.contiguous()
+        ce_sum, kl_sum, saved = logit_losses_forward(student, labels, teacher, temperature)
+        ctx.save_for_backward(student, labels, saved)
+        ctx.teacher = teacher
+        ctx.temperature = temperature
+        return ce_sum, kl_sum
+
+    @staticmethod
+    def backward(ctx, grad_ce: torch.Tensor, grad_kl: torch.Tensor):
+        from fastmini.kernels.logit_losses import logit_losses_backward
+
+        if torch.is_grad_enabled():  # a backward with create_graph=True: the kernels' gradient has no graph
+            raise RuntimeError(f"{_OP}: the triton backend has no second derivative; use backend='torch'")
+        student, labels, saved = ctx.saved_tensors
+        upstream = torch.stack([grad_ce, grad_kl]).to(saved.dtype)  # on the device: no host read
+        grad = logit_losses_backward(student, labels, ctx.teacher, ctx.temperature, saved, upstream)
+        return grad, None, None, None
+
+
+_BACKENDS = {"torch": logit_losses_sum_ref, "triton": _TritonLogitLosses.apply}
+
+
+def logit_losses_sum(
+    student: torch.Tensor,
+    labels: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: float,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ce_sum, kl_sum)``, 0-dim tensors in fp32 (fp64 for fp64 logits), of the student's and the teacher's
+    (M, V) logits (any float dtypes, one device) and the rows' (M,) int64 labels (-100: no cross-entropy).
+    Gradients flow to ``student`` only (the teacher is a target: one that requires grad is refused)."""
+    check_logits(student, labels, teacher, temperature)
+    implementation = choose(_OP, student, backend, _BACKENDS, _VERIFIED_ON_GPU)
+    return implementation(student, labels, teacher, float(temperature))
+
+
+def check_logits(student: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor, temperature: float) -> None:
+    """Shapes, dtypes and devices, never values (no host read): misuse is the same error on every backend."""
+    if student.dim() != 2 or teacher.shape != student.shape:
+        raise ValueError(
+            f"{_OP}: student and teacher logits must be (M, V) of one shape, got {tuple(student.shape)} and "
+            f"{tuple(teacher.shape)}"
+        )
+    if labels.shape != student.shape[:1] or labels.dtype != torch.int64:
+        raise ValueError(
+            f"{_OP}: labels must be (M,) = {tuple(student.shape[:1])} int64 like the logits' rows, got "
+            f"{tuple(labels.shape)} {labels.dtype}"
+        )
+    if not (student.device == teacher.device == labels.device):
+        raise ValueError(f"{_OP}: student, labels and teacher must be on one device, got {student.device}, "
+                         f"{labels.device} and {teacher.device}")  # fmt: skip
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"{_OP}: temperature must be a number > 0, got {temperature!r}")
+    if teacher.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{_OP}: the teacher's logits are the target and get no gradient; detach them first")

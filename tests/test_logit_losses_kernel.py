@@ -1,0 +1,154 @@
+"""The Triton logit-loss kernels (MLM cross-entropy + output KL) against logit_losses_sum_ref: values and gradient.
+
+On the GPU the kernels run compiled (the module is then marked gpu); on the CPU through the Triton
+interpreter (tests/conftest.py), so vocabularies stay small; the GPU-only test at the end adds the recipe's size.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fastmini.kernels import logit_losses as kernels
+
+from fastmini.distill import losses
+from fastmini.ops.logit_losses import _VERIFIED_ON_GPU, logit_losses_sum, logit_losses_sum_ref
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = [pytest.mark.gpu] if DEVICE.type == "cuda" else []
+
+
+def logits(rows, vocab, student_dtype=torch.float64, teacher_dtype=torch.float64, seed=0, scale=3.0, ignored=()):
+    """Student and teacher logits (M, V) and labels (M,), -100 at the ``ignored`` rows."""
+    generator = torch.Generator().manual_seed(seed)
+    student = (torch.randn(rows, vocab, generator=generator, dtype=torch.float64) * scale).to(DEVICE, student_dtype)
+    teacher = (torch.randn(rows, vocab, generator=generator, dtype=torch.float64) * scale).to(DEVICE, teacher_dtype)
+    labels = torch.randint(vocab, (rows,), generator=generator)
+    labels[list(ignored)] = -100
+    return student.requires_grad_(), labels.to(DEVICE), teacher
+
+
+def sums_and_gradient(fn, student, labels, teacher, temperature, upstream=(1.5, -0.7)):
+    ce_sum, kl_sum = fn(student, labels, teacher, temperature)
+    (grad,) = torch.autograd.grad(upstream[0] * ce_sum + upstream[1] * kl_sum, student)
+    return ce_sum.detach(), kl_sum.detach(), grad
+
+
+def triton(student, labels, teacher, temperature):
+    return logit_losses_sum(student, labels, teacher, temperature, backend="triton")
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.5])
+@pytest.mark.parametrize("vocab, block_v", [(37, None), (300, 64), (1000, 256)], ids=["one-chunk", "5-chunks", "4"])
+def test_fp64_matches_the_formula(vocab, block_v, temperature, monkeypatch):
+    """Several rows, one ignored; the vocabulary in one chunk or walked in several, the last one partial."""
+    if block_v:
+        monkeypatch.setattr(kernels, "MAX_BLOCK_V", block_v)
+    student, labels, teacher = logits(6, vocab, ignored=(2,))
+    actual = sums_and_gradient(triton, student, labels, teacher, temperature)
+    expected = sums_and_gradient(logit_losses_sum_ref, student, labels, teacher, temperature)
+    for got, want in zip(actual, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_gradcheck():
+    student, labels, teacher = logits(3, 20, ignored=(1,))
+
+    def weighted(s):
+        ce_sum, kl_sum = triton(s, labels, teacher, 1.5)
+        return 0.3 * ce_sum + 1.7 * kl_sum
+
+    assert torch.autograd.gradcheck(weighted, (student,), eps=1e-6, atol=1e-8)
+
+
+def test_extreme_logits_stay_finite_and_exact():
+    """Logits of +-1e4 (a maximum that jumps between chunks): the running sums are rescaled, never overflow."""
+    student, labels, teacher = logits(4, 300, scale=1.0)
+    with torch.no_grad():
+        student[0, 250] = 1e4  # the row's maximum arrives in its last chunk
+        teacher[1, 10] = 1e4
+        teacher[1, 290] = 2e4
+        student[2] -= 1e4
+    actual = sums_and_gradient(triton, student, labels, teacher, 1.0)
+    expected = sums_and_gradient(logit_losses_sum_ref, student, labels, teacher, 1.0)
+    for got, want in zip(actual, expected, strict=True):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("student_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16], ids=["teacher-fp32", "teacher-bf16"])
+def test_low_precision_logits(student_dtype, teacher_dtype, monkeypatch):
+    """As the recipe runs it (bf16 student logits under autocast): sums in fp32 against the fp64 formula of the
+    same values; the gradient in the student's dtype, to its rounding."""
+    monkeypatch.setattr(kernels, "MAX_BLOCK_V", 128)
+    student, labels, teacher = logits(5, 500, student_dtype, teacher_dtype)
+    ce_sum, kl_sum, grad = sums_and_gradient(triton, student, labels, teacher, 1.0)
+    upcast = student.detach().double().requires_grad_()
+    expected = sums_and_gradient(logit_losses_sum_ref, upcast, labels, teacher.double(), 1.0)
+    assert ce_sum.dtype == kl_sum.dtype == torch.float32 and grad.dtype == student_dtype
+    torch.testing.assert_close(ce_sum.double(), expected[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(kl_sum.double(), expected[1], rtol=1e-6, atol=1e-6)
+    rounding = 2**-8 if student_dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(grad.double(), expected[2], rtol=rounding, atol=rounding * expected[2].abs().max())
+
+
+def test_the_distillers_terms_through_either_backend_agree():
+    """losses.masked_lm_and_output_kl with the kernels gives the torch backend's terms and gradient."""
+    student, labels, teacher = logits(7, 200, torch.float32, torch.float32, ignored=(3,))
+    results = {}
+    for backend in ("torch", "triton"):
+        mlm, output = losses.masked_lm_and_output_kl(student, labels, teacher, 2.0, 5.0, backend=backend)
+        (grad,) = torch.autograd.grad(mlm + output, student)
+        results[backend] = (mlm.detach(), output.detach(), grad)
+    for got, want in zip(results["triton"], results["torch"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_no_rows_inference_teacher_and_strided_logits():
+    student, labels, teacher = logits(0, 50)
+    ce_sum, kl_sum = triton(student, labels, teacher, 1.0)
+    assert ce_sum.item() == kl_sum.item() == 0.0
+    wide, labels, _ = logits(4, 100)
+    student = wide[:, ::2]  # strided: copied to contiguous before the kernels
+    with torch.inference_mode():
+        teacher = torch.randn(4, 50, dtype=torch.float64, device=DEVICE)
+    labels = labels % 50
+    actual = sums_and_gradient(triton, student, labels, teacher, 1.0)
+    expected = sums_and_gradient(logit_losses_sum_ref, student, labels, teacher, 1.0)
+    for got, want in zip(actual, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_misuse_is_one_clear_error():
+    student, labels, teacher = logits(3, 10)
+    with pytest.raises(ValueError, match="one shape"):
+        logit_losses_sum(student, labels, teacher[:, :9], 1.0)
+    with pytest.raises(ValueError, match="int64"):
+        logit_losses_sum(student, labels.int(), teacher, 1.0)
+    with pytest.raises(ValueError, match="temperature must be a number > 0"):
+        logit_losses_sum(student, labels, teacher, 0.0)
+    with pytest.raises(ValueError, match="detach them first"):
+        logit_losses_sum(student, labels, teacher.clone().requires_grad_(), 1.0)
+    ce_sum, kl_sum = logit_losses_sum_ref(student, labels, teacher, 1.0)
+    torch.autograd.grad(ce_sum + kl_sum, student, create_graph=True)  # torch's backend: a second derivative
+    ce_sum, kl_sum = triton(student, labels, teacher, 1.0)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(ce_sum + kl_sum, student, create_graph=True)
+
+
+def test_not_chosen_automatically_on_a_gpu_before_it_has_run_there():
+    assert "triton" not in _VERIFIED_ON_GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_gpu_recipe_size(temperature):
+    """The GPU distillation benchmark's size: 1624 masked rows of V = 30522, bf16 student logits, fp32 teacher."""
+    student, labels, teacher = logits(1624, 30522, torch.bfloat16, torch.float32)
+    ce_sum, kl_sum, grad = sums_and_gradient(triton, student, labels, teacher, temperature)
+    upcast = student.detach().double().requires_grad_()
+    expected = sums_and_gradient(logit_losses_sum_ref, upcast, labels, teacher.double(), temperature)
+    torch.testing.assert_close(ce_sum.double(), expected[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kl_sum.double(), expected[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), expected[2], rtol=2**-8, atol=2**-8 * expected[2].abs().max())
