@@ -5,7 +5,8 @@ Per row (s the student's logits, t the teacher's, T the temperature, y the row's
 
     ce_r = lse(s) - s_y                                          (0 where y < 0 or y >= V: ignored)
     kl_r = sum_v p_v (log p_v - log q_v),   p = softmax(t / T),  q = softmax(s / T)
-         = A / Z_t - lse(t / T) + lse(s / T),   A = sum_v e^(t_v/T - m_t) (t_v - s_v) / T,  Z_t = sum_v e^(t_v/T - m_t)
+         = A / Z_t - log Z_t + log Z_s,   A = sum_v e^(t_v/T - m_t) ((t_v/T - m_t) - (s_v/T - m_s)),
+           Z_t = sum_v e^(t_v/T - m_t),  Z_s = sum_v e^(s_v/T - m_s),  m_t, m_s the rows' maxima of t/T, s/T
     d ce_r / d s_v = softmax(s)_v - [v = y]
     d kl_r / d s_v = (q_v - p_v) / T
 
@@ -42,11 +43,16 @@ def _chunk(student_ptr, teacher_ptr, row, start, vocab, BLOCK_V: tl.constexpr, A
 
 
 @triton.jit
-def _online_logsumexp(maximum, total, values, mask):
-    """(maximum, sum of exp(values - maximum)) with a chunk of values merged in (-inf outside ``mask``)."""
+def _exp_below(values, maximum):
+    """exp(values - maximum), 0 where values is -inf (also when the maximum is: no -inf - -inf)."""
+    return tl.where(values == float("-inf"), 0.0, tl.exp(values - maximum))
+
+
+@triton.jit
+def _merge_maximum(maximum, values):
+    """(new maximum, the factor that takes sums relative to the old one to the new) after a chunk."""
     new_maximum = tl.maximum(maximum, tl.max(values, axis=0))
-    total = total * tl.exp(maximum - new_maximum) + tl.sum(tl.where(mask, tl.exp(values - new_maximum), 0.0), axis=0)
-    return new_maximum, total
+    return new_maximum, _exp_below(maximum, new_maximum)
 
 
 @triton.jit
@@ -58,36 +64,47 @@ def _forward_kernel(
     inverse_temperature = tl.full([1], INVERSE_TEMPERATURE, ACC_DTYPE)  # a float argument would be fp32
     lowest = tl.full([1], float("-inf"), ACC_DTYPE)
     zero = tl.zeros([1], ACC_DTYPE)
-    student_max, student_sum = tl.max(lowest, axis=0), tl.sum(zero, axis=0)
-    scaled_max, scaled_sum = tl.max(lowest, axis=0), tl.sum(zero, axis=0)
-    teacher_max, teacher_sum = tl.max(lowest, axis=0), tl.sum(zero, axis=0)
-    weighted_gap = tl.sum(zero, axis=0)  # A, relative to teacher_max
+    student_max, student_sum = tl.max(lowest, axis=0), tl.sum(zero, axis=0)  # of s
+    scaled_max, scaled_sum = tl.max(lowest, axis=0), tl.sum(zero, axis=0)  # of s / T
+    teacher_max, teacher_sum = tl.max(lowest, axis=0), tl.sum(zero, axis=0)  # of t / T
+    # A = sum_v e^(t_v/T - M_t) ((t_v/T - M_t) - (s_v/T - M_s)) with the running maxima M_t, M_s: the gaps are
+    # taken from each side's maximum, so a common offset of the logits never enters a difference of large
+    # numbers (kl = A / Z_t - log Z_t + log Z_s). When a maximum grows, every earlier gap shifts by as much.
+    weighted_gap = tl.sum(zero, axis=0)
     for start in range(0, vocab, BLOCK_V):
         student, teacher, _columns, mask = _chunk(student_ptr, teacher_ptr, row, start, vocab, BLOCK_V, ACC_DTYPE)
-        student_max, student_sum = _online_logsumexp(student_max, student_sum, student, mask)
+        new_student_max, student_rescale = _merge_maximum(student_max, student)
+        student_sum = student_sum * student_rescale + tl.sum(_exp_below(student, new_student_max), axis=0)
         scaled_student = student * inverse_temperature
-        if not SAME_SCALE:
-            scaled_max, scaled_sum = _online_logsumexp(scaled_max, scaled_sum, scaled_student, mask)
+        if SAME_SCALE:
+            new_scaled_max = new_student_max
+        else:
+            new_scaled_max, scaled_rescale = _merge_maximum(scaled_max, scaled_student)
+            scaled_sum = scaled_sum * scaled_rescale + tl.sum(_exp_below(scaled_student, new_scaled_max), axis=0)
         scaled_teacher = teacher * inverse_temperature
-        new_teacher_max = tl.maximum(teacher_max, tl.max(scaled_teacher, axis=0))
-        rescale = tl.exp(teacher_max - new_teacher_max)
-        weights = tl.where(mask, tl.exp(scaled_teacher - new_teacher_max), 0.0)
-        gaps = tl.where(mask, scaled_teacher, 0.0) - tl.where(mask, scaled_student, 0.0)  # no -inf - -inf
-        teacher_sum = teacher_sum * rescale + tl.sum(weights, axis=0)
-        weighted_gap = weighted_gap * rescale + tl.sum(weights * gaps, axis=0)
-        teacher_max = new_teacher_max
-    lse = student_max + tl.log(student_sum)
+        new_teacher_max, teacher_rescale = _merge_maximum(teacher_max, scaled_teacher)
+        if start > 0:  # the first chunk has no earlier gaps (and -inf maxima)
+            shift = (new_scaled_max - scaled_max) - (new_teacher_max - teacher_max)
+            weighted_gap += tl.where(teacher_sum > 0.0, teacher_sum * shift, 0.0)  # no earlier mass: nothing
+        weights = _exp_below(scaled_teacher, new_teacher_max)
+        # Where the teacher's probability is 0 (logit -inf: a masked word) the term is 0, as 0 log 0 is.
+        counted_gap = mask & (scaled_teacher > float("-inf"))
+        gaps = tl.where(counted_gap, (scaled_teacher - new_teacher_max) - (scaled_student - new_scaled_max), 0.0)
+        weighted_gap = weighted_gap * teacher_rescale + tl.sum(weights * gaps, axis=0)
+        teacher_sum = teacher_sum * teacher_rescale + tl.sum(weights, axis=0)
+        student_max, scaled_max, teacher_max = new_student_max, new_scaled_max, new_teacher_max
     if SAME_SCALE:
-        lse_scaled = lse
-    else:
-        lse_scaled = scaled_max + tl.log(scaled_sum)
+        scaled_sum = student_sum
+    lse = student_max + tl.log(student_sum)
+    lse_scaled = scaled_max + tl.log(scaled_sum)
     lse_teacher = teacher_max + tl.log(teacher_sum)
+    kl = weighted_gap / teacher_sum - tl.log(teacher_sum) + tl.log(scaled_sum)
 
     label = tl.load(label_ptr + row)
     counted = (label >= 0) & (label < vocab)
     label_logit = tl.load(student_ptr + row.to(tl.int64) * vocab + label, mask=counted, other=0.0).to(ACC_DTYPE)
     tl.store(ce_ptr + row, tl.where(counted, lse - label_logit, 0.0))
-    tl.store(kl_ptr + row, weighted_gap / teacher_sum - lse_teacher + lse_scaled)
+    tl.store(kl_ptr + row, kl)
     tl.store(lse_ptr + row, lse)
     tl.store(lse_scaled_ptr + row, lse_scaled)
     tl.store(lse_teacher_ptr + row, lse_teacher)

@@ -157,6 +157,30 @@ def test_hidden_cosine_is_cosine_similarity_with_its_eps_and_takes_an_inference_
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_attention_kl_refuses_a_teacher_changed_before_backward(backend):
+    """The teacher's maps are read again in backward, outside autograd's saved tensors: changed in place in
+    between, they would give another gradient silently; autograd's own guard is kept instead."""
+    generator = torch.Generator().manual_seed(3)
+    student = random_probabilities(generator).float().requires_grad_()
+    teacher = random_probabilities(generator).float()
+    loss = losses.attention_kl(student, teacher, real_mask(), None, backend)
+    teacher.mul_(0.5)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        loss.backward()
+
+
+def test_hidden_cosine_keeps_its_precision_under_autocast():
+    generator = torch.Generator().manual_seed(10)
+    student = torch.randn(16, H, generator=generator, requires_grad=True)
+    teacher = torch.randn(16, H, generator=generator)
+    expected = losses.hidden_cosine(student, teacher)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        actual = losses.hidden_cosine(student, teacher)
+    assert actual.dtype == torch.float32
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_output_kl_on_masked_rows_matches_full_vocabulary_reference(temperature):
     generator = torch.Generator().manual_seed(5)

@@ -75,6 +75,33 @@ def test_extreme_logits_stay_finite_and_exact():
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+def test_masked_words_in_the_first_chunk(monkeypatch):
+    """Logits of -inf (a masked vocabulary) filling a row's first chunk: the running sums start from nothing,
+    never from -inf - -inf. The student's: torch's cross-entropy and gradient. The teacher's: words of
+    probability 0 add 0 to the KL (0 log 0), where torch's kl_div gives NaN."""
+    monkeypatch.setattr(kernels, "MAX_BLOCK_V", 64)
+    student, labels, teacher = logits(3, 300)
+    with torch.no_grad():
+        student[0, :64] = float("-inf")
+        teacher[1, :64] = float("-inf")
+        teacher[2, :128] = float("-inf")
+    labels[0] = 100  # a word the student can predict
+    ce_sum, _kl_sum = triton(student, labels, teacher, 1.0)
+    (grad,) = torch.autograd.grad(ce_sum, student)
+    expected_ce, _ = logit_losses_sum_ref(student, labels, teacher, 1.0)
+    (expected_grad,) = torch.autograd.grad(expected_ce, student)
+    torch.testing.assert_close(ce_sum, expected_ce.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+
+    # The KL of the rows with a masked teacher (row 0's is infinite: the student gives 0 where it has mass).
+    student, teacher = student[1:].detach(), teacher[1:]
+    _ce_sum, kl_sum = triton(student, labels[1:], teacher, 1.0)
+    teacher_probabilities = teacher.softmax(-1)
+    log_ratio = teacher.log_softmax(-1) - student.log_softmax(-1)
+    expected_kl = torch.where(teacher_probabilities > 0, teacher_probabilities * log_ratio, 0.0).sum()
+    torch.testing.assert_close(kl_sum, expected_kl, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("student_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16], ids=["teacher-fp32", "teacher-bf16"])
 def test_low_precision_logits(student_dtype, teacher_dtype, monkeypatch):
@@ -90,6 +117,21 @@ def test_low_precision_logits(student_dtype, teacher_dtype, monkeypatch):
     torch.testing.assert_close(kl_sum.double(), expected[1], rtol=1e-6, atol=1e-6)
     rounding = 2**-8 if student_dtype == torch.bfloat16 else 1e-6
     torch.testing.assert_close(grad.double(), expected[2], rtol=rounding, atol=rounding * expected[2].abs().max())
+
+
+@pytest.mark.parametrize("offset", [0.0, 100.0, 1000.0])
+def test_fp32_kl_of_close_distributions_survives_an_offset(offset, monkeypatch):
+    """A student close to its teacher (a small KL) with logits offset by a constant: the kernels take every gap
+    from each side's running maximum, so the offset never enters a difference of large numbers (written as
+    lse(s) - lse(t) + E_p[t - s] it cost 3.5e-2 of the KL at +1000, torch's composition 2e-5)."""
+    monkeypatch.setattr(kernels, "MAX_BLOCK_V", 128)
+    generator = torch.Generator().manual_seed(4)
+    teacher = torch.randn(4, 500, generator=generator, dtype=torch.float64) * 3 + offset
+    student = teacher + 0.05 * torch.randn(4, 500, generator=generator, dtype=torch.float64)
+    labels = torch.zeros(4, dtype=torch.int64)
+    _ce_sum, kl_sum = triton(student.float().to(DEVICE), labels.to(DEVICE), teacher.float().to(DEVICE), 1.0)
+    _ce, expected = logit_losses_sum_ref(student.float().double(), labels, teacher.float().double(), 1.0)
+    assert abs(kl_sum.item() / expected.item() - 1) < 1e-4
 
 
 def test_the_distillers_terms_through_either_backend_agree():
@@ -129,6 +171,13 @@ def test_misuse_is_one_clear_error():
         logit_losses_sum(student, labels, teacher, 0.0)
     with pytest.raises(ValueError, match="detach them first"):
         logit_losses_sum(student, labels, teacher.clone().requires_grad_(), 1.0)
+    with pytest.raises(ValueError, match="V > 0"):
+        logit_losses_sum(student[:, :0], labels, teacher[:, :0], 1.0)
+    changed = teacher.clone()
+    ce_sum, kl_sum = triton(student, labels, changed, 1.0)
+    changed.mul_(2.0)  # between the loss and its backward: autograd's guard, for a tensor it does not save
+    with pytest.raises(RuntimeError, match="modified in place"):
+        torch.autograd.grad(ce_sum + kl_sum, student)
     ce_sum, kl_sum = logit_losses_sum_ref(student, labels, teacher, 1.0)
     torch.autograd.grad(ce_sum + kl_sum, student, create_graph=True)  # torch's backend: a second derivative
     ce_sum, kl_sum = triton(student, labels, teacher, 1.0)

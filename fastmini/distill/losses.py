@@ -93,11 +93,13 @@ def hidden_cosine(student: torch.Tensor, teacher: torch.Tensor, denominator: flo
     # teacher's, a new tensor: the teacher's own may be inference tensors, which autograd cannot save) and two
     # row reductions; cosine_similarity normalises and clones both (T, H) inputs forward and reads them
     # backward (one layer's term, 4096 x 768 fp32, forward+backward, 2 CPU threads: 41.7 -> 17 ms).
-    with torch.no_grad():
-        teacher = teacher.to(student.dtype)
-        teacher_unit = teacher / torch.linalg.vector_norm(teacher, dim=-1, keepdim=True).clamp_min(_COSINE_EPS)
-    student_norm = torch.linalg.vector_norm(student, dim=-1).clamp_min(_COSINE_EPS)
-    distances = 1.0 - torch.linalg.vecdot(student, teacher_unit) / student_norm
+    # In the inputs' dtype whatever autocast says (it would run vecdot in 16 bits; cosine_similarity it does not).
+    with torch.autocast(student.device.type, enabled=False):
+        with torch.no_grad():  # the teacher is a target: it gets no gradient
+            teacher = teacher.to(student.dtype)
+            teacher_unit = teacher / torch.linalg.vector_norm(teacher, dim=-1, keepdim=True).clamp_min(_COSINE_EPS)
+        student_norm = torch.linalg.vector_norm(student, dim=-1).clamp_min(_COSINE_EPS)
+        distances = 1.0 - torch.linalg.vecdot(student, teacher_unit) / student_norm
     return distances.sum() / (denominator or distances.shape[0])
 
 

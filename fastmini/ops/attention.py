@@ -85,10 +85,12 @@ def self_attention_ref(
     """Eager attention over (B, A, S, D) heads; returns (context, probabilities).
 
     The scores are one ``baddbmm``: the 1/sqrt(D) scale is its alpha and the padding mask an additive
-    (B*A, 1, S) bias of the scores' dtype's lowest value, so no pass over the (B, A, S, S) scores divides
-    or masks them, forward or backward (the distiller asks for probabilities at every recursion: at 8 x 12 x
-    128 x 128 fp32 on 2 CPU threads, forward+backward 58 -> 46 ms, the same values). A masked key's score
-    then becomes that lowest value in fp32, bf16 and fp64; in fp16 it only comes close (its range is small).
+    (B*A, 1, S) bias of half the scores' dtype's lowest value, so no pass over the (B, A, S, S) scores
+    divides or masks them, forward or backward (the distiller asks for probabilities at every recursion: at
+    8 x 12 x 128 x 128 fp32 on 2 CPU threads, forward+backward 58 -> 46 ms, the same values). A masked key's
+    score then becomes that value exactly in fp32, bf16 and fp64; in fp16 only about (its range is small).
+    A row with no real key at all gets uniform probabilities (fp16: about), and, unlike a masked fill, its
+    scores pass a gradient to its queries and keys: nothing reaches them unless a loss reads such a row.
     """
     batch, heads, seq, head_dim = query.shape
     queries = query.reshape(batch * heads, seq, head_dim)
@@ -97,7 +99,9 @@ def self_attention_ref(
         bias, beta = queries.new_zeros(()), 0.0  # beta 0: the bias is never read
     else:
         dtype = _score_dtype(query)
-        bias = torch.full((batch, 1, 1, seq), torch.finfo(dtype).min, dtype=dtype, device=query.device)
+        # Half the lowest value: fp16's whole lowest value plus a score of -16 or less would round to -inf, and
+        # a row with no real key would then be NaN; half of it still absorbs every score in fp32 and bf16.
+        bias = torch.full((batch, 1, 1, seq), torch.finfo(dtype).min / 2, dtype=dtype, device=query.device)
         bias.masked_fill_(key_padding_mask[:, None, None, :], 0.0)
         bias, beta = bias.expand(batch, heads, 1, seq).reshape(batch * heads, 1, seq), 1.0
     scores = torch.baddbmm(bias, queries, keys_t, beta=beta, alpha=head_dim**-0.5)
@@ -137,7 +141,7 @@ def self_attention(
     ``key_padding_mask`` is (B, S) bool, True for real tokens; padded keys get no weight. Padded queries
     attend too (their rows are those of a real query, as in transformers): callers ignore or zero them.
     A row with no real token at all has no key to attend to: its probabilities are spread over its S
-    (padded) keys (uniformly, except for fp16 scores, see ``self_attention_ref``) and its context is whatever
+    (padded) keys (uniformly; in fp16 about, see ``self_attention_ref``) and its context is whatever
     the kernel gives (zeros from torch 2.13's SDPA on the CPU).
     ``dropout_p`` is applied whenever it is > 0 (callers pass 0 in eval mode); the probabilities
     returned are those before dropout. ``need_weights=True`` runs the eager ``self_attention_ref``.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from fastmini.ops.checks import HeldTarget
 from fastmini.ops.dispatch import choose
 
 _OP = "attention_kl"
@@ -54,14 +55,14 @@ class _TorchAttentionKL(torch.autograd.Function):
         log_ratio -= (student.to(dtype) + ATTENTION_EPS).log_()
         row_sums = torch.linalg.vecdot(target, log_ratio)  # (B, A, S)
         ctx.save_for_backward(student, weights)
-        ctx.teacher = teacher  # read in backward, never saved through autograd (may be an inference tensor)
+        ctx.teacher = HeldTarget(_OP, teacher)  # read in backward, not saved through autograd
         ctx.denominator = denominator
         return (row_sums * weights).sum() / denominator
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         student, weights = ctx.saved_tensors
-        target = ctx.teacher.to(weights.dtype) + ATTENTION_EPS
+        target = ctx.teacher.get().to(weights.dtype) + ATTENTION_EPS
         factor = (weights * (-grad_output / ctx.denominator))[..., None]  # (B, 1, S, 1)
         grad = target.div_(student.to(weights.dtype) + ATTENTION_EPS).mul_(factor)
         return grad.to(student.dtype), None, None, None
@@ -79,7 +80,7 @@ class _TritonAttentionKL(torch.autograd.Function):
         student, teacher = student.contiguous(), teacher.contiguous()
         weights = rows.to(_computing_dtype(student)).contiguous().view(-1)
         ctx.save_for_backward(student, weights)
-        ctx.teacher = teacher
+        ctx.teacher = HeldTarget(_OP, teacher)
         ctx.denominator = denominator
         return attention_kl_forward(student, teacher, weights, ATTENTION_EPS) / denominator
 
@@ -92,7 +93,7 @@ class _TritonAttentionKL(torch.autograd.Function):
 
         student, weights = ctx.saved_tensors
         scale = (grad_output.to(weights.dtype) / -ctx.denominator).reshape(1)  # on the device: no host read
-        return attention_kl_backward(student, ctx.teacher, weights, ATTENTION_EPS, scale), None, None, None
+        return attention_kl_backward(student, ctx.teacher.get(), weights, ATTENTION_EPS, scale), None, None, None
 
 
 _BACKENDS = {"torch": _TorchAttentionKL.apply, "triton": _TritonAttentionKL.apply}

@@ -82,3 +82,22 @@ def layer_norm_parameter(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tens
     if tensor.dtype == dtype or (tensor.dtype == torch.float32 and dtype in _HALF_DTYPES):
         return tensor
     return tensor.to(dtype)
+
+
+class HeldTarget:
+    """A loss's target tensor kept for backward outside autograd's saved tensors (the teacher's maps or logits
+    may be inference tensors, which autograd cannot save), with autograd's own guard: an in-place change
+    between forward and backward is an error, not a silently different gradient. Inference tensors have no
+    version counter, and outside inference mode they cannot be changed in place."""
+
+    def __init__(self, op: str, tensor: torch.Tensor):
+        self.op = op
+        self.tensor = tensor
+        self.version = None if tensor.is_inference() else tensor._version
+
+    def get(self) -> torch.Tensor:
+        if self.version is not None and self.tensor._version != self.version:
+            raise RuntimeError(
+                f"{self.op}: the teacher's tensor was modified in place between the loss and its backward"
+            )
+        return self.tensor

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastmini.ops.checks import HeldTarget
 from fastmini.ops.dispatch import choose
 
 _OP = "logit_losses"
@@ -57,7 +58,7 @@ class _TritonLogitLosses(torch.autograd.Function):
         student, labels, teacher = student.contiguous(), labels.contiguous(), teacher.contiguous()
         ce_sum, kl_sum, saved = logit_losses_forward(student, labels, teacher, temperature)
         ctx.save_for_backward(student, labels, saved)
-        ctx.teacher = teacher
+        ctx.teacher = HeldTarget(_OP, teacher)
         ctx.temperature = temperature
         return ce_sum, kl_sum
 
@@ -69,7 +70,7 @@ class _TritonLogitLosses(torch.autograd.Function):
             raise RuntimeError(f"{_OP}: the triton backend has no second derivative; use backend='torch'")
         student, labels, saved = ctx.saved_tensors
         upstream = torch.stack([grad_ce, grad_kl]).to(saved.dtype)  # on the device: no host read
-        grad = logit_losses_backward(student, labels, ctx.teacher, ctx.temperature, saved, upstream)
+        grad = logit_losses_backward(student, labels, ctx.teacher.get(), ctx.temperature, saved, upstream)
         return grad, None, None, None
 
 
@@ -93,10 +94,10 @@ def logit_losses_sum(
 
 def check_logits(student: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor, temperature: float) -> None:
     """Shapes, dtypes and devices, never values (no host read): misuse is the same error on every backend."""
-    if student.dim() != 2 or teacher.shape != student.shape:
+    if student.dim() != 2 or teacher.shape != student.shape or student.shape[1] == 0:
         raise ValueError(
-            f"{_OP}: student and teacher logits must be (M, V) of one shape, got {tuple(student.shape)} and "
-            f"{tuple(teacher.shape)}"
+            f"{_OP}: student and teacher logits must be (M, V) of one shape with V > 0, got {tuple(student.shape)} "
+            f"and {tuple(teacher.shape)}"
         )
     if labels.shape != student.shape[:1] or labels.dtype != torch.int64:
         raise ValueError(
