@@ -23,10 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from fastmini.ops.attention_kl import attention_kl_sum, check_attention_maps
-from fastmini.ops.logit_losses import log_probabilities, logit_losses_sum
+from fastmini.ops.logit_losses import cross_entropy_sum, kl_sum, log_probabilities, logit_losses_sum
 
 _COSINE_EPS = 1e-8  # F.cosine_similarity's default: a row's norm is taken as at least this
 
@@ -111,11 +110,8 @@ def output_kl(
     rows = student_logits.shape[0]
     if rows == 0:
         return student_logits.sum() * 0.0
-    student_log_probs = log_probabilities(student_logits, temperature)
-    with torch.no_grad():
-        teacher_log_probs = log_probabilities(teacher_logits, temperature)
-    loss = F.kl_div(student_log_probs, teacher_log_probs, reduction="sum", log_target=True) / (denominator or rows)
-    return loss * temperature**2
+    loss = kl_sum(log_probabilities(student_logits, temperature), teacher_logits, temperature)
+    return loss / (denominator or rows) * temperature**2
 
 
 def masked_lm_cross_entropy(
@@ -125,7 +121,7 @@ def masked_lm_cross_entropy(
     (mean, or the sum divided by ``denominator``)."""
     if labels.numel() == 0:
         return student_logits.sum() * 0.0
-    return F.nll_loss(log_probabilities(student_logits), labels, reduction="sum") / (denominator or labels.numel())
+    return cross_entropy_sum(log_probabilities(student_logits), labels) / (denominator or labels.numel())
 
 
 def masked_lm_and_output_kl(

@@ -33,18 +33,25 @@ def log_probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.T
     return F.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
 
 
+def cross_entropy_sum(student_log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """sum_r -log_probs[r, y_r] over the rows whose label is not -100."""
+    return F.nll_loss(student_log_probs, labels, reduction="sum")
+
+
+def kl_sum(student_log_probs: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """sum_r KL(softmax(t_r / T) || exp(student_log_probs_r)); the teacher is a target (no gradient)."""
+    with torch.no_grad():
+        teacher_log_probs = log_probabilities(teacher_logits, temperature).to(student_log_probs.dtype)
+    return F.kl_div(student_log_probs, teacher_log_probs, reduction="sum", log_target=True)
+
+
 def logit_losses_sum_ref(
     student: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The formulas in torch, differentiable by autograd: the oracle of both backends, and the torch backend."""
     student_log_probs = log_probabilities(student)
-    ce_sum = F.nll_loss(student_log_probs, labels, reduction="sum")
-    if temperature != 1.0:
-        student_log_probs = log_probabilities(student, temperature)
-    with torch.no_grad():
-        teacher_log_probs = log_probabilities(teacher, temperature).to(student_log_probs.dtype)
-    kl_sum = F.kl_div(student_log_probs, teacher_log_probs, reduction="sum", log_target=True)
-    return ce_sum, kl_sum
+    scaled = student_log_probs if temperature == 1.0 else log_probabilities(student, temperature)
+    return cross_entropy_sum(student_log_probs, labels), kl_sum(scaled, teacher, temperature)
 
 
 class _TritonLogitLosses(torch.autograd.Function):
