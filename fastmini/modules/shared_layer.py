@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmini.ops import Packing, add_layer_norm, linear_gelu, packed_self_attention, self_attention
+from fastmini.ops.autocasting import autocast_dtype_for
 from fastmini.ops.plain_layers import all_plain
 from fastmini.ops.prepacked_linear import PrepackedWeightsMixin
 
@@ -63,10 +64,8 @@ class SharedLayer(PrepackedWeightsMixin, nn.Module):
         if not self.fuse_qkv or cpu_inference or not all_plain(*layers) or any(m.bias is None for m in layers):
             return None, None
         weight, bias = torch.cat([m.weight for m in layers]), torch.cat([m.bias for m in layers])
-        if torch.is_autocast_enabled(x.device.type) and weight.dtype != torch.float64:  # autocast keeps fp64
-            dtype = torch.get_autocast_dtype(x.device.type)
-            weight, bias = weight.to(dtype), bias.to(dtype)
-        return weight, bias
+        dtype = autocast_dtype_for(weight)  # cast once here: autocast does not cache casts of non-leaf tensors
+        return weight.to(dtype), bias.to(dtype)
 
     def attention_block(
         self,

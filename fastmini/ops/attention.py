@@ -22,6 +22,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
+from fastmini.ops.autocasting import autocast_dtype_for
 from fastmini.ops.checks import check_probability, check_tensor
 from fastmini.ops.dispatch import BackendUnavailableError
 from fastmini.ops.packing import Packing
@@ -67,14 +68,6 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, seq, heads * head_dim)
 
 
-def _score_dtype(query: torch.Tensor) -> torch.dtype:
-    """The dtype q k^T comes out in: autocast's where it is on (it casts every dtype but fp64), else query's."""
-    device_type = query.device.type
-    if torch.is_autocast_enabled(device_type) and query.dtype != torch.float64:
-        return torch.get_autocast_dtype(device_type)
-    return query.dtype
-
-
 def self_attention_ref(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -98,7 +91,7 @@ def self_attention_ref(
     if key_padding_mask is None:
         bias, beta = queries.new_zeros(()), 0.0  # beta 0: the bias is never read
     else:
-        dtype = _score_dtype(query)
+        dtype = autocast_dtype_for(query)  # the scores' dtype: a bias autocast cast would lose its value
         # Half the lowest value: fp16's whole lowest value plus a score of -16 or less would round to -inf, and
         # a row with no real key would then be NaN; half of it still absorbs every score in fp32 and bf16.
         bias = torch.full((batch, 1, 1, seq), torch.finfo(dtype).min / 2, dtype=dtype, device=query.device)

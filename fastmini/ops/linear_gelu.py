@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastmini.ops.autocasting import autocast_dtype_for
 from fastmini.ops.checks import all_in, cast_to, check_parameter, check_tensor
 from fastmini.ops.dispatch import choose
 
@@ -150,10 +151,7 @@ def _autocast_activation(x: torch.Tensor) -> torch.Tensor:
     """x in the autocast dtype inside an autocast region (custom ops are not cast by autocast itself).
     Only the activation is cast: the kernels cast an fp32 weight for the GEMM and keep the bias in
     fp32 for the epilogue, and the weight gradients come back in fp32."""
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return x.to(torch.get_autocast_dtype(device_type))
-    return x
+    return x.to(autocast_dtype_for(x))
 
 
 def _linear_gelu_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Tensor:

@@ -1,0 +1,17 @@
+"""The dtype autocast computes a tensor's lower-precision ops in: one rule for the ops and modules that
+must anticipate it (custom ops autocast does not cast, masks built to match, weights cast once)."""
+
+from __future__ import annotations
+
+import torch
+
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)  # autocast leaves fp64 (and integers) alone
+
+
+def autocast_dtype_for(tensor: torch.Tensor) -> torch.dtype:
+    """Autocast's dtype inside an autocast region of ``tensor``'s device when it would cast ``tensor``,
+    else ``tensor``'s own dtype."""
+    device_type = tensor.device.type
+    if tensor.dtype in _AUTOCAST_ELIGIBLE and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return tensor.dtype
