@@ -30,29 +30,6 @@ Design (why it is shaped this way):
   next to the (H, R) weight tiles does not fit in registers at H=768, and Triton cannot index a register
   tile by chunk; the extra g W_u^T is 2R FLOPs per element, nothing next to the memory traffic.
   h and g (BLOCK_M x R) stay in registers: the bottleneck never goes to memory, except the copy below.
-- Closed-form statistics (``CLOSED_FORM_STATS``, opt-in until a GPU has timed it): the first sweep also
-  gathers what the LayerNorm statistics of z = x + v + c, v = g W_u^T + (b_u - c), need, so the
-  second sweep goes and the forward walks the row twice instead of three times (one program per SM runs
-  these tiles, so the time is ~the chain of dependent chunk steps: 36 -> 24 at 64-wide chunks):
-      sum (z - mean)^2 = S_xx + 2 S_xv + S_vv,   S_xx = sum (x - s)^2 - (sum (x - s))^2 / H,
-      S_xv = g . (x W_u) + x . b - s sum v - mean_v sum (x - s),
-      S_vv = g G g^T + 2 g . (W_u^T b) + |b|^2 - H mean_v^2,   G = W_u^T W_u,  b = b_u - c,
-  with x W_u, G, 1^T W_u and W_u^T b accumulated by tl.dot and sums over the same chunks; s is the mean of
-  the row's first chunk of x and c that of b_u's. The shifts take a common offset out of the sums: with
-  offsets of 100 or 1e4 in x and 100 in b_u the statistics are as close to fp64 as the merged ones
-  (tested). What no shift removes: the three terms cancel when z varies much less than x (an adapter
-  output that nearly cancels its input: error ~ 1e-7 var(x) / var(z) in fp32) or when W_u's columns share
-  a large mean. So the kernel compares the terms' size with their sum, and a block with a row where they
-  exceed CANCELLATION_LIMIT times it recomputes its statistics by the merged sweep (exact, as the
-  default's: such blocks cost what the default does). fp16 is refused: G's diagonal overflows fp16
-  operands once a column's RMS exceeds ~sqrt(65504 / H). g is the
-  rounded dot operand and W_u rounded as the dots round it, so they are the statistics of the z the last
-  sweep forms. g G keeps ~16 bits of G (two 16-bit products, _fp32_product). Costs (ptxas, sm_90, bf16
-  64 x 64 tiles): 242 registers against the default's 133 (one program of 8 warps per SM either way),
-  72 KB of shared memory; fp32's tf32x3 dots spill, so it is meant for 16-bit activations.
-  The backward row kernel has the same option (_row_gradient_sums): the LayerNorm means and dg = dz W_u
-  from x W_u, wdy W_u, G and row sums in one sweep, instead of two that recompute z (bf16 32 x 64 tiles:
-  255 registers and 64 bytes of spills; 16-row blocks: 254, none).
 - Saved for backward (only when autograd needs it): mean and rstd (M,) and h (M, R), in fp32. h costs
   R/(2H) of the forward's traffic in bf16 (3% at r=16) and spares the backward the down projection;
   the column kernel below never sees whole rows, so it could not recompute h at all.
@@ -85,10 +62,6 @@ import triton.language as tl
 from fastmini.kernels.gelu import gelu, gelu_derivative
 from fastmini.kernels.interpreter import cast_output, dot_operand
 from fastmini.kernels.launching import on_device
-
-# The closed-form statistics' terms may add up to at most this many times their result before a block
-# recomputes its statistics by the merged sweep: the error is then at most ~16 units of ACC_DTYPE rounding.
-CANCELLATION_LIMIT: tl.constexpr = tl.constexpr(16.0)
 
 
 @triton.jit
@@ -169,189 +142,6 @@ def _bottleneck(
 
 
 @triton.jit
-def _merged_statistics(
-    x_block,  # (BLOCK_M, H) rows of x from the block's first row on
-    up_weight_ptr,  # (H, R)
-    up_bias_ptr,  # (H,)
-    row_offsets,  # (BLOCK_M,) int32: local row * H
-    row_mask,  # (BLOCK_M,)
-    g,  # (BLOCK_M, BLOCK_R) GELU(h) as the dot operand
-    H: tl.constexpr,
-    R: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-):
-    """The LayerNorm mean and centred sum of squares of z = x + g W_u^T + b_u, z recomputed chunk by chunk and
-    merged (Chan et al.): each chunk's own mean and centred sum of squares are exact, and merging them never
-    subtracts two large sums as E[z^2] - E[z]^2 would."""
-    mean = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
-    centred_squares = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
-    for start in range(0, H, BLOCK_K):
-        z, columns, column_mask = _residual_chunk(
-            x_block, up_weight_ptr, up_bias_ptr, row_offsets, row_mask, g, start, H, R, BLOCK_K, BLOCK_R, DOT_DTYPE,
-            ACC_DTYPE, INPUT_PRECISION,
-        )  # fmt: skip
-        # In ACC_DTYPE, not as "* 1.0" (fp32): fp64 statistics need fp64 merge weights too.
-        seen = tl.cast(start, ACC_DTYPE)  # columns already merged
-        count = tl.cast(tl.minimum(H - start, BLOCK_K), ACC_DTYPE)
-        chunk_mean = tl.sum(z, axis=1) / count
-        centred = tl.where(column_mask[None, :], z - chunk_mean[:, None], 0.0)
-        delta = chunk_mean - mean
-        mean += delta * (count / (seen + count))
-        centred_squares += tl.sum(centred * centred, axis=1) + delta * delta * (seen * count / (seen + count))
-    return mean, centred_squares
-
-
-@triton.jit
-def _fp32_product(
-    a,  # (M, K) in ACC_DTYPE
-    b,  # (K, N) a dot operand (DOT_DTYPE)
-    acc,  # (M, N) ACC_DTYPE
-    DOT_DTYPE: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-):
-    """acc + a b with a kept to ~16 significant bits where the dots are 16-bit: a = high + low, each a 16-bit
-    operand, two tensor-core products (fp32 operands in tf32x3 hold twice the registers and spill here)."""
-    if DOT_DTYPE == ACC_DTYPE:
-        return tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-    high = dot_operand(a, DOT_DTYPE)
-    acc = tl.dot(high, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-    low = dot_operand(a - high.to(ACC_DTYPE), DOT_DTYPE)
-    return tl.dot(low, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-
-
-@triton.jit
-def _times_gram(
-    g,  # (BLOCK_M, BLOCK_R) dot operand
-    gram,  # (BLOCK_R, BLOCK_R) ACC_DTYPE, symmetric
-    BLOCK_M: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-):
-    """g G (BLOCK_M, BLOCK_R), G kept to ~16 bits: computed as (G g^T)^T, G being symmetric."""
-    product = tl.zeros((BLOCK_R, BLOCK_M), dtype=ACC_DTYPE)
-    return tl.trans(_fp32_product(gram, tl.trans(g), product, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION))
-
-
-@triton.jit
-def _bottleneck_and_statistics(
-    x_block,  # (BLOCK_M, H) rows of x from the block's first row on
-    down_weight_ptr,  # (R, H)
-    down_bias_ptr,  # (R,)
-    up_weight_ptr,  # (H, R)
-    up_bias_ptr,  # (H,)
-    row_offsets,  # (BLOCK_M,) int32: local row * H
-    row_mask,  # (BLOCK_M,)
-    H: tl.constexpr,
-    R: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-):
-    """One sweep over x for h, g = GELU(h) (as the dot operand) and the LayerNorm statistics of
-    z = x + u, u = g W_u^T + b_u, without forming z (see "closed-form statistics" in the module doc)."""
-    bottleneck = tl.arange(0, BLOCK_R)
-    bottleneck_mask = bottleneck < R
-    # Shifted sums of x: s, the mean of the row's first chunk, is near the row's mean, so sum((x - s)^2) -
-    # sum(x - s)^2 / H cancels little whatever the rows' common offset (a mean of BLOCK_K elements, not one
-    # element, which an outlier column would make the worst shift). b_u likewise, by its first chunk's mean.
-    first_columns = tl.arange(0, BLOCK_K)
-    first_mask = first_columns < H
-    first_count = tl.cast(tl.minimum(H, BLOCK_K), ACC_DTYPE)
-    first_chunk = tl.load(
-        x_block + row_offsets[:, None] + first_columns[None, :],
-        mask=row_mask[:, None] & first_mask[None, :],
-        other=0.0,
-    ).to(ACC_DTYPE)
-    shift = tl.sum(first_chunk, axis=1) / first_count
-    up_bias_first = tl.load(up_bias_ptr + first_columns, mask=first_mask, other=0.0).to(ACC_DTYPE)
-    up_bias_shift = tl.sum(up_bias_first, axis=0) / first_count
-    h = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
-    x_up = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)  # x W_u: (BLOCK_M, R)
-    gram = tl.zeros((BLOCK_R, BLOCK_R), dtype=ACC_DTYPE)  # W_u^T W_u
-    up_column_sums = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)  # 1^T W_u
-    up_bias_projection = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)  # (b_u - b_u[0])^T W_u
-    up_bias_sums = tl.zeros((BLOCK_K,), dtype=ACC_DTYPE)
-    up_bias_squares = tl.zeros((BLOCK_K,), dtype=ACC_DTYPE)
-    # Element-wise partial sums, reduced across the row once after the sweep: fewer steps in the loop
-    # (ptxas for sm_90, bf16 64 x 64 tiles: 242 registers for the kernel, no spills; reduced chunk by chunk, more).
-    x_sums = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
-    x_squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
-    x_up_bias = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
-    for start in range(0, H, BLOCK_K):
-        columns = start + tl.arange(0, BLOCK_K)
-        column_mask = columns < H
-        tile_mask = row_mask[:, None] & column_mask[None, :]
-        x = tl.load(x_block + row_offsets[:, None] + columns[None, :], mask=tile_mask, other=0.0)
-        weight_mask = column_mask[:, None] & bottleneck_mask[None, :]
-        down_weight_t = tl.load(  # (BLOCK_K, BLOCK_R) = W_d[:, columns]^T
-            down_weight_ptr + bottleneck[None, :] * H + columns[:, None], mask=weight_mask, other=0.0
-        )
-        # (BLOCK_K, BLOCK_R) = W_u[columns, :], rounded as the second sweep's dots round it, so the
-        # statistics are those of the z that sweep computes.
-        up_weight = dot_operand(
-            tl.load(up_weight_ptr + columns[:, None] * R + bottleneck[None, :], mask=weight_mask, other=0.0),
-            DOT_DTYPE,
-        )
-        up_bias = tl.load(up_bias_ptr + columns, mask=column_mask, other=0.0).to(ACC_DTYPE)
-        up_bias = tl.where(column_mask, up_bias - up_bias_shift, 0.0)
-        x_dot = dot_operand(x, DOT_DTYPE)
-        down_weight_t = dot_operand(down_weight_t, DOT_DTYPE)
-        h = tl.dot(x_dot, down_weight_t, h, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        x_up = tl.dot(x_dot, up_weight, x_up, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        gram = tl.dot(tl.trans(up_weight), up_weight, gram, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        up_weight_values = up_weight.to(ACC_DTYPE)
-        up_column_sums += tl.sum(up_weight_values, axis=0)
-        up_bias_projection += tl.sum(up_weight_values * up_bias[:, None], axis=0)
-        up_bias_sums += up_bias
-        up_bias_squares += up_bias * up_bias
-        x_values = x.to(ACC_DTYPE)
-        shifted = tl.where(tile_mask, x_values - shift[:, None], 0.0)
-        x_sums += shifted
-        x_squares += shifted * shifted
-        x_up_bias += x_values * up_bias[None, :]
-    down_bias = tl.load(down_bias_ptr + bottleneck, mask=bottleneck_mask, other=0.0).to(ACC_DTYPE)
-    h = h + down_bias[None, :]
-    g = dot_operand(gelu(h, False), DOT_DTYPE)
-    g_values = g.to(ACC_DTYPE)  # zero in the padded bottleneck columns (GELU(0) = 0)
-
-    # x: mean and centred sum of squares from the shifted sums.
-    shifted_sum = tl.sum(x_sums, axis=1)
-    x_mean = shift + shifted_sum / H
-    x_centred_squares = tl.sum(x_squares, axis=1) - shifted_sum * shifted_sum / H
-    # v = u - b_u[0] = g W_u^T + (b_u - b_u[0]): its mean, and sum_j v_j^2 = g G g^T + 2 g . (W_u^T b) + |b|^2.
-    up_bias_sum = tl.sum(up_bias_sums, axis=0)
-    v_mean = (tl.sum(g_values * up_column_sums[None, :], axis=1) + up_bias_sum) / H
-    g_gram = _times_gram(g, gram, BLOCK_M, BLOCK_R, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION)
-    v_squares = (
-        tl.sum(g_gram * g_values, axis=1)
-        + 2.0 * tl.sum(g_values * up_bias_projection[None, :], axis=1)
-        + tl.sum(up_bias_squares, axis=0)
-    )
-    v_centred_squares = v_squares - H * v_mean * v_mean
-    # sum_j (x_j - x_mean)(v_j - v_mean) = sum_j (x_j - s) v_j - v_mean sum_j (x_j - s), and
-    # sum_j x_j v_j = g . (x W_u) + x . (b_u - b_u[0]).
-    x_times_v = tl.sum(g_values * x_up, axis=1) + tl.sum(x_up_bias, axis=1)
-    cross = x_times_v - shift * (H * v_mean) - v_mean * shifted_sum
-    centred_squares = tl.maximum(x_centred_squares + 2.0 * cross + v_centred_squares, 0.0)
-    # The three terms cancel when z varies much less than x (or W_u's columns share a large mean): the
-    # error is then ~ their size over the result, in units of ACC_DTYPE's precision. Flag such rows.
-    magnitude = x_centred_squares + 2.0 * tl.abs(cross) + v_squares + H * v_mean * v_mean
-    cancels = magnitude > CANCELLATION_LIMIT * centred_squares
-    return h, g, x_mean + v_mean + up_bias_shift, centred_squares, cancels
-
-
-@triton.jit
 def _forward_kernel(
     x_ptr,  # (M, H) activation dtype
     down_weight_ptr,  # (R, H)
@@ -375,7 +165,6 @@ def _forward_kernel(
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     SAVE_FOR_BACKWARD: tl.constexpr,
-    CLOSED_FORM_STATS: tl.constexpr,
 ):
     # The block's rows are addressed from 64-bit base pointers with 32-bit offsets inside the block: a
     # 64-bit offset per element costs two registers per element in every tile that is kept alive.
@@ -386,27 +175,29 @@ def _forward_kernel(
     x_block = x_ptr + first_row.to(tl.int64) * H
     bottleneck = tl.arange(0, BLOCK_R)
 
-    if CLOSED_FORM_STATS:
-        h, g, mean, centred_squares, cancels = _bottleneck_and_statistics(
-            x_block, down_weight_ptr, down_bias_ptr, up_weight_ptr, up_bias_ptr, row_offsets, row_mask, H, R,
-            BLOCK_M, BLOCK_K, BLOCK_R, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION,
+    h = _bottleneck(
+        x_block, down_weight_ptr, down_bias_ptr, row_offsets, row_mask, H, R, BLOCK_M, BLOCK_K, BLOCK_R, DOT_DTYPE,
+        ACC_DTYPE, INPUT_PRECISION,
+    )  # fmt: skip
+    g = dot_operand(gelu(h, False), DOT_DTYPE)
+
+    # LayerNorm statistics, merged chunk by chunk (Chan et al.): each chunk's own mean and centred sum of
+    # squares are exact, and merging them never subtracts two large sums as E[z^2] - E[z]^2 would.
+    mean = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+    centred_squares = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+    for start in range(0, H, BLOCK_K):
+        z, columns, column_mask = _residual_chunk(
+            x_block, up_weight_ptr, up_bias_ptr, row_offsets, row_mask, g, start, H, R, BLOCK_K, BLOCK_R, DOT_DTYPE,
+            ACC_DTYPE, INPUT_PRECISION,
         )  # fmt: skip
-        # Where the closed form cancelled, this block pays the sweep it saved (the default's statistics).
-        if tl.max(cancels.to(tl.int32), axis=0) > 0:
-            mean, centred_squares = _merged_statistics(
-                x_block, up_weight_ptr, up_bias_ptr, row_offsets, row_mask, g, H, R, BLOCK_M, BLOCK_K, BLOCK_R,
-                DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION,
-            )  # fmt: skip
-    else:
-        h = _bottleneck(
-            x_block, down_weight_ptr, down_bias_ptr, row_offsets, row_mask, H, R, BLOCK_M, BLOCK_K, BLOCK_R,
-            DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION,
-        )  # fmt: skip
-        g = dot_operand(gelu(h, False), DOT_DTYPE)
-        mean, centred_squares = _merged_statistics(
-            x_block, up_weight_ptr, up_bias_ptr, row_offsets, row_mask, g, H, R, BLOCK_M, BLOCK_K, BLOCK_R,
-            DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION,
-        )  # fmt: skip
+        # In ACC_DTYPE, not as "* 1.0" (fp32): fp64 statistics need fp64 merge weights too.
+        seen = tl.cast(start, ACC_DTYPE)  # columns already merged
+        count = tl.cast(tl.minimum(H - start, BLOCK_K), ACC_DTYPE)
+        chunk_mean = tl.sum(z, axis=1) / count
+        centred = tl.where(column_mask[None, :], z - chunk_mean[:, None], 0.0)
+        delta = chunk_mean - mean
+        mean += delta * (count / (seen + count))
+        centred_squares += tl.sum(centred * centred, axis=1) + delta * delta * (seen * count / (seen + count))
     rstd = 1.0 / tl.sqrt(centred_squares / H + eps)
 
     y_block = y_ptr + first_row.to(tl.int64) * H
@@ -435,81 +226,6 @@ def _forward_kernel(
 
 
 @triton.jit
-def _row_gradient_sums(
-    x_block,  # (BLOCK_M, H) rows of x from the block's first row on
-    dy_block,  # (BLOCK_M, H) rows of dy likewise
-    up_weight_ptr,  # (H, R)
-    up_bias_ptr,  # (H,)
-    norm_weight_ptr,  # (H,)
-    row_offsets,  # (BLOCK_M,) int32: local row * H
-    row_mask,  # (BLOCK_M,)
-    g,  # (BLOCK_M, BLOCK_R) GELU(h) as the dot operand
-    mean,  # (BLOCK_M,)
-    rstd,  # (BLOCK_M,)
-    H: tl.constexpr,
-    R: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-):
-    """mean_H(wdy xhat), mean_H(wdy) and dg = dz W_u in one sweep over x and dy, without forming z or dz
-    (see "closed-form statistics" in the module doc):
-        sum wdy (z - mean) = wdy . (x + b_u - mean) + g . (wdy W_u),       z W_u = x W_u + g G + W_u^T b_u,
-        dg = rstd (wdy W_u - a rstd (z W_u - mean 1^T W_u) - b 1^T W_u),   a, b the two means.
-    wdy W_u keeps ~16 bits of wdy (_fp32_product): dg is a difference of it and the other terms, so rounding
-    wdy to 8 bits first would cost dg the accuracy it keeps when dz is rounded instead."""
-    bottleneck = tl.arange(0, BLOCK_R)
-    bottleneck_mask = bottleneck < R
-    wdy_up = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)  # wdy W_u
-    x_up = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)  # x W_u
-    gram = tl.zeros((BLOCK_R, BLOCK_R), dtype=ACC_DTYPE)  # W_u^T W_u
-    up_column_sums = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)  # 1^T W_u
-    up_bias_projection = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)  # W_u^T b_u
-    # Element-wise partial sums, reduced across the row once after the sweep.
-    wdy_sums = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
-    wdy_residual = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)  # wdy (x + b_u - mean)
-    for start in range(0, H, BLOCK_K):
-        columns = start + tl.arange(0, BLOCK_K)
-        column_mask = columns < H
-        tile_mask = row_mask[:, None] & column_mask[None, :]
-        x = tl.load(x_block + row_offsets[:, None] + columns[None, :], mask=tile_mask, other=0.0)
-        dy = tl.load(dy_block + row_offsets[:, None] + columns[None, :], mask=tile_mask, other=0.0).to(ACC_DTYPE)
-        norm_weight = tl.load(norm_weight_ptr + columns, mask=column_mask, other=0.0).to(ACC_DTYPE)
-        up_bias = tl.load(up_bias_ptr + columns, mask=column_mask, other=0.0).to(ACC_DTYPE)
-        up_weight = dot_operand(  # (BLOCK_K, BLOCK_R) = W_u[columns, :], rounded as the forward's dots round it
-            tl.load(
-                up_weight_ptr + columns[:, None] * R + bottleneck[None, :],
-                mask=column_mask[:, None] & bottleneck_mask[None, :],
-                other=0.0,
-            ),
-            DOT_DTYPE,
-        )
-        up_weight_values = up_weight.to(ACC_DTYPE)
-        wdy = dy * norm_weight[None, :]  # zero outside the matrix
-        wdy_up = _fp32_product(wdy, up_weight, wdy_up, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION)
-        x_up = tl.dot(dot_operand(x, DOT_DTYPE), up_weight, x_up, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        gram = tl.dot(tl.trans(up_weight), up_weight, gram, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        up_column_sums += tl.sum(up_weight_values, axis=0)
-        up_bias_projection += tl.sum(up_weight_values * up_bias[:, None], axis=0)
-        wdy_sums += wdy
-        # Centred by the saved mean here, element by element, so that a row with a large mean cancels nothing.
-        wdy_residual += wdy * (x.to(ACC_DTYPE) + up_bias[None, :] - mean[:, None])
-    g_values = g.to(ACC_DTYPE)
-    sum_wdy = tl.sum(wdy_sums, axis=1)
-    sum_wdy_centred_z = tl.sum(wdy_residual, axis=1) + tl.sum(g_values * wdy_up, axis=1)
-    mean_wdy_xhat = rstd * sum_wdy_centred_z / H
-    mean_wdy = sum_wdy / H
-    z_up = x_up + _times_gram(g, gram, BLOCK_M, BLOCK_R, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION)
-    z_up += up_bias_projection[None, :]
-    xhat_up = rstd[:, None] * (z_up - mean[:, None] * up_column_sums[None, :])
-    dg = rstd[:, None] * (wdy_up - mean_wdy_xhat[:, None] * xhat_up - mean_wdy[:, None] * up_column_sums[None, :])
-    return mean_wdy_xhat, mean_wdy, dg
-
-
-@triton.jit
 def _backward_rows_kernel(
     dy_ptr,  # (M, H) activation dtype
     x_ptr,  # (M, H) activation dtype
@@ -532,7 +248,6 @@ def _backward_rows_kernel(
     DOT_DTYPE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-    CLOSED_FORM_STATS: tl.constexpr,
 ):
     """The per-row half of the backward: the LayerNorm means, dh = (dz W_u) GELU'(h), and GELU(h) once more
     (R values a row) so that the column kernel's loop runs no erf: it held ~65 of its registers."""
@@ -550,55 +265,49 @@ def _backward_rows_kernel(
     mean = tl.load(mean_ptr + first_row + rows, mask=row_mask, other=0.0)
     rstd = tl.load(rstd_ptr + first_row + rows, mask=row_mask, other=0.0)
 
-    if CLOSED_FORM_STATS:
-        mean_wdy_xhat, mean_wdy, dg = _row_gradient_sums(
-            x_block, dy_block, up_weight_ptr, up_bias_ptr, norm_weight_ptr, row_offsets, row_mask, g, mean, rstd,
-            H, R, BLOCK_M, BLOCK_K, BLOCK_R, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION,
+    sum_wdy_xhat = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+    sum_wdy = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+    for start in range(0, H, BLOCK_K):
+        z, columns, column_mask = _residual_chunk(
+            x_block, up_weight_ptr, up_bias_ptr, row_offsets, row_mask, g, start, H, R, BLOCK_K, BLOCK_R, DOT_DTYPE,
+            ACC_DTYPE, INPUT_PRECISION,
         )  # fmt: skip
-    else:
-        sum_wdy_xhat = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
-        sum_wdy = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
-        for start in range(0, H, BLOCK_K):
-            z, columns, column_mask = _residual_chunk(
-                x_block, up_weight_ptr, up_bias_ptr, row_offsets, row_mask, g, start, H, R, BLOCK_K, BLOCK_R, DOT_DTYPE,
-                ACC_DTYPE, INPUT_PRECISION,
-            )  # fmt: skip
-            tile_mask = row_mask[:, None] & column_mask[None, :]
-            dy = tl.load(dy_block + row_offsets[:, None] + columns[None, :], mask=tile_mask, other=0.0).to(ACC_DTYPE)
-            norm_weight = tl.load(norm_weight_ptr + columns, mask=column_mask, other=0.0).to(ACC_DTYPE)
-            wdy = dy * norm_weight[None, :]  # zero outside the matrix, so the products below are too
-            xhat = (z - mean[:, None]) * rstd[:, None]
-            sum_wdy_xhat += tl.sum(wdy * xhat, axis=1)
-            sum_wdy += tl.sum(wdy, axis=1)
-        mean_wdy_xhat = sum_wdy_xhat / H
-        mean_wdy = sum_wdy / H
+        tile_mask = row_mask[:, None] & column_mask[None, :]
+        dy = tl.load(dy_block + row_offsets[:, None] + columns[None, :], mask=tile_mask, other=0.0).to(ACC_DTYPE)
+        norm_weight = tl.load(norm_weight_ptr + columns, mask=column_mask, other=0.0).to(ACC_DTYPE)
+        wdy = dy * norm_weight[None, :]  # zero outside the matrix, so the products below are too
+        xhat = (z - mean[:, None]) * rstd[:, None]
+        sum_wdy_xhat += tl.sum(wdy * xhat, axis=1)
+        sum_wdy += tl.sum(wdy, axis=1)
+    mean_wdy_xhat = sum_wdy_xhat / H
+    mean_wdy = sum_wdy / H
 
-        # Second sweep (x and dy now come from L2): dz exactly as the LayerNorm backward defines it, then
-        # dg = dz W_u. Expanding dg into per-row sums would save the sweep but cancel badly in bf16 dots.
-        dg = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
-        for start in range(0, H, BLOCK_K):
-            z, columns, column_mask = _residual_chunk(
-                x_block, up_weight_ptr, up_bias_ptr, row_offsets, row_mask, g, start, H, R, BLOCK_K, BLOCK_R, DOT_DTYPE,
-                ACC_DTYPE, INPUT_PRECISION,
-            )  # fmt: skip
-            tile_mask = row_mask[:, None] & column_mask[None, :]
-            dy = tl.load(dy_block + row_offsets[:, None] + columns[None, :], mask=tile_mask, other=0.0).to(ACC_DTYPE)
-            norm_weight = tl.load(norm_weight_ptr + columns, mask=column_mask, other=0.0).to(ACC_DTYPE)
-            xhat = (z - mean[:, None]) * rstd[:, None]
-            dz = rstd[:, None] * (dy * norm_weight[None, :] - xhat * mean_wdy_xhat[:, None] - mean_wdy[:, None])
-            dz = tl.where(tile_mask, dz, 0.0)
-            up_weight = tl.load(  # (BLOCK_K, BLOCK_R) = W_u[columns, :]
-                up_weight_ptr + columns[:, None] * R + bottleneck[None, :],
-                mask=column_mask[:, None] & (bottleneck[None, :] < R),
-                other=0.0,
-            )
-            dg = tl.dot(
-                dot_operand(dz, DOT_DTYPE),
-                dot_operand(up_weight, DOT_DTYPE),
-                dg,
-                input_precision=INPUT_PRECISION,
-                out_dtype=ACC_DTYPE,
-            )
+    # Second sweep (x and dy now come from L2): dz exactly as the LayerNorm backward defines it, then
+    # dg = dz W_u. Expanding dg into per-row sums would save the sweep but cancel badly in bf16 dots.
+    dg = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
+    for start in range(0, H, BLOCK_K):
+        z, columns, column_mask = _residual_chunk(
+            x_block, up_weight_ptr, up_bias_ptr, row_offsets, row_mask, g, start, H, R, BLOCK_K, BLOCK_R, DOT_DTYPE,
+            ACC_DTYPE, INPUT_PRECISION,
+        )  # fmt: skip
+        tile_mask = row_mask[:, None] & column_mask[None, :]
+        dy = tl.load(dy_block + row_offsets[:, None] + columns[None, :], mask=tile_mask, other=0.0).to(ACC_DTYPE)
+        norm_weight = tl.load(norm_weight_ptr + columns, mask=column_mask, other=0.0).to(ACC_DTYPE)
+        xhat = (z - mean[:, None]) * rstd[:, None]
+        dz = rstd[:, None] * (dy * norm_weight[None, :] - xhat * mean_wdy_xhat[:, None] - mean_wdy[:, None])
+        dz = tl.where(tile_mask, dz, 0.0)
+        up_weight = tl.load(  # (BLOCK_K, BLOCK_R) = W_u[columns, :]
+            up_weight_ptr + columns[:, None] * R + bottleneck[None, :],
+            mask=column_mask[:, None] & (bottleneck[None, :] < R),
+            other=0.0,
+        )
+        dg = tl.dot(
+            dot_operand(dz, DOT_DTYPE),
+            dot_operand(up_weight, DOT_DTYPE),
+            dg,
+            input_precision=INPUT_PRECISION,
+            out_dtype=ACC_DTYPE,
+        )
 
     dh = dg * gelu_derivative(h, False)
     tl.store(dh_ptr + bottleneck_offsets, dh, mask=bottleneck_mask)
@@ -735,12 +444,12 @@ def _backward_columns_kernel(
 # with 16-row steps and 4 warps 0.90x; every other candidate was slower. They become the defaults once the
 # kernel tests have run on a GPU with them (they ran there only in the timing sweep, which checks no values).
 FORWARD_TILES = {
-    2: {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3, "CLOSED_FORM_STATS": False},
-    4: {"BLOCK_M": 32, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3, "CLOSED_FORM_STATS": False},
+    2: {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+    4: {"BLOCK_M": 32, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
 }
 BACKWARD_ROW_TILES = {
-    2: {"BLOCK_M": 32, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3, "CLOSED_FORM_STATS": False},
-    4: {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3, "CLOSED_FORM_STATS": False},
+    2: {"BLOCK_M": 32, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+    4: {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
 }
 BACKWARD_COLUMN_TILES = {
     2: {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
@@ -751,8 +460,6 @@ BACKWARD_COLUMN_TILES = {
 # a latency floor of ~17 us at every BLOCK_M (H200): the wide-chunk candidates take fewer steps along H.
 FORWARD_TILE_CANDIDATES = {
     "default": {},
-    "closed-form statistics": {"CLOSED_FORM_STATS": True},
-    "closed-form statistics, 16 rows, 4 warps": {"CLOSED_FORM_STATS": True, "BLOCK_M": 16, "num_warps": 4},
     "64x128 chunks": {"BLOCK_K": 128},
     "256-wide chunks": {"BLOCK_K": 256},
     "16 rows, 128-wide chunks, 4 warps": {"BLOCK_M": 16, "BLOCK_K": 128, "num_warps": 4},
@@ -764,8 +471,6 @@ FORWARD_TILE_CANDIDATES = {
 }
 BACKWARD_TILE_CANDIDATES = {
     "default": {},
-    "rows: closed-form sums": {"row_tiles": {"CLOSED_FORM_STATS": True}},
-    "rows: closed-form sums, 16 rows": {"row_tiles": {"CLOSED_FORM_STATS": True, "BLOCK_M": 16}},
     "rows: 64 rows": {"row_tiles": {"BLOCK_M": 64}},
     "rows: 32x32, 4 warps": {"row_tiles": {"BLOCK_K": 32, "num_warps": 4}},
     "columns: 64-row steps": {"column_tiles": {"BLOCK_M": 64}},
@@ -790,13 +495,6 @@ def _precision(activation_dtype: torch.dtype) -> tuple[tl.dtype, tl.dtype, torch
 def _input_precision(x: torch.Tensor) -> str:
     """tl.dot's input_precision for fp32 operands (see the module docstring); ignored for 16-bit ones."""
     return "tf32x3" if x.is_cuda and x.dtype == torch.float32 else "ieee"
-
-
-def _refuse_closed_form_in_fp16(overrides: dict | None, x: torch.Tensor) -> None:
-    """The closed-form variants multiply G = W_u^T W_u as 16-bit operands: in fp16 its diagonal overflows
-    (to a silently wrong rstd) once a column of W_u has an RMS above ~sqrt(65504 / H); bf16 has fp32's range."""
-    if (overrides or {}).get("CLOSED_FORM_STATS") and x.dtype == torch.float16:
-        raise ValueError("adapter_bottleneck: CLOSED_FORM_STATS supports bf16, fp32 and fp64 activations, not fp16")
 
 
 def _streaming_multiprocessors(device: torch.device) -> int:
@@ -843,7 +541,6 @@ def adapter_bottleneck_forward(
     accumulator dtype (fp32, fp64 for fp64 x); empty tensors otherwise. Shapes are checked by the caller;
     ``tiles`` overrides entries of FORWARD_TILES[element size]."""
     hidden, bottleneck = x.shape[-1], down_weight.shape[0]
-    _refuse_closed_form_in_fp16(tiles, x)
     x_rows = x.reshape(-1, hidden).contiguous()
     rows = x_rows.shape[0]
     dot_dtype, acc_dtype, acc_torch_dtype = _precision(x.dtype)
@@ -886,7 +583,6 @@ def adapter_bottleneck_backward(
     ``row_tiles`` / ``column_tiles`` override BACKWARD_ROW_TILES / BACKWARD_COLUMN_TILES; ``splits`` the
     number of row groups of the column kernel (partial sums per parameter)."""
     hidden, bottleneck = x.shape[-1], down_weight.shape[0]
-    _refuse_closed_form_in_fp16(row_tiles, x)
     x_rows = x.reshape(-1, hidden).contiguous()
     dy_rows = grad_output.reshape(-1, hidden).contiguous()
     rows = x_rows.shape[0]
