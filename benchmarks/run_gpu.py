@@ -9,8 +9,9 @@ named, and last each op's host cost and GPU time (benchmarks/launch_overhead.py)
 into $OUT as the runs go when that variable is set (the device tool brings $OUT back, even after a timeout,
 but at most 8 files): gpu-tests.log, gpu-benchmarks.log (every benchmark file's output, one after the
 other), benchmarks.json (the reports merged so far), launch-overhead.log and the results file.
-``run_gpu.py [--label NAME] [BENCHMARK_FILE ...]`` runs the named benchmark files only (the GPU tests
-always) and names the results ``<date>-<gpu>-<label>.md``.
+``run_gpu.py [--label NAME] [BENCHMARK_FILE ...] [--tests TEST_FILE ...]`` runs the named benchmark files
+only, and the GPU tests of the named test files only (of every marked file otherwise), and names the results
+``<date>-<gpu>-<label>.md``.
 
 The whole call must come back within one device command (10 minutes, installs and start-up included:
 call it with the device tool's timeout_s=600), so the steps share a wall-clock budget (``BUDGET_S``, 8.5
@@ -281,12 +282,15 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         "benchmarks", nargs="*", default=GPU_BENCHMARKS, help="benchmark files to run (default: GPU_BENCHMARKS)"
     )
     parser.add_argument("--label", help="results go to benchmarks/results/<date>-<gpu>-<label>.md")
+    parser.add_argument(
+        "--tests", nargs="+", metavar="TEST_FILE", help="the GPU tests of these files only (default: every marked file)"
+    )
     arguments = parser.parse_args(argv)
     if arguments.label is not None and not re.fullmatch(r"[a-z0-9][a-z0-9-]*", arguments.label):
         parser.error(f"--label must be lowercase letters, digits and '-', got {arguments.label!r}")
-    missing = [name for name in arguments.benchmarks if not (ROOT / name).is_file()]
+    missing = [name for name in [*arguments.benchmarks, *(arguments.tests or [])] if not (ROOT / name).is_file()]
     if missing:
-        parser.error(f"no such benchmark file: {', '.join(missing)}")
+        parser.error(f"no such file: {', '.join(missing)}")
     return arguments
 
 
@@ -306,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench-gpu: {hint}", flush=True)
     gpu = torch.cuda.get_device_name(0)
     logs = log_directory()
-    test_files, workers = gpu_test_files(), parallel_workers()
+    test_files, workers = arguments.tests or gpu_test_files(), parallel_workers()
     tests_code, tests_output = run(
         ["-m", "gpu", *test_files, "-q", "-rfEs", "-p", "no:cacheprovider", *workers, *per_test_timeout(120)],
         logs / "gpu-tests.log",

@@ -168,7 +168,15 @@ def test_a_subset_of_benchmarks_and_a_label_are_checked(run_gpu, capsys):
     assert arguments.benchmarks == run_gpu.GPU_BENCHMARKS and arguments.label is None
     arguments = run_gpu.parse_arguments(["--label", "encoder", "benchmarks/test_encoder_forward_gpu.py"])
     assert arguments.benchmarks == ["benchmarks/test_encoder_forward_gpu.py"] and arguments.label == "encoder"
-    for bad, message in ((["benchmarks/missing.py"], "no such benchmark file"), (["--label", "a/b"], "--label")):
+    assert arguments.tests is None
+    arguments = run_gpu.parse_arguments(["benchmarks/test_distill_step.py", "--tests", "tests/test_run_gpu.py"])
+    assert arguments.benchmarks == ["benchmarks/test_distill_step.py"]
+    assert arguments.tests == ["tests/test_run_gpu.py"]
+    for bad, message in (
+        (["benchmarks/missing.py"], "no such file: benchmarks/missing.py"),
+        (["--tests", "tests/missing.py"], "no such file: tests/missing.py"),
+        (["--label", "a/b"], "--label"),
+    ):
         with pytest.raises(SystemExit):
             run_gpu.parse_arguments(bad)
         assert message in capsys.readouterr().err
