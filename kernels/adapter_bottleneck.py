@@ -435,24 +435,28 @@ def _backward_columns_kernel(
 
 # --------------------------------------------------------------------------------------------- host side
 
-# Tile sizes by the activation's element size (fp64 takes the fp32 ones). Each was compiled for sm_90 with
-# ptxas (triton 3.9 and 3.6) at H=36, 312, 768 and R=9, 19, 48, 78: no register spills in 16-bit, <= 90 KB
-# shared memory (fp32, whose tf32x3 dots hold two halves of every operand, spills a little at R=78). The
+# Tile sizes by the widest element of the activation and the weights (fp64 takes the fp32 ones). The first
+# defaults were compiled for sm_90 with ptxas (triton 3.9 and 3.6) at H=36, 312, 768 and R=9, 19, 48, 78: no
+# register spills in 16-bit, <= 90 KB shared memory (fp32, whose tf32x3 dots hold two halves of every
+# operand, spills a little at R=78); those below ran the GPU kernel tests on an H200 (triton 3.6). The
 # launchers take overrides, so a GPU sweep needs no edit here (benchmarks/test_adapter_bottleneck.py times
-# the *_TILE_CANDIDATES below). The first sweep (H200, 2026-11-26, 16384 x 768 bf16, GPU time) found two
-# changes faster than these defaults: forward 64 x 128 chunks (BLOCK_K=128) 0.89x, backward column kernel
-# with 16-row steps and 4 warps 0.90x; every other candidate was slower. They become the defaults once the
-# kernel tests have run on a GPU with them (they ran there only in the timing sweep, which checks no values).
+# the *_TILE_CANDIDATES below). Two H200 sweeps (2026-11-26, 16384 x 768 bf16, GPU time) agreed on two
+# changes from the first defaults, now taken: forward chunks 128 wide rather than 64 (1.12x, 1.14x; 256
+# wide was slower, 0.90x) and the backward column kernel in 16-row steps on 4 warps (1.11x both times).
+# Inputs too small to give every SM a 64-row block (1024 rows: 16 blocks on 132 SMs) shrink BLOCK_M to 16
+# (_tiles); at that size whole rows in one chunk were the fastest forward (1024 rows: 2.1x the 64-wide
+# chunks, 1.55x the 128-wide), and the slowest at 16384 rows (0.67x): FORWARD_FEW_ROWS_TILES.
 FORWARD_TILES = {
-    2: {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+    2: {"BLOCK_M": 64, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
     4: {"BLOCK_M": 32, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
 }
+FORWARD_FEW_ROWS_TILES = {2: {"BLOCK_K": 1024}, 4: {}}  # where BLOCK_M shrank to 16 (only bf16 was timed)
 BACKWARD_ROW_TILES = {
     2: {"BLOCK_M": 32, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
     4: {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
 }
 BACKWARD_COLUMN_TILES = {
-    2: {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+    2: {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
     4: {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
 }
 # What a GPU sweep tries besides the defaults: each candidate differs from them in one place (launcher
@@ -460,7 +464,7 @@ BACKWARD_COLUMN_TILES = {
 # a latency floor of ~17 us at every BLOCK_M (H200): the wide-chunk candidates take fewer steps along H.
 FORWARD_TILE_CANDIDATES = {
     "default": {},
-    "64x128 chunks": {"BLOCK_K": 128},
+    "64-wide chunks": {"BLOCK_K": 64},
     "256-wide chunks": {"BLOCK_K": 256},
     "16 rows, 128-wide chunks, 4 warps": {"BLOCK_M": 16, "BLOCK_K": 128, "num_warps": 4},
     "16 rows, whole rows": {"BLOCK_M": 16, "BLOCK_K": 1024},
@@ -475,7 +479,7 @@ BACKWARD_TILE_CANDIDATES = {
     "rows: 32x32, 4 warps": {"row_tiles": {"BLOCK_K": 32, "num_warps": 4}},
     "columns: 64-row steps": {"column_tiles": {"BLOCK_M": 64}},
     "columns: 32 wide": {"column_tiles": {"BLOCK_N": 32}},
-    "columns: 16-row steps, 4 warps": {"column_tiles": {"BLOCK_M": 16, "num_warps": 4}},
+    "columns: 32-row steps, 8 warps": {"column_tiles": {"BLOCK_M": 32, "num_warps": 8}},
     "columns: 3 stages": {"column_tiles": {"num_stages": 3}},
     "columns: 6 splits": {"splits": 6},
     "columns: 44 splits": {"splits": 44},
@@ -501,15 +505,30 @@ def _streaming_multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _tiles(table: dict, overrides: dict | None, x: torch.Tensor, rows: int, bottleneck: int, by_rows: bool) -> dict:
-    """The launch's tile sizes: the table's entry for x's element size, then overrides; chunks no wider than
-    the padded row. For kernels with one program per row block (``by_rows``) and no explicit BLOCK_M, small
-    inputs get fewer rows a program (down to tl.dot's 16) until every SM has one."""
+def _tiles(
+    table: dict,
+    overrides: dict | None,
+    x: torch.Tensor,
+    weights: tuple[torch.Tensor, ...],
+    rows: int,
+    bottleneck: int,
+    by_rows: bool,
+    few_rows_table: dict | None = None,
+) -> dict:
+    """The launch's tile sizes: the table's entry for the widest element of x and the weights (under autocast
+    a bf16 x meets fp32 weights, whose chunks take twice the shared memory: 1024-wide ones overflow it), then
+    overrides; chunks no wider than the padded row. For kernels with one program per row block (``by_rows``)
+    and no explicit BLOCK_M, small inputs get fewer rows a program (down to tl.dot's 16) until every SM has
+    one; where that reaches 16 rows, ``few_rows_table``'s entry replaces what the overrides leave as default."""
     hidden, device = x.shape[-1], x.device
-    tiles = {**table[min(x.element_size(), 4)], **(overrides or {})}
-    if by_rows and "BLOCK_M" not in (overrides or {}) and device.type == "cuda":
+    size = min(max(tensor.element_size() for tensor in (x, *weights)), 4)
+    overrides = overrides or {}
+    tiles = {**table[size], **overrides}
+    if by_rows and "BLOCK_M" not in overrides and device.type == "cuda":
         while tiles["BLOCK_M"] > 16 and triton.cdiv(rows, tiles["BLOCK_M"]) < _streaming_multiprocessors(device):
             tiles["BLOCK_M"] //= 2
+        if tiles["BLOCK_M"] == 16 and few_rows_table is not None:
+            tiles.update({key: value for key, value in few_rows_table[size].items() if key not in overrides})
     for chunk in ("BLOCK_K", "BLOCK_N"):
         if chunk in tiles:
             tiles[chunk] = max(16, min(tiles[chunk], triton.next_power_of_2(hidden)))
@@ -550,7 +569,9 @@ def adapter_bottleneck_forward(
     rstd = torch.empty(saved_rows, dtype=acc_torch_dtype, device=x.device)
     h = torch.empty(saved_rows, bottleneck if save_for_backward else 0, dtype=acc_torch_dtype, device=x.device)
     if rows > 0:
-        launch = _tiles(FORWARD_TILES, tiles, x, rows, bottleneck, by_rows=True)
+        weights = (down_weight, up_weight)
+        few_rows = FORWARD_FEW_ROWS_TILES
+        launch = _tiles(FORWARD_TILES, tiles, x, weights, rows, bottleneck, by_rows=True, few_rows_table=few_rows)
         with on_device(x):
             _forward_kernel[(triton.cdiv(rows, launch["BLOCK_M"]),)](
                 x_rows, down_weight.contiguous(), down_bias.contiguous(), up_weight.contiguous(),
@@ -589,8 +610,9 @@ def adapter_bottleneck_backward(
     dot_dtype, acc_dtype, acc_torch_dtype = _precision(x.dtype)
     down_weight, up_weight = down_weight.contiguous(), up_weight.contiguous()
     up_bias, norm_weight = up_bias.contiguous(), norm_weight.contiguous()
-    row_launch = _tiles(BACKWARD_ROW_TILES, row_tiles, x, rows, bottleneck, by_rows=True)
-    column_launch = _tiles(BACKWARD_COLUMN_TILES, column_tiles, x, rows, bottleneck, by_rows=False)
+    weights = (down_weight, up_weight)
+    row_launch = _tiles(BACKWARD_ROW_TILES, row_tiles, x, weights, rows, bottleneck, by_rows=True)
+    column_launch = _tiles(BACKWARD_COLUMN_TILES, column_tiles, x, weights, rows, bottleneck, by_rows=False)
     column_blocks = triton.cdiv(hidden, column_launch["BLOCK_N"])
     splits = splits or _row_groups(x.device, column_blocks, triton.cdiv(rows, column_launch["BLOCK_M"]))
 

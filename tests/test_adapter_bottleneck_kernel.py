@@ -420,3 +420,34 @@ def test_gpu_torch_compile_and_autocast():
     assert y.dtype == torch.bfloat16 and [g.dtype for g in grads] == [torch.bfloat16] + [torch.float32] * 6
     torch_own = (torch_y.bfloat16(), torch_grads)
     assert_within_twice_torch_error((y, grads), torch_own, exact([x, *tensors[1:]], grad_output))
+
+
+def test_few_rows_take_whole_rows_in_one_chunk(monkeypatch):
+    """On a GPU, a forward too small to give every SM a 64-row block shrinks BLOCK_M to 16 and, in 16-bit, takes
+    whole rows in one chunk (FORWARD_FEW_ROWS_TILES: 2.1x at 1024 rows on the H200); large inputs keep the
+    128-wide chunks; fp32 weights take the fp32 tiles; explicit tiles win over all."""
+    from types import SimpleNamespace
+
+    from fastmini.kernels import adapter_bottleneck as kernel
+
+    monkeypatch.setattr(kernel, "_streaming_multiprocessors", lambda device: 132)
+
+    def forward_tiles(rows, element_size=2, overrides=None, device="cuda", weight_size=None):
+        x = SimpleNamespace(shape=(rows, 768), device=torch.device(device), element_size=lambda: element_size)
+        weight = SimpleNamespace(element_size=lambda: weight_size or element_size)
+        few_rows = kernel.FORWARD_FEW_ROWS_TILES
+        tiles = kernel._tiles(
+            kernel.FORWARD_TILES, overrides, x, (weight, weight), rows, 48, by_rows=True, few_rows_table=few_rows
+        )
+        return tiles["BLOCK_M"], tiles["BLOCK_K"]
+
+    assert forward_tiles(1024) == (16, 1024)
+    assert forward_tiles(16384) == (64, 128)
+    assert forward_tiles(8192) == (32, 128)  # 256 blocks of 32 rows: every SM has one
+    assert forward_tiles(1024, element_size=4) == (16, 64)
+    # autocast: bf16 x, fp32 weights take the fp32 tiles (1024-wide fp32 chunks overflowed shared memory)
+    assert forward_tiles(1024, weight_size=4) == (16, 64)
+    assert forward_tiles(16384, weight_size=4) == (32, 64)
+    assert forward_tiles(1024, overrides={"BLOCK_K": 64}) == (16, 64)
+    assert forward_tiles(1024, overrides={"BLOCK_M": 64}) == (64, 128)
+    assert forward_tiles(1024, device="cpu") == (64, 128)  # the interpreter: the table as written

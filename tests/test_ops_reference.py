@@ -129,8 +129,9 @@ def test_unverified_kernels_are_never_chosen_automatically_for_cuda(monkeypatch)
 
 def test_automatic_choice_on_cuda_follows_each_ops_measured_rule(monkeypatch):
     """Verified kernels are picked for CUDA tensors only where the op's rule says they pay off: add_layer_norm
-    while a CUDA graph is recorded, adapter_bottleneck then too from TRITON_MIN_ROWS_ON_GPU rows on,
-    linear_gelu never; outside a recording (eager code, where the host's launch cost counts) torch."""
+    while a CUDA graph is recorded, adapter_bottleneck then too up to TRITON_MAX_FEW_ROWS_ON_GPU rows and from
+    TRITON_MIN_ROWS_ON_GPU rows on, linear_gelu never; outside a recording (eager code, where the host's launch
+    cost counts) torch."""
     from types import SimpleNamespace
 
     from fastmini.ops.dispatch import in_cuda_graph_recording, recording_cuda_graph
@@ -161,6 +162,10 @@ def test_automatic_choice_on_cuda_follows_each_ops_measured_rule(monkeypatch):
         assert automatic(add_layer_norm_op, small) == "triton"
         assert automatic(adapter_op, large) == "triton"
         assert automatic(adapter_op, small) == "torch"
+        few = adapter_op.TRITON_MAX_FEW_ROWS_ON_GPU
+        assert automatic(adapter_op, cuda_tensor(few)) == "triton"
+        assert automatic(adapter_op, cuda_tensor(128)) == "triton"  # the (1, 128) latency's rows
+        assert automatic(adapter_op, cuda_tensor(few + 1)) == "torch"
         assert automatic(linear_gelu_op, large) == "torch"
         assert resolve_backend("op", small, "triton", linear_gelu_op._BACKENDS) == "triton"  # by name: always
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # inductor fuses by itself

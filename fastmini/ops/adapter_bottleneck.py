@@ -29,8 +29,10 @@ _OP = "adapter_bottleneck"
 # Backends whose kernels have passed their tests on a GPU (tests/test_adapter_bottleneck_kernel.py, H200,
 # 2026-11-26); only those can be auto-selected for CUDA tensors, and only where _triton_pays_off_on_gpu.
 _VERIFIED_ON_GPU: tuple[str, ...] = ("triton",)
-# Below this many rows the forward kernel's GPU time is no better than torch's five kernels (see below).
-TRITON_MIN_ROWS_ON_GPU = 8192
+# Inside a CUDA graph the forward kernel beats torch's composition up to this many rows and from the next
+# constant on; in between, torch's (see _triton_pays_off_on_gpu).
+TRITON_MAX_FEW_ROWS_ON_GPU = 2048
+TRITON_MIN_ROWS_ON_GPU = 16384
 
 
 def adapter_bottleneck_ref(
@@ -203,13 +205,19 @@ _BACKENDS = {"torch": _adapter_bottleneck_torch, "triton": _adapter_bottleneck_t
 
 
 def _triton_pays_off_on_gpu(x: torch.Tensor) -> bool:
-    """Measured on an H200 (bf16, H=768, R=48, forward in a CUDA graph): the kernel takes 1.40x torch's GPU time
-    at 128 rows, 1.15x at 1024, 0.96x at 2048, 0.99x at 4096, 0.82x at 8192, 0.53x at 16384 (each program
-    walks its rows' H in sequence: a latency floor of ~17 us); a call costs the host ~200 us against ~115 us;
-    forward+backward takes 1.2x torch's GPU time at 16384 rows. So: inference recorded into a CUDA graph,
-    from TRITON_MIN_ROWS_ON_GPU rows on; eagerly, torch. (Below that, recorded, torch's composition still ends
-    in add_layer_norm's fused kernel: see adapter_bottleneck.)"""
-    return in_cuda_graph_recording() and x.numel() >= TRITON_MIN_ROWS_ON_GPU * x.shape[-1]
+    """Measured on an H200 (bf16, H=768, R=48, forward in a CUDA graph, benchmarks/launch_overhead.py,
+    2026-11-26, with the whole-row tiles of small inputs): the kernel takes 9.1 / 9.3 / 9.8 / 17.9 / 30.4 /
+    39.7 us at 128 / 1024 / 2048 / 4096 / 8192 / 16384 rows. Torch's composition, which when chosen
+    automatically ends in add_layer_norm's fused kernel (see adapter_bottleneck), takes its five kernels'
+    12.4 / 15.4 / 18.7 / 25.0 / 42.6 / 83.9 us less what that fused kernel saves over torch's add and
+    LayerNorm in the same table (2.3 / 2.9 / 4.6 / 7.7 / 18.3 / 31.5 us): 10.1 / 12.5 / 14.1 / 17.4 / 24.3 /
+    52.4 us. So, recorded into a CUDA graph: the kernel up to TRITON_MAX_FEW_ROWS_ON_GPU rows and from
+    TRITON_MIN_ROWS_ON_GPU on, torch's composition in between. Eagerly, torch: a call costs the host ~180 us
+    against ~105 us, and forward+backward takes 1.1x torch's GPU time at 16384 rows."""
+    if not in_cuda_graph_recording():
+        return False
+    rows = x.numel() // x.shape[-1]
+    return rows <= TRITON_MAX_FEW_ROWS_ON_GPU or rows >= TRITON_MIN_ROWS_ON_GPU
 
 
 def adapter_bottleneck(
