@@ -167,8 +167,18 @@ def test_the_reference_is_the_recipe_formula():
     torch.testing.assert_close(attention_kl_sum_ref(student, teacher, real, 3.0), expected)
 
 
-def test_cuda_picks_torch_until_the_kernels_ran_there():
-    assert "triton" not in _VERIFIED_ON_GPU
+def test_automatic_is_triton_on_cuda_and_torch_on_cpu(monkeypatch):
+    """The kernels passed their tests on an H200 and beat torch there at the recipe's size: automatic on CUDA."""
+    from types import SimpleNamespace
+
+    from fastmini.ops import attention_kl as op
+    from fastmini.ops.dispatch import resolve_backend
+
+    monkeypatch.delenv("FASTMINI_BACKEND", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cuda_tensor = SimpleNamespace(is_cuda=True, device="cuda:0")
+    assert resolve_backend("attention_kl", cuda_tensor, None, op._BACKENDS, _VERIFIED_ON_GPU) == "triton"
+    assert resolve_backend("attention_kl", torch.zeros(1), None, op._BACKENDS, _VERIFIED_ON_GPU) == "torch"
 
 
 @pytest.mark.gpu

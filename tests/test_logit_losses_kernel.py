@@ -185,8 +185,18 @@ def test_misuse_is_one_clear_error():
         torch.autograd.grad(ce_sum + kl_sum, student, create_graph=True)
 
 
-def test_not_chosen_automatically_on_a_gpu_before_it_has_run_there():
-    assert "triton" not in _VERIFIED_ON_GPU
+def test_automatic_is_triton_on_cuda_and_torch_on_cpu(monkeypatch):
+    """The kernels passed their tests on an H200 and beat torch there at the recipe's size: automatic on CUDA."""
+    from types import SimpleNamespace
+
+    from fastmini.ops import logit_losses as op
+    from fastmini.ops.dispatch import resolve_backend
+
+    monkeypatch.delenv("FASTMINI_BACKEND", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cuda_tensor = SimpleNamespace(is_cuda=True, device="cuda:0")
+    assert resolve_backend("logit_losses", cuda_tensor, None, op._BACKENDS, _VERIFIED_ON_GPU) == "triton"
+    assert resolve_backend("logit_losses", torch.zeros(1), None, op._BACKENDS, _VERIFIED_ON_GPU) == "torch"
 
 
 @pytest.mark.gpu
