@@ -246,8 +246,15 @@ def kernel_profile(step: Callable, activity: str = "cuda", top: int = 12) -> dic
     rows = [row for row in rows if row[0] > 0]
     return {
         "kernel_ms": round(sum(us for us, _, _ in rows) / 1e3, 3),
-        "top": [f"{name}: {us / 1e3:.3f} ms ({calls})" for us, name, calls in rows[:top]],
+        "top": [f"{_shortened(name)}: {us / 1e3:.3f} ms ({calls})" for us, name, calls in rows[:top]],
     }
+
+
+KERNEL_NAME_CHARACTERS = 160  # a templated kernel's name runs to thousands; its start says what it does
+
+
+def _shortened(name: str) -> str:
+    return name if len(name) <= KERNEL_NAME_CHARACTERS else name[: KERNEL_NAME_CHARACTERS - 3] + "..."
 
 
 def host_syncs(step: Callable) -> int:

@@ -31,3 +31,12 @@ def test_kernel_profile_sums_the_time_and_names_the_largest_first():
     assert profile["top"][0].startswith("aten::") and profile["top"][0].endswith(")")
     times = [float(row.split(": ")[-1].split(" ms")[0]) for row in profile["top"]]
     assert times == sorted(times, reverse=True) and sum(times) <= profile["kernel_ms"] + 1e-3
+
+
+def test_long_kernel_names_are_shortened_to_their_start():
+    conftest = load_benchmark_conftest()
+    templated = "void at::native::elementwise_kernel<128, 4, " + "x" * 3000 + ">"
+    short = conftest._shortened(templated)
+    assert len(short) == conftest.KERNEL_NAME_CHARACTERS and short.endswith("...")
+    assert short.startswith("void at::native::elementwise_kernel<128, 4, ")
+    assert conftest._shortened("ampere_sgemm") == "ampere_sgemm"
