@@ -13,7 +13,8 @@ update, both in train mode with dropout 0.1):
 A third contender, "fastmini-checkpointed", is fastmini with ``--gradient-checkpointing`` (one recursion
 recomputed at a time in backward): what it costs in time, and on CUDA what it saves in peak memory. On
 CUDA, "fastmini-torch-losses" is fastmini with the attention, MLM and output-KL terms through torch's ops
-rather than the Triton kernels that are the default there (fastmini.kernels.attention_kl and .logit_losses).
+rather than the Triton kernels that are the default there (fastmini.kernels.attention_kl and .logit_losses),
+and "fastmini-compiled" is fastmini with ``--compile-student`` (the student side through torch.compile).
 Inputs are 15% masked.
 
 Baseline ("original"): the original recipe's step (nlpie-research/MiniALBERT
@@ -40,7 +41,7 @@ from torch import nn
 
 from fastmini import FastMiniConfig, FastMiniForMaskedLM
 from fastmini.baselines.original import OriginalMiniAlbertForMaskedLM, original_config_like
-from fastmini.distill.distiller import Batch, Distiller, StudentSide
+from fastmini.distill.distiller import Batch, Distiller, StudentSide, compiled_student_side
 from fastmini.distill.losses import LossWeights
 from fastmini.distill.models import Teacher
 from fastmini.flops import encoder_flops, masked_lm_head_flops
@@ -192,10 +193,10 @@ def test_distillation_step(
     checkpointed = copy.deepcopy(student)
     enable_activation_checkpointing(checkpointed)  # --gradient-checkpointing
 
-    def step_of(model, synchronise: bool = True, loss_backend: str | None = None):
-        distiller = Distiller(
-            StudentSide(model, None), teacher, setup.layers, LossWeights(), 1.0, autocast_dtype, loss_backend
-        )
+    def step_of(model, synchronise: bool = True, loss_backend: str | None = None, compiled: bool = False):
+        side = StudentSide(model, None)
+        side = compiled_student_side(side) if compiled else side
+        distiller = Distiller(side, teacher, setup.layers, LossWeights(), 1.0, autocast_dtype, loss_backend)
 
         def step():
             distiller(batch).total.backward()
@@ -230,6 +231,10 @@ def test_distillation_step(
     if setup.device == "cuda":  # the loss terms through torch's ops rather than the default Triton kernels
         contenders["fastmini-torch-losses"] = step_of(student, loss_backend="torch")
         models["fastmini-torch-losses"] = student
+        # --compile-student (its first step compiles: peak_memory's runs come first, before any timing)
+        compiled = copy.deepcopy(student)
+        contenders["fastmini-compiled"] = step_of(compiled, compiled=True)
+        models["fastmini-compiled"] = compiled
     peaks = {name: peak_memory(step, setup, (teacher_model, models[name])) for name, step in contenders.items()}
     medians = compare(
         benchmark,
@@ -244,7 +249,8 @@ def test_distillation_step(
         f"H={student.config.hidden_size} N=6 r=16, layers {setup.layers}",
         dtype="bf16 teacher + bf16 autocast student" if setup.bf16 else "float32",
         backend="fastmini: Distiller, automatic op backends (-checkpointed: --gradient-checkpointing, one recursion "
-        "at a time; -torch-losses: the loss terms through torch's ops rather than the Triton kernels); "
+        "at a time; -torch-losses: the loss terms through torch's ops rather than the Triton kernels; -compiled: "
+        "--compile-student, torch.compile with dynamic shapes); "
         "original: transformers modules, eager attention, full logits",
         device=describe_device(torch.device(setup.device)),
     )

@@ -140,6 +140,10 @@ def test_layer_map_stride_auto_and_explicit():
         (["--threads", "0"], "--threads must be > 0, got 0"),
         (["--tokenize-workers", "-2"], "--tokenize-workers must be > 0, got -2"),
         (["--resume", "--overwrite-output-dir"], "--resume .* --overwrite-output-dir .*: give one of them"),
+        (
+            ["--compile-student", "--gradient-checkpointing"],
+            "--compile-student and --gradient-checkpointing do not combine yet: give one of them",
+        ),
     ],
 )
 def test_nonsense_values_give_one_clear_message(argv, message, capsys, tmp_path):

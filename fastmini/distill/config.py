@@ -23,6 +23,7 @@ from fastmini.training.errors import UsageError
 from fastmini.training.options import (
     Options,
     check_resume_or_overwrite,
+    compile_student_option,
     device_option,
     gradient_checkpointing_option,
     option,
@@ -89,6 +90,7 @@ class DistillConfig:
     )
     threads: int | None = threads_option()
     gradient_checkpointing: bool = gradient_checkpointing_option()
+    compile_student: bool = compile_student_option()
     progress: bool = option(True, "show a progress bar with the loss terms", "run")
 
     # teacher and student
@@ -266,6 +268,7 @@ RUN_ONLY_FIELDS = frozenset(
         "progress",
         "threads",
         "gradient_checkpointing",
+        "compile_student",
         "tokenize_workers",
         "cache_dir",
     }
@@ -416,6 +419,8 @@ def validate(config: DistillConfig) -> None:
     if not config.output_dir:
         raise UsageError("--output-dir must not be empty")
     check_resume_or_overwrite(config.resume is not None, config.overwrite_output_dir)
+    if config.compile_student and config.gradient_checkpointing:
+        raise UsageError("--compile-student and --gradient-checkpointing do not combine yet: give one of them")
 
 
 def check_masking_options(config: DistillConfig) -> None:

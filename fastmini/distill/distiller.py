@@ -169,6 +169,14 @@ class StudentSide(nn.Module):
         return StudentOutputs(hidden, list(encoded.attentions or ()), masked_logits, masked_labels)
 
 
+def compiled_student_side(student_side: nn.Module) -> nn.Module:
+    """``--compile-student``: the student side (or its DDP wrapper) through torch.compile with dynamic shapes,
+    sharing its parameters. The step hands the student its packing and masked positions (no mask is read
+    inside), so the encoder, adapters and MLM head trace as one graph, backward included; every batch has its
+    own token and masked counts, which dynamic shapes serve without compiling again."""
+    return torch.compile(student_side, dynamic=True)
+
+
 @dataclass
 class TeacherOutputs:
     hidden: list[torch.Tensor]  # per matched layer, packed (T, H) float32

@@ -30,7 +30,7 @@ from fastmini.data.windows import check_window_stride, make_windows
 from fastmini.distill import models
 from fastmini.distill.batches import MaskedWindows, evaluation_batches
 from fastmini.distill.config import DistillConfig, changed_options, resolve_layer_map
-from fastmini.distill.distiller import Distiller, StepCounts, StudentSide
+from fastmini.distill.distiller import Distiller, StepCounts, StudentSide, compiled_student_side
 from fastmini.distill.evaluation import evaluate
 from fastmini.models.checkpoint import SAFETENSORS_NAME
 from fastmini.training import checkpoints, distributed, faults, precision
@@ -172,6 +172,9 @@ class DistillationRun:
             trained = nn.parallel.DistributedDataParallel(
                 self.student_side, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
+        if config.compile_student:  # training steps only: evaluation runs the module as it is
+            log.info("--compile-student: the first training step compiles the student (about a minute)")
+            trained = compiled_student_side(trained)
         self.trained = trained
         self.distiller = Distiller(
             trained, self.teacher, self.layers, config.loss_weights, config.temperature, self.autocast_dtype

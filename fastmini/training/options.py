@@ -317,6 +317,16 @@ def threads_option() -> Any:
     return option(None, "CPU threads for torch, >= 1 (default: torch's choice)", "run", parse=optional_int)
 
 
+def compile_student_option() -> Any:
+    return option(
+        False,
+        "compile the student's forward and backward with torch.compile (dynamic shapes: one compile, about a "
+        "minute, serves every batch; inductor then fuses the elementwise work around the GEMMs); the same losses "
+        "to rounding. Not with --gradient-checkpointing",
+        "run",
+    )
+
+
 def gradient_checkpointing_option() -> Any:
     return option(
         False,
