@@ -8,7 +8,7 @@ the recipe's term on it (which rows, which denominator).
 Backends: "torch" (an autograd Function that saves nothing new: the student map is kept by the attention's
 own backward, the teacher's is only read, and may be an inference tensor) and "triton" (two kernels that
 read each map once per pass: fastmini.kernels.attention_kl). Automatic is triton on CUDA (H200, 48 x 12 x 256
-x 256: 6.1x torch's GPU time with an fp32 student map, 9.2x with bf16), torch elsewhere; ``backend=`` or
+x 256: 1/6.1 of torch's GPU time with an fp32 student map, 1/9.2 with bf16), torch elsewhere; ``backend=`` or
 ``FASTMINI_BACKEND`` chooses.
 Both are autograd Functions rather than torch.library custom ops: the loss is never compiled or exported.
 """

@@ -10,7 +10,7 @@ fastmini.distill.losses scales them into the recipe's terms (the denominator, T^
 Backends: "torch" (the composition, one fp32 log-softmax of the student's logits for both terms at T = 1;
 autograd as usual) and "triton" (two kernels that read both logits once per pass: fastmini.kernels.logit_losses;
 labels outside [0, V) are ignored there, as -100 is). Automatic is triton on CUDA (H200, 1624 x 30522 bf16
-student, fp32 teacher: 4.4x torch's GPU time at T = 1, 5.4x at T = 2), torch elsewhere; ``backend=`` or
+student, fp32 teacher: 1/4.4 of torch's GPU time at T = 1, 1/5.4 at T = 2), torch elsewhere; ``backend=`` or
 ``FASTMINI_BACKEND`` chooses. Autograd
 Functions, not custom ops: the loss is never compiled or exported.
 """
