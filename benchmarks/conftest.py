@@ -310,6 +310,34 @@ def sync():
     return synchronised
 
 
+@pytest.fixture
+def time_loss_backends(benchmark, compare, record_bandwidth):
+    """time_loss_backends(loss_of, student, minimum_bytes, group, rounds=50, **info) -> medians: a loss op's
+    forward+backward, the gradient of ``loss_of(backend)`` (a tensor, or a tuple of tensors summed) with respect
+    to ``student``, "triton" timed against "torch" interleaved (the Triton one also by pytest-benchmark), with
+    its bandwidth for ``minimum_bytes`` recorded. ``info`` goes to compare (shape, dtype, backend...)."""
+
+    def _time(loss_of, student: torch.Tensor, minimum_bytes: int, group: str, rounds: int = 50, **info):
+        def step_of(backend):
+            def step():
+                loss = loss_of(backend)
+                return torch.autograd.grad(sum(loss) if isinstance(loss, tuple) else loss, student)
+
+            return step
+
+        steps = {"triton": step_of("triton"), "torch": step_of("torch")}
+        contenders = {name: synchronised(step, student.device) for name, step in steps.items()}
+        benchmark.pedantic(contenders["triton"], rounds=rounds, warmup_rounds=3)
+        medians = compare(
+            benchmark, group=group, contenders=contenders, baseline="torch", flops=None, rounds=rounds,
+            mode="forward+backward", device=device_name(student.device), torch_version=torch.__version__, **info,
+        )  # fmt: skip
+        record_bandwidth(benchmark, medians, minimum_bytes, student.device, steps)
+        return medians
+
+    return _time
+
+
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_sessionfinish(session):
     """Drop benchmarks stopped (by run_gpu.py's budget or pytest-timeout) before their first timed round,

@@ -32,7 +32,7 @@ def minimum_bytes(student_dtype: torch.dtype) -> int:
 
 
 @pytest.mark.parametrize("student_dtype_name", list(STUDENT_DTYPES))
-def test_attention_kl(benchmark, compare, describe_device, sync, record_bandwidth, student_dtype_name):
+def test_attention_kl(time_loss_backends, student_dtype_name):
     device = torch.device("cuda")
     generator = torch.Generator(device=device).manual_seed(0)
     real = torch.arange(SHAPE[2], device=device)[None, :] < torch.tensor(LENGTHS, device=device)[:, None]
@@ -45,29 +45,12 @@ def test_attention_kl(benchmark, compare, describe_device, sync, record_bandwidt
     teacher = probabilities(torch.bfloat16)
     denominator = float(real.sum()) * SHAPE[1] * SHAPE[3]
 
-    def step_of(backend):
-        def step():
-            loss = attention_kl_sum(student, teacher, real, denominator, backend=backend)
-            return torch.autograd.grad(loss, student)
-
-        return step
-
-    steps = {"triton": step_of("triton"), "torch": step_of("torch")}
-    contenders = {name: sync(step, device) for name, step in steps.items()}
-    rounds = 50
-    benchmark.pedantic(contenders["triton"], rounds=rounds, warmup_rounds=3)
-    medians = compare(
-        benchmark,
+    time_loss_backends(
+        lambda backend: attention_kl_sum(student, teacher, real, denominator, backend=backend),
+        student,
+        minimum_bytes(STUDENT_DTYPES[student_dtype_name]),
         group=f"attention_kl forward+backward {'x'.join(map(str, SHAPE))} student {student_dtype_name}",
-        contenders=contenders,
-        baseline="torch",
-        flops=None,
-        rounds=rounds,
         shape=f"maps {SHAPE}, {sum(LENGTHS)} real query rows of {SHAPE[0] * SHAPE[2]}",
         dtype=f"student {student_dtype_name}, teacher bf16",
-        mode="forward+backward",
         backend="triton: fastmini.kernels.attention_kl; torch: fastmini.ops.attention_kl's torch backend",
-        device=describe_device(device),
-        torch_version=torch.__version__,
     )
-    record_bandwidth(benchmark, medians, minimum_bytes(STUDENT_DTYPES[student_dtype_name]), device, steps)

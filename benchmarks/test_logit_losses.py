@@ -29,36 +29,19 @@ def minimum_bytes() -> int:
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_logit_losses(benchmark, compare, describe_device, sync, record_bandwidth, temperature):
+def test_logit_losses(time_loss_backends, temperature):
     device = torch.device("cuda")
     generator = torch.Generator(device=device).manual_seed(0)
     student = (torch.randn(ROWS, VOCAB, device=device, generator=generator) * 3).bfloat16().requires_grad_()
     teacher = torch.randn(ROWS, VOCAB, device=device, generator=generator) * 3
     labels = torch.randint(VOCAB, (ROWS,), device=device, generator=generator)
 
-    def step_of(backend):
-        def step():
-            ce_sum, kl_sum = logit_losses_sum(student, labels, teacher, temperature, backend=backend)
-            return torch.autograd.grad(ce_sum + kl_sum, student)
-
-        return step
-
-    steps = {"triton": step_of("triton"), "torch": step_of("torch")}
-    contenders = {name: sync(step, device) for name, step in steps.items()}
-    rounds = 50
-    benchmark.pedantic(contenders["triton"], rounds=rounds, warmup_rounds=3)
-    medians = compare(
-        benchmark,
+    time_loss_backends(
+        lambda backend: logit_losses_sum(student, labels, teacher, temperature, backend=backend),
+        student,
+        minimum_bytes(),
         group=f"logit_losses forward+backward {ROWS}x{VOCAB} T={temperature:g}",
-        contenders=contenders,
-        baseline="torch",
-        flops=None,
-        rounds=rounds,
         shape=f"logits ({ROWS}, {VOCAB}), temperature {temperature:g}",
         dtype="student bf16, teacher fp32",
-        mode="forward+backward",
         backend="triton: fastmini.kernels.logit_losses; torch: fastmini.ops.logit_losses's torch backend",
-        device=describe_device(device),
-        torch_version=torch.__version__,
     )
-    record_bandwidth(benchmark, medians, minimum_bytes(), device, steps)
