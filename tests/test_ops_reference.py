@@ -221,3 +221,19 @@ def test_the_loss_kernels_are_automatic_on_cuda_and_torch_elsewhere(monkeypatch,
     cuda_tensor = SimpleNamespace(is_cuda=True, device="cuda:0")
     assert resolve_backend(name, cuda_tensor, None, module._BACKENDS, module._VERIFIED_ON_GPU) == "triton"
     assert resolve_backend(name, torch.zeros(1), None, module._BACKENDS, module._VERIFIED_ON_GPU) == "torch"
+
+
+def test_the_loss_ops_refuse_tensors_on_several_devices_and_a_teacher_that_wants_a_gradient():
+    from fastmini.ops.attention_kl import attention_kl_sum
+    from fastmini.ops.logit_losses import logit_losses_sum
+
+    student, labels = torch.zeros(2, 5, requires_grad=True), torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"student, labels and teacher must be on one device, got cpu, cpu and meta"):
+        logit_losses_sum(student, labels, torch.zeros(2, 5, device="meta"), 1.0)
+    with pytest.raises(ValueError, match="the teacher's logits are the target .* detach them first"):
+        logit_losses_sum(student, labels, torch.zeros(2, 5, requires_grad=True), 1.0)
+    maps, rows = torch.full((1, 2, 3, 3), 1 / 3), torch.ones(1, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"student, rows and teacher must be on one device, got cpu, meta and cpu"):
+        attention_kl_sum(maps, maps, rows.to("meta"), 1.0)
+    with pytest.raises(ValueError, match="the teacher's maps are the target"):
+        attention_kl_sum(maps, maps.clone().requires_grad_(), rows, 1.0)

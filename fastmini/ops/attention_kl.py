@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from fastmini.ops.checks import HeldTarget
+from fastmini.ops.checks import HeldTarget, check_loss_inputs
 from fastmini.ops.dispatch import choose
 
 _OP = "attention_kl"
@@ -128,8 +128,4 @@ def check_attention_maps(student: torch.Tensor, teacher: torch.Tensor, rows: tor
             f"{_OP}: rows must be (B, S) = {(student.shape[0], student.shape[2])} like the maps' batch and queries, "
             f"got {tuple(rows.shape)}"
         )
-    if not (student.device == teacher.device == rows.device):
-        raise ValueError(f"{_OP}: student, teacher and rows must be on one device, got {student.device}, "
-                         f"{teacher.device} and {rows.device}")  # fmt: skip
-    if teacher.requires_grad and torch.is_grad_enabled():
-        raise ValueError(f"{_OP}: the teacher's maps are the target and get no gradient; detach them first")
+    check_loss_inputs(_OP, "maps", student=student, rows=rows, teacher=teacher)

@@ -27,6 +27,18 @@ def check_tensor(op: str, name: str, tensor: object, device: torch.device | None
         raise ValueError(f"{op}: {name} is on {tensor.device} but x is on {device}")
 
 
+def check_loss_inputs(op: str, target: str, **tensors: torch.Tensor) -> None:
+    """The loss ops' common checks, after their shape checks: every tensor on one device, and the teacher's
+    ``target`` (its first keyword is the student, its last the teacher) given no gradient to ask for."""
+    names, devices = list(tensors), [t.device for t in tensors.values()]
+    if any(device != devices[0] for device in devices):
+        listed = f"{', '.join(names[:-1])} and {names[-1]}"
+        got = f"{', '.join(map(str, devices[:-1]))} and {devices[-1]}"
+        raise ValueError(f"{op}: {listed} must be on one device, got {got}")
+    if tensors[names[-1]].requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{op}: the teacher's {target} are the target and get no gradient; detach them first")
+
+
 def check_features(op: str, x: object) -> int:
     """``x`` is a (..., H) floating tensor with H > 0; returns H."""
     check_tensor(op, "x", x)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastmini.ops.checks import HeldTarget
+from fastmini.ops.checks import HeldTarget, check_loss_inputs
 from fastmini.ops.dispatch import choose
 
 _OP = "logit_losses"
@@ -112,10 +112,6 @@ def check_logits(student: torch.Tensor, labels: torch.Tensor, teacher: torch.Ten
             f"{_OP}: labels must be (M,) = {tuple(student.shape[:1])} int64 like the logits' rows, got "
             f"{tuple(labels.shape)} {labels.dtype}"
         )
-    if not (student.device == teacher.device == labels.device):
-        raise ValueError(f"{_OP}: student, labels and teacher must be on one device, got {student.device}, "
-                         f"{labels.device} and {teacher.device}")  # fmt: skip
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
         raise ValueError(f"{_OP}: temperature must be a number > 0, got {temperature!r}")
-    if teacher.requires_grad and torch.is_grad_enabled():
-        raise ValueError(f"{_OP}: the teacher's logits are the target and get no gradient; detach them first")
+    check_loss_inputs(_OP, "logits", student=student, labels=labels, teacher=teacher)
