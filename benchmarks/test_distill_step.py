@@ -231,44 +231,59 @@ class Steps:
         self.original_body()
         _synchronise(self.setup)
 
+    def measure(self, benchmark, compare, describe_device, contenders, models, timed, backend, group=""):
+        """Peak memory of each contender (its first runs: a compiled step compiles there), ``timed`` by
+        pytest-benchmark, then all of them interleaved against "original"; the medians."""
+        setup, student = self.setup, models["fastmini"]
+        peaks = {name: peak_memory(step, setup, (self.pair[0], models[name])) for name, step in contenders.items()}
+        benchmark.pedantic(contenders[timed], rounds=max(3, setup.rounds // 2), warmup_rounds=1)
+        masked = int((self.batch.labels != -100).sum())
+        size, seq = setup.shape
+        medians = compare(
+            benchmark,
+            group=f"distillation step {size}x{seq} ({setup.device}){group}",
+            contenders=contenders,
+            baseline="original",
+            flops=step_flops(setup, student.config, masked),
+            useful_tokens=sum(setup.lengths),
+            rounds=setup.rounds,
+            shape=f"batch={size}x{seq} ({sum(setup.lengths)} real tokens, {masked} masked); teacher BERT with MLM "
+            f"head (H={setup.teacher['hidden_size']}, {setup.teacher['num_hidden_layers']} layers, V=30522); "
+            f"student E=128 H={student.config.hidden_size} N=6 r=16, layers {setup.layers}",
+            dtype="bf16 teacher + bf16 autocast student" if setup.bf16 else "float32",
+            backend=backend,
+            device=describe_device(torch.device(setup.device)),
+        )
+        if peaks["original"] is not None:  # CUDA's allocator
+            benchmark.extra_info["peak_allocated_gib"] = {name: round(peak / 2**30, 2) for name, peak in peaks.items()}
+            benchmark.extra_info["peak_memory_ratio"] = {
+                name: round(peak / peaks["original"], 3) for name, peak in peaks.items() if name != "original"
+            }
+        return medians
+
 
 @pytest.mark.filterwarnings("ignore:reduction. .mean. divides:UserWarning")
 def test_distillation_step(
     benchmark, compare, describe_device, record_kernel_profile, record_host_syncs, setup, pair, batch
 ):
-    teacher_model, student, original = pair
+    _, student, original = pair
     steps = Steps(setup, pair, batch)
     checkpointed = copy.deepcopy(student)
     enable_activation_checkpointing(checkpointed)  # --gradient-checkpointing
     step_of, original_step, original_body = steps.of, steps.original, steps.original_body
     fastmini_step, checkpointed_step = step_of(student), step_of(checkpointed)
 
-    masked = int((batch.labels != -100).sum())
-    size, seq = setup.shape
-    benchmark.pedantic(fastmini_step, rounds=max(3, setup.rounds // 2), warmup_rounds=1)
     contenders = {"original": original_step, "fastmini": fastmini_step, "fastmini-checkpointed": checkpointed_step}
     models = {"original": original, "fastmini": student, "fastmini-checkpointed": checkpointed}
     if setup.device == "cuda":  # the loss terms through torch's ops rather than the default Triton kernels
         contenders["fastmini-torch-losses"] = step_of(student, loss_backend="torch")
         models["fastmini-torch-losses"] = student
-    peaks = {name: peak_memory(step, setup, (teacher_model, models[name])) for name, step in contenders.items()}
-    medians = compare(
-        benchmark,
-        group=f"distillation step {size}x{seq} ({setup.device})",
-        contenders=contenders,
-        baseline="original",
-        flops=step_flops(setup, student.config, masked),
-        useful_tokens=sum(setup.lengths),
-        rounds=setup.rounds,
-        shape=f"batch={size}x{seq} ({sum(setup.lengths)} real tokens, {masked} masked); teacher BERT with MLM head "
-        f"(H={setup.teacher['hidden_size']}, {setup.teacher['num_hidden_layers']} layers, V=30522); student E=128 "
-        f"H={student.config.hidden_size} N=6 r=16, layers {setup.layers}",
-        dtype="bf16 teacher + bf16 autocast student" if setup.bf16 else "float32",
+    medians = steps.measure(
+        benchmark, compare, describe_device, contenders, models, "fastmini",
         backend="fastmini: Distiller, automatic op backends (-checkpointed: --gradient-checkpointing, one recursion "
         "at a time; -torch-losses: the loss terms through torch's ops rather than the Triton kernels); "
         "original: transformers modules, eager attention, full logits",
-        device=describe_device(torch.device(setup.device)),
-    )
+    )  # fmt: skip
     benchmark.extra_info["speedup"] = round(medians["original"] / medians["fastmini"], 2)
     if setup.device == "cuda":  # is the step GPU-bound? kernel time against the median, and the top kernels
         for name in ("original", "fastmini"):
@@ -276,11 +291,6 @@ def test_distillation_step(
         # How often a step makes the host wait for the GPU (the GPU idles while the host catches up after each).
         record_host_syncs(benchmark, "original", original_body)
         record_host_syncs(benchmark, "fastmini", step_of(student, synchronise=False))
-    if peaks["fastmini"] is not None:
-        benchmark.extra_info["peak_allocated_gib"] = {name: round(peak / 2**30, 2) for name, peak in peaks.items()}
-        benchmark.extra_info["peak_memory_ratio"] = {
-            name: round(peak / peaks["original"], 3) for name, peak in peaks.items() if name != "original"
-        }
 
 
 @pytest.mark.filterwarnings("ignore:reduction. .mean. divides:UserWarning")
@@ -288,8 +298,8 @@ def test_distillation_step_compiled(benchmark, compare, describe_device, record_
     """``--compile-student`` against the eager step, in a test of its own: its compile (a minute or more) must
     cost the GPU run's budget only this comparison, not the step's main figures above. CUDA only."""
     if setup.device != "cuda":
-        pytest.skip("timed on CUDA only: on the CPU the compiled step ran x1.02 the eager one (README)")
-    teacher_model, student, _ = pair
+        pytest.skip("timed on CUDA only: on the CPU the compiled step ran within 5% of the eager one (README)")
+    student = pair[1]
     steps = Steps(setup, pair, batch)
     compiled = copy.deepcopy(student)
     contenders = {
@@ -298,25 +308,9 @@ def test_distillation_step_compiled(benchmark, compare, describe_device, record_
         "fastmini-compiled": steps.of(compiled, compiled=True),
     }
     models = {"original": pair[2], "fastmini": student, "fastmini-compiled": compiled}
-    # The first compiled step compiles: peak_memory runs each step twice before any timing.
-    peaks = {name: peak_memory(step, setup, (teacher_model, models[name])) for name, step in contenders.items()}
-    benchmark.pedantic(contenders["fastmini-compiled"], rounds=max(3, setup.rounds // 2), warmup_rounds=1)
-    masked = int((batch.labels != -100).sum())
-    size, seq = setup.shape
-    compare(
-        benchmark,
-        group=f"distillation step {size}x{seq} ({setup.device}), compiled",
-        contenders=contenders,
-        baseline="original",
-        flops=step_flops(setup, student.config, masked),
-        useful_tokens=sum(setup.lengths),
-        rounds=setup.rounds,
-        shape=f"batch={size}x{seq} ({sum(setup.lengths)} real tokens, {masked} masked), as test_distillation_step",
-        dtype="bf16 teacher + bf16 autocast student",
+    steps.measure(
+        benchmark, compare, describe_device, contenders, models, "fastmini-compiled", group=", compiled",
         backend="fastmini-compiled: --compile-student (the student side through torch.compile, dynamic shapes); "
-        "fastmini: eager; original: as test_distillation_step",
-        device=describe_device(torch.device(setup.device)),
-    )
+        "fastmini: eager; original: transformers modules, eager attention, full logits",
+    )  # fmt: skip
     record_kernel_profile(benchmark, "fastmini-compiled", contenders["fastmini-compiled"])
-    if peaks["fastmini"] is not None:  # CUDA's allocator
-        benchmark.extra_info["peak_allocated_gib"] = {name: round(peak / 2**30, 2) for name, peak in peaks.items()}
