@@ -25,6 +25,7 @@ from torch import nn
 from fastmini.data.masking import IGNORE_INDEX
 from fastmini.distill import losses
 from fastmini.distill.models import Teacher
+from fastmini.distill.teacher_attention import matched_maps
 from fastmini.models import FastMiniForMaskedLM
 from fastmini.ops import Packing
 from fastmini.ops.dispatch import recording_a_graph
@@ -192,19 +193,27 @@ def teacher_forward(
     need_attentions: bool,
     need_logits: bool,
 ) -> TeacherOutputs:
-    """The teacher's matched hidden states (packed), attention maps, and logits at masked positions."""
+    """The teacher's matched hidden states (packed), attention maps, and logits at masked positions (the
+    attention maps of the matched layers only are computed where the teacher allows: see teacher_attention)."""
     positions = batch.token_positions()
     with torch.inference_mode():
-        output = teacher.encoder(
-            input_ids=batch.input_ids,
-            # No mask without padding: transformers' mask builders check a given one on the host (mask.all()).
-            attention_mask=batch.attention_mask if positions.packing is not None else None,
-            token_type_ids=batch.token_type_ids,
-            output_hidden_states=need_hidden,
-            output_attentions=need_attentions,
-            return_dict=True,
-        )
-        attentions = [output.attentions[layer - 1] for layer in layers] if need_attentions else []
+        # Eager attention (maps) in the matched layers only, SDPA elsewhere; every layer's maps otherwise.
+        with matched_maps(teacher.encoder, layers if need_attentions else ()) as maps:
+            output = teacher.encoder(
+                input_ids=batch.input_ids,
+                # No mask without padding: transformers' mask builders check a given one on the host (mask.all()).
+                attention_mask=batch.attention_mask if positions.packing is not None else None,
+                token_type_ids=batch.token_type_ids,
+                output_hidden_states=need_hidden,
+                output_attentions=need_attentions and maps is None,
+                return_dict=True,
+            )
+        if not need_attentions:
+            attentions = []
+        elif maps is not None:
+            attentions = maps.collected()
+        else:
+            attentions = [output.attentions[layer - 1] for layer in layers]
         hidden_padded = [output.hidden_states[layer] for layer in layers] if need_hidden else []
         logits = None
         if need_logits and teacher.head is not None:

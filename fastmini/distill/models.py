@@ -143,7 +143,8 @@ def _load_teacher_model(path: str, teacher_config, dtype: torch.dtype) -> tuple[
     stored, and never reported missing."""
     from transformers import AutoModel, AutoModelForMaskedLM
 
-    # Eager attention: the attention loss needs the probabilities, which SDPA does not return.
+    # Eager attention: the attention loss needs the probabilities, which SDPA does not return (teacher_forward
+    # swaps SDPA in for the layers the loss does not read where the model allows: distill.teacher_attention).
     options = {"attn_implementation": "eager", "dtype": dtype}
     try:
         AutoModelForMaskedLM._model_mapping[type(teacher_config)]
