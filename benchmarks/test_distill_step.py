@@ -12,8 +12,8 @@ update, both in train mode with dropout 0.1):
   bf16, student under bf16 autocast, for both contenders.
 A third contender, "fastmini-checkpointed", is fastmini with ``--gradient-checkpointing`` (one recursion
 recomputed at a time in backward): what it costs in time, and on CUDA what it saves in peak memory. On
-CUDA, "fastmini-torch-losses" is fastmini with the attention, MLM and output-KL terms through torch's ops
-rather than the Triton kernels that are the default there (fastmini.kernels.attention_kl and .logit_losses),
+CUDA, "fastmini-low-precision-maps" is fastmini with ``--low-precision-maps`` (the student's attention
+probabilities in bf16 rather than autocast's fp32; off by default until measured here),
 and test_distillation_step_compiled times fastmini with ``--compile-student`` (the student side through
 torch.compile) against it, in a test of its own (its compile takes a minute or more of the GPU run's budget).
 Inputs are 15% masked.
@@ -25,7 +25,8 @@ full forward with eager attention and full-vocabulary logits, full-vocabulary st
 and the losses as SPEC.md writes them (masked_select of the counted rows, KLDivLoss "mean" /
 CosineEmbeddingLoss / KLDivLoss "batchmean" / cross-entropy). fastmini: ``Distiller`` (teacher
 under inference_mode, student unpadded, MLM heads and output KL on masked rows only, attention
-KL without extra saved maps, no host reads of device values: the batch is built on the CPU and moved
+KL without extra saved maps, the teacher's maps only in the layers the attention loss reads (SDPA in the
+others: fastmini.distill.teacher_attention), no host reads of device values: the batch is built on the CPU and moved
 by ``Batch.to``, which works out its token positions there, as the trainer does).
 """
 
@@ -200,12 +201,10 @@ class Steps:
         )
         self.autocast_dtype = torch.bfloat16 if self.setup.bf16 else None
 
-    def of(self, model, synchronise: bool = True, loss_backend: str | None = None, compiled: bool = False):
+    def of(self, model, synchronise: bool = True, compiled: bool = False):
         side = StudentSide(model, None)
         side = compiled_student_side(side) if compiled else side
-        distiller = Distiller(
-            side, self.teacher, self.setup.layers, LossWeights(), 1.0, self.autocast_dtype, loss_backend
-        )
+        distiller = Distiller(side, self.teacher, self.setup.layers, LossWeights(), 1.0, self.autocast_dtype)
 
         def step():
             distiller(self.batch).total.backward()
@@ -275,13 +274,14 @@ def test_distillation_step(
 
     contenders = {"original": original_step, "fastmini": fastmini_step, "fastmini-checkpointed": checkpointed_step}
     models = {"original": original, "fastmini": student, "fastmini-checkpointed": checkpointed}
-    if setup.device == "cuda":  # the loss terms through torch's ops rather than the default Triton kernels
-        contenders["fastmini-torch-losses"] = step_of(student, loss_backend="torch")
-        models["fastmini-torch-losses"] = student
+    if setup.device == "cuda":  # --low-precision-maps: the student's attention maps in bf16 rather than fp32
+        low_precision = copy.deepcopy(student).set_low_precision_maps()
+        contenders["fastmini-low-precision-maps"] = step_of(low_precision)
+        models["fastmini-low-precision-maps"] = low_precision
     medians = steps.measure(
         benchmark, compare, describe_device, contenders, models, "fastmini",
         backend="fastmini: Distiller, automatic op backends (-checkpointed: --gradient-checkpointing, one recursion "
-        "at a time; -torch-losses: the loss terms through torch's ops rather than the Triton kernels); "
+        "at a time; -low-precision-maps: --low-precision-maps, the student's attention maps in bf16); "
         "original: transformers modules, eager attention, full logits",
     )  # fmt: skip
     benchmark.extra_info["speedup"] = round(medians["original"] / medians["fastmini"], 2)

@@ -19,7 +19,7 @@ import torch
 from fastmini.distill import config as distill_config
 from fastmini.distill.__main__ import main
 from fastmini.distill.config import FIELDS, RECIPES, DistillConfig, build_parser, resolve, resolve_layer_map
-from fastmini.distill.testing import make_tiny_teacher
+from fastmini.distill.testing import make_tiny_teacher, tiny_args
 from fastmini.training.errors import UsageError
 from fastmini.training.testing import cli_error
 
@@ -34,15 +34,6 @@ def teacher_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def encoder_teacher_dir(tmp_path_factory) -> Path:
     return make_tiny_teacher(tmp_path_factory.mktemp("encoder"), masked_lm=False)
-
-
-def tiny_args(teacher: Path, output: Path, *extra: str) -> list[str]:
-    return [
-        "--teacher", str(teacher), "--data", str(teacher / "corpus.txt"), "--output-dir", str(output),
-        "--window-length", "32", "--window-stride", "8", "--recursions", "2", "--embedding-size", "16",
-        "--reduction-factor", "4", "--batch-size", "4", "--max-steps", "4", "--warmup-steps", "1",
-        "--eval-documents", "3", "--eval-windows", "8", "--no-progress", "--threads", "1", *extra,
-    ]  # fmt: skip
 
 
 def error_of(argv: list[str], capsys) -> str:

@@ -88,6 +88,14 @@ class DistillConfig:
         "run",
         choices=PRECISIONS,
     )
+    low_precision_maps: bool = option(
+        False,
+        "under bf16 autocast (--precision bf16, or auto on a GPU), keep the student's attention probabilities in "
+        "bf16 (softmax still computes in fp32) instead of autocast's fp32: half the memory and traffic of the "
+        "step's largest tensors; the maps the attention loss reads are then rounded to bf16. Unmeasured on a GPU, "
+        "so off by default; no effect in fp32",
+        "run",
+    )
     threads: int | None = threads_option()
     gradient_checkpointing: bool = gradient_checkpointing_option()
     compile_student: bool = compile_student_option()

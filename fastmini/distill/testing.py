@@ -63,3 +63,13 @@ def make_tiny_teacher(
     BertTokenizer(vocab=tiny_vocabulary(vocab_size)).save_pretrained(directory)
     (directory / "corpus.txt").write_text("\n".join(tiny_corpus(vocab_size=vocab_size)) + "\n")
     return directory
+
+
+def tiny_args(teacher: Path, output: Path, *extra: str) -> list[str]:
+    """Command-line options of a short CPU run on ``make_tiny_teacher``'s teacher and corpus."""
+    return [
+        "--teacher", str(teacher), "--data", str(teacher / "corpus.txt"), "--output-dir", str(output),
+        "--window-length", "32", "--window-stride", "8", "--recursions", "2", "--embedding-size", "16",
+        "--reduction-factor", "4", "--batch-size", "4", "--max-steps", "4", "--warmup-steps", "1",
+        "--eval-documents", "3", "--eval-windows", "8", "--no-progress", "--threads", "1", *extra,
+    ]  # fmt: skip

@@ -142,6 +142,15 @@ class FastMiniPreTrainedModel(PreTrainedModel):
         self.base_model.unpadding = bool(enabled)
         return self
 
+    def set_low_precision_maps(self, enabled: bool = True) -> Self:
+        """Whether, under autocast (bf16/fp16), the attention probabilities that ``output_attentions`` returns
+        stay in autocast's dtype (softmax computed in fp32 inside, rounded once) instead of autocast's fp32;
+        returns the model. The distiller asks for them in every recursion and step, so they are the step's
+        largest tensors: fp32 maps are twice the memory and bytes moved, and the next matmul casts them back.
+        Without autocast nothing changes. Off by default (``--low-precision-maps`` of ``fastmini.distill``)."""
+        self.base_model.encoder.shared_layer.low_precision_maps = bool(enabled)
+        return self
+
 
 def _check_mask_shape(attention_mask: torch.Tensor, shape: torch.Size) -> None:
     if attention_mask.shape != shape:

@@ -25,6 +25,7 @@ from fastmini.ops.prepacked_linear import PrepackedWeightsMixin
 
 class SharedLayer(PrepackedWeightsMixin, nn.Module):
     fuse_qkv = True  # see fused_qkv; False keeps three projection GEMMs (what the GPU benchmarks compare against)
+    low_precision_maps = False  # the model's set_low_precision_maps (ops.attention.self_attention_ref)
 
     def __init__(self, config):
         super().__init__()
@@ -104,6 +105,7 @@ class SharedLayer(PrepackedWeightsMixin, nn.Module):
                 # CPU path, as fp32 or dropout keep the padded one on CUDA.
                 backend=self.packed_attention_backend if x.is_cuda else None,
                 check_inputs=False,  # projections of the layer's own x and the encoder's packing: fit by construction
+                low_precision_maps=self.low_precision_maps,
             )
         else:
             context, probabilities = self_attention(
@@ -113,6 +115,7 @@ class SharedLayer(PrepackedWeightsMixin, nn.Module):
                 dropout_p=dropout_p,
                 need_weights=need_weights,
                 check_inputs=False,
+                low_precision_maps=self.low_precision_maps,
             )
         out = self._add_and_norm(self.linear_through(prepacked, "attention_output", context), x, self.attention_norm)
         return out, probabilities

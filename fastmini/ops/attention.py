@@ -74,6 +74,7 @@ def self_attention_ref(
     value: torch.Tensor,
     key_padding_mask: torch.Tensor | None,
     dropout_p: float,
+    low_precision_maps: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager attention over (B, A, S, D) heads; returns (context, probabilities).
 
@@ -84,6 +85,8 @@ def self_attention_ref(
     score then becomes that value exactly in fp32, bf16 and fp64; in fp16 only about (its range is small).
     A row with no real key at all gets uniform probabilities (fp16: about), and, unlike a masked fill, its
     scores pass a gradient to its queries and keys: nothing reaches them unless a loss reads such a row.
+    ``low_precision_maps``: under autocast, the probabilities in the scores' dtype (bf16/fp16) rather than
+    autocast's fp32 (half the bytes of every pass over them); without autocast it changes nothing.
     """
     batch, heads, seq, head_dim = query.shape
     queries = query.reshape(batch * heads, seq, head_dim)
@@ -98,7 +101,10 @@ def self_attention_ref(
         bias.masked_fill_(key_padding_mask[:, None, None, :], 0.0)
         bias, beta = bias.expand(batch, heads, 1, seq).reshape(batch * heads, 1, seq), 1.0
     scores = torch.baddbmm(bias, queries, keys_t, beta=beta, alpha=head_dim**-0.5)
-    probabilities = scores.softmax(dim=-1).view(batch, heads, seq, seq)
+    # Autocast computes a softmax in fp32 and returns it so: (B, A, S, S) fp32 maps, which the next matmul casts
+    # back. An explicit dtype keeps them in the scores' (fp32 arithmetic inside, rounded once on the way out).
+    dtype = scores.dtype if low_precision_maps else None
+    probabilities = scores.softmax(dim=-1, dtype=dtype).view(batch, heads, seq, seq)
     dropped = F.dropout(probabilities, p=dropout_p, training=True) if dropout_p > 0.0 else probabilities
     return torch.matmul(dropped, value), probabilities
 
@@ -128,6 +134,7 @@ def self_attention(
     dropout_p: float = 0.0,
     need_weights: bool = False,
     check_inputs: bool = True,
+    low_precision_maps: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention over projected (B, S, H) query/key/value; returns ((B, S, H) context, probs or None).
 
@@ -137,7 +144,8 @@ def self_attention(
     (padded) keys (uniformly; in fp16 about, see ``self_attention_ref``) and its context is whatever
     the kernel gives (zeros from torch 2.13's SDPA on the CPU).
     ``dropout_p`` is applied whenever it is > 0 (callers pass 0 in eval mode); the probabilities
-    returned are those before dropout. ``need_weights=True`` runs the eager ``self_attention_ref``.
+    returned are those before dropout. ``need_weights=True`` runs the eager ``self_attention_ref``
+    (``low_precision_maps``: see there).
     ``check_inputs=False`` skips the argument checks (a few microseconds a call), for callers whose
     tensors are built to fit; misuse then fails, if at all, deep inside torch.
     """
@@ -149,7 +157,7 @@ def self_attention(
             _check_key_padding_mask(key_padding_mask, query)
     q, k, v = (split_heads(t, num_heads) for t in (query, key, value))
     if need_weights:
-        context, probabilities = self_attention_ref(q, k, v, key_padding_mask, dropout_p)
+        context, probabilities = self_attention_ref(q, k, v, key_padding_mask, dropout_p, low_precision_maps)
         return merge_heads(context), probabilities
     mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
     context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
@@ -236,6 +244,7 @@ def packed_self_attention(
     need_weights: bool = False,
     backend: str | None = None,
     check_inputs: bool = True,
+    low_precision_maps: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention over packed (T, H) tokens: each token attends to the real tokens of its sequence.
 
@@ -245,7 +254,7 @@ def packed_self_attention(
     Returns the packed (T, H) context and, when asked, the (B, A, S, S) probabilities of
     ``self_attention`` on the padded layout (zero weight on padded keys; padded query rows as there).
     ``backend="cuda"``: the varlen flash kernel where it can serve the call (see the module doc).
-    ``check_inputs=False`` skips the argument checks, as in ``self_attention``.
+    ``check_inputs=False`` skips the argument checks and ``low_precision_maps`` applies, as in ``self_attention``.
     """
     if check_inputs:
         op = "packed_self_attention"
@@ -276,5 +285,6 @@ def packed_self_attention(
         dropout_p=dropout_p,
         need_weights=need_weights,
         check_inputs=False,  # checked above, or the caller's tensors are built to fit
+        low_precision_maps=low_precision_maps,
     )
     return packing.pack(context), probabilities
