@@ -20,6 +20,32 @@ def test_pack_unpack_round_trip_for_any_padding_pattern():
     torch.testing.assert_close(packing.unpack(packed), x * mask[..., None])
 
 
+def test_heads_unpack_and_pack_in_one_step_like_unpack_and_split():
+    """unpack_heads == split_heads(unpack(.)) (contiguous, zeros at padding) and pack_heads == pack(merge_heads(.)),
+    values and gradients, for a strided slice such as the fused q/k/v projection's."""
+    from fastmini.ops.attention import merge_heads, split_heads
+
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 0, 1, 0, 1], [0, 0, 0, 0, 0]])
+    packing = Packing.from_attention_mask(mask)
+    heads, hidden = 3, 12
+    qkv = torch.randn(int(mask.sum()), 3 * hidden, dtype=torch.float64, requires_grad=True)
+    key = qkv[:, hidden : 2 * hidden]  # stride 3H: not contiguous
+    (unpacked,) = packing.unpack_heads([key], heads)
+    expected = split_heads(packing.unpack(key), heads)
+    assert unpacked.is_contiguous() and torch.equal(unpacked, expected)
+    assert unpacked.transpose(1, 2)[~mask.bool()].abs().sum() == 0
+    weights = torch.randn_like(unpacked)
+    got, want = (torch.autograd.grad((t * weights).sum(), qkv)[0] for t in (unpacked, expected))
+    assert torch.equal(got, want)
+
+    context = torch.randn(4, heads, 5, hidden // heads, dtype=torch.float64, requires_grad=True)
+    packed, reference = packing.pack_heads(context), packing.pack(merge_heads(context))
+    assert torch.equal(packed, reference)
+    weights = torch.randn_like(packed)
+    got, want = (torch.autograd.grad((t * weights).sum(), context)[0] for t in (packed, reference))
+    assert torch.equal(got, want)
+
+
 def test_every_gemm_sees_only_real_tokens(tiny_config, batch):
     model = FastMiniModel(tiny_config()).eval()
     seen = []

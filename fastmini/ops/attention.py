@@ -155,13 +155,25 @@ def self_attention(
             raise ValueError(f"self_attention: query must be (B, S, H), got shape {tuple(query.shape)}")
         if key_padding_mask is not None:
             _check_key_padding_mask(key_padding_mask, query)
-    q, k, v = (split_heads(t, num_heads) for t in (query, key, value))
+    heads = (split_heads(t, num_heads) for t in (query, key, value))
+    context, probabilities = attend_heads(*heads, key_padding_mask, dropout_p, need_weights, low_precision_maps)
+    return merge_heads(context), probabilities
+
+
+def attend_heads(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    dropout_p: float,
+    need_weights: bool,
+    low_precision_maps: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``self_attention`` on (B, A, S, D) heads, unchecked: ((B, A, S, D) context, probabilities or None)."""
     if need_weights:
-        context, probabilities = self_attention_ref(q, k, v, key_padding_mask, dropout_p, low_precision_maps)
-        return merge_heads(context), probabilities
+        return self_attention_ref(query, key, value, key_padding_mask, dropout_p, low_precision_maps)
     mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-    context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-    return merge_heads(context), None
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p), None
 
 
 def per_sequence_attention(
@@ -277,14 +289,8 @@ def packed_self_attention(
         return context.reshape(tokens, hidden), None
     if query.device.type == "cpu" and not need_weights and _mostly_padding(packing):
         return per_sequence_attention(*heads, packing.cu_seqlens, dropout_p).reshape(tokens, hidden), None
-    padded = (packing.unpack(t) for t in (query, key, value))
-    context, probabilities = self_attention(
-        *padded,
-        num_heads,
-        packing.key_padding_mask,
-        dropout_p=dropout_p,
-        need_weights=need_weights,
-        check_inputs=False,  # checked above, or the caller's tensors are built to fit
-        low_precision_maps=low_precision_maps,
-    )
-    return packing.pack(context), probabilities
+    # Straight into (and out of) the heads' padded layout: one scatter a tensor in, one gather out.
+    padded = packing.unpack_heads((query, key, value), num_heads)
+    mask = packing.key_padding_mask
+    context, probabilities = attend_heads(*padded, mask, dropout_p, need_weights, low_precision_maps)
+    return packing.pack_heads(context), probabilities
