@@ -20,6 +20,7 @@ from fastmini import (
     FastMiniForTokenClassification,
     FastMiniModel,
 )
+from fastmini.ops import Packing
 
 MASK = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0, 0]])
 
@@ -89,6 +90,28 @@ def test_the_encoder_through_inductor_equals_eager(unpadding, tiny_config, rando
         compiled = compiled_model(**batch, output_hidden_states=True)
     torch.testing.assert_close(compiled.last_hidden_state, eager.last_hidden_state, rtol=1e-4, atol=1e-5)
     for a, b in zip(compiled.hidden_states, eager.hidden_states, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_the_encoder_given_its_packing_traces_as_one_graph(tiny_config, randomize):
+    """What the distiller (and --compile-student) hands the encoder: the batch's packing, attention maps asked
+    for, training with backward. Nothing on that path may break the graph (fullgraph=True raises if it does)."""
+    model = randomize(FastMiniModel(tiny_config()), 0.2).train()
+    batch = inputs(model.config.vocab_size)
+    packing = Packing.from_attention_mask(batch["attention_mask"])
+
+    def encode(input_ids):
+        encoded = model.encode(input_ids, None, None, output_attentions=True, packing=packing)
+        return encoded.sequence.square().sum() + sum(m.square().sum() for m in encoded.attentions)
+
+    torch.manual_seed(0)
+    eager = encode(batch["input_ids"])
+    eager_grads = torch.autograd.grad(eager, list(model.parameters()))
+    torch.manual_seed(0)
+    compiled = torch.compile(encode, backend="aot_eager", fullgraph=True)(batch["input_ids"])
+    compiled_grads = torch.autograd.grad(compiled, list(model.parameters()))
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    for a, b in zip(compiled_grads, eager_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
