@@ -257,22 +257,45 @@ def _shortened(name: str) -> str:
     return name if len(name) <= KERNEL_NAME_CHARACTERS else name[: KERNEL_NAME_CHARACTERS - 3] + "..."
 
 
-def host_syncs(step: Callable) -> int:
+def host_syncs(step: Callable) -> dict:
     """How many times one run of ``step`` makes the host wait for the GPU (``item()``, ``nonzero``, boolean
-    indexing, copies to the host...), as torch's CUDA sync debug mode reports them. ``step`` should not end
-    with a synchronisation of its own."""
-    import warnings
-
+    indexing, copies to the host...), as torch's CUDA sync debug mode reports them, and where (see
+    sync_warnings). ``step`` should not end with a synchronisation of its own."""
     previous = torch.cuda.get_sync_debug_mode()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            step()
-        finally:
-            torch.cuda.set_sync_debug_mode(previous)
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        found = sync_warnings(step)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
     torch.cuda.synchronize()
-    return sum("synchroniz" in str(warning.message) for warning in caught)
+    return found
+
+
+def sync_warnings(step: Callable, top: int = 8) -> dict:
+    """{"count": warnings about a synchronising operation raised while ``step`` runs, "where": the code that
+    called each (file name:line of the innermost frame outside torch and this file), most frequent first}."""
+    import os
+    import traceback
+    import warnings
+    from collections import Counter
+
+    places: Counter = Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return
+        outside = [
+            frame for frame in traceback.extract_stack()[:-1]
+            if f"{os.sep}torch{os.sep}" not in frame.filename and frame.filename not in (__file__, warnings.__file__)
+        ]  # fmt: skip
+        frame = outside[-1] if outside else traceback.FrameSummary(filename, lineno, "?")
+        places[f"{os.path.basename(frame.filename)}:{frame.lineno}"] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        step()
+    return {"count": sum(places.values()), "where": dict(places.most_common(top))}
 
 
 def _recorder(prefix: str, measure: Callable[[Callable], object]) -> Callable:

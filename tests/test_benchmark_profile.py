@@ -40,3 +40,19 @@ def test_long_kernel_names_are_shortened_to_their_start():
     assert len(short) == conftest.KERNEL_NAME_CHARACTERS and short.endswith("...")
     assert short.startswith("void at::native::elementwise_kernel<128, 4, ")
     assert conftest._shortened("ampere_sgemm") == "ampere_sgemm"
+
+
+def test_sync_warnings_name_the_caller_of_each_synchronising_op():
+    """host_syncs' bookkeeping, fed the warnings CUDA's sync debug mode raises (here raised by hand)."""
+    import warnings
+
+    conftest = load_benchmark_conftest()
+
+    def step():
+        for _ in range(2):
+            warnings.warn("called a synchronizing CUDA operation", UserWarning)  # this line, twice
+        warnings.warn("something else", UserWarning)  # not a sync
+
+    found = conftest.sync_warnings(step)
+    line = step.__code__.co_firstlineno + 2
+    assert found == {"count": 2, "where": {f"{Path(__file__).name}:{line}": 2}}
