@@ -50,8 +50,8 @@ def test_sync_warnings_name_the_caller_of_each_synchronising_op():
 
     def step():
         for _ in range(2):
-            warnings.warn("called a synchronizing CUDA operation", UserWarning)  # this line, twice
-        warnings.warn("something else", UserWarning)  # not a sync
+            warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)  # this line, twice
+        warnings.warn("something else", UserWarning, stacklevel=1)  # not a sync
 
     found = conftest.sync_warnings(step)
     line = step.__code__.co_firstlineno + 2
