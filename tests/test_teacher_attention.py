@@ -64,6 +64,15 @@ def test_matched_maps_and_states_are_the_eager_teachers(teacher_model, inputs):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
+def test_a_layer_matched_twice_fills_both_slots(teacher_model, inputs):
+    """An explicit layer map may repeat a layer (more recursions than teacher layers)."""
+    reference = eager_forward(teacher_model.bert, inputs)
+    _, maps = captured_forward(teacher_model.bert, inputs, (1, 1, 3, 3))
+    assert maps[0] is maps[1] and maps[2] is maps[3]
+    torch.testing.assert_close(maps[0], reference.attentions[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(maps[3], reference.attentions[2], rtol=0, atol=1e-6)
+
+
 def test_every_layer_matched_is_bit_for_bit_the_eager_teacher(teacher_model, inputs):
     """In a matched layer the formula is transformers' eager one, op for op."""
     encoder = teacher_model.bert

@@ -69,7 +69,10 @@ class MatchedMaps:
     def __init__(self, encoder: nn.Module, layers: tuple[int, ...]):
         modules = attention_modules(encoder)
         self.config = encoder.config
-        self.slot_of = {modules[layer - 1]: slot for slot, layer in enumerate(layers)}
+        # A layer may be matched to more than one recursion (an explicit --layer-map such as 2,2,4,4): all its slots.
+        self.slots_of: dict[nn.Module, list[int]] = {}
+        for slot, layer in enumerate(layers):
+            self.slots_of.setdefault(modules[layer - 1], []).append(slot)
         self.maps: list[torch.Tensor | None] = [None] * len(layers)
 
     def __enter__(self) -> MatchedMaps:
@@ -113,8 +116,8 @@ def _attend(
     **_kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """transformers' attention-function contract: (B, A, S, D) heads in, ((B, S, A, D) context, map or None)."""
-    slot = None if _capturing is None else _capturing.slot_of.get(module)
-    if slot is None:
+    slots = None if _capturing is None else _capturing.slots_of.get(module)
+    if slots is None:
         context = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                                  scale=scaling)  # fmt: skip
         return context.transpose(1, 2).contiguous(), None
@@ -124,6 +127,7 @@ def _attend(
     if attention_mask is not None:
         scores = scores + attention_mask
     probabilities = scores.softmax(dim=-1)
-    _capturing.maps[slot] = probabilities
+    for slot in slots:
+        _capturing.maps[slot] = probabilities
     dropped = F.dropout(probabilities, p=dropout, training=dropout > 0.0)
     return torch.matmul(dropped, value).transpose(1, 2).contiguous(), probabilities
