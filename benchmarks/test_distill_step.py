@@ -16,7 +16,9 @@ CUDA, "fastmini-low-precision-maps" is fastmini with ``--low-precision-maps`` (t
 probabilities in bf16 rather than autocast's fp32; off by default until measured here),
 and test_distillation_step_compiled times fastmini with ``--compile-student`` (the student side through
 torch.compile) against it, in a test of its own (its compile takes a minute or more of the GPU run's budget).
-Inputs are 15% masked.
+Inputs are 15% masked. On CUDA the results also hold each step's top kernels, its host waits (with the line
+that causes each) and its phases: the teacher's forward alone, and the host's time to issue a step against the
+step's (``Steps.phases``).
 
 Baseline ("original"): the original recipe's step (nlpie-research/MiniALBERT
 general_distillation.py) rebuilt on transformers 5: fastmini.baselines.original's MiniALBERT
@@ -34,6 +36,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import statistics
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -43,7 +47,7 @@ from torch import nn
 
 from fastmini import FastMiniConfig, FastMiniForMaskedLM
 from fastmini.baselines.original import OriginalMiniAlbertForMaskedLM, original_config_like
-from fastmini.distill.distiller import Batch, Distiller, StudentSide, compiled_student_side
+from fastmini.distill.distiller import Batch, Distiller, StudentSide, compiled_student_side, teacher_forward
 from fastmini.distill.losses import LossWeights
 from fastmini.distill.models import Teacher
 from fastmini.flops import encoder_flops, masked_lm_head_flops
@@ -107,6 +111,11 @@ def pair(setup):
 
 @pytest.fixture(scope="module")
 def batch(setup) -> Batch:
+    return masked_batch(setup)
+
+
+def masked_batch(setup: Setup) -> Batch:
+    """The setup's windows of random words, 15% masked (never the first or last token), on its device."""
     generator = torch.Generator().manual_seed(0)
     size, seq = setup.shape
     lengths = torch.tensor(setup.lengths)
@@ -214,6 +223,31 @@ class Steps:
 
         return step
 
+    def phases(self, unsynchronised_step, rounds: int = 10) -> dict[str, float]:
+        """Where a step's time goes (CUDA), medians of ``rounds``: the teacher's forward alone (synchronised),
+        and how long the host takes to issue a whole step (returning before the GPU is done) against the
+        step's own time; an issue time close to the step's says the GPU waits on the host."""
+        def teacher():
+            teacher_forward(self.teacher, self.batch, self.setup.layers, True, True, self.teacher.head is not None)
+
+        issue, whole, teacher_alone = [], [], []
+        for _ in range(rounds + 1):  # the first round warms up
+            _synchronise(self.setup)
+            start = time.perf_counter()
+            unsynchronised_step()
+            issued = time.perf_counter()
+            _synchronise(self.setup)
+            done = time.perf_counter()
+            teacher()
+            _synchronise(self.setup)
+            issue.append(issued - start)
+            whole.append(done - start)
+            teacher_alone.append(time.perf_counter() - done)
+        return {
+            name: round(statistics.median(values[1:]) * 1e3, 2)
+            for name, values in (("host_issue", issue), ("step", whole), ("teacher_forward", teacher_alone))
+        }
+
     def original_body(self):
         teacher_model, _, original = self.pair
         autocast = (
@@ -291,6 +325,7 @@ def test_distillation_step(
         # How often a step makes the host wait for the GPU (the GPU idles while the host catches up after each).
         record_host_syncs(benchmark, "original", original_body)
         record_host_syncs(benchmark, "fastmini", step_of(student, synchronise=False))
+        benchmark.extra_info["phases_fastmini_ms"] = steps.phases(step_of(student, synchronise=False))
 
 
 @pytest.mark.filterwarnings("ignore:reduction. .mean. divides:UserWarning")
