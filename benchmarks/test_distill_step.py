@@ -13,7 +13,8 @@ update, both in train mode with dropout 0.1):
 A third contender, "fastmini-checkpointed", is fastmini with ``--gradient-checkpointing`` (one recursion
 recomputed at a time in backward): what it costs in time, and on CUDA what it saves in peak memory. On
 CUDA, "fastmini-low-precision-maps" is fastmini with ``--low-precision-maps`` (the student's attention
-probabilities in bf16 rather than autocast's fp32; off by default until measured here),
+probabilities in bf16 rather than autocast's fp32) and "fastmini-low-precision" with ``--low-precision-norms``
+too (its residual LayerNorms' outputs in bf16): both off by default until measured here,
 and test_distillation_step_compiled times fastmini with ``--compile-student`` (the student side through
 torch.compile) against it, in a test of its own (its compile takes a minute or more of the GPU run's budget).
 Inputs are 15% masked. On CUDA the results also hold each step's top kernels, its host waits (with the line
@@ -227,6 +228,7 @@ class Steps:
         """Where a step's time goes (CUDA), medians of ``rounds``: the teacher's forward alone (synchronised),
         and how long the host takes to issue a whole step (returning before the GPU is done) against the
         step's own time; an issue time close to the step's says the GPU waits on the host."""
+
         def teacher():
             teacher_forward(self.teacher, self.batch, self.setup.layers, True, True, self.teacher.head is not None)
 
@@ -308,14 +310,18 @@ def test_distillation_step(
 
     contenders = {"original": original_step, "fastmini": fastmini_step, "fastmini-checkpointed": checkpointed_step}
     models = {"original": original, "fastmini": student, "fastmini-checkpointed": checkpointed}
-    if setup.device == "cuda":  # --low-precision-maps: the student's attention maps in bf16 rather than fp32
-        low_precision = copy.deepcopy(student).set_low_precision_maps()
-        contenders["fastmini-low-precision-maps"] = step_of(low_precision)
-        models["fastmini-low-precision-maps"] = low_precision
+    if setup.device == "cuda":  # the student's attention maps, then also its residual stream, in bf16 (not fp32)
+        low_precision_maps = copy.deepcopy(student).set_low_precision_maps()
+        low_precision = copy.deepcopy(low_precision_maps).set_low_precision_norms()
+        contenders["fastmini-low-precision-maps"] = step_of(low_precision_maps)
+        contenders["fastmini-low-precision"] = step_of(low_precision)
+        models["fastmini-low-precision-maps"] = low_precision_maps
+        models["fastmini-low-precision"] = low_precision
     medians = steps.measure(
         benchmark, compare, describe_device, contenders, models, "fastmini",
         backend="fastmini: Distiller, automatic op backends (-checkpointed: --gradient-checkpointing, one recursion "
-        "at a time; -low-precision-maps: --low-precision-maps, the student's attention maps in bf16); "
+        "at a time; -low-precision-maps: --low-precision-maps, the student's attention maps in bf16; "
+        "-low-precision: --low-precision-maps --low-precision-norms, its residual stream in bf16 too); "
         "original: transformers modules, eager attention, full logits",
     )  # fmt: skip
     benchmark.extra_info["speedup"] = round(medians["original"] / medians["fastmini"], 2)

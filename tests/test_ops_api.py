@@ -258,3 +258,25 @@ def test_checks_trace_into_a_fullgraph_compile():
     torch._dynamo.reset()
     compiled = torch.compile(block, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x), block(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["adapter_bottleneck", "add_layer_norm"])
+def test_low_precision_changes_nothing_without_autocast_and_keeps_16_bit_under_it(op, backend):
+    """``low_precision=True``: no autocast, the same result; under autocast (the CPU's, which leaves LayerNorm
+    in the input's dtype) bf16 in, bf16 out on both backends, close to the default's result."""
+    tensors = OPS[op][0]()
+    kind = "adapter" if op == "adapter_bottleneck" else "norm"
+
+    def run(tensors, low_precision):
+        if kind == "adapter":
+            return adapter_bottleneck(*tensors, EPS, backend=backend, low_precision=low_precision)
+        return add_layer_norm(*tensors, EPS, backend=backend, low_precision=low_precision)
+
+    assert torch.equal(run(tensors, True), run(tensors, False))
+    activations = 1 if kind == "adapter" else 2
+    half = [t.bfloat16() for t in tensors[:activations]] + tensors[activations:]
+    with torch.autocast("cpu", torch.bfloat16):
+        low, default = run(half, True), run(half, False)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), default.float(), rtol=0.02, atol=0.02)

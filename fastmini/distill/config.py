@@ -96,6 +96,13 @@ class DistillConfig:
         "so off by default; no effect in fp32",
         "run",
     )
+    low_precision_norms: bool = option(
+        False,
+        "under bf16 autocast, keep the student's residual stream in bf16: the LayerNorms of the shared layer and "
+        "adapters return bf16 (statistics still in fp32) instead of autocast's fp32, so no cast before each GEMM "
+        "and half the traffic of the adds and LayerNorms. Unmeasured on a GPU, so off by default; no effect in fp32",
+        "run",
+    )
     threads: int | None = threads_option()
     gradient_checkpointing: bool = gradient_checkpointing_option()
     compile_student: bool = compile_student_option()

@@ -136,8 +136,10 @@ class DistillationRun:
             torch.set_num_threads(config.threads)
         self.autocast_dtype = precision.autocast_dtype(config.precision, self.device)
         self.teacher_dtype = self.autocast_dtype or torch.float32
-        if config.low_precision_maps and self.autocast_dtype is None:
-            log.warning("--low-precision-maps changes nothing without bf16 autocast (this run computes in fp32)")
+        for flag, given in (("--low-precision-maps", config.low_precision_maps),
+                            ("--low-precision-norms", config.low_precision_norms)):  # fmt: skip
+            if given and self.autocast_dtype is None:
+                log.warning("%s changes nothing without bf16 autocast (this run computes in fp32)", flag)
 
         check_global_batch(config.batch_size, context.world_size, config.grad_accumulation)
         # Refuse an unfinished run's directory now, before the heavy work; write nothing yet.
@@ -161,7 +163,8 @@ class DistillationRun:
         self._prepare_data()
 
         torch.manual_seed(config.seed)  # the student's initialisation depends on the seed only
-        student = models.build_student(config, self.teacher).set_low_precision_maps(config.low_precision_maps)
+        student = models.build_student(config, self.teacher)
+        student.set_low_precision_maps(config.low_precision_maps).set_low_precision_norms(config.low_precision_norms)
         models.check_attention_compatible(config, student, self.teacher)
         if config.gradient_checkpointing:
             enable_activation_checkpointing(student)

@@ -28,7 +28,7 @@ from fastmini.data.masking import IGNORE_INDEX
 from fastmini.models import adapter_tuning
 from fastmini.models.configuration import MINIALBERT_FIXED_LAYER_NORM_EPS, FastMiniConfig
 from fastmini.models.loading import load_pretrained
-from fastmini.modules import Embeddings, MaskedLMHead, RecursiveEncoder
+from fastmini.modules import BottleneckAdapter, Embeddings, MaskedLMHead, RecursiveEncoder
 from fastmini.ops import Packing
 from fastmini.ops.dispatch import recording_a_graph
 from fastmini.ops.prepacked_linear import PrepackedWeightsMixin
@@ -149,6 +149,19 @@ class FastMiniPreTrainedModel(PreTrainedModel):
         largest tensors: fp32 maps are twice the memory and bytes moved, and the next matmul casts them back.
         Without autocast nothing changes. Off by default (``--low-precision-maps`` of ``fastmini.distill``)."""
         self.base_model.encoder.shared_layer.low_precision_maps = bool(enabled)
+        return self
+
+    def set_low_precision_norms(self, enabled: bool = True) -> Self:
+        """Whether, under autocast (bf16/fp16), the residual LayerNorms of the recursion (the shared layer's two
+        and the adapters') return autocast's dtype (statistics in fp32 inside, output rounded once) instead of
+        autocast's fp32; returns the model. The residual stream then stays in bf16 between the GEMMs, which
+        read it without a cast, and the adds and LayerNorms move half the bytes. Without autocast nothing
+        changes. Off by default (``--low-precision-norms`` of ``fastmini.distill``). It applies to the adapters the
+        model has when called: call it again after ``load_adapters`` adds some."""
+        self.base_model.encoder.shared_layer.low_precision_norms = bool(enabled)
+        for module in self.base_model.encoder.modules():
+            if isinstance(module, BottleneckAdapter):
+                module.low_precision_norms = bool(enabled)
         return self
 
 

@@ -13,6 +13,8 @@ from fastmini.ops.plain_layers import all_plain
 class BottleneckAdapter(nn.Module):
     """``LayerNorm(x + Up(GELU(Down(x))))`` with Down H -> H/r and Up H/r -> H (SPEC.md, Model 4)."""
 
+    low_precision_norms = False  # the model's set_low_precision_norms (ops.add_layer_norm's low_precision)
+
     def __init__(self, hidden_size: int, adapter_size: int, eps: float):
         """``adapter_size``: the bottleneck width H/r (``FastMiniConfig.adapter_size``)."""
         super().__init__()
@@ -33,4 +35,5 @@ class BottleneckAdapter(nn.Module):
             self.norm.bias,
             self.norm.eps,
             check_inputs=False,  # its own parameters, built to fit: no checks on the recursion's hot path
+            low_precision=self.low_precision_norms,
         )

@@ -26,6 +26,7 @@ from fastmini.ops.prepacked_linear import PrepackedWeightsMixin
 class SharedLayer(PrepackedWeightsMixin, nn.Module):
     fuse_qkv = True  # see fused_qkv; False keeps three projection GEMMs (what the GPU benchmarks compare against)
     low_precision_maps = False  # the model's set_low_precision_maps (ops.attention.self_attention_ref)
+    low_precision_norms = False  # the model's set_low_precision_norms (ops.add_layer_norm's low_precision)
 
     def __init__(self, config):
         super().__init__()
@@ -136,4 +137,7 @@ class SharedLayer(PrepackedWeightsMixin, nn.Module):
         if not all_plain(norm):
             return norm(residual + F.dropout(x, p=dropout_p, training=dropout_p > 0.0))
         # check_inputs=False: the layer's own parameters, built to fit x (see ops.checks)
-        return add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, dropout_p, check_inputs=False)
+        return add_layer_norm(
+            x, residual, norm.weight, norm.bias, norm.eps, dropout_p, check_inputs=False,
+            low_precision=self.low_precision_norms,
+        )  # fmt: skip

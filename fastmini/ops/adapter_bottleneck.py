@@ -171,17 +171,20 @@ def _adapter_bottleneck_torch(
     norm_bias: torch.Tensor,
     eps: float,
     norm_backend: str | None = "torch",
+    low_precision: bool = False,
 ) -> torch.Tensor:
     """The oracle's ops, with parameters of another dtype than x cast to it as the kernels do (F.linear needs one
     dtype); its closing residual + LayerNorm is add_layer_norm's, through ``norm_backend`` (None: that op's own
-    automatic choice, its fused kernel while a CUDA graph is recorded)."""
+    automatic choice, its fused kernel while a CUDA graph is recorded), as is ``low_precision``."""
     dtype = x.dtype
     if not all_in(dtype, down_weight, down_bias, up_weight, up_bias):
         down_weight, down_bias, up_weight, up_bias = (
             cast_to(t, dtype) for t in (down_weight, down_bias, up_weight, up_bias)
         )
     branch = F.linear(F.gelu(F.linear(x, down_weight, down_bias)), up_weight, up_bias)
-    return add_layer_norm(branch, x, norm_weight, norm_bias, eps, backend=norm_backend, check_inputs=False)
+    return add_layer_norm(
+        branch, x, norm_weight, norm_bias, eps, backend=norm_backend, check_inputs=False, low_precision=low_precision
+    )
 
 
 def _adapter_bottleneck_triton(
@@ -232,6 +235,7 @@ def adapter_bottleneck(
     backend: str | None = None,
     *,
     check_inputs: bool = True,
+    low_precision: bool = False,
 ) -> torch.Tensor:
     """``LayerNorm(x + Up(GELU(Down(x))))`` over the last dimension of ``x`` (..., H).
 
@@ -241,6 +245,7 @@ def adapter_bottleneck(
 
     ``check_inputs=False`` skips the argument checks (a few microseconds a call): for callers whose parameters
     fit x by construction, such as fastmini's own modules on the recursion's hot path.
+    ``low_precision``: add_layer_norm's (the output in x's dtype under autocast too; the kernel's always is).
     """
     if check_inputs:
         _check_inputs(x, down_weight, down_bias, up_weight, up_bias, norm_weight, norm_bias, eps)
@@ -249,5 +254,5 @@ def adapter_bottleneck(
     if chosen == "torch":
         # The composition's add_layer_norm is asked for what this op was asked for: torch by name stays torch;
         # chosen automatically, it makes its own choice (in a CUDA graph of a small batch, its fused kernel).
-        return _adapter_bottleneck_torch(x, *parameters, eps, norm_backend=backend)
+        return _adapter_bottleneck_torch(x, *parameters, eps, norm_backend=backend, low_precision=low_precision)
     return _BACKENDS[chosen](x, *parameters, eps)

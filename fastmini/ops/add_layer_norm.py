@@ -190,8 +190,14 @@ def _add_layer_norm_torch(
     bias: torch.Tensor,
     eps: float,
     dropout_p: float = 0.0,
+    low_precision: bool = False,
 ) -> torch.Tensor:
     """The oracle, with weight and bias in the dtype of the sum where F.layer_norm would refuse theirs."""
+    if low_precision and torch.is_autocast_enabled(x.device.type):
+        # Outside autocast, whose policy computes a LayerNorm in fp32 and returns it so: the sum in the inputs'
+        # (promoted) dtype, the statistics in fp32 inside torch's kernel, the output rounded once to that dtype.
+        with torch.autocast(x.device.type, enabled=False):
+            return _add_layer_norm_torch(x, residual, weight, bias, eps, dropout_p)
     if all_in(x.dtype, residual, weight, bias):
         return add_layer_norm_ref(x, residual, weight, bias, eps, dropout_p)
     dtype = torch.promote_types(x.dtype, residual.dtype)
@@ -207,6 +213,7 @@ def _add_layer_norm_triton(
     bias: torch.Tensor,
     eps: float,
     dropout_p: float = 0.0,
+    low_precision: bool = False,  # the kernel's output is always in the inputs' dtype
 ) -> torch.Tensor:
     # Drawn from torch's default CPU generator, so torch.manual_seed makes the mask reproducible;
     # a tensor rather than an int so torch.compile traces the draw instead of freezing one value.
@@ -236,6 +243,7 @@ def add_layer_norm(
     backend: str | None = None,
     *,
     check_inputs: bool = True,
+    low_precision: bool = False,
 ) -> torch.Tensor:
     """``LayerNorm(residual + Dropout_p(x))`` over the last dimension of x (..., H).
 
@@ -247,10 +255,14 @@ def add_layer_norm(
 
     ``check_inputs=False`` skips the argument checks (a few microseconds a call): for callers whose parameters
     fit x by construction, such as fastmini's own modules on the recursion's hot path.
+
+    ``low_precision``: under autocast, the output stays in the inputs' (promoted) dtype, as the Triton kernel's
+    always does, rather than autocast's fp32 for a LayerNorm (the statistics are fp32 either way); without
+    autocast it changes nothing.
     """
     if check_inputs:
         _check_inputs(x, residual, weight, bias, eps, dropout_p)
     implementation = choose(
         _OP, x, backend, _BACKENDS, verified_on_gpu=_VERIFIED_ON_GPU, pays_off_on_gpu=_triton_pays_off_on_gpu
     )
-    return implementation(x, residual, weight, bias, eps, dropout_p)
+    return implementation(x, residual, weight, bias, eps, dropout_p, low_precision)

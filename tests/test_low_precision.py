@@ -1,8 +1,10 @@
-"""``set_low_precision_maps``: under autocast the attention probabilities stay in autocast's dtype.
+"""``set_low_precision_maps`` / ``set_low_precision_norms``: under autocast the attention probabilities, and the
+residual LayerNorms' outputs, stay in autocast's dtype.
 
-CUDA's autocast computes a softmax given no dtype in fp32 and returns it so; the switch names the scores'
-dtype instead. The CPU's autocast leaves softmax alone, so here the CPU tests check the call the model
-makes (and that nothing else changes), the GPU test the maps themselves.
+CUDA's autocast computes a softmax given no dtype, and every LayerNorm, in fp32 and returns fp32; the maps
+switch names the scores' dtype to softmax, the norms switch runs the residual add and LayerNorm outside
+autocast. The CPU's autocast leaves softmax and LayerNorm alone, so here the CPU tests check the calls the
+model makes (and that nothing else changes), the GPU tests the dtypes and values themselves.
 """
 
 from __future__ import annotations
@@ -16,6 +18,19 @@ from fastmini import FastMiniConfig, FastMiniForMaskedLM
 
 LENGTHS = (9, 5, 2)
 SOFTMAXES = (torch.Tensor.softmax, torch.softmax, F.softmax)
+
+
+class LayerNormAutocast(TorchFunctionMode):
+    """Whether autocast was on at every F.layer_norm called inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.autocast: list[bool] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.layer_norm:
+            self.autocast.append(torch.is_autocast_enabled("cpu"))
+        return func(*args, **(kwargs or {}))
 
 
 class SoftmaxDtypes(TorchFunctionMode):
@@ -67,11 +82,31 @@ def test_the_switch_asks_softmax_for_the_scores_dtype(unpadding):
     assert softmax_dtypes(model.set_low_precision_maps(False), torch.bfloat16) == [None] * recursions
 
 
-def test_without_autocast_the_switch_changes_nothing():
+@pytest.mark.parametrize("unpadding", [True, False])
+def test_the_norms_switch_takes_the_residual_layer_norms_out_of_autocast(unpadding):
+    model = tiny_student().set_unpadding(unpadding)
+    # Per recursion: the two adapters' and the shared layer's two; then the embeddings' and the MLM head's.
+    recursion_norms = 4 * model.config.num_hidden_layers
+
+    def autocast_at_each_layer_norm() -> list[bool]:
+        with LayerNormAutocast() as recorded, torch.autocast("cpu", torch.bfloat16):
+            model(**inputs())
+        return recorded.autocast
+
+    assert autocast_at_each_layer_norm() == [True] * (recursion_norms + 2)
+    model.set_low_precision_norms()
+    assert autocast_at_each_layer_norm() == [True] + [False] * recursion_norms + [True]
+    assert model.set_low_precision_norms(False) is model
+    assert autocast_at_each_layer_norm() == [True] * (recursion_norms + 2)
+
+
+@pytest.mark.parametrize("switch", ["set_low_precision_maps", "set_low_precision_norms"])
+def test_without_autocast_the_switches_change_nothing(switch):
     model = tiny_student()
-    reference = model(**inputs(), output_attentions=True)
-    switched = model.set_low_precision_maps()(**inputs(), output_attentions=True)
+    reference = model(**inputs(), output_attentions=True, output_hidden_states=True)
+    switched = getattr(model, switch)()(**inputs(), output_attentions=True, output_hidden_states=True)
     assert all(torch.equal(a, b) for a, b in zip(reference.attentions, switched.attentions, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(reference.hidden_states, switched.hidden_states, strict=True))
     assert torch.equal(reference.logits, switched.logits)
 
 
@@ -83,11 +118,14 @@ def test_the_distill_option_reaches_the_student(tmp_path, caplog):
 
     teacher = make_tiny_teacher(tmp_path / "teacher")
     argv = tiny_args(teacher, tmp_path / "out")
-    assert resolve(argv)[0].low_precision_maps is False
-    config, _ = resolve([*argv, "--low-precision-maps", "--precision", "fp32"])
-    run = DistillationRun(config, distributed.setup("cpu"))
-    assert run.student_side.student.fastmini.encoder.shared_layer.low_precision_maps is True
-    assert "--low-precision-maps changes nothing without bf16 autocast" in caplog.text
+    default, _ = resolve(argv)
+    assert (default.low_precision_maps, default.low_precision_norms) == (False, False)
+    config, _ = resolve([*argv, "--low-precision-maps", "--low-precision-norms", "--precision", "fp32"])
+    encoder = DistillationRun(config, distributed.setup("cpu")).student_side.student.fastmini.encoder
+    assert encoder.shared_layer.low_precision_maps and encoder.shared_layer.low_precision_norms
+    assert all(adapter.low_precision_norms for adapter in (*encoder.attention_adapters, *encoder.ffn_adapters))
+    for flag in ("--low-precision-maps", "--low-precision-norms"):
+        assert f"{flag} changes nothing without bf16 autocast" in caplog.text
 
 
 @pytest.mark.gpu
@@ -103,4 +141,20 @@ def test_under_cuda_autocast_the_maps_stay_bf16():
         torch.testing.assert_close(low.float(), full, rtol=2**-7, atol=1e-6)  # one bf16 rounding (and its echo)
     grads = torch.autograd.grad(sum(m.float().square().sum() for m in switched.attentions), model.parameters(),
                                 allow_unused=True)  # fmt: skip
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's autocast is what computes LayerNorm in fp32")
+def test_under_cuda_autocast_the_residual_stream_stays_bf16():
+    model = tiny_student("cuda")
+    with torch.autocast("cuda", torch.bfloat16):
+        reference = model(**inputs("cuda"), output_hidden_states=True)
+        switched = model.set_low_precision_norms()(**inputs("cuda"), output_hidden_states=True)
+    assert {h.dtype for h in reference.hidden_states[1:]} == {torch.float32}
+    assert {h.dtype for h in switched.hidden_states[1:]} == {torch.bfloat16}
+    for low, full in zip(switched.hidden_states[1:], reference.hidden_states[1:], strict=True):
+        torch.testing.assert_close(low.float(), full, rtol=0.05, atol=0.05)  # bf16 rounding of each recursion
+    grads = torch.autograd.grad(switched.logits.float().square().mean(), list(model.parameters()), allow_unused=True)
+    assert all(g is None or torch.isfinite(g).all() for g in grads)
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
