@@ -25,7 +25,7 @@ from torch import nn
 from fastmini.data.masking import IGNORE_INDEX
 from fastmini.distill import losses
 from fastmini.distill.models import Teacher
-from fastmini.distill.teacher_attention import matched_maps
+from fastmini.distill.teacher_attention import matched_maps, padding_bias
 from fastmini.models import FastMiniForMaskedLM
 from fastmini.ops import Packing
 from fastmini.ops.dispatch import recording_a_graph
@@ -199,10 +199,14 @@ def teacher_forward(
     with torch.inference_mode():
         # Eager attention (maps) in the matched layers only, SDPA elsewhere; every layer's maps otherwise.
         with matched_maps(teacher.encoder, layers if need_attentions else ()) as maps:
+            # No mask without padding: transformers' mask builders check a given one on the host (mask.all()); in a
+            # capture the additive bias they would build, which they take as it is.
+            mask = batch.attention_mask if positions.packing is not None else None
+            if mask is not None and maps is not None:
+                mask = padding_bias(mask, teacher.encoder.dtype)
             output = teacher.encoder(
                 input_ids=batch.input_ids,
-                # No mask without padding: transformers' mask builders check a given one on the host (mask.all()).
-                attention_mask=batch.attention_mask if positions.packing is not None else None,
+                attention_mask=mask,
                 token_type_ids=batch.token_type_ids,
                 output_hidden_states=need_hidden,
                 output_attentions=need_attentions and maps is None,

@@ -97,6 +97,15 @@ class MatchedMaps:
         return list(self.maps)
 
 
+def padding_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, 1, S) additive bias of a (B, S) mask, 0 at real keys and ``dtype``'s lowest value at padded ones:
+    transformers' eager mask, unexpanded (the sums with the scores are the same). Given to the encoder inside a
+    capture in place of the 2D mask, it skips transformers' mask builder, which asks the host whether the mask
+    is all ones (on a GPU a wait for every queued kernel)."""
+    bias = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+    return bias.masked_fill_(~attention_mask.bool(), torch.finfo(dtype).min)[:, None, None, :]
+
+
 def matched_maps(encoder: nn.Module, layers: tuple[int, ...]) -> contextlib.AbstractContextManager:
     """``MatchedMaps`` where the encoder supports it, else a context giving None (the caller then asks for
     ``output_attentions``)."""
