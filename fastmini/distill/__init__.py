@@ -1,8 +1,8 @@
 """MiniALBERT distillation: ``python -m fastmini.distill`` (see ``--help``) or ``distill(config)``.
 
 Layers: config (every option), models (teacher, tokenizer, student), losses (the recipe's four
-terms), distiller (one forward), batches (which windows and masks each step sees), evaluation,
-trainer (loop, checkpoints, resume, outputs).
+terms), distiller (one forward), teacher_attention (the teacher's maps in the matched layers only),
+batches (which windows and masks each step sees), evaluation, trainer (loop, checkpoints, resume, outputs).
 """
 
 from fastmini.distill.config import RECIPES, DistillConfig
