@@ -107,7 +107,7 @@ class _UnpackHeads(torch.autograd.Function):
         ctx.save_for_backward(indices)
         tokens, hidden = packed.shape
         heads = packed.new_zeros(batch_size, num_heads, seq_len, hidden // num_heads)
-        heads.transpose(1, 2).index_put_((rows, positions), packed.view(tokens, num_heads, -1))
+        heads.transpose(1, 2).index_put_((rows, positions), packed.reshape(tokens, num_heads, -1))
         return heads
 
     @staticmethod
