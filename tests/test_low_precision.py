@@ -128,33 +128,29 @@ def test_the_distill_option_reaches_the_student(tmp_path, caplog):
         assert f"{flag} changes nothing without bf16 autocast" in caplog.text
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's autocast is what upcasts softmax")
-def test_under_cuda_autocast_the_maps_stay_bf16():
-    model = tiny_student("cuda")
-    with torch.autocast("cuda", torch.bfloat16):
-        reference = model(**inputs("cuda"), output_attentions=True)
-        switched = model.set_low_precision_maps()(**inputs("cuda"), output_attentions=True)
-    assert {m.dtype for m in reference.attentions} == {torch.float32}
-    assert {m.dtype for m in switched.attentions} == {torch.bfloat16}
-    for low, full in zip(switched.attentions, reference.attentions, strict=True):
-        torch.testing.assert_close(low.float(), full, rtol=2**-7, atol=1e-6)  # one bf16 rounding (and its echo)
-    grads = torch.autograd.grad(sum(m.float().square().sum() for m in switched.attentions), model.parameters(),
-                                allow_unused=True)  # fmt: skip
-    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+# switch, output field, which of its tensors, rtol, atol: the maps differ by one bf16 rounding (and its echo),
+# the hidden states by the bf16 rounding of each recursion's residual stream.
+GPU_CASES = {
+    "maps": ("set_low_precision_maps", "attentions", slice(None), 2**-7, 1e-6),
+    "norms": ("set_low_precision_norms", "hidden_states", slice(1, None), 0.05, 0.05),
+}
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's autocast is what computes LayerNorm in fp32")
-def test_under_cuda_autocast_the_residual_stream_stays_bf16():
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's autocast is what computes these in fp32")
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_under_cuda_autocast_the_switched_tensors_stay_bf16(case):
+    switch, field, which, rtol, atol = GPU_CASES[case]
     model = tiny_student("cuda")
+    outputs = dict(output_attentions=True, output_hidden_states=True)
     with torch.autocast("cuda", torch.bfloat16):
-        reference = model(**inputs("cuda"), output_hidden_states=True)
-        switched = model.set_low_precision_norms()(**inputs("cuda"), output_hidden_states=True)
-    assert {h.dtype for h in reference.hidden_states[1:]} == {torch.float32}
-    assert {h.dtype for h in switched.hidden_states[1:]} == {torch.bfloat16}
-    for low, full in zip(switched.hidden_states[1:], reference.hidden_states[1:], strict=True):
-        torch.testing.assert_close(low.float(), full, rtol=0.05, atol=0.05)  # bf16 rounding of each recursion
-    grads = torch.autograd.grad(switched.logits.float().square().mean(), list(model.parameters()), allow_unused=True)
+        reference = getattr(model(**inputs("cuda"), **outputs), field)[which]
+        switched = getattr(getattr(model, switch)()(**inputs("cuda"), **outputs), field)[which]
+    assert {t.dtype for t in reference} == {torch.float32}
+    assert {t.dtype for t in switched} == {torch.bfloat16}
+    for low, full in zip(switched, reference, strict=True):
+        torch.testing.assert_close(low.float(), full, rtol=rtol, atol=atol)
+    loss = sum(t.float().square().mean() for t in switched)
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
     assert all(g is None or torch.isfinite(g).all() for g in grads)
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
