@@ -149,7 +149,7 @@ def test_under_cuda_autocast_the_switched_tensors_stay_bf16(case):
     assert {t.dtype for t in reference} == {torch.float32}
     assert {t.dtype for t in switched} == {torch.bfloat16}
     for low, full in zip(switched, reference, strict=True):
-        torch.testing.assert_close(low.float(), full, rtol=rtol, atol=atol)
+        torch.testing.assert_close(low.float(), full.float(), rtol=rtol, atol=atol)
     loss = sum(t.float().square().mean() for t in switched)
     grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
     assert all(g is None or torch.isfinite(g).all() for g in grads)
