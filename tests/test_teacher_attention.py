@@ -120,3 +120,31 @@ def test_teacher_forward_gives_the_same_maps_with_or_without_the_capture(teacher
     for got, expected in zip(captured.hidden, recorded.hidden, strict=True):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(captured.masked_logits, recorded.masked_logits, rtol=0, atol=1e-5)
+
+
+def _other_encoder(family: str):
+    from transformers import DistilBertConfig, DistilBertModel, RobertaConfig, RobertaModel
+
+    torch.manual_seed(0)
+    if family == "roberta":
+        config = RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4,
+                               intermediate_size=64, attn_implementation="eager")  # fmt: skip
+        return RobertaModel(config).eval()
+    config = DistilBertConfig(vocab_size=100, dim=32, n_layers=LAYERS, n_heads=4, hidden_dim=64,
+                              attn_implementation="eager")  # fmt: skip
+    return DistilBertModel(config).eval()
+
+
+@pytest.mark.parametrize("family", ["roberta", "distilbert"])
+def test_other_encoder_families_capture_the_same_maps(family, inputs, monkeypatch):
+    """Teachers other than BERT (any encoder on transformers' attention interface): captured == recorded."""
+    encoder = _other_encoder(family)
+    assert supports_matched_maps(encoder)
+    teacher = Teacher(encoder, None, encoder.config, family)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    batch = Batch(inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"], labels)
+    captured = teacher_forward(teacher, batch, (2, 4), True, True, False)
+    monkeypatch.setattr(encoder, "_supports_attention_backend", False, raising=False)
+    recorded = teacher_forward(teacher, batch, (2, 4), True, True, False)
+    for got, expected in zip(captured.attentions + captured.hidden, recorded.attentions + recorded.hidden, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
