@@ -246,6 +246,7 @@ def kernel_profile(step: Callable, activity: str = "cuda", top: int = 12) -> dic
     rows = [row for row in rows if row[0] > 0]
     return {
         "kernel_ms": round(sum(us for us, _, _ in rows) / 1e3, 3),
+        "kernels": sum(calls for _, _, calls in rows),  # launches (or graph nodes) that ran: a latency floor's count
         "top": [f"{_shortened(name)}: {us / 1e3:.3f} ms ({calls})" for us, name, calls in rows[:top]],
     }
 
