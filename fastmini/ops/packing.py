@@ -21,6 +21,10 @@ class Packing:
     key_padding_mask: torch.Tensor  # (B, S) bool, True for real tokens
     batch_size: int
     seq_len: int
+    # Each real token's batch row and position in it (indices split by S), for layouts whose B and S dimensions
+    # are not adjacent (unpack_heads); None: worked out where needed.
+    rows: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
 
     @classmethod
     def from_attention_mask(cls, attention_mask: torch.Tensor) -> Packing:
@@ -35,16 +39,20 @@ class Packing:
                 f"{type(attention_mask).__name__ if shape is None else f'shape {shape}'}"
             )
         mask = attention_mask.bool()
+        indices = mask.flatten().nonzero().squeeze(1)
+        seq_len = mask.shape[1]
         return cls(
-            indices=mask.flatten().nonzero().squeeze(1),
+            indices=indices,
             key_padding_mask=mask,
             batch_size=mask.shape[0],
-            seq_len=mask.shape[1],
+            seq_len=seq_len,
+            **_rows_and_positions(indices, seq_len),
         )
 
     def apply(self, fn) -> Packing:
         """The same packing with ``fn`` applied to its tensors, e.g. ``lambda t: t.to(device)``."""
-        return Packing(fn(self.indices), fn(self.key_padding_mask), self.batch_size, self.seq_len)
+        rows, positions = (None if t is None else fn(t) for t in (self.rows, self.positions))
+        return Packing(fn(self.indices), fn(self.key_padding_mask), self.batch_size, self.seq_len, rows, positions)
 
     @cached_property
     def cu_seqlens(self) -> torch.Tensor:
@@ -62,8 +70,9 @@ class Packing:
         into heads in one scatter, into the layout batched matmuls read without a copy (separately: a zero
         fill, a copy of it, a scatter and the heads' copy; 2.7 -> 0.2-0.4 ms a tensor at 8 x 128 x 768 fp32 on
         2 CPU threads). Its backward is ``pack_heads``."""
-        # Each real token's batch row and position in it: the heads' layout does not keep B and S adjacent.
-        rows, positions = self.indices.div(self.seq_len, rounding_mode="floor"), self.indices.remainder(self.seq_len)
+        rows, positions = self.rows, self.positions
+        if rows is None or positions is None:
+            rows, positions = _rows_and_positions(self.indices, self.seq_len).values()
         shape = (self.batch_size, self.seq_len)
         return [_UnpackHeads.apply(t, num_heads, rows, positions, self.indices, *shape) for t in packed]
 
@@ -91,6 +100,10 @@ class Packing:
         flat = packed.new_zeros((self.batch_size * self.seq_len, *packed.shape[1:]))
         flat = flat.index_copy(0, self.indices, packed)
         return flat.view(self.batch_size, self.seq_len, *packed.shape[1:])
+
+
+def _rows_and_positions(indices: torch.Tensor, seq_len: int) -> dict[str, torch.Tensor]:
+    return {"rows": indices.div(seq_len, rounding_mode="floor"), "positions": indices.remainder(seq_len)}
 
 
 def _pack_heads(heads: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
