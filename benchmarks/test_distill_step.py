@@ -14,7 +14,8 @@ A third contender, "fastmini-checkpointed", is fastmini with ``--gradient-checkp
 recomputed at a time in backward): what it costs in time, and on CUDA what it saves in peak memory. On
 CUDA, "fastmini-low-precision-maps" is fastmini with ``--low-precision-maps`` (the student's attention
 probabilities in bf16 rather than autocast's fp32) and "fastmini-low-precision" with ``--low-precision-norms``
-too (its residual LayerNorms' outputs in bf16): both off by default until measured here,
+too (its residual LayerNorms' outputs in bf16), "fastmini-graphed-teacher" with ``--graph-teacher`` (the
+teacher's forward replayed from a CUDA graph): all off by default until measured here,
 and test_distillation_step_compiled times fastmini with ``--compile-student`` (the student side through
 torch.compile) against it, in a test of its own (its compile takes a minute or more of the GPU run's budget).
 Inputs are 15% masked. On CUDA the results also hold each step's top kernels, its host waits (with the line
@@ -211,10 +212,13 @@ class Steps:
         )
         self.autocast_dtype = torch.bfloat16 if self.setup.bf16 else None
 
-    def of(self, model, synchronise: bool = True, compiled: bool = False):
+    def of(self, model, synchronise: bool = True, compiled: bool = False, graph_teacher: bool = False):
         side = StudentSide(model, None)
         side = compiled_student_side(side) if compiled else side
-        distiller = Distiller(side, self.teacher, self.setup.layers, LossWeights(), 1.0, self.autocast_dtype)
+        distiller = Distiller(
+            side, self.teacher, self.setup.layers, LossWeights(), 1.0, self.autocast_dtype,
+            graph_teacher="cuda" if graph_teacher else None,
+        )  # fmt: skip
 
         def step():
             distiller(self.batch).total.backward()
@@ -315,13 +319,16 @@ def test_distillation_step(
         low_precision = copy.deepcopy(low_precision_maps).set_low_precision_norms()
         contenders["fastmini-low-precision-maps"] = step_of(low_precision_maps)
         contenders["fastmini-low-precision"] = step_of(low_precision)
+        contenders["fastmini-graphed-teacher"] = step_of(student, graph_teacher=True)
+        models["fastmini-graphed-teacher"] = student
         models["fastmini-low-precision-maps"] = low_precision_maps
         models["fastmini-low-precision"] = low_precision
     medians = steps.measure(
         benchmark, compare, describe_device, contenders, models, "fastmini",
         backend="fastmini: Distiller, automatic op backends (-checkpointed: --gradient-checkpointing, one recursion "
         "at a time; -low-precision-maps: --low-precision-maps, the student's attention maps in bf16; "
-        "-low-precision: --low-precision-maps --low-precision-norms, its residual stream in bf16 too); "
+        "-low-precision: --low-precision-maps --low-precision-norms, its residual stream in bf16 too; "
+        "-graphed-teacher: --graph-teacher, the teacher replayed from a CUDA graph); "
         "original: transformers modules, eager attention, full logits",
     )  # fmt: skip
     benchmark.extra_info["speedup"] = round(medians["original"] / medians["fastmini"], 2)

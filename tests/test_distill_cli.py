@@ -135,6 +135,10 @@ def test_layer_map_stride_auto_and_explicit():
             ["--compile-student", "--gradient-checkpointing"],
             "--compile-student and --gradient-checkpointing do not combine yet: give one of them",
         ),
+        (
+            ["--graph-teacher", "--device", "cpu"],
+            r"--graph-teacher records CUDA graphs: it needs a GPU \(this run is on cpu\)",
+        ),
     ],
 )
 def test_nonsense_values_give_one_clear_message(argv, message, capsys, tmp_path):

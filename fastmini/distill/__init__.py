@@ -2,6 +2,7 @@
 
 Layers: config (every option), models (teacher, tokenizer, student), losses (the recipe's four
 terms), distiller (one forward), teacher_attention (the teacher's maps in the matched layers only),
+graphed_teacher (--graph-teacher: its forward replayed from CUDA graphs),
 batches (which windows and masks each step sees), evaluation, trainer (loop, checkpoints, resume, outputs).
 """
 

@@ -185,6 +185,64 @@ class TeacherOutputs:
     masked_logits: torch.Tensor | None  # (M, V) float32, or None without an MLM head
 
 
+@dataclass
+class PaddedTeacherOutputs:
+    """The teacher's forward before any row is gathered (what a CUDA graph of it leaves in static tensors)."""
+
+    hidden: list[torch.Tensor]  # per matched layer, (B, S, H)
+    attentions: list[torch.Tensor]  # per matched layer, (B, A, S, S)
+    last: torch.Tensor  # (B, S, H): the input of the MLM head
+
+
+def teacher_encoder_outputs(
+    teacher: Teacher,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    token_type_ids: torch.Tensor,
+    layers: tuple[int, ...],
+    need_hidden: bool,
+    need_attentions: bool,
+) -> PaddedTeacherOutputs:
+    """The teacher encoder on a padded batch (``attention_mask`` None: no padding), in the caller's inference
+    mode: eager attention (maps) in the matched layers only, SDPA elsewhere where the teacher allows (see
+    teacher_attention); every layer's maps otherwise. No host read of any value in the first case."""
+    with matched_maps(teacher.encoder, layers if need_attentions else ()) as maps:
+        # transformers' mask builders check a given 2D mask on the host (mask.all()); in a capture they get the
+        # additive bias they would build, which they take as it is.
+        mask = attention_mask
+        if mask is not None and maps is not None:
+            mask = padding_bias(mask, teacher.encoder.dtype)
+        output = teacher.encoder(
+            input_ids=input_ids,
+            attention_mask=mask,
+            token_type_ids=token_type_ids,
+            output_hidden_states=need_hidden,
+            output_attentions=need_attentions and maps is None,
+            return_dict=True,
+        )
+    if not need_attentions:
+        attentions = []
+    elif maps is not None:
+        attentions = maps.collected()
+    else:
+        attentions = [output.attentions[layer - 1] for layer in layers]
+    hidden = [output.hidden_states[layer] for layer in layers] if need_hidden else []
+    return PaddedTeacherOutputs(hidden, attentions, output.last_hidden_state)
+
+
+def gathered_teacher_outputs(
+    teacher: Teacher, positions: TokenPositions, padded: PaddedTeacherOutputs, need_logits: bool
+) -> TeacherOutputs:
+    """The real tokens' hidden-state rows, the maps as they are, and the MLM head on the masked rows only."""
+    logits = None
+    if need_logits and teacher.head is not None:
+        with torch.inference_mode():
+            logits = teacher.head(padded.last.flatten(0, 1).index_select(0, positions.masked_flat))
+    # Outside inference mode these selections are ordinary tensors that the losses may keep.
+    hidden = [positions.real_rows(state).float() for state in padded.hidden]
+    return TeacherOutputs(hidden, padded.attentions, logits.float() if logits is not None else None)
+
+
 def teacher_forward(
     teacher: Teacher,
     batch: Batch,
@@ -196,41 +254,19 @@ def teacher_forward(
     """The teacher's matched hidden states (packed), attention maps, and logits at masked positions (the
     attention maps of the matched layers only are computed where the teacher allows: see teacher_attention)."""
     positions = batch.token_positions()
+    # No mask without padding: transformers' mask builders check a given one on the host (mask.all()).
+    mask = batch.attention_mask if positions.packing is not None else None
     with torch.inference_mode():
-        # Eager attention (maps) in the matched layers only, SDPA elsewhere; every layer's maps otherwise.
-        with matched_maps(teacher.encoder, layers if need_attentions else ()) as maps:
-            # No mask without padding: transformers' mask builders check a given one on the host (mask.all()); in a
-            # capture the additive bias they would build, which they take as it is.
-            mask = batch.attention_mask if positions.packing is not None else None
-            if mask is not None and maps is not None:
-                mask = padding_bias(mask, teacher.encoder.dtype)
-            output = teacher.encoder(
-                input_ids=batch.input_ids,
-                attention_mask=mask,
-                token_type_ids=batch.token_type_ids,
-                output_hidden_states=need_hidden,
-                output_attentions=need_attentions and maps is None,
-                return_dict=True,
-            )
-        if not need_attentions:
-            attentions = []
-        elif maps is not None:
-            attentions = maps.collected()
-        else:
-            attentions = [output.attentions[layer - 1] for layer in layers]
-        hidden_padded = [output.hidden_states[layer] for layer in layers] if need_hidden else []
-        logits = None
-        if need_logits and teacher.head is not None:
-            last = output.last_hidden_state.flatten(0, 1).index_select(0, positions.masked_flat)
-            logits = teacher.head(last)
-    # Outside inference mode these selections are ordinary tensors that the losses may keep.
-    hidden = [positions.real_rows(state).float() for state in hidden_padded]
-    return TeacherOutputs(hidden, attentions, logits.float() if logits is not None else None)
+        padded = teacher_encoder_outputs(
+            teacher, batch.input_ids, mask, batch.token_type_ids, layers, need_hidden, need_attentions
+        )
+    return gathered_teacher_outputs(teacher, positions, padded, need_logits)
 
 
 class Distiller:
     """Computes the recipe's LossTerms for one micro-batch. ``loss_backend``: of the loss ops
-    (fastmini.ops.attention_kl and fastmini.ops.logit_losses; None: their automatic choice)."""
+    (fastmini.ops.attention_kl and fastmini.ops.logit_losses; None: their automatic choice). ``graph_teacher``:
+    run the teacher through fastmini.distill.graphed_teacher.GraphedTeacher (CUDA; ``"eager"``: its CPU stand-in)."""
 
     def __init__(
         self,
@@ -241,6 +277,7 @@ class Distiller:
         temperature: float,
         autocast_dtype: torch.dtype | None = None,
         loss_backend: str | None = None,
+        graph_teacher: str | None = None,
     ):
         self.loss_backend = loss_backend
         self.student_side = student_side
@@ -252,14 +289,23 @@ class Distiller:
         self.need_hidden = weights.hidden > 0
         self.need_attentions = weights.attention > 0
         self.use_output_kl = weights.output > 0 and teacher.head is not None
+        self.graphed_teacher = None
+        if graph_teacher is not None:
+            from fastmini.distill.graphed_teacher import GraphedTeacher
+
+            needs = (self.need_hidden, self.need_attentions, self.use_output_kl)
+            self.graphed_teacher = GraphedTeacher(teacher, layers, *needs, capture=graph_teacher)
 
     def __call__(self, batch: Batch, counts: StepCounts | None = None) -> losses.LossTerms:
         """The terms of ``batch``, divided by ``counts`` (default: the batch's own, SPEC.md's means)."""
         counts = counts or StepCounts.of(batch)
         device = batch.input_ids.device
-        teacher = teacher_forward(
-            self.teacher, batch, self.layers, self.need_hidden, self.need_attentions, self.use_output_kl
-        )
+        if self.graphed_teacher is not None:
+            teacher = self.graphed_teacher(batch)
+        else:
+            teacher = teacher_forward(
+                self.teacher, batch, self.layers, self.need_hidden, self.need_attentions, self.use_output_kl
+            )
         with autocast(device, self.autocast_dtype):
             student = self.student_side(batch, self.need_hidden, self.need_attentions)
         zero = student.masked_logits.sum() * 0.0

@@ -136,6 +136,8 @@ class DistillationRun:
             torch.set_num_threads(config.threads)
         self.autocast_dtype = precision.autocast_dtype(config.precision, self.device)
         self.teacher_dtype = self.autocast_dtype or torch.float32
+        if config.graph_teacher and self.device.type != "cuda":
+            raise UsageError(f"--graph-teacher records CUDA graphs: it needs a GPU (this run is on {self.device})")
         for flag, given in (("--low-precision-maps", config.low_precision_maps),
                             ("--low-precision-norms", config.low_precision_norms)):  # fmt: skip
             if given and self.autocast_dtype is None:
@@ -181,9 +183,13 @@ class DistillationRun:
             log.info("--compile-student: the first training step compiles the student (about a minute)")
             trained = compiled_student_side(trained)
         self.trained = trained
-        self.distiller = Distiller(
-            trained, self.teacher, self.layers, config.loss_weights, config.temperature, self.autocast_dtype
-        )
+        try:
+            self.distiller = Distiller(
+                trained, self.teacher, self.layers, config.loss_weights, config.temperature, self.autocast_dtype,
+                graph_teacher="cuda" if config.graph_teacher else None,
+            )  # fmt: skip
+        except ValueError as error:  # a teacher whose forward cannot be recorded
+            raise UsageError(f"--graph-teacher: {error}") from error
         self.start_step = 0
         self.metrics_before: dict[str, Any] | None = None
         self.elapsed_before = 0.0
