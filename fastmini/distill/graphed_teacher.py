@@ -94,11 +94,11 @@ class GraphedTeacher:
         if entry is None and len(self._entries) >= self.max_graphs:
             return teacher_forward(self.teacher, batch, self.layers, *self.needs, self.need_logits)
         with torch.inference_mode():
-            if entry is None:
+            if entry is None:  # recorded on this batch, which the buffers then hold; nothing has run yet
                 entry = self._entries[key] = self._record(batch, padded=key[2])
             else:
                 entry.fill(batch)
-                entry.replay()
+            entry.replay()
         return gathered_teacher_outputs(self.teacher, positions, entry.outputs, self.need_logits)
 
     def _record(self, batch: Batch, padded: bool) -> _Entry:
@@ -113,6 +113,8 @@ class GraphedTeacher:
 
         if self.capture == "eager":
             entry.outputs = _copied(forward())
+            for static in _tensors(entry.outputs):
+                static.zero_()  # as a graph's outputs before its first replay: recording runs no kernel
 
             def replay() -> None:
                 for static, fresh in zip(_tensors(entry.outputs), _tensors(forward()), strict=True):
