@@ -7,10 +7,11 @@ launch, and the host's time goes to issuing the student's work instead of the te
 
 Each shape's graph reads static input buffers (token ids, token types, the padding mask), which every call
 fills, and leaves its outputs in static tensors: the matched layers' hidden states and maps and the last
-hidden state, which the next replay of that shape overwrites. The gathers of real and masked rows and the
-MLM head run eagerly after the replay (their shapes change every batch). So a step's losses and backward must
-be done with the maps before the teacher's next forward of the same shape: the trainer's order (each micro-
-batch's forward and backward, then the next). Shapes beyond ``max_graphs`` run eagerly (``teacher_forward``).
+hidden state, which the next replay of that shape overwrites; and as every shape's graph draws on one memory
+pool, another shape's replay may write its scratch values there too. The gathers of real and masked rows and
+the MLM head run eagerly after the replay (their shapes change every batch). So a step's losses and backward
+must be done with the maps before the teacher's next forward: the trainer's order (each micro-batch's forward
+and backward, then the next). Shapes beyond ``max_graphs`` run eagerly (``teacher_forward``).
 
 ``capture="eager"`` keeps this bookkeeping and replays by running the forward again into the same static
 tensors: what the CPU tests check. UNVERIFIED on a GPU (off by default).
