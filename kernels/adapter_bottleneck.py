@@ -99,6 +99,40 @@ def _residual_chunk(
 
 
 @triton.jit
+def _normalized_chunk(
+    x_block,  # (BLOCK_M, H) rows of x from the block's first row on
+    dy_block,  # (BLOCK_M, H) rows of dy, likewise
+    up_weight_ptr,  # (H, R)
+    up_bias_ptr,  # (H,)
+    norm_weight_ptr,  # (H,)
+    row_offsets,  # (BLOCK_M,) int32: local row * H
+    row_mask,  # (BLOCK_M,)
+    g,  # (BLOCK_M, BLOCK_R) GELU(h) as a dot operand
+    mean,  # (BLOCK_M,) ACC_DTYPE
+    rstd,  # (BLOCK_M,) ACC_DTYPE
+    start,  # first column of the chunk
+    H: tl.constexpr,
+    R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """The backward row kernel's view of columns [start, start + BLOCK_K): (xhat, wdy = dy w, columns, column
+    mask, tile mask), both zero outside the (M, H) matrix; each of its two sweeps walks the row through it."""
+    z, columns, column_mask = _residual_chunk(
+        x_block, up_weight_ptr, up_bias_ptr, row_offsets, row_mask, g, start, H, R, BLOCK_K, BLOCK_R, DOT_DTYPE,
+        ACC_DTYPE, INPUT_PRECISION,
+    )  # fmt: skip
+    tile_mask = row_mask[:, None] & column_mask[None, :]
+    dy = tl.load(dy_block + row_offsets[:, None] + columns[None, :], mask=tile_mask, other=0.0).to(ACC_DTYPE)
+    norm_weight = tl.load(norm_weight_ptr + columns, mask=column_mask, other=0.0).to(ACC_DTYPE)
+    xhat = (z - mean[:, None]) * rstd[:, None]
+    return xhat, dy * norm_weight[None, :], columns, column_mask, tile_mask
+
+
+@triton.jit
 def _bottleneck(
     x_block,  # (BLOCK_M, H) rows of x from the block's first row on
     down_weight_ptr,  # (R, H)
@@ -268,15 +302,11 @@ def _backward_rows_kernel(
     sum_wdy_xhat = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
     sum_wdy = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
     for start in range(0, H, BLOCK_K):
-        z, columns, column_mask = _residual_chunk(
-            x_block, up_weight_ptr, up_bias_ptr, row_offsets, row_mask, g, start, H, R, BLOCK_K, BLOCK_R, DOT_DTYPE,
-            ACC_DTYPE, INPUT_PRECISION,
+        xhat, wdy, _columns, _column_mask, _tile_mask = _normalized_chunk(
+            x_block, dy_block, up_weight_ptr, up_bias_ptr, norm_weight_ptr, row_offsets, row_mask, g, mean, rstd,
+            start, H, R, BLOCK_K, BLOCK_R, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION,
         )  # fmt: skip
-        tile_mask = row_mask[:, None] & column_mask[None, :]
-        dy = tl.load(dy_block + row_offsets[:, None] + columns[None, :], mask=tile_mask, other=0.0).to(ACC_DTYPE)
-        norm_weight = tl.load(norm_weight_ptr + columns, mask=column_mask, other=0.0).to(ACC_DTYPE)
-        wdy = dy * norm_weight[None, :]  # zero outside the matrix, so the products below are too
-        xhat = (z - mean[:, None]) * rstd[:, None]
+        # wdy is zero outside the matrix, so the products below are too
         sum_wdy_xhat += tl.sum(wdy * xhat, axis=1)
         sum_wdy += tl.sum(wdy, axis=1)
     mean_wdy_xhat = sum_wdy_xhat / H
@@ -286,15 +316,11 @@ def _backward_rows_kernel(
     # dg = dz W_u. Expanding dg into per-row sums would save the sweep but cancel badly in bf16 dots.
     dg = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
     for start in range(0, H, BLOCK_K):
-        z, columns, column_mask = _residual_chunk(
-            x_block, up_weight_ptr, up_bias_ptr, row_offsets, row_mask, g, start, H, R, BLOCK_K, BLOCK_R, DOT_DTYPE,
-            ACC_DTYPE, INPUT_PRECISION,
+        xhat, wdy, columns, column_mask, tile_mask = _normalized_chunk(
+            x_block, dy_block, up_weight_ptr, up_bias_ptr, norm_weight_ptr, row_offsets, row_mask, g, mean, rstd,
+            start, H, R, BLOCK_K, BLOCK_R, DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION,
         )  # fmt: skip
-        tile_mask = row_mask[:, None] & column_mask[None, :]
-        dy = tl.load(dy_block + row_offsets[:, None] + columns[None, :], mask=tile_mask, other=0.0).to(ACC_DTYPE)
-        norm_weight = tl.load(norm_weight_ptr + columns, mask=column_mask, other=0.0).to(ACC_DTYPE)
-        xhat = (z - mean[:, None]) * rstd[:, None]
-        dz = rstd[:, None] * (dy * norm_weight[None, :] - xhat * mean_wdy_xhat[:, None] - mean_wdy[:, None])
+        dz = rstd[:, None] * (wdy - xhat * mean_wdy_xhat[:, None] - mean_wdy[:, None])
         dz = tl.where(tile_mask, dz, 0.0)
         up_weight = tl.load(  # (BLOCK_K, BLOCK_R) = W_u[columns, :]
             up_weight_ptr + columns[:, None] * R + bottleneck[None, :],
