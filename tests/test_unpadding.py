@@ -33,6 +33,7 @@ def test_heads_unpack_and_pack_in_one_step_like_unpack_and_split():
     (unpacked,) = packing.unpack_heads([key], heads)
     expected = split_heads(packing.unpack(key), heads)
     assert unpacked.is_contiguous() and torch.equal(unpacked, expected)
+    assert packing.rows is not None  # built on the host: carried, not worked out in every recursion
     # A packing built without the rows and positions (as inside a CUDA graph) works them out itself.
     bare = Packing(packing.indices, packing.key_padding_mask, packing.batch_size, packing.seq_len)
     assert bare.rows is None and torch.equal(bare.unpack_heads([key], heads)[0], expected)

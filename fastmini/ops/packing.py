@@ -22,7 +22,9 @@ class Packing:
     batch_size: int
     seq_len: int
     # Each real token's batch row and position in it (indices split by S), for layouts whose B and S dimensions
-    # are not adjacent (unpack_heads); None: worked out where needed.
+    # are not adjacent (unpack_heads); None: worked out where needed. Kept when the packing is built on the host
+    # (a distillation batch's, moved with it), where they cost no kernel launch: on a GPU a model that attends
+    # through the varlen kernel never needs them.
     rows: torch.Tensor | None = None
     positions: torch.Tensor | None = None
 
@@ -41,13 +43,8 @@ class Packing:
         mask = attention_mask.bool()
         indices = mask.flatten().nonzero().squeeze(1)
         seq_len = mask.shape[1]
-        return cls(
-            indices=indices,
-            key_padding_mask=mask,
-            batch_size=mask.shape[0],
-            seq_len=seq_len,
-            **_rows_and_positions(indices, seq_len),
-        )
+        derived = _rows_and_positions(indices, seq_len) if mask.device.type == "cpu" else {}
+        return cls(indices=indices, key_padding_mask=mask, batch_size=mask.shape[0], seq_len=seq_len, **derived)
 
     def apply(self, fn) -> Packing:
         """The same packing with ``fn`` applied to its tensors, e.g. ``lambda t: t.to(device)``."""
