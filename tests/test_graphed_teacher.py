@@ -51,13 +51,27 @@ def test_every_call_equals_the_eager_teacher_and_each_shape_is_recorded_once(tea
     batches = [
         batch_of([9, 5, 2], 9, seed=1),  # padded: recorded
         batch_of([9, 7, 3], 9, seed=2),  # the same shape, other tokens and padding: replayed
-        batch_of([9, 9, 9], 9, seed=3),  # the same shape without padding: a forward of its own
+        batch_of([9, 9, 9], 9, seed=3),  # the same shape without padding (a zero bias): replayed
         batch_of([6, 4], 6, seed=4),  # another shape
         batch_of([9, 1, 4], 9, seed=5),  # replayed again
     ]
     for batch in batches:
         assert_same(graphed(batch), teacher_forward(teacher, batch, LAYERS, True, True, True))
-    assert graphed.captured_shapes == [(2, 6, True), (3, 9, False), (3, 9, True)]
+    assert graphed.captured_shapes == [(2, 6), (3, 9)]
+
+
+def test_the_recorded_teacher_is_given_its_padding_as_a_bias_even_without_padding(teacher):
+    """Given no mask inside a capture, transformers builds one with a host-to-GPU copy, which the capture
+    refuses (seen on the H200): the recorded forward always hands the teacher a (B, 1, 1, S) bias."""
+    given = []
+    hook = teacher.encoder.register_forward_pre_hook(
+        lambda module, args, kwargs: given.append(kwargs["attention_mask"]), with_kwargs=True
+    )
+    try:
+        GraphedTeacher(teacher, LAYERS, True, True, True, capture=CAPTURE)(batch_of([9, 9, 9], 9, seed=3))
+    finally:
+        hook.remove()
+    assert given and all(mask is not None and mask.shape == (3, 1, 1, 9) for mask in given)
 
 
 def test_a_replay_overwrites_the_previous_outputs_of_its_shape(teacher):
@@ -76,7 +90,7 @@ def test_shapes_beyond_the_cap_run_eagerly(teacher):
     got, expected = graphed(beyond), teacher_forward(teacher, beyond, LAYERS, False, True, False)
     assert got.hidden == [] and got.masked_logits is None
     assert all(torch.equal(a, b) for a, b in zip(got.attentions, expected.attentions, strict=True))
-    assert graphed.captured_shapes == [(3, 9, True)]
+    assert graphed.captured_shapes == [(3, 9)]
 
 
 def test_a_teacher_outside_the_attention_interface_is_refused(teacher, monkeypatch):

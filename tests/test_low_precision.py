@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from fastmini import FastMiniConfig, FastMiniForMaskedLM
+from fastmini.ops.checks import layer_norm_parameter
 
 LENGTHS = (9, 5, 2)
 SOFTMAXES = (torch.Tensor.softmax, torch.softmax, F.softmax)
@@ -154,3 +155,12 @@ def test_under_cuda_autocast_the_switched_tensors_stay_bf16(case):
     grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
     assert all(g is None or torch.isfinite(g).all() for g in grads)
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_layer_norm_parameters_stay_fp32_beside_16_bit_input_only_on_the_cpu():
+    """The norms switch hands F.layer_norm bf16 sums and the fp32 LayerNorm parameters: the CPU kernel takes
+    them mixed, the CUDA kernel refuses them (seen on the H200), so elsewhere they follow the input's dtype."""
+    weight = torch.ones(8)
+    assert layer_norm_parameter(weight, torch.bfloat16) is weight
+    assert layer_norm_parameter(weight.to("meta"), torch.bfloat16).dtype == torch.bfloat16
+    assert layer_norm_parameter(weight.to("meta"), torch.float32).dtype == torch.float32

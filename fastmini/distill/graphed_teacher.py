@@ -2,13 +2,16 @@
 
 The teacher is frozen and runs under inference mode, and (where it attends through transformers' attention
 interface, see teacher_attention) its forward reads no value on the host: for one batch shape it launches the
-same kernels every step. Recorded once per (batch size, padded length, padding or not), it is replayed with one
-launch, and the host's time goes to issuing the student's work instead of the teacher's ~30 kernels a layer.
+same kernels every step. Recorded once per (batch size, padded length), it is replayed with one launch, and
+the host's time goes to issuing the student's work instead of the teacher's ~30 kernels a layer.
 
 Each shape's graph reads static input buffers (token ids, token types, the padding mask), which every call
-fills, and leaves its outputs in static tensors: the matched layers' hidden states and maps and the last
-hidden state, which the next replay of that shape overwrites; and as every shape's graph draws on one memory
-pool, another shape's replay may write its scratch values there too. The gathers of real and masked rows and
+fills. The mask is given to the teacher as its additive bias even when a batch has no padding (a zero bias):
+transformers builds a mask of its own where none is given, and inside a capture (which it treats as tracing)
+that builder copies a host scalar to the GPU, which a capture refuses; so one graph serves a shape with or
+without padding. Each graph leaves its outputs in static tensors: the matched layers' hidden states and maps
+and the last hidden state, which the next replay of that shape overwrites; and as every shape's graph draws on
+one memory pool, another shape's replay may write its scratch values there too. The gathers of real and masked rows and
 the MLM head run eagerly after the replay (their shapes change every batch). So a step's losses and backward
 must be done with the maps before the teacher's next forward: the trainer's order (each micro-batch's forward
 and backward, then the next). Shapes beyond ``max_graphs`` run eagerly (``teacher_forward``).
@@ -44,15 +47,14 @@ WARMUP_RUNS = 2  # eager runs on a side stream before the capture: cuBLAS worksp
 class _Entry:
     input_ids: torch.Tensor
     token_type_ids: torch.Tensor
-    attention_mask: torch.Tensor | None  # None: the shape's batches have no padding
+    attention_mask: torch.Tensor
     outputs: PaddedTeacherOutputs
     replay: Callable[[], None]
 
     def fill(self, batch: Batch) -> None:
         self.input_ids.copy_(batch.input_ids)
         self.token_type_ids.copy_(batch.token_type_ids)
-        if self.attention_mask is not None:
-            self.attention_mask.copy_(batch.attention_mask)
+        self.attention_mask.copy_(batch.attention_mask)
 
 
 class GraphedTeacher:
@@ -84,28 +86,28 @@ class GraphedTeacher:
         self._pool = None
 
     @property
-    def captured_shapes(self) -> list[tuple[int, int, bool]]:
-        """(batch size, padded length, has padding) of every recorded forward."""
+    def captured_shapes(self) -> list[tuple[int, int]]:
+        """(batch size, padded length) of every recorded forward."""
         return sorted(self._entries)
 
     def __call__(self, batch: Batch) -> TeacherOutputs:
         positions = batch.token_positions()
-        key = (*batch.input_ids.shape, positions.packing is not None)
+        key = tuple(batch.input_ids.shape)
         entry = self._entries.get(key)
         if entry is None and len(self._entries) >= self.max_graphs:
             return teacher_forward(self.teacher, batch, self.layers, *self.needs, self.need_logits)
         with torch.inference_mode():
             if entry is None:  # recorded on this batch, which the buffers then hold; nothing has run yet
-                entry = self._entries[key] = self._record(batch, padded=key[2])
+                entry = self._entries[key] = self._record(batch)
             else:
                 entry.fill(batch)
             entry.replay()
         return gathered_teacher_outputs(self.teacher, positions, entry.outputs, self.need_logits)
 
-    def _record(self, batch: Batch, padded: bool) -> _Entry:
+    def _record(self, batch: Batch) -> _Entry:
         ids = static_zeros(tuple(batch.input_ids.shape), batch.input_ids)
         types = static_zeros(tuple(batch.token_type_ids.shape), batch.token_type_ids)
-        mask = static_zeros(tuple(batch.attention_mask.shape), batch.attention_mask) if padded else None
+        mask = static_zeros(tuple(batch.attention_mask.shape), batch.attention_mask)
         entry = _Entry(ids, types, mask, outputs=None, replay=None)  # type: ignore[arg-type]
         entry.fill(batch)
 

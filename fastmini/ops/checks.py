@@ -89,9 +89,11 @@ def cast_to(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def layer_norm_parameter(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A LayerNorm weight or bias that F.layer_norm takes next to input of ``dtype``: the same dtype, or fp32 next
-    to 16-bit input (F.layer_norm's own mixed mode, which keeps fp32 parameters fp32)."""
-    if tensor.dtype == dtype or (tensor.dtype == torch.float32 and dtype in _HALF_DTYPES):
+    """A LayerNorm weight or bias that F.layer_norm takes next to input of ``dtype``: the same dtype, or on the
+    CPU fp32 next to 16-bit input (the CPU kernel's mixed mode, which keeps fp32 parameters fp32; the CUDA kernel
+    refuses it: "expected scalar type BFloat16 but found Float", torch 2.11 on an H200)."""
+    mixed = tensor.dtype == torch.float32 and dtype in _HALF_DTYPES and tensor.device.type == "cpu"
+    if tensor.dtype == dtype or mixed:
         return tensor
     return tensor.to(dtype)
 
