@@ -10,13 +10,14 @@ update, both in train mode with dropout 0.1):
   (H=768, 12 layers, I=3072, MLM head; random weights) and the published student (E=128, H=768,
   N=6, r=16, every second teacher layer); batch 48 x 256 (40 full windows, 8 shorter), teacher in
   bf16, student under bf16 autocast, for both contenders.
-A third contender, "fastmini-checkpointed", is fastmini with ``--gradient-checkpointing`` (one recursion
-recomputed at a time in backward): what it costs in time, and on CUDA what it saves in peak memory. On
-CUDA, "fastmini-low-precision-maps" is fastmini with ``--low-precision-maps`` (the student's attention
-probabilities in bf16 rather than autocast's fp32) and "fastmini-low-precision" with ``--low-precision-norms``
-too (its residual LayerNorms' outputs in bf16), "fastmini-graphed-teacher" with ``--graph-teacher`` (the
-teacher's forward replayed from a CUDA graph): all off by default until measured here,
-and test_distillation_step_compiled times fastmini with ``--compile-student`` (the student side through
+"fastmini" steps as the trainer does by default on that device (fastmini.distill.speed_defaults: on CUDA the
+teacher replayed from CUDA graphs, ``--graph-teacher``, and the student's attention maps in bf16,
+``--low-precision-maps``; on the CPU neither applies). "fastmini-checkpointed" adds ``--gradient-checkpointing``
+(one recursion recomputed at a time in backward): what it costs in time, and on CUDA what it saves in peak
+memory. On CUDA also: "fastmini-low-precision" adds ``--low-precision-norms`` (the residual LayerNorms' outputs
+in bf16), "fastmini-eager-teacher" runs the teacher eagerly (``--no-graph-teacher``) and "fastmini-switches-off"
+does that with fp32 maps too (``--no-low-precision-maps``, the defaults before session 13's measurements);
+test_distillation_step_compiled times fastmini with ``--compile-student`` (the student side through
 torch.compile) against it, in a test of its own (its compile takes a minute or more of the GPU run's budget).
 Inputs are 15% masked. On CUDA the results also hold each step's top kernels, its host waits (with the line
 that causes each) and its phases: the teacher's forward alone, and the host's time to issue a step against the
@@ -52,6 +53,7 @@ from fastmini.baselines.original import OriginalMiniAlbertForMaskedLM, original_
 from fastmini.distill.distiller import Batch, Distiller, StudentSide, compiled_student_side, teacher_forward
 from fastmini.distill.losses import LossWeights
 from fastmini.distill.models import Teacher
+from fastmini.distill.speed_defaults import graph_teacher_by_default, low_precision_maps_by_default
 from fastmini.flops import encoder_flops, masked_lm_head_flops
 from fastmini.training.memory import enable_activation_checkpointing
 
@@ -104,11 +106,12 @@ def pair(setup):
     config = FastMiniConfig.from_teacher(teacher.config, **setup.student)
     original = OriginalMiniAlbertForMaskedLM(original_config_like(config)).train()
     teacher_dtype = torch.bfloat16 if setup.bf16 else torch.float32
-    return (
-        teacher.to(setup.device, teacher_dtype),
-        FastMiniForMaskedLM(config).train().to(setup.device),
-        original.to(setup.device),
-    )
+    student = FastMiniForMaskedLM(config).set_low_precision_maps(low_precision_maps_by_default(autocast_of(setup)))
+    return teacher.to(setup.device, teacher_dtype), student.train().to(setup.device), original.to(setup.device)
+
+
+def autocast_of(setup: Setup) -> torch.dtype | None:
+    return torch.bfloat16 if setup.bf16 else None
 
 
 @pytest.fixture(scope="module")
@@ -210,9 +213,12 @@ class Steps:
         self.teacher = Teacher(
             encoder=teacher_model.bert, head=teacher_model.cls, config=teacher_model.config, source="bench"
         )
-        self.autocast_dtype = torch.bfloat16 if self.setup.bf16 else None
+        self.autocast_dtype = autocast_of(self.setup)
 
-    def of(self, model, synchronise: bool = True, compiled: bool = False, graph_teacher: bool = False):
+    def of(self, model, synchronise: bool = True, compiled: bool = False, graph_teacher: bool | None = None):
+        """``graph_teacher`` None: the trainer's default."""
+        if graph_teacher is None:
+            graph_teacher = graph_teacher_by_default(torch.device(self.setup.device), self.teacher)
         side = StudentSide(model, None)
         side = compiled_student_side(side) if compiled else side
         distiller = Distiller(
@@ -314,26 +320,24 @@ def test_distillation_step(
 
     contenders = {"original": original_step, "fastmini": fastmini_step, "fastmini-checkpointed": checkpointed_step}
     models = {"original": original, "fastmini": student, "fastmini-checkpointed": checkpointed}
-    if setup.device == "cuda":  # the student's attention maps, then also its residual stream, in bf16 (not fp32)
-        low_precision_maps = copy.deepcopy(student).set_low_precision_maps()
-        low_precision = copy.deepcopy(low_precision_maps).set_low_precision_norms()
-        contenders["fastmini-low-precision-maps"] = step_of(low_precision_maps)
+    if setup.device == "cuda":  # the trainer's two default switches off one at a time, and the norms switch on
+        low_precision = copy.deepcopy(student).set_low_precision_norms()
+        fp32_maps = copy.deepcopy(student).set_low_precision_maps(False)
         contenders["fastmini-low-precision"] = step_of(low_precision)
-        contenders["fastmini-graphed-teacher"] = step_of(student, graph_teacher=True)
-        models["fastmini-graphed-teacher"] = student
-        models["fastmini-low-precision-maps"] = low_precision_maps
-        models["fastmini-low-precision"] = low_precision
+        contenders["fastmini-eager-teacher"] = step_of(student, graph_teacher=False)
+        contenders["fastmini-switches-off"] = step_of(fp32_maps, graph_teacher=False)
+        models.update({"fastmini-low-precision": low_precision, "fastmini-eager-teacher": student,
+                       "fastmini-switches-off": fp32_maps})  # fmt: skip
     medians = steps.measure(
         benchmark, compare, describe_device, contenders, models, "fastmini",
-        backend="fastmini: Distiller, automatic op backends (-checkpointed: --gradient-checkpointing, one recursion "
-        "at a time; -low-precision-maps: --low-precision-maps, the student's attention maps in bf16; "
-        "-low-precision: --low-precision-maps --low-precision-norms, its residual stream in bf16 too; "
-        "-graphed-teacher: --graph-teacher, the teacher replayed from a CUDA graph); "
-        "original: transformers modules, eager attention, full logits",
+        backend="fastmini: Distiller with the trainer's defaults (on CUDA --graph-teacher and --low-precision-maps; "
+        "-checkpointed: --gradient-checkpointing, one recursion at a time; -low-precision: --low-precision-norms "
+        "too, the residual stream in bf16; -eager-teacher: --no-graph-teacher; -switches-off: "
+        "--no-graph-teacher --no-low-precision-maps); original: transformers modules, eager attention, full logits",
     )  # fmt: skip
     benchmark.extra_info["speedup"] = round(medians["original"] / medians["fastmini"], 2)
     if setup.device == "cuda":  # is the step GPU-bound? kernel time against the median, and the top kernels
-        for name in ("original", "fastmini"):
+        for name in ("original", "fastmini", "fastmini-low-precision"):
             record_kernel_profile(benchmark, name, contenders[name])
         # How often a step makes the host wait for the GPU (the GPU idles while the host catches up after each).
         record_host_syncs(benchmark, "original", original_body)
@@ -359,6 +363,7 @@ def test_distillation_step_compiled(benchmark, compare, describe_device, record_
     steps.measure(
         benchmark, compare, describe_device, contenders, models, "fastmini-compiled", group=", compiled",
         backend="fastmini-compiled: --compile-student (the student side through torch.compile, dynamic shapes); "
-        "fastmini: eager; original: transformers modules, eager attention, full logits",
+        "fastmini: eager; both with the trainer's defaults (on CUDA --graph-teacher --low-precision-maps); "
+        "original: transformers modules, eager attention, full logits",
     )  # fmt: skip
     record_kernel_profile(benchmark, "fastmini-compiled", contenders["fastmini-compiled"])

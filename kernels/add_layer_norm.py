@@ -51,6 +51,20 @@ MAX_HIDDEN = 16384
 _FORWARD_TILE_ELEMENTS = 4096
 _BACKWARD_TILE_ELEMENTS = 2048
 _ELEMENTS_PER_THREAD = 16
+# Backward programs per SM: each sums dw and db over its slab of rows into one (H,) partial, so more programs
+# mean more partials to reduce, fewer mean fewer warps in flight to hide the loads' latency.
+_BACKWARD_PROGRAMS_PER_SM = 4
+# What a GPU sweep tries besides the defaults (benchmarks/test_add_layer_norm.py times them through the
+# launcher's overrides). On an H200 (2026-11-26, 16384 x 768 bf16) the default backward moved its ~75 MB at
+# ~1.2 TB/s, a third of the copy rate, with ~16 warps on each SM: the candidates put more rows in flight.
+BACKWARD_CANDIDATES = {
+    "default": {},
+    "4-row tiles, 8 warps": {"tile_elements": 4096},
+    "8-row tiles, 16 warps": {"tile_elements": 8192},
+    "8 programs per SM": {"programs_per_sm": 8},
+    "16 programs per SM": {"programs_per_sm": 16},
+    "4-row tiles, 8 programs per SM": {"tile_elements": 4096, "programs_per_sm": 8},
+}
 
 
 @triton.jit
@@ -209,11 +223,11 @@ def _tile(hidden: int, tile_elements: int) -> tuple[int, int, int]:
 
 
 @functools.cache
-def _backward_programs_per_device(device: torch.device) -> int:
-    """Enough programs to fill the GPU a few times over; few in the interpreter, where each costs Python time."""
+def _streaming_multiprocessors(device: torch.device) -> int:
+    """The GPU's SM count; 1 in the interpreter, where each program costs Python time."""
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
 
 
 def add_layer_norm_forward(
@@ -271,12 +285,15 @@ def add_layer_norm_backward(
     rstd: torch.Tensor,
     dropout_p: float,
     seed: int,
+    *,
+    tile_elements: int = _BACKWARD_TILE_ELEMENTS,
+    programs_per_sm: int = _BACKWARD_PROGRAMS_PER_SM,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_sum, grad_x, grad_weight, grad_bias) for contiguous (rows, H) ``grad_out`` and saved ``total``.
 
     grad_sum is dresidual, in the dtype of ``total``; grad_x is empty without dropout (it equals
     grad_sum then). grad_weight and grad_bias are in the compute dtype (that of ``mean``), reduced
-    over all rows.
+    over all rows. ``tile_elements`` and ``programs_per_sm`` override the launch (BACKWARD_CANDIDATES).
     """
     n_rows, hidden = total.shape
     grad_sum = torch.empty_like(total)
@@ -284,8 +301,8 @@ def add_layer_norm_backward(
     if n_rows == 0:
         zeros = torch.zeros(hidden, dtype=mean.dtype, device=total.device)
         return grad_sum, grad_x, zeros, zeros.clone()
-    block_rows, block_h, num_warps = _tile(hidden, _BACKWARD_TILE_ELEMENTS)
-    programs_wanted = min(_backward_programs_per_device(total.device), triton.cdiv(n_rows, block_rows))
+    block_rows, block_h, num_warps = _tile(hidden, tile_elements)
+    programs_wanted = min(programs_per_sm * _streaming_multiprocessors(total.device), triton.cdiv(n_rows, block_rows))
     rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs_wanted), block_rows) * block_rows
     programs = triton.cdiv(n_rows, rows_per_program)
     partial_grad_weight = torch.empty((programs, hidden), dtype=mean.dtype, device=total.device)

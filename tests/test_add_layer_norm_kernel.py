@@ -82,6 +82,30 @@ def test_fp32_matches_reference_with_every_gradient(rows, hidden):
         torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-5, msg=lambda m, name=name: f"d{name}: {m}")
 
 
+def _backward_candidates():
+    from fastmini.kernels.add_layer_norm import BACKWARD_CANDIDATES
+
+    return [name for name in BACKWARD_CANDIDATES if name != "default"]
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("candidate", _backward_candidates())
+def test_every_backward_launch_candidate_of_the_gpu_sweep_gives_the_same_gradients(candidate, dropout_p):
+    """benchmarks/test_add_layer_norm.py times these; one the sweep finds faster can become the default only
+    if it is also right: d(residual) and d(x) row by row as the default's, dw and db to fp32 summation order."""
+    from fastmini.kernels.add_layer_norm import BACKWARD_CANDIDATES, add_layer_norm_backward, add_layer_norm_forward
+
+    (x, residual, weight, bias), grad_out = make_inputs((70, 768), requires_grad=False)
+    _out, total, mean, rstd = add_layer_norm_forward(x, residual, weight, bias, EPS, dropout_p, 5, True)
+    default = add_layer_norm_backward(grad_out, total, weight, mean, rstd, dropout_p, 5)
+    candidate = add_layer_norm_backward(grad_out, total, weight, mean, rstd, dropout_p, 5,
+                                        **BACKWARD_CANDIDATES[candidate])  # fmt: skip
+    for got, expected in zip(candidate[:2], default[:2], strict=True):
+        assert torch.equal(got, expected)
+    for got, expected in zip(candidate[2:], default[2:], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_leading_dimensions_are_flattened_into_rows():
     tensors, grad_out = make_inputs((2, 5, 36))
     out, grads = forward_and_grads(triton_op(), tensors, grad_out)

@@ -15,6 +15,7 @@ from fastmini.distill.distiller import Batch, Distiller, StudentSide, teacher_fo
 from fastmini.distill.graphed_teacher import GraphedTeacher
 from fastmini.distill.losses import LossWeights
 from fastmini.distill.models import Teacher
+from fastmini.distill.speed_defaults import graph_teacher_by_default
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CAPTURE = "cuda" if DEVICE.type == "cuda" else "eager"
@@ -113,3 +114,21 @@ def test_a_distillation_step_through_the_graphed_teacher_gives_the_same_terms(te
         for name in ("mlm", "attention", "hidden", "output", "total"):
             torch.testing.assert_close(getattr(got, name), getattr(expected, name), rtol=1e-5, atol=1e-6)
         got.total.backward()  # the maps the attention loss keeps for backward are this batch's
+
+
+def test_the_trainer_graphs_the_teacher_by_default_on_a_gpu_where_it_can(teacher, monkeypatch):
+    assert graph_teacher_by_default(torch.device("cuda"), teacher)
+    assert not graph_teacher_by_default(torch.device("cpu"), teacher)
+    monkeypatch.setattr(teacher.encoder, "_supports_attention_backend", False, raising=False)
+    assert not graph_teacher_by_default(torch.device("cuda"), teacher)  # a teacher it cannot record
+
+
+def test_a_cpu_run_does_not_graph_its_teacher_unless_told(tmp_path):
+    from fastmini.distill.config import resolve
+    from fastmini.distill.testing import make_tiny_teacher, tiny_args
+    from fastmini.distill.trainer import DistillationRun
+    from fastmini.training import distributed
+
+    config, _ = resolve(tiny_args(make_tiny_teacher(tmp_path / "teacher"), tmp_path / "out"))
+    assert config.graph_teacher is None
+    assert DistillationRun(config, distributed.setup("cpu")).distiller.graphed_teacher is None

@@ -119,10 +119,19 @@ def test_the_distill_option_reaches_the_student(tmp_path, caplog):
 
     teacher = make_tiny_teacher(tmp_path / "teacher")
     argv = tiny_args(teacher, tmp_path / "out")
+
+    def encoder_of(*extra: str):
+        config, _ = resolve([*argv, *extra])
+        return DistillationRun(config, distributed.setup("cpu")).student_side.student.fastmini.encoder
+
     default, _ = resolve(argv)
-    assert (default.low_precision_maps, default.low_precision_norms) == (False, False)
-    config, _ = resolve([*argv, "--low-precision-maps", "--low-precision-norms", "--precision", "fp32"])
-    encoder = DistillationRun(config, distributed.setup("cpu")).student_side.student.fastmini.encoder
+    assert (default.low_precision_maps, default.low_precision_norms) == (None, False)  # maps: by precision
+    encoder = encoder_of("--precision", "fp32")
+    assert not encoder.shared_layer.low_precision_maps and not caplog.text  # fp32: off, and no warning
+    encoder = encoder_of("--precision", "bf16")
+    assert encoder.shared_layer.low_precision_maps and not encoder.shared_layer.low_precision_norms
+    assert not encoder_of("--precision", "bf16", "--no-low-precision-maps").shared_layer.low_precision_maps
+    encoder = encoder_of("--low-precision-maps", "--low-precision-norms", "--precision", "fp32")
     assert encoder.shared_layer.low_precision_maps and encoder.shared_layer.low_precision_norms
     assert all(adapter.low_precision_norms for adapter in (*encoder.attention_adapters, *encoder.ffn_adapters))
     for flag in ("--low-precision-maps", "--low-precision-norms"):

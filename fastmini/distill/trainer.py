@@ -32,6 +32,7 @@ from fastmini.distill.batches import MaskedWindows, evaluation_batches
 from fastmini.distill.config import DistillConfig, changed_options, resolve_layer_map
 from fastmini.distill.distiller import Distiller, StepCounts, StudentSide, compiled_student_side
 from fastmini.distill.evaluation import evaluate
+from fastmini.distill.speed_defaults import graph_teacher_by_default, low_precision_maps_by_default
 from fastmini.models.checkpoint import SAFETENSORS_NAME
 from fastmini.training import checkpoints, distributed, faults, precision
 from fastmini.training.batching import StepBatches, check_global_batch, check_resumed_split, without_split
@@ -140,7 +141,7 @@ class DistillationRun:
             raise UsageError(f"--graph-teacher records CUDA graphs: it needs a GPU (this run is on {self.device})")
         for flag, given in (("--low-precision-maps", config.low_precision_maps),
                             ("--low-precision-norms", config.low_precision_norms)):  # fmt: skip
-            if given and self.autocast_dtype is None:
+            if given and self.autocast_dtype is None:  # an explicit switch only (None: the default)
                 log.warning("%s changes nothing without bf16 autocast (this run computes in fp32)", flag)
 
         check_global_batch(config.batch_size, context.world_size, config.grad_accumulation)
@@ -166,7 +167,10 @@ class DistillationRun:
 
         torch.manual_seed(config.seed)  # the student's initialisation depends on the seed only
         student = models.build_student(config, self.teacher)
-        student.set_low_precision_maps(config.low_precision_maps).set_low_precision_norms(config.low_precision_norms)
+        low_precision_maps = config.low_precision_maps
+        if low_precision_maps is None:
+            low_precision_maps = low_precision_maps_by_default(self.autocast_dtype)
+        student.set_low_precision_maps(low_precision_maps).set_low_precision_norms(config.low_precision_norms)
         models.check_attention_compatible(config, student, self.teacher)
         if config.gradient_checkpointing:
             enable_activation_checkpointing(student)
@@ -183,10 +187,13 @@ class DistillationRun:
             log.info("--compile-student: the first training step compiles the student (about a minute)")
             trained = compiled_student_side(trained)
         self.trained = trained
+        graph_teacher = config.graph_teacher
+        if graph_teacher is None:
+            graph_teacher = graph_teacher_by_default(self.device, self.teacher)
         try:
             self.distiller = Distiller(
                 trained, self.teacher, self.layers, config.loss_weights, config.temperature, self.autocast_dtype,
-                graph_teacher="cuda" if config.graph_teacher else None,
+                graph_teacher="cuda" if graph_teacher else None,
             )  # fmt: skip
         except ValueError as error:  # a teacher whose forward cannot be recorded
             raise UsageError(f"--graph-teacher: {error}") from error
