@@ -335,6 +335,24 @@ def sync():
 
 
 @pytest.fixture
+def time_launch_candidates(benchmark, compare, record_bandwidth):
+    """time_launch_candidates(steps, minimum_bytes, group, rounds=50, **info): a kernel sweep on CUDA, ``steps``
+    (candidate name -> unsynchronised call, one of them "default") timed interleaved against "default" (which
+    pytest-benchmark also times), with the bandwidth of each for ``minimum_bytes`` (device time included, the
+    figure a sweep is read from). ``info`` goes to compare (shape, dtype, backend...)."""
+
+    def _time(steps: dict[str, Callable], minimum_bytes: int, group: str, rounds: int = 50, **info) -> None:
+        device = torch.device("cuda")
+        contenders = {name: synchronised(step, device) for name, step in steps.items()}
+        benchmark.pedantic(contenders["default"], rounds=rounds, warmup_rounds=5)
+        medians = compare(benchmark, group=group, contenders=contenders, baseline="default", flops=None,
+                          rounds=rounds, device=device_name(device), **info)  # fmt: skip
+        record_bandwidth(benchmark, medians, minimum_bytes, device, steps, baseline="default")
+
+    return _time
+
+
+@pytest.fixture
 def time_loss_backends(benchmark, compare, record_bandwidth):
     """time_loss_backends(loss_of, student, minimum_bytes, group, rounds=50, **info) -> medians: a loss op's
     forward+backward, the gradient of ``loss_of(backend)`` (a tensor, or a tuple of tensors summed) with respect

@@ -135,7 +135,7 @@ def test_adapter_bottleneck(benchmark, compare, describe_device, sync, record_ba
     [("forward", 16384), ("forward", 1024), ("backward", 16384)],
     ids=["forward", "forward-1024", "backward"],
 )
-def test_adapter_bottleneck_tile_sweep(benchmark, compare, describe_device, sync, record_bandwidth, direction, rows):
+def test_adapter_bottleneck_tile_sweep(time_launch_candidates, direction, rows):
     """rows x 768 bf16 through the launchers with each tile candidate (kernels/adapter_bottleneck.py,
     *_TILE_CANDIDATES); the default is the baseline."""
     from fastmini.kernels.adapter_bottleneck import (
@@ -162,18 +162,11 @@ def test_adapter_bottleneck_tile_sweep(benchmark, compare, describe_device, sync
         steps = {name: backward_with(options) for name, options in BACKWARD_TILE_CANDIDATES.items()}
         activation = rows * HIDDEN * 2
         bytes_moved = 3 * activation + rows * (2 + BOTTLENECK) * 4 + 2 * parameter_count() * 2
-    contenders = {name: sync(step, device) for name, step in steps.items()}
-    benchmark.pedantic(contenders["default"], rounds=50, warmup_rounds=5)
-    medians = compare(
-        benchmark,
+    time_launch_candidates(
+        steps,
+        bytes_moved,
         group=f"adapter_bottleneck tiles {direction} {rows}x{HIDDEN} bf16",
-        contenders=contenders,
-        baseline="default",
-        flops=None,
-        rounds=50,
         shape=f"rows={rows} H={HIDDEN} R={BOTTLENECK}",
         dtype="bf16",
         backend="triton (the kernel's launchers, one tile candidate each)",
-        device=describe_device(device),
     )
-    record_bandwidth(benchmark, medians, bytes_moved, device, steps, baseline="default")

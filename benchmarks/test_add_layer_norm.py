@@ -107,7 +107,7 @@ def test_add_layer_norm(benchmark, compare, describe_device, sync, record_bandwi
 
 
 @pytest.mark.parametrize("rows", ROWS)
-def test_add_layer_norm_backward_sweep(benchmark, compare, describe_device, sync, record_bandwidth, rows):
+def test_add_layer_norm_backward_sweep(time_launch_candidates, rows):
     """The backward kernel alone (rows x 768 bf16, no dropout) with each launch candidate
     (kernels/add_layer_norm.py, BACKWARD_CANDIDATES); the default is the baseline."""
     from fastmini.kernels.add_layer_norm import BACKWARD_CANDIDATES, add_layer_norm_backward, add_layer_norm_forward
@@ -124,19 +124,12 @@ def test_add_layer_norm_backward_sweep(benchmark, compare, describe_device, sync
         return lambda: add_layer_norm_backward(grad_out, total, weight, mean, rstd, 0.0, 0, **options)
 
     steps = {name: backward_with(options) for name, options in BACKWARD_CANDIDATES.items()}
-    contenders = {name: sync(step, device) for name, step in steps.items()}
-    benchmark.pedantic(contenders["default"], rounds=50, warmup_rounds=5)
-    medians = compare(
-        benchmark,
+    # read d(out) and the saved sum, write d(residual): the minimum of a backward without dropout
+    time_launch_candidates(
+        steps,
+        3 * rows * HIDDEN * 2,
         group=f"add_layer_norm backward launches {rows}x{HIDDEN} bf16",
-        contenders=contenders,
-        baseline="default",
-        flops=None,
-        rounds=50,
         shape=f"rows={rows} H={HIDDEN}",
         dtype="bf16",
         backend="triton (the backward launcher, one launch candidate each)",
-        device=describe_device(device),
     )
-    # read d(out) and the saved sum, write d(residual): the minimum of a backward without dropout
-    record_bandwidth(benchmark, medians, 3 * rows * HIDDEN * 2, device, steps, baseline="default")

@@ -53,17 +53,18 @@ _BACKWARD_TILE_ELEMENTS = 2048
 _ELEMENTS_PER_THREAD = 16
 # Backward programs per SM: each sums dw and db over its slab of rows into one (H,) partial, so more programs
 # mean more partials to reduce, fewer mean fewer warps in flight to hide the loads' latency.
-_BACKWARD_PROGRAMS_PER_SM = 4
+_BACKWARD_PROGRAMS_PER_SM = 8
 # What a GPU sweep tries besides the defaults (benchmarks/test_add_layer_norm.py times them through the
-# launcher's overrides). On an H200 (2026-11-26, 16384 x 768 bf16) the default backward moved its ~75 MB at
-# ~1.2 TB/s, a third of the copy rate, with ~16 warps on each SM: the candidates put more rows in flight.
+# launcher's overrides). On an H200 (2026-11-26, session 13, bf16, GPU time) the backward with 4 programs per
+# SM moved its ~75 MB at 16384 x 768 in 58.0 us, ~40% of the copy rate: 8 per SM took 52.9 us (1.10x; 1.01x at
+# 1024 rows), now the default (one sweep so far), 16 per SM 1.03x; 4- and 8-row tiles (8 and 16 warps) were
+# slower at 16384 rows (0.82x, 0.55x), 1.12x and 1.10x at 1024.
 BACKWARD_CANDIDATES = {
     "default": {},
-    "4-row tiles, 8 warps": {"tile_elements": 4096},
-    "8-row tiles, 16 warps": {"tile_elements": 8192},
-    "8 programs per SM": {"programs_per_sm": 8},
+    "4 programs per SM": {"programs_per_sm": 4},
     "16 programs per SM": {"programs_per_sm": 16},
-    "4-row tiles, 8 programs per SM": {"tile_elements": 4096, "programs_per_sm": 8},
+    "4-row tiles, 8 warps": {"tile_elements": 4096},
+    "4-row tiles, 4 programs per SM": {"tile_elements": 4096, "programs_per_sm": 4},
 }
 
 

@@ -92,7 +92,8 @@ def _backward_candidates():
 @pytest.mark.parametrize("candidate", _backward_candidates())
 def test_every_backward_launch_candidate_of_the_gpu_sweep_gives_the_same_gradients(candidate, dropout_p):
     """benchmarks/test_add_layer_norm.py times these; one the sweep finds faster can become the default only
-    if it is also right: d(residual) and d(x) row by row as the default's, dw and db to fp32 summation order."""
+    if it is also right: the same gradients to fp32 summation order (more warps a row change the order of a
+    row's sums: on an H200 the 4- and 8-row tiles' d(residual) differed from the default's in last bits)."""
     from fastmini.kernels.add_layer_norm import BACKWARD_CANDIDATES, add_layer_norm_backward, add_layer_norm_forward
 
     (x, residual, weight, bias), grad_out = make_inputs((70, 768), requires_grad=False)
@@ -100,9 +101,7 @@ def test_every_backward_launch_candidate_of_the_gpu_sweep_gives_the_same_gradien
     default = add_layer_norm_backward(grad_out, total, weight, mean, rstd, dropout_p, 5)
     candidate = add_layer_norm_backward(grad_out, total, weight, mean, rstd, dropout_p, 5,
                                         **BACKWARD_CANDIDATES[candidate])  # fmt: skip
-    for got, expected in zip(candidate[:2], default[:2], strict=True):
-        assert torch.equal(got, expected)
-    for got, expected in zip(candidate[2:], default[2:], strict=True):
+    for got, expected in zip(candidate, default, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 

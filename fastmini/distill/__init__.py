@@ -2,7 +2,8 @@
 
 Layers: config (every option), models (teacher, tokenizer, student), losses (the recipe's four
 terms), distiller (one forward), teacher_attention (the teacher's maps in the matched layers only),
-graphed_teacher (--graph-teacher: its forward replayed from CUDA graphs),
+graphed_teacher (--graph-teacher: its forward replayed from CUDA graphs), speed_defaults (which speed
+switches the trainer turns on by itself),
 batches (which windows and masks each step sees), evaluation, trainer (loop, checkpoints, resume, outputs).
 """
 
