@@ -25,8 +25,7 @@ Contenders (same weights, bf16, eval, inference mode):
   (``graphed_encoder(unpadded=True)``: the real tokens replayed, one graph per token bucket).
 
 Contenders that fail to build are reported in the benchmark's info (``unavailable``) instead of failing
-the others (the first GPU run, 2026-11-26, built them all; "fastmini-graphed-unpadded" came later and has
-not run on a GPU yet).
+the others (every H200 run so far built them all).
 """
 
 from __future__ import annotations

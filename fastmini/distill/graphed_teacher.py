@@ -17,7 +17,8 @@ must be done with the maps before the teacher's next forward: the trainer's orde
 and backward, then the next). Shapes beyond ``max_graphs`` run eagerly (``teacher_forward``).
 
 ``capture="eager"`` keeps this bookkeeping and replays by running the forward again into the same static
-tensors: what the CPU tests check. UNVERIFIED on a GPU (off by default).
+tensors: what the CPU tests check; the CUDA capture passed the same tests on an H200 (2026-11-26). The
+trainer graphs its teacher by default on a GPU (speed_defaults).
 """
 
 from __future__ import annotations
