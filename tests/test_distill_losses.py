@@ -447,7 +447,7 @@ def test_the_loss_terms_through_the_triton_kernels_match_torch(tiny_pair, temper
             if expected is None:
                 assert got is None
             else:
-                torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * scale)
+                torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4 * scale)
 
 
 def test_attention_kl_checks_shapes_before_counting_rows():
@@ -499,3 +499,34 @@ def test_the_compiled_student_side_matches_eager_on_batches_of_any_token_count(t
         for got, expected in zip(grads, expected_grads, strict=True):
             torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4 * scale)
     assert graphs[0] >= 1 and graphs == [graphs[0]] * 3  # the later batches compiled nothing new
+
+
+def test_the_compiled_student_side_draws_the_eager_attention_dropout(tiny_pair, tiny_config, randomize):
+    """With attention dropout on (and no other dropout), --compile-student runs that dropout as torch's own
+    kernel (fastmini.ops.opaque_dropout, not inductor's fused one), so it draws the eager step's masks from the
+    same generator: the same terms, and gradients to inductor's summation order (as above). Through inductor's
+    own dropout the total was 1.1% off."""
+    from fastmini import FastMiniForMaskedLM
+    from fastmini.distill.distiller import compiled_student_side
+
+    torch._dynamo.reset()
+    teacher_model, _ = tiny_pair
+    student = FastMiniForMaskedLM(
+        tiny_config(num_hidden_layers=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.3)
+    ).train()
+    randomize(student, std=0.5, seed=2)
+    teacher = Teacher(encoder=teacher_model.bert, head=teacher_model.cls, config=teacher_model.config, source="t")
+    side = StudentSide(student, None)
+    parameters = [p for p in student.parameters() if p.requires_grad]
+    batch = masked_batch(7)
+    results = {}
+    for name, module in (("eager", side), ("compiled", compiled_student_side(side))):
+        torch.manual_seed(5)
+        terms = Distiller(module, teacher, (2, 4), losses.LossWeights(), 1.0)(batch)
+        results[name] = (terms, torch.autograd.grad(terms.total, parameters, allow_unused=True))
+    (terms, grads), (expected_terms, expected_grads) = results["compiled"], results["eager"]
+    for term in ("total", "mlm", "attention", "hidden", "output"):
+        torch.testing.assert_close(getattr(terms, term), getattr(expected_terms, term), rtol=1e-6, atol=1e-7)
+    scale = max(float(g.abs().max()) for g in expected_grads if g is not None)
+    for got, expected in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4 * scale)

@@ -11,10 +11,11 @@ transformers builds a mask of its own where none is given, and inside a capture 
 that builder copies a host scalar to the GPU, which a capture refuses; so one graph serves a shape with or
 without padding. Each graph leaves its outputs in static tensors: the matched layers' hidden states and maps
 and the last hidden state, which the next replay of that shape overwrites; and as every shape's graph draws on
-one memory pool, another shape's replay may write its scratch values there too. The gathers of real and masked rows and
-the MLM head run eagerly after the replay (their shapes change every batch). So a step's losses and backward
-must be done with the maps before the teacher's next forward: the trainer's order (each micro-batch's forward
-and backward, then the next). Shapes beyond ``max_graphs`` run eagerly (``teacher_forward``).
+one memory pool, another shape's replay may write its scratch values there too. The gathers of real and
+masked rows and the MLM head run eagerly after the replay (their shapes change every batch). So a step's
+losses and backward must be done with the maps before the teacher's next forward: the trainer's order (each
+micro-batch's forward and backward, then the next). Shapes beyond ``max_graphs`` run eagerly
+(``teacher_forward``).
 
 ``capture="eager"`` keeps this bookkeeping and replays by running the forward again into the same static
 tensors: what the CPU tests check; the CUDA capture passed the same tests on an H200 (2026-11-26). The

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from fastmini.ops.autocasting import autocast_dtype_for
 from fastmini.ops.checks import check_probability, check_tensor
 from fastmini.ops.dispatch import BackendUnavailableError
+from fastmini.ops.opaque_dropout import opaque_dropout
 from fastmini.ops.packing import Packing
 
 PACKED_ATTENTION_BACKENDS = ("torch", "cuda")
@@ -105,8 +106,8 @@ def self_attention_ref(
     # back. An explicit dtype keeps them in the scores' (fp32 arithmetic inside, rounded once on the way out).
     dtype = scores.dtype if low_precision_maps else None
     probabilities = scores.softmax(dim=-1, dtype=dtype).view(batch, heads, seq, seq)
-    dropped = F.dropout(probabilities, p=dropout_p, training=True) if dropout_p > 0.0 else probabilities
-    return torch.matmul(dropped, value), probabilities
+    # (under torch.compile, torch's dropout kernel rather than inductor's fused one: see opaque_dropout)
+    return torch.matmul(opaque_dropout(probabilities, dropout_p), value), probabilities
 
 
 def _check_key_padding_mask(mask: object, query: torch.Tensor) -> None:
