@@ -503,7 +503,7 @@ def test_the_compiled_student_side_matches_eager_on_batches_of_any_token_count(t
 
 def test_the_compiled_student_side_draws_the_eager_attention_dropout(tiny_pair, tiny_config, randomize):
     """With attention dropout on (and no other dropout), --compile-student runs that dropout as torch's own
-    kernel (fastmini.ops.opaque_dropout, not inductor's fused one), so it draws the eager step's masks from the
+    kernel (fastmini.ops.softmax_dropout, not inductor's fused one), so it draws the eager step's masks from the
     same generator: the same terms, and gradients to inductor's summation order (as above). Through inductor's
     own dropout the total was 1.1% off."""
     from fastmini import FastMiniForMaskedLM

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from fastmini.ops.autocasting import autocast_dtype_for
 from fastmini.ops.checks import check_probability, check_tensor
 from fastmini.ops.dispatch import BackendUnavailableError
-from fastmini.ops.opaque_dropout import opaque_dropout
 from fastmini.ops.packing import Packing
+from fastmini.ops.softmax_dropout import softmax_dropout
 
 PACKED_ATTENTION_BACKENDS = ("torch", "cuda")
 # tests/test_varlen_attention.py's GPU tests passed on an H200 (2026-11-26): CUDA picks it by itself. On the
@@ -104,10 +104,10 @@ def self_attention_ref(
     scores = torch.baddbmm(bias, queries, keys_t, beta=beta, alpha=head_dim**-0.5)
     # Autocast computes a softmax in fp32 and returns it so: (B, A, S, S) fp32 maps, which the next matmul casts
     # back. An explicit dtype keeps them in the scores' (fp32 arithmetic inside, rounded once on the way out).
-    dtype = scores.dtype if low_precision_maps else None
-    probabilities = scores.softmax(dim=-1, dtype=dtype).view(batch, heads, seq, seq)
-    # (under torch.compile, torch's dropout kernel rather than inductor's fused one: see opaque_dropout)
-    return torch.matmul(opaque_dropout(probabilities, dropout_p), value), probabilities
+    # (under torch.compile, torch's two kernels rather than inductor's fused one: see softmax_dropout)
+    probabilities, dropped = softmax_dropout(scores, dropout_p, scores.dtype if low_precision_maps else None)
+    shape = (batch, heads, seq, seq)
+    return torch.matmul(dropped.view(shape), value), probabilities.view(shape)
 
 
 def _check_key_padding_mask(mask: object, query: torch.Tensor) -> None:
