@@ -459,74 +459,66 @@ def test_attention_kl_checks_shapes_before_counting_rows():
         losses.attention_kl(student, student, torch.zeros(2, 5, dtype=torch.bool))
 
 
+def compile_setup(tiny_pair, tiny_config, randomize, attention_dropout: float):
+    """(teacher, eager student side, its compiled twin, the trained parameters): a 2-recursion tiny student with
+    no hidden dropout and ``attention_dropout``, for --compile-student against eager."""
+    from fastmini import FastMiniForMaskedLM
+    from fastmini.distill.distiller import compiled_student_side
+
+    torch._dynamo.reset()
+    teacher_model, _ = tiny_pair
+    student = FastMiniForMaskedLM(
+        tiny_config(num_hidden_layers=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=attention_dropout)
+    ).train()
+    randomize(student, std=0.5, seed=2)
+    teacher = Teacher(encoder=teacher_model.bert, head=teacher_model.cls, config=teacher_model.config, source="t")
+    side = StudentSide(student, None)
+    return teacher, side, compiled_student_side(side), [p for p in student.parameters() if p.requires_grad]
+
+
+def assert_compiled_like_eager(teacher, side, compiled, parameters, batch, terms_rtol: float) -> None:
+    """The step's terms (to ``terms_rtol``) and gradients through ``compiled`` as through ``side``, each run from
+    the same generator state. Inductor's fused reductions add in other orders: gradients to 1e-4 of the largest
+    gradient element (one word embedding's was 1.3e-5 of it off; the key bias's gradient is ~0); a wrong
+    gradient is off by ~1 of it."""
+    results = {}
+    for name, module in (("eager", side), ("compiled", compiled)):
+        torch.manual_seed(5)
+        terms = Distiller(module, teacher, (2, 4), losses.LossWeights(), 1.0)(batch)
+        results[name] = (terms, torch.autograd.grad(terms.total, parameters, allow_unused=True))
+    (terms, grads), (expected_terms, expected_grads) = results["compiled"], results["eager"]
+    for term in ("total", "mlm", "attention", "hidden", "output"):
+        torch.testing.assert_close(
+            getattr(terms, term), getattr(expected_terms, term), rtol=terms_rtol, atol=terms_rtol / 10
+        )
+    scale = max(float(g.abs().max()) for g in expected_grads if g is not None)
+    for got, expected in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4 * scale)
+
+
 def test_the_compiled_student_side_matches_eager_on_batches_of_any_token_count(tiny_pair, tiny_config, randomize):
     """--compile-student: torch.compile (inductor, dynamic shapes) of the student side, in training mode, gives
     the eager step's loss terms and gradients, on three batches of different token and masked counts from
     one compile (dropout 0, so both sides compute the same thing)."""
     from torch._dynamo.utils import counters
 
-    from fastmini import FastMiniForMaskedLM
-    from fastmini.distill.distiller import compiled_student_side
-
-    torch._dynamo.reset()
-    teacher_model, _ = tiny_pair
-    student = FastMiniForMaskedLM(
-        tiny_config(num_hidden_layers=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    ).train()
-    randomize(student, std=0.5, seed=2)
-    teacher = Teacher(encoder=teacher_model.bert, head=teacher_model.cls, config=teacher_model.config, source="t")
-    side = StudentSide(student, None)
-    compiled = compiled_student_side(side)
+    teacher, side, compiled, parameters = compile_setup(tiny_pair, tiny_config, randomize, attention_dropout=0.0)
     assert compiled is not side and list(compiled.parameters()) == list(side.parameters())  # shared, not copied
-    parameters = [p for p in student.parameters() if p.requires_grad]
     graphs = []
     for seed in (7, 8, 9):
         batch = masked_batch(seed)
         batch.attention_mask[1, 7 - seed % 3 :] = 0  # 7, 6 or 5 real tokens in the second row
         batch.input_ids.mul_(batch.attention_mask)
         batch.labels.masked_fill_(batch.attention_mask == 0, -100)
-        results = {}
-        for name, module in (("eager", side), ("compiled", compiled)):
-            terms = Distiller(module, teacher, (2, 4), losses.LossWeights(), 1.0)(batch)
-            results[name] = (terms, torch.autograd.grad(terms.total, parameters, allow_unused=True))
+        assert_compiled_like_eager(teacher, side, compiled, parameters, batch, terms_rtol=1e-5)
         graphs.append(counters["stats"]["unique_graphs"])
-        (terms, grads), (expected_terms, expected_grads) = results["compiled"], results["eager"]
-        for term in ("total", "mlm", "attention", "hidden", "output"):
-            torch.testing.assert_close(getattr(terms, term), getattr(expected_terms, term), rtol=1e-5, atol=1e-6)
-        # Inductor's fused reductions add in other orders: to 1e-4 of the largest gradient element (one word
-        # embedding's was 1.3e-5 of it off; the key bias's gradient is ~0); a wrong gradient is off by ~1 of it.
-        scale = max(float(g.abs().max()) for g in expected_grads if g is not None)
-        for got, expected in zip(grads, expected_grads, strict=True):
-            torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4 * scale)
     assert graphs[0] >= 1 and graphs == [graphs[0]] * 3  # the later batches compiled nothing new
 
 
 def test_the_compiled_student_side_draws_the_eager_attention_dropout(tiny_pair, tiny_config, randomize):
-    """With attention dropout on (and no other dropout), --compile-student runs that dropout as torch's own
-    kernel (fastmini.ops.softmax_dropout, not inductor's fused one), so it draws the eager step's masks from the
-    same generator: the same terms, and gradients to inductor's summation order (as above). Through inductor's
-    own dropout the total was 1.1% off."""
-    from fastmini import FastMiniForMaskedLM
-    from fastmini.distill.distiller import compiled_student_side
-
-    torch._dynamo.reset()
-    teacher_model, _ = tiny_pair
-    student = FastMiniForMaskedLM(
-        tiny_config(num_hidden_layers=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.3)
-    ).train()
-    randomize(student, std=0.5, seed=2)
-    teacher = Teacher(encoder=teacher_model.bert, head=teacher_model.cls, config=teacher_model.config, source="t")
-    side = StudentSide(student, None)
-    parameters = [p for p in student.parameters() if p.requires_grad]
-    batch = masked_batch(7)
-    results = {}
-    for name, module in (("eager", side), ("compiled", compiled_student_side(side))):
-        torch.manual_seed(5)
-        terms = Distiller(module, teacher, (2, 4), losses.LossWeights(), 1.0)(batch)
-        results[name] = (terms, torch.autograd.grad(terms.total, parameters, allow_unused=True))
-    (terms, grads), (expected_terms, expected_grads) = results["compiled"], results["eager"]
-    for term in ("total", "mlm", "attention", "hidden", "output"):
-        torch.testing.assert_close(getattr(terms, term), getattr(expected_terms, term), rtol=1e-6, atol=1e-7)
-    scale = max(float(g.abs().max()) for g in expected_grads if g is not None)
-    for got, expected in zip(grads, expected_grads, strict=True):
-        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4 * scale)
+    """With attention dropout on (and no other dropout), --compile-student runs the maps' softmax and dropout as
+    torch's own kernels (fastmini.ops.softmax_dropout, not inductor's fused one), so it draws the eager step's
+    masks from the same generator: the same terms, and gradients to inductor's summation order. Through
+    inductor's own dropout the total was 1.1% off."""
+    setup = compile_setup(tiny_pair, tiny_config, randomize, attention_dropout=0.3)
+    assert_compiled_like_eager(*setup, masked_batch(7), terms_rtol=1e-6)
