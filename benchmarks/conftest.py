@@ -251,6 +251,31 @@ def kernel_profile(step: Callable, activity: str = "cuda", top: int = 12) -> dic
     }
 
 
+def range_times(step: Callable, names: tuple[str, ...], activity: str = "cuda") -> dict[str, float]:
+    """The device time (ms; on the CPU its time) of the kernels each ``torch.profiler.record_function`` range
+    named in ``names`` launched in one run of ``step``, its nested ops' included (FunctionEvent's
+    device_time_total), and under "all" that of every kernel (on the CPU: every outermost op): where a step's
+    GPU time goes, phase by phase. Ops that another thread runs (autograd's backward on a GPU) are not inside a
+    range opened in this one."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if activity == "cuda" else [])]
+    with profile(activities=activities) as profiler:
+        step()
+        if activity == "cuda":
+            torch.cuda.synchronize()
+    totals = dict.fromkeys((*names, "all"), 0.0)
+    for event in profiler.events():
+        on_host = event.device_type == torch.autograd.DeviceType.CPU
+        if on_host and event.name in names:
+            totals[event.name] += event.device_time_total if activity == "cuda" else event.cpu_time_total
+        if activity == "cuda" and not on_host and not getattr(event, "is_user_annotation", False):
+            totals["all"] += event.device_time_total  # a kernel, copy or memset (a range's GPU span is not)
+        elif activity != "cuda" and event.cpu_parent is None:
+            totals["all"] += event.cpu_time_total
+    return {name: round(us / 1e3, 3) for name, us in totals.items()}
+
+
 KERNEL_NAME_CHARACTERS = 160  # a templated kernel's name runs to thousands; its start says what it does
 
 
@@ -322,6 +347,13 @@ def record_host_syncs():
 def record_kernel_profile():
     """record_kernel_profile(benchmark, name, step): extra_info["profile_<name>"] = kernel_profile(step) (CUDA)."""
     return _recorder("profile", kernel_profile)
+
+
+@pytest.fixture
+def record_phase_times():
+    """record_phase_times(benchmark, name, measure): extra_info["phase_ms_<name>"] = measure(range_times), a
+    failure recorded instead (see range_times)."""
+    return _recorder("phase_ms", lambda measure: measure(range_times))
 
 
 @pytest.fixture(scope="session")

@@ -16,12 +16,15 @@ teacher replayed from CUDA graphs, ``--graph-teacher``, and the student's attent
 (one recursion recomputed at a time in backward): what it costs in time, and on CUDA what it saves in peak
 memory. On CUDA also: "fastmini-low-precision" adds ``--low-precision-norms`` (the residual LayerNorms' outputs
 in bf16), "fastmini-eager-teacher" runs the teacher eagerly (``--no-graph-teacher``) and "fastmini-switches-off"
-does that with fp32 maps too (``--no-low-precision-maps``, the defaults before session 13's measurements);
+does that with fp32 maps too (``--no-low-precision-maps``, the defaults before session 13's measurements),
+"fastmini-padded-student" runs the student on the padded batch (``set_unpadding(False)``: ~9% padding here, no
+packing copies, every op on the padded layout the attention maps have anyway);
 test_distillation_step_compiled times fastmini with ``--compile-student`` (the student side through
 torch.compile) against it, in a test of its own (its compile takes a minute or more of the GPU run's budget).
 Inputs are 15% masked. On CUDA the results also hold each step's top kernels, its host waits (with the line
 that causes each) and its phases: the teacher's forward alone, and the host's time to issue a step against the
-step's (``Steps.phases``).
+step's (``Steps.phases``); on both, the time of fastmini's kernels (the CPU's: its time) in the teacher's forward,
+the student's, the losses and the backward (``phase_ms_*``, ``Steps.phase_times``).
 
 Baseline ("original"): the original recipe's step (nlpie-research/MiniALBERT
 general_distillation.py) rebuilt on transformers 5: fastmini.baselines.original's MiniALBERT
@@ -41,6 +44,7 @@ import contextlib
 import copy
 import statistics
 import time
+import unittest.mock
 from dataclasses import dataclass
 
 import pytest
@@ -50,6 +54,7 @@ from torch import nn
 
 from fastmini import FastMiniConfig, FastMiniForMaskedLM
 from fastmini.baselines.original import OriginalMiniAlbertForMaskedLM, original_config_like
+from fastmini.distill import distiller as distiller_module
 from fastmini.distill.distiller import Batch, Distiller, StudentSide, compiled_student_side, teacher_forward
 from fastmini.distill.losses import LossWeights
 from fastmini.distill.models import Teacher
@@ -199,6 +204,20 @@ def peak_memory(step, setup: Setup, models: tuple[nn.Module, ...]) -> int | None
     return torch.cuda.max_memory_allocated() - before + resident_bytes(*models)
 
 
+def in_range(name: str, function):
+    """``function`` called inside a ``torch.profiler.record_function(name)`` range."""
+
+    def ranged_call(*arguments, **keywords):
+        with torch.profiler.record_function(name):
+            return function(*arguments, **keywords)
+
+    return ranged_call
+
+
+def ranged(owner, attribute: str, name: str) -> None:
+    setattr(owner, attribute, in_range(name, getattr(owner, attribute)))
+
+
 @dataclass
 class Steps:
     """The contenders' steps over one setup's pair and batch (each a callable that runs one step and, unless told
@@ -215,16 +234,20 @@ class Steps:
         )
         self.autocast_dtype = autocast_of(self.setup)
 
-    def of(self, model, synchronise: bool = True, compiled: bool = False, graph_teacher: bool | None = None):
+    def distiller(self, model, compiled: bool = False, graph_teacher: bool | None = None) -> Distiller:
         """``graph_teacher`` None: the trainer's default."""
         if graph_teacher is None:
             graph_teacher = graph_teacher_by_default(torch.device(self.setup.device), self.teacher)
         side = StudentSide(model, None)
         side = compiled_student_side(side) if compiled else side
-        distiller = Distiller(
+        return Distiller(
             side, self.teacher, self.setup.layers, LossWeights(), 1.0, self.autocast_dtype,
             graph_teacher="cuda" if graph_teacher else None,
         )  # fmt: skip
+
+    def of(self, model, synchronise: bool = True, compiled: bool = False, graph_teacher: bool | None = None):
+        """One step of a Distiller of ``model`` (the step's ``distiller`` attribute)."""
+        distiller = self.distiller(model, compiled, graph_teacher)
 
         def step():
             distiller(self.batch).total.backward()
@@ -232,6 +255,7 @@ class Steps:
             if synchronise:
                 _synchronise(self.setup)
 
+        step.distiller, step.model = distiller, model
         return step
 
     def phases(self, unsynchronised_step, rounds: int = 10) -> dict[str, float]:
@@ -259,6 +283,36 @@ class Steps:
             name: round(statistics.median(values[1:]) * 1e3, 2)
             for name, values in (("host_issue", issue), ("step", whole), ("teacher_forward", teacher_alone))
         }
+
+    def phase_times(self, range_times, step) -> dict[str, float]:
+        """GPU time (CPU: time) of one of ``of``'s ``step``, phase by phase (``range_times``: the fixture's
+        function): the teacher's forward, the student's, the losses (the rest of the forward) and the backward
+        (the rest of the step). Its distiller's teacher and student are wrapped in named ranges for good."""
+        distiller, model = step.distiller, step.model
+        teacher_name = "graphed_teacher" if distiller.graphed_teacher is not None else None
+        ranged(distiller, "student_side", "student forward")
+        if teacher_name:
+            ranged(distiller, teacher_name, "teacher forward")
+        teacher_forward_of = distiller_module.teacher_forward
+
+        def ranged_step():
+            with contextlib.ExitStack() as stack:
+                if not teacher_name:  # the distiller calls the module's function
+                    stack.enter_context(
+                        unittest.mock.patch.object(distiller_module, "teacher_forward",
+                                                   in_range("teacher forward", teacher_forward_of))
+                    )  # fmt: skip
+                with torch.profiler.record_function("forward"):
+                    terms = distiller(self.batch)
+            terms.total.backward()
+            model.zero_grad(set_to_none=True)
+
+        ranged_step()  # a compiled student compiles, a graphed teacher records: outside the profile
+        times = range_times(ranged_step, ("teacher forward", "student forward", "forward"), self.setup.device)
+        forward = times.pop("forward")
+        times["losses"] = round(forward - times["teacher forward"] - times["student forward"], 3)
+        times["backward"] = round(times.pop("all") - forward, 3)
+        return times
 
     def original_body(self):
         teacher_model, _, original = self.pair
@@ -309,7 +363,15 @@ class Steps:
 
 @pytest.mark.filterwarnings("ignore:reduction. .mean. divides:UserWarning")
 def test_distillation_step(
-    benchmark, compare, describe_device, record_kernel_profile, record_host_syncs, setup, pair, batch
+    benchmark,
+    compare,
+    describe_device,
+    record_kernel_profile,
+    record_host_syncs,
+    record_phase_times,
+    setup,
+    pair,
+    batch,
 ):
     _, student, original = pair
     steps = Steps(setup, pair, batch)
@@ -323,17 +385,20 @@ def test_distillation_step(
     if setup.device == "cuda":  # the trainer's two default switches off one at a time, and the norms switch on
         low_precision = copy.deepcopy(student).set_low_precision_norms()
         fp32_maps = copy.deepcopy(student).set_low_precision_maps(False)
+        padded = copy.deepcopy(student).set_unpadding(False)
+        contenders["fastmini-padded-student"] = step_of(padded)
         contenders["fastmini-low-precision"] = step_of(low_precision)
         contenders["fastmini-eager-teacher"] = step_of(student, graph_teacher=False)
         contenders["fastmini-switches-off"] = step_of(fp32_maps, graph_teacher=False)
         models.update({"fastmini-low-precision": low_precision, "fastmini-eager-teacher": student,
-                       "fastmini-switches-off": fp32_maps})  # fmt: skip
+                       "fastmini-switches-off": fp32_maps, "fastmini-padded-student": padded})  # fmt: skip
     medians = steps.measure(
         benchmark, compare, describe_device, contenders, models, "fastmini",
         backend="fastmini: Distiller with the trainer's defaults (on CUDA --graph-teacher and --low-precision-maps; "
         "-checkpointed: --gradient-checkpointing, one recursion at a time; -low-precision: --low-precision-norms "
         "too, the residual stream in bf16; -eager-teacher: --no-graph-teacher; -switches-off: "
-        "--no-graph-teacher --no-low-precision-maps); original: transformers modules, eager attention, full logits",
+        "--no-graph-teacher --no-low-precision-maps; -padded-student: the student on the padded batch, "
+        "set_unpadding(False)); original: transformers modules, eager attention, full logits",
     )  # fmt: skip
     benchmark.extra_info["speedup"] = round(medians["original"] / medians["fastmini"], 2)
     if setup.device == "cuda":  # is the step GPU-bound? kernel time against the median, and the top kernels
@@ -343,10 +408,13 @@ def test_distillation_step(
         record_host_syncs(benchmark, "original", original_body)
         record_host_syncs(benchmark, "fastmini", step_of(student, synchronise=False))
         benchmark.extra_info["phases_fastmini_ms"] = steps.phases(step_of(student, synchronise=False))
+    record_phase_times(benchmark, "fastmini", lambda range_times: steps.phase_times(range_times, fastmini_step))
 
 
 @pytest.mark.filterwarnings("ignore:reduction. .mean. divides:UserWarning")
-def test_distillation_step_compiled(benchmark, compare, describe_device, record_kernel_profile, setup, pair, batch):
+def test_distillation_step_compiled(
+    benchmark, compare, describe_device, record_kernel_profile, record_phase_times, setup, pair, batch
+):
     """``--compile-student`` against the eager step, in a test of its own: its compile (a minute or more) must
     cost the GPU run's budget only this comparison, not the step's main figures above. CUDA only."""
     if setup.device != "cuda":
@@ -367,3 +435,5 @@ def test_distillation_step_compiled(benchmark, compare, describe_device, record_
         "original: transformers modules, eager attention, full logits",
     )  # fmt: skip
     record_kernel_profile(benchmark, "fastmini-compiled", contenders["fastmini-compiled"])
+    step = contenders["fastmini-compiled"]
+    record_phase_times(benchmark, "fastmini-compiled", lambda range_times: steps.phase_times(range_times, step))

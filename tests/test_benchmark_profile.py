@@ -34,6 +34,22 @@ def test_kernel_profile_sums_the_time_and_names_the_largest_first():
     assert times == sorted(times, reverse=True) and sum(times) <= profile["kernel_ms"] + 1e-3
 
 
+def test_range_times_give_each_named_range_the_time_of_what_ran_inside_it():
+    conftest = load_benchmark_conftest()
+    a = torch.randn(384, 384)
+
+    def step():
+        with torch.profiler.record_function("outer"):
+            with torch.profiler.record_function("inner"):
+                for _ in range(4):
+                    a @ a
+            a @ a
+        torch.relu(a)
+
+    times = conftest.range_times(step, ("outer", "inner", "absent"), activity="cpu")
+    assert 0 < times["inner"] < times["outer"] < times["all"] and times["absent"] == 0.0
+
+
 def test_long_kernel_names_are_shortened_to_their_start():
     conftest = load_benchmark_conftest()
     templated = "void at::native::elementwise_kernel<128, 4, " + "x" * 3000 + ">"
