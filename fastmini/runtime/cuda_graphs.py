@@ -176,6 +176,10 @@ class GraphedEncoder:
 
     def _fill(self, entry: _Bucket, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         batch_size, sequence_length = input_ids.shape
+        if entry.input_ids.shape == input_ids.shape:  # the whole bucket: two copies, no clearing first
+            entry.input_ids.copy_(input_ids)
+            entry.attention_mask.copy_(attention_mask)
+            return
         entry.input_ids.zero_()
         entry.input_ids[:batch_size, :sequence_length].copy_(input_ids)
         entry.attention_mask.zero_()
