@@ -15,3 +15,11 @@ def autocast_dtype_for(tensor: torch.Tensor) -> torch.dtype:
     if tensor.dtype in _AUTOCAST_ELIGIBLE and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return tensor.dtype
+
+
+def autocast_softmax_dtype(scores: torch.Tensor) -> torch.dtype:
+    """What ``scores.softmax(-1)`` returns by itself: CUDA's autocast computes softmax in fp32 and returns it
+    so; the CPU's leaves it in the input's dtype (checked on torch 2.13), as does no autocast."""
+    if scores.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        return torch.float32
+    return scores.dtype

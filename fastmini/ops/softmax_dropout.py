@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastmini.ops.autocasting import autocast_softmax_dtype
+
 
 def softmax_dropout_ref(
     scores: torch.Tensor, dropout_p: float, dtype: torch.dtype | None = None
@@ -70,19 +72,11 @@ def _backward(ctx, grad_probabilities, grad_dropped, _grad_keep):
 torch.library.register_autograd("fastmini::softmax_dropout", _backward, setup_context=_setup_context)
 
 
-def _softmax_dtype(scores: torch.Tensor) -> torch.dtype:
-    """What ``scores.softmax(-1)`` returns by itself: CUDA's autocast computes softmax in fp32 and returns it
-    so; the CPU's leaves it in the input's dtype (checked on torch 2.13)."""
-    if scores.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
-        return torch.float32
-    return scores.dtype
-
-
 def softmax_dropout(
     scores: torch.Tensor, dropout_p: float, dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``softmax_dropout_ref``; through ``fastmini::softmax_dropout`` while dynamo traces with dropout on."""
     if dropout_p <= 0.0 or not torch.compiler.is_compiling():
         return softmax_dropout_ref(scores, dropout_p, dtype)
-    probabilities, dropped, _keep = _softmax_dropout_op(scores, dropout_p, dtype or _softmax_dtype(scores))
+    probabilities, dropped, _keep = _softmax_dropout_op(scores, dropout_p, dtype or autocast_softmax_dtype(scores))
     return probabilities, dropped
