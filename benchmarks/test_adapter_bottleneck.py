@@ -14,7 +14,9 @@ minimum reads every input once and writes every output once:
                     h: R fp32 a row); then read dy, x, those saved values and the parameters; write dx
                     and the parameter gradients
 The fused backward itself reads x and dy twice (a row kernel, then a column kernel), so it moves about
-5/3 of this minimum: the ratio of achieved to copy bandwidth shows what is left.
+5/3 of this minimum: the ratio of achieved to copy bandwidth shows what is left. Forward+backward also times
+the backward's other design(s) beside the default ("triton-gemm-backward": one row kernel writing dx and dz,
+the weight gradients as two GEMMs; about 2x the minimum).
 """
 
 from __future__ import annotations
@@ -95,6 +97,21 @@ def make_step(implementation, mode: str, tensors, grad_output):
     return forward_backward
 
 
+def with_backward_path(path: str, step):
+    """``step`` with the op's backward taking ``path`` (one of BACKWARD_PATHS) instead of the default."""
+    from fastmini.kernels import adapter_bottleneck as kernels
+
+    def run():
+        default = kernels.BACKWARD_PATH
+        kernels.BACKWARD_PATH = path
+        try:
+            return step()
+        finally:
+            kernels.BACKWARD_PATH = default
+
+    return run
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("rows", ROWS)
@@ -109,6 +126,12 @@ def test_adapter_bottleneck(benchmark, compare, describe_device, sync, record_ba
         "triton": make_step(triton_implementation, mode, tensors, grad_output),
         "torch": make_step(adapter_bottleneck_ref, mode, tensors, grad_output),
     }
+    if mode != "forward":  # each backward design (kernels/adapter_bottleneck.py, BACKWARD_PATHS) in the same run
+        from fastmini.kernels.adapter_bottleneck import BACKWARD_PATH, BACKWARD_PATHS
+
+        for path in BACKWARD_PATHS:
+            if path != BACKWARD_PATH:
+                steps[f"triton-{path}-backward"] = with_backward_path(path, steps["triton"])
     contenders = {name: sync(step, device) for name, step in steps.items()}
     rounds = 200 if rows <= 1024 else 50
     benchmark.pedantic(contenders["triton"], rounds=rounds, warmup_rounds=5)

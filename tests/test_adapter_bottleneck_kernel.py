@@ -52,6 +52,17 @@ def make_inputs(shape, bottleneck, dtype=torch.float32, parameter_dtype=None, se
     return [x, *parameters], grad_output.to(DEVICE)
 
 
+@pytest.fixture(params=["columns", "gemm"])
+def backward_path(request, monkeypatch):
+    """Runs a test through each backward design (fastmini.kernels.adapter_bottleneck.BACKWARD_PATHS) as the op's
+    default: what the op computes must not depend on which one a GPU sweep makes the default."""
+    from fastmini.kernels import adapter_bottleneck as kernels
+
+    assert request.param in kernels.BACKWARD_PATHS
+    monkeypatch.setattr(kernels, "BACKWARD_PATH", request.param)
+    return request.param
+
+
 def triton_adapter(*tensors):
     return adapter_bottleneck(*tensors, EPS, backend="triton")
 
@@ -101,6 +112,7 @@ def assert_within_twice_torch_error(kernel, torch_own, truth, atol=1e-3):
 # ---------------------------------------------------------------- fp32 and fp64: the reference exactly
 
 
+@pytest.mark.usefixtures("backward_path")
 @pytest.mark.parametrize("hidden, bottleneck", SHAPES, ids=[f"H{h}-R{r}" for h, r in SHAPES])
 @pytest.mark.parametrize("rows", ROW_COUNTS)
 def test_fp32_matches_reference_with_every_gradient(rows, hidden, bottleneck):
@@ -112,6 +124,7 @@ def test_fp32_matches_reference_with_every_gradient(rows, hidden, bottleneck):
     assert_matches((y, grads), (expected_y, expected_grads), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.usefixtures("backward_path")
 def test_leading_dimensions_are_flattened_into_rows():
     tensors, grad_output = make_inputs((2, 3, 5, 36), 9)
     y, grads = forward_and_grads(triton_adapter, tensors, grad_output)
@@ -119,6 +132,7 @@ def test_leading_dimensions_are_flattened_into_rows():
     assert_matches((y, grads), forward_and_grads(reference_adapter, tensors, grad_output), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.usefixtures("backward_path")
 def test_non_contiguous_inputs_and_gradients():
     tensors, grad_output = make_inputs((7, 36), 9)
 
@@ -195,6 +209,7 @@ def test_every_tile_candidate_of_the_gpu_sweep_gives_the_same_result(direction, 
         assert_matches((y, grads), exact(tensors, grad_output), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.usefixtures("backward_path")
 def test_zero_rows():
     tensors, grad_output = make_inputs((0, 36), 9)
     y, grads = forward_and_grads(triton_adapter, tensors, grad_output)
@@ -203,12 +218,14 @@ def test_zero_rows():
         assert grad.shape == parameter.shape and torch.all(grad == 0)
 
 
+@pytest.mark.usefixtures("backward_path")
 def test_gradcheck_float64():
     tensors, _ = make_inputs((3, 20), 5, dtype=torch.float64)
     # fast_mode checks random projections of the Jacobian: the full one is ~600 interpreted launches.
     assert torch.autograd.gradcheck(triton_adapter, tensors, eps=1e-6, atol=1e-7, fast_mode=True)
 
 
+@pytest.mark.usefixtures("backward_path")
 def test_float64_is_float64_accurate_across_several_column_chunks():
     """H=312 spans several BLOCK_K chunks, whose LayerNorm statistics are merged: fp64 inputs must stay
     at fp64 accuracy there too (gradcheck above runs a single chunk)."""
@@ -220,6 +237,7 @@ def test_float64_is_float64_accurate_across_several_column_chunks():
 # ---------------------------------------------------------------- low precision and autocast
 
 
+@pytest.mark.usefixtures("backward_path")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_low_precision_against_the_fp64_reference(dtype):
     tensors, grad_output = make_inputs((130, 768), 48, dtype=dtype)
@@ -229,6 +247,7 @@ def test_low_precision_against_the_fp64_reference(dtype):
     assert_matches((y, grads), exact(tensors, grad_output), atol=atol, rtol=rtol)
 
 
+@pytest.mark.usefixtures("backward_path")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_low_precision_error_within_twice_torch_own(dtype):
     tensors, grad_output = make_inputs((130, 312), 19, dtype=dtype)
@@ -239,6 +258,7 @@ def test_low_precision_error_within_twice_torch_own(dtype):
     )
 
 
+@pytest.mark.usefixtures("backward_path")
 def test_autocast_bf16_activation_with_fp32_weights():
     """Under autocast the activation arrives in bf16 while the parameters stay fp32: y comes back in bf16 and
     each gradient in its own input's dtype."""
@@ -451,3 +471,12 @@ def test_few_rows_take_whole_rows_in_one_chunk(monkeypatch):
     assert forward_tiles(1024, overrides={"BLOCK_K": 64}) == (16, 64)
     assert forward_tiles(1024, overrides={"BLOCK_M": 64}) == (64, 128)
     assert forward_tiles(1024, device="cpu") == (64, 128)  # the interpreter: the table as written
+
+
+def test_an_unknown_backward_path_is_named():
+    from fastmini.kernels.adapter_bottleneck import adapter_bottleneck_backward, adapter_bottleneck_forward
+
+    tensors, grad_output = make_inputs((3, 36), 9, requires_grad=False)
+    _y, mean, rstd, h = adapter_bottleneck_forward(*tensors, EPS, True)
+    with pytest.raises(ValueError, match="path must be one of .*'columns'.*'gemm'.*got 'rows'"):
+        adapter_bottleneck_backward(grad_output.float(), *tensors, h, mean, rstd, path="rows")

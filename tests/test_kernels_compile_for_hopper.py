@@ -209,7 +209,10 @@ def _gpu_only_sweep(patch):
             _y, mean, rstd, h = adapter_kernels.adapter_bottleneck_forward(
                 x.detach(), *parameters, 1e-12, True, tiles={"BLOCK_M": block_m} if block_m else None
             )
-        adapter_kernels.adapter_bottleneck_backward(torch.ones_like(x), x.detach(), *parameters, h, mean, rstd)
+        for path in adapter_kernels.BACKWARD_PATHS:
+            adapter_kernels.adapter_bottleneck_backward(
+                torch.ones_like(x), x.detach(), *parameters, h, mean, rstd, path=path
+            )
         if dtype == torch.bfloat16:  # the GPU tile sweep's candidates (benchmarks/test_adapter_bottleneck.py)
             for tiles in adapter_kernels.FORWARD_TILE_CANDIDATES.values():
                 adapter_kernels.adapter_bottleneck_forward(x.detach(), *parameters, 1e-12, False, tiles=tiles)
@@ -263,6 +266,7 @@ def test_launch_choices_only_a_gpu_makes_compile_for_sm90(monkeypatch, tmp_path)
     assert any(c.get("INPUT_PRECISION") == "tf32x3" for c in constexprs)
     assert any(c.get("UPCAST_DOT_OPERANDS") is False for c in constexprs)
     assert {16, 32} <= {c.get("BLOCK_M") for c in constexprs}
+    assert "_backward_gemm_rows_kernel" in {spec["name"] for spec in specs}
     _compile_for_sm90(specs, tmp_path)
 
 
