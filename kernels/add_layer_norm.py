@@ -26,7 +26,7 @@ Backward, for one row, with g_i = dy_i * w_i:
     dw_i        = sum_rows dy_i * xhat_i,    db_i = sum_rows dy_i
 
 The dropout mask is never stored: forward and backward call the same ``_dropout_keep`` on the
-same (seed, row * H + column), so backward regenerates it bit for bit. dw and db are summed
+same (seed, row, column), so backward regenerates it bit for bit (Philox, four elements a call). dw and db are summed
 per program in compute-dtype registers over a contiguous slab of rows, written as
 (programs, H) partials, and reduced by one torch sum on the host side.
 
@@ -69,9 +69,17 @@ BACKWARD_CANDIDATES = {
 
 
 @triton.jit
-def _dropout_keep(seed, offsets, dropout_p):
-    """True where an element survives dropout; a pure function of (seed, element offset)."""
-    return tl.rand(seed, offsets) > dropout_p
+def _dropout_keep(seed, rows, hidden, dropout_p, BLOCK_H: tl.constexpr):
+    """(rows, BLOCK_H): True where element (row, column) survives dropout; a pure function of (seed, row, column).
+    One Philox call gives four uniforms: element (r, c) takes lane c % 4 of counter r * ceil(H / 4) + c // 4.
+    (tl.rand per element ran Philox's ten rounds for each one: on an H200 the dropout variant's forward+backward
+    took 188 us against 93 us without dropout, 16384 x 768 bf16.)"""
+    quads = tl.arange(0, BLOCK_H // 4)
+    counters = rows.to(tl.int64)[:, None] * tl.cdiv(hidden, 4) + quads[None, :]
+    lane0, lane1, lane2, lane3 = tl.rand4x(seed, counters)
+    # interleave(a, b) = a0 b0 a1 b1 ...: so this is lane0 lane1 lane2 lane3 of quad 0, then of quad 1, ...
+    uniform = tl.interleave(tl.interleave(lane0, lane2), tl.interleave(lane1, lane3))
+    return uniform > dropout_p
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -100,12 +108,12 @@ def _add_layer_norm_forward_kernel(
     row_in = rows < n_rows
     column_in = columns < hidden
     inside = row_in[:, None] & column_in[None, :]
-    # int64 so that rows * H never wraps on large activations (the Philox offset keeps both halves)
+    # int64 so that rows * H never wraps on large activations
     offsets = rows.to(tl.int64)[:, None] * hidden + columns[None, :]
 
     x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(compute)
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, offsets, dropout_p)
+        keep = _dropout_keep(seed, rows, hidden, dropout_p, BLOCK_H)
         x = tl.where(keep, x * (1.0 / (1.0 - dropout_p)), 0.0)
     total = tl.load(residual_ptr + offsets, mask=inside, other=0.0).to(compute) + x
     # Normalise s as backward will see it (rounded to the output dtype), as the torch composition does.
@@ -176,7 +184,7 @@ def _add_layer_norm_backward_kernel(
         grad_sum = (scaled_grad - mean_scaled_grad[:, None] - normalized * mean_projection[:, None]) * rstd[:, None]
         tl.store(grad_sum_ptr + offsets, cast_output(grad_sum, grad_sum_ptr.dtype.element_ty), mask=inside)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, offsets, dropout_p)
+            keep = _dropout_keep(seed, rows, hidden, dropout_p, BLOCK_H)
             grad_x = tl.where(keep, grad_sum * (1.0 / (1.0 - dropout_p)), 0.0)
             tl.store(grad_x_ptr + offsets, cast_output(grad_x, grad_x_ptr.dtype.element_ty), mask=inside)
 
@@ -202,7 +210,7 @@ def _dropout_keep_mask_kernel(
     columns = tl.arange(0, BLOCK_H)
     inside = (rows < n_rows)[:, None] & (columns < hidden)[None, :]
     offsets = rows.to(tl.int64)[:, None] * hidden + columns[None, :]
-    keep = _dropout_keep(seed, offsets, dropout_p)
+    keep = _dropout_keep(seed, rows, hidden, dropout_p, BLOCK_H)
     tl.store(keep_ptr + offsets, keep.to(tl.uint8), mask=inside)
 
 
@@ -217,7 +225,7 @@ def _tile(hidden: int, tile_elements: int) -> tuple[int, int, int]:
         raise ValueError(
             f"add_layer_norm: the Triton kernels keep a whole row on chip and support H <= {MAX_HIDDEN}, got H={hidden}"
         )
-    block_h = triton.next_power_of_2(hidden)
+    block_h = max(16, triton.next_power_of_2(hidden))  # >= 16: _dropout_keep draws 4 columns a Philox call
     block_rows = max(1, tile_elements // block_h)
     num_warps = min(16, max(1, block_rows * block_h // (32 * _ELEMENTS_PER_THREAD)))
     return block_rows, block_h, num_warps

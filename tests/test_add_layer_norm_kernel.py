@@ -8,6 +8,7 @@ so shapes stay small; the GPU-only tests at the end add the real sizes.
 from __future__ import annotations
 
 import importlib
+import itertools
 
 import pytest
 import torch
@@ -269,6 +270,15 @@ def test_kept_fraction_is_one_minus_p_and_the_mask_has_no_row_or_column_pattern(
     assert (keep.mean(0) - (1 - dropout_p)).abs().max() < 0.15  # every column, 256 draws each
     assert not torch.equal(keep[0], keep[1])
     assert not torch.equal(keep, keep_mask(8, rows, hidden, dropout_p).float())
+    # Independent neighbours: each Philox call serves four adjacent columns (one lane each), and a row of an
+    # H that is no multiple of 4 must not share a call with the next row. Two independent draws agree with
+    # probability p^2 + (1 - p)^2 (standard deviation of these rates < 0.002).
+    independent = dropout_p**2 + (1 - dropout_p) ** 2
+    for first, second in itertools.combinations(range(5), 2):  # every pair of lanes, and lane 0 of the next call
+        same = (keep[:, first : hidden - 4 : 4] == keep[:, second : hidden - 4 + second - first : 4]).float()
+        assert abs(same.mean().item() - independent) < 0.01, (first, second)
+    odd = keep_mask(7, 4096, 37, dropout_p).float()
+    assert abs((odd[:-1, -1] == odd[1:, 0]).float().mean().item() - independent) < 0.03
 
 
 def test_public_function_draws_its_seed_from_torch_default_generator():
