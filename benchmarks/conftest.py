@@ -357,6 +357,26 @@ def record_phase_times():
 
 
 @pytest.fixture(scope="session")
+def with_setting():
+    """with_setting(module, name, value, step): ``step`` run with ``module.name`` set to ``value`` (restored after
+    each call): a contender for a kernel module's design switch (e.g. kernels/adapter_bottleneck.py's
+    BACKWARD_PATH) timed beside its default."""
+
+    def _with_setting(module, name: str, value, step: Callable) -> Callable:
+        def run():
+            default = getattr(module, name)
+            setattr(module, name, value)
+            try:
+                return step()
+            finally:
+                setattr(module, name, default)
+
+        return run
+
+    return _with_setting
+
+
+@pytest.fixture(scope="session")
 def describe_device():
     return device_name
 

@@ -97,25 +97,12 @@ def make_step(implementation, mode: str, tensors, grad_output):
     return forward_backward
 
 
-def with_backward_path(path: str, step):
-    """``step`` with the op's backward taking ``path`` (one of BACKWARD_PATHS) instead of the default."""
-    from fastmini.kernels import adapter_bottleneck as kernels
-
-    def run():
-        default = kernels.BACKWARD_PATH
-        kernels.BACKWARD_PATH = path
-        try:
-            return step()
-        finally:
-            kernels.BACKWARD_PATH = default
-
-    return run
-
-
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("rows", ROWS)
-def test_adapter_bottleneck(benchmark, compare, describe_device, sync, record_bandwidth, rows, dtype_name, mode):
+def test_adapter_bottleneck(
+    benchmark, compare, describe_device, sync, record_bandwidth, with_setting, rows, dtype_name, mode
+):
     device = torch.device("cuda")
     tensors, grad_output = make_inputs(rows, DTYPES[dtype_name], device, requires_grad=mode != "forward")
 
@@ -127,11 +114,11 @@ def test_adapter_bottleneck(benchmark, compare, describe_device, sync, record_ba
         "torch": make_step(adapter_bottleneck_ref, mode, tensors, grad_output),
     }
     if mode != "forward":  # each backward design (kernels/adapter_bottleneck.py, BACKWARD_PATHS) in the same run
-        from fastmini.kernels.adapter_bottleneck import BACKWARD_PATH, BACKWARD_PATHS
+        from fastmini.kernels import adapter_bottleneck as kernels
 
-        for path in BACKWARD_PATHS:
-            if path != BACKWARD_PATH:
-                steps[f"triton-{path}-backward"] = with_backward_path(path, steps["triton"])
+        for path in kernels.BACKWARD_PATHS:
+            if path != kernels.BACKWARD_PATH:
+                steps[f"triton-{path}-backward"] = with_setting(kernels, "BACKWARD_PATH", path, steps["triton"])
     contenders = {name: sync(step, device) for name, step in steps.items()}
     rounds = 200 if rows <= 1024 else 50
     benchmark.pedantic(contenders["triton"], rounds=rounds, warmup_rounds=5)

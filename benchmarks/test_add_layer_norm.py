@@ -65,7 +65,9 @@ def make_step(implementation, mode: str, dropout_p: float, tensors, grad_out):
 @pytest.mark.parametrize("mode, dropout_p", CASES, ids=[f"{mode}-p{p}" for mode, p in CASES])
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("rows", ROWS)
-def test_add_layer_norm(benchmark, compare, describe_device, sync, record_bandwidth, rows, dtype_name, mode, dropout_p):
+def test_add_layer_norm(
+    benchmark, compare, describe_device, sync, record_bandwidth, with_setting, rows, dtype_name, mode, dropout_p
+):
     device = torch.device("cuda")
     dtype = DTYPES[dtype_name]
     generator = torch.Generator(device=device).manual_seed(0)
@@ -85,6 +87,12 @@ def test_add_layer_norm(benchmark, compare, describe_device, sync, record_bandwi
         "triton": make_step(triton_implementation, mode, dropout_p, tensors, grad_out),
         "torch": make_step(add_layer_norm_ref, mode, dropout_p, tensors, grad_out),
     }
+    if dropout_p > 0.0:  # each dropout RNG scheme (kernels/add_layer_norm.py, DROPOUT_RNG_SCHEMES) in the same run
+        from fastmini.kernels import add_layer_norm as kernels
+
+        for scheme in kernels.DROPOUT_RNG_SCHEMES:
+            if scheme != kernels.DROPOUT_RNG:
+                steps[f"triton-{scheme}"] = with_setting(kernels, "DROPOUT_RNG", scheme, steps["triton"])
     contenders = {name: sync(step, device) for name, step in steps.items()}
     rounds = 200 if rows <= 1024 else 50
     benchmark.pedantic(contenders["triton"], rounds=rounds, warmup_rounds=5)

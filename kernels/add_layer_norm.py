@@ -26,7 +26,7 @@ Backward, for one row, with g_i = dy_i * w_i:
     dw_i        = sum_rows dy_i * xhat_i,    db_i = sum_rows dy_i
 
 The dropout mask is never stored: forward and backward call the same ``_dropout_keep`` on the
-same (seed, row, column), so backward regenerates it bit for bit (Philox, four elements a call). dw and db are summed
+same (seed, row, column), so backward regenerates it bit for bit (Philox; DROPOUT_RNG says how). dw and db are summed
 per program in compute-dtype registers over a contiguous slab of rows, written as
 (programs, H) partials, and reduced by one torch sum on the host side.
 
@@ -51,6 +51,15 @@ MAX_HIDDEN = 16384
 _FORWARD_TILE_ELEMENTS = 4096
 _BACKWARD_TILE_ELEMENTS = 2048
 _ELEMENTS_PER_THREAD = 16
+# How dropout draws its uniforms (_dropout_keep), read at every launch, so forward, backward and
+# dropout_keep_mask agree as long as it is not changed between them. "per-element" (tl.rand: Philox's ten rounds
+# for each element) is what ran on an H200, where the dropout variant's forward+backward took 188 us against
+# 93 us without dropout (16384 x 768 bf16, session 13). "four-per-call" (tl.rand4x: a quarter of the Philox
+# work; compiled for sm_90 its forward has 80 wide/high integer multiplies a thread instead of 280, its backward
+# 92 instead of 288) is tested through the interpreter only: the default once a GPU run passes and times it
+# (benchmarks/test_add_layer_norm.py's "triton-four-per-call" contender).
+DROPOUT_RNG_SCHEMES = ("per-element", "four-per-call")
+DROPOUT_RNG = "per-element"
 # Backward programs per SM: each sums dw and db over its slab of rows into one (H,) partial, so more programs
 # mean more partials to reduce, fewer mean fewer warps in flight to hide the loads' latency.
 _BACKWARD_PROGRAMS_PER_SM = 8
@@ -69,11 +78,13 @@ BACKWARD_CANDIDATES = {
 
 
 @triton.jit
-def _dropout_keep(seed, rows, hidden, dropout_p, BLOCK_H: tl.constexpr):
-    """(rows, BLOCK_H): True where element (row, column) survives dropout; a pure function of (seed, row, column).
-    One Philox call gives four uniforms: element (r, c) takes lane c % 4 of counter r * ceil(H / 4) + c // 4.
-    (tl.rand per element ran Philox's ten rounds for each one: on an H200 the dropout variant's forward+backward
-    took 188 us against 93 us without dropout, 16384 x 768 bf16.)"""
+def _dropout_keep(seed, rows, hidden, dropout_p, BLOCK_H: tl.constexpr, FOUR_PER_CALL: tl.constexpr):
+    """(rows, BLOCK_H): True where element (row, column) survives dropout; a pure function of (seed, row, column)
+    and the scheme (DROPOUT_RNG). "per-element": Philox's ten rounds for every element, counter r * H + c.
+    "four-per-call" (FOUR_PER_CALL): one Philox call gives four uniforms, element (r, c) takes lane c % 4 of
+    counter r * ceil(H / 4) + c // 4."""
+    if not FOUR_PER_CALL:
+        return tl.rand(seed, rows.to(tl.int64)[:, None] * hidden + tl.arange(0, BLOCK_H)[None, :]) > dropout_p
     quads = tl.arange(0, BLOCK_H // 4)
     counters = rows.to(tl.int64)[:, None] * tl.cdiv(hidden, 4) + quads[None, :]
     lane0, lane1, lane2, lane3 = tl.rand4x(seed, counters)
@@ -98,6 +109,7 @@ def _add_layer_norm_forward_kernel(
     dropout_p,
     seed,
     HAS_DROPOUT: tl.constexpr,
+    FOUR_PER_CALL: tl.constexpr,  # the dropout RNG scheme, see _dropout_keep
     STORE_SUM: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -113,7 +125,7 @@ def _add_layer_norm_forward_kernel(
 
     x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(compute)
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, rows, hidden, dropout_p, BLOCK_H)
+        keep = _dropout_keep(seed, rows, hidden, dropout_p, BLOCK_H, FOUR_PER_CALL)
         x = tl.where(keep, x * (1.0 / (1.0 - dropout_p)), 0.0)
     total = tl.load(residual_ptr + offsets, mask=inside, other=0.0).to(compute) + x
     # Normalise s as backward will see it (rounded to the output dtype), as the torch composition does.
@@ -152,6 +164,7 @@ def _add_layer_norm_backward_kernel(
     dropout_p,
     seed,
     HAS_DROPOUT: tl.constexpr,
+    FOUR_PER_CALL: tl.constexpr,  # the dropout RNG scheme, see _dropout_keep
     BLOCK_ROWS: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -184,7 +197,7 @@ def _add_layer_norm_backward_kernel(
         grad_sum = (scaled_grad - mean_scaled_grad[:, None] - normalized * mean_projection[:, None]) * rstd[:, None]
         tl.store(grad_sum_ptr + offsets, cast_output(grad_sum, grad_sum_ptr.dtype.element_ty), mask=inside)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, rows, hidden, dropout_p, BLOCK_H)
+            keep = _dropout_keep(seed, rows, hidden, dropout_p, BLOCK_H, FOUR_PER_CALL)
             grad_x = tl.where(keep, grad_sum * (1.0 / (1.0 - dropout_p)), 0.0)
             tl.store(grad_x_ptr + offsets, cast_output(grad_x, grad_x_ptr.dtype.element_ty), mask=inside)
 
@@ -203,6 +216,7 @@ def _dropout_keep_mask_kernel(
     hidden,
     dropout_p,
     seed,
+    FOUR_PER_CALL: tl.constexpr,  # the dropout RNG scheme, see _dropout_keep
     BLOCK_ROWS: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -210,8 +224,14 @@ def _dropout_keep_mask_kernel(
     columns = tl.arange(0, BLOCK_H)
     inside = (rows < n_rows)[:, None] & (columns < hidden)[None, :]
     offsets = rows.to(tl.int64)[:, None] * hidden + columns[None, :]
-    keep = _dropout_keep(seed, rows, hidden, dropout_p, BLOCK_H)
+    keep = _dropout_keep(seed, rows, hidden, dropout_p, BLOCK_H, FOUR_PER_CALL)
     tl.store(keep_ptr + offsets, keep.to(tl.uint8), mask=inside)
+
+
+def _four_per_call() -> bool:
+    if DROPOUT_RNG not in DROPOUT_RNG_SCHEMES:
+        raise ValueError(f"add_layer_norm: DROPOUT_RNG must be one of {DROPOUT_RNG_SCHEMES}, got {DROPOUT_RNG!r}")
+    return DROPOUT_RNG == "four-per-call"
 
 
 def compute_dtype(out_dtype: torch.dtype) -> torch.dtype:
@@ -278,6 +298,7 @@ def add_layer_norm_forward(
         dropout_p,
         seed,
         HAS_DROPOUT=dropout_p > 0.0,
+        FOUR_PER_CALL=_four_per_call(),
         STORE_SUM=keep_sum,
         BLOCK_ROWS=block_rows,
         BLOCK_H=block_h,
@@ -332,6 +353,7 @@ def add_layer_norm_backward(
         dropout_p,
         seed,
         HAS_DROPOUT=dropout_p > 0.0,
+        FOUR_PER_CALL=_four_per_call(),
         BLOCK_ROWS=block_rows,
         BLOCK_H=block_h,
         num_warps=num_warps,
@@ -346,6 +368,7 @@ def dropout_keep_mask(seed: int, n_rows: int, hidden: int, dropout_p: float, dev
         return keep.bool()
     block_rows, block_h, num_warps = _tile(hidden, _FORWARD_TILE_ELEMENTS)
     _dropout_keep_mask_kernel[(triton.cdiv(n_rows, block_rows),)](
-        keep, n_rows, hidden, dropout_p, seed, BLOCK_ROWS=block_rows, BLOCK_H=block_h, num_warps=num_warps
-    )
+        keep, n_rows, hidden, dropout_p, seed, FOUR_PER_CALL=_four_per_call(), BLOCK_ROWS=block_rows,
+        BLOCK_H=block_h, num_warps=num_warps,
+    )  # fmt: skip
     return keep.bool()

@@ -63,6 +63,16 @@ def seed_tensor(value):
     return torch.tensor(value, dtype=torch.int64)
 
 
+@pytest.fixture(params=["per-element", "four-per-call"])
+def dropout_rng(request, monkeypatch):
+    """Runs a test under each dropout RNG scheme (fastmini.kernels.add_layer_norm.DROPOUT_RNG_SCHEMES)."""
+    from fastmini.kernels import add_layer_norm as kernels
+
+    assert request.param in kernels.DROPOUT_RNG_SCHEMES
+    monkeypatch.setattr(kernels, "DROPOUT_RNG", request.param)
+    return request.param
+
+
 def keep_mask(seed, rows, hidden, dropout_p):
     from fastmini.kernels.add_layer_norm import dropout_keep_mask
 
@@ -202,6 +212,7 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(triton_op(), tensors)
 
 
+@pytest.mark.usefixtures("dropout_rng")
 def test_gradcheck_float64_with_a_fixed_dropout_mask():
     tensors, _ = make_inputs((2, 12), dtype=torch.float64)
     seed = seed_tensor(1234)
@@ -215,6 +226,7 @@ def test_gradcheck_float64_with_a_fixed_dropout_mask():
 # ---------------------------------------------------------------- dropout
 
 
+@pytest.mark.usefixtures("dropout_rng")
 def test_same_seed_same_output_and_gradients_and_other_seeds_differ():
     tensors, grad_out = make_inputs((7, 312))
     runs = []
@@ -227,6 +239,7 @@ def test_same_seed_same_output_and_gradients_and_other_seeds_differ():
     assert not torch.equal(out_a, out_c)
 
 
+@pytest.mark.usefixtures("dropout_rng")
 def test_the_forward_kernel_uses_the_mask_that_dropout_keep_mask_reports():
     """With x = 1 the saved sum is residual + keep / (1 - p): the kernel's own mask, read back."""
     rows, hidden, dropout_p, seed = 7, 312, 0.25, 99
@@ -239,6 +252,7 @@ def test_the_forward_kernel_uses_the_mask_that_dropout_keep_mask_reports():
     torch.testing.assert_close(total - residual, keep / (1 - dropout_p))
 
 
+@pytest.mark.usefixtures("dropout_rng")
 @pytest.mark.parametrize("hidden", [36, 768])
 def test_dropout_output_and_gradients_match_the_reference_with_the_same_mask(hidden):
     rows, dropout_p, seed = 7, 0.3, 2024
@@ -260,6 +274,7 @@ def test_dropout_output_and_gradients_match_the_reference_with_the_same_mask(hid
     assert torch.all(grads[0][~keep] == 0)
 
 
+@pytest.mark.usefixtures("dropout_rng")
 @pytest.mark.parametrize("dropout_p", [0.1, 0.5])
 def test_kept_fraction_is_one_minus_p_and_the_mask_has_no_row_or_column_pattern(dropout_p):
     rows, hidden = 256, 1024
@@ -429,6 +444,7 @@ def test_gpu_sweep_at_real_sizes(rows, hidden, dtype):
         torch.testing.assert_close(grad.float() / scale, expected / scale, atol=max(atol, 1e-5), rtol=rtol)
 
 
+@pytest.mark.usefixtures("dropout_rng")
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_dropout_at_real_size():
@@ -449,6 +465,7 @@ def test_gpu_dropout_at_real_size():
         torch.testing.assert_close(grad / scale, expected / scale, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.usefixtures("dropout_rng")
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize(
@@ -543,3 +560,16 @@ def test_x_and_residual_of_different_dtypes_each_get_a_full_precision_gradient()
     # the sum is fp32 (x's dtype), so the fp32 parameters' gradients are the reference's to fp32 rounding
     for name, grad, reference in zip(("weight", "bias"), grads[2:], expected[2:], strict=True):
         torch.testing.assert_close(grad, reference, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+def test_the_dropout_rng_schemes_draw_different_masks_and_an_unknown_one_is_named(monkeypatch):
+    from fastmini.kernels import add_layer_norm as kernels
+
+    masks = {}
+    for scheme in kernels.DROPOUT_RNG_SCHEMES:
+        monkeypatch.setattr(kernels, "DROPOUT_RNG", scheme)
+        masks[scheme] = keep_mask(7, 16, 64, 0.5)
+    assert not torch.equal(*masks.values())
+    monkeypatch.setattr(kernels, "DROPOUT_RNG", "per-row")
+    with pytest.raises(ValueError, match="DROPOUT_RNG must be one of .*got 'per-row'"):
+        keep_mask(7, 16, 64, 0.5)

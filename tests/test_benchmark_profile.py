@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 CONFTEST = Path(__file__).resolve().parent.parent / "benchmarks" / "conftest.py"
@@ -73,3 +74,22 @@ def test_sync_warnings_name_the_caller_of_each_synchronising_op():
     found = conftest.sync_warnings(step)
     line = step.__code__.co_firstlineno + 2
     assert found == {"count": 2, "where": {f"{Path(__file__).name}:{line}": 2}}
+
+
+def test_with_setting_runs_the_step_under_the_setting_and_restores_the_default_even_on_error():
+    conftest = load_benchmark_conftest()
+    with_setting = conftest.with_setting.__wrapped__()  # the fixture's function, outside pytest's fixture system
+    module = type("Kernels", (), {"PATH": "columns"})
+    seen = []
+
+    def step():
+        seen.append(module.PATH)
+        if len(seen) == 2:
+            raise RuntimeError("kernel failed")
+        return module.PATH
+
+    contender = with_setting(module, "PATH", "gemm", step)
+    assert contender() == "gemm" and module.PATH == "columns"
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        contender()
+    assert seen == ["gemm", "gemm"] and module.PATH == "columns"

@@ -198,6 +198,8 @@ def _gpu_only_sweep(patch):
     from fastmini.kernels import add_layer_norm as add_layer_norm_kernels
     from fastmini.kernels import linear_gelu as linear_gelu_kernels
 
+    from fastmini.ops import add_layer_norm
+
     patch.setattr(adapter_kernels, "_input_precision", lambda x: "tf32x3" if x.dtype == torch.float32 else "ieee")
     patch.setattr(linear_gelu_kernels, "_upcast_dot_operands", lambda x: False)
     for dtype in (torch.float32, torch.bfloat16):
@@ -228,7 +230,11 @@ def _gpu_only_sweep(patch):
     wide = torch.zeros(4, add_layer_norm_kernels.MAX_HIDDEN, dtype=torch.bfloat16)
     ones = torch.ones(add_layer_norm_kernels.MAX_HIDDEN, dtype=torch.bfloat16)
     add_layer_norm_kernels.add_layer_norm_forward(wide, wide, ones, ones, 1e-12, 0.1, 7, True)
-    add_layer_norm_kernels.dropout_keep_mask(7, 130, 768, 0.1, torch.device("cpu"))
+    for scheme in add_layer_norm_kernels.DROPOUT_RNG_SCHEMES:  # the default's launches are in _sweep's too
+        patch.setattr(add_layer_norm_kernels, "DROPOUT_RNG", scheme)
+        add_layer_norm_kernels.dropout_keep_mask(7, 130, 768, 0.1, torch.device("cpu"))
+        x = torch.zeros(130, 768, dtype=torch.bfloat16, requires_grad=True)
+        add_layer_norm(x, torch.zeros_like(x), ones[:768], ones[:768], 1e-12, 0.1, backend="triton").sum().backward()
 
 
 def _compile_for_sm90(specs: list[dict], tmp_path) -> None:
@@ -267,6 +273,11 @@ def test_launch_choices_only_a_gpu_makes_compile_for_sm90(monkeypatch, tmp_path)
     assert any(c.get("UPCAST_DOT_OPERANDS") is False for c in constexprs)
     assert {16, 32} <= {c.get("BLOCK_M") for c in constexprs}
     assert "_backward_gemm_rows_kernel" in {spec["name"] for spec in specs}
+    dropout_kernels = [spec for spec in specs if spec["constexprs"].get("HAS_DROPOUT") or "mask" in spec["name"]]
+    assert {spec["constexprs"]["FOUR_PER_CALL"] for spec in dropout_kernels} == {True, False}
+    assert {"_add_layer_norm_forward_kernel", "_add_layer_norm_backward_kernel"} <= {
+        spec["name"] for spec in dropout_kernels if spec["constexprs"]["FOUR_PER_CALL"]
+    }
     _compile_for_sm90(specs, tmp_path)
 
 
