@@ -180,6 +180,46 @@ def test_encode_refuses_a_packing_of_another_shape(tiny_config, randomize):
         model.encode(ids, mask, packing=packing)
 
 
+def test_host_inputs_are_routed_to_the_device_the_encoder_serves(tiny_config, randomize):
+    """A tokenizer's CPU tensors go to the encoder's device (no CUDA is touched to decide: the CUDA capture
+    strategy only checks the device's type); an encoder that serves the CPU keeps them where they are."""
+    from fastmini.runtime import CudaGraphCapture
+
+    def fn(ids, mask, packing):
+        raise AssertionError("not called")
+
+    ids, mask = masked_batch([3, 5], 8)
+    serving_gpu = UnpaddedGraphedEncoder(fn, capture=CudaGraphCapture(), device="cuda", **BUCKETS)
+    assert serving_gpu._device_for(ids) == torch.device("cuda")
+    assert serving_gpu._check(ids, mask) is mask  # accepted: its graphs would run on the GPU
+    serving_cpu = UnpaddedGraphedEncoder(fn, capture=EagerCapture(), device="cpu", **BUCKETS)
+    assert serving_cpu._device_for(ids) == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="CUDA-graph capture needs CUDA tensors, got input_ids on cpu"):
+        UnpaddedGraphedEncoder(fn, capture=CudaGraphCapture(), device="cpu", **BUCKETS)._check(ids, mask)
+
+
+def test_the_static_inputs_are_views_of_one_buffer_that_one_copy_fills(tiny_config, randomize):
+    """What lets host inputs arrive in one transfer: ids, mask and packing indices share one int64 buffer, and
+    a refill rewrites all three through it (masks of any integer or bool dtype)."""
+    model = tiny_model(tiny_config, randomize)
+    encoder = model.graphed_encoder(unpadded=True, capture=EagerCapture(), **BUCKETS)
+    ids, mask = masked_batch([3, 8, 1], 8)
+    encoder(ids, mask.bool())
+    (entry,) = encoder._buckets.values()
+    for view in (entry.input_ids, entry.attention_mask, entry.indices):
+        assert view.untyped_storage().data_ptr() == entry.staged.untyped_storage().data_ptr()
+    assert entry.staged.dtype == torch.long
+    assert entry.staged.numel() == 2 * entry.input_ids.numel() + entry.indices.numel()
+    other_ids, other_mask = masked_batch([8, 2, 2], 8, seed=1)  # 12 real tokens again: the same bucket
+    out = encoder(other_ids, other_mask.int())
+    with torch.no_grad():
+        expected = model(other_ids, other_mask).last_hidden_state
+    real = other_mask.bool()
+    torch.testing.assert_close(out[real], expected[real], rtol=1e-5, atol=1e-5)
+    assert len(encoder._buckets) == 1
+    assert torch.equal(entry.input_ids[:3, :8], other_ids) and torch.equal(entry.attention_mask[:3, :8], other_mask)
+
+
 # ---- on a GPU ---------------------------------------------------------------------------------
 
 
@@ -213,3 +253,27 @@ def test_unpadded_graphs_match_the_eager_model_on_gpu(tiny_config, randomize, dt
     assert encoder.stats.captures == 3 and encoder.stats.replays == 4
     assert (len(varlen_calls) > 0) == (dtype == torch.bfloat16)
     assert triton_launches["add_layer_norm"] > 0  # recorded while capturing: the graph-only kernel
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_host_inputs_replay_without_a_host_sync_and_match_device_inputs(tiny_config, randomize):
+    """CPU tensors (what a tokenizer gives) into an encoder on the GPU: the bucket is chosen from the host mask,
+    the static inputs arrive in one pinned non-blocking copy, and nothing waits for the GPU (sync debug mode
+    "error" raises on any synchronising call); the output is on the GPU and equals that of device inputs."""
+    model = randomize(FastMiniModel(tiny_config(hidden_size=32, num_attention_heads=4, max_position_embeddings=64)))
+    model = model.eval().to(device="cuda", dtype=torch.bfloat16)
+    encoder = model.graphed_encoder(unpadded=True, **BUCKETS)
+    batches = [masked_batch(lengths, length, seed=length) for lengths, length in [([13, 2, 7], 13), ([5], 8)]]
+    on_device = [encoder(ids.cuda(), mask.cuda()).clone() for ids, mask in batches]  # captures both buckets
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        on_host = [encoder(ids, mask) for ids, mask in batches + batches]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert all(out.is_cuda for out in on_host)
+    for out, expected in zip(on_host, on_device + on_device, strict=True):
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert encoder.stats.captures == 2 and encoder.stats.replays == 6

@@ -32,8 +32,8 @@ class Captured(Protocol):
 
 
 class CaptureStrategy(Protocol):
-    def check_inputs(self, input_ids: torch.Tensor) -> None:
-        """Raise a clear error for inputs this strategy cannot run (e.g. CPU tensors for CUDA graphs)."""
+    def check_device(self, device: torch.device) -> None:
+        """Raise a clear error for a device this strategy cannot record on (e.g. the CPU for CUDA graphs)."""
 
     def capture(self, fn: EncoderFn, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Captured:
         """Record ``fn`` on the static buffers (already filled with a real batch)."""
@@ -73,7 +73,7 @@ class _EagerCaptured:
 class EagerCapture:
     """Graph semantics without a graph: for tests on a CPU and for debugging a graphed model."""
 
-    def check_inputs(self, input_ids: torch.Tensor) -> None:
+    def check_device(self, device: torch.device) -> None:
         return None
 
     def capture(self, fn: EncoderFn, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Captured:
@@ -115,10 +115,10 @@ class CudaGraphCapture:
         self._pool = None
         self._stream: torch.cuda.Stream | None = None
 
-    def check_inputs(self, input_ids: torch.Tensor) -> None:
-        if not input_ids.is_cuda:
+    def check_device(self, device: torch.device) -> None:
+        if device.type != "cuda":
             raise RuntimeError(
-                f"GraphedEncoder: CUDA-graph capture needs CUDA tensors, got input_ids on {input_ids.device}; "
+                f"GraphedEncoder: CUDA-graph capture needs CUDA tensors, got input_ids on {device}; "
                 "move the model and inputs to a GPU, or pass capture=EagerCapture() to run without graphs"
             )
 

@@ -166,13 +166,18 @@ class GraphedEncoder:
             raise ValueError(
                 f"GraphedEncoder: input_ids are on {input_ids.device} but attention_mask is on {attention_mask.device}"
             )
-        self.capture.check_inputs(input_ids)
-        if self._device is not None and input_ids.device != self._device:
+        device = self._device_for(input_ids)
+        self.capture.check_device(device)
+        if self._device is not None and device != self._device:
             raise ValueError(
                 f"GraphedEncoder: graphs were captured on {self._device}; got inputs on {input_ids.device} "
                 "(call reset() after moving the model)"
             )
         return attention_mask
+
+    def _device_for(self, input_ids: torch.Tensor) -> torch.device:
+        """The device whose graphs serve these inputs: their own."""
+        return input_ids.device
 
     def _fill(self, entry: _Bucket, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         batch_size, sequence_length = input_ids.shape
@@ -202,7 +207,7 @@ class GraphedEncoder:
         return self.fn
 
     def _capture(self, bucket: tuple[int, ...], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> _Bucket:
-        device = input_ids.device
+        device = self._device_for(input_ids)
         entry = self._allocate(bucket, input_ids, attention_mask)
         self._fill(entry, input_ids, attention_mask)
         entry.captured = self.capture.capture(self._recorded_fn(entry), entry.input_ids, entry.attention_mask)

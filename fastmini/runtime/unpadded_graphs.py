@@ -17,6 +17,11 @@ the packing's indices from that copy, and fills the bucket's static buffers:
   takes as its maximum length);
 - ``indices``, the flat positions of real and filler tokens, which the graph packs and unpacks with.
 
+Inputs on the host (a tokenizer's tensors, on the CPU while the graphs are on a GPU) need no sync at all: the
+three buffers are views of one int64 device buffer, written on the host into pinned memory and copied with one
+non-blocking transfer, so the host prepares the next batch while the GPU still replays this one. The output is
+on the GPU either way.
+
 The recorded function then builds a ``Packing`` from these buffers (its offsets computed on the GPU,
 inside the graph), runs ``fn(input_ids, attention_mask, packing)`` and copies the result into one
 static output per (batch, sequence) bucket, which all of that bucket's token graphs share: the memory
@@ -47,6 +52,7 @@ UnpaddedEncoderFn = Callable[[torch.Tensor, torch.Tensor, Packing | None], torch
 class _UnpaddedBucket(_Bucket):
     indices: torch.Tensor  # (token bucket,) flat positions of the real and filler tokens
     batch_rows: int  # the batch bucket; filler rows follow it
+    staged: torch.Tensor  # int64: input_ids, attention_mask and indices are views of it (_staged_views)
 
 
 class UnpaddedGraphedEncoder(GraphedEncoder):
@@ -70,8 +76,17 @@ class UnpaddedGraphedEncoder(GraphedEncoder):
         super().reset()
         self._outputs.clear()
 
+    def _device_for(self, input_ids: torch.Tensor) -> torch.device:
+        """Inputs on the host run on the device this encoder serves (its graphs', else the constructor's): filled
+        by one copy without a host sync. Others on their own device."""
+        served = self._device or self.default_device
+        if input_ids.device.type == "cpu" and served is not None and served.type != "cpu":
+            return served
+        return input_ids.device
+
     def _capture(self, bucket: tuple[int, ...], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> _Bucket:
-        self._caller_stream = torch.cuda.current_stream(input_ids.device) if input_ids.is_cuda else None
+        device = self._device_for(input_ids)
+        self._caller_stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
         return super()._capture(bucket, input_ids, attention_mask)
 
     def prepare(self, shapes: Iterable[tuple[int, ...]], device: torch.device | str | None = None) -> None:
@@ -105,7 +120,8 @@ class UnpaddedGraphedEncoder(GraphedEncoder):
         return (batch_rows, sequence, tokens)
 
     def _run_eagerly(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.fn(input_ids, attention_mask, None)
+        device = self._device_for(input_ids)
+        return self.fn(input_ids.to(device), attention_mask.to(device), None)
 
     def _allocate(
         self, bucket: tuple[int, ...], input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -113,28 +129,46 @@ class UnpaddedGraphedEncoder(GraphedEncoder):
         batch_rows, sequence, tokens = bucket
         _, filler = token_bucket(tokens, batch_rows * sequence)
         shape = (batch_rows + _rows_for(filler, sequence), sequence)
+        like = torch.empty(0, dtype=torch.long, device=self._device_for(input_ids))
+        staged = static_zeros((2 * shape[0] * shape[1] + tokens,), like)
+        ids, mask, indices = _staged_views(staged, shape, tokens)
         return _UnpaddedBucket(
-            input_ids=static_zeros(shape, input_ids),
-            attention_mask=static_zeros(shape, attention_mask),
+            input_ids=ids,
+            attention_mask=mask,
             captured=None,  # type: ignore[arg-type]
-            indices=static_zeros((tokens,), torch.empty(0, dtype=torch.long, device=input_ids.device)),
+            indices=indices,
             batch_rows=batch_rows,
+            staged=staged,
         )
 
     def _fill(self, entry: _UnpaddedBucket, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        if input_ids.device == entry.staged.device:
+            self._write(entry, entry.staged, input_ids, attention_mask)
+            return
+        # Host inputs: everything written on the host, then one copy that does not wait for the GPU (pinned
+        # memory, which the caching host allocator keeps until the copy has run).
+        staged = torch.empty(entry.staged.shape, dtype=torch.long, pin_memory=entry.staged.is_cuda)
+        self._write(entry, staged, input_ids, attention_mask)
+        entry.staged.copy_(staged, non_blocking=True)
+
+    def _write(
+        self, entry: _UnpaddedBucket, staged: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> None:
+        """The bucket's three static inputs, written into ``staged`` (its own buffer, or a host copy of it)."""
+        ids, mask, indices = _staged_views(staged, tuple(entry.input_ids.shape), entry.indices.shape[0])
         batch_size, sequence_length = input_ids.shape
-        sequence = entry.input_ids.shape[1]
-        entry.input_ids.zero_()
-        entry.input_ids[:batch_size, :sequence_length].copy_(input_ids)
-        entry.attention_mask.zero_()
-        entry.attention_mask[:batch_size, :sequence_length].copy_(attention_mask.bool())
+        sequence = ids.shape[1]
+        ids.zero_()
+        ids[:batch_size, :sequence_length].copy_(input_ids)
+        mask.zero_()
+        mask[:batch_size, :sequence_length].copy_(attention_mask.bool())
         # Indices from the host copy (row-major, as the mask's nonzero would give them): no further sync.
         real = self._host_real.nonzero()
-        filler = entry.indices.shape[0] - real.shape[0]
+        filler = indices.shape[0] - real.shape[0]
         first_filler = entry.batch_rows * sequence
-        indices = torch.cat([real[:, 0] * sequence + real[:, 1], torch.arange(first_filler, first_filler + filler)])
-        entry.attention_mask[entry.batch_rows :].view(-1)[:filler] = 1
-        entry.indices.copy_(indices, non_blocking=True)
+        positions = torch.cat([real[:, 0] * sequence + real[:, 1], torch.arange(first_filler, first_filler + filler)])
+        mask[entry.batch_rows :].view(-1)[:filler] = 1
+        indices.copy_(positions, non_blocking=True)
 
     def _recorded_fn(self, entry: _UnpaddedBucket) -> EncoderFn:
         indices, rows, sequence = entry.indices, *entry.input_ids.shape
@@ -169,3 +203,10 @@ class UnpaddedGraphedEncoder(GraphedEncoder):
 def _rows_for(tokens: int, sequence: int) -> int:
     """Rows of ``sequence`` positions that hold ``tokens`` filler tokens."""
     return -(-tokens // sequence)
+
+
+def _staged_views(staged: torch.Tensor, shape: tuple[int, int], tokens: int) -> tuple[torch.Tensor, ...]:
+    """(input_ids, attention_mask, indices) as views of one int64 buffer: two (rows, sequence) blocks, then the
+    bucket's token positions."""
+    size = shape[0] * shape[1]
+    return staged[:size].view(shape), staged[size : 2 * size].view(shape), staged[2 * size : 2 * size + tokens]
