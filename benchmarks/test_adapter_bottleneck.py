@@ -142,8 +142,8 @@ def test_adapter_bottleneck(
 
 @pytest.mark.parametrize(
     "direction, rows",
-    [("forward", 16384), ("forward", 1024), ("backward", 16384)],
-    ids=["forward", "forward-1024", "backward"],
+    [("forward", 16384), ("forward", 1024), ("forward", 128), ("backward", 16384)],
+    ids=["forward", "forward-1024", "forward-128", "backward"],
 )
 def test_adapter_bottleneck_tile_sweep(time_launch_candidates, direction, rows):
     """rows x 768 bf16 through the launchers with each tile candidate (kernels/adapter_bottleneck.py,
