@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH := torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: venv test demo demo-foundation bench bench-gpu device-wheels lint clean
+.PHONY: venv test demo demo-foundation bench bench-gpu kernel-resources device-wheels lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ bench-gpu:
 	if [ -d $(DEVICE_WHEELS) ]; then python3 -m pip install --quiet --no-index --no-deps $(DEVICE_WHEELS)/*.whl; fi
 	python3 -m pip install --quiet --no-build-isolation --no-deps -e .
 	python3 benchmarks/run_gpu.py $(BENCH_GPU_ARGS)
+
+# Registers, spills and shared memory of every Triton launch at the published sizes, compiled for sm_90 here
+# (no GPU needed): where a GPU sweep should look first.
+kernel-resources: $(STAMP)
+	$(BIN)/python benchmarks/kernel_resources.py
 
 # Wheels for the GPU machine's python 3.12 that its image lacks (datasets and its own pins).
 DEVICE_WHEELS := .device-wheels

@@ -12,11 +12,8 @@ tests' job.
 
 from __future__ import annotations
 
-import inspect
-import json
-import os
-import subprocess
-import sys
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,103 +21,20 @@ import torch
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the kernels themselves")
 triton = pytest.importorskip("triton")
 
-_POINTER_TYPES = {
-    torch.float64: "fp64",
-    torch.float32: "fp32",
-    torch.bfloat16: "bf16",
-    torch.float16: "fp16",
-    torch.int64: "i64",
-    torch.int32: "i32",
-    torch.int8: "i8",
-    torch.uint8: "u8",
-    torch.bool: "i1",
-}
-
-COMPILER = r"""
-import json, os, sys
-from concurrent.futures import ProcessPoolExecutor
-
-def compile_one(spec):
-    import importlib
-    import triton
-    import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn = getattr(importlib.import_module(spec["module"]), spec["name"])
-    names = list(spec["signature"])
-    constexprs = {}
-    for name, value in spec["constexprs"].items():
-        constexprs[(names.index(name),)] = tl.dtype(value["dtype"]) if isinstance(value, dict) else value
-    try:
-        compiled = triton.compile(
-            ASTSource(fn=fn, signature=spec["signature"], constexprs=constexprs),
-            target=GPUTarget("cuda", 90, 32),
-            options=spec["options"],
-        )
-        return {"ok": True, "shared": compiled.metadata.shared}
-    except Exception as error:
-        return {"ok": False, "error": f"{type(error).__name__}: {str(error)[:2000]}"}
-
-if __name__ == "__main__":
-    specs = json.load(sys.stdin)
-    with ProcessPoolExecutor(max_workers=2) as pool:
-        print(json.dumps(list(pool.map(compile_one, specs))))
-"""
+KERNEL_RESOURCES = Path(__file__).resolve().parent.parent / "benchmarks" / "kernel_resources.py"
 
 
-def _is_constexpr(parameter: inspect.Parameter) -> bool:
-    annotation = parameter.annotation
-    return annotation == "tl.constexpr" or annotation is triton.language.constexpr
-
-
-def _spec(fn, args: tuple, kwargs: dict) -> dict:
-    """The kernel's argument types and constexpr values, as ASTSource takes them (JSON-able)."""
-    parameters = inspect.signature(fn).parameters
-    bound = {**dict(zip(parameters, args, strict=False)), **{k: v for k, v in kwargs.items() if k in parameters}}
-    signature, constexprs = {}, {}
-    for name, parameter in parameters.items():
-        value = bound.get(name, parameter.default)
-        if _is_constexpr(parameter) or value is None:
-            signature[name] = "constexpr"
-            constexprs[name] = {"dtype": value.name} if isinstance(value, triton.language.dtype) else value
-        elif isinstance(value, torch.Tensor):
-            signature[name] = "*" + _POINTER_TYPES[value.dtype]
-        elif isinstance(value, bool):
-            signature[name] = "i1"
-        elif isinstance(value, int):
-            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-        elif isinstance(value, float):
-            signature[name] = "fp32"
-        else:
-            raise TypeError(f"{fn.__name__}: argument {name} of unexpected type {type(value).__name__}")
-    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
-    return {
-        "module": fn.__module__,
-        "name": fn.__name__,
-        "signature": signature,
-        "constexprs": constexprs,
-        "options": options,
-    }
+def _machinery():
+    """benchmarks/kernel_resources.py: the recording of launches and the sm_90 compiler (shared with the script
+    that reports each launch's registers and spills)."""
+    spec = importlib.util.spec_from_file_location("kernel_resources", KERNEL_RESOURCES)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _record_launches(monkeypatch, sweep, execute: bool = True) -> list[dict]:
-    """The distinct launches ``sweep`` makes; with ``execute`` False they are recorded, not run (for
-    launch choices the interpreter cannot run, e.g. bf16 tl.dot operands or TF32 precision)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    specs: dict[str, dict] = {}
-    original_run = InterpretedFunction.run
-
-    def recording_run(self, *args, grid, warmup, **kwargs):
-        spec = _spec(self.fn, args, kwargs)
-        specs.setdefault(json.dumps(spec, sort_keys=True), spec)
-        return original_run(self, *args, grid=grid, warmup=warmup, **kwargs) if execute else None
-
-    with monkeypatch.context() as patch:
-        patch.setattr(InterpretedFunction, "run", recording_run)
-        sweep(patch)
-    return list(specs.values())
+    return _machinery().record_launches(monkeypatch, sweep, execute)
 
 
 def _operands(dtype: torch.dtype, rows: int, hidden: int, *shapes):
@@ -237,16 +151,9 @@ def _gpu_only_sweep(patch):
         add_layer_norm(x, torch.zeros_like(x), ones[:768], ones[:768], 1e-12, 0.1, backend="triton").sum().backward()
 
 
-def _compile_for_sm90(specs: list[dict], tmp_path) -> None:
+def _compile_for_sm90(specs: list[dict], tmp_path) -> list[dict]:
     """Compile every spec for sm_90 in a subprocess without the interpreter; fail listing what did not build."""
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 is today's default
-    result = subprocess.run(
-        [sys.executable, "-c", COMPILER], input=json.dumps(specs), capture_output=True, text=True, env=env, timeout=900
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    outcomes = json.loads(result.stdout.strip().splitlines()[-1])
+    outcomes = _machinery().compile_for_sm90(specs, str(tmp_path / "triton-cache"))
     failures = [
         f"{spec['name']} {spec['signature']} {spec['constexprs']} {spec['options']}: {outcome['error']}"
         for spec, outcome in zip(specs, outcomes, strict=True)
@@ -255,6 +162,7 @@ def _compile_for_sm90(specs: list[dict], tmp_path) -> None:
     assert not failures, "\n\n".join(failures)
     # Hopper gives a block at most 227 KB of shared memory; the compiler checks the limit only when launching.
     assert max(outcome["shared"] for outcome in outcomes) <= 227 * 1024
+    return outcomes
 
 
 @pytest.mark.slow
@@ -262,7 +170,9 @@ def test_every_kernel_launch_compiles_for_sm90(monkeypatch, tmp_path):
     specs = _record_launches(monkeypatch, _sweep)
     kernels = {spec["name"] for spec in specs}
     assert len(kernels) >= 6, kernels  # adapter fwd/bwd x2, add_layer_norm fwd/bwd, bias-GELU fwd/bwd, GEMM
-    _compile_for_sm90(specs, tmp_path)
+    outcomes = _compile_for_sm90(specs, tmp_path)
+    # what benchmarks/kernel_resources.py reports, read from each cubin by the wheel's cuobjdump
+    assert all(1 <= outcome["registers"] <= 255 and outcome["spill_bytes"] >= 0 for outcome in outcomes)
 
 
 @pytest.mark.slow
