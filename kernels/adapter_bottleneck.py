@@ -788,10 +788,8 @@ def adapter_bottleneck_backward(
     up_bias, norm_weight = up_bias.contiguous(), norm_weight.contiguous()
     weights = (down_weight, up_weight)
     if path == "gemm":
-        return _backward_through_gemms(
-            dy_rows, x_rows, x.shape, down_weight, down_bias, up_weight, up_bias, norm_weight, norm_bias, h, mean,
-            rstd, row_tiles,
-        )  # fmt: skip
+        parameters = (down_weight, down_bias, up_weight, up_bias, norm_weight, norm_bias)
+        return _backward_through_gemms(dy_rows, x_rows, x.shape, parameters, (h, mean, rstd), row_tiles)
     row_launch = _tiles(BACKWARD_ROW_TILES, row_tiles, x, weights, rows, bottleneck, by_rows=True)
     column_launch = _tiles(BACKWARD_COLUMN_TILES, column_tiles, x, weights, rows, bottleneck, by_rows=False)
     column_blocks = triton.cdiv(hidden, column_launch["BLOCK_N"])
@@ -837,20 +835,16 @@ def _backward_through_gemms(
     dy_rows: torch.Tensor,
     x_rows: torch.Tensor,
     x_shape: torch.Size,
-    down_weight: torch.Tensor,
-    down_bias: torch.Tensor,
-    up_weight: torch.Tensor,
-    up_bias: torch.Tensor,
-    norm_weight: torch.Tensor,
-    norm_bias: torch.Tensor,
-    h: torch.Tensor,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
+    parameters: tuple[torch.Tensor, ...],
+    saved: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     row_tiles: dict | None,
 ) -> tuple[torch.Tensor, ...]:
-    """The "gemm" path of adapter_bottleneck_backward (arguments made contiguous there): one row kernel, then
-    dW_u = dz^T g and dW_d = dh^T x as GEMMs in the dot operand dtype (fp32 accumulation inside, as torch's own
-    bf16 linear backward) and the per-block partial sums reduced in the accumulator dtype."""
+    """The "gemm" path of adapter_bottleneck_backward (arguments made contiguous there; ``parameters`` in the
+    op's order, ``saved`` = (h, mean, rstd)): one row kernel, then dW_u = dz^T g and dW_d = dh^T x as GEMMs in
+    the dot operand dtype (fp32 accumulation inside, as torch's own bf16 linear backward) and the per-block
+    partial sums reduced in the accumulator dtype."""
+    down_weight, down_bias, up_weight, up_bias, norm_weight, norm_bias = parameters
+    h, mean, rstd = saved
     rows, hidden = x_rows.shape
     bottleneck = down_weight.shape[0]
     dot_dtype, acc_dtype, acc_torch_dtype = _precision(x_rows.dtype)
