@@ -200,6 +200,10 @@ def _published_sweep(patch) -> None:
                 patch.setattr(add_layer_norm, "DROPOUT_RNG", scheme)
                 add_layer_norm.add_layer_norm_forward(x, x, weights[3], weights[4], 1e-12, 0.1, 7, True)
                 add_layer_norm.add_layer_norm_backward(x, x, weights[3], *saved, 0.1, 7)
+            patch.setattr(add_layer_norm, "DROPOUT_RNG", add_layer_norm.DROPOUT_RNG_SCHEMES[0])
+            add_layer_norm.add_layer_norm_forward(x, x, weights[3], weights[4], 1e-12, 0.0, 7, True)
+            for options in add_layer_norm.BACKWARD_CANDIDATES.values() if size == 2 and rows > 128 else ({},):
+                add_layer_norm.add_layer_norm_backward(x, x, weights[3], *saved, 0.0, 7, **options)
 
 
 def main() -> None:
@@ -211,18 +215,22 @@ def main() -> None:
         specs = record_launches(pytest.MonkeyPatch(), _published_sweep, execute=False)
     with tempfile.TemporaryDirectory() as cache:
         outcomes = compile_for_sm90(specs, cache)
-    header = f"{'kernel':32s} {'activation, tiles':44s} {'warps':>5s} {'stages':>6s} {'regs':>5s} {'spill B':>8s}"
+    header = f"{'kernel':32s} {'activation, tiles':52s} {'warps':>5s} {'stages':>6s} {'regs':>5s} {'spill B':>8s}"
     print(header + f" {'smem KB':>8s}")
     for spec, outcome in sorted(zip(specs, outcomes, strict=True), key=lambda pair: pair[0]["name"]):
-        tiles = {k: v for k, v in spec["constexprs"].items() if k.startswith("BLOCK") or k == "FOUR_PER_CALL"}
+        tiles = {
+            k: v
+            for k, v in spec["constexprs"].items()
+            if k.startswith("BLOCK") or k in ("HAS_DROPOUT", "FOUR_PER_CALL")
+        }
         activation = spec["signature"].get("x_ptr") or spec["signature"].get("grad_out_ptr") or ""
         label = f"{activation.lstrip('*')} " + " ".join(f"{k.removeprefix('BLOCK_')}={v}" for k, v in tiles.items())
         if not outcome["ok"]:
-            print(f"{spec['name']:32s} {label:44s} failed: {outcome['error'][:200]}")
+            print(f"{spec['name']:32s} {label:52s} failed: {outcome['error'][:200]}")
             continue
         options = spec["options"]
         print(
-            f"{spec['name']:32s} {label:44s} {options.get('num_warps', 4):5d} {options.get('num_stages', 3):6d} "
+            f"{spec['name']:32s} {label:52s} {options.get('num_warps', 4):5d} {options.get('num_stages', 3):6d} "
             f"{outcome.get('registers', '?'):>5} {outcome.get('spill_bytes', '?'):>8} {outcome['shared'] / 1024:8.1f}"
         )
 

@@ -114,10 +114,13 @@ def test_add_layer_norm(
     record_bandwidth(benchmark, medians, minimum_bytes(mode, dropout_p, rows, x.element_size()), device, steps)
 
 
-@pytest.mark.parametrize("rows", ROWS)
-def test_add_layer_norm_backward_sweep(time_launch_candidates, rows):
-    """The backward kernel alone (rows x 768 bf16, no dropout) with each launch candidate
-    (kernels/add_layer_norm.py, BACKWARD_CANDIDATES); the default is the baseline."""
+@pytest.mark.parametrize(
+    "rows, dropout_p", [(16384, 0.0), (1024, 0.0), (16384, 0.1)], ids=["16384", "1024", "16384-dropout"]
+)
+def test_add_layer_norm_backward_sweep(time_launch_candidates, rows, dropout_p):
+    """The backward kernel alone (rows x 768 bf16; without dropout, and with it at 16384 rows, where the mask is
+    drawn again) with each launch candidate (kernels/add_layer_norm.py, BACKWARD_CANDIDATES); the default is the
+    baseline."""
     from fastmini.kernels.add_layer_norm import BACKWARD_CANDIDATES, add_layer_norm_backward, add_layer_norm_forward
 
     device = torch.device("cuda")
@@ -126,17 +129,17 @@ def test_add_layer_norm_backward_sweep(time_launch_candidates, rows):
         torch.randn(rows, HIDDEN, device=device, dtype=torch.bfloat16, generator=generator) for _ in range(3)
     )
     weight, bias = torch.ones(HIDDEN, device=device), torch.zeros(HIDDEN, device=device)
-    _out, total, mean, rstd = add_layer_norm_forward(x, residual, weight, bias, EPS, 0.0, 0, True)
+    _out, total, mean, rstd = add_layer_norm_forward(x, residual, weight, bias, EPS, dropout_p, 0, True)
 
     def backward_with(options):
-        return lambda: add_layer_norm_backward(grad_out, total, weight, mean, rstd, 0.0, 0, **options)
+        return lambda: add_layer_norm_backward(grad_out, total, weight, mean, rstd, dropout_p, 0, **options)
 
     steps = {name: backward_with(options) for name, options in BACKWARD_CANDIDATES.items()}
-    # read d(out) and the saved sum, write d(residual): the minimum of a backward without dropout
+    # read d(out) and the saved sum, write d(residual) (and d(x) with dropout): the minimum of the backward
     time_launch_candidates(
         steps,
-        3 * rows * HIDDEN * 2,
-        group=f"add_layer_norm backward launches {rows}x{HIDDEN} bf16",
+        (3 if dropout_p == 0.0 else 4) * rows * HIDDEN * 2,
+        group=f"add_layer_norm backward launches {rows}x{HIDDEN} bf16 p={dropout_p}",
         shape=f"rows={rows} H={HIDDEN}",
         dtype="bf16",
         backend="triton (the backward launcher, one launch candidate each)",

@@ -74,6 +74,13 @@ BACKWARD_CANDIDATES = {
     "16 programs per SM": {"programs_per_sm": 16},
     "4-row tiles, 8 warps": {"tile_elements": 4096},
     "4-row tiles, 4 programs per SM": {"tile_elements": 4096, "programs_per_sm": 4},
+    # More warps an SM (registers decide how many blocks stay resident; benchmarks/kernel_resources.py, bf16
+    # H=768 without dropout, sm_90): the default 2-row tile on 4 warps needs 148 registers a thread (3 blocks,
+    # 12 warps an SM), on 8 warps 79 (24 warps); a 1-row tile on 8 warps 57 (32 warps). The slower 4-row tiles
+    # above need 149 on 8 warps (8 warps an SM). Not timed yet.
+    "2-row tiles, 8 warps": {"num_warps": 8},
+    "1-row tiles, 4 warps": {"tile_elements": 1024, "num_warps": 4},
+    "1-row tiles, 8 warps": {"tile_elements": 1024, "num_warps": 8},
 }
 
 
@@ -318,12 +325,14 @@ def add_layer_norm_backward(
     *,
     tile_elements: int = _BACKWARD_TILE_ELEMENTS,
     programs_per_sm: int = _BACKWARD_PROGRAMS_PER_SM,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_sum, grad_x, grad_weight, grad_bias) for contiguous (rows, H) ``grad_out`` and saved ``total``.
 
     grad_sum is dresidual, in the dtype of ``total``; grad_x is empty without dropout (it equals
     grad_sum then). grad_weight and grad_bias are in the compute dtype (that of ``mean``), reduced
-    over all rows. ``tile_elements`` and ``programs_per_sm`` override the launch (BACKWARD_CANDIDATES).
+    over all rows. ``tile_elements``, ``programs_per_sm`` and ``num_warps`` override the launch
+    (BACKWARD_CANDIDATES).
     """
     n_rows, hidden = total.shape
     grad_sum = torch.empty_like(total)
@@ -331,7 +340,8 @@ def add_layer_norm_backward(
     if n_rows == 0:
         zeros = torch.zeros(hidden, dtype=mean.dtype, device=total.device)
         return grad_sum, grad_x, zeros, zeros.clone()
-    block_rows, block_h, num_warps = _tile(hidden, tile_elements)
+    block_rows, block_h, tile_warps = _tile(hidden, tile_elements)
+    num_warps = num_warps or tile_warps
     programs_wanted = min(programs_per_sm * _streaming_multiprocessors(total.device), triton.cdiv(n_rows, block_rows))
     rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs_wanted), block_rows) * block_rows
     programs = triton.cdiv(n_rows, rows_per_program)
