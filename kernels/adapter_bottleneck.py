@@ -861,8 +861,9 @@ def _backward_through_gemms(
         torch.empty(rows, bottleneck, **operand),
     )
     dx = torch.empty_like(x_rows)
-    column_partial = torch.zeros(3, blocks, hidden, dtype=acc_torch_dtype, device=x_rows.device)
-    down_bias_partial = torch.zeros(blocks, bottleneck, dtype=acc_torch_dtype, device=x_rows.device)
+    # Every program stores its whole rows of partials: empty is enough (no rows: no blocks, and the sums are 0).
+    column_partial = torch.empty(3, blocks, hidden, dtype=acc_torch_dtype, device=x_rows.device)
+    down_bias_partial = torch.empty(blocks, bottleneck, dtype=acc_torch_dtype, device=x_rows.device)
     if rows > 0:
         with on_device(x_rows):
             _backward_gemm_rows_kernel[(blocks,)](
