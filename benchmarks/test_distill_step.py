@@ -20,7 +20,10 @@ does that with fp32 maps too (``--no-low-precision-maps``, the defaults before s
 "fastmini-padded-student" runs the student on the padded batch (``set_unpadding(False)``: ~9% padding here, no
 packing copies, every op on the padded layout the attention maps have anyway);
 test_distillation_step_compiled times fastmini with ``--compile-student`` (the student side through
-torch.compile) against it, in a test of its own (its compile takes a minute or more of the GPU run's budget).
+torch.compile) against it, in a test of its own (its compile takes a minute or more of the GPU run's budget);
+test_distillation_step_compiled_graphs, last, an experiment with no trainer switch yet: the student's encoder
+compiled with mode="reduce-overhead" (CUDA graphs) on the padded layout, head and losses eager
+(GraphedPaddedEncoderSide; on the CPU it gave the eager padded step's loss and gradients to 1e-6).
 Inputs are 15% masked. On CUDA the results also hold each step's top kernels, its host waits (with the line
 that causes each) and its phases: the teacher's forward alone, and the host's time to issue a step against the
 step's (``Steps.phases``); on both, the time of fastmini's kernels (the CPU's: its time) in the teacher's forward,
@@ -60,6 +63,7 @@ from fastmini.distill.losses import LossWeights
 from fastmini.distill.models import Teacher
 from fastmini.distill.speed_defaults import graph_teacher_by_default, low_precision_maps_by_default
 from fastmini.flops import encoder_flops, masked_lm_head_flops
+from fastmini.models.modeling import Encoded
 from fastmini.training.memory import enable_activation_checkpointing
 
 
@@ -218,6 +222,32 @@ def ranged(owner, attribute: str, name: str) -> None:
     setattr(owner, attribute, in_range(name, getattr(owner, attribute)))
 
 
+class GraphedPaddedEncoderSide(StudentSide):
+    """The experiment behind "fastmini-compiled-graphs" (no trainer switch yet): the student's encoder alone through
+    ``torch.compile(mode="reduce-overhead")``, inductor's kernels replayed from CUDA graphs, on the padded layout,
+    whose shapes depend on the batch's (B, S) alone (the unpadded path's token counts, like the masked rows of the
+    MLM head, change from batch to batch: a graph each). The MLM head, the projection and the losses stay eager.
+    Every forward starts a CUDA-graph iteration, so the step must not accumulate gradients across forwards."""
+
+    def __init__(self, student, projection=None):
+        super().__init__(student, projection)
+        self._compiled_encode = torch.compile(self._padded_encode, mode="reduce-overhead", dynamic=False)
+
+    def _padded_encode(self, input_ids, attention_mask, token_type_ids, need_hidden: bool, need_attentions: bool):
+        encoded = self.student.fastmini.encode(
+            input_ids, attention_mask, token_type_ids, output_attentions=need_attentions,
+            output_hidden_states=need_hidden, repad_hidden_states=False, unpad=False,
+        )  # fmt: skip
+        return encoded.sequence, encoded.hidden_states, encoded.attentions, encoded.key_padding_mask
+
+    def encode(self, batch, positions, need_hidden, need_attentions):
+        torch.compiler.cudagraph_mark_step_begin()
+        sequence, hidden, attentions, real = self._compiled_encode(
+            batch.input_ids, batch.attention_mask, batch.token_type_ids, need_hidden, need_attentions
+        )
+        return Encoded(sequence, None, hidden, attentions, real), False
+
+
 @dataclass
 class Steps:
     """The contenders' steps over one setup's pair and batch (each a callable that runs one step and, unless told
@@ -234,20 +264,29 @@ class Steps:
         )
         self.autocast_dtype = autocast_of(self.setup)
 
-    def distiller(self, model, compiled: bool = False, graph_teacher: bool | None = None) -> Distiller:
-        """``graph_teacher`` None: the trainer's default."""
+    def distiller(
+        self, model, compiled: bool = False, graph_teacher: bool | None = None, side_class=StudentSide
+    ) -> Distiller:
+        """``graph_teacher`` None: the trainer's default; ``side_class``: the student side's (an experiment's)."""
         if graph_teacher is None:
             graph_teacher = graph_teacher_by_default(torch.device(self.setup.device), self.teacher)
-        side = StudentSide(model, None)
+        side = side_class(model, None)
         side = compiled_student_side(side) if compiled else side
         return Distiller(
             side, self.teacher, self.setup.layers, LossWeights(), 1.0, self.autocast_dtype,
             graph_teacher="cuda" if graph_teacher else None,
         )  # fmt: skip
 
-    def of(self, model, synchronise: bool = True, compiled: bool = False, graph_teacher: bool | None = None):
+    def of(
+        self,
+        model,
+        synchronise: bool = True,
+        compiled: bool = False,
+        graph_teacher: bool | None = None,
+        side_class=StudentSide,
+    ):
         """One step of a Distiller of ``model`` (the step's ``distiller`` attribute)."""
-        distiller = self.distiller(model, compiled, graph_teacher)
+        distiller = self.distiller(model, compiled, graph_teacher, side_class)
 
         def step():
             distiller(self.batch).total.backward()
@@ -437,3 +476,32 @@ def test_distillation_step_compiled(
     record_kernel_profile(benchmark, "fastmini-compiled", contenders["fastmini-compiled"])
     step = contenders["fastmini-compiled"]
     record_phase_times(benchmark, "fastmini-compiled", lambda range_times: steps.phase_times(range_times, step))
+
+
+@pytest.mark.filterwarnings("ignore:reduction. .mean. divides:UserWarning")
+def test_distillation_step_compiled_graphs(
+    benchmark, compare, describe_device, record_kernel_profile, setup, pair, batch
+):
+    """An experiment, last in the file (its compile and graph recording must cost a GPU run's budget only this
+    test): the student's encoder compiled with mode="reduce-overhead" on the padded layout
+    (GraphedPaddedEncoderSide) against the eager step. The compiled step was host-bound on the H200 (session 13:
+    33 ms of kernels in a 36.8 ms step); graphs take the host out of the encoder. CUDA only."""
+    if setup.device != "cuda":
+        pytest.skip("CUDA graphs: CUDA only")
+    student = pair[1]
+    steps = Steps(setup, pair, batch)
+    graphed = copy.deepcopy(student)
+    contenders = {
+        "original": steps.original,
+        "fastmini": steps.of(student),
+        "fastmini-compiled-graphs": steps.of(graphed, side_class=GraphedPaddedEncoderSide),
+    }
+    models = {"original": pair[2], "fastmini": student, "fastmini-compiled-graphs": graphed}
+    steps.measure(
+        benchmark, compare, describe_device, contenders, models, "fastmini-compiled-graphs", group=", graphs",
+        backend="fastmini-compiled-graphs: the student's encoder through torch.compile(mode='reduce-overhead') on "
+        "the padded layout, head and losses eager (an experiment); fastmini: eager; both with the trainer's "
+        "defaults (on CUDA --graph-teacher --low-precision-maps); original: transformers modules, eager attention, "
+        "full logits",
+    )  # fmt: skip
+    record_kernel_profile(benchmark, "fastmini-compiled-graphs", contenders["fastmini-compiled-graphs"])

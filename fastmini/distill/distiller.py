@@ -27,6 +27,7 @@ from fastmini.distill import losses
 from fastmini.distill.models import Teacher
 from fastmini.distill.teacher_attention import matched_maps, padding_bias
 from fastmini.models import FastMiniForMaskedLM
+from fastmini.models.modeling import Encoded
 from fastmini.ops import Packing
 from fastmini.ops.dispatch import recording_a_graph
 from fastmini.training.precision import autocast
@@ -143,6 +144,23 @@ class StudentSide(nn.Module):
 
     def forward(self, batch: Batch, need_hidden: bool = True, need_attentions: bool = True) -> StudentOutputs:
         positions = batch.token_positions()
+        encoded, packed = self.encode(batch, positions, need_hidden, need_attentions)
+        hidden = []
+        if need_hidden:
+            for state in encoded.hidden_states[1:]:
+                rows = state if packed else positions.real_rows(state)
+                hidden.append(self.projection(rows) if self.projection is not None else rows)
+        masked = positions.masked_packed if packed else positions.masked_flat
+        sequence = encoded.sequence.reshape(-1, encoded.sequence.shape[-1])
+        masked_logits = self.student.lm_head(sequence.index_select(0, masked))
+        masked_labels = batch.labels.flatten().index_select(0, positions.masked_flat)
+        return StudentOutputs(hidden, list(encoded.attentions or ()), masked_logits, masked_labels)
+
+    def encode(
+        self, batch: Batch, positions: TokenPositions, need_hidden: bool, need_attentions: bool
+    ) -> tuple[Encoded, bool]:
+        """The student's encoder on the batch: its output (hidden states not re-padded) and whether its rows are
+        the packed real tokens (else the padded (B, S) layout). What a subclass replaces to run it otherwise."""
         model = self.student.fastmini
         # An unpadding model gets the batch's own packing (or no mask without padding) rather than packing the
         # mask itself; a padded one (set_unpadding(False), or encode's choice while a graph is recorded) masks
@@ -158,16 +176,7 @@ class StudentSide(nn.Module):
             repad_hidden_states=False,
             packing=positions.packing if packed else None,
         )
-        hidden = []
-        if need_hidden:
-            for state in encoded.hidden_states[1:]:
-                rows = state if packed else positions.real_rows(state)
-                hidden.append(self.projection(rows) if self.projection is not None else rows)
-        masked = positions.masked_packed if packed else positions.masked_flat
-        sequence = encoded.sequence.reshape(-1, encoded.sequence.shape[-1])
-        masked_logits = self.student.lm_head(sequence.index_select(0, masked))
-        masked_labels = batch.labels.flatten().index_select(0, positions.masked_flat)
-        return StudentOutputs(hidden, list(encoded.attentions or ()), masked_logits, masked_labels)
+        return encoded, packed
 
 
 def compiled_student_side(student_side: nn.Module) -> nn.Module:
