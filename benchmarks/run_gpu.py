@@ -10,7 +10,8 @@ into $OUT as the runs go when that variable is set (the device tool brings $OUT 
 but at most 8 files): gpu-tests.log, gpu-benchmarks.log (every benchmark file's output, one after the
 other), benchmarks.json (the reports merged so far), launch-overhead.log and the results file.
 ``run_gpu.py [--label NAME] [BENCHMARK_FILE ...] [--tests TEST_FILE ...]`` runs the named benchmark files
-only, and the GPU tests of the named test files only (of every marked file otherwise), and names the results
+(or single tests, FILE::TEST, each in a pytest of its own) only, and the GPU tests of the named test files
+only (of every marked file otherwise), and names the results
 ``<date>-<gpu>-<label>.md``.
 
 The whole call must come back within one device command (10 minutes, installs and start-up included:
@@ -195,7 +196,7 @@ def run_benchmark_files(files: list[str], logs: Path, deadline: float) -> tuple[
     merged_path.unlink(missing_ok=True)  # a file left by an earlier run must not count as this one's
     with tempfile.TemporaryDirectory() as scratch:
         for index, name in enumerate(files):
-            json_path = Path(scratch) / f"benchmarks-{Path(name).stem}.json"
+            json_path = Path(scratch) / f"benchmarks-{index}.json"
             budget = deadline - time.monotonic() - BENCHMARK_FILE_RESERVE_S * (len(files) - index - 1)
             if budget < INTERRUPT_GRACE_S:
                 lines.append(f"`{name}`: not run (no time left)")
@@ -279,7 +280,10 @@ def missing_datasets_hint() -> str | None:
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="The GPU tests and benchmarks in one call (make bench-gpu).")
     parser.add_argument(
-        "benchmarks", nargs="*", default=GPU_BENCHMARKS, help="benchmark files to run (default: GPU_BENCHMARKS)"
+        "benchmarks",
+        nargs="*",
+        default=GPU_BENCHMARKS,
+        help="benchmark files (or FILE::TEST ids) to run, each in a pytest of its own (default: GPU_BENCHMARKS)",
     )
     parser.add_argument("--label", help="results go to benchmarks/results/<date>-<gpu>-<label>.md")
     parser.add_argument(
@@ -288,7 +292,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     arguments = parser.parse_args(argv)
     if arguments.label is not None and not re.fullmatch(r"[a-z0-9][a-z0-9-]*", arguments.label):
         parser.error(f"--label must be lowercase letters, digits and '-', got {arguments.label!r}")
-    missing = [name for name in [*arguments.benchmarks, *(arguments.tests or [])] if not (ROOT / name).is_file()]
+    named = [*arguments.benchmarks, *(arguments.tests or [])]
+    missing = [name for name in named if not (ROOT / name.split("::")[0]).is_file()]
     if missing:
         parser.error(f"no such file: {', '.join(missing)}")
     return arguments
