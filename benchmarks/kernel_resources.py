@@ -2,10 +2,10 @@
 
 ``python benchmarks/kernel_resources.py`` (on any machine with the triton wheel: its ptxas and cuobjdump do
 the work, no GPU or driver) prints, for each distinct launch the fused ops make at the published sizes
-(H=768, R=48, I=3072; bf16 and fp32; the GPU tile sweeps' candidates included), the registers a thread
+(H=768, R=48; bf16 and fp32; the GPU tile sweeps' candidates included), the registers a thread
 needs, the bytes it spills to local memory (``STACK``; 0 is what a kernel should have) and the shared memory
-of a block. Registers decide how many warps an SM keeps in flight (65536 a SM: 255 a thread allows one
-block of 8 warps), so a launch that spills or needs all 255 is where a GPU sweep should look first.
+of a block, and the warps an SM can keep in flight with them (65536 registers a SM: 255 a thread allows one
+block of 8 warps), so a launch that spills or keeps few warps is where a GPU sweep should look first.
 
 How: the sweep runs under the Triton interpreter (``TRITON_INTERPRET=1``) with the interpreter's launch
 recorded, not run; each distinct (kernel, argument types, constexprs, num_warps, num_stages) is then
@@ -158,6 +158,22 @@ def compile_for_sm90(specs: list[dict], cache_dir: str) -> list[dict]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+# Per SM on sm_90: 64K 32-bit registers (allocated per warp in units of 256), 228 KB of shared memory (1 KB of it
+# reserved per block), at most 32 blocks and 64 warps.
+_REGISTERS_PER_SM, _REGISTER_UNIT, _SHARED_PER_SM, _SHARED_PER_BLOCK_RESERVED = 65536, 256, 228 * 1024, 1024
+_MAX_BLOCKS_PER_SM, _MAX_WARPS_PER_SM = 32, 64
+
+
+def resident_warps(registers: int, num_warps: int, shared_bytes: int) -> int:
+    """Warps an sm_90 SM keeps in flight for a kernel: whole blocks, as many as its registers, shared memory and
+    the per-SM limits allow (the occupancy calculator's rule, without its rarer limits)."""
+    per_warp = -(-registers * 32 // _REGISTER_UNIT) * _REGISTER_UNIT
+    by_registers = _REGISTERS_PER_SM // (per_warp * num_warps)
+    by_shared = _SHARED_PER_SM // (shared_bytes + _SHARED_PER_BLOCK_RESERVED)
+    blocks = min(by_registers, by_shared, _MAX_BLOCKS_PER_SM, _MAX_WARPS_PER_SM // num_warps)
+    return blocks * num_warps
+
+
 @contextlib.contextmanager
 def _interpreter() -> Iterator[None]:
     previous = os.environ.get("TRITON_INTERPRET")
@@ -216,7 +232,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache:
         outcomes = compile_for_sm90(specs, cache)
     header = f"{'kernel':32s} {'activation, tiles':52s} {'warps':>5s} {'stages':>6s} {'regs':>5s} {'spill B':>8s}"
-    print(header + f" {'smem KB':>8s}")
+    print(header + f" {'smem KB':>8s} {'warps/SM':>8s}")
     for spec, outcome in sorted(zip(specs, outcomes, strict=True), key=lambda pair: pair[0]["name"]):
         tiles = {
             k: v
@@ -231,8 +247,15 @@ def main() -> None:
         options = spec["options"]
         print(
             f"{spec['name']:32s} {label:52s} {options.get('num_warps', 4):5d} {options.get('num_stages', 3):6d} "
-            f"{outcome.get('registers', '?'):>5} {outcome.get('spill_bytes', '?'):>8} {outcome['shared'] / 1024:8.1f}"
+            f"{outcome.get('registers', '?'):>5} {outcome.get('spill_bytes', '?'):>8} {outcome['shared'] / 1024:8.1f} "
+            f"{resident(outcome, options.get('num_warps', 4)):>8}"
         )
+
+
+def resident(outcome: dict, num_warps: int) -> str:
+    if "registers" not in outcome:
+        return "?"
+    return str(resident_warps(outcome["registers"], num_warps, outcome["shared"]))
 
 
 if __name__ == "__main__":

@@ -209,3 +209,12 @@ def test_attention_kl_kernels_compile_for_sm90(monkeypatch, tmp_path):
     assert {spec["name"] for spec in specs} == {"_forward_kernel", "_backward_kernel"}
     assert {spec["constexprs"]["BLOCK_K"] for spec in specs} == {256, 1024}
     _compile_for_sm90(specs, tmp_path)
+
+
+def test_resident_warps_follow_registers_shared_memory_and_the_sm_limits():
+    resident_warps = _machinery().resident_warps
+    assert resident_warps(255, 8, 0) == 8  # 255 registers a thread: one block of 8 warps fills the registers
+    assert resident_warps(148, 4, 0) == 12  # 4864 registers a warp (units of 256): three blocks of 4 warps
+    assert resident_warps(32, 4, 0) == 64  # registers to spare: the 64-warp limit
+    assert resident_warps(64, 8, 160 * 1024) == 8  # one 160 KB block fits the 228 KB of shared memory
+    assert resident_warps(16, 1, 0) == 32  # one-warp blocks: the 32-block limit
