@@ -353,6 +353,20 @@ class Steps:
         times["backward"] = round(times.pop("all") - forward, 3)
         return times
 
+    def variant_against_eager(self, benchmark, compare, describe_device, name, step_of, group, described):
+        """Times ``step_of(a copy of the student)``, named ``name`` (``described`` in the results), against the
+        eager step and the original (``measure``); returns its step."""
+        student = self.pair[1]
+        variant = copy.deepcopy(student)
+        contenders = {"original": self.original, "fastmini": self.of(student), name: step_of(variant)}
+        models = {"original": self.pair[2], "fastmini": student, name: variant}
+        self.measure(
+            benchmark, compare, describe_device, contenders, models, name, group=group,
+            backend=f"{name}: {described}; fastmini: eager; both with the trainer's defaults (on CUDA "
+            "--graph-teacher --low-precision-maps); original: transformers modules, eager attention, full logits",
+        )  # fmt: skip
+        return contenders[name]
+
     def original_body(self):
         teacher_model, _, original = self.pair
         autocast = (
@@ -458,23 +472,13 @@ def test_distillation_step_compiled(
     cost the GPU run's budget only this comparison, not the step's main figures above. CUDA only."""
     if setup.device != "cuda":
         pytest.skip("timed on CUDA only: on the CPU the compiled step ran within 5% of the eager one (README)")
-    student = pair[1]
     steps = Steps(setup, pair, batch)
-    compiled = copy.deepcopy(student)
-    contenders = {
-        "original": steps.original,
-        "fastmini": steps.of(student),
-        "fastmini-compiled": steps.of(compiled, compiled=True),
-    }
-    models = {"original": pair[2], "fastmini": student, "fastmini-compiled": compiled}
-    steps.measure(
-        benchmark, compare, describe_device, contenders, models, "fastmini-compiled", group=", compiled",
-        backend="fastmini-compiled: --compile-student (the student side through torch.compile, dynamic shapes); "
-        "fastmini: eager; both with the trainer's defaults (on CUDA --graph-teacher --low-precision-maps); "
-        "original: transformers modules, eager attention, full logits",
+    step = steps.variant_against_eager(
+        benchmark, compare, describe_device, "fastmini-compiled", lambda model: steps.of(model, compiled=True),
+        group=", compiled",
+        described="--compile-student (the student side through torch.compile, dynamic shapes)",
     )  # fmt: skip
-    record_kernel_profile(benchmark, "fastmini-compiled", contenders["fastmini-compiled"])
-    step = contenders["fastmini-compiled"]
+    record_kernel_profile(benchmark, "fastmini-compiled", step)
     record_phase_times(benchmark, "fastmini-compiled", lambda range_times: steps.phase_times(range_times, step))
 
 
@@ -488,20 +492,11 @@ def test_distillation_step_compiled_graphs(
     33 ms of kernels in a 36.8 ms step); graphs take the host out of the encoder. CUDA only."""
     if setup.device != "cuda":
         pytest.skip("CUDA graphs: CUDA only")
-    student = pair[1]
     steps = Steps(setup, pair, batch)
-    graphed = copy.deepcopy(student)
-    contenders = {
-        "original": steps.original,
-        "fastmini": steps.of(student),
-        "fastmini-compiled-graphs": steps.of(graphed, side_class=GraphedPaddedEncoderSide),
-    }
-    models = {"original": pair[2], "fastmini": student, "fastmini-compiled-graphs": graphed}
-    steps.measure(
-        benchmark, compare, describe_device, contenders, models, "fastmini-compiled-graphs", group=", graphs",
-        backend="fastmini-compiled-graphs: the student's encoder through torch.compile(mode='reduce-overhead') on "
-        "the padded layout, head and losses eager (an experiment); fastmini: eager; both with the trainer's "
-        "defaults (on CUDA --graph-teacher --low-precision-maps); original: transformers modules, eager attention, "
-        "full logits",
+    step = steps.variant_against_eager(
+        benchmark, compare, describe_device, "fastmini-compiled-graphs",
+        lambda model: steps.of(model, side_class=GraphedPaddedEncoderSide), group=", graphs",
+        described="the student's encoder through torch.compile(mode='reduce-overhead') on the padded layout, head "
+        "and losses eager (an experiment)",
     )  # fmt: skip
-    record_kernel_profile(benchmark, "fastmini-compiled-graphs", contenders["fastmini-compiled-graphs"])
+    record_kernel_profile(benchmark, "fastmini-compiled-graphs", step)
