@@ -10,9 +10,8 @@ into $OUT as the runs go when that variable is set (the device tool brings $OUT 
 but at most 8 files): gpu-tests.log, gpu-benchmarks.log (every benchmark file's output, one after the
 other), benchmarks.json (the reports merged so far), launch-overhead.log and the results file.
 ``run_gpu.py [--label NAME] [BENCHMARK_FILE ...] [--tests TEST_FILE ...]`` runs the named benchmark files
-(or single tests, FILE::TEST, each in a pytest of its own) only, and the GPU tests of the named test files
-only (of every marked file otherwise), and names the results
-``<date>-<gpu>-<label>.md``.
+(or single tests, FILE::TEST; tests of one file named in a row share a pytest) only, and the GPU tests of the
+named test files only (of every marked file otherwise), and names the results ``<date>-<gpu>-<label>.md``.
 
 The whole call must come back within one device command (10 minutes, installs and start-up included:
 call it with the device tool's timeout_s=600), so the steps share a wall-clock budget (``BUDGET_S``, 8.5
@@ -185,33 +184,49 @@ def read_report(path: Path) -> dict:
         return {}
 
 
+def benchmark_steps(names: list[str]) -> list[list[str]]:
+    """The pytest runs ``names`` make, in order: each file alone, and tests of one file named one after the other
+    (FILE::TEST) together, so that they share one budget, not one each less a reserve for the others (session 15:
+    three tests of one file, each in a run of its own, were all stopped before their first timed round)."""
+    steps: list[list[str]] = []
+    for name in names:
+        same_file = steps and "::" in name and "::" in steps[-1][-1]
+        if same_file and steps[-1][-1].split("::")[0] == name.split("::")[0]:
+            steps[-1].append(name)
+        else:
+            steps.append([name])
+    return steps
+
+
 def run_benchmark_files(files: list[str], logs: Path, deadline: float) -> tuple[int, list[str], dict]:
-    """Each file in its own pytest, within what is left before ``deadline`` less a reserve for each file
-    after it: the exit code (the first failure's), one summary line per file, the merged reports. The outputs
-    follow one another in ``logs``/gpu-benchmarks.log; the reports merged so far are rewritten to
-    ``logs``/benchmarks.json after each file."""
+    """Each file (or run of tests of one file, benchmark_steps) in its own pytest, within what is left before
+    ``deadline`` less a reserve for each step after it: the exit code (the first failure's), one summary line
+    per step, the merged reports. The outputs follow one another in ``logs``/gpu-benchmarks.log; the reports
+    merged so far are rewritten to ``logs``/benchmarks.json after each step."""
     code, lines, merged = 0, [], {"benchmarks": []}
     log, merged_path = logs / "gpu-benchmarks.log", logs / "benchmarks.json"
     log.write_text("")
     merged_path.unlink(missing_ok=True)  # a file left by an earlier run must not count as this one's
+    steps = benchmark_steps(files)
     with tempfile.TemporaryDirectory() as scratch:
-        for index, name in enumerate(files):
+        for index, names in enumerate(steps):
             json_path = Path(scratch) / f"benchmarks-{index}.json"
-            budget = deadline - time.monotonic() - BENCHMARK_FILE_RESERVE_S * (len(files) - index - 1)
+            budget = deadline - time.monotonic() - BENCHMARK_FILE_RESERVE_S * (len(steps) - index - 1)
+            title = " ".join(names)
             if budget < INTERRUPT_GRACE_S:
-                lines.append(f"`{name}`: not run (no time left)")
+                lines.append(f"`{title}`: not run (no time left)")
                 code = code or 1
                 continue
             with log.open("a") as stream:
-                stream.write(f"\n==== {name} ====\n")
+                stream.write(f"\n==== {title} ====\n")
             file_code, output = run(
-                [name, "--benchmark-only", "-q", "-p", "no:cacheprovider", f"--benchmark-json={json_path}",
+                [*names, "--benchmark-only", "-q", "-p", "no:cacheprovider", f"--benchmark-json={json_path}",
                  *per_test_timeout(300)],
                 log,
                 budget,
                 append=True,
             )  # fmt: skip
-            lines.append(f"`{name}`: {summary_line(output)} (exit {file_code})")
+            lines.append(f"`{title}`: {summary_line(output)} (exit {file_code})")
             code = code or file_code
             merged["benchmarks"] += read_report(json_path).get("benchmarks", [])
             merged_path.write_text(json.dumps(merged))
@@ -283,7 +298,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         "benchmarks",
         nargs="*",
         default=GPU_BENCHMARKS,
-        help="benchmark files (or FILE::TEST ids) to run, each in a pytest of its own (default: GPU_BENCHMARKS)",
+        help="benchmark files (or FILE::TEST ids; those of one file in a row share a pytest) to run, each file in a "
+        "pytest of its own (default: GPU_BENCHMARKS)",
     )
     parser.add_argument("--label", help="results go to benchmarks/results/<date>-<gpu>-<label>.md")
     parser.add_argument(

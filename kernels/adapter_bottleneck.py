@@ -47,7 +47,7 @@ Design (why it is shaped this way):
 - A second backward design ("gemm", BACKWARD_PATHS): one row kernel does the row kernel's work, writes dz
   and dx (a third sweep, from L2) and per-block column sums, and the two weight gradients are GEMMs over
   the materialised dz and dh: 4 passes in the kernel + 2 in the GEMMs, against the column kernel's
-  register pressure (see BACKWARD_PATHS). Which is faster is a GPU measurement.
+  register pressure (see BACKWARD_PATHS). On an H200 it was the slower (see BACKWARD_PATH).
 - tl.dot operands are in the activation's dtype when it is 16-bit (tensor cores, as torch's own bf16
   linear layers; weights are cast to it, as autocast does), otherwise in the accumulator dtype: fp32, or
   fp64 for gradcheck. fp32 dots on a GPU use input_precision="tf32x3" (each operand split into two TF32
@@ -631,7 +631,8 @@ FORWARD_TILE_CANDIDATES = {
     "2 stages": {"num_stages": 2},
     "4 stages": {"num_stages": 4},
     # 77 registers a thread (inference, bf16, sm_90: make kernel-resources): 3 blocks, 24 warps an SM, against
-    # the default's 127 (2 blocks, 16 warps). Not timed yet.
+    # the default's 127 (2 blocks, 16 warps). Slower all the same on the H200 (session 15, GPU time): 0.70x at
+    # 16384 rows, 0.40x and 0.41x at 128 and 1024.
     "32 rows, 64-wide chunks": {"BLOCK_M": 32, "BLOCK_K": 64},
 }
 BACKWARD_TILE_CANDIDATES = {
@@ -655,7 +656,9 @@ BACKWARD_TILE_CANDIDATES = {
 # "gemm": one row kernel writes dx, dz and the per-block column sums, and two GEMMs (cuBLAS on a GPU) give the
 # weight gradients (6 passes, but no program holds a weight-gradient tile: compiled for sm_90 the column kernel
 # needs all 255 registers and, in its 64-row steps, 1.8 KB of spill stack a thread; the gemm row kernel does not
-# spill). "columns" stays the default until a GPU sweep (BACKWARD_TILE_CANDIDATES) shows "gemm" faster.
+# spill). On the H200 (session 15, 16384 x 768 bf16, GPU time) "gemm" was the slower: its backward 0.72x the
+# column path's in the sweep (0.85-0.88x in 64-row steps or 128-wide chunks), the op's forward+backward 416 us
+# against 320. So "columns" stays the default.
 BACKWARD_PATHS = ("columns", "gemm")
 BACKWARD_PATH = "columns"
 _ROW_GROUPS_ON_CPU = 2  # SPLITS under the interpreter: small, but > 1 so the partial reduction is exercised

@@ -46,41 +46,41 @@ from fastmini.kernels.interpreter import cast_output
 # The whole row lives in registers; past this the kernels would spill badly (and the model
 # never comes near it: MiniALBERT's H is 312 or 768).
 MAX_HIDDEN = 16384
-# Elements of one program's (rows x BLOCK_H) tile: backward keeps about twice as many live
-# values per element as forward, so its tile is half the size.
+# Elements of one program's (rows x BLOCK_H) tile, and of it a thread's share: backward keeps about twice as
+# many live values per element as forward, so its tile is smaller and a thread holds fewer of them. At H=768
+# the backward's tile is one (1024-padded) row on 4 warps (BACKWARD_CANDIDATES says what it beat).
 _FORWARD_TILE_ELEMENTS = 4096
-_BACKWARD_TILE_ELEMENTS = 2048
-_ELEMENTS_PER_THREAD = 16
+_FORWARD_ELEMENTS_PER_THREAD = 16
+_BACKWARD_TILE_ELEMENTS = 1024
+_BACKWARD_ELEMENTS_PER_THREAD = 8
 # How dropout draws its uniforms (_dropout_keep), read at every launch, so forward, backward and
 # dropout_keep_mask agree as long as it is not changed between them. "per-element" (tl.rand: Philox's ten rounds
-# for each element) is what ran on an H200, where the dropout variant's forward+backward took 188 us against
-# 93 us without dropout (16384 x 768 bf16, session 13). "four-per-call" (tl.rand4x: a quarter of the Philox
-# work; compiled for sm_90 its forward has 80 wide/high integer multiplies a thread instead of 280, its backward
-# 92 instead of 288) is tested through the interpreter only: the default once a GPU run passes and times it
-# (benchmarks/test_add_layer_norm.py's "triton-four-per-call" contender).
+# for each element) or "four-per-call" (tl.rand4x: a quarter of the Philox work; compiled for sm_90 its forward has
+# 80 wide/high integer multiplies a thread instead of 280, its backward 92 instead of 288). On an H200
+# (2026-11-26, session 15, 16384 x 768, GPU time, benchmarks/test_add_layer_norm.py) the dropout variant's
+# forward+backward took 113 us with four-per-call against 179 us per-element (bf16; fp32 133 against 188), and
+# the GPU tests passed under both, so four-per-call is the default.
 DROPOUT_RNG_SCHEMES = ("per-element", "four-per-call")
-DROPOUT_RNG = "per-element"
+DROPOUT_RNG = "four-per-call"
 # Backward programs per SM: each sums dw and db over its slab of rows into one (H,) partial, so more programs
 # mean more partials to reduce, fewer mean fewer warps in flight to hide the loads' latency.
 _BACKWARD_PROGRAMS_PER_SM = 8
 # What a GPU sweep tries besides the defaults (benchmarks/test_add_layer_norm.py times them through the
-# launcher's overrides). On an H200 (2026-11-26, session 13, bf16, GPU time) the backward with 4 programs per
-# SM moved its ~75 MB at 16384 x 768 in 58.0 us, ~40% of the copy rate: 8 per SM took 52.9 us (1.10x; 1.01x at
-# 1024 rows), now the default (one sweep so far), 16 per SM 1.03x; 4- and 8-row tiles (8 and 16 warps) were
-# slower at 16384 rows (0.82x, 0.55x), 1.12x and 1.10x at 1024.
+# launcher's overrides). Registers decide how many blocks an SM keeps (benchmarks/kernel_resources.py, bf16
+# H=768 without dropout, sm_90): 2-row tiles on 4 warps need 148 registers a thread (12 warps an SM), on 8 warps
+# 79 (24); 1-row tiles on 8 warps 57 (32). On an H200 (2026-11-26, GPU time, 16384 / 1024 x 768 bf16): session
+# 13 chose 8 programs per SM over 4 (1.10x at 16384 rows); session 15 timed the then default, 2-row tiles on 4
+# warps, at 53.3 / 29.9 us and 1-row tiles on 4 warps at 49.3 / 24.1 us (1.08x / 1.24x; the same with dropout),
+# now the default; 1-row tiles on 8 warps 0.87x / 1.22x; 2-row on 8 warps 0.78x / 0.77x; 4-row tiles (8 warps)
+# 0.74x / 1.12x; 4 or 16 programs per SM 0.92-0.94x / 1.01x.
 BACKWARD_CANDIDATES = {
     "default": {},
-    "4 programs per SM": {"programs_per_sm": 4},
-    "16 programs per SM": {"programs_per_sm": 16},
-    "4-row tiles, 8 warps": {"tile_elements": 4096},
-    "4-row tiles, 4 programs per SM": {"tile_elements": 4096, "programs_per_sm": 4},
-    # More warps an SM (registers decide how many blocks stay resident; benchmarks/kernel_resources.py, bf16
-    # H=768 without dropout, sm_90): the default 2-row tile on 4 warps needs 148 registers a thread (3 blocks,
-    # 12 warps an SM), on 8 warps 79 (24 warps); a 1-row tile on 8 warps 57 (32 warps). The slower 4-row tiles
-    # above need 149 on 8 warps (8 warps an SM). Not timed yet.
-    "2-row tiles, 8 warps": {"num_warps": 8},
-    "1-row tiles, 4 warps": {"tile_elements": 1024, "num_warps": 4},
-    "1-row tiles, 8 warps": {"tile_elements": 1024, "num_warps": 8},
+    "1-row tiles, 2 warps": {"num_warps": 2},
+    "1-row tiles, 8 warps": {"num_warps": 8},
+    "1-row tiles, 4 programs per SM": {"programs_per_sm": 4},
+    "1-row tiles, 16 programs per SM": {"programs_per_sm": 16},
+    "2-row tiles, 4 warps (session 13)": {"tile_elements": 2048, "num_warps": 4},
+    "4-row tiles, 8 warps": {"tile_elements": 4096, "num_warps": 8},
 }
 
 
@@ -246,7 +246,7 @@ def compute_dtype(out_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if out_dtype == torch.float64 else torch.float32
 
 
-def _tile(hidden: int, tile_elements: int) -> tuple[int, int, int]:
+def _tile(hidden: int, tile_elements: int, elements_per_thread: int) -> tuple[int, int, int]:
     """(BLOCK_ROWS, BLOCK_H, num_warps): a whole padded row per tile row, small H packs several rows."""
     if hidden > MAX_HIDDEN:
         raise ValueError(
@@ -254,7 +254,7 @@ def _tile(hidden: int, tile_elements: int) -> tuple[int, int, int]:
         )
     block_h = max(16, triton.next_power_of_2(hidden))  # >= 16: _dropout_keep draws 4 columns a Philox call
     block_rows = max(1, tile_elements // block_h)
-    num_warps = min(16, max(1, block_rows * block_h // (32 * _ELEMENTS_PER_THREAD)))
+    num_warps = min(16, max(1, block_rows * block_h // (32 * elements_per_thread)))
     return block_rows, block_h, num_warps
 
 
@@ -289,7 +289,7 @@ def add_layer_norm_forward(
     rstd = torch.empty(n_rows, dtype=compute_dtype(out_dtype), device=x.device)
     if n_rows == 0:
         return out, total, mean, rstd
-    block_rows, block_h, num_warps = _tile(hidden, _FORWARD_TILE_ELEMENTS)
+    block_rows, block_h, num_warps = _tile(hidden, _FORWARD_TILE_ELEMENTS, _FORWARD_ELEMENTS_PER_THREAD)
     _add_layer_norm_forward_kernel[(triton.cdiv(n_rows, block_rows),)](
         x,
         residual,
@@ -340,7 +340,7 @@ def add_layer_norm_backward(
     if n_rows == 0:
         zeros = torch.zeros(hidden, dtype=mean.dtype, device=total.device)
         return grad_sum, grad_x, zeros, zeros.clone()
-    block_rows, block_h, tile_warps = _tile(hidden, tile_elements)
+    block_rows, block_h, tile_warps = _tile(hidden, tile_elements, _BACKWARD_ELEMENTS_PER_THREAD)
     num_warps = num_warps or tile_warps
     programs_wanted = min(programs_per_sm * _streaming_multiprocessors(total.device), triton.cdiv(n_rows, block_rows))
     rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs_wanted), block_rows) * block_rows
@@ -376,7 +376,7 @@ def dropout_keep_mask(seed: int, n_rows: int, hidden: int, dropout_p: float, dev
     keep = torch.empty((n_rows, hidden), dtype=torch.uint8, device=device)
     if n_rows == 0:
         return keep.bool()
-    block_rows, block_h, num_warps = _tile(hidden, _FORWARD_TILE_ELEMENTS)
+    block_rows, block_h, num_warps = _tile(hidden, _FORWARD_TILE_ELEMENTS, _FORWARD_ELEMENTS_PER_THREAD)
     _dropout_keep_mask_kernel[(triton.cdiv(n_rows, block_rows),)](
         keep, n_rows, hidden, dropout_p, seed, FOUR_PER_CALL=_four_per_call(), BLOCK_ROWS=block_rows,
         BLOCK_H=block_h, num_warps=num_warps,

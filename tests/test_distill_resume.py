@@ -284,3 +284,19 @@ def test_rng_state_round_trip():
     random.random()
     checkpoints.restore_rng_state(state)
     assert random.random() == expected[0] and torch.equal(torch.rand(3), expected[1])
+
+
+def test_a_compiled_student_trains_to_the_eager_parameters(teacher_dir, tmp_path):
+    """--compile-student through the trainer's whole loop (checkpoints, evaluation, the final save): the same
+    parameters as eager to float rounding, with dropout off (inductor draws its own random numbers). About a
+    minute: the compile."""
+    no_dropout = ("--dropout", "0")  # hidden and attention dropout
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FASTMINI_BACKEND", "torch")
+        assert main(run_args(teacher_dir, tmp_path / "eager", *no_dropout)) == 0
+        assert main(run_args(teacher_dir, tmp_path / "compiled", *no_dropout, "--compile-student")) == 0
+    eager, compiled = final_weights(tmp_path / "eager"), final_weights(tmp_path / "compiled")
+    assert compiled.keys() == eager.keys()
+    difference = max((compiled[name] - eager[name]).abs().max().item() for name in eager)
+    assert difference < 1e-5
+    assert [step for step, _ in checkpoints.list_checkpoints(tmp_path / "compiled" / "checkpoints")] == [STEPS]

@@ -185,6 +185,22 @@ def test_a_subset_of_benchmarks_and_a_label_are_checked(run_gpu, capsys):
         assert message in capsys.readouterr().err
 
 
+def test_tests_of_one_file_named_in_a_row_share_a_pytest(run_gpu, tmp_path):
+    distill, kernels = "benchmarks/test_distill_step.py", "benchmarks/test_add_layer_norm.py"
+    assert run_gpu.benchmark_steps(
+        [f"{distill}::test_a", f"{distill}::test_b", kernels, f"{kernels}::test_c", f"{distill}::test_d", distill]
+    ) == [[f"{distill}::test_a", f"{distill}::test_b"], [kernels], [f"{kernels}::test_c"], [f"{distill}::test_d"],
+          [distill]]  # fmt: skip
+    timed = "    benchmark.pedantic(lambda: None, rounds=2)\n"
+    both = write_benchmarks(tmp_path, f"def test_one(benchmark):\n{timed}\ndef test_two(benchmark):\n{timed}")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    code, lines, report = run_gpu.run_benchmark_files([f"{both}::test_two", f"{both}::test_one"], logs,
+                                                      time.monotonic() + 300)  # fmt: skip
+    assert code == 0 and len(lines) == 1 and "2 passed" in lines[0], lines
+    assert sorted(bench["name"] for bench in report["benchmarks"]) == ["test_one", "test_two"]
+
+
 def test_each_benchmark_file_runs_alone_and_their_reports_are_merged(run_gpu, tmp_path, monkeypatch):
     timed = "    benchmark.pedantic(lambda: None, rounds=2)\n"
     first = write_benchmarks(tmp_path, f"def test_one(benchmark):\n{timed}", "test_first.py")
