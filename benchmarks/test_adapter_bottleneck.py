@@ -101,7 +101,16 @@ def make_step(implementation, mode: str, tensors, grad_output):
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("rows", ROWS)
 def test_adapter_bottleneck(
-    benchmark, compare, describe_device, sync, record_bandwidth, with_setting, rows, dtype_name, mode
+    benchmark,
+    compare,
+    describe_device,
+    sync,
+    record_bandwidth,
+    record_kernel_profile,
+    with_setting,
+    rows,
+    dtype_name,
+    mode,
 ):
     device = torch.device("cuda")
     tensors, grad_output = make_inputs(rows, DTYPES[dtype_name], device, requires_grad=mode != "forward")
@@ -138,6 +147,9 @@ def test_adapter_bottleneck(
         target="forward >= 80% of copy bandwidth (16384 x 768 bf16, device time); forward+backward >= 3x torch",
     )
     record_bandwidth(benchmark, medians, minimum_bytes(mode, rows, tensors[0].element_size()), device, steps)
+    if mode != "forward" and rows == 16384 and dtype_name == "bf16":  # which kernel of each backward is slow
+        for name, step in steps.items():
+            record_kernel_profile(benchmark, name, step)
 
 
 @pytest.mark.parametrize(

@@ -66,7 +66,17 @@ def make_step(implementation, mode: str, dropout_p: float, tensors, grad_out):
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("rows", ROWS)
 def test_add_layer_norm(
-    benchmark, compare, describe_device, sync, record_bandwidth, with_setting, rows, dtype_name, mode, dropout_p
+    benchmark,
+    compare,
+    describe_device,
+    sync,
+    record_bandwidth,
+    record_kernel_profile,
+    with_setting,
+    rows,
+    dtype_name,
+    mode,
+    dropout_p,
 ):
     device = torch.device("cuda")
     dtype = DTYPES[dtype_name]
@@ -112,6 +122,9 @@ def test_add_layer_norm(
         torch_version=torch.__version__,
     )
     record_bandwidth(benchmark, medians, minimum_bytes(mode, dropout_p, rows, x.element_size()), device, steps)
+    if mode != "forward" and rows == 16384 and dtype_name == "bf16":  # the backward's kernels, its reduction's too
+        for name, step in steps.items():
+            record_kernel_profile(benchmark, name, step)
 
 
 @pytest.mark.parametrize(

@@ -39,23 +39,30 @@ def masked_batch(lengths, length, pattern="right", seed=0, vocab=99):
 
 
 def test_token_buckets_step_evenly_between_powers_of_two_and_end_at_the_limit():
-    assert token_buckets(8192)[:13] == (8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64)
+    assert token_buckets(8192)[:20] == (8, 9, 10, 11, 12, 13, 14, 15, 16, 18, 20, 22, 24, 26, 28, 30, 32, 36, 40, 44)
+    assert token_buckets(8192, 4)[:13] == (8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64)
+    assert token_buckets(8192, 1)[:5] == (8, 16, 32, 64, 128)
     assert token_buckets(8192)[-1] == 8192 and token_buckets(100)[-2:] == (96, 100) and token_buckets(5) == (5,)
+    assert [b for b in token_buckets(8192) if b >= 4274][0] == 4608  # the ragged benchmark's batch
+    for bad in (0, 3, 16):
+        with pytest.raises(ValueError, match=r"token steps per doubling must be one of \[1, 2, 4, 8\], got"):
+            token_buckets(64, bad)
 
 
+@pytest.mark.parametrize("steps", [8, 4, 1])
 @pytest.mark.parametrize("limit", [5, 100, 8192])
-def test_each_count_gets_the_smallest_bucket_that_holds_it_and_its_filler_bound(limit):
-    buckets = token_buckets(limit)
+def test_each_count_gets_the_smallest_bucket_that_holds_it_and_its_filler_bound(limit, steps):
+    buckets = token_buckets(limit, steps)
     most_filler_seen: dict[int, int] = {}
     for real in range(1, limit + 1):
-        bucket, most_filler = token_bucket(real, limit)
+        bucket, most_filler = token_bucket(real, limit, steps)
         assert bucket == min(b for b in buckets if b >= real)
         assert bucket - real <= most_filler
         most_filler_seen[bucket] = max(most_filler_seen.get(bucket, 0), bucket - real)
         if real >= SMALLEST_TOKEN_BUCKET:
-            assert bucket <= 1.25 * real  # at most a quarter of the graph's tokens are filler
+            assert bucket <= (1 + 1 / steps) * real  # at most 1/steps of the graph's tokens are filler
     for bucket, seen in most_filler_seen.items():
-        assert token_bucket(bucket, limit)[1] == seen  # the bound is reached: no spare filler rows
+        assert token_bucket(bucket, limit, steps)[1] == seen  # the bound is reached: no spare filler rows
 
 
 def test_token_bucket_refuses_counts_outside_the_grid_bucket():
@@ -94,22 +101,22 @@ def test_the_recorded_packing_holds_the_token_bucket_with_filler_in_rows_of_its_
         return encoded.repad(encoded.sequence)
 
     encoder = UnpaddedGraphedEncoder(spy, capture=EagerCapture(), **BUCKETS)
-    ids, mask = masked_batch([17, 2, 30], 30, seed=1)  # 49 real tokens: bucket (4, 32) holds them as 56
+    ids, mask = masked_batch([17, 2, 30], 30, seed=1)  # 49 real tokens: bucket (4, 32) holds them as 52
     encoder(ids, mask)
-    assert encoder.captured_buckets == [(4, 32, 56)]
+    assert encoder.captured_buckets == [(4, 32, 52)]
     packing = seen[-1]
-    assert packing.indices.shape == (56,)
+    assert packing.indices.shape == (52,)
     rows, sequence = packing.batch_size, packing.seq_len
-    assert sequence == 32 and rows == 4 + 1  # 56 - 49 = 7 filler tokens at most 56 - 48 - 1: one extra row
+    assert sequence == 32 and rows == 4 + 1  # 52 - 49 = 3 filler tokens at most 52 - 48 - 1: one extra row
     lengths = packing.cu_seqlens.diff().tolist()
-    assert lengths == [17, 2, 30, 0, 7]  # the batch, an empty bucket row, the filler's own sequence
+    assert lengths == [17, 2, 30, 0, 3]  # the batch, an empty bucket row, the filler's own sequence
     assert max(lengths) <= sequence
 
 
 def test_a_bucket_is_reused_with_its_buffers_refilled(tiny_config, randomize):
     model = tiny_model(tiny_config, randomize)
     encoder = model.graphed_encoder(unpadded=True, capture=EagerCapture(), **BUCKETS)
-    first = masked_batch([10, 20, 5], 24, seed=1)  # 35 tokens -> bucket 40
+    first = masked_batch([10, 20, 7], 24, seed=1)  # 37 tokens -> bucket 40
     second = masked_batch([24, 3, 11], 24, seed=2)  # 38 tokens -> bucket 40 again, other filler
     for ids, mask in (first, second, first):
         with torch.no_grad():
@@ -124,9 +131,9 @@ def test_a_mask_refilled_in_place_between_calls_is_read_again(tiny_config, rando
     """A serving loop may reuse one mask tensor: the host copy of the mask belongs to one call only."""
     model = tiny_model(tiny_config, randomize)
     encoder = model.graphed_encoder(unpadded=True, capture=EagerCapture(), **BUCKETS)
-    ids, mask = masked_batch([10, 20, 5], 24, seed=1)
+    ids, mask = masked_batch([10, 20, 7], 24, seed=1)
     encoder(ids, mask)
-    _, other = masked_batch([24, 3, 11], 24, seed=2)  # 38 tokens: the same bucket as 35, other indices
+    _, other = masked_batch([24, 3, 11], 24, seed=2)  # 38 tokens: the same bucket as 37, other indices
     mask.copy_(other)
     with torch.no_grad():
         expected = model(ids, mask).last_hidden_state
@@ -162,7 +169,7 @@ def test_prepare_captures_the_buckets_those_shapes_will_use(tiny_config, randomi
     model = tiny_model(tiny_config, randomize)
     encoder = model.graphed_encoder(unpadded=True, capture=EagerCapture(), **BUCKETS)
     encoder.prepare([(3, 20, 37), (3, 20)], device="cpu")  # 37 real tokens; every token of a 3 x 20 batch real
-    assert encoder.captured_buckets == [(4, 32, 40), (4, 32, 64)]
+    assert encoder.captured_buckets == [(4, 32, 40), (4, 32, 60)]
     encoder.prepare([(3, 20, 38)], device="cpu")  # same bucket: nothing new
     encoder(*masked_batch([20, 20, 20], 20))  # a full 3 x 20 batch: prepared already
     assert encoder.stats.captures == 2

@@ -14,10 +14,13 @@ from dataclasses import dataclass
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 DEFAULT_SEQUENCE_BUCKETS = (32, 64, 128, 256, 512)
 # Token buckets of the unpadded graphs: from SMALLEST_TOKEN_BUCKET on, TOKEN_STEPS_PER_DOUBLING even steps
-# between powers of two (8, 10, 12, 14, 16, 20, ...): ~4 graphs per doubling, and from 8 real tokens on at
-# most 25% of a graph's tokens are filler (below 8, the first bucket of 8 is mostly filler).
+# between powers of two (8, 9, ..., 16, 18, ..., 32, 36, ...): 8 graphs per doubling, and from 8 real tokens on
+# at most 1/8 of a graph's tokens are filler (below 8, the first bucket of 8 is mostly filler). Filler is work:
+# with 4 steps (at most 25% filler) the ragged benchmark's 4274 real tokens ran as 5120 (session 15, H200),
+# with 8 as 4608. More steps mean more graphs to capture (lazily, each once), not more memory: the graphs of a
+# (batch, sequence) bucket share one memory pool and one output.
 SMALLEST_TOKEN_BUCKET = 8
-TOKEN_STEPS_PER_DOUBLING = 4
+TOKEN_STEPS_PER_DOUBLING = 8
 
 
 def normalize_buckets(buckets: Iterable[int], name: str) -> tuple[int, ...]:
@@ -74,28 +77,37 @@ class BucketGrid:
         return None if batch is None or sequence is None else (batch, sequence)
 
 
-def token_buckets(limit: int) -> tuple[int, ...]:
+def token_buckets(limit: int, steps_per_doubling: int = TOKEN_STEPS_PER_DOUBLING) -> tuple[int, ...]:
     """The token counts unpadded graphs are captured for, up to ``limit`` (the batch bucket times the sequence
-    bucket, every token real), which is always the last."""
-    sizes, step = [SMALLEST_TOKEN_BUCKET], SMALLEST_TOKEN_BUCKET // TOKEN_STEPS_PER_DOUBLING
+    bucket, every token real), which is always the last; ``steps_per_doubling`` (a power of two, at most
+    SMALLEST_TOKEN_BUCKET) even steps between powers of two."""
+    check_steps_per_doubling(steps_per_doubling)
+    sizes, step = [SMALLEST_TOKEN_BUCKET], SMALLEST_TOKEN_BUCKET // steps_per_doubling
     while sizes[-1] < limit:
-        if sizes[-1] + step > 2 * step * TOKEN_STEPS_PER_DOUBLING:
+        if sizes[-1] + step > 2 * step * steps_per_doubling:
             step *= 2
         sizes.append(sizes[-1] + step)
     return tuple(size for size in sizes if size < limit) + (limit,)
 
 
-def token_bucket(real_tokens: int, limit: int) -> tuple[int, int]:
+def check_steps_per_doubling(steps_per_doubling: int) -> None:
+    allowed = [2**k for k in range(SMALLEST_TOKEN_BUCKET.bit_length()) if 2**k <= SMALLEST_TOKEN_BUCKET]
+    if steps_per_doubling not in allowed:
+        raise ValueError(f"token steps per doubling must be one of {allowed}, got {steps_per_doubling!r}")
+
+
+def token_bucket(real_tokens: int, limit: int, steps_per_doubling: int = TOKEN_STEPS_PER_DOUBLING) -> tuple[int, int]:
     """(the token bucket that holds ``real_tokens`` <= ``limit``, the most filler tokens any input of that bucket
     needs): its graph is recorded for exactly that many tokens, the real ones topped up with filler."""
     if not 0 < real_tokens <= limit:
         raise ValueError(f"token_bucket: real_tokens must be in 1..{limit}, got {real_tokens}")
-    buckets = token_buckets(limit)
+    buckets = token_buckets(limit, steps_per_doubling)
     index = next(i for i, size in enumerate(buckets) if size >= real_tokens)
     smaller = buckets[index - 1] if index else 0
     return buckets[index], buckets[index] - smaller - 1
 
 
-def most_filler(limit: int) -> int:
+def most_filler(limit: int, steps_per_doubling: int = TOKEN_STEPS_PER_DOUBLING) -> int:
     """The most filler tokens any token bucket up to ``limit`` needs (what its filler rows must hold)."""
-    return max(token_bucket(size, limit)[1] for size in token_buckets(limit))
+    buckets = token_buckets(limit, steps_per_doubling)
+    return max(token_bucket(size, limit, steps_per_doubling)[1] for size in buckets)

@@ -4,8 +4,9 @@ GraphedEncoder replays the padded layout: a batch with half its positions paddin
 GEMM on them. Here each graph runs the model's unpadded path on a fixed number of packed tokens, so a
 ragged batch costs what its real tokens cost, rounded up to a token bucket, without launch overhead.
 
-A graph is recorded per (batch bucket, sequence bucket, token bucket) (``buckets.token_bucket``: from
-8 real tokens on, at most 25% filler; ~4 buckets per doubling of the token count). Before each replay
+A graph is recorded per (batch bucket, sequence bucket, token bucket) (``buckets.token_bucket``: with the
+default 8 buckets per doubling of the token count, from 8 real tokens on at most 1/8 of a graph's tokens are
+filler; ``token_steps_per_doubling`` chooses 1, 2, 4 or 8). Before each replay
 the host copies the mask once (one sync: the shapes depend on it; nothing else is read back), builds
 the packing's indices from that copy, and fills the bucket's static buffers:
 
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from fastmini.ops.packing import Packing
-from fastmini.runtime.buckets import most_filler, token_bucket
+from fastmini.runtime.buckets import TOKEN_STEPS_PER_DOUBLING, check_steps_per_doubling, most_filler, token_bucket
 from fastmini.runtime.capture import EncoderFn
 from fastmini.runtime.cuda_graphs import GraphedEncoder, _Bucket, static_zeros
 
@@ -57,11 +58,14 @@ class _UnpaddedBucket(_Bucket):
 
 class UnpaddedGraphedEncoder(GraphedEncoder):
     """``fn(input_ids, attention_mask, packing) -> (B, S, H)`` (an ``UnpaddedEncoderFn``) replayed through one
-    CUDA graph per (batch, sequence, token) bucket on the real tokens only. Options as GraphedEncoder's.
+    CUDA graph per (batch, sequence, token) bucket on the real tokens only. Options as GraphedEncoder's, and
+    ``token_steps_per_doubling``: token buckets between two powers of two (fewer: fewer graphs, more filler).
     ``prepare()`` takes (batch, sequence) shapes, all tokens real, or (batch, sequence, real tokens)."""
 
-    def __init__(self, fn: UnpaddedEncoderFn, **options):
+    def __init__(self, fn: UnpaddedEncoderFn, *, token_steps_per_doubling: int = TOKEN_STEPS_PER_DOUBLING, **options):
+        check_steps_per_doubling(token_steps_per_doubling)
         super().__init__(fn, **options)
+        self.token_steps_per_doubling = token_steps_per_doubling
         self._outputs: dict[tuple[int, int], torch.Tensor] = {}  # one per (batch, sequence) bucket
         self._host_real: torch.Tensor | None = None  # this call's mask as bool on the host (set by _bucket_for)
         self._caller_stream: torch.cuda.Stream | None = None  # the stream of the call that captures
@@ -116,7 +120,7 @@ class UnpaddedGraphedEncoder(GraphedEncoder):
         if real_tokens == 0:
             return None  # nothing to pack: the callable's own path (zeros) serves it
         batch_rows, sequence = grid_bucket
-        tokens, _ = token_bucket(real_tokens, batch_rows * sequence)
+        tokens, _ = token_bucket(real_tokens, batch_rows * sequence, self.token_steps_per_doubling)
         return (batch_rows, sequence, tokens)
 
     def _run_eagerly(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -127,7 +131,7 @@ class UnpaddedGraphedEncoder(GraphedEncoder):
         self, bucket: tuple[int, ...], input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> _UnpaddedBucket:
         batch_rows, sequence, tokens = bucket
-        _, filler = token_bucket(tokens, batch_rows * sequence)
+        _, filler = token_bucket(tokens, batch_rows * sequence, self.token_steps_per_doubling)
         shape = (batch_rows + _rows_for(filler, sequence), sequence)
         like = torch.empty(0, dtype=torch.long, device=self._device_for(input_ids))
         staged = static_zeros((2 * shape[0] * shape[1] + tokens,), like)
@@ -190,7 +194,7 @@ class UnpaddedGraphedEncoder(GraphedEncoder):
         output = self._outputs.get(grid_bucket)
         if output is None:
             batch_rows, sequence = grid_bucket
-            rows = batch_rows + _rows_for(most_filler(batch_rows * sequence), sequence)
+            rows = batch_rows + _rows_for(most_filler(batch_rows * sequence, self.token_steps_per_doubling), sequence)
             # On the caller's stream, which replays and reads it, not the capture's warm-up stream: the caching
             # allocator hands a freed block (after reset()) back to the stream it was allocated on.
             on_caller = self._caller_stream is not None
