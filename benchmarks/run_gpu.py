@@ -305,7 +305,17 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--tests", nargs="+", metavar="TEST_FILE", help="the GPU tests of these files only (default: every marked file)"
     )
+    parser.add_argument(
+        "--no-tests", action="store_true", help="no GPU tests: the whole budget to the benchmarks (a timing rerun)"
+    )
+    parser.add_argument(
+        "--no-launch-overhead",
+        action="store_true",
+        help=f"skip benchmarks/launch_overhead.py, which otherwise keeps the budget's last {LAUNCH_OVERHEAD_S} s",
+    )
     arguments = parser.parse_args(argv)
+    if arguments.no_tests and arguments.tests:
+        parser.error("--tests names GPU tests to run, --no-tests runs none: give one of them")
     if arguments.label is not None and not re.fullmatch(r"[a-z0-9][a-z0-9-]*", arguments.label):
         parser.error(f"--label must be lowercase letters, digits and '-', got {arguments.label!r}")
     named = [*arguments.benchmarks, *(arguments.tests or [])]
@@ -331,15 +341,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench-gpu: {hint}", flush=True)
     gpu = torch.cuda.get_device_name(0)
     logs = log_directory()
-    test_files, workers = arguments.tests or gpu_test_files(), parallel_workers()
-    tests_code, tests_output = run(
-        ["-m", "gpu", *test_files, "-q", "-rfEs", "-p", "no:cacheprovider", *workers, *per_test_timeout(120)],
-        logs / "gpu-tests.log",
-        min(TESTS_SHARE_S, deadline - time.monotonic()),
-    )  # fmt: skip
-    bench_code, bench_lines, report = run_benchmark_files(arguments.benchmarks, logs, deadline - LAUNCH_OVERHEAD_S)
+    test_files, workers = ([] if arguments.no_tests else arguments.tests or gpu_test_files()), parallel_workers()
+    tests_code, tests_output = 0, ""
+    if test_files:
+        tests_code, tests_output = run(
+            ["-m", "gpu", *test_files, "-q", "-rfEs", "-p", "no:cacheprovider", *workers, *per_test_timeout(120)],
+            logs / "gpu-tests.log",
+            min(TESTS_SHARE_S, deadline - time.monotonic()),
+        )  # fmt: skip
+    kept_back = 0 if arguments.no_launch_overhead else LAUNCH_OVERHEAD_S
+    bench_code, bench_lines, report = run_benchmark_files(arguments.benchmarks, logs, deadline - kept_back)
     failures = failed_tests(tests_output)
-    launch_costs = launch_overhead(logs, deadline)
+    launch_costs = "not run (--no-launch-overhead)" if arguments.no_launch_overhead else launch_overhead(logs, deadline)
     today = datetime.date.today().isoformat()
     slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
     lines = [
@@ -349,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         f"CUDA {torch.version.cuda}. Produced by `make bench-gpu` (benchmarks/run_gpu.py).",
         "",
         f"GPU tests (`{' '.join(['pytest', '-m', 'gpu', *workers])}` over {len(test_files)} files): "
-        f"{summary_line(tests_output)} (exit {tests_code})",
+        + (f"{summary_line(tests_output)} (exit {tests_code})" if test_files else "not run (--no-tests)"),
         *[f"- {markdown_cell(line)}" for line in failures],
         "",
         "Benchmarks (`pytest FILE --benchmark-only`, one process a file):",

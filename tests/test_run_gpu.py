@@ -172,6 +172,9 @@ def test_a_subset_of_benchmarks_and_a_label_are_checked(run_gpu, capsys):
     arguments = run_gpu.parse_arguments(["benchmarks/test_distill_step.py", "--tests", "tests/test_run_gpu.py"])
     assert arguments.benchmarks == ["benchmarks/test_distill_step.py"]
     assert arguments.tests == ["tests/test_run_gpu.py"]
+    arguments = run_gpu.parse_arguments(["--no-tests", "--no-launch-overhead"])
+    assert arguments.no_tests and arguments.no_launch_overhead and arguments.tests is None
+    assert not run_gpu.parse_arguments([]).no_tests and not run_gpu.parse_arguments([]).no_launch_overhead
     one_test = "benchmarks/test_distill_step.py::test_distillation_step_compiled_graphs"
     assert run_gpu.parse_arguments([one_test]).benchmarks == [one_test]  # a test of a file, in a pytest of its own
     for bad, message in (
@@ -179,6 +182,7 @@ def test_a_subset_of_benchmarks_and_a_label_are_checked(run_gpu, capsys):
         (["benchmarks/missing.py::test_x"], "no such file: benchmarks/missing.py::test_x"),
         (["--tests", "tests/missing.py"], "no such file: tests/missing.py"),
         (["--label", "a/b"], "--label"),
+        (["--no-tests", "--tests", "tests/test_run_gpu.py"], "--tests names GPU tests to run, --no-tests runs none"),
     ):
         with pytest.raises(SystemExit):
             run_gpu.parse_arguments(bad)
