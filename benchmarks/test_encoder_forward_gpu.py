@@ -25,7 +25,9 @@ Contenders (same weights, bf16, eval, inference mode):
   "fastmini-graphed" (the padded layout replayed) and "fastmini-graphed-unpadded"
   (``graphed_encoder(unpadded=True)``: the real tokens replayed, one graph per token bucket; it reads the
   mask on the host, a sync every call), "fastmini-graphed-unpadded-host" (the same encoder handed the
-  batch on the CPU, as a tokenizer gives it: no sync, one copy in, the next batch prepared during a replay).
+  batch on the CPU, as a tokenizer gives it: no sync, one copy in, the next batch prepared during a replay),
+  "fastmini-graphed-unpadded-cudnn" (that one recorded with cuDNN's varlen attention kernel instead of
+  flash-attention 2's: fastmini.ops.attention.VARLEN_KERNEL = "cudnn", an experiment).
 
 Contenders that fail to build are reported in the benchmark's info (``unavailable``) instead of failing
 the others (every H200 run so far built them all).
@@ -36,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import unittest.mock
 from collections.abc import Callable
 
 import pytest
@@ -49,6 +52,7 @@ from fastmini.baselines.original import (
 )
 from fastmini.flops import encoder_flops
 from fastmini.ops import BACKEND_ENV_VAR
+from fastmini.ops import attention as attention_ops
 from fastmini.runtime.buckets import DEFAULT_BATCH_BUCKETS, DEFAULT_SEQUENCE_BUCKETS, BucketGrid, token_bucket
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU targets: timed on CUDA only")
@@ -101,8 +105,10 @@ def _graphed(
     backend: str | None = None,
     l2_resources: contextlib.ExitStack | None = None,
     unpadded: bool = False,
+    varlen_kernel: str | None = None,
 ) -> Callable:
-    """fn(input_ids, mask) through CUDA graphs; captures happen inside the backend context.
+    """fn(input_ids, mask) through CUDA graphs; captures happen inside the backend context (and with
+    ``varlen_kernel`` as fastmini.ops.attention's VARLEN_KERNEL, which the graphs then record).
 
     With ``l2_resources``, the shared layer's weights go under a persisting L2 window that the graphs'
     kernel nodes carry (graph_hook); the window, a device-wide reservation, is handed to that stack so
@@ -119,7 +125,10 @@ def _graphed(
     encoder = model.graphed_encoder(unpadded=unpadded, **options)
 
     def run(input_ids, mask):
-        with fastmini_backend(backend):
+        kernel = contextlib.nullcontext()
+        if varlen_kernel is not None:
+            kernel = unittest.mock.patch.object(attention_ops, "VARLEN_KERNEL", varlen_kernel)
+        with fastmini_backend(backend), kernel:
             return encoder(input_ids, mask)
 
     return run
@@ -155,6 +164,9 @@ def contenders_for(
         "fastmini-graphed-l2": lambda own: bound(_graphed(fresh(), l2_resources=own)),
         "fastmini-graphed-unpadded": lambda _: bound(_graphed(fresh(), unpadded=True)),
         "fastmini-graphed-unpadded-host": lambda _: bound_to_host_inputs(_graphed(fresh(), unpadded=True)),
+        "fastmini-graphed-unpadded-cudnn": lambda _: bound_to_host_inputs(
+            _graphed(fresh(), unpadded=True, varlen_kernel="cudnn")
+        ),
         "fastmini-graphed-three-qkv": lambda _: bound(_graphed(_three_qkv(fresh()))),
         "torch-compile": lambda _: bound(
             torch.compile(fresh().set_unpadding(False), mode="reduce-overhead", fullgraph=True)
@@ -276,9 +288,9 @@ def test_ragged_half_padding(benchmark, compare, describe_device, record_kernel_
     _run_group(
         benchmark, compare, describe_device, models, "gpu encoder ragged 64x128", input_ids, mask,
         ["fastmini-padded", "fastmini", "fastmini-graphed", "fastmini-graphed-unpadded",
-         "fastmini-graphed-unpadded-host", "original"],
+         "fastmini-graphed-unpadded-host", "fastmini-graphed-unpadded-cudnn", "original"],
         "fastmini-padded", rounds=30, profiler=record_kernel_profile,
-        profiled=("fastmini", "fastmini-graphed", "fastmini-graphed-unpadded", "fastmini-graphed-unpadded-host"),
+        profiled=("fastmini", "fastmini-graphed", "fastmini-graphed-unpadded-host", "fastmini-graphed-unpadded-cudnn"),
     )  # fmt: skip
     benchmark.extra_info["padding_percent"] = round(100 * (1 - float(mask.float().mean())), 1)
     # The tokens the unpadded graphs compute: the real ones rounded up to their token bucket.

@@ -121,6 +121,34 @@ def test_cuda_takes_the_varlen_kernel_by_itself_only_where_torch_and_the_gpu_hav
         attention._packed_backend(cuda_tensor, "cuda")
 
 
+def test_the_varlen_kernel_switch_routes_calls_without_gradients_to_cudnn(monkeypatch):
+    """VARLEN_KERNEL = "cudnn" sends inference calls to cuDNN's kernel; a call whose inputs need gradients keeps
+    flash, whose backward is verified; an unknown kernel is named. (The kernels themselves run on a GPU only:
+    stand-ins here record which one was called with what.)"""
+    import torch.nn.attention.varlen as varlen
+
+    calls = []
+    monkeypatch.setattr(varlen, "varlen_attn", lambda *arguments: calls.append(("flash", arguments)) or "flash")
+    monkeypatch.setattr(
+        attention, "_cudnn_varlen_attention", lambda *arguments: calls.append(("cudnn", arguments)) or "cudnn"
+    )
+    query, key, value = (torch.zeros(5, 2, 8) for _ in range(3))
+    cu_seqlens = torch.tensor([0, 2, 5], dtype=torch.int32)
+    assert attention.VARLEN_KERNEL == "flash"  # the default until a GPU says otherwise
+    assert attention._varlen_attention(query, key, value, cu_seqlens, 3) == "flash"
+    assert calls[-1][1][3] is cu_seqlens and calls[-1][1][4] is cu_seqlens and calls[-1][1][5:] == (3, 3)
+    monkeypatch.setattr(attention, "VARLEN_KERNEL", "cudnn")
+    assert attention._varlen_attention(query, key, value, cu_seqlens, 3) == "cudnn"
+    assert calls[-1][1] == (query, key, value, cu_seqlens, 3)
+    trained = query.clone().requires_grad_()
+    assert attention._varlen_attention(trained, key, value, cu_seqlens, 3) == "flash"
+    with torch.no_grad():
+        assert attention._varlen_attention(trained, key, value, cu_seqlens, 3) == "cudnn"
+    monkeypatch.setattr(attention, "VARLEN_KERNEL", "triton")
+    with pytest.raises(ValueError, match=r"VARLEN_KERNEL must be one of \('flash', 'cudnn'\), got 'triton'"):
+        attention._varlen_attention(query, key, value, cu_seqlens, 3)
+
+
 def test_the_model_switch_reaches_the_shared_layer(tiny_config):
     model = FastMiniModel(tiny_config()).optimize_for_inference(varlen_attention=True)
     assert model.encoder.shared_layer.packed_attention_backend == "cuda"
@@ -185,6 +213,26 @@ def test_varlen_kernel_matches_the_padded_path_on_gpu(pattern, dtype, varlen_cal
     assert not varlen_calls
     got, _ = packed_self_attention(query, key, value, 12, packing, backend="cuda")
     assert len(varlen_calls) == 1
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pattern", MASKS)
+def test_the_cudnn_varlen_kernel_matches_the_padded_path_on_gpu(pattern, dtype, monkeypatch):
+    """VARLEN_KERNEL = "cudnn" (inference): the same context as the padded path, query/key/value as the fused QKV
+    projection leaves them (column slices of one (T, 3H) tensor, rows 3H apart)."""
+    cudnn_calls = []
+    run = attention._cudnn_varlen_attention
+    monkeypatch.setattr(attention, "_cudnn_varlen_attention", lambda *a: cudnn_calls.append(1) or run(*a))
+    monkeypatch.setattr(attention, "VARLEN_KERNEL", "cudnn")
+    packing, inputs = _gpu_qkv(pattern, dtype)
+    query, key, value = torch.cat(inputs, dim=1).split(768, dim=1)  # strided, as in the model
+    with torch.inference_mode():
+        expected, _ = packed_self_attention(query, key, value, 12, packing, backend="torch")
+        got, _ = packed_self_attention(query, key, value, 12, packing, backend="cuda")
+    assert len(cudnn_calls) == 1
     torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
 
 

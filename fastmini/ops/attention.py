@@ -11,7 +11,7 @@ on padding (measured here: 40% padding, 32 x 85: 20.6 -> 8.9 ms; at 3-9% padding
 attention on the packed tokens directly (``torch.nn.attention.varlen``, torch >= 2.9, a GPU of compute
 capability >= 8.0; fp16/bf16, head size a multiple of 8 up to 256, no dropout, no probabilities, at least
 one token: other calls keep the padded path). Its tests passed on an H200, so CUDA tensors take it by
-themselves where it can serve the call.
+themselves where it can serve the call. VARLEN_KERNEL can put cuDNN's kernel in its place (unverified).
 """
 
 from __future__ import annotations
@@ -198,10 +198,37 @@ def _mostly_padding(packing: Packing) -> bool:
     return 2 * sum(length * length for length in lengths) < packing.batch_size * packing.seq_len**2
 
 
+# Which kernel serves varlen attention on CUDA. "flash": torch.nn.attention.varlen (flash-attention 2's kernel),
+# what ran on the H200. "cudnn": cuDNN's fused attention on the same packed layout (the aten op torch's
+# nested-tensor SDPA calls with cumulative sequence lengths), for calls that need no gradient: on the ragged
+# benchmark (64 x 128, 48% padding, bf16; session 15, H200) the flash kernel took 28 us a call where cuDNN's took
+# 24 us on the padded layout, twice the tokens. Never run on a GPU: "flash" stays the default until
+# tests/test_varlen_attention.py's GPU test of "cudnn" passes and benchmarks/test_encoder_forward_gpu.py's
+# "fastmini-graphed-unpadded-cudnn" contender is faster.
+VARLEN_KERNELS = ("flash", "cudnn")
+VARLEN_KERNEL = "flash"
+
+
 def _varlen_attention(query, key, value, cu_seqlens, max_seqlen):
+    """(T, A, D) context of packed (T, A, D) query, key, value; ``cu_seqlens`` int32 offsets. VARLEN_KERNEL's
+    kernel, except that a call whose inputs need gradients always takes flash (its backward is verified)."""
+    if VARLEN_KERNEL not in VARLEN_KERNELS:
+        raise ValueError(f"packed attention: VARLEN_KERNEL must be one of {VARLEN_KERNELS}, got {VARLEN_KERNEL!r}")
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if VARLEN_KERNEL == "cudnn" and not needs_grad:
+        return _cudnn_varlen_attention(query, key, value, cu_seqlens, max_seqlen)
     from torch.nn.attention.varlen import varlen_attn  # torch >= 2.9; CUDA only
 
     return varlen_attn(query, key, value, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+
+
+def _cudnn_varlen_attention(query, key, value, cu_seqlens, max_seqlen):
+    """cuDNN's attention over packed sequences (no dropout, not causal, the default 1/sqrt(D) scale)."""
+    no_bias, no_logsumexp = None, False
+    outputs = torch.ops.aten._cudnn_attention_forward(
+        query, key, value, no_bias, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, no_logsumexp
+    )
+    return outputs[0]
 
 
 def _varlen_serves(query: torch.Tensor, head_size: int, dropout_p: float, need_weights: bool) -> bool:
