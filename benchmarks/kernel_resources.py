@@ -208,8 +208,9 @@ def _published_sweep(patch) -> None:
             h = torch.zeros(rows, 48, dtype=torch.float32)
             few_rows = {"BLOCK_M": 16, **adapter.FORWARD_FEW_ROWS_TILES[size]} if rows < 132 * 64 else {}
             candidates = adapter.FORWARD_TILE_CANDIDATES.values() if size == 2 else ({},)
-            for tiles in candidates:
-                adapter.adapter_bottleneck_forward(x, *weights, 1e-12, True, tiles={**few_rows, **tiles})
+            for tiles in candidates:  # as _tiles on a GPU: a candidate that names BLOCK_M keeps the rest default
+                launch = tiles if "BLOCK_M" in tiles else {**few_rows, **tiles}
+                adapter.adapter_bottleneck_forward(x, *weights, 1e-12, True, tiles=launch)
             for options in adapter.BACKWARD_TILE_CANDIDATES.values() if size == 2 and rows > 128 else ({},):
                 adapter.adapter_bottleneck_backward(x, x, *weights, h, *saved, **options)
             for scheme in add_layer_norm.DROPOUT_RNG_SCHEMES:

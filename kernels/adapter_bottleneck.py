@@ -634,6 +634,10 @@ FORWARD_TILE_CANDIDATES = {
     # the default's 127 (2 blocks, 16 warps). Slower all the same on the H200 (session 15, GPU time): 0.70x at
     # 16384 rows, 0.40x and 0.41x at 128 and 1024.
     "32 rows, 64-wide chunks": {"BLOCK_M": 32, "BLOCK_K": 64},
+    # The forward reads each weight chunk once a sweep for every BLOCK_M rows: at 64 rows ~40% of what it moves
+    # from L2 are weights. 128 rows halve that, but on 8 warps one program an SM was slower (above, 0.885x); on
+    # 16 warps each thread holds half as much of a tile.
+    "128 rows, 16 warps": {"BLOCK_M": 128, "num_warps": 16},
 }
 BACKWARD_TILE_CANDIDATES = {
     "default": {},
