@@ -195,7 +195,11 @@ def _published_sweep(patch) -> None:
     from fastmini.kernels import add_layer_norm
 
     patch.setattr(adapter, "_input_precision", lambda x: "tf32x3" if x.dtype == torch.float32 else "ieee")
-    patch.setattr(adapter, "_row_groups", lambda device, column_tiles, row_blocks: min(row_blocks, 22))
+    patch.setattr(  # the row groups an H200's 132 SMs get (the CPU's stand-in count is 2)
+        adapter,
+        "_row_groups",
+        lambda device, columns, row_blocks, programs_per_sm=2: min(row_blocks, -(-programs_per_sm * 132 // columns)),
+    )
     patch.setattr(add_layer_norm, "_streaming_multiprocessors", lambda device: 132)
     for dtype in (torch.bfloat16, torch.float32):
         size = 2 if dtype == torch.bfloat16 else 4

@@ -47,7 +47,9 @@ Design (why it is shaped this way):
 - A second backward design ("gemm", BACKWARD_PATHS): one row kernel does the row kernel's work, writes dz
   and dx (a third sweep, from L2) and per-block column sums, and the two weight gradients are GEMMs over
   the materialised dz and dh: 4 passes in the kernel + 2 in the GEMMs, against the column kernel's
-  register pressure (see BACKWARD_PATHS). On an H200 it was the slower (see BACKWARD_PATH).
+  register pressure (see BACKWARD_PATHS). On an H200 it was the slower (see BACKWARD_PATH). A third ("split-k")
+  keeps its row kernel and computes both weight gradients in one split-K kernel over column tiles x row splits,
+  where a GEMM reducing all M rows into an H x R output has only a handful of output tiles to spread.
 - tl.dot operands are in the activation's dtype when it is 16-bit (tensor cores, as torch's own bf16
   linear layers; weights are cast to it, as autocast does), otherwise in the accumulator dtype: fp32, or
   fp64 for gradcheck. fp32 dots on a GPU use input_precision="tf32x3" (each operand split into two TF32
@@ -59,6 +61,9 @@ Design (why it is shaped this way):
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import torch
 import triton
@@ -473,6 +478,70 @@ def _backward_gemm_rows_kernel(
 
 
 @triton.jit
+def _weight_gradients_kernel(
+    dz_ptr,  # (M, H) the dot operand dtype: gradient of z (the "gemm" row kernel's)
+    g_ptr,  # (M, R) the dot operand dtype: GELU(h)
+    dh_ptr,  # (M, R) the dot operand dtype: gradient of h
+    x_ptr,  # (M, H) activation dtype
+    up_partial_ptr,  # (SPLITS, H, R) ACC_DTYPE, out: this split's rows of dz^T g
+    down_partial_ptr,  # (SPLITS, R, H) ACC_DTYPE, out: this split's rows of dh^T x
+    M,
+    rows_per_split,  # a multiple of BLOCK_M
+    H: tl.constexpr,
+    R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """dW_u = dz^T g and dW_d = dh^T x as split-K GEMMs (the "split-k" path): program (column tile, split)
+    holds its (BLOCK_N, R) and (R, BLOCK_N) tiles of both over the split's rows, BLOCK_M at a time, and stores
+    them as partials the host sums in fp32. The products reduce over all M rows into outputs of only H x R, so
+    a GEMM that gives each output tile one program has ~H/BLOCK_N programs, each walking every row: split-K
+    gives the GPU column tiles x SPLITS of them."""
+    columns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    column_mask = columns < H
+    bottleneck = tl.arange(0, BLOCK_R)
+    bottleneck_mask = bottleneck < R
+    first_row = tl.program_id(1) * rows_per_split
+    end_row = tl.minimum(first_row + rows_per_split, M)
+    up_gradient = tl.zeros((BLOCK_N, BLOCK_R), dtype=ACC_DTYPE)
+    down_gradient = tl.zeros((BLOCK_R, BLOCK_N), dtype=ACC_DTYPE)
+    for start in range(first_row, end_row, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_mask = rows < end_row
+        wide = rows.to(tl.int64)[:, None] * H + columns[None, :]
+        wide_mask = row_mask[:, None] & column_mask[None, :]
+        narrow = rows.to(tl.int64)[:, None] * R + bottleneck[None, :]
+        narrow_mask = row_mask[:, None] & bottleneck_mask[None, :]
+        dz = tl.load(dz_ptr + wide, mask=wide_mask, other=0.0)
+        x = tl.load(x_ptr + wide, mask=wide_mask, other=0.0)
+        g = tl.load(g_ptr + narrow, mask=narrow_mask, other=0.0)
+        dh = tl.load(dh_ptr + narrow, mask=narrow_mask, other=0.0)
+        up_gradient = tl.dot(
+            tl.trans(dot_operand(dz, DOT_DTYPE)), dot_operand(g, DOT_DTYPE), up_gradient,
+            input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE,
+        )  # fmt: skip
+        down_gradient = tl.dot(
+            tl.trans(dot_operand(dh, DOT_DTYPE)), dot_operand(x, DOT_DTYPE), down_gradient,
+            input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE,
+        )  # fmt: skip
+    split = tl.program_id(1).to(tl.int64)
+    tl.store(
+        up_partial_ptr + split * H * R + columns[:, None] * R + bottleneck[None, :],
+        up_gradient,
+        mask=column_mask[:, None] & bottleneck_mask[None, :],
+    )
+    tl.store(
+        down_partial_ptr + split * R * H + bottleneck[:, None] * H + columns[None, :],
+        down_gradient,
+        mask=bottleneck_mask[:, None] & column_mask[None, :],
+    )
+
+
+@triton.jit
 def _backward_columns_kernel(
     dy_ptr,  # (M, H) activation dtype
     x_ptr,  # (M, H) activation dtype
@@ -617,6 +686,13 @@ BACKWARD_COLUMN_TILES = {
     2: {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
     4: {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
 }
+# The "split-k" path's weight-gradient kernel: two (BLOCK_N, R) accumulators and four small tiles a step, no
+# recomputation (a plain GEMM loop). Chosen without a GPU, by registers (make kernel-resources, bf16, sm_90):
+# 32-row steps on 8 warps need 80 a thread (24 warps an SM), 64-row steps on 4 warps all 255 (8 warps).
+WEIGHT_GRADIENT_TILES = {
+    2: {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+    4: {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+}
 # What a GPU sweep tries besides the defaults: each candidate differs from them in one place (launcher
 # overrides), so a results table says which knob matters. Small batches (a few programs per SM) sit on
 # a latency floor of ~17 us at every BLOCK_M (H200): the wide-chunk candidates take fewer steps along H.
@@ -654,6 +730,10 @@ BACKWARD_TILE_CANDIDATES = {
     "gemm: 16 rows": {"path": "gemm", "row_tiles": {"BLOCK_M": 16}},
     "gemm: 64 rows": {"path": "gemm", "row_tiles": {"BLOCK_M": 64}},
     "gemm: 128-wide chunks": {"path": "gemm", "row_tiles": {"BLOCK_K": 128}},
+    "split-k": {"path": "split-k"},
+    "split-k: 128-wide column tiles": {"path": "split-k", "weight_tiles": {"BLOCK_N": 128}},
+    "split-k: 64-row steps, 4 warps": {"path": "split-k", "weight_tiles": {"BLOCK_M": 64, "num_warps": 4}},
+    "split-k: 16-row steps, 4 warps": {"path": "split-k", "weight_tiles": {"BLOCK_M": 16, "num_warps": 4}},
 }
 # The backward's two designs. "columns": a row kernel for the per-row values, then a column kernel that writes
 # dx and holds its slice of every parameter gradient on chip across many row blocks (5 activation passes).
@@ -662,8 +742,11 @@ BACKWARD_TILE_CANDIDATES = {
 # needs all 255 registers and, in its 64-row steps, 1.8 KB of spill stack a thread; the gemm row kernel does not
 # spill). On the H200 (session 15, 16384 x 768 bf16, GPU time) "gemm" was the slower: its backward 0.72x the
 # column path's in the sweep (0.85-0.88x in 64-row steps or 128-wide chunks), the op's forward+backward 416 us
-# against 320. So "columns" stays the default.
-BACKWARD_PATHS = ("columns", "gemm")
+# against 320. So "columns" stays the default. A likely culprit: its two weight-gradient GEMMs reduce over all
+# 16384 rows into 768 x 48 outputs, a handful of output tiles, so a GEMM without split-K runs them on a handful of
+# SMs. "split-k": the "gemm" row kernel, then one Triton kernel for both weight gradients over column tiles x row
+# splits (_weight_gradients_kernel; fp32 partials). Not yet timed on a GPU.
+BACKWARD_PATHS = ("columns", "gemm", "split-k")
 BACKWARD_PATH = "columns"
 _ROW_GROUPS_ON_CPU = 2  # SPLITS under the interpreter: small, but > 1 so the partial reduction is exercised
 
@@ -717,11 +800,12 @@ def _tiles(
     return tiles
 
 
-def _row_groups(device: torch.device, column_tiles: int, row_blocks: int) -> int:
-    """SPLITS of the column kernel: about two programs per SM in all; each split adds one set of partials."""
+def _row_groups(device: torch.device, column_tiles: int, row_blocks: int, programs_per_sm: int = 2) -> int:
+    """SPLITS of a kernel over column tiles x row groups: about ``programs_per_sm`` programs per SM in all (the
+    column kernel: 2); each split adds one set of partials."""
     if device.type != "cuda":
         return max(1, min(_ROW_GROUPS_ON_CPU, row_blocks))
-    return max(1, min(row_blocks, triton.cdiv(2 * _streaming_multiprocessors(device), column_tiles)))
+    return max(1, min(row_blocks, triton.cdiv(programs_per_sm * _streaming_multiprocessors(device), column_tiles)))
 
 
 def adapter_bottleneck_forward(
@@ -780,12 +864,14 @@ def adapter_bottleneck_backward(
     row_tiles: dict | None = None,
     column_tiles: dict | None = None,
     splits: int | None = None,
+    weight_tiles: dict | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Gradients of x, down_weight, down_bias, up_weight, up_bias, norm_weight, norm_bias (each in its input's
     dtype) from the forward's saved h, mean and rstd. The biases are passed only for their dtypes.
     ``path`` is one of BACKWARD_PATHS (default BACKWARD_PATH). ``row_tiles`` override BACKWARD_ROW_TILES (the
-    "gemm" path's kernel takes them too); ``column_tiles`` / ``splits`` the "columns" path's column kernel:
-    BACKWARD_COLUMN_TILES and its number of row groups (partial sums per parameter)."""
+    "gemm" and "split-k" paths' row kernel takes them too); ``column_tiles`` / ``splits`` the "columns" path's
+    column kernel: BACKWARD_COLUMN_TILES and its number of row groups (partial sums per parameter);
+    ``weight_tiles`` the "split-k" path's weight-gradient kernel, WEIGHT_GRADIENT_TILES."""
     path = path or BACKWARD_PATH
     if path not in BACKWARD_PATHS:
         raise ValueError(f"adapter_bottleneck_backward: path must be one of {BACKWARD_PATHS}, got {path!r}")
@@ -797,9 +883,13 @@ def adapter_bottleneck_backward(
     down_weight, up_weight = down_weight.contiguous(), up_weight.contiguous()
     up_bias, norm_weight = up_bias.contiguous(), norm_weight.contiguous()
     weights = (down_weight, up_weight)
-    if path == "gemm":
+    if path in ("gemm", "split-k"):
         parameters = (down_weight, down_bias, up_weight, up_bias, norm_weight, norm_bias)
-        return _backward_through_gemms(dy_rows, x_rows, x.shape, parameters, (h, mean, rstd), row_tiles)
+        weight_gradients = _weight_gradients_mm
+        if path == "split-k":
+            weight_gradients = functools.partial(_weight_gradients_split_k, tiles=weight_tiles)
+        saved = (h, mean, rstd)
+        return _backward_through_gemms(dy_rows, x_rows, x.shape, parameters, saved, row_tiles, weight_gradients)
     row_launch = _tiles(BACKWARD_ROW_TILES, row_tiles, x, weights, rows, bottleneck, by_rows=True)
     column_launch = _tiles(BACKWARD_COLUMN_TILES, column_tiles, x, weights, rows, bottleneck, by_rows=False)
     column_blocks = triton.cdiv(hidden, column_launch["BLOCK_N"])
@@ -848,11 +938,12 @@ def _backward_through_gemms(
     parameters: tuple[torch.Tensor, ...],
     saved: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     row_tiles: dict | None,
+    weight_gradients: Callable[..., tuple[torch.Tensor, torch.Tensor]],
 ) -> tuple[torch.Tensor, ...]:
-    """The "gemm" path of adapter_bottleneck_backward (arguments made contiguous there; ``parameters`` in the
-    op's order, ``saved`` = (h, mean, rstd)): one row kernel, then dW_u = dz^T g and dW_d = dh^T x as GEMMs in
-    the dot operand dtype (fp32 accumulation inside, as torch's own bf16 linear backward) and the per-block
-    partial sums reduced in the accumulator dtype."""
+    """The "gemm" and "split-k" paths of adapter_bottleneck_backward (arguments made contiguous there;
+    ``parameters`` in the op's order, ``saved`` = (h, mean, rstd)): one row kernel, then
+    ``weight_gradients(dz, g, dh, x_rows)`` gives (dW_d, dW_u) = (dh^T x, dz^T g) over the materialised
+    operands, and the per-block partial sums are reduced in the accumulator dtype."""
     down_weight, down_bias, up_weight, up_bias, norm_weight, norm_bias = parameters
     h, mean, rstd = saved
     rows, hidden = x_rows.shape
@@ -880,12 +971,50 @@ def _backward_through_gemms(
             )  # fmt: skip
     # one sum each: three views of one (3, H) sum would alias, which a custom op may not return
     norm_weight_grad, norm_bias_grad, up_bias_grad = (partial.sum(0) for partial in column_partial)
+    down_weight_grad, up_weight_grad = weight_gradients(dz, g, dh, x_rows)
     return (
         dx.view(x_shape),
-        torch.mm(dh.t(), x_rows).to(down_weight.dtype),
+        down_weight_grad.to(down_weight.dtype),
         down_bias_partial.sum(0).to(down_bias.dtype),
-        torch.mm(dz.t(), g).to(up_weight.dtype),
+        up_weight_grad.to(up_weight.dtype),
         up_bias_grad.to(up_bias.dtype),
         norm_weight_grad.to(norm_weight.dtype),
         norm_bias_grad.to(norm_bias.dtype),
     )
+
+
+def _weight_gradients_mm(
+    dz: torch.Tensor, g: torch.Tensor, dh: torch.Tensor, x_rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dW_d, dW_u) = (dh^T x, dz^T g) as two GEMMs in the dot operand dtype (fp32 accumulation inside, as
+    torch's own bf16 linear backward): the "gemm" path."""
+    return torch.mm(dh.t(), x_rows), torch.mm(dz.t(), g)
+
+
+def _weight_gradients_split_k(
+    dz: torch.Tensor, g: torch.Tensor, dh: torch.Tensor, x_rows: torch.Tensor, tiles: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dW_d, dW_u) = (dh^T x, dz^T g) in the accumulator dtype by _weight_gradients_kernel over column tiles x
+    row splits (``tiles`` override WEIGHT_GRADIENT_TILES), the splits' partials summed here: the "split-k" path."""
+    rows, hidden = x_rows.shape
+    bottleneck = g.shape[1]
+    dot_dtype, acc_dtype, acc_torch_dtype = _precision(x_rows.dtype)
+    new = dict(dtype=acc_torch_dtype, device=x_rows.device)
+    if rows == 0:
+        return torch.zeros(bottleneck, hidden, **new), torch.zeros(hidden, bottleneck, **new)
+    launch = _tiles(WEIGHT_GRADIENT_TILES, tiles, x_rows, (dz,), rows, bottleneck, by_rows=False)
+    column_blocks = triton.cdiv(hidden, launch["BLOCK_N"])
+    splits = _row_groups(x_rows.device, column_blocks, triton.cdiv(rows, launch["BLOCK_M"]), programs_per_sm=4)
+    rows_per_split = triton.cdiv(triton.cdiv(rows, splits), launch["BLOCK_M"]) * launch["BLOCK_M"]
+    splits = triton.cdiv(rows, rows_per_split)
+    # Every program stores its whole (BLOCK_N, R) tiles: empty is enough.
+    up_partial, down_partial = (
+        torch.empty(splits, hidden, bottleneck, **new),
+        torch.empty(splits, bottleneck, hidden, **new),
+    )
+    with on_device(x_rows):
+        _weight_gradients_kernel[(column_blocks, splits)](
+            dz, g, dh, x_rows, up_partial, down_partial, rows, rows_per_split, H=hidden, R=bottleneck,
+            DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype, INPUT_PRECISION=_input_precision(x_rows), **launch,
+        )  # fmt: skip
+    return down_partial.sum(0), up_partial.sum(0)

@@ -52,7 +52,7 @@ def make_inputs(shape, bottleneck, dtype=torch.float32, parameter_dtype=None, se
     return [x, *parameters], grad_output.to(DEVICE)
 
 
-@pytest.fixture(params=["columns", "gemm"])
+@pytest.fixture(params=["columns", "gemm", "split-k"])
 def backward_path(request, monkeypatch):
     """Runs a test through each backward design (fastmini.kernels.adapter_bottleneck.BACKWARD_PATHS) as the op's
     default: what the op computes must not depend on which one a GPU sweep makes the default."""
