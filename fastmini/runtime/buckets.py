@@ -8,6 +8,7 @@ with the bucket, so very large buckets are better left to eager execution.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -77,6 +78,7 @@ class BucketGrid:
         return None if batch is None or sequence is None else (batch, sequence)
 
 
+@functools.cache  # looked up on every call of an unpadded graphed encoder
 def token_buckets(limit: int, steps_per_doubling: int = TOKEN_STEPS_PER_DOUBLING) -> tuple[int, ...]:
     """The token counts unpadded graphs are captured for, up to ``limit`` (the batch bucket times the sequence
     bucket, every token real), which is always the last; ``steps_per_doubling`` (a power of two, at most
@@ -107,6 +109,7 @@ def token_bucket(real_tokens: int, limit: int, steps_per_doubling: int = TOKEN_S
     return buckets[index], buckets[index] - smaller - 1
 
 
+@functools.cache
 def most_filler(limit: int, steps_per_doubling: int = TOKEN_STEPS_PER_DOUBLING) -> int:
     """The most filler tokens any token bucket up to ``limit`` needs (what its filler rows must hold)."""
     buckets = token_buckets(limit, steps_per_doubling)
