@@ -186,6 +186,8 @@ class DistillationRun:
         if config.compile_student:  # training steps only: evaluation runs the module as it is
             log.info("--compile-student: the first training step compiles the student (about a minute)")
             trained = compiled_student_side(trained)
+        elif self.device.type == "cuda" and not config.gradient_checkpointing:
+            log.info("on a GPU, --compile-student takes steps ~1.4x faster after a minute's compile (README)")
         self.trained = trained
         graph_teacher = config.graph_teacher
         if graph_teacher is None:
