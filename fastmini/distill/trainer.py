@@ -187,7 +187,7 @@ class DistillationRun:
             log.info("--compile-student: the first training step compiles the student (about a minute)")
             trained = compiled_student_side(trained)
         elif self.device.type == "cuda" and not config.gradient_checkpointing:
-            log.info("on a GPU, --compile-student takes steps ~1.4x faster after a minute's compile (README)")
+            log.info("--compile-student took GPU steps 1.1-1.4x faster on an H200, after a minute's compile (README)")
         self.trained = trained
         graph_teacher = config.graph_teacher
         if graph_teacher is None:
