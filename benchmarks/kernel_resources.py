@@ -195,10 +195,11 @@ def _published_sweep(patch) -> None:
     from fastmini.kernels import add_layer_norm
 
     patch.setattr(adapter, "_input_precision", lambda x: "tf32x3" if x.dtype == torch.float32 else "ieee")
-    patch.setattr(  # the row groups an H200's 132 SMs get (the CPU's stand-in count is 2)
-        adapter,
-        "_row_groups",
-        lambda device, columns, row_blocks, programs_per_sm=2: min(row_blocks, -(-programs_per_sm * 132 // columns)),
+    # The row groups a GPU's 132 SMs get: the real rule, as on a CUDA device (on the CPU it returns a stand-in 2).
+    row_groups = adapter._row_groups
+    patch.setattr(adapter, "_streaming_multiprocessors", lambda device: 132)
+    patch.setattr(
+        adapter, "_row_groups", lambda device, *args, **options: row_groups(torch.device("cuda"), *args, **options)
     )
     patch.setattr(add_layer_norm, "_streaming_multiprocessors", lambda device: 132)
     for dtype in (torch.bfloat16, torch.float32):

@@ -275,13 +275,10 @@ def _forward_kernel(
             ACC_DTYPE, INPUT_PRECISION,
         )  # fmt: skip
         if STASH_Z:
+            tile_mask = row_mask[:, None] & column_mask[None, :]
             stashed = cast_output(z, y_ptr.dtype.element_ty)
-            tl.store(
-                y_block + row_offsets[:, None] + columns[None, :],
-                stashed,
-                mask=row_mask[:, None] & column_mask[None, :],
-            )
-            z = tl.where(row_mask[:, None] & column_mask[None, :], stashed.to(ACC_DTYPE), 0.0)
+            tl.store(y_block + row_offsets[:, None] + columns[None, :], stashed, mask=tile_mask)
+            z = tl.where(tile_mask, stashed.to(ACC_DTYPE), 0.0)
         # In ACC_DTYPE, not as "* 1.0" (fp32): fp64 statistics need fp64 merge weights too.
         seen = tl.cast(start, ACC_DTYPE)  # columns already merged
         count = tl.cast(tl.minimum(H - start, BLOCK_K), ACC_DTYPE)
@@ -296,8 +293,11 @@ def _forward_kernel(
         if STASH_Z:
             columns = start + tl.arange(0, BLOCK_K)
             column_mask = columns < H
-            tile = y_block + row_offsets[:, None] + columns[None, :]
-            z = tl.load(tile, mask=row_mask[:, None] & column_mask[None, :], other=0.0).to(ACC_DTYPE)
+            z = tl.load(
+                y_block + row_offsets[:, None] + columns[None, :],
+                mask=row_mask[:, None] & column_mask[None, :],
+                other=0.0,
+            ).to(ACC_DTYPE)
         else:
             z, columns, column_mask = _residual_chunk(
                 x_block, up_weight_ptr, up_bias_ptr, row_offsets, row_mask, g, start, H, R, BLOCK_K, BLOCK_R,
