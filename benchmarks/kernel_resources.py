@@ -67,9 +67,10 @@ def compile_one(spec):
     constexprs = {}
     for name, value in spec["constexprs"].items():
         constexprs[(names.index(name),)] = tl.dtype(value["dtype"]) if isinstance(value, dict) else value
+    attrs = {(names.index(name),): [["tt.divisibility", spec["alignment"]]] for name in spec["aligned"]}
     try:
         compiled = triton.compile(
-            ASTSource(fn=fn, signature=spec["signature"], constexprs=constexprs),
+            ASTSource(fn=fn, signature=spec["signature"], constexprs=constexprs, attrs=attrs),
             target=GPUTarget("cuda", 90, 32),
             options=spec["options"],
         )
@@ -91,13 +92,21 @@ def _is_constexpr(parameter: inspect.Parameter) -> bool:
     return annotation == "tl.constexpr" or annotation is triton.language.constexpr
 
 
+# Triton's JIT specialises every pointer whose address and every integer whose value is a multiple of 16 as
+# such ("tt.divisibility"), and its compiler vectorises loads and pipelines loops only where it knows that
+# alignment. A build without these attributes is another kernel: compiled so, the adapter's forward loaded
+# every element by itself (ld.global.b16) and ran no cp.async pipeline.
+_JIT_ALIGNMENT = 16
+
+
 def launch_spec(fn, args: tuple, kwargs: dict) -> dict:
-    """The kernel's argument types and constexpr values, as ASTSource takes them (JSON-able)."""
+    """The kernel's argument types, constexpr values and the JIT's alignment attributes, as ASTSource takes them
+    (JSON-able; ``aligned``: the arguments a launch with these values specialises as multiples of 16)."""
     import triton
 
     parameters = inspect.signature(fn).parameters
     bound = {**dict(zip(parameters, args, strict=False)), **{k: v for k, v in kwargs.items() if k in parameters}}
-    signature, constexprs = {}, {}
+    signature, constexprs, aligned = {}, {}, []
     for name, parameter in parameters.items():
         value = bound.get(name, parameter.default)
         if _is_constexpr(parameter) or value is None:
@@ -105,10 +114,14 @@ def launch_spec(fn, args: tuple, kwargs: dict) -> dict:
             constexprs[name] = {"dtype": value.name} if isinstance(value, triton.language.dtype) else value
         elif isinstance(value, torch.Tensor):
             signature[name] = "*" + POINTER_TYPES[value.dtype]
+            if value.data_ptr() % _JIT_ALIGNMENT == 0:
+                aligned.append(name)
         elif isinstance(value, bool):
             signature[name] = "i1"
         elif isinstance(value, int):
             signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            if value % _JIT_ALIGNMENT == 0:
+                aligned.append(name)
         elif isinstance(value, float):
             signature[name] = "fp32"
         else:
@@ -119,6 +132,8 @@ def launch_spec(fn, args: tuple, kwargs: dict) -> dict:
         "name": fn.__name__,
         "signature": signature,
         "constexprs": constexprs,
+        "aligned": aligned,
+        "alignment": _JIT_ALIGNMENT,
         "options": options,
     }
 
@@ -228,6 +243,9 @@ def _published_sweep(patch) -> None:
                 add_layer_norm.add_layer_norm_backward(x, x, weights[3], *saved, 0.0, 7, **options)
 
 
+_VARIANT_SWITCHES = ("STASH_Z",)  # the adapter forward's code variants: named in a row when on
+
+
 def main() -> None:
     import tempfile
 
@@ -243,7 +261,7 @@ def main() -> None:
         tiles = {
             k: v
             for k, v in spec["constexprs"].items()
-            if k.startswith("BLOCK") or k in ("HAS_DROPOUT", "FOUR_PER_CALL")
+            if k.startswith("BLOCK") or k in ("HAS_DROPOUT", "FOUR_PER_CALL") or (k in _VARIANT_SWITCHES and v)
         }
         activation = spec["signature"].get("x_ptr") or spec["signature"].get("grad_out_ptr") or ""
         label = f"{activation.lstrip('*')} " + " ".join(f"{k.removeprefix('BLOCK_')}={v}" for k, v in tiles.items())

@@ -695,6 +695,9 @@ FORWARD_TILES = {
     2: {"BLOCK_M": 64, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
     4: {"BLOCK_M": 32, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
 }
+# At one chunk a row the three sweeps are not three times the work: compiled for sm_90, this forward issues the same
+# 128 tensor-core MMAs a thread as a version written to compute z once and keep it (tried in session 16: 72 vector
+# loads against 80), so the ~13 us that small inputs take at every tiling is not recomputation.
 FORWARD_FEW_ROWS_TILES = {2: {"BLOCK_K": 1024}, 4: {}}  # where BLOCK_M shrank to 16 (only bf16 was timed)
 BACKWARD_ROW_TILES = {
     2: {"BLOCK_M": 32, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
@@ -706,7 +709,8 @@ BACKWARD_COLUMN_TILES = {
 }
 # The "split-k" path's weight-gradient kernel: two (BLOCK_N, R) accumulators and four small tiles a step, no
 # recomputation (a plain GEMM loop). Chosen without a GPU, by registers (make kernel-resources, bf16, sm_90):
-# 32-row steps on 8 warps need 80 a thread (24 warps an SM), 64-row steps on 4 warps all 255 (8 warps).
+# 32-row steps on 8 warps need 62 a thread (32 warps an SM), 64-row steps on 4 warps 106 and 96 KB of shared
+# memory (8 warps).
 WEIGHT_GRADIENT_TILES = {
     2: {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
     4: {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
@@ -724,8 +728,8 @@ FORWARD_TILE_CANDIDATES = {
     "128 rows": {"BLOCK_M": 128},
     "2 stages": {"num_stages": 2},
     "4 stages": {"num_stages": 4},
-    # 77 registers a thread (inference, bf16, sm_90: make kernel-resources): 3 blocks, 24 warps an SM, against
-    # the default's 127 (2 blocks, 16 warps). Slower all the same on the H200 (session 15, GPU time): 0.70x at
+    # 64 registers a thread (inference, bf16, sm_90: make kernel-resources): 4 blocks, 32 warps an SM, against
+    # the default's 126 (2 blocks, 16 warps). Slower all the same on the H200 (session 15, GPU time): 0.70x at
     # 16384 rows, 0.40x and 0.41x at 128 and 1024.
     "32 rows, 64-wide chunks": {"BLOCK_M": 32, "BLOCK_K": 64},
     # The forward reads each weight chunk once a sweep for every BLOCK_M rows: at 64 rows ~40% of what it moves
@@ -761,8 +765,8 @@ BACKWARD_TILE_CANDIDATES = {
 # dx and holds its slice of every parameter gradient on chip across many row blocks (5 activation passes).
 # "gemm": one row kernel writes dx, dz and the per-block column sums, and two GEMMs (cuBLAS on a GPU) give the
 # weight gradients (6 passes, but no program holds a weight-gradient tile: compiled for sm_90 the column kernel
-# needs all 255 registers and, in its 64-row steps, 1.8 KB of spill stack a thread; the gemm row kernel does not
-# spill). On the H200 (session 15, 16384 x 768 bf16, GPU time) "gemm" was the slower: its backward 0.72x the
+# needs all 255 registers and, in its 64-row steps, 456 bytes of spill stack a thread; the gemm row kernel does
+# not spill). On the H200 (session 15, 16384 x 768 bf16, GPU time) "gemm" was the slower: its backward 0.72x the
 # column path's in the sweep (0.85-0.88x in 64-row steps or 128-wide chunks), the op's forward+backward 416 us
 # against 320. So "columns" stays the default. A likely culprit: its two weight-gradient GEMMs reduce over all
 # 16384 rows into 768 x 48 outputs, a handful of output tiles, so a GEMM without split-K runs them on a handful of

@@ -67,8 +67,8 @@ DROPOUT_RNG = "four-per-call"
 _BACKWARD_PROGRAMS_PER_SM = 8
 # What a GPU sweep tries besides the defaults (benchmarks/test_add_layer_norm.py times them through the
 # launcher's overrides). Registers decide how many blocks an SM keeps (benchmarks/kernel_resources.py, bf16
-# H=768 without dropout, sm_90): 2-row tiles on 4 warps need 148 registers a thread (12 warps an SM), on 8 warps
-# 79 (24); 1-row tiles on 8 warps 57 (32). On an H200 (2026-11-26, GPU time, 16384 / 1024 x 768 bf16): session
+# H=768 without dropout, sm_90): 2-row tiles on 4 warps need 111 registers a thread (16 warps an SM); 1-row tiles
+# on 4 warps 56 (36), on 8 warps 39 (48). On an H200 (2026-11-26, GPU time, 16384 / 1024 x 768 bf16): session
 # 13 chose 8 programs per SM over 4 (1.10x at 16384 rows); session 15 timed the then default, 2-row tiles on 4
 # warps, at 53.3 / 29.9 us and 1-row tiles on 4 warps at 49.3 / 24.1 us (1.08x / 1.24x; the same with dropout),
 # now the default; 1-row tiles on 8 warps 0.87x / 1.22x; 2-row on 8 warps 0.78x / 0.77x; 4-row tiles (8 warps)

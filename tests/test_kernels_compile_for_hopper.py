@@ -218,3 +218,23 @@ def test_resident_warps_follow_registers_shared_memory_and_the_sm_limits():
     assert resident_warps(32, 4, 0) == 64  # registers to spare: the 64-warp limit
     assert resident_warps(64, 8, 160 * 1024) == 8  # one 160 KB block fits the 228 KB of shared memory
     assert resident_warps(16, 1, 0) == 32  # one-warp blocks: the 32-block limit
+
+
+def test_launch_specs_carry_the_alignment_triton_specialises_on():
+    """Builds without it are other kernels (unvectorised loads, no pipelining): the spec must say which pointers
+    and integers a GPU launch with these values would specialise as multiples of 16."""
+    from fastmini.kernels import add_layer_norm as kernels
+
+    launch_spec = _machinery().launch_spec
+    rows, weight, stats = torch.zeros(130, 768, dtype=torch.bfloat16), torch.zeros(769), torch.zeros(130)
+    arguments = {
+        "x_ptr": rows, "residual_ptr": rows, "weight_ptr": weight[:768], "bias_ptr": weight[1:], "out_ptr": rows,
+        "sum_ptr": rows, "mean_ptr": stats, "rstd_ptr": stats, "n_rows": 130, "hidden": 768, "eps": 1e-12,
+        "dropout_p": 0.0, "seed": 7, "HAS_DROPOUT": False, "FOUR_PER_CALL": True, "STORE_SUM": False,
+        "BLOCK_ROWS": 4, "BLOCK_H": 1024,
+    }  # fmt: skip
+    spec = launch_spec(kernels._add_layer_norm_forward_kernel.fn, (), arguments)
+    assert spec["alignment"] == 16
+    # the bias one fp32 element into its storage and 130 rows are no multiples of 16; the rest are
+    expected = {"x_ptr", "residual_ptr", "weight_ptr", "out_ptr", "sum_ptr", "mean_ptr", "rstd_ptr", "hidden"}
+    assert set(spec["aligned"]) == expected
