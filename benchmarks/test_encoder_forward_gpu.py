@@ -27,7 +27,10 @@ Contenders (same weights, bf16, eval, inference mode):
   mask on the host, a sync every call), "fastmini-graphed-unpadded-host" (the same encoder handed the
   batch on the CPU, as a tokenizer gives it: no sync, one copy in, the next batch prepared during a replay),
   "fastmini-graphed-unpadded-cudnn" (that one recorded with cuDNN's varlen attention kernel instead of
-  flash-attention 2's: fastmini.ops.attention.VARLEN_KERNEL = "cudnn", an experiment).
+  flash-attention 2's: fastmini.ops.attention.VARLEN_KERNEL = "cudnn", an experiment);
+- a latency experiment, graphed with a switch on (off by default until measured): "fastmini-graphed-additive-mask"
+  (fastmini.ops.attention.SDPA_MASK = "additive": SDPA gets the key padding mask's additive form made once a
+  forward instead of converting the bool mask in every recursion).
 
 Contenders that fail to build are reported in the benchmark's info (``unavailable``) instead of failing
 the others (every H200 run so far built them all).
@@ -105,10 +108,10 @@ def _graphed(
     backend: str | None = None,
     l2_resources: contextlib.ExitStack | None = None,
     unpadded: bool = False,
-    varlen_kernel: str | None = None,
+    switch: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> Callable:
-    """fn(input_ids, mask) through CUDA graphs; captures happen inside the backend context (and with
-    ``varlen_kernel`` as fastmini.ops.attention's VARLEN_KERNEL, which the graphs then record).
+    """fn(input_ids, mask) through CUDA graphs; captures happen inside the backend context (and inside
+    ``switch()``, e.g. a module constant patched for an experiment, which the graphs then record).
 
     With ``l2_resources``, the shared layer's weights go under a persisting L2 window that the graphs'
     kernel nodes carry (graph_hook); the window, a device-wide reservation, is handed to that stack so
@@ -125,13 +128,15 @@ def _graphed(
     encoder = model.graphed_encoder(unpadded=unpadded, **options)
 
     def run(input_ids, mask):
-        kernel = contextlib.nullcontext()
-        if varlen_kernel is not None:
-            kernel = unittest.mock.patch.object(attention_ops, "VARLEN_KERNEL", varlen_kernel)
-        with fastmini_backend(backend), kernel:
+        with fastmini_backend(backend), switch() if switch is not None else contextlib.nullcontext():
             return encoder(input_ids, mask)
 
     return run
+
+
+# The experiments' switches, off by default until a GPU run shows them right and faster.
+CUDNN_VARLEN = ("VARLEN_KERNEL", "cudnn")  # packed attention through cuDNN's kernel
+ADDITIVE_SDPA_MASK = ("SDPA_MASK", "additive")  # SDPA gets the additive mask made once a forward
 
 
 def _three_qkv(model: FastMiniModel) -> FastMiniModel:
@@ -165,7 +170,10 @@ def contenders_for(
         "fastmini-graphed-unpadded": lambda _: bound(_graphed(fresh(), unpadded=True)),
         "fastmini-graphed-unpadded-host": lambda _: bound_to_host_inputs(_graphed(fresh(), unpadded=True)),
         "fastmini-graphed-unpadded-cudnn": lambda _: bound_to_host_inputs(
-            _graphed(fresh(), unpadded=True, varlen_kernel="cudnn")
+            _graphed(fresh(), unpadded=True, switch=lambda: unittest.mock.patch.object(attention_ops, *CUDNN_VARLEN))
+        ),
+        "fastmini-graphed-additive-mask": lambda _: bound(
+            _graphed(fresh(), switch=lambda: unittest.mock.patch.object(attention_ops, *ADDITIVE_SDPA_MASK))
         ),
         "fastmini-graphed-three-qkv": lambda _: bound(_graphed(_three_qkv(fresh()))),
         "torch-compile": lambda _: bound(
@@ -258,14 +266,15 @@ def _ragged_batch():
 
 
 GRAPHED = ["fastmini-graphed", "fastmini-graphed-triton", "fastmini-graphed-three-qkv"]
+LATENCY_EXPERIMENTS = ["fastmini-graphed-additive-mask"]
 
 
 def test_latency_1x128(benchmark, compare, describe_device, record_kernel_profile, models):
     input_ids, mask = _full_batch(1, 128)
     medians = _run_group(
         benchmark, compare, describe_device, models, "gpu encoder latency 1x128", input_ids, mask,
-        ["original", "fastmini", *GRAPHED], "original", rounds=200, profiler=record_kernel_profile,
-        profiled=("fastmini", "fastmini-graphed"),
+        ["original", "fastmini", *GRAPHED, *LATENCY_EXPERIMENTS], "original", rounds=200,
+        profiler=record_kernel_profile, profiled=("fastmini", "fastmini-graphed", *LATENCY_EXPERIMENTS),
     )  # fmt: skip
     benchmark.extra_info["target"] = "<= 0.25 ms and >= 10x lower than original"
     benchmark.extra_info["best_ms"] = round(min(medians.values()) * 1e3, 4)

@@ -20,7 +20,7 @@ from torch import nn
 
 from fastmini.modules.adapter import BottleneckAdapter
 from fastmini.modules.shared_layer import SharedLayer
-from fastmini.ops import Packing
+from fastmini.ops import KeyPadding, Packing
 
 
 @dataclass
@@ -68,18 +68,20 @@ class RecursiveEncoder(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
     ) -> EncoderOutput:
         """``hidden_states`` is packed (T, H) with ``packing``, or (B, S, H) whose padded keys (if
-        any) ``key_padding_mask`` marks False: the padded layout, for shapes fixed in advance."""
+        any) ``key_padding_mask`` marks False: the padded layout, for shapes fixed in advance. Every
+        recursion attends with one KeyPadding of the mask, so its additive form is made once."""
         all_hidden = [hidden_states] if output_hidden_states else None
         all_attentions = [] if output_attentions else None
         checkpointed = None
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             checkpointed = functools.partial(self._gradient_checkpointing_func, self.recursion)
+        key_padding = None if key_padding_mask is None else KeyPadding(key_padding_mask)
         h = hidden_states
         qkv_weight, qkv_bias = self.shared_layer.fused_qkv(h)  # once for all recursions (see SharedLayer.fused_qkv)
         for i in range(self.num_recursions):
             recursion = checkpointed if checkpointed is not None and i % self.checkpoint_every == 0 else self.recursion
             # Positional arguments only: reentrant checkpointing tracks gradients through those alone.
-            h, probabilities = recursion(h, i, packing, output_attentions, key_padding_mask, qkv_weight, qkv_bias)
+            h, probabilities = recursion(h, i, packing, output_attentions, key_padding, qkv_weight, qkv_bias)
             if all_hidden is not None:
                 all_hidden.append(h)
             if all_attentions is not None:
@@ -96,7 +98,7 @@ class RecursiveEncoder(nn.Module):
         index: int,
         packing: Packing | None,
         need_weights: bool,
-        key_padding_mask: torch.Tensor | None,
+        key_padding_mask: torch.Tensor | KeyPadding | None,
         qkv_weight: torch.Tensor | None = None,
         qkv_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:

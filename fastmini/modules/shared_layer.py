@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmini.ops import Packing, add_layer_norm, linear_gelu, packed_self_attention, self_attention
+from fastmini.ops import KeyPadding, Packing, add_layer_norm, linear_gelu, packed_self_attention, self_attention
 from fastmini.ops.autocasting import autocast_dtype_for
 from fastmini.ops.plain_layers import all_plain
 from fastmini.ops.prepacked_linear import PrepackedWeightsMixin
@@ -74,16 +74,16 @@ class SharedLayer(PrepackedWeightsMixin, nn.Module):
         x: torch.Tensor,
         packing: Packing | None,
         need_weights: bool,
-        key_padding_mask: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | KeyPadding | None = None,
         qkv_weight: torch.Tensor | None = None,
         qkv_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``LayerNorm(x + Dropout(Dense(Attention(x))))`` and the probabilities when asked for.
 
         ``x`` is packed (T, H) when ``packing`` is given, else a (B, S, H) batch whose padded keys,
-        if any, ``key_padding_mask`` (B, S) marks False. The residual is this block's own input,
-        i.e. the attention adapter's output. ``qkv_weight``/``qkv_bias``: ``fused_qkv``'s, when the caller
-        has them (the encoder makes them once for all recursions).
+        if any, ``key_padding_mask`` (B, S, or the encoder's KeyPadding of it) marks False. The residual is
+        this block's own input, i.e. the attention adapter's output. ``qkv_weight``/``qkv_bias``:
+        ``fused_qkv``'s, when the caller has them (the encoder makes them once for all recursions).
         """
         layers = (self.query, self.key, self.value)
         prepacked = self.prepacked_for(x, self.query)

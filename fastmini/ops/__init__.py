@@ -9,6 +9,7 @@ from fastmini.ops.adapter_bottleneck import adapter_bottleneck, adapter_bottlene
 from fastmini.ops.add_layer_norm import add_layer_norm, add_layer_norm_ref
 from fastmini.ops.attention import packed_self_attention, self_attention, self_attention_ref
 from fastmini.ops.dispatch import BACKEND_ENV_VAR, BACKENDS, BackendUnavailableError, resolve_backend
+from fastmini.ops.key_padding import KeyPadding
 from fastmini.ops.linear_gelu import GELU_APPROXIMATIONS, linear_gelu, linear_gelu_ref
 from fastmini.ops.packing import Packing
 
@@ -17,6 +18,7 @@ __all__ = [
     "BACKEND_ENV_VAR",
     "BackendUnavailableError",
     "GELU_APPROXIMATIONS",
+    "KeyPadding",
     "Packing",
     "adapter_bottleneck",
     "adapter_bottleneck_ref",

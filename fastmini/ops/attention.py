@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from fastmini.ops.autocasting import autocast_dtype_for
 from fastmini.ops.checks import check_probability, check_tensor
 from fastmini.ops.dispatch import BackendUnavailableError
+from fastmini.ops.key_padding import KeyPadding, as_key_padding
 from fastmini.ops.packing import Packing
 from fastmini.ops.softmax_dropout import softmax_dropout
 
@@ -36,6 +37,13 @@ _VARLEN_DTYPES = (torch.float16, torch.bfloat16)
 # The flash kernel's head sizes: multiples of 8 up to 256 (it raises on others, e.g. the tiny test configs' 6).
 _VARLEN_HEAD_SIZE_MULTIPLE, _VARLEN_MAX_HEAD_SIZE = 8, 256
 _VARLEN_MIN_CAPABILITY = (8, 0)  # torch's flash kernels: Ampere and newer
+# How the padded layout hands its key padding mask to SDPA. "bool": as it is, and SDPA converts it to an additive
+# mask on every call (three kernels a recursion on a GPU). "additive": the KeyPadding's bias, which the encoder
+# makes once a forward (ops.key_padding). Not yet run on a GPU, so not the default: SDPA may choose another kernel
+# for a float mask than for a bool one, and a row with no real key then attends uniformly over its padded keys
+# (as the eager path and SDPA's cuDNN kernel do) where other SDPA kernels give zeros.
+SDPA_MASKS = ("bool", "additive")
+SDPA_MASK = "bool"
 
 
 def _check_qkv(op: str, query: object, key: object, value: object, num_heads: object, dropout_p: object) -> None:
@@ -73,17 +81,18 @@ def self_attention_ref(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    key_padding_mask: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | KeyPadding | None,
     dropout_p: float,
     low_precision_maps: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager attention over (B, A, S, D) heads; returns (context, probabilities).
 
     The scores are one ``baddbmm``: the 1/sqrt(D) scale is its alpha and the padding mask an additive
-    (B*A, 1, S) bias of half the scores' dtype's lowest value, so no pass over the (B, A, S, S) scores
-    divides or masks them, forward or backward (the distiller asks for probabilities at every recursion: at
-    8 x 12 x 128 x 128 fp32 on 2 CPU threads, forward+backward 58 -> 46 ms, the same values). A masked key's
-    score then becomes that value exactly in fp32, bf16 and fp64; in fp16 only about (its range is small).
+    (B*A, 1, S) bias of half the scores' dtype's lowest value (``additive_key_mask``; a KeyPadding keeps it for
+    the next recursion), so no pass over the (B, A, S, S) scores divides or masks them, forward or backward (the
+    distiller asks for probabilities at every recursion: at 8 x 12 x 128 x 128 fp32 on 2 CPU threads,
+    forward+backward 58 -> 46 ms, the same values). A masked key's score then becomes that value exactly in
+    fp32, bf16 and fp64; in fp16 only about (its range is small).
     A row with no real key at all gets uniform probabilities (fp16: about), and, unlike a masked fill, its
     scores pass a gradient to its queries and keys: nothing reaches them unless a loss reads such a row.
     ``low_precision_maps``: under autocast, the probabilities in the scores' dtype (bf16/fp16) rather than
@@ -96,10 +105,7 @@ def self_attention_ref(
         bias, beta = queries.new_zeros(()), 0.0  # beta 0: the bias is never read
     else:
         dtype = autocast_dtype_for(query)  # the scores' dtype: a bias autocast cast would lose its value
-        # Half the lowest value: fp16's whole lowest value plus a score of -16 or less would round to -inf, and
-        # a row with no real key would then be NaN; half of it still absorbs every score in fp32 and bf16.
-        bias = torch.full((batch, 1, 1, seq), torch.finfo(dtype).min / 2, dtype=dtype, device=query.device)
-        bias.masked_fill_(key_padding_mask[:, None, None, :], 0.0)
+        bias = as_key_padding(key_padding_mask).bias(dtype)
         bias, beta = bias.expand(batch, heads, 1, seq).reshape(batch * heads, 1, seq), 1.0
     scores = torch.baddbmm(bias, queries, keys_t, beta=beta, alpha=head_dim**-0.5)
     # Autocast computes a softmax in fp32 and returns it so: (B, A, S, S) fp32 maps, which the next matmul casts
@@ -112,10 +118,15 @@ def self_attention_ref(
 
 def _check_key_padding_mask(mask: object, query: torch.Tensor) -> None:
     """A (B, S) bool mask: a float one would be an additive bias to SDPA (no masking) and an error to the
-    eager path."""
+    eager path. A KeyPadding's mask likewise."""
     op = "self_attention"
+    if isinstance(mask, KeyPadding):
+        mask = mask.mask
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{op}: key_padding_mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        raise TypeError(
+            f"{op}: key_padding_mask must be a torch.Tensor, a fastmini.ops.KeyPadding or None, "
+            f"got {type(mask).__name__}"
+        )
     if mask.dtype != torch.bool:
         raise TypeError(f"{op}: key_padding_mask must be bool (True for real tokens), got {mask.dtype}")
     if mask.shape != query.shape[:2]:
@@ -131,7 +142,7 @@ def self_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     num_heads: int,
-    key_padding_mask: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | KeyPadding | None = None,
     dropout_p: float = 0.0,
     need_weights: bool = False,
     check_inputs: bool = True,
@@ -139,7 +150,9 @@ def self_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention over projected (B, S, H) query/key/value; returns ((B, S, H) context, probs or None).
 
-    ``key_padding_mask`` is (B, S) bool, True for real tokens; padded keys get no weight. Padded queries
+    ``key_padding_mask`` is (B, S) bool, True for real tokens, or a KeyPadding of one (which keeps the additive
+    form for the next call: callers attending N times with one mask make one); padded keys get no weight. Padded
+    queries
     attend too (their rows are those of a real query, as in transformers): callers ignore or zero them.
     A row with no real token at all has no key to attend to: its probabilities are spread over its S
     (padded) keys (uniformly; in fp16 about, see ``self_attention_ref``) and its context is whatever
@@ -165,7 +178,7 @@ def attend_heads(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    key_padding_mask: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | KeyPadding | None,
     dropout_p: float,
     need_weights: bool,
     low_precision_maps: bool,
@@ -173,8 +186,20 @@ def attend_heads(
     """``self_attention`` on (B, A, S, D) heads, unchecked: ((B, A, S, D) context, probabilities or None)."""
     if need_weights:
         return self_attention_ref(query, key, value, key_padding_mask, dropout_p, low_precision_maps)
-    mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p), None
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=_sdpa_mask(key_padding_mask, query), dropout_p=dropout_p
+    ), None
+
+
+def _sdpa_mask(key_padding_mask: torch.Tensor | KeyPadding | None, query: torch.Tensor) -> torch.Tensor | None:
+    """SDPA's attn_mask for a key padding mask, as SDPA_MASK says: (B, 1, 1, S) bool, or the KeyPadding's bias."""
+    if key_padding_mask is None:
+        return None
+    if isinstance(key_padding_mask, KeyPadding):
+        if SDPA_MASK == "additive":
+            return key_padding_mask.bias(query.dtype)
+        key_padding_mask = key_padding_mask.mask
+    return key_padding_mask[:, None, None, :]
 
 
 def per_sequence_attention(
@@ -319,6 +344,5 @@ def packed_self_attention(
         return per_sequence_attention(*heads, packing.cu_seqlens, dropout_p).reshape(tokens, hidden), None
     # Straight into (and out of) the heads' padded layout: one scatter a tensor in, one gather out.
     padded = packing.unpack_heads((query, key, value), num_heads)
-    mask = packing.key_padding_mask
-    context, probabilities = attend_heads(*padded, mask, dropout_p, need_weights, low_precision_maps)
+    context, probabilities = attend_heads(*padded, packing.key_padding, dropout_p, need_weights, low_precision_maps)
     return packing.pack_heads(context), probabilities
