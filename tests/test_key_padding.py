@@ -51,6 +51,22 @@ def test_a_key_padding_makes_each_dtype_once():
     assert Packing.from_attention_mask(torch.tensor([[1, 0]])).key_padding.bias(torch.float32).shape == (1, 1, 1, 2)
 
 
+@pytest.mark.parametrize("sdpa_mask", attention_op.SDPA_MASKS)
+def test_a_bias_made_in_inference_mode_never_reaches_a_training_call(monkeypatch, sdpa_mask):
+    """One KeyPadding (a Packing's) used for an inference-mode call first, then for a call with gradients:
+    the second must not get the inference tensor (SDPA saves its mask for backward)."""
+    monkeypatch.setattr(attention_op, "SDPA_MASK", sdpa_mask)
+    padding = KeyPadding(torch.tensor([[True, True, False], [True, False, False]]))
+    query = torch.randn(2, 3, 8)
+    for need_weights in (False, True):
+        with torch.inference_mode():
+            self_attention(query, query, query, 2, padding, need_weights=need_weights)
+        trained = query.clone().requires_grad_()
+        context, _ = self_attention(trained, trained, trained, 2, padding, need_weights=need_weights)
+        context.sum().backward()
+        assert torch.isfinite(trained.grad).all()
+
+
 def test_probabilities_at_every_recursion_build_the_bias_once(tiny_config, batch):
     """output_attentions (the distiller's maps): the eager path adds the bias at each of N recursions."""
     model = FastMiniModel(tiny_config(num_hidden_layers=4)).eval()

@@ -151,9 +151,9 @@ def self_attention(
     """Attention over projected (B, S, H) query/key/value; returns ((B, S, H) context, probs or None).
 
     ``key_padding_mask`` is (B, S) bool, True for real tokens, or a KeyPadding of one (which keeps the additive
-    form for the next call: callers attending N times with one mask make one); padded keys get no weight. Padded
-    queries
-    attend too (their rows are those of a real query, as in transformers): callers ignore or zero them.
+    form for the next call: callers attending N times with one mask make one); padded keys get no weight.
+    Padded queries attend too (their rows are those of a real query, as in transformers): callers ignore or
+    zero them.
     A row with no real token at all has no key to attend to: its probabilities are spread over its S
     (padded) keys (uniformly; in fp16 about, see ``self_attention_ref``) and its context is whatever
     the kernel gives (zeros from torch 2.13's SDPA on the CPU).
