@@ -9,6 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastmini import FastMiniModel
+from fastmini.models.modeling import Encoded
 from fastmini.ops import KeyPadding, Packing, packed_self_attention, self_attention
 from fastmini.ops import attention as attention_op
 from fastmini.ops.key_padding import additive_key_mask
@@ -29,7 +30,7 @@ class OpCounts(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _padded_forward(model, batch, **options) -> tuple[torch.Tensor, collections.Counter]:
+def _padded_forward(model, batch, **options) -> tuple[Encoded, collections.Counter]:
     with torch.no_grad(), OpCounts() as ops:
         encoded = model.encode(batch["input_ids"], batch["attention_mask"], unpad=False, **options)
     return encoded, ops.counts
