@@ -49,23 +49,21 @@ def test_a_key_padding_makes_each_dtype_once():
     padding = KeyPadding(torch.tensor([[True, False]]))
     assert padding.bias(torch.float32) is padding.bias(torch.float32)
     assert padding.bias(torch.bfloat16).dtype == torch.bfloat16
-    assert Packing.from_attention_mask(torch.tensor([[1, 0]])).key_padding.bias(torch.float32).shape == (1, 1, 1, 2)
 
 
 @pytest.mark.parametrize("sdpa_mask", attention_op.SDPA_MASKS)
-def test_a_bias_made_in_inference_mode_never_reaches_a_training_call(monkeypatch, sdpa_mask):
-    """One KeyPadding (a Packing's) used for an inference-mode call first, then for a call with gradients:
-    the second must not get the inference tensor (SDPA saves its mask for backward)."""
+def test_a_packing_used_in_inference_mode_first_then_for_training(tiny_config, batch, monkeypatch, sdpa_mask):
+    """A batch's packing serves an inference-mode forward (an evaluation), then one with gradients: the second
+    must not get a bias made in the first (an inference tensor, which SDPA's backward would have to save)."""
     monkeypatch.setattr(attention_op, "SDPA_MASK", sdpa_mask)
-    padding = KeyPadding(torch.tensor([[True, True, False], [True, False, False]]))
-    query = torch.randn(2, 3, 8)
-    for need_weights in (False, True):
+    model = FastMiniModel(tiny_config(num_hidden_layers=2)).eval()
+    packing = Packing.from_attention_mask(batch["attention_mask"])
+    for output_attentions in (False, True):
         with torch.inference_mode():
-            self_attention(query, query, query, 2, padding, need_weights=need_weights)
-        trained = query.clone().requires_grad_()
-        context, _ = self_attention(trained, trained, trained, 2, padding, need_weights=need_weights)
-        context.sum().backward()
-        assert torch.isfinite(trained.grad).all()
+            model.encode(batch["input_ids"], None, packing=packing, output_attentions=output_attentions)
+        encoded = model.encode(batch["input_ids"], None, packing=packing, output_attentions=output_attentions)
+        encoded.sequence.square().sum().backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
 def test_probabilities_at_every_recursion_build_the_bias_once(tiny_config, batch):

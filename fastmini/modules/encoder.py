@@ -69,13 +69,15 @@ class RecursiveEncoder(nn.Module):
     ) -> EncoderOutput:
         """``hidden_states`` is packed (T, H) with ``packing``, or (B, S, H) whose padded keys (if
         any) ``key_padding_mask`` marks False: the padded layout, for shapes fixed in advance. Every
-        recursion attends with one KeyPadding of the mask, so its additive form is made once."""
+        recursion attends with one KeyPadding of the mask (or of the packing's), so that attention's additive
+        form of it is made once a forward."""
         all_hidden = [hidden_states] if output_hidden_states else None
         all_attentions = [] if output_attentions else None
         checkpointed = None
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             checkpointed = functools.partial(self._gradient_checkpointing_func, self.recursion)
-        key_padding = None if key_padding_mask is None else KeyPadding(key_padding_mask)
+        mask = packing.key_padding_mask if packing is not None else key_padding_mask
+        key_padding = None if mask is None else KeyPadding(mask)
         h = hidden_states
         qkv_weight, qkv_bias = self.shared_layer.fused_qkv(h)  # once for all recursions (see SharedLayer.fused_qkv)
         for i in range(self.num_recursions):

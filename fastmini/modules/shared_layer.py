@@ -81,8 +81,9 @@ class SharedLayer(PrepackedWeightsMixin, nn.Module):
         """``LayerNorm(x + Dropout(Dense(Attention(x))))`` and the probabilities when asked for.
 
         ``x`` is packed (T, H) when ``packing`` is given, else a (B, S, H) batch whose padded keys,
-        if any, ``key_padding_mask`` (B, S, or the encoder's KeyPadding of it) marks False. The residual is
-        this block's own input, i.e. the attention adapter's output. ``qkv_weight``/``qkv_bias``:
+        if any, ``key_padding_mask`` (B, S) marks False; it may be the encoder's KeyPadding of it, or, with
+        ``packing``, of the packing's mask. The residual is this block's own input, i.e. the attention adapter's
+        output. ``qkv_weight``/``qkv_bias``:
         ``fused_qkv``'s, when the caller has them (the encoder makes them once for all recursions).
         """
         layers = (self.query, self.key, self.value)
@@ -107,6 +108,7 @@ class SharedLayer(PrepackedWeightsMixin, nn.Module):
                 backend=self.packed_attention_backend if x.is_cuda else None,
                 check_inputs=False,  # projections of the layer's own x and the encoder's packing: fit by construction
                 low_precision_maps=self.low_precision_maps,
+                key_padding=key_padding_mask if isinstance(key_padding_mask, KeyPadding) else None,
             )
         else:
             context, probabilities = self_attention(

@@ -310,6 +310,7 @@ def packed_self_attention(
     backend: str | None = None,
     check_inputs: bool = True,
     low_precision_maps: bool = False,
+    key_padding: KeyPadding | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention over packed (T, H) tokens: each token attends to the real tokens of its sequence.
 
@@ -320,6 +321,8 @@ def packed_self_attention(
     ``self_attention`` on the padded layout (zero weight on padded keys; padded query rows as there).
     ``backend="cuda"``: the varlen flash kernel where it can serve the call (see the module doc).
     ``check_inputs=False`` skips the argument checks and ``low_precision_maps`` applies, as in ``self_attention``.
+    ``key_padding``: a KeyPadding of ``packing.key_padding_mask`` for a caller that attends N times with one
+    packing (the encoder makes one a forward), so that the padded layout's additive mask is made once.
     """
     if check_inputs:
         op = "packed_self_attention"
@@ -344,5 +347,6 @@ def packed_self_attention(
         return per_sequence_attention(*heads, packing.cu_seqlens, dropout_p).reshape(tokens, hidden), None
     # Straight into (and out of) the heads' padded layout: one scatter a tensor in, one gather out.
     padded = packing.unpack_heads((query, key, value), num_heads)
-    context, probabilities = attend_heads(*padded, packing.key_padding, dropout_p, need_weights, low_precision_maps)
+    mask = key_padding if key_padding is not None else packing.key_padding_mask
+    context, probabilities = attend_heads(*padded, mask, dropout_p, need_weights, low_precision_maps)
     return packing.pack_heads(context), probabilities

@@ -28,21 +28,21 @@ def additive_key_mask(key_padding_mask: torch.Tensor, dtype: torch.dtype) -> tor
 
 class KeyPadding:
     """``mask`` (B, S) bool, True for real tokens, and ``bias(dtype)``: its ``additive_key_mask``, made on first
-    use and kept (the mask must not change while this object is in use: an encoder makes one a forward).
+    use and kept.
 
-    Kept apart for calls in and out of inference mode: a bias made under ``torch.inference_mode()`` (a teacher's
-    forward, an evaluation) is an inference tensor, which autograd refuses to save for a later training call's
-    backward (SDPA's saves its mask)."""
+    Made for one forward (the encoder makes one each forward, from its mask or its packing's): the mask must not
+    change while it is in use, and a bias made under ``torch.inference_mode()`` is an inference tensor, which
+    autograd refuses to save for the backward of a later call with gradients (SDPA saves its mask). Whether
+    inference mode is on cannot be asked under torch.compile, so the object is not kept across forwards instead."""
 
     def __init__(self, mask: torch.Tensor):
         self.mask = mask
-        self._biases: dict[tuple[torch.dtype, bool], torch.Tensor] = {}
+        self._biases: dict[torch.dtype, torch.Tensor] = {}
 
     def bias(self, dtype: torch.dtype) -> torch.Tensor:
-        key = (dtype, torch.is_inference_mode_enabled())
-        if key not in self._biases:
-            self._biases[key] = additive_key_mask(self.mask, dtype)
-        return self._biases[key]
+        if dtype not in self._biases:
+            self._biases[dtype] = additive_key_mask(self.mask, dtype)
+        return self._biases[dtype]
 
 
 def as_key_padding(mask: torch.Tensor | KeyPadding | None) -> KeyPadding | None:

@@ -14,8 +14,6 @@ from functools import cached_property
 
 import torch
 
-from fastmini.ops.key_padding import KeyPadding
-
 
 @dataclass(frozen=True)
 class Packing:
@@ -63,11 +61,6 @@ class Packing:
         """
         lengths = self.key_padding_mask.sum(dim=1, dtype=torch.int32)
         return torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-
-    @cached_property
-    def key_padding(self) -> KeyPadding:
-        """The mask with its additive form kept for every recursion that attends through the padded layout."""
-        return KeyPadding(self.key_padding_mask)
 
     def unpack_heads(self, packed: Sequence[torch.Tensor], num_heads: int) -> list[torch.Tensor]:
         """Each (T, H) tensor -> contiguous (B, A, S, H/A), zeros at padded positions: ``unpack`` and the split
