@@ -8,7 +8,7 @@ import torch
 
 from fastmini import FastMiniModel
 from fastmini.runtime import EagerCapture, UnpaddedGraphedEncoder
-from fastmini.runtime.buckets import SMALLEST_TOKEN_BUCKET, token_bucket, token_buckets
+from fastmini.runtime.buckets import first_token_bucket, token_bucket, token_buckets
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 BUCKETS = dict(batch_buckets=(1, 2, 4, 8), sequence_buckets=(8, 16, 32, 64))
@@ -42,14 +42,16 @@ def test_token_buckets_step_evenly_between_powers_of_two_and_end_at_the_limit():
     assert token_buckets(8192)[:20] == (8, 9, 10, 11, 12, 13, 14, 15, 16, 18, 20, 22, 24, 26, 28, 30, 32, 36, 40, 44)
     assert token_buckets(8192, 4)[:13] == (8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64)
     assert token_buckets(8192, 1)[:5] == (8, 16, 32, 64, 128)
+    assert token_buckets(8192, 16)[:19] == (16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 34, 36)
     assert token_buckets(8192)[-1] == 8192 and token_buckets(100)[-2:] == (96, 100) and token_buckets(5) == (5,)
     assert [b for b in token_buckets(8192) if b >= 4274][0] == 4608  # the ragged benchmark's batch
-    for bad in (0, 3, 16):
-        with pytest.raises(ValueError, match=r"token steps per doubling must be one of \[1, 2, 4, 8\], got"):
+    assert [b for b in token_buckets(8192, 16) if b >= 4274][0] == 4352
+    for bad in (0, 3, 32, True):
+        with pytest.raises(ValueError, match=r"token steps per doubling must be one of \[1, 2, 4, 8, 16\], got"):
             token_buckets(64, bad)
 
 
-@pytest.mark.parametrize("steps", [8, 4, 1])
+@pytest.mark.parametrize("steps", [16, 8, 4, 1])
 @pytest.mark.parametrize("limit", [5, 100, 8192])
 def test_each_count_gets_the_smallest_bucket_that_holds_it_and_its_filler_bound(limit, steps):
     buckets = token_buckets(limit, steps)
@@ -59,7 +61,7 @@ def test_each_count_gets_the_smallest_bucket_that_holds_it_and_its_filler_bound(
         assert bucket == min(b for b in buckets if b >= real)
         assert bucket - real <= most_filler
         most_filler_seen[bucket] = max(most_filler_seen.get(bucket, 0), bucket - real)
-        if real >= SMALLEST_TOKEN_BUCKET:
+        if real >= first_token_bucket(steps):
             assert bucket <= (1 + 1 / steps) * real  # at most 1/steps of the graph's tokens are filler
     for bucket, seen in most_filler_seen.items():
         assert token_bucket(bucket, limit, steps)[1] == seen  # the bound is reached: no spare filler rows
@@ -74,10 +76,12 @@ def test_token_bucket_refuses_counts_outside_the_grid_bucket():
 # ---- the model through the stand-in ------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("steps", [8, 16, 1])
 @pytest.mark.parametrize("pattern", ["right", "left", "holes"])
-def test_real_tokens_match_the_models_unpadded_forward(tiny_config, randomize, pattern):
+def test_real_tokens_match_the_models_unpadded_forward(tiny_config, randomize, pattern, steps):
     model = tiny_model(tiny_config, randomize)
-    encoder = model.graphed_encoder(unpadded=True, capture=EagerCapture(), **BUCKETS)
+    encoder = model.graphed_encoder(unpadded=True, capture=EagerCapture(), token_steps_per_doubling=steps, **BUCKETS)
+    assert encoder.token_steps_per_doubling == steps
     cases = [([5], 8), ([13, 2, 7], 13), ([32, 1, 17, 9, 32], 32), ([40, 3], 40), ([1, 1, 1, 1, 1, 1, 1, 1], 3)]
     for lengths, length in cases:
         ids, mask = masked_batch(lengths, length, pattern, seed=length)

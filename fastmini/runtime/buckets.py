@@ -14,14 +14,16 @@ from dataclasses import dataclass
 
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 DEFAULT_SEQUENCE_BUCKETS = (32, 64, 128, 256, 512)
-# Token buckets of the unpadded graphs: from SMALLEST_TOKEN_BUCKET on, TOKEN_STEPS_PER_DOUBLING even steps
-# between powers of two (8, 9, ..., 16, 18, ..., 32, 36, ...): 8 graphs per doubling, and from 8 real tokens on
-# at most 1/8 of a graph's tokens are filler (below 8, the first bucket of 8 is mostly filler). Filler is work:
-# with 4 steps (at most 25% filler) the ragged benchmark's 4274 real tokens ran as 5120 (session 15, H200),
-# with 8 as 4608. More steps mean more graphs to capture (lazily, each once), not more memory: the graphs of a
-# (batch, sequence) bucket share one memory pool and one output.
+# Token buckets of the unpadded graphs: from the first bucket on (SMALLEST_TOKEN_BUCKET, or the number of steps
+# where that is larger), TOKEN_STEPS_PER_DOUBLING even steps between powers of two (8, 9, ..., 16, 18, ..., 32,
+# 36, ...): 8 graphs per doubling, and from 8 real tokens on at most 1/8 of a graph's tokens are filler (below
+# 8, the first bucket of 8 is mostly filler). Filler is work: with 4 steps (at most 25% filler) the ragged
+# benchmark's 4274 real tokens ran as 5120 (session 15, H200), with 8 as 4608, with 16 as 4352. More steps mean
+# more graphs to capture (lazily, each once), not more memory: the graphs of a (batch, sequence) bucket share
+# one memory pool and one output.
 SMALLEST_TOKEN_BUCKET = 8
 TOKEN_STEPS_PER_DOUBLING = 8
+TOKEN_STEPS_CHOICES = (1, 2, 4, 8, 16)
 
 
 def normalize_buckets(buckets: Iterable[int], name: str) -> tuple[int, ...]:
@@ -81,10 +83,11 @@ class BucketGrid:
 @functools.cache  # looked up on every call of an unpadded graphed encoder
 def token_buckets(limit: int, steps_per_doubling: int = TOKEN_STEPS_PER_DOUBLING) -> tuple[int, ...]:
     """The token counts unpadded graphs are captured for, up to ``limit`` (the batch bucket times the sequence
-    bucket, every token real), which is always the last; ``steps_per_doubling`` (a power of two, at most
-    SMALLEST_TOKEN_BUCKET) even steps between powers of two."""
+    bucket, every token real), which is always the last; ``steps_per_doubling`` (one of TOKEN_STEPS_CHOICES)
+    even steps between powers of two, from ``first_token_bucket``."""
     check_steps_per_doubling(steps_per_doubling)
-    sizes, step = [SMALLEST_TOKEN_BUCKET], SMALLEST_TOKEN_BUCKET // steps_per_doubling
+    first = first_token_bucket(steps_per_doubling)
+    sizes, step = [first], first // steps_per_doubling
     while sizes[-1] < limit:
         if sizes[-1] + step > 2 * step * steps_per_doubling:
             step *= 2
@@ -92,10 +95,17 @@ def token_buckets(limit: int, steps_per_doubling: int = TOKEN_STEPS_PER_DOUBLING
     return tuple(size for size in sizes if size < limit) + (limit,)
 
 
+def first_token_bucket(steps_per_doubling: int) -> int:
+    """The smallest token bucket: SMALLEST_TOKEN_BUCKET, or the number of steps where that is larger (the steps
+    from it are whole tokens); from it on at most 1/steps of a graph's tokens are filler."""
+    return max(SMALLEST_TOKEN_BUCKET, steps_per_doubling)
+
+
 def check_steps_per_doubling(steps_per_doubling: int) -> None:
-    allowed = [2**k for k in range(SMALLEST_TOKEN_BUCKET.bit_length()) if 2**k <= SMALLEST_TOKEN_BUCKET]
-    if steps_per_doubling not in allowed:
-        raise ValueError(f"token steps per doubling must be one of {allowed}, got {steps_per_doubling!r}")
+    if isinstance(steps_per_doubling, bool) or steps_per_doubling not in TOKEN_STEPS_CHOICES:
+        raise ValueError(
+            f"token steps per doubling must be one of {list(TOKEN_STEPS_CHOICES)}, got {steps_per_doubling!r}"
+        )
 
 
 def token_bucket(real_tokens: int, limit: int, steps_per_doubling: int = TOKEN_STEPS_PER_DOUBLING) -> tuple[int, int]:

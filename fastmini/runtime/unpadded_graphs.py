@@ -6,7 +6,7 @@ ragged batch costs what its real tokens cost, rounded up to a token bucket, with
 
 A graph is recorded per (batch bucket, sequence bucket, token bucket) (``buckets.token_bucket``: with the
 default 8 buckets per doubling of the token count, from 8 real tokens on at most 1/8 of a graph's tokens are
-filler; ``token_steps_per_doubling`` chooses 1, 2, 4 or 8). Before each replay
+filler; ``token_steps_per_doubling`` chooses 1, 2, 4, 8 or 16). Before each replay
 the host copies the mask once (one sync: the shapes depend on it; nothing else is read back), builds
 the packing's indices from that copy, and fills the bucket's static buffers:
 
