@@ -8,7 +8,9 @@ per benchmark (medians, ratios against the baseline, GB/s or GFLOP/s as recorded
 named, and last each op's host cost and GPU time (benchmarks/launch_overhead.py). Five files are written
 into $OUT as the runs go when that variable is set (the device tool brings $OUT back, even after a timeout,
 but at most 8 files): gpu-tests.log, gpu-benchmarks.log (every benchmark file's output, one after the
-other), benchmarks.json (the reports merged so far), launch-overhead.log and the results file.
+other), benchmarks.json (the reports merged so far), launch-overhead.log and the results file; with
+``--counters`` (Nsight Compute's counters of the fused kernels, benchmarks/kernel_counters.py, run after the
+tests) also counters.log and counters.csv.
 ``run_gpu.py [--label NAME] [BENCHMARK_FILE ...] [--tests TEST_FILE ...]`` runs the named benchmark files
 (or single tests, FILE::TEST; tests of one file named in a row share a pytest) only, and the GPU tests of the
 named test files only (of every marked file otherwise), and names the results ``<date>-<gpu>-<label>.md``.
@@ -70,6 +72,7 @@ TESTS_SHARE_S = 220  # at most this for the GPU tests (the benchmarks get the re
 BENCHMARK_FILE_RESERVE_S = 40  # kept back for each benchmark file still to run when one starts
 INTERRUPT_GRACE_S = 20  # after the interrupt, for pytest to finish the running test and write its reports
 LAUNCH_OVERHEAD_S = 60  # benchmarks/launch_overhead.py runs last, when this much of the budget is left
+COUNTERS_S = 150  # at most this for benchmarks/kernel_counters.py (--counters), after the tests
 
 
 def pytest_command() -> list[str]:
@@ -254,6 +257,17 @@ def launch_overhead(logs: Path, deadline: float) -> str:
     return output if code == 0 else f"exit {code}:\n{output[-2000:]}"
 
 
+def kernel_counters(logs: Path, deadline: float) -> str:
+    """benchmarks/kernel_counters.py's table (ncu's counters of the fused kernels), or why there is none. It runs
+    within its own budget (its cases stop starting when that is spent) plus a margin for the case under way."""
+    budget = min(COUNTERS_S, deadline - time.monotonic() - BENCHMARK_FILE_RESERVE_S)
+    if budget < 30:
+        return f"not run: {budget:.0f} s of the budget left for it, it wants at least 30"
+    command = [sys.executable, str(ROOT / "benchmarks" / "kernel_counters.py"), "--budget-s", str(int(budget * 0.7))]
+    code, output = run_within(command, logs / "counters.log", budget)
+    return output if code == 0 else f"exit {code}:\n```\n{output[-2000:]}\n```"
+
+
 def summary_line(output: str) -> str:
     lines = [line for line in output.splitlines() if re.search(r"\b(passed|failed|skipped|error)", line)]
     summary = lines[-1].strip("= ") if lines else "no summary"
@@ -313,6 +327,12 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help=f"skip benchmarks/launch_overhead.py, which otherwise keeps the budget's last {LAUNCH_OVERHEAD_S} s",
     )
+    parser.add_argument(
+        "--counters",
+        action="store_true",
+        help=f"after the GPU tests, Nsight Compute's counters of the fused kernels (benchmarks/kernel_counters.py, "
+        f"at most {COUNTERS_S} s of the budget)",
+    )
     arguments = parser.parse_args(argv)
     if arguments.no_tests and arguments.tests:
         parser.error("--tests names GPU tests to run, --no-tests runs none: give one of them")
@@ -349,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             logs / "gpu-tests.log",
             min(TESTS_SHARE_S, deadline - time.monotonic()),
         )  # fmt: skip
+    counters = kernel_counters(logs, deadline) if arguments.counters else None
     kept_back = 0 if arguments.no_launch_overhead else LAUNCH_OVERHEAD_S
     bench_code, bench_lines, report = run_benchmark_files(arguments.benchmarks, logs, deadline - kept_back)
     failures = failed_tests(tests_output)
@@ -372,6 +393,11 @@ def main(argv: list[str] | None = None) -> int:
         "",
         *benchmark_rows(report),
         "",
+        *(
+            ["Nsight Compute's counters (`python3 benchmarks/kernel_counters.py`):", "", counters.rstrip(), ""]
+            if counters is not None
+            else []
+        ),
         "Each op's host cost and GPU time (`python3 benchmarks/launch_overhead.py`):",
         "",
         "```",

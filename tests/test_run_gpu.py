@@ -243,3 +243,13 @@ def test_the_launch_cost_report_runs_last_within_the_budget_or_says_why_not(run_
     report = run_gpu.launch_overhead(tmp_path, time.monotonic() + run_gpu.LAUNCH_OVERHEAD_S + 60)
     assert report.startswith("exit 1:") and "needs a CUDA device" in report  # this machine has none
     assert "needs a CUDA device" in (tmp_path / "launch-overhead.log").read_text()
+
+
+def test_kernel_counters_run_after_the_tests_on_request_within_their_share(run_gpu, tmp_path, monkeypatch):
+    assert run_gpu.parse_arguments(["--counters"]).counters and not run_gpu.parse_arguments([]).counters
+    reserve = run_gpu.BENCHMARK_FILE_RESERVE_S
+    assert run_gpu.kernel_counters(tmp_path, time.monotonic() + reserve + 10).startswith("not run: 10 s of the budget")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no ncu to be found (and none in the usual places on this machine)
+    report = run_gpu.kernel_counters(tmp_path, time.monotonic() + reserve + 120)
+    assert report.strip().startswith("Kernel counters: not run: no `ncu` on PATH")
+    assert "Kernel counters: not run" in (tmp_path / "counters.log").read_text()

@@ -1,0 +1,156 @@
+"""benchmarks/kernel_counters.py without a GPU or ncu: the ncu command it builds, how it reads ncu's CSV, what
+it writes when ncu fails or is missing (a stand-in ncu script plays the profiler), and that each case's step
+runs the op it names (on tiny inputs, through the Triton interpreter)."""
+
+from __future__ import annotations
+
+import importlib.util
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+KERNEL_COUNTERS = Path(__file__).resolve().parent.parent / "benchmarks" / "kernel_counters.py"
+
+# What `ncu --csv --page raw --print-units base` prints: its own notes, a header, a units row, one row a kernel.
+NCU_CSV = """==PROF== Connected to process 4242
+==PROF== Profiling "_forward_kernel": 0%....50%....100% - 9 passes
+"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC",\
+"gpu__time_duration.sum","dram__bytes_read.sum","dram__bytes_write.sum",\
+"dram__throughput.avg.pct_of_peak_sustained_elapsed","lts__throughput.avg.pct_of_peak_sustained_elapsed",\
+"sm__throughput.avg.pct_of_peak_sustained_elapsed","sm__warps_active.avg.pct_of_peak_sustained_active",\
+"launch__grid_size","launch__registers_per_thread",\
+"smsp__average_warp_latency_issue_stalled_barrier.ratio","smsp__average_warp_latency_issue_stalled_long_scoreboard.ratio",\
+"smsp__average_warp_latency_issue_stalled_selected.ratio","smsp__average_warp_latency_issue_stalled_wait.ratio",\
+"smsp__average_warp_latency_issue_stalled_mio_throttle.ratio"
+"","","","","","","","","","","","nsecond","byte","byte","%","%","%","%","","register/thread","","","","",""
+"0","4242","python3","host","_forward_kernel","1","7","(256, 1, 1)","(8, 1, 1)","0","9.0",\
+"10,240","1,572,864","196,608","12.5","40.25","8.0","11.9","8","126","1.5","6.25","1.0","0.5","2.0"
+"1","4242","python3","host","_backward_rows_kernel","1","7","(256, 1, 1)","(512, 1, 1)","0","9.0",\
+"20,000","n/a","196,608","30.0","50.0","20.0","45.0","512","96","0.1","2.0","1.0","3.0","0.2"
+==PROF== Disconnected from process 4242
+"""
+
+
+@pytest.fixture(scope="module")
+def counters():
+    spec = importlib.util.spec_from_file_location("kernel_counters", KERNEL_COUNTERS)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name)
+
+
+def test_the_csv_gives_one_record_a_kernel_without_notes_or_units(counters):
+    kernels = counters.parse_raw_csv(NCU_CSV)
+    assert [kernel["Kernel Name"] for kernel in kernels] == ["_forward_kernel", "_backward_rows_kernel"]
+    assert counters.number(kernels[0]["gpu__time_duration.sum"]) == 10240.0
+    assert counters.number(kernels[1]["dram__bytes_read.sum"]) is None  # "n/a"
+    assert counters.parse_raw_csv("==ERROR== ERR_NVGPUCTRPERM\n") == []
+
+
+def test_a_row_reports_time_dram_rate_and_the_costliest_stalls(counters):
+    first, second = counters.parse_raw_csv(NCU_CSV)
+    row = counters.table_row("adapter forward, 128 rows", first).split(" | ")
+    header = counters.TABLE_HEADER.split(" | ")
+    cells = dict(zip(header, row, strict=True))
+    assert cells["time (us)"] == "10.24" and cells["DRAM MB"] == "1.77"
+    assert cells["DRAM GB/s"] == "173"  # 1,769,472 bytes in 10,240 ns
+    assert cells["registers"] == "126" and cells["grid"] == "8" and cells["L2 %"] == "40.2"
+    # the most cycles first, and "selected" (issuing) is no stall
+    stalls = cells["top stalls (cycles per issued instruction) |"]
+    assert stalls == "long_scoreboard 6.2, mio_throttle 2.0, barrier 1.5 |"
+    second_cells = dict(zip(header, counters.table_row("x", second).split(" | "), strict=True))
+    assert second_cells["DRAM MB"] == "n/a" and second_cells["DRAM GB/s"] == "n/a"  # a byte count missing
+    assert counters.top_stalls({"gpu__time_duration.sum": "1"}) == "n/a"
+
+
+def test_the_command_leaves_clocks_alone_and_profiles_only_the_driven_call(counters):
+    command = counters.ncu_command("ncu", "adapter forward, 128 rows")
+    assert command[command.index("--clock-control") + 1] == "none"
+    assert command[command.index("--profile-from-start") + 1] == "off"
+    assert command[command.index("--kernel-name") + 1] == counters.KERNEL_NAMES
+    assert command[-2:] == ["--driver", "adapter forward, 128 rows"]
+    assert "--metrics" in command and "--metrics" not in counters.ncu_command("ncu", "x", extra_metrics=False)
+
+
+def stand_in_ncu(tmp_path: Path, script: str) -> str:
+    """An executable that plays ncu: ``script`` is bash, its arguments in "$@"."""
+    path = tmp_path / "ncu"
+    path.write_text(f"#!/usr/bin/env bash\n{script}\n")
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return str(path)
+
+
+def test_a_profile_is_read_and_an_unknown_metric_retried_without_the_extras(counters, tmp_path):
+    (tmp_path / "out.csv").write_text(NCU_CSV)
+    plain = stand_in_ncu(tmp_path, f'cat "{tmp_path}/out.csv"')
+    kernels, text, problem = counters.profile(plain, "adapter forward, 128 rows", 30)
+    assert len(kernels) == 2 and problem == "" and "_forward_kernel" in text
+    picky = stand_in_ncu(
+        tmp_path,
+        f'if [[ " $* " == *" --metrics "* ]]; then echo "==ERROR== Failed to find metric dram__bytes_read.sum"; '
+        f'exit 1; fi; cat "{tmp_path}/out.csv"',
+    )
+    kernels, _text, problem = counters.profile(picky, "adapter forward, 128 rows", 30)
+    assert len(kernels) == 2 and problem == ""
+
+
+def test_no_counters_says_why_in_the_table_and_no_ncu_says_so(counters, tmp_path, capsys, monkeypatch):
+    refusal = "==ERROR== ERR_NVGPUCTRPERM - no permission to the counters"
+    refused = stand_in_ncu(tmp_path, f'echo "{refusal}"; exit 1')
+    lines, _csv = counters.report(["adapter forward, 128 rows"], 60, refused)
+    assert lines[-1] == f"- adapter forward, 128 rows: no counters: {refusal}"
+    lines, _csv = counters.report(["adapter forward, 128 rows"], 5, refused)
+    assert lines[-1] == "- adapter forward, 128 rows: not run (5 s budget spent)"
+    monkeypatch.setattr(counters, "find_ncu", lambda: None)
+    monkeypatch.delenv("OUT", raising=False)
+    assert counters.main([]) == 0
+    assert capsys.readouterr().out.startswith("Kernel counters: not run: no `ncu` on PATH")
+
+
+def test_an_unknown_case_is_refused_with_the_known_ones(counters, capsys):
+    with pytest.raises(SystemExit):
+        counters.main(["adapter forward, 7 rows"])
+    error = capsys.readouterr().err
+    assert "unknown case(s) ['adapter forward, 7 rows']" in error and "adapter forward, 16384 rows" in error
+
+
+@pytest.mark.parametrize("op", ["adapter_bottleneck", "add_layer_norm"])
+def test_each_step_runs_its_op_on_the_triton_backend(counters, monkeypatch, op):
+    from fastmini.kernels import adapter_bottleneck as kernels
+
+    from fastmini.ops import adapter_bottleneck_ref, add_layer_norm_ref
+
+    monkeypatch.setattr(kernels, "BACKWARD_PATH", kernels.BACKWARD_PATH)  # restored after the split-k setting
+    forward = counters.case_step(counters.Case(op, 5), torch.device("cpu"))
+    output = forward()
+    assert output.shape == (5, 768) and output.dtype == torch.bfloat16 and not output.requires_grad
+    hidden, bottleneck, adapter_eps, layer_norm_eps = counters._published_sizes()
+    assert (hidden, bottleneck) == (768, 48)
+    split_k = (("kernels.adapter_bottleneck", "BACKWARD_PATH", "split-k"),)
+    training = counters.case_step(counters.Case(op, 5, backward=True, settings=split_k), torch.device("cpu"))
+    gradients = training()
+    assert kernels.BACKWARD_PATH == "split-k"
+    assert len(gradients) == (7 if op == "adapter_bottleneck" else 4)
+    # the same inputs (seeded) through the op's torch reference: the step ran the op it names
+    generator = torch.Generator().manual_seed(0)
+
+    def tensor(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(shape, generator=generator) * scale + shift).to(torch.bfloat16)
+
+    x = tensor(5, hidden)
+    if op == "adapter_bottleneck":
+        parameters = (
+            tensor(bottleneck, hidden, scale=hidden**-0.5), tensor(bottleneck, scale=0.1),
+            tensor(hidden, bottleneck, scale=bottleneck**-0.5), tensor(hidden, scale=0.1),
+            tensor(hidden, scale=0.1, shift=1.0), tensor(hidden, scale=0.1),
+        )  # fmt: skip
+        expected = adapter_bottleneck_ref(x.float(), *(p.float() for p in parameters), adapter_eps)
+    else:
+        residual, weight, bias = tensor(5, hidden), tensor(hidden, scale=0.1, shift=1.0), tensor(hidden, scale=0.1)
+        expected = add_layer_norm_ref(x.float(), residual.float(), weight.float(), bias.float(), layer_norm_eps)
+    torch.testing.assert_close(output.float(), expected, atol=0.1, rtol=0.05)
