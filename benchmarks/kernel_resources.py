@@ -229,7 +229,7 @@ def _published_sweep(patch) -> None:
             few_rows = {"BLOCK_M": 16, **adapter.FORWARD_FEW_ROWS_TILES[size]} if rows < 132 * 64 else {}
             candidates = adapter.FORWARD_TILE_CANDIDATES.values() if size == 2 else ({},)
             for tiles in candidates:  # as _tiles on a GPU: a candidate that names BLOCK_M keeps the rest default
-                launch = tiles if "BLOCK_M" in tiles else {**few_rows, **tiles}
+                launch = tiles if "BLOCK_M" in tiles or "kernel" in tiles else {**few_rows, **tiles}
                 adapter.adapter_bottleneck_forward(x, *weights, 1e-12, True, tiles=launch)
             for options in adapter.BACKWARD_TILE_CANDIDATES.values() if size == 2 and rows > 128 else ({},):
                 adapter.adapter_bottleneck_backward(x, x, *weights, h, *saved, **options)
@@ -261,7 +261,7 @@ def main() -> None:
         tiles = {
             k: v
             for k, v in spec["constexprs"].items()
-            if k.startswith("BLOCK") or k in ("HAS_DROPOUT", "FOUR_PER_CALL") or (k in _VARIANT_SWITCHES and v)
+            if k.startswith("BLOCK") or k in ("ROWS", "HAS_DROPOUT", "FOUR_PER_CALL") or (k in _VARIANT_SWITCHES and v)
         }
         activation = spec["signature"].get("x_ptr") or spec["signature"].get("grad_out_ptr") or ""
         label = f"{activation.lstrip('*')} " + " ".join(f"{k.removeprefix('BLOCK_')}={v}" for k, v in tiles.items())

@@ -57,6 +57,7 @@ from fastmini.baselines.original import (
 from fastmini.flops import encoder_flops
 from fastmini.ops import BACKEND_ENV_VAR
 from fastmini.ops import attention as attention_ops
+from fastmini.ops.adapter_bottleneck import TRITON_MAX_FEW_ROWS_ON_GPU
 from fastmini.runtime.buckets import DEFAULT_BATCH_BUCKETS, DEFAULT_SEQUENCE_BUCKETS, BucketGrid, token_bucket
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU targets: timed on CUDA only")
@@ -142,6 +143,8 @@ def _graphed(
 # The experiments' switches, off by default until a GPU run shows them right and faster.
 CUDNN_VARLEN = ("VARLEN_KERNEL", "cudnn")  # packed attention through cuDNN's kernel
 ADDITIVE_SDPA_MASK = ("SDPA_MASK", "additive")  # SDPA gets the additive mask made once a forward
+# the adapter's CUDA-core forward (kernels/adapter_bottleneck_rows.py) wherever the op takes the few-rows kernel
+ROWS_ADAPTER_KERNEL = ("fastmini.kernels.adapter_bottleneck.ROWS_KERNEL_UP_TO", TRITON_MAX_FEW_ROWS_ON_GPU)
 
 
 def _three_qkv(model: FastMiniModel) -> FastMiniModel:
@@ -182,6 +185,9 @@ def contenders_for(
         ),
         "fastmini-graphed-additive-mask": lambda _: bound(
             _graphed(fresh(), switch=lambda: unittest.mock.patch.object(attention_ops, *ADDITIVE_SDPA_MASK))
+        ),
+        "fastmini-graphed-rows-adapter": lambda _: bound(
+            _graphed(fresh(), switch=lambda: unittest.mock.patch(*ROWS_ADAPTER_KERNEL))
         ),
         "fastmini-graphed-three-qkv": lambda _: bound(_graphed(_three_qkv(fresh()))),
         "torch-compile": lambda _: bound(
@@ -274,7 +280,7 @@ def _ragged_batch():
 
 
 GRAPHED = ["fastmini-graphed", "fastmini-graphed-triton", "fastmini-graphed-three-qkv"]
-LATENCY_EXPERIMENTS = ["fastmini-graphed-additive-mask"]
+LATENCY_EXPERIMENTS = ["fastmini-graphed-additive-mask", "fastmini-graphed-rows-adapter"]
 
 
 def test_latency_1x128(benchmark, compare, describe_device, record_kernel_profile, models):

@@ -30,6 +30,8 @@ Design (why it is shaped this way):
   next to the (H, R) weight tiles does not fit in registers at H=768, and Triton cannot index a register
   tile by chunk; the extra g W_u^T is 2R FLOPs per element, nothing next to the memory traffic.
   h and g (BLOCK_M x R) stay in registers: the bottleneck never goes to memory, except the copy below.
+- Few rows: kernels/adapter_bottleneck_rows.py is a second forward, a few rows a program on the CUDA cores, for
+  inputs that give this one only a handful of programs (ROWS_KERNEL_UP_TO; same outputs, same saved values).
 - Saved for backward (only when autograd needs it): mean and rstd (M,) and h (M, R), in fp32. h costs
   R/(2H) of the forward's traffic in bf16 (3% at r=16) and spares the backward the down projection;
   the column kernel below never sees whole rows, so it could not recompute h at all.
@@ -68,6 +70,8 @@ from collections.abc import Callable
 import torch
 import triton
 import triton.language as tl
+from fastmini.kernels.adapter_bottleneck_rows import launch_forward_rows
+from fastmini.kernels.chunked_statistics import merge_chunk_statistics
 from fastmini.kernels.gelu import gelu, gelu_derivative
 from fastmini.kernels.interpreter import cast_output, dot_operand
 from fastmini.kernels.launching import on_device
@@ -264,8 +268,7 @@ def _forward_kernel(
     )  # fmt: skip
     g = dot_operand(gelu(h, False), DOT_DTYPE)
 
-    # LayerNorm statistics, merged chunk by chunk (Chan et al.): each chunk's own mean and centred sum of
-    # squares are exact, and merging them never subtracts two large sums as E[z^2] - E[z]^2 would.
+    # LayerNorm statistics, merged chunk by chunk (kernels/chunked_statistics.py).
     mean = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
     centred_squares = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
     y_block = y_ptr + first_row.to(tl.int64) * H
@@ -279,14 +282,9 @@ def _forward_kernel(
             stashed = cast_output(z, y_ptr.dtype.element_ty)
             tl.store(y_block + row_offsets[:, None] + columns[None, :], stashed, mask=tile_mask)
             z = tl.where(tile_mask, stashed.to(ACC_DTYPE), 0.0)
-        # In ACC_DTYPE, not as "* 1.0" (fp32): fp64 statistics need fp64 merge weights too.
-        seen = tl.cast(start, ACC_DTYPE)  # columns already merged
-        count = tl.cast(tl.minimum(H - start, BLOCK_K), ACC_DTYPE)
-        chunk_mean = tl.sum(z, axis=1) / count
-        centred = tl.where(column_mask[None, :], z - chunk_mean[:, None], 0.0)
-        delta = chunk_mean - mean
-        mean += delta * (count / (seen + count))
-        centred_squares += tl.sum(centred * centred, axis=1) + delta * delta * (seen * count / (seen + count))
+        mean, centred_squares = merge_chunk_statistics(
+            mean, centred_squares, z, column_mask, start, H, BLOCK_K, ACC_DTYPE
+        )
     rstd = 1.0 / tl.sqrt(centred_squares / H + eps)
 
     for start in range(0, H, BLOCK_K):
@@ -740,6 +738,11 @@ FORWARD_TILE_CANDIDATES = {
     # one tile from L2 instead of x, a W_u chunk and a dot (~14% less read from L2 at 64 rows).
     "stash z in y": {"STASH_Z": True},
     "stash z in y, 128 rows, 16 warps": {"STASH_Z": True, "BLOCK_M": 128, "num_warps": 16},
+    # The CUDA-core forward for few rows (kernels/adapter_bottleneck_rows.py, its ROWS_TILES): 2 rows a program by
+    # default, 1 (128 programs at 128 rows), 4 in narrower chunks.
+    "rows kernel": {"kernel": "rows"},
+    "rows kernel, 1 row a program": {"kernel": "rows", "ROWS": 1},
+    "rows kernel, 4 rows, 64-wide chunks": {"kernel": "rows", "ROWS": 4, "BLOCK_K": 64},
 }
 BACKWARD_TILE_CANDIDATES = {
     "default": {},
@@ -772,6 +775,12 @@ BACKWARD_TILE_CANDIDATES = {
 # 16384 rows into 768 x 48 outputs, a handful of output tiles, so a GEMM without split-K runs them on a handful of
 # SMs. "split-k": the "gemm" row kernel, then one Triton kernel for both weight gradients over column tiles x row
 # splits (_weight_gradients_kernel; fp32 partials). Not yet timed on a GPU.
+# The forward's two kernels: "tensor cores" (_forward_kernel, tl.dot over blocks of 16 rows or more) and "rows"
+# (kernels/adapter_bottleneck_rows.py: a few rows a program on the CUDA cores, for inputs that give the first only a
+# few programs). The op takes "rows" up to ROWS_KERNEL_UP_TO rows: 0, never, until a GPU sweep times it (the "rows
+# kernel" candidates above, at 128, 1024 and 4608 rows).
+FORWARD_KERNELS = ("tensor cores", "rows")
+ROWS_KERNEL_UP_TO = 0
 BACKWARD_PATHS = ("columns", "gemm", "split-k")
 BACKWARD_PATH = "columns"
 _ROW_GROUPS_ON_CPU = 2  # SPLITS under the interpreter: small, but > 1 so the partial reduction is exercised
@@ -849,7 +858,8 @@ def adapter_bottleneck_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """y (x's shape and dtype) and, when ``save_for_backward``, mean and rstd (rows,) and h (rows, R) in the
     accumulator dtype (fp32, fp64 for fp64 x); empty tensors otherwise. Shapes are checked by the caller;
-    ``tiles`` overrides entries of FORWARD_TILES[element size]."""
+    ``tiles`` overrides entries of FORWARD_TILES[element size], or with ``"kernel": "rows"`` those of the rows
+    kernel's ROWS_TILES (the kernel otherwise: "rows" up to ROWS_KERNEL_UP_TO rows, else "tensor cores")."""
     hidden, bottleneck = x.shape[-1], down_weight.shape[0]
     x_rows = x.reshape(-1, hidden).contiguous()
     rows = x_rows.shape[0]
@@ -859,7 +869,15 @@ def adapter_bottleneck_forward(
     mean = torch.empty(saved_rows, dtype=acc_torch_dtype, device=x.device)
     rstd = torch.empty(saved_rows, dtype=acc_torch_dtype, device=x.device)
     h = torch.empty(saved_rows, bottleneck if save_for_backward else 0, dtype=acc_torch_dtype, device=x.device)
-    if rows > 0:
+    tiles = dict(tiles or {})
+    kernel = tiles.pop("kernel", "rows" if rows <= ROWS_KERNEL_UP_TO else "tensor cores")
+    if kernel not in FORWARD_KERNELS:
+        raise ValueError(f"adapter_bottleneck_forward: kernel must be one of {FORWARD_KERNELS}, got {kernel!r}")
+    if rows > 0 and kernel == "rows":
+        parameters = (down_weight, down_bias, up_weight, up_bias, norm_weight, norm_bias)
+        parameters = tuple(parameter.contiguous() for parameter in parameters)
+        launch_forward_rows(x_rows, parameters, (y, mean, rstd, h), eps, save_for_backward, acc_dtype, tiles)
+    elif rows > 0:
         weights = (down_weight, up_weight)
         few_rows = FORWARD_FEW_ROWS_TILES
         launch = _tiles(FORWARD_TILES, tiles, x, weights, rows, bottleneck, by_rows=True, few_rows_table=few_rows)

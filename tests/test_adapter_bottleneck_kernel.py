@@ -480,3 +480,97 @@ def test_an_unknown_backward_path_is_named():
     _y, mean, rstd, h = adapter_bottleneck_forward(*tensors, EPS, True)
     with pytest.raises(ValueError, match="path must be one of .*'columns'.*'gemm'.*got 'rows'"):
         adapter_bottleneck_backward(grad_output.float(), *tensors, h, mean, rstd, path="rows")
+
+
+# ---------------------------------------------------------------- the CUDA-core forward for few rows
+
+
+@pytest.fixture
+def rows_kernel(monkeypatch):
+    """The op's forward through kernels/adapter_bottleneck_rows.py at any row count (ROWS_KERNEL_UP_TO), its
+    backward the default one, fed with what the rows kernel saved."""
+    from fastmini.kernels import adapter_bottleneck as kernels
+
+    monkeypatch.setattr(kernels, "ROWS_KERNEL_UP_TO", 1 << 30)
+
+
+@pytest.mark.usefixtures("rows_kernel")
+@pytest.mark.parametrize("hidden, bottleneck", SHAPES, ids=[f"H{h}-R{r}" for h, r in SHAPES])
+@pytest.mark.parametrize("rows", ROW_COUNTS)
+def test_rows_kernel_fp32_matches_reference_with_every_gradient(rows, hidden, bottleneck):
+    tensors, grad_output = make_inputs((rows, hidden), bottleneck)
+    assert_matches(
+        forward_and_grads(triton_adapter, tensors, grad_output),
+        forward_and_grads(reference_adapter, tensors, grad_output),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+
+
+@pytest.mark.usefixtures("rows_kernel")
+def test_rows_kernel_float64_gradcheck_and_accuracy_across_column_chunks():
+    tensors, _ = make_inputs((3, 20), 5, dtype=torch.float64)
+    assert torch.autograd.gradcheck(triton_adapter, tensors, eps=1e-6, atol=1e-7, fast_mode=True)
+    tensors, grad_output = make_inputs((7, 312), 19, dtype=torch.float64)  # 3 chunks of 128, the last uneven
+    y, grads = forward_and_grads(triton_adapter, tensors, grad_output)
+    assert_matches((y, grads), forward_and_grads(reference_adapter, tensors, grad_output), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.usefixtures("rows_kernel")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_rows_kernel_low_precision_error_within_twice_torch_own(dtype):
+    tensors, grad_output = make_inputs((33, 768), 48, dtype=dtype)
+    assert_within_twice_torch_error(
+        forward_and_grads(triton_adapter, tensors, grad_output),
+        forward_and_grads(reference_adapter, tensors, grad_output),
+        exact(tensors, grad_output),
+    )
+
+
+@pytest.mark.usefixtures("rows_kernel")
+def test_rows_kernel_takes_a_bf16_activation_with_fp32_weights():
+    tensors, grad_output = make_inputs((9, 312), 19, parameter_dtype=torch.float32)
+    x = tensors[0].detach().bfloat16().requires_grad_()
+    y, grads = forward_and_grads(triton_adapter, [x, *tensors[1:]], grad_output)
+    assert y.dtype == torch.bfloat16 and [g.dtype for g in grads] == [torch.bfloat16] + [torch.float32] * 6
+    truth = exact([x, *tensors[1:]], grad_output)
+    torch.testing.assert_close(y.double(), truth[0], atol=2e-2, rtol=1e-2)
+
+
+def test_the_op_takes_the_rows_kernel_up_to_its_row_limit(monkeypatch):
+    """ROWS_KERNEL_UP_TO picks the forward kernel by row count (0 by default: the rows kernel is unverified on a
+    GPU); an explicit ``kernel`` tile wins, and an unknown one is named."""
+    from fastmini.kernels import adapter_bottleneck as kernels
+
+    launched = []
+    original = kernels.launch_forward_rows
+    monkeypatch.setattr(kernels, "launch_forward_rows", lambda *a, **k: launched.append(1) or original(*a, **k))
+    tensors, _ = make_inputs((7, 36), 9, requires_grad=False)
+    assert kernels.ROWS_KERNEL_UP_TO == 0
+    kernels.adapter_bottleneck_forward(*tensors, EPS, False)
+    assert launched == []
+    monkeypatch.setattr(kernels, "ROWS_KERNEL_UP_TO", 7)
+    rows_y = kernels.adapter_bottleneck_forward(*tensors, EPS, False)[0]
+    assert launched == [1]
+    tensor_core_y = kernels.adapter_bottleneck_forward(*tensors, EPS, False, tiles={"kernel": "tensor cores"})[0]
+    assert launched == [1]
+    torch.testing.assert_close(rows_y, tensor_core_y, atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(kernels, "ROWS_KERNEL_UP_TO", 6)
+    kernels.adapter_bottleneck_forward(*tensors, EPS, False)
+    assert launched == [1]
+    with pytest.raises(ValueError, match="kernel must be one of .*'tensor cores'.*'rows'.*got 'cuda cores'"):
+        kernels.adapter_bottleneck_forward(*tensors, EPS, False, tiles={"kernel": "cuda cores"})
+
+
+@pytest.mark.parametrize("rows", [128, 1024])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_rows_kernel_matches_reference(rows_kernel, rows, dtype):
+    tensors, grad_output = make_inputs((rows, 768), 48, dtype=dtype)
+    kernel = forward_and_grads(triton_adapter, tensors, grad_output)
+    truth = exact(tensors, grad_output)
+    if dtype == torch.float32:
+        assert_matches(kernel, truth, atol=1e-4, rtol=1e-4)
+    else:
+        assert_within_twice_torch_error(kernel, forward_and_grads(reference_adapter, tensors, grad_output), truth)

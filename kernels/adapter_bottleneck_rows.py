@@ -1,0 +1,177 @@
+"""The bottleneck adapter's forward a few rows a program on the CUDA cores: for inputs too small to keep many SMs
+busy with tl.dot's 16-row tiles. Same math and outputs as ``_forward_kernel`` in adapter_bottleneck.py (y, and
+mean, rstd and h for the backward when asked), which documents the formulas.
+
+Why a second forward: at 128 rows (the (1, 128) latency target) ``_forward_kernel`` runs 8 programs of 16 rows on
+an H200's 132 SMs, and took ~10 us a call at every tiling tried (session 15): the graphed (1, 128) forward's 12
+adapter calls were 0.115 ms of its 0.349 ms of kernel time. The adapter's arithmetic is small (4HR = 147 KFLOP a
+row at H=768, R=48), so this kernel leaves the tensor cores out and spreads the rows instead: ROWS rows a program
+(2 by default: 64 programs at 128 rows), every product in fp32 on the CUDA cores.
+
+Shape of the work, per program (three sweeps over the row in BLOCK_K-column chunks, as ``_forward_kernel``):
+(1) h = x W_d^T: the products are summed elementwise into a (ROWS, BLOCK_R, BLOCK_K) tile across the sweep and
+reduced over the chunk width once at the end, not once a chunk (a cross-thread reduction each time); (2) z = x +
+GELU(h) W_u^T + b_u chunk by chunk, reduced over R within the chunk, its statistics merged (chunked_statistics.py);
+(3) z again, normalised and written. Each program reads W_d once and W_u twice from L2 (216 KB in bf16): 14 MB
+at 128 rows, against 1.7 MB for the 8 programs of the tensor-core kernel, the price of 8x the programs.
+
+Unverified on a GPU: the op takes it only up to ``ROWS_KERNEL_UP_TO`` rows (adapter_bottleneck.py), 0 until a
+GPU sweep (FORWARD_TILE_CANDIDATES' "rows kernel" entries) shows where it pays off.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from fastmini.kernels.chunked_statistics import merge_chunk_statistics
+from fastmini.kernels.gelu import gelu
+from fastmini.kernels.interpreter import cast_output
+from fastmini.kernels.launching import on_device
+
+# By the widest element of the activation and the weights. Compiled for sm_90 (make kernel-resources) the bf16
+# default keeps its (2, 64, 128) product tile in 64 fp32 registers a thread on 8 warps.
+ROWS_TILES = {
+    2: {"ROWS": 2, "BLOCK_K": 128, "num_warps": 8, "num_stages": 2},
+    4: {"ROWS": 2, "BLOCK_K": 64, "num_warps": 8, "num_stages": 2},
+}
+
+
+@triton.jit
+def _residual_rows_chunk(
+    x_block,  # (ROWS, H) rows of x from the program's first row on
+    up_weight_ptr,  # (H, R)
+    up_bias_ptr,  # (H,)
+    rows,  # (ROWS,) local row indices
+    row_mask,  # (ROWS,)
+    g,  # (ROWS, BLOCK_R) GELU(h) in ACC_DTYPE, zero in the padding
+    start,  # first column of the chunk
+    H: tl.constexpr,
+    R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    """z = x + g W_u^T + b_u on columns [start, start + BLOCK_K), zero outside the (M, H) matrix."""
+    columns = start + tl.arange(0, BLOCK_K)
+    column_mask = columns < H
+    bottleneck = tl.arange(0, BLOCK_R)
+    tile_mask = row_mask[:, None] & column_mask[None, :]
+    x = tl.load(x_block + rows[:, None] * H + columns[None, :], mask=tile_mask, other=0.0).to(ACC_DTYPE)
+    up_weight = tl.load(  # (BLOCK_K, BLOCK_R) = W_u[columns, :], R contiguous
+        up_weight_ptr + columns[:, None] * R + bottleneck[None, :],
+        mask=column_mask[:, None] & (bottleneck[None, :] < R),
+        other=0.0,
+    ).to(ACC_DTYPE)
+    up_bias = tl.load(up_bias_ptr + columns, mask=column_mask, other=0.0).to(ACC_DTYPE)
+    up = tl.sum(g[:, None, :] * up_weight[None, :, :], axis=2)
+    return tl.where(tile_mask, x + up + up_bias[None, :], 0.0), columns, column_mask
+
+
+@triton.jit
+def _forward_rows_kernel(
+    x_ptr,  # (M, H) activation dtype
+    down_weight_ptr,  # (R, H)
+    down_bias_ptr,  # (R,)
+    up_weight_ptr,  # (H, R)
+    up_bias_ptr,  # (H,)
+    norm_weight_ptr,  # (H,)
+    norm_bias_ptr,  # (H,)
+    y_ptr,  # (M, H) activation dtype
+    mean_ptr,  # (M,) ACC_DTYPE, written when SAVE_FOR_BACKWARD
+    rstd_ptr,  # (M,) ACC_DTYPE, written when SAVE_FOR_BACKWARD
+    h_ptr,  # (M, R) ACC_DTYPE, written when SAVE_FOR_BACKWARD
+    M,
+    eps,
+    H: tl.constexpr,
+    R: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    SAVE_FOR_BACKWARD: tl.constexpr,
+):
+    first_row = tl.program_id(0) * ROWS
+    rows = tl.arange(0, ROWS)
+    row_mask = rows < M - first_row
+    x_block = x_ptr + first_row.to(tl.int64) * H
+    y_block = y_ptr + first_row.to(tl.int64) * H
+    bottleneck = tl.arange(0, BLOCK_R)
+    bottleneck_mask = bottleneck < R
+
+    products = tl.zeros((ROWS, BLOCK_R, BLOCK_K), dtype=ACC_DTYPE)
+    for start in range(0, H, BLOCK_K):
+        columns = start + tl.arange(0, BLOCK_K)
+        column_mask = columns < H
+        x = tl.load(
+            x_block + rows[:, None] * H + columns[None, :],
+            mask=row_mask[:, None] & column_mask[None, :],
+            other=0.0,
+        ).to(ACC_DTYPE)
+        down_weight = tl.load(  # (BLOCK_R, BLOCK_K) = W_d[:, columns], H contiguous
+            down_weight_ptr + bottleneck[:, None] * H + columns[None, :],
+            mask=bottleneck_mask[:, None] & column_mask[None, :],
+            other=0.0,
+        ).to(ACC_DTYPE)
+        products += x[:, None, :] * down_weight[None, :, :]
+    down_bias = tl.load(down_bias_ptr + bottleneck, mask=bottleneck_mask, other=0.0).to(ACC_DTYPE)
+    h = tl.sum(products, axis=2) + down_bias[None, :]  # zero in the padded bottleneck columns, and so is g
+    g = gelu(h, False)
+
+    mean = tl.zeros((ROWS,), dtype=ACC_DTYPE)
+    centred_squares = tl.zeros((ROWS,), dtype=ACC_DTYPE)
+    for start in range(0, H, BLOCK_K):
+        z, columns, column_mask = _residual_rows_chunk(
+            x_block, up_weight_ptr, up_bias_ptr, rows, row_mask, g, start, H, R, BLOCK_K, BLOCK_R, ACC_DTYPE
+        )
+        mean, centred_squares = merge_chunk_statistics(
+            mean, centred_squares, z, column_mask, start, H, BLOCK_K, ACC_DTYPE
+        )
+    rstd = 1.0 / tl.sqrt(centred_squares / H + eps)
+
+    for start in range(0, H, BLOCK_K):
+        z, columns, column_mask = _residual_rows_chunk(
+            x_block, up_weight_ptr, up_bias_ptr, rows, row_mask, g, start, H, R, BLOCK_K, BLOCK_R, ACC_DTYPE
+        )
+        norm_weight = tl.load(norm_weight_ptr + columns, mask=column_mask, other=0.0).to(ACC_DTYPE)
+        norm_bias = tl.load(norm_bias_ptr + columns, mask=column_mask, other=0.0).to(ACC_DTYPE)
+        y = (z - mean[:, None]) * rstd[:, None] * norm_weight[None, :] + norm_bias[None, :]
+        tl.store(
+            y_block + rows[:, None] * H + columns[None, :],
+            cast_output(y, y_ptr.dtype.element_ty),
+            mask=row_mask[:, None] & column_mask[None, :],
+        )
+
+    if SAVE_FOR_BACKWARD:
+        tl.store(mean_ptr + first_row + rows, mean, mask=row_mask)
+        tl.store(rstd_ptr + first_row + rows, rstd, mask=row_mask)
+        tl.store(
+            h_ptr + first_row.to(tl.int64) * R + rows[:, None] * R + bottleneck[None, :],
+            h,
+            mask=row_mask[:, None] & bottleneck_mask[None, :],
+        )
+
+
+def launch_forward_rows(
+    x_rows: torch.Tensor,
+    parameters: tuple[torch.Tensor, ...],
+    outputs: tuple[torch.Tensor, ...],
+    eps: float,
+    save_for_backward: bool,
+    acc_dtype: tl.dtype,
+    tiles: dict | None = None,
+) -> None:
+    """Runs the kernel over ``x_rows`` (M, H), contiguous: ``parameters`` are (down_weight, down_bias, up_weight,
+    up_bias, norm_weight, norm_bias), contiguous; ``outputs`` (y, mean, rstd, h) as adapter_bottleneck_forward
+    makes them. ``tiles`` override ROWS_TILES[widest element size]."""
+    rows, hidden = x_rows.shape
+    bottleneck = parameters[0].shape[0]
+    size = min(max(tensor.element_size() for tensor in (x_rows, *parameters)), 4)
+    launch = {**ROWS_TILES[size], **(tiles or {})}
+    launch["BLOCK_K"] = min(launch["BLOCK_K"], triton.next_power_of_2(hidden))
+    with on_device(x_rows):
+        _forward_rows_kernel[(triton.cdiv(rows, launch["ROWS"]),)](
+            x_rows, *parameters, *outputs, rows, eps, H=hidden, R=bottleneck,
+            BLOCK_R=triton.next_power_of_2(bottleneck), ACC_DTYPE=acc_dtype, SAVE_FOR_BACKWARD=save_for_backward,
+            **launch,
+        )  # fmt: skip
