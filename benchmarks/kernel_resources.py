@@ -231,6 +231,11 @@ def _published_sweep(patch) -> None:
             for tiles in candidates:  # as _tiles on a GPU: a candidate that names BLOCK_M keeps the rest default
                 launch = tiles if "BLOCK_M" in tiles or "kernel" in tiles else {**few_rows, **tiles}
                 adapter.adapter_bottleneck_forward(x, *weights, 1e-12, True, tiles=launch)
+            # the shared layer's residual + LayerNorm folded in (ops.add_layer_norm_adapter), both forward kernels
+            pre_norm = (x, weights[3], weights[4], 1e-12)
+            capped = {**few_rows, "BLOCK_K": adapter.PRE_NORM_WIDEST_CHUNK} if few_rows else {}  # as the launcher caps
+            for tiles in (capped, {"kernel": "rows"}) if size == 2 else ({},):
+                adapter.adapter_bottleneck_forward(x, *weights, 1e-12, False, tiles=tiles, pre_norm=pre_norm)
             for options in adapter.BACKWARD_TILE_CANDIDATES.values() if size == 2 and rows > 128 else ({},):
                 adapter.adapter_bottleneck_backward(x, x, *weights, h, *saved, **options)
             for scheme in add_layer_norm.DROPOUT_RNG_SCHEMES:
@@ -243,7 +248,7 @@ def _published_sweep(patch) -> None:
                 add_layer_norm.add_layer_norm_backward(x, x, weights[3], *saved, 0.0, 7, **options)
 
 
-_VARIANT_SWITCHES = ("STASH_Z",)  # the adapter forward's code variants: named in a row when on
+_VARIANT_SWITCHES = ("STASH_Z", "PRE_NORM")  # the adapter forward's code variants: named in a row when on
 
 
 def main() -> None:

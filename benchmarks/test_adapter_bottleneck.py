@@ -195,3 +195,57 @@ def test_adapter_bottleneck_tile_sweep(time_launch_candidates, direction, rows):
         dtype="bf16",
         backend="triton (the kernel's launchers, one tile candidate each)",
     )
+
+
+@pytest.mark.parametrize("rows", [16384, 4608, 1024, 128])
+def test_add_layer_norm_adapter_fusion(time_launch_candidates, with_setting, rows):
+    """ops.add_layer_norm_adapter's fused inference kernel (the shared layer's residual + LayerNorm folded into the
+    adapter forward) against the two ops it replaces, rows x 768 bf16, device time: "default" is the two Triton
+    kernels (what a CUDA graph of the model records up to 2048 and from 16384 rows), "two ops as a CUDA graph picks
+    them" the ops' automatic choice while a graph records (at 4608 rows: add_layer_norm's kernel, then torch's
+    composition for the adapter). Decides whether the model should call the fused op (not wired in yet)."""
+    from fastmini.kernels import adapter_bottleneck as kernels
+
+    from fastmini.ops import add_layer_norm, add_layer_norm_adapter
+    from fastmini.ops.dispatch import recording_cuda_graph
+
+    device = torch.device("cuda")
+    adapter_tensors, residual = make_inputs(rows, torch.bfloat16, device, requires_grad=False)
+    x, *adapter = adapter_tensors
+    norm_weight, norm_bias = adapter[4], adapter[5]  # LayerNorm-like parameters of the right shape
+    layer_norm_eps = PUBLISHED.layer_norm_eps
+
+    def two_ops(backend):
+        def step():
+            with torch.inference_mode():
+                normalised = add_layer_norm(x, residual, norm_weight, norm_bias, layer_norm_eps, backend=backend)
+                return adapter_bottleneck(normalised, *adapter, EPS, backend=backend)
+
+        return step
+
+    def two_ops_as_a_graph_records():
+        with recording_cuda_graph():
+            return two_ops(None)()
+
+    def fused():
+        with torch.inference_mode():
+            return add_layer_norm_adapter(
+                x, residual, norm_weight, norm_bias, layer_norm_eps, *adapter, EPS, backend="triton"
+            )
+
+    steps = {
+        "default": two_ops("triton"),
+        "two ops as a CUDA graph picks them": two_ops_as_a_graph_records,
+        "fused": fused,
+    }
+    if rows <= 4608:
+        steps["fused, rows kernel"] = with_setting(kernels, "ROWS_KERNEL_UP_TO", rows, fused)
+    activation = rows * HIDDEN * 2
+    time_launch_candidates(
+        steps,
+        3 * activation + parameter_count() * 2,  # read x and the residual, write y
+        group=f"add_layer_norm_adapter {rows}x{HIDDEN} bf16",
+        shape=f"rows={rows} H={HIDDEN} R={BOTTLENECK}",
+        dtype="bf16",
+        backend="default: add_layer_norm + adapter_bottleneck, Triton; fused: ops.add_layer_norm_adapter",
+    )

@@ -71,6 +71,7 @@ import torch
 import triton
 import triton.language as tl
 from fastmini.kernels.adapter_bottleneck_rows import launch_forward_rows
+from fastmini.kernels.adapter_pre_norm import adapter_input_chunk, pre_norm_statistics
 from fastmini.kernels.chunked_statistics import merge_chunk_statistics
 from fastmini.kernels.gelu import gelu, gelu_derivative
 from fastmini.kernels.interpreter import cast_output, dot_operand
@@ -93,13 +94,22 @@ def _residual_chunk(
     DOT_DTYPE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    residual_block=None,  # with PRE_NORM: x is LayerNorm(residual + x) (kernels/adapter_pre_norm.py)
+    pre_weight_ptr=None,
+    pre_bias_ptr=None,
+    pre_mean=None,
+    pre_rstd=None,
+    PRE_NORM: tl.constexpr = False,
 ):
     """z = x + g W_u^T + b_u on columns [start, start + BLOCK_K), zero outside the (M, H) matrix."""
     columns = start + tl.arange(0, BLOCK_K)
     column_mask = columns < H
     bottleneck = tl.arange(0, BLOCK_R)
     tile_mask = row_mask[:, None] & column_mask[None, :]
-    x = tl.load(x_block + row_offsets[:, None] + columns[None, :], mask=tile_mask, other=0.0)
+    x = adapter_input_chunk(
+        x_block, row_offsets, columns, column_mask, tile_mask, residual_block, pre_weight_ptr, pre_bias_ptr, pre_mean,
+        pre_rstd, ACC_DTYPE, PRE_NORM,
+    )  # fmt: skip
     up_weight_t = tl.load(  # (BLOCK_R, BLOCK_K) = W_u[columns, :]^T
         up_weight_ptr + columns[None, :] * R + bottleneck[:, None],
         mask=(bottleneck[:, None] < R) & column_mask[None, :],
@@ -196,6 +206,12 @@ def _bottleneck(
     DOT_DTYPE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    residual_block=None,  # with PRE_NORM: x is LayerNorm(residual + x) (kernels/adapter_pre_norm.py)
+    pre_weight_ptr=None,
+    pre_bias_ptr=None,
+    pre_mean=None,
+    pre_rstd=None,
+    PRE_NORM: tl.constexpr = False,
 ):
     """h = x W_d^T + b_d for BLOCK_M rows, (BLOCK_M, BLOCK_R), zero in the padded bottleneck columns."""
     bottleneck = tl.arange(0, BLOCK_R)
@@ -203,11 +219,10 @@ def _bottleneck(
     for start in range(0, H, BLOCK_K):
         columns = start + tl.arange(0, BLOCK_K)
         column_mask = columns < H
-        x = tl.load(
-            x_block + row_offsets[:, None] + columns[None, :],
-            mask=row_mask[:, None] & column_mask[None, :],
-            other=0.0,
-        )
+        x = adapter_input_chunk(
+            x_block, row_offsets, columns, column_mask, row_mask[:, None] & column_mask[None, :], residual_block,
+            pre_weight_ptr, pre_bias_ptr, pre_mean, pre_rstd, ACC_DTYPE, PRE_NORM,
+        )  # fmt: skip
         down_weight_t = tl.load(  # (BLOCK_K, BLOCK_R) = W_d[:, columns]^T
             down_weight_ptr + bottleneck[None, :] * H + columns[:, None],
             mask=column_mask[:, None] & (bottleneck[None, :] < R),
@@ -249,6 +264,11 @@ def _forward_kernel(
     INPUT_PRECISION: tl.constexpr,
     SAVE_FOR_BACKWARD: tl.constexpr,
     STASH_Z: tl.constexpr = False,
+    residual_ptr=None,  # with PRE_NORM: (M, H); the adapter's input is LayerNorm(residual + x), never written
+    pre_weight_ptr=None,  # with PRE_NORM: (H,) that LayerNorm's weight
+    pre_bias_ptr=None,  # with PRE_NORM: (H,) its bias
+    pre_eps=0.0,  # with PRE_NORM: its eps
+    PRE_NORM: tl.constexpr = False,  # inference only (the host refuses SAVE_FOR_BACKWARD with it)
 ):
     # STASH_Z: the statistics sweep writes z, rounded to y's dtype as torch's unfused add rounds it, into y, and
     # the last sweep normalises it in place (one load from L2 a chunk) instead of recomputing it (x and a W_u
@@ -261,10 +281,18 @@ def _forward_kernel(
     row_offsets = rows * H
     x_block = x_ptr + first_row.to(tl.int64) * H
     bottleneck = tl.arange(0, BLOCK_R)
+    residual_block = None
+    pre_mean = None
+    pre_rstd = None
+    if PRE_NORM:
+        residual_block = residual_ptr + first_row.to(tl.int64) * H
+        pre_mean, pre_rstd = pre_norm_statistics(
+            x_block, residual_block, row_offsets, row_mask, pre_eps, H, BLOCK_M, BLOCK_K, ACC_DTYPE
+        )
 
     h = _bottleneck(
         x_block, down_weight_ptr, down_bias_ptr, row_offsets, row_mask, H, R, BLOCK_M, BLOCK_K, BLOCK_R, DOT_DTYPE,
-        ACC_DTYPE, INPUT_PRECISION,
+        ACC_DTYPE, INPUT_PRECISION, residual_block, pre_weight_ptr, pre_bias_ptr, pre_mean, pre_rstd, PRE_NORM,
     )  # fmt: skip
     g = dot_operand(gelu(h, False), DOT_DTYPE)
 
@@ -275,7 +303,7 @@ def _forward_kernel(
     for start in range(0, H, BLOCK_K):
         z, columns, column_mask = _residual_chunk(
             x_block, up_weight_ptr, up_bias_ptr, row_offsets, row_mask, g, start, H, R, BLOCK_K, BLOCK_R, DOT_DTYPE,
-            ACC_DTYPE, INPUT_PRECISION,
+            ACC_DTYPE, INPUT_PRECISION, residual_block, pre_weight_ptr, pre_bias_ptr, pre_mean, pre_rstd, PRE_NORM,
         )  # fmt: skip
         if STASH_Z:
             tile_mask = row_mask[:, None] & column_mask[None, :]
@@ -299,7 +327,8 @@ def _forward_kernel(
         else:
             z, columns, column_mask = _residual_chunk(
                 x_block, up_weight_ptr, up_bias_ptr, row_offsets, row_mask, g, start, H, R, BLOCK_K, BLOCK_R,
-                DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION,
+                DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, residual_block, pre_weight_ptr, pre_bias_ptr, pre_mean,
+                pre_rstd, PRE_NORM,
             )  # fmt: skip
         norm_weight = tl.load(norm_weight_ptr + columns, mask=column_mask, other=0.0).to(ACC_DTYPE)
         norm_bias = tl.load(norm_bias_ptr + columns, mask=column_mask, other=0.0).to(ACC_DTYPE)
@@ -697,6 +726,9 @@ FORWARD_TILES = {
 # 128 tensor-core MMAs a thread as a version written to compute z once and keep it (tried in session 16: 72 vector
 # loads against 80), so the ~13 us that small inputs take at every tiling is not recomputation.
 FORWARD_FEW_ROWS_TILES = {2: {"BLOCK_K": 1024}, 4: {}}  # where BLOCK_M shrank to 16 (only bf16 was timed)
+# With the residual + LayerNorm folded in (pre_norm), whole-row chunks need all 255 registers and spill 216 bytes a
+# thread (bf16, sm_90, make kernel-resources); chunks at most this wide keep the few-rows blocks spill-free.
+PRE_NORM_WIDEST_CHUNK = 256
 BACKWARD_ROW_TILES = {
     2: {"BLOCK_M": 32, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
     4: {"BLOCK_M": 32, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
@@ -855,11 +887,16 @@ def adapter_bottleneck_forward(
     save_for_backward: bool,
     *,
     tiles: dict | None = None,
+    pre_norm: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """y (x's shape and dtype) and, when ``save_for_backward``, mean and rstd (rows,) and h (rows, R) in the
     accumulator dtype (fp32, fp64 for fp64 x); empty tensors otherwise. Shapes are checked by the caller;
     ``tiles`` overrides entries of FORWARD_TILES[element size], or with ``"kernel": "rows"`` those of the rows
-    kernel's ROWS_TILES (the kernel otherwise: "rows" up to ROWS_KERNEL_UP_TO rows, else "tensor cores")."""
+    kernel's ROWS_TILES (the kernel otherwise: "rows" up to ROWS_KERNEL_UP_TO rows, else "tensor cores").
+    ``pre_norm`` = (residual, weight, bias, eps), x's shape and (H,): the adapter's input is then LayerNorm(residual
+    + x) as add_layer_norm computes it (kernels/adapter_pre_norm.py), never written; inference only."""
+    if pre_norm is not None and save_for_backward:
+        raise ValueError("adapter_bottleneck_forward: pre_norm is for inference; save_for_backward must be False")
     hidden, bottleneck = x.shape[-1], down_weight.shape[0]
     x_rows = x.reshape(-1, hidden).contiguous()
     rows = x_rows.shape[0]
@@ -869,6 +906,13 @@ def adapter_bottleneck_forward(
     mean = torch.empty(saved_rows, dtype=acc_torch_dtype, device=x.device)
     rstd = torch.empty(saved_rows, dtype=acc_torch_dtype, device=x.device)
     h = torch.empty(saved_rows, bottleneck if save_for_backward else 0, dtype=acc_torch_dtype, device=x.device)
+    pre_norm_arguments = {}
+    if pre_norm is not None:
+        residual, pre_weight, pre_bias, pre_eps = pre_norm
+        pre_norm_arguments = dict(
+            residual_ptr=residual.reshape(-1, hidden).contiguous(), pre_weight_ptr=pre_weight.contiguous(),
+            pre_bias_ptr=pre_bias.contiguous(), pre_eps=pre_eps, PRE_NORM=True,
+        )  # fmt: skip
     tiles = dict(tiles or {})
     kernel = tiles.pop("kernel", "rows" if rows <= ROWS_KERNEL_UP_TO else "tensor cores")
     if kernel not in FORWARD_KERNELS:
@@ -876,17 +920,20 @@ def adapter_bottleneck_forward(
     if rows > 0 and kernel == "rows":
         parameters = (down_weight, down_bias, up_weight, up_bias, norm_weight, norm_bias)
         parameters = tuple(parameter.contiguous() for parameter in parameters)
-        launch_forward_rows(x_rows, parameters, (y, mean, rstd, h), eps, save_for_backward, acc_dtype, tiles)
+        outputs = (y, mean, rstd, h)
+        launch_forward_rows(x_rows, parameters, outputs, eps, save_for_backward, acc_dtype, tiles, pre_norm_arguments)
     elif rows > 0:
         weights = (down_weight, up_weight)
         few_rows = FORWARD_FEW_ROWS_TILES
         launch = _tiles(FORWARD_TILES, tiles, x, weights, rows, bottleneck, by_rows=True, few_rows_table=few_rows)
+        if pre_norm is not None and "BLOCK_K" not in tiles:
+            launch["BLOCK_K"] = min(launch["BLOCK_K"], PRE_NORM_WIDEST_CHUNK)
         with on_device(x):
             _forward_kernel[(triton.cdiv(rows, launch["BLOCK_M"]),)](
                 x_rows, down_weight.contiguous(), down_bias.contiguous(), up_weight.contiguous(),
                 up_bias.contiguous(), norm_weight.contiguous(), norm_bias.contiguous(), y, mean, rstd, h, rows, eps,
                 H=hidden, R=bottleneck, DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype, INPUT_PRECISION=_input_precision(x),
-                SAVE_FOR_BACKWARD=save_for_backward, **launch,
+                SAVE_FOR_BACKWARD=save_for_backward, **launch, **pre_norm_arguments,
             )  # fmt: skip
     return y.view(x.shape), mean, rstd, h
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from fastmini.kernels.adapter_pre_norm import adapter_input_chunk, pre_norm_statistics
 from fastmini.kernels.chunked_statistics import merge_chunk_statistics
 from fastmini.kernels.gelu import gelu
 from fastmini.kernels.interpreter import cast_output
@@ -42,7 +43,7 @@ def _residual_rows_chunk(
     x_block,  # (ROWS, H) rows of x from the program's first row on
     up_weight_ptr,  # (H, R)
     up_bias_ptr,  # (H,)
-    rows,  # (ROWS,) local row indices
+    row_offsets,  # (ROWS,) int32: local row * H
     row_mask,  # (ROWS,)
     g,  # (ROWS, BLOCK_R) GELU(h) in ACC_DTYPE, zero in the padding
     start,  # first column of the chunk
@@ -51,13 +52,22 @@ def _residual_rows_chunk(
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
+    residual_block,  # with PRE_NORM: x is LayerNorm(residual + x) (kernels/adapter_pre_norm.py)
+    pre_weight_ptr,
+    pre_bias_ptr,
+    pre_mean,
+    pre_rstd,
+    PRE_NORM: tl.constexpr,
 ):
     """z = x + g W_u^T + b_u on columns [start, start + BLOCK_K), zero outside the (M, H) matrix."""
     columns = start + tl.arange(0, BLOCK_K)
     column_mask = columns < H
     bottleneck = tl.arange(0, BLOCK_R)
     tile_mask = row_mask[:, None] & column_mask[None, :]
-    x = tl.load(x_block + rows[:, None] * H + columns[None, :], mask=tile_mask, other=0.0).to(ACC_DTYPE)
+    x = adapter_input_chunk(
+        x_block, row_offsets, columns, column_mask, tile_mask, residual_block, pre_weight_ptr, pre_bias_ptr, pre_mean,
+        pre_rstd, ACC_DTYPE, PRE_NORM,
+    ).to(ACC_DTYPE)  # fmt: skip
     up_weight = tl.load(  # (BLOCK_K, BLOCK_R) = W_u[columns, :], R contiguous
         up_weight_ptr + columns[:, None] * R + bottleneck[None, :],
         mask=column_mask[:, None] & (bottleneck[None, :] < R),
@@ -90,24 +100,37 @@ def _forward_rows_kernel(
     BLOCK_R: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     SAVE_FOR_BACKWARD: tl.constexpr,
+    residual_ptr=None,  # with PRE_NORM: (M, H); the adapter's input is LayerNorm(residual + x), never written
+    pre_weight_ptr=None,  # with PRE_NORM: (H,) that LayerNorm's weight
+    pre_bias_ptr=None,  # with PRE_NORM: (H,) its bias
+    pre_eps=0.0,  # with PRE_NORM: its eps
+    PRE_NORM: tl.constexpr = False,  # inference only (the host refuses SAVE_FOR_BACKWARD with it)
 ):
     first_row = tl.program_id(0) * ROWS
     rows = tl.arange(0, ROWS)
     row_mask = rows < M - first_row
+    row_offsets = rows * H
     x_block = x_ptr + first_row.to(tl.int64) * H
     y_block = y_ptr + first_row.to(tl.int64) * H
     bottleneck = tl.arange(0, BLOCK_R)
     bottleneck_mask = bottleneck < R
+    residual_block = None
+    pre_mean = None
+    pre_rstd = None
+    if PRE_NORM:
+        residual_block = residual_ptr + first_row.to(tl.int64) * H
+        pre_mean, pre_rstd = pre_norm_statistics(
+            x_block, residual_block, row_offsets, row_mask, pre_eps, H, ROWS, BLOCK_K, ACC_DTYPE
+        )
 
     products = tl.zeros((ROWS, BLOCK_R, BLOCK_K), dtype=ACC_DTYPE)
     for start in range(0, H, BLOCK_K):
         columns = start + tl.arange(0, BLOCK_K)
         column_mask = columns < H
-        x = tl.load(
-            x_block + rows[:, None] * H + columns[None, :],
-            mask=row_mask[:, None] & column_mask[None, :],
-            other=0.0,
-        ).to(ACC_DTYPE)
+        x = adapter_input_chunk(
+            x_block, row_offsets, columns, column_mask, row_mask[:, None] & column_mask[None, :], residual_block,
+            pre_weight_ptr, pre_bias_ptr, pre_mean, pre_rstd, ACC_DTYPE, PRE_NORM,
+        ).to(ACC_DTYPE)  # fmt: skip
         down_weight = tl.load(  # (BLOCK_R, BLOCK_K) = W_d[:, columns], H contiguous
             down_weight_ptr + bottleneck[:, None] * H + columns[None, :],
             mask=bottleneck_mask[:, None] & column_mask[None, :],
@@ -122,8 +145,9 @@ def _forward_rows_kernel(
     centred_squares = tl.zeros((ROWS,), dtype=ACC_DTYPE)
     for start in range(0, H, BLOCK_K):
         z, columns, column_mask = _residual_rows_chunk(
-            x_block, up_weight_ptr, up_bias_ptr, rows, row_mask, g, start, H, R, BLOCK_K, BLOCK_R, ACC_DTYPE
-        )
+            x_block, up_weight_ptr, up_bias_ptr, row_offsets, row_mask, g, start, H, R, BLOCK_K, BLOCK_R, ACC_DTYPE,
+            residual_block, pre_weight_ptr, pre_bias_ptr, pre_mean, pre_rstd, PRE_NORM,
+        )  # fmt: skip
         mean, centred_squares = merge_chunk_statistics(
             mean, centred_squares, z, column_mask, start, H, BLOCK_K, ACC_DTYPE
         )
@@ -131,13 +155,14 @@ def _forward_rows_kernel(
 
     for start in range(0, H, BLOCK_K):
         z, columns, column_mask = _residual_rows_chunk(
-            x_block, up_weight_ptr, up_bias_ptr, rows, row_mask, g, start, H, R, BLOCK_K, BLOCK_R, ACC_DTYPE
-        )
+            x_block, up_weight_ptr, up_bias_ptr, row_offsets, row_mask, g, start, H, R, BLOCK_K, BLOCK_R, ACC_DTYPE,
+            residual_block, pre_weight_ptr, pre_bias_ptr, pre_mean, pre_rstd, PRE_NORM,
+        )  # fmt: skip
         norm_weight = tl.load(norm_weight_ptr + columns, mask=column_mask, other=0.0).to(ACC_DTYPE)
         norm_bias = tl.load(norm_bias_ptr + columns, mask=column_mask, other=0.0).to(ACC_DTYPE)
         y = (z - mean[:, None]) * rstd[:, None] * norm_weight[None, :] + norm_bias[None, :]
         tl.store(
-            y_block + rows[:, None] * H + columns[None, :],
+            y_block + row_offsets[:, None] + columns[None, :],
             cast_output(y, y_ptr.dtype.element_ty),
             mask=row_mask[:, None] & column_mask[None, :],
         )
@@ -160,10 +185,12 @@ def launch_forward_rows(
     save_for_backward: bool,
     acc_dtype: tl.dtype,
     tiles: dict | None = None,
+    pre_norm: dict | None = None,
 ) -> None:
     """Runs the kernel over ``x_rows`` (M, H), contiguous: ``parameters`` are (down_weight, down_bias, up_weight,
     up_bias, norm_weight, norm_bias), contiguous; ``outputs`` (y, mean, rstd, h) as adapter_bottleneck_forward
-    makes them. ``tiles`` override ROWS_TILES[widest element size]."""
+    makes them. ``tiles`` override ROWS_TILES[widest element size]. ``pre_norm``: the kernel's PRE_NORM arguments
+    (residual_ptr, pre_weight_ptr, pre_bias_ptr, pre_eps, PRE_NORM=True), or None."""
     rows, hidden = x_rows.shape
     bottleneck = parameters[0].shape[0]
     size = min(max(tensor.element_size() for tensor in (x_rows, *parameters)), 4)
@@ -173,5 +200,5 @@ def launch_forward_rows(
         _forward_rows_kernel[(triton.cdiv(rows, launch["ROWS"]),)](
             x_rows, *parameters, *outputs, rows, eps, H=hidden, R=bottleneck,
             BLOCK_R=triton.next_power_of_2(bottleneck), ACC_DTYPE=acc_dtype, SAVE_FOR_BACKWARD=save_for_backward,
-            **launch,
+            **launch, **(pre_norm or {}),
         )  # fmt: skip

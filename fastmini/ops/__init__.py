@@ -7,6 +7,7 @@ by the model's ``optimize_for_inference(varlen_attention=True)``, not by ``FASTM
 
 from fastmini.ops.adapter_bottleneck import adapter_bottleneck, adapter_bottleneck_ref
 from fastmini.ops.add_layer_norm import add_layer_norm, add_layer_norm_ref
+from fastmini.ops.add_layer_norm_adapter import add_layer_norm_adapter, add_layer_norm_adapter_ref
 from fastmini.ops.attention import packed_self_attention, self_attention, self_attention_ref
 from fastmini.ops.dispatch import BACKEND_ENV_VAR, BACKENDS, BackendUnavailableError, resolve_backend
 from fastmini.ops.key_padding import KeyPadding
@@ -23,6 +24,8 @@ __all__ = [
     "adapter_bottleneck",
     "adapter_bottleneck_ref",
     "add_layer_norm",
+    "add_layer_norm_adapter",
+    "add_layer_norm_adapter_ref",
     "add_layer_norm_ref",
     "linear_gelu",
     "linear_gelu_ref",

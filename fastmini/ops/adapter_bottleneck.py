@@ -143,22 +143,24 @@ def _check_inputs(
     norm_weight: torch.Tensor,
     norm_bias: torch.Tensor,
     eps: float,
+    op: str = _OP,
 ) -> None:
-    hidden = check_features(_OP, x)
+    """``op``: the public op whose arguments these are, named in the errors."""
+    hidden = check_features(op, x)
     device = x.device
-    check_tensor(_OP, "down_weight", down_weight, device)
+    check_tensor(op, "down_weight", down_weight, device)
     if down_weight.dim() != 2 or down_weight.shape[0] == 0 or down_weight.shape[1] != hidden:
         raise ValueError(
-            f"{_OP}: down_weight must be (R, H) = (R, {hidden}) with R > 0 (nn.Linear layout), "
+            f"{op}: down_weight must be (R, H) = (R, {hidden}) with R > 0 (nn.Linear layout), "
             f"got {tuple(down_weight.shape)}"
         )
     bottleneck = down_weight.shape[0]
-    check_parameter(_OP, "down_bias", down_bias, (bottleneck,), device)
-    check_parameter(_OP, "up_weight", up_weight, (hidden, bottleneck), device)
-    check_parameter(_OP, "up_bias", up_bias, (hidden,), device)
-    check_parameter(_OP, "norm_weight", norm_weight, (hidden,), device)
-    check_parameter(_OP, "norm_bias", norm_bias, (hidden,), device)
-    check_eps(_OP, eps)
+    check_parameter(op, "down_bias", down_bias, (bottleneck,), device)
+    check_parameter(op, "up_weight", up_weight, (hidden, bottleneck), device)
+    check_parameter(op, "up_bias", up_bias, (hidden,), device)
+    check_parameter(op, "norm_weight", norm_weight, (hidden,), device)
+    check_parameter(op, "norm_bias", norm_bias, (hidden,), device)
+    check_eps(op, eps)
 
 
 def _adapter_bottleneck_torch(

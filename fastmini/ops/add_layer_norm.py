@@ -170,17 +170,24 @@ torch.library.register_autograd("fastmini::add_layer_norm_forward", _backward, s
 
 
 def _check_inputs(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, dropout_p: float
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    dropout_p: float,
+    op: str = _OP,
 ) -> None:
-    hidden = check_features(_OP, x)
+    """``op``: the public op whose arguments these are, named in the errors."""
+    hidden = check_features(op, x)
     device = x.device
-    check_tensor(_OP, "residual", residual, device)
+    check_tensor(op, "residual", residual, device)
     if residual.shape != x.shape:
-        raise ValueError(f"{_OP}: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-    check_parameter(_OP, "weight", weight, (hidden,), device)
-    check_parameter(_OP, "bias", bias, (hidden,), device)
-    check_eps(_OP, eps)
-    check_probability(_OP, "dropout_p", dropout_p)
+        raise ValueError(f"{op}: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    check_parameter(op, "weight", weight, (hidden,), device)
+    check_parameter(op, "bias", bias, (hidden,), device)
+    check_eps(op, eps)
+    check_probability(op, "dropout_p", dropout_p)
 
 
 def _add_layer_norm_torch(
