@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import os
 import unittest.mock
 from collections.abc import Callable
@@ -147,6 +148,32 @@ ADDITIVE_SDPA_MASK = ("SDPA_MASK", "additive")  # SDPA gets the additive mask ma
 ROWS_ADAPTER_KERNEL = ("fastmini.kernels.adapter_bottleneck.ROWS_KERNEL_UP_TO", TRITON_MAX_FEW_ROWS_ON_GPU)
 
 
+def fused_norm_adapters() -> contextlib.AbstractContextManager:
+    """The encoder's LayerNorms folded into the adapters after them by the fused kernel: ops.add_layer_norm_adapter
+    taken as verified on a GPU, so that its automatic choice is the kernel (patched on the module object: a dotted
+    target would find the op of that name that fastmini.ops exports)."""
+    module = importlib.import_module("fastmini.ops.add_layer_norm_adapter")
+    return unittest.mock.patch.object(module, "_VERIFIED_ON_GPU", ("triton",))
+
+
+@contextlib.contextmanager
+def all_latency_experiments():
+    """Every latency switch above at once: what they buy together."""
+    with (
+        unittest.mock.patch.object(attention_ops, *ADDITIVE_SDPA_MASK),
+        unittest.mock.patch(*ROWS_ADAPTER_KERNEL),
+        fused_norm_adapters(),
+    ):
+        yield
+
+
+@contextlib.contextmanager
+def all_ragged_experiments():
+    """cuDNN's varlen kernel and the fused LayerNorm-adapters at once (16 token steps are the graph's option)."""
+    with unittest.mock.patch.object(attention_ops, *CUDNN_VARLEN), fused_norm_adapters():
+        yield
+
+
 def _three_qkv(model: FastMiniModel) -> FastMiniModel:
     model.encoder.shared_layer.fuse_qkv = False
     return model
@@ -188,6 +215,14 @@ def contenders_for(
         ),
         "fastmini-graphed-rows-adapter": lambda _: bound(
             _graphed(fresh(), switch=lambda: unittest.mock.patch(*ROWS_ADAPTER_KERNEL))
+        ),
+        "fastmini-graphed-fused-norms": lambda _: bound(_graphed(fresh(), switch=fused_norm_adapters)),
+        "fastmini-graphed-all-experiments": lambda _: bound(_graphed(fresh(), switch=all_latency_experiments)),
+        "fastmini-graphed-unpadded-host-fused-norms": lambda _: bound_to_host_inputs(
+            _graphed(fresh(), unpadded=True, switch=fused_norm_adapters)
+        ),
+        "fastmini-graphed-unpadded-host-all-experiments": lambda _: bound_to_host_inputs(
+            _graphed(fresh(), unpadded=True, token_steps=16, switch=all_ragged_experiments)
         ),
         "fastmini-graphed-three-qkv": lambda _: bound(_graphed(_three_qkv(fresh()))),
         "torch-compile": lambda _: bound(
@@ -280,7 +315,12 @@ def _ragged_batch():
 
 
 GRAPHED = ["fastmini-graphed", "fastmini-graphed-triton", "fastmini-graphed-three-qkv"]
-LATENCY_EXPERIMENTS = ["fastmini-graphed-additive-mask", "fastmini-graphed-rows-adapter"]
+LATENCY_EXPERIMENTS = [
+    "fastmini-graphed-additive-mask",
+    "fastmini-graphed-rows-adapter",
+    "fastmini-graphed-fused-norms",
+    "fastmini-graphed-all-experiments",
+]
 
 
 def test_latency_1x128(benchmark, compare, describe_device, record_kernel_profile, models):
@@ -312,9 +352,10 @@ def test_ragged_half_padding(benchmark, compare, describe_device, record_kernel_
         benchmark, compare, describe_device, models, "gpu encoder ragged 64x128", input_ids, mask,
         ["fastmini-padded", "fastmini", "fastmini-graphed", "fastmini-graphed-unpadded",
          "fastmini-graphed-unpadded-host", "fastmini-graphed-unpadded-host-16-steps", "fastmini-graphed-unpadded-cudnn",
-         "original"],
+         "fastmini-graphed-unpadded-host-fused-norms", "fastmini-graphed-unpadded-host-all-experiments", "original"],
         "fastmini-padded", rounds=30, profiler=record_kernel_profile,
-        profiled=("fastmini", "fastmini-graphed", "fastmini-graphed-unpadded-host", "fastmini-graphed-unpadded-cudnn"),
+        profiled=("fastmini", "fastmini-graphed", "fastmini-graphed-unpadded-host", "fastmini-graphed-unpadded-cudnn",
+                  "fastmini-graphed-unpadded-host-all-experiments"),
     )  # fmt: skip
     benchmark.extra_info["padding_percent"] = round(100 * (1 - float(mask.float().mean())), 1)
     # The tokens the unpadded graphs compute: the real ones rounded up to their token bucket.
@@ -332,7 +373,8 @@ def test_ragged_stream_of_batches(benchmark, compare, describe_device, models):
     input_ids, mask = _ragged_batch()
     _run_group(
         benchmark, compare, describe_device, models, "gpu encoder ragged 64x128, 8 batches back to back",
-        input_ids, mask, ["fastmini-graphed", "fastmini-graphed-unpadded", "fastmini-graphed-unpadded-host"],
+        input_ids, mask, ["fastmini-graphed", "fastmini-graphed-unpadded", "fastmini-graphed-unpadded-host",
+                          "fastmini-graphed-unpadded-host-all-experiments"],
         "fastmini-graphed", rounds=10, calls=8,
     )  # fmt: skip
     benchmark.extra_info["target"] = "unpadded >= 1.8x the same batches padded (here: the padded graph)"

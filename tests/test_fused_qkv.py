@@ -31,9 +31,9 @@ def fused_widths(monkeypatch) -> list[int | None]:
     widths = []
     attention_block = SharedLayer.attention_block
 
-    def spy(self, x, packing, need_weights, key_padding_mask=None, qkv_weight=None, qkv_bias=None):
+    def spy(self, x, packing, need_weights, key_padding_mask=None, qkv_weight=None, qkv_bias=None, then=None):
         widths.append(None if qkv_weight is None else qkv_weight.shape[0])
-        return attention_block(self, x, packing, need_weights, key_padding_mask, qkv_weight, qkv_bias)
+        return attention_block(self, x, packing, need_weights, key_padding_mask, qkv_weight, qkv_bias, then)
 
     monkeypatch.setattr(SharedLayer, "attention_block", spy)
     return widths

@@ -42,3 +42,22 @@ def test_the_rows_adapter_switch_reaches_the_kernel_module(benchmark_module):
     with unittest.mock.patch(target, value):
         assert kernels.ROWS_KERNEL_UP_TO == value
     assert kernels.ROWS_KERNEL_UP_TO == 0
+
+
+def test_the_fused_norm_switch_patches_the_op_module(benchmark_module):
+    import importlib
+
+    module = importlib.import_module("fastmini.ops.add_layer_norm_adapter")
+    assert module._VERIFIED_ON_GPU == ()
+    with benchmark_module.fused_norm_adapters():
+        assert module._VERIFIED_ON_GPU == ("triton",)
+    with benchmark_module.all_latency_experiments():
+        assert module._VERIFIED_ON_GPU == ("triton",)
+        from fastmini.kernels import adapter_bottleneck as kernels
+
+        from fastmini.ops import attention
+
+        assert kernels.ROWS_KERNEL_UP_TO > 0 and attention.SDPA_MASK == "additive"
+    with benchmark_module.all_ragged_experiments():
+        assert module._VERIFIED_ON_GPU == ("triton",) and attention.VARLEN_KERNEL == "cudnn"
+    assert module._VERIFIED_ON_GPU == () and attention.SDPA_MASK == "bool" and attention.VARLEN_KERNEL == "flash"

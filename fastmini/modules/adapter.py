@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmini.ops import adapter_bottleneck
-from fastmini.ops.plain_layers import all_plain
+from fastmini.ops import adapter_bottleneck, add_layer_norm_adapter
+from fastmini.ops.plain_layers import all_plain, unhooked
 
 
 class BottleneckAdapter(nn.Module):
@@ -37,3 +37,20 @@ class BottleneckAdapter(nn.Module):
             check_inputs=False,  # its own parameters, built to fit: no checks on the recursion's hot path
             low_precision=self.low_precision_norms,
         )
+
+    def after_layer_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm, low_precision: bool
+    ) -> torch.Tensor | None:
+        """``self(norm(residual + x))`` as one op (ops.add_layer_norm_adapter: in inference one kernel where its
+        backend is Triton, otherwise the two ops), or None where that would not equal calling the modules: a
+        subclass of this adapter, a hook on it, or layers that are not plain (ops.plain_layers).
+        ``low_precision``: the LayerNorm's (ops.add_layer_norm's); the model sets it and this adapter's alike."""
+        called_as_is = type(self) is BottleneckAdapter and unhooked(self)
+        if not called_as_is or not all_plain(norm, self.down, self.up, self.norm):
+            return None
+        down, up = self.down, self.up
+        return add_layer_norm_adapter(
+            x, residual, norm.weight, norm.bias, norm.eps,
+            down.weight, down.bias, up.weight, up.bias, self.norm.weight, self.norm.bias, self.norm.eps,
+            check_inputs=False, low_precision=low_precision,
+        )  # fmt: skip

@@ -40,6 +40,11 @@ def make_adapters(config) -> nn.ModuleList:
 class RecursiveEncoder(nn.Module):
     gradient_checkpointing = False  # switched by transformers' activation_checkpointing_enable() (see above)
     checkpoint_every = 1  # its every_n_layers: recursions 0, n, 2n, ... are checkpointed, the others keep theirs
+    # Each adapter reads a LayerNorm's output (LayerNorm_att's, and the previous recursion's LayerNorm_full's):
+    # True calls the two as ops.add_layer_norm_adapter, which is those two ops unless its fused kernel is chosen
+    # (in inference only, never automatically on CUDA until a GPU run verifies it). Across recursions only where no
+    # recursion's own output is needed (no hidden states asked for, no checkpointing).
+    fuse_norms_into_adapters = True
 
     def __init__(self, config):
         super().__init__()
@@ -80,10 +85,16 @@ class RecursiveEncoder(nn.Module):
         key_padding = None if mask is None else KeyPadding(mask)
         h = hidden_states
         qkv_weight, qkv_bias = self.shared_layer.fused_qkv(h)  # once for all recursions (see SharedLayer.fused_qkv)
+        across = self.fuse_norms_into_adapters and self.has_adapters and all_hidden is None and checkpointed is None
+        adapted = False  # h is already the attention adapter's output (the last recursion applied it)
         for i in range(self.num_recursions):
             recursion = checkpointed if checkpointed is not None and i % self.checkpoint_every == 0 else self.recursion
+            then = self.attention_adapters[i + 1] if across and i + 1 < self.num_recursions else None
             # Positional arguments only: reentrant checkpointing tracks gradients through those alone.
-            h, probabilities = recursion(h, i, packing, output_attentions, key_padding, qkv_weight, qkv_bias)
+            h, probabilities = recursion(
+                h, i, packing, output_attentions, key_padding, qkv_weight, qkv_bias, adapted, then
+            )
+            adapted = then is not None
             if all_hidden is not None:
                 all_hidden.append(h)
             if all_attentions is not None:
@@ -103,14 +114,20 @@ class RecursiveEncoder(nn.Module):
         key_padding_mask: torch.Tensor | KeyPadding | None,
         qkv_weight: torch.Tensor | None = None,
         qkv_bias: torch.Tensor | None = None,
+        adapted: bool = False,
+        then: nn.Module | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Recursion ``index``: its adapters around the shared layer; the new hidden state and, when
-        ``need_weights``, the attention probabilities. ``qkv_*``: SharedLayer.fused_qkv's, when fused."""
-        if self.attention_adapters is not None:
+        ``need_weights``, the attention probabilities. ``qkv_*``: SharedLayer.fused_qkv's, when fused.
+        ``adapted``: ``h`` is this recursion's attention adapter's output already; ``then``: a module (the next
+        recursion's attention adapter) applied to the new hidden state, which is returned instead."""
+        if self.attention_adapters is not None and not adapted:
             h = self.attention_adapters[index](h)
+        ffn_adapter = self.ffn_adapters[index] if self.ffn_adapters is not None else None
+        fused_adapter = ffn_adapter if self.fuse_norms_into_adapters else None
         h, probabilities = self.shared_layer.attention_block(
-            h, packing, need_weights, key_padding_mask, qkv_weight, qkv_bias
+            h, packing, need_weights, key_padding_mask, qkv_weight, qkv_bias, fused_adapter
         )
-        if self.ffn_adapters is not None:
-            h = self.ffn_adapters[index](h)
-        return self.shared_layer.ffn_block(h), probabilities
+        if ffn_adapter is not None and fused_adapter is None:
+            h = ffn_adapter(h)
+        return self.shared_layer.ffn_block(h, then), probabilities

@@ -77,8 +77,10 @@ class SharedLayer(PrepackedWeightsMixin, nn.Module):
         key_padding_mask: torch.Tensor | KeyPadding | None = None,
         qkv_weight: torch.Tensor | None = None,
         qkv_bias: torch.Tensor | None = None,
+        then: nn.Module | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``LayerNorm(x + Dropout(Dense(Attention(x))))`` and the probabilities when asked for.
+        """``LayerNorm(x + Dropout(Dense(Attention(x))))`` and the probabilities when asked for; with ``then`` (an
+        adapter, the FFN's), ``then`` of it (see _add_and_norm).
 
         ``x`` is packed (T, H) when ``packing`` is given, else a (B, S, H) batch whose padded keys,
         if any, ``key_padding_mask`` (B, S) marks False; it may be the encoder's KeyPadding of it, or, with
@@ -120,26 +122,37 @@ class SharedLayer(PrepackedWeightsMixin, nn.Module):
                 check_inputs=False,
                 low_precision_maps=self.low_precision_maps,
             )
-        out = self._add_and_norm(self.linear_through(prepacked, "attention_output", context), x, self.attention_norm)
-        return out, probabilities
+        output = self.linear_through(prepacked, "attention_output", context)
+        return self._add_and_norm(output, x, self.attention_norm, then), probabilities
 
-    def ffn_block(self, x: torch.Tensor) -> torch.Tensor:
-        """``LayerNorm(x + Dropout(FfnOut(GELU(Ffn(x)))))``."""
+    def ffn_block(self, x: torch.Tensor, then: nn.Module | None = None) -> torch.Tensor:
+        """``LayerNorm(x + Dropout(FfnOut(GELU(Ffn(x)))))``; with ``then`` (an adapter), ``then`` of it."""
         up = self.ffn_intermediate
         prepacked = self.prepacked_for(x, up)
         if prepacked is None and all_plain(up):
             intermediate = linear_gelu(x, up.weight, up.bias, self.gelu_approximation, check_inputs=False)
         else:
             intermediate = self.linear_through(prepacked, "ffn_intermediate", x, gelu=self.gelu_approximation)
-        return self._add_and_norm(self.linear_through(prepacked, "ffn_output", intermediate), x, self.ffn_norm)
+        output = self.linear_through(prepacked, "ffn_output", intermediate)
+        return self._add_and_norm(output, x, self.ffn_norm, then)
 
-    def _add_and_norm(self, x: torch.Tensor, residual: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-        """``norm(residual + Dropout(x))``: fused when ``norm`` is a plain LayerNorm (ops.plain_layers)."""
+    def _add_and_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, norm: nn.Module, then: nn.Module | None = None
+    ) -> torch.Tensor:
+        """``norm(residual + Dropout(x))``: fused when ``norm`` is a plain LayerNorm (ops.plain_layers). With
+        ``then``, the adapter that reads it: where dropout is off both go through ops.add_layer_norm_adapter (the
+        adapter's after_layer_norm, None where that cannot stand in for the modules' calls)."""
         dropout_p = self._dropout(self.hidden_dropout_p)
+        if then is not None and dropout_p == 0.0:
+            adapted = then.after_layer_norm(x, residual, norm, self.low_precision_norms)
+            if adapted is not None:
+                return adapted
         if not all_plain(norm):
-            return norm(residual + F.dropout(x, p=dropout_p, training=dropout_p > 0.0))
-        # check_inputs=False: the layer's own parameters, built to fit x (see ops.checks)
-        return add_layer_norm(
-            x, residual, norm.weight, norm.bias, norm.eps, dropout_p, check_inputs=False,
-            low_precision=self.low_precision_norms,
-        )  # fmt: skip
+            out = norm(residual + F.dropout(x, p=dropout_p, training=dropout_p > 0.0))
+        else:
+            # check_inputs=False: the layer's own parameters, built to fit x (see ops.checks)
+            out = add_layer_norm(
+                x, residual, norm.weight, norm.bias, norm.eps, dropout_p, check_inputs=False,
+                low_precision=self.low_precision_norms,
+            )  # fmt: skip
+        return out if then is None else then(out)

@@ -26,11 +26,15 @@ _GLOBAL_HOOKS = tuple(
 def all_plain(*layers: nn.Module) -> bool:
     """Whether every layer is exactly torch's nn.Linear, nn.LayerNorm or nn.Embedding (no subclass, no
     wrapper) with no hook (forward or backward) on it or on every module. On the recursion's hot path: ~0.5 us."""
+    return all(type(layer) in PLAIN_KINDS for layer in layers) and unhooked(*layers)
+
+
+def unhooked(*modules: nn.Module) -> bool:
+    """Whether no module has a hook (forward or backward) of its own and none is registered for every module: a
+    fastmini module whose call a fused op stands in for (the adapter after a LayerNorm) must be this too."""
     if any(_GLOBAL_HOOKS):
         return False
-    for layer in layers:
-        if type(layer) not in PLAIN_KINDS:
-            return False
-        if layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks or layer._backward_pre_hooks:
-            return False
-    return True
+    return not any(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+        for module in modules
+    )
