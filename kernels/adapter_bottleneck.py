@@ -71,7 +71,7 @@ import torch
 import triton
 import triton.language as tl
 from fastmini.kernels.adapter_bottleneck_rows import launch_forward_rows
-from fastmini.kernels.adapter_pre_norm import adapter_input_chunk, pre_norm_statistics
+from fastmini.kernels.adapter_pre_norm import adapter_input_chunk, pre_norm_rows
 from fastmini.kernels.chunked_statistics import merge_chunk_statistics
 from fastmini.kernels.gelu import gelu, gelu_derivative
 from fastmini.kernels.interpreter import cast_output, dot_operand
@@ -281,14 +281,9 @@ def _forward_kernel(
     row_offsets = rows * H
     x_block = x_ptr + first_row.to(tl.int64) * H
     bottleneck = tl.arange(0, BLOCK_R)
-    residual_block = None
-    pre_mean = None
-    pre_rstd = None
-    if PRE_NORM:
-        residual_block = residual_ptr + first_row.to(tl.int64) * H
-        pre_mean, pre_rstd = pre_norm_statistics(
-            x_block, residual_block, row_offsets, row_mask, pre_eps, H, BLOCK_M, BLOCK_K, ACC_DTYPE
-        )
+    residual_block, pre_mean, pre_rstd = pre_norm_rows(
+        x_block, residual_ptr, first_row, row_offsets, row_mask, pre_eps, H, BLOCK_M, BLOCK_K, ACC_DTYPE, PRE_NORM
+    )
 
     h = _bottleneck(
         x_block, down_weight_ptr, down_bias_ptr, row_offsets, row_mask, H, R, BLOCK_M, BLOCK_K, BLOCK_R, DOT_DTYPE,

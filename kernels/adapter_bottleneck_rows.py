@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fastmini.kernels.adapter_pre_norm import adapter_input_chunk, pre_norm_statistics
+from fastmini.kernels.adapter_pre_norm import adapter_input_chunk, pre_norm_rows
 from fastmini.kernels.chunked_statistics import merge_chunk_statistics
 from fastmini.kernels.gelu import gelu
 from fastmini.kernels.interpreter import cast_output
@@ -114,14 +114,9 @@ def _forward_rows_kernel(
     y_block = y_ptr + first_row.to(tl.int64) * H
     bottleneck = tl.arange(0, BLOCK_R)
     bottleneck_mask = bottleneck < R
-    residual_block = None
-    pre_mean = None
-    pre_rstd = None
-    if PRE_NORM:
-        residual_block = residual_ptr + first_row.to(tl.int64) * H
-        pre_mean, pre_rstd = pre_norm_statistics(
-            x_block, residual_block, row_offsets, row_mask, pre_eps, H, ROWS, BLOCK_K, ACC_DTYPE
-        )
+    residual_block, pre_mean, pre_rstd = pre_norm_rows(
+        x_block, residual_ptr, first_row, row_offsets, row_mask, pre_eps, H, ROWS, BLOCK_K, ACC_DTYPE, PRE_NORM
+    )
 
     products = tl.zeros((ROWS, BLOCK_R, BLOCK_K), dtype=ACC_DTYPE)
     for start in range(0, H, BLOCK_K):

@@ -22,9 +22,10 @@ def _rounded_sum(x, residual_block, offsets, tile_mask, ACC_DTYPE: tl.constexpr)
 
 
 @triton.jit
-def pre_norm_statistics(
+def pre_norm_rows(
     x_block,  # (ROWS, H) rows of x from the program's first row on
-    residual_block,  # (ROWS, H) rows of the residual, likewise
+    residual_ptr,  # (M, H), or None without PRE_NORM
+    first_row,  # the program's first row
     row_offsets,  # (ROWS,) int32: local row * H
     row_mask,  # (ROWS,)
     eps,
@@ -32,21 +33,27 @@ def pre_norm_statistics(
     ROWS: tl.constexpr,
     BLOCK_K: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
+    PRE_NORM: tl.constexpr,
 ):
-    """(mean, rstd) of residual + x for each row, (ROWS,) in ACC_DTYPE."""
-    mean = tl.zeros((ROWS,), dtype=ACC_DTYPE)
-    centred_squares = tl.zeros((ROWS,), dtype=ACC_DTYPE)
-    for start in range(0, H, BLOCK_K):
-        columns = start + tl.arange(0, BLOCK_K)
-        column_mask = columns < H
-        tile_mask = row_mask[:, None] & column_mask[None, :]
-        offsets = row_offsets[:, None] + columns[None, :]
-        x = tl.load(x_block + offsets, mask=tile_mask, other=0.0)
-        total = _rounded_sum(x, residual_block, offsets, tile_mask, ACC_DTYPE)
-        mean, centred_squares = merge_chunk_statistics(
-            mean, centred_squares, total, column_mask, start, H, BLOCK_K, ACC_DTYPE
-        )
-    return mean, 1.0 / tl.sqrt(centred_squares / H + eps)
+    """What adapter_input_chunk needs beyond x: with PRE_NORM, (the program's rows of the residual, and the mean and
+    rstd of residual + x, (ROWS,) in ACC_DTYPE, from a sweep of their own); without, three Nones."""
+    if PRE_NORM:
+        residual_block = residual_ptr + first_row.to(tl.int64) * H
+        mean = tl.zeros((ROWS,), dtype=ACC_DTYPE)
+        centred_squares = tl.zeros((ROWS,), dtype=ACC_DTYPE)
+        for start in range(0, H, BLOCK_K):
+            columns = start + tl.arange(0, BLOCK_K)
+            column_mask = columns < H
+            tile_mask = row_mask[:, None] & column_mask[None, :]
+            offsets = row_offsets[:, None] + columns[None, :]
+            x = tl.load(x_block + offsets, mask=tile_mask, other=0.0)
+            total = _rounded_sum(x, residual_block, offsets, tile_mask, ACC_DTYPE)
+            mean, centred_squares = merge_chunk_statistics(
+                mean, centred_squares, total, column_mask, start, H, BLOCK_K, ACC_DTYPE
+            )
+        return residual_block, mean, 1.0 / tl.sqrt(centred_squares / H + eps)
+    else:
+        return None, None, None
 
 
 @triton.jit

@@ -116,6 +116,10 @@ def assert_within_twice_torch_error(kernel, torch_own, truth, atol=1e-3):
 @pytest.mark.parametrize("hidden, bottleneck", SHAPES, ids=[f"H{h}-R{r}" for h, r in SHAPES])
 @pytest.mark.parametrize("rows", ROW_COUNTS)
 def test_fp32_matches_reference_with_every_gradient(rows, hidden, bottleneck):
+    check_fp32_against_reference(rows, hidden, bottleneck)
+
+
+def check_fp32_against_reference(rows, hidden, bottleneck):
     tensors, grad_output = make_inputs((rows, hidden), bottleneck)
     y, grads = forward_and_grads(triton_adapter, tensors, grad_output)
     expected_y, expected_grads = forward_and_grads(reference_adapter, tensors, grad_output)
@@ -220,6 +224,10 @@ def test_zero_rows():
 
 @pytest.mark.usefixtures("backward_path")
 def test_gradcheck_float64():
+    check_gradcheck_float64()
+
+
+def check_gradcheck_float64():
     tensors, _ = make_inputs((3, 20), 5, dtype=torch.float64)
     # fast_mode checks random projections of the Jacobian: the full one is ~600 interpreted launches.
     assert torch.autograd.gradcheck(triton_adapter, tensors, eps=1e-6, atol=1e-7, fast_mode=True)
@@ -227,6 +235,10 @@ def test_gradcheck_float64():
 
 @pytest.mark.usefixtures("backward_path")
 def test_float64_is_float64_accurate_across_several_column_chunks():
+    check_float64_across_column_chunks()
+
+
+def check_float64_across_column_chunks():
     """H=312 spans several BLOCK_K chunks, whose LayerNorm statistics are merged: fp64 inputs must stay
     at fp64 accuracy there too (gradcheck above runs a single chunk)."""
     tensors, grad_output = make_inputs((7, 312), 19, dtype=torch.float64)
@@ -250,7 +262,11 @@ def test_low_precision_against_the_fp64_reference(dtype):
 @pytest.mark.usefixtures("backward_path")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_low_precision_error_within_twice_torch_own(dtype):
-    tensors, grad_output = make_inputs((130, 312), 19, dtype=dtype)
+    check_low_precision_within_twice_torch_own((130, 312), 19, dtype)
+
+
+def check_low_precision_within_twice_torch_own(shape, bottleneck, dtype):
+    tensors, grad_output = make_inputs(shape, bottleneck, dtype=dtype)
     assert_within_twice_torch_error(
         forward_and_grads(triton_adapter, tensors, grad_output),
         forward_and_grads(reference_adapter, tensors, grad_output),
@@ -498,33 +514,19 @@ def rows_kernel(monkeypatch):
 @pytest.mark.parametrize("hidden, bottleneck", SHAPES, ids=[f"H{h}-R{r}" for h, r in SHAPES])
 @pytest.mark.parametrize("rows", ROW_COUNTS)
 def test_rows_kernel_fp32_matches_reference_with_every_gradient(rows, hidden, bottleneck):
-    tensors, grad_output = make_inputs((rows, hidden), bottleneck)
-    assert_matches(
-        forward_and_grads(triton_adapter, tensors, grad_output),
-        forward_and_grads(reference_adapter, tensors, grad_output),
-        atol=1e-5,
-        rtol=1e-5,
-    )
+    check_fp32_against_reference(rows, hidden, bottleneck)
 
 
 @pytest.mark.usefixtures("rows_kernel")
 def test_rows_kernel_float64_gradcheck_and_accuracy_across_column_chunks():
-    tensors, _ = make_inputs((3, 20), 5, dtype=torch.float64)
-    assert torch.autograd.gradcheck(triton_adapter, tensors, eps=1e-6, atol=1e-7, fast_mode=True)
-    tensors, grad_output = make_inputs((7, 312), 19, dtype=torch.float64)  # 3 chunks of 128, the last uneven
-    y, grads = forward_and_grads(triton_adapter, tensors, grad_output)
-    assert_matches((y, grads), forward_and_grads(reference_adapter, tensors, grad_output), atol=1e-12, rtol=1e-12)
+    check_gradcheck_float64()
+    check_float64_across_column_chunks()  # 3 chunks of 128, the last uneven
 
 
 @pytest.mark.usefixtures("rows_kernel")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_rows_kernel_low_precision_error_within_twice_torch_own(dtype):
-    tensors, grad_output = make_inputs((33, 768), 48, dtype=dtype)
-    assert_within_twice_torch_error(
-        forward_and_grads(triton_adapter, tensors, grad_output),
-        forward_and_grads(reference_adapter, tensors, grad_output),
-        exact(tensors, grad_output),
-    )
+    check_low_precision_within_twice_torch_own((33, 768), 48, dtype)
 
 
 @pytest.mark.usefixtures("rows_kernel")
