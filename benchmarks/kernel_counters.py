@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass(frozen=True)
 class Case:
-    op: str  # "adapter_bottleneck" or "add_layer_norm", always on the Triton backend
+    op: str  # "adapter_bottleneck", "add_layer_norm_adapter" or "add_layer_norm", always on the Triton backend
     rows: int  # x is (rows, H), H and R the published MiniALBERT's, bf16
     backward: bool = False  # a forward and backward (training step) instead of an inference forward
     # (module under fastmini, global, value) set in the driver process before the op runs
@@ -46,6 +46,11 @@ class Case:
 CASES = {
     # (1, 128): each of the 12 adapter calls of the graphed forward took ~10 us (H200), whatever the tiling
     "adapter forward, 128 rows": Case("adapter_bottleneck", 128),
+    # the CUDA-core forward for few rows and the LayerNorm folded into the adapter: never run on a GPU yet
+    "adapter forward, 128 rows, rows kernel": Case(
+        "adapter_bottleneck", 128, settings=(("kernels.adapter_bottleneck", "ROWS_KERNEL_UP_TO", 128),)
+    ),
+    "add_layer_norm_adapter forward, 128 rows": Case("add_layer_norm_adapter", 128),
     "adapter forward, 1024 rows": Case("adapter_bottleneck", 1024),
     # the forward target: >= 80% of the copy bandwidth here (44.5% measured)
     "adapter forward, 16384 rows": Case("adapter_bottleneck", 16384),
@@ -222,7 +227,7 @@ def case_step(case: Case, device):
 
     import torch
 
-    from fastmini.ops import adapter_bottleneck, add_layer_norm
+    from fastmini.ops import adapter_bottleneck, add_layer_norm, add_layer_norm_adapter
 
     for module, name, value in case.settings:
         setattr(importlib.import_module(f"fastmini.{module}"), name, value)
@@ -234,21 +239,27 @@ def case_step(case: Case, device):
         return values.to(torch.bfloat16).requires_grad_(case.backward)
 
     x = tensor(case.rows, hidden)
-    if case.op == "adapter_bottleneck":
-        parameters = (
-            tensor(bottleneck, hidden, scale=hidden**-0.5), tensor(bottleneck, scale=0.1),
-            tensor(hidden, bottleneck, scale=bottleneck**-0.5), tensor(hidden, scale=0.1),
-            tensor(hidden, scale=0.1, shift=1.0), tensor(hidden, scale=0.1),
-        )  # fmt: skip
-        inputs = (x, *parameters)
-
-        def call():
-            return adapter_bottleneck(*inputs, adapter_eps, backend="triton")
-    else:
-        inputs = (x, tensor(case.rows, hidden), tensor(hidden, scale=0.1, shift=1.0), tensor(hidden, scale=0.1))
+    norm = (tensor(hidden, scale=0.1, shift=1.0), tensor(hidden, scale=0.1))  # a LayerNorm's weight and bias
+    if case.op == "add_layer_norm":
+        inputs = (x, tensor(case.rows, hidden), *norm)
 
         def call():
             return add_layer_norm(*inputs, layer_norm_eps, backend="triton")
+    else:
+        parameters = (
+            tensor(bottleneck, hidden, scale=hidden**-0.5), tensor(bottleneck, scale=0.1),
+            tensor(hidden, bottleneck, scale=bottleneck**-0.5), tensor(hidden, scale=0.1), *norm,
+        )  # fmt: skip
+        if case.op == "adapter_bottleneck":
+            inputs = (x, *parameters)
+
+            def call():
+                return adapter_bottleneck(*inputs, adapter_eps, backend="triton")
+        else:  # add_layer_norm_adapter: the residual, the LayerNorm before the adapter, the adapter
+            inputs = (x, tensor(case.rows, hidden), *norm, *parameters)
+
+            def call():
+                return add_layer_norm_adapter(*inputs[:4], layer_norm_eps, *parameters, adapter_eps, backend="triton")
 
     if not case.backward:
 

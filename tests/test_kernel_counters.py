@@ -119,38 +119,28 @@ def test_an_unknown_case_is_refused_with_the_known_ones(counters, capsys):
     assert "unknown case(s) ['adapter forward, 7 rows']" in error and "adapter forward, 16384 rows" in error
 
 
-@pytest.mark.parametrize("op", ["adapter_bottleneck", "add_layer_norm"])
-def test_each_step_runs_its_op_on_the_triton_backend(counters, monkeypatch, op):
+@pytest.mark.parametrize(
+    "op, inputs", [("adapter_bottleneck", 7), ("add_layer_norm", 4), ("add_layer_norm_adapter", 10)]
+)
+def test_each_step_runs_its_op_on_the_triton_backend(counters, monkeypatch, op, inputs):
     from fastmini.kernels import adapter_bottleneck as kernels
 
-    from fastmini.ops import adapter_bottleneck_ref, add_layer_norm_ref
+    import fastmini.ops as ops
 
+    calls = []
+    original = getattr(ops, op)
+    monkeypatch.setattr(ops, op, lambda *args, **options: calls.append((args, options)) or original(*args, **options))
     monkeypatch.setattr(kernels, "BACKWARD_PATH", kernels.BACKWARD_PATH)  # restored after the split-k setting
-    forward = counters.case_step(counters.Case(op, 5), torch.device("cpu"))
-    output = forward()
+    output = counters.case_step(counters.Case(op, 5), torch.device("cpu"))()
     assert output.shape == (5, 768) and output.dtype == torch.bfloat16 and not output.requires_grad
-    hidden, bottleneck, adapter_eps, layer_norm_eps = counters._published_sizes()
-    assert (hidden, bottleneck) == (768, 48)
-    split_k = (("kernels.adapter_bottleneck", "BACKWARD_PATH", "split-k"),)
-    training = counters.case_step(counters.Case(op, 5, backward=True, settings=split_k), torch.device("cpu"))
-    gradients = training()
-    assert kernels.BACKWARD_PATH == "split-k"
-    assert len(gradients) == (7 if op == "adapter_bottleneck" else 4)
-    # the same inputs (seeded) through the op's torch reference: the step ran the op it names
-    generator = torch.Generator().manual_seed(0)
-
-    def tensor(*shape, scale=1.0, shift=0.0):
-        return (torch.randn(shape, generator=generator) * scale + shift).to(torch.bfloat16)
-
-    x = tensor(5, hidden)
-    if op == "adapter_bottleneck":
-        parameters = (
-            tensor(bottleneck, hidden, scale=hidden**-0.5), tensor(bottleneck, scale=0.1),
-            tensor(hidden, bottleneck, scale=bottleneck**-0.5), tensor(hidden, scale=0.1),
-            tensor(hidden, scale=0.1, shift=1.0), tensor(hidden, scale=0.1),
-        )  # fmt: skip
-        expected = adapter_bottleneck_ref(x.float(), *(p.float() for p in parameters), adapter_eps)
-    else:
-        residual, weight, bias = tensor(5, hidden), tensor(hidden, scale=0.1, shift=1.0), tensor(hidden, scale=0.1)
-        expected = add_layer_norm_ref(x.float(), residual.float(), weight.float(), bias.float(), layer_norm_eps)
+    ((args, options),) = calls
+    assert options == {"backend": "triton"}
+    # the op's torch reference on the same inputs: the step ran the op it names, on inputs that make it work
+    reference = getattr(ops, f"{op}_ref")
+    expected = reference(*(a.float() if isinstance(a, torch.Tensor) else a for a in args))
     torch.testing.assert_close(output.float(), expected, atol=0.1, rtol=0.05)
+    hidden, bottleneck, _adapter_eps, _layer_norm_eps = counters._published_sizes()
+    assert (hidden, bottleneck) == (768, 48) and args[0].shape == (5, hidden)
+    split_k = (("kernels.adapter_bottleneck", "BACKWARD_PATH", "split-k"),)
+    gradients = counters.case_step(counters.Case(op, 5, backward=True, settings=split_k), torch.device("cpu"))()
+    assert kernels.BACKWARD_PATH == "split-k" and len(gradients) == inputs
