@@ -204,3 +204,14 @@ def test_gpu_fused_matches_the_two_ops_at_the_published_size(monkeypatch, fused_
     fused_error = (fused.double() - truth).abs().max().item()
     separate_error = (separate.double() - truth).abs().max().item()
     assert fused_error <= 2 * separate_error + 1e-3, f"fused {fused_error:.3e}, two ops {separate_error:.3e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_the_environment_switch_does_not_reach_the_unverified_kernel(monkeypatch, fused_launches):
+    from fastmini.ops.add_layer_norm_adapter import _VERIFIED_ON_GPU
+
+    monkeypatch.setenv("FASTMINI_BACKEND", "triton")
+    with torch.no_grad():
+        call(add_layer_norm_adapter, make_inputs(128, 768, 48, dtype=torch.bfloat16))
+    assert fused_launches == ([] if "triton" not in _VERIFIED_ON_GPU else ["tensor cores"])

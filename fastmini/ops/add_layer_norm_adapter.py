@@ -10,8 +10,9 @@ launch of the two goes (the (1, 128) latency forward makes 12 such pairs; its ad
 in dtype, it is the two ops one after the other, each with its own backward: the fused forward keeps nothing a
 backward could use. Dropout has no place here: the shared layer's add_layer_norm applies it in training only.
 
-Not chosen automatically on CUDA: never run on a GPU yet (``_VERIFIED_ON_GPU`` is empty); on a CUDA tensor,
-``backend="triton"`` (or FASTMINI_BACKEND) asks for it, and automatic is each op's own choice.
+Not chosen on CUDA unless asked for by name: never run on a GPU yet (``_VERIFIED_ON_GPU`` is empty). On a CUDA
+tensor only ``backend="triton"`` reaches the kernel; automatic, and FASTMINI_BACKEND=triton too, are the two ops
+(each with its own choice, the latter's their kernels).
 """
 
 from __future__ import annotations
@@ -119,9 +120,11 @@ def add_layer_norm_adapter(
         # the adapter's input, LayerNorm(residual + x), has x's shape, dtype and device
         _check_adapter_inputs(x, *adapter_parameters, adapter_eps, op=f"{_OP} (its adapter)")
     chosen = resolve_backend(_OP, x, backend, _BACKENDS, _VERIFIED_ON_GPU)
+    # FASTMINI_BACKEND=triton asks every op for its kernel: on a GPU, not for this one until it has run on one
+    unverified = x.is_cuda and backend is None and "triton" not in _VERIFIED_ON_GPU
     inputs = (x, residual, weight, bias, *adapter_parameters)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-    if chosen == "torch" or needs_grad or residual.dtype != x.dtype:
+    if chosen == "torch" or unverified or needs_grad or residual.dtype != x.dtype:
         # chosen "torch" by name stays torch; otherwise each op makes its own choice, or takes "triton" when asked
         return _two_ops(x, residual, weight, bias, eps, adapter_parameters, adapter_eps, backend, low_precision)
     return _forward_op(x, residual, weight, bias, float(eps), *adapter_parameters, float(adapter_eps))
