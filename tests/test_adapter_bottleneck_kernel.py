@@ -510,9 +510,14 @@ def rows_kernel(monkeypatch):
     monkeypatch.setattr(kernels, "ROWS_KERNEL_UP_TO", 1 << 30)
 
 
+# The rows kernel runs a program per 2 rows, each interpreted on the CPU: 33 rows give many programs and an uneven
+# last one at a quarter of 130's cost.
+ROWS_KERNEL_ROW_COUNTS = [1, 7, 33]
+
+
 @pytest.mark.usefixtures("rows_kernel")
 @pytest.mark.parametrize("hidden, bottleneck", SHAPES, ids=[f"H{h}-R{r}" for h, r in SHAPES])
-@pytest.mark.parametrize("rows", ROW_COUNTS)
+@pytest.mark.parametrize("rows", ROWS_KERNEL_ROW_COUNTS)
 def test_rows_kernel_fp32_matches_reference_with_every_gradient(rows, hidden, bottleneck):
     check_fp32_against_reference(rows, hidden, bottleneck)
 
