@@ -2,6 +2,9 @@
 
 for i in 0..N-1:  a = AttAdapter_i(h);  x = attention_block(a);  m = FfnAdapter_i(x);  h = ffn_block(m)
 
+Each adapter reads a LayerNorm's output (x is attention_block's last LayerNorm, h ffn_block's): with
+``fuse_norms_into_adapters`` the pair is one call of ops.add_layer_norm_adapter (see the attribute).
+
 Activation checkpointing (transformers' ``activation_checkpointing_enable()``, named
 ``gradient_checkpointing_enable()`` before 5.23 and kept as a deprecated alias since; either sets
 ``gradient_checkpointing`` and ``_gradient_checkpointing_func`` here) checkpoints one recursion at a
