@@ -77,3 +77,15 @@ def test_training_with_dropout_keeps_the_modules(tiny_config, randomize, batch, 
     model(**batch, labels=labels).loss.backward()
     assert fused_calls == []
     assert all(p.grad is not None for p in model.fastmini.encoder.ffn_adapters.parameters())
+
+
+def test_an_adapter_replaced_by_another_module_is_called_as_it_is(model, batch, monkeypatch, fused_calls):
+    """A wrapper around an adapter (as PEFT's modules_to_save puts one) has no fused form: it is called."""
+    monkeypatch.setenv("FASTMINI_BACKEND", "triton")
+    expected = outputs(model, batch).logits
+    encoder = model.fastmini.encoder
+    encoder.ffn_adapters[0] = torch.nn.Sequential(encoder.ffn_adapters[0])
+    encoder.attention_adapters[1] = torch.nn.Sequential(encoder.attention_adapters[1])
+    fused_calls.clear()
+    torch.testing.assert_close(outputs(model, batch).logits, expected, atol=1e-5, rtol=1e-5)
+    assert len(fused_calls) == 2 * model.config.num_hidden_layers - 1 - 2  # all the others fused

@@ -38,19 +38,22 @@ class BottleneckAdapter(nn.Module):
             low_precision=self.low_precision_norms,
         )
 
-    def after_layer_norm(
-        self, x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm, low_precision: bool
-    ) -> torch.Tensor | None:
-        """``self(norm(residual + x))`` as one op (ops.add_layer_norm_adapter: in inference one kernel where its
-        backend is Triton, otherwise the two ops), or None where that would not equal calling the modules: a
-        subclass of this adapter, a hook on it, or layers that are not plain (ops.plain_layers).
-        ``low_precision``: the LayerNorm's (ops.add_layer_norm's); the model sets it and this adapter's alike."""
-        called_as_is = type(self) is BottleneckAdapter and unhooked(self)
-        if not called_as_is or not all_plain(norm, self.down, self.up, self.norm):
-            return None
-        down, up = self.down, self.up
-        return add_layer_norm_adapter(
-            x, residual, norm.weight, norm.bias, norm.eps,
-            down.weight, down.bias, up.weight, up.bias, self.norm.weight, self.norm.bias, self.norm.eps,
-            check_inputs=False, low_precision=low_precision,
-        )  # fmt: skip
+
+def adapter_after_layer_norm(
+    adapter: nn.Module, x: torch.Tensor, residual: torch.Tensor, norm: nn.Module, low_precision: bool
+) -> torch.Tensor | None:
+    """``adapter(norm(residual + x))`` as one op (ops.add_layer_norm_adapter: in inference one kernel where its
+    backend is Triton, otherwise the two ops), or None where that would not equal calling the modules: anything
+    but a BottleneckAdapter itself (a subclass, a wrapper such as PEFT's modules_to_save), a hook on it, or
+    layers that are not plain (ops.plain_layers). ``low_precision``: the LayerNorm's (ops.add_layer_norm's); the
+    model sets it and the adapters' alike."""
+    if type(adapter) is not BottleneckAdapter or not unhooked(adapter):
+        return None
+    down, up, adapter_norm = adapter.down, adapter.up, adapter.norm
+    if not all_plain(norm, down, up, adapter_norm):
+        return None
+    return add_layer_norm_adapter(
+        x, residual, norm.weight, norm.bias, norm.eps,
+        down.weight, down.bias, up.weight, up.bias, adapter_norm.weight, adapter_norm.bias, adapter_norm.eps,
+        check_inputs=False, low_precision=low_precision,
+    )  # fmt: skip

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastmini.modules.adapter import adapter_after_layer_norm
 from fastmini.ops import KeyPadding, Packing, add_layer_norm, linear_gelu, packed_self_attention, self_attention
 from fastmini.ops.autocasting import autocast_dtype_for
 from fastmini.ops.plain_layers import all_plain
@@ -141,10 +142,10 @@ class SharedLayer(PrepackedWeightsMixin, nn.Module):
     ) -> torch.Tensor:
         """``norm(residual + Dropout(x))``: fused when ``norm`` is a plain LayerNorm (ops.plain_layers). With
         ``then``, the adapter that reads it: where dropout is off both go through ops.add_layer_norm_adapter (the
-        adapter's after_layer_norm, None where that cannot stand in for the modules' calls)."""
+        adapter_after_layer_norm, None where that cannot stand in for the modules' calls)."""
         dropout_p = self._dropout(self.hidden_dropout_p)
         if then is not None and dropout_p == 0.0:
-            adapted = then.after_layer_norm(x, residual, norm, self.low_precision_norms)
+            adapted = adapter_after_layer_norm(then, x, residual, norm, self.low_precision_norms)
             if adapted is not None:
                 return adapted
         if not all_plain(norm):
