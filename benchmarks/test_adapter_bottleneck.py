@@ -203,7 +203,8 @@ def test_add_layer_norm_adapter_fusion(time_launch_candidates, with_setting, row
     adapter forward) against the two ops it replaces, rows x 768 bf16, device time: "default" is the two Triton
     kernels (what a CUDA graph of the model records up to 2048 and from 16384 rows), "two ops as a CUDA graph picks
     them" the ops' automatic choice while a graph records (at 4608 rows: add_layer_norm's kernel, then torch's
-    composition for the adapter). Decides whether the model should call the fused op (not wired in yet)."""
+    composition for the adapter). Decides where the op's automatic choice should take the fused kernel (the encoder
+    calls the op; _VERIFIED_ON_GPU and the adapter kernel's row rule decide what it runs)."""
     from fastmini.kernels import adapter_bottleneck as kernels
 
     from fastmini.ops import add_layer_norm, add_layer_norm_adapter

@@ -71,6 +71,7 @@ import torch
 import triton
 import triton.language as tl
 from fastmini.kernels.adapter_bottleneck_rows import launch_forward_rows
+from fastmini.kernels.adapter_output import store_normalised_chunk, store_saved_values
 from fastmini.kernels.adapter_pre_norm import adapter_input_chunk, pre_norm_rows
 from fastmini.kernels.chunked_statistics import merge_chunk_statistics
 from fastmini.kernels.gelu import gelu, gelu_derivative
@@ -280,7 +281,6 @@ def _forward_kernel(
     row_mask = rows < M - first_row
     row_offsets = rows * H
     x_block = x_ptr + first_row.to(tl.int64) * H
-    bottleneck = tl.arange(0, BLOCK_R)
     residual_block, pre_mean, pre_rstd = pre_norm_rows(
         x_block, residual_ptr, first_row, row_offsets, row_mask, pre_eps, H, BLOCK_M, BLOCK_K, ACC_DTYPE, PRE_NORM
     )
@@ -325,23 +325,13 @@ def _forward_kernel(
                 DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, residual_block, pre_weight_ptr, pre_bias_ptr, pre_mean,
                 pre_rstd, PRE_NORM,
             )  # fmt: skip
-        norm_weight = tl.load(norm_weight_ptr + columns, mask=column_mask, other=0.0).to(ACC_DTYPE)
-        norm_bias = tl.load(norm_bias_ptr + columns, mask=column_mask, other=0.0).to(ACC_DTYPE)
-        y = (z - mean[:, None]) * rstd[:, None] * norm_weight[None, :] + norm_bias[None, :]
-        tl.store(
-            y_block + row_offsets[:, None] + columns[None, :],
-            cast_output(y, y_ptr.dtype.element_ty),
-            mask=row_mask[:, None] & column_mask[None, :],
-        )
+        store_normalised_chunk(
+            y_block, z, mean, rstd, norm_weight_ptr, norm_bias_ptr, row_offsets, row_mask, columns, column_mask,
+            ACC_DTYPE,
+        )  # fmt: skip
 
     if SAVE_FOR_BACKWARD:
-        tl.store(mean_ptr + first_row + rows, mean, mask=row_mask)
-        tl.store(rstd_ptr + first_row + rows, rstd, mask=row_mask)
-        tl.store(
-            h_ptr + first_row.to(tl.int64) * R + rows[:, None] * R + bottleneck[None, :],
-            h,
-            mask=row_mask[:, None] & (bottleneck[None, :] < R),
-        )
+        store_saved_values(mean_ptr, rstd_ptr, h_ptr, first_row, rows, row_mask, mean, rstd, h, R, BLOCK_R)
 
 
 @triton.jit
@@ -892,6 +882,11 @@ def adapter_bottleneck_forward(
     + x) as add_layer_norm computes it (kernels/adapter_pre_norm.py), never written; inference only."""
     if pre_norm is not None and save_for_backward:
         raise ValueError("adapter_bottleneck_forward: pre_norm is for inference; save_for_backward must be False")
+    if pre_norm is not None and pre_norm[0].dtype != x.dtype:
+        # the kernel rounds residual + x to the residual's dtype and its LayerNorm to x's: one dtype, as the op has
+        raise ValueError(
+            f"adapter_bottleneck_forward: pre_norm's residual must have x's dtype {x.dtype}, got {pre_norm[0].dtype}"
+        )
     hidden, bottleneck = x.shape[-1], down_weight.shape[0]
     x_rows = x.reshape(-1, hidden).contiguous()
     rows = x_rows.shape[0]
@@ -916,7 +911,9 @@ def adapter_bottleneck_forward(
         parameters = (down_weight, down_bias, up_weight, up_bias, norm_weight, norm_bias)
         parameters = tuple(parameter.contiguous() for parameter in parameters)
         outputs = (y, mean, rstd, h)
-        launch_forward_rows(x_rows, parameters, outputs, eps, save_for_backward, acc_dtype, tiles, pre_norm_arguments)
+        launch_forward_rows(
+            x_rows, parameters, outputs, eps, save_for_backward, dot_dtype, acc_dtype, tiles, pre_norm_arguments
+        )
     elif rows > 0:
         weights = (down_weight, up_weight)
         few_rows = FORWARD_FEW_ROWS_TILES

@@ -2,10 +2,11 @@
 the adapter kernels read ``LayerNorm(residual + x)`` chunk by chunk instead of a tensor an add_layer_norm kernel
 wrote, so the normalised activation never goes to memory and one launch goes.
 
-Computed as add_layer_norm's kernel computes it: the sum rounded to the activation dtype before its statistics,
-and the normalised value rounded to it before the adapter reads it, so the fused forward sees the numbers the
-two ops see one after the other. The statistics come from a sweep of their own (merged chunk by chunk); every
-later sweep of the adapter recomputes its chunk of the normalised input from x and the residual.
+Rounded at the points where add_layer_norm's kernel rounds: the sum to the activation dtype before its
+statistics, and the normalised value to it before the adapter reads it. The statistics come from a sweep of
+their own, merged chunk by chunk (add_layer_norm's kernel sums whole rows), so they may differ in the last fp32
+bits and the adapter's input, now and then, by one step of the activation dtype. Every later sweep of the adapter
+recomputes its chunk of the normalised input from x and the residual.
 """
 
 import triton
@@ -66,7 +67,7 @@ def adapter_input_chunk(
     residual_block=None,  # with PRE_NORM: (ROWS, H) rows of the residual
     pre_weight_ptr=None,  # with PRE_NORM: (H,) the LayerNorm's weight
     pre_bias_ptr=None,  # with PRE_NORM: (H,) its bias
-    pre_mean=None,  # with PRE_NORM: (ROWS,) pre_norm_statistics'
+    pre_mean=None,  # with PRE_NORM: (ROWS,) pre_norm_rows'
     pre_rstd=None,  # with PRE_NORM: (ROWS,) likewise
     ACC_DTYPE: tl.constexpr = tl.float32,
     PRE_NORM: tl.constexpr = False,

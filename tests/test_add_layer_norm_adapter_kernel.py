@@ -8,6 +8,8 @@ is marked gpu, and the GPU-only test at the end adds the published sizes.
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -147,6 +149,31 @@ def test_automatic_fuses_under_the_interpreter_and_never_on_an_unverified_gpu(mo
     with torch.no_grad():
         call(add_layer_norm_adapter, tensors)
     assert fused_launches == ([] if DEVICE.type == "cuda" and "triton" not in _VERIFIED_ON_GPU else ["tensor cores"])
+
+
+def test_the_launcher_refuses_what_the_pre_norm_kernel_cannot_do():
+    """Below the op, whose checks route these cases to the two ops: the kernel keeps nothing for a backward, and it
+    rounds residual + x to the residual's dtype but the LayerNorm to x's."""
+    from fastmini.kernels.adapter_bottleneck import adapter_bottleneck_forward
+
+    x, residual, weight, bias, *adapter = make_inputs(3, 36, 9)
+    with pytest.raises(ValueError, match="pre_norm is for inference; save_for_backward must be False"):
+        adapter_bottleneck_forward(x, *adapter, ADAPTER_EPS, True, pre_norm=(residual, weight, bias, EPS))
+    with pytest.raises(ValueError, match="pre_norm's residual must have x's dtype torch.float32, got torch.float64"):
+        adapter_bottleneck_forward(x, *adapter, ADAPTER_EPS, False, pre_norm=(residual.double(), weight, bias, EPS))
+
+
+def test_once_verified_on_a_gpu_it_is_chosen_where_the_adapters_kernel_is(monkeypatch):
+    """The automatic choice on CUDA goes through the adapter kernel's measured rule (in a CUDA graph, at the row
+    counts where it beats torch's composition), so that verifying the fused kernel is a one-flag change: not
+    chosen eagerly, where a Triton custom op loses on host cost (ops/dispatch.py)."""
+    op = importlib.import_module("fastmini.ops.add_layer_norm_adapter")
+    from fastmini.ops.adapter_bottleneck import _triton_pays_off_on_gpu
+
+    rules = []
+    monkeypatch.setattr(op, "resolve_backend", lambda *args: rules.append(args[-1]) or "torch")
+    call(add_layer_norm_adapter, make_inputs(5, 36, 9))
+    assert rules == [_triton_pays_off_on_gpu]
 
 
 @pytest.mark.parametrize(

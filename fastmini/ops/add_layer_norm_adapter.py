@@ -5,7 +5,7 @@ recursions ``AttAdapter_i+1(LayerNorm_full(m + f))``).
 ``add_layer_norm_adapter_ref`` is the two oracles one after the other. The Triton backend, in inference, is one
 kernel: either adapter forward (fastmini.kernels.adapter_bottleneck) reading its input as the LayerNorm of
 residual + x chunk by chunk (kernels/adapter_pre_norm.py), so the normalised activation is never written and one
-launch of the two goes (the (1, 128) latency forward makes 12 such pairs; its add_layer_norm kernels took
+launch of the two goes (the (1, 128) latency forward has 2N - 1 = 11 such pairs; its add_layer_norm kernels took
 2.3 us each on an H200, its launches ~1 us apart). Where autograd needs gradients, or x and the residual differ
 in dtype, it is the two ops one after the other, each with its own backward: the fused forward keeps nothing a
 backward could use. Dropout has no place here: the shared layer's add_layer_norm applies it in training only.
@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from fastmini.ops.adapter_bottleneck import _check_inputs as _check_adapter_inputs
+from fastmini.ops.adapter_bottleneck import _triton_pays_off_on_gpu as _adapter_kernel_pays_off_on_gpu
 from fastmini.ops.adapter_bottleneck import adapter_bottleneck, adapter_bottleneck_ref
 from fastmini.ops.add_layer_norm import _check_inputs as _check_add_layer_norm_inputs
 from fastmini.ops.add_layer_norm import add_layer_norm, add_layer_norm_ref
@@ -119,12 +120,20 @@ def add_layer_norm_adapter(
         _check_add_layer_norm_inputs(x, residual, weight, bias, eps, 0.0, op=f"{_OP} (its LayerNorm)")
         # the adapter's input, LayerNorm(residual + x), has x's shape, dtype and device
         _check_adapter_inputs(x, *adapter_parameters, adapter_eps, op=f"{_OP} (its adapter)")
-    chosen = resolve_backend(_OP, x, backend, _BACKENDS, _VERIFIED_ON_GPU)
+    # Once verified on a GPU, chosen automatically where the adapter's kernel is (the fused kernel is that kernel
+    # with the LayerNorm's launch saved): in a CUDA graph, at the row counts where it beats torch's composition.
+    chosen = resolve_backend(_OP, x, backend, _BACKENDS, _VERIFIED_ON_GPU, _adapter_kernel_pays_off_on_gpu)
     # FASTMINI_BACKEND=triton asks every op for its kernel: on a GPU, not for this one until it has run on one
     unverified = x.is_cuda and backend is None and "triton" not in _VERIFIED_ON_GPU
-    inputs = (x, residual, weight, bias, *adapter_parameters)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-    if chosen == "torch" or unverified or needs_grad or residual.dtype != x.dtype:
-        # chosen "torch" by name stays torch; otherwise each op makes its own choice, or takes "triton" when asked
-        return _two_ops(x, residual, weight, bias, eps, adapter_parameters, adapter_eps, backend, low_precision)
-    return _forward_op(x, residual, weight, bias, float(eps), *adapter_parameters, float(adapter_eps))
+    fused = (
+        chosen == "triton"
+        and not unverified
+        and residual.dtype == x.dtype
+        and not (
+            torch.is_grad_enabled() and any(t.requires_grad for t in (x, residual, weight, bias, *adapter_parameters))
+        )
+    )
+    if fused:
+        return _forward_op(x, residual, weight, bias, float(eps), *adapter_parameters, float(adapter_eps))
+    # chosen "torch" by name stays torch; otherwise each op makes its own choice, or takes "triton" when asked
+    return _two_ops(x, residual, weight, bias, eps, adapter_parameters, adapter_eps, backend, low_precision)
