@@ -89,3 +89,16 @@ def test_an_adapter_replaced_by_another_module_is_called_as_it_is(model, batch, 
     fused_calls.clear()
     torch.testing.assert_close(outputs(model, batch).logits, expected, atol=1e-5, rtol=1e-5)
     assert len(fused_calls) == 2 * model.config.num_hidden_layers - 1 - 2  # all the others fused
+
+
+def test_an_adapter_with_its_own_low_precision_is_called_as_it_is(model, batch, monkeypatch, fused_calls):
+    """The fused op takes one low_precision for its LayerNorm and its adapter; an adapter added after the model's
+    set_low_precision_norms keeps its own flag (load_adapters), and under CUDA autocast the two would differ in
+    the dtype they return: that adapter is called as a module."""
+    monkeypatch.setenv("FASTMINI_BACKEND", "triton")
+    model.set_low_precision_norms(True)
+    encoder = model.fastmini.encoder
+    encoder.ffn_adapters[0].low_precision_norms = False
+    encoder.attention_adapters[1].low_precision_norms = False
+    outputs(model, batch)
+    assert len(fused_calls) == 2 * model.config.num_hidden_layers - 1 - 2  # all the others fused

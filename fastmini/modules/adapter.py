@@ -45,9 +45,12 @@ def adapter_after_layer_norm(
     """``adapter(norm(residual + x))`` as one op (ops.add_layer_norm_adapter: in inference one kernel where its
     backend is Triton, otherwise the two ops), or None where that would not equal calling the modules: anything
     but a BottleneckAdapter itself (a subclass, a wrapper such as PEFT's modules_to_save), a hook on it, or
-    layers that are not plain (ops.plain_layers). ``low_precision``: the LayerNorm's (ops.add_layer_norm's); the
-    model sets it and the adapters' alike."""
+    layers that are not plain (ops.plain_layers), or an adapter whose ``low_precision_norms`` is not
+    ``low_precision``, the LayerNorm's (ops.add_layer_norm's): the op takes one for both, and adapters added after
+    the model's set_low_precision_norms keep their own until it is called again."""
     if type(adapter) is not BottleneckAdapter or not unhooked(adapter):
+        return None
+    if adapter.low_precision_norms != low_precision:
         return None
     down, up, adapter_norm = adapter.down, adapter.up, adapter.norm
     if not all_plain(norm, down, up, adapter_norm):
