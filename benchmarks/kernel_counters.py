@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,7 +71,8 @@ NCU_SECTIONS = ("SpeedOfLight", "LaunchStats", "Occupancy", "WarpStateStats")
 NCU_EXTRA_METRICS = ("dram__bytes_read.sum", "dram__bytes_write.sum")  # retried without them if ncu lacks them
 KERNEL_NAMES = "regex:^_"  # fastmini's Triton kernels (every one is named _..._kernel), not torch's own
 BUDGET_S = 150  # all cases together (each costs a process start, cached compiles and ncu's replay passes)
-CASE_TIMEOUT_S = 90
+CASE_TIMEOUT_S = 90  # one case, its retry without the extra metrics included
+RETRY_MIN_S = 10  # a retry is not started with less of the case's time left
 NO_NCU = "no `ncu` on PATH (nor in /usr/local/cuda/bin, /opt/nvidia/nsight-compute)."
 STALLS_SHOWN = 3
 NOT_A_STALL = ("selected", "not_selected")  # issuing, or eligible and waiting for its turn: not a wait on anything
@@ -171,12 +173,16 @@ def first_error(output: str) -> str:
 
 def profile(ncu: str, case_name: str, timeout_s: float) -> tuple[list[dict[str, str]], str, str]:
     """(kernels, ncu's CSV text, why there are none): ncu run once, and once more without the extra metrics
-    when this ncu does not know them."""
+    when this ncu does not know them, both within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
     output = ""
     for extra_metrics in (True, False):
+        left = deadline - time.monotonic()
+        if not extra_metrics and left < RETRY_MIN_S:
+            return [], output, f"{first_error(output)} (no time left to retry without the extra metrics)"
         try:
             completed = subprocess.run(
-                ncu_command(ncu, case_name, extra_metrics), cwd=ROOT, capture_output=True, text=True, timeout=timeout_s
+                ncu_command(ncu, case_name, extra_metrics), cwd=ROOT, capture_output=True, text=True, timeout=left
             )
         except subprocess.TimeoutExpired:
             return [], "", f"stopped after {timeout_s:.0f} s"
@@ -189,11 +195,22 @@ def profile(ncu: str, case_name: str, timeout_s: float) -> tuple[list[dict[str, 
     return [], output, first_error(output)
 
 
-def report(case_names: list[str], budget_s: float, ncu: str | None) -> tuple[list[str], str]:
-    """The Markdown lines of the counters section, and every case's CSV one after the other."""
+def report(
+    case_names: list[str], budget_s: float, ncu: str | None, emit: Callable[[str], None] = lambda line: None
+) -> tuple[list[str], str]:
+    """The Markdown lines of the counters section, and every case's CSV one after the other. Each line is also
+    given to ``emit`` as soon as it is known: a run stopped by its caller's budget keeps the cases done."""
+    lines: list[str] = []
+
+    def add(*new: str) -> None:
+        lines.extend(new)
+        for line in new:
+            emit(line)
+
     if ncu is None:
-        return [f"Kernel counters: not run: {NO_NCU}"], ""
-    lines = [TABLE_HEADER, "|" + "---|" * TABLE_HEADER.count(" | ") + "---|"]
+        add(f"Kernel counters: not run: {NO_NCU}")
+        return lines, ""
+    add(TABLE_HEADER, "|" + "---|" * TABLE_HEADER.count(" | ") + "---|")
     notes, csv_text = [], []
     deadline = time.monotonic() + budget_s
     for name in case_names:
@@ -205,8 +222,10 @@ def report(case_names: list[str], budget_s: float, ncu: str | None) -> tuple[lis
         csv_text.append(f"# {name}\n{text}")
         if problem:
             notes.append(f"- {name}: no counters: {problem}")
-        lines += [table_row(name, kernel) for kernel in kernels]
-    return [*lines, *([""] + notes if notes else [])], "\n".join(csv_text)
+        add(*(table_row(name, kernel) for kernel in kernels))
+    if notes:
+        add("", *notes)
+    return lines, "\n".join(csv_text)
 
 
 # --------------------------------------------------------------------------------------------- the profiled process
@@ -299,10 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     if arguments.driver:
         drive(arguments.driver)
         return 0
-    lines, csv_text = report(arguments.cases or list(CASES), arguments.budget_s, find_ncu())
+    _lines, csv_text = report(
+        arguments.cases or list(CASES), arguments.budget_s, find_ncu(), emit=lambda line: print(line, flush=True)
+    )
     if os.environ.get("OUT") and csv_text:
         (Path(os.environ["OUT"]) / "counters.csv").write_text(csv_text)
-    print("\n".join(lines))
     return 0
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import stat
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,38 @@ def test_a_profile_is_read_and_an_unknown_metric_retried_without_the_extras(coun
     )
     kernels, _text, problem = counters.profile(picky, "adapter forward, 128 rows", 30)
     assert len(kernels) == 2 and problem == ""
+
+
+def test_the_retry_runs_within_the_cases_time_not_a_time_of_its_own(counters, tmp_path, monkeypatch):
+    """A first run that fails late leaves no time for the retry without the extra metrics: the case says so
+    instead of overrunning the budget run_gpu.py gave the whole script."""
+    slow_and_picky = stand_in_ncu(tmp_path, 'sleep 2; echo "==ERROR== Failed to find metric dram__bytes_read.sum"')
+    monkeypatch.setattr(counters, "RETRY_MIN_S", 5)
+    started = time.monotonic()
+    kernels, _text, problem = counters.profile(slow_and_picky, "adapter forward, 128 rows", 6)
+    assert kernels == [] and problem.endswith("(no time left to retry without the extra metrics)")
+    assert problem.startswith("==ERROR== Failed to find metric") and time.monotonic() - started < 5
+
+
+def test_each_case_is_emitted_when_done(counters, tmp_path, monkeypatch):
+    """main() prints lines as report() emits them: what a run stopped by its budget had done is in its log."""
+    (tmp_path / "out.csv").write_text(NCU_CSV)
+    cases = ["adapter forward, 128 rows", "add_layer_norm, 128 rows"]
+    # the first case's profile succeeds; by the second, the first's rows were emitted already
+    marker = tmp_path / "ran"
+    script = f'if [ -e "{marker}" ]; then echo "==ERROR== gone"; exit 1; fi; touch "{marker}"; cat "{tmp_path}/out.csv"'
+    emitted, seen_by_second = [], []
+    original_profile = counters.profile
+
+    def profile(ncu, name, timeout_s):
+        if name == cases[1]:
+            seen_by_second.extend(emitted)
+        return original_profile(ncu, name, timeout_s)
+
+    monkeypatch.setattr(counters, "profile", profile)
+    lines, _csv = counters.report(cases, 60, stand_in_ncu(tmp_path, script), emit=emitted.append)
+    assert emitted == lines and lines[-1] == f"- {cases[1]}: no counters: ==ERROR== gone"
+    assert len(seen_by_second) == 4  # the table's two header lines and the first case's two kernels
 
 
 def test_no_counters_says_why_in_the_table_and_no_ncu_says_so(counters, tmp_path, capsys, monkeypatch):
