@@ -301,6 +301,37 @@ def test_a_model_in_train_mode_is_refused(tiny_config, randomize):
     assert isinstance(model.eval().graphed_encoder(capture=EagerCapture()), GraphedEncoder)
 
 
+@pytest.mark.parametrize("unpadded", [False, True], ids=["padded", "unpadded"])
+def test_a_model_put_back_in_train_mode_is_refused_at_its_next_capture(tiny_config, randomize, unpadded):
+    """Dropout would be frozen into a graph captured after model.train(): every capture checks again."""
+    model = tiny_model(tiny_config, randomize)
+    encoder = model.graphed_encoder(unpadded=unpadded, capture=EagerCapture(), sequence_buckets=(8, 16))
+    ids, mask = ragged_batch(2, 8, vocab=99, seed=0)
+    encoder(ids, mask)
+    model.train()
+    with pytest.raises(RuntimeError, match=r"train\(\) mode.*eval\(\)"):
+        encoder(*ragged_batch(2, 16, vocab=99, seed=1))
+
+
+@pytest.mark.parametrize("unpadded", [False, True], ids=["padded", "unpadded"])
+def test_graphs_record_only_the_last_hidden_state_whatever_the_config_asks(
+    tiny_config, randomize, monkeypatch, unpadded
+):
+    """A config with output_hidden_states / output_attentions must not make every graph compute and re-pad the
+    N + 1 states and the (B, A, S, S) maps it throws away."""
+    model = randomize(FastMiniModel(tiny_config(output_hidden_states=True, output_attentions=True))).eval()
+    asked = []
+    encode = model.encode
+    monkeypatch.setattr(model, "encode", lambda *args, **options: asked.append(options) or encode(*args, **options))
+    encoder = model.graphed_encoder(unpadded=unpadded, capture=EagerCapture(), sequence_buckets=(8,))
+    ids, mask = ragged_batch(2, 8, vocab=99, seed=0)
+    out = encoder(ids, mask)
+    assert asked and all(not o["output_hidden_states"] and not o["output_attentions"] for o in asked)
+    with torch.no_grad():
+        expected = model(ids, mask).last_hidden_state
+    torch.testing.assert_close(out[mask.bool()], expected[mask.bool()], rtol=1e-4, atol=1e-4)
+
+
 # ---- on a GPU ---------------------------------------------------------------------------------
 
 GPU_SHAPES = [(1, 7), (1, 32), (3, 20), (5, 33), (8, 64)]

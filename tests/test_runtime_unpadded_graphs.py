@@ -147,14 +147,24 @@ def test_a_mask_refilled_in_place_between_calls_is_read_again(tiny_config, rando
     assert encoder._host_real is None  # nor is the caller's mask kept past its call
 
 
-def test_every_token_bucket_of_a_batch_bucket_shares_one_static_output(tiny_config, randomize):
-    """The memory kept stays one padded output per (batch, sequence) bucket however many token graphs it has."""
+def test_every_token_bucket_of_a_batch_bucket_shares_one_static_output_and_input_buffer(tiny_config, randomize):
+    """The memory kept stays one padded output and one staged input buffer per (batch, sequence) bucket however
+    many token graphs it has (each graph's inputs a prefix of the buffer); calls that alternate between token
+    buckets, each refilling the shared buffer in its own layout, still give the model's outputs."""
     model = tiny_model(tiny_config, randomize)
     encoder = model.graphed_encoder(unpadded=True, capture=EagerCapture(), **BUCKETS)
-    for lengths in ([1, 1, 0], [5, 9, 2], [30, 30, 30, 30]):
-        encoder(*masked_batch(lengths, 30))
+    batches = [masked_batch(lengths, 30, seed=seed) for seed, lengths in enumerate(([1, 1, 0], [5, 9, 2], [30] * 4))]
+    for ids, mask in [*batches, batches[0], batches[2], batches[1]]:
+        with torch.no_grad():
+            expected = model(ids, mask).last_hidden_state
+        out = encoder(ids, mask)
+        torch.testing.assert_close(out[mask.bool()], expected[mask.bool()], rtol=1e-4, atol=1e-4)
+        assert not out[~mask.bool()].any()
     assert [bucket[:2] for bucket in encoder.captured_buckets] == [(4, 32)] * 3
-    assert len(encoder._outputs) == 1
+    assert len(encoder._outputs) == 1 and len(encoder._staged) == 1
+    (shared,) = encoder._staged.values()
+    for entry in encoder._buckets.values():
+        assert entry.staged.data_ptr() == shared.data_ptr() and entry.staged.numel() <= shared.numel()
 
 
 def test_shapes_beyond_the_buckets_and_empty_masks_run_eagerly(tiny_config, randomize):
@@ -231,6 +241,13 @@ def test_the_static_inputs_are_views_of_one_buffer_that_one_copy_fills(tiny_conf
     assert torch.equal(entry.input_ids[:3, :8], other_ids) and torch.equal(entry.attention_mask[:3, :8], other_mask)
 
 
+def test_a_callable_that_returns_something_else_is_named():
+    """Not an AttributeError from deep inside: the error names the encoder and how a model is wrapped."""
+    encoder = UnpaddedGraphedEncoder(lambda ids, mask, packing: (ids, mask), capture=EagerCapture(), **BUCKETS)
+    with pytest.raises(TypeError, match=r"UnpaddedGraphedEncoder: .* got tuple; wrap a model as `model.graphed_enc"):
+        encoder(*masked_batch([3, 5], 8))
+
+
 # ---- on a GPU ---------------------------------------------------------------------------------
 
 
@@ -288,3 +305,17 @@ def test_host_inputs_replay_without_a_host_sync_and_match_device_inputs(tiny_con
     for out, expected in zip(on_host, on_device + on_device, strict=True):
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
     assert encoder.stats.captures == 2 and encoder.stats.replays == 6
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_an_encoder_given_a_device_without_an_index_takes_host_then_device_inputs(tiny_config, randomize):
+    """device="cuda" names cuda:0 without comparing equal to it: the graphs' device is their buffers' own, so
+    device inputs after a capture from host inputs are not refused as coming from another device."""
+    model = tiny_model(tiny_config, randomize, dtype=torch.bfloat16, device="cuda")
+    encoder = model.graphed_encoder(unpadded=True, device="cuda", **BUCKETS)
+    ids, mask = masked_batch([3, 5], 8)
+    from_host = encoder(ids, mask)
+    from_device = encoder(ids.cuda(), mask.cuda())
+    torch.testing.assert_close(from_host, from_device, rtol=0, atol=0)
+    assert encoder.stats.captures == 1 and encoder.stats.replays == 2

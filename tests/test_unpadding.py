@@ -37,6 +37,8 @@ def test_heads_unpack_and_pack_in_one_step_like_unpack_and_split():
     # A packing built without the rows and positions (as inside a CUDA graph) works them out itself.
     bare = Packing(packing.indices, packing.key_padding_mask, packing.batch_size, packing.seq_len)
     assert bare.rows is None and torch.equal(bare.unpack_heads([key], heads)[0], expected)
+    worked_out = bare._rows_and_positions  # once a packing, not in every recursion's call
+    assert bare.unpack_heads([key], heads) and bare._rows_and_positions[0] is worked_out[0]
     assert unpacked.transpose(1, 2)[~mask.bool()].abs().sum() == 0
     weights = torch.randn_like(unpacked)
     got, want = (torch.autograd.grad((t * weights).sum(), qkv)[0] for t in (unpacked, expected))

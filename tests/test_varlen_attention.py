@@ -153,6 +153,10 @@ def test_the_model_switch_reaches_the_shared_layer(tiny_config):
     model = FastMiniModel(tiny_config()).optimize_for_inference(varlen_attention=True)
     assert model.encoder.shared_layer.packed_attention_backend == "cuda"
     assert model.optimize_for_inference().encoder.shared_layer.packed_attention_backend is None
+    # False turns the kernel off (the padded layout's SDPA), where the automatic choice would take it on CUDA
+    assert model.optimize_for_inference(varlen_attention=False).encoder.shared_layer.packed_attention_backend == "torch"
+    with pytest.raises(TypeError, match="varlen_attention must be True, False or None, got 'cuda'"):
+        model.optimize_for_inference(varlen_attention="cuda")
 
 
 @pytest.mark.parametrize("lengths", [[6, 4, 2], [12, 1, 1, 1]], ids=["padded", "mostly-padding"])

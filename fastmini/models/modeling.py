@@ -86,7 +86,7 @@ class FastMiniPreTrainedModel(PreTrainedModel):
         """Load what ``save_adapters`` wrote (adding adapters to a model without them)."""
         adapter_tuning.load_adapters(self, directory)
 
-    def optimize_for_inference(self, prepacked_weights: bool = True, varlen_attention: bool = False) -> Self:
+    def optimize_for_inference(self, prepacked_weights: bool = True, varlen_attention: bool | None = None) -> Self:
         """Switch on the inference fast paths; returns the model. Training is unaffected.
 
         ``prepacked_weights``: on the CPU, the GEMM weights of the shared layer (and of the masked-LM
@@ -95,21 +95,29 @@ class FastMiniPreTrainedModel(PreTrainedModel):
         follows in-place updates, optimizer steps, ``load_state_dict`` and ``.to()`` by itself, but
         not writes through ``param.data`` (they bypass version counters): call this again after
         those. ``False`` switches it off again.
-        ``varlen_attention``: on CUDA, padded batches attend through torch's variable-length flash
-        kernel on the packed tokens (fp16/bf16; a model on the CPU, other dtypes and dropout keep the
-        usual path). Verified on an H200 (tests/test_varlen_attention.py), where the automatic choice
-        now takes that kernel by itself for such calls; ``True`` makes the choice explicit.
+        ``varlen_attention``: on CUDA, whether unpadded batches attend through torch's variable-length
+        flash kernel on the packed tokens (fp16/bf16; a model on the CPU, other dtypes and dropout keep the
+        usual path). ``None``, the default: the automatic choice, which takes that kernel where it runs
+        (verified on an H200, tests/test_varlen_attention.py); ``True`` insists on it (an error where torch
+        lacks it); ``False`` keeps attention in the padded layout of each batch (torch's SDPA).
         """
+        if varlen_attention is not None and not isinstance(varlen_attention, bool):
+            raise TypeError(
+                f"optimize_for_inference: varlen_attention must be True, False or None, got {varlen_attention!r}"
+            )
         for module in self.modules():
             if isinstance(module, PrepackedWeightsMixin):  # the shared layer and the masked-LM head
                 module.use_prepacked_weights(prepacked_weights)
-        self.base_model.encoder.shared_layer.packed_attention_backend = "cuda" if varlen_attention else None
+        backend = {None: None, True: "cuda", False: "torch"}[varlen_attention]  # ops.attention's packed backends
+        self.base_model.encoder.shared_layer.packed_attention_backend = backend
         return self
 
     def graphed_encoder(self, *, unpadded: bool = False, **options: Any) -> GraphedEncoder:
         """The encoder's last hidden state, (B, S, H), replayed through one CUDA graph per shape
         bucket: ``fastmini.runtime.GraphedEncoder`` over ``encode(..., unpad=False)`` (options:
-        its bucket and capture arguments). For inference on CUDA, model in ``eval()``.
+        its bucket and capture arguments). For inference on CUDA, model in ``eval()`` (a capture refuses
+        train mode); graphs keep the settings they were captured with: ``reset()`` the encoder after
+        changing the model's dtype, adapters or ``set_*`` / ``optimize_for_inference`` switches.
         Verified on an H200 (tests/test_runtime_cuda_graphs.py).
 
         ``unpadded=True``: ``fastmini.runtime.UnpaddedGraphedEncoder``, one graph per (batch, sequence,
@@ -117,18 +125,32 @@ class FastMiniPreTrainedModel(PreTrainedModel):
         sync a call reads the mask). Verified on an H200 (tests/test_runtime_unpadded_graphs.py)."""
         from fastmini.runtime import GraphedEncoder, UnpaddedGraphedEncoder
 
-        if self.training:  # dropout would run in every capture and be frozen into its graph
-            raise RuntimeError("graphed_encoder: the model is in train() mode; call model.eval() first")
         base = self.base_model
+
+        def check_eval() -> None:  # dropout would run in every capture and be frozen into its graph
+            if base.training:
+                raise RuntimeError("graphed_encoder: the model is in train() mode; call model.eval() first")
+
+        check_eval()
         options.setdefault("max_sequence_length", self.config.max_position_embeddings)
         options.setdefault("device", self.device)  # where prepare() captures before any call
-        if not unpadded:
-            return GraphedEncoder(lambda ids, mask: base.encode(ids, mask, unpad=False).sequence, **options)
+        # Only the last hidden state: a config's output_hidden_states / output_attentions would have every graph
+        # compute (and re-pad) what it throws away, and attention maps take the slower eager attention.
+        only_the_sequence = dict(output_attentions=False, output_hidden_states=False, repad_hidden_states=False)
+
+        # These run at capture (warm-ups included) and for shapes beyond the buckets, never in a CUDA graph's
+        # replay: a check there costs replays nothing and catches a model put back in train() since.
+        def encode_padded(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            check_eval()
+            return base.encode(ids, mask, unpad=False, **only_the_sequence).sequence
 
         def encode_packed(ids: torch.Tensor, mask: torch.Tensor, packing: Packing | None) -> torch.Tensor:
-            encoded = base.encode(ids, mask, packing=packing)
+            check_eval()
+            encoded = base.encode(ids, mask, packing=packing, **only_the_sequence)
             return encoded.repad(encoded.sequence)
 
+        if not unpadded:
+            return GraphedEncoder(encode_padded, **options)
         return UnpaddedGraphedEncoder(encode_packed, **options)
 
     def set_unpadding(self, enabled: bool = True) -> Self:

@@ -19,8 +19,8 @@ DEFAULT_SEQUENCE_BUCKETS = (32, 64, 128, 256, 512)
 # 36, ...): 8 graphs per doubling, and from 8 real tokens on at most 1/8 of a graph's tokens are filler (below
 # 8, the first bucket of 8 is mostly filler). Filler is work: with 4 steps (at most 25% filler) the ragged
 # benchmark's 4274 real tokens ran as 5120 (session 15, H200), with 8 as 4608, with 16 as 4352. More steps mean
-# more graphs to capture (lazily, each once), not more memory: the graphs of a (batch, sequence) bucket share
-# one memory pool and one output.
+# more graphs to capture (lazily, each once), each adding its executable but no buffers: the graphs of a (batch,
+# sequence) bucket share one memory pool, one staged input buffer and one output.
 SMALLEST_TOKEN_BUCKET = 8
 TOKEN_STEPS_PER_DOUBLING = 8
 TOKEN_STEPS_CHOICES = (1, 2, 4, 8, 16)

@@ -39,16 +39,22 @@ class CaptureStrategy(Protocol):
         """Record ``fn`` on the static buffers (already filled with a real batch)."""
 
 
-def _check_output(output: object, input_ids: torch.Tensor) -> torch.Tensor:
+def check_output(
+    output: object,
+    input_ids: torch.Tensor,
+    owner: str = "GraphedEncoder",
+    wrapping: str = "`lambda ids, mask: model.encode(ids, mask, unpad=False).sequence`",
+) -> torch.Tensor:
+    """``output`` of the wrapped callable, if it is the (batch, sequence, ...) tensor ``owner`` needs; else an
+    error naming ``owner`` and how to wrap a model (``wrapping``)."""
     if not isinstance(output, torch.Tensor):
         raise TypeError(
-            "GraphedEncoder: the wrapped callable must return the (batch, sequence, hidden) tensor, got "
-            f"{type(output).__name__}; wrap a model as "
-            "`lambda ids, mask: model.encode(ids, mask, unpad=False).sequence`"
+            f"{owner}: the wrapped callable must return the (batch, sequence, hidden) tensor, got "
+            f"{type(output).__name__}; wrap a model as {wrapping}"
         )
     if output.dim() < 2 or tuple(output.shape[:2]) != tuple(input_ids.shape):
         raise ValueError(
-            f"GraphedEncoder: the wrapped callable returned shape {tuple(output.shape)} for input "
+            f"{owner}: the wrapped callable returned shape {tuple(output.shape)} for input "
             f"{tuple(input_ids.shape)}; expected (batch, sequence, ...)"
         )
     return output
@@ -64,7 +70,7 @@ class _EagerCaptured:
 
     def _run(self) -> torch.Tensor:
         with torch.no_grad():
-            return _check_output(self._fn(*self._inputs), self._inputs[0])
+            return check_output(self._fn(*self._inputs), self._inputs[0])
 
     def replay(self) -> None:
         self.output.copy_(self._run())  # same buffer every time, as a graph's static output
@@ -93,7 +99,7 @@ class CudaGraphCapture:
 
     ``warmup_iters`` eager runs on a side stream come first (lazy initialisation in cuBLAS, Triton
     autotuning and the caching allocator must not happen inside the capture). All graphs of one
-    strategy share one memory pool and one capture stream, so the buckets' activations reuse one
+    strategy on a device share one memory pool and one capture stream, so the buckets' activations reuse one
     another's memory instead of adding up. That is safe in any replay order because replays run one
     at a time on one stream, every replay writes its intermediates before reading them, each
     bucket's output tensor stays alive (no later capture is handed its memory), and a bucket's
@@ -112,8 +118,9 @@ class CudaGraphCapture:
             raise ValueError(f"warmup_iters must be an int >= 1, got {warmup_iters!r}")
         self.warmup_iters = warmup_iters
         self.graph_hook = graph_hook
-        self._pool = None
-        self._stream: torch.cuda.Stream | None = None
+        # A memory pool and a capture stream per device, made on its first capture: a model moved to another GPU
+        # (and its encoder reset()) captures there with a pool of that device.
+        self._pools_and_streams: dict[torch.device, tuple[object, torch.cuda.Stream]] = {}
 
     def check_device(self, device: torch.device) -> None:
         if device.type != "cuda":
@@ -136,13 +143,9 @@ class CudaGraphCapture:
     def capture(self, fn: EncoderFn, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Captured:
         device = input_ids.device
         with torch.cuda.device(device), torch.no_grad():
-            if self._stream is None:
-                self._pool = torch.cuda.graph_pool_handle()
-                self._stream = torch.cuda.Stream(device=device)
-            elif self._stream.device != device:
-                raise RuntimeError(
-                    f"CudaGraphCapture: this strategy captures on {self._stream.device}; got inputs on {device}"
-                )
+            if device not in self._pools_and_streams:
+                self._pools_and_streams[device] = (torch.cuda.graph_pool_handle(), torch.cuda.Stream(device=device))
+            pool, stream = self._pools_and_streams[device]
             caller = torch.cuda.current_stream(device)
             side = torch.cuda.Stream(device=device)
             side.wait_stream(caller)
@@ -150,12 +153,12 @@ class CudaGraphCapture:
             # warm-up too: there they are compiled, which must not happen inside the capture.
             with torch.cuda.stream(side), recording_cuda_graph():
                 for _ in range(self.warmup_iters):
-                    _check_output(fn(input_ids, attention_mask), input_ids)
+                    check_output(fn(input_ids, attention_mask), input_ids)
             caller.wait_stream(side)
 
             graph = self._new_graph()
             try:
-                with torch.cuda.graph(graph, pool=self._pool, stream=self._stream), recording_cuda_graph():
+                with torch.cuda.graph(graph, pool=pool, stream=stream), recording_cuda_graph():
                     output = fn(input_ids, attention_mask)
             except RuntimeError as error:
                 raise RuntimeError(
@@ -165,7 +168,7 @@ class CudaGraphCapture:
                     "model in its padded layout (model.encode(ids, mask, unpad=False), or model.set_unpadding(False)), "
                     "or unpadded on a static packing (model.graphed_encoder(unpadded=True))"
                 ) from error
-            output = _check_output(output, input_ids)
+            output = check_output(output, input_ids)
             if self.graph_hook is not None:
                 self.graph_hook(graph.raw_cuda_graph())
                 graph.instantiate()

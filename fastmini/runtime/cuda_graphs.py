@@ -27,8 +27,11 @@ Rules that follow from replaying recorded kernels:
 - parameters may change in place (``copy_``, optimizer steps) and replays see the new values, but
   replacing them (``.to()``, ``load_state_dict(assign=True)``, re-packing them into one buffer for
   an L2 window) leaves the graphs reading the old memory: call ``reset()`` afterwards;
-- autocast state is frozen at capture time; prefer casting the model (``.to(torch.bfloat16)``);
-- one thread at a time.
+- autocast state is frozen at capture time; prefer casting the model (``.to(torch.bfloat16)``); so is
+  everything else the model's forward reads from its settings (``set_low_precision_norms``, adapters
+  loaded or replaced, ``optimize_for_inference``): ``reset()`` after changing them;
+- one thread and one stream: replays share their buffers, and while a bucket is captured no other thread
+  may use CUDA (torch's global capture mode); ``prepare()`` the buckets before serving.
 """
 
 from __future__ import annotations
@@ -207,12 +210,13 @@ class GraphedEncoder:
         return self.fn
 
     def _capture(self, bucket: tuple[int, ...], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> _Bucket:
-        device = self._device_for(input_ids)
         entry = self._allocate(bucket, input_ids, attention_mask)
         self._fill(entry, input_ids, attention_mask)
         entry.captured = self.capture.capture(self._recorded_fn(entry), entry.input_ids, entry.attention_mask)
         self._buckets[bucket] = entry
-        self._device = device
+        # The buffers' own device: a device given without an index ("cuda") names cuda:0 but does not compare
+        # equal to it, and later inputs on cuda:0 would be refused as coming from another device.
+        self._device = entry.input_ids.device
         self.stats.captures += 1
         return entry
 

@@ -25,10 +25,12 @@ on the GPU either way.
 
 The recorded function then builds a ``Packing`` from these buffers (its offsets computed on the GPU,
 inside the graph), runs ``fn(input_ids, attention_mask, packing)`` and copies the result into one
-static output per (batch, sequence) bucket, which all of that bucket's token graphs share: the memory
-kept is the padded GraphedEncoder's, whatever the number of token buckets used. Rows of the batch
-bucket beyond the batch have no tokens at all (empty sequences). Everything else is GraphedEncoder's:
-inference only, ``reset()`` after replacing parameters, one thread at a time.
+static output per (batch, sequence) bucket, which all of that bucket's token graphs share, as they share
+one staged input buffer (each graph's inputs a prefix of it) and the strategy's memory pool: buffers
+and activations take what the padded GraphedEncoder's take, whatever the number of token buckets used;
+each token graph adds its executable. Rows of the batch bucket beyond the batch have no tokens at all
+(empty sequences). Everything else is GraphedEncoder's: inference only, ``reset()`` after replacing
+parameters or changing the model's mode or settings, one thread and one stream.
 """
 
 from __future__ import annotations
@@ -41,19 +43,21 @@ import torch
 
 from fastmini.ops.packing import Packing
 from fastmini.runtime.buckets import TOKEN_STEPS_PER_DOUBLING, check_steps_per_doubling, most_filler, token_bucket
-from fastmini.runtime.capture import EncoderFn
+from fastmini.runtime.capture import EncoderFn, check_output
 from fastmini.runtime.cuda_graphs import GraphedEncoder, _Bucket, static_zeros
 
 # fn(input_ids, attention_mask, packing) -> (B, S, H) with zeros at padded positions; packing None: the
 # callable packs by itself (the eager fallback for shapes beyond the largest bucket).
 UnpaddedEncoderFn = Callable[[torch.Tensor, torch.Tensor, Packing | None], torch.Tensor]
+_OWNER_AND_WRAPPING = ("UnpaddedGraphedEncoder", "`model.graphed_encoder(unpadded=True)` does (modeling.py)")
 
 
 @dataclass
 class _UnpaddedBucket(_Bucket):
     indices: torch.Tensor  # (token bucket,) flat positions of the real and filler tokens
     batch_rows: int  # the batch bucket; filler rows follow it
-    staged: torch.Tensor  # int64: input_ids, attention_mask and indices are views of it (_staged_views)
+    staged: torch.Tensor  # int64, a prefix of the (batch, sequence) bucket's shared buffer: input_ids,
+    # attention_mask and indices are views of it (_staged_views)
 
 
 class UnpaddedGraphedEncoder(GraphedEncoder):
@@ -67,6 +71,7 @@ class UnpaddedGraphedEncoder(GraphedEncoder):
         super().__init__(fn, **options)
         self.token_steps_per_doubling = token_steps_per_doubling
         self._outputs: dict[tuple[int, int], torch.Tensor] = {}  # one per (batch, sequence) bucket
+        self._staged: dict[tuple[int, int], torch.Tensor] = {}  # likewise: every token graph's inputs a prefix
         self._host_real: torch.Tensor | None = None  # this call's mask as bool on the host (set by _bucket_for)
         self._caller_stream: torch.cuda.Stream | None = None  # the stream of the call that captures
 
@@ -79,6 +84,7 @@ class UnpaddedGraphedEncoder(GraphedEncoder):
     def reset(self) -> None:
         super().reset()
         self._outputs.clear()
+        self._staged.clear()
 
     def _device_for(self, input_ids: torch.Tensor) -> torch.device:
         """Inputs on the host run on the device this encoder serves (its graphs', else the constructor's): filled
@@ -133,8 +139,17 @@ class UnpaddedGraphedEncoder(GraphedEncoder):
         batch_rows, sequence, tokens = bucket
         _, filler = token_bucket(tokens, batch_rows * sequence, self.token_steps_per_doubling)
         shape = (batch_rows + _rows_for(filler, sequence), sequence)
-        like = torch.empty(0, dtype=torch.long, device=self._device_for(input_ids))
-        staged = static_zeros((2 * shape[0] * shape[1] + tokens,), like)
+        # The token graphs of a (batch, sequence) bucket replay one at a time and each fills its inputs before
+        # its replay: their staged inputs are prefixes of one buffer, sized for the most filler rows and tokens
+        # (one buffer per graph was 2 * rows * sequence + tokens int64s each: 113 MB over the 105 graphs of the
+        # (128, 512) bucket).
+        shared = self._staged.get((batch_rows, sequence))
+        if shared is None:
+            capacity = batch_rows * sequence
+            most_rows = batch_rows + _rows_for(most_filler(capacity, self.token_steps_per_doubling), sequence)
+            like = torch.empty(0, dtype=torch.long, device=self._device_for(input_ids))
+            shared = self._staged[(batch_rows, sequence)] = static_zeros((2 * most_rows * sequence + capacity,), like)
+        staged = shared[: 2 * shape[0] * shape[1] + tokens]
         ids, mask, indices = _staged_views(staged, shape, tokens)
         return _UnpaddedBucket(
             input_ids=ids,
@@ -183,8 +198,8 @@ class UnpaddedGraphedEncoder(GraphedEncoder):
             packing = Packing(
                 indices=indices, key_padding_mask=attention_mask.bool(), batch_size=rows, seq_len=sequence
             )
-            output = self._shared_output(grid_bucket, self.fn(input_ids, attention_mask, packing))
-            return output[:rows]
+            padded = check_output(self.fn(input_ids, attention_mask, packing), input_ids, *_OWNER_AND_WRAPPING)
+            return self._shared_output(grid_bucket, padded)[:rows]
 
         return run_packed
 
