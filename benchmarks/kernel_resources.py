@@ -212,11 +212,11 @@ def _published_sweep(patch) -> None:
     patch.setattr(adapter, "_input_precision", lambda x: "tf32x3" if x.dtype == torch.float32 else "ieee")
     # The row groups a GPU's 132 SMs get: the real rule, as on a CUDA device (on the CPU it returns a stand-in 2).
     row_groups = adapter._row_groups
-    patch.setattr(adapter, "_streaming_multiprocessors", lambda device: 132)
+    patch.setattr(adapter, "streaming_multiprocessors", lambda device: 132)
     patch.setattr(
         adapter, "_row_groups", lambda device, *args, **options: row_groups(torch.device("cuda"), *args, **options)
     )
-    patch.setattr(add_layer_norm, "_streaming_multiprocessors", lambda device: 132)
+    patch.setattr(add_layer_norm, "streaming_multiprocessors", lambda device: 132)
     for dtype in (torch.bfloat16, torch.float32):
         size = 2 if dtype == torch.bfloat16 else 4
         for rows in (16384, 128):

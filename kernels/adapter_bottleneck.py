@@ -76,7 +76,7 @@ from fastmini.kernels.adapter_pre_norm import adapter_input_chunk, pre_norm_rows
 from fastmini.kernels.chunked_statistics import merge_chunk_statistics
 from fastmini.kernels.gelu import gelu, gelu_derivative
 from fastmini.kernels.interpreter import cast_output, dot_operand
-from fastmini.kernels.launching import on_device
+from fastmini.kernels.launching import on_device, streaming_multiprocessors
 
 
 @triton.jit
@@ -817,10 +817,6 @@ def _input_precision(x: torch.Tensor) -> str:
     return "tf32x3" if x.is_cuda and x.dtype == torch.float32 else "ieee"
 
 
-def _streaming_multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _tiles(
     table: dict,
     overrides: dict | None,
@@ -841,7 +837,7 @@ def _tiles(
     overrides = overrides or {}
     tiles = {**table[size], **overrides}
     if by_rows and "BLOCK_M" not in overrides and device.type == "cuda":
-        while tiles["BLOCK_M"] > 16 and triton.cdiv(rows, tiles["BLOCK_M"]) < _streaming_multiprocessors(device):
+        while tiles["BLOCK_M"] > 16 and triton.cdiv(rows, tiles["BLOCK_M"]) < streaming_multiprocessors(device):
             tiles["BLOCK_M"] //= 2
         if tiles["BLOCK_M"] == 16 and few_rows_table is not None:
             tiles.update({key: value for key, value in few_rows_table[size].items() if key not in overrides})
@@ -857,7 +853,7 @@ def _row_groups(device: torch.device, column_tiles: int, row_blocks: int, progra
     column kernel: 2); each split adds one set of partials."""
     if device.type != "cuda":
         return max(1, min(_ROW_GROUPS_ON_CPU, row_blocks))
-    return max(1, min(row_blocks, triton.cdiv(programs_per_sm * _streaming_multiprocessors(device), column_tiles)))
+    return max(1, min(row_blocks, triton.cdiv(programs_per_sm * streaming_multiprocessors(device), column_tiles)))
 
 
 def adapter_bottleneck_forward(

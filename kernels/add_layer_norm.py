@@ -36,12 +36,11 @@ of two); the whole row stays in registers, so H is limited to MAX_HIDDEN.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from fastmini.kernels.interpreter import cast_output
+from fastmini.kernels.launching import on_device, streaming_multiprocessors
 
 # The whole row lives in registers; past this the kernels would spill badly (and the model
 # never comes near it: MiniALBERT's H is 312 or 768).
@@ -258,14 +257,6 @@ def _tile(hidden: int, tile_elements: int, elements_per_thread: int) -> tuple[in
     return block_rows, block_h, num_warps
 
 
-@functools.cache
-def _streaming_multiprocessors(device: torch.device) -> int:
-    """The GPU's SM count; 1 in the interpreter, where each program costs Python time."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
-
-
 def add_layer_norm_forward(
     x: torch.Tensor,
     residual: torch.Tensor,
@@ -290,27 +281,28 @@ def add_layer_norm_forward(
     if n_rows == 0:
         return out, total, mean, rstd
     block_rows, block_h, num_warps = _tile(hidden, _FORWARD_TILE_ELEMENTS, _FORWARD_ELEMENTS_PER_THREAD)
-    _add_layer_norm_forward_kernel[(triton.cdiv(n_rows, block_rows),)](
-        x,
-        residual,
-        weight,
-        bias,
-        out,
-        total if keep_sum else out,  # never written when STORE_SUM is off
-        mean,
-        rstd,
-        n_rows,
-        hidden,
-        eps,
-        dropout_p,
-        seed,
-        HAS_DROPOUT=dropout_p > 0.0,
-        FOUR_PER_CALL=_four_per_call(),
-        STORE_SUM=keep_sum,
-        BLOCK_ROWS=block_rows,
-        BLOCK_H=block_h,
-        num_warps=num_warps,
-    )
+    with on_device(x):
+        _add_layer_norm_forward_kernel[(triton.cdiv(n_rows, block_rows),)](
+            x,
+            residual,
+            weight,
+            bias,
+            out,
+            total if keep_sum else out,  # never written when STORE_SUM is off
+            mean,
+            rstd,
+            n_rows,
+            hidden,
+            eps,
+            dropout_p,
+            seed,
+            HAS_DROPOUT=dropout_p > 0.0,
+            FOUR_PER_CALL=_four_per_call(),
+            STORE_SUM=keep_sum,
+            BLOCK_ROWS=block_rows,
+            BLOCK_H=block_h,
+            num_warps=num_warps,
+        )
     return out, total, mean, rstd
 
 
@@ -342,32 +334,33 @@ def add_layer_norm_backward(
         return grad_sum, grad_x, zeros, zeros.clone()
     block_rows, block_h, tile_warps = _tile(hidden, tile_elements, _BACKWARD_ELEMENTS_PER_THREAD)
     num_warps = num_warps or tile_warps
-    programs_wanted = min(programs_per_sm * _streaming_multiprocessors(total.device), triton.cdiv(n_rows, block_rows))
+    programs_wanted = min(programs_per_sm * streaming_multiprocessors(total.device), triton.cdiv(n_rows, block_rows))
     rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs_wanted), block_rows) * block_rows
     programs = triton.cdiv(n_rows, rows_per_program)
     partial_grad_weight = torch.empty((programs, hidden), dtype=mean.dtype, device=total.device)
     partial_grad_bias = torch.empty((programs, hidden), dtype=mean.dtype, device=total.device)
-    _add_layer_norm_backward_kernel[(programs,)](
-        grad_out,
-        total,
-        weight,
-        mean,
-        rstd,
-        grad_sum,
-        grad_x if dropout_p > 0.0 else grad_sum,  # never written without dropout
-        partial_grad_weight,
-        partial_grad_bias,
-        n_rows,
-        hidden,
-        rows_per_program,
-        dropout_p,
-        seed,
-        HAS_DROPOUT=dropout_p > 0.0,
-        FOUR_PER_CALL=_four_per_call(),
-        BLOCK_ROWS=block_rows,
-        BLOCK_H=block_h,
-        num_warps=num_warps,
-    )
+    with on_device(total):
+        _add_layer_norm_backward_kernel[(programs,)](
+            grad_out,
+            total,
+            weight,
+            mean,
+            rstd,
+            grad_sum,
+            grad_x if dropout_p > 0.0 else grad_sum,  # never written without dropout
+            partial_grad_weight,
+            partial_grad_bias,
+            n_rows,
+            hidden,
+            rows_per_program,
+            dropout_p,
+            seed,
+            HAS_DROPOUT=dropout_p > 0.0,
+            FOUR_PER_CALL=_four_per_call(),
+            BLOCK_ROWS=block_rows,
+            BLOCK_H=block_h,
+            num_warps=num_warps,
+        )
     return grad_sum, grad_x, partial_grad_weight.sum(0), partial_grad_bias.sum(0)
 
 
@@ -377,8 +370,9 @@ def dropout_keep_mask(seed: int, n_rows: int, hidden: int, dropout_p: float, dev
     if n_rows == 0:
         return keep.bool()
     block_rows, block_h, num_warps = _tile(hidden, _FORWARD_TILE_ELEMENTS, _FORWARD_ELEMENTS_PER_THREAD)
-    _dropout_keep_mask_kernel[(triton.cdiv(n_rows, block_rows),)](
-        keep, n_rows, hidden, dropout_p, seed, FOUR_PER_CALL=_four_per_call(), BLOCK_ROWS=block_rows,
-        BLOCK_H=block_h, num_warps=num_warps,
-    )  # fmt: skip
+    with on_device(keep):
+        _dropout_keep_mask_kernel[(triton.cdiv(n_rows, block_rows),)](
+            keep, n_rows, hidden, dropout_p, seed, FOUR_PER_CALL=_four_per_call(), BLOCK_ROWS=block_rows,
+            BLOCK_H=block_h, num_warps=num_warps,
+        )  # fmt: skip
     return keep.bool()

@@ -29,16 +29,18 @@ Two code paths of the Triton backend, chosen by the ``path`` keyword of :func:`l
 Both share the backward: one elementwise kernel for ``dz`` (and fp32 partial sums of ``db``, one row of
 partials per program row-group, reduced on the host), then two torch.matmul GEMMs for ``dW`` and ``dx``.
 
-Which path should be the default awaits a GPU measurement (benchmarks/test_linear_gelu.py reports both
-in TFLOP/s). Back of the envelope at M=16384, H=768, I=3072 in bf16 on an H100: the GEMM is 77 GFLOP,
+Which path is the default was measured on an H200 (benchmarks/test_linear_gelu.py; the figures are in
+ops/linear_gelu.py's _triton_pays_off_on_gpu): "bias_gelu" 0.88-1.04x torch's F.linear + F.gelu, "fused_gemm"
+0.43-0.88x, so neither is chosen automatically. The estimate that came first, at M=16384, H=768, I=3072 in
+bf16 on an H100: the GEMM is 77 GFLOP,
 ~130 us at 600 TFLOP/s, and the bias-GELU pass moves 200 MB, ~60 us at 3.3 TB/s, so bias_gelu takes
 ~190 us. The fused GEMM takes 130 us / f at a fraction f of cuBLAS's throughput, plus ~30 us for the
 ``pre`` write when training: it wins if f > ~0.7 (inference) or ~0.8 (training), which a plain
-(non-TMA, non-warp-specialised) Triton GEMM may or may not reach. ``bias_gelu`` is the default because
-its GEMM is cuBLAS's on any GPU, until a measurement says otherwise.
+(non-TMA, non-warp-specialised) Triton GEMM may or may not reach: it reached 0.43-0.88x.
 
 Precision: the GEMMs take both operands in the activation's dtype (an fp32 weight under bf16 autocast
-is cast once, as autocast itself would) and accumulate in fp32; the epilogue, GELU and the bias
+is cast on every call, forward and backward, where autocast caches one cast a region: a cost of
+backend="triton" only, which nothing chooses automatically) and accumulate in fp32; the epilogue, GELU and the bias
 gradient run in fp32 (fp64 for fp64 inputs, so that gradcheck can see the kernels' own derivative).
 fp32 GEMMs follow torch's ``float32_matmul_precision`` (ieee unless TF32 is allowed), as cuBLAS does.
 """
@@ -50,6 +52,7 @@ import triton
 import triton.language as tl
 from fastmini.kernels.gelu import gelu, gelu_derivative
 from fastmini.kernels.interpreter import cast_output
+from fastmini.kernels.launching import on_device
 
 PATHS = ("bias_gelu", "fused_gemm")
 DEFAULT_PATH = "bias_gelu"
@@ -237,18 +240,19 @@ def bias_gelu(pre: torch.Tensor, bias: torch.Tensor, approximate: str, out: torc
         return y
     block_m, block_n = _elementwise_blocks(cols)
     acc_dtype, _ = _accumulator_dtype(pre.dtype)
-    _bias_gelu_forward_kernel[(triton.cdiv(rows, block_m), triton.cdiv(cols, block_n))](
-        pre,
-        bias,
-        y,
-        rows,
-        cols,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        APPROX_TANH=approximate == "tanh",
-        ACC_DTYPE=acc_dtype,
-        num_warps=4,
-    )
+    with on_device(pre):
+        _bias_gelu_forward_kernel[(triton.cdiv(rows, block_m), triton.cdiv(cols, block_n))](
+            pre,
+            bias,
+            y,
+            rows,
+            cols,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            APPROX_TANH=approximate == "tanh",
+            ACC_DTYPE=acc_dtype,
+            num_warps=4,
+        )
     return y
 
 
@@ -265,22 +269,23 @@ def fused_gemm(
     blocks = _gemm_blocks(rows, hidden, intermediate, x.dtype)
     acc_dtype, _ = _accumulator_dtype(x.dtype)
     grid = (triton.cdiv(rows, blocks["BLOCK_M"]) * triton.cdiv(intermediate, blocks["BLOCK_N"]),)
-    _linear_gelu_gemm_kernel[grid](
-        x,
-        weight,
-        bias,
-        y,
-        pre if save_pre else y,  # any valid pointer: with STORE_PRE off the kernel never writes it
-        rows,
-        hidden,
-        intermediate,
-        APPROX_TANH=approximate == "tanh",
-        STORE_PRE=save_pre,
-        ACC_DTYPE=acc_dtype,
-        DOT_PRECISION=_dot_precision(x.dtype),
-        UPCAST_DOT_OPERANDS=_upcast_dot_operands(x),
-        **blocks,
-    )
+    with on_device(x):
+        _linear_gelu_gemm_kernel[grid](
+            x,
+            weight,
+            bias,
+            y,
+            pre if save_pre else y,  # any valid pointer: with STORE_PRE off the kernel never writes it
+            rows,
+            hidden,
+            intermediate,
+            APPROX_TANH=approximate == "tanh",
+            STORE_PRE=save_pre,
+            ACC_DTYPE=acc_dtype,
+            DOT_PRECISION=_dot_precision(x.dtype),
+            UPCAST_DOT_OPERANDS=_upcast_dot_operands(x),
+            **blocks,
+        )
     return y, pre
 
 
@@ -325,22 +330,23 @@ def bias_gelu_backward(
     rows_per_program = triton.cdiv(row_blocks, _MAX_BIAS_PARTIALS) * block_m
     row_groups = triton.cdiv(rows, rows_per_program)
     partials = torch.empty((row_groups, cols) if compute_bias_grad else (1,), dtype=torch_acc_dtype, device=pre.device)
-    _bias_gelu_backward_kernel[(row_groups, triton.cdiv(cols, block_n))](
-        grad_y,
-        pre,
-        bias,
-        grad_pre,
-        partials,
-        rows,
-        cols,
-        rows_per_program,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        APPROX_TANH=approximate == "tanh",
-        COMPUTE_BIAS_GRAD=compute_bias_grad,
-        ACC_DTYPE=acc_dtype,
-        num_warps=4,
-    )
+    with on_device(pre):
+        _bias_gelu_backward_kernel[(row_groups, triton.cdiv(cols, block_n))](
+            grad_y,
+            pre,
+            bias,
+            grad_pre,
+            partials,
+            rows,
+            cols,
+            rows_per_program,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            APPROX_TANH=approximate == "tanh",
+            COMPUTE_BIAS_GRAD=compute_bias_grad,
+            ACC_DTYPE=acc_dtype,
+            num_warps=4,
+        )
     return grad_pre, partials.sum(dim=0).to(bias.dtype) if compute_bias_grad else None
 
 

@@ -422,6 +422,17 @@ def test_other_bad_input_is_a_clear_error():
         add_layer_norm(too_wide, too_wide, wide_weight, wide_bias, EPS, backend="triton")
 
 
+def test_the_automatic_choice_leaves_rows_too_wide_for_the_kernel_to_torch(monkeypatch, triton_launches):
+    """Asked for by name the kernel refuses H > 16384 (above); chosen automatically (here the interpreter's
+    choice, on a GPU while a graph records) such rows go to torch instead of failing."""
+    monkeypatch.delenv("FASTMINI_BACKEND")  # tests/conftest.py sets torch for every test
+    too_wide = torch.randn(1, 16385, device=DEVICE)
+    wide_weight, wide_bias = torch.ones(16385, device=DEVICE), torch.zeros(16385, device=DEVICE)
+    out = add_layer_norm(too_wide, too_wide, wide_weight, wide_bias, EPS)
+    torch.testing.assert_close(out, add_layer_norm_ref(too_wide, too_wide, wide_weight, wide_bias, EPS))
+    assert triton_launches["add_layer_norm"] == 0
+
+
 # ---------------------------------------------------------------- GPU, real sizes
 
 

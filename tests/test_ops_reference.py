@@ -131,7 +131,7 @@ def test_automatic_choice_on_cuda_follows_each_ops_measured_rule(monkeypatch):
     """Verified kernels are picked for CUDA tensors only where the op's rule says they pay off: add_layer_norm
     while a CUDA graph is recorded, adapter_bottleneck then too up to TRITON_MAX_FEW_ROWS_ON_GPU rows and from
     TRITON_MIN_ROWS_ON_GPU rows on, linear_gelu never; outside a recording (eager code, where the host's launch
-    cost counts) torch."""
+    cost counts) and under CUDA autocast, torch."""
     from types import SimpleNamespace
 
     from fastmini.ops.dispatch import in_cuda_graph_recording, recording_cuda_graph
@@ -145,7 +145,9 @@ def test_automatic_choice_on_cuda_follows_each_ops_measured_rule(monkeypatch):
     rows = adapter_op.TRITON_MIN_ROWS_ON_GPU
 
     def cuda_tensor(n_rows, hidden=768):
-        return SimpleNamespace(is_cuda=True, device="cuda:0", shape=(n_rows, hidden), numel=lambda: n_rows * hidden)
+        return SimpleNamespace(
+            is_cuda=True, device="cuda:0", dtype=torch.bfloat16, shape=(n_rows, hidden), numel=lambda: n_rows * hidden
+        )
 
     def automatic(module, tensor):
         return resolve_backend(
@@ -168,6 +170,13 @@ def test_automatic_choice_on_cuda_follows_each_ops_measured_rule(monkeypatch):
         assert automatic(adapter_op, cuda_tensor(few + 1)) == "torch"
         assert automatic(linear_gelu_op, large) == "torch"
         assert resolve_backend("op", small, "triton", linear_gelu_op._BACKENDS) == "triton"  # by name: always
+        # Under CUDA autocast torch's LayerNorm returns fp32, the kernels bf16: the recorded graph keeps torch's
+        torch.set_autocast_enabled("cuda", True)
+        try:
+            assert automatic(add_layer_norm_op, small) == "torch" and automatic(adapter_op, large) == "torch"
+        finally:
+            torch.set_autocast_enabled("cuda", False)
+        assert automatic(add_layer_norm_op, small) == "triton" and automatic(adapter_op, large) == "triton"
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # inductor fuses by itself
         assert automatic(add_layer_norm_op, small) == "torch"
     assert not in_cuda_graph_recording()

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmini.ops.add_layer_norm import add_layer_norm
+from fastmini.ops.autocasting import autocast_upcasts_layer_norm
 from fastmini.ops.checks import (
     all_in,
     cast_to,
@@ -118,7 +119,10 @@ def _backward_fake(grad_output, x, down_weight, down_bias, up_weight, up_bias, n
 def _setup_context(ctx, inputs, output):
     x, down_weight, down_bias, up_weight, up_bias, norm_weight, norm_bias, _eps, save_for_backward = inputs
     _y, mean, rstd, h = output
+    # Nobody differentiates through the saved values: without materialize_grads off, autograd would make zero
+    # gradients of shapes (rows,), (rows,) and (rows, R) for them on every backward.
     ctx.mark_non_differentiable(mean, rstd, h)
+    ctx.set_materialize_grads(False)
     ctx.kept_for_backward = save_for_backward
     ctx.save_for_backward(x, down_weight, down_bias, up_weight, up_bias, norm_weight, norm_bias, h, mean, rstd)
 
@@ -128,6 +132,8 @@ def _backward(ctx, grad_output, _grad_mean, _grad_rstd, _grad_h):
         raise RuntimeError(
             "fastmini::adapter_bottleneck_forward ran with save_for_backward=False, so it kept nothing for backward"
         )
+    if grad_output is None:  # y took no part in what was differentiated
+        return (None,) * 9
     return (*_backward_op(grad_output, *ctx.saved_tensors), None, None)
 
 
@@ -218,8 +224,9 @@ def _triton_pays_off_on_gpu(x: torch.Tensor) -> bool:
     LayerNorm in the same table (2.3 / 2.9 / 4.6 / 7.7 / 18.3 / 31.5 us): 10.1 / 12.5 / 14.1 / 17.4 / 24.3 /
     52.4 us. So, recorded into a CUDA graph: the kernel up to TRITON_MAX_FEW_ROWS_ON_GPU rows and from
     TRITON_MIN_ROWS_ON_GPU on, torch's composition in between. Eagerly, torch: a call costs the host ~180 us
-    against ~105 us, and forward+backward takes 1.1x torch's GPU time at 16384 rows."""
-    if not in_cuda_graph_recording():
+    against ~105 us, and forward+backward takes 1.1x torch's GPU time at 16384 rows. Not under CUDA autocast,
+    whose LayerNorm returns fp32 (ops.autocasting.autocast_upcasts_layer_norm)."""
+    if not in_cuda_graph_recording() or autocast_upcasts_layer_norm(x):
         return False
     rows = x.numel() // x.shape[-1]
     return rows <= TRITON_MAX_FEW_ROWS_ON_GPU or rows >= TRITON_MIN_ROWS_ON_GPU

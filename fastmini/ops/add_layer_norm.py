@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastmini.ops.autocasting import autocast_upcasts_layer_norm
 from fastmini.ops.checks import (
     all_in,
     check_eps,
@@ -236,8 +237,17 @@ _BACKENDS = {"torch": _add_layer_norm_torch, "triton": _add_layer_norm_triton}
 def _triton_pays_off_on_gpu(x: torch.Tensor) -> bool:
     """Measured on an H200 (bf16, H=768): the kernel's GPU time is 0.55x torch's add + LayerNorm at 128 rows,
     0.51x at 1024, 0.42x at 16384, but a call costs the host ~155 us against ~28 us. So: while a CUDA graph
-    is recorded (host cost paid once); eagerly, torch (see fastmini/ops/dispatch.py)."""
-    return in_cuda_graph_recording()
+    is recorded (host cost paid once); eagerly, torch (see fastmini/ops/dispatch.py). Not under CUDA autocast,
+    whose LayerNorm returns fp32 (ops.autocasting.autocast_upcasts_layer_norm)."""
+    return in_cuda_graph_recording() and not autocast_upcasts_layer_norm(x)
+
+
+def _kernel_takes(x: torch.Tensor) -> bool:
+    """The kernels keep a whole row on chip: H up to their MAX_HIDDEN. (Asked only where the automatic choice
+    would run them, so importing their module here costs nothing it would not.)"""
+    from fastmini.kernels.add_layer_norm import MAX_HIDDEN
+
+    return x.shape[-1] <= MAX_HIDDEN
 
 
 def add_layer_norm(
@@ -270,6 +280,6 @@ def add_layer_norm(
     if check_inputs:
         _check_inputs(x, residual, weight, bias, eps, dropout_p)
     implementation = choose(
-        _OP, x, backend, _BACKENDS, verified_on_gpu=_VERIFIED_ON_GPU, pays_off_on_gpu=_triton_pays_off_on_gpu
+        _OP, x, backend, _BACKENDS, _VERIFIED_ON_GPU, _triton_pays_off_on_gpu, kernel_takes=_kernel_takes
     )
     return implementation(x, residual, weight, bias, eps, dropout_p, low_precision)

@@ -20,6 +20,14 @@ def autocast_dtype_for(tensor: torch.Tensor) -> torch.dtype:
 def autocast_softmax_dtype(scores: torch.Tensor) -> torch.dtype:
     """What ``scores.softmax(-1)`` returns by itself: CUDA's autocast computes softmax in fp32 and returns it
     so; the CPU's leaves it in the input's dtype (checked on torch 2.13), as does no autocast."""
-    if scores.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
-        return torch.float32
+    if scores.device.type == "cuda" and scores.dtype in _AUTOCAST_ELIGIBLE and torch.is_autocast_enabled("cuda"):
+        return torch.float32  # fp64 scores stay fp64: autocast leaves them alone
     return scores.dtype
+
+
+def autocast_upcasts_layer_norm(tensor: torch.Tensor) -> bool:
+    """Whether torch would return a LayerNorm of ``tensor`` in fp32 where fastmini's kernels return its own
+    16-bit dtype: inside CUDA's autocast, whose policy computes and returns LayerNorm in fp32 (the CPU's keeps
+    the input's dtype). The automatic choice then keeps torch's ops, so that a graph recorded under autocast
+    gives the dtypes the eager model gives."""
+    return tensor.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled("cuda")

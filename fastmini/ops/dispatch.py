@@ -84,12 +84,15 @@ def resolve_backend(
     available: Mapping[str, Callable],
     verified_on_gpu: Collection[str] = (),
     pays_off_on_gpu: Callable[[torch.Tensor], bool] | None = None,
+    kernel_takes: Callable[[torch.Tensor], bool] | None = None,
 ) -> str:
     """Return the name of the backend that runs ``op`` on ``tensor``.
 
     ``verified_on_gpu`` names the backends whose kernels have passed their tests on a GPU;
     only those are picked automatically for CUDA tensors, and only where ``pays_off_on_gpu(tensor)``
-    (the op's measured rule; None: wherever verified).
+    (the op's measured rule; None: wherever verified). ``kernel_takes(tensor)``: whether the op's kernel
+    handles such an input at all (None: any); where not, the automatic choice is torch, on a GPU and under
+    the interpreter alike (asked for by name, the kernel says what it refuses).
     """
     requested = backend if backend is not None else (os.environ.get(BACKEND_ENV_VAR) or None)
     if requested is not None:
@@ -110,14 +113,14 @@ def resolve_backend(
     if "triton" in available:
         # Under torch.compile, torch: inductor fuses the elementwise work itself, around kernels it can see into
         # (and the rules below read Python state that dynamo should not trace).
-        if (
+        on_gpu = (
             tensor.is_cuda
             and "triton" in verified_on_gpu
             and not torch.compiler.is_compiling()
             and (pays_off_on_gpu is None or pays_off_on_gpu(tensor))
-        ):
-            return "triton"
-        if not tensor.is_cuda and triton_interpreter_enabled():
+        )
+        interpreted = not tensor.is_cuda and triton_interpreter_enabled()
+        if (on_gpu or interpreted) and (kernel_takes is None or kernel_takes(tensor)):
             return "triton"
     return "torch"
 
@@ -129,6 +132,7 @@ def choose(
     available: Mapping[str, Callable],
     verified_on_gpu: Collection[str] = (),
     pays_off_on_gpu: Callable[[torch.Tensor], bool] | None = None,
+    kernel_takes: Callable[[torch.Tensor], bool] | None = None,
 ) -> Callable:
     """The implementation of ``op`` to call for ``tensor`` (see :func:`resolve_backend`)."""
-    return available[resolve_backend(op, tensor, backend, available, verified_on_gpu, pays_off_on_gpu)]
+    return available[resolve_backend(op, tensor, backend, available, verified_on_gpu, pays_off_on_gpu, kernel_takes)]
