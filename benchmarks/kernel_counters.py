@@ -25,6 +25,7 @@ import csv
 import glob
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -74,6 +75,9 @@ BUDGET_S = 150  # all cases together (each costs a process start, cached compile
 CASE_TIMEOUT_S = 90  # one case, its retry without the extra metrics included
 RETRY_MIN_S = 10  # a retry is not started with less of the case's time left
 NO_NCU = "no `ncu` on PATH (nor in /usr/local/cuda/bin, /opt/nvidia/nsight-compute)."
+# ncu's errors that no case would escape (no access to the counters, its library missing, the profiler not
+# starting): after the first, the other cases are not run, each of which would pay a torch start for the same.
+FAILS_EVERY_CASE = ("ERR_NVGPUCTRPERM", "LibraryNotLoaded", "Failed to initialize", "Failed to load")
 STALLS_SHOWN = 3
 NOT_A_STALL = ("selected", "not_selected")  # issuing, or eligible and waiting for its turn: not a wait on anything
 
@@ -180,16 +184,22 @@ def profile(ncu: str, case_name: str, timeout_s: float) -> tuple[list[dict[str, 
         left = deadline - time.monotonic()
         if not extra_metrics and left < RETRY_MIN_S:
             return [], output, f"{first_error(output)} (no time left to retry without the extra metrics)"
+        # A session of its own: on a timeout the profiled python process (ncu's child, holding a CUDA context) is
+        # killed with ncu, not left running into the next case.
+        process = subprocess.Popen(
+            ncu_command(ncu, case_name, extra_metrics), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, start_new_session=True,
+        )  # fmt: skip
         try:
-            completed = subprocess.run(
-                ncu_command(ncu, case_name, extra_metrics), cwd=ROOT, capture_output=True, text=True, timeout=left
-            )
+            stdout, stderr = process.communicate(timeout=left)
         except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
             return [], "", f"stopped after {timeout_s:.0f} s"
-        output = completed.stdout + completed.stderr
-        kernels = parse_raw_csv(completed.stdout)
+        output = stdout + stderr
+        kernels = parse_raw_csv(stdout)
         if kernels:
-            return kernels, completed.stdout, ""
+            return kernels, stdout, ""
         if "Failed to find metric" not in output:
             break
     return [], output, first_error(output)
@@ -222,6 +232,10 @@ def report(
         csv_text.append(f"# {name}\n{text}")
         if problem:
             notes.append(f"- {name}: no counters: {problem}")
+            if any(error in problem for error in FAILS_EVERY_CASE):
+                rest = case_names[case_names.index(name) + 1 :]
+                notes += [f"- {later}: not run (ncu fails on every case: see above)" for later in rest]
+                break
         add(*(table_row(name, kernel) for kernel in kernels))
     if notes:
         add("", *notes)

@@ -142,6 +142,7 @@ def run_within(
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             raise
+        _kill_what_it_left(process)
     if note:
         with log.open("a") as stream:
             stream.write(f"\n{note}\n")
@@ -154,6 +155,15 @@ def run_within(
 
 def _interrupt_by_default() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _kill_what_it_left(process: subprocess.Popen) -> None:
+    """A step that ended may leave processes of its session behind (a compile worker, a profiled process whose
+    profiler timed out), holding a CUDA context and CPU into the next step: they go with it."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):  # nothing left (or the group id reused: not ours to kill)
+        pass
 
 
 def _stop_within(process: subprocess.Popen, budget_s: float, grace_s: float) -> tuple[int, str]:

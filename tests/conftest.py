@@ -166,3 +166,25 @@ def batch() -> dict[str, torch.Tensor]:
     input_ids[1, 4:] = 0
     token_type_ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0, 0]])
     return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+
+
+@pytest.fixture
+def gone():
+    """``gone(pid)``: whether that process has ended within a few seconds (killed and not yet reaped by init, a
+    zombie, counts as ended): for tests that a runner leaves nothing behind."""
+    import time
+    from pathlib import Path
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+        except FileNotFoundError:
+            return False
+
+    def wait_until_gone(pid: int, timeout_s: float = 5.0) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return not alive(pid)
+
+    return wait_until_gone

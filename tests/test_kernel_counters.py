@@ -111,6 +111,26 @@ def test_the_retry_runs_within_the_cases_time_not_a_time_of_its_own(counters, tm
     assert problem.startswith("==ERROR== Failed to find metric") and time.monotonic() - started < 5
 
 
+def test_an_error_no_case_escapes_stops_the_other_cases(counters, tmp_path):
+    """No access to the counters fails every case alike: one try, not a torch start a case until the budget."""
+    calls = tmp_path / "calls"
+    refused = stand_in_ncu(tmp_path, f'echo x >> "{calls}"; echo "==ERROR== ERR_NVGPUCTRPERM - no permission"; exit 1')
+    cases = list(counters.CASES)[:3]
+    lines, _csv = counters.report(cases, 60, refused)
+    assert calls.read_text().count("x") == 1
+    assert lines[-2:] == [f"- {name}: not run (ncu fails on every case: see above)" for name in cases[1:]]
+
+
+def test_a_case_past_its_time_is_killed_with_the_process_it_profiles(counters, tmp_path, gone):
+    """ncu's child (the profiled python, holding a CUDA context) must not outlive a timed-out case."""
+    child_pid = tmp_path / "child.pid"
+    hanging = stand_in_ncu(tmp_path, f'sleep 60 & echo $! > "{child_pid}"; wait')
+    started = time.monotonic()
+    kernels, _text, problem = counters.profile(hanging, "adapter forward, 128 rows", 2)
+    assert kernels == [] and problem == "stopped after 2 s" and time.monotonic() - started < 10
+    assert gone(int(child_pid.read_text()))
+
+
 def test_each_case_is_emitted_when_done(counters, tmp_path, monkeypatch):
     """main() prints lines as report() emits them: what a run stopped by its budget had done is in its log."""
     (tmp_path / "out.csv").write_text(NCU_CSV)

@@ -75,6 +75,18 @@ def test_a_step_is_interruptible_even_when_started_with_sigint_ignored(run_gpu, 
     assert code == 0 and output.startswith("True"), output
 
 
+def test_what_a_finished_step_left_running_goes_with_it(run_gpu, tmp_path, gone):
+    """A compile worker or a profiled process left behind would hold a CUDA context into the next step."""
+    child_pid = tmp_path / "child.pid"
+    program = (
+        "import subprocess, sys, pathlib\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"pathlib.Path({str(child_pid)!r}).write_text(str(child.pid))\n"
+    )
+    code, _output = run_gpu.run_within([sys.executable, "-c", program], tmp_path / "step.log", budget_s=30)
+    assert code == 0 and gone(int(child_pid.read_text()))
+
+
 def test_a_step_that_ignores_the_interrupt_is_killed(run_gpu, tmp_path):
     program = (
         "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); print('started', flush=True); "
