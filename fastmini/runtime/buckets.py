@@ -8,6 +8,7 @@ with the bucket, so very large buckets are better left to eager execution.
 
 from __future__ import annotations
 
+import bisect
 import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -114,7 +115,7 @@ def token_bucket(real_tokens: int, limit: int, steps_per_doubling: int = TOKEN_S
     if not 0 < real_tokens <= limit:
         raise ValueError(f"token_bucket: real_tokens must be in 1..{limit}, got {real_tokens}")
     buckets = token_buckets(limit, steps_per_doubling)
-    index = next(i for i, size in enumerate(buckets) if size >= real_tokens)
+    index = bisect.bisect_left(buckets, real_tokens)  # the first bucket >= real_tokens (sorted; ~100 at most)
     smaller = buckets[index - 1] if index else 0
     return buckets[index], buckets[index] - smaller - 1
 

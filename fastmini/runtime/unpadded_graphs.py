@@ -177,9 +177,8 @@ class UnpaddedGraphedEncoder(GraphedEncoder):
         ids, mask, indices = _staged_views(staged, tuple(entry.input_ids.shape), entry.indices.shape[0])
         batch_size, sequence_length = input_ids.shape
         sequence = ids.shape[1]
-        ids.zero_()
+        staged[: ids.numel() + mask.numel()].zero_()  # ids and mask are adjacent blocks of it: one fill
         ids[:batch_size, :sequence_length].copy_(input_ids)
-        mask.zero_()
         mask[:batch_size, :sequence_length].copy_(attention_mask.bool())
         # Indices from the host copy (row-major, as the mask's nonzero would give them): no further sync.
         real = self._host_real.nonzero()
