@@ -12,6 +12,10 @@ op's dispatch would only add host time). UNMEASURED on a GPU: the distillation b
 contender times it.
 
 ``softmax_dropout_ref`` is the composition: (probabilities, dropped).
+
+Known limit under torch.compile: AOT's common-subexpression pass merges two calls of the op on the same scores
+tensor into one, so they would share one dropout mask (eager draws two). The model calls it once per attention;
+a caller that needs two independent masks of the same scores calls it outside the compiled region.
 """
 
 from __future__ import annotations
