@@ -15,8 +15,8 @@ terms and their backward passes, ~15 passes of 200 MB at the recipe's 48 x 256 b
 V = 30522). Here the forward reads both logits once, keeping running maxima and sums (rescaled when the
 maximum grows, as flash attention's softmax does), and stores per row the two losses and the three
 log-sum-exps; the backward reads both once more and writes the gradient in the student's dtype. The row
-sums are added on the host side in a fixed order (deterministic). The backward's two upstream gradients
-come as a device tensor: nothing is read on the host. Accumulation in fp32 (fp64 for fp64 logits).
+sums are added by one torch.sum on the device, in a fixed order (deterministic). The backward's two upstream
+gradients come as a device tensor: nothing is read on the host. Accumulation in fp32 (fp64 for fp64 logits).
 """
 
 from __future__ import annotations

@@ -159,6 +159,15 @@ def test_an_inference_mode_teacher_and_the_recipe_loss():
     torch.testing.assert_close(by_backend["triton"][1], by_backend["torch"][1], rtol=1e-5, atol=1e-6)
 
 
+def test_the_torch_backend_keeps_fp32_sums_under_autocast():
+    """Its row sums are one vecdot, which autocast would run in bf16 (9e-5 off here): computed outside it."""
+    student, teacher, real = maps(2, 3, 33, torch.float32, torch.float32, lengths=[33, 20])
+    expected = attention_kl_sum(student, teacher, real, 11.0, backend="torch")
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        under_autocast = attention_kl_sum(student, teacher, real, 11.0, backend="torch")
+    torch.testing.assert_close(under_autocast, expected, rtol=1e-6, atol=0)
+
+
 def test_the_reference_is_the_recipe_formula():
     """attention_kl_sum_ref is SPEC.md's kl_div(log(s + eps), t + eps) summed over real query rows."""
     student, teacher, real = maps(2, 2, 6, torch.float64, torch.float64, [6, 4])

@@ -100,6 +100,11 @@ def test_masked_words_in_the_first_chunk(monkeypatch):
     log_ratio = teacher.log_softmax(-1) - student.log_softmax(-1)
     expected_kl = torch.where(teacher_probabilities > 0, teacher_probabilities * log_ratio, 0.0).sum()
     torch.testing.assert_close(kl_sum, expected_kl, rtol=1e-12, atol=1e-12)
+    # and the torch backend (the oracle, the CPU's path) agrees: 0 log 0 = 0 there too, not kl_div's NaN
+    _ce, torch_kl = logit_losses_sum(student.requires_grad_(), labels[1:], teacher, 1.0, backend="torch")
+    (torch_grad,) = torch.autograd.grad(torch_kl, student)
+    torch.testing.assert_close(torch_kl.detach(), expected_kl, rtol=1e-12, atol=1e-12)
+    assert torch.isfinite(torch_grad).all()
 
 
 @pytest.mark.parametrize("student_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

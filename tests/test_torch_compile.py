@@ -115,6 +115,26 @@ def test_the_encoder_given_its_packing_traces_as_one_graph(tiny_config, randomiz
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("output_attentions", [False, True], ids=["context", "with-maps"])
+def test_the_unpadded_model_breaks_its_graph_only_where_it_reads_the_mask(tiny_config, randomize, output_attentions):
+    """The one break set_unpadding documents: the mask's nonzero. Two once added a break per recursion: a
+    cached_property on the packing (Python 3.11's takes a lock dynamo cannot enter), and on the CPU the choice
+    to attend sequence by sequence, which reads the lengths on the host (eager only now)."""
+    import torch._dynamo
+
+    model = randomize(FastMiniModel(tiny_config())).eval()
+    batch = inputs(model.config.vocab_size)
+    mostly_padding = torch.zeros_like(batch["attention_mask"])
+    mostly_padding[:, :2] = 1  # 2 of 7 real: eagerly, the CPU would attend one sequence at a time
+    explained = torch._dynamo.explain(
+        lambda ids, mask: model(ids, mask, output_attentions=output_attentions).last_hidden_state
+    )(batch["input_ids"], mostly_padding)
+    places = [(reason.user_stack[-1].filename, reason.user_stack[-1].name) for reason in explained.break_reasons]
+    assert places and all(f.endswith("packing.py") and name == "from_attention_mask" for f, name in places), [
+        str(reason.reason).splitlines()[0] for reason in explained.break_reasons
+    ]
+
+
 def test_set_unpadding_switches_the_layout_of_every_head(tiny_config):
     model = FastMiniForTokenClassification(tiny_config(num_labels=3)).eval()
     batch = inputs(model.config.vocab_size)

@@ -118,7 +118,8 @@ def masked_lm_cross_entropy(
     student_logits: torch.Tensor, labels: torch.Tensor, denominator: float | None = None
 ) -> torch.Tensor:
     """Cross-entropy of the student over the (M, V) masked rows against their (M,) original ids
-    (mean, or the sum divided by ``denominator``)."""
+    (the sum divided by ``denominator``, else by M: rows labelled -100, which the distiller never passes, add
+    nothing to the sum but count in M, unlike F.cross_entropy's mean)."""
     if labels.numel() == 0:
         return student_logits.sum() * 0.0
     return cross_entropy_sum(log_probabilities(student_logits), labels) / (denominator or labels.numel())
@@ -135,7 +136,8 @@ def masked_lm_and_output_kl(
     """(masked_lm_cross_entropy, output_kl) of the same rows together (fastmini.ops.logit_losses): torch's
     backend takes one fp32 log-softmax of the student's logits for both at T = 1 (each term alone copies the
     (M, V) logits to fp32 and log-softmaxes them, ~200 MB a pass at 48 x 256 tokens); the Triton kernels read
-    both logits once forward and once backward. ``backend``: of that op (None: its automatic choice)."""
+    both logits once forward and once backward. ``backend``: of that op (None: its automatic choice). Both
+    divided by ``denominator``, else by the rows given (-100 rows included, as masked_lm_cross_entropy's)."""
     rows = student_logits.shape[0]
     if rows == 0:
         zero = student_logits.sum() * 0.0

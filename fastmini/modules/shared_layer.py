@@ -9,6 +9,8 @@ weights reordered for oneDNN across recursions and forwards, query/key/value as 
 input the cache does not apply to (training, gradients, CUDA, non-fp32) takes the usual ops.
 A submodule that is not a plain nn.Linear / nn.LayerNorm (a PEFT LoRA layer, a hook, a quantized
 layer: ops.plain_layers) is called as it is instead of having its weights read by a fused op.
+The encoder calls the two halves directly (the layer has no ``forward``): a forward hook on the layer itself
+never fires; hooks go on its submodules (query, ffn_intermediate, the norms, ...) or on the encoder.
 """
 
 from __future__ import annotations

@@ -197,7 +197,8 @@ def _sdpa_mask(key_padding_mask: torch.Tensor | KeyPadding | None, query: torch.
         return None
     if isinstance(key_padding_mask, KeyPadding):
         if SDPA_MASK == "additive":
-            return key_padding_mask.bias(query.dtype)
+            # in the scores' dtype: an fp32 bias that autocast cast to fp16 would turn into -inf
+            return key_padding_mask.bias(autocast_dtype_for(query))
         key_padding_mask = key_padding_mask.mask
     return key_padding_mask[:, None, None, :]
 
@@ -318,7 +319,8 @@ def packed_self_attention(
     ~8H^2 + 4HI), so every GEMM, adapter and LayerNorm of the layer runs on real tokens only; on the
     CPU a mostly padded batch attends one sequence at a time instead (see the module doc).
     Returns the packed (T, H) context and, when asked, the (B, A, S, S) probabilities of
-    ``self_attention`` on the padded layout (zero weight on padded keys; padded query rows as there).
+    ``self_attention`` on the padded layout (zero weight on padded keys; a padded query's row is uniform over its
+    sequence's real keys, its query being zero here: such rows mean nothing in either layout).
     ``backend="cuda"``: the varlen flash kernel where it can serve the call (see the module doc).
     ``check_inputs=False`` skips the argument checks and ``low_precision_maps`` applies, as in ``self_attention``.
     ``key_padding``: a KeyPadding of ``packing.key_padding_mask`` for a caller that attends N times with one
@@ -343,7 +345,14 @@ def packed_self_attention(
     if chosen == "cuda" and _varlen_serves(query, head_size, dropout_p, need_weights):
         context = _varlen_attention(*heads, packing.cu_seqlens, packing.seq_len)
         return context.reshape(tokens, hidden), None
-    if query.device.type == "cpu" and not need_weights and _mostly_padding(packing):
+    # The sequence-by-sequence loop reads the lengths on the host: eager CPU only (under torch.compile it would
+    # break the graph in every recursion; the padded layout below gives the same attention).
+    if (
+        query.device.type == "cpu"
+        and not need_weights
+        and not torch.compiler.is_compiling()
+        and _mostly_padding(packing)
+    ):
         return per_sequence_attention(*heads, packing.cu_seqlens, dropout_p).reshape(tokens, hidden), None
     # Straight into (and out of) the heads' padded layout: one scatter a tensor in, one gather out.
     padded = packing.unpack_heads((query, key, value), num_heads)

@@ -8,7 +8,8 @@ the recipe's term on it (which rows, which denominator).
 Backends: "torch" (an autograd Function that saves nothing new: the student map is kept by the attention's
 own backward, the teacher's is only read, and may be an inference tensor) and "triton" (two kernels that
 read each map once per pass: fastmini.kernels.attention_kl). Automatic is triton on CUDA (H200, 48 x 12 x 256
-x 256: 1/6.1 of torch's GPU time with an fp32 student map, 1/9.2 with bf16), torch elsewhere; ``backend=`` or
+x 256: 1/6.1 of torch's GPU time with an fp32 student map, 1/9.2 with bf16), torch elsewhere (triton on CPU
+tensors under TRITON_INTERPRET=1; torch under torch.compile, jit.trace and export); ``backend=`` or
 ``FASTMINI_BACKEND`` chooses.
 Both are autograd Functions rather than torch.library custom ops: the loss is never compiled or exported.
 """
@@ -54,7 +55,8 @@ class _TorchAttentionKL(torch.autograd.Function):
         target = teacher.to(dtype) + ATTENTION_EPS
         log_ratio = target.log()
         log_ratio -= (student.to(dtype) + ATTENTION_EPS).log_()
-        row_sums = torch.linalg.vecdot(target, log_ratio)  # (B, A, S)
+        with torch.autocast(student.device.type, enabled=False):  # vecdot is on autocast's 16-bit list
+            row_sums = torch.linalg.vecdot(target, log_ratio)  # (B, A, S)
         ctx.save_for_backward(student, weights)
         ctx.teacher = HeldTarget(_OP, teacher)  # read in backward, not saved through autograd
         ctx.denominator = denominator

@@ -10,7 +10,8 @@ fastmini.distill.losses scales them into the recipe's terms (the denominator, T^
 Backends: "torch" (the composition, one fp32 log-softmax of the student's logits for both terms at T = 1;
 autograd as usual) and "triton" (two kernels that read both logits once per pass: fastmini.kernels.logit_losses;
 labels outside [0, V) are ignored there, as -100 is). Automatic is triton on CUDA (H200, 1624 x 30522 bf16
-student, fp32 teacher: 1/4.4 of torch's GPU time at T = 1, 1/5.4 at T = 2), torch elsewhere; ``backend=`` or
+student, fp32 teacher: 1/4.4 of torch's GPU time at T = 1, 1/5.4 at T = 2), torch elsewhere (triton on CPU
+tensors under TRITON_INTERPRET=1; torch under torch.compile, jit.trace and export); ``backend=`` or
 ``FASTMINI_BACKEND`` chooses. Autograd
 Functions, not custom ops: the loss is never compiled or exported.
 """
@@ -43,6 +44,9 @@ def kl_sum(student_log_probs: torch.Tensor, teacher_logits: torch.Tensor, temper
     """sum_r KL(softmax(t_r / T) || exp(student_log_probs_r)); the teacher is a target (no gradient)."""
     with torch.no_grad():
         teacher_log_probs = log_probabilities(teacher_logits, temperature).to(student_log_probs.dtype)
+        # a -inf teacher logit (a masked vocabulary entry) contributes 0 log 0 = 0, as in the kernel: kl_div would
+        # compute exp(-inf) * (-inf - s) = 0 * inf = NaN
+        teacher_log_probs = teacher_log_probs.clamp_min(torch.finfo(teacher_log_probs.dtype).min)
     return F.kl_div(student_log_probs, teacher_log_probs, reduction="sum", log_target=True)
 
 

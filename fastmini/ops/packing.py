@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 
@@ -32,8 +31,7 @@ class Packing:
     def from_attention_mask(cls, attention_mask: torch.Tensor) -> Packing:
         """``attention_mask``: (B, S), nonzero (True) for real tokens.
 
-        Only what pack/unpack and attention use: ``cu_seqlens`` for a varlen kernel is computed
-        when first asked for."""
+        Only what pack/unpack and attention use, and ``cu_seqlens`` for a varlen kernel."""
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
             shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else None
             raise ValueError(
@@ -51,32 +49,25 @@ class Packing:
         rows, positions = (None if t is None else fn(t) for t in (self.rows, self.positions))
         return Packing(fn(self.indices), fn(self.key_padding_mask), self.batch_size, self.seq_len, rows, positions)
 
-    @cached_property
-    def cu_seqlens(self) -> torch.Tensor:
-        """(B + 1,) int32 offsets of each sequence's tokens in the packed order, for varlen kernels.
-
-        Computed on the mask's device when first asked for (no host sync); a row's real tokens are
-        always adjacent in the packed order because ``indices`` are row-major, whatever the padding
-        pattern. ``seq_len`` bounds every length, so kernels can take it as the maximum.
-        """
+    def __post_init__(self) -> None:
+        # cu_seqlens: (B + 1,) int32 offsets of each sequence's tokens in the packed order, for varlen kernels.
+        # Computed with the packing, on the mask's device (no host sync): three small kernels a forward, where a
+        # cached_property, read in every recursion, took a lock that torch.compile breaks its graph on. A row's
+        # real tokens are always adjacent in the packed order because ``indices`` are row-major, whatever the
+        # padding pattern; ``seq_len`` bounds every length, so kernels can take it as the maximum.
         lengths = self.key_padding_mask.sum(dim=1, dtype=torch.int32)
-        return torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-
-    @cached_property
-    def _rows_and_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``rows`` and ``positions``, worked out once a packing where they were not given (two kernels that
-        every recursion's unpack_heads would otherwise launch again)."""
-        if self.rows is not None and self.positions is not None:
-            return self.rows, self.positions
-        derived = _rows_and_positions(self.indices, self.seq_len)
-        return derived["rows"], derived["positions"]
+        object.__setattr__(self, "cu_seqlens", torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0)))
 
     def unpack_heads(self, packed: Sequence[torch.Tensor], num_heads: int) -> list[torch.Tensor]:
         """Each (T, H) tensor -> contiguous (B, A, S, H/A), zeros at padded positions: ``unpack`` and the split
         into heads in one scatter, into the layout batched matmuls read without a copy (separately: a zero
         fill, a copy of it, a scatter and the heads' copy; 2.7 -> 0.2-0.4 ms a tensor at 8 x 128 x 768 fp32 on
         2 CPU threads). Its backward is ``pack_heads``."""
-        rows, positions = self._rows_and_positions
+        rows, positions = self.rows, self.positions
+        if rows is None or positions is None:
+            # Worked out again in each recursion: caching them on the packing (a cached_property) would take a lock
+            # that torch.compile breaks its graph on, once a recursion.
+            rows, positions = _rows_and_positions(self.indices, self.seq_len).values()
         shape = (self.batch_size, self.seq_len)
         return [_UnpackHeads.apply(t, num_heads, rows, positions, self.indices, *shape) for t in packed]
 
@@ -124,7 +115,8 @@ class _UnpackHeads(torch.autograd.Function):
         ctx.save_for_backward(indices)
         tokens, hidden = packed.shape
         heads = packed.new_zeros(batch_size, num_heads, seq_len, hidden // num_heads)
-        heads.transpose(1, 2).index_put_((rows, positions), packed.reshape(tokens, num_heads, -1))
+        # The head size spelt out: -1 cannot be inferred from a batch with no real token (T = 0)
+        heads.transpose(1, 2).index_put_((rows, positions), packed.reshape(tokens, num_heads, hidden // num_heads))
         return heads
 
     @staticmethod
