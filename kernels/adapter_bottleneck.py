@@ -76,7 +76,7 @@ from fastmini.kernels.adapter_pre_norm import adapter_input_chunk, pre_norm_rows
 from fastmini.kernels.chunked_statistics import merge_chunk_statistics
 from fastmini.kernels.gelu import gelu, gelu_derivative
 from fastmini.kernels.interpreter import cast_output, dot_operand
-from fastmini.kernels.launching import on_device, streaming_multiprocessors
+from fastmini.kernels.launching import accumulator_dtypes, on_device, streaming_multiprocessors
 
 
 @triton.jit
@@ -802,14 +802,18 @@ BACKWARD_PATHS = ("columns", "gemm", "split-k")
 BACKWARD_PATH = "columns"
 _ROW_GROUPS_ON_CPU = 2  # SPLITS under the interpreter: small, but > 1 so the partial reduction is exercised
 
-_DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+# tl.dot's operand dtype by activation dtype: 16-bit on the tensor cores, else the accumulator's (fp64 for gradcheck)
+_DOT_DTYPES = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+}
 
 
 def _precision(activation_dtype: torch.dtype) -> tuple[tl.dtype, tl.dtype, torch.dtype]:
     """(tl.dot operand dtype, accumulator dtype, accumulator dtype in torch) for an activation dtype."""
-    if activation_dtype == torch.float64:
-        return tl.float64, tl.float64, torch.float64
-    return _DOT_DTYPES[activation_dtype], tl.float32, torch.float32
+    return (_DOT_DTYPES[activation_dtype], *accumulator_dtypes(activation_dtype))
 
 
 def _input_precision(x: torch.Tensor) -> str:

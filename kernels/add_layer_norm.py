@@ -42,6 +42,8 @@ import triton.language as tl
 from fastmini.kernels.interpreter import cast_output
 from fastmini.kernels.launching import on_device, streaming_multiprocessors
 
+from fastmini.ops.checks import accumulator_dtype
+
 # The whole row lives in registers; past this the kernels would spill badly (and the model
 # never comes near it: MiniALBERT's H is 312 or 768).
 MAX_HIDDEN = 16384
@@ -240,11 +242,6 @@ def _four_per_call() -> bool:
     return DROPOUT_RNG == "four-per-call"
 
 
-def compute_dtype(out_dtype: torch.dtype) -> torch.dtype:
-    """fp32 arithmetic for fp32/bf16/fp16; fp64 inputs (gradcheck) keep fp64 all the way."""
-    return torch.float64 if out_dtype == torch.float64 else torch.float32
-
-
 def _tile(hidden: int, tile_elements: int, elements_per_thread: int) -> tuple[int, int, int]:
     """(BLOCK_ROWS, BLOCK_H, num_warps): a whole padded row per tile row, small H packs several rows."""
     if hidden > MAX_HIDDEN:
@@ -276,8 +273,8 @@ def add_layer_norm_forward(
     out_dtype = torch.promote_types(x.dtype, residual.dtype)
     out = torch.empty((n_rows, hidden), dtype=out_dtype, device=x.device)
     total = torch.empty((n_rows, hidden) if keep_sum else (0,), dtype=out_dtype, device=x.device)
-    mean = torch.empty(n_rows, dtype=compute_dtype(out_dtype), device=x.device)
-    rstd = torch.empty(n_rows, dtype=compute_dtype(out_dtype), device=x.device)
+    mean = torch.empty(n_rows, dtype=accumulator_dtype(out_dtype), device=x.device)
+    rstd = torch.empty(n_rows, dtype=accumulator_dtype(out_dtype), device=x.device)
     if n_rows == 0:
         return out, total, mean, rstd
     block_rows, block_h, num_warps = _tile(hidden, _FORWARD_TILE_ELEMENTS, _FORWARD_ELEMENTS_PER_THREAD)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 from fastmini.kernels.interpreter import cast_output
-from fastmini.kernels.launching import on_device
+from fastmini.kernels.launching import accumulator_dtypes, on_device
 
 TILE_ELEMENTS = 4096  # elements a program holds at once: rows x keys chunk
 MAX_BLOCK_K = 1024  # longer rows are walked in chunks
@@ -87,10 +87,6 @@ def _backward_kernel(
         tl.store(grad_ptr + offsets, cast_output(grad, grad_ptr.dtype.element_ty), mask=mask)
 
 
-def _accumulator(student: torch.Tensor) -> tuple[tl.dtype, torch.dtype]:
-    return (tl.float64, torch.float64) if student.dtype == torch.float64 else (tl.float32, torch.float32)
-
-
 def _launch(student: torch.Tensor, block_k: int | None) -> tuple[int, int, int, int, int, dict]:
     """(rows, keys, heads x queries, queries, programs, constexprs) for maps (B, A, S, K)."""
     _batch, heads, queries, keys = student.shape
@@ -106,7 +102,7 @@ def attention_kl_forward(
 ) -> torch.Tensor:
     """loss_sum (0-dim, fp32 or fp64 for fp64 maps) of contiguous (B, A, S, K) maps; ``weight`` (B*S,) per query.
     ``block_k`` overrides the key chunk (tests walk rows in several chunks with it)."""
-    tl_dtype, acc_dtype = _accumulator(student)
+    tl_dtype, acc_dtype = accumulator_dtypes(student.dtype)
     rows, keys, heads_queries, queries, programs, constexprs = _launch(student, block_k)
     if rows == 0 or keys == 0:
         return torch.zeros((), dtype=acc_dtype, device=student.device)
@@ -130,7 +126,7 @@ def attention_kl_backward(
 ) -> torch.Tensor:
     """The gradient of ``scale * loss_sum`` with respect to ``student`` (its dtype and shape); ``scale`` is a
     one-element tensor on the maps' device."""
-    tl_dtype, _acc_dtype = _accumulator(student)
+    tl_dtype, _acc_dtype = accumulator_dtypes(student.dtype)
     rows, keys, heads_queries, queries, programs, constexprs = _launch(student, block_k)
     grad = torch.empty_like(student)
     if rows == 0 or keys == 0:

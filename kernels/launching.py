@@ -6,6 +6,9 @@ import contextlib
 import functools
 
 import torch
+import triton.language as tl
+
+from fastmini.ops.checks import accumulator_dtype
 
 
 def on_device(tensor: torch.Tensor):
@@ -21,3 +24,9 @@ def streaming_multiprocessors(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 1
+
+
+def accumulator_dtypes(dtype: torch.dtype) -> tuple[tl.dtype, torch.dtype]:
+    """ops.checks.accumulator_dtype for inputs of ``dtype``, as a kernel constexpr and as torch's dtype."""
+    torch_dtype = accumulator_dtype(dtype)
+    return (tl.float64 if torch_dtype == torch.float64 else tl.float32), torch_dtype

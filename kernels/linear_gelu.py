@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 from fastmini.kernels.gelu import gelu, gelu_derivative
 from fastmini.kernels.interpreter import cast_output
-from fastmini.kernels.launching import on_device
+from fastmini.kernels.launching import accumulator_dtypes, on_device
 
 PATHS = ("bias_gelu", "fused_gemm")
 DEFAULT_PATH = "bias_gelu"
@@ -190,10 +190,6 @@ def _linear_gelu_gemm_kernel(
     tl.store(y_ptr + out_offsets, cast_output(y, y_ptr.dtype.element_ty), mask=out_mask)
 
 
-def _accumulator_dtype(dtype: torch.dtype) -> tuple[tl.dtype, torch.dtype]:
-    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
-
-
 def _elementwise_blocks(cols: int) -> tuple[int, int]:
     block_n = min(triton.next_power_of_2(cols), _ELEMENTWISE_MAX_COLUMNS)
     return _ELEMENTWISE_ELEMENTS // block_n, block_n
@@ -239,7 +235,7 @@ def bias_gelu(pre: torch.Tensor, bias: torch.Tensor, approximate: str, out: torc
     if pre.numel() == 0:
         return y
     block_m, block_n = _elementwise_blocks(cols)
-    acc_dtype, _ = _accumulator_dtype(pre.dtype)
+    acc_dtype, _ = accumulator_dtypes(pre.dtype)
     with on_device(pre):
         _bias_gelu_forward_kernel[(triton.cdiv(rows, block_m), triton.cdiv(cols, block_n))](
             pre,
@@ -267,7 +263,7 @@ def fused_gemm(
     if y.numel() == 0:
         return y, pre
     blocks = _gemm_blocks(rows, hidden, intermediate, x.dtype)
-    acc_dtype, _ = _accumulator_dtype(x.dtype)
+    acc_dtype, _ = accumulator_dtypes(x.dtype)
     grid = (triton.cdiv(rows, blocks["BLOCK_M"]) * triton.cdiv(intermediate, blocks["BLOCK_N"]),)
     with on_device(x):
         _linear_gelu_gemm_kernel[grid](
@@ -322,7 +318,7 @@ def bias_gelu_backward(
     """(dz = dy * gelu'(pre + b) in pre's dtype, db = sum of dz over rows in bias's dtype or None)."""
     rows, cols = pre.shape
     grad_pre = torch.empty_like(pre)
-    acc_dtype, torch_acc_dtype = _accumulator_dtype(pre.dtype)
+    acc_dtype, torch_acc_dtype = accumulator_dtypes(pre.dtype)
     if pre.numel() == 0:
         return grad_pre, torch.zeros_like(bias) if compute_bias_grad else None
     block_m, block_n = _elementwise_blocks(cols)

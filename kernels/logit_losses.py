@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 from fastmini.kernels.interpreter import cast_output
-from fastmini.kernels.launching import on_device
+from fastmini.kernels.launching import accumulator_dtypes, on_device
 
 MAX_BLOCK_V = 4096  # vocabulary chunk a program holds at once
 NUM_WARPS = 8
@@ -138,7 +138,7 @@ def _backward_kernel(
 def _launch(student: torch.Tensor, temperature: float, block_v: int | None) -> dict:
     vocab = student.shape[-1]
     block_v = block_v or min(triton.next_power_of_2(max(vocab, 1)), MAX_BLOCK_V)
-    tl_dtype = tl.float64 if student.dtype == torch.float64 else tl.float32
+    tl_dtype, _ = accumulator_dtypes(student.dtype)
     return {
         "INVERSE_TEMPERATURE": 1.0 / temperature,
         "BLOCK_V": block_v,
@@ -159,7 +159,7 @@ def logit_losses_forward(
     fp64 for fp64 student logits), ``saved`` the (3, M) log-sum-exps the backward needs. ``block_v``
     overrides the vocabulary chunk (tests walk rows in several chunks with it)."""
     rows, vocab = student.shape
-    acc_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    _, acc_dtype = accumulator_dtypes(student.dtype)
     ce = torch.empty(rows, dtype=acc_dtype, device=student.device)
     kl = torch.empty(rows, dtype=acc_dtype, device=student.device)
     saved = torch.empty(3, rows, dtype=acc_dtype, device=student.device)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from fastmini.ops.add_layer_norm import add_layer_norm
 from fastmini.ops.autocasting import autocast_upcasts_layer_norm
 from fastmini.ops.checks import (
+    accumulator_dtype,
     all_in,
     cast_to,
     check_eps,
@@ -50,10 +51,6 @@ def adapter_bottleneck_ref(
     return F.layer_norm(x + F.linear(bottleneck, up_weight, up_bias), norm_weight.shape, norm_weight, norm_bias, eps)
 
 
-def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @torch.library.custom_op("fastmini::adapter_bottleneck_forward", mutates_args=())
 def _forward_op(
     x: torch.Tensor,
@@ -79,7 +76,7 @@ def _forward_op(
 def _forward_fake(x, down_weight, down_bias, up_weight, up_bias, norm_weight, norm_bias, eps, save_for_backward):
     saved_rows = x.numel() // x.shape[-1] if save_for_backward else 0
     bottleneck = down_weight.shape[0] if save_for_backward else 0
-    accumulator = _accumulator_dtype(x.dtype)
+    accumulator = accumulator_dtype(x.dtype)
     return (
         x.new_empty(x.shape),
         x.new_empty((saved_rows,), dtype=accumulator),

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from fastmini.ops.autocasting import autocast_upcasts_layer_norm
 from fastmini.ops.checks import (
+    accumulator_dtype,
     all_in,
     check_eps,
     check_features,
@@ -77,8 +78,6 @@ def _forward_op(
 
 @_forward_op.register_fake
 def _forward_fake(x, residual, weight, bias, eps, dropout_p, seed, keep_sum):
-    from fastmini.kernels.add_layer_norm import compute_dtype
-
     hidden = x.shape[-1]
     n_rows = x.numel() // hidden
     out_dtype = torch.promote_types(x.dtype, residual.dtype)
@@ -86,8 +85,8 @@ def _forward_fake(x, residual, weight, bias, eps, dropout_p, seed, keep_sum):
     return (
         x.new_empty(x.shape, dtype=out_dtype),
         x.new_empty(total_shape, dtype=out_dtype),
-        x.new_empty((n_rows,), dtype=compute_dtype(out_dtype)),
-        x.new_empty((n_rows,), dtype=compute_dtype(out_dtype)),
+        x.new_empty((n_rows,), dtype=accumulator_dtype(out_dtype)),
+        x.new_empty((n_rows,), dtype=accumulator_dtype(out_dtype)),
     )
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from fastmini.ops.checks import HeldTarget, check_loss_inputs
+from fastmini.ops.checks import HeldTarget, accumulator_dtype, check_loss_inputs
 from fastmini.ops.dispatch import choose
 
 _OP = "attention_kl"
@@ -27,15 +27,11 @@ ATTENTION_EPS = 1e-12  # SPEC.md: kl_div(log(s + 1e-12), t + 1e-12)
 _VERIFIED_ON_GPU: tuple[str, ...] = ("triton",)
 
 
-def _computing_dtype(student: torch.Tensor) -> torch.dtype:
-    return torch.float64 if student.dtype == torch.float64 else torch.float32
-
-
 def attention_kl_sum_ref(
     student: torch.Tensor, teacher: torch.Tensor, rows: torch.Tensor, denominator: float
 ) -> torch.Tensor:
     """The formula as written, differentiable by autograd: the oracle of both backends."""
-    dtype = _computing_dtype(student)
+    dtype = accumulator_dtype(student.dtype)
     target = teacher.to(dtype) + ATTENTION_EPS
     pointwise = target * (target.log() - (student.to(dtype) + ATTENTION_EPS).log())
     return (pointwise * rows.to(dtype)[:, None, :, None]).sum() / denominator
@@ -50,7 +46,7 @@ class _TorchAttentionKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, rows: torch.Tensor, denominator: float):
-        dtype = _computing_dtype(student)
+        dtype = accumulator_dtype(student.dtype)
         weights = rows.to(dtype)[:, None, :]  # (B, 1, S): a weight per query row
         target = teacher.to(dtype) + ATTENTION_EPS
         log_ratio = target.log()
@@ -81,7 +77,7 @@ class _TritonAttentionKL(torch.autograd.Function):
         from fastmini.kernels.attention_kl import attention_kl_forward
 
         student, teacher = student.contiguous(), teacher.contiguous()
-        weights = rows.to(_computing_dtype(student)).contiguous().view(-1)
+        weights = rows.to(accumulator_dtype(student.dtype)).contiguous().view(-1)
         ctx.save_for_backward(student, weights)
         ctx.teacher = HeldTarget(_OP, teacher)
         ctx.denominator = denominator

@@ -115,3 +115,9 @@ class HeldTarget:
                 f"{self.op}: the teacher's tensor was modified in place between the loss and its backward"
             )
         return self.tensor
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What every fused op and kernel accumulates and computes its statistics in for inputs of ``dtype``: fp32
+    for fp32/bf16/fp16, fp64 for fp64 (so that gradcheck sees the kernels' own derivatives)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
