@@ -31,7 +31,8 @@ Design (why it is shaped this way):
   tile by chunk; the extra g W_u^T is 2R FLOPs per element, nothing next to the memory traffic.
   h and g (BLOCK_M x R) stay in registers: the bottleneck never goes to memory, except the copy below.
 - Few rows: kernels/adapter_bottleneck_rows.py is a second forward, a few rows a program on the CUDA cores, for
-  inputs that give this one only a handful of programs (ROWS_KERNEL_UP_TO; same outputs, same saved values).
+  inputs that give this one only a handful of programs (ROWS_KERNEL_UP_TO; the same outputs and saved values up
+  to the order of fp32 sums).
 - Saved for backward (only when autograd needs it): mean and rstd (M,) and h (M, R), in fp32. h costs
   R/(2H) of the forward's traffic in bf16 (3% at r=16) and spares the backward the down projection;
   the column kernel below never sees whole rows, so it could not recompute h at all.

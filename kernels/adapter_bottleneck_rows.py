@@ -1,6 +1,6 @@
 """The bottleneck adapter's forward a few rows a program on the CUDA cores: for inputs too small to keep many SMs
-busy with tl.dot's 16-row tiles. Same math and outputs as ``_forward_kernel`` in adapter_bottleneck.py (y, and
-mean, rstd and h for the backward when asked), which documents the formulas.
+busy with tl.dot's 16-row tiles. Same math, roundings and outputs as ``_forward_kernel`` in adapter_bottleneck.py
+(y, and mean, rstd and h for the backward when asked; up to the order of fp32 sums), which documents the formulas.
 
 Why a second forward: at 128 rows (the (1, 128) latency target) ``_forward_kernel`` runs 8 programs of 16 rows on
 an H200's 132 SMs, and took ~10 us a call at every tiling tried (session 15): the graphed (1, 128) forward's 12
