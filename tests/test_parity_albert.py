@@ -86,6 +86,20 @@ def test_albert_masked_lm_decoder_is_tied(tmp_path):
     assert model.lm_head.decoder.weight.data_ptr() == model.fastmini.embeddings.word_embeddings.weight.data_ptr()
 
 
+def test_output_choices_of_an_albert_config_are_kept(batch, tmp_path):
+    """A checkpoint saved asking for hidden states (or tuples) gives them as transformers' own loader would."""
+    AlbertModel(albert_config(output_hidden_states=True, output_attentions=True)).save_pretrained(tmp_path)
+    albert, model = AlbertModel.from_pretrained(tmp_path), FastMiniModel.from_pretrained(tmp_path)
+    with torch.no_grad():
+        expected, ours = albert(**batch), model(**batch)
+    assert len(ours.hidden_states) == len(expected.hidden_states) == 4
+    # transformers' model loads with SDPA, which returns no maps; fastmini gives them, as eager ALBERT would
+    assert len(ours.attentions) == model.config.num_hidden_layers == 3
+    AlbertModel(albert_config(return_dict=False)).save_pretrained(tmp_path / "tuples")
+    with torch.no_grad():
+        assert isinstance(FastMiniModel.from_pretrained(tmp_path / "tuples")(**batch), tuple)
+
+
 @pytest.mark.parametrize("field", ["num_hidden_groups", "inner_group_num"])
 def test_unsupported_albert_variants_are_refused(field, tmp_path):
     AlbertModel(albert_config(**{field: 3})).save_pretrained(tmp_path)

@@ -89,11 +89,40 @@ def test_base_model_checkpoint_loads_into_task_model(tiny_config, tmp_path):
     assert torch.equal(model.fastmini.embeddings.word_embeddings.weight, base.embeddings.word_embeddings.weight)
 
 
+def test_a_base_models_pooler_loads_into_its_classifier(tiny_config, randomize, tmp_path):
+    """The ALBERT heads' tanh pooler belongs to the base model: a classifier built from it keeps it (as
+    transformers' AlbertForSequenceClassification from an AlbertModel), only the classifier is new."""
+    base = randomize(FastMiniModel(tiny_config(head_variant="albert", use_adapter=False)))
+    base.save_pretrained(tmp_path)
+    classifier, info = FastMiniForSequenceClassification.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == ["classifier.bias", "classifier.weight"] and info["unexpected_keys"] == []
+    assert torch.equal(classifier.fastmini.pooler.weight, base.pooler.weight)
+    assert torch.equal(classifier.fastmini.pooler.bias, base.pooler.bias)
+
+
+def test_a_config_passed_in_is_copied_not_shared_nor_changed(tiny_config, tmp_path):
+    """As transformers: two models loaded with one config object must not share it, so adapter tuning one
+    (which records use_adapter in its config) leaves the other's checkpoint loadable, and overrides stay local."""
+    FastMiniForSequenceClassification(tiny_config(use_adapter=False)).save_pretrained(tmp_path)
+    config = FastMiniConfig.from_pretrained(tmp_path)
+    full = FastMiniForSequenceClassification.from_pretrained(tmp_path, config=config)
+    tuned = FastMiniForSequenceClassification.from_pretrained(tmp_path, config=config, output_hidden_states=True)
+    tuned.train_adapters_only()
+    assert full.config is not tuned.config and not full.config.use_adapter and not config.use_adapter
+    assert tuned.config.output_hidden_states and not config.output_hidden_states
+    full.save_pretrained(tmp_path / "full")
+    FastMiniForSequenceClassification.from_pretrained(tmp_path / "full")
+    in_memory = FastMiniForSequenceClassification.from_pretrained(None, config=config, state_dict=full.state_dict())
+    assert in_memory.config is not config
+
+
 def test_dtype_argument(tiny_config, tmp_path):
     FastMiniForMaskedLM(tiny_config()).save_pretrained(tmp_path)
     assert FastMiniForMaskedLM.from_pretrained(tmp_path, dtype=torch.bfloat16).dtype == torch.bfloat16
     assert FastMiniForMaskedLM.from_pretrained(tmp_path).dtype == torch.float32
     assert FastMiniForMaskedLM.from_pretrained(tmp_path, dtype="float16").config.dtype == torch.float16
+    # transformers' per-module spelling, whole model under ""
+    assert FastMiniForMaskedLM.from_pretrained(tmp_path, dtype={"": torch.float16}).dtype == torch.float16
 
 
 def test_default_dtype_is_the_checkpoints_as_in_transformers_5(tiny_config, tmp_path):
@@ -172,6 +201,24 @@ def test_weights_from_memory_as_transformers_takes_them(tiny_config, randomize, 
     model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="state_dict cannot be passed together with a model name"):
         FastMiniForMaskedLM.from_pretrained(tmp_path, state_dict=model.state_dict())
+
+
+def test_weights_from_memory_take_the_loading_arguments(tiny_config):
+    """output_loading_info and ignore_mismatched_sizes mean the same with state_dict= as with a directory."""
+    two_labels = FastMiniForSequenceClassification(tiny_config(num_labels=2))
+    loaded, info = FastMiniForSequenceClassification.from_pretrained(
+        None, config=two_labels.config, state_dict=two_labels.state_dict(), output_loading_info=True
+    )
+    assert info["missing_keys"] == [] and info["mismatched_keys"] == []
+    three_labels = tiny_config(num_labels=3)
+    with pytest.raises(CheckpointError, match="pass ignore_mismatched_sizes=True"):
+        FastMiniForSequenceClassification.from_pretrained(None, config=three_labels, state_dict=two_labels.state_dict())
+    loaded, info = FastMiniForSequenceClassification.from_pretrained(
+        None, config=three_labels, state_dict=two_labels.state_dict(), ignore_mismatched_sizes=True,
+        output_loading_info=True,
+    )  # fmt: skip
+    assert loaded.classifier.out_features == 3
+    assert [key for key, _, _ in info["mismatched_keys"]] == ["classifier.bias", "classifier.weight"]
 
 
 def test_albert_heads_tie_the_decoder_by_default(tiny_config):
@@ -260,3 +307,16 @@ def test_device_map_on_one_device(device_map, tiny_config, tmp_path):
     assert _target_device({"": "cuda:0"}) == torch.device("cuda", 0)  # {"": 0} too, where a GPU is
     with pytest.raises(ValueError, match="one device"):
         FastMiniForMaskedLM.from_pretrained(tmp_path, device_map={"fastmini": "cpu", "lm_head": "meta"})
+
+
+@pytest.mark.parametrize("device_map", ["balanced", "balanced_low_0", "sequential"])
+def test_spreading_device_maps_put_the_small_model_on_one_device(device_map, tiny_config, tmp_path):
+    FastMiniForMaskedLM(tiny_config()).save_pretrained(tmp_path)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert FastMiniForMaskedLM.from_pretrained(tmp_path, device_map=device_map).device.type == expected
+
+
+def test_an_unknown_device_map_is_named(tiny_config, tmp_path):
+    FastMiniForMaskedLM(tiny_config()).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="device_map must be a device .* got 'everywhere'"):
+        FastMiniForMaskedLM.from_pretrained(tmp_path, device_map="everywhere")

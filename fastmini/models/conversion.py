@@ -54,6 +54,10 @@ ALBERT_FIELDS = (
     "id2label",
     "label2id",
     "problem_type",
+    # what the checkpoint's config asks its outputs to hold, as transformers' own loader keeps it
+    "output_hidden_states",
+    "output_attentions",
+    "return_dict",
 )
 
 
@@ -80,12 +84,13 @@ def detect_format(config_dict: dict[str, Any], source: str) -> str:
 def _albert_config(config_dict: dict[str, Any], source: str):
     from transformers import AlbertConfig
 
-    # num_labels is an init argument of every config but no dataclass field; transformers honours it
-    # when id2label is absent, so a 3-label checkpoint must not come back with the default 2 labels.
+    # num_labels and output_attentions are init arguments of every config but no dataclass fields: transformers
+    # honours num_labels when id2label is absent (a 3-label checkpoint must not come back with the default 2
+    # labels), and output_attentions is a property over a private field.
     known = {
         key: value
         for key, value in config_dict.items()
-        if key in AlbertConfig.__dataclass_fields__ or key == "num_labels"
+        if key in AlbertConfig.__dataclass_fields__ or key in ("num_labels", "output_attentions")
     }
     try:
         albert = AlbertConfig(**known)

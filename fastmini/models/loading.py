@@ -9,6 +9,7 @@ checkpoint lacks are freshly initialised with a warning, as transformers does.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -37,6 +38,10 @@ Model = TypeVar("Model", bound="FastMiniPreTrainedModel")
 
 # Keys that some classes have and others do not; their absence or presence is not an error.
 OPTIONAL_PREFIXES = ("lm_head.", "classifier.", "fastmini.pooler.", "pooler.")
+# The task heads: outside the base model, so a base model's checkpoint never prefixes them (its pooler is its own).
+TASK_HEAD_PREFIXES = ("lm_head.", "classifier.")
+# device_map strings that spread a big model over devices: a fastmini model fits one, the first accelerator.
+SPREADING_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 # from_pretrained arguments that only make sense for transformers' own loader.
 IGNORED_KWARGS = {
     "trust_remote_code",
@@ -88,7 +93,7 @@ def _align_prefix(model, state_dict: dict[str, torch.Tensor]) -> dict[str, torch
             return {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
         return state_dict
     if not any(key.startswith(prefix) for key in state_dict):
-        return {(key if _is_optional(key) else prefix + key): value for key, value in state_dict.items()}
+        return {(key if key.startswith(TASK_HEAD_PREFIXES) else prefix + key): v for key, v in state_dict.items()}
     return state_dict
 
 
@@ -168,7 +173,10 @@ def _compact(keys: list[str]) -> str:
 
 def _target_dtype(dtype: Any, config_dict: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> torch.dtype:
     """transformers 5's rule: ``"auto"`` (the default) is the dtype config.json records, else the
-    checkpoint's first floating-point tensor's; a dtype or its name is taken as it is."""
+    checkpoint's first floating-point tensor's; a dtype or its name is taken as it is, and a dict (transformers'
+    per-module spelling) gives its "" entry, everything here being one module."""
+    if isinstance(dtype, dict):
+        return _target_dtype(dtype.get("", "auto"), config_dict, state_dict)
     if dtype is None or dtype == "auto":
         recorded = config_dict.get("dtype") or config_dict.get("torch_dtype")
         if recorded is not None:
@@ -186,7 +194,7 @@ def _target_dtype(dtype: Any, config_dict: dict[str, Any], state_dict: dict[str,
 def _target_device(device_map: Any) -> torch.device | None:
     if device_map is None:
         return None
-    if device_map == "auto":
+    if device_map in SPREADING_DEVICE_MAPS:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(device_map, dict):
         # {"": "cpu"} or {"": 0}: transformers' spelling of "everything on one device".
@@ -197,7 +205,13 @@ def _target_device(device_map: Any) -> torch.device | None:
                 f"device, got {device_map}"
             )
         return _target_device(devices.pop())
-    return torch.device(device_map)
+    try:
+        return torch.device(device_map)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(
+            "from_pretrained: device_map must be a device ('cpu', 'cuda:0', 0), one of "
+            f"{', '.join(SPREADING_DEVICE_MAPS)} or a dict placing every module on one device, got {device_map!r}"
+        ) from error
 
 
 def load_pretrained(
@@ -212,14 +226,18 @@ def load_pretrained(
     hub_kwargs = hub_kwargs_from(kwargs)
     for name in HUB_KWARGS:
         kwargs.pop(name, None)
-    config = kwargs.pop("config", None)
+    # transformers copies a config it is given: models loaded with one object must not share it, nor change it
+    config = copy.deepcopy(kwargs.pop("config", None))
     dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
     device = _target_device(kwargs.pop("device_map", None))
     ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
     output_loading_info = kwargs.pop("output_loading_info", False)
     state_dict = kwargs.pop("state_dict", None)
     if state_dict is not None:
-        return _from_state_dict(cls, name_or_path, config, state_dict, dtype, device, model_args, kwargs)
+        model, loading_info = _from_state_dict(
+            cls, name_or_path, config, state_dict, dtype, device, ignore_mismatched_sizes, model_args, kwargs
+        )
+        return (model, loading_info) if output_loading_info else model
 
     config_dict, checkpoint_format, config_source = _saved_config(name_or_path, hub_kwargs, config)
     if config is None:
@@ -264,16 +282,18 @@ def _finish_loading(model, dtype: torch.dtype, device: torch.device | None) -> N
     model.eval()
 
 
-def _from_state_dict(cls, name_or_path, config, state_dict, dtype, device, model_args, overrides):
+def _from_state_dict(
+    cls, name_or_path, config, state_dict, dtype, device, ignore_mismatched_sizes, model_args, overrides
+):
     """``from_pretrained(None, config=config, state_dict=...)``: transformers' way of building a model
-    from weights in memory (fastmini key names)."""
+    from weights in memory (fastmini key names). Returns the model and its loading info."""
     if name_or_path is not None:
         raise ValueError("from_pretrained: state_dict cannot be passed together with a model name or path")
     if not isinstance(config, FastMiniConfig):
         raise TypeError("from_pretrained: state_dict needs config=FastMiniConfig(...) and no model name or path")
     _apply_overrides(config, overrides, "state_dict")
     model = cls(config, *model_args)
-    usable, _ = reconcile(model, state_dict, "state_dict")
+    usable, loading_info = reconcile(model, state_dict, "state_dict", ignore_mismatched_sizes)
     model.load_state_dict(usable, strict=False)
     _finish_loading(model, _target_dtype(dtype, {}, state_dict), device)
-    return model
+    return model, loading_info
