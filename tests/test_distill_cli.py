@@ -127,6 +127,10 @@ def test_layer_map_stride_auto_and_explicit():
         (["--weight-decay", "nan"], "--weight-decay must be >= 0, got nan"),
         (["--max-grad-norm", "inf"], "--max-grad-norm must be >= 0, got inf"),
         (["--hidden-weight", "nan"], "--hidden-weight must be >= 0, got nan"),
+        (
+            ["--epochs", "3"],
+            "--epochs counts only with --max-steps none .*--max-steps 200.*--max-steps none --epochs 3",
+        ),
         (["--threads", "-1"], "--threads must be > 0, got -1"),
         (["--threads", "0"], "--threads must be > 0, got 0"),
         (["--tokenize-workers", "-2"], "--tokenize-workers must be > 0, got -2"),

@@ -119,6 +119,22 @@ def test_a_new_windows_format_is_not_served_from_an_old_cache(tokenizer, tmp_pat
 
 
 @pytest.mark.parametrize("fast", [False, True], ids=["slow", "fast"])
+def test_unknown_tokens_are_special_never_masked(tmp_path, fast):
+    """As transformers' MLM collator (the original recipe's): [UNK] is never selected nor a target."""
+    from transformers import BertTokenizer, BertTokenizerFast
+
+    tokenizer = BertTokenizer(vocab=tiny_vocabulary())
+    if fast:
+        tokenizer.save_pretrained(tmp_path)
+        tokenizer = BertTokenizerFast.from_pretrained(tmp_path)
+    windows = make_windows(as_dataset(["w1 unknownword w2 zzz w3"]), tokenizer, 32, 4, None, seed=0)
+    input_ids, special = windows["input_ids"][0], windows["special_tokens_mask"][0]
+    assert input_ids.count(tokenizer.unk_token_id) == 2
+    expected = tokenizer.get_special_tokens_mask(input_ids, already_has_special_tokens=True)
+    assert special == expected == [1, 0, 1, 0, 1, 0, 1]
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["slow", "fast"])
 def test_special_token_strings_in_a_document_are_text_not_special_ids(tmp_path, fast):
     from transformers import BertTokenizer, BertTokenizerFast
 
@@ -131,7 +147,7 @@ def test_special_token_strings_in_a_document_are_text_not_special_ids(tmp_path, 
     specials = {tokenizer.mask_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id, tokenizer.cls_token_id}
     inner = input_ids[1:-1]  # [UNK] for the brackets of this vocabulary is fine: unknown text
     assert input_ids[0] == tokenizer.cls_token_id and input_ids[-1] == tokenizer.sep_token_id
-    assert special == [1] + [0] * len(inner) + [1]
+    assert special == [1] + [int(token == tokenizer.unk_token_id) for token in inner] + [1]
     assert not specials & set(inner), "a literal special-token string became a special id"
 
 

@@ -88,3 +88,14 @@ def test_the_trajectory_depends_on_the_global_batch_only(teacher_dir, tmp_path, 
     assert "written by 2 x 1 (processes x --grad-accumulation), this run uses 1 x 1" in err
     assert "the same up to dropout draws" in err
     assert_same_run(whole, accumulated)
+
+
+def test_a_loss_setting_that_leaves_parameters_without_gradients_runs_under_torchrun(teacher_dir, tmp_path):
+    """No loss on the logits (--mlm-weight 0, --output-weight 0): the MLM head gets no gradient, which DDP
+    refuses unless asked to find such parameters; a projection no loss reads is not built at all."""
+    output = tmp_path / "no-logits"
+    no_logits = ("--mlm-weight", "0", "--output-weight", "0", "--hidden-projection", "--hidden-weight", "0")
+    result = torchrun(teacher_dir, output, *no_logits)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "no loss reads the projection; not building it" in result.stderr
+    assert [r["step"] for r in train_records(output)] == [1, 2, 3, 4]

@@ -7,6 +7,7 @@ seed, dropout on, CPU, one thread.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -77,7 +78,8 @@ def test_kill_between_steps_then_resume_gives_identical_parameters(teacher_dir, 
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert [step for step, _ in checkpoints.list_checkpoints(output / "checkpoints")] == [4]  # --keep-last 1
     assert not (output / "model.safetensors").exists()
-    assert main([*run_args(teacher_dir, output), "--resume"]) == 0
+    # the checkpoint's options are the resuming command's defaults: the directory and --resume are enough
+    assert main(["--output-dir", str(output), "--resume", "--no-progress", "--threads", "1"]) == 0
     assert_same_parameters(final_weights(output), uninterrupted)
     steps = [line for line in (output / "log.jsonl").read_text().splitlines() if '"train"' in line]
     assert len(steps) == len({line.split('"step": ')[1].split(",")[0] for line in steps})  # no duplicated steps
@@ -100,7 +102,8 @@ def test_resume_from_an_explicit_checkpoint_and_from_a_finished_run(teacher_dir,
     assert main(run_args(teacher_dir, output, "--max-steps", str(STEPS), "--keep-last", "0")) == 0
     assert_same_parameters(final_weights(output), uninterrupted)
     (output / "model.safetensors").unlink()
-    assert main([*run_args(teacher_dir, output), "--resume", str(output / "checkpoints" / "step-00000002")]) == 0
+    explicit = ["--resume", str(output / "checkpoints" / "step-00000002"), "--output-dir", str(output)]
+    assert main([*explicit, "--no-progress", "--threads", "1"]) == 0  # that checkpoint's options
     assert_same_parameters(final_weights(output), uninterrupted)
 
 
@@ -153,6 +156,49 @@ def test_a_run_resumed_from_another_directory_replaces_this_ones_run(teacher_dir
     capsys.readouterr()
     assert main([*run_args(teacher_dir, unfinished), "--resume", elsewhere]) != 0
     assert "unfinished run" in capsys.readouterr().err
+
+
+def test_a_run_resumed_from_another_directory_continues_that_runs_log(teacher_dir, tmp_path):
+    """log.jsonl tells one run: the source run's steps up to its checkpoint, then this one's; never the lines
+    of whatever run the output directory held before."""
+    source, output = tmp_path / "source", tmp_path / "output"
+    assert killed_run(teacher_dir, source, "kill-after-step:3").returncode == -9  # checkpoint at step 2
+    assert main(run_args(teacher_dir, output, "--seed", "7", "--log-every", "1", "--max-steps", "2")) == 0
+    # the killed run logged every 10 steps: give its log lines of its own for steps 1-2 to tell them apart
+    (source / "log.jsonl").write_text(
+        "".join(json.dumps({"kind": "train", "step": s, "source": 1}) + "\n" for s in (1, 2, 3))
+    )
+    elsewhere = str(source / "checkpoints" / "step-00000002")
+    assert main([*run_args(teacher_dir, output, "--log-every", "1"), "--resume", elsewhere]) == 0
+    records = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+    train = [(r["step"], r.get("source")) for r in records if r["kind"] == "train"]
+    assert train == [(1, 1), (2, 1), (3, None), (4, None), (5, None), (6, None)]
+
+
+def test_resume_refuses_weights_that_are_not_the_runs_student(teacher_dir, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    run = tmp_path / "run"
+    assert main(run_args(teacher_dir, run, "--max-steps", "2")) == 0
+    checkpoint = run / "checkpoints" / "step-00000002"
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    damaged = {
+        "cut short": lambda path: path.write_bytes(path.read_bytes()[:1000]),
+        "missing": lambda path: path.unlink(),
+        "embeddings only": lambda path: save_file({k: v for k, v in weights.items() if "embeddings" in k}, str(path)),
+    }
+    expected = {"cut short": "cannot be read", "missing": "cannot be read", "embeddings only": "is not this run's"}
+    for name, damage in damaged.items():
+        copy = tmp_path / name.replace(" ", "-")
+        shutil.copytree(checkpoint, copy)
+        damage(copy / "model.safetensors")
+        capsys.readouterr()
+        assert (
+            main([*run_args(teacher_dir, tmp_path / f"out-{copy.name}", "--max-steps", "2"), "--resume", str(copy)])
+            == 2
+        )
+        err = capsys.readouterr().err
+        assert expected[name] in err and "Traceback" not in err, (name, err[-500:])
 
 
 def test_checkpoints_hold_everything_needed_and_load_as_models(teacher_dir, tmp_path):

@@ -97,7 +97,8 @@ def test_kill_between_steps_then_resume_gives_identical_models_and_metrics(setup
     assert [step for step, _ in checkpoints.list_checkpoints(first / "checkpoints")] == [6]  # latest only
     assert not (first / "result.json").exists() and not (output / "metrics.json").exists()
     assert main(job_args(setup, output)) == 2  # an unfinished job is not overwritten without asking
-    assert main([*job_args(setup, output), "--resume"]) == 0
+    # the job's saved options are the resuming command's defaults: the directory and --resume are enough
+    assert main(["--output-dir", str(output), "--resume", "--no-progress", "--threads", "1"]) == 0
     assert_same_outcome(outcome(output), uninterrupted)
     steps = [json.loads(line)["step"] for line in (first / "log.jsonl").read_text().splitlines()
              if '"train"' in line]  # fmt: skip

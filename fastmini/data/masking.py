@@ -1,6 +1,6 @@
 """Dynamic masked-LM corruption (BERT's 80/10/10), drawn afresh for every batch.
 
-Each token that is not special (CLS, SEP, padding: ``special_tokens_mask`` is 1) is selected
+Each token that is not special (CLS, SEP, UNK, padding: ``special_tokens_mask`` is 1) is selected
 with probability ``mask_probability``; a selected token becomes the mask token with probability
 ``mask_fraction``, a random vocabulary id with probability ``random_fraction``, and stays as
 it is otherwise. ``labels`` hold the original id at selected positions and -100 elsewhere.

@@ -16,7 +16,7 @@ import random
 WINDOW_COLUMNS = ("input_ids", "special_tokens_mask")
 # Part of every windowed dataset's cache fingerprint (datasets hashes WindowMaker's attributes, not its
 # code): bump it whenever the windows a corpus gives change, so that no cache from before is reused.
-WINDOWS_FORMAT_VERSION = 2
+WINDOWS_FORMAT_VERSION = 3  # 3: [UNK] is special too
 
 
 class WindowMaker:
@@ -47,13 +47,20 @@ class WindowMaker:
         by_document: dict[int, list[int]] = {}
         for window, document in enumerate(encoded["overflow_to_sample_mapping"]):
             by_document.setdefault(document, []).append(window)
+        # The mask marks only the [CLS]/[SEP] the tokenizer added; [UNK] (what unknown characters become) is special
+        # as well for transformers' MLM collator, which the original recipe masked with: never selected.
+        special_ids = set(self.tokenizer.all_special_ids)
         output: dict[str, list] = {name: [] for name in WINDOW_COLUMNS}
         for document, windows in by_document.items():
             kept = sample_windows(len(windows), self.max_windows, self.seed, indices[document])
             for position in kept:
                 window = windows[position]
-                output["input_ids"].append(encoded["input_ids"][window])
-                output["special_tokens_mask"].append(encoded["special_tokens_mask"][window])
+                ids = encoded["input_ids"][window]
+                added = encoded["special_tokens_mask"][window]
+                output["input_ids"].append(ids)
+                output["special_tokens_mask"].append(
+                    [int(flag or token in special_ids) for token, flag in zip(ids, added, strict=True)]
+                )
         return output
 
 

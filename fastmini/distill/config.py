@@ -14,11 +14,13 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastmini.data.corpus import DEFAULT_DATA, TEXT_UNITS
 from fastmini.data.masking import MASK_FRACTION, MASK_PROBABILITY, RANDOM_FRACTION, check_masking
 from fastmini.distill.losses import LossWeights
+from fastmini.training import checkpoints
 from fastmini.training.errors import UsageError
 from fastmini.training.options import (
     Options,
@@ -377,7 +379,23 @@ read_config_file = OPTIONS.read_config_file
 
 def resolve(argv: list[str] | None = None) -> tuple[DistillConfig, bool]:
     """(config, print_config) from defaults, --config and command-line options; exits on --help."""
-    return OPTIONS.resolve(argv, validate)
+    return OPTIONS.resolve(argv, validate, presets)
+
+
+def presets(given: dict[str, Any]) -> dict[str, Any]:
+    """With --resume: the resumed checkpoint's options (its train_config.json) as defaults."""
+    resume = given.get("resume")
+    if resume is None:
+        return {}
+    if resume == "latest":
+        output_dir = given.get("output_dir", OPTIONS.default_of("output_dir"))
+        found = checkpoints.list_checkpoints(Path(output_dir).expanduser() / checkpoints.CHECKPOINTS_DIR)
+        if not found:
+            return {}
+        checkpoint = found[-1][1]
+    else:
+        checkpoint = Path(resume).expanduser()
+    return OPTIONS.saved_options(checkpoint / checkpoints.TRAIN_CONFIG_NAME)
 
 
 def validate(config: DistillConfig) -> None:
@@ -427,6 +445,11 @@ def validate(config: DistillConfig) -> None:
         value = getattr(config, name)
         if not math.isfinite(value) or value <= 0:
             raise UsageError(f"{flag_of(name)} must be a positive number, got {value}")
+    if config.max_steps is not None and config.epochs != DistillConfig.__dataclass_fields__["epochs"].default:
+        raise UsageError(
+            f"--epochs counts only with --max-steps none (this run would stop after --max-steps {config.max_steps}): "
+            f"pass --max-steps none --epochs {config.epochs:g}, or drop --epochs"
+        )
     check_masking_options(config)
     if config.dropout is not None and not 0.0 <= config.dropout < 1.0:
         raise UsageError(f"--dropout must be in [0, 1), got {config.dropout}")

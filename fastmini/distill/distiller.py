@@ -130,8 +130,18 @@ class StepCounts:
 class StudentOutputs:
     hidden: list[torch.Tensor]  # per recursion, packed (T, H_teacher) (projected when asked)
     attentions: list[torch.Tensor]  # per recursion, (B, A, S, S)
-    masked_logits: torch.Tensor  # (M, V)
+    masked_logits: torch.Tensor | None  # (M, V); None when no loss reads them
     masked_labels: torch.Tensor  # (M,)
+
+
+def output_kl_on(weights: losses.LossWeights, teacher: Teacher) -> bool:
+    """Whether the output-KL term runs: weighted, and a teacher with an MLM head to give its logits."""
+    return weights.output > 0 and teacher.head is not None
+
+
+def logits_feed_a_loss(weights: losses.LossWeights, teacher: Teacher) -> bool:
+    """Whether any loss reads the student's MLM logits; without one its MLM head gets no gradient."""
+    return weights.mlm > 0 or output_kl_on(weights, teacher)
 
 
 class StudentSide(nn.Module):
@@ -142,7 +152,11 @@ class StudentSide(nn.Module):
         self.student = student
         self.projection = projection
 
-    def forward(self, batch: Batch, need_hidden: bool = True, need_attentions: bool = True) -> StudentOutputs:
+    def forward(
+        self, batch: Batch, need_hidden: bool = True, need_attentions: bool = True, need_logits: bool = True
+    ) -> StudentOutputs:
+        """The student's outputs that the losses read. Without ``need_logits`` the MLM head does not run: a tensor
+        among DDP's outputs that no loss reads would make DDP expect gradients for its head."""
         positions = batch.token_positions()
         encoded, packed = self.encode(batch, positions, need_hidden, need_attentions)
         hidden = []
@@ -152,7 +166,7 @@ class StudentSide(nn.Module):
                 hidden.append(self.projection(rows) if self.projection is not None else rows)
         masked = positions.masked_packed if packed else positions.masked_flat
         sequence = encoded.sequence.reshape(-1, encoded.sequence.shape[-1])
-        masked_logits = self.student.lm_head(sequence.index_select(0, masked))
+        masked_logits = self.student.lm_head(sequence.index_select(0, masked)) if need_logits else None
         masked_labels = batch.labels.flatten().index_select(0, positions.masked_flat)
         return StudentOutputs(hidden, list(encoded.attentions or ()), masked_logits, masked_labels)
 
@@ -299,7 +313,8 @@ class Distiller:
         self.autocast_dtype = autocast_dtype
         self.need_hidden = weights.hidden > 0
         self.need_attentions = weights.attention > 0
-        self.use_output_kl = weights.output > 0 and teacher.head is not None
+        self.use_output_kl = output_kl_on(weights, teacher)
+        self.need_logits = logits_feed_a_loss(weights, teacher)
         self.graphed_teacher = None
         if graph_teacher is not None:
             from fastmini.distill.graphed_teacher import GraphedTeacher
@@ -318,11 +333,11 @@ class Distiller:
                 self.teacher, batch, self.layers, self.need_hidden, self.need_attentions, self.use_output_kl
             )
         with autocast(device, self.autocast_dtype):
-            student = self.student_side(batch, self.need_hidden, self.need_attentions)
+            student = self.student_side(batch, self.need_hidden, self.need_attentions, self.need_logits)
         # The sums' start and the value of a term switched off: a constant. (It was logits.sum() * 0.0, which kept
         # the graph connected but read the (M, V) logits once more forward and added zeros into their gradient
         # backward; every term on is a function of the student, empty masked rows included, so total has a graph.)
-        zero = student.masked_logits.new_zeros(())
+        zero = torch.zeros((), device=device)
         real_tokens = batch.attention_mask.bool()
         attention = sum(
             (

@@ -287,6 +287,10 @@ def hidden_projection(config: DistillConfig, student: FastMiniForMaskedLM, teach
     """TinyBERT's W_h: student hidden -> teacher hidden, shared by every matched layer (no bias)."""
     if not config.hidden_projection:
         return None
+    if config.hidden_weight == 0:
+        # no loss would read it: a parameter without gradients (which DDP refuses), saved for nothing
+        log.warning("--hidden-projection with --hidden-weight 0: no loss reads the projection; not building it")
+        return None
     student_hidden, teacher_hidden = student.config.hidden_size, teacher.config.hidden_size
     if student_hidden == teacher_hidden:
         log.warning("--hidden-projection with equal hidden sizes (%d): learning the map anyway", student_hidden)

@@ -30,7 +30,13 @@ from fastmini.data.windows import check_window_stride, make_windows
 from fastmini.distill import models
 from fastmini.distill.batches import MaskedWindows, evaluation_batches
 from fastmini.distill.config import DistillConfig, changed_options, resolve_layer_map
-from fastmini.distill.distiller import Distiller, StepCounts, StudentSide, compiled_student_side
+from fastmini.distill.distiller import (
+    Distiller,
+    StepCounts,
+    StudentSide,
+    compiled_student_side,
+    logits_feed_a_loss,
+)
 from fastmini.distill.evaluation import evaluate
 from fastmini.distill.speed_defaults import graph_teacher_by_default, low_precision_maps_by_default
 from fastmini.models.checkpoint import SAFETENSORS_NAME
@@ -180,8 +186,13 @@ class DistillationRun:
         self.scheduler = LinearWarmupDecay(self.optimizer, config.warmup_steps, self.total_steps)
         trained = self.student_side
         if context.is_distributed:
+            # Without a loss on the logits (--mlm-weight 0 and no output KL: no teacher head or --output-weight 0)
+            # the MLM head, and the adapters of recursions after the last matched layer, get no gradient, which DDP
+            # refuses unless told to look for such parameters every step; otherwise every parameter has one.
             trained = nn.parallel.DistributedDataParallel(
-                self.student_side, device_ids=[self.device.index] if self.device.type == "cuda" else None
+                self.student_side,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=not logits_feed_a_loss(config.loss_weights, self.teacher),
             )
         if config.compile_student:  # training steps only: evaluation runs the module as it is
             log.info("--compile-student: the first training step compiles the student (about a minute)")
@@ -348,6 +359,24 @@ class DistillationRun:
             raise UsageError(f"--resume {requested}: not a checkpoint directory (no {STATE_NAME} in it)")
         return path
 
+    def _load_checkpoint_weights(self, path: Path) -> None:
+        """The student's weights from a checkpoint: all of them (a tied decoder aside), or one UsageError."""
+        from safetensors.torch import load_file
+
+        student = self.student_side.student
+        try:
+            weights = load_file(str(path / SAFETENSORS_NAME), device=str(self.device))
+            result = student.load_state_dict(weights, strict=False)
+        except models.UNLOADABLE_WEIGHTS as error:  # missing, cut short, or of other shapes
+            raise UsageError(f"--resume {path}: {SAFETENSORS_NAME} cannot be read ({error})") from error
+        tied = set(getattr(student, "all_tied_weights_keys", {}) or {}) if student.config.tie_word_embeddings else set()
+        missing = [key for key in result.missing_keys if key not in tied]
+        if missing or result.unexpected_keys:
+            problems = [f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}"] if missing else []
+            if result.unexpected_keys:
+                problems.append(f"unexpected {', '.join(result.unexpected_keys[:4])}")
+            raise UsageError(f"--resume {path}: {SAFETENSORS_NAME} is not this run's student ({'; '.join(problems)})")
+
     def _maybe_resume(self) -> None:
         if self.config.resume is None:
             return
@@ -367,10 +396,7 @@ class DistillationRun:
                 f"--resume {path}: the data gives {len(self.train_windows)} training windows, the checkpoint's run had "
                 f"{state['data_position']['train_windows']}"
             )
-        from safetensors.torch import load_file
-
-        weights = load_file(str(path / SAFETENSORS_NAME), device=str(self.device))
-        self.student_side.student.load_state_dict(weights, strict=False)
+        self._load_checkpoint_weights(path)
         if state["projection"] is not None:
             self.student_side.projection.load_state_dict(state["projection"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -493,8 +519,13 @@ class DistillationRun:
             self.metrics_before = self._evaluate()
             if self.metrics_before:
                 log.info("held-out before: %s", _summary(self.metrics_before))
+        resumed = bool(self.config.resume and self.start_step)
         run_log = RunLog(
-            self.output, context.is_main, self.start_step if self.config.resume and self.start_step else None
+            self.output,
+            context.is_main,
+            self.start_step if resumed else None,
+            # a checkpoint elsewhere (<run>/checkpoints/step-N) continues that run's log
+            None if not resumed or _continues_own_run(config, self.output) else self.last_checkpoint.parent.parent,
         )
         if self._rng_to_restore is not None:
             checkpoints.restore_rng_state(self._rng_to_restore)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastmini.data.ner import ALIGNMENTS
@@ -235,6 +236,9 @@ def check_max_length(max_length: int | None, positions: int | None = None) -> No
         raise UsageError(f"--max-length {max_length} exceeds the model's {positions} positions")
 
 
+RUNS_DIR = "runs"  # <output>/runs/: every run of the grid, and the job's options
+GRID_NAME = "grid.json"  # <output>/runs/grid.json: the options the job started with, which --resume checks
+
 # Fields that do not change what a run computes: a resumed run may change them.
 RUN_ONLY_FIELDS = frozenset(
     {
@@ -285,14 +289,19 @@ build_parser = OPTIONS.build_parser
 
 
 def presets(given: dict[str, Any]) -> dict[str, Any]:
-    """Defaults that depend on the task (its recipe) and on whether this is the embedded default."""
-    task = given.get("task", OPTIONS.default_of("task"))
+    """Defaults that depend on the task (its recipe) and on whether this is the embedded default; with --resume,
+    the resumed job's own options (runs/grid.json) over those."""
+    saved = {}
+    if given.get("resume"):
+        output_dir = given.get("output_dir", OPTIONS.default_of("output_dir"))
+        saved = OPTIONS.saved_options(Path(output_dir).expanduser() / RUNS_DIR / GRID_NAME)
+    task = given.get("task", saved.get("task", OPTIONS.default_of("task")))
     if task not in TASKS:
-        return {}  # validate() names the unknown task
+        return saved  # validate() names the unknown task
     values = dict(TASKS[task].recipe)
-    if given.get("data") is None and not TASKS[task].is_glue:
+    if given.get("data", saved.get("data")) is None and not TASKS[task].is_glue:
         values.update(EMBEDDED_RECIPE)
-    return values
+    return {**values, **saved}
 
 
 def resolve(argv: list[str] | None = None) -> tuple[FinetuneConfig, bool]:

@@ -31,7 +31,7 @@ from torch import nn
 from fastmini.data.ner import continuation_labels
 from fastmini.files import write_json_atomically
 from fastmini.finetune import inference
-from fastmini.finetune.config import FinetuneConfig, changed_options, finetuning_max_length
+from fastmini.finetune.config import GRID_NAME, RUNS_DIR, FinetuneConfig, changed_options, finetuning_max_length
 from fastmini.finetune.data import TaskData, encode, load_task_data
 from fastmini.finetune.grid_run import BEST_DIR, GridRun
 from fastmini.finetune.models import ModelSource, load_task_model, task_model_class
@@ -45,8 +45,6 @@ from fastmini.training.errors import Interrupted, UsageError
 
 log = logging.getLogger("fastmini.finetune")
 
-RUNS_DIR = "runs"
-GRID_NAME = "grid.json"
 ADAPTERS_DIR = "adapters"
 
 

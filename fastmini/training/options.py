@@ -255,6 +255,19 @@ class Options:
             raise UsageError(f"{where}: expected {expected}, got {value!r}") from error
         return str(value)
 
+    def saved_options(self, path: Path) -> dict[str, Any]:
+        """The options a run saved (its train_config.json or grid.json), as the defaults of the command that
+        resumes it: that command repeats only --resume and the output directory, and what it may change (the
+        trainer still refuses any other change). Empty when there is no such file: the trainer names what is
+        missing when it looks for the checkpoint."""
+        try:
+            saved = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(saved, dict):
+            return {}
+        return {name: value for name, value in saved.items() if name in self.fields and name not in NOT_RESUMED}
+
     # ---------------------------------------------------------------------------- resolve
     def resolve(
         self,
@@ -287,6 +300,10 @@ class Options:
         config = self.config_class(**values)
         validate(config)
         return config, print_config
+
+
+# What a resumed command does not take from the saved options: where it runs and how it treats that directory.
+NOT_RESUMED = frozenset({"output_dir", "resume", "overwrite_output_dir"})
 
 
 def _yaml_problem(error: Exception) -> str:

@@ -21,7 +21,11 @@ def _plain(value: Any) -> Any:
 
 
 class RunLog:
-    def __init__(self, directory: Path, enabled: bool, resume_from_step: int | None = None):
+    def __init__(
+        self, directory: Path, enabled: bool, resume_from_step: int | None = None, resumed_run: Path | None = None
+    ):
+        """``resume_from_step``: a resumed run keeps the log up to that step, from ``resumed_run``'s directory when
+        it resumes another directory's run (this directory's own lines then belong to another run)."""
         self.enabled = enabled
         self.path = Path(directory) / LOG_NAME
         self._tensorboard = None
@@ -31,19 +35,18 @@ class RunLog:
         if resume_from_step is None:
             self.path.write_text("")
         else:
-            self._truncate_after(resume_from_step)
+            self._keep_up_to(resume_from_step, self.path if resumed_run is None else Path(resumed_run) / LOG_NAME)
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is optional
             return
         self._tensorboard = SummaryWriter(str(Path(directory) / TENSORBOARD_DIR))
 
-    def _truncate_after(self, step: int) -> None:
-        """A resumed run drops what the interrupted one logged after the checkpoint it resumes from."""
-        if not self.path.is_file():
-            return
+    def _keep_up_to(self, step: int, source: Path) -> None:
+        """A resumed run keeps what its run logged up to the checkpoint it resumes from, and drops what the
+        interrupted one logged after it."""
         kept = []
-        for line in self.path.read_text().splitlines():
+        for line in (source.read_text() if source.is_file() else "").splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
