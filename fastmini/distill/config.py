@@ -68,7 +68,8 @@ class DistillConfig:
     resume: str | None = option(
         None,
         "continue from a checkpoint: the latest one in OUTPUT_DIR/checkpoints (--resume alone) or the one given "
-        "(--resume PATH); with no checkpoint yet, a fresh run starts",
+        "(--resume PATH), whose options are the defaults (other changes than run-only ones are refused); with no "
+        "checkpoint yet, a fresh run starts",
         "run",
         parse=optional_str,
         nargs="?",

@@ -62,7 +62,7 @@ class FinetuneConfig:
     resume: bool = option(
         False,
         "continue the interrupted run in OUTPUT_DIR: finished grid runs are kept, the interrupted one continues "
-        "from its latest checkpoint (with none yet, a fresh run starts)",
+        "from its latest checkpoint (with none yet, a fresh run starts); the job's options are the defaults",
         "run",
     )
     seed: list[int] = option(
