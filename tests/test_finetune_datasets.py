@@ -174,6 +174,35 @@ def test_glue_labels_of_minus_one_are_hidden_only_in_test_splits(hub, model_dir,
     assert "dataset 'nyu-mll/glue' (sst2), split 'validation', row 0: no label in column 'label'" in line
 
 
+def rotten_tomatoes_split(count: int, seed: int, multilabel: bool = False) -> datasets.Dataset:
+    """rotten_tomatoes' schema (text, ClassLabel neg/pos); ``multilabel``: go_emotions' (a list of ClassLabels)."""
+    names = ["neg", "pos"]
+    label = datasets.Sequence(datasets.ClassLabel(names=names)) if multilabel else datasets.ClassLabel(names=names)
+    rows = classification_examples(count, seed)
+    labels = [int(r["label"] == "pos") for r in rows]
+    features = datasets.Features({"text": datasets.Value("string"), "label": label})
+    return datasets.Dataset.from_dict(
+        {"text": [r["text"] for r in rows], "label": [[x] for x in labels] if multilabel else labels},
+        features=features,
+    )
+
+
+@pytest.mark.parametrize("task", ["classification", "multilabel"])
+def test_a_datasets_name_with_class_labels_trains_on_their_names(task, hub, model_dir, tmp_path):
+    """Outside GLUE the label map comes from the data: a ClassLabel's integers stand for its names."""
+    multilabel = task == "multilabel"
+    hub.datasets["rotten_tomatoes", None] = {
+        "train": rotten_tomatoes_split(32, 1, multilabel),
+        "validation": rotten_tomatoes_split(16, 2, multilabel),
+    }
+    output = tmp_path / "out"
+    assert main(base_args(model_dir, output, "--data", "rotten_tomatoes", "--task", task, "--epochs", "1")) == 0
+    assert metrics_of(output)["label_names"] == ["neg", "pos"]
+    rows = predictions_of(output, "validation")
+    gold = [r["label"] for r in rotten_tomatoes_split(16, 2).to_list()]
+    assert [row["label"] for row in rows] == [[["neg", "pos"][g]] if multilabel else ["neg", "pos"][g] for g in gold]
+
+
 # ---- NER from a datasets name -----------------------------------------------------------------------
 
 

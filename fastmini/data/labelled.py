@@ -238,18 +238,17 @@ def dataset_source(name: str, config: str | None, split: str) -> str:
 
 
 def dataset_examples(
-    dataset, source: str, columns: Columns, *, labels_required: bool = True
+    dataset, source: str, columns: Columns, *, labels_required: bool = True, labels_by_name: bool = False
 ) -> tuple[list[dict[str, Any]], list[str] | None]:
     """(examples, the label names of a ClassLabel column or None) of a loaded ``datasets.Dataset``.
 
     -1 is GLUE's placeholder for its hidden test labels: a ClassLabel row of -1 has no label, and neither
     has any row of a split whose labels are optional (a test split) and all -1 (STS-B's test scores).
+    ``labels_by_name``: a ClassLabel's integers (or a multi-label list of them) become its names, for a task
+    whose label map comes from the data (not GLUE's fixed names, which take the integers as indices).
     ``dataset`` comes from ``open_dataset_split``; ``source`` (``dataset_source``) names it in messages."""
-    import datasets
-
     check_columns(source, list(dataset.column_names), columns, labels_required)
-    feature = dataset.features.get(columns.label)
-    label_names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+    label_names = class_label_names(dataset.features.get(columns.label))
     wanted = [c for c in (columns.text, columns.text_pair, columns.label) if c and c in dataset.column_names]
     records = dataset.select_columns(wanted).to_list()
     # Only where labels are optional (test splits): a validation split is read as it is.
@@ -262,10 +261,31 @@ def dataset_examples(
             label = None
         if label is None and labels_required:
             raise DataError(f"{where}: no label in column '{columns.label}'")
+        if labels_by_name and label_names is not None and label is not None:
+            label = _class_names(label, label_names, where)
         examples.append(_example(record, columns, label, where))
     if not examples:
         raise DataError(f"{source}: no examples")
     return examples, label_names
+
+
+def class_label_names(feature) -> list[str] | None:
+    """The names of a ClassLabel feature, or of the ClassLabel inside a list feature (a multi-label column)."""
+    import datasets
+
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    inner = getattr(feature, "feature", None)  # datasets.Sequence / datasets.List
+    return list(inner.names) if isinstance(inner, datasets.ClassLabel) else None
+
+
+def _class_names(label: Any, names: list[str], where: str) -> Any:
+    """A ClassLabel integer as its name (a list of them as a list of names)."""
+    if isinstance(label, list):
+        return [_class_names(item, names, where) for item in label]
+    if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(names):
+        return names[label]
+    raise DataError(f"{where}: label {label!r} is not one of the column's {len(names)} classes (0..{len(names) - 1})")
 
 
 def _is_placeholder(label: Any) -> bool:

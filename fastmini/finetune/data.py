@@ -181,7 +181,10 @@ def _datasets_splits(name: str, dataset_config: str | None, config: FinetuneConf
             return dataset_sentences(
                 dataset, source, config.text_column, config.label_column, tags_required=labels_required
             )
-        return dataset_examples(dataset, source, columns_of(config), labels_required=labels_required)
+        return dataset_examples(
+            dataset, source, columns_of(config), labels_required=labels_required,
+            labels_by_name=spec.label_names is None,
+        )  # fmt: skip
 
     train, label_names = read("train", opened("train"), True)
     validation = {}
