@@ -461,6 +461,32 @@ def test_an_unfinished_job_is_not_overwritten_silently(model_dir, good_data, tmp
     assert main(args(model_dir, good_data, output, "--epochs", "1", "--overwrite-output-dir")) == 0
 
 
+def test_a_new_job_leaves_none_of_the_previous_jobs_outputs(model_dir, tmp_path):
+    """Adapters, test predictions and mode directories of the job before must not pass for this job's."""
+    with_test = write_task_data(tmp_path / "with-test", "classification", test=8)
+    without_test = write_task_data(tmp_path / "without-test", "classification")
+    output = tmp_path / "out"
+    assert main(args(model_dir, with_test, output, "--epochs", "1", "--adapter-tuning")) == 0
+    assert {"adapters", "predictions_test.jsonl"} <= {p.name for p in output.iterdir()}
+    assert main(args(model_dir, without_test, output, "--epochs", "1")) == 0
+    names = {p.name for p in output.iterdir()}
+    assert "adapters" not in names and "predictions_test.jsonl" not in names
+    assert {"model.safetensors", "predictions_validation.jsonl", "metrics.json"} <= names
+    published = metrics_of(output)["published"]
+    assert published == {".": sorted(names - {"metrics.json", "runs", "train_config.json"})}
+    # A job of both modes (the embedded default's) before: its full/ and adapter/ go, a user's own file stays.
+    metrics = metrics_of(output)
+    metrics["published"] = {".": ["full", "adapter"], "full": ["model.safetensors"], "adapter": ["adapters"]}
+    (output / "metrics.json").write_text(json.dumps(metrics))
+    for mode in ("full", "adapter"):
+        (output / mode).mkdir()
+        (output / mode / "model.safetensors").write_bytes(b"")
+    (output / "notes.txt").write_text("mine")
+    assert main(args(model_dir, without_test, output, "--epochs", "1")) == 0
+    names = {p.name for p in output.iterdir()}
+    assert not names & {"full", "adapter"} and "notes.txt" in names
+
+
 def snapshot(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 

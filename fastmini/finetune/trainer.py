@@ -35,7 +35,7 @@ from fastmini.finetune.config import GRID_NAME, RUNS_DIR, FinetuneConfig, change
 from fastmini.finetune.data import TaskData, encode, load_task_data
 from fastmini.finetune.grid_run import BEST_DIR, GridRun
 from fastmini.finetune.models import ModelSource, load_task_model, task_model_class
-from fastmini.finetune.selection import Setting, choose, modes_of, results_table
+from fastmini.finetune.selection import MODES, Setting, choose, modes_of, results_table
 from fastmini.finetune.tasks import TaskSpec, task_spec
 from fastmini.training import checkpoints, distributed, precision
 from fastmini.training.batching import check_global_batch, without_split
@@ -97,6 +97,29 @@ def _check_resumed_options(grid: Path, config: FinetuneConfig) -> None:
         raise UsageError(
             f"--resume: the job in {grid.parent.parent} was started with other options: {'; '.join(changed)}"
         )
+
+
+def _published_by(output: Path) -> dict[str, list[str]]:
+    """What the previous job in ``output`` published (its metrics.json's "published"); empty if unknown."""
+    try:
+        published = json.loads((output / METRICS_NAME).read_text()).get("published")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return published if isinstance(published, dict) else {}
+
+
+def _remove_stale_outputs(output: Path, before: dict[str, list[str]], now: dict[str, list[str]]) -> None:
+    """Remove what the previous job published and this one did not (its test predictions, its adapters, its
+    full/ and adapter/ directories): files of another model must not pass for this one's. Only plain entry names
+    of the directories a job publishes into are touched."""
+    places = {".", *MODES}
+    for where, names in before.items():
+        if where not in places or not isinstance(names, list) or (where != "." and where not in now.get(".", [])):
+            continue  # a mode directory this job does not publish goes as a whole, with "."'s entries
+        kept = set(now.get(where, ()))
+        for name in names:
+            if isinstance(name, str) and name not in kept and name not in ("", ".", "..") and "/" not in name:
+                checkpoints.remove_entry(output / where / name)
 
 
 def replace_previous_job(config: FinetuneConfig) -> Path:
@@ -210,11 +233,15 @@ class FineTuning:
 
     def _finish(self, results: dict[str, list[dict[str, Any]]], seconds: float) -> dict[str, Any]:
         spec = self.spec
+        published_before = _published_by(self.output)
+        published: dict[str, list[str]] = {}  # "." (the output directory) or a mode's directory -> entry names
         modes = {}
         for mode, runs in results.items():
             grid, chosen = choose(runs, self.config.lr, spec.main_metric)
             target = self.output if len(self.modes) == 1 else self.output / mode
-            test = self._publish(mode, chosen, target)
+            test, published[target.relative_to(self.output).as_posix()] = self._publish(mode, chosen, target)
+            if target != self.output:
+                published.setdefault(".", []).append(mode)
             modes[mode] = {
                 "directory": str(target),
                 "trainable_parameters": runs[0]["trainable_parameters"],
@@ -239,6 +266,7 @@ class FineTuning:
             "examples": self.data.sizes(),
             "max_length": self.max_length,
             "modes": modes,
+            "published": published,
             "train": {
                 "seconds_this_session": round(seconds, 2),
                 "processes": self.context.world_size,
@@ -249,6 +277,7 @@ class FineTuning:
             for mode, entry in modes.items():
                 write_json_atomically(Path(entry["directory"]) / METRICS_NAME, {**metrics, "modes": {mode: entry}})
                 write_json_atomically(Path(entry["directory"]) / TRAIN_CONFIG_NAME, self.config.to_dict())
+        _remove_stale_outputs(self.output, published_before, published)
         write_json_atomically(self.output / TRAIN_CONFIG_NAME, self.config.to_dict())
         write_json_atomically(self.output / METRICS_NAME, metrics)
         print(results_table(metrics, self.config.seed))
@@ -257,8 +286,9 @@ class FineTuning:
         )
         return metrics
 
-    def _publish(self, mode: str, chosen: dict[str, Any], target: Path) -> dict[str, Any] | None:
-        """Copy the chosen run's best model, the tokenizer, its adapters and its predictions into ``target``."""
+    def _publish(self, mode: str, chosen: dict[str, Any], target: Path) -> tuple[dict[str, Any] | None, list[str]]:
+        """Copy the chosen run's best model, the tokenizer, its adapters and its predictions into ``target``; (the
+        test metrics, the names of the entries published)."""
         best = self.runs_dir / chosen["name"] / BEST_DIR
         staging = self.output / f".tmp-publish-{mode}"
         if staging.exists():
@@ -282,8 +312,7 @@ class FineTuning:
                 scored = labelled_scores(self.spec, self.data, examples, predictions)
                 if scored is not None:
                     test_metrics[split] = scored
-        checkpoints.publish_directory_contents(staging, target)
-        return test_metrics or None
+        return test_metrics or None, checkpoints.publish_directory_contents(staging, target)
 
     def _outside_index(self) -> int:
         return self.data.labels.index.get("O", 0)

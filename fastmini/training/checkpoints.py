@@ -81,16 +81,27 @@ def _fsync_directory(directory: Path) -> None:
             os.close(descriptor)
 
 
-def publish_directory_contents(source: Path, target: Path) -> None:
+def publish_directory_contents(source: Path, target: Path) -> list[str]:
     """Move every entry of ``source`` into ``target`` (one rename each; an entry of the same name,
-    file or directory, is replaced), then remove ``source``. For final outputs assembled aside."""
+    file or directory, is replaced), then remove ``source``. For final outputs assembled aside.
+    Returns the names of the entries published, sorted."""
     target.mkdir(parents=True, exist_ok=True)
-    for path in source.iterdir():
+    names = []
+    for path in sorted(source.iterdir()):
         destination = target / path.name
-        if destination.is_dir() and not destination.is_symlink():
-            shutil.rmtree(destination)
+        remove_entry(destination)
         path.replace(destination)
+        names.append(path.name)
     source.rmdir()
+    return names
+
+
+def remove_entry(path: Path) -> None:
+    """Remove a file, link or directory tree if it is there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
