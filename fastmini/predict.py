@@ -73,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=PRECISIONS,
         help="'auto': bf16 on GPU, fp32 on CPU (default: auto)",
     )
-    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch")
+    parser.add_argument(
+        "--threads", type=int, metavar="N", help="CPU threads for torch, >= 1 (default: torch's choice)"
+    )
     return parser
 
 
@@ -312,15 +314,16 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         args = build_parser().parse_args(argv)
-        if args.batch_size <= 0:
-            raise UsageError(f"--batch-size must be > 0, got {args.batch_size}")
+        for flag, value in (("--batch-size", args.batch_size), ("--threads", args.threads)):
+            if value is not None and value <= 0:
+                raise UsageError(f"{flag} must be > 0, got {value}")
         quiet_libraries()
         import torch
 
         import fastmini  # noqa: F401  (registers the Auto classes)
         from fastmini.finetune.config import check_max_length
 
-        if args.threads:
+        if args.threads is not None:
             torch.set_num_threads(args.threads)
         predictor = Predictor(args.model, args.device, args.precision)
         check_max_length(args.max_length, predictor.model.config.max_position_embeddings)

@@ -385,6 +385,19 @@ def test_ner_from_local_jsonl_files_with_string_tags_and_an_unlabelled_test_file
     assert len(rows) == 8 and all(row["label"] is None and len(row["prediction"]) == len(row["tokens"]) for row in rows)
 
 
+def test_a_partly_labelled_ner_test_file_gives_unlabelled_sentences_for_its_rows_without_tags(tmp_path):
+    """As a classification test file: rows with null or absent tags are predicted, the rest scored (with a
+    warning, warn_if_partly_labelled); in a training or dev file the same rows are errors."""
+    path = tmp_path / "test.jsonl"
+    rows = [{"tokens": ["a", "cat"], "ner_tags": ["O", "B-ANIMAL"]}, {"tokens": ["a", "dog"], "ner_tags": None},
+            {"tokens": ["bread"]}]  # fmt: skip
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    sentences, _ = read_ner_records(path, "tokens", "ner_tags", tags_required=False)
+    assert [sentence["tags"] for sentence in sentences] == [["O", "B-ANIMAL"], None, None]
+    with pytest.raises(DataError, match=r"test.jsonl, line 2: column 'ner_tags' holds NoneType, expected a list"):
+        read_ner_records(path, "tokens", "ner_tags")
+
+
 def test_bad_local_ner_rows_name_the_file_line_and_column(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text('{"tokens": ["a", "cat"], "ner_tags": ["O", "B-ANIMAL"]}\n{"tokens": ["a"], "ner_tags": []}\n')

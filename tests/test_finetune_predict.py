@@ -202,6 +202,9 @@ def test_bad_input(classifier, tmp_path, capsys):
     source = write_table(tmp_path / "b.csv", [{"review": "good"}])
     line = error_of(["--model", str(classifier), "--input", str(source)], capsys)
     assert "no column 'text'" in line and "review" in line
+    for threads in ("0", "-1"):
+        line = error_of(["--model", str(classifier), "--input", str(texts), "--threads", threads], capsys)
+        assert f"--threads must be > 0, got {threads}" in line
 
 
 def test_one_record_per_input_line_with_its_index(classifier, tmp_path, monkeypatch, capsys):

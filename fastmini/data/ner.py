@@ -121,7 +121,8 @@ def dataset_sentences(
     names = declared_tag_names(source, tags_column, dataset.features.get(tags_column)) if has_tags else None
     wanted = [tokens_column, tags_column] if has_tags else [tokens_column]
     records = [(f"{source}, row {index}", row) for index, row in enumerate(dataset.select_columns(wanted).to_list())]
-    return sentences_of(records, source, tokens_column, tags_column if has_tags else None, names), names
+    tags = tags_column if has_tags else None
+    return sentences_of(records, source, tokens_column, tags, names, tags_required=tags_required), names
 
 
 def read_ner_records(
@@ -141,7 +142,8 @@ def read_ner_records(
         features = {}
     has_tags = _check_record_columns(str(path), columns, tokens_column, tags_column, tags_required)
     names = declared_tag_names(str(path), tags_column, features.get(tags_column)) if has_tags else None
-    return sentences_of(records, str(path), tokens_column, tags_column if has_tags else None, names), names
+    tags = tags_column if has_tags else None
+    return sentences_of(records, str(path), tokens_column, tags, names, tags_required=tags_required), names
 
 
 def _parquet_records(path: Path):
@@ -193,11 +195,16 @@ def sentences_of(
     tokens_column: str,
     tags_column: str | None,
     names: list[str] | None,
+    tags_required: bool = True,
 ) -> list[dict[str, Any]]:
-    """Sentences of ``(where, row)`` records; ``tags_column`` None: unlabelled (``"tags": None``)."""
+    """Sentences of ``(where, row)`` records; ``tags_column`` None: unlabelled (``"tags": None``). Without
+    ``tags_required`` (a test split) a row whose tags are null or absent is an unlabelled sentence."""
     sentences = []
     for where, record in records:
-        sentence = _record_sentence(where, record, tokens_column, tags_column, names)
+        if not tags_required and tags_column is not None and record.get(tags_column) is None:
+            sentence = _record_sentence(where, record, tokens_column, None, names)
+        else:
+            sentence = _record_sentence(where, record, tokens_column, tags_column, names)
         if sentence is not None:
             sentences.append(sentence)
     if not sentences:
