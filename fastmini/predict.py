@@ -3,7 +3,8 @@
 The model is a directory written by ``python -m fastmini.finetune`` (or any fastmini / MiniALBERT
 / ALBERT sequence- or token-classification checkpoint with its tokenizer); what it predicts
 (classes, a number, several labels, BIO tags) is read from its config. Input:
-- ``.txt`` (or ``-`` for stdin): one text per line; for a tagger, words separated by spaces;
+- ``.txt`` (or ``-`` for stdin): one text per line; for a tagger, words separated by spaces (a ``.txt`` whose
+  first line has a tab is the two-column training format, as the fine-tuner reads it);
 - ``.jsonl`` / ``.json``: objects with ``--text-column`` (and ``--text-pair-column`` for pairs);
   for a tagger, ``--tokens-column`` (a list of words) or the text column;
 - ``.csv`` / ``.tsv``: a header row naming those columns; for a tagger, ``.tsv`` / ``.conll``
@@ -12,7 +13,9 @@ The model is a directory written by ``python -m fastmini.finetune`` (or any fast
 Output: one JSON object per input, in input order (``--output FILE`` or stdout), its ``index``
 the input's position: of its line in a text file (so that ``paste`` lines them up), of its
 record in a JSON / CSV file (header not counted), of its sentence in a two-column file. An
-empty line or row still gets its record: ``"prediction": null`` (a tagger: no tokens, no tags).
+empty line or row still gets its record: ``"prediction": null`` (a tagger: no tokens, no tags). A tagger's
+sentence longer than ``--max-length`` tokens has its last words tagged O unread: its record says
+``"truncated": true``, and one warning counts them.
 ``--output`` is written to a temporary file beside it and renamed at the end: a run that fails
 leaves an existing file as it was. Examples are
 batched by length and run through the model's unpadded fast path in inference mode, bf16 on a
@@ -125,6 +128,7 @@ class Predictor:
             raise UsageError(f"--model {directory}: no usable tokenizer in the directory ({error})") from error
         config = self.model.config
         self.default_max_length = _usable_max_length(recorded_max_length, config.max_position_embeddings)
+        self.truncated_sentences = 0  # a tagger's inputs longer than the tokens it reads (their last words: "O")
         if model_class is FastMiniForTokenClassification:
             kind = "ner"
         elif config.problem_type == "regression" or config.num_labels == 1:
@@ -170,10 +174,12 @@ class Predictor:
         logits = inference.predict_logits(self.model, encoded, batch_size, self.device, self.autocast_dtype)
         predictions = inference.decode(self.spec.kind, logits, encoded, self.labels.index.get("O", 0))
         records = []
-        for example, prediction, row in zip(examples, predictions, logits, strict=True):
+        for index, (example, prediction, row) in enumerate(zip(examples, predictions, logits, strict=True)):
             record = inference.readable(self.spec, self.labels, prediction, row)
             if self.spec.kind == "ner":
                 tokens, tags = example["tokens"], record["prediction"]
+                truncated = {"truncated": True} if None in encoded.word_positions[index] else {}
+                self.truncated_sentences += bool(truncated)
                 record = {
                     "tokens": tokens,
                     "tags": tags,
@@ -183,6 +189,7 @@ class Predictor:
                     ]
                     if self.bio_tags
                     else None,
+                    **truncated,
                 }
             else:
                 record = {
@@ -207,7 +214,7 @@ def read_inputs(source: str, kind: str, text_column: str, pair_column: str | Non
     if not path.is_file():
         raise DataError(f"--input {source}: no such file")
     suffix = path.suffix.lower()
-    if kind == "ner" and suffix in NER_FILE_SUFFIXES:
+    if kind == "ner" and (suffix in NER_FILE_SUFFIXES or (suffix == ".txt" and _tab_separated(path))):
         return [{"tokens": s["tokens"], "where": s["where"]} for s in read_ner_file(path, tags_required=False)]
     if kind == "ner" and suffix in (".json", ".jsonl"):
         return _tagger_json(path, text_column, tokens_column)
@@ -219,6 +226,15 @@ def read_inputs(source: str, kind: str, text_column: str, pair_column: str | Non
         return _refuse_all_empty(examples, str(path))
     lines = split_lines(read_text_file(path, allow_empty=True))
     return _refuse_all_empty(_from_lines(lines, str(path), kind, pair_column), str(path))
+
+
+def _tab_separated(path: Path) -> bool:
+    """Whether a .txt file's first non-blank line has a tab: a tagger's two-column 'token<TAB>tag' file (the
+    fine-tuner's .txt format), not one sentence per line."""
+    from fastmini.data.corpus import read_text_file
+    from fastmini.data.labelled import split_lines
+
+    return next((("\t" in line) for line in split_lines(read_text_file(path, allow_empty=True)) if line.strip()), False)
 
 
 def _read_stdin() -> str:
@@ -342,6 +358,14 @@ def main(argv: list[str] | None = None) -> int:
             write_output_file(args.output, write)
         else:
             write(sys.stdout)  # a reader that stops early (`| head`) is run_cli's to handle
+        if predictor.truncated_sentences:
+            log.warning(
+                "%d sentence(s) had more words than %d tokens hold: the words past them are tagged O without being "
+                'read (their records say "truncated": true; --max-length up to the model\'s %d positions reads more)',
+                predictor.truncated_sentences,
+                args.max_length or predictor.default_max_length,
+                predictor.model.config.max_position_embeddings,
+            )
         return 0
 
     return run_cli("fastmini.predict", body)

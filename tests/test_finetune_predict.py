@@ -176,10 +176,25 @@ def test_tagger_predictions_and_entities(tagger, tmp_path):
     jsonl = write_table(tmp_path / "words.jsonl", [{"tokens": ["a", "dog"]}, {"text": "apple pie"}])
     assert main(["--model", str(tagger), "--input", str(jsonl), "--output", str(output)]) == 0
     assert [r["tokens"] for r in read_jsonl(output)] == [["a", "dog"], ["apple", "pie"]]
-    conll = tmp_path / "test.tsv"
-    conll.write_text("the\tO\ncat\tB-ANIMAL\n\nbread\tB-FOOD\n")
-    assert main(["--model", str(tagger), "--input", str(conll), "--output", str(output)]) == 0
-    assert [r["tokens"] for r in read_jsonl(output)] == [["the", "cat"], ["bread"]]
+    for name in ("test.tsv", "test.txt"):  # .txt as the fine-tuner reads it: two columns when it has tabs
+        conll = tmp_path / name
+        conll.write_text("the\tO\ncat\tB-ANIMAL\n\nbread\tB-FOOD\n")
+        assert main(["--model", str(tagger), "--input", str(conll), "--output", str(output)]) == 0
+        assert [r["tokens"] for r in read_jsonl(output)] == [["the", "cat"], ["bread"]]
+
+
+def test_a_tagger_says_which_sentences_it_cut(tagger, tmp_path, caplog):
+    sentences = tmp_path / "s.txt"
+    sentences.write_text(" ".join(["cat"] * 40) + "\nthe big cat\n")
+    output = tmp_path / "tags.jsonl"
+    with caplog.at_level("WARNING", logger="fastmini.predict"):
+        assert (
+            main(["--model", str(tagger), "--input", str(sentences), "--output", str(output), "--max-length", "16"])
+            == 0
+        )
+    long, short = read_jsonl(output)
+    assert long["truncated"] is True and len(long["tags"]) == 40 and "truncated" not in short
+    assert "1 sentence(s) had more words than 16 tokens hold" in caplog.text
 
 
 def error_of(argv: list[str], capsys) -> str:
