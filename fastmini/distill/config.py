@@ -1,9 +1,9 @@
 """Every knob of the distiller in one dataclass: defaults, --help text, validation, files, recipes.
 
-Precedence: these defaults < a recipe or YAML/JSON file given with ``--config`` < options on
-the command line. The defaults are the offline demo that ``python -m fastmini.distill`` runs
-on CPU in a few minutes (packaged MiniLM-L6-H384 teacher, gensim's Wikipedia sample, short
-windows, a few hundred steps); ``--config minialbert-128`` is the published recipe (SPEC.md).
+Precedence: these defaults < (with ``--resume``) the checkpoint's options < a recipe or YAML/JSON file given
+with ``--config`` < options on the command line. The defaults are the offline demo that
+``python -m fastmini.distill`` runs on CPU in a few minutes (packaged MiniLM-L6-H384 teacher, gensim's
+Wikipedia sample, short windows, a few hundred steps); ``--config minialbert-128`` is the published recipe (SPEC.md).
 The loss weights' values (losses.LossWeights holds them for the losses), the temperature and the layer
 map are set here and nowhere else.
 """
@@ -358,7 +358,8 @@ OPTIONS = Options(
         "Runs under torchrun for several processes (DDP)."
     ),
     epilog=(
-        "Precedence: defaults < --config (a YAML/JSON file of these options, underscores or dashes, or a "
+        "Precedence: defaults < with --resume, the checkpoint's options < --config (a YAML/JSON file of these "
+        "options, underscores or dashes, or a "
         f"recipe name: {', '.join(RECIPES)}) < command-line options. The output directory then loads with "
         "transformers.AutoModelForMaskedLM.from_pretrained after `import fastmini`."
     ),

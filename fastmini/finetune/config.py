@@ -1,7 +1,8 @@
 """Every knob of the fine-tuner in one dataclass: defaults, --help text, validation, task recipes.
 
 Precedence: these defaults < the task's recipe (GLUE: columns, batch size and epochs; ner:
-SPEC.md's NER recipe) < a YAML/JSON file given with ``--config`` < the command line. With no
+SPEC.md's NER recipe) < (with ``--resume``) the job's own options < a YAML/JSON file given with ``--config`` < the
+command line. With no
 dataset, ``python -m fastmini.finetune`` is the offline demo: gensim's 200 movie-review
 sentences (fixed 160 / 40 split), full fine-tuning and adapter tuning side by side, SPEC.md's
 learning-rate grid.
@@ -269,10 +270,10 @@ OPTIONS = Options(
         "(gensim's movie-review sentences, both modes). Runs under torchrun for several processes (DDP)."
     ),
     epilog=(
-        "Precedence: defaults < the task's recipe < --config (a YAML/JSON file of these options, underscores or "
-        "dashes) < command-line options. OUTPUT_DIR holds the best model (loadable with from_pretrained and the "
-        "Auto classes after `import fastmini`), metrics.json, predictions_*.jsonl and train_config.json; "
-        "`python -m fastmini.predict --model OUTPUT_DIR` labels new text."
+        "Precedence: defaults < the task's recipe < with --resume, the job's options < --config (a YAML/JSON file "
+        "of these options, underscores or dashes) < command-line options. OUTPUT_DIR holds the best model "
+        "(loadable with from_pretrained and the Auto classes after `import fastmini`), metrics.json, "
+        "predictions_*.jsonl and train_config.json; `python -m fastmini.predict --model OUTPUT_DIR` labels new text."
     ),
     groups=GROUPS,
 )
