@@ -47,8 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fastmini.predict",
         description="Label a text file or a JSONL/CSV batch with a fine-tuned fastmini model, batch-wise.",
-        epilog="Writes one JSON object per input line (per record of a JSON/CSV file), with its index: the "
-        "prediction (label and probability, a number, labels, or tags with their entities); null for an empty line.",
+        epilog="Writes one JSON object per input line (per record of a JSON/CSV file; a tagger: per sentence of a "
+        "two-column file), with its index: the prediction (label and probability, a number, or labels; null for "
+        'an empty line), or a tagger\'s tokens, tags and entities (empty for an empty line; "truncated": true '
+        "where words past --max-length were tagged O unread).",
     )
     parser.add_argument("--model", required=True, metavar="DIR", help="a fine-tuned model directory (with tokenizer)")
     parser.add_argument("--input", required=True, metavar="FILE", help="a .txt/.jsonl/.json/.csv/.tsv file, or -")

@@ -271,7 +271,10 @@ class DistillConfig:
         4, "documents held out from training (the last ones of the corpus) for evaluation", "eval", parse=int
     )
     eval_windows: int = option(
-        64, "at most this many held-out windows are evaluated (0: no evaluation)", "eval", parse=int
+        64,
+        "at most this many held-out windows are evaluated (0: no evaluation; the held-out documents then train too)",
+        "eval",
+        parse=int,
     )
     eval_batch_size: int = option(16, "windows per evaluation batch", "eval", parse=int)
 

@@ -339,7 +339,8 @@ def compile_student_option() -> Any:
         False,
         "compile the student's forward and backward with torch.compile (dynamic shapes: one compile, about a "
         "minute, serves every batch; inductor then fuses the elementwise work around the GEMMs); the same losses "
-        "to rounding. Not with --gradient-checkpointing",
+        "to rounding with hidden dropout off (with it on, inductor draws other masks). Not with "
+        "--gradient-checkpointing",
         "run",
     )
 
