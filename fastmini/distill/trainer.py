@@ -40,6 +40,7 @@ from fastmini.distill.distiller import (
 from fastmini.distill.evaluation import evaluate
 from fastmini.distill.speed_defaults import graph_teacher_by_default, low_precision_maps_by_default
 from fastmini.models.checkpoint import SAFETENSORS_NAME
+from fastmini.models.loading import tied_weight_keys
 from fastmini.training import checkpoints, distributed, faults, precision
 from fastmini.training.batching import StepBatches, check_global_batch, check_resumed_split, without_split
 from fastmini.training.checkpoints import (
@@ -187,8 +188,8 @@ class DistillationRun:
         trained = self.student_side
         if context.is_distributed:
             # Without a loss on the logits (--mlm-weight 0 and no output KL: no teacher head or --output-weight 0)
-            # the MLM head, and the adapters of recursions after the last matched layer, get no gradient, which DDP
-            # refuses unless told to look for such parameters every step; otherwise every parameter has one.
+            # the MLM head (and, with attention maps alone compared, the last recursion's adapters) get no gradient,
+            # which DDP refuses unless told to look for such parameters every step; otherwise every parameter has one.
             trained = nn.parallel.DistributedDataParallel(
                 self.student_side,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -369,7 +370,7 @@ class DistillationRun:
             result = student.load_state_dict(weights, strict=False)
         except models.UNLOADABLE_WEIGHTS as error:  # missing, cut short, or of other shapes
             raise UsageError(f"--resume {path}: {SAFETENSORS_NAME} cannot be read ({error})") from error
-        tied = set(getattr(student, "all_tied_weights_keys", {}) or {}) if student.config.tie_word_embeddings else set()
+        tied = tied_weight_keys(student)
         missing = [key for key in result.missing_keys if key not in tied]
         if missing or result.unexpected_keys:
             problems = [f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}"] if missing else []

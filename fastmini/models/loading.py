@@ -97,6 +97,11 @@ def _align_prefix(model, state_dict: dict[str, torch.Tensor]) -> dict[str, torch
     return state_dict
 
 
+def tied_weight_keys(model: FastMiniPreTrainedModel) -> set[str]:
+    """The keys a checkpoint may leave out because they are tied to another (ALBERT heads' decoder)."""
+    return set(getattr(model, "all_tied_weights_keys", {}) or {}) if model.config.tie_word_embeddings else set()
+
+
 def reconcile(
     model: FastMiniPreTrainedModel,
     state_dict: dict[str, torch.Tensor],
@@ -106,7 +111,7 @@ def reconcile(
     """The subset of ``state_dict`` to load into ``model``; raises on anything inconsistent."""
     state_dict = _align_prefix(model, state_dict)
     expected = model.state_dict()
-    tied = set(getattr(model, "all_tied_weights_keys", {}) or {}) if model.config.tie_word_embeddings else set()
+    tied = tied_weight_keys(model)
     missing = sorted(key for key in expected if key not in state_dict and key not in tied)
     unexpected = sorted(key for key in state_dict if key not in expected)
     required = [key for key in missing if not _is_optional(key)]
