@@ -196,7 +196,9 @@ def peak_memory(step, setup: Setup, models: tuple[nn.Module, ...]) -> int | None
     holding only ``models`` (the teacher and this contender's student) would see it: what the step adds
     above the memory in use before it, plus those models' weights. The benchmark holds three students at
     once; counting them all would add the same fixed amount to every contender and push every ratio towards
-    1. The step runs once before, so that one-time allocations count against no contender. None on the CPU."""
+    1. The step runs once before, so that one-time allocations count against no contender. None on the CPU.
+    A graphed teacher's static outputs are allocated in that first run and stay: they are the step's own memory
+    (an eager teacher allocates its outputs inside the step), counted as resident (``GraphedTeacher.static_bytes``)."""
     if setup.device != "cuda":
         return None
     step()
@@ -205,7 +207,9 @@ def peak_memory(step, setup: Setup, models: tuple[nn.Module, ...]) -> int | None
     torch.cuda.reset_peak_memory_stats()
     step()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before + resident_bytes(*models)
+    graphed = getattr(getattr(step, "distiller", None), "graphed_teacher", None)
+    kept_by_graphs = graphed.static_bytes if graphed is not None else 0
+    return torch.cuda.max_memory_allocated() - before + resident_bytes(*models) + kept_by_graphs
 
 
 def in_range(name: str, function):
@@ -220,6 +224,21 @@ def in_range(name: str, function):
 
 def ranged(owner, attribute: str, name: str) -> None:
     setattr(owner, attribute, in_range(name, getattr(owner, attribute)))
+
+
+def between_events(function, spans: list):
+    """``function`` between two CUDA events, appended to ``spans`` each call: the GPU time of all it issues,
+    replayed CUDA graphs included (the GPU may idle inside the span while the host issues: an upper bound)."""
+
+    def timed_call(*arguments, **keywords):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        result = function(*arguments, **keywords)
+        end.record()
+        spans.append((start, end))
+        return result
+
+    return timed_call
 
 
 class GraphedPaddedEncoderSide(StudentSide):
@@ -326,12 +345,19 @@ class Steps:
     def phase_times(self, range_times, step) -> dict[str, float]:
         """GPU time (CPU: time) of one of ``of``'s ``step``, phase by phase (``range_times``: the fixture's
         function): the teacher's forward, the student's, the losses (the rest of the forward) and the backward
-        (the rest of the step). Its distiller's teacher and student are wrapped in named ranges for good."""
+        (the rest of the step). Its distiller's teacher and student are wrapped in named ranges for good.
+
+        A graphed teacher's replayed kernels belong to no op of its range (the profiler links a graph's kernels to
+        no launching op): its GPU time is taken between CUDA events around its call instead, and moved from the
+        backward (the rest of "all") to the forward."""
         distiller, model = step.distiller, step.model
         teacher_name = "graphed_teacher" if distiller.graphed_teacher is not None else None
         ranged(distiller, "student_side", "student forward")
+        teacher_spans: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         if teacher_name:
             ranged(distiller, teacher_name, "teacher forward")
+            if self.setup.device == "cuda":
+                distiller.graphed_teacher = between_events(distiller.graphed_teacher, teacher_spans)
         teacher_forward_of = distiller_module.teacher_forward
 
         def ranged_step():
@@ -347,8 +373,13 @@ class Steps:
             model.zero_grad(set_to_none=True)
 
         ranged_step()  # a compiled student compiles, a graphed teacher records: outside the profile
+        teacher_spans.clear()
         times = range_times(ranged_step, ("teacher forward", "student forward", "forward"), self.setup.device)
         forward = times.pop("forward")
+        if teacher_spans:  # range_times synchronised: the events have their times
+            start, end = teacher_spans[-1]
+            forward += start.elapsed_time(end) - times["teacher forward"]
+            times["teacher forward"] = round(start.elapsed_time(end), 3)
         times["losses"] = round(forward - times["teacher forward"] - times["student forward"], 3)
         times["backward"] = round(times.pop("all") - forward, 3)
         return times

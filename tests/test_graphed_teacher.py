@@ -61,6 +61,19 @@ def test_every_call_equals_the_eager_teacher_and_each_shape_is_recorded_once(tea
     assert graphed.captured_shapes == [(2, 6), (3, 9)]
 
 
+def test_static_bytes_count_what_the_recorded_forwards_keep(teacher):
+    """What a benchmark's peak memory must add for a graphed teacher: its static inputs and outputs, per shape."""
+    graphed = GraphedTeacher(teacher, LAYERS, True, True, False, capture=CAPTURE)
+    assert graphed.static_bytes == 0
+    graphed(batch_of([9, 5, 2], 9, seed=1))
+    hidden, heads, element = teacher.config.hidden_size, teacher.config.num_attention_heads, 4  # fp32
+    inputs = 3 * 3 * 9 * 8  # ids, types and mask, (3, 9) int64
+    outputs = (len(LAYERS) * 3 * 9 * hidden + len(LAYERS) * 3 * heads * 9 * 9 + 3 * 9 * hidden) * element
+    assert graphed.static_bytes == inputs + outputs
+    graphed(batch_of([9, 7, 3], 9, seed=2))  # replayed: nothing more kept
+    assert graphed.static_bytes == inputs + outputs
+
+
 def test_the_recorded_teacher_is_given_its_padding_as_a_bias_even_without_padding(teacher):
     """Given no mask inside a capture, transformers builds one with a host-to-GPU copy, which the capture
     refuses (seen on the H200): the recorded forward always hands the teacher a (B, 1, 1, S) bias."""

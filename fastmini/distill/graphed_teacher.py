@@ -88,6 +88,16 @@ class GraphedTeacher:
         self._pool = None
 
     @property
+    def static_bytes(self) -> int:
+        """Bytes the recorded forwards keep allocated between replays: their static inputs and outputs (the matched
+        layers' maps and hidden states). The graphs' private memory pool is reserved besides."""
+        return sum(
+            t.numel() * t.element_size()
+            for entry in self._entries.values()
+            for t in (entry.input_ids, entry.token_type_ids, entry.attention_mask, *_tensors(entry.outputs))
+        )
+
+    @property
     def captured_shapes(self) -> list[tuple[int, int]]:
         """(batch size, padded length) of every recorded forward."""
         return sorted(self._entries)
