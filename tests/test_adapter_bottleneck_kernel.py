@@ -562,8 +562,8 @@ def test_rows_kernel_takes_a_bf16_activation_with_fp32_weights():
     x = tensors[0].detach().bfloat16().requires_grad_()
     y, grads = forward_and_grads(triton_adapter, [x, *tensors[1:]], grad_output)
     assert y.dtype == torch.bfloat16 and [g.dtype for g in grads] == [torch.bfloat16] + [torch.float32] * 6
-    truth = exact([x, *tensors[1:]], grad_output)
-    torch.testing.assert_close(y.double(), truth[0], atol=2e-2, rtol=1e-2)
+    atol, rtol = LOW_PRECISION_TOLERANCES[torch.bfloat16]
+    assert_matches((y, grads), exact([x, *tensors[1:]], grad_output), atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("parameter_dtype", [torch.bfloat16, torch.float32], ids=["bf16-weights", "fp32-weights"])

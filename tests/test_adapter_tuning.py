@@ -144,10 +144,13 @@ def test_refused_adapters_leave_the_model_as_it_was(tiny_config, tmp_path):
     FastMiniForSequenceClassification(tiny_config(num_labels=3)).save_adapters(tmp_path)
     model = FastMiniForSequenceClassification(tiny_config(num_labels=2, use_adapter=False))
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    config_before = model.config.to_dict()
     with pytest.raises(CheckpointError, match=r"classifier\.(weight|bias)' has shape"):
         model.load_adapters(tmp_path)
     assert not model.fastmini.encoder.has_adapters and not model.config.use_adapter
-    assert set(model.state_dict()) == set(before)
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[name], before[name]) for name in before)
+    assert model.config.to_dict() == config_before
 
 
 def test_load_adapters_refuses_another_head_variant(tiny_config, tmp_path):

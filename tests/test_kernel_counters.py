@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import stat
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -103,12 +102,15 @@ def test_a_profile_is_read_and_an_unknown_metric_retried_without_the_extras(coun
 def test_the_retry_runs_within_the_cases_time_not_a_time_of_its_own(counters, tmp_path, monkeypatch):
     """A first run that fails late leaves no time for the retry without the extra metrics: the case says so
     instead of overrunning the budget run_gpu.py gave the whole script."""
-    slow_and_picky = stand_in_ncu(tmp_path, 'sleep 2; echo "==ERROR== Failed to find metric dram__bytes_read.sum"')
+    calls = tmp_path / "calls"
+    slow_and_picky = stand_in_ncu(
+        tmp_path, f'echo x >> "{calls}"; sleep 2; echo "==ERROR== Failed to find metric dram__bytes_read.sum"'
+    )
     monkeypatch.setattr(counters, "RETRY_MIN_S", 5)
-    started = time.monotonic()
     kernels, _text, problem = counters.profile(slow_and_picky, "adapter forward, 128 rows", 6)
     assert kernels == [] and problem.endswith("(no time left to retry without the extra metrics)")
-    assert problem.startswith("==ERROR== Failed to find metric") and time.monotonic() - started < 5
+    assert problem.startswith("==ERROR== Failed to find metric")
+    assert calls.read_text().count("x") == 1  # ncu ran once: no retry started
 
 
 def test_an_error_no_case_escapes_stops_the_other_cases(counters, tmp_path):
@@ -125,9 +127,8 @@ def test_a_case_past_its_time_is_killed_with_the_process_it_profiles(counters, t
     """ncu's child (the profiled python, holding a CUDA context) must not outlive a timed-out case."""
     child_pid = tmp_path / "child.pid"
     hanging = stand_in_ncu(tmp_path, f'sleep 60 & echo $! > "{child_pid}"; wait')
-    started = time.monotonic()
     kernels, _text, problem = counters.profile(hanging, "adapter forward, 128 rows", 2)
-    assert kernels == [] and problem == "stopped after 2 s" and time.monotonic() - started < 10
+    assert kernels == [] and problem == "stopped after 2 s"
     assert gone(int(child_pid.read_text()))
 
 

@@ -48,6 +48,9 @@ def test_from_teacher_takes_widths_and_vocab():
 
 def test_copy_embeddings_from_a_small_bert():
     source = small_bert(hidden=36)
+    with torch.no_grad():  # every tensor unlike a fresh model's (a fresh LayerNorm is ones and zeros)
+        for parameter in source.embeddings.parameters():
+            parameter.normal_()
     config = FastMiniConfig(
         vocab_size=99,
         embedding_size=36,
@@ -59,10 +62,10 @@ def test_copy_embeddings_from_a_small_bert():
     )
     student = FastMiniForMaskedLM(config)
     copy_embeddings(student, source)
-    embeddings = student.fastmini.embeddings
-    assert torch.equal(embeddings.word_embeddings.weight, source.embeddings.word_embeddings.weight)
-    assert torch.equal(embeddings.position_embeddings.weight, source.embeddings.position_embeddings.weight)
-    assert torch.equal(embeddings.norm.bias, source.embeddings.LayerNorm.bias)
+    ours, theirs = student.fastmini.embeddings, source.embeddings
+    for table in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+        assert torch.equal(getattr(ours, table).weight, getattr(theirs, table).weight), table
+    assert torch.equal(ours.norm.weight, theirs.LayerNorm.weight) and torch.equal(ours.norm.bias, theirs.LayerNorm.bias)
 
 
 def test_copy_embeddings_checks_shapes():
