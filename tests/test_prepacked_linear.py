@@ -184,6 +184,35 @@ def test_training_is_untouched(tiny_config, randomize, batch):
     assert len(optimized.fastmini.encoder.shared_layer.prepacked) == 0
 
 
+def test_a_trainable_bias_under_frozen_weights_gets_its_gradient(tiny_config, randomize, batch):
+    """BitFit-style tuning (biases train, weights frozen) of an optimized model: oneDNN's op holds detached copies
+    of the biases too, so the ordinary ops must run wherever a bias needs a gradient."""
+    plain = randomize(FastMiniForSequenceClassification(tiny_config(num_labels=3, use_adapter=False)))
+    for name, parameter in plain.named_parameters():
+        parameter.requires_grad_(name.endswith("bias"))
+    optimized = copy.deepcopy(plain).optimize_for_inference()
+    labels = torch.tensor([0, 2])
+    for model in (plain, optimized):
+        torch.manual_seed(0)
+        model(**batch, labels=labels).loss.backward()
+    for (name, a), b in zip(plain.named_parameters(), optimized.parameters(), strict=True):
+        assert (a.grad is None) == (b.grad is None) and (a.grad is None or torch.equal(a.grad, b.grad)), name
+
+
+def test_an_unpickled_cache_counts_optimizer_steps(monkeypatch):
+    """In a process that unpickles a model (no PrepackedLinears built there), the optimizer-step hook must still
+    be registered, or a fused optimizer step would leave the cache stale."""
+    from fastmini.ops import prepacked_linear
+
+    registered = []
+    monkeypatch.setattr(prepacked_linear, "_counting_optimizer_steps", False)
+    monkeypatch.setattr(prepacked_linear, "register_optimizer_step_post_hook", registered.append)
+    pickled = pickle.dumps(prepacked_linear.PrepackedLinears.__new__(prepacked_linear.PrepackedLinears))
+    assert registered == []
+    clone = pickle.loads(pickled)
+    assert registered == [prepacked_linear._count_optimizer_step] and len(clone) == 0
+
+
 def test_copies_pickles_and_saves_carry_no_cache(tiny_config, tmp_path):
     model = FastMiniModel(tiny_config()).eval().optimize_for_inference()
     input_ids, mask = _padded_batch()

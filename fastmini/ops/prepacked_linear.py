@@ -91,11 +91,19 @@ class PrepackedLinears:
     def __getstate__(self) -> dict:
         return {"_entries": {}}
 
+    def __setstate__(self, state: dict) -> None:
+        # Unpickling skips __init__: a fresh process must count optimizer steps too (fused AdamW writes weights
+        # without bumping their versions, which would leave this cache serving the weights from before the step).
+        self._entries = {}
+        _start_counting_optimizer_steps()
+
     def __len__(self) -> int:
         return len(self._entries)
 
     @staticmethod
-    def applies(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
+    def applies(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None] = ()) -> bool:
+        """Whether oneDNN's op may stand in for torch's: never where autograd needs a gradient through it (its
+        weights and biases are detached copies), e.g. a bias that trains while its weight is frozen (BitFit)."""
         if x.device.type != "cpu" or x.dtype != torch.float32 or weights[0].dtype != torch.float32:
             return False
         # Under CPU autocast F.linear computes in the autocast dtype; oneDNN's op is not on autocast's lists
@@ -110,7 +118,7 @@ class PrepackedLinears:
         # graph should hold plain aten ops anyway (ops.dispatch): the plain ops.
         if recording_a_graph() or torch.jit.is_scripting():
             return False
-        if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *weights, *biases)):
             return False
         return onednn_linear_available()
 
@@ -140,7 +148,7 @@ class PrepackedLinears:
         the fast path applies, else through torch."""
         if gelu not in _ONEDNN_ACTIVATIONS:
             raise ValueError(f"prepacked linear: gelu must be one of {sorted(k for k in _ONEDNN_ACTIVATIONS if k)}")
-        if not self.applies(x, weights):
+        if not self.applies(x, weights, biases):
             return linear_ref(x, weights, biases, gelu)
         entry = self._entry(name, weights, biases)
         attr, algorithm = _ONEDNN_ACTIVATIONS[gelu]
@@ -168,7 +176,7 @@ class PrepackedWeightsMixin:
         prepacked = self.prepacked
         if prepacked is None or not all_plain(layer):
             return None
-        return prepacked if prepacked.applies(x, (layer.weight,)) else None
+        return prepacked if prepacked.applies(x, (layer.weight,), (layer.bias,)) else None
 
     def linear_through(
         self, prepacked: PrepackedLinears | None, name: str, x: torch.Tensor, gelu: str | None = None
