@@ -263,6 +263,7 @@ class FakeStream:
 def fake_extension(monkeypatch):
     ext = FakeExtension(limit=2 * MB)
     monkeypatch.setattr(l2_persistence, "load_l2_extension", lambda: ext)
+    monkeypatch.setattr(l2_persistence, "_live_windows", {})  # windows a test leaves live stay with it
     return ext
 
 
@@ -287,6 +288,22 @@ def test_a_window_reserves_applies_and_gives_everything_back(fake_extension):
     assert len(fake_extension.calls) == 8  # removing twice does nothing
     with pytest.raises(RuntimeError, match="already removed"):
         window.apply_to_graph(1)
+
+
+def test_a_second_live_window_on_a_device_is_refused_until_the_first_goes(fake_extension):
+    """Two windows would share the context's one limit: the second would shrink the first's set-aside, and
+    removing either would reset both's persisting lines and restore a limit the other still needs."""
+    first = persist_range_in_l2(0, 4096, 10 * MB)
+    calls = list(fake_extension.calls)
+    with pytest.raises(RuntimeError, match=r"cuda:0 already has a live L2 window \(10485760 bytes at 0x1000\)"):
+        persist_range_in_l2(0, 8192, 4 * MB)
+    assert fake_extension.calls == calls and fake_extension.limit == 10 * MB  # nothing changed
+    with persist_range_in_l2(1, 8192, 4 * MB):  # another device has its own context
+        pass
+    first.remove()
+    assert fake_extension.limit == 2 * MB  # the limit from before the first window
+    with persist_range_in_l2(0, 8192, 4 * MB) as second:
+        assert second.reserved_bytes == 4 * MB
 
 
 def test_a_smaller_grant_lowers_the_hit_ratio(fake_extension):

@@ -81,7 +81,9 @@ def _stream_handle(stream: torch.cuda.Stream) -> int:
 
 @dataclass
 class L2Window:
-    """An applied window; a context manager that removes it on exit."""
+    """An applied window; a context manager that removes it on exit. One lives on a device at a time
+    (``persist_range_in_l2`` refuses a second): a CUDA context has one persisting-L2 limit and one set of
+    persisting lines, which a second window would shrink and whose removal would reset for both."""
 
     device: torch.device
     base_ptr: int
@@ -124,12 +126,17 @@ class L2Window:
         ext.set_persisting_l2_limit(index, self.previous_limit_bytes)
         self.streams.clear()
         self.active = False
+        if _live_windows.get(index) is self:
+            del _live_windows[index]
 
     def __enter__(self) -> L2Window:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.remove()
+
+
+_live_windows: dict[int, L2Window] = {}  # device index -> its live window (see L2Window)
 
 
 def l2_limits(device: torch.device | int | str | None = None) -> dict[str, int]:
@@ -187,6 +194,13 @@ def persist_range_in_l2(
 ) -> L2Window:
     """``persist_in_l2`` over a raw device address range (e.g. a slice of a larger allocation)."""
     device = _device(device)
+    live = _live_windows.get(device.index)
+    if live is not None:
+        raise RuntimeError(
+            f"persist_in_l2: {device} already has a live L2 window ({live.plan.window_bytes} bytes at "
+            f"{live.base_ptr:#x}); remove it first (window.remove(), or leave its `with` block): the CUDA context "
+            "has one persisting-L2 limit, which two windows would fight over (pack what both need into one buffer)"
+        )
     if stream is not None:
         _stream_handle(stream)  # refuse the default stream before changing anything
     ext = load_l2_extension()
@@ -205,6 +219,7 @@ def persist_range_in_l2(
     elif hit_ratio is None and reserved < plan.reserve_bytes:  # granted less than asked: mark less
         plan = replace(plan, hit_ratio=min(1.0, reserved / plan.window_bytes))
     window = L2Window(device, base_ptr, plan, reserved, limits["persisting_l2_limit_bytes"])
+    _live_windows[device.index] = window
     if stream is not None:
         try:
             window.apply_to_stream(stream)
