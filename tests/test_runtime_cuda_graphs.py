@@ -287,6 +287,32 @@ def test_the_model_through_the_stand_in_matches_its_unpadded_forward(tiny_config
     assert encoder.stats.captures == 4
 
 
+@pytest.mark.parametrize("unpadding", [True, False], ids=["unpadded", "padded"])
+def test_a_batch_beyond_the_buckets_runs_in_the_models_own_layout(tiny_config, randomize, monkeypatch, unpadding):
+    """The batches past the largest bucket are the large ones: without a graph to fit, they skip padding as the
+    model does (unless set_unpadding(False)), rather than run the padded layout the graphs record."""
+    model = tiny_model(tiny_config, randomize).set_unpadding(unpadding)
+    encoder = model.graphed_encoder(capture=EagerCapture(), batch_buckets=(1, 2), sequence_buckets=(8, 16))
+    layouts = []
+    encode = model.encode
+
+    def recording_encode(*arguments, **keywords):
+        encoded = encode(*arguments, **keywords)
+        layouts.append(encoded.packing is not None)
+        return encoded
+
+    monkeypatch.setattr(model, "encode", recording_encode)
+    ids, mask = ragged_batch(4, 13, vocab=99, seed=3)
+    with torch.no_grad():
+        expected = model(ids, mask).last_hidden_state
+    layouts.clear()
+    out = encoder(ids, mask)
+    assert encoder.stats.eager_fallbacks == 1 and layouts == [unpadding]
+    real = mask.bool()
+    torch.testing.assert_close(out[real], expected[real], rtol=1e-5, atol=1e-5)
+    assert not out[~real].any()
+
+
 def test_the_models_encoder_prepares_on_the_models_device(tiny_config, randomize):
     encoder = tiny_model(tiny_config, randomize).graphed_encoder(capture=EagerCapture(), sequence_buckets=(8,))
     assert encoder.default_device == torch.device("cpu")

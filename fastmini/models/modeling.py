@@ -150,7 +150,8 @@ class FastMiniPreTrainedModel(PreTrainedModel):
             return encoded.repad(encoded.sequence)
 
         if not unpadded:
-            return GraphedEncoder(encode_padded, **options)
+            # beyond the buckets the model's own layout (unpadded unless set_unpadding(False)): no graph to fit
+            return GraphedEncoder(encode_padded, eager_fn=lambda ids, mask: encode_packed(ids, mask, None), **options)
         return UnpaddedGraphedEncoder(encode_packed, **options)
 
     def set_unpadding(self, enabled: bool = True) -> Self:

@@ -69,7 +69,9 @@ class GraphedEncoder:
     ``capture``: the strategy (default ``CudaGraphCapture()``; ``EagerCapture()`` runs the same
     bookkeeping without graphs). ``max_sequence_length`` caps the sequence buckets at the model's
     number of positions. ``device``: where ``prepare()`` puts its dummy inputs before anything has
-    been captured (``model.graphed_encoder()`` passes the model's); None: CUDA.
+    been captured (``model.graphed_encoder()`` passes the model's); None: CUDA. ``eager_fn``: what runs a
+    shape beyond the buckets (default ``fn``; ``model.graphed_encoder()`` passes the model's own layout,
+    unpadded, since the batches past the largest bucket are the large ones, where skipping padding pays).
     """
 
     def __init__(
@@ -81,10 +83,12 @@ class GraphedEncoder:
         max_sequence_length: int | None = None,
         capture: CaptureStrategy | None = None,
         device: torch.device | str | None = None,
+        eager_fn: EncoderFn | None = None,
     ):
         if not callable(fn):
             raise TypeError(f"GraphedEncoder: fn must be callable, got {type(fn).__name__}")
         self.fn = fn
+        self.eager_fn = fn if eager_fn is None else eager_fn
         self.grid = BucketGrid.make(batch_buckets, sequence_buckets, max_sequence_length)
         self.capture = CudaGraphCapture() if capture is None else capture
         self.stats = GraphStats()
@@ -147,7 +151,7 @@ class GraphedEncoder:
         return self.grid.choose(*input_ids.shape)
 
     def _run_eagerly(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.fn(input_ids, attention_mask)
+        return self.eager_fn(input_ids, attention_mask)
 
     def _check(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
