@@ -39,6 +39,8 @@ from fastmini.training.precision import PRECISIONS, autocast_dtype
 
 CHUNK = 4096  # examples tokenised and predicted at a time, so that a large file streams
 NER_FILE_SUFFIXES = (".tsv", ".conll", ".iob", ".bio")
+# Inputs that are not text (any other suffix is read as text lines): compressed files and parquet
+UNREADABLE_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip", ".parquet")
 
 log = logging.getLogger("fastmini.predict")
 
@@ -206,16 +208,24 @@ class Predictor:
 def read_inputs(source: str, kind: str, text_column: str, pair_column: str | None, tokens_column: str):
     """The examples of an input file (see the module docstring), in order, one per line / record / sentence."""
     from fastmini.data.corpus import DataError, read_text_file
-    from fastmini.data.labelled import Columns, read_labelled_file, split_lines
+    from fastmini.data.labelled import Columns, read_labelled_file
     from fastmini.data.ner import read_ner_file
+    from fastmini.data.tables import split_lines
 
     if source == "-":
         examples = _from_lines(split_lines(_read_stdin()), "stdin", kind, pair_column)
         return _refuse_all_empty(examples, "stdin")
     path = Path(source).expanduser()
+    if path.is_dir():
+        raise DataError(f"--input {source}: a directory; give one file (or - for standard input)")
     if not path.is_file():
         raise DataError(f"--input {source}: no such file")
     suffix = path.suffix.lower()
+    if suffix in UNREADABLE_SUFFIXES:
+        raise DataError(
+            f"--input {source}: unsupported file type '{suffix}' (expected text: .txt, .jsonl, .json, .csv, .tsv, "
+            "or a two-column NER file; decompress it first)"
+        )
     if kind == "ner" and (suffix in NER_FILE_SUFFIXES or (suffix == ".txt" and _tab_separated(path))):
         return [{"tokens": s["tokens"], "where": s["where"]} for s in read_ner_file(path, tags_required=False)]
     if kind == "ner" and suffix in (".json", ".jsonl"):
@@ -234,7 +244,7 @@ def _tab_separated(path: Path) -> bool:
     """Whether a .txt file's first non-blank line has a tab: a tagger's two-column 'token<TAB>tag' file (the
     fine-tuner's .txt format), not one sentence per line."""
     from fastmini.data.corpus import read_text_file
-    from fastmini.data.labelled import split_lines
+    from fastmini.data.tables import split_lines
 
     return next((("\t" in line) for line in split_lines(read_text_file(path, allow_empty=True)) if line.strip()), False)
 
@@ -285,7 +295,7 @@ def _refuse_all_empty(examples: list[dict[str, Any]], where: str) -> list[dict[s
 
 def _tagger_json(path: Path, text_column: str, tokens_column: str) -> list[dict[str, Any]]:
     from fastmini.data.corpus import DataError, read_text_file
-    from fastmini.data.labelled import json_records
+    from fastmini.data.tables import json_records
 
     _, records = json_records(path, read_text_file(path))
     examples = []

@@ -310,7 +310,11 @@ def test_json_lines_json_array_csv_tsv_and_parquet(tmp_path):
     ("name", "content", "message"),
     [
         ("empty.txt", "\n\n  \n", "no text found"),
-        ("bad.jsonl", '{"text": "ok"}\n{"text": broken}\n', "line 2 is not valid JSON"),
+        ("bad.jsonl", '{"text": "ok"}\n{"text": broken}\n', "line 2: not valid JSON"),
+        ("pretty.json", '{\n  "text": "x"\n}\n', "one JSON value over several lines; expected JSON lines"),
+        ("twice.csv", "text,text\na,b\n", "the header names column\\(s\\) 'text' more than once"),
+        ("extra.csv", "text\nhello, world\n", "line 2: 2 cells, the header has 1"),
+        ("unclosed.csv", 'text\n"unterminated\nsecond\n', "malformed CSV"),
         ("field.jsonl", '{"body": "x"}\n', "no 'text' field"),
         ("column.csv", "id,body\n1,x\n", r"no 'text' column \(columns: id, body\)"),
         ("latin1.txt", "caf\xe9".encode("latin-1"), "not UTF-8"),
@@ -324,6 +328,23 @@ def test_unreadable_or_empty_files_give_one_clear_error(tmp_path, name, content,
     with pytest.raises(DataError, match=message) as raised:
         load_documents(str(path))
     assert str(path) in str(raised.value)  # the message names the file
+
+
+def test_corpus_files_read_as_the_fine_tuner_reads_them(tmp_path):
+    """One reader (fastmini.data.tables) for every data file: a TSV is not quoted (a quote mark opening a text
+    swallowed the rows up to the next one), JSON lines keep U+2028 inside their strings, a paragraph ends at a
+    line of spaces too, and hidden folders of a directory (notebook checkpoints) are no corpus."""
+    (tmp_path / "q.tsv").write_text('text\tsource\n"Quoted" said he\twiki\nsecond\twiki\n')
+    assert load_documents(str(tmp_path / "q.tsv"))["text"] == ['"Quoted" said he', "second"]
+    (tmp_path / "u.jsonl").write_text('{"text": "the cat\u2028sat"}\n{"text": "two"}\n', encoding="utf-8")
+    assert load_documents(str(tmp_path / "u.jsonl"))["text"] == ["the cat\u2028sat", "two"]
+    (tmp_path / "p.txt").write_text("p1 l1\np1 l2\n  \np2 l1\n")
+    assert load_documents(str(tmp_path / "p.txt"), text_unit="paragraph")["text"] == ["p1 l1\np1 l2", "p2 l1"]
+    notebooks = tmp_path / "nb"
+    (notebooks / ".ipynb_checkpoints").mkdir(parents=True)
+    (notebooks / "corpus.txt").write_text("one\ntwo\n")
+    (notebooks / ".ipynb_checkpoints" / "corpus-checkpoint.txt").write_text("one\ntwo\n")
+    assert load_documents(str(notebooks))["text"] == ["one", "two"]
 
 
 def test_missing_paths_and_empty_directories(tmp_path):

@@ -82,6 +82,20 @@ def test_unknown_column_names_the_file_and_the_columns_it_has(tmp_path, suffix):
     assert read_labelled_file(path, Columns(label="gold"), labels_required=False)[0]["label"] is None
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("text,text,label\nfirst,second,1\n", "the header names column\\(s\\) 'text' more than once"),
+        ('text,label\n"unterminated,1\nsecond,0\n', "malformed CSV"),  # not a field swallowing the file
+    ],
+)
+def test_tables_that_would_be_read_wrong_are_refused(tmp_path, content, message):
+    path = tmp_path / "train.csv"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        read_labelled_file(path, Columns("text", None, "label"))
+
+
 def test_empty_files_and_rows_without_labels(tmp_path):
     empty = tmp_path / "train.csv"
     empty.write_text("\n  \n")
@@ -191,6 +205,12 @@ def test_malformed_ner_lines_are_named_by_line_number(tmp_path, content, message
     with pytest.raises(DataError, match=message) as raised:
         read_ner_file(path)
     assert str(path) in str(raised.value)
+
+
+def test_a_trailing_tab_separates_nothing(tmp_path):
+    path = tmp_path / "train.tsv"
+    path.write_text("John\tB-PER\t\nran\tO \n")
+    assert read_ner_file(path)[0]["tags"] == ["B-PER", "O"]
 
 
 def test_unlabelled_ner_files_hold_one_token_per_line(tmp_path):

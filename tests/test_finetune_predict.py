@@ -217,6 +217,10 @@ def test_bad_input(classifier, tmp_path, capsys):
     source = write_table(tmp_path / "b.csv", [{"review": "good"}])
     line = error_of(["--model", str(classifier), "--input", str(source)], capsys)
     assert "no column 'text'" in line and "review" in line
+    assert "a directory; give one file" in error_of(["--model", str(classifier), "--input", str(tmp_path)], capsys)
+    (tmp_path / "t.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00")
+    line = error_of(["--model", str(classifier), "--input", str(tmp_path / "t.jsonl.gz")], capsys)
+    assert "unsupported file type '.gz'" in line and "decompress it first" in line
     for threads in ("0", "-1"):
         line = error_of(["--model", str(classifier), "--input", str(texts), "--threads", threads], capsys)
         assert f"--threads must be > 0, got {threads}" in line

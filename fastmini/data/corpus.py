@@ -14,15 +14,13 @@ Every failure is a DataError naming the file or dataset and what was wrong.
 
 from __future__ import annotations
 
-import csv
 import glob
-import json
-import sys
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from fastmini.data.tables import DataError, csv_rows, json_records, read_text_file, split_lines
 from fastmini.files import looks_like_local_path
-from fastmini.training.errors import UsageError
 
 DEFAULT_DATA = "gensim-wikipedia-sample"
 TEXT_SUFFIXES = (".txt", ".text")
@@ -32,10 +30,6 @@ PARQUET_SUFFIXES = (".parquet",)
 SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSON_SUFFIXES + CSV_SUFFIXES + PARQUET_SUFFIXES
 TEXT_UNITS = ("line", "paragraph", "file")
 GLOB_CHARACTERS = "*?["  # a source holding one is a pattern of local files
-
-
-class DataError(UsageError):
-    """Data that cannot be read or holds no text; the message names the source."""
 
 
 def load_documents(
@@ -83,7 +77,14 @@ def local_files(source: str) -> list[Path] | None:
     if expanded.is_file():
         return [expanded]
     if expanded.is_dir():
-        files = sorted(p for p in expanded.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES)
+        files = sorted(
+            p
+            for p in expanded.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in SUPPORTED_SUFFIXES
+            # hidden folders and files (.ipynb_checkpoints/, .git/, editors' copies) hold no corpus
+            and not any(part.startswith(".") for part in p.relative_to(expanded).parts)
+        )
         if not files:
             raise DataError(f"{source}: the directory holds no {'/'.join(SUPPORTED_SUFFIXES)} files")
         return files
@@ -116,27 +117,14 @@ def read_file(path: Path, *, text_field: str = "text", text_unit: str = "line") 
     raise DataError(f"{path}: unsupported file type '{suffix}'; expected one of {', '.join(SUPPORTED_SUFFIXES)}")
 
 
-def read_text_file(path: Path, allow_empty: bool = False) -> str:
-    """The UTF-8 text of ``path`` (a BOM is dropped), or one DataError saying why not."""
-    try:
-        text = Path(path).read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from error
-    except OSError as error:
-        raise DataError(f"{path}: cannot be read ({error.strerror or error})") from error
-    if not allow_empty and not text.strip():
-        raise DataError(f"{path}: the file is empty")
-    return text
-
-
 def _read_text(path: Path, text_unit: str) -> list[str]:
     text = read_text_file(path, allow_empty=True)
     if text_unit == "file":
         pieces: Iterable[str] = [text]
-    elif text_unit == "paragraph":
-        pieces = text.replace("\r\n", "\n").split("\n\n")
+    elif text_unit == "paragraph":  # paragraphs end at a blank line, one of spaces included
+        pieces = re.split(r"\n[ \t]*\n", "\n".join(split_lines(text)))
     else:
-        pieces = text.splitlines()
+        pieces = split_lines(text)
     return [piece.strip() for piece in pieces if piece.strip()]
 
 
@@ -152,51 +140,18 @@ def _field(record, text_field: str, where: str) -> str:
 
 
 def _read_json(path: Path, text_field: str) -> list[str]:
-    content = read_text_file(path, allow_empty=True)
-    stripped = content.lstrip()
-    if stripped.startswith("["):
-        try:
-            records = json.loads(content)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from error
-        texts = [_field(record, text_field, f"{path}, item {i}") for i, record in enumerate(records)]
-    else:
-        texts = []
-        for number, line in enumerate(content.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}: line {number} is not valid JSON ({error.msg})") from error
-            texts.append(_field(record, text_field, f"{path}, line {number}"))
+    _, records = json_records(path, read_text_file(path, allow_empty=True))
+    texts = [_field(record, text_field, where) for where, record in records]
     return [text.strip() for text in texts if text.strip()]
 
 
-def allow_long_csv_fields() -> None:
-    """Lift the csv module's default limit of 131072 characters per field (process-wide): a document may be a
-    whole article, a fine-tuning example a long review, and csv would call either malformed."""
-    limit = sys.maxsize
-    while True:
-        try:
-            csv.field_size_limit(max(limit, csv.field_size_limit()))
-            return
-        except OverflowError:  # a C long narrower than sys.maxsize (Windows)
-            limit //= 2
-
-
 def _read_csv(path: Path, text_field: str, delimiter: str) -> list[str]:
-    allow_long_csv_fields()
-    with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: a spreadsheet's BOM is not in a name
-        reader = csv.DictReader(handle, delimiter=delimiter)
-        if reader.fieldnames is None:
-            return []
-        if text_field not in reader.fieldnames:
-            raise DataError(f"{path}: no '{text_field}' column (columns: {', '.join(reader.fieldnames)})")
-        try:
-            texts = [row[text_field] or "" for row in reader]
-        except csv.Error as error:
-            raise DataError(f"{path}: malformed CSV at line {reader.line_num}: {error}") from error
+    """The text column of a CSV/TSV corpus, read as the fine-tuner reads tables (tables.csv_rows: TSV unquoted,
+    strict quotes, no repeated column names, no row longer than the header)."""
+    names, rows = csv_rows(path, read_text_file(path, allow_empty=True), delimiter)
+    if names and text_field not in names:
+        raise DataError(f"{path}: no '{text_field}' column (columns: {', '.join(names)})")
+    texts = [row.get(text_field) or "" for _, row in rows]
     return [text.strip() for text in texts if text.strip()]
 
 

@@ -14,16 +14,13 @@ one DataError naming the file (and row) and what was expected.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
-from fastmini.data.corpus import DataError, allow_long_csv_fields, read_text_file
 from fastmini.data.gensim_samples import gensim_test_file
+from fastmini.data.tables import DataError, csv_rows, json_records, read_text_file
 
 LABELLED_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl")
 # Stems of the split files in a data directory, first match wins.
@@ -65,17 +62,6 @@ def split_files(directory: Path, suffixes: tuple[str, ...] = LABELLED_SUFFIXES) 
     return found
 
 
-def split_lines(text: str) -> list[str]:
-    """The lines of ``text``, cut at "\\n" only (a trailing "\\r" dropped), no empty piece after a final newline.
-
-    Not ``str.splitlines``: it also cuts at U+2028, U+0085, form feeds and other characters that are text inside
-    a JSON string or a sentence, which would break a valid JSON line or shift every later line number."""
-    lines = text.split("\n")
-    if lines[-1] == "":
-        lines.pop()
-    return [line.removesuffix("\r") for line in lines]
-
-
 def read_labelled_file(
     path: Path,
     columns: Columns,
@@ -95,7 +81,7 @@ def read_labelled_file(
         raise DataError(f"{path}: unsupported file type '{suffix}' (expected {', '.join(LABELLED_SUFFIXES)})")
     text = read_text_file(path)
     if suffix in (".csv", ".tsv"):
-        names, rows = _csv_rows(path, text, "\t" if suffix == ".tsv" else ",", keep_empty_rows)
+        names, rows = csv_rows(path, text, "\t" if suffix == ".tsv" else ",", keep_empty_rows)
     else:
         names, rows = json_records(path, text)
     check_columns(str(path), names, columns, labels_required)
@@ -103,59 +89,6 @@ def read_labelled_file(
     if not examples:
         raise DataError(f"{path}: no examples (only a header or empty records)")
     return examples
-
-
-def _csv_rows(
-    path: Path, text: str, delimiter: str, keep_empty_rows: bool = False
-) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
-    """(header names, [(where, {name: cell})]); a short row's missing cells are None. Rows of empty cells and
-    blank lines are skipped, or with ``keep_empty_rows`` kept as rows of empty cells (in a one-column file a
-    blank line is an empty cell)."""
-    allow_long_csv_fields()
-    # TSV (GLUE's files among them) is not quoted: a sentence that starts with a quote mark is text, not a
-    # quoted field that would swallow the tabs and lines up to the next quote mark.
-    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    # newline="": the csv module finds the line ends itself (only \n, \r\n and \r, and never inside quotes).
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
-    kind = "TSV" if delimiter == "\t" else "CSV"
-    rows = []
-    try:
-        names = next(reader, [])
-        for cells in reader:
-            if len(cells) > len(names):
-                raise DataError(f"{path}, line {reader.line_num}: {len(cells)} cells, the header has {len(names)}")
-            if not any(cells):
-                if not keep_empty_rows:
-                    continue
-                cells = [""] * len(names)  # a blank line is one row of empty cells, not a row of missing ones
-            row = dict(zip_longest(names, cells))
-            rows.append((f"{path}, line {reader.line_num}", row))
-    except csv.Error as error:
-        raise DataError(f"{path}: malformed {kind} at line {reader.line_num}: {error}") from error
-    return names, rows
-
-
-def json_records(path: Path, text: str) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
-    """(the first record's field names, [(where, record)]) of a JSON array of objects or of JSON lines."""
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from error
-        rows = [(f"{path}, item {index}", record) for index, record in enumerate(records)]
-    else:
-        rows = []
-        for number, line in enumerate(split_lines(text), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((f"{path}, line {number}", json.loads(line)))
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}, line {number}: not valid JSON ({error.msg})") from error
-    for where, record in rows:
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    return (list(rows[0][1]) if rows else []), rows
 
 
 def _examples(

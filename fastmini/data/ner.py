@@ -28,9 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fastmini.data.corpus import DataError, read_text_file
-from fastmini.data.labelled import json_records, split_lines
 from fastmini.data.masking import IGNORE_INDEX
+from fastmini.data.tables import DataError, json_records, read_text_file, split_lines
 
 ALIGNMENTS = ("all", "first")
 NER_SUFFIXES = (".tsv", ".txt", ".conll", ".iob", ".bio")
@@ -76,6 +75,7 @@ def read_ner_file(path: Path, tags_required: bool = True) -> list[dict[str, Any]
         if not line.strip():
             close()
             continue
+        line = line.rstrip()  # a trailing tab or space separates nothing
         fields = line.split("\t") if "\t" in line else line.split()
         fields = [f.strip() for f in fields]
         if fields and fields[0] == DOCUMENT_START:
