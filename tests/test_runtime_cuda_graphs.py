@@ -313,6 +313,29 @@ def test_a_batch_beyond_the_buckets_runs_in_the_models_own_layout(tiny_config, r
     assert not out[~real].any()
 
 
+@pytest.mark.parametrize("unpadded", [False, True], ids=["padded", "unpadded"])
+def test_weights_moved_after_a_capture_are_refused_until_reset(tiny_config, randomize, unpadded):
+    """.to(dtype) or load_state_dict(assign=True) gives the weights new storage: a real graph would replay reading
+    the old, freed one. The encoder refuses such a call until reset(), then captures again."""
+    model = tiny_model(tiny_config, randomize)
+    encoder = model.graphed_encoder(unpadded=unpadded, capture=EagerCapture(), sequence_buckets=(8, 16))
+    ids, mask = ragged_batch(2, 8, vocab=99, seed=1)
+    encoder(ids, mask)
+    model.to(torch.float64)
+    with pytest.raises(RuntimeError, match=r"weights moved since its graphs were captured.*call reset\(\) first"):
+        encoder(ids, mask)
+    encoder.reset()
+    assert encoder(ids, mask).dtype == torch.float64
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)
+    with pytest.raises(RuntimeError, match="weights moved"):
+        encoder(ids, mask)
+    encoder.reset()
+    model.load_state_dict(state)  # in place: the graphs keep reading the same storage
+    encoder(ids, mask)
+    encoder(ids, mask)
+
+
 def test_the_models_encoder_prepares_on_the_models_device(tiny_config, randomize):
     encoder = tiny_model(tiny_config, randomize).graphed_encoder(capture=EagerCapture(), sequence_buckets=(8,))
     assert encoder.default_device == torch.device("cpu")

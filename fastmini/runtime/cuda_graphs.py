@@ -36,7 +36,7 @@ Rules that follow from replaying recorded kernels:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -72,6 +72,10 @@ class GraphedEncoder:
     been captured (``model.graphed_encoder()`` passes the model's); None: CUDA. ``eager_fn``: what runs a
     shape beyond the buckets (default ``fn``; ``model.graphed_encoder()`` passes the model's own layout,
     unpadded, since the batches past the largest bucket are the large ones, where skipping padding pays).
+    ``weights_fingerprint``: a cheap callable naming where the weights live (``model.graphed_encoder()`` passes
+    the first and last parameters' addresses and dtypes); a call whose fingerprint differs from the one the
+    graphs were captured with is refused: their replays would read the old, freed weights (after ``.to(dtype)``
+    or ``load_state_dict(assign=True)``) until ``reset()``.
     """
 
     def __init__(
@@ -84,11 +88,14 @@ class GraphedEncoder:
         capture: CaptureStrategy | None = None,
         device: torch.device | str | None = None,
         eager_fn: EncoderFn | None = None,
+        weights_fingerprint: Callable[[], tuple] | None = None,
     ):
         if not callable(fn):
             raise TypeError(f"GraphedEncoder: fn must be callable, got {type(fn).__name__}")
         self.fn = fn
         self.eager_fn = fn if eager_fn is None else eager_fn
+        self.weights_fingerprint = weights_fingerprint
+        self._captured_fingerprint: tuple | None = None  # the weights' fingerprint when the graphs kept were captured
         self.grid = BucketGrid.make(batch_buckets, sequence_buckets, max_sequence_length)
         self.capture = CudaGraphCapture() if capture is None else capture
         self.stats = GraphStats()
@@ -104,6 +111,7 @@ class GraphedEncoder:
         """Drop every captured graph (and its memory); the next calls capture again."""
         self._buckets.clear()
         self._device = None
+        self._captured_fingerprint = None
 
     def prepare(self, shapes: Iterable[tuple[int, int]], device: torch.device | str | None = None) -> None:
         """Capture the buckets of these (batch, sequence) shapes now, e.g. before timing, on dummy
@@ -129,6 +137,7 @@ class GraphedEncoder:
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         attention_mask = self._check(input_ids, attention_mask)
+        self._check_weights()
         batch_size, sequence_length = input_ids.shape
         bucket = self._bucket_for(input_ids, attention_mask)
         if bucket is None:
@@ -145,6 +154,18 @@ class GraphedEncoder:
         self.stats.replays += 1
         # The static output is overwritten by the next replay of this bucket: hand out a copy.
         return entry.captured.output[:batch_size, :sequence_length].clone(memory_format=torch.contiguous_format)
+
+    def _check_weights(self) -> None:
+        if self.weights_fingerprint is None:
+            return
+        fingerprint = self.weights_fingerprint()
+        if self._captured_fingerprint is None or not self._buckets:
+            self._captured_fingerprint = fingerprint
+        elif fingerprint != self._captured_fingerprint:
+            raise RuntimeError(
+                "GraphedEncoder: the model's weights moved since its graphs were captured (.to(), a dtype change or "
+                "load_state_dict(assign=True)): the graphs would read the old weights; call reset() first"
+            )
 
     def _bucket_for(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[int, ...] | None:
         """The key of the graph that serves this input; None: run it eagerly."""
