@@ -396,6 +396,8 @@ def test_a_partly_labelled_ner_test_file_gives_unlabelled_sentences_for_its_rows
     assert [sentence["tags"] for sentence in sentences] == [["O", "B-ANIMAL"], None, None]
     with pytest.raises(DataError, match=r"test.jsonl, line 2: column 'ner_tags' holds NoneType, expected a list"):
         read_ner_records(path, "tokens", "ner_tags")
+    path.write_text(json.dumps({"tokens": ["a", "cat"], "ner_tags": [" O ", "B-ANIMAL\t"]}) + "\n")
+    assert read_ner_records(path, "tokens", "ner_tags")[0][0]["tags"] == ["O", "B-ANIMAL"]  # stripped as in .tsv
 
 
 def test_bad_local_ner_rows_name_the_file_line_and_column(tmp_path):

@@ -241,6 +241,7 @@ def _list_field(where: str, record: dict[str, Any], column: str, role: str) -> l
 def _tag_name(where: str, column: str, tag: Any, names: list[str] | None) -> str:
     """The name of one tag: a string as it is (a BIO tag), an integer through the column's ClassLabel names."""
     if isinstance(tag, str):
+        tag = tag.strip()  # as the two-column reader strips its cells
         if not TAG_PATTERN.match(tag):
             raise DataError(
                 f"{where}: '{tag}' in column '{column}' is not a BIO tag (expected O, B-TYPE, I-TYPE, or bare B / I)"
