@@ -348,6 +348,8 @@ def test_labels_missing_from_the_map_name_the_row():
             regression.encode(value, "dev.csv, line 4")
     multi = LabelMap(task_spec("multilabel"), ["animal", "food"])
     assert multi.encode(["food"], "x") == [0.0, 1.0] and multi.encode("animal, food", "x") == [1.0, 1.0]
+    numbered = LabelMap(task_spec("multilabel"), build_label_names(task_spec("multilabel"), [["a", 1]]))
+    assert numbered.encode("1.0,a", "x") == numbered.encode([1, "a"], "x") == [1.0, 1.0]  # 1, 1.0, "1": one class
     with pytest.raises(DataError, match="label 'toy'"):
         multi.encode("toy", "row 2")
     ner = LabelMap(task_spec("ner"), ["O", "B-ANIMAL"])

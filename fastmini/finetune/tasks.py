@@ -151,7 +151,7 @@ def split_multilabel(value: Any, separator: str) -> list[str]:
     """Label names of a multi-label value: a JSON list, or a string cut at ``separator``."""
     if isinstance(value, list):
         return [_name(item) for item in value]
-    return [piece.strip() for piece in str(value).split(separator) if piece.strip()]
+    return [_name(piece) for piece in str(value).split(separator) if piece.strip()]  # "1.0" is class "1" too
 
 
 def build_label_names(spec: TaskSpec, train_labels: list[Any], separator: str = ",") -> list[str] | None:
