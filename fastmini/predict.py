@@ -242,11 +242,13 @@ def read_inputs(source: str, kind: str, text_column: str, pair_column: str | Non
 
 def _tab_separated(path: Path) -> bool:
     """Whether a .txt file's first non-blank line has a tab: a tagger's two-column 'token<TAB>tag' file (the
-    fine-tuner's .txt format), not one sentence per line."""
-    from fastmini.data.corpus import read_text_file
-    from fastmini.data.tables import split_lines
-
-    return next((("\t" in line) for line in split_lines(read_text_file(path, allow_empty=True)) if line.strip()), False)
+    fine-tuner's .txt format), not one sentence per line. Reads up to that line only: the file's reader reads it
+    all afterwards (and names an encoding problem: undecodable bytes are replaced here)."""
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as handle:
+        for line in handle:
+            if line.strip():
+                return "\t" in line
+    return False
 
 
 def _read_stdin() -> str:

@@ -128,9 +128,8 @@ def _read_text(path: Path, text_unit: str) -> list[str]:
     return [piece.strip() for piece in pieces if piece.strip()]
 
 
-def _field(record, text_field: str, where: str) -> str:
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object with a '{text_field}' field, got {type(record).__name__}")
+def _field(record: dict, text_field: str, where: str) -> str:
+    """The text of one JSON record (tables.json_records has checked it is an object)."""
     if text_field not in record:
         raise DataError(f"{where}: no '{text_field}' field (fields: {', '.join(map(str, record)) or 'none'})")
     value = record[text_field]
