@@ -20,8 +20,22 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-test: $(STAMP)
-	$(BIN)/pytest tests/
+# The GPU machine's triton (its python3 holds torch 2.11 and triton 3.6), whose compiler refuses code that this
+# venv's triton and the interpreter take: `make test` also builds every kernel launch for sm_90 with it
+# (tests/test_kernels_compile_for_hopper.py), in a venv of that triton alone that sees this venv's packages.
+DEVICE_TRITON := triton==3.6.0
+DEVICE_TRITON_VENV := .venv-device-triton
+DEVICE_TRITON_STAMP := $(DEVICE_TRITON_VENV)/.installed-stamp
+
+$(DEVICE_TRITON_STAMP): $(STAMP)
+	$(PYTHON) -m venv $(DEVICE_TRITON_VENV)
+	$(DEVICE_TRITON_VENV)/bin/pip install --quiet $(DEVICE_TRITON)
+	$(BIN)/python -c "import site; print(f'import site; site.addsitedir({site.getsitepackages()[0]!r})')" \
+		> "$$($(DEVICE_TRITON_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/fastmini-venv.pth"
+	touch $(DEVICE_TRITON_STAMP)
+
+test: $(STAMP) $(DEVICE_TRITON_STAMP)
+	FASTMINI_SM90_COMPILER_PYTHON=$(DEVICE_TRITON_VENV)/bin/python $(BIN)/pytest tests/
 
 # The main job on the embedded offline default: distil a MiniALBERT student from the packaged
 # MiniLM teacher on gensim's Wikipedia sample (~3.5 min on 2 CPU cores) into outputs/distill,
@@ -51,9 +65,9 @@ bench-gpu:
 	python3 benchmarks/run_gpu.py $(BENCH_GPU_ARGS)
 
 # Registers, spills and shared memory of every Triton launch at the published sizes, compiled for sm_90 here
-# (no GPU needed): where a GPU sweep should look first.
-kernel-resources: $(STAMP)
-	$(BIN)/python benchmarks/kernel_resources.py
+# (no GPU needed), by the GPU machine's triton: where a GPU sweep should look first.
+kernel-resources: $(STAMP) $(DEVICE_TRITON_STAMP)
+	FASTMINI_SM90_COMPILER_PYTHON=$(DEVICE_TRITON_VENV)/bin/python $(BIN)/python benchmarks/kernel_resources.py
 
 # Wheels for the GPU machine's python 3.12 that its image lacks (datasets and its own pins).
 DEVICE_WHEELS := .device-wheels
@@ -66,4 +80,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check fastmini kernels tests benchmarks examples
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache .benchmarks
+	rm -rf $(VENV) $(DEVICE_TRITON_VENV) outputs .pytest_cache .benchmarks

@@ -158,15 +158,31 @@ def record_launches(monkeypatch, sweep: Callable, execute: bool = True) -> list[
     return list(specs.values())
 
 
-def compile_for_sm90(specs: list[dict], cache_dir: str) -> list[dict]:
-    """Compile every spec for sm_90 in a subprocess without the interpreter: one outcome per spec, {"ok",
-    "shared"} and, where the triton wheel has cuobjdump, "registers" and "spill_bytes"; or {"ok": False,
-    "error"}."""
+# The Python whose triton compiles the launches: this one's unless named. The GPU machine's triton is older than
+# the one CI installs, and the two compilers accept different code (triton 3.6 refuses a @triton.jit helper that
+# returns None, which 3.9 and the interpreter take); an environment with the GPU machine's triton version (and
+# this one's torch on its path) names it here to check the kernels build there too, without a GPU.
+COMPILER_PYTHON_VARIABLE = "FASTMINI_SM90_COMPILER_PYTHON"
+
+
+def compiler_python() -> str:
+    return os.environ.get(COMPILER_PYTHON_VARIABLE) or sys.executable
+
+
+def compile_for_sm90(specs: list[dict], cache_dir: str, python: str | None = None) -> list[dict]:
+    """Compile every spec for sm_90 in a subprocess without the interpreter, by ``python``'s triton
+    (compiler_python() unless given): one outcome per spec, {"ok", "shared"} and, where the triton wheel has
+    cuobjdump, "registers" and "spill_bytes"; or {"ok": False, "error"}."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = cache_dir
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 is today's default
     result = subprocess.run(
-        [sys.executable, "-c", COMPILER], input=json.dumps(specs), capture_output=True, text=True, env=env, timeout=900
+        [python or compiler_python(), "-c", COMPILER],
+        input=json.dumps(specs),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
     )
     if result.returncode != 0:
         raise RuntimeError(f"compiling for sm_90 failed:\n{result.stderr[-4000:]}")

@@ -13,6 +13,8 @@ tests' job.
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,7 +55,7 @@ def _sweep(_patch=None):
     tile."""
     from fastmini.kernels import linear_gelu as linear_gelu_kernels
 
-    from fastmini.ops import adapter_bottleneck, add_layer_norm
+    from fastmini.ops import adapter_bottleneck, add_layer_norm, add_layer_norm_adapter
 
     for dtype, hiddens in ((torch.float32, (768, 312)), (torch.bfloat16, (768, 312)), (torch.float16, (768,))):
         for hidden in hiddens:
@@ -63,6 +65,9 @@ def _sweep(_patch=None):
                 (hidden,),
             )  # fmt: skip
             adapter_bottleneck(x, down_w, down_b, up_w, up_b, norm_w, norm_b, 1e-12, backend="triton").sum().backward()
+            with torch.no_grad():  # the pre-norm fused kernel (PRE_NORM): inference only
+                adapter_parameters = (down_w, down_b, up_w, up_b, norm_w, norm_b)
+                add_layer_norm_adapter(x, x, norm_w, norm_b, 1e-12, *adapter_parameters, 1e-12, backend="triton")
             residual = torch.randn_like(x).requires_grad_()
             for dropout_p in (0.0, 0.1):
                 out = add_layer_norm(x, residual, norm_w, norm_b, 1e-12, dropout_p, backend="triton")
@@ -159,9 +164,23 @@ def _gpu_only_sweep(patch):
         add_layer_norm(x, torch.zeros_like(x), ones[:768], ones[:768], 1e-12, 0.1, backend="triton").sum().backward()
 
 
-def _compile_for_sm90(specs: list[dict], tmp_path) -> list[dict]:
+@pytest.fixture(params=["this-triton", "gpu-machine-triton"])
+def compiler_python(request) -> str:
+    """The Python whose triton compiles: this environment's, and the GPU machine's version where `make test` has
+    built an environment with it (kernel_resources.COMPILER_PYTHON_VARIABLE names it): that compiler refused a
+    helper returning None that this one and the interpreter took, which failed every adapter kernel on the GPU
+    (2026-11-27)."""
+    if request.param == "this-triton":
+        return sys.executable
+    variable = _machinery().COMPILER_PYTHON_VARIABLE
+    if not os.environ.get(variable):
+        pytest.skip(f"{variable} names no environment with the GPU machine's triton (make test builds one)")
+    return os.environ[variable]
+
+
+def _compile_for_sm90(specs: list[dict], tmp_path, python: str) -> list[dict]:
     """Compile every spec for sm_90 in a subprocess without the interpreter; fail listing what did not build."""
-    outcomes = _machinery().compile_for_sm90(specs, str(tmp_path / "triton-cache"))
+    outcomes = _machinery().compile_for_sm90(specs, str(tmp_path / "triton-cache"), python)
     failures = [
         f"{spec['name']} {spec['signature']} {spec['constexprs']} {spec['options']}: {outcome['error']}"
         for spec, outcome in zip(specs, outcomes, strict=True)
@@ -174,17 +193,18 @@ def _compile_for_sm90(specs: list[dict], tmp_path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_every_kernel_launch_compiles_for_sm90(monkeypatch, tmp_path):
+def test_every_kernel_launch_compiles_for_sm90(monkeypatch, tmp_path, compiler_python):
     specs = _record_launches(monkeypatch, _sweep)
     kernels = {spec["name"] for spec in specs}
     assert len(kernels) >= 6, kernels  # adapter fwd/bwd x2, add_layer_norm fwd/bwd, bias-GELU fwd/bwd, GEMM
-    outcomes = _compile_for_sm90(specs, tmp_path)
+    assert any(spec["constexprs"].get("PRE_NORM") for spec in specs)  # add_layer_norm_adapter's fused kernel
+    outcomes = _compile_for_sm90(specs, tmp_path, compiler_python)
     # what benchmarks/kernel_resources.py reports, read from each cubin by the wheel's cuobjdump
     assert all(1 <= outcome["registers"] <= 255 and outcome["spill_bytes"] >= 0 for outcome in outcomes)
 
 
 @pytest.mark.slow
-def test_launch_choices_only_a_gpu_makes_compile_for_sm90(monkeypatch, tmp_path):
+def test_launch_choices_only_a_gpu_makes_compile_for_sm90(monkeypatch, tmp_path, compiler_python):
     specs = _record_launches(monkeypatch, _gpu_only_sweep)
     constexprs = [spec["constexprs"] for spec in specs]
     assert any(c.get("INPUT_PRECISION") == "tf32x3" for c in constexprs)
@@ -196,23 +216,23 @@ def test_launch_choices_only_a_gpu_makes_compile_for_sm90(monkeypatch, tmp_path)
     assert {"_add_layer_norm_forward_kernel", "_add_layer_norm_backward_kernel"} <= {
         spec["name"] for spec in dropout_kernels if spec["constexprs"]["FOUR_PER_CALL"]
     }
-    _compile_for_sm90(specs, tmp_path)
+    _compile_for_sm90(specs, tmp_path, compiler_python)
 
 
 @pytest.mark.slow
-def test_logit_losses_kernels_compile_for_sm90(monkeypatch, tmp_path):
+def test_logit_losses_kernels_compile_for_sm90(monkeypatch, tmp_path, compiler_python):
     specs = _record_launches(monkeypatch, _logit_losses_sweep)
     assert {spec["name"] for spec in specs} == {"_forward_kernel", "_backward_kernel"}
     assert {spec["constexprs"]["SAME_SCALE"] for spec in specs if spec["name"] == "_forward_kernel"} == {True, False}
-    _compile_for_sm90(specs, tmp_path)
+    _compile_for_sm90(specs, tmp_path, compiler_python)
 
 
 @pytest.mark.slow
-def test_attention_kl_kernels_compile_for_sm90(monkeypatch, tmp_path):
+def test_attention_kl_kernels_compile_for_sm90(monkeypatch, tmp_path, compiler_python):
     specs = _record_launches(monkeypatch, _attention_kl_sweep)
     assert {spec["name"] for spec in specs} == {"_forward_kernel", "_backward_kernel"}
     assert {spec["constexprs"]["BLOCK_K"] for spec in specs} == {256, 1024}
-    _compile_for_sm90(specs, tmp_path)
+    _compile_for_sm90(specs, tmp_path, compiler_python)
 
 
 def test_resident_warps_follow_registers_shared_memory_and_the_sm_limits():
