@@ -29,7 +29,7 @@ def test_attention_switches_name_settings_and_allowed_values(benchmark_module):
 
     for (owner, name, value), allowed in (
         (benchmark_module.CUDNN_VARLEN, attention.VARLEN_KERNELS),
-        (benchmark_module.ADDITIVE_SDPA_MASK, attention.SDPA_MASKS),
+        (benchmark_module.BOOL_SDPA_MASK, attention.SDPA_MASKS),
     ):
         assert (
             owner is attention and hasattr(attention, name) and value in allowed and getattr(attention, name) != value
@@ -50,10 +50,10 @@ def test_settings_are_restored_even_when_the_call_fails(benchmark_module):
     from fastmini.ops import attention
 
     with pytest.raises(RuntimeError, match="inside"):
-        with benchmark_module.all_latency_experiments():
-            assert attention.SDPA_MASK == "additive"
+        with benchmark_module.Settings(benchmark_module.BOOL_SDPA_MASK, benchmark_module.CUDNN_VARLEN):
+            assert attention.SDPA_MASK == "bool" and attention.VARLEN_KERNEL == "cudnn"
             raise RuntimeError("inside")
-    assert attention.SDPA_MASK == "bool"
+    assert attention.SDPA_MASK == "additive" and attention.VARLEN_KERNEL == "flash"
 
 
 def test_the_fused_norm_switch_patches_the_op_module(benchmark_module):
@@ -70,13 +70,10 @@ def test_the_fused_norm_switch_patches_the_op_module(benchmark_module):
 
         from fastmini.ops import attention
 
-        assert kernels.ROWS_KERNEL_UP_TO > 0 and attention.SDPA_MASK == "additive"
-    for experiments in (benchmark_module.all_ragged_experiments, benchmark_module.ragged_experiments_without_cudnn):
-        with experiments():
-            assert module._VERIFIED_ON_GPU == ("triton",)
-            assert attention.VARLEN_KERNEL == ("cudnn" if experiments is benchmark_module.all_ragged_experiments
-                                               else "flash")  # fmt: skip
-    assert module._VERIFIED_ON_GPU == () and attention.SDPA_MASK == "bool" and attention.VARLEN_KERNEL == "flash"
+        assert kernels.ROWS_KERNEL_UP_TO > 0
+    with benchmark_module.all_ragged_experiments():
+        assert module._VERIFIED_ON_GPU == ("triton",) and attention.VARLEN_KERNEL == "cudnn"
+    assert module._VERIFIED_ON_GPU == () and kernels.ROWS_KERNEL_UP_TO == 0 and attention.VARLEN_KERNEL == "flash"
     assert module._adapter_kernel_pays_off_on_gpu is rule
 
 

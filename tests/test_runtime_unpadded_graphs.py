@@ -12,6 +12,9 @@ from fastmini.runtime.buckets import first_token_bucket, token_bucket, token_buc
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 BUCKETS = dict(batch_buckets=(1, 2, 4, 8), sequence_buckets=(8, 16, 32, 64))
+# The token buckets whose arithmetic some tests spell out (8, 9, ..., 16, 18, ...: 49 real tokens run as 52): the
+# default before session 20; the default's own (16 steps) is test_token_buckets_step_evenly_...'s.
+EIGHT_STEPS = dict(token_steps_per_doubling=8)
 
 
 def tiny_model(tiny_config, randomize, dtype=torch.float32, device="cpu") -> FastMiniModel:
@@ -39,12 +42,14 @@ def masked_batch(lengths, length, pattern="right", seed=0, vocab=99):
 
 
 def test_token_buckets_step_evenly_between_powers_of_two_and_end_at_the_limit():
-    assert token_buckets(8192)[:20] == (8, 9, 10, 11, 12, 13, 14, 15, 16, 18, 20, 22, 24, 26, 28, 30, 32, 36, 40, 44)
+    assert token_buckets(8192, 8)[:20] == (8, 9, 10, 11, 12, 13, 14, 15, 16, 18, 20, 22, 24, 26, 28, 30, 32, 36, 40, 44)
+    assert token_buckets(8192) == token_buckets(8192, 16)  # the default (TOKEN_STEPS_PER_DOUBLING)
     assert token_buckets(8192, 4)[:13] == (8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64)
     assert token_buckets(8192, 1)[:5] == (8, 16, 32, 64, 128)
     assert token_buckets(8192, 16)[:19] == (16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 34, 36)
     assert token_buckets(8192)[-1] == 8192 and token_buckets(100)[-2:] == (96, 100) and token_buckets(5) == (5,)
-    assert [b for b in token_buckets(8192) if b >= 4274][0] == 4608  # the ragged benchmark's batch
+    assert token_buckets(100, 8)[-2:] == (96, 100)
+    assert [b for b in token_buckets(8192, 8) if b >= 4274][0] == 4608  # the ragged benchmark's batch
     assert [b for b in token_buckets(8192, 16) if b >= 4274][0] == 4352
     for bad in (0, 3, 32, True):
         with pytest.raises(ValueError, match=r"token steps per doubling must be one of \[1, 2, 4, 8, 16\], got"):
@@ -104,7 +109,7 @@ def test_the_recorded_packing_holds_the_token_bucket_with_filler_in_rows_of_its_
         encoded = model.encode(ids, mask, packing=packing)
         return encoded.repad(encoded.sequence)
 
-    encoder = UnpaddedGraphedEncoder(spy, capture=EagerCapture(), **BUCKETS)
+    encoder = UnpaddedGraphedEncoder(spy, capture=EagerCapture(), **BUCKETS, **EIGHT_STEPS)
     ids, mask = masked_batch([17, 2, 30], 30, seed=1)  # 49 real tokens: bucket (4, 32) holds them as 52
     encoder(ids, mask)
     assert encoder.captured_buckets == [(4, 32, 52)]
@@ -119,7 +124,7 @@ def test_the_recorded_packing_holds_the_token_bucket_with_filler_in_rows_of_its_
 
 def test_a_bucket_is_reused_with_its_buffers_refilled(tiny_config, randomize):
     model = tiny_model(tiny_config, randomize)
-    encoder = model.graphed_encoder(unpadded=True, capture=EagerCapture(), **BUCKETS)
+    encoder = model.graphed_encoder(unpadded=True, capture=EagerCapture(), **BUCKETS, **EIGHT_STEPS)
     first = masked_batch([10, 20, 7], 24, seed=1)  # 37 tokens -> bucket 40
     second = masked_batch([24, 3, 11], 24, seed=2)  # 38 tokens -> bucket 40 again, other filler
     for ids, mask in (first, second, first):
@@ -152,7 +157,7 @@ def test_every_token_bucket_of_a_batch_bucket_shares_one_static_output_and_input
     many token graphs it has (each graph's inputs a prefix of the buffer); calls that alternate between token
     buckets, each refilling the shared buffer in its own layout, still give the model's outputs."""
     model = tiny_model(tiny_config, randomize)
-    encoder = model.graphed_encoder(unpadded=True, capture=EagerCapture(), **BUCKETS)
+    encoder = model.graphed_encoder(unpadded=True, capture=EagerCapture(), **BUCKETS, **EIGHT_STEPS)
     batches = [masked_batch(lengths, 30, seed=seed) for seed, lengths in enumerate(([1, 1, 0], [5, 9, 2], [30] * 4))]
     for ids, mask in [*batches, batches[0], batches[2], batches[1]]:
         with torch.no_grad():
@@ -181,7 +186,7 @@ def test_shapes_beyond_the_buckets_and_empty_masks_run_eagerly(tiny_config, rand
 
 def test_prepare_captures_the_buckets_those_shapes_will_use(tiny_config, randomize):
     model = tiny_model(tiny_config, randomize)
-    encoder = model.graphed_encoder(unpadded=True, capture=EagerCapture(), **BUCKETS)
+    encoder = model.graphed_encoder(unpadded=True, capture=EagerCapture(), **BUCKETS, **EIGHT_STEPS)
     encoder.prepare([(3, 20, 37), (3, 20)], device="cpu")  # 37 real tokens; every token of a 3 x 20 batch real
     assert encoder.captured_buckets == [(4, 32, 40), (4, 32, 60)]
     encoder.prepare([(3, 20, 38)], device="cpu")  # same bucket: nothing new

@@ -39,11 +39,16 @@ _VARLEN_HEAD_SIZE_MULTIPLE, _VARLEN_MAX_HEAD_SIZE = 8, 256
 _VARLEN_MIN_CAPABILITY = (8, 0)  # torch's flash kernels: Ampere and newer
 # How the padded layout hands its key padding mask to SDPA. "bool": as it is, and SDPA converts it to an additive
 # mask on every call (three kernels a recursion on a GPU). "additive": the KeyPadding's bias, which the encoder
-# makes once a forward (ops.key_padding). Not yet run on a GPU, so not the default: SDPA may choose another kernel
-# for a float mask than for a bool one, and a row with no real key then attends uniformly over its padded keys
-# (as the eager path and SDPA's cuDNN kernel do) where other SDPA kernels give zeros.
+# makes once a forward (ops.key_padding). On an H200 (2026-11-27, session 20, bf16) the GPU tests of the additive
+# mask passed, SDPA kept its cuDNN kernel, and the graphed (1, 128) forward ran 88 kernels instead of 104 in less
+# kernel time in both runs that timed it (0.335 against 0.349 ms; 0.332 against 0.350); its wall-clock medians
+# (benchmarks/test_encoder_forward_gpu.py, interleaved) were 0.446 against 0.507 ms in one run and 0.458 against
+# 0.444 in the other, so the kernel time is the steady gain; on this project's CPU (2 threads, fp32) the two
+# took the same time (8 x 128, ragged 32 x 128, 1 x 32). A row with no real key
+# attends uniformly over its padded keys (as the eager path and SDPA's cuDNN kernel do) where some SDPA kernels
+# give zeros under the bool mask: such rows are all padding, and no output reads them.
 SDPA_MASKS = ("bool", "additive")
-SDPA_MASK = "bool"
+SDPA_MASK = "additive"
 
 
 def _check_qkv(op: str, query: object, key: object, value: object, num_heads: object, dropout_p: object) -> None:

@@ -5,8 +5,8 @@ GEMM on them. Here each graph runs the model's unpadded path on a fixed number o
 ragged batch costs what its real tokens cost, rounded up to a token bucket, without launch overhead.
 
 A graph is recorded per (batch bucket, sequence bucket, token bucket) (``buckets.token_bucket``: with the
-default 8 buckets per doubling of the token count, from 8 real tokens on at most 1/8 of a graph's tokens are
-filler; ``token_steps_per_doubling`` chooses 1, 2, 4, 8 or 16). Before each replay
+default 16 buckets per doubling of the token count, from 16 real tokens on at most 1/16 of a graph's tokens
+are filler; ``token_steps_per_doubling`` chooses 1, 2, 4, 8 or 16). Before each replay
 the host copies the mask once (one sync: the shapes depend on it; nothing else is read back), builds
 the packing's indices from that copy, and fills the bucket's static buffers:
 
