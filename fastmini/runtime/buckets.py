@@ -21,9 +21,9 @@ DEFAULT_SEQUENCE_BUCKETS = (32, 64, 128, 256, 512)
 # (below, the first bucket is mostly filler). Filler is work: with 4 steps (at most 25% filler) the ragged
 # benchmark's 4274 real tokens ran as 5120 (session 15, H200), with 8 as 4608, with 16 as 4352; on the H200
 # (session 20, bf16, handed host inputs) 16 steps ran that batch in 1.774, 1.666 and 1.623 ms against 8 steps'
-# 1.923, 1.764 and 1.647 in three runs, and eight such batches back to back in 11.08 ms against 11.57. More steps mean more graphs to capture (lazily, each once),
-# each adding its executable but no buffers: the graphs of a (batch, sequence) bucket share one memory pool, one
-# staged input buffer and one output.
+# 1.923, 1.764 and 1.647 in three runs, and eight such batches back to back in 11.08 ms against 11.57. More steps
+# mean more graphs to capture (lazily, each once), each adding its executable but no buffers: the graphs of a
+# (batch, sequence) bucket share one memory pool, one staged input buffer and one output.
 SMALLEST_TOKEN_BUCKET = 8
 TOKEN_STEPS_PER_DOUBLING = 16
 TOKEN_STEPS_CHOICES = (1, 2, 4, 8, 16)
