@@ -96,6 +96,19 @@ def test_bad_shapes_are_named(tiny_config, batch):
         model(torch.ones(1, 65, dtype=torch.long))
 
 
+@pytest.mark.parametrize(
+    "model_class",
+    [FastMiniModel, FastMiniForMaskedLM, FastMiniForSequenceClassification, FastMiniForTokenClassification],
+)
+def test_head_mask_none_is_taken_and_a_mask_refused(model_class, tiny_config, batch):
+    """transformers' ALBERT takes head_mask (5 ignores it): code that passes None runs unchanged."""
+    model = model_class(tiny_config()).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch, head_mask=None)[0], model(**batch)[0], rtol=0, atol=0)
+        with pytest.raises(ValueError, match="head_mask is not supported"):
+            model(**batch, head_mask=torch.ones(2, 2))
+
+
 def test_return_dict_false_gives_tuples(tiny_config, batch):
     model = FastMiniForMaskedLM(tiny_config()).eval()
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)

@@ -85,7 +85,7 @@ def test_base_model_checkpoint_loads_into_task_model(tiny_config, tmp_path):
     base = FastMiniModel(tiny_config())
     base.save_pretrained(tmp_path)
     model, info = FastMiniForTokenClassification.from_pretrained(tmp_path, num_labels=4, output_loading_info=True)
-    assert info["missing_keys"] == ["classifier.bias", "classifier.weight"]
+    assert info["missing_keys"] == {"classifier.bias", "classifier.weight"}
     assert torch.equal(model.fastmini.embeddings.word_embeddings.weight, base.embeddings.word_embeddings.weight)
 
 
@@ -95,9 +95,26 @@ def test_a_base_models_pooler_loads_into_its_classifier(tiny_config, randomize, 
     base = randomize(FastMiniModel(tiny_config(head_variant="albert", use_adapter=False)))
     base.save_pretrained(tmp_path)
     classifier, info = FastMiniForSequenceClassification.from_pretrained(tmp_path, output_loading_info=True)
-    assert info["missing_keys"] == ["classifier.bias", "classifier.weight"] and info["unexpected_keys"] == []
+    assert info["missing_keys"] == {"classifier.bias", "classifier.weight"} and info["unexpected_keys"] == set()
     assert torch.equal(classifier.fastmini.pooler.weight, base.pooler.weight)
     assert torch.equal(classifier.fastmini.pooler.bias, base.pooler.bias)
+
+
+def test_a_task_head_loaded_into_the_base_model_is_reported_unused(tiny_config, tmp_path, caplog):
+    """As transformers reports an AlbertForSequenceClassification's classifier loaded into AlbertModel: the
+    head's keys are unexpected, with a warning (they were dropped silently)."""
+    FastMiniForSequenceClassification(tiny_config(num_labels=3)).save_pretrained(tmp_path)
+    with caplog.at_level("WARNING", logger="fastmini.models.loading"):
+        _, info = FastMiniModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["unexpected_keys"] == {"classifier.bias", "classifier.weight"} and info["missing_keys"] == set()
+    assert "classifier.* (2 tensors)" in caplog.text
+
+
+def test_a_none_override_resets_the_saved_value_as_in_transformers(tiny_config, tmp_path):
+    FastMiniForSequenceClassification(tiny_config(problem_type="regression", num_labels=1)).save_pretrained(tmp_path)
+    assert FastMiniForSequenceClassification.from_pretrained(tmp_path).config.problem_type == "regression"
+    reset = FastMiniForSequenceClassification.from_pretrained(tmp_path, problem_type=None)
+    assert reset.config.problem_type is None
 
 
 def test_a_config_passed_in_is_copied_not_shared_nor_changed(tiny_config, tmp_path):
@@ -209,7 +226,7 @@ def test_weights_from_memory_take_the_loading_arguments(tiny_config):
     loaded, info = FastMiniForSequenceClassification.from_pretrained(
         None, config=two_labels.config, state_dict=two_labels.state_dict(), output_loading_info=True
     )
-    assert info["missing_keys"] == [] and info["mismatched_keys"] == []
+    assert info["missing_keys"] == set() and info["mismatched_keys"] == set()
     three_labels = tiny_config(num_labels=3)
     with pytest.raises(CheckpointError, match="pass ignore_mismatched_sizes=True"):
         FastMiniForSequenceClassification.from_pretrained(None, config=three_labels, state_dict=two_labels.state_dict())
@@ -218,7 +235,7 @@ def test_weights_from_memory_take_the_loading_arguments(tiny_config):
         output_loading_info=True,
     )  # fmt: skip
     assert loaded.classifier.out_features == 3
-    assert [key for key, _, _ in info["mismatched_keys"]] == ["classifier.bias", "classifier.weight"]
+    assert sorted(key for key, _, _ in info["mismatched_keys"]) == ["classifier.bias", "classifier.weight"]
 
 
 def test_albert_heads_tie_the_decoder_by_default(tiny_config):

@@ -214,7 +214,7 @@ def load_task_model(source: ModelSource, spec: TaskSpec, labels: LabelMap, seed:
             raise UsageError(f"--adapter-tuning with --model {source.config.model}: {error}") from error
     fresh_head = [
         key
-        for key in info["missing_keys"] + [k for k, _, _ in info["mismatched_keys"]]
+        for key in [*info["missing_keys"], *(k for k, _, _ in info["mismatched_keys"])]
         if key.startswith("classifier.")
     ]
     return model, bool(fresh_head)

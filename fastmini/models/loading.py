@@ -67,11 +67,11 @@ def _build_config(config_dict: dict[str, Any], checkpoint_format: str, source: s
 def _apply_overrides(config: FastMiniConfig, overrides: dict[str, Any], source: str) -> None:
     unknown = []
     for name, value in overrides.items():
-        if name.startswith("_") or name in IGNORED_KWARGS or value is None:
+        if name.startswith("_") or name in IGNORED_KWARGS:
             continue
         if hasattr(config, name):
-            setattr(config, name, value)
-        else:
+            setattr(config, name, value)  # None too, as transformers does: problem_type=None resets it
+        elif value is not None:  # a None for a loader option fastmini lacks asks for nothing
             unknown.append(name)
     if unknown:
         logger.warning("from_pretrained(%s): ignoring unsupported argument(s) %s", source, ", ".join(sorted(unknown)))
@@ -86,11 +86,16 @@ def _is_optional(key: str) -> bool:
 
 
 def _align_prefix(model, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Match checkpoints saved from the base model to task models, and vice versa."""
+    """Match checkpoints saved from the base model to task models, and vice versa. A task model's head loaded
+    into the base model is kept under its own name, so that reconcile reports it as unused."""
     prefix = model.base_model_prefix + "."
     if model is model.base_model:
         if any(key.startswith(prefix) for key in state_dict):
-            return {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
+            return {
+                key[len(prefix) :] if key.startswith(prefix) else key: value
+                for key, value in state_dict.items()
+                if key.startswith(prefix) or key.startswith(TASK_HEAD_PREFIXES)
+            }
         return state_dict
     if not any(key.startswith(prefix) for key in state_dict):
         return {(key if key.startswith(TASK_HEAD_PREFIXES) else prefix + key): v for key, v in state_dict.items()}
@@ -107,8 +112,10 @@ def reconcile(
     state_dict: dict[str, torch.Tensor],
     source: str,
     ignore_mismatched_sizes: bool = False,
-) -> tuple[dict[str, torch.Tensor], dict[str, list]]:
-    """The subset of ``state_dict`` to load into ``model``; raises on anything inconsistent."""
+) -> tuple[dict[str, torch.Tensor], dict[str, set | list]]:
+    """The subset of ``state_dict`` to load into ``model``, and the loading info as transformers 5 gives it (sets
+    of missing and unexpected keys, of (key, checkpoint shape, model shape) mismatches); raises on anything
+    inconsistent."""
     state_dict = _align_prefix(model, state_dict)
     expected = model.state_dict()
     tied = tied_weight_keys(model)
@@ -157,9 +164,9 @@ def reconcile(
             _compact(unexpected),
         )
     return usable, {
-        "missing_keys": missing,
-        "unexpected_keys": unexpected,
-        "mismatched_keys": mismatched,
+        "missing_keys": set(missing),
+        "unexpected_keys": set(unexpected),
+        "mismatched_keys": set(mismatched),
         "error_msgs": [],
     }
 

@@ -197,6 +197,14 @@ class FastMiniPreTrainedModel(PreTrainedModel):
         return self
 
 
+def refuse_head_mask(head_mask: torch.Tensor | None) -> None:
+    """transformers 4's ALBERT took ``head_mask`` and transformers 5's accepts and ignores it: None is taken, for
+    code written against either; a mask is refused rather than ignored (no head of the shared layer is ever
+    masked here)."""
+    if head_mask is not None:
+        raise ValueError("head_mask is not supported: pass None (transformers 5's ALBERT ignores it too)")
+
+
 def _check_mask_shape(attention_mask: torch.Tensor, shape: torch.Size) -> None:
     if attention_mask.shape != shape:
         raise ValueError(
@@ -386,9 +394,11 @@ class FastMiniModel(FastMiniPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        head_mask: torch.Tensor | None = None,
     ) -> BaseModelOutputWithPooling | tuple:
         """Padded positions of ``last_hidden_state`` and ``hidden_states`` are zeros: no work is
         spent on them."""
+        refuse_head_mask(head_mask)
         encoded = self.encode(
             input_ids,
             attention_mask,
@@ -439,8 +449,10 @@ class FastMiniForMaskedLM(FastMiniPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        head_mask: torch.Tensor | None = None,
     ) -> MaskedLMOutput | tuple:
         """``labels`` (B, S): token ids at the positions to predict, -100 elsewhere."""
+        refuse_head_mask(head_mask)
         encoded = self.fastmini.encode(
             input_ids,
             attention_mask,
@@ -497,7 +509,9 @@ class FastMiniForSequenceClassification(FastMiniPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        head_mask: torch.Tensor | None = None,
     ) -> SequenceClassifierOutput | tuple:
+        refuse_head_mask(head_mask)
         encoded = self.fastmini.encode(
             input_ids,
             attention_mask,
@@ -537,8 +551,10 @@ class FastMiniForTokenClassification(FastMiniPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        head_mask: torch.Tensor | None = None,
     ) -> TokenClassifierOutput | tuple:
         """``labels`` (B, S): class ids per token, -100 where no loss is wanted."""
+        refuse_head_mask(head_mask)
         encoded = self.fastmini.encode(
             input_ids,
             attention_mask,
