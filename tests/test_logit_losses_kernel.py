@@ -107,6 +107,25 @@ def test_masked_words_in_the_first_chunk(monkeypatch):
     assert torch.isfinite(torch_grad).all()
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_word_masked_in_both_student_and_teacher_adds_nothing(backend):
+    """A vocabulary entry of -inf on both sides (a padded vocabulary) is a word neither can give: both backends
+    give what the vocabulary without it gives (the torch backend's clamped kl_div computed 0 * inf, NaN)."""
+    student, labels, teacher = logits(3, 40)
+    with torch.no_grad():
+        student[:, 0] = teacher[:, 0] = float("-inf")
+    labels = torch.tensor([1, 2, -100])
+    student = student.detach().requires_grad_()
+    ce_sum, kl_sum = logit_losses_sum(student, labels, teacher, 2.0, backend=backend)
+    (grad,) = torch.autograd.grad(ce_sum + kl_sum, student)
+    without = student.detach()[:, 1:].clone().requires_grad_()
+    expected_ce, expected_kl = logit_losses_sum_ref(without, labels - (labels >= 0).long(), teacher[:, 1:], 2.0)
+    (expected_grad,) = torch.autograd.grad(expected_ce + expected_kl, without)
+    torch.testing.assert_close(torch.stack([ce_sum, kl_sum]).detach(), torch.stack([expected_ce, expected_kl]).detach())
+    torch.testing.assert_close(grad[:, 1:], expected_grad)
+    assert (grad[:, 0] == 0).all()
+
+
 @pytest.mark.parametrize("student_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16], ids=["teacher-fp32", "teacher-bf16"])
 def test_low_precision_logits(student_dtype, teacher_dtype, monkeypatch):

@@ -229,6 +229,29 @@ def test_parameters_in_another_dtype_follow_the_activation(op, activation_dtype,
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", list(OPS))
+def test_an_fp64_activation_under_autocast_keeps_its_fp32_parameters_in_fp64(op, backend):
+    """Autocast leaves fp64 alone but would cast fp32 weights to bf16: the torch backend left the cast to it and
+    F.linear failed ("mat1 and mat2 must have the same dtype") where the Triton backend computed in fp64."""
+    make, call = OPS[op]
+    tensors = make()
+    activations = 2 if op == "add_layer_norm" else 1
+    mixed = [t.double() if i < activations else t for i, t in enumerate(tensors)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = call(mixed, backend)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, REFERENCES[op](*(t.double() for t in tensors)), atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_gelu_of_zero_features_is_gelu_of_the_bias(backend):
+    """H = 0 passes the op's checks; the Triton backend's reshape(-1, 0) was ambiguous and raised."""
+    bias = torch.randn(INTERMEDIATE)
+    out = linear_gelu(torch.randn(2, 3, 0), torch.randn(INTERMEDIATE, 0), bias, backend=backend)
+    torch.testing.assert_close(out, torch.nn.functional.gelu(bias).expand(2, 3, INTERMEDIATE))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", list(OPS))
 @pytest.mark.parametrize("leading", [(), (2, 3), (1, 1, ROWS)])
 def test_any_leading_dimensions_zero_rows_and_views(op, leading, backend):
     make, call = OPS[op]

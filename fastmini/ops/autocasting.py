@@ -8,6 +8,12 @@ import torch
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)  # autocast leaves fp64 (and integers) alone
 
 
+def autocast_casts_both(device_type: str, a: torch.dtype, b: torch.dtype) -> bool:
+    """Whether an autocast region of ``device_type`` brings tensors of dtypes ``a`` and ``b`` to one dtype by
+    itself (both eligible): an fp64 activation stays fp64 while an fp32 weight would become 16-bit."""
+    return a in _AUTOCAST_ELIGIBLE and b in _AUTOCAST_ELIGIBLE and torch.is_autocast_enabled(device_type)
+
+
 def autocast_dtype_for(tensor: torch.Tensor) -> torch.dtype:
     """Autocast's dtype inside an autocast region of ``tensor``'s device when it would cast ``tensor``,
     else ``tensor``'s own dtype."""

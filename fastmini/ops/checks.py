@@ -12,6 +12,8 @@ from numbers import Real
 
 import torch
 
+from fastmini.ops.autocasting import autocast_casts_both
+
 FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FLOATING_NAMES = "float16, bfloat16, float32 or float64"
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -81,9 +83,9 @@ def all_in(dtype: torch.dtype, *tensors: torch.Tensor) -> bool:
 
 def cast_to(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``tensor`` in ``dtype`` (itself when it already is): parameters follow the activation, as autocast does.
-    Inside an autocast region the cast is left to autocast, which casts a parameter once and reuses it across
-    the recursions; casting here would redo it on every call."""
-    if tensor.dtype == dtype or torch.is_autocast_enabled(tensor.device.type):
+    Inside an autocast region that casts both, the cast is left to autocast, which casts a parameter once and
+    reuses it across the recursions; casting here would redo it on every call."""
+    if tensor.dtype == dtype or autocast_casts_both(tensor.device.type, tensor.dtype, dtype):
         return tensor
     return tensor.to(dtype)
 

@@ -12,6 +12,8 @@ one Triton GEMM with the epilogue fused) is the launcher's choice, not this op's
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -158,7 +160,7 @@ def _linear_gelu_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     x = _autocast_activation(x)
     # Inference needs no pre-activation: the launcher then skips writing it (or writes y over it).
     save_pre = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
-    rows = x.reshape(-1, x.shape[-1])
+    rows = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: ambiguous for H = 0, which the op takes
     y, _pre = _linear_gelu_forward(rows, weight, bias, approximate, save_pre)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 

@@ -44,10 +44,12 @@ def kl_sum(student_log_probs: torch.Tensor, teacher_logits: torch.Tensor, temper
     """sum_r KL(softmax(t_r / T) || exp(student_log_probs_r)); the teacher is a target (no gradient)."""
     with torch.no_grad():
         teacher_log_probs = log_probabilities(teacher_logits, temperature).to(student_log_probs.dtype)
-        # a -inf teacher logit (a masked vocabulary entry) contributes 0 log 0 = 0, as in the kernel: kl_div would
-        # compute exp(-inf) * (-inf - s) = 0 * inf = NaN
-        teacher_log_probs = teacher_log_probs.clamp_min(torch.finfo(teacher_log_probs.dtype).min)
-    return F.kl_div(student_log_probs, teacher_log_probs, reduction="sum", log_target=True)
+        teacher_probs = teacher_log_probs.exp()
+        # a -inf teacher logit (a masked vocabulary entry) contributes 0 log 0 = 0, as in the kernel, also where the
+        # student masks it too: kl_div would compute 0 * (-inf - s), NaN (and 0 * (-inf + inf) with a clamp)
+        masked = teacher_log_probs == float("-inf")
+    terms = teacher_probs * (teacher_log_probs - student_log_probs)
+    return torch.where(masked, torch.zeros_like(terms), terms).sum()
 
 
 def logit_losses_sum_ref(
