@@ -337,6 +337,65 @@ def test_weights_moved_after_a_capture_are_refused_until_reset(tiny_config, rand
     encoder(ids, mask)
 
 
+@pytest.mark.parametrize("unpadded", [False, True], ids=["padded", "unpadded"])
+def test_a_replaced_embedding_module_is_refused_until_reset(tiny_config, randomize, unpadded):
+    """set_input_embeddings() puts a new table in: a real graph would keep reading the old one."""
+    model = tiny_model(tiny_config, randomize)
+    encoder = model.graphed_encoder(unpadded=unpadded, capture=EagerCapture(), sequence_buckets=(8, 16))
+    ids, mask = ragged_batch(2, 8, vocab=99, seed=1)
+    encoder(ids, mask)
+    old = model.get_input_embeddings()
+    model.set_input_embeddings(torch.nn.Embedding(old.num_embeddings, old.embedding_dim))
+    with pytest.raises(RuntimeError, match="weights moved"):
+        encoder(ids, mask)
+    encoder.reset()
+    encoder(ids, mask)
+
+
+@pytest.mark.parametrize("unpadded", [False, True], ids=["padded", "unpadded"])
+def test_bool_input_ids_are_refused(tiny_config, randomize, unpadded):
+    """The unpadded encoder's int64 staging turned True/False into token ids 1/0 and answered."""
+    encoder = tiny_model(tiny_config, randomize).graphed_encoder(unpadded=unpadded, capture=EagerCapture())
+    ids, mask = ragged_batch(2, 8, vocab=99, seed=1)
+    with pytest.raises(TypeError, match="input_ids must hold integer token ids, got torch.bool"):
+        encoder(ids.bool(), mask)
+
+
+@pytest.mark.parametrize("unpadded", [False, True], ids=["padded", "unpadded"])
+def test_a_given_eager_fn_serves_what_no_bucket_holds(tiny_config, randomize, unpadded):
+    """The unpadded encoder ran its own fn past the buckets whatever eager_fn said (and the model's padded
+    encoder refused an eager_fn: "multiple values")."""
+    calls = []
+
+    def eager(ids, mask):
+        calls.append(tuple(ids.shape))
+        return torch.ones(*ids.shape, 36)
+
+    model = tiny_model(tiny_config, randomize)
+    encoder = model.graphed_encoder(
+        unpadded=unpadded, capture=EagerCapture(), batch_buckets=(2,), sequence_buckets=(8,), eager_fn=eager
+    )
+    ids, mask = ragged_batch(3, 8, vocab=99, seed=1)  # 3 rows: past the largest batch bucket
+    assert encoder(ids, mask).sum() == 3 * 8 * 36 and calls == [(3, 8)]
+
+
+def test_the_models_encoder_follows_the_model_moved_and_reset(tiny_config, randomize):
+    """The device prepare() and host inputs go to is read from the model: after moving it and reset() (what the
+    weights check asks for) the encoder serves the new device (it kept the one of its creation)."""
+    with torch.device("meta"):
+        model = FastMiniModel(tiny_config(max_position_embeddings=64)).eval()
+    encoder = model.graphed_encoder(unpadded=True, capture=EagerCapture(), sequence_buckets=(8,))
+    assert encoder.default_device.type == "meta"
+    model.to_empty(device="cpu")
+    randomize(model)
+    encoder.reset()
+    assert encoder.default_device == torch.device("cpu")
+    ids, mask = ragged_batch(2, 8, vocab=99, seed=1)
+    with torch.no_grad():
+        expected = model(ids, mask).last_hidden_state
+    torch.testing.assert_close(encoder(ids, mask)[mask.bool()], expected[mask.bool()], rtol=1e-5, atol=1e-5)
+
+
 def test_the_models_encoder_prepares_on_the_models_device(tiny_config, randomize):
     encoder = tiny_model(tiny_config, randomize).graphed_encoder(capture=EagerCapture(), sequence_buckets=(8,))
     assert encoder.default_device == torch.device("cpu")

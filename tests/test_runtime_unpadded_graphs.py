@@ -51,7 +51,7 @@ def test_token_buckets_step_evenly_between_powers_of_two_and_end_at_the_limit():
     assert token_buckets(100, 8)[-2:] == (96, 100)
     assert [b for b in token_buckets(8192, 8) if b >= 4274][0] == 4608  # the ragged benchmark's batch
     assert [b for b in token_buckets(8192, 16) if b >= 4274][0] == 4352
-    for bad in (0, 3, 32, True):
+    for bad in (0, 3, 32, True, 16.0):
         with pytest.raises(ValueError, match=r"token steps per doubling must be one of \[1, 2, 4, 8, 16\], got"):
             token_buckets(64, bad)
 

@@ -133,7 +133,8 @@ class FastMiniPreTrainedModel(PreTrainedModel):
 
         check_eval()
         options.setdefault("max_sequence_length", self.config.max_position_embeddings)
-        options.setdefault("device", self.device)  # where prepare() captures before any call
+        # where prepare() captures before any call: read when needed, so that it follows the model moved + reset()
+        options.setdefault("device", lambda: base.device)
         # Only the last hidden state: a config's output_hidden_states / output_attentions would have every graph
         # compute (and re-pad) what it throws away, and attention maps take the slower eager attention.
         only_the_sequence = dict(output_attentions=False, output_hidden_states=False, repad_hidden_states=False)
@@ -149,18 +150,20 @@ class FastMiniPreTrainedModel(PreTrainedModel):
             encoded = base.encode(ids, mask, packing=packing, **only_the_sequence)
             return encoded.repad(encoded.sequence)
 
-        word_embeddings, ffn_output = base.embeddings.word_embeddings, base.encoder.shared_layer.ffn_output
+        embeddings, shared_layer = base.embeddings, base.encoder.shared_layer
 
         def weights_fingerprint() -> tuple:
-            """Where two of the weights live (microseconds, every call): .to() and load_state_dict(assign=True)
-            move them all. Read from their modules: assign=True replaces the Parameter objects themselves."""
-            embedding, shared = word_embeddings.weight, ffn_output.weight
+            """Where two of the weights live (~3 us, every call): .to() and load_state_dict(assign=True) move them
+            all. Looked up from their parents: assign=True replaces the Parameter objects themselves, and
+            set_input_embeddings() the embedding module."""
+            embedding, shared = embeddings.word_embeddings.weight, shared_layer.ffn_output.weight
             return embedding.data_ptr(), embedding.dtype, shared.data_ptr(), shared.dtype
 
         options.setdefault("weights_fingerprint", weights_fingerprint)
         if not unpadded:
             # beyond the buckets the model's own layout (unpadded unless set_unpadding(False)): no graph to fit
-            return GraphedEncoder(encode_padded, eager_fn=lambda ids, mask: encode_packed(ids, mask, None), **options)
+            options.setdefault("eager_fn", lambda ids, mask: encode_packed(ids, mask, None))
+            return GraphedEncoder(encode_padded, **options)
         return UnpaddedGraphedEncoder(encode_packed, **options)
 
     def set_unpadding(self, enabled: bool = True) -> Self:

@@ -105,7 +105,7 @@ def first_token_bucket(steps_per_doubling: int) -> int:
 
 
 def check_steps_per_doubling(steps_per_doubling: int) -> None:
-    if isinstance(steps_per_doubling, bool) or steps_per_doubling not in TOKEN_STEPS_CHOICES:
+    if type(steps_per_doubling) is not int or steps_per_doubling not in TOKEN_STEPS_CHOICES:
         raise ValueError(
             f"token steps per doubling must be one of {list(TOKEN_STEPS_CHOICES)}, got {steps_per_doubling!r}"
         )

@@ -69,11 +69,12 @@ class GraphedEncoder:
     ``capture``: the strategy (default ``CudaGraphCapture()``; ``EagerCapture()`` runs the same
     bookkeeping without graphs). ``max_sequence_length`` caps the sequence buckets at the model's
     number of positions. ``device``: where ``prepare()`` puts its dummy inputs before anything has
-    been captured (``model.graphed_encoder()`` passes the model's); None: CUDA. ``eager_fn``: what runs a
+    been captured, or a callable giving it (``model.graphed_encoder()`` passes one that reads the model's, so
+    that after moving the model and ``reset()`` it follows); None: CUDA. ``eager_fn``: what runs a
     shape beyond the buckets (default ``fn``; ``model.graphed_encoder()`` passes the model's own layout,
     unpadded, since the batches past the largest bucket are the large ones, where skipping padding pays).
     ``weights_fingerprint``: a cheap callable naming where the weights live (``model.graphed_encoder()`` passes
-    the first and last parameters' addresses and dtypes); a call whose fingerprint differs from the one the
+    the word embeddings' and the FFN output's addresses and dtypes); a call whose fingerprint differs from the one the
     graphs were captured with is refused: their replays would read the old, freed weights (after ``.to(dtype)``
     or ``load_state_dict(assign=True)``) until ``reset()``.
     """
@@ -86,12 +87,13 @@ class GraphedEncoder:
         sequence_buckets: Iterable[int] = DEFAULT_SEQUENCE_BUCKETS,
         max_sequence_length: int | None = None,
         capture: CaptureStrategy | None = None,
-        device: torch.device | str | None = None,
+        device: torch.device | str | Callable[[], torch.device] | None = None,
         eager_fn: EncoderFn | None = None,
         weights_fingerprint: Callable[[], tuple] | None = None,
     ):
-        if not callable(fn):
-            raise TypeError(f"GraphedEncoder: fn must be callable, got {type(fn).__name__}")
+        for name, value in (("fn", fn), ("eager_fn", eager_fn), ("weights_fingerprint", weights_fingerprint)):
+            if not callable(value) and (name == "fn" or value is not None):
+                raise TypeError(f"GraphedEncoder: {name} must be callable, got {type(value).__name__}")
         self.fn = fn
         self.eager_fn = fn if eager_fn is None else eager_fn
         self.weights_fingerprint = weights_fingerprint
@@ -101,7 +103,14 @@ class GraphedEncoder:
         self.stats = GraphStats()
         self._buckets: dict[tuple[int, ...], _Bucket] = {}
         self._device: torch.device | None = None
-        self.default_device = None if device is None else torch.device(device)
+        self._default_device = device if device is None or callable(device) else torch.device(device)
+
+    @property
+    def default_device(self) -> torch.device | None:
+        """The constructor's ``device`` (read now, if it was given as a callable)."""
+        if callable(self._default_device):
+            return torch.device(self._default_device())
+        return self._default_device
 
     @property
     def captured_buckets(self) -> list[tuple[int, ...]]:
@@ -178,7 +187,7 @@ class GraphedEncoder:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"GraphedEncoder: input_ids must be a (batch, sequence) tensor, got {shape}")
-        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex:
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
             raise TypeError(f"GraphedEncoder: input_ids must hold integer token ids, got {input_ids.dtype}")
         if 0 in input_ids.shape:
             raise ValueError(f"GraphedEncoder: empty input of shape {tuple(input_ids.shape)}")

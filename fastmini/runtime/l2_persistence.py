@@ -8,8 +8,10 @@ through between recursions. Usage::
     stream = torch.cuda.Stream()
     with persist_in_l2(packed.buffer, stream=stream) as window, torch.cuda.stream(stream):
         hidden = model(...)                                     # eager kernels on `stream`
-    # and for CUDA graphs, put the window on every captured kernel node:
-    encoder = GraphedEncoder(fn, capture=CudaGraphCapture(graph_hook=window.apply_to_graph))
+        # and for CUDA graphs, put the window on every captured kernel node: capture and serve while the
+        # window lives (after the `with`, apply_to_graph refuses: the window is removed)
+        encoder = GraphedEncoder(fn, capture=CudaGraphCapture(graph_hook=window.apply_to_graph))
+        hidden = encoder(input_ids, attention_mask)
 
 ``persist_in_l2`` reserves persisting L2 for this process's CUDA context (``cudaDeviceSetLimit(
 cudaLimitPersistingL2CacheSize)``, clamped to the device's maximum; nothing about the card's own

@@ -62,12 +62,15 @@ class _UnpaddedBucket(_Bucket):
 
 class UnpaddedGraphedEncoder(GraphedEncoder):
     """``fn(input_ids, attention_mask, packing) -> (B, S, H)`` (an ``UnpaddedEncoderFn``) replayed through one
-    CUDA graph per (batch, sequence, token) bucket on the real tokens only. Options as GraphedEncoder's, and
+    CUDA graph per (batch, sequence, token) bucket on the real tokens only. Options as GraphedEncoder's (its
+    ``eager_fn(input_ids, attention_mask)`` runs what no bucket holds; by default ``fn`` without a packing), and
     ``token_steps_per_doubling``: token buckets between two powers of two (fewer: fewer graphs, more filler).
     ``prepare()`` takes (batch, sequence) shapes, all tokens real, or (batch, sequence, real tokens)."""
 
     def __init__(self, fn: UnpaddedEncoderFn, *, token_steps_per_doubling: int = TOKEN_STEPS_PER_DOUBLING, **options):
         check_steps_per_doubling(token_steps_per_doubling)
+        if options.get("eager_fn") is None and callable(fn):
+            options["eager_fn"] = lambda input_ids, attention_mask: fn(input_ids, attention_mask, None)
         super().__init__(fn, **options)
         self.token_steps_per_doubling = token_steps_per_doubling
         self._outputs: dict[tuple[int, int], torch.Tensor] = {}  # one per (batch, sequence) bucket
@@ -131,7 +134,7 @@ class UnpaddedGraphedEncoder(GraphedEncoder):
 
     def _run_eagerly(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         device = self._device_for(input_ids)
-        return self.fn(input_ids.to(device), attention_mask.to(device), None)
+        return self.eager_fn(input_ids.to(device), attention_mask.to(device))
 
     def _allocate(
         self, bucket: tuple[int, ...], input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -142,7 +145,7 @@ class UnpaddedGraphedEncoder(GraphedEncoder):
         # The token graphs of a (batch, sequence) bucket replay one at a time and each fills its inputs before
         # its replay: their staged inputs are prefixes of one buffer, sized for the most filler rows and tokens
         # (one buffer per graph was 2 * rows * sequence + tokens int64s each: 113 MB over the 105 graphs of the
-        # (128, 512) bucket).
+        # (128, 512) bucket with 8 token steps a doubling; 193 graphs with today's 16).
         shared = self._staged.get((batch_rows, sequence))
         if shared is None:
             capacity = batch_rows * sequence
