@@ -274,6 +274,15 @@ def tiny_model(tiny_config, randomize, dtype=torch.float32, device="cpu") -> Fas
     return model.eval().to(device=device, dtype=dtype)
 
 
+def captured_once(tiny_config, randomize, unpadded: bool):
+    """(model, its graphed encoder through the stand-in, ids, mask) after one call has captured a bucket."""
+    model = tiny_model(tiny_config, randomize)
+    encoder = model.graphed_encoder(unpadded=unpadded, capture=EagerCapture(), sequence_buckets=(8, 16))
+    ids, mask = ragged_batch(2, 8, vocab=99, seed=1)
+    encoder(ids, mask)
+    return model, encoder, ids, mask
+
+
 def test_the_model_through_the_stand_in_matches_its_unpadded_forward(tiny_config, randomize):
     model = tiny_model(tiny_config, randomize)
     encoder = model.graphed_encoder(capture=EagerCapture(), batch_buckets=(1, 2, 4), sequence_buckets=(8, 16, 32, 64))
@@ -318,10 +327,7 @@ def test_a_batch_beyond_the_buckets_runs_in_the_models_own_layout(tiny_config, r
 def test_weights_moved_after_a_capture_are_refused_until_reset(tiny_config, randomize, unpadded):
     """.to(dtype) or load_state_dict(assign=True) gives the weights new storage: a real graph would replay reading
     the old, freed one. The encoder refuses such a call until reset(), then captures again."""
-    model = tiny_model(tiny_config, randomize)
-    encoder = model.graphed_encoder(unpadded=unpadded, capture=EagerCapture(), sequence_buckets=(8, 16))
-    ids, mask = ragged_batch(2, 8, vocab=99, seed=1)
-    encoder(ids, mask)
+    model, encoder, ids, mask = captured_once(tiny_config, randomize, unpadded)
     model.to(torch.float64)
     with pytest.raises(RuntimeError, match=r"weights moved since its graphs were captured.*call reset\(\) first"):
         encoder(ids, mask)
@@ -340,10 +346,7 @@ def test_weights_moved_after_a_capture_are_refused_until_reset(tiny_config, rand
 @pytest.mark.parametrize("unpadded", [False, True], ids=["padded", "unpadded"])
 def test_a_replaced_embedding_module_is_refused_until_reset(tiny_config, randomize, unpadded):
     """set_input_embeddings() puts a new table in: a real graph would keep reading the old one."""
-    model = tiny_model(tiny_config, randomize)
-    encoder = model.graphed_encoder(unpadded=unpadded, capture=EagerCapture(), sequence_buckets=(8, 16))
-    ids, mask = ragged_batch(2, 8, vocab=99, seed=1)
-    encoder(ids, mask)
+    model, encoder, ids, mask = captured_once(tiny_config, randomize, unpadded)
     old = model.get_input_embeddings()
     model.set_input_embeddings(torch.nn.Embedding(old.num_embeddings, old.embedding_dim))
     with pytest.raises(RuntimeError, match="weights moved"):
@@ -413,10 +416,7 @@ def test_a_model_in_train_mode_is_refused(tiny_config, randomize):
 @pytest.mark.parametrize("unpadded", [False, True], ids=["padded", "unpadded"])
 def test_a_model_put_back_in_train_mode_is_refused_at_its_next_capture(tiny_config, randomize, unpadded):
     """Dropout would be frozen into a graph captured after model.train(): every capture checks again."""
-    model = tiny_model(tiny_config, randomize)
-    encoder = model.graphed_encoder(unpadded=unpadded, capture=EagerCapture(), sequence_buckets=(8, 16))
-    ids, mask = ragged_batch(2, 8, vocab=99, seed=0)
-    encoder(ids, mask)
+    model, encoder, ids, mask = captured_once(tiny_config, randomize, unpadded)
     model.train()
     with pytest.raises(RuntimeError, match=r"train\(\) mode.*eval\(\)"):
         encoder(*ragged_batch(2, 16, vocab=99, seed=1))
