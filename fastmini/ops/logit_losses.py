@@ -48,8 +48,7 @@ def kl_sum(student_log_probs: torch.Tensor, teacher_logits: torch.Tensor, temper
         # a -inf teacher logit (a masked vocabulary entry) contributes 0 log 0 = 0, as in the kernel, also where the
         # student masks it too: kl_div would compute 0 * (-inf - s), NaN (and 0 * (-inf + inf) with a clamp)
         masked = teacher_log_probs == float("-inf")
-    terms = teacher_probs * (teacher_log_probs - student_log_probs)
-    return torch.where(masked, torch.zeros_like(terms), terms).sum()
+    return torch.where(masked, 0.0, teacher_probs * (teacher_log_probs - student_log_probs)).sum()
 
 
 def logit_losses_sum_ref(
