@@ -182,7 +182,11 @@ class Predictor:
             record = inference.readable(self.spec, self.labels, prediction, row)
             if self.spec.kind == "ner":
                 tokens, tags = example["tokens"], record["prediction"]
-                truncated = {"truncated": True} if None in encoded.word_positions[index] else {}
+                positions = encoded.word_positions[index]
+                # Cut by --max-length: the encoding is full and the last word went unread. A word the tokenizer
+                # turns into nothing (a soft hyphen, a zero-width space) has no position either, anywhere.
+                cut = len(encoded.input_ids[index]) >= max_length and bool(positions) and positions[-1] is None
+                truncated = {"truncated": True} if cut else {}
                 self.truncated_sentences += bool(truncated)
                 record = {
                     "tokens": tokens,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 
 import pytest
 
@@ -40,6 +41,17 @@ def test_correlations_and_mse_by_hand():
     assert metrics.spearman([1, 2, 3, 4], [1, 4, 9, 16]) == pytest.approx(1.0)  # monotone, not linear
     assert metrics.pearson([1, 1, 1], [1, 2, 3]) == 0.0
     assert metrics.mean_squared_error([1, 2], [2, 4]) == 2.5
+
+
+def test_huge_finite_values_are_scored_not_an_overflow_error():
+    """Squares past ~1e154 raise OverflowError on Python floats: a regression label of 1e200 stopped the job."""
+    labels, predictions = [1e200, 1.0, 2.0, 3.0], [0.5, 1.0, 2.0, 3.0]
+    # by hand: the deviations scaled by 1e200 are ~(0.75, -0.25, -0.25, -0.25) against (-1.125, -0.625, 0.375, 1.375)
+    x = [0.75, -0.25, -0.25, -0.25]
+    y = [-1.125, -0.625, 0.375, 1.375]
+    expected = sum(a * b for a, b in zip(x, y, strict=True)) / math.sqrt(sum(a * a for a in x) * sum(b * b for b in y))
+    assert metrics.pearson(labels, predictions) == pytest.approx(expected, rel=1e-12)
+    assert metrics.mean_squared_error(labels, predictions) == sys.float_info.max
 
 
 def test_non_finite_predictions_never_score_well():

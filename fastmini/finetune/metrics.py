@@ -83,10 +83,18 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float:
     if n < 2 or not _all_finite(x, y):  # NaN would pass the clamp below as 1.0: a perfect score
         return 0.0
     mean_x, mean_y = sum(x) / n, sum(y) / n
-    covariance = sum((a - mean_x) * (b - mean_y) for a, b in zip(x, y, strict=True))
-    spread = math.sqrt(sum((a - mean_x) ** 2 for a in x) * sum((b - mean_y) ** 2 for b in y))
+    if not math.isfinite(mean_x) or not math.isfinite(mean_y):  # the sum of huge values overflowed
+        return 0.0
+    # deviations scaled by the largest of each (as scipy does): squares of values past ~1e154 would overflow
+    # (a Python float's ** raises OverflowError there), and the ratio is the same
+    scale_x = max(abs(a - mean_x) for a in x) or 1.0
+    scale_y = max(abs(b - mean_y) for b in y) or 1.0
+    dx = [(a - mean_x) / scale_x for a in x]
+    dy = [(b - mean_y) / scale_y for b in y]
+    covariance = sum(a * b for a, b in zip(dx, dy, strict=True))
+    spread = math.sqrt(sum(a * a for a in dx) * sum(b * b for b in dy))
     value = _ratio(covariance, spread)
-    return max(-1.0, min(1.0, value)) if math.isfinite(value) else 0.0  # an overflow of huge values
+    return max(-1.0, min(1.0, value)) if math.isfinite(value) else 0.0
 
 
 def ranks(values: Sequence[float]) -> list[float]:
@@ -113,7 +121,8 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 
 def mean_squared_error(labels: Sequence[float], predictions: Sequence[float]) -> float:
     _same_length(labels, predictions)
-    value = _ratio(sum((a - b) ** 2 for a, b in zip(labels, predictions, strict=True)), len(labels))
+    # (a - b) * (a - b) overflows to inf, which the line below catches; (a - b) ** 2 raises OverflowError
+    value = _ratio(sum((a - b) * (a - b) for a, b in zip(labels, predictions, strict=True)), len(labels))
     return value if math.isfinite(value) else sys.float_info.max  # the worst score that JSON can hold
 
 
