@@ -239,6 +239,11 @@ def test_empty_or_unreadable_data(teacher_dir, tmp_path, capsys):
     tiny.write_text("w1 w2\nw3\nw4\nw5 w6\n")
     line = error_of([*tiny_args(teacher_dir, tmp_path / "out2"), "--data", str(tiny)], capsys)
     assert "fewer than one global batch" in line
+    invisible = tmp_path / "invisible.txt"  # survives strip(), tokenises to nothing
+    invisible.write_text("\u200b\n" * 40 + "\x00\x01\n" * 10, encoding="utf-8")
+    line = error_of([*tiny_args(teacher_dir, tmp_path / "out3"), "--data", str(invisible)], capsys)
+    assert "no training windows: every training document is characters the tokenizer drops" in line
+    assert not (tmp_path / "out3").exists()
 
 
 @pytest.mark.parametrize("device", ["tpu", "cuda:x"] + ([] if torch.cuda.is_available() else ["cuda"]))
@@ -288,6 +293,52 @@ def test_a_teacher_without_a_usable_tokenizer_is_refused(teacher_dir, tmp_path, 
     line = error_of([*tiny_args(teacher_dir, tmp_path / "out"), "--tokenizer", str(smaller)], capsys)
     assert "only 20 tokens for the teacher's 99 embedding rows" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_without_rust_windows_is_refused_in_one_line(teacher_dir, tmp_path, capsys):
+    """A Python-backed tokenizer (ESM's, BERTweet's, ...) gives no overflowing windows: datasets raised an
+    AssertionError from inside its map."""
+    from transformers import EsmTokenizer
+
+    tokens = ["<cls>", "<pad>", "<eos>", "<unk>", *(f"w{i}" for i in range(90)), "<mask>"]
+    (tmp_path / "vocab.txt").write_text("\n".join(tokens) + "\n")
+    EsmTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(tmp_path / "esm")
+    line = error_of([*tiny_args(teacher_dir, tmp_path / "out"), "--tokenizer", str(tmp_path / "esm")], capsys)
+    assert "EsmTokenizer is not a fast (Rust-backed) tokenizer" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_student_pads_with_the_tokenizers_id_and_draws_its_words(teacher_dir, tmp_path, capsys, monkeypatch):
+    """A tokenizer whose [PAD] is id 5 (the teacher's config says 0, BertConfig's default): the student's
+    padding row (no gradient, ever) must be [PAD]'s, not a word's; random replacements come from the tokenizer's
+    words, not from the teacher's padded table."""
+    from transformers import BertTokenizer
+
+    from fastmini import FastMiniForMaskedLM
+    from fastmini.distill import trainer
+    from fastmini.distill.testing import tiny_vocabulary
+
+    vocabulary = tiny_vocabulary(90)
+    order = sorted(vocabulary, key=vocabulary.get)
+    order.insert(5, order.pop(0))  # [PAD] to id 5: ids 0-4 are [UNK], [CLS], [SEP], [MASK], w0
+    tokenizer = BertTokenizer(vocab={token: index for index, token in enumerate(order)}, pad_token="[PAD]")
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    assert tokenizer.pad_token_id == 5 and len(tokenizer) == 90
+    drawn_from = []
+
+    class RecordingWindows(trainer.MaskedWindows):
+        def __init__(self, windows, tokenizer, vocab_size, *rest):
+            drawn_from.append(vocab_size)
+            super().__init__(windows, tokenizer, vocab_size, *rest)
+
+    monkeypatch.setattr(trainer, "MaskedWindows", RecordingWindows)
+    assert main([*tiny_args(teacher_dir, tmp_path / "out"), "--tokenizer", str(tmp_path / "tokenizer")]) == 0
+    assert "the tokenizer pads with id 5, the teacher's config says pad_token_id 0" in capsys.readouterr().err
+    assert set(drawn_from) == {90}  # the tokenizer's 90 words, not the teacher's 99 rows
+    student = FastMiniForMaskedLM.from_pretrained(tmp_path / "out")
+    assert student.config.pad_token_id == 5
+    assert student.fastmini.embeddings.word_embeddings.padding_idx == 5
+    assert student.fastmini.embeddings.word_embeddings.weight[0].abs().sum() > 0  # [UNK]'s row, trained
 
 
 def test_vocabulary_mismatch_between_tokenizer_and_teacher(teacher_dir, tmp_path, capsys):

@@ -53,6 +53,13 @@ def test_windows_are_the_tokenizers_overflowing_windows(tokenizer):
     assert windows["special_tokens_mask"][0] == [1] + [0] * 14 + [1]
 
 
+def test_documents_the_tokenizer_turns_into_nothing_give_no_window(tokenizer):
+    """Zero-width or control characters survive str.strip() and tokenise to nothing: a [CLS][SEP] window
+    trained on special tokens only."""
+    windows = make_windows(as_dataset(["\u200b\u200b", words(0, 5), "\x00\x01"]), tokenizer, 16, 4, None, seed=0)
+    assert windows["input_ids"] == [tokenizer(words(0, 5))["input_ids"]]
+
+
 def test_at_most_k_windows_per_document_sampled_with_the_seed(tokenizer):
     documents = as_dataset([words(0, 200), words(7, 12), words(3, 200)])
     kwargs = dict(window_length=16, stride=4, max_windows=3)
@@ -376,6 +383,9 @@ def test_wiki_headings_keep_their_own_lines_and_image_captions_keep_their_text()
         "File:Snow.jpg|The range in snow\nA grave|alt=A twin gravestone\nAfrica 30px\n__TOC__\nEnd."
     )
     assert plain_text(markup) == "Intro.\n\nHistory\n\nEarly years\nBorn.\nThe range in snow\nA grave\nAfrica\n\nEnd."
+    # a size glued to the caption after it (3 of them in the offline sample)
+    assert plain_text("by Kol\u00eb Idromeno|299x299pxAlbanian art") == "by Kol\u00eb Idromeno Albanian art"
+    assert plain_text(" 140pxAtlantic sturgeon") == "Atlantic sturgeon"
 
 
 @pytest.mark.parametrize("name", ["a.txt", "a.jsonl", "a.json", "a.csv"])

@@ -57,6 +57,8 @@ _IMAGE_FILE = re.compile(
 )
 _IMAGE_ALT = re.compile(r"\|?\balt=.*$", re.MULTILINE)
 _IMAGE_OPTION = re.compile(r"[ \t]*\|?\b(?:\d+x)?\d+px\b|\|(?:thumb|thumbnail|upright|frameless|left|right|center)\b")
+# A size glued to the caption after it ("|299x299pxAlbanian art"): \b above cannot end there. A space stays.
+_IMAGE_SIZE_BEFORE_CAPTION = re.compile(r"[ \t]*\|?\b(?:\d+x)?\d+px(?=[A-Z])")
 _MAGIC_WORD = re.compile(r"__[A-Z]+__")
 _BLANK_LINES = re.compile(r"\n{3,}")
 
@@ -66,6 +68,7 @@ def plain_text(text: str) -> str:
     emphasis quotes, heading equals signs, table-row leftovers and image markup."""
     text = _EMPHASIS.sub("", text)
     text = _HEADING.sub(r"\1", text)
+    text = _IMAGE_SIZE_BEFORE_CAPTION.sub(" ", text)
     for leftover in (_TABLE_LEFTOVER, _IMAGE_FILE, _IMAGE_ALT, _IMAGE_OPTION, _MAGIC_WORD):
         text = leftover.sub("", text)
     return _BLANK_LINES.sub("\n\n", text).strip()

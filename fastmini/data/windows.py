@@ -16,7 +16,7 @@ import random
 WINDOW_COLUMNS = ("input_ids", "special_tokens_mask")
 # Part of every windowed dataset's cache fingerprint (datasets hashes WindowMaker's attributes, not its
 # code): bump it whenever the windows a corpus gives change, so that no cache from before is reused.
-WINDOWS_FORMAT_VERSION = 3  # 3: [UNK] is special too
+WINDOWS_FORMAT_VERSION = 4  # 3: [UNK] is special too; 4: windows of special tokens only are dropped
 
 
 class WindowMaker:
@@ -57,10 +57,11 @@ class WindowMaker:
                 window = windows[position]
                 ids = encoded["input_ids"][window]
                 added = encoded["special_tokens_mask"][window]
+                special = [int(flag or token in special_ids) for token, flag in zip(ids, added, strict=True)]
+                if all(special):  # a document the tokenizer turned into nothing (zero-width or control characters)
+                    continue
                 output["input_ids"].append(ids)
-                output["special_tokens_mask"].append(
-                    [int(flag or token in special_ids) for token, flag in zip(ids, added, strict=True)]
-                )
+                output["special_tokens_mask"].append(special)
         return output
 
 

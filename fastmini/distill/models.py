@@ -177,6 +177,13 @@ def load_tokenizer(config: DistillConfig, teacher: Teacher):
         if Path(path).is_dir():
             raise UsageError(f"tokenizer {name}: cannot load a tokenizer from {path} ({error})") from error
         raise _hub_error("--tokenizer", name, error) from error
+    if not getattr(tokenizer, "is_fast", False):
+        # windows come from the tokenizer's overflowing windows (return_overflowing_tokens with a sample mapping),
+        # which only the Rust-backed tokenizers give: a Python one failed inside datasets with an AssertionError
+        raise UsageError(
+            f"tokenizer {name}: {type(tokenizer).__name__} is not a fast (Rust-backed) tokenizer, which cutting "
+            "documents into windows needs; give one with --tokenizer (e.g. a tokenizer.json of the same vocabulary)"
+        )
     check_tokenizer_fits(tokenizer, name, teacher)
     positions = getattr(teacher.config, "max_position_embeddings", None)
     if positions is not None and config.window_length > positions:
@@ -210,9 +217,19 @@ def check_tokenizer_fits(tokenizer, name: str, teacher: Teacher) -> None:
             )
 
 
-def build_student(config: DistillConfig, teacher: Teacher) -> FastMiniForMaskedLM:
-    """``FastMiniConfig.from_teacher`` with the options' N, E, adapters, r (and H, I, dropout when given)."""
+def build_student(config: DistillConfig, teacher: Teacher, pad_token_id: int | None = None) -> FastMiniForMaskedLM:
+    """``FastMiniConfig.from_teacher`` with the options' N, E, adapters, r (and H, I, dropout when given), and the
+    tokenizer's ``pad_token_id`` where it has one: the embedding row it names gets no gradient, so it must be the
+    padding's (a teacher config without one says 0, which a tokenizer may give a real word)."""
     overrides: dict = {}
+    if pad_token_id is not None and pad_token_id != getattr(teacher.config, "pad_token_id", None):
+        log.warning(
+            "the tokenizer pads with id %d, the teacher's config says pad_token_id %s: the student takes the "
+            "tokenizer's",
+            pad_token_id,
+            getattr(teacher.config, "pad_token_id", None),
+        )
+        overrides["pad_token_id"] = pad_token_id
     teacher_hidden = teacher.config.hidden_size
     if config.hidden_size is not None and config.hidden_size != teacher_hidden:
         overrides["hidden_size"] = config.hidden_size

@@ -173,7 +173,7 @@ class DistillationRun:
         self._prepare_data()
 
         torch.manual_seed(config.seed)  # the student's initialisation depends on the seed only
-        student = models.build_student(config, self.teacher)
+        student = models.build_student(config, self.teacher, self.tokenizer.pad_token_id)
         low_precision_maps = config.low_precision_maps
         if low_precision_maps is None:
             low_precision_maps = low_precision_maps_by_default(self.autocast_dtype)
@@ -265,7 +265,7 @@ class DistillationRun:
             return MaskedWindows(
                 windows,
                 self.tokenizer,
-                self.teacher.config.vocab_size,
+                len(self.tokenizer),  # random replacements are words the tokenizer has, as transformers' collator draws
                 config.mask_probability,
                 config.mask_fraction,
                 config.random_fraction,
@@ -280,6 +280,11 @@ class DistillationRun:
             self.context.rank,
             config.seed,
         )
+        if len(train_windows) == 0:
+            raise UsageError(
+                f"--data {config.data}: no training windows: every training document is characters the tokenizer "
+                "drops (zero-width or control characters)"
+            )
         if self.batches.steps_per_epoch == 0:
             raise UsageError(
                 f"--data {config.data}: only {len(train_windows)} training windows, fewer than one global batch "
