@@ -415,6 +415,24 @@ def test_evaluation_can_be_off(extra, teacher_dir, tmp_path):
     assert metrics["train"]["steps"] == 2
 
 
+def test_metrics_json_goes_in_after_the_model_it_vouches_for(teacher_dir, tmp_path, monkeypatch):
+    """metrics.json marks a run finished: published in name order with the rest, it went in before
+    model.safetensors, and a run stopped in between left a finished directory without weights."""
+    from fastmini.distill import trainer
+
+    published = []
+
+    def stopped_before_the_metrics(path, value):
+        published.extend(sorted(p.name for p in path.parent.iterdir()))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "write_json_atomically", stopped_before_the_metrics)
+    output = tmp_path / "out"
+    assert main(tiny_args(teacher_dir, output, "--max-steps", "2")) != 0  # stopped as Ctrl-C stops it
+    assert "model.safetensors" in published and "metrics.json" not in published
+    assert not (output / "metrics.json").exists()
+
+
 def test_ctrl_c_without_a_checkpoint_does_not_suggest_resume(teacher_dir, tmp_path, capsys, monkeypatch):
     from fastmini.distill import trainer
 
@@ -472,6 +490,8 @@ def test_tiny_run_writes_a_loadable_model_and_improves_on_held_out_data(teacher_
     records = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train] == [5, 10, 15, 20, 25, 30]
+    (evaluation,) = [r for r in records if r["kind"] == "eval"]  # flat: TensorBoard's eval/<metric> tags
+    assert evaluation["step"] == 30 and evaluation["hidden_cosine_mean"] == after["hidden_cosine_mean"]
     assert all(r["output"] > 0 and r["attention"] >= 0 and r["hidden"] > 0 for r in train)
     assert train[-1]["loss"] < train[0]["loss"]
     assert train[-1]["output"] < train[0]["output"] and train[-1]["hidden"] < train[0]["hidden"]

@@ -17,8 +17,9 @@ class FakeSummaryWriter:
 
     instances: list[FakeSummaryWriter] = []
 
-    def __init__(self, log_dir):
+    def __init__(self, log_dir, purge_step=None):
         self.log_dir = log_dir
+        self.purge_step = purge_step
         self.scalars: list[tuple[str, float, int]] = []
         self.closed = False
         FakeSummaryWriter.instances.append(self)
@@ -56,7 +57,7 @@ def test_tensorboard_gets_every_numeric_value_as_kind_slash_key_at_its_step_and_
     assert len(fake_tensorboard) == 1 and fake_tensorboard[0].log_dir == str(tmp_path / TENSORBOARD_DIR)
     run_log.write("train", 10, {"loss": 2.5, "lr": 1e-4, "tokens": 512})
     run_log.write("train", 20, {"loss": 2.0, "lr": 5e-5, "tokens": 512})
-    # booleans, text and nested dicts (the distiller's eval {"after": {...}}) are not scalars for TensorBoard
+    # booleans, text and nested dicts are not scalars for TensorBoard
     run_log.write("eval", 20, {"accuracy": 0.75, "improved": True, "mode": "full", "after": {"loss": 1.0}})
     writer = fake_tensorboard[0]
     assert writer.scalars == [
@@ -90,6 +91,25 @@ def test_a_new_run_starts_an_empty_log_and_a_resumed_one_drops_lines_after_its_c
     resumed = RunLog(tmp_path, enabled=True, resume_from_step=10)
     resumed.write("train", 15, {"loss": 1.0})
     assert records(tmp_path) == lines[:2] + [{"kind": "train", "step": 15, "loss": 1.0}]
+
+
+def test_tensorboard_events_tell_one_run_as_the_json_lines_do(tmp_path, fake_tensorboard):
+    """A new run's curves did not replace the old run's (events kept piling up in tensorboard/), and a resumed run
+    showed the interrupted process's steps after the checkpoint twice."""
+    events = tmp_path / TENSORBOARD_DIR
+    events.mkdir()
+    (events / "events.out.earlier").write_text("an earlier run's")
+    RunLog(tmp_path, enabled=True)
+    assert not events.exists() and fake_tensorboard[-1].purge_step is None
+    events.mkdir()
+    (events / "events.out.interrupted").write_text("this run's, before it was stopped")
+    RunLog(tmp_path, enabled=True, resume_from_step=10)
+    assert (events / "events.out.interrupted").exists() and fake_tensorboard[-1].purge_step == 11
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / LOG_NAME).write_text('{"kind": "train", "step": 5}\n')
+    RunLog(tmp_path, enabled=True, resume_from_step=5, resumed_run=source)  # another directory's run
+    assert not events.exists() and fake_tensorboard[-1].purge_step is None
 
 
 def test_a_disabled_log_on_ranks_after_the_first_creates_no_writer_and_writes_nothing(tmp_path, fake_tensorboard):

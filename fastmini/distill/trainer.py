@@ -39,6 +39,7 @@ from fastmini.distill.distiller import (
 )
 from fastmini.distill.evaluation import evaluate
 from fastmini.distill.speed_defaults import graph_teacher_by_default, low_precision_maps_by_default
+from fastmini.files import write_json_atomically
 from fastmini.models.checkpoint import SAFETENSORS_NAME
 from fastmini.models.loading import tied_weight_keys
 from fastmini.training import checkpoints, distributed, faults, precision
@@ -597,7 +598,8 @@ class DistillationRun:
                 "layer_map": list(self.layers),
                 "output_kl": self.distiller.use_output_kl,
             }
-            run_log.write("eval", step, {"after": after})
+            if after:  # flat, as fine-tuning's: TensorBoard's eval/<metric> tags
+                run_log.write("eval", step, after)
             self._save_outputs(metrics)
         run_log.close()
         distributed.barrier(context)
@@ -623,8 +625,10 @@ class DistillationRun:
             backend.no_truncation()
         checkpoints.save_tokenizer(self.tokenizer, staging, self.student_side.student.config.max_position_embeddings)
         (staging / TRAIN_CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2))
-        (staging / METRICS_NAME).write_text(json.dumps(metrics, indent=2))
         publish_directory_contents(staging, self.output)
+        # Last: metrics.json marks the run finished (_finished), so it goes in once the model it vouches for is
+        # there (published in name order, it went in before model.safetensors).
+        write_json_atomically(self.output / METRICS_NAME, metrics)
         (self.output / PREVIOUS_METRICS_NAME).unlink(missing_ok=True)  # this run's metrics.json replaces them
         log.info("wrote the student, tokenizer, %s and %s to %s", TRAIN_CONFIG_NAME, METRICS_NAME, self.output)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,22 +26,28 @@ class RunLog:
         self, directory: Path, enabled: bool, resume_from_step: int | None = None, resumed_run: Path | None = None
     ):
         """``resume_from_step``: a resumed run keeps the log up to that step, from ``resumed_run``'s directory when
-        it resumes another directory's run (this directory's own lines then belong to another run)."""
+        it resumes another directory's run (this directory's own lines then belong to another run). TensorBoard's
+        events likewise: a new run (or one continuing another directory's) starts its tensorboard/ afresh, and a
+        resumed one has TensorBoard drop what the interrupted process logged after the checkpoint (purge_step)."""
         self.enabled = enabled
         self.path = Path(directory) / LOG_NAME
         self._tensorboard = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        events = Path(directory) / TENSORBOARD_DIR
         if resume_from_step is None:
             self.path.write_text("")
         else:
             self._keep_up_to(resume_from_step, self.path if resumed_run is None else Path(resumed_run) / LOG_NAME)
+        if resume_from_step is None or resumed_run is not None:
+            shutil.rmtree(events, ignore_errors=True)  # another run's curves
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is optional
             return
-        self._tensorboard = SummaryWriter(str(Path(directory) / TENSORBOARD_DIR))
+        purge_step = None if resume_from_step is None or resumed_run is not None else resume_from_step + 1
+        self._tensorboard = SummaryWriter(str(events), purge_step=purge_step)
 
     def _keep_up_to(self, step: int, source: Path) -> None:
         """A resumed run keeps what its run logged up to the checkpoint it resumes from, and drops what the
