@@ -3,14 +3,20 @@
 csrc/ is not inside the ``fastmini`` package, so it exists only in a source checkout (an editable
 install, ``pip install -e .``); ``FASTMINI_CSRC_DIR`` points elsewhere. The build goes through
 ``torch.utils.cpp_extension.load`` (ninja + a C++ compiler; cached under TORCH_EXTENSIONS_DIR or
-torch's default, rebuilt when the source changes). Nothing here runs at import: importing
-torch.utils.cpp_extension alone takes a while and probes for compilers.
+torch's default, under a name that carries a hash of the source and flags: another source, even one with an
+older file time, or another checkout's, builds apart). The first build holds a lock that the OS releases when
+its process dies, so a build killed half-way (torchrun's SIGTERM) does not leave later ones waiting forever on
+torch's own lock file. Nothing here runs at import: importing torch.utils.cpp_extension alone takes a while and
+probes for compilers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -68,15 +74,48 @@ def load_l2_extension(verbose: bool = False) -> ModuleType:
     from torch.utils import cpp_extension  # deferred: slow to import, probes compilers
 
     includes, ldflags = _driver_flags(cpp_extension.CUDA_HOME)
+    cflags = ["-O2"]
+    name = build_name("fastmini_l2_persistence", source, cflags, includes, ldflags)
+    build_directory = Path(cpp_extension._get_build_directory(name, verbose))
     try:
-        return cpp_extension.load(
-            name="fastmini_l2_persistence",
-            sources=[str(source)],
-            extra_cflags=["-O2"],
-            extra_include_paths=includes,
-            extra_ldflags=ldflags,
-            with_cuda=False,  # we link the driver ourselves; no libcudart, no nvcc needed
-            verbose=verbose,
-        )
+        with _exclusive_build(build_directory):
+            return cpp_extension.load(
+                name=name,
+                sources=[str(source)],
+                extra_cflags=cflags,
+                extra_include_paths=includes,
+                extra_ldflags=ldflags,
+                build_directory=str(build_directory),
+                with_cuda=False,  # we link the driver ourselves; no libcudart, no nvcc needed
+                verbose=verbose,
+            )
     except Exception as error:  # compiler, ninja or linker missing or failing
         raise RuntimeError(f"fastmini: building the L2-persistence extension from {source} failed: {error}") from error
+
+
+def build_name(stem: str, source: Path, *flags: list[str]) -> str:
+    """``stem`` and a hash of the source's bytes and the build flags: torch decides to rebuild across processes
+    by file times alone (ninja), so a changed source with an older time, or another checkout's, would load the
+    cached build of another source under one fixed name."""
+    digest = hashlib.sha256(source.read_bytes() + repr(flags).encode()).hexdigest()[:12]
+    return f"{stem}_{digest}"
+
+
+@contextlib.contextmanager
+def _exclusive_build(build_directory: Path) -> Iterator[None]:
+    """One builder at a time under an flock the OS releases when its holder dies. torch's own lock is a file
+    made with O_EXCL and removed in a `finally`: a builder killed by a signal leaves it, and every later first
+    use waits on it silently; held here, no live builder can own a leftover one, so it goes."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's own lock alone
+        yield
+        return
+    build_directory.mkdir(parents=True, exist_ok=True)
+    with open(build_directory.parent / f"{build_directory.name}.fastmini-lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            (build_directory / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -141,6 +141,12 @@ class L2Window:
 _live_windows: dict[int, L2Window] = {}  # device index -> its live window (see L2Window)
 
 
+def live_l2_window(device: torch.device | int | str | None = None) -> L2Window | None:
+    """The device's live window, if any: what a caller that lost its window object removes (``.remove()``) before
+    it can set another."""
+    return _live_windows.get(_device(device).index)
+
+
 def l2_limits(device: torch.device | int | str | None = None) -> dict[str, int]:
     """The device's L2 size, maximum persisting set-aside, maximum window and the current limit."""
     ext = load_l2_extension()
@@ -200,8 +206,9 @@ def persist_range_in_l2(
     if live is not None:
         raise RuntimeError(
             f"persist_in_l2: {device} already has a live L2 window ({live.plan.window_bytes} bytes at "
-            f"{live.base_ptr:#x}); remove it first (window.remove(), or leave its `with` block): the CUDA context "
-            "has one persisting-L2 limit, which two windows would fight over (pack what both need into one buffer)"
+            f"{live.base_ptr:#x}); remove it first (window.remove(), or leave its `with` block; "
+            "fastmini.runtime.live_l2_window(device) gives it back): the CUDA context has one persisting-L2 "
+            "limit, which two windows would fight over (pack what both need into one buffer)"
         )
     if stream is not None:
         _stream_handle(stream)  # refuse the default stream before changing anything

@@ -6,7 +6,8 @@
 
 The Parameter objects stay the same (optimizers, state_dict, hooks and tied references keep
 working); only their ``.data`` becomes a view into the buffer, each starting at an ``alignment``-
-byte boundary so vectorised loads in cuBLAS/Triton kernels stay aligned. Values are unchanged.
+byte boundary of memory (the buffer itself starts at one: allocators align to less, 64 bytes on the CPU, 512 on
+CUDA's caching allocator) so vectorised loads in cuBLAS/Triton kernels stay aligned. Values are unchanged.
 
 Anything that later replaces a parameter's storage (``module.to(...)``, ``.half()``,
 ``load_state_dict(assign=True)``) silently moves it out of the buffer; ``intact()`` says whether
@@ -79,7 +80,11 @@ def pack_parameters(source: nn.Module | Iterable[torch.Tensor], alignment: int =
     for p in parameters:
         offsets.append(end)
         end += -(-p.numel() // step) * step  # round the next start up to the alignment
-    buffer = torch.zeros(end, dtype=first.dtype, device=first.device)
+    # one alignment more than needed, then the view from the first aligned element on (the allocation's own
+    # address is aligned to less than a large ``alignment``)
+    raw = torch.zeros(end + step, dtype=first.dtype, device=first.device)
+    shift = (-raw.data_ptr() % alignment) // element
+    buffer = raw[shift : shift + end]
     with torch.no_grad():
         for p, offset in zip(parameters, offsets, strict=True):
             view = buffer[offset : offset + p.numel()].view(p.shape)
