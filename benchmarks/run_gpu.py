@@ -17,11 +17,14 @@ named test files only (of every marked file otherwise), and names the results ``
 
 The whole call must come back within one device command (10 minutes, installs and start-up included:
 call it with the device tool's timeout_s=600), so the steps share a wall-clock budget (``BUDGET_S``, 8.5
-minutes; $FASTMINI_BENCH_GPU_BUDGET_S overrides it): the tests get at most ``TESTS_SHARE_S``, each benchmark
-file what is left less a reserve for the files after it. A step that reaches its share is interrupted like
-a Ctrl-C: pytest stops after the running test and still writes its summary and the JSON of the benchmarks
-already done (benchmarks stopped before their first timed round are dropped from it, see
-benchmarks/conftest.py), so the results file is written with what finished.
+minutes; $FASTMINI_BENCH_GPU_BUDGET_S overrides it): the tests get at most ``TESTS_SHARE_S`` (and at most
+``TESTS_MOST_OF_BUDGET`` of a smaller budget), each benchmark file what is left less a reserve for the later
+files that time can still hold (when time is short the last files go unrun, never the first). A step that
+reaches its share is interrupted like a Ctrl-C: pytest stops in the running test (xdist's workers finish theirs)
+and still writes its summary and the JSON of the benchmarks already done (a benchmark stopped in its timed
+rounds keeps those it timed: the table's rounds column says how many; one stopped before its first is dropped,
+see benchmarks/conftest.py), so the results file is written with what finished. A second call of the same day
+and label writes ``<...>-2.md``, never over the first.
 """
 
 from __future__ import annotations
@@ -69,6 +72,8 @@ GPU_BENCHMARKS = [
 # `compare`), so pytest-benchmark's --benchmark-max-time cannot bound them: wall-clock budgets do.
 BUDGET_S = int(os.environ.get("FASTMINI_BENCH_GPU_BUDGET_S", "510"))
 TESTS_SHARE_S = 220  # at most this for the GPU tests (the benchmarks get the rest)
+TESTS_MOST_OF_BUDGET = 0.45  # and at most this fraction of a smaller budget
+NO_TESTS_COLLECTED = 5  # pytest's exit code when every test was deselected
 BENCHMARK_FILE_RESERVE_S = 40  # kept back for each benchmark file still to run when one starts
 INTERRUPT_GRACE_S = 20  # after the interrupt, for pytest to finish the running test and write its reports
 LAUNCH_OVERHEAD_S = 60  # benchmarks/launch_overhead.py runs last, when this much of the budget is left
@@ -211,6 +216,19 @@ def benchmark_steps(names: list[str]) -> list[list[str]]:
     return steps
 
 
+def step_budget(left: float, steps_after: int) -> float:
+    """A benchmark step's share of the ``left`` seconds: all but a reserve for each later step that the time left
+    can still hold. Steps run in the order named (the model-level targets first): when time is short the last
+    ones go unrun, never the first (a reserve for every later step skipped the first files and ran the last)."""
+    later_that_fit = min(steps_after, max(0, int(left // BENCHMARK_FILE_RESERVE_S) - 1))
+    return left - BENCHMARK_FILE_RESERVE_S * later_that_fit
+
+
+def tests_share(budget_s: float) -> float:
+    """The GPU tests' share of the budget: TESTS_SHARE_S, or less of a small budget, so the benchmarks keep some."""
+    return min(TESTS_SHARE_S, TESTS_MOST_OF_BUDGET * budget_s)
+
+
 def run_benchmark_files(files: list[str], logs: Path, deadline: float) -> tuple[int, list[str], dict]:
     """Each file (or run of tests of one file, benchmark_steps) in its own pytest, within what is left before
     ``deadline`` less a reserve for each step after it: the exit code (the first failure's), one summary line
@@ -224,7 +242,7 @@ def run_benchmark_files(files: list[str], logs: Path, deadline: float) -> tuple[
     with tempfile.TemporaryDirectory() as scratch:
         for index, names in enumerate(steps):
             json_path = Path(scratch) / f"benchmarks-{index}.json"
-            budget = deadline - time.monotonic() - BENCHMARK_FILE_RESERVE_S * (len(steps) - index - 1)
+            budget = step_budget(deadline - time.monotonic(), len(steps) - index - 1)
             title = " ".join(names)
             if budget < INTERRUPT_GRACE_S:
                 lines.append(f"`{title}`: not run (no time left)")
@@ -264,7 +282,7 @@ def launch_overhead(logs: Path, deadline: float) -> str:
     code, output = run_within(
         [sys.executable, str(ROOT / "benchmarks" / "launch_overhead.py")], logs / "launch-overhead.log", left
     )
-    return output if code == 0 else f"exit {code}:\n{output[-2000:]}"
+    return output if code == 0 else f"exit {code}:\n{output[-8000:]}"
 
 
 def kernel_counters(logs: Path, deadline: float) -> str:
@@ -275,12 +293,16 @@ def kernel_counters(logs: Path, deadline: float) -> str:
         return f"not run: {budget:.0f} s of the budget left for it, it wants at least 30"
     command = [sys.executable, str(ROOT / "benchmarks" / "kernel_counters.py"), "--budget-s", str(int(budget * 0.7))]
     code, output = run_within(command, logs / "counters.log", budget)
-    return output if code == 0 else f"exit {code}:\n```\n{output[-2000:]}\n```"
+    return output if code == 0 else f"exit {code}:\n```\n{output[-8000:]}\n```"
 
 
 def summary_line(output: str) -> str:
-    lines = [line for line in output.splitlines() if re.search(r"\b(passed|failed|skipped|error)", line)]
+    pattern = r"\b(passed|failed|skipped|errors?|deselected|xfailed|xpassed)\b|no tests ran|no gpu-marked tests"
+    lines = [line for line in output.splitlines() if re.search(pattern, line)]
     summary = lines[-1].strip("= ") if lines else "no summary"
+    not_found = [line.strip() for line in output.splitlines() if line.startswith("ERROR: not found")]
+    if not_found:
+        summary = f"{summary}; {'; '.join(not_found)}"
     stopped = [line for line in output.splitlines() if line.startswith("bench-gpu: stopped")]
     return f"{summary}; {stopped[-1].removeprefix('bench-gpu: ')}" if stopped else summary
 
@@ -294,12 +316,14 @@ def markdown_cell(value: object) -> str:
 def benchmark_rows(report: dict) -> list[str]:
     # pytest-benchmark's own timing covers one contender per test (fastmini's fused path, the default tile
     # or extra_info's pedantic_contender); every contender's interleaved median is in the details.
-    rows = ["| benchmark | median (ms) of the timed contender | details |", "|---|---|---|"]
+    # Its rounds too: a step stopped at its budget keeps the rounds it timed (pedantic), fewer than planned.
+    rows = ["| benchmark | median (ms) of the timed contender | rounds | details |", "|---|---|---|---|"]
     for bench in report.get("benchmarks", []):
         info = {k: v for k, v in bench.get("extra_info", {}).items() if k not in ("device",)}
         details = "; ".join(f"{k}: {v}" for k, v in info.items())
         median = f"{bench['stats']['median'] * 1e3:.4f}"
-        rows.append(f"| {markdown_cell(bench['name'])} | {median} | {markdown_cell(details)} |")
+        rounds = bench["stats"].get("rounds", "")
+        rows.append(f"| {markdown_cell(bench['name'])} | {median} | {rounds} | {markdown_cell(details)} |")
     return rows
 
 
@@ -346,6 +370,15 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     arguments = parser.parse_args(argv)
     if arguments.no_tests and arguments.tests:
         parser.error("--tests names GPU tests to run, --no-tests runs none: give one of them")
+    # --tests takes every name after it: a benchmark file named there would run as a test and leave the
+    # benchmarks to their default, all of them
+    misplaced = [name for name in arguments.tests or [] if not name.removeprefix("./").startswith("tests/")]
+    misplaced += [name for name in arguments.benchmarks if not name.removeprefix("./").startswith("benchmarks/")]
+    if misplaced:
+        parser.error(
+            f"{', '.join(misplaced)}: test files go after --tests (tests/...), benchmark files before it "
+            "(benchmarks/...)"
+        )
     if arguments.label is not None and not re.fullmatch(r"[a-z0-9][a-z0-9-]*", arguments.label):
         parser.error(f"--label must be lowercase letters, digits and '-', got {arguments.label!r}")
     named = [*arguments.benchmarks, *(arguments.tests or [])]
@@ -353,6 +386,23 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     if missing:
         parser.error(f"no such file: {', '.join(missing)}")
     return arguments
+
+
+def without_no_tests_failure(code: int, output: str) -> tuple[int, str]:
+    """pytest's exit 5 (every test deselected: the files named hold no gpu-marked test) is no failure of the call:
+    exit 0, and the results say so."""
+    if code == NO_TESTS_COLLECTED:
+        return 0, output + "\nno gpu-marked tests in the files named (pytest exit 5)\n"
+    return code, output
+
+
+def unused_name(directory: Path, stem: str) -> Path:
+    """``stem``.md, or ``stem``-2.md, -3, ... where a call of the same day and label wrote one already."""
+    target, number = directory / f"{stem}.md", 1
+    while target.exists():
+        number += 1
+        target = directory / f"{stem}-{number}.md"
+    return target
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -377,8 +427,9 @@ def main(argv: list[str] | None = None) -> int:
         tests_code, tests_output = run(
             ["-m", "gpu", *test_files, "-q", "-rfEs", "-p", "no:cacheprovider", *workers, *per_test_timeout(120)],
             logs / "gpu-tests.log",
-            min(TESTS_SHARE_S, deadline - time.monotonic()),
+            min(tests_share(BUDGET_S), deadline - time.monotonic()),
         )  # fmt: skip
+        tests_code, tests_output = without_no_tests_failure(tests_code, tests_output)
     counters = kernel_counters(logs, deadline) if arguments.counters else None
     kept_back = 0 if arguments.no_launch_overhead else LAUNCH_OVERHEAD_S
     bench_code, bench_lines, report = run_benchmark_files(arguments.benchmarks, logs, deadline - kept_back)
@@ -417,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     results = ROOT / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)
-    target = results / f"{today}-{slug}{'-' + arguments.label if arguments.label else ''}.md"
+    target = unused_name(results, f"{today}-{slug}{'-' + arguments.label if arguments.label else ''}")
     target.write_text("\n".join(lines))
     print(f"wrote {target}")
     if os.environ.get("OUT"):  # the device tool brings $OUT back: the results beside the logs and the JSON

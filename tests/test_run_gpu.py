@@ -40,7 +40,7 @@ def test_error_texts_stay_inside_their_table_cell(run_gpu):
     header, rule, row = run_gpu.benchmark_rows(report)
     assert "\n" not in row and "\r" not in row
     unescaped = row.replace("\\|", "")
-    assert unescaped.count("|") == header.count("|") == 4  # three cells, whatever the error said
+    assert unescaped.count("|") == header.count("|") == 5  # four cells, whatever the error said
     assert "error: RuntimeError: capture failed A \\| B at line 3;" in row and "ValueError: a\\|b" in row
     assert "left out" not in row
     assert run_gpu.markdown_cell("a|b\nc") == "a\\|b c"
@@ -197,10 +197,34 @@ def test_a_subset_of_benchmarks_and_a_label_are_checked(run_gpu, capsys):
         (["--tests", "tests/missing.py"], "no such file: tests/missing.py"),
         (["--label", "a/b"], "--label"),
         (["--no-tests", "--tests", "tests/test_run_gpu.py"], "--tests names GPU tests to run, --no-tests runs none"),
+        # --tests takes every name after it: a benchmark file there would run as a test
+        (["--tests", "tests/test_run_gpu.py", "benchmarks/test_add_layer_norm.py"], "test files go after --tests"),
     ):
         with pytest.raises(SystemExit):
             run_gpu.parse_arguments(bad)
         assert message in capsys.readouterr().err
+
+
+def test_when_time_is_short_the_last_steps_go_unrun_not_the_first(run_gpu, tmp_path):
+    reserve = run_gpu.BENCHMARK_FILE_RESERVE_S
+    assert run_gpu.step_budget(1000, 3) == 1000 - 3 * reserve  # room for all: a reserve for each later step
+    assert run_gpu.step_budget(2.5 * reserve, 6) == 1.5 * reserve  # room for this and one more
+    assert run_gpu.step_budget(0.9 * reserve, 6) == 0.9 * reserve  # room for this one only
+    assert run_gpu.tests_share(510) == run_gpu.TESTS_SHARE_S and run_gpu.tests_share(170) < 80  # a small budget
+    assert run_gpu.unused_name(tmp_path, "day-gpu-x").name == "day-gpu-x.md"
+    (tmp_path / "day-gpu-x.md").write_text("the first call's")
+    (tmp_path / "day-gpu-x-2.md").write_text("the second call's")
+    assert run_gpu.unused_name(tmp_path, "day-gpu-x").name == "day-gpu-x-3.md"  # never over an earlier call's
+
+
+def test_pytest_endings_without_passes_are_summarised(run_gpu):
+    assert run_gpu.summary_line("==== 14 deselected in 0.04s ====") == "14 deselected in 0.04s"
+    assert run_gpu.summary_line("==== no tests ran in 0.43s ====") == "no tests ran in 0.43s"
+    missing = "ERROR: not found: /r/benchmarks/x.py::test_nope\n(no match in any of [<Module x.py>])\n"
+    assert "ERROR: not found: /r/benchmarks/x.py::test_nope" in run_gpu.summary_line(missing + "no tests ran in 0.1s")
+    code, output = run_gpu.without_no_tests_failure(5, "14 deselected in 0.04s\n")
+    assert code == 0 and run_gpu.summary_line(output) == "no gpu-marked tests in the files named (pytest exit 5)"
+    assert run_gpu.without_no_tests_failure(1, "1 failed")[0] == 1
 
 
 def test_tests_of_one_file_named_in_a_row_share_a_pytest(run_gpu, tmp_path):
@@ -242,10 +266,12 @@ def test_each_benchmark_file_runs_alone_and_their_reports_are_merged(run_gpu, tm
         log.index(f"==== {name} ====") for name in files
     )
     assert "RuntimeError: CUDA error" in log
-    monkeypatch.setattr(run_gpu, "BENCHMARK_FILE_RESERVE_S", 1000)  # the time is kept for the last file
+    # With less time than a reserve for the later file, the first one runs (the model-level targets come first):
+    # a reserve for every later step had skipped the first files and run the last
+    monkeypatch.setattr(run_gpu, "BENCHMARK_FILE_RESERVE_S", 1000)
     code, lines, report = run_gpu.run_benchmark_files([str(first), str(second)], logs, time.monotonic() + 300)
-    assert code != 0 and "not run (no time left)" in lines[0] and "1 passed" in lines[1], lines
-    assert [bench["name"] for bench in report["benchmarks"]] == ["test_three"]
+    assert code == 0 and "1 passed" in lines[0] and "1 passed" in lines[1], lines
+    assert [bench["name"] for bench in report["benchmarks"]] == ["test_one", "test_three"]
     assert run_gpu.read_report(tmp_path / "missing.json") == {}
     (logs / "half.json").write_text('{"benchmarks": [')
     assert run_gpu.read_report(logs / "half.json") == {}
