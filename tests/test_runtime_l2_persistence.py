@@ -211,11 +211,8 @@ def test_bad_buffers_are_refused_before_any_build():
 
 
 def test_the_default_stream_cannot_carry_a_window():
-    class LegacyStream:
-        cuda_stream = 0
-
     with pytest.raises(ValueError, match="legacy NULL stream"):
-        _stream_handle(LegacyStream())
+        _stream_handle(FakeStream(0, 0), torch.device("cuda", 0))
 
 
 # ---- the window's bookkeeping, against a fake extension ------------------------------------------
@@ -256,8 +253,9 @@ class FakeExtension:
 
 
 class FakeStream:
-    def __init__(self, handle):
+    def __init__(self, handle, device_index):
         self.cuda_stream = handle
+        self.device = torch.device("cuda", device_index)
 
 
 @pytest.fixture
@@ -269,12 +267,12 @@ def fake_extension(monkeypatch):
 
 
 def test_a_window_reserves_applies_and_gives_everything_back(fake_extension):
-    stream = FakeStream(5)
+    stream = FakeStream(5, 1)
     with persist_range_in_l2(1, 4096, 10 * MB, stream=stream) as window:
         assert window.device == torch.device("cuda", 1)
         assert (window.plan.window_bytes, window.plan.hit_ratio, window.reserved_bytes) == (10 * MB, 1.0, 10 * MB)
         assert window.apply_to_graph(99) == 7
-        window.apply_to_stream(FakeStream(6))
+        window.apply_to_stream(FakeStream(6, 1))
     assert fake_extension.calls == [
         ("limit", 1, 10 * MB),
         ("stream", 1, 5, 4096, 10 * MB, 1.0),
@@ -366,14 +364,24 @@ def test_a_refused_reservation_warns(fake_extension):
 
 def test_a_failing_stream_gives_the_reservation_back(fake_extension):
     with pytest.raises(RuntimeError, match="cuStreamSetAttribute"):
-        persist_range_in_l2(0, 4096, MB, stream=FakeStream(13))
+        persist_range_in_l2(0, 4096, MB, stream=FakeStream(13, 0))
     assert fake_extension.calls[-2:] == [("reset", 0), ("limit", 0, 2 * MB)]
 
 
 def test_the_default_stream_is_refused_before_anything_changes(fake_extension):
     with pytest.raises(ValueError, match="legacy NULL stream"):
-        persist_range_in_l2(0, 4096, MB, stream=FakeStream(0))
+        persist_range_in_l2(0, 4096, MB, stream=FakeStream(0, 0))
     assert fake_extension.calls == []
+
+
+def test_a_stream_of_another_device_is_refused_before_anything_changes(fake_extension):
+    with pytest.raises(ValueError, match="the window is on cuda:0, the stream on cuda:1"):
+        persist_range_in_l2(0, 4096, MB, stream=FakeStream(5, 1))
+    assert fake_extension.calls == []
+    with persist_range_in_l2(1, 4096, MB) as window:
+        with pytest.raises(ValueError, match="the window is on cuda:1, the stream on cuda:0"):
+            window.apply_to_stream(FakeStream(5, 0))
+        assert [call[0] for call in fake_extension.calls] == ["limit"]
 
 
 # ---- on a GPU ---------------------------------------------------------------------------------

@@ -72,11 +72,17 @@ def plan_window(
     return WindowPlan(window, reserve, float(hit_ratio))
 
 
-def _stream_handle(stream: torch.cuda.Stream) -> int:
+def _stream_handle(stream: torch.cuda.Stream, device: torch.device) -> int:
     if stream.cuda_stream == 0:
         raise ValueError(
             "L2 window: torch's default stream is CUDA's legacy NULL stream, which takes no access-policy "
             "window; run the model on a stream of its own (torch.cuda.Stream()) and pass it"
+        )
+    # The extension sets the attribute under the window's device's context; a stream of another device would
+    # carry an address range that means nothing there.
+    if torch.device(stream.device) != device:
+        raise ValueError(
+            f"L2 window: the window is on {device}, the stream on {stream.device}; pass a stream of {device}"
         )
     return stream.cuda_stream
 
@@ -102,7 +108,7 @@ class L2Window:
 
     def apply_to_stream(self, stream: torch.cuda.Stream) -> None:
         """Later kernels launched on ``stream`` get the window."""
-        handle = _stream_handle(stream)
+        handle = _stream_handle(stream, self.device)
         self._ext().set_stream_window(
             self.device.index, handle, self.base_ptr, self.plan.window_bytes, self.plan.hit_ratio
         )
@@ -211,7 +217,7 @@ def persist_range_in_l2(
             "limit, which two windows would fight over (pack what both need into one buffer)"
         )
     if stream is not None:
-        _stream_handle(stream)  # refuse the default stream before changing anything
+        _stream_handle(stream, device)  # refuse the default stream or another device's before changing anything
     ext = load_l2_extension()
     limits = ext.device_limits(device.index)
     plan = plan_window(
