@@ -226,6 +226,17 @@ def test_schedules_match_transformers(shape):
         WarmupDecay(ours, 1, 2, "step")
 
 
+def test_warmup_steps_from_a_ratio_round_up_as_transformers_does(tmp_path):
+    from transformers import TrainingArguments
+
+    from fastmini.training.optimization import warmup_steps_from_ratio
+
+    for ratio, total in [(0.1, 25), (0.06, 10), (0.25, 7), (0.5, 4), (0.0, 9), (0.01, 1)]:
+        arguments = TrainingArguments(output_dir=str(tmp_path), warmup_steps=ratio, report_to=[])
+        assert warmup_steps_from_ratio(ratio, total) == arguments.get_warmup_steps(total), (ratio, total)
+    assert warmup_steps_from_ratio(0.1, 25) == 3  # round() gave 2
+
+
 def train_log(output: Path, run: str) -> list[dict]:
     lines = (output / "runs" / run / "log.jsonl").read_text().splitlines()
     return [record for record in map(json.loads, lines) if record["kind"] == "train"]

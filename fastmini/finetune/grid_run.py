@@ -28,7 +28,7 @@ from fastmini.training.checkpoints import CHECKPOINTS_DIR, STATE_NAME
 from fastmini.training.errors import UsageError
 from fastmini.training.memory import enable_activation_checkpointing
 from fastmini.training.normalization import backward_share, share_of_mean, step_totals
-from fastmini.training.optimization import WarmupDecay, build_adamw, checked_step
+from fastmini.training.optimization import WarmupDecay, build_adamw, checked_step, warmup_steps_from_ratio
 from fastmini.training.run_log import RunLog
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ class GridRun:
             self.context.rank,
             setting.seed,
         )
-        warmup = round(config.warmup_ratio * job.total_steps)
+        warmup = warmup_steps_from_ratio(config.warmup_ratio, job.total_steps)
         self.scheduler = WarmupDecay(self.optimizer, warmup, job.total_steps, config.schedule)
         self.trained = model
         if self.context.is_distributed:

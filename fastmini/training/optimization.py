@@ -97,6 +97,11 @@ def checked_step(
     return norm, lr
 
 
+def warmup_steps_from_ratio(warmup_ratio: float, total_steps: int) -> int:
+    """transformers TrainingArguments.get_warmup_steps for a ratio: rounded up, so any ratio > 0 warms up."""
+    return math.ceil(warmup_ratio * total_steps)
+
+
 def linear_schedule_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     """transformers' get_linear_schedule_with_warmup: 0 -> 1 over warmup, then 1 -> 0 at total."""
     if step < warmup_steps:
