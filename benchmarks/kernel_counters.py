@@ -185,7 +185,8 @@ def profile(ncu: str, case_name: str, timeout_s: float) -> tuple[list[dict[str, 
         if not extra_metrics and left < RETRY_MIN_S:
             return [], output, f"{first_error(output)} (no time left to retry without the extra metrics)"
         # A session of its own: on a timeout the profiled python process (ncu's child, holding a CUDA context) is
-        # killed with ncu, not left running into the next case.
+        # killed with ncu, not left running into the next case. Being outside our process group, it does not get
+        # a terminal's Ctrl-C or make bench-gpu's stop either: an interrupt here kills it before it goes on.
         process = subprocess.Popen(
             ncu_command(ncu, case_name, extra_metrics), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True, start_new_session=True,
@@ -196,6 +197,10 @@ def profile(ncu: str, case_name: str, timeout_s: float) -> tuple[list[dict[str, 
             os.killpg(process.pid, signal.SIGKILL)
             process.communicate()
             return [], "", f"stopped after {timeout_s:.0f} s"
+        except BaseException:  # KeyboardInterrupt, SystemExit from a signal handler
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            raise
         output = stdout + stderr
         kernels = parse_raw_csv(stdout)
         if kernels:

@@ -132,6 +132,29 @@ def test_a_case_past_its_time_is_killed_with_the_process_it_profiles(counters, t
     assert gone(int(child_pid.read_text()))
 
 
+def test_an_interrupt_kills_the_profiled_process_too(counters, tmp_path, gone, monkeypatch):
+    """ncu runs in a session of its own, out of reach of a terminal's Ctrl-C: profile() must kill it."""
+    child_pid = tmp_path / "child.pid"
+    hanging = stand_in_ncu(tmp_path, f'sleep 60 & echo $! > "{child_pid}"; wait')
+    started = counters.subprocess.Popen
+
+    def interrupted_once_started(*args, **kwargs):
+        process = started(*args, **kwargs)
+        while not child_pid.exists() or not child_pid.read_text().strip():
+            counters.time.sleep(0.05)
+
+        def communicate(timeout=None):
+            raise KeyboardInterrupt
+
+        process.communicate = communicate
+        return process
+
+    monkeypatch.setattr(counters.subprocess, "Popen", interrupted_once_started)
+    with pytest.raises(KeyboardInterrupt):
+        counters.profile(hanging, "adapter forward, 128 rows", 30)
+    assert gone(int(child_pid.read_text()))
+
+
 def test_each_case_is_emitted_when_done(counters, tmp_path, monkeypatch):
     """main() prints lines as report() emits them: what a run stopped by its budget had done is in its log."""
     (tmp_path / "out.csv").write_text(NCU_CSV)
