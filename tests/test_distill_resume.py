@@ -201,7 +201,7 @@ def test_resume_refuses_weights_that_are_not_the_runs_student(teacher_dir, tmp_p
         assert expected[name] in err and "Traceback" not in err, (name, err[-500:])
 
 
-def test_checkpoints_hold_everything_needed_and_load_as_models(teacher_dir, tmp_path):
+def test_checkpoints_hold_everything_needed_and_load_as_models(teacher_dir, tmp_path, capsys):
     from transformers import AutoModelForMaskedLM
 
     output = tmp_path / "run"
@@ -214,6 +214,12 @@ def test_checkpoints_hold_everything_needed_and_load_as_models(teacher_dir, tmp_
     assert isinstance(state["rng"], list) and "torch" in state["rng"][0]
     model = AutoModelForMaskedLM.from_pretrained(checkpoint)
     assert_same_parameters({k: v for k, v in model.state_dict().items()}, final_weights(output))
+    # the precision it trained in: "--precision auto" resolves per device, so a resume elsewhere says it changed
+    assert state["precision"] == "fp32"
+    checkpoints.save_state(checkpoint / "trainer_state.pt", {**state, "precision": "bf16"})
+    capsys.readouterr()
+    assert main(run_args(teacher_dir, output, "--max-steps", "2", "--resume", "latest")) == 0
+    assert "the checkpoint's run trained in bf16; it goes on in fp32 (--precision auto" in capsys.readouterr().err
 
 
 def test_keep_last_prunes_old_checkpoints(teacher_dir, tmp_path):

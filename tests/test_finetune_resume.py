@@ -127,7 +127,7 @@ def test_resume_of_a_finished_job_and_with_changed_options(setup, tmp_path, unin
     assert "--weight-decay 0.01 -> 0.1" in err and "Traceback" not in err
 
 
-def test_checkpoints_hold_what_resume_needs(setup, tmp_path):
+def test_checkpoints_hold_what_resume_needs(setup, tmp_path, capsys):
     output = tmp_path / "job"
     killed = subprocess_run(job_args(setup, output), "kill-after-step:5")
     assert killed.returncode == -9
@@ -139,6 +139,12 @@ def test_checkpoints_hold_what_resume_needs(setup, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     assert AutoModelForSequenceClassification.from_pretrained(checkpoint).config.id2label == {0: "neg", 1: "pos"}
+    # the precision it trained in: "--precision auto" resolves per device, so a resume elsewhere says it changed
+    assert state["precision"] == "fp32"
+    checkpoints.save_state(checkpoint / "trainer_state.pt", {**state, "precision": "bf16"})
+    capsys.readouterr()
+    assert main([*job_args(setup, output), "--resume"]) == 0
+    assert "the checkpoint's run trained in bf16; it goes on in fp32 (--precision auto" in capsys.readouterr().err
 
 
 def test_non_finite_loss_stops_with_a_message(setup, tmp_path):

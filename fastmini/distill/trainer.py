@@ -335,6 +335,7 @@ class DistillationRun:
             "metrics_before": self.metrics_before,
             "elapsed_seconds": elapsed,
             "world_size": self.context.world_size,
+            "precision": precision.precision_name(self.autocast_dtype),
             "config": self.config.to_dict(),
         }
 
@@ -415,6 +416,7 @@ class DistillationRun:
             self.config.batch_size,
             log,
         )
+        precision.check_resumed_precision(state.get("precision"), self.autocast_dtype, self.config.precision, log)
         self._rng_to_restore = checkpoints.rng_state_of_rank(state["rng"], context.rank)
         self.start_step = state["step"]
         self.metrics_before = state["metrics_before"]

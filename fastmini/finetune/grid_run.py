@@ -165,6 +165,7 @@ class GridRun:
             self.config.batch_size,
             log,
         )
+        precision.check_resumed_precision(state.get("precision"), self.job.autocast_dtype, self.config.precision, log)
         log.info(
             "run %s: resuming from %s (step %d of %d)",
             self.setting.name,
@@ -189,6 +190,7 @@ class GridRun:
                 "progress": self.state,
                 "world_size": self.context.world_size,
                 "grad_accumulation": self.config.grad_accumulation,
+                "precision": precision.precision_name(self.job.autocast_dtype),
             }
             final = self.checkpoint_root / checkpoints.checkpoint_name(step)
             checkpoints.remove_temporaries(self.checkpoint_root)

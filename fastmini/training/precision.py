@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 
@@ -22,3 +23,23 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """What a checkpoint records of the precision a run trained in: "bf16" or "fp32"."""
+    return "fp32" if dtype is None else {torch.bfloat16: "bf16"}[dtype]
+
+
+def check_resumed_precision(saved: str | None, dtype: torch.dtype | None, option: str, log: logging.Logger) -> None:
+    """Warn when a resumed run goes on in another precision than its checkpoint's run trained in: "--precision
+    auto" resolves per device, so a bf16 run from a GPU goes on in fp32 on a CPU (and the reverse); the run is
+    still valid, but its curve and result are not those of one precision. ``saved`` None: a checkpoint from
+    before this was recorded."""
+    now = precision_name(dtype)
+    if saved is not None and saved != now:
+        log.warning(
+            "--resume: the checkpoint's run trained in %s; it goes on in %s (--precision %s on this device)",
+            saved,
+            now,
+            option,
+        )
