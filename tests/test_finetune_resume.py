@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -125,6 +126,23 @@ def test_resume_of_a_finished_job_and_with_changed_options(setup, tmp_path, unin
     assert main([*job_args(setup, output, "--weight-decay", "0.1"), "--resume"]) == 2
     err = capsys.readouterr().err
     assert "--weight-decay 0.01 -> 0.1" in err and "Traceback" not in err
+
+
+def test_finished_or_not_is_read_from_the_files_not_their_times(setup, tmp_path, capsys):
+    """A copy of a finished job made without its files' times (cp -r) is still finished; a new job with the same
+    options killed in a finished job's directory is unfinished: the old metrics.json does not vouch for it."""
+    output = tmp_path / "job"
+    assert main(job_args(setup, output)) == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(output, copy, copy_function=shutil.copyfile)
+    os.utime(copy / "metrics.json", (0, 0))  # older than runs/grid.json, as a copy may leave it
+    assert main(job_args(setup, copy)) == 0  # finished: replaced, not refused
+    killed = subprocess_run(job_args(setup, output), "kill-after-step:3")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (output / "metrics.json").is_file()  # the earlier job's, still there until this one publishes
+    capsys.readouterr()
+    assert main(job_args(setup, output)) == 2
+    assert "holds an unfinished fine-tuning job" in capsys.readouterr().err
 
 
 def test_checkpoints_hold_what_resume_needs(setup, tmp_path, capsys):

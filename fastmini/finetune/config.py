@@ -239,6 +239,7 @@ def check_max_length(max_length: int | None, positions: int | None = None) -> No
 
 RUNS_DIR = "runs"  # <output>/runs/: every run of the grid, and the job's options
 GRID_NAME = "grid.json"  # <output>/runs/grid.json: the options the job started with, which --resume checks
+JOB_ID_NAME = "job_id"  # <output>/runs/job_id: a token of the job, which its metrics.json repeats once it finished
 
 # Fields that do not change what a run computes: a resumed run may change them.
 RUN_ONLY_FIELDS = frozenset(

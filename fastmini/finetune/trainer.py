@@ -8,6 +8,7 @@ Output directory layout (``--output-dir``), one mode:
   metrics.json                                      every run's dev metrics, mean and std per learning rate, the choice
   train_config.json                                 every option of the job
   runs/grid.json                                    the options the grid started with (--resume checks them)
+  runs/job_id                                       the job's token; metrics.json repeats it once the job finished
   runs/<mode>-lr<lr>-seed<seed>/                    result.json, log.jsonl, best/ (the run's best epoch), and while it
                                                     runs checkpoints/step-N/ (model + trainer_state.pt), atomically
 Both modes (the embedded default): ``full/`` and ``adapter/`` each hold the first five entries;
@@ -22,6 +23,7 @@ import json
 import logging
 import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +31,16 @@ import torch
 from torch import nn
 
 from fastmini.data.ner import continuation_labels
-from fastmini.files import write_json_atomically
+from fastmini.files import write_file_atomically, write_json_atomically
 from fastmini.finetune import inference
-from fastmini.finetune.config import GRID_NAME, RUNS_DIR, FinetuneConfig, changed_options, finetuning_max_length
+from fastmini.finetune.config import (
+    GRID_NAME,
+    JOB_ID_NAME,
+    RUNS_DIR,
+    FinetuneConfig,
+    changed_options,
+    finetuning_max_length,
+)
 from fastmini.finetune.data import TaskData, encode, load_task_data
 from fastmini.finetune.grid_run import BEST_DIR, GridRun
 from fastmini.finetune.models import ModelSource, load_task_model, task_model_class
@@ -65,7 +74,7 @@ def check_output_dir(config: FinetuneConfig) -> Path:
     """The output directory, checked without writing anything: writable (or creatable), and never mixing two
     jobs.
 
-    An unfinished job (runs/grid.json newer than metrics.json) is kept unless --resume continues it (with the
+    An unfinished job (no metrics.json naming the job of runs/job_id) is kept unless --resume continues it (with the
     options it was started with) or --overwrite-output-dir discards it; a finished job's runs are simply
     replaced, but only by ``replace_previous_job`` once every input of the new job has been checked."""
     output = check_writable_directory(config.output_dir)
@@ -84,8 +93,18 @@ def check_output_dir(config: FinetuneConfig) -> Path:
 
 
 def _finished(output: Path) -> bool:
-    metrics = output / METRICS_NAME
-    return metrics.is_file() and metrics.stat().st_mtime >= (output / RUNS_DIR / GRID_NAME).stat().st_mtime
+    """Whether the job of ``output``/runs ended: its metrics.json names that job (read from the files, not their
+    times, which a copy does not keep). A job directory from before runs/job_id existed: by the files' times."""
+    metrics, job_id = output / METRICS_NAME, output / RUNS_DIR / JOB_ID_NAME
+    if not metrics.is_file():
+        return False
+    if not job_id.is_file():
+        return metrics.stat().st_mtime >= (output / RUNS_DIR / GRID_NAME).stat().st_mtime
+    try:
+        finished_job = json.loads(metrics.read_text()).get("job")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return finished_job == job_id.read_text().strip()
 
 
 def _check_resumed_options(grid: Path, config: FinetuneConfig) -> None:
@@ -182,12 +201,14 @@ class FineTuning:
         distributed.barrier(context)
 
     def _record_grid(self) -> None:
-        """Write runs/grid.json, which --resume checks the options against (``check_output_dir``)."""
-        grid = self.runs_dir / GRID_NAME
-        if self.config.resume and grid.is_file():
-            return
+        """Write runs/grid.json, which --resume checks the options against (``check_output_dir``), and
+        runs/job_id, which the job's metrics.json repeats (``_finished``); a resumed job keeps both."""
+        grid, job_id = self.runs_dir / GRID_NAME, self.runs_dir / JOB_ID_NAME
         self.runs_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomically(grid, self.config.to_dict())
+        if not (self.config.resume and grid.is_file()):
+            write_json_atomically(grid, self.config.to_dict())
+        if not (self.config.resume and job_id.is_file()):
+            write_file_atomically(job_id, lambda temporary: Path(temporary).write_text(uuid.uuid4().hex + "\n"))
 
     # ------------------------------------------------------------------------------ describe
     def _describe(self) -> None:
@@ -256,6 +277,7 @@ class FineTuning:
                 },
             }
         metrics = {
+            "job": (self.runs_dir / JOB_ID_NAME).read_text().strip(),  # marks the job finished (_finished)
             "task": spec.name,
             "kind": spec.kind,
             "data": self.data.source,
