@@ -309,6 +309,26 @@ def test_public_function_draws_its_seed_from_torch_default_generator():
     assert not torch.equal(first, second)
 
 
+@pytest.mark.usefixtures("dropout_rng")
+def test_seeds_have_63_bits_and_the_high_half_changes_the_mask(monkeypatch):
+    """31-bit seeds would repeat a mask every ~50K calls (birthday bound); Philox takes the whole 64-bit key."""
+    op_module = importlib.import_module("fastmini.ops.add_layer_norm")  # the package's name is the function's
+    drawn = []
+    forward = op_module._forward_op
+
+    def recording(*args):
+        drawn.append(int(args[6].item()))
+        return forward(*args)
+
+    monkeypatch.setattr(op_module, "_forward_op", recording)
+    tensors, _ = make_inputs((3, 36), requires_grad=False)
+    for _ in range(8):
+        add_layer_norm(*tensors, EPS, 0.5, backend="triton")
+    assert all(2**32 <= seed < 2**63 for seed in drawn) and max(drawn) >= 2**62  # P(fail) = 2^-8
+    low = 12345
+    assert not torch.equal(keep_mask(low, 4, 64, 0.5), keep_mask(low + 2**40, 4, 64, 0.5))
+
+
 # ---------------------------------------------------------------- custom ops, compile, dispatch
 
 

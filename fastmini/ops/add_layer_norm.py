@@ -31,8 +31,10 @@ _OP = "add_layer_norm"
 # Backends whose kernels have passed their tests on a GPU (tests/test_add_layer_norm_kernel.py, H200,
 # 2026-11-26); only those can be auto-selected for CUDA tensors, and only where _triton_pays_off_on_gpu.
 _VERIFIED_ON_GPU: tuple[str, ...] = ("triton",)
-# Dropout seeds stay in int32 so the kernels compile once for every seed.
-_SEED_BOUND = 2**31 - 1
+# Dropout seeds: 63 bits (Philox's key takes 64), so that the ~10^6 masks of a long training run do not repeat
+# (31-bit seeds gave ~1300 pairs of identical masks in 2.4M calls, by the birthday bound); always above int32's range
+# so the kernels see one argument type and compile once.
+_SEED_RANGE = (2**32, 2**63 - 1)
 
 
 def add_layer_norm_ref(
@@ -224,7 +226,7 @@ def _add_layer_norm_triton(
 ) -> torch.Tensor:
     # Drawn from torch's default CPU generator, so torch.manual_seed makes the mask reproducible;
     # a tensor rather than an int so torch.compile traces the draw instead of freezing one value.
-    seed = torch.randint(_SEED_BOUND, (), dtype=torch.int64, device="cpu") if dropout_p > 0.0 else None
+    seed = torch.randint(*_SEED_RANGE, (), dtype=torch.int64, device="cpu") if dropout_p > 0.0 else None
     keep_sum = torch.is_grad_enabled() and any(t.requires_grad for t in (x, residual, weight, bias))
     out, _total, _mean, _rstd = _forward_op(x, residual, weight, bias, eps, dropout_p, seed, keep_sum)
     return out
