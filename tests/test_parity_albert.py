@@ -79,6 +79,23 @@ def test_albert_checkpoint_parity(kind, hidden_act, embedding_size, randomize, b
         assert relative_error(ours.pooler_output, expected.pooler_output) <= RTOL
 
 
+def test_training_mode_draws_albert_s_dropouts(tmp_path):
+    """AlbertLayer drops out its attention output but not its FFN output (it builds a dropout it never calls); the
+    MiniALBERT layer drops out both (SPEC.md). With one seed, a converted checkpoint in training mode gives
+    transformers' outputs: the same dropout calls in the same order (no padding: the same tensors drawn)."""
+    config = albert_config(hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    albert = AlbertModel(config).train()
+    albert.save_pretrained(tmp_path)
+    model = FastMiniModel.from_pretrained(tmp_path).train()
+    input_ids = torch.randint(0, config.vocab_size, (2, 9))
+    outputs = []
+    for module in (albert, model):
+        torch.manual_seed(5)
+        outputs.append(module(input_ids=input_ids).last_hidden_state)
+    assert relative_error(outputs[1], outputs[0]) <= RTOL
+
+
 def test_albert_masked_lm_decoder_is_tied(tmp_path):
     AlbertForMaskedLM(albert_config()).save_pretrained(tmp_path)
     model = FastMiniForMaskedLM.from_pretrained(tmp_path)

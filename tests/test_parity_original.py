@@ -60,6 +60,23 @@ def assert_matches_original(original_outputs, ours, attention_mask: torch.Tensor
         assert_close_relative(a.transpose(1, 2)[real_queries], b.transpose(1, 2)[real_queries], f"attentions[{i}]")
 
 
+@pytest.mark.parametrize("use_adapter", [True, False])
+def test_training_mode_draws_the_original_s_dropouts(use_adapter, tiny_original_config, tmp_path):
+    """The MiniALBERT layer drops out both sublayers' outputs (SPEC.md), ALBERT's only the attention's:
+    with one seed and no padding (the same tensors drawn), training mode gives the original's logits."""
+    config = tiny_original_config(use_adapter=use_adapter, hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    original = OriginalMiniAlbertForMaskedLM(config).train()
+    model = FastMiniForMaskedLM.from_pretrained(save_original_checkpoint(original, tmp_path, "safetensors")).train()
+    input_ids = torch.randint(0, config.vocab_size, (2, 9))
+    attention_mask, token_type_ids = torch.ones_like(input_ids), torch.zeros_like(input_ids)
+    torch.manual_seed(5)
+    expected = original(input_ids, attention_mask, token_type_ids)[0]
+    torch.manual_seed(5)
+    ours = model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
+    assert_close_relative(ours, expected, "training-mode logits")
+
+
 @pytest.mark.parametrize("head", sorted(HEADS))
 @pytest.mark.parametrize("use_adapter", [True, False], ids=["adapters", "no-adapters"])
 @pytest.mark.parametrize("embedding_size", [16, 36], ids=["E!=H", "E==H"])

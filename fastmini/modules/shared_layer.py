@@ -38,6 +38,9 @@ class SharedLayer(PrepackedWeightsMixin, nn.Module):
         self.gelu_approximation = config.gelu_approximation
         self.attention_dropout_p = config.attention_probs_dropout_prob
         self.hidden_dropout_p = config.hidden_dropout_prob
+        # transformers' AlbertLayer has no dropout on its FFN output (it builds one and never calls it); the original
+        # MiniALBERT's residual wrapper does (SPEC.md): the ALBERT variant keeps ALBERT's training behaviour.
+        self.ffn_dropout_p = 0.0 if config.head_variant == "albert" else config.hidden_dropout_prob
         self.query = nn.Linear(hidden, hidden)
         self.key = nn.Linear(hidden, hidden)
         self.value = nn.Linear(hidden, hidden)
@@ -126,10 +129,11 @@ class SharedLayer(PrepackedWeightsMixin, nn.Module):
                 low_precision_maps=self.low_precision_maps,
             )
         output = self.linear_through(prepacked, "attention_output", context)
-        return self._add_and_norm(output, x, self.attention_norm, then), probabilities
+        return self._add_and_norm(output, x, self.attention_norm, self.hidden_dropout_p, then), probabilities
 
     def ffn_block(self, x: torch.Tensor, then: nn.Module | None = None) -> torch.Tensor:
-        """``LayerNorm(x + Dropout(FfnOut(GELU(Ffn(x)))))``; with ``then`` (an adapter), ``then`` of it."""
+        """``LayerNorm(x + Dropout(FfnOut(GELU(Ffn(x)))))`` (no dropout in the ALBERT variant, as ALBERT); with
+        ``then`` (an adapter), ``then`` of it."""
         up = self.ffn_intermediate
         prepacked = self.prepacked_for(x, up)
         if prepacked is None and all_plain(up):
@@ -137,15 +141,20 @@ class SharedLayer(PrepackedWeightsMixin, nn.Module):
         else:
             intermediate = self.linear_through(prepacked, "ffn_intermediate", x, gelu=self.gelu_approximation)
         output = self.linear_through(prepacked, "ffn_output", intermediate)
-        return self._add_and_norm(output, x, self.ffn_norm, then)
+        return self._add_and_norm(output, x, self.ffn_norm, self.ffn_dropout_p, then)
 
     def _add_and_norm(
-        self, x: torch.Tensor, residual: torch.Tensor, norm: nn.Module, then: nn.Module | None = None
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor,
+        norm: nn.Module,
+        dropout_p: float,
+        then: nn.Module | None = None,
     ) -> torch.Tensor:
         """``norm(residual + Dropout(x))``: fused when ``norm`` is a plain LayerNorm (ops.plain_layers). With
         ``then``, the adapter that reads it: where dropout is off both go through ops.add_layer_norm_adapter (the
         adapter_after_layer_norm, None where that cannot stand in for the modules' calls)."""
-        dropout_p = self._dropout(self.hidden_dropout_p)
+        dropout_p = self._dropout(dropout_p)
         if then is not None and dropout_p == 0.0:
             adapted = adapter_after_layer_norm(then, x, residual, norm, self.low_precision_norms)
             if adapted is not None:
