@@ -71,6 +71,10 @@ def _forward_kernel(
     # taken from each side's maximum, so a common offset of the logits never enters a difference of large
     # numbers (kl = A / Z_t - log Z_t + log Z_s). When a maximum grows, every earlier gap shifts by as much.
     weighted_gap = tl.sum(zero, axis=0)
+    # Teacher mass on a word the student rules out (logit -inf) makes the KL +inf. Kept as a flag, out of the sums:
+    # its gap would be -inf - (-inf) = NaN in a chunk where the student's maximum is still -inf, and an infinite sum
+    # times a rescale that underflows to 0 is NaN too.
+    unreachable = tl.sum(zero, axis=0) > 0.0
     for start in range(0, vocab, BLOCK_V):
         student, teacher, _columns, mask = _chunk(student_ptr, teacher_ptr, row, start, vocab, BLOCK_V, ACC_DTYPE)
         new_student_max, student_rescale = _merge_maximum(student_max, student)
@@ -89,7 +93,10 @@ def _forward_kernel(
         weights = _exp_below(scaled_teacher, new_teacher_max)
         # Where the teacher's probability is 0 (logit -inf: a masked word) the term is 0, as 0 log 0 is.
         counted_gap = mask & (scaled_teacher > float("-inf"))
-        gaps = tl.where(counted_gap, (scaled_teacher - new_teacher_max) - (scaled_student - new_scaled_max), 0.0)
+        ruled_out = counted_gap & (scaled_student == float("-inf"))
+        unreachable = unreachable | (tl.sum(ruled_out.to(tl.int32), axis=0) > 0)
+        finite_gap = counted_gap & (scaled_student > float("-inf"))
+        gaps = tl.where(finite_gap, (scaled_teacher - new_teacher_max) - (scaled_student - new_scaled_max), 0.0)
         weighted_gap = weighted_gap * teacher_rescale + tl.sum(weights * gaps, axis=0)
         teacher_sum = teacher_sum * teacher_rescale + tl.sum(weights, axis=0)
         student_max, scaled_max, teacher_max = new_student_max, new_scaled_max, new_teacher_max
@@ -99,6 +106,7 @@ def _forward_kernel(
     lse_scaled = scaled_max + tl.log(scaled_sum)
     lse_teacher = teacher_max + tl.log(teacher_sum)
     kl = weighted_gap / teacher_sum - tl.log(teacher_sum) + tl.log(scaled_sum)
+    kl = tl.where(unreachable, float("inf"), kl)
 
     label = tl.load(label_ptr + row)
     counted = (label >= 0) & (label < vocab)

@@ -107,6 +107,23 @@ def test_masked_words_in_the_first_chunk(monkeypatch):
     assert torch.isfinite(torch_grad).all()
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("block_v", [64, 512], ids=["first-chunk-ruled-out", "one-chunk"])
+def test_teacher_mass_on_a_word_the_student_rules_out_makes_the_kl_infinite(block_v, temperature, monkeypatch):
+    """Row 0's student gives probability 0 to its first 64 words, where the teacher has mass: KL = +inf, as the
+    formula (the oracle) says, however the vocabulary is chunked (a whole first chunk of -inf gave NaN)."""
+    monkeypatch.setattr(kernels, "MAX_BLOCK_V", block_v)
+    student, labels, teacher = logits(2, 300)
+    student = student.detach()
+    student[0, :64] = float("-inf")
+    labels[0] = 100
+    _ce, kl_sum = triton(student[:1], labels[:1], teacher[:1], temperature)
+    _ce, expected = logit_losses_sum_ref(student[:1], labels[:1], teacher[:1], temperature)
+    assert kl_sum.item() == expected.item() == float("inf")
+    _ce, kl_sum = triton(student, labels, teacher, temperature)  # one such row makes the sum infinite
+    assert kl_sum.item() == float("inf")
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_a_word_masked_in_both_student_and_teacher_adds_nothing(backend):
     """A vocabulary entry of -inf on both sides (a padded vocabulary) is a word neither can give: both backends
