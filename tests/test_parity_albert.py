@@ -96,6 +96,21 @@ def test_training_mode_draws_albert_s_dropouts(tmp_path):
     assert relative_error(outputs[1], outputs[0]) <= RTOL
 
 
+def test_explicit_position_ids_may_describe_a_sequence_longer_than_the_table(randomize, tmp_path):
+    """Only the default ids (0 .. S-1) need S <= max_position_embeddings; given ids are looked up as ALBERT does."""
+    albert = randomize(AlbertModel(albert_config(max_position_embeddings=8))).eval()
+    albert.save_pretrained(tmp_path)
+    model = FastMiniModel.from_pretrained(tmp_path)
+    input_ids = torch.randint(1, 99, (2, 10))
+    position_ids = torch.arange(10).expand(2, 10) % 8
+    with torch.no_grad():
+        expected = albert(input_ids, position_ids=position_ids).last_hidden_state
+        ours = model(input_ids, position_ids=position_ids).last_hidden_state
+    assert relative_error(ours, expected) <= RTOL
+    with pytest.raises(ValueError, match=r"sequence length 10 exceeds max_position_embeddings \(8\)"):
+        model(input_ids)
+
+
 def test_albert_masked_lm_decoder_is_tied(tmp_path):
     AlbertForMaskedLM(albert_config()).save_pretrained(tmp_path)
     model = FastMiniForMaskedLM.from_pretrained(tmp_path)

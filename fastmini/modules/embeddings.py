@@ -28,7 +28,8 @@ class Embeddings(nn.Module):
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
         seq_length = inputs_embeds.shape[1]
-        if seq_length > self.position_embeddings.num_embeddings:
+        # Only the default ids run out of the table; explicit ones may describe longer sequences (as in ALBERT).
+        if position_ids is None and seq_length > self.position_embeddings.num_embeddings:
             raise ValueError(
                 f"sequence length {seq_length} exceeds max_position_embeddings "
                 f"({self.position_embeddings.num_embeddings})"
