@@ -152,6 +152,17 @@ def test_sequence_classification_losses(num_labels, labels, problem_type, tiny_c
     torch.testing.assert_close(logits, model.classifier(hidden))
 
 
+def test_multi_label_soft_targets_keep_their_precision_beside_16_bit_logits(tiny_config, batch):
+    """A bf16 model's multi-label loss takes soft targets as given (0.3, not bf16's 0.30078), in fp32."""
+    model = FastMiniForSequenceClassification(tiny_config(num_labels=3)).eval().to(torch.bfloat16)
+    labels = torch.tensor([[0.3, 0.0, 1.0], [0.7, 0.1, 0.0]])
+    out = model(**batch, labels=labels)
+    assert model.config.problem_type == "multi_label_classification"
+    expected = F.binary_cross_entropy_with_logits(out.logits.float(), labels)
+    assert out.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss, expected, rtol=1e-6, atol=1e-7)
+
+
 def test_token_classification_loss(tiny_config, batch):
     model = FastMiniForTokenClassification(tiny_config(num_labels=4)).eval()
     labels = torch.randint(0, 4, (2, 7)).masked_fill(batch["attention_mask"] == 0, -100)

@@ -489,7 +489,10 @@ def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, con
         return MSELoss()(logits.squeeze(), labels.squeeze()) if num_labels == 1 else MSELoss()(logits, labels)
     if config.problem_type == "single_label_classification":
         return CrossEntropyLoss()(logits.view(-1, num_labels), labels.view(-1))
-    return BCEWithLogitsLoss()(logits, labels.to(logits.dtype))
+    # In fp32 at least (fp64 stays): soft targets such as 0.3 are not rounded to a 16-bit logits dtype (autocast
+    # computes transformers' BCE in fp32 too), and integer 0/1 labels of an explicit problem_type work.
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    return BCEWithLogitsLoss()(logits.to(dtype), labels.to(dtype))
 
 
 class FastMiniForSequenceClassification(FastMiniPreTrainedModel):
