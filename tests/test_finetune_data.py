@@ -262,22 +262,29 @@ def test_alignment_every_subtoken_or_first_only():
     assert first_subtoken_positions(word_ids, 4) == [1, 2, 5, None]  # word 3 was cut off
 
 
-def test_later_subtokens_of_a_beginning_are_inside_the_entity():
+def test_later_subtokens_of_a_beginning_keep_it_or_are_inside_the_entity():
+    """ "all" (the MiniALBERT recipe, SPEC.md): every piece gets the word's label, B-X included; "inside"
+    (transformers' run_ner): a B-X word's later pieces get I-X."""
     names = ["O", "B-ANIMAL", "I-ANIMAL", "B-FOOD", "B", "I"]  # no I-FOOD: B-FOOD stays B-FOOD
     continuation = continuation_labels(names)
     assert continuation == [0, 2, 2, 3, 5, 5]
     word_ids = [None, 0, 0, 1, 1, 2, 2, None]  # dog ##s, bread ##s, a bare-B word in two pieces
-    assert align_labels(word_ids, [1, 3, 4], "all", continuation) == [IGNORE_INDEX, 1, 2, 3, 3, 4, 5, IGNORE_INDEX]
+    assert align_labels(word_ids, [1, 3, 4], "all", continuation) == [IGNORE_INDEX, 1, 1, 3, 3, 4, 4, IGNORE_INDEX]
+    assert align_labels(word_ids, [1, 3, 4], "inside", continuation) == [IGNORE_INDEX, 1, 2, 3, 3, 4, 5,
+                                                                         IGNORE_INDEX]  # fmt: skip
     assert align_labels(word_ids, [1, 3, 4], "first", continuation) == [IGNORE_INDEX, 1, IGNORE_INDEX, 3,
                                                                         IGNORE_INDEX, 4, IGNORE_INDEX,
                                                                         IGNORE_INDEX]  # fmt: skip
+    with pytest.raises(ValueError, match="'inside' needs the continuation labels"):
+        align_labels(word_ids, [1, 3, 4], "inside")
     tokenizer = make_tiny_tokenizer()
     labels = LabelMap(task_spec("ner"), ["O", "B-ANIMAL", "I-ANIMAL"])
     example = {"tokens": ["dogs", "in", "town"], "where": "x"}
     example["target"] = labels.encode(["B-ANIMAL", "O", "O"], "x")
-    encoded = encode(tokenizer, [example], "ner", 32, "all", continuation_labels(labels.names))
-    tokens = tokenizer.convert_ids_to_tokens(encoded.input_ids[0])
-    assert list(zip(tokens, encoded.targets[0], strict=True))[1:3] == [("dog", 1), ("##s", 2)]
+    for alignment, piece_label in (("all", 1), ("inside", 2)):
+        encoded = encode(tokenizer, [example], "ner", 32, alignment, continuation_labels(labels.names))
+        tokens = tokenizer.convert_ids_to_tokens(encoded.input_ids[0])
+        assert list(zip(tokens, encoded.targets[0], strict=True))[1:3] == [("dog", 1), ("##s", piece_label)]
 
 
 def test_alignment_through_a_real_tokenizer():

@@ -16,9 +16,10 @@ blank and ``-DOCSTART-`` lines are above. A bad row is a DataError naming the so
 and the column.
 
 Alignment: a word split into several sub-tokens gives every sub-token its label ("all", the
-MiniALBERT recipe; a B-X word's later sub-tokens get I-X, as in transformers' run_ner, so that
-one word stays one entity) or only the first one ("first", the others get -100 and no loss);
-special tokens always get -100. Evaluation reads each word's prediction at its first sub-token.
+MiniALBERT recipe, SPEC.md: a B-X word's pieces are all B-X, as the original's tokenize_adjust_labels
+gives them), the same but I-X for a B-X word's later sub-tokens ("inside", transformers' run_ner
+``b_to_i_label``: one word stays one entity), or only the first one ("first", the others get -100 and no
+loss); special tokens always get -100. Evaluation reads each word's prediction at its first sub-token.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 from fastmini.data.masking import IGNORE_INDEX
 from fastmini.data.tables import DataError, json_records, read_text_file, split_lines
 
-ALIGNMENTS = ("all", "first")
+ALIGNMENTS = ("all", "inside", "first")
 NER_SUFFIXES = (".tsv", ".txt", ".conll", ".iob", ".bio")
 RECORD_SUFFIXES = (".parquet", ".json", ".jsonl")  # one sentence per row, word and tag lists in columns
 TOKENS_COLUMN = "tokens"  # conll2003's column names, the defaults of --text-column / --label-column for NER
@@ -281,10 +282,12 @@ def align_labels(
     alignment: str = "all",
     continuation: Sequence[int] | None = None,
 ) -> list[int]:
-    """One label per sub-token from one label per word (see the module docstring); with ``continuation``
-    (``continuation_labels``), "all" gives a word's later sub-tokens the inside label of its B- label."""
+    """One label per sub-token from one label per word (see the module docstring); "inside" gives a word's later
+    sub-tokens ``continuation[label]`` (``continuation_labels``: the inside label of a B- label)."""
     if alignment not in ALIGNMENTS:
         raise ValueError(f"alignment must be one of {ALIGNMENTS}, got '{alignment}'")
+    if alignment == "inside" and continuation is None:
+        raise ValueError("alignment 'inside' needs the continuation labels (continuation_labels)")
     labels = []
     previous = None
     for word in word_ids:
@@ -293,8 +296,10 @@ def align_labels(
         elif word != previous:
             labels.append(word_labels[word])
         elif alignment == "all":
+            labels.append(word_labels[word])
+        elif alignment == "inside":
             label = word_labels[word]
-            labels.append(continuation[label] if continuation is not None and label >= 0 else label)
+            labels.append(continuation[label] if label >= 0 else label)
         else:
             labels.append(IGNORE_INDEX)
         previous = word

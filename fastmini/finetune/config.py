@@ -124,8 +124,9 @@ class FinetuneConfig:
     )
     label_subtokens: str = option(
         "all",
-        "NER: 'all' gives every sub-token its word's label (the MiniALBERT recipe), 'first' only the first "
-        "sub-token (the others get -100)",
+        "NER: 'all' gives every sub-token its word's label (the MiniALBERT recipe: a B-X word's pieces are all "
+        "B-X), 'inside' the same but I-X for a B-X word's later pieces (transformers' run_ner), 'first' only the "
+        "first sub-token (the others get -100)",
         "model",
         choices=ALIGNMENTS,
     )
