@@ -161,6 +161,20 @@ def test_each_task_kind_learns_and_leaves_a_loadable_model(name, model_dir, tmp_
     assert result["validation"]["validation"] == scores
 
 
+@pytest.mark.parametrize("kind", ["classification", "ner"])
+def test_examples_cut_to_max_length_are_reported_per_split(kind, model_dir, tmp_path, capsys):
+    data = write_task_data(tmp_path / "data", kind, ".tsv" if kind == "ner" else ".csv", train=16, dev=8)
+    extra = ["--task", "ner"] if kind == "ner" else []
+    capsys.readouterr()
+    assert main(args(model_dir, data, tmp_path / "whole", "--epochs", "1", *extra)) == 0
+    assert "at --max-length" not in capsys.readouterr().err  # the model's 64 positions hold every example
+    assert main(args(model_dir, data, tmp_path / "cut", "--epochs", "1", "--max-length", "8", *extra)) == 0
+    err = capsys.readouterr().err
+    what = "sentences lost words (scored as predicted O)" if kind == "ner" else "examples were cut"
+    assert re.search(rf"train: [1-9]\d* of 16 {re.escape(what)} at --max-length 8", err), err
+    assert re.search(rf"validation: [1-9]\d* of 8 {re.escape(what)} at --max-length 8", err), err
+
+
 def test_glue_task_on_local_files_uses_its_columns_labels_and_metrics(model_dir, tmp_path):
     pairs = classification_examples(48, 1, pair=True)
     rows = [{"sentence1": r["premise"], "sentence2": r["hypothesis"], "label": int(r["label"] == "pos")} for r in pairs]

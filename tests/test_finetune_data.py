@@ -302,8 +302,26 @@ def test_alignment_through_a_real_tokenizer():
     assert every.word_positions[0] == [1, 2, 4, 5]
     cut = encode(tokenizer, [example], "ner", 5, "all")  # [CLS] big cat ##s [SEP]: "in" and "town" are cut off
     assert cut.word_positions[0] == [1, 2, None, None] and cut.targets[0] == [IGNORE_INDEX, 1, 2, 2, IGNORE_INDEX]
+    assert (cut.cut, every.cut) == (1, 0)  # sentences that lost words, which the job reports
     batch = every.batch([0])
     assert batch["labels"].tolist() == [every.targets[0]] and batch["attention_mask"].all()
+
+
+def test_examples_cut_to_max_length_are_counted_exactly():
+    """Reaching max_length is not being cut: only longer examples count (a pair counts as one example)."""
+    tokenizer = make_tiny_tokenizer()
+
+    def example(text, pair=None):
+        return {"text": text, "text_pair": pair, "target": 0, "where": "x"}
+
+    singles = [example("good film"), example("good film and good bread")]
+    assert [len(ids) for ids in encode(tokenizer, singles, "classification", 16).input_ids] == [4, 7]
+    assert encode(tokenizer, singles, "classification", 7).cut == 0
+    assert encode(tokenizer, singles, "classification", 4).cut == 1  # "good film" fits exactly
+    assert encode(tokenizer, singles, "classification", 3).cut == 2
+    pairs = [example("good", "bad film and bread"), example("good", "bad")]  # 8 and 5 tokens
+    assert encode(tokenizer, pairs, "classification", 7).cut == 1
+    assert encode(tokenizer, pairs, "classification", 8).cut == 0
 
 
 def test_batches_pad_inputs_and_labels():

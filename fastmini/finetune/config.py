@@ -47,7 +47,9 @@ GROUPS = {
 }
 
 
-DEFAULT_MAX_LENGTH = 128
+# The original cut examples at its tokenizer's 512 (GLUE: truncation=True without max_length; NER: max_length=512).
+# fastmini computes no padding and batches by length, so the few long examples cost only their own tokens.
+DEFAULT_MAX_LENGTH = 512
 MIN_MAX_LENGTH = 8  # [CLS] and [SEP] leave a few tokens of text at least
 
 

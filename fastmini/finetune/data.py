@@ -242,6 +242,7 @@ class Encoded:
     targets: list[Any] | None  # None: unlabelled (a test file without labels)
     word_positions: list[list[int | None]] | None  # NER only
     pad_token_id: int
+    cut: int = 0  # examples longer than max_length, cut to it (NER: sentences that lost words)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -294,6 +295,12 @@ def encode(
     texts = [e["text"] for e in examples]
     pairs = [e["text_pair"] for e in examples] if examples and examples[0]["text_pair"] is not None else None
     encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+    # Only examples that reached max_length can have been cut: those are tokenised again, whole, to tell.
+    full = [i for i, ids in enumerate(encoded["input_ids"]) if len(ids) >= max_length]
+    whole = []
+    if full:
+        pair_texts = [pairs[i] for i in full] if pairs else None
+        whole = tokenizer([texts[i] for i in full], pair_texts, verbose=False)["input_ids"]  # no "too long" warning
     return Encoded(
         kind=kind,
         input_ids=encoded["input_ids"],
@@ -301,6 +308,7 @@ def encode(
         targets=[e["target"] for e in examples] if labelled else None,
         word_positions=None,
         pad_token_id=_pad_id(tokenizer),
+        cut=sum(len(ids) > max_length for ids in whole),
     )
 
 
@@ -326,6 +334,7 @@ def _encode_words(tokenizer, examples, max_length: int, alignment: str, labelled
         targets=targets if labelled else None,
         word_positions=positions,
         pad_token_id=_pad_id(tokenizer),
+        cut=sum(None in sentence for sentence in positions),
     )
 
 

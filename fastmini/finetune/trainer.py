@@ -183,6 +183,7 @@ class FineTuning:
         self.train = encoded(self.data.train)
         self.validation = {split: encoded(examples) for split, examples in self.data.validation.items()}
         self.test = {split: encoded(examples) for split, examples in self.data.test.items()}
+        self._report_cut_examples()
         if len(self.train) < config.batch_size:
             raise UsageError(
                 f"--data: only {len(self.train)} training examples, fewer than one global batch "
@@ -199,6 +200,17 @@ class FineTuning:
         if context.is_main:
             self._record_grid()
         distributed.barrier(context)
+
+    def _report_cut_examples(self) -> None:
+        """A warning per split with examples longer than the job's max length: cut, they train and score on their
+        first tokens only (a tagger's cut-off words count as predicted "O")."""
+        splits = {"train": self.train, **self.validation, **self.test}
+        for split, encoded in splits.items():
+            if encoded.cut:
+                what = "sentences lost words (scored as predicted O)" if encoded.kind == "ner" else "examples were cut"
+                log.warning(
+                    "%s: %d of %d %s at --max-length %d", split, encoded.cut, len(encoded), what, self.max_length
+                )
 
     def _record_grid(self) -> None:
         """Write runs/grid.json, which --resume checks the options against (``check_output_dir``), and
