@@ -40,6 +40,29 @@ def test_adds_fresh_adapters_to_a_model_without(tiny_config, batch):
     assert torch.isfinite(model(**batch).logits).all()
 
 
+def test_fresh_adapters_start_where_the_original_s_do(tiny_config):
+    """The original's trainAdaptersOnly builds its adapters after post_init: torch's default initialisation
+    (uniform weights and biases), not the model's normal(0, 0.02). Same seed, same values."""
+    from fastmini.baselines.original import OriginalBottleneckAdapter
+
+    config = tiny_config(use_adapter=False)
+    model = FastMiniForMaskedLM(config)
+    torch.manual_seed(7)
+    model.train_adapters_only()
+    torch.manual_seed(7)
+    original = [OriginalBottleneckAdapter(config.hidden_size, config.reduction_factor)
+                for _ in range(2 * config.num_hidden_layers)]  # fmt: skip  # att_adapters, then mlp_adapters
+    encoder = model.fastmini.encoder
+    ours = [*encoder.attention_adapters, *encoder.ffn_adapters]
+    for adapter, theirs in zip(ours, original, strict=True):
+        assert torch.equal(adapter.down.weight, theirs.block[0].weight)
+        assert torch.equal(adapter.down.bias, theirs.block[0].bias)
+        assert torch.equal(adapter.up.weight, theirs.block[2].weight)
+        assert torch.equal(adapter.up.bias, theirs.block[2].bias)
+        assert torch.equal(adapter.norm.weight, theirs.norm.weight) and torch.equal(adapter.norm.bias, theirs.norm.bias)
+    assert ours[0].up.bias.abs().max() > 0  # not the model's zero biases
+
+
 def test_training_step_changes_only_adapters_and_head(tiny_config, batch):
     model = FastMiniForSequenceClassification(tiny_config(num_labels=2))
     model.train_adapters_only()

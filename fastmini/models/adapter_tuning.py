@@ -63,10 +63,11 @@ def _ensure_adapters(model) -> None:
         return
     _check_adapters_fit(model.config)
     reference = next(encoder.shared_layer.parameters())
+    # torch's own initialisation of the new layers, not the model's _init_weights: the original's
+    # trainAdaptersOnly builds its adapters after post_init, so they keep nn.Linear's and nn.LayerNorm's defaults.
     encoder.add_adapters(model.config)
     model.config.use_adapter = True
     for adapters in (encoder.attention_adapters, encoder.ffn_adapters):
-        adapters.apply(model._init_weights)
         adapters.to(device=reference.device, dtype=reference.dtype)
 
 
