@@ -31,14 +31,16 @@ RANK0_REPORT_GRACE_S = 20.0
 def quiet_libraries() -> None:
     """Our progress bars and log lines only: transformers/datasets chatter and bars off."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import datasets
     import huggingface_hub
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    datasets.utils.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
+    with contextlib.suppress(ImportError):  # a dependency, but fastmini.predict does without it (--no-deps installs)
+        import datasets
+
+        datasets.utils.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
     huggingface_hub.utils.disable_progress_bars()
     # Its retry warnings ("... thrown while requesting HEAD ...; Retrying in 8s") bury our one-line error.
     huggingface_hub.utils.logging.set_verbosity_error()
