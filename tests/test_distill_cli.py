@@ -118,6 +118,7 @@ def test_layer_map_stride_auto_and_explicit():
         (["--mask-probability", "1.5"], r"--mask-probability must be in \[0, 1\]"),
         (["--layer-map", "a,b"], "--layer-map must be"),
         (["--dropout", "1"], "--dropout"),
+        (["--seed", str(-(2**63) - 1)], "torch.manual_seed's range"),
         (["--mask-fraction", "0.9", "--random-fraction", "0.2"], "must be <= 1"),
         (
             ["--mlm-weight", "0", "--attention-weight", "0", "--hidden-weight", "0", "--output-weight", "0"],

@@ -93,6 +93,7 @@ def test_task_recipes_rank_below_config_files_and_the_command_line(tmp_path):
         (["--task", "squad"], "unknown task"),
         (["--lr", "0"], "--lr must be positive"),
         (["--lr", "1e-3", "1e-3"], "must not repeat"),
+        (["--seed", "1", str(2**64)], r"--seed must lie in \[-2\*\*63, 2\*\*64 - 1\].*got 18446744073709551616"),
         (["--epochs", "0"], "--epochs must be > 0"),
         (["--warmup-ratio", "1"], r"--warmup-ratio must be in \[0, 1\)"),
         (["--text-pair-column", "text"], "must differ from --text-column"),

@@ -88,6 +88,18 @@ def test_a_failure_that_may_be_a_ranks_own_is_printed_by_that_rank_with_its_rank
     assert capsys.readouterr().err == ("demo: error: --batch-size 7\n" if rank == "0" else "")
 
 
+def test_a_path_the_user_may_not_read_is_bad_input_in_one_line(capsys, tmp_path):
+    """A PermissionError from reading what the user named (a data or model directory of another user) is
+    exit 2 with the path, not a traceback."""
+    locked = tmp_path / "data"
+
+    def body():
+        raise PermissionError(13, "Permission denied", str(locked))
+
+    assert run_cli("demo", body) == 2
+    assert capsys.readouterr().err == f"demo: error: {locked}: Permission denied\n"
+
+
 def test_sigterm_ends_a_command_like_ctrl_c(capsys):
     import os
     import signal

@@ -25,6 +25,7 @@ from fastmini.training.errors import UsageError
 from fastmini.training.options import (
     Options,
     check_resume_or_overwrite,
+    check_seeds,
     compile_student_option,
     device_option,
     gradient_checkpointing_option,
@@ -455,6 +456,7 @@ def validate(config: DistillConfig) -> None:
             f"--epochs counts only with --max-steps none (this run would stop after --max-steps {config.max_steps}): "
             f"pass --max-steps none --epochs {config.epochs:g}, or drop --epochs"
         )
+    check_seeds(config.seed)
     check_masking_options(config)
     if config.dropout is not None and not 0.0 <= config.dropout < 1.0:
         raise UsageError(f"--dropout must be in [0, 1), got {config.dropout}")

@@ -24,6 +24,7 @@ from fastmini.training.optimization import SCHEDULES
 from fastmini.training.options import (
     Options,
     check_resume_or_overwrite,
+    check_seeds,
     device_option,
     gradient_checkpointing_option,
     option,
@@ -342,6 +343,7 @@ def validate(config: FinetuneConfig) -> None:
     for value in config.lr:
         if not math.isfinite(value) or value <= 0:
             raise UsageError(f"--lr must be positive numbers, got {value}")
+    check_seeds(*config.seed)
     if len(set(config.lr)) != len(config.lr) or len(set(config.seed)) != len(config.seed):
         raise UsageError("--lr and --seed must not repeat a value")
     if not 0.0 <= config.warmup_ratio < 1.0:

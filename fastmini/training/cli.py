@@ -1,7 +1,8 @@
 """What the trainers' command lines share: quiet libraries, a log handler, errors without tracebacks.
 
 ``run_cli(name, body)`` runs ``body()`` and turns the ways a run ends early on purpose into one
-line on stderr and an exit code: UsageError (bad input) -> ``<name>: error: ...``, exit 2;
+line on stderr and an exit code: UsageError (bad input) -> ``<name>: error: ...``, exit 2 (as a PermissionError:
+a path this user may not read or write);
 TrainingError -> ``<name>: stopped: ...``, exit 1; Ctrl-C or SIGTERM -> exit 130; a reader of
 stdout that stops early (``| head``) -> exit 0, quietly. Anything else is a bug and keeps its
 traceback. Under torchrun every rank ends the same way, and rank 0 alone prints the line (see
@@ -124,6 +125,10 @@ def run_cli(name: str, body: Callable[[], int | None], interrupted_hint: str = "
     except UsageError as error:
         _report(f"{name}: error: {error}", error.rank_specific)
         return _leave_if_torchrun_worker(2, wait_for_rank0=not error.rank_specific)
+    except PermissionError as error:  # a path given (or under one) that this user may not read or write: bad input
+        where = f"{error.filename}: " if error.filename else ""
+        _report(f"{name}: error: {where}{error.strerror or 'permission denied'}", rank_specific=True)
+        return _leave_if_torchrun_worker(2, wait_for_rank0=False)
     except TrainingError as error:
         _report(f"{name}: stopped: {error}", error.rank_specific)
         return _leave_if_torchrun_worker(1, wait_for_rank0=not error.rank_specific)

@@ -323,6 +323,18 @@ def check_resume_or_overwrite(resuming: bool, overwrite_output_dir: bool) -> Non
         )
 
 
+# What torch.manual_seed takes (it raises "Overflow when unpacking long long" beyond).
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def check_seeds(*seeds: int) -> None:
+    """Both trainers: every --seed within SEED_RANGE."""
+    low, high = SEED_RANGE
+    for seed in seeds:
+        if not low <= seed <= high:
+            raise UsageError(f"--seed must lie in [-2**63, 2**64 - 1] (torch.manual_seed's range), got {seed}")
+
+
 # Options both trainers take with the same meaning, declared once.
 def device_option() -> Any:
     return option(
