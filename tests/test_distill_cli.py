@@ -277,6 +277,26 @@ def test_corrupt_or_mismatched_weights_name_the_directory(teacher_dir, tmp_path,
     assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3"))
 
 
+def test_a_run_never_writes_over_its_teacher_nor_silently_over_a_fine_tuning_job(teacher_dir, tmp_path, capsys):
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(teacher_dir, teacher)
+    before = {p.name: p.read_bytes() for p in teacher.iterdir() if p.is_file()}
+    capsys.readouterr()
+    for extra in ((), ("--overwrite-output-dir",)):
+        assert main(tiny_args(teacher, teacher, *extra)) == 2
+        assert "is the --teacher directory: the run would overwrite its own input" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in teacher.iterdir() if p.is_file()} == before
+    job = tmp_path / "finetuned"
+    job.mkdir()
+    (job / "config.json").write_text("{}")
+    (job / "train_config.json").write_text(json.dumps({"task": "sst2"}))
+    assert main(tiny_args(teacher_dir, job)) == 2
+    assert "holds a fastmini.finetune run's outputs; pass --overwrite-output-dir" in capsys.readouterr().err
+    assert (job / "config.json").read_text() == "{}"
+
+
 def test_a_teacher_without_a_usable_tokenizer_is_refused(teacher_dir, tmp_path, capsys):
     import shutil
 

@@ -21,6 +21,7 @@ from fastmini.finetune.__main__ import main
 from fastmini.finetune.config import FIELDS, build_parser, flag_of, resolve
 from fastmini.finetune.testing import classification_examples, make_tiny_model, write_table, write_task_data
 from fastmini.training.errors import UsageError
+from fastmini.training.output_dirs import LOCK_NAME
 from fastmini.training.testing import cli_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -476,6 +477,25 @@ def test_an_unfinished_job_is_not_overwritten_silently(model_dir, good_data, tmp
     assert main(args(model_dir, good_data, output, "--epochs", "1", "--overwrite-output-dir")) == 0
 
 
+def test_a_job_never_writes_over_its_model_nor_silently_over_another_tools(model_dir, good_data, tmp_path, capsys):
+    """--output-dir as the --model directory is refused (even with --overwrite-output-dir); a directory holding a
+    model no fine-tuning job wrote (a distilled student) only with --overwrite-output-dir. Nothing changes."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    before = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()}
+    for extra in ((), ("--overwrite-output-dir",)):
+        line = error_of(args(model, good_data, model, "--epochs", "1", *extra), capsys)
+        assert "is the --model directory: the run would overwrite its own input" in line
+    (model / "train_config.json").write_text(json.dumps({"teacher": "bert-base-uncased"}))  # as distill leaves it
+    before["train_config.json"] = (model / "train_config.json").read_bytes()
+    line = error_of(args(model_dir, good_data, model, "--epochs", "1"), capsys)
+    assert "holds a fastmini.distill run's outputs; pass --overwrite-output-dir" in line
+    assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == before
+    assert main(args(model_dir, good_data, model, "--epochs", "1", "--overwrite-output-dir")) == 0
+
+
 def test_a_new_job_leaves_none_of_the_previous_jobs_outputs(model_dir, tmp_path):
     """Adapters, test predictions and mode directories of the job before must not pass for this job's."""
     with_test = write_task_data(tmp_path / "with-test", "classification", test=8)
@@ -488,7 +508,7 @@ def test_a_new_job_leaves_none_of_the_previous_jobs_outputs(model_dir, tmp_path)
     assert "adapters" not in names and "predictions_test.jsonl" not in names
     assert {"model.safetensors", "predictions_validation.jsonl", "metrics.json"} <= names
     published = metrics_of(output)["published"]
-    assert published == {".": sorted(names - {"metrics.json", "runs", "train_config.json"})}
+    assert published == {".": sorted(names - {"metrics.json", "runs", "train_config.json", LOCK_NAME})}
     # A job of both modes (the embedded default's) before: its full/ and adapter/ go, a user's own file stays.
     metrics = metrics_of(output)
     metrics["published"] = {".": ["full", "adapter"], "full": ["model.safetensors"], "adapter": ["adapters"]}

@@ -145,6 +145,37 @@ def test_finished_or_not_is_read_from_the_files_not_their_times(setup, tmp_path,
     assert "holds an unfinished fine-tuning job" in capsys.readouterr().err
 
 
+def test_a_second_process_is_refused_while_a_job_runs_in_the_directory(setup, tmp_path, capsys):
+    """Following the "unfinished job: pass --resume" advice while the first process still runs would have two
+    processes train one run and write one log: the directory's lock refuses the second."""
+    import time
+
+    from fastmini.training.errors import UsageError
+    from fastmini.training.output_dirs import check_not_running
+
+    output = tmp_path / "job"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "fastmini.finetune", *job_args(setup, output, "--epochs", "200")], cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "FASTMINI_BACKEND": "torch"},
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while True:  # until the first job holds the directory and has recorded its options
+            assert first.poll() is None and time.monotonic() < deadline
+            try:
+                check_not_running(output)
+            except UsageError:
+                if (output / "runs" / "grid.json").is_file():
+                    break
+            time.sleep(0.2)
+        capsys.readouterr()
+        assert main(["--output-dir", str(output), "--resume", "--no-progress", "--threads", "1"]) == 2
+        assert f"another fastmini job is running in it (process {first.pid})" in capsys.readouterr().err
+    finally:
+        first.kill()
+        first.wait()
+
+
 def test_checkpoints_hold_what_resume_needs(setup, tmp_path, capsys):
     output = tmp_path / "job"
     killed = subprocess_run(job_args(setup, output), "kill-after-step:5")

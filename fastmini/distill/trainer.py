@@ -57,6 +57,12 @@ from fastmini.training.errors import Interrupted, UsageError
 from fastmini.training.memory import enable_activation_checkpointing
 from fastmini.training.normalization import backward_share, step_totals
 from fastmini.training.optimization import LinearWarmupDecay, build_adamw, checked_step
+from fastmini.training.output_dirs import (
+    check_foreign_outputs,
+    check_not_running,
+    hold_output_dir,
+    release_output_dir,
+)
 from fastmini.training.run_log import RunLog
 
 log = logging.getLogger("fastmini.distill")
@@ -68,6 +74,7 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     try:
         return DistillationRun(config, context).run()
     finally:
+        release_output_dir(config.output_dir)
         distributed.teardown()
 
 
@@ -82,6 +89,9 @@ def check_output_dir(config: DistillConfig) -> Path:
     resumed from a checkpoint elsewhere is a new run for this directory.
     """
     output = check_writable_directory(config.output_dir)
+    check_not_running(output)
+    inputs = {"--teacher": config.teacher, "--tokenizer": config.tokenizer, "--data": config.data}
+    check_foreign_outputs(output, "fastmini.distill", config.overwrite_output_dir, inputs)
     existing = checkpoints.list_checkpoints(output / CHECKPOINTS_DIR)
     if (
         existing
@@ -127,6 +137,7 @@ def replace_previous_run(config: DistillConfig) -> Path:
     Called after the teacher, tokenizer, data, student and resume checkpoint have all been checked:
     a command that fails on any of them leaves the directory as it was (or absent)."""
     output = writable_directory(config.output_dir)
+    hold_output_dir(output)  # before anything here changes: a second process is refused from now on
     existing = checkpoints.list_checkpoints(output / CHECKPOINTS_DIR)
     if existing and not _continues_own_run(config, output):
         log.info("replacing the %s run in %s", "finished" if _finished(output, existing) else "unfinished", output)

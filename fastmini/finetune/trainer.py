@@ -51,6 +51,12 @@ from fastmini.training.batching import check_global_batch, without_split
 from fastmini.training.checkpoints import METRICS_NAME, TRAIN_CONFIG_NAME
 from fastmini.training.cli import check_writable_directory, writable_directory
 from fastmini.training.errors import Interrupted, UsageError
+from fastmini.training.output_dirs import (
+    check_foreign_outputs,
+    check_not_running,
+    hold_output_dir,
+    release_output_dir,
+)
 
 log = logging.getLogger("fastmini.finetune")
 
@@ -67,6 +73,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         finally:
             job.source.close()
     finally:
+        release_output_dir(config.output_dir)
         distributed.teardown()
 
 
@@ -78,6 +85,9 @@ def check_output_dir(config: FinetuneConfig) -> Path:
     options it was started with) or --overwrite-output-dir discards it; a finished job's runs are simply
     replaced, but only by ``replace_previous_job`` once every input of the new job has been checked."""
     output = check_writable_directory(config.output_dir)
+    check_not_running(output)
+    inputs = {"--model": config.model, "--tokenizer": config.tokenizer}
+    check_foreign_outputs(output, "fastmini.finetune", config.overwrite_output_dir, inputs)
     grid = output / RUNS_DIR / GRID_NAME
     if config.resume:
         if grid.is_file():
@@ -147,6 +157,7 @@ def replace_previous_job(config: FinetuneConfig) -> Path:
     Called once the data, the model and the tokenizer have all been checked: a command that fails on any of
     them leaves the directory as it was (or absent)."""
     output = writable_directory(config.output_dir)
+    hold_output_dir(output)  # before anything here changes: a second process is refused from now on
     runs = output / RUNS_DIR
     if runs.exists() and not config.resume:
         log.info("replacing the %s job in %s", "finished" if _finished(output) else "unfinished", output)

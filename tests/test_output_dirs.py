@@ -1,0 +1,104 @@
+"""fastmini.training.output_dirs: a trainer replaces only its own earlier run, one job in a directory at a time."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fastmini.training.errors import UsageError
+from fastmini.training.output_dirs import (
+    LOCK_NAME,
+    check_foreign_outputs,
+    check_not_running,
+    hold_output_dir,
+    release_output_dir,
+    written_by,
+)
+
+
+def saved(directory, train_config=None, **files):
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text("{}")
+    if train_config is not None:
+        (directory / "train_config.json").write_text(json.dumps(train_config))
+    for name, text in files.items():
+        (directory / name).write_text(text)
+    return directory
+
+
+def test_the_writer_of_a_directory_is_told_by_its_train_config(tmp_path):
+    assert written_by(tmp_path / "absent") is None
+    assert written_by(tmp_path) is None  # empty
+    (tmp_path / "log.jsonl").write_text("")  # an unfinished distillation's leftovers hold no model
+    assert written_by(tmp_path) is None
+    assert written_by(saved(tmp_path / "d", {"teacher": "t", "seed": 1})) == "fastmini.distill"
+    assert written_by(saved(tmp_path / "f", {"task": "sst2", "seed": [1]})) == "fastmini.finetune"
+    assert written_by(saved(tmp_path / "hand")) == ""  # model.save_pretrained by hand
+    (tmp_path / "job" / "runs").mkdir(parents=True)  # a fine-tuning job stopped before it published
+    assert written_by(tmp_path / "job") == "fastmini.finetune"
+
+
+def test_another_writers_outputs_are_kept_unless_overwriting_and_inputs_always(tmp_path):
+    distilled = saved(tmp_path / "distilled", {"teacher": "t"})
+    check_foreign_outputs(distilled, "fastmini.distill", False, {})  # its own run: replaced as before
+    with pytest.raises(UsageError, match=r"holds a fastmini.distill run's outputs; pass --overwrite-output-dir"):
+        check_foreign_outputs(distilled, "fastmini.finetune", False, {})
+    check_foreign_outputs(distilled, "fastmini.finetune", True, {})
+    by_hand = saved(tmp_path / "by_hand")
+    with pytest.raises(UsageError, match="a model or files that no fastmini trainer wrote"):
+        check_foreign_outputs(by_hand, "fastmini.distill", False, {"--teacher": "bert-base-uncased"})
+    (tmp_path / "x").mkdir()
+    same = {"--model": str(tmp_path / "x" / ".." / "distilled")}  # another spelling of the output directory
+    for overwrite in (False, True):  # even --overwrite-output-dir never writes over the run's input
+        with pytest.raises(UsageError, match=r"is the --model directory: the run would overwrite its own input"):
+            check_foreign_outputs(distilled, "fastmini.finetune", overwrite, same)
+
+
+def test_one_process_holds_a_directory_and_a_second_is_refused(tmp_path):
+    hold_output_dir(tmp_path)
+    hold_output_dir(tmp_path)  # the same process again: a no-op
+    assert (tmp_path / LOCK_NAME).read_text().strip().isdigit()
+    probe = (
+        "import sys\nfrom pathlib import Path\nfrom fastmini.training.output_dirs import check_not_running, "
+        "hold_output_dir\nfrom fastmini.training.errors import UsageError\n"
+        "for check in (check_not_running, hold_output_dir):\n"
+        "    try:\n        check(Path(sys.argv[1]))\n        print('free')\n"
+        "    except UsageError as error:\n        print(error)\n"
+    )
+
+    def other_process() -> list[str]:
+        run = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True, timeout=120)
+        return run.stdout.splitlines()
+
+    refused = other_process()
+    assert len(refused) == 2 and all("another fastmini job is running in it (process " in line for line in refused)
+    release_output_dir(tmp_path)
+    assert other_process() == ["free", "free"]  # and the lock dies with that process
+    check_not_running(tmp_path)
+
+
+def test_a_lock_dies_with_its_process(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from fastmini.training.output_dirs import "
+         "hold_output_dir; hold_output_dir(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)",
+         str(tmp_path)], stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UsageError, match=f"process {holder.pid}"):
+            check_not_running(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            check_not_running(tmp_path)
+            break
+        except UsageError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
