@@ -176,6 +176,17 @@ def test_a_second_process_is_refused_while_a_job_runs_in_the_directory(setup, tm
         first.wait()
 
 
+def test_a_damaged_grid_file_is_one_clear_error_on_resume(setup, tmp_path, capsys):
+    output = tmp_path / "job"
+    (output / "runs").mkdir(parents=True)
+    for damaged in ("{", "[1, 2]"):
+        (output / "runs" / "grid.json").write_text(damaged)
+        capsys.readouterr()
+        assert main([*job_args(setup, output), "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert "grid.json" in err and "--overwrite-output-dir" in err and "Traceback" not in err
+
+
 def test_checkpoints_hold_what_resume_needs(setup, tmp_path, capsys):
     output = tmp_path / "job"
     killed = subprocess_run(job_args(setup, output), "kill-after-step:5")

@@ -119,7 +119,15 @@ def _finished(output: Path) -> bool:
 
 def _check_resumed_options(grid: Path, config: FinetuneConfig) -> None:
     """--resume continues a job only with the options it was started with (run-only ones aside)."""
-    saved = json.loads(grid.read_text())
+    try:
+        saved = json.loads(grid.read_text())
+    except ValueError as error:  # a damaged file: the job's options are unknown
+        raise UsageError(
+            f"--resume: {grid} cannot be read ({error}); the job's options are unknown: start afresh with "
+            "--overwrite-output-dir"
+        ) from error
+    if not isinstance(saved, dict):
+        raise UsageError(f"--resume: {grid} holds no options (a JSON object); start afresh with --overwrite-output-dir")
     current = config.to_dict()
     changed = changed_options(without_split(saved), without_split(current))
     if changed:
