@@ -355,6 +355,25 @@ def test_label_maps_are_sorted_and_stable():
     assert build_label_names(task_spec("regression"), [1.0]) is None
 
 
+def test_json_labels_that_are_no_names_or_numbers_name_the_row(tmp_path):
+    """true, ["pos"] or {"a": 1} in a single-label JSON column would become classes named "True", "['pos']"."""
+    data = tmp_path / "data"
+    data.mkdir()
+    good = [{"text": "a", "label": "pos"}, {"text": "b", "label": "neg"}]
+    for bad, kind in ((True, "bool"), (["pos"], "list"), ({"a": 1}, "dict")):
+        (data / "train.jsonl").write_text("\n".join(json.dumps(r) for r in [*good, {"text": "c", "label": bad}]))
+        (data / "dev.jsonl").write_text("\n".join(json.dumps(r) for r in good))
+        config = FinetuneConfig(task="classification", data=str(data))
+        with pytest.raises(DataError, match=rf"train.jsonl, line 3: label .* is a {kind}; a class label is a name"):
+            load_task_data(config, task_spec("classification"))
+    rows = [{"text": "a", "labels": ["x", 1]}, {"text": "b", "labels": "y"}, {"text": "c", "labels": [["x"]]}]
+    (data / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (data / "dev.jsonl").write_text(json.dumps(rows[0]))
+    config = FinetuneConfig(task="multilabel", data=str(data), label_column="labels")
+    with pytest.raises(DataError, match=r"train.jsonl, line 3: label \[\['x'\]\] is not a list of names"):
+        load_task_data(config, task_spec("multilabel"))
+
+
 def test_labels_missing_from_the_map_name_the_row():
     labels = LabelMap(task_spec("classification"), ["neg", "pos"])
     assert labels.encode("pos", "x") == 1 and labels.encode(" neg ", "x") == 0

@@ -50,7 +50,7 @@ from fastmini.data.ner import (
 )
 from fastmini.files import looks_like_local_path
 from fastmini.finetune.config import FinetuneConfig
-from fastmini.finetune.tasks import LabelMap, TaskSpec, build_label_names
+from fastmini.finetune.tasks import LabelMap, TaskSpec, build_label_names, check_label_value
 
 log = logging.getLogger("fastmini.finetune")
 
@@ -79,6 +79,10 @@ def load_task_data(config: FinetuneConfig, spec: TaskSpec) -> TaskData:
     if config.max_eval_examples:
         validation = {k: v[: config.max_eval_examples] for k, v in validation.items()}
         test = {k: v[: config.max_eval_examples] for k, v in test.items()}
+    for examples in (train, *validation.values(), *test.values()):
+        for example in examples:
+            if example.get("label") is not None:
+                check_label_value(spec, example["label"], example["where"])
     train_labels = [e["tags"] if spec.kind == "ner" else e["label"] for e in train]
     names = build_label_names(spec, train_labels, config.label_separator) if label_names is None else label_names
     if spec.kind in ("classification", "multilabel", "ner") and names is not None and len(names) < 2:

@@ -147,6 +147,23 @@ def _name(value: Any) -> str:
     return str(value)
 
 
+def _is_class_value(value: Any) -> bool:
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+
+
+def check_label_value(spec: TaskSpec, value: Any, where: str) -> None:
+    """A class label is a name or a number (a multi-label one: a list of them, or names in a string): a JSON
+    true, list or object would otherwise become a class named "True" or "['pos']"."""
+    if spec.kind == "classification" and not _is_class_value(value):
+        raise DataError(f"{where}: label {value!r} is a {type(value).__name__}; a class label is a name or a number")
+    if spec.kind == "multilabel" and not (
+        _is_class_value(value) or (isinstance(value, list) and all(_is_class_value(item) for item in value))
+    ):
+        raise DataError(
+            f"{where}: label {value!r} is not a list of names or numbers, nor names joined in a string (multi-label)"
+        )
+
+
 def split_multilabel(value: Any, separator: str) -> list[str]:
     """Label names of a multi-label value: a JSON list, or a string cut at ``separator``."""
     if isinstance(value, list):
