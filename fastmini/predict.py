@@ -129,7 +129,10 @@ class Predictor:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError, TypeError) as error:
-            raise UsageError(f"--model {directory}: no usable tokenizer in the directory ({error})") from error
+            first_line = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+            raise UsageError(
+                f"--model {directory}: no usable tokenizer in the directory (tokenizer files missing? {first_line})"
+            ) from error
         config = self.model.config
         self.default_max_length = _usable_max_length(recorded_max_length, config.max_position_embeddings)
         self.truncated_sentences = 0  # a tagger's inputs longer than the tokens it reads (their last words: "O")

@@ -237,6 +237,25 @@ def test_resume_refuses_changed_options(teacher_dir, tmp_path, capsys):
     assert "--lr 0.002 -> 0.001" in err and "Traceback" not in err
 
 
+def test_a_damaged_checkpoint_config_is_named_on_resume(teacher_dir, tmp_path, capsys):
+    """Read as no options at all, it made the resumed run "change" every option from the defaults."""
+    output = tmp_path / "run"
+    assert main(run_args(teacher_dir, output, "--max-steps", "2")) == 0
+    saved = output / "checkpoints" / "step-00000002" / "train_config.json"
+    options = json.loads(saved.read_text())
+    resume = ["--output-dir", str(output), "--resume", "latest", "--no-progress", "--threads", "1"]
+    for damaged, problem in (("{", "cannot be read as the run's options"), ("[]", "a JSON list, not an object")):
+        saved.write_text(damaged)
+        capsys.readouterr()
+        assert main(resume) == 2
+        err = capsys.readouterr().err
+        assert f"--resume: {saved} {problem}" in err or (str(saved) in err and problem in err), err
+        assert "->" not in err and "Traceback" not in err
+    saved.write_text(json.dumps({**options, "max_steps": "many"}))
+    assert main(resume) == 2
+    assert f"--resume {saved}" in capsys.readouterr().err  # a bad value names the file it came from
+
+
 def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(teacher_dir, tmp_path):
     output = tmp_path / "run"
     result = subprocess.run(

@@ -205,6 +205,15 @@ def test_bad_input(classifier, tmp_path, capsys):
     texts.write_text("good film\n")
     line = error_of(["--model", str(classifier / "runs"), "--input", str(texts)], capsys)
     assert "no config.json" in line
+    line = error_of(["--model", str(tmp_path / "nowhere"), "--input", str(texts)], capsys)
+    assert "nowhere: no such directory" in line
+    assert "a file, not a directory" in error_of(["--model", str(texts), "--input", str(texts)], capsys)
+    tokenizerless = tmp_path / "tokenizerless"
+    shutil.copytree(classifier, tokenizerless)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (tokenizerless / name).unlink(missing_ok=True)
+    line = error_of(["--model", str(tokenizerless), "--input", str(texts)], capsys)
+    assert "no usable tokenizer in the directory (tokenizer files missing?" in line and "\n" not in line.strip()
     masked_lm = make_tiny_model(tmp_path / "mlm")
     line = error_of(["--model", str(masked_lm), "--input", str(texts)], capsys)
     assert "FastMiniForMaskedLM, not a fine-tuned classifier" in line

@@ -42,6 +42,10 @@ def read_model_config(directory: Path, shown: str) -> dict[str, Any]:
     """The config.json of a model directory as a dict, or one UsageError naming it (``shown``: how the user gave
     the directory). Checked before the tokenizer, which reads config.json too and would take the blame."""
     path = Path(directory) / CONFIG_NAME
+    if not Path(directory).exists():
+        raise UsageError(f"--model {shown}: no such directory (expected a saved model's directory)")
+    if not Path(directory).is_dir():
+        raise UsageError(f"--model {shown}: a file, not a directory (expected a saved model's directory)")
     if not path.is_file():
         raise UsageError(f"--model {shown}: no config.json in this directory (expected a saved model)")
     try:

@@ -115,6 +115,7 @@ class Options:
         self.groups = dict(groups)
         self.recipes = dict(recipes or {})
         self.fields = {spec.name: spec for spec in dataclasses.fields(config_class)}
+        self.saved_options_path: Path | None = None  # the file saved_options last read in this resolve()
 
     def flag_of(self, name: str) -> str:
         return self.fields[name].metadata.get("flag") or "--" + name.replace("_", "-")
@@ -259,13 +260,21 @@ class Options:
         """The options a run saved (its train_config.json or grid.json), as the defaults of the command that
         resumes it: that command repeats only --resume and the output directory, and what it may change (the
         trainer still refuses any other change). Empty when there is no such file: the trainer names what is
-        missing when it looks for the checkpoint."""
+        missing when it looks for the checkpoint. A file that is there but damaged is a UsageError naming it: with
+        the defaults instead, the resumed run would be refused for "changed" options nobody gave."""
         try:
-            saved = json.loads(Path(path).read_text())
-        except (OSError, ValueError):
+            text = Path(path).read_text()
+        except FileNotFoundError:
             return {}
+        except OSError as error:
+            raise _unreadable_saved_options(path, error.strerror or str(error)) from error
+        try:
+            saved = json.loads(text)
+        except ValueError as error:
+            raise _unreadable_saved_options(path, str(error)) from error
         if not isinstance(saved, dict):
-            return {}
+            raise _unreadable_saved_options(path, f"a JSON {type(saved).__name__}, not an object of options")
+        self.saved_options_path = path
         return {name: value for name, value in saved.items() if name in self.fields and name not in NOT_RESUMED}
 
     # ---------------------------------------------------------------------------- resolve
@@ -280,6 +289,7 @@ class Options:
         ``presets(values)`` gets the values set by the file and the command line and returns
         defaults that depend on them (a task's recipe); they rank below both.
         """
+        self.saved_options_path = None
         namespace = vars(self.build_parser().parse_args(argv))
         config_source = namespace.pop("config", None)
         print_config = namespace.pop("print_config", False)
@@ -295,11 +305,18 @@ class Options:
         values: dict[str, Any] = {}
         if presets is not None:
             for name, value in presets(given).items():
-                values[name] = self.coerce(name, value, "preset")
+                values[name] = self.coerce(name, value, f"--resume {self.saved_options_path or 'presets'}")
         values.update(given)
         config = self.config_class(**values)
         validate(config)
         return config, print_config
+
+
+def _unreadable_saved_options(path: Path, problem: str) -> UsageError:
+    return UsageError(
+        f"--resume: {path} cannot be read as the run's options ({problem}); resume from another checkpoint, or "
+        "start afresh with --overwrite-output-dir"
+    )
 
 
 # What a resumed command does not take from the saved options: where it runs and how it treats that directory.
