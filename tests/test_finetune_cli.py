@@ -466,6 +466,17 @@ def test_other_bad_data(model_dir, good_data, tmp_path, capsys):
     assert "exceeds the model's 64 positions" in line
 
 
+def test_a_model_name_that_is_neither_local_nor_on_the_hub_says_both(good_data, tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network at test time: the hub lookup fails at once
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read at import: the variable alone is too late
+    line = error_of(["--model", "no-such-model-xyz", "--data", str(good_data), "--output-dir", str(tmp_path / "o")],
+                    capsys)  # fmt: skip
+    assert "no-such-model-xyz: no local directory of that name, and as a hub name it cannot be loaded" in line
+    assert not (tmp_path / "o").exists()
+
+
 def test_an_unfinished_job_is_not_overwritten_silently(model_dir, good_data, tmp_path, capsys):
     output = tmp_path / "out"
     assert main(args(model_dir, good_data, output, "--epochs", "1")) == 0

@@ -157,7 +157,8 @@ class ModelSource:
             tokenizer = AutoTokenizer.from_pretrained(str(local) if local.is_dir() else name)
         except (OSError, ValueError, TypeError) as error:
             first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise UsageError(f"tokenizer of {shown}: cannot be loaded ({first_line})") from error
+            where = "" if local.is_dir() else "no local directory of that name, and as a hub name it "
+            raise UsageError(f"tokenizer of {shown}: {where}cannot be loaded ({first_line})") from error
         if tokenizer.pad_token_id is None:
             raise UsageError(f"tokenizer of {shown} has no padding token")
         return tokenizer
