@@ -237,6 +237,18 @@ def test_resume_refuses_changed_options(teacher_dir, tmp_path, capsys):
     assert "--lr 0.002 -> 0.001" in err and "Traceback" not in err
 
 
+def test_resume_of_a_path_that_is_no_checkpoint_says_so_first(teacher_dir, tmp_path, capsys):
+    """In a directory holding an unfinished run, "--resume WRONG" was told to pass --resume."""
+    output = tmp_path / "run"
+    assert main(run_args(teacher_dir, output, "--max-steps", "2")) == 0
+    (output / "metrics.json").unlink()  # as if stopped before its end: unfinished
+    capsys.readouterr()
+    for wrong in (tmp_path / "nowhere", teacher_dir / "corpus.txt"):
+        assert main([*run_args(teacher_dir, output, "--max-steps", "2"), "--resume", str(wrong)]) == 2
+        err = capsys.readouterr().err
+        assert f"--resume {wrong}: not a checkpoint directory" in err and "pass --resume" not in err
+
+
 def test_a_damaged_checkpoint_config_is_named_on_resume(teacher_dir, tmp_path, capsys):
     """Read as no options at all, it made the resumed run "change" every option from the defaults."""
     output = tmp_path / "run"

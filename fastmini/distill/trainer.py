@@ -90,6 +90,9 @@ def check_output_dir(config: DistillConfig) -> Path:
     """
     output = check_writable_directory(config.output_dir)
     check_not_running(output)
+    if config.resume not in (None, "latest") and not (Path(config.resume).expanduser() / STATE_NAME).is_file():
+        # before the directory's own state is judged: its "pass --resume" advice would answer the wrong question
+        raise UsageError(f"--resume {config.resume}: not a checkpoint directory (no {STATE_NAME} in it)")
     inputs = {"--teacher": config.teacher, "--tokenizer": config.tokenizer, "--data": config.data}
     check_foreign_outputs(output, "fastmini.distill", config.overwrite_output_dir, inputs)
     existing = checkpoints.list_checkpoints(output / CHECKPOINTS_DIR)

@@ -264,7 +264,7 @@ class Options:
         the defaults instead, the resumed run would be refused for "changed" options nobody gave."""
         try:
             text = Path(path).read_text()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no such file: the trainer names what is missing
             return {}
         except OSError as error:
             raise _unreadable_saved_options(path, error.strerror or str(error)) from error
