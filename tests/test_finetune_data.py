@@ -161,6 +161,10 @@ def test_split_files_of_a_data_directory(tmp_path):
     assert {split: path.name for split, path in found.items()} == {
         "train": "train.csv", "validation": "dev.csv", "test": "test.csv"
     }  # fmt: skip
+    (tmp_path / "validation.csv").write_text("text,label\na,b\n")  # beside dev.csv: which one is meant?
+    with pytest.raises(DataError, match=r"several validation files \(dev.csv, validation.csv\)"):
+        split_files(tmp_path)
+    (tmp_path / "validation.csv").unlink()
     (tmp_path / "train.jsonl").write_text("{}\n")
     with pytest.raises(DataError, match="several train files"):
         split_files(tmp_path)

@@ -43,22 +43,21 @@ class Columns:
 def split_files(directory: Path, suffixes: tuple[str, ...] = LABELLED_SUFFIXES) -> dict[str, Path]:
     """{"train": ..., "validation": ..., "test": ...} for the split files present in ``directory``.
 
-    A split with two candidate files (train.csv and train.jsonl) is ambiguous and an error."""
+    A split with two candidate files (train.csv and train.jsonl, or validation.csv and dev.csv) is ambiguous
+    and an error."""
     directory = Path(directory)
     found: dict[str, Path] = {}
     for split, stems in SPLIT_STEMS.items():
-        for stem in stems:
-            candidates = sorted(
-                p
-                for p in directory.iterdir()
-                if p.is_file() and p.stem == stem and (p.suffix.lower() in suffixes or not p.suffix)
-            )
-            if len(candidates) > 1:
-                names = ", ".join(p.name for p in candidates)
-                raise DataError(f"{directory}: several {split} files ({names}); keep one")
-            if candidates:
-                found[split] = candidates[0]
-                break
+        candidates = sorted(
+            p
+            for p in directory.iterdir()
+            if p.is_file() and p.stem in stems and (p.suffix.lower() in suffixes or not p.suffix)
+        )
+        if len(candidates) > 1:
+            names = ", ".join(p.name for p in candidates)
+            raise DataError(f"{directory}: several {split} files ({names}); keep one")
+        if candidates:
+            found[split] = candidates[0]
     return found
 
 
