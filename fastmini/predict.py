@@ -13,9 +13,9 @@ The model is a directory written by ``python -m fastmini.finetune`` (or any fast
 Output: one JSON object per input, in input order (``--output FILE`` or stdout), its ``index``
 the input's position: of its line in a text file (so that ``paste`` lines them up), of its
 record in a JSON / CSV file (header not counted), of its sentence in a two-column file. An
-empty line or row still gets its record: ``"prediction": null`` (a tagger: no tokens, no tags). A tagger's
-sentence longer than ``--max-length`` tokens has its last words tagged O unread: its record says
-``"truncated": true``, and one warning counts them.
+empty line or row still gets its record: ``"prediction": null`` (a tagger: no tokens, no tags). An input
+longer than ``--max-length`` tokens is predicted from its start (a tagger's last words are tagged O unread): its
+record says ``"truncated": true``, and one warning counts them.
 ``--output`` is written to a temporary file beside it and renamed at the end: a run that fails
 leaves an existing file as it was. Examples are
 batched by length and run through the model's unpadded fast path in inference mode, bf16 on a
@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Label a text file or a JSONL/CSV batch with a fine-tuned fastmini model, batch-wise.",
         epilog="Writes one JSON object per input line (per record of a JSON/CSV file; a tagger: per sentence of a "
         "two-column file), with its index: the prediction (label and probability, a number, or labels; null for "
-        'an empty line), or a tagger\'s tokens, tags and entities (empty for an empty line; "truncated": true '
-        "where words past --max-length were tagged O unread).",
+        'an empty line), or a tagger\'s tokens, tags and entities (empty for an empty line); "truncated": true '
+        "where an input was longer than --max-length (a tagger's words past it are tagged O unread).",
     )
     parser.add_argument("--model", required=True, metavar="DIR", help="a fine-tuned model directory (with tokenizer)")
     parser.add_argument("--input", required=True, metavar="FILE", help="a .txt/.jsonl/.json/.csv/.tsv file, or -")
@@ -135,7 +135,7 @@ class Predictor:
             ) from error
         config = self.model.config
         self.default_max_length = _usable_max_length(recorded_max_length, config.max_position_embeddings)
-        self.truncated_sentences = 0  # a tagger's inputs longer than the tokens it reads (their last words: "O")
+        self.truncated_sentences = 0  # inputs longer than the tokens it reads (a tagger's last words: "O")
         if model_class is FastMiniForTokenClassification:
             kind = "ner"
         elif config.problem_type == "regression" or config.num_labels == 1:
@@ -181,16 +181,12 @@ class Predictor:
         logits = inference.predict_logits(self.model, encoded, batch_size, self.device, self.autocast_dtype)
         predictions = inference.decode(self.spec.kind, logits, encoded, self.labels.index.get("O", 0))
         records = []
+        self.truncated_sentences += encoded.cut
         for index, (example, prediction, row) in enumerate(zip(examples, predictions, logits, strict=True)):
             record = inference.readable(self.spec, self.labels, prediction, row)
+            truncated = {"truncated": True} if index in encoded.cut_rows else {}  # see Encoded.cut_rows
             if self.spec.kind == "ner":
                 tokens, tags = example["tokens"], record["prediction"]
-                positions = encoded.word_positions[index]
-                # Cut by --max-length: the encoding is full and the last word went unread. A word the tokenizer
-                # turns into nothing (a soft hyphen, a zero-width space) has no position either, anywhere.
-                cut = len(encoded.input_ids[index]) >= max_length and bool(positions) and positions[-1] is None
-                truncated = {"truncated": True} if cut else {}
-                self.truncated_sentences += bool(truncated)
                 record = {
                     "tokens": tokens,
                     "tags": tags,
@@ -207,6 +203,7 @@ class Predictor:
                     "text": example["text"],
                     **({"text_pair": example["text_pair"]} if example["text_pair"] is not None else {}),
                     **record,
+                    **truncated,
                 }
             records.append(record)
         return records
@@ -380,11 +377,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             write(sys.stdout)  # a reader that stops early (`| head`) is run_cli's to handle
         if predictor.truncated_sentences:
+            tagger = predictor.spec.kind == "ner"
             log.warning(
-                "%d sentence(s) had more words than %d tokens hold: the words past them are tagged O without being "
-                'read (their records say "truncated": true; --max-length up to the model\'s %d positions reads more)',
+                '%d %s than %d tokens hold: %s (their records say "truncated": true; --max-length up to the '
+                "model's %d positions reads more)",
                 predictor.truncated_sentences,
+                "sentence(s) had more words" if tagger else "input(s) were longer",
                 args.max_length or predictor.default_max_length,
+                "the words past them are tagged O without being read" if tagger else "predicted from their start",
                 predictor.model.config.max_position_embeddings,
             )
         return 0

@@ -196,6 +196,18 @@ def test_a_tagger_says_which_sentences_it_cut(tagger, tmp_path, capsys):
     assert "1 sentence(s) had more words than 16 tokens hold" in capsys.readouterr().err
 
 
+def test_a_classifier_says_which_inputs_it_cut(classifier, tmp_path, capsys):
+    texts = tmp_path / "t.txt"
+    texts.write_text(" ".join(["good"] * 40) + "\na good film\n")
+    output = tmp_path / "out.jsonl"
+    capsys.readouterr()
+    assert main(["--model", str(classifier), "--input", str(texts), "--output", str(output), "--max-length", "16"]) == 0
+    long, short = read_jsonl(output)
+    assert long["truncated"] is True and "truncated" not in short and long["prediction"] is not None
+    err = capsys.readouterr().err
+    assert "1 input(s) were longer than 16 tokens hold: predicted from their start" in err
+
+
 def error_of(argv: list[str], capsys) -> str:
     return cli_error(main, argv, capsys)
 

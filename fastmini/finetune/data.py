@@ -246,7 +246,11 @@ class Encoded:
     targets: list[Any] | None  # None: unlabelled (a test file without labels)
     word_positions: list[list[int | None]] | None  # NER only
     pad_token_id: int
-    cut: int = 0  # examples longer than max_length, cut to it (NER: sentences that lost words)
+    cut_rows: frozenset[int] = frozenset()  # examples longer than max_length, cut to it (NER: that lost words)
+
+    @property
+    def cut(self) -> int:
+        return len(self.cut_rows)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -312,7 +316,7 @@ def encode(
         targets=[e["target"] for e in examples] if labelled else None,
         word_positions=None,
         pad_token_id=_pad_id(tokenizer),
-        cut=sum(len(ids) > max_length for ids in whole),
+        cut_rows=frozenset(row for row, ids in zip(full, whole, strict=True) if len(ids) > max_length),
     )
 
 
@@ -338,7 +342,13 @@ def _encode_words(tokenizer, examples, max_length: int, alignment: str, labelled
         targets=targets if labelled else None,
         word_positions=positions,
         pad_token_id=_pad_id(tokenizer),
-        cut=sum(None in sentence for sentence in positions),
+        cut_rows=frozenset(
+            # the encoding is full and the last word went unread (a word the tokenizer turns into nothing, a soft
+            # hyphen, has no position either, anywhere)
+            row
+            for row, (ids, sentence) in enumerate(zip(encoded["input_ids"], positions, strict=True))
+            if len(ids) >= max_length and sentence and sentence[-1] is None
+        ),
     )
 
 
