@@ -243,8 +243,12 @@ def test_empty_or_unreadable_data(teacher_dir, tmp_path, capsys):
     invisible = tmp_path / "invisible.txt"  # survives strip(), tokenises to nothing
     invisible.write_text("\u200b\n" * 40 + "\x00\x01\n" * 10, encoding="utf-8")
     line = error_of([*tiny_args(teacher_dir, tmp_path / "out3"), "--data", str(invisible)], capsys)
-    assert "no training windows: every training document is characters the tokenizer drops" in line
+    assert "no training windows: every training document tokenises to special tokens only" in line
     assert not (tmp_path / "out3").exists()
+    unknown = tmp_path / "unknown.txt"  # words outside the tiny vocabulary: [UNK] only
+    unknown.write_text("zzzzzzz qqqqq\n" * 40, encoding="utf-8")
+    line = error_of([*tiny_args(teacher_dir, tmp_path / "out4"), "--data", str(unknown)], capsys)
+    assert "special tokens only" in line and "[UNK]" in line
 
 
 @pytest.mark.parametrize("device", ["tpu", "cuda:x"] + ([] if torch.cuda.is_available() else ["cuda"]))

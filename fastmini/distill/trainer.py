@@ -297,8 +297,9 @@ class DistillationRun:
         )
         if len(train_windows) == 0:
             raise UsageError(
-                f"--data {config.data}: no training windows: every training document is characters the tokenizer "
-                "drops (zero-width or control characters)"
+                f"--data {config.data}: no training windows: every training document tokenises to special tokens "
+                "only (characters the tokenizer drops, zero-width or control ones; or words it only knows as [UNK]), "
+                "which nothing is learnt from"
             )
         if self.batches.steps_per_epoch == 0:
             raise UsageError(
