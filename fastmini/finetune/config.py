@@ -19,6 +19,7 @@ from typing import Any
 from fastmini.data.ner import ALIGNMENTS
 from fastmini.distill.config import OPTIONS as DISTILL_OPTIONS
 from fastmini.finetune.tasks import GENERIC_TASKS, GLUE_TASKS, TASKS
+from fastmini.training.checkpoints import RUNS_DIR
 from fastmini.training.errors import UsageError
 from fastmini.training.optimization import SCHEDULES
 from fastmini.training.options import (
@@ -241,7 +242,6 @@ def check_max_length(max_length: int | None, positions: int | None = None) -> No
         raise UsageError(f"--max-length {max_length} exceeds the model's {positions} positions")
 
 
-RUNS_DIR = "runs"  # <output>/runs/: every run of the grid, and the job's options
 GRID_NAME = "grid.json"  # <output>/runs/grid.json: the options the job started with, which --resume checks
 JOB_ID_NAME = "job_id"  # <output>/runs/job_id: a token of the job, which its metrics.json repeats once it finished
 

@@ -28,6 +28,7 @@ CHECKPOINTS_DIR = "checkpoints"  # <output>/checkpoints/step-N/
 STATE_NAME = "trainer_state.pt"  # in a checkpoint, beside the model: optimizer, scheduler, RNG, progress
 TRAIN_CONFIG_NAME = "train_config.json"  # every option of the run
 METRICS_NAME = "metrics.json"
+RUNS_DIR = "runs"  # a fine-tuning job's <output>/runs/: every run of its grid, and the job's options
 # A distillation run that starts training moves the directory's metrics.json here; removed when it ends.
 PREVIOUS_METRICS_NAME = "metrics.previous.json"
 

@@ -13,14 +13,15 @@ import os
 from pathlib import Path
 from typing import IO
 
-from fastmini.training.checkpoints import METRICS_NAME, TRAIN_CONFIG_NAME
+from fastmini.models.checkpoint import CONFIG_NAME
+from fastmini.training.checkpoints import METRICS_NAME, RUNS_DIR, TRAIN_CONFIG_NAME
 from fastmini.training.errors import UsageError
 
 LOCK_NAME = ".fastmini.lock"
 # What each trainer's train_config.json has that the other's has not: how a directory's writer is told.
 TRAINER_KEYS = {"fastmini.distill": "teacher", "fastmini.finetune": "task"}
 # Entries that mean a directory holds outputs that could be lost (a saved model, a job's records).
-_OUTPUT_ENTRIES = ("config.json", TRAIN_CONFIG_NAME, METRICS_NAME, "runs")
+_OUTPUT_ENTRIES = (CONFIG_NAME, TRAIN_CONFIG_NAME, METRICS_NAME, RUNS_DIR)
 
 _held: dict[Path, IO[str]] = {}  # resolved directory -> its open, locked lock file
 
@@ -37,7 +38,7 @@ def written_by(output: Path) -> str | None:
     for trainer, key in TRAINER_KEYS.items():
         if isinstance(saved, dict) and key in saved:
             return trainer
-    return "fastmini.finetune" if (output / "runs").is_dir() else ""  # a job stopped before it published
+    return "fastmini.finetune" if (output / RUNS_DIR).is_dir() else ""  # a job stopped before it published
 
 
 def check_foreign_outputs(
