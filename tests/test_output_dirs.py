@@ -102,3 +102,19 @@ def test_a_lock_dies_with_its_process(tmp_path):
         except UsageError:
             assert time.monotonic() < deadline
             time.sleep(0.1)
+
+
+def test_a_filesystem_without_locks_runs_the_job_with_a_warning(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(RuntimeWarning, match="cannot lock it \\(No locks available\\)"):
+        hold_output_dir(tmp_path)
+    release_output_dir(tmp_path)  # nothing held: a no-op
+    (tmp_path / LOCK_NAME).write_text("123\n")
+    with pytest.warns(RuntimeWarning, match="cannot lock it"):
+        check_not_running(tmp_path)

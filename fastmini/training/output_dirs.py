@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import IO
 
@@ -59,7 +60,9 @@ def check_foreign_outputs(
     )
 
 
-def _refuse_running(output: Path, handle: IO[str]) -> None:
+def _refuse_running(output: Path, handle: IO[str]) -> bool:
+    """Take ``handle``'s lock, or a UsageError naming the process that holds it; False where the filesystem
+    has no locks (some network filesystems): the job then runs unguarded, with a warning."""
     import fcntl
 
     try:
@@ -73,6 +76,15 @@ def _refuse_running(output: Path, handle: IO[str]) -> None:
             f"--output-dir {output}: another fastmini job is running in it{by}; wait for it to end, or choose "
             "another directory"
         ) from None
+    except OSError as error:  # ENOLCK, EOPNOTSUPP: no locking here
+        warnings.warn(
+            f"--output-dir {output}: cannot lock it ({error.strerror or error}); a second job started there now "
+            "would not be refused",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    return True
 
 
 def check_not_running(output: Path) -> None:
@@ -91,7 +103,9 @@ def hold_output_dir(output: Path) -> None:
     if key in _held:
         return
     handle = open(key / LOCK_NAME, "a+")  # noqa: PTH123, SIM115  (held open while the job runs)
-    _refuse_running(output, handle)
+    if not _refuse_running(output, handle):
+        handle.close()
+        return
     handle.seek(0)
     handle.truncate()
     handle.write(f"{os.getpid()}\n")
