@@ -90,9 +90,9 @@ def check_output_dir(config: DistillConfig) -> Path:
     """
     output = check_writable_directory(config.output_dir)
     check_not_running(output)
-    if config.resume not in (None, "latest") and not (Path(config.resume).expanduser() / STATE_NAME).is_file():
+    if config.resume not in (None, "latest"):
         # before the directory's own state is judged: its "pass --resume" advice would answer the wrong question
-        raise UsageError(f"--resume {config.resume}: not a checkpoint directory (no {STATE_NAME} in it)")
+        requested_checkpoint(config.resume)
     inputs = {"--teacher": config.teacher, "--tokenizer": config.tokenizer, "--data": config.data}
     check_foreign_outputs(output, "fastmini.distill", config.overwrite_output_dir, inputs)
     existing = checkpoints.list_checkpoints(output / CHECKPOINTS_DIR)
@@ -108,6 +108,14 @@ def check_output_dir(config: DistillConfig) -> Path:
             "start afresh"
         )
     return output
+
+
+def requested_checkpoint(requested: str) -> Path:
+    """The checkpoint directory ``--resume PATH`` names, or a UsageError when it is none."""
+    path = Path(requested).expanduser()
+    if not (path / STATE_NAME).is_file():
+        raise UsageError(f"--resume {requested}: not a checkpoint directory (no {STATE_NAME} in it)")
+    return path
 
 
 def _continues_own_run(config: DistillConfig, output: Path) -> bool:
@@ -377,10 +385,7 @@ class DistillationRun:
                 log.warning("--resume: no checkpoint in %s yet; starting a fresh run", self.checkpoint_root)
                 return None
             return found[-1][1]
-        path = Path(requested).expanduser()
-        if not (path / STATE_NAME).is_file():
-            raise UsageError(f"--resume {requested}: not a checkpoint directory (no {STATE_NAME} in it)")
-        return path
+        return requested_checkpoint(requested)
 
     def _load_checkpoint_weights(self, path: Path) -> None:
         """The student's weights from a checkpoint: all of them (a tied decoder aside), or one UsageError."""

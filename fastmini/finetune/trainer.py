@@ -51,6 +51,7 @@ from fastmini.training.batching import check_global_batch, without_split
 from fastmini.training.checkpoints import METRICS_NAME, TRAIN_CONFIG_NAME
 from fastmini.training.cli import check_writable_directory, writable_directory
 from fastmini.training.errors import Interrupted, UsageError
+from fastmini.training.options import read_saved_options
 from fastmini.training.output_dirs import (
     check_foreign_outputs,
     check_not_running,
@@ -119,15 +120,7 @@ def _finished(output: Path) -> bool:
 
 def _check_resumed_options(grid: Path, config: FinetuneConfig) -> None:
     """--resume continues a job only with the options it was started with (run-only ones aside)."""
-    try:
-        saved = json.loads(grid.read_text())
-    except ValueError as error:  # a damaged file: the job's options are unknown
-        raise UsageError(
-            f"--resume: {grid} cannot be read ({error}); the job's options are unknown: start afresh with "
-            "--overwrite-output-dir"
-        ) from error
-    if not isinstance(saved, dict):
-        raise UsageError(f"--resume: {grid} holds no options (a JSON object); start afresh with --overwrite-output-dir")
+    saved = read_saved_options(grid) or {}
     current = config.to_dict()
     changed = changed_options(without_split(saved), without_split(current))
     if changed:
@@ -238,8 +231,11 @@ class FineTuning:
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         if not (self.config.resume and grid.is_file()):
             write_json_atomically(grid, self.config.to_dict())
-        if not (self.config.resume and job_id.is_file()):
-            write_file_atomically(job_id, lambda temporary: Path(temporary).write_text(uuid.uuid4().hex + "\n"))
+        if self.config.resume and job_id.is_file():
+            self.job_id = job_id.read_text().strip()
+        else:
+            self.job_id = uuid.uuid4().hex
+            write_file_atomically(job_id, lambda temporary: Path(temporary).write_text(self.job_id + "\n"))
 
     # ------------------------------------------------------------------------------ describe
     def _describe(self) -> None:
@@ -308,7 +304,7 @@ class FineTuning:
                 },
             }
         metrics = {
-            "job": (self.runs_dir / JOB_ID_NAME).read_text().strip(),  # marks the job finished (_finished)
+            "job": self.job_id,  # marks the job finished (_finished)
             "task": spec.name,
             "kind": spec.kind,
             "data": self.data.source,

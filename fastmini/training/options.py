@@ -262,18 +262,9 @@ class Options:
         trainer still refuses any other change). Empty when there is no such file: the trainer names what is
         missing when it looks for the checkpoint. A file that is there but damaged is a UsageError naming it: with
         the defaults instead, the resumed run would be refused for "changed" options nobody gave."""
-        try:
-            text = Path(path).read_text()
-        except (FileNotFoundError, NotADirectoryError):  # no such file: the trainer names what is missing
+        saved = read_saved_options(path)
+        if saved is None:  # no such file: the trainer names what is missing
             return {}
-        except OSError as error:
-            raise _unreadable_saved_options(path, error.strerror or str(error)) from error
-        try:
-            saved = json.loads(text)
-        except ValueError as error:
-            raise _unreadable_saved_options(path, str(error)) from error
-        if not isinstance(saved, dict):
-            raise _unreadable_saved_options(path, f"a JSON {type(saved).__name__}, not an object of options")
         self.saved_options_path = path
         return {name: value for name, value in saved.items() if name in self.fields and name not in NOT_RESUMED}
 
@@ -312,11 +303,29 @@ class Options:
         return config, print_config
 
 
-def _unreadable_saved_options(path: Path, problem: str) -> UsageError:
-    return UsageError(
-        f"--resume: {path} cannot be read as the run's options ({problem}); resume from another checkpoint, or "
-        "start afresh with --overwrite-output-dir"
-    )
+def read_saved_options(path: Path) -> dict[str, Any] | None:
+    """Every option a run saved in ``path`` (train_config.json, grid.json); None when there is no such file, one
+    UsageError naming it when it is there but damaged."""
+
+    def unreadable(problem: str) -> UsageError:
+        return UsageError(
+            f"--resume: {path} cannot be read as the run's options ({problem}); resume from another checkpoint, or "
+            "start afresh with --overwrite-output-dir"
+        )
+
+    try:
+        text = Path(path).read_text()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as error:
+        raise unreadable(error.strerror or str(error)) from error
+    try:
+        saved = json.loads(text)
+    except ValueError as error:
+        raise unreadable(str(error)) from error
+    if not isinstance(saved, dict):
+        raise unreadable(f"a JSON {type(saved).__name__}, not an object of options")
+    return saved
 
 
 # What a resumed command does not take from the saved options: where it runs and how it treats that directory.
