@@ -171,6 +171,24 @@ def test_token_classification_loss(tiny_config, batch):
     torch.testing.assert_close(out.loss, F.cross_entropy(out.logits.view(-1, 4), labels.view(-1)))
 
 
+@pytest.mark.parametrize("unpad", [True, False])
+@pytest.mark.parametrize("model_class", [FastMiniForTokenClassification, FastMiniForMaskedLM])
+def test_token_labels_may_come_flattened_as_albert_takes_them(model_class, unpad, tiny_config, batch):
+    model = model_class(tiny_config(num_labels=4)).eval().set_unpadding(unpad)
+    labels = torch.randint(0, 4, (2, 7)).masked_fill(batch["attention_mask"] == 0, -100)
+    grid = model(**batch, labels=labels).loss
+    torch.testing.assert_close(model(**batch, labels=labels.view(-1)).loss, grid)
+    with pytest.raises(ValueError, match=r"labels must be \(batch, sequence\) = \(2, 7\).*got shape \(2, 6\)"):
+        model(**batch, labels=labels[:, :6])
+
+
+@pytest.mark.parametrize("unpad", [True, False])
+def test_an_input_of_length_zero_is_refused_where_a_first_token_is_read(unpad, tiny_config, batch):
+    model = FastMiniForSequenceClassification(tiny_config(num_labels=3)).eval().set_unpadding(unpad)
+    with pytest.raises(ValueError, match="sequence length 0"):
+        model(batch["input_ids"][:, :0], batch["attention_mask"][:, :0])
+
+
 def test_gradients_reach_every_parameter(tiny_config, batch):
     model = FastMiniForMaskedLM(tiny_config()).train()
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)

@@ -253,6 +253,8 @@ class Encoded:
     def first_tokens(self) -> torch.Tensor:
         """(B, H): each row's first real token, what classification reads ([CLS] with right and with left
         padding alike; zeros for a row without real tokens). Without padding, ``sequence[:, 0]``."""
+        if self.packing is None and self.sequence.shape[1] == 0:
+            raise ValueError("the input has sequence length 0: there is no first token to classify or pool")
         if self.packing is not None:
             tokens, width = self.sequence.shape
             offsets = self.packing.cu_seqlens.long()
@@ -269,12 +271,30 @@ class Encoded:
     def token_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Per-token ``labels`` (B, S) aligned with ``sequence``, padding never counted: packed (T,)
         when the batch was unpadded, else (B, S) with IGNORE_INDEX at padded positions. Either layout gives
-        the same loss."""
+        the same loss. Labels flattened to (B * S,) are accepted, as ALBERT's heads accept them."""
+        labels = self._labels_grid(labels)
         if self.packing is not None:
             return self.packing.pack(labels)
         if self.key_padding_mask is not None:
             return labels.masked_fill(~self.key_padding_mask, IGNORE_INDEX)
         return labels
+
+    def _labels_grid(self, labels: torch.Tensor) -> torch.Tensor:
+        """``labels`` as (B, S), the input's token grid; a clear error for any other shape."""
+        if self.packing is not None:
+            grid = (self.packing.batch_size, self.packing.seq_len)
+        elif self.key_padding_mask is not None:
+            grid = tuple(self.key_padding_mask.shape)
+        else:
+            grid = tuple(self.sequence.shape[:2])
+        if tuple(labels.shape) == grid:
+            return labels
+        if labels.dim() == 1 and labels.numel() == grid[0] * grid[1]:
+            return labels.view(grid)
+        raise ValueError(
+            f"labels must be (batch, sequence) = {grid}, one per input token (or flattened to {grid[0] * grid[1]}), "
+            f"got shape {tuple(labels.shape)}"
+        )
 
     def token_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of per-token ``logits`` (aligned with ``sequence``) over the real tokens labelled."""
