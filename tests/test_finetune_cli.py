@@ -452,7 +452,7 @@ def test_test_files_with_some_or_no_labels(model_dir, tmp_path, capsys):
 
 def test_other_bad_data(model_dir, good_data, tmp_path, capsys):
     (good_data / "dev.csv").unlink()
-    assert "no validation.* or dev.* file" in error_of(args(model_dir, good_data, tmp_path / "out"), capsys)
+    assert "no validation.*, dev.* or valid.* file" in error_of(args(model_dir, good_data, tmp_path / "out"), capsys)
     line = error_of(args(model_dir, tmp_path / "nowhere", tmp_path / "out"), capsys)
     assert "--data" in line and "no such directory" in line
     assert "needs --data" in error_of(["--task", "regression", "--output-dir", str(tmp_path / "o")], capsys)
@@ -505,6 +505,13 @@ def test_a_job_never_writes_over_its_model_nor_silently_over_another_tools(model
     assert "holds a fastmini.distill run's outputs; pass --overwrite-output-dir" in line
     assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == before
     assert main(args(model_dir, good_data, model, "--epochs", "1", "--overwrite-output-dir")) == 0
+
+
+def test_a_job_never_writes_into_its_data_directory(model_dir, good_data, tmp_path, capsys):
+    before = {p.name: p.read_bytes() for p in Path(good_data).iterdir()}
+    line = error_of(args(model_dir, good_data, good_data, "--epochs", "1", "--overwrite-output-dir"), capsys)
+    assert "is the --data directory: the run would overwrite its own input" in line
+    assert {p.name: p.read_bytes() for p in Path(good_data).iterdir()} == before
 
 
 def test_a_new_job_leaves_none_of_the_previous_jobs_outputs(model_dir, tmp_path):

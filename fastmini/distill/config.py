@@ -64,7 +64,10 @@ class DistillConfig:
         "outputs/distill", "directory for the model, checkpoints, logs and metrics", "run", metavar="DIR"
     )
     overwrite_output_dir: bool = option(
-        False, "start afresh in an output directory that holds checkpoints of an earlier run", "run"
+        False,
+        "start afresh in an output directory that holds checkpoints of an earlier run, or replace outputs that "
+        "another trainer or a person left there (never the --teacher, --tokenizer or --data directory itself)",
+        "run",
     )
     resume: str | None = option(
         None,

@@ -59,10 +59,17 @@ MIN_MAX_LENGTH = 8  # [CLS] and [SEP] leave a few tokens of text at least
 class FinetuneConfig:
     # run
     output_dir: str = option(
-        "outputs/finetune", "directory for the best model, metrics.json, predictions and the runs", "run", metavar="DIR"
+        "outputs/finetune",
+        "directory for the best model, metrics.json, predictions and the runs (both modes: one model each in "
+        "DIR/full and DIR/adapter)",
+        "run",
+        metavar="DIR",
     )
     overwrite_output_dir: bool = option(
-        False, "start afresh in an output directory that holds an unfinished earlier run", "run"
+        False,
+        "start afresh in an output directory that holds an unfinished earlier run, or replace outputs that another "
+        "trainer or a person left there (never the --model, --tokenizer or --data directory itself)",
+        "run",
     )
     resume: bool = option(
         False,
@@ -144,12 +151,12 @@ class FinetuneConfig:
     )
     data: str | None = option(
         None,
-        "a directory holding train.* and validation.* or dev.* (and optionally test.*, whose labels may be left "
-        "out: test metrics cover its labelled rows, with a warning when only some have one) files: csv/tsv/json/jsonl "
-        "with named columns; for --task ner, two-column files (token TAB tag) or parquet/json/jsonl rows with a "
-        "list of words and a list of tags; or a datasets name (its validation, dev or valid split; test if any; "
-        "ner: e.g. conll2003) (default: a GLUE task's own dataset; otherwise the 200 movie-review sentences that "
-        "gensim ships)",
+        "a directory holding train.* and validation.*, dev.* or valid.* (and optionally test.*, whose labels may be "
+        "left out: test metrics cover its labelled rows, with a warning when only some have one) files: "
+        "csv/tsv/json/jsonl with named columns; for --task ner, two-column files (token TAB tag) or parquet/json/jsonl "
+        "rows with a list of words and a list of tags; or a datasets name (its validation, dev or valid split; test if "
+        "any; ner: e.g. conll2003) (default: a GLUE task's own dataset; for --task classification, the 200 movie-review"
+        " sentences that gensim ships; other tasks need --data)",
         "data",
         parse=optional_str,
         metavar="PATH",
@@ -278,7 +285,9 @@ OPTIONS = Options(
         "Precedence: defaults < the task's recipe < with --resume, the job's options < --config (a YAML/JSON file "
         "of these options, underscores or dashes) < command-line options. OUTPUT_DIR holds the best model "
         "(loadable with from_pretrained and the Auto classes after `import fastmini`), metrics.json, "
-        "predictions_*.jsonl and train_config.json; `python -m fastmini.predict --model OUTPUT_DIR` labels new text."
+        "predictions_*.jsonl and train_config.json, or, when both modes run (the default with no options), one "
+        "model with its predictions in each of OUTPUT_DIR/full and OUTPUT_DIR/adapter beside the job's metrics.json; "
+        "`python -m fastmini.predict --model MODEL_DIR` labels new text with one of them."
     ),
     groups=GROUPS,
 )

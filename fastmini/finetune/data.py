@@ -126,11 +126,15 @@ def _local_splits(directory: Path, config: FinetuneConfig, spec: TaskSpec):
     """(train, validation, test, label names or None) of a directory of split files."""
     suffixes = NER_SUFFIXES + RECORD_SUFFIXES if spec.kind == "ner" else LABELLED_SUFFIXES
     files = split_files(directory, suffixes)
-    for needed, names in (("train", "train.*"), ("validation", "validation.* or dev.*")):
+    required = ("train", "validation")
+    for needed in required:
         if needed not in files:
+            *first, last = (f"{stem}.*" for stem in SPLIT_STEMS[needed])
+            names = f"{', '.join(first)} or {last}" if first else last
+            stems = ", ".join(stem for split in required for stem in SPLIT_STEMS[split])
             raise DataError(
                 f"--data {directory}: no {names} file (expected {'/'.join(s.lstrip('.') for s in suffixes)} files "
-                f"named train, validation or dev, and optionally test)"
+                f"named {stems}, and optionally test)"
             )
 
     def read(split: str, labels_required: bool):

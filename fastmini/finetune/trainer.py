@@ -87,7 +87,7 @@ def check_output_dir(config: FinetuneConfig) -> Path:
     replaced, but only by ``replace_previous_job`` once every input of the new job has been checked."""
     output = check_writable_directory(config.output_dir)
     check_not_running(output)
-    inputs = {"--model": config.model, "--tokenizer": config.tokenizer}
+    inputs = {"--model": config.model, "--tokenizer": config.tokenizer, "--data": config.data}
     check_foreign_outputs(output, "fastmini.finetune", config.overwrite_output_dir, inputs)
     grid = output / RUNS_DIR / GRID_NAME
     if config.resume:
