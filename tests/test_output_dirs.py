@@ -6,9 +6,11 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
+from fastmini.training import output_dirs
 from fastmini.training.errors import UsageError
 from fastmini.training.output_dirs import (
     LOCK_NAME,
@@ -16,6 +18,7 @@ from fastmini.training.output_dirs import (
     check_not_running,
     hold_output_dir,
     release_output_dir,
+    releasing_output_dirs_taken,
     written_by,
 )
 
@@ -79,6 +82,17 @@ def test_one_process_holds_a_directory_and_a_second_is_refused(tmp_path):
     release_output_dir(tmp_path)
     assert other_process() == ["free", "free"]  # and the lock dies with that process
     check_not_running(tmp_path)
+
+
+def test_a_job_gives_back_the_lock_it_took_even_after_the_working_directory_changed(tmp_path, monkeypatch):
+    (tmp_path / "a" / "out").mkdir(parents=True)
+    (tmp_path / "b" / "out").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a")
+    with releasing_output_dirs_taken():
+        hold_output_dir(Path("out"))
+        monkeypatch.chdir(tmp_path / "b")  # "out" now names another directory
+    assert (tmp_path / "a" / "out").resolve() not in output_dirs._held
+    check_not_running(tmp_path / "a" / "out")  # free: a second job may start there
 
 
 def test_a_lock_dies_with_its_process(tmp_path):

@@ -61,7 +61,7 @@ from fastmini.training.output_dirs import (
     check_foreign_outputs,
     check_not_running,
     hold_output_dir,
-    release_output_dir,
+    releasing_output_dirs_taken,
 )
 from fastmini.training.run_log import RunLog
 
@@ -72,9 +72,9 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     """Run a distillation (one process, or one rank of torchrun); returns the metrics."""
     context = distributed.setup(config.device)
     try:
-        return DistillationRun(config, context).run()
+        with releasing_output_dirs_taken():
+            return DistillationRun(config, context).run()
     finally:
-        release_output_dir(config.output_dir)
         distributed.teardown()
 
 

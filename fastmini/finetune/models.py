@@ -84,12 +84,16 @@ class ModelSource:
         self._temporary: tempfile.TemporaryDirectory | None = None
         self.fresh = False
         missing = unfinished_default_model(config.model)
-        if missing is not None:
-            self.path = self._fresh_student(missing)
-            self.fresh = True
-        else:
-            self.path = self._existing(config.model)
-        self.tokenizer = self._tokenizer()
+        try:
+            if missing is not None:
+                self.path = self._fresh_student(missing)
+                self.fresh = True
+            else:
+                self.path = self._existing(config.model)
+            self.tokenizer = self._tokenizer()
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def description(self) -> str:

@@ -56,7 +56,7 @@ from fastmini.training.output_dirs import (
     check_foreign_outputs,
     check_not_running,
     hold_output_dir,
-    release_output_dir,
+    releasing_output_dirs_taken,
 )
 
 log = logging.getLogger("fastmini.finetune")
@@ -68,13 +68,13 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     """Run a fine-tuning job (one process, or one rank of torchrun); returns the metrics."""
     context = distributed.setup(config.device)
     try:
-        job = FineTuning(config, context)
-        try:
-            return job.run()
-        finally:
-            job.source.close()
+        with releasing_output_dirs_taken():
+            job = FineTuning(config, context)
+            try:
+                return job.run()
+            finally:
+                job.source.close()
     finally:
-        release_output_dir(config.output_dir)
         distributed.teardown()
 
 
@@ -182,6 +182,14 @@ class FineTuning:
         # Everything that can be wrong with the data or the model is found before the output directory is touched.
         self.data: TaskData = load_task_data(config, self.spec)
         self.source = ModelSource(config)
+        try:
+            self._prepare(config, context)
+        except BaseException:
+            self.source.close()  # a fresh student's temporary directory goes with the failed setup
+            raise
+
+    def _prepare(self, config: FinetuneConfig, context: distributed.DistributedContext) -> None:
+        """The rest of the setup, everything after the model source (which owns a temporary directory)."""
         probe, _ = load_task_model(self.source, self.spec, self.data.labels, config.seed[0], adapter_tuning=False)
         self.max_length = finetuning_max_length(config.max_length, probe.config.max_position_embeddings)
         del probe

@@ -8,9 +8,11 @@ model another tool or person saved there only with --overwrite-output-dir. A job
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
@@ -118,3 +120,15 @@ def release_output_dir(output: str | Path) -> None:
     handle = _held.pop(Path(output).expanduser().resolve(), None)
     if handle is not None:
         handle.close()
+
+
+@contextlib.contextmanager
+def releasing_output_dirs_taken() -> Iterator[None]:
+    """Give back, on leaving, every lock taken inside: a job's own, by the directory it locked, not by re-resolving
+    a path the job was given (a relative one names another directory once the working directory changed)."""
+    before = set(_held)
+    try:
+        yield
+    finally:
+        for key in set(_held) - before:
+            release_output_dir(key)
