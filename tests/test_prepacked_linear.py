@@ -265,3 +265,51 @@ def test_training_mode_frees_the_cache(tiny_config):
     model.train()
     assert model.fastmini.encoder.shared_layer.prepacked is not None  # still switched on ...
     assert len(model.fastmini.encoder.shared_layer.prepacked) == 0  # ... but empty
+
+
+def test_another_models_training_leaves_this_models_cache_alone(tiny_config, randomize):
+    input_ids, mask = _padded_batch()
+    served = randomize(FastMiniModel(tiny_config()), std=0.1).eval().optimize_for_inference()
+    with torch.no_grad():
+        served(input_ids, mask)
+    cache = served.encoder.shared_layer.prepacked
+    entries = dict(cache._entries)
+    other = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(other.parameters(), fused=True)
+    other(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        served(input_ids, mask)
+    assert all(cache._entries[name] is entry for name, entry in entries.items())  # nothing rebuilt
+
+
+def test_weights_made_under_inference_mode_take_the_plain_ops(tiny_config, randomize):
+    """Inference tensors have no version counter: the cache could not see them change."""
+    input_ids, mask = _padded_batch()
+    with torch.inference_mode():
+        model = randomize(FastMiniModel(tiny_config()), std=0.1).eval()
+    assert model.encoder.shared_layer.ffn_intermediate.weight.is_inference()
+    with torch.no_grad():
+        plain = model(input_ids, mask).last_hidden_state
+        model.optimize_for_inference()
+        torch.testing.assert_close(model(input_ids, mask).last_hidden_state, plain)  # it crashed here
+    assert len(model.encoder.shared_layer.prepacked) == 0
+    with torch.inference_mode():
+        model.encoder.shared_layer.ffn_intermediate.weight.mul_(2.0)  # a change no version counter records
+        torch.testing.assert_close(
+            model(input_ids, mask).last_hidden_state,
+            copy.deepcopy(model).optimize_for_inference(prepacked_weights=False)(input_ids, mask).last_hidden_state,
+        )
+
+
+@pytest.mark.parametrize("moved", ["bf16", "fp64"])
+def test_a_dtype_change_frees_the_packed_copies(tiny_config, moved):
+    input_ids, mask = _padded_batch()
+    model = FastMiniModel(tiny_config()).eval().optimize_for_inference()
+    with torch.no_grad():
+        model(input_ids, mask)
+    assert len(model.encoder.shared_layer.prepacked) > 0
+    model.to(torch.bfloat16 if moved == "bf16" else torch.float64)
+    with torch.no_grad():
+        model(input_ids, mask)
+    assert model.encoder.shared_layer.prepacked is not None and len(model.encoder.shared_layer.prepacked) == 0

@@ -7,13 +7,22 @@ on this project's 2-core AVX-512 CPU (fp32, 32 rows): 768 -> 3072 ran at 117 GFL
 ``F.linear`` and 202 GFLOP/s through oneDNN with a pre-reordered weight; 3072 -> 768 116 vs 204.
 
 The reordered copy is a cache, never the source of truth: entries are keyed on the source
-weights' identity, storage and version counter and on the number of optimizer steps taken in the
-process, so an optimizer step, ``load_state_dict`` or ``.to()`` makes them stale and they are
-rebuilt on the next use. The step count is there because fused optimizers (``AdamW(fused=True)``,
-the Trainer's default) write parameters without bumping their version counters; switching a model
-to training mode empties its caches too. Writes through ``param.data`` bypass both: whoever does
-that must start a new cache. Copies and pickles of a model
-carry an empty cache (oneDNN's opaque tensors cannot be copied). The oneDNN op has no autograd
+weights' identity, storage and version counter and on the number of optimizer steps taken on each
+of them, so an optimizer step, ``load_state_dict`` or ``.to()`` makes them stale and they are
+rebuilt on the next use. The step counts are there because fused optimizers (``AdamW(fused=True)``,
+the Trainer's default) write parameters without bumping their version counters; they are counted per
+parameter (and per view's base), so training one model does not make another model's cache stale.
+Switching a model to training mode empties its caches too; a dtype or device change drops them on
+the next call. Writes through ``param.data`` bypass all of this (as does a fused optimizer stepping
+other tensors that alias the weights): whoever does that must start a new cache. Weights that are
+inference tensors (made under ``torch.inference_mode()``) have no version counter, so their changes
+cannot be seen: they take the plain ops. Copies and pickles of a model carry an empty cache (oneDNN's
+opaque tensors cannot be copied).
+
+oneDNN keeps a compiled primitive per input shape (by default up to 1024 of them, in its own cache
+and in ideep's): a server seeing many distinct token counts holds a few hundred MB more than with
+the plain ops (measured ~650 MB at the ceiling for a tiny model); ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``
+and ``LRU_CACHE_CAPACITY``, set before the process starts, bound it. The oneDNN op has no autograd
 rule fastmini relies on, so the fast path runs only when no gradient is wanted; training,
 ``torch.compile`` and every non-CPU or non-fp32 input take ``F.linear``.
 """
@@ -55,13 +64,22 @@ class _Entry:
     key: tuple
 
 
-_optimizer_steps = 0
 _counting_optimizer_steps = False
+# A parameter's attribute counting the optimizer steps taken on it (fused optimizers write parameters
+# without bumping their version counters).
+_STEPS_ATTRIBUTE = "_fastmini_optimizer_steps"
 
 
 def _count_optimizer_step(optimizer, args, kwargs) -> None:
-    global _optimizer_steps
-    _optimizer_steps += 1
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            setattr(parameter, _STEPS_ATTRIBUTE, getattr(parameter, _STEPS_ATTRIBUTE, 0) + 1)
+
+
+def _optimizer_steps_on(t: torch.Tensor) -> int:
+    """Steps taken on ``t``, or on the tensor it is a view of (an optimizer holding the base)."""
+    steps = getattr(t, _STEPS_ATTRIBUTE, 0)
+    return steps if t._base is None else steps + getattr(t._base, _STEPS_ATTRIBUTE, 0)
 
 
 def _start_counting_optimizer_steps() -> None:
@@ -73,8 +91,9 @@ def _start_counting_optimizer_steps() -> None:
 
 
 def _key(tensors: Sequence[torch.Tensor | None]) -> tuple:
-    versions = tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors if t is not None)
-    return (_optimizer_steps, *versions)
+    return tuple(
+        (id(t), t.data_ptr(), t._version, _optimizer_steps_on(t), t.dtype, t.device) for t in tensors if t is not None
+    )
 
 
 class PrepackedLinears:
@@ -120,7 +139,16 @@ class PrepackedLinears:
             return False
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *weights, *biases)):
             return False
+        # Inference tensors have no version counter: the cache could not see them change.
+        if any(t is not None and t.is_inference() for t in (*weights, *biases)):
+            return False
         return onednn_linear_available()
+
+    def drop_if_moved(self, weight: torch.Tensor) -> None:
+        """Free the packed copies once the weights they copy left fp32 on the CPU (``.to(dtype)``, ``.half()``,
+        ``.to("cuda")``): the fast path no longer applies, so nothing would ever rebuild or free them."""
+        if self._entries and (weight.dtype != torch.float32 or weight.device.type != "cpu"):
+            self._entries.clear()
 
     def _entry(self, name: str, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]) -> _Entry:
         key = _key([*weights, *biases])
@@ -176,7 +204,10 @@ class PrepackedWeightsMixin:
         prepacked = self.prepacked
         if prepacked is None or not all_plain(layer):
             return None
-        return prepacked if prepacked.applies(x, (layer.weight,), (layer.bias,)) else None
+        if prepacked.applies(x, (layer.weight,), (layer.bias,)):
+            return prepacked
+        prepacked.drop_if_moved(layer.weight)
+        return None
 
     def linear_through(
         self, prepacked: PrepackedLinears | None, name: str, x: torch.Tensor, gelu: str | None = None
