@@ -488,6 +488,37 @@ def test_hub_lookups_are_quiet_and_use_the_cache_when_the_hub_is_unreachable(mon
     assert constants.HF_HUB_OFFLINE is True
 
 
+def test_the_offline_switch_lasts_one_job(monkeypatch):
+    """A job that found the hub unreachable works offline; the process (a notebook) is online again after it,
+    and the next job probes afresh."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    from fastmini.training import cli
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    probes = []
+
+    def unreachable(*args, **kwargs):
+        probes.append(args)
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr("socket.create_connection", unreachable)
+
+    def job():
+        cli.use_cache_if_hub_unreachable()
+        cli.use_cache_if_hub_unreachable()  # probed once a job
+        assert constants.HF_HUB_OFFLINE is True and datasets.config.HF_HUB_OFFLINE is True
+
+    for _ in range(2):
+        assert cli.run_cli("fastmini.test", job) == 0
+        assert constants.HF_HUB_OFFLINE is False and datasets.config.HF_HUB_OFFLINE is False
+    assert len(probes) == 2
+
+
 # ---- a run and what it leaves ---------------------------------------------------------------------
 
 

@@ -52,7 +52,7 @@ from fastmini.training.checkpoints import (
     TRAIN_CONFIG_NAME,
     publish_directory_contents,
 )
-from fastmini.training.cli import check_writable_directory, writable_directory
+from fastmini.training.cli import check_writable_directory, hub_offline_switch_undone, writable_directory
 from fastmini.training.errors import Interrupted, UsageError
 from fastmini.training.memory import enable_activation_checkpointing
 from fastmini.training.normalization import backward_share, step_totals
@@ -72,7 +72,7 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     """Run a distillation (one process, or one rank of torchrun); returns the metrics."""
     context = distributed.setup(config.device)
     try:
-        with releasing_output_dirs_taken():
+        with releasing_output_dirs_taken(), hub_offline_switch_undone():
             return DistillationRun(config, context).run()
     finally:
         distributed.teardown()

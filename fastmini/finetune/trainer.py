@@ -49,7 +49,7 @@ from fastmini.finetune.tasks import TaskSpec, task_spec
 from fastmini.training import checkpoints, distributed, precision
 from fastmini.training.batching import check_global_batch, without_split
 from fastmini.training.checkpoints import METRICS_NAME, TRAIN_CONFIG_NAME
-from fastmini.training.cli import check_writable_directory, writable_directory
+from fastmini.training.cli import check_writable_directory, hub_offline_switch_undone, writable_directory
 from fastmini.training.errors import Interrupted, UsageError
 from fastmini.training.options import read_saved_options
 from fastmini.training.output_dirs import (
@@ -68,7 +68,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     """Run a fine-tuning job (one process, or one rank of torchrun); returns the metrics."""
     context = distributed.setup(config.device)
     try:
-        with releasing_output_dirs_taken():
+        with releasing_output_dirs_taken(), hub_offline_switch_undone():
             job = FineTuning(config, context)
             try:
                 return job.run()

@@ -12,7 +12,6 @@ fastmini.training.errors for failures that may be one rank's own).
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import json
 import logging
@@ -21,7 +20,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 # How long a torchrun worker that left its error message to rank 0 waits for torchrun to end it (see
@@ -49,7 +48,7 @@ def quiet_libraries() -> None:
 
 def use_cache_if_hub_unreachable() -> None:
     """Before a hub lookup: when HF_HUB_OFFLINE is unset and the hub cannot be reached within a few
-    seconds, switch huggingface_hub (and datasets) to offline mode for this process.
+    seconds, switch huggingface_hub (and datasets) to offline mode for this job (hub_offline_switch_undone).
 
     A model or dataset already in the local cache then still loads, and one that is not fails at
     once instead of after huggingface_hub's five retries with back-off (about 25 s)."""
@@ -64,21 +63,44 @@ def use_cache_if_hub_unreachable() -> None:
         datasets.config.HF_HUB_OFFLINE = True
 
 
-@functools.cache
+@contextlib.contextmanager
+def hub_offline_switch_undone() -> Iterator[None]:
+    """Undo ``use_cache_if_hub_unreachable``'s switch on leaving (and forget its probe): a job's answer to a
+    network that was down, not the process's, which may go on (a notebook, a server) once the network is back."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    # datasets reads the same environment variable; not imported here only to be read (a second of start-up)
+    loaded = sys.modules.get("datasets.config")
+    datasets_before = before if loaded is None else loaded.HF_HUB_OFFLINE
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+        if (datasets_config := sys.modules.get("datasets.config")) is not None:
+            datasets_config.HF_HUB_OFFLINE = datasets_before
+        _hub_probe.clear()
+
+
+_hub_probe: dict[str, bool] = {}  # endpoint -> unreachable, for one job (hub_offline_switch_undone forgets it)
+
+
 def _hub_unreachable(timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to the hub's endpoint fails (probed once per process)."""
+    """Whether a TCP connection to the hub's endpoint fails (probed once a job)."""
     import socket
     from urllib.parse import urlparse
 
     from huggingface_hub import constants
 
-    endpoint = urlparse(constants.ENDPOINT)
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
-    except OSError:
-        return True
-    return False
+    if constants.ENDPOINT not in _hub_probe:
+        endpoint = urlparse(constants.ENDPOINT)
+        port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+        try:
+            socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+            _hub_probe[constants.ENDPOINT] = False
+        except OSError:
+            _hub_probe[constants.ENDPOINT] = True
+    return _hub_probe[constants.ENDPOINT]
 
 
 class CurrentStderr(logging.StreamHandler):
@@ -112,7 +134,7 @@ def run_cli(name: str, body: Callable[[], int | None], interrupted_hint: str = "
     from fastmini.training.errors import Interrupted, TrainingError, UsageError
 
     try:
-        with _sigterm_interrupts():
+        with _sigterm_interrupts(), hub_offline_switch_undone():
             code = body() or 0
         sys.stdout.flush()  # here, not at exit: a reader that stopped early is then caught below
         return code
