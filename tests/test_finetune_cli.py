@@ -575,20 +575,31 @@ def test_hub_names_use_the_cache_when_the_hub_is_unreachable(model_dir, good_dat
     import datasets.config
     from huggingface_hub import constants
 
+    from fastmini.finetune import models as finetune_models
     from fastmini.training import cli
 
     for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setattr(cli, "_hub_unreachable", lambda: True)
+    seen = []  # (huggingface_hub's, datasets') offline switches right after each lookup's check
+    switch = cli.use_cache_if_hub_unreachable
+
+    def spied():
+        switch()
+        seen.append((constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE))
+
+    monkeypatch.setattr(cli, "use_cache_if_hub_unreachable", spied)
+    monkeypatch.setattr(finetune_models, "use_cache_if_hub_unreachable", spied)
     for model, data, message in (
         ("nobody/no-such-model", good_data, "nobody/no-such-model"),
         (model_dir, "nobody/no-such-dataset", "datasets could not load it"),
     ):
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+        seen.clear()
         assert message in error_of(args(model, data, tmp_path / "out"), capsys)
-        assert constants.HF_HUB_OFFLINE is True  # offline for this process: the cache, or one message at once
-    assert datasets.config.HF_HUB_OFFLINE is True
+        assert seen and all(offline == (True, True) for offline in seen)  # offline for the job: cache, or one message
+        assert not constants.HF_HUB_OFFLINE and not datasets.config.HF_HUB_OFFLINE  # and online again after it
 
 
 def test_usage_errors_are_usage_errors():
