@@ -10,7 +10,8 @@ launch of the two goes (the (1, 128) latency forward has 2N - 1 = 11 such pairs;
 in dtype, it is the two ops one after the other, each with its own backward: the fused forward keeps nothing a
 backward could use. Dropout has no place here: the shared layer's add_layer_norm applies it in training only.
 
-Not chosen on CUDA unless asked for by name: never run on a GPU yet (``_VERIFIED_ON_GPU`` is empty). On a CUDA
+Not chosen on CUDA unless asked for by name (``_VERIFIED_ON_GPU`` is empty): its GPU tests passed on an H200
+(session 20), but in the (1, 128) graph it was slower than the two ops (README, GPU measurements). On a CUDA
 tensor only ``backend="triton"`` reaches the kernel; automatic, and FASTMINI_BACKEND=triton too, are the two ops
 (each with its own choice, the latter's their kernels).
 """
