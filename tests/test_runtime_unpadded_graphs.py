@@ -324,3 +324,47 @@ def test_an_encoder_given_a_device_without_an_index_takes_host_then_device_input
     from_device = encoder(ids.cuda(), mask.cuda())
     torch.testing.assert_close(from_host, from_device, rtol=0, atol=0)
     assert encoder.stats.captures == 1 and encoder.stats.replays == 2
+
+
+@pytest.mark.parametrize("unpadded", [False, True], ids=["padded", "unpadded"])
+def test_calls_from_several_threads_take_turns(tiny_config, randomize, unpadded):
+    """A server's threads sharing one encoder: each call fills a bucket's one set of static buffers (and the
+    unpadded encoder keeps its call's mask on the host), so calls must not interleave. Without the lock, 4 threads
+    got other calls' outputs (and the unpadded encoder raised) within a few hundred calls."""
+    import random
+    import sys
+    import threading
+
+    model = tiny_model(tiny_config, randomize)
+    buckets = dict(batch_buckets=(4,), sequence_buckets=(32,))
+    encoder = model.graphed_encoder(unpadded=unpadded, capture=EagerCapture(), **buckets)
+    rng = random.Random(0)
+    inputs = [
+        masked_batch([rng.randint(1, length) for _ in range(rng.randint(1, 4))], length, seed=seed)
+        for seed, length in enumerate(rng.randint(4, 30) for _ in range(12))
+    ]
+    with torch.no_grad():
+        expected = [encoder(ids, mask) for ids, mask in inputs]
+    failures: list[str] = []
+
+    def serve(seed: int) -> None:
+        pick = random.Random(seed)
+        for _ in range(60):
+            index = pick.randrange(len(inputs))
+            try:
+                with torch.no_grad():
+                    torch.testing.assert_close(encoder(*inputs[index]), expected[index])
+            except Exception as error:  # noqa: BLE001  (every way a call can go wrong is a failure here)
+                failures.append(repr(error)[:200])
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often: interleavings show within a few calls
+    try:
+        threads = [threading.Thread(target=serve, args=(seed,)) for seed in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert failures == []

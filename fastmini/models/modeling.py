@@ -117,7 +117,8 @@ class FastMiniPreTrainedModel(PreTrainedModel):
         bucket: ``fastmini.runtime.GraphedEncoder`` over ``encode(..., unpad=False)`` (options:
         its bucket and capture arguments). For inference on CUDA, model in ``eval()`` (a capture refuses
         train mode); graphs keep the settings they were captured with: ``reset()`` the encoder after
-        changing the model's dtype, adapters or ``set_*`` / ``optimize_for_inference`` switches.
+        changing the model's dtype, adapters or ``set_*`` / ``optimize_for_inference`` switches. Calls from
+        several threads take turns (its buffers are shared), on one CUDA stream; ``prepare()`` before serving.
         Verified on an H200 (tests/test_runtime_cuda_graphs.py).
 
         ``unpadded=True``: ``fastmini.runtime.UnpaddedGraphedEncoder``, one graph per (batch, sequence,

@@ -30,12 +30,14 @@ Rules that follow from replaying recorded kernels:
 - autocast state is frozen at capture time; prefer casting the model (``.to(torch.bfloat16)``); so is
   everything else the model's forward reads from its settings (``set_low_precision_norms``, adapters
   loaded or replaced, ``optimize_for_inference``): ``reset()`` after changing them;
-- one thread and one stream: replays share their buffers, and while a bucket is captured no other thread
-  may use CUDA (torch's global capture mode); ``prepare()`` the buckets before serving.
+- calls from several threads take turns (a lock: replays share their buffers), all on one stream (torch's
+  default; the buffers' reuse is ordered by it); while a bucket is captured no other thread may use CUDA
+  (torch's global capture mode): ``prepare()`` the buckets before serving.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
@@ -104,6 +106,9 @@ class GraphedEncoder:
         self._buckets: dict[tuple[int, ...], _Bucket] = {}
         self._device: torch.device | None = None
         self._default_device = device if device is None or callable(device) else torch.device(device)
+        # Calls take turns: one set of static buffers per bucket (and per-call state of subclasses). Reentrant:
+        # prepare() holds it across its own calls.
+        self._lock = threading.RLock()
 
     @property
     def default_device(self) -> torch.device | None:
@@ -118,9 +123,10 @@ class GraphedEncoder:
 
     def reset(self) -> None:
         """Drop every captured graph (and its memory); the next calls capture again."""
-        self._buckets.clear()
-        self._device = None
-        self._captured_fingerprint = None
+        with self._lock:
+            self._buckets.clear()
+            self._device = None
+            self._captured_fingerprint = None
 
     def prepare(self, shapes: Iterable[tuple[int, int]], device: torch.device | str | None = None) -> None:
         """Capture the buckets of these (batch, sequence) shapes now, e.g. before timing, on dummy
@@ -131,20 +137,25 @@ class GraphedEncoder:
         device = torch.device(device)
         if device.type == "cuda":
             require_cuda("GraphedEncoder.prepare() on CUDA")  # not torch's assertion from deep inside
-        for shape in shapes:
-            grid_bucket = self.grid.choose(*shape[:2])
-            if grid_bucket is None:
-                continue
-            ids = torch.zeros(grid_bucket, dtype=torch.long, device=device)
-            mask = self._dummy_mask(shape, ids)
-            if self._bucket_for(ids, mask) not in self._buckets:
-                self(ids, mask)
+        with self._lock:
+            for shape in shapes:
+                grid_bucket = self.grid.choose(*shape[:2])
+                if grid_bucket is None:
+                    continue
+                ids = torch.zeros(grid_bucket, dtype=torch.long, device=device)
+                mask = self._dummy_mask(shape, ids)
+                if self._bucket_for(ids, mask) not in self._buckets:
+                    self(ids, mask)
 
     def _dummy_mask(self, shape: tuple[int, ...], ids: torch.Tensor) -> torch.Tensor:
         """prepare()'s mask for a shape's bucket-sized dummy ids: every token real."""
         return torch.ones_like(ids)
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        with self._lock:
+            return self._call(input_ids, attention_mask)
+
+    def _call(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         attention_mask = self._check(input_ids, attention_mask)
         self._check_weights()
         batch_size, sequence_length = input_ids.shape

@@ -78,16 +78,17 @@ class UnpaddedGraphedEncoder(GraphedEncoder):
         self._host_real: torch.Tensor | None = None  # this call's mask as bool on the host (set by _bucket_for)
         self._caller_stream: torch.cuda.Stream | None = None  # the stream of the call that captures
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def _call(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         try:
-            return super().__call__(input_ids, attention_mask)
+            return super()._call(input_ids, attention_mask)
         finally:
             self._host_real = None  # the caller's mask is not kept past its call
 
     def reset(self) -> None:
-        super().reset()
-        self._outputs.clear()
-        self._staged.clear()
+        with self._lock:
+            super().reset()
+            self._outputs.clear()
+            self._staged.clear()
 
     def _device_for(self, input_ids: torch.Tensor) -> torch.device:
         """Inputs on the host run on the device this encoder serves (its graphs', else the constructor's): filled
