@@ -247,6 +247,35 @@ def test_albert_heads_tie_the_decoder_by_default(tiny_config):
     assert untied.lm_head.decoder.weight is not untied.fastmini.embeddings.word_embeddings.weight
 
 
+def test_an_untied_checkpoint_loaded_with_tying_asked_for_keeps_both_matrices(
+    tiny_config, randomize, batch, tmp_path, caplog
+):
+    """As transformers: both sides of a tied pair in the checkpoint with different values load untied, with a
+    warning. Tied, the decoder (loaded last) overwrote the trained input embeddings."""
+    untied = randomize(FastMiniForMaskedLM(tiny_config(head_variant="albert", tie_word_embeddings=False))).eval()
+    untied.save_pretrained(tmp_path)
+    with caplog.at_level("WARNING", logger="fastmini.models.loading"):
+        loaded = FastMiniForMaskedLM.from_pretrained(tmp_path, tie_word_embeddings=True)
+    assert "different values: loading them untied" in caplog.text
+    assert not loaded.config.tie_word_embeddings
+    assert loaded.lm_head.decoder.weight is not loaded.fastmini.embeddings.word_embeddings.weight
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, untied(**batch).logits)
+    tied = randomize(FastMiniForMaskedLM(tiny_config(head_variant="albert")))
+    tied.save_pretrained(tmp_path / "tied")  # equal values: tied, as saved
+    assert FastMiniForMaskedLM.from_pretrained(tmp_path / "tied").config.tie_word_embeddings
+
+
+@pytest.mark.parametrize("as_path", [False, True], ids=["str", "path"])
+def test_config_given_as_a_path_as_transformers_takes_it(as_path, tiny_config, randomize, batch, tmp_path):
+    model = randomize(FastMiniForSequenceClassification(tiny_config(num_labels=3))).eval()
+    model.save_pretrained(tmp_path)
+    config = tmp_path if as_path else str(tmp_path)
+    loaded = FastMiniForSequenceClassification.from_pretrained(tmp_path, config=config)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)
+
+
 def serve_hub(monkeypatch, tmp_path, files: dict, failures: dict) -> list[str]:
     """Stand-in for huggingface_hub.hf_hub_download: `files` (name -> local path) are served, names in
     `failures` raise that exception, any other name is missing from the repository."""

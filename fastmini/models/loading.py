@@ -107,6 +107,31 @@ def tied_weight_keys(model: FastMiniPreTrainedModel) -> set[str]:
     return set(getattr(model, "all_tied_weights_keys", {}) or {}) if model.config.tie_word_embeddings else set()
 
 
+def untie_where_the_checkpoint_differs(cls, config: FastMiniConfig, state_dict: dict[str, torch.Tensor], source: str):
+    """A checkpoint holding both sides of a tied pair with different values (trained untied) loads untied, as
+    transformers loads it: tying would make one side overwrite the other (the decoder, loaded last, replaced the
+    trained input embeddings)."""
+    if not config.tie_word_embeddings:
+        return
+    for target, tied_to in (getattr(cls, "_tied_weights_keys", None) or {}).items():
+        # the checkpoint spells the embeddings with the base model's prefix, or without it when saved from the base
+        source_key = next((key for key in (tied_to, tied_to.partition(".")[2]) if key in state_dict), None)
+        if target not in state_dict or source_key is None:
+            continue
+        if state_dict[target].shape != state_dict[source_key].shape or not torch.equal(
+            state_dict[target], state_dict[source_key]
+        ):
+            logger.warning(
+                "%s: %s and %s are tied by the config (tie_word_embeddings=True) but both are in the checkpoint with "
+                "different values: loading them untied (tie_word_embeddings=False), as transformers does",
+                source,
+                target,
+                source_key,
+            )
+            config.tie_word_embeddings = False
+            return
+
+
 def reconcile(
     model: FastMiniPreTrainedModel,
     state_dict: dict[str, torch.Tensor],
@@ -254,10 +279,12 @@ def load_pretrained(
     config_dict, checkpoint_format, config_source = _saved_config(name_or_path, hub_kwargs, config)
     if config is None:
         config = _build_config(config_dict, checkpoint_format, config_source)
+    elif isinstance(config, (str, os.PathLike)):  # as transformers takes it: where a config.json is
+        config = FastMiniConfig.from_pretrained(config)
     elif not isinstance(config, FastMiniConfig):
         raise TypeError(
-            f"from_pretrained: config must be a FastMiniConfig, got {type(config).__name__} "
-            "(FastMiniConfig.from_pretrained converts ALBERT and MiniALBERT configs)"
+            f"from_pretrained: config must be a FastMiniConfig or the path of its config.json's directory, got "
+            f"{type(config).__name__} (FastMiniConfig.from_pretrained converts ALBERT and MiniALBERT configs)"
         )
     _apply_overrides(config, kwargs, str(name_or_path))
     config.name_or_path = str(name_or_path)
@@ -265,6 +292,7 @@ def load_pretrained(
     state_dict, weights_path = read_weights(name_or_path, hub_kwargs)
     if checkpoint_format != FASTMINI:
         state_dict = convert_state_dict(state_dict, checkpoint_format, str(weights_path))
+    untie_where_the_checkpoint_differs(cls, config, state_dict, str(weights_path))
     model = cls(config, *model_args)
     usable, loading_info = reconcile(model, state_dict, str(weights_path), ignore_mismatched_sizes)
     model.load_state_dict(usable, strict=False)
@@ -304,6 +332,7 @@ def _from_state_dict(
     if not isinstance(config, FastMiniConfig):
         raise TypeError("from_pretrained: state_dict needs config=FastMiniConfig(...) and no model name or path")
     _apply_overrides(config, overrides, "state_dict")
+    untie_where_the_checkpoint_differs(cls, config, state_dict, "state_dict")
     model = cls(config, *model_args)
     usable, loading_info = reconcile(model, state_dict, "state_dict", ignore_mismatched_sizes)
     model.load_state_dict(usable, strict=False)
