@@ -368,3 +368,17 @@ def test_calls_from_several_threads_take_turns(tiny_config, randomize, unpadded)
     finally:
         sys.setswitchinterval(interval)
     assert failures == []
+
+
+@pytest.mark.parametrize("unpadded", [False, True], ids=["padded", "unpadded"])
+def test_an_encoder_copies_with_a_lock_of_its_own(tiny_config, randomize, unpadded):
+    import copy
+
+    model = tiny_model(tiny_config, randomize)
+    encoder = model.graphed_encoder(unpadded=unpadded, capture=EagerCapture(), **BUCKETS)
+    ids, mask = masked_batch([3, 5], 8)
+    with torch.no_grad():
+        expected = encoder(ids, mask)
+        clone = copy.deepcopy(encoder)
+        assert clone._lock is not encoder._lock
+        torch.testing.assert_close(clone(ids, mask), expected)

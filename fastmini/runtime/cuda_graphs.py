@@ -153,17 +153,33 @@ class GraphedEncoder:
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         with self._lock:
-            return self._call(input_ids, attention_mask)
+            try:
+                attention_mask = self._check(input_ids, attention_mask)
+                self._check_weights()
+                bucket = self._bucket_for(input_ids, attention_mask)
+                if bucket is not None:
+                    return self._replay(bucket, input_ids, attention_mask)
+                self.stats.eager_fallbacks += 1
+            finally:
+                self._end_call()
+        # A shape beyond the buckets shares no buffers: it runs outside the lock, beside other threads' calls.
+        with torch.no_grad():
+            return self._run_eagerly(input_ids, attention_mask)
 
-    def _call(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        attention_mask = self._check(input_ids, attention_mask)
-        self._check_weights()
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["_lock"]  # a lock cannot be copied: a copy gets its own
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
+    def _end_call(self) -> None:
+        """Where a subclass drops what it kept for one call (under the lock, however the call ends)."""
+
+    def _replay(self, bucket: tuple[int, ...], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         batch_size, sequence_length = input_ids.shape
-        bucket = self._bucket_for(input_ids, attention_mask)
-        if bucket is None:
-            self.stats.eager_fallbacks += 1
-            with torch.no_grad():
-                return self._run_eagerly(input_ids, attention_mask)
         entry = self._buckets.get(bucket)
         if entry is None:
             entry = self._capture(bucket, input_ids, attention_mask)

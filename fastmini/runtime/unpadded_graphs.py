@@ -30,7 +30,7 @@ one staged input buffer (each graph's inputs a prefix of it) and the strategy's 
 and activations take what the padded GraphedEncoder's take, whatever the number of token buckets used;
 each token graph adds its executable. Rows of the batch bucket beyond the batch have no tokens at all
 (empty sequences). Everything else is GraphedEncoder's: inference only, ``reset()`` after replacing
-parameters or changing the model's mode or settings, one thread and one stream.
+parameters or changing the model's mode or settings, calls from several threads taking turns, one stream.
 """
 
 from __future__ import annotations
@@ -78,11 +78,8 @@ class UnpaddedGraphedEncoder(GraphedEncoder):
         self._host_real: torch.Tensor | None = None  # this call's mask as bool on the host (set by _bucket_for)
         self._caller_stream: torch.cuda.Stream | None = None  # the stream of the call that captures
 
-    def _call(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        try:
-            return super()._call(input_ids, attention_mask)
-        finally:
-            self._host_real = None  # the caller's mask is not kept past its call
+    def _end_call(self) -> None:
+        self._host_real = None  # the caller's mask is not kept past its call
 
     def reset(self) -> None:
         with self._lock:
