@@ -7,14 +7,16 @@ on this project's 2-core AVX-512 CPU (fp32, 32 rows): 768 -> 3072 ran at 117 GFL
 ``F.linear`` and 202 GFLOP/s through oneDNN with a pre-reordered weight; 3072 -> 768 116 vs 204.
 
 The reordered copy is a cache, never the source of truth: entries are keyed on the source
-weights' identity, storage and version counter and on the number of optimizer steps taken on each
-of them, so an optimizer step, ``load_state_dict`` or ``.to()`` makes them stale and they are
-rebuilt on the next use. The step counts are there because fused optimizers (``AdamW(fused=True)``,
-the Trainer's default) write parameters without bumping their version counters; they are counted per
-parameter (and per view's base), so training one model does not make another model's cache stale.
+weights' identity, storage and version counter and on the number of optimizer steps taken in the
+process, so an optimizer step, ``load_state_dict`` or ``.to()`` makes them stale and they are
+rebuilt on the next use. The step count is there because fused optimizers (``AdamW(fused=True)``,
+the Trainer's default) write parameters without bumping their version counters. It is the whole
+process's on purpose: a step on any tensor (another model's, or a copy that shares the weights'
+storage, ``load_state_dict(assign=True)``, or a master copy written back through ``.data``) makes
+every cache stale, the price being one repacking per step for a model served while another trains.
 Switching a model to training mode empties its caches too; a dtype or device change drops them on
-the next call. Writes through ``param.data`` bypass all of this (as does a fused optimizer stepping
-other tensors that alias the weights): whoever does that must start a new cache. Weights that are
+the next call. Writes through ``param.data`` outside an optimizer step bypass all of this: whoever
+does that must start a new cache. Weights that are
 inference tensors (made under ``torch.inference_mode()``) have no version counter, so their changes
 cannot be seen: they take the plain ops. Copies and pickles of a model carry an empty cache (oneDNN's
 opaque tensors cannot be copied).
@@ -64,22 +66,13 @@ class _Entry:
     key: tuple
 
 
+_optimizer_steps = 0
 _counting_optimizer_steps = False
-# A parameter's attribute counting the optimizer steps taken on it (fused optimizers write parameters
-# without bumping their version counters).
-_STEPS_ATTRIBUTE = "_fastmini_optimizer_steps"
 
 
 def _count_optimizer_step(optimizer, args, kwargs) -> None:
-    for group in optimizer.param_groups:
-        for parameter in group["params"]:
-            setattr(parameter, _STEPS_ATTRIBUTE, getattr(parameter, _STEPS_ATTRIBUTE, 0) + 1)
-
-
-def _optimizer_steps_on(t: torch.Tensor) -> int:
-    """Steps taken on ``t``, or on the tensor it is a view of (an optimizer holding the base)."""
-    steps = getattr(t, _STEPS_ATTRIBUTE, 0)
-    return steps if t._base is None else steps + getattr(t._base, _STEPS_ATTRIBUTE, 0)
+    global _optimizer_steps
+    _optimizer_steps += 1
 
 
 def _start_counting_optimizer_steps() -> None:
@@ -91,9 +84,8 @@ def _start_counting_optimizer_steps() -> None:
 
 
 def _key(tensors: Sequence[torch.Tensor | None]) -> tuple:
-    return tuple(
-        (id(t), t.data_ptr(), t._version, _optimizer_steps_on(t), t.dtype, t.device) for t in tensors if t is not None
-    )
+    versions = tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors if t is not None)
+    return (_optimizer_steps, *versions)
 
 
 class PrepackedLinears:
