@@ -95,6 +95,31 @@ def test_a_job_gives_back_the_lock_it_took_even_after_the_working_directory_chan
     check_not_running(tmp_path / "a" / "out")  # free: a second job may start there
 
 
+def test_a_job_gives_back_only_the_locks_it_took_not_another_threads(tmp_path):
+    import threading
+
+    b_holds, a_ended = threading.Event(), threading.Event()
+
+    def job_b() -> None:
+        with releasing_output_dirs_taken():
+            hold_output_dir(tmp_path / "b")
+            b_holds.set()
+            a_ended.wait(timeout=60)
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with releasing_output_dirs_taken():
+        hold_output_dir(tmp_path / "a")
+        thread = threading.Thread(target=job_b)
+        thread.start()
+        assert b_holds.wait(timeout=60)
+    held = set(output_dirs._held)
+    a_ended.set()
+    thread.join(timeout=60)
+    assert (tmp_path / "b").resolve() in held and (tmp_path / "a").resolve() not in held
+    assert (tmp_path / "b").resolve() not in output_dirs._held  # and b's own job gave it back
+
+
 def test_a_lock_dies_with_its_process(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; from fastmini.training.output_dirs import "

@@ -9,6 +9,7 @@ model another tool or person saved there only with --overwrite-output-dir. A job
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import os
 import warnings
@@ -27,6 +28,10 @@ TRAINER_KEYS = {"fastmini.distill": "teacher", "fastmini.finetune": "task"}
 _OUTPUT_ENTRIES = (CONFIG_NAME, TRAIN_CONFIG_NAME, METRICS_NAME, RUNS_DIR)
 
 _held: dict[Path, IO[str]] = {}  # resolved directory -> its open, locked lock file
+# The directories the running job locked (releasing_output_dirs_taken); a context variable: a thread's own.
+_taken_by_this_job: contextvars.ContextVar[list[Path] | None] = contextvars.ContextVar(
+    "fastmini_output_dirs_taken", default=None
+)
 
 
 def written_by(output: Path) -> str | None:
@@ -113,6 +118,9 @@ def hold_output_dir(output: Path) -> None:
     handle.write(f"{os.getpid()}\n")
     handle.flush()
     _held[key] = handle
+    taken = _taken_by_this_job.get()
+    if taken is not None:
+        taken.append(key)
 
 
 def release_output_dir(output: str | Path) -> None:
@@ -124,11 +132,17 @@ def release_output_dir(output: str | Path) -> None:
 
 @contextlib.contextmanager
 def releasing_output_dirs_taken() -> Iterator[None]:
-    """Give back, on leaving, every lock taken inside: a job's own, by the directory it locked, not by re-resolving
-    a path the job was given (a relative one names another directory once the working directory changed)."""
-    before = set(_held)
+    """Give back, on leaving, the locks this job took inside (its context's own: another thread's job keeps its
+    locks), by the directories it locked, not by re-resolving a path the job was given (a relative one names
+    another directory once the working directory changed)."""
+    taken: list[Path] = []
+    token = _taken_by_this_job.set(taken)
     try:
         yield
     finally:
-        for key in set(_held) - before:
-            release_output_dir(key)
+        _taken_by_this_job.reset(token)
+        for key in taken:
+            handle = _held.pop(key, None)
+            if handle is not None:
+                with contextlib.suppress(OSError):  # closing gives the lock back; nothing to save if it fails
+                    handle.close()
