@@ -519,6 +519,25 @@ def test_the_offline_switch_lasts_one_job(monkeypatch):
     assert len(probes) == 2
 
 
+def test_the_offline_switch_undoes_only_what_it_changed(monkeypatch):
+    """datasets offline by its own setting (HF_DATASETS_OFFLINE) stays so after a job that switched the hub."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    from fastmini.training import cli
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(cli, "_hub_unreachable", lambda: True)
+    with cli.hub_offline_switch_undone():
+        with cli.hub_offline_switch_undone():  # a job inside a job: the outer one undoes
+            cli.use_cache_if_hub_unreachable()
+        assert constants.HF_HUB_OFFLINE is True
+    assert constants.HF_HUB_OFFLINE is False and datasets.config.HF_HUB_OFFLINE is True
+
+
 # ---- a run and what it leaves ---------------------------------------------------------------------
 
 

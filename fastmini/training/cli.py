@@ -12,6 +12,8 @@ fastmini.training.errors for failures that may be one rank's own).
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import dataclasses
 import importlib
 import json
 import logging
@@ -22,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 # How long a torchrun worker that left its error message to rank 0 waits for torchrun to end it (see
 # _leave_if_torchrun_worker): ranks raise the same error within moments of each other, slow imports aside.
@@ -48,7 +51,8 @@ def quiet_libraries() -> None:
 
 def use_cache_if_hub_unreachable() -> None:
     """Before a hub lookup: when HF_HUB_OFFLINE is unset and the hub cannot be reached within a few
-    seconds, switch huggingface_hub (and datasets) to offline mode for this job (hub_offline_switch_undone).
+    seconds, switch huggingface_hub (and datasets) to offline mode, for the running job when there is one
+    (``hub_offline_switch_undone``), else for the process.
 
     A model or dataset already in the local cache then still loads, and one that is not fails at
     once instead of after huggingface_hub's five retries with back-off (about 25 s)."""
@@ -56,51 +60,67 @@ def use_cache_if_hub_unreachable() -> None:
         return
     from huggingface_hub import constants
 
-    constants.HF_HUB_OFFLINE = True  # what huggingface_hub.is_offline_mode() and transformers read
+    modules = [constants]  # what huggingface_hub.is_offline_mode() and transformers read
     with contextlib.suppress(ImportError):
         import datasets.config
 
-        datasets.config.HF_HUB_OFFLINE = True
+        modules.append(datasets.config)
+    job = _hub_job.get()
+    for module in modules:
+        if not module.HF_HUB_OFFLINE:
+            if job is not None:
+                job.switched.append((module, module.HF_HUB_OFFLINE))
+            module.HF_HUB_OFFLINE = True
+
+
+@dataclasses.dataclass
+class _HubJob:
+    """One job's view of the hub: its probe's answers, and what its offline switch changed (to undo)."""
+
+    probe: dict[str, bool] = dataclasses.field(default_factory=dict)  # endpoint -> unreachable
+    switched: list[tuple[Any, bool]] = dataclasses.field(default_factory=list)  # (module, its value before)
+
+
+_hub_job: contextvars.ContextVar[_HubJob | None] = contextvars.ContextVar("fastmini_hub_job", default=None)
+_process_hub_probe: dict[str, bool] = {}  # the probe's answers outside any job
 
 
 @contextlib.contextmanager
 def hub_offline_switch_undone() -> Iterator[None]:
-    """Undo ``use_cache_if_hub_unreachable``'s switch on leaving (and forget its probe): a job's answer to a
-    network that was down, not the process's, which may go on (a notebook, a server) once the network is back."""
-    from huggingface_hub import constants
-
-    before = constants.HF_HUB_OFFLINE
-    # datasets reads the same environment variable; not imported here only to be read (a second of start-up)
-    loaded = sys.modules.get("datasets.config")
-    datasets_before = before if loaded is None else loaded.HF_HUB_OFFLINE
+    """A job's scope for ``use_cache_if_hub_unreachable``: the hub is probed once in it, and what the switch
+    changed is undone on leaving (a job's answer to a network that was down, not the process's, which may go on:
+    a notebook, a server). A job inside a job shares the outer one's scope."""
+    if _hub_job.get() is not None:
+        yield
+        return
+    job = _HubJob()
+    token = _hub_job.set(job)
     try:
         yield
     finally:
-        constants.HF_HUB_OFFLINE = before
-        if (datasets_config := sys.modules.get("datasets.config")) is not None:
-            datasets_config.HF_HUB_OFFLINE = datasets_before
-        _hub_probe.clear()
-
-
-_hub_probe: dict[str, bool] = {}  # endpoint -> unreachable, for one job (hub_offline_switch_undone forgets it)
+        _hub_job.reset(token)
+        for module, before in reversed(job.switched):
+            module.HF_HUB_OFFLINE = before
 
 
 def _hub_unreachable(timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to the hub's endpoint fails (probed once a job)."""
+    """Whether a TCP connection to the hub's endpoint fails (probed once a job, or once outside any)."""
     import socket
     from urllib.parse import urlparse
 
     from huggingface_hub import constants
 
-    if constants.ENDPOINT not in _hub_probe:
+    job = _hub_job.get()
+    probe = _process_hub_probe if job is None else job.probe
+    if constants.ENDPOINT not in probe:
         endpoint = urlparse(constants.ENDPOINT)
         port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
         try:
             socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
-            _hub_probe[constants.ENDPOINT] = False
+            probe[constants.ENDPOINT] = False
         except OSError:
-            _hub_probe[constants.ENDPOINT] = True
-    return _hub_probe[constants.ENDPOINT]
+            probe[constants.ENDPOINT] = True
+    return probe[constants.ENDPOINT]
 
 
 class CurrentStderr(logging.StreamHandler):
