@@ -445,6 +445,20 @@ def test_other_bad_input_is_a_clear_error():
         add_layer_norm(too_wide, too_wide, wide_weight, wide_bias, EPS, backend="triton")
 
 
+@pytest.mark.parametrize("weight_dtype, bias_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_norm_parameters_of_two_dtypes_beside_16_bit_input(weight_dtype, bias_dtype, backend):
+    """Each is taken alone (fp32 beside bf16 input); together torch's CPU kernel refused them ("mixed dtype")."""
+    generator = torch.Generator().manual_seed(0)
+    x, residual = (torch.randn(4, 36, generator=generator).bfloat16().to(DEVICE) for _ in range(2))
+    weight = torch.randn(36, generator=generator).to(DEVICE, weight_dtype)
+    bias = torch.randn(36, generator=generator).to(DEVICE, bias_dtype)
+    out = add_layer_norm(x, residual, weight, bias, EPS, backend=backend)
+    expected = torch.nn.functional.layer_norm((x + residual).float(), (36,), weight.float(), bias.float(), EPS)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+
+
 def test_the_automatic_choice_leaves_rows_too_wide_for_the_kernel_to_torch(monkeypatch, triton_launches):
     """Asked for by name the kernel refuses H > 16384 (above); chosen automatically (here the interpreter's
     choice, on a GPU while a graph records) such rows go to torch instead of failing."""

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fastmini.ops import Packing, packed_self_attention, self_attention
+from fastmini.ops.key_padding import KeyPadding
 
 HEADS, HEAD_DIM = 2, 4
 HIDDEN = HEADS * HEAD_DIM
@@ -152,6 +153,13 @@ def _misuse_cases():
         "pack_shape": (lambda: packing.pack(torch.randn(3, 4, 5)), ValueError, "padded"),
         "unpack_token_count": (lambda: packing.unpack(torch.randn(7, 5)), ValueError, "packed"),
         "packing_from_1d_mask": (lambda: Packing.from_attention_mask(torch.ones(4)), ValueError, "attention_mask"),
+        "zero_width": (lambda: self_attention(*(t[..., :0] for t in (query, key, value)), HEADS), ValueError, "query"),
+        # another mask of the right shape was read as given: padded keys attended to
+        "key_padding_of_another_mask": (
+            lambda: packed_self_attention(pq, pk, pv, HEADS, packing, key_padding=KeyPadding(torch.ones_like(mask))),
+            ValueError,
+            "key_padding",
+        ),
     }
 
 

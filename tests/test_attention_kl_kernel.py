@@ -118,6 +118,13 @@ def test_misuse_is_the_same_error_on_every_backend(backend):
         attention_kl_sum(student, teacher[:, :2], real, 1.0, backend=backend)
     with pytest.raises(ValueError, match="detach"):
         attention_kl_sum(student, teacher.clone().requires_grad_(), real, 1.0, backend=backend)
+    for denominator in (0.0, -1.0, float("nan"), "2"):
+        with pytest.raises(ValueError, match="denominator must be a finite number > 0"):
+            attention_kl_sum(student, teacher, real, denominator, backend=backend)
+    with pytest.raises(TypeError, match="teacher must be float16"):
+        attention_kl_sum(student, teacher.bool(), real, 1.0, backend=backend)
+    with pytest.raises(TypeError, match="student must be a torch.Tensor"):
+        attention_kl_sum(student.tolist(), teacher, real, 1.0, backend=backend)
 
 
 def test_a_second_derivative_is_refused_not_wrong():

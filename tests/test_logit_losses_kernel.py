@@ -208,8 +208,14 @@ def test_misuse_is_one_clear_error():
         logit_losses_sum(student, labels, teacher[:, :9], 1.0)
     with pytest.raises(ValueError, match="int64"):
         logit_losses_sum(student, labels.int(), teacher, 1.0)
-    with pytest.raises(ValueError, match="temperature must be a number > 0"):
-        logit_losses_sum(student, labels, teacher, 0.0)
+    for temperature in (0.0, float("inf")):  # inf gave NaN or 0 by the data
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+            logit_losses_sum(student, labels, teacher, temperature)
+    for backend in ("torch", "triton"):  # triton padded a row's end with -inf, which uint8 and bool cannot hold
+        with pytest.raises(TypeError, match="teacher must be float16, bfloat16, float32 or float64, got torch.uint8"):
+            logit_losses_sum(student, labels, teacher.to(torch.uint8), 1.0, backend=backend)
+        with pytest.raises(ValueError, match="labels must be"):
+            logit_losses_sum(student, labels.tolist(), teacher, 1.0, backend=backend)
     with pytest.raises(ValueError, match="detach them first"):
         logit_losses_sum(student, labels, teacher.clone().requires_grad_(), 1.0)
     with pytest.raises(ValueError, match="V > 0"):

@@ -22,7 +22,7 @@ from fastmini.ops.checks import (
     check_parameter,
     check_probability,
     check_tensor,
-    layer_norm_parameter,
+    layer_norm_parameters,
 )
 from fastmini.ops.dispatch import choose, in_cuda_graph_recording
 
@@ -210,9 +210,7 @@ def _add_layer_norm_torch(
     if all_in(x.dtype, residual, weight, bias):
         return add_layer_norm_ref(x, residual, weight, bias, eps, dropout_p)
     dtype = torch.promote_types(x.dtype, residual.dtype)
-    return add_layer_norm_ref(
-        x, residual, layer_norm_parameter(weight, dtype), layer_norm_parameter(bias, dtype), eps, dropout_p
-    )
+    return add_layer_norm_ref(x, residual, *layer_norm_parameters(weight, bias, dtype), eps, dropout_p)
 
 
 def _add_layer_norm_triton(

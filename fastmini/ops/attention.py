@@ -65,6 +65,8 @@ def _check_qkv(op: str, query: object, key: object, value: object, num_heads: ob
     if isinstance(num_heads, bool) or not isinstance(num_heads, int):
         raise TypeError(f"{op}: num_heads must be a Python int, got {type(num_heads).__name__}")
     hidden = query.shape[-1] if query.dim() > 0 else 0
+    if hidden == 0:
+        raise ValueError(f"{op}: query must be (..., H) with H > 0, got shape {tuple(query.shape)}")
     if num_heads <= 0 or hidden % num_heads != 0:
         raise ValueError(f"{op}: num_heads must be > 0 and divide the width of query ({hidden}), got {num_heads}")
     check_probability(op, "dropout_p", dropout_p)
@@ -343,6 +345,11 @@ def packed_self_attention(
             )
         if packing.indices.device != query.device:
             raise ValueError(f"{op}: packing is on {packing.indices.device} but query is on {query.device}")
+        # Its mask is read as given (no host read compares values): it must be the packing's own.
+        if key_padding is not None and (
+            not isinstance(key_padding, KeyPadding) or key_padding.mask is not packing.key_padding_mask
+        ):
+            raise ValueError(f"{op}: key_padding must be KeyPadding(packing.key_padding_mask), made of that tensor")
     chosen = _packed_backend(query, backend)
     tokens, hidden = query.shape
     head_size = hidden // num_heads

@@ -16,9 +16,12 @@ Both are autograd Functions rather than torch.library custom ops: the loss is ne
 
 from __future__ import annotations
 
+import math
+from numbers import Real
+
 import torch
 
-from fastmini.ops.checks import HeldTarget, accumulator_dtype, check_loss_inputs
+from fastmini.ops.checks import HeldTarget, accumulator_dtype, check_loss_inputs, check_tensor
 from fastmini.ops.dispatch import choose
 
 _OP = "attention_kl"
@@ -111,11 +114,17 @@ def attention_kl_sum(
     ``student`` only (the teacher is a target: one that requires grad is refused); ``rows``: (B, S) weights of
     the query rows (1 for real tokens, 0 for padding), any dtype."""
     check_attention_maps(student, teacher, rows)
+    if isinstance(denominator, bool) or not isinstance(denominator, Real) or not 0 < denominator < math.inf:
+        raise ValueError(f"{_OP}: denominator must be a finite number > 0, got {denominator!r}")
     return choose(_OP, student, backend, _BACKENDS, _VERIFIED_ON_GPU)(student, teacher, rows, float(denominator))
 
 
 def check_attention_maps(student: torch.Tensor, teacher: torch.Tensor, rows: torch.Tensor) -> None:
-    """Shapes and devices, never values (no host read), so that misuse is the same error on every backend."""
+    """Shapes, dtypes and devices, never values (no host read), so that misuse is the same error on every backend."""
+    check_tensor(_OP, "student", student)
+    check_tensor(_OP, "teacher", teacher)
+    if not isinstance(rows, torch.Tensor):
+        raise TypeError(f"{_OP}: rows must be a torch.Tensor, got {type(rows).__name__}")
     if student.dim() != 4 or teacher.shape != student.shape:
         raise ValueError(
             f"{_OP}: student and teacher must be (B, A, S, K) maps of one shape, got {tuple(student.shape)} and "

@@ -90,14 +90,17 @@ def cast_to(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(dtype)
 
 
-def layer_norm_parameter(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A LayerNorm weight or bias that F.layer_norm takes next to input of ``dtype``: the same dtype, or on the
-    CPU fp32 next to 16-bit input (the CPU kernel's mixed mode, which keeps fp32 parameters fp32; the CUDA kernel
-    refuses it: "expected scalar type BFloat16 but found Float", torch 2.11 on an H200)."""
-    mixed = tensor.dtype == torch.float32 and dtype in _HALF_DTYPES and tensor.device.type == "cpu"
-    if tensor.dtype == dtype or mixed:
-        return tensor
-    return tensor.to(dtype)
+def layer_norm_parameters(
+    weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A LayerNorm's weight and bias as F.layer_norm takes them next to input of ``dtype``: that dtype, or on the
+    CPU both fp32 next to 16-bit input (the CPU kernel's mixed mode, which keeps fp32 parameters fp32, both or
+    neither: "mixed dtype (CPU): expect parameter to have scalar type of Float"; the CUDA kernel refuses it:
+    "expected scalar type BFloat16 but found Float", torch 2.11 on an H200)."""
+    mixed = weight.dtype == bias.dtype == torch.float32 and dtype in _HALF_DTYPES and weight.device.type == "cpu"
+    if mixed:
+        return weight, bias
+    return weight.to(dtype), bias.to(dtype)
 
 
 class HeldTarget:

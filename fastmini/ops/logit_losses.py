@@ -18,10 +18,12 @@ Functions, not custom ops: the loss is never compiled or exported.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from fastmini.ops.checks import HeldTarget, check_loss_inputs
+from fastmini.ops.checks import HeldTarget, check_loss_inputs, check_tensor
 from fastmini.ops.dispatch import choose
 
 _OP = "logit_losses"
@@ -110,16 +112,18 @@ def logit_losses_sum(
 
 def check_logits(student: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor, temperature: float) -> None:
     """Shapes, dtypes and devices, never values (no host read): misuse is the same error on every backend."""
+    check_tensor(_OP, "student", student)  # floating logits: the kernel pads a row's end with -inf
+    check_tensor(_OP, "teacher", teacher)
     if student.dim() != 2 or teacher.shape != student.shape or student.shape[1] == 0:
         raise ValueError(
             f"{_OP}: student and teacher logits must be (M, V) of one shape with V > 0, got {tuple(student.shape)} "
             f"and {tuple(teacher.shape)}"
         )
-    if labels.shape != student.shape[:1] or labels.dtype != torch.int64:
+    if not isinstance(labels, torch.Tensor) or labels.shape != student.shape[:1] or labels.dtype != torch.int64:
         raise ValueError(
             f"{_OP}: labels must be (M,) = {tuple(student.shape[:1])} int64 like the logits' rows, got "
-            f"{tuple(labels.shape)} {labels.dtype}"
+            + (f"{tuple(labels.shape)} {labels.dtype}" if isinstance(labels, torch.Tensor) else type(labels).__name__)
         )
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"{_OP}: temperature must be a number > 0, got {temperature!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise ValueError(f"{_OP}: temperature must be a finite number > 0, got {temperature!r}")
     check_loss_inputs(_OP, "logits", student=student, labels=labels, teacher=teacher)
