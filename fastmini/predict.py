@@ -4,7 +4,8 @@ The model is a directory written by ``python -m fastmini.finetune`` (or any fast
 / ALBERT sequence- or token-classification checkpoint with its tokenizer); what it predicts
 (classes, a number, several labels, BIO tags) is read from its config. Input:
 - ``.txt`` (or ``-`` for stdin): one text per line; for a tagger, words separated by spaces (a ``.txt`` whose
-  first line has a tab is the two-column training format, as the fine-tuner reads it);
+  first line of text has a tab, or is a word and a tag such as ``B-PER`` or ``O``, is the two-column training
+  format, as the fine-tuner reads it);
 - ``.jsonl`` / ``.json``: objects with ``--text-column`` (and ``--text-pair-column`` for pairs);
   for a tagger, ``--tokens-column`` (a list of words) or the text column;
 - ``.csv`` / ``.tsv``: a header row naming those columns; for a tagger, ``.tsv`` / ``.conll``
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -230,7 +232,7 @@ def read_inputs(source: str, kind: str, text_column: str, pair_column: str | Non
             f"--input {source}: unsupported file type '{suffix}' (expected text: .txt, .jsonl, .json, .csv, .tsv, "
             "or a two-column NER file; decompress it first)"
         )
-    if kind == "ner" and (suffix in NER_FILE_SUFFIXES or (suffix == ".txt" and _tab_separated(path))):
+    if kind == "ner" and (suffix in NER_FILE_SUFFIXES or (suffix == ".txt" and _token_tag_columns(path))):
         return [{"tokens": s["tokens"], "where": s["where"]} for s in read_ner_file(path, tags_required=False)]
     if kind == "ner" and suffix in (".json", ".jsonl"):
         return _tagger_json(path, text_column, tokens_column)
@@ -244,14 +246,23 @@ def read_inputs(source: str, kind: str, text_column: str, pair_column: str | Non
     return _refuse_all_empty(_from_lines(lines, str(path), kind, pair_column), str(path))
 
 
-def _tab_separated(path: Path) -> bool:
-    """Whether a .txt file's first non-blank line has a tab: a tagger's two-column 'token<TAB>tag' file (the
-    fine-tuner's .txt format), not one sentence per line. Reads up to that line only: the file's reader reads it
-    all afterwards (and names an encoding problem: undecodable bytes are replaced here)."""
-    with open(path, encoding="utf-8-sig", errors="replace", newline="") as handle:
+_TAG_OF_A_TAG_FILE = re.compile(r"O|[BIES]-\S+")  # a tag as a second word: "Plan B" stays a sentence
+
+
+def _token_tag_columns(path: Path) -> bool:
+    """Whether a .txt file is a tagger's 'token tag' file (the fine-tuner's .txt format, read as it reads it), not one
+    sentence per line: its first line of text (past -DOCSTART-) has a tab, or is two words whose second is a tag
+    (B-X, I-X, O; a sentence of two such words is read as a tag file, whose reader then names its first line that
+    is not 'token tag'). Reads up to that line only: the file's reader reads it all afterwards (and names an
+    encoding problem: undecodable bytes are replaced here)."""
+    from fastmini.data.ner import DOCUMENT_START
+
+    with open(path, encoding="utf-8-sig", errors="replace") as handle:
         for line in handle:
-            if line.strip():
-                return "\t" in line
+            fields = line.split()
+            if not fields or fields == [DOCUMENT_START] or fields[0] == DOCUMENT_START:
+                continue
+            return "\t" in line.strip() or (len(fields) == 2 and _TAG_OF_A_TAG_FILE.fullmatch(fields[1]) is not None)
     return False
 
 
@@ -264,9 +275,10 @@ def _read_stdin() -> str:
         return sys.stdin.read()
     data = stream.read()
     try:
-        return data.decode("utf-8-sig")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise DataError(f"stdin: not UTF-8 text ({error.reason} at byte {error.start})") from error
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as files are read
 
 
 def _from_lines(lines: list[str], where: str, kind: str, pair_column: str | None) -> list[dict[str, Any]]:
@@ -307,7 +319,10 @@ def _tagger_json(path: Path, text_column: str, tokens_column: str) -> list[dict[
     examples = []
     for where, record in records:
         if isinstance(record.get(tokens_column), list):
-            examples.append({"tokens": [str(t) for t in record[tokens_column]], "where": where})
+            words = record[tokens_column]
+            if not all(isinstance(word, str) for word in words):
+                raise DataError(f"{where}: every item of '{tokens_column}' must be a word (a string), got {words!r}")
+            examples.append({"tokens": words, "where": where})
         elif isinstance(record.get(text_column), str):
             examples.append({"tokens": record[text_column].split(), "where": where})
         else:

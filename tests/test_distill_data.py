@@ -279,6 +279,17 @@ def test_text_files_by_line_paragraph_and_file(tmp_path):
     assert read_file(path, text_unit="line") == ["one line", "second line", "third after blank"]
     assert read_file(path, text_unit="paragraph") == ["one line\nsecond line", "third after blank"]
     assert read_file(path, text_unit="file") == ["one line\nsecond line\n\n  \nthird after blank"]
+    path.write_text("first\n\u00a0\nsecond\n\x0c\nthird\n\u3000\t\nfourth\n")  # blank lines of other whitespace
+    assert read_file(path, text_unit="paragraph") == ["first", "second", "third", "fourth"]
+
+
+def test_a_pattern_through_a_symlinked_folder_loop_reads_each_file_once(tmp_path):
+    from fastmini.data.corpus import local_files
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("a\n")
+    (tmp_path / "corpus" / "loop").symlink_to(tmp_path / "corpus")
+    assert local_files(str(tmp_path / "corpus" / "**" / "*.txt")) == [tmp_path / "corpus" / "a.txt"]
 
 
 def test_json_lines_json_array_csv_tsv_and_parquet(tmp_path):

@@ -109,6 +109,14 @@ def test_empty_files_and_rows_without_labels(tmp_path):
     unlabelled.write_text("text,label\ngood,pos\nbad,\n")
     with pytest.raises(DataError, match=r"x.csv, line 3: no label in column 'label'"):
         read_labelled_file(unlabelled, Columns())
+    blank = tmp_path / "w.csv"
+    blank.write_text("text,label\ngood,pos\nbad,   \n")  # spaces only: no label either (it was a class named "")
+    with pytest.raises(DataError, match=r"w.csv, line 3: no label in column 'label'"):
+        read_labelled_file(blank, Columns())
+    repeated = tmp_path / "k.jsonl"
+    repeated.write_text('{"text": "a", "label": "pos", "label": "neg"}\n')  # json.loads kept the last silently
+    with pytest.raises(DataError, match=r"k.jsonl, line 1: an object names the key 'label' twice"):
+        read_labelled_file(repeated, Columns())
     ragged = tmp_path / "r.csv"
     ragged.write_text("text,label\ngood,pos,extra\n")
     with pytest.raises(DataError, match="line 2: 3 cells, the header has 2"):
@@ -354,6 +362,8 @@ def test_label_maps_are_sorted_and_stable():
         "2",
         "10",
     ]  # numerically, one class per value
+    assert build_label_names(classification, ["1.5", "1.50", 1.5, "0"]) == ["0", "1.5"]  # one number, however written
+    assert build_label_names(classification, ["007", "010", "1_0", "1e0"]) == ["007", "010", "1_0", "1e0"]  # codes
     assert build_label_names(task_spec("multilabel"), [["b", "a"], "c,a", []]) == ["a", "b", "c"]
     assert build_label_names(task_spec("rte"), ["whatever"]) == ["entailment", "not_entailment"]
     assert build_label_names(task_spec("regression"), [1.0]) is None

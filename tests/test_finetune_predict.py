@@ -258,6 +258,10 @@ def test_one_record_per_input_line_with_its_index(classifier, tmp_path, monkeypa
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("\n".join(lines).encode())))
     assert main(["--model", str(classifier), "--input", "-"]) == 0
     assert capsys.readouterr().out == output.read_text(encoding="utf-8")
+    # old Mac line ends (CR alone): lines, as a file's universal newlines read them (stdin gave one example)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("\r".join(lines).encode())))
+    assert main(["--model", str(classifier), "--input", "-"]) == 0
+    assert capsys.readouterr().out == output.read_text(encoding="utf-8")
     rows = tmp_path / "rows.csv"
     rows.write_text("id,text\n1,a good film\n,\n3,\n4,an awful plot\n")
     assert main(["--model", str(classifier), "--input", str(rows), "--output", str(output)]) == 0
@@ -291,6 +295,20 @@ def test_tagger_input_is_read_like_the_classifiers(tagger, tmp_path, capsys):
     array.write_text('[{"tokens": ["a"]}, 3]')
     assert "words.json, item 1: expected a JSON object" in error_of(["--model", str(tagger), "--input", str(array)],
                                                                     capsys)  # fmt: skip
+    words = tmp_path / "nulls.jsonl"
+    words.write_text('{"tokens": ["big", null, "dog"]}\n')  # null became the word "None"
+    line = error_of(["--model", str(tagger), "--input", str(words)], capsys)
+    assert "nulls.jsonl, line 1: every item of 'tokens' must be a word (a string)" in line
+    for name, text in (("spaced.txt", "big B-X\ndog I-X\n\nthe O\ncat B-X\n"),  # as the fine-tuner reads .txt
+                       ("docstart.txt", "-DOCSTART- O\n\nbig\tB-X\ndog\tI-X\n\nthe\tO\ncat\tB-X\n")):  # fmt: skip
+        columns = tmp_path / name
+        columns.write_text(text)
+        assert main(["--model", str(tagger), "--input", str(columns), "--output", str(output)]) == 0
+        assert [r["tokens"] for r in read_jsonl(output)] == [["big", "dog"], ["the", "cat"]], name
+    sentences = tmp_path / "sentences.txt"
+    sentences.write_text("Plan B\nthe big cat\n")  # one sentence a line: "B" alone is no tag of a tag file
+    assert main(["--model", str(tagger), "--input", str(sentences), "--output", str(output)]) == 0
+    assert [r["tokens"] for r in read_jsonl(output)] == [["Plan", "B"], ["the", "big", "cat"]]
     unlabelled = tmp_path / "test.tsv"  # the two-column format without its tags: one token per line
     unlabelled.write_text("the\nbig\ncat\n\nbread\n")
     assert main(["--model", str(tagger), "--input", str(unlabelled), "--output", str(output)]) == 0

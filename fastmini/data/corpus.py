@@ -15,7 +15,6 @@ Every failure is a DataError naming the file or dataset and what was wrong.
 from __future__ import annotations
 
 import glob
-import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -89,7 +88,12 @@ def local_files(source: str) -> list[Path] | None:
             raise DataError(f"{source}: the directory holds no {'/'.join(SUPPORTED_SUFFIXES)} files")
         return files
     if any(ch in source for ch in GLOB_CHARACTERS):
-        matches = sorted(Path(p) for p in glob.glob(str(expanded), recursive=True) if Path(p).is_file())
+        matches, seen = [], set()
+        # glob's ** follows symlinked folders: a link back up (a loop) matched every file once a level, ~40 times
+        for match in sorted(Path(p) for p in glob.glob(str(expanded), recursive=True)):
+            if match.is_file() and (real := match.resolve()) not in seen:
+                seen.add(real)
+                matches.append(match)
         if not matches:
             raise DataError(f"{source}: the pattern matches no files")
         return matches
@@ -121,11 +125,25 @@ def _read_text(path: Path, text_unit: str) -> list[str]:
     text = read_text_file(path, allow_empty=True)
     if text_unit == "file":
         pieces: Iterable[str] = [text]
-    elif text_unit == "paragraph":  # paragraphs end at a blank line, one of spaces included
-        pieces = re.split(r"\n[ \t]*\n", "\n".join(split_lines(text)))
+    elif text_unit == "paragraph":  # paragraphs end at a blank line: nothing but whitespace (NBSP, U+3000 too)
+        pieces = _paragraphs(split_lines(text))
     else:
         pieces = split_lines(text)
     return [piece.strip() for piece in pieces if piece.strip()]
+
+
+def _paragraphs(lines: list[str]) -> list[str]:
+    """The lines joined into paragraphs, cut at each blank line (as line mode, whitespace of any kind is blank)."""
+    paragraphs, current = [], []
+    for line in lines:
+        if line.strip():
+            current.append(line)
+        elif current:
+            paragraphs.append("\n".join(current))
+            current = []
+    if current:
+        paragraphs.append("\n".join(current))
+    return paragraphs
 
 
 def _field(record: dict, text_field: str, where: str) -> str:

@@ -104,7 +104,8 @@ def _examples(
                 raise DataError(f"{where}: no '{name}' field (the {role} column)")
         label = record.get(columns.label)
         # None: no such field, or a CSV row shorter than its header.
-        if label is None or (label == "" and not empty_label_is_a_value):
+        # A blank cell ("", or spaces only) is no label, not a class named "".
+        if label is None or (isinstance(label, str) and not label.strip() and not empty_label_is_a_value):
             if labels_required:
                 raise DataError(f"{where}: no label in column '{columns.label}'")
             label = None

@@ -91,11 +91,32 @@ def csv_rows(
     return names, rows
 
 
+class _RepeatedKey(ValueError):
+    """A JSON object naming one key twice (json.loads would keep the last value silently)."""
+
+
+def _object_of(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    record: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in record:
+            raise _RepeatedKey(key)
+        record[key] = value
+    return record
+
+
+def _loads(text: str, where: str) -> Any:
+    """json.loads, refusing an object that names a key twice (as a CSV header naming a column twice is refused)."""
+    try:
+        return json.loads(text, object_pairs_hook=_object_of)
+    except _RepeatedKey as error:
+        raise DataError(f"{where}: an object names the key {error.args[0]!r} twice") from None
+
+
 def json_records(path: Path, text: str) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
     """(the first record's field names, [(where, record)]) of a JSON array of objects or of JSON lines."""
     if text.lstrip().startswith("["):
         try:
-            records = json.loads(text)
+            records = _loads(text, str(path))
         except json.JSONDecodeError as error:
             raise DataError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from error
         rows = [(f"{path}, item {index}", record) for index, record in enumerate(records)]
@@ -105,7 +126,7 @@ def json_records(path: Path, text: str) -> tuple[list[str], list[tuple[str, dict
             if not line.strip():
                 continue
             try:
-                rows.append((f"{path}, line {number}", json.loads(line)))
+                rows.append((f"{path}, line {number}", _loads(line, f"{path}, line {number}")))
             except json.JSONDecodeError as error:
                 if not rows and _one_json_value(text):
                     raise DataError(

@@ -15,8 +15,10 @@ the row, since the model has no output for it.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from fastmini.data.corpus import DataError
@@ -135,16 +137,24 @@ def _as_number(value: Any) -> float | None:
         return None
 
 
+# A number written plainly: what a label of 1, 1.0 or "1.50" is, as opposed to a code ("007", "1_0", "1e0", "nan").
+_PLAIN_DECIMAL = re.compile(r"[+-]?(0|[1-9][0-9]*)(\.[0-9]+)?")
+
+
+def _canonical_number(number: Decimal) -> str:
+    name = format(number.normalize(), "f")
+    return "0" if name == "-0" else name
+
+
 def _name(value: Any) -> str:
-    """The label name of a class value: 1, 1.0 and "1" are the same class "1"."""
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, str):
-        number = _as_number(value.strip())
-        if number is not None and float(number).is_integer():
-            return str(int(number))
-        return value.strip()
-    return str(value)
+    """The label name of a class value: one number, however written (1, 1.0, "1" and "1.00" are the class "1"; 1.5
+    and "1.50" the class "1.5"); any other text as written, stripped ("007" stays "007", "1e0" stays "1e0")."""
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return _canonical_number(Decimal(repr(value))) if math.isfinite(value) else repr(value)
+    text = str(value).strip()
+    return _canonical_number(Decimal(text)) if _PLAIN_DECIMAL.fullmatch(text) else text
 
 
 def _is_class_value(value: Any) -> bool:
@@ -183,9 +193,8 @@ def build_label_names(spec: TaskSpec, train_labels: list[Any], separator: str = 
         names = {name for value in train_labels for name in split_multilabel(value, separator)}
     else:
         names = {_name(value) for value in train_labels}
-    numbers = {name: _as_number(name) for name in names}
-    if all(number is not None for number in numbers.values()):
-        return sorted(names, key=lambda name: numbers[name])
+    if all(_PLAIN_DECIMAL.fullmatch(name) for name in names):  # numbers in numeric order ("nan" is no number here)
+        return sorted(names, key=Decimal)
     return sorted(names)
 
 
