@@ -540,6 +540,34 @@ def test_a_new_job_leaves_none_of_the_previous_jobs_outputs(model_dir, tmp_path)
     assert not names & {"full", "adapter"} and "notes.txt" in names
 
 
+def test_a_job_stopped_while_publishing_is_unfinished_not_vouched_for_by_the_previous_metrics(
+    model_dir, tmp_path, monkeypatch
+):
+    """Publishing replaces the previous job's files one by one; stopped part-way, the old metrics.json named the old
+    job beside the new model. It waits aside as metrics.previous.json instead, and --resume finishes the job."""
+    from fastmini.training import checkpoints
+
+    with_test = write_task_data(tmp_path / "with-test", "classification", test=8)
+    without_test = write_task_data(tmp_path / "without-test", "classification")
+    output = tmp_path / "out"
+    assert main(args(model_dir, with_test, output, "--epochs", "1", "--adapter-tuning")) == 0
+    publish = checkpoints.publish_directory_contents
+
+    def stopped_part_way(source, target):
+        first = min(source.iterdir(), key=lambda path: (path.name != "train_config.json", path.name))
+        first.replace(target / first.name)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoints, "publish_directory_contents", stopped_part_way)
+    assert main(args(model_dir, without_test, output, "--epochs", "1")) == 130
+    assert not (output / "metrics.json").exists() and (output / "metrics.previous.json").is_file()
+    monkeypatch.setattr(checkpoints, "publish_directory_contents", publish)
+    assert main(args(model_dir, without_test, output, "--epochs", "1", "--resume")) == 0
+    names = {p.name for p in output.iterdir()}
+    assert "metrics.json" in names and "metrics.previous.json" not in names
+    assert "adapters" not in names and "predictions_test.jsonl" not in names  # the first job's, removed on resume
+
+
 def snapshot(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 

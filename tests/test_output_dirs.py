@@ -120,6 +120,32 @@ def test_a_job_gives_back_only_the_locks_it_took_not_another_threads(tmp_path):
     assert (tmp_path / "b").resolve() not in output_dirs._held  # and b's own job gave it back
 
 
+def test_a_publication_stopped_part_way_still_names_its_writer(tmp_path, monkeypatch):
+    """train_config.json goes first: a config.json without it reads as another tool's model, and the run's own
+    checkpoints could then be neither resumed nor replaced without --overwrite-output-dir."""
+    from fastmini.training.checkpoints import publish_directory_contents
+
+    staging = tmp_path / ".tmp-final"
+    staging.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (staging / name).write_text("{}")
+    (staging / "train_config.json").write_text(json.dumps({"teacher": "t"}))
+    renames = []
+    replace = Path.replace
+
+    def stopped_after_two(self, target):
+        if len(renames) == 2:
+            raise KeyboardInterrupt
+        renames.append(self.name)
+        return replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", stopped_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        publish_directory_contents(staging, tmp_path / "out")
+    assert renames == ["train_config.json", "config.json"]
+    assert written_by(tmp_path / "out") == "fastmini.distill"
+
+
 def test_a_lock_dies_with_its_process(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; from fastmini.training.output_dirs import "

@@ -24,6 +24,7 @@ import logging
 import shutil
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ from fastmini.finetune.selection import MODES, Setting, choose, modes_of, result
 from fastmini.finetune.tasks import TaskSpec, task_spec
 from fastmini.training import checkpoints, distributed, precision
 from fastmini.training.batching import check_global_batch, without_split
-from fastmini.training.checkpoints import METRICS_NAME, TRAIN_CONFIG_NAME
+from fastmini.training.checkpoints import METRICS_NAME, PREVIOUS_METRICS_NAME, TRAIN_CONFIG_NAME
 from fastmini.training.cli import check_writable_directory, hub_offline_switch_undone, writable_directory
 from fastmini.training.errors import Interrupted, UsageError
 from fastmini.training.options import read_saved_options
@@ -130,12 +131,25 @@ def _check_resumed_options(grid: Path, config: FinetuneConfig) -> None:
 
 
 def _published_by(output: Path) -> dict[str, list[str]]:
-    """What the previous job in ``output`` published (its metrics.json's "published"); empty if unknown."""
-    try:
-        published = json.loads((output / METRICS_NAME).read_text()).get("published")
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return published if isinstance(published, dict) else {}
+    """What the previous job in ``output`` published (its metrics.json's "published", or the copy that this job's
+    publishing moved aside, were it stopped part-way); empty if unknown."""
+    for name in (METRICS_NAME, PREVIOUS_METRICS_NAME):
+        try:
+            published = json.loads((output / name).read_text()).get("published")
+        except (OSError, ValueError, AttributeError):
+            continue
+        return published if isinstance(published, dict) else {}
+    return {}
+
+
+def _withdraw_previous_metrics(output: Path, modes: Sequence[str]) -> None:
+    """Before publishing: the previous job's metrics.json must not vouch for the files this job is replacing one by
+    one (a process stopped part-way left it naming the old job beside the new model). The top-level one moves
+    aside (what it published is still to be removed at the end, or on --resume); the modes' copies go."""
+    if (output / METRICS_NAME).is_file():
+        (output / METRICS_NAME).replace(output / PREVIOUS_METRICS_NAME)
+    for mode in modes:
+        (output / mode / METRICS_NAME).unlink(missing_ok=True)
 
 
 def _remove_stale_outputs(output: Path, before: dict[str, list[str]], now: dict[str, list[str]]) -> None:
@@ -290,6 +304,7 @@ class FineTuning:
     def _finish(self, results: dict[str, list[dict[str, Any]]], seconds: float) -> dict[str, Any]:
         spec = self.spec
         published_before = _published_by(self.output)
+        _withdraw_previous_metrics(self.output, MODES)
         published: dict[str, list[str]] = {}  # "." (the output directory) or a mode's directory -> entry names
         modes = {}
         for mode, runs in results.items():
@@ -336,7 +351,8 @@ class FineTuning:
                 write_json_atomically(Path(entry["directory"]) / TRAIN_CONFIG_NAME, self.config.to_dict())
         _remove_stale_outputs(self.output, published_before, published)
         write_json_atomically(self.output / TRAIN_CONFIG_NAME, self.config.to_dict())
-        write_json_atomically(self.output / METRICS_NAME, metrics)
+        write_json_atomically(self.output / METRICS_NAME, metrics)  # last: it marks the job finished (_finished)
+        (self.output / PREVIOUS_METRICS_NAME).unlink(missing_ok=True)
         print(results_table(metrics, self.config.seed))
         log.info(
             "wrote the chosen model(s), predictions, %s and %s to %s", METRICS_NAME, TRAIN_CONFIG_NAME, self.output

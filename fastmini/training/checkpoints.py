@@ -85,16 +85,20 @@ def _fsync_directory(directory: Path) -> None:
 def publish_directory_contents(source: Path, target: Path) -> list[str]:
     """Move every entry of ``source`` into ``target`` (one rename each; an entry of the same name,
     file or directory, is replaced), then remove ``source``. For final outputs assembled aside.
-    Returns the names of the entries published, sorted."""
+    Returns the names of the entries published, sorted.
+
+    train_config.json goes first: it names the directory's writer (training.output_dirs.written_by), so a
+    process stopped part-way never leaves a config.json without it, which reads as a model saved by another tool
+    (its checkpoints could then neither be resumed nor replaced without --overwrite-output-dir)."""
     target.mkdir(parents=True, exist_ok=True)
     names = []
-    for path in sorted(source.iterdir()):
+    for path in sorted(source.iterdir(), key=lambda path: (path.name != TRAIN_CONFIG_NAME, path.name)):
         destination = target / path.name
         remove_entry(destination)
         path.replace(destination)
         names.append(path.name)
     source.rmdir()
-    return names
+    return sorted(names)
 
 
 def remove_entry(path: Path) -> None:
