@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from fastmini import FastMiniConfig, FastMiniForMaskedLM
-from fastmini.ops.checks import layer_norm_parameter
+from fastmini.ops.checks import layer_norm_parameters
 
 LENGTHS = (9, 5, 2)
 SOFTMAXES = (torch.Tensor.softmax, torch.softmax, F.softmax)
@@ -169,7 +169,10 @@ def test_under_cuda_autocast_the_switched_tensors_stay_bf16(case):
 def test_layer_norm_parameters_stay_fp32_beside_16_bit_input_only_on_the_cpu():
     """The norms switch hands F.layer_norm bf16 sums and the fp32 LayerNorm parameters: the CPU kernel takes
     them mixed, the CUDA kernel refuses them (seen on the H200), so elsewhere they follow the input's dtype."""
-    weight = torch.ones(8)
-    assert layer_norm_parameter(weight, torch.bfloat16) is weight
-    assert layer_norm_parameter(weight.to("meta"), torch.bfloat16).dtype == torch.bfloat16
-    assert layer_norm_parameter(weight.to("meta"), torch.float32).dtype == torch.float32
+    weight, bias = torch.ones(8), torch.zeros(8)
+    kept = layer_norm_parameters(weight, bias, torch.bfloat16)
+    assert kept[0] is weight and kept[1] is bias
+    meta = layer_norm_parameters(weight.to("meta"), bias.to("meta"), torch.bfloat16)
+    assert [t.dtype for t in meta] == [torch.bfloat16] * 2
+    assert [t.dtype for t in layer_norm_parameters(weight, bias.bfloat16(), torch.bfloat16)] == [torch.bfloat16] * 2
+    assert layer_norm_parameters(weight.to("meta"), bias.to("meta"), torch.float32)[0].dtype == torch.float32
