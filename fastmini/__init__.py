@@ -4,7 +4,11 @@
 Importing never touches a GPU, builds an extension or imports fastmini's Triton kernels (``fastmini.kernels``).
 """
 
-from transformers import (
+from fastmini.command_start import leave_quietly_on_interrupt
+
+leave_quietly_on_interrupt()  # before the seconds of imports below, in a `python -m fastmini.<command>` process only
+
+from transformers import (  # noqa: E402
     AutoConfig,
     AutoModel,
     AutoModelForMaskedLM,
@@ -12,7 +16,7 @@ from transformers import (
     AutoModelForTokenClassification,
 )
 
-from fastmini.models import (
+from fastmini.models import (  # noqa: E402
     CheckpointError,
     FastMiniConfig,
     FastMiniForMaskedLM,
@@ -21,7 +25,7 @@ from fastmini.models import (
     FastMiniModel,
     FastMiniPreTrainedModel,
 )
-from fastmini.models.student import copy_embeddings
+from fastmini.models.student import copy_embeddings  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -112,3 +112,25 @@ def test_sigterm_ends_a_command_like_ctrl_c(capsys):
     assert run_cli("demo", body, "resume with --resume") == 130
     assert capsys.readouterr().err == "demo: interrupted; resume with --resume\n"
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is the command's, not the caller's
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_an_interrupt_while_a_command_loads_its_libraries_is_one_line_and_exit_130(tmp_path, signal_name):
+    """torch and transformers take seconds to import before run_cli can answer an interrupt: a stand-in
+    transformers package signals its own process as it is imported, where a traceback from deep inside an import
+    (Ctrl-C) or a silent -15 (SIGTERM) ended the command before."""
+    fake = tmp_path / "transformers"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(
+        f"import os, signal, time\nos.kill(os.getpid(), signal.{signal_name})\ntime.sleep(60)\n"
+        "raise SystemExit('the signal did not end the start')\n"
+    )
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
+    run = subprocess.run(
+        [sys.executable, "-m", "fastmini.predict", "--help"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert (run.returncode, run.stderr) == (130, "fastmini.predict: interrupted while starting; nothing was written\n")
+    # Anywhere but a fastmini command's own start, Python's handlers stay: here the interrupt is a KeyboardInterrupt.
+    script = "import sys; sys.argv[0] = '-m'; import fastmini"
+    plain = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert plain.returncode != 130 and "interrupted while starting" not in plain.stderr

@@ -151,8 +151,10 @@ def setup_logger(name: str) -> logging.Logger:
 
 def run_cli(name: str, body: Callable[[], int | None], interrupted_hint: str = "") -> int:
     """``body()``'s exit code (0 for None), or the exit code of the error it raised (see above)."""
+    from fastmini.command_start import hand_over
     from fastmini.training.errors import Interrupted, TrainingError, UsageError
 
+    hand_over()  # from here an interrupt is this function's to report
     try:
         with _sigterm_interrupts(), hub_offline_switch_undone():
             code = body() or 0
