@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 
-_installed: str | None = None  # the command whose start these handlers cover
+_replaced: dict[int, object] = {}  # signal -> the handler it had before leave_quietly_on_interrupt
 
 
 def starting_command() -> str | None:
@@ -29,26 +29,23 @@ def starting_command() -> str | None:
 
 
 def leave_quietly_on_interrupt() -> None:
-    """While a fastmini command starts: Ctrl-C or SIGTERM prints one line and exits 130 (see the module doc)."""
-    global _installed
+    """While a fastmini command starts: Ctrl-C or SIGTERM prints one line and exits 130 (see the module doc). A
+    signal the process was started ignoring (a shell's background job ignores Ctrl-C) stays ignored."""
     command = starting_command()
-    if command is None or _installed is not None:
+    if command is None or _replaced:
         return
 
     def leave(signum: int, frame) -> None:
         os.write(2, f"{command}: interrupted while starting; nothing was written\n".encode())
         os._exit(130)
 
-    signal.signal(signal.SIGINT, leave)
-    signal.signal(signal.SIGTERM, leave)
-    _installed = command
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            _replaced[signum] = signal.signal(signum, leave)
 
 
 def hand_over() -> None:
-    """Python's own handlers back (Ctrl-C raises KeyboardInterrupt), for the command's run to take over."""
-    global _installed
-    if _installed is None:
-        return
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _installed = None
+    """The handlers the process had before (Ctrl-C raising KeyboardInterrupt), for the command's run to take over."""
+    while _replaced:
+        signum, handler = _replaced.popitem()
+        signal.signal(signum, handler)

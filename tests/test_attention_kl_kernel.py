@@ -118,9 +118,11 @@ def test_misuse_is_the_same_error_on_every_backend(backend):
         attention_kl_sum(student, teacher[:, :2], real, 1.0, backend=backend)
     with pytest.raises(ValueError, match="detach"):
         attention_kl_sum(student, teacher.clone().requires_grad_(), real, 1.0, backend=backend)
-    for denominator in (0.0, -1.0, float("nan"), "2"):
+    for denominator in (0.0, -1.0, float("nan"), "2", True, None):
         with pytest.raises(ValueError, match="denominator must be a finite number > 0"):
             attention_kl_sum(student, teacher, real, denominator, backend=backend)
+    counted = attention_kl_sum(student, teacher, real, 4, backend=backend)  # a count, however it comes
+    torch.testing.assert_close(attention_kl_sum(student, teacher, real, torch.tensor(4), backend=backend), counted)
     with pytest.raises(TypeError, match="teacher must be float16"):
         attention_kl_sum(student, teacher.bool(), real, 1.0, backend=backend)
     with pytest.raises(TypeError, match="student must be a torch.Tensor"):

@@ -364,6 +364,8 @@ def test_label_maps_are_sorted_and_stable():
     ]  # numerically, one class per value
     assert build_label_names(classification, ["1.5", "1.50", 1.5, "0"]) == ["0", "1.5"]  # one number, however written
     assert build_label_names(classification, ["007", "010", "1_0", "1e0"]) == ["007", "010", "1_0", "1e0"]  # codes
+    long_codes = ["123456789012345678901234567891", "123456789012345678901234567892"]  # past Decimal's 28 digits
+    assert build_label_names(classification, long_codes) == long_codes
     assert build_label_names(task_spec("multilabel"), [["b", "a"], "c,a", []]) == ["a", "b", "c"]
     assert build_label_names(task_spec("rte"), ["whatever"]) == ["entailment", "not_entailment"]
     assert build_label_names(task_spec("regression"), [1.0]) is None

@@ -146,6 +146,21 @@ def test_a_publication_stopped_part_way_still_names_its_writer(tmp_path, monkeyp
     assert written_by(tmp_path / "out") == "fastmini.distill"
 
 
+def test_publishing_replaces_a_file_in_one_rename(tmp_path, monkeypatch):
+    """A file of the same name is replaced by the rename itself: removed first, a stop between the two would leave
+    the directory without it (config.json without train_config.json reads as another tool's model)."""
+    from fastmini.training import checkpoints
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "train_config.json").write_text("old")
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "train_config.json").write_text("new")
+    removed = []
+    monkeypatch.setattr(checkpoints, "remove_entry", removed.append)
+    checkpoints.publish_directory_contents(tmp_path / "new", tmp_path / "out")
+    assert removed == [] and (tmp_path / "out" / "train_config.json").read_text() == "new"
+
+
 def test_a_lock_dies_with_its_process(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; from fastmini.training.output_dirs import "

@@ -18,7 +18,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from typing import Any
 
 from fastmini.data.corpus import DataError
@@ -142,7 +142,9 @@ _PLAIN_DECIMAL = re.compile(r"[+-]?(0|[1-9][0-9]*)(\.[0-9]+)?")
 
 
 def _canonical_number(number: Decimal) -> str:
-    name = format(number.normalize(), "f")
+    with localcontext() as context:  # every digit kept: the default 28 would round long codes into one class
+        context.prec = max(context.prec, len(number.as_tuple().digits))
+        name = format(number.normalize(), "f")
     return "0" if name == "-0" else name
 
 

@@ -17,7 +17,6 @@ Both are autograd Functions rather than torch.library custom ops: the loss is ne
 from __future__ import annotations
 
 import math
-from numbers import Real
 
 import torch
 
@@ -114,9 +113,21 @@ def attention_kl_sum(
     ``student`` only (the teacher is a target: one that requires grad is refused); ``rows``: (B, S) weights of
     the query rows (1 for real tokens, 0 for padding), any dtype."""
     check_attention_maps(student, teacher, rows)
-    if isinstance(denominator, bool) or not isinstance(denominator, Real) or not 0 < denominator < math.inf:
+    return choose(_OP, student, backend, _BACKENDS, _VERIFIED_ON_GPU)(
+        student, teacher, rows, _positive_number(denominator)
+    )
+
+
+def _positive_number(denominator: object) -> float:
+    """``denominator`` as a finite float > 0 (a count: int, float, numpy scalar, 0-d tensor, SymInt), else one
+    ValueError (0 or NaN gave inf or NaN)."""
+    try:
+        value = float(denominator) if not isinstance(denominator, (bool, str)) else math.nan
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0 < value < math.inf:
         raise ValueError(f"{_OP}: denominator must be a finite number > 0, got {denominator!r}")
-    return choose(_OP, student, backend, _BACKENDS, _VERIFIED_ON_GPU)(student, teacher, rows, float(denominator))
+    return value
 
 
 def check_attention_maps(student: torch.Tensor, teacher: torch.Tensor, rows: torch.Tensor) -> None:

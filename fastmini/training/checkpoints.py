@@ -94,7 +94,8 @@ def publish_directory_contents(source: Path, target: Path) -> list[str]:
     names = []
     for path in sorted(source.iterdir(), key=lambda path: (path.name != TRAIN_CONFIG_NAME, path.name)):
         destination = target / path.name
-        remove_entry(destination)
+        if path.is_dir() or destination.is_dir():  # a file replaces a file in its one rename: no moment without it
+            remove_entry(destination)
         path.replace(destination)
         names.append(path.name)
     source.rmdir()
