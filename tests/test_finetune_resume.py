@@ -120,8 +120,16 @@ def test_kill_while_writing_a_checkpoint_then_resume(setup, tmp_path, uninterrup
 def test_resume_of_a_finished_job_and_with_changed_options(setup, tmp_path, uninterrupted, capsys):
     output = tmp_path / "job"
     assert main(job_args(setup, output)) == 0
+    leftovers = []  # what a SIGKILL while a run replaced its best/ model leaves: full model copies, never read
+    for run in (output / "runs").iterdir():
+        if run.is_dir():
+            leftovers += [run / ".tmp-best-4242", run / ".tmp-old-best-4242"]
+    for leftover in leftovers:
+        leftover.mkdir()
+        (leftover / "model.safetensors").write_bytes(b"x")
     assert main([*job_args(setup, output), "--resume"]) == 0  # every run finished: only the outputs are rewritten
     assert "finished earlier" in capsys.readouterr().err
+    assert leftovers and not any(leftover.exists() for leftover in leftovers)
     assert_same_outcome(outcome(output), uninterrupted)
     assert main([*job_args(setup, output, "--weight-decay", "0.1"), "--resume"]) == 2
     err = capsys.readouterr().err

@@ -177,6 +177,9 @@ def replace_previous_job(config: FinetuneConfig) -> Path:
     if runs.exists() and not config.resume:
         log.info("replacing the %s job in %s", "finished" if _finished(output) else "unfinished", output)
         shutil.rmtree(runs)
+    elif runs.is_dir():  # a resumed job: what a killed one left half-saved (a best/ model being replaced) goes
+        for run in runs.iterdir():
+            checkpoints.remove_temporaries(run)
     return output
 
 
