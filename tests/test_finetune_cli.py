@@ -177,6 +177,18 @@ def test_examples_cut_to_max_length_are_reported_per_split(kind, model_dir, tmp_
     assert re.search(rf"validation: [1-9]\d* of 8 {re.escape(what)} at --max-length 8", err), err
 
 
+def test_examples_without_text_are_reported_per_split(model_dir, tmp_path, capsys):
+    rows = classification_examples(24, 1)
+    rows[3]["text"] = "   "  # an empty cell trains on [CLS] [SEP] alone: said, not silent
+    write_table(tmp_path / "data" / "train.csv", rows[:16])
+    write_table(tmp_path / "data" / "validation.csv", rows[16:])
+    capsys.readouterr()
+    assert main(args(model_dir, tmp_path / "data", tmp_path / "out", "--epochs", "1")) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"train: 1 of 16 examples have no text \(the first: \S*train.csv, line 5\)", err), err
+    assert len([line for line in err.splitlines() if "have no text" in line]) == 1  # only the split that has one
+
+
 def test_glue_task_on_local_files_uses_its_columns_labels_and_metrics(model_dir, tmp_path):
     pairs = classification_examples(48, 1, pair=True)
     rows = [{"sentence1": r["premise"], "sentence2": r["hypothesis"], "label": int(r["label"] == "pos")} for r in pairs]

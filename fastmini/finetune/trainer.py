@@ -220,6 +220,7 @@ class FineTuning:
         self.train = encoded(self.data.train)
         self.validation = {split: encoded(examples) for split, examples in self.data.validation.items()}
         self.test = {split: encoded(examples) for split, examples in self.data.test.items()}
+        self._report_examples_without_text()
         self._report_cut_examples()
         if len(self.train) < config.batch_size:
             raise UsageError(
@@ -237,6 +238,15 @@ class FineTuning:
         if context.is_main:
             self._record_grid()
         distributed.barrier(context)
+
+    def _report_examples_without_text(self) -> None:
+        """A warning per split with examples of no text at all (empty cells): they train and score on [CLS] [SEP]
+        alone, which is rarely what the data meant."""
+        for split, examples in {"train": self.data.train, **self.data.validation, **self.data.test}.items():
+            empty = [example["where"] for example in examples if _without_text(example)]
+            if empty:
+                log.warning("%s: %d of %d examples have no text (the first: %s)", split, len(empty), len(examples),
+                            empty[0])  # fmt: skip
 
     def _report_cut_examples(self) -> None:
         """A warning per split with examples longer than the job's max length: cut, they train and score on their
@@ -405,6 +415,12 @@ class FineTuning:
                 predictions = inference.decode(self.spec.kind, logits, encoded, self._outside_index())
                 result[split] = inference.scores(self.spec, self.data.labels, self.data.validation[split], predictions)
         return distributed.broadcast_from_main(result, self.context)
+
+
+def _without_text(example: dict[str, Any]) -> bool:
+    if "tokens" in example:
+        return not example["tokens"]
+    return not example["text"].strip() and not (example.get("text_pair") or "").strip()
 
 
 def _after_interrupt(interrupted: GridRun, finished: int) -> str:
