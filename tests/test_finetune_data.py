@@ -430,3 +430,23 @@ def test_targets_become_tensors_of_the_right_type(tmp_path):
     unlabelled = encode(tokenizer, [{"text": "good", "text_pair": None, "where": "x"}], "classification", 16)
     assert unlabelled.targets is None and "labels" not in unlabelled.batch([0])
     assert json.dumps(batch["input_ids"].tolist())  # plain ints
+
+
+def test_predicting_leaves_a_model_in_eval_untouched_and_puts_one_in_train_back(tiny_config):
+    """Threads may share a model in eval(): switching its mode back and forth under them raced (dropout ran in
+    another thread's forward); a model in train() is evaluated in eval() and handed back in train()."""
+    from fastmini import FastMiniForSequenceClassification
+    from fastmini.finetune.inference import predict_logits
+
+    tokenizer = make_tiny_tokenizer()
+    examples = [{"text": text, "text_pair": None, "where": text} for text in ("the cat", "a dog")]
+    encoded = encode(tokenizer, examples, "classification", 16)
+    model = FastMiniForSequenceClassification(tiny_config(num_labels=2, vocab_size=tokenizer.vocab_size)).eval()
+    switches = []
+    model.train = lambda mode=True: switches.append(mode)  # noqa: E731  (a spy on every mode switch)
+    predict_logits(model, encoded, 2, torch.device("cpu"))
+    assert switches == []
+    del model.train
+    model.train()
+    logits = predict_logits(model, encoded, 2, torch.device("cpu"))
+    assert model.training and len(logits) == 2

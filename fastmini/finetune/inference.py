@@ -32,9 +32,12 @@ def length_sorted_batches(encoded: Encoded, batch_size: int) -> Iterator[list[in
 def predict_logits(
     model, encoded: Encoded, batch_size: int, device: torch.device, autocast_dtype: torch.dtype | None = None
 ) -> list[torch.Tensor]:
-    """Per example: its logits (num_labels,), or (tokens, num_labels) for token classification; fp32, CPU."""
+    """Per example: its logits (num_labels,), or (tokens, num_labels) for token classification; fp32, CPU. A model in
+    train() mode is switched to eval() for the call and back; one in eval() is left untouched (threads may share
+    it: switching modes back and forth under them raced)."""
     was_training = model.training
-    model.eval()
+    if was_training:
+        model.eval()
     results: list[torch.Tensor | None] = [None] * len(encoded)
     try:
         for indices in length_sorted_batches(encoded, batch_size):
@@ -46,7 +49,8 @@ def predict_logits(
             for row, index in enumerate(indices):
                 results[index] = logits[row, : len(encoded.input_ids[index])] if encoded.kind == "ner" else logits[row]
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
     return results
 
 
