@@ -163,9 +163,11 @@ class Predictor:
 
     def predict(self, examples: list[dict[str, Any]], batch_size: int, max_length: int | None) -> list[dict[str, Any]]:
         """One record per example, in order; an empty example (a blank line) gets a record without a prediction."""
-        filled = [example for example in examples if not _is_empty(example)]
+        from fastmini.data.labelled import without_text
+
+        filled = [example for example in examples if not without_text(example)]
         predicted = iter(self._predict(filled, batch_size, max_length) if filled else [])
-        return [self._empty_record(example) if _is_empty(example) else next(predicted) for example in examples]
+        return [self._empty_record(example) if without_text(example) else next(predicted) for example in examples]
 
     def _empty_record(self, example: dict[str, Any]) -> dict[str, Any]:
         if self.spec.kind == "ner":
@@ -296,17 +298,11 @@ def _from_lines(lines: list[str], where: str, kind: str, pair_column: str | None
     return examples
 
 
-def _is_empty(example: dict[str, Any]) -> bool:
-    """A blank line or row: nothing for the model to read."""
-    if "tokens" in example:
-        return not example["tokens"]
-    return not example["text"].strip() and not (example["text_pair"] or "").strip()
-
-
 def _refuse_all_empty(examples: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
     from fastmini.data.corpus import DataError
+    from fastmini.data.labelled import without_text
 
-    if all(_is_empty(example) for example in examples):
+    if all(without_text(example) for example in examples):
         raise DataError(f"{where}: no text (the input is empty)")
     return examples
 

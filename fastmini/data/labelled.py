@@ -127,6 +127,14 @@ def _example(
     return {"text": text(columns.text), "text_pair": pair, "label": label, "where": where}
 
 
+def without_text(example: dict[str, Any]) -> bool:
+    """Whether an example (a labelled one, or a tagger's {"tokens": ...}) has nothing for a model to read: an empty
+    line, cell or sentence."""
+    if "tokens" in example:
+        return not example["tokens"]
+    return not example["text"].strip() and not (example.get("text_pair") or "").strip()
+
+
 def check_columns(source: str, names: list[str], columns: Columns, labels_required: bool) -> None:
     """One DataError for the first named column the source lacks."""
     wanted = [("text", columns.text), ("text pair", columns.text_pair)]

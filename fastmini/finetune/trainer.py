@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastmini.data.labelled import without_text
 from fastmini.data.ner import continuation_labels
 from fastmini.files import write_file_atomically, write_json_atomically
 from fastmini.finetune import inference
@@ -243,7 +244,7 @@ class FineTuning:
         """A warning per split with examples of no text at all (empty cells): they train and score on [CLS] [SEP]
         alone, which is rarely what the data meant."""
         for split, examples in {"train": self.data.train, **self.data.validation, **self.data.test}.items():
-            empty = [example["where"] for example in examples if _without_text(example)]
+            empty = [example["where"] for example in examples if without_text(example)]
             if empty:
                 log.warning("%s: %d of %d examples have no text (the first: %s)", split, len(empty), len(examples),
                             empty[0])  # fmt: skip
@@ -415,12 +416,6 @@ class FineTuning:
                 predictions = inference.decode(self.spec.kind, logits, encoded, self._outside_index())
                 result[split] = inference.scores(self.spec, self.data.labels, self.data.validation[split], predictions)
         return distributed.broadcast_from_main(result, self.context)
-
-
-def _without_text(example: dict[str, Any]) -> bool:
-    if "tokens" in example:
-        return not example["tokens"]
-    return not example["text"].strip() and not (example.get("text_pair") or "").strip()
 
 
 def _after_interrupt(interrupted: GridRun, finished: int) -> str:

@@ -125,9 +125,14 @@ def hold_output_dir(output: Path) -> None:
 
 def release_output_dir(output: str | Path) -> None:
     """Give back the lock ``hold_output_dir`` took (nothing when this process holds none)."""
-    handle = _held.pop(Path(output).expanduser().resolve(), None)
+    _give_back(Path(output).expanduser().resolve())
+
+
+def _give_back(key: Path) -> None:
+    handle = _held.pop(key, None)
     if handle is not None:
-        handle.close()
+        with contextlib.suppress(OSError):  # closing gives the lock back; nothing to save if it fails
+            handle.close()
 
 
 @contextlib.contextmanager
@@ -142,7 +147,4 @@ def releasing_output_dirs_taken() -> Iterator[None]:
     finally:
         _taken_by_this_job.reset(token)
         for key in taken:
-            handle = _held.pop(key, None)
-            if handle is not None:
-                with contextlib.suppress(OSError):  # closing gives the lock back; nothing to save if it fails
-                    handle.close()
+            _give_back(key)
