@@ -37,7 +37,7 @@ from typing import Any
 from fastmini.training.checkpoints import METRICS_NAME, TRAIN_CONFIG_NAME
 from fastmini.training.cli import quiet_libraries, run_cli, setup_logger
 from fastmini.training.errors import UsageError
-from fastmini.training.precision import PRECISIONS, autocast_dtype
+from fastmini.training.precision import PRECISIONS, WEIGHTS_DTYPE, autocast_dtype
 
 CHUNK = 4096  # examples tokenised and predicted at a time, so that a large file streams
 NER_FILE_SUFFIXES = (".tsv", ".conll", ".iob", ".bio")
@@ -125,7 +125,7 @@ class Predictor:
                 "classifier or tagger (fine-tune it with python -m fastmini.finetune first)"
             )
         try:
-            self.model = model_class.from_pretrained(path)
+            self.model = model_class.from_pretrained(path, dtype=WEIGHTS_DTYPE)
         except CheckpointError as error:
             raise UsageError(f"--model {directory}: {error}") from error
         try:

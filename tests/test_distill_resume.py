@@ -358,6 +358,28 @@ def test_atomic_directory_publishes_all_or_nothing(tmp_path):
     assert (final / "a").read_text() == "two" and [p.name for p in tmp_path.iterdir()] == ["step-1"]
 
 
+def test_atomic_directory_fsyncs_through_handles_windows_accepts(tmp_path, monkeypatch):
+    """Windows' fsync refuses a file opened for reading alone (EBADF): every checkpoint save failed there. Simulated:
+    an fsync that refuses read-only descriptors, on a platform flagged as needing write access."""
+    import errno
+    import fcntl
+
+    real_fsync = os.fsync
+
+    def windows_fsync(descriptor):
+        if fcntl.fcntl(descriptor, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY and not os.path.isdir(
+            f"/proc/self/fd/{descriptor}"
+        ):
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", windows_fsync)
+    monkeypatch.setattr(checkpoints, "_FSYNC_NEEDS_WRITE_ACCESS", True)
+    with checkpoints.atomic_directory(tmp_path / "step-1") as directory:
+        (directory / "model.safetensors").write_bytes(b"weights")
+    assert (tmp_path / "step-1" / "model.safetensors").read_bytes() == b"weights"
+
+
 def test_rng_state_round_trip():
     import random
 

@@ -7,6 +7,7 @@ and small synthetic data sets that a few epochs learn; one test starts the real 
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 import subprocess
@@ -272,6 +273,24 @@ def test_adapter_tuning_changes_only_adapters_and_head(adapters, tmp_path):
     inputs = {"input_ids": torch.tensor([[2, 20, 30, 40, 3]])}
     torch.testing.assert_close(base(**inputs).logits, tuned(**inputs).logits, rtol=0, atol=0)
     assert base.config.id2label == tuned.config.id2label == {0: "neg", 1: "pos"}
+
+
+@pytest.mark.parametrize("saved_dtype", [torch.float16, torch.bfloat16])
+def test_a_16_bit_checkpoint_fine_tunes_in_fp32_weights(saved_dtype, tmp_path):
+    """Weights fine-tune in fp32 whatever dtype the checkpoint was saved in (--precision only adds autocast): an fp16
+    model trained as it is went NaN at its second step (AdamW's eps underflows), a bf16 one lost the updates below
+    bf16's resolution and was published in bf16."""
+    from fastmini import FastMiniForMaskedLM
+
+    model = make_tiny_model(tmp_path / "model")
+    FastMiniForMaskedLM.from_pretrained(model).to(saved_dtype).save_pretrained(model)
+    data = write_task_data(tmp_path / "data", "classification")
+    output = tmp_path / "out"
+    assert main(args(model, data, output, "--epochs", "2")) == 0
+    published = load_file(str(output / "model.safetensors"))
+    assert {value.dtype for value in published.values()} == {torch.float32}
+    history = json.loads((output / "runs" / "full-lr0.005-seed1" / "result.json").read_text())["history"]
+    assert len(history) == 2 and all(math.isfinite(epoch["train_loss"]) for epoch in history)
 
 
 def test_embedded_default_runs_both_modes_on_the_movie_reviews(model_dir, tmp_path, capsys):

@@ -64,6 +64,20 @@ def test_text_file_predictions_match_the_trainers_own(classifier, tmp_path):
         assert p["score"] == pytest.approx(r["score"], abs=1e-5) and p["text"] == r["text"]
 
 
+def test_a_16_bit_model_predicts_in_fp32_weights_unless_bf16_is_asked_for(classifier, tmp_path):
+    """--precision fp32 (and auto on a CPU) runs fp32 weights whatever dtype the model was saved in; bf16 is autocast
+    over them (a bf16-saved model ran in bf16, an fp16 one in fp16 even under --precision bf16)."""
+    from fastmini import FastMiniForSequenceClassification
+
+    saved = tmp_path / "model"
+    shutil.copytree(classifier, saved)
+    FastMiniForSequenceClassification.from_pretrained(classifier).to(torch.float16).save_pretrained(saved)
+    for precision, autocast in (("fp32", None), ("auto", None), ("bf16", torch.bfloat16)):
+        predictor = predict.Predictor(str(saved), "cpu", precision)
+        assert {p.dtype for p in predictor.model.parameters()} == {torch.float32}, precision
+        assert predictor.autocast_dtype == autocast
+
+
 def test_jsonl_and_csv_batches(classifier, tmp_path):
     rows = [{"id": 1, "review": "a very good film"}, {"id": 2, "review": "an awful and dull plot"}]
     for suffix in (".jsonl", ".csv"):

@@ -143,6 +143,18 @@ def test_a_word_masked_in_both_student_and_teacher_adds_nothing(backend):
     assert (grad[:, 0] == 0).all()
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_an_fp64_student_takes_a_lower_precision_teacher_in_fp64(backend):
+    """Sums of an fp64 student are fp64-accurate whatever the teacher's dtype, on both backends: the torch backend
+    took the teacher's log-softmax in fp32 (1e-8 off the kernel's)."""
+    student, labels, teacher = logits(4, 50, teacher_dtype=torch.float32)
+    ce_sum, kl_sum = logit_losses_sum(student, labels, teacher, 2.0, backend=backend)
+    expected_ce, expected_kl = logit_losses_sum_ref(student, labels, teacher.double(), 2.0)
+    assert kl_sum.dtype == torch.float64
+    torch.testing.assert_close(torch.stack([ce_sum, kl_sum]), torch.stack([expected_ce, expected_kl]), rtol=1e-13,
+                               atol=1e-13)  # fmt: skip
+
+
 @pytest.mark.parametrize("student_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16], ids=["teacher-fp32", "teacher-bf16"])
 def test_low_precision_logits(student_dtype, teacher_dtype, monkeypatch):

@@ -115,6 +115,20 @@ def test_dispatch_rules(monkeypatch):
         resolve_backend("op", cpu, "tpu", available)
 
 
+def test_without_triton_installed_the_interpreter_switch_leaves_torch(monkeypatch):
+    """TRITON_INTERPRET=1 where triton is not installed (macOS, Windows): the automatic choice stays torch (it picked
+    triton, whose import then failed deep inside a forward), and asking for triton by name says what is missing."""
+    from fastmini.ops import dispatch
+
+    monkeypatch.delenv("FASTMINI_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(dispatch, "triton_installed", lambda: False)
+    available = {"torch": object(), "triton": object()}
+    assert resolve_backend("op", torch.zeros(1), None, available) == "torch"
+    with pytest.raises(BackendUnavailableError, match="needs the triton package, not installed"):
+        resolve_backend("op", torch.zeros(1), "triton", available)
+
+
 def test_unverified_kernels_are_never_chosen_automatically_for_cuda(monkeypatch):
     """A kernel that has only run in the interpreter is picked for CUDA tensors only by name."""
     from types import SimpleNamespace

@@ -198,3 +198,11 @@ def test_a_filesystem_without_locks_runs_the_job_with_a_warning(tmp_path, monkey
     (tmp_path / LOCK_NAME).write_text("123\n")
     with pytest.warns(RuntimeWarning, match="cannot lock it"):
         check_not_running(tmp_path)
+
+
+def test_a_platform_without_flock_runs_the_job_with_a_warning(tmp_path, monkeypatch):
+    """Windows has no fcntl: both trainers failed there with ModuleNotFoundError before their first step."""
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # import fcntl -> ImportError
+    with pytest.warns(RuntimeWarning, match="cannot lock it \\(this platform has no flock\\)"):
+        hold_output_dir(tmp_path)
+    release_output_dir(tmp_path)

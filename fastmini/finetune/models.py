@@ -26,6 +26,7 @@ from fastmini.models.checkpoint import CONFIG_NAME, TOKENIZER_FILES, read_config
 from fastmini.training.checkpoints import CHECKPOINTS_DIR
 from fastmini.training.cli import use_cache_if_hub_unreachable
 from fastmini.training.errors import UsageError
+from fastmini.training.precision import WEIGHTS_DTYPE
 
 log = logging.getLogger("fastmini.finetune")
 
@@ -192,7 +193,7 @@ def load_task_model(source: ModelSource, spec: TaskSpec, labels: LabelMap, seed:
     torch.manual_seed(seed)
     try:
         model, info = task_model_class(spec).from_pretrained(
-            source.path, ignore_mismatched_sizes=True, output_loading_info=True, **overrides
+            source.path, ignore_mismatched_sizes=True, output_loading_info=True, dtype=WEIGHTS_DTYPE, **overrides
         )
     except CheckpointError as error:
         raise UsageError(f"--model {source.config.model}: {error}") from error

@@ -381,7 +381,7 @@ class FineTuning:
         if staging.exists():
             shutil.rmtree(staging)
         shutil.copytree(best, staging)
-        model = task_model_class(self.spec).from_pretrained(best).to(self.device)
+        model = task_model_class(self.spec).from_pretrained(best, dtype=precision.WEIGHTS_DTYPE).to(self.device)
         checkpoints.save_tokenizer(self.source.tokenizer, staging, model.config.max_position_embeddings)
         if mode == "adapter":
             model.save_adapters(staging / ADAPTERS_DIR)

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import importlib.util
 import os
 from collections.abc import Callable, Collection, Iterator, Mapping
 
@@ -61,6 +63,12 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get(TRITON_INTERPRET_ENV_VAR, "0") not in ("", "0")
 
 
+@functools.cache
+def triton_installed() -> bool:
+    """Whether the triton package is there to import (not on macOS or Windows, where it ships no wheels)."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def recording_a_graph() -> bool:
     """Whether torch.jit.trace or torch.export (the ONNX exporters' tracers) is recording a graph, which they
     keep for every later input."""
@@ -68,6 +76,8 @@ def recording_a_graph() -> bool:
 
 
 def _check_runnable(op: str, backend: str, tensor: torch.Tensor) -> None:
+    if backend == "triton" and not triton_installed():
+        raise BackendUnavailableError(f"fastmini op '{op}': backend 'triton' needs the triton package, not installed")
     if backend in ("triton", "cuda") and not tensor.is_cuda:
         if backend == "triton" and triton_interpreter_enabled():
             return
@@ -110,7 +120,7 @@ def resolve_backend(
         return requested
     if recording_a_graph():
         return "torch"
-    if "triton" in available:
+    if "triton" in available and triton_installed():
         # Under torch.compile, torch: inductor fuses the elementwise work itself, around kernels it can see into
         # (and the rules below read Python state that dynamo should not trace).
         on_gpu = (

@@ -48,6 +48,8 @@ def cross_entropy_sum(student_log_probs: torch.Tensor, labels: torch.Tensor) -> 
 def kl_sum(student_log_probs: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """sum_r KL(softmax(t_r / T) || exp(student_log_probs_r)); the teacher is a target (no gradient)."""
     with torch.no_grad():
+        # in the student's precision where it is the higher (an fp64 student's sums stay fp64-accurate)
+        teacher_logits = teacher_logits.to(torch.promote_types(teacher_logits.dtype, student_log_probs.dtype))
         teacher_log_probs = log_probabilities(teacher_logits, temperature).to(student_log_probs.dtype)
         teacher_probs = teacher_log_probs.exp()
         # a -inf teacher logit (a masked vocabulary entry) contributes 0 log 0 = 0, as in the kernel, also where the

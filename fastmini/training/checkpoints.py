@@ -66,10 +66,15 @@ def atomic_directory(final: Path) -> Iterator[Path]:
         raise
 
 
+# Windows' fsync (FlushFileBuffers) refuses a handle opened for reading alone (EBADF); POSIX takes any.
+_FSYNC_NEEDS_WRITE_ACCESS = os.name == "nt"
+
+
 def _fsync_tree(directory: Path) -> None:
+    mode = "rb+" if _FSYNC_NEEDS_WRITE_ACCESS else "rb"
     for path in directory.rglob("*"):
         if path.is_file():
-            with open(path, "rb") as handle:
+            with open(path, mode) as handle:
                 os.fsync(handle.fileno())
 
 

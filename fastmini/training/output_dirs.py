@@ -69,9 +69,12 @@ def check_foreign_outputs(
 
 def _refuse_running(output: Path, handle: IO[str]) -> bool:
     """Take ``handle``'s lock, or a UsageError naming the process that holds it; False where the filesystem
-    has no locks (some network filesystems): the job then runs unguarded, with a warning."""
-    import fcntl
-
+    or the platform has no locks (some network filesystems; Windows, without flock): the job then runs
+    unguarded, with a warning."""
+    try:
+        import fcntl
+    except ImportError:
+        return _unguarded(output, "this platform has no flock")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -84,14 +87,17 @@ def _refuse_running(output: Path, handle: IO[str]) -> bool:
             "another directory"
         ) from None
     except OSError as error:  # ENOLCK, EOPNOTSUPP: no locking here
-        warnings.warn(
-            f"--output-dir {output}: cannot lock it ({error.strerror or error}); a second job started there now "
-            "would not be refused",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return False
+        return _unguarded(output, error.strerror or str(error))
     return True
+
+
+def _unguarded(output: Path, reason: str) -> bool:
+    warnings.warn(
+        f"--output-dir {output}: cannot lock it ({reason}); a second job started there now would not be refused",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return False
 
 
 def check_not_running(output: Path) -> None:

@@ -8,6 +8,10 @@ import logging
 import torch
 
 PRECISIONS = ("auto", "fp32", "bf16")
+# The dtype of the weights every tool fine-tunes and serves, whatever dtype a checkpoint was saved in: --precision
+# adds bf16 autocast on top of them. (An fp16 checkpoint trained in fp16 overflows AdamW's eps into NaN; one in bf16
+# loses every update below bf16's resolution, e.g. those of LayerNorm weights near 1; both run slow on a CPU.)
+WEIGHTS_DTYPE = torch.float32
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
