@@ -389,14 +389,20 @@ def main(argv: list[str] | None = None) -> int:
             write(sys.stdout)  # a reader that stops early (`| head`) is run_cli's to handle
         if predictor.truncated_sentences:
             tagger = predictor.spec.kind == "ner"
+            max_length = args.max_length or predictor.default_max_length
+            positions = predictor.model.config.max_position_embeddings
+            if max_length < positions:
+                more = f"--max-length up to the model's {positions} positions reads more"
+            else:
+                more = f"the model reads no more than its {positions} positions"
             log.warning(
-                '%d %s than %d tokens hold: %s (their records say "truncated": true; --max-length up to the '
-                "model's %d positions reads more)",
+                '%d %s %d tokens%s: %s (their records say "truncated": true; %s)',
                 predictor.truncated_sentences,
-                "sentence(s) had more words" if tagger else "input(s) were longer",
-                args.max_length or predictor.default_max_length,
+                "sentence(s) had more words than" if tagger else "input(s) were longer than",
+                max_length,
+                " hold" if tagger else "",
                 "the words past them are tagged O without being read" if tagger else "predicted from their start",
-                predictor.model.config.max_position_embeddings,
+                more,
             )
         return 0
 

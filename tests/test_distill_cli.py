@@ -471,6 +471,24 @@ def test_ctrl_c_without_a_checkpoint_does_not_suggest_resume(teacher_dir, tmp_pa
     assert "with --resume" not in err
 
 
+def test_ctrl_c_after_a_checkpoint_names_the_directory_to_resume(teacher_dir, tmp_path, capsys, monkeypatch):
+    """The hint names --output-dir: a bare --resume, as it said before, resumed the default directory's run."""
+    from fastmini.distill import trainer
+
+    train_step = trainer.DistillationRun._train_step
+
+    def interrupted(self, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return train_step(self, step)
+
+    monkeypatch.setattr(trainer.DistillationRun, "_train_step", interrupted)
+    output = tmp_path / "my run"
+    assert main(tiny_args(teacher_dir, output, "--max-steps", "4", "--save-every", "1")) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted; continue from step-00000002 with --output-dir '{output}' --resume" in err
+
+
 def test_hub_lookups_are_quiet_and_use_the_cache_when_the_hub_is_unreachable(monkeypatch):
     import logging
 

@@ -219,7 +219,13 @@ def test_a_classifier_says_which_inputs_it_cut(classifier, tmp_path, capsys):
     long, short = read_jsonl(output)
     assert long["truncated"] is True and "truncated" not in short and long["prediction"] is not None
     err = capsys.readouterr().err
-    assert "1 input(s) were longer than 16 tokens hold: predicted from their start" in err
+    assert "1 input(s) were longer than 16 tokens: predicted from their start" in err
+    assert "--max-length up to the model's 64 positions reads more" in err
+    texts.write_text(" ".join(["good"] * 80) + "\n")
+    assert main(["--model", str(classifier), "--input", str(texts), "--output", str(output), "--max-length", "64"]) == 0
+    err = capsys.readouterr().err  # at the model's positions, no advice to read more
+    assert "1 input(s) were longer than 64 tokens: predicted from their start" in err
+    assert "--max-length up to" not in err and "the model reads no more than its 64 positions" in err
 
 
 def error_of(argv: list[str], capsys) -> str:

@@ -269,9 +269,9 @@ def test_ctrl_c_says_what_resume_would_continue(setup, tmp_path, capsys, monkeyp
     for seed, step, hint in (
         (1, 1, "no checkpoint was written yet, so there is nothing to resume; start afresh with "
                "--overwrite-output-dir"),
-        (1, 6, f"--resume continues run {RUNS[0]} from step-00000004"),
-        (2, 1, f"--resume starts run {RUNS[1]} afresh (none of its checkpoints was written yet) and keeps the 1 "
-               "finished run(s)"),
+        (1, 6, f"--output-dir {output} --resume continues run {RUNS[0]} from step-00000004"),
+        (2, 1, f"--output-dir {output} --resume starts run {RUNS[1]} afresh (none of its checkpoints was written "
+               "yet) and keeps the 1 finished run(s)"),
     ):  # fmt: skip
         interrupt_at[(seed, step)] = True
         resuming = ["--resume"] if (output / "runs").exists() else []

@@ -62,6 +62,7 @@ from fastmini.training.output_dirs import (
     check_not_running,
     hold_output_dir,
     releasing_output_dirs_taken,
+    resume_options,
 )
 from fastmini.training.run_log import RunLog
 
@@ -630,7 +631,7 @@ class DistillationRun:
     def _after_interrupt(self) -> str:
         """What the user can do after Ctrl-C: resume from a checkpoint, or start again when there is none."""
         if self.last_checkpoint is not None:
-            return f"continue from {self.last_checkpoint.name} with --resume"
+            return f"continue from {self.last_checkpoint.name} with {resume_options(self.config.output_dir)}"
         reason = "--save-every 0" if not self.config.save_every else f"none before step {self.config.save_every}"
         return f"no checkpoint was written ({reason}), so there is nothing to resume; run the command again"
 

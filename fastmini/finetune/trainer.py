@@ -59,6 +59,7 @@ from fastmini.training.output_dirs import (
     check_not_running,
     hold_output_dir,
     releasing_output_dirs_taken,
+    resume_options,
 )
 
 log = logging.getLogger("fastmini.finetune")
@@ -308,7 +309,7 @@ class FineTuning:
             try:
                 results[setting.mode].append(grid_run.run())
             except KeyboardInterrupt as interrupt:
-                raise Interrupted(_after_interrupt(grid_run, finished)) from interrupt
+                raise Interrupted(_after_interrupt(grid_run, finished, self.config.output_dir)) from interrupt
         metrics: dict[str, Any] = {}
         if self.context.is_main:
             metrics = self._finish(results, time.perf_counter() - started)
@@ -418,15 +419,16 @@ class FineTuning:
         return distributed.broadcast_from_main(result, self.context)
 
 
-def _after_interrupt(interrupted: GridRun, finished: int) -> str:
+def _after_interrupt(interrupted: GridRun, finished: int, output_dir: str) -> str:
     """What the user can do after Ctrl-C: --resume keeps the finished runs of the grid and continues the
     interrupted one from its checkpoint; with neither, there is nothing to keep."""
     kept = f" and keeps the {finished} finished run(s)" if finished else ""
     name = interrupted.setting.name
+    resume = resume_options(output_dir)
     if interrupted.last_checkpoint is not None:
-        return f"--resume continues run {name} from {interrupted.last_checkpoint.name}{kept}"
+        return f"{resume} continues run {name} from {interrupted.last_checkpoint.name}{kept}"
     if finished:
-        return f"--resume starts run {name} afresh (none of its checkpoints was written yet){kept}"
+        return f"{resume} starts run {name} afresh (none of its checkpoints was written yet){kept}"
     return (
         "no checkpoint was written yet, so there is nothing to resume; start afresh with --overwrite-output-dir "
         "(the unfinished job is refused otherwise)"
