@@ -176,6 +176,33 @@ def test_refused_adapters_leave_the_model_as_it_was(tiny_config, tmp_path):
     assert model.config.to_dict() == config_before
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"[]", "expected a JSON object, got list"),
+        (b"\xff\xfe not text", "not a readable JSON config"),
+        (None, "id2label must map label ids \\(integers\\) to names"),
+    ],
+    ids=["a list", "not utf-8", "a label id that is not a number"],
+)
+def test_a_damaged_description_is_refused_and_leaves_the_model_as_it_was(tiny_config, tmp_path, content, message):
+    """Each was a raw AttributeError / UnicodeDecodeError / ValueError; the last after adding fresh adapters to a
+    model that had none."""
+    import json
+
+    FastMiniForSequenceClassification(tiny_config(num_labels=2)).save_adapters(tmp_path)
+    description = tmp_path / "fastmini_adapters.json"
+    if content is None:
+        saved = json.loads(description.read_text())
+        description.write_text(json.dumps({**saved, "id2label": {"zero": "neg", "one": "pos"}}))
+    else:
+        description.write_bytes(content)
+    model = FastMiniForSequenceClassification(tiny_config(num_labels=2, use_adapter=False))
+    with pytest.raises(CheckpointError, match=message):
+        model.load_adapters(tmp_path)
+    assert not model.fastmini.encoder.has_adapters and not model.config.use_adapter
+
+
 def test_load_adapters_refuses_another_head_variant(tiny_config, tmp_path):
     FastMiniForSequenceClassification(tiny_config(num_labels=2)).save_adapters(tmp_path)
     with pytest.raises(CheckpointError, match="head_variant=minialbert, this model has head_variant=albert"):

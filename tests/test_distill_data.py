@@ -324,6 +324,22 @@ def test_json_lines_json_array_csv_tsv_and_parquet(tmp_path):
     assert load_documents(str(tmp_path / "*.jsonl"))["text"] == ["first doc", "second doc"]
 
 
+def test_parquet_text_in_every_arrow_layout(tmp_path):
+    """Dictionary-encoded text (pandas' category columns) and string views are text: they were refused."""
+    import pyarrow
+    import pyarrow.parquet as parquet
+
+    for name, column in {
+        "category": pyarrow.array(["doc a", None, "doc b"]).dictionary_encode(),
+        "view": pyarrow.array(["doc a", None, "doc b"], type=pyarrow.string_view()),
+    }.items():
+        parquet.write_table(pyarrow.table({"text": column}), tmp_path / f"{name}.parquet")
+        assert read_file(tmp_path / f"{name}.parquet") == ["doc a", "doc b"], name
+    parquet.write_table(pyarrow.table({"text": pyarrow.array([1, 2])}), tmp_path / "ids.parquet")
+    with pytest.raises(DataError, match="column 'text' holds int64, expected text"):
+        read_file(tmp_path / "ids.parquet")
+
+
 @pytest.mark.parametrize(
     ("name", "content", "message"),
     [

@@ -183,9 +183,18 @@ def _read_parquet(path: Path, text_field: str) -> list[str]:
         column = parquet.read_table(path, columns=[text_field]).column(text_field)
     except pyarrow.ArrowException as error:
         raise DataError(f"{path}: not a readable Parquet file ({error})") from error
-    if not (pyarrow.types.is_string(column.type) or pyarrow.types.is_large_string(column.type)):
+    if not _holds_text(column.type):
         raise DataError(f"{path}: column '{text_field}' holds {column.type}, expected text")
     return [text.strip() for text in column.to_pylist() if text and text.strip()]
+
+
+def _holds_text(kind) -> bool:
+    """Strings in any of Arrow's layouts: plain, large, views, and dictionary-encoded (pandas' category columns)."""
+    import pyarrow
+
+    if pyarrow.types.is_dictionary(kind):
+        kind = kind.value_type
+    return pyarrow.types.is_string(kind) or pyarrow.types.is_large_string(kind) or pyarrow.types.is_string_view(kind)
 
 
 def _as_dataset(texts: list[str], source: str):

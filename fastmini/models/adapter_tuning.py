@@ -9,7 +9,6 @@ load. Saved adapters hold exactly those tensors: a task costs a few percent of t
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fastmini.files import write_file_atomically, write_json_atomically
-from fastmini.models.checkpoint import CheckpointError
+from fastmini.models.checkpoint import CheckpointError, read_config_dict
 from fastmini.models.configuration import check_config
 from fastmini.modules.encoder import make_adapters
 
@@ -131,16 +130,25 @@ def _adapter_config_path(directory: Path) -> Path:
     return legacy if not path.is_file() and legacy.is_file() else path
 
 
+def _saved_labels(config_path: Path, id2label) -> dict[int, str] | None:
+    """The description's id2label with integer ids, or a CheckpointError naming what is wrong with it."""
+    if not id2label:
+        return None
+    try:
+        return {int(k): v for k, v in id2label.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise CheckpointError(
+            f"{config_path}: id2label must map label ids (integers) to names, got {id2label!r:.80}"
+        ) from None
+
+
 def load_adapters(model: FastMiniPreTrainedModel, directory: str | os.PathLike) -> None:
     directory = Path(directory)
     config_path, weights_path = _adapter_config_path(directory), directory / ADAPTER_WEIGHTS_NAME
     for path in (config_path, weights_path):
         if not path.is_file():
             raise CheckpointError(f"{path}: missing (expected a directory written by save_adapters)")
-    try:
-        description = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{config_path}: not readable JSON ({error})") from error
+    description = read_config_dict(config_path)
     for name in MATCHING_FIELDS:
         if description.get(name, MATCHING_DEFAULTS.get(name)) != getattr(model.config, name):
             raise CheckpointError(
@@ -165,9 +173,10 @@ def load_adapters(model: FastMiniPreTrainedModel, directory: str | os.PathLike) 
             raise CheckpointError(
                 f"{weights_path}: '{name}' has shape {tuple(tensor.shape)}, the model expects {expected[name]}"
             )
+    id2label = _saved_labels(config_path, description.get("id2label"))
     _ensure_adapters(model)  # only now: a refused directory leaves the model as it was
-    if description.get("id2label"):
-        model.config.id2label = {int(k): v for k, v in description["id2label"].items()}
-        model.config.label2id = {v: k for k, v in model.config.id2label.items()}
+    if id2label:
+        model.config.id2label = id2label
+        model.config.label2id = {v: k for k, v in id2label.items()}
     model.config.problem_type = description.get("problem_type")
     model.load_state_dict(tensors, strict=False)
