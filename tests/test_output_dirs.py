@@ -61,20 +61,22 @@ def test_another_writers_outputs_are_kept_unless_overwriting_and_inputs_always(t
             check_foreign_outputs(distilled, "fastmini.finetune", overwrite, same)
 
 
-def test_outputs_never_land_among_the_data(tmp_path):
-    """Inside a --data directory (read whole, recursively), a second identical run failed reading the first one's
-    config.json as data; beside a --data file, the outputs were written among the data."""
+def test_outputs_never_land_among_an_input_read_whole(tmp_path):
+    """Inside a distillation's --data directory (read whole, recursively), a second identical run failed reading the
+    first one's config.json as text; beside a --data file, the outputs were written among the corpus."""
     data = tmp_path / "corpus"
     (data / "part").mkdir(parents=True)
-    (data / "part" / "train.csv").write_text("text,label\n")
+    (data / "part" / "wiki.txt").write_text("text\n")
+    whole = {"read_whole": ("--data",)}
     for overwrite in (False, True):
         with pytest.raises(UsageError, match="is inside the --data directory .*: a later run would read this run's"):
-            check_foreign_outputs(data / "out", "fastmini.distill", overwrite, {"--data": str(data)})
-        with pytest.raises(UsageError, match="holds the --data file .*train.csv: the run's outputs would land"):
-            check_foreign_outputs(data / "part", "fastmini.finetune", overwrite, {"--data": str(data / "part" /
-                                                                                             "train.csv")})  # fmt: skip
-    check_foreign_outputs(tmp_path / "out", "fastmini.finetune", False, {"--data": str(data)})  # beside it: fine
-    check_foreign_outputs(data / "out", "fastmini.finetune", False, {"--model": str(data)})  # only --data is read whole
+            check_foreign_outputs(data / "out", "fastmini.distill", overwrite, {"--data": str(data)}, **whole)
+        with pytest.raises(UsageError, match="holds the --data file .*wiki.txt: the run's outputs would land"):
+            corpus_file = {"--data": str(data / "part" / "wiki.txt")}
+            check_foreign_outputs(data / "part", "fastmini.distill", overwrite, corpus_file, **whole)
+    check_foreign_outputs(tmp_path / "out", "fastmini.distill", False, {"--data": str(data)}, **whole)  # beside it
+    # inputs not read whole (fine-tuning reads a --data directory's split files by name): below them is fine
+    check_foreign_outputs(data / "out", "fastmini.finetune", False, {"--data": str(data), "--model": str(data)})
 
 
 def test_one_process_holds_a_directory_and_a_second_is_refused(tmp_path):

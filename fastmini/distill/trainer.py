@@ -95,7 +95,8 @@ def check_output_dir(config: DistillConfig) -> Path:
         # before the directory's own state is judged: its "pass --resume" advice would answer the wrong question
         requested_checkpoint(config.resume)
     inputs = {"--teacher": config.teacher, "--tokenizer": config.tokenizer, "--data": config.data}
-    check_foreign_outputs(output, "fastmini.distill", config.overwrite_output_dir, inputs)
+    # a --data directory is read whole (every file below it): outputs there would be read as text next time
+    check_foreign_outputs(output, "fastmini.distill", config.overwrite_output_dir, inputs, read_whole=("--data",))
     existing = checkpoints.list_checkpoints(output / CHECKPOINTS_DIR)
     if (
         existing

@@ -14,7 +14,7 @@ import json
 import os
 import shlex
 import warnings
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -25,7 +25,6 @@ from fastmini.training.errors import UsageError
 LOCK_NAME = ".fastmini.lock"
 # What each trainer's train_config.json has that the other's has not: how a directory's writer is told.
 TRAINER_KEYS = {"fastmini.distill": "teacher", "fastmini.finetune": "task"}
-DATA_OPTION = "--data"  # the input both trainers read whole when it is a directory
 # Entries that mean a directory holds outputs that could be lost (a saved model, a job's records).
 _OUTPUT_ENTRIES = (CONFIG_NAME, TRAIN_CONFIG_NAME, METRICS_NAME, RUNS_DIR)
 
@@ -58,28 +57,33 @@ def resume_options(output_dir: str | Path) -> str:
 
 
 def check_foreign_outputs(
-    output: Path, trainer: str, overwrite: bool, inputs: dict[str, str | None], option: str = "--output-dir"
+    output: Path,
+    trainer: str,
+    overwrite: bool,
+    inputs: dict[str, str | None],
+    read_whole: Collection[str] = (),
+    option: str = "--output-dir",
 ) -> None:
     """Refuse an output directory that is one of ``inputs`` (option -> path: the run would overwrite what it
-    reads), that lies inside the --data directory or holds a --data file (directories of data are read whole: the
-    next run would read this one's outputs as data), or that holds outputs another writer left (unless
-    ``overwrite``). Writes nothing."""
+    reads), that lies inside the directory of an option in ``read_whole`` or holds a file it names (options whose
+    directories are read whole, recursively: the next run would read this one's outputs as its input), or that
+    holds outputs another writer left (unless ``overwrite``). Writes nothing."""
     resolved = output.expanduser().resolve()
     for name, value in inputs.items():
         path = Path(value).expanduser() if value else None
         if path is not None and path.is_dir() and path.resolve() == resolved:
             raise UsageError(f"{option} {output} is the {name} directory: the run would overwrite its own input")
-        if name != DATA_OPTION or path is None:
+        if name not in read_whole or path is None:
             continue
         if path.is_dir() and path.resolve() in resolved.parents:
             raise UsageError(
                 f"{option} {output} is inside the {name} directory {value}: a later run would read this run's "
-                "outputs as data; choose a directory outside it"
+                "outputs as its input; choose a directory outside it"
             )
         if path.is_file() and path.resolve().parent == resolved:
             raise UsageError(
-                f"{option} {output} holds the {name} file {value}: the run's outputs would land among the data; "
-                "choose another directory"
+                f"{option} {output} holds the {name} file {value}: the run's outputs would land among its input "
+                "(read whole as a directory); choose another directory"
             )
     writer = written_by(output)
     if writer in (None, trainer) or overwrite:
