@@ -281,6 +281,27 @@ def test_corrupt_or_mismatched_weights_name_the_directory(teacher_dir, tmp_path,
     assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3"))
 
 
+def test_a_run_never_writes_inside_the_corpus_directory_it_reads(teacher_dir, tmp_path, capsys):
+    """A --data directory is read whole: outputs inside it were read as text by the next identical command (which
+    failed on the first run's config.json). A hidden folder there is skipped by the reader, so it is allowed."""
+    import shutil
+
+    from fastmini.data.corpus import reads_below
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shutil.copy(teacher_dir / "corpus.txt", corpus / "wiki.txt")
+    args = [*tiny_args(teacher_dir, corpus / "out"), "--data", str(corpus)]
+    for extra in ((), ("--overwrite-output-dir",)):
+        assert main([*args, *extra]) == 2
+        assert "is inside the --data directory" in capsys.readouterr().err
+    assert sorted(p.name for p in corpus.iterdir()) == ["wiki.txt"]
+    assert reads_below(str(corpus), corpus / "runs" / "r1") and reads_below(str(corpus), corpus)
+    assert not reads_below(str(corpus), corpus / ".runs" / "r1")  # the reader skips hidden folders
+    assert not reads_below(str(corpus / "wiki.txt"), corpus)  # a file is read alone
+    assert not reads_below(str(corpus), tmp_path / "out") and not reads_below("wikitext", corpus)
+
+
 def test_a_run_never_writes_over_its_teacher_nor_silently_over_a_fine_tuning_job(teacher_dir, tmp_path, capsys):
     import shutil
 

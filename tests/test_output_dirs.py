@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -59,24 +60,6 @@ def test_another_writers_outputs_are_kept_unless_overwriting_and_inputs_always(t
     for overwrite in (False, True):  # even --overwrite-output-dir never writes over the run's input
         with pytest.raises(UsageError, match=r"is the --model directory: the run would overwrite its own input"):
             check_foreign_outputs(distilled, "fastmini.finetune", overwrite, same)
-
-
-def test_outputs_never_land_among_an_input_read_whole(tmp_path):
-    """Inside a distillation's --data directory (read whole, recursively), a second identical run failed reading the
-    first one's config.json as text; beside a --data file, the outputs were written among the corpus."""
-    data = tmp_path / "corpus"
-    (data / "part").mkdir(parents=True)
-    (data / "part" / "wiki.txt").write_text("text\n")
-    whole = {"read_whole": ("--data",)}
-    for overwrite in (False, True):
-        with pytest.raises(UsageError, match="is inside the --data directory .*: a later run would read this run's"):
-            check_foreign_outputs(data / "out", "fastmini.distill", overwrite, {"--data": str(data)}, **whole)
-        with pytest.raises(UsageError, match="holds the --data file .*wiki.txt: the run's outputs would land"):
-            corpus_file = {"--data": str(data / "part" / "wiki.txt")}
-            check_foreign_outputs(data / "part", "fastmini.distill", overwrite, corpus_file, **whole)
-    check_foreign_outputs(tmp_path / "out", "fastmini.distill", False, {"--data": str(data)}, **whole)  # beside it
-    # inputs not read whole (fine-tuning reads a --data directory's split files by name): below them is fine
-    check_foreign_outputs(data / "out", "fastmini.finetune", False, {"--data": str(data), "--model": str(data)})
 
 
 def test_one_process_holds_a_directory_and_a_second_is_refused(tmp_path):
@@ -224,3 +207,17 @@ def test_a_platform_without_flock_runs_the_job_with_a_warning(tmp_path, monkeypa
     with pytest.warns(RuntimeWarning, match="cannot lock it \\(this platform has no flock\\)"):
         hold_output_dir(tmp_path)
     release_output_dir(tmp_path)
+
+
+def test_without_flock_a_job_warns_once(tmp_path, monkeypatch):
+    """The lock file a first job left made check_not_running warn too: every later job warned twice."""
+    monkeypatch.setitem(sys.modules, "fcntl", None)
+    (tmp_path / LOCK_NAME).write_text("123\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_not_running(tmp_path)
+        hold_output_dir(tmp_path)
+    assert [str(w.message) for w in caught] == [
+        f"--output-dir {tmp_path}: cannot lock it (this platform has no flock); a second job started there now would "
+        "not be refused"
+    ]

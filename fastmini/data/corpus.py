@@ -70,6 +70,22 @@ def looks_like_path(source: str) -> bool:
     )
 
 
+def _hidden(relative: Path) -> bool:
+    """Whether a path below a corpus directory is in a hidden folder or is a hidden file: no corpus there
+    (.ipynb_checkpoints/, .git/, editors' copies)."""
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def reads_below(source: str | None, directory: Path) -> bool:
+    """Whether files written into ``directory`` would be read as part of the corpus ``source`` next time: it names a
+    local directory (read whole, every file below it) that holds ``directory``, outside its hidden folders."""
+    root = Path(source).expanduser() if source else None
+    if root is None or not root.is_dir():
+        return False
+    root, directory = root.resolve(), directory.expanduser().resolve()
+    return (directory == root or root in directory.parents) and not _hidden(directory.relative_to(root))
+
+
 def local_files(source: str) -> list[Path] | None:
     """The files ``source`` names on this machine, or None when it is not a local path (a datasets name)."""
     expanded = Path(source).expanduser()
@@ -79,10 +95,7 @@ def local_files(source: str) -> list[Path] | None:
         files = sorted(
             p
             for p in expanded.rglob("*")
-            if p.is_file()
-            and p.suffix.lower() in SUPPORTED_SUFFIXES
-            # hidden folders and files (.ipynb_checkpoints/, .git/, editors' copies) hold no corpus
-            and not any(part.startswith(".") for part in p.relative_to(expanded).parts)
+            if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES and not _hidden(p.relative_to(expanded))
         )
         if not files:
             raise DataError(f"{source}: the directory holds no {'/'.join(SUPPORTED_SUFFIXES)} files")
@@ -194,7 +207,12 @@ def _holds_text(kind) -> bool:
 
     if pyarrow.types.is_dictionary(kind):
         kind = kind.value_type
-    return pyarrow.types.is_string(kind) or pyarrow.types.is_large_string(kind) or pyarrow.types.is_string_view(kind)
+    is_string_view = getattr(pyarrow.types, "is_string_view", None)  # pyarrow >= 16
+    return (
+        pyarrow.types.is_string(kind)
+        or pyarrow.types.is_large_string(kind)
+        or (is_string_view is not None and is_string_view(kind))
+    )
 
 
 def _as_dataset(texts: list[str], source: str):

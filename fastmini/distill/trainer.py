@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastmini.data.corpus import load_documents
+from fastmini.data.corpus import load_documents, reads_below
 from fastmini.data.windows import check_window_stride, make_windows
 from fastmini.distill import models
 from fastmini.distill.batches import MaskedWindows, evaluation_batches
@@ -95,8 +95,12 @@ def check_output_dir(config: DistillConfig) -> Path:
         # before the directory's own state is judged: its "pass --resume" advice would answer the wrong question
         requested_checkpoint(config.resume)
     inputs = {"--teacher": config.teacher, "--tokenizer": config.tokenizer, "--data": config.data}
-    # a --data directory is read whole (every file below it): outputs there would be read as text next time
-    check_foreign_outputs(output, "fastmini.distill", config.overwrite_output_dir, inputs, read_whole=("--data",))
+    check_foreign_outputs(output, "fastmini.distill", config.overwrite_output_dir, inputs)
+    if reads_below(config.data, output):
+        raise UsageError(
+            f"--output-dir {config.output_dir} is inside the --data directory {config.data}, which is read whole: "
+            "the next run would read this run's outputs as text; choose a directory outside it"
+        )
     existing = checkpoints.list_checkpoints(output / CHECKPOINTS_DIR)
     if (
         existing

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import importlib.util
 import os
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -63,10 +62,13 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get(TRITON_INTERPRET_ENV_VAR, "0") not in ("", "0")
 
 
-@functools.cache
+# Looked up once, without importing it: a cached function would warn under torch.compile (dynamo ignores its cache).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_installed() -> bool:
     """Whether the triton package is there to import (not on macOS or Windows, where it ships no wheels)."""
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def recording_a_graph() -> bool:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib.util
 import json
 import os
 import shlex
 import warnings
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
@@ -57,34 +58,14 @@ def resume_options(output_dir: str | Path) -> str:
 
 
 def check_foreign_outputs(
-    output: Path,
-    trainer: str,
-    overwrite: bool,
-    inputs: dict[str, str | None],
-    read_whole: Collection[str] = (),
-    option: str = "--output-dir",
+    output: Path, trainer: str, overwrite: bool, inputs: dict[str, str | None], option: str = "--output-dir"
 ) -> None:
     """Refuse an output directory that is one of ``inputs`` (option -> path: the run would overwrite what it
-    reads), that lies inside the directory of an option in ``read_whole`` or holds a file it names (options whose
-    directories are read whole, recursively: the next run would read this one's outputs as its input), or that
-    holds outputs another writer left (unless ``overwrite``). Writes nothing."""
+    reads) or that holds outputs another writer left (unless ``overwrite``). Writes nothing."""
     resolved = output.expanduser().resolve()
     for name, value in inputs.items():
-        path = Path(value).expanduser() if value else None
-        if path is not None and path.is_dir() and path.resolve() == resolved:
+        if value and Path(value).expanduser().is_dir() and Path(value).expanduser().resolve() == resolved:
             raise UsageError(f"{option} {output} is the {name} directory: the run would overwrite its own input")
-        if name not in read_whole or path is None:
-            continue
-        if path.is_dir() and path.resolve() in resolved.parents:
-            raise UsageError(
-                f"{option} {output} is inside the {name} directory {value}: a later run would read this run's "
-                "outputs as its input; choose a directory outside it"
-            )
-        if path.is_file() and path.resolve().parent == resolved:
-            raise UsageError(
-                f"{option} {output} holds the {name} file {value}: the run's outputs would land among its input "
-                "(read whole as a directory); choose another directory"
-            )
     writer = written_by(output)
     if writer in (None, trainer) or overwrite:
         return
@@ -118,6 +99,10 @@ def _refuse_running(output: Path, handle: IO[str]) -> bool:
     return True
 
 
+def _platform_locks() -> bool:
+    return importlib.util.find_spec("fcntl") is not None
+
+
 def _unguarded(output: Path, reason: str) -> bool:
     warnings.warn(
         f"--output-dir {output}: cannot lock it ({reason}); a second job started there now would not be refused",
@@ -128,9 +113,10 @@ def _unguarded(output: Path, reason: str) -> bool:
 
 
 def check_not_running(output: Path) -> None:
-    """Refuse, without writing anything, a directory whose lock another process holds."""
+    """Refuse, without writing anything, a directory whose lock another process holds (nothing to check where the
+    platform has no flock: hold_output_dir says so, once)."""
     lock = output / LOCK_NAME
-    if output.resolve() in _held or not lock.is_file():
+    if output.resolve() in _held or not lock.is_file() or not _platform_locks():
         return
     with open(lock) as handle:  # noqa: PTH123  (flock needs the file object)
         _refuse_running(output, handle)  # taken and at once given back on close
