@@ -450,3 +450,24 @@ def test_predicting_leaves_a_model_in_eval_untouched_and_puts_one_in_train_back(
     model.train()
     logits = predict_logits(model, encoded, 2, torch.device("cpu"))
     assert model.training and len(logits) == 2
+
+
+def test_regression_predictions_are_not_rounded_by_bf16_autocast(tiny_config, randomize):
+    """A regression head's output is its prediction: under bf16 autocast close predictions merged (24 distinct
+    values became 2 in a review, a dev Pearson of -0.39 became 0); they are computed in fp32. A classifier's logits
+    still come from autocast."""
+    from fastmini import FastMiniForSequenceClassification
+    from fastmini.finetune.inference import predict_logits
+
+    tokenizer = make_tiny_tokenizer()
+    examples = [{"text": f"the cat {word}", "text_pair": None, "where": word} for word in ("sat", "ran", "a", "dog")]
+    encoded = encode(tokenizer, examples, "regression", 16)
+    config = tiny_config(num_labels=1, problem_type="regression", vocab_size=tokenizer.vocab_size)
+    regression = randomize(FastMiniForSequenceClassification(config), 0.2).eval()
+    cpu = torch.device("cpu")
+    fp32 = torch.stack(predict_logits(regression, encoded, 2, cpu))
+    assert torch.equal(torch.stack(predict_logits(regression, encoded, 2, cpu, torch.bfloat16)), fp32)
+    classifier_config = tiny_config(num_labels=2, vocab_size=tokenizer.vocab_size)
+    classifier = randomize(FastMiniForSequenceClassification(classifier_config), 0.2).eval()
+    rounded = torch.stack(predict_logits(classifier, encoded, 2, cpu, torch.bfloat16))
+    assert torch.equal(rounded, rounded.bfloat16().float())  # autocast's bf16, as before

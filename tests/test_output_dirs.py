@@ -221,3 +221,28 @@ def test_without_flock_a_job_warns_once(tmp_path, monkeypatch):
         f"--output-dir {tmp_path}: cannot lock it (this platform has no flock); a second job started there now would "
         "not be refused"
     ]
+
+
+@pytest.mark.parametrize("trainer", ["distill", "finetune"])
+def test_only_the_process_that_holds_the_lock_probes_it(trainer, tmp_path):
+    """The ranks of one DDP job all probed the lock at start: two probing at once took each other for another job
+    (a flaky 'another fastmini job is running in it' under load); the trainers pass probe_lock=context.is_main."""
+    import importlib
+
+    module = importlib.import_module(f"fastmini.{trainer}.trainer")
+    config_class = module.DistillConfig if trainer == "distill" else module.FinetuneConfig
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
+         "from fastmini.training.output_dirs import hold_output_dir\n"
+         "hold_output_dir(Path(sys.argv[1])); print('held', flush=True); time.sleep(120)", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        config = config_class(output_dir=str(tmp_path))
+        with pytest.raises(UsageError, match="another fastmini job is running in it"):
+            module.check_output_dir(config)
+        assert module.check_output_dir(config, probe_lock=False) == tmp_path  # another rank of the holder's job
+    finally:
+        holder.kill()
+        holder.wait()

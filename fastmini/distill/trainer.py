@@ -79,7 +79,7 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         distributed.teardown()
 
 
-def check_output_dir(config: DistillConfig) -> Path:
+def check_output_dir(config: DistillConfig, probe_lock: bool = True) -> Path:
     """The output directory, checked without writing anything: writable (or creatable), and never
     mixing two runs.
 
@@ -90,7 +90,8 @@ def check_output_dir(config: DistillConfig) -> Path:
     resumed from a checkpoint elsewhere is a new run for this directory.
     """
     output = check_writable_directory(config.output_dir)
-    check_not_running(output)
+    if probe_lock:  # the process that will hold the lock: a job's ranks probing at once took each other for a job
+        check_not_running(output)
     if config.resume not in (None, "latest"):
         # before the directory's own state is judged: its "pass --resume" advice would answer the wrong question
         requested_checkpoint(config.resume)
@@ -182,7 +183,7 @@ class DistillationRun:
 
         check_global_batch(config.batch_size, context.world_size, config.grad_accumulation)
         # Refuse an unfinished run's directory now, before the heavy work; write nothing yet.
-        self.output = check_output_dir(config)
+        self.output = check_output_dir(config, probe_lock=context.is_main)
         self.checkpoint_root = self.output / CHECKPOINTS_DIR
 
         torch.manual_seed(config.seed)

@@ -81,7 +81,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         distributed.teardown()
 
 
-def check_output_dir(config: FinetuneConfig) -> Path:
+def check_output_dir(config: FinetuneConfig, probe_lock: bool = True) -> Path:
     """The output directory, checked without writing anything: writable (or creatable), and never mixing two
     jobs.
 
@@ -89,7 +89,8 @@ def check_output_dir(config: FinetuneConfig) -> Path:
     options it was started with) or --overwrite-output-dir discards it; a finished job's runs are simply
     replaced, but only by ``replace_previous_job`` once every input of the new job has been checked."""
     output = check_writable_directory(config.output_dir)
-    check_not_running(output)
+    if probe_lock:  # the process that will hold the lock: a job's ranks probing at once took each other for a job
+        check_not_running(output)
     inputs = {"--model": config.model, "--tokenizer": config.tokenizer, "--data": config.data}
     check_foreign_outputs(output, "fastmini.finetune", config.overwrite_output_dir, inputs)
     grid = output / RUNS_DIR / GRID_NAME
@@ -195,7 +196,7 @@ class FineTuning:
         self.autocast_dtype = precision.autocast_dtype(config.precision, self.device)
         check_global_batch(config.batch_size, context.world_size, config.grad_accumulation)
         # Refuse an unfinished job's directory now, before the heavy work; write nothing yet.
-        self.output = check_output_dir(config)
+        self.output = check_output_dir(config, probe_lock=context.is_main)
         self.spec: TaskSpec = task_spec(config.task)
         self.modes = modes_of(config)
         # Everything that can be wrong with the data or the model is found before the output directory is touched.
