@@ -462,12 +462,14 @@ def test_regression_predictions_are_not_rounded_by_bf16_autocast(tiny_config, ra
     tokenizer = make_tiny_tokenizer()
     examples = [{"text": f"the cat {word}", "text_pair": None, "where": word} for word in ("sat", "ran", "a", "dog")]
     encoded = encode(tokenizer, examples, "regression", 16)
-    config = tiny_config(num_labels=1, problem_type="regression", vocab_size=tokenizer.vocab_size)
+    # no problem_type, as an STS-B model fine-tuned elsewhere has: predict reads num_labels == 1 as regression
+    config = tiny_config(num_labels=1, vocab_size=tokenizer.vocab_size)
     regression = randomize(FastMiniForSequenceClassification(config), 0.2).eval()
     cpu = torch.device("cpu")
     fp32 = torch.stack(predict_logits(regression, encoded, 2, cpu))
     assert torch.equal(torch.stack(predict_logits(regression, encoded, 2, cpu, torch.bfloat16)), fp32)
     classifier_config = tiny_config(num_labels=2, vocab_size=tokenizer.vocab_size)
     classifier = randomize(FastMiniForSequenceClassification(classifier_config), 0.2).eval()
-    rounded = torch.stack(predict_logits(classifier, encoded, 2, cpu, torch.bfloat16))
+    classified = encode(tokenizer, examples, "classification", 16)
+    rounded = torch.stack(predict_logits(classifier, classified, 2, cpu, torch.bfloat16))
     assert torch.equal(rounded, rounded.bfloat16().float())  # autocast's bf16, as before

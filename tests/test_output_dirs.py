@@ -196,9 +196,6 @@ def test_a_filesystem_without_locks_runs_the_job_with_a_warning(tmp_path, monkey
     with pytest.warns(RuntimeWarning, match="cannot lock it \\(No locks available\\)"):
         hold_output_dir(tmp_path)
     release_output_dir(tmp_path)  # nothing held: a no-op
-    (tmp_path / LOCK_NAME).write_text("123\n")
-    with pytest.warns(RuntimeWarning, match="cannot lock it"):
-        check_not_running(tmp_path)
 
 
 def test_a_platform_without_flock_runs_the_job_with_a_warning(tmp_path, monkeypatch):
@@ -209,17 +206,27 @@ def test_a_platform_without_flock_runs_the_job_with_a_warning(tmp_path, monkeypa
     release_output_dir(tmp_path)
 
 
-def test_without_flock_a_job_warns_once(tmp_path, monkeypatch):
+@pytest.mark.parametrize("reason", ["this platform has no flock", "No locks available"])
+def test_without_locks_a_job_warns_once(tmp_path, monkeypatch, reason):
     """The lock file a first job left made check_not_running warn too: every later job warned twice."""
-    monkeypatch.setitem(sys.modules, "fcntl", None)
+    import errno
+
+    if reason == "No locks available":
+        import fcntl
+
+        def no_locks(handle, operation):
+            raise OSError(errno.ENOLCK, reason)
+
+        monkeypatch.setattr(fcntl, "flock", no_locks)
+    else:
+        monkeypatch.setitem(sys.modules, "fcntl", None)
     (tmp_path / LOCK_NAME).write_text("123\n")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         check_not_running(tmp_path)
         hold_output_dir(tmp_path)
     assert [str(w.message) for w in caught] == [
-        f"--output-dir {tmp_path}: cannot lock it (this platform has no flock); a second job started there now would "
-        "not be refused"
+        f"--output-dir {tmp_path}: cannot lock it ({reason}); a second job started there now would not be refused"
     ]
 
 
@@ -246,3 +253,29 @@ def test_only_the_process_that_holds_the_lock_probes_it(trainer, tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.parametrize("trainer", ["distill", "finetune"])
+def test_the_trainers_probe_the_lock_on_the_main_process_only(trainer, tmp_path, monkeypatch):
+    import importlib
+
+    import torch
+
+    from fastmini.training.distributed import DistributedContext
+
+    module = importlib.import_module(f"fastmini.{trainer}.trainer")
+    config_class, run_class = (
+        (module.DistillConfig, module.DistillationRun) if trainer == "distill" else (module.FinetuneConfig,
+                                                                                       module.FineTuning)
+    )  # fmt: skip
+    probed = []
+
+    def check_output_dir(config, probe_lock=True):
+        probed.append(probe_lock)
+        raise UsageError("stop here")
+
+    monkeypatch.setattr(module, "check_output_dir", check_output_dir)
+    for rank in (0, 1):
+        with pytest.raises(UsageError, match="stop here"):
+            run_class(config_class(output_dir=str(tmp_path)), DistributedContext(rank, 2, rank, torch.device("cpu")))
+    assert probed == [True, False]

@@ -87,7 +87,7 @@ class DistillConfig:
     epochs: float = option(
         1.0,
         "passes over the training windows when --max-steps is none; each pass takes only whole batches, leaving out "
-        "the last len %% --batch-size windows of its order",
+        "the windows of its order left over after the last whole batch",
         "run",
         parse=float,
     )

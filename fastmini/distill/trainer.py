@@ -100,7 +100,8 @@ def check_output_dir(config: DistillConfig, probe_lock: bool = True) -> Path:
     if reads_below(config.data, output):
         raise UsageError(
             f"--output-dir {config.output_dir} is inside the --data directory {config.data}, which is read whole: "
-            "the next run would read this run's outputs as text; choose a directory outside it"
+            "the next run would read this run's outputs as text; choose a directory outside it (or a hidden folder "
+            "in it, which the reader skips)"
         )
     existing = checkpoints.list_checkpoints(output / CHECKPOINTS_DIR)
     if (

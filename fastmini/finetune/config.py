@@ -88,7 +88,8 @@ class FinetuneConfig:
     epochs: int = option(
         5,
         "passes over the training set per run (GLUE's large tasks and the embedded default: 3); each pass is "
-        "reshuffled and takes only whole batches, leaving out the last len %% --batch-size examples of its order",
+        "reshuffled and takes only whole batches, leaving out the examples of its order left over after the last "
+        "whole batch",
         "run",
         parse=int,
     )

@@ -35,7 +35,7 @@ def predict_logits(
     """Per example: its logits (num_labels,), or (tokens, num_labels) for token classification; fp32, CPU. A model in
     train() mode is switched to eval() for the call and back; one in eval() is left untouched (threads may share
     it: switching modes back and forth under them raced)."""
-    if model.config.problem_type == "regression":
+    if encoded.kind == "regression":
         # A regression head's output is the prediction itself: under bf16 autocast it came rounded to 8 bits of
         # mantissa (steps of 0.0078 near 1), which merged close predictions and could wreck a correlation metric and
         # the choice of epoch and learning rate made on it. Its evaluation computes in fp32.

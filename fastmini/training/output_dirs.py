@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import importlib.util
 import json
 import os
 import shlex
@@ -75,14 +74,14 @@ def check_foreign_outputs(
     )
 
 
-def _refuse_running(output: Path, handle: IO[str]) -> bool:
+def _refuse_running(output: Path, handle: IO[str], warn: bool = True) -> bool:
     """Take ``handle``'s lock, or a UsageError naming the process that holds it; False where the filesystem
     or the platform has no locks (some network filesystems; Windows, without flock): the job then runs
-    unguarded, with a warning."""
+    unguarded, with a warning when ``warn`` (the job's hold warns, its probe does not: one warning a job)."""
     try:
         import fcntl
     except ImportError:
-        return _unguarded(output, "this platform has no flock")
+        return _unguarded(output, "this platform has no flock", warn)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -95,31 +94,28 @@ def _refuse_running(output: Path, handle: IO[str]) -> bool:
             "another directory"
         ) from None
     except OSError as error:  # ENOLCK, EOPNOTSUPP: no locking here
-        return _unguarded(output, error.strerror or str(error))
+        return _unguarded(output, error.strerror or str(error), warn)
     return True
 
 
-def _platform_locks() -> bool:
-    return importlib.util.find_spec("fcntl") is not None
-
-
-def _unguarded(output: Path, reason: str) -> bool:
-    warnings.warn(
-        f"--output-dir {output}: cannot lock it ({reason}); a second job started there now would not be refused",
-        RuntimeWarning,
-        stacklevel=4,
-    )
+def _unguarded(output: Path, reason: str, warn: bool) -> bool:
+    if warn:
+        warnings.warn(
+            f"--output-dir {output}: cannot lock it ({reason}); a second job started there now would not be refused",
+            RuntimeWarning,
+            stacklevel=4,
+        )
     return False
 
 
 def check_not_running(output: Path) -> None:
-    """Refuse, without writing anything, a directory whose lock another process holds (nothing to check where the
-    platform has no flock: hold_output_dir says so, once)."""
+    """Refuse, without writing anything, a directory whose lock another process holds (where nothing can be locked,
+    hold_output_dir says so, once)."""
     lock = output / LOCK_NAME
-    if output.resolve() in _held or not lock.is_file() or not _platform_locks():
+    if output.resolve() in _held or not lock.is_file():
         return
     with open(lock) as handle:  # noqa: PTH123  (flock needs the file object)
-        _refuse_running(output, handle)  # taken and at once given back on close
+        _refuse_running(output, handle, warn=False)  # taken and at once given back on close
 
 
 def hold_output_dir(output: Path) -> None:
