@@ -49,3 +49,15 @@ def test_ner_trajectory_depends_on_the_global_batch_only(tmp_path):
         other_weights = load_file(str(other / "model.safetensors"))
         for name, value in weights.items():
             torch.testing.assert_close(other_weights[name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_fresh_student_fine_tunes_under_torchrun(tmp_path):
+    """No --model and no outputs/distill here: every process builds the fresh student into a temporary directory of
+    its own, and rank 1's had no config.json (save_pretrained writes from rank 0 alone once torch.distributed is up):
+    the job failed with a gloo traceback."""
+    data = write_task_data(tmp_path / "data", "classification", train=16, dev=8)
+    output = tmp_path / "out"
+    run_module("fastmini.finetune", ["--data", str(data), "--output-dir", str(output), "--lr", "2e-3", "--seed", "1",
+                                     "--epochs", "1", "--batch-size", "8", "--no-progress", "--threads", "1"],
+               processes=2, cwd=tmp_path)  # fmt: skip
+    assert (output / "metrics.json").is_file() and (output / "model.safetensors").is_file()

@@ -22,7 +22,7 @@ from fastmini.files import looks_like_local_path
 from fastmini.finetune.config import DEFAULT_MODEL, FinetuneConfig, check_max_length, finetuning_max_length
 from fastmini.finetune.tasks import LabelMap, TaskSpec
 from fastmini.models import CheckpointError, FastMiniForSequenceClassification, FastMiniForTokenClassification
-from fastmini.models.checkpoint import CONFIG_NAME, TOKENIZER_FILES, read_config_dict
+from fastmini.models.checkpoint import CONFIG_NAME, SAFETENSORS_NAME, TOKENIZER_FILES, read_config_dict
 from fastmini.training.checkpoints import CHECKPOINTS_DIR
 from fastmini.training.cli import use_cache_if_hub_unreachable
 from fastmini.training.errors import UsageError
@@ -116,6 +116,7 @@ class ModelSource:
 
     def _fresh_student(self, missing: str) -> str:
         """``missing``: why the default model is not there (unfinished_default_model's sentence)."""
+        from safetensors.torch import save_file
         from transformers import AutoConfig, AutoTokenizer
 
         from fastmini.models import FastMiniConfig, FastMiniModel
@@ -139,7 +140,12 @@ class ModelSource:
         self._temporary = tempfile.TemporaryDirectory(prefix="fastmini-fresh-student-")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(FRESH_STUDENT_SEED)
-            FastMiniModel(student_config).save_pretrained(self._temporary.name)
+            student = FastMiniModel(student_config)
+        # Every process of a job writes its own copy, so not through save_pretrained: once torch.distributed is up,
+        # transformers writes a model from rank 0 alone (rank 1 found no config.json under torchrun).
+        directory = Path(self._temporary.name)
+        save_file(student.state_dict(), str(directory / SAFETENSORS_NAME), metadata={"format": "pt"})
+        student.config.to_json_file(directory / CONFIG_NAME)
         AutoTokenizer.from_pretrained(teacher).save_pretrained(self._temporary.name)
         return self._temporary.name
 

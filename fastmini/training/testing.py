@@ -20,9 +20,12 @@ def cli_error(main: Callable[[Sequence[str]], int], argv: Sequence[str], capsys)
     return lines[0]
 
 
-def run_module(module: str, argv: Sequence[str], processes: int = 1, timeout: float = 240, backend: str = "torch"):
+def run_module(
+    module: str, argv: Sequence[str], processes: int = 1, timeout: float = 240, backend: str = "torch", cwd=None
+):
     """``python -m module argv``, or under ``torchrun --nproc_per_node=processes``
-    (gloo on CPU), with ``FASTMINI_BACKEND=backend`` and one thread a process; fails unless it exits 0.
+    (gloo on CPU), with ``FASTMINI_BACKEND=backend`` and one thread a process, in ``cwd`` (None: this process's);
+    fails unless it exits 0.
 
     The backend is named because the child inherits the test session's environment, where CPU-only
     machines have TRITON_INTERPRET=1 (tests/conftest.py): with no backend named, fastmini would pick the
@@ -42,7 +45,7 @@ def run_module(module: str, argv: Sequence[str], processes: int = 1, timeout: fl
     command = [*launcher, "-m", module, *argv]
     env = {**os.environ, BACKEND_ENV_VAR: backend, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
-        command, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+        command, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, cwd=cwd
     )
     try:
         stdout, stderr = process.communicate(timeout=timeout)
