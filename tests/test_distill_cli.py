@@ -213,6 +213,23 @@ def test_argparse_type_errors_exit_2_with_usage(capsys):
     assert "optional_int" not in err
 
 
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_under_torchrun_the_command_line_speaks_from_rank_0_alone(rank, monkeypatch, capsys):
+    """Every rank parses the same command line: --print-config wrote one JSON object a process to one stdout, and
+    argparse's errors came once a process."""
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["--seed", "3", "--print-config"]) == 0
+    with pytest.raises(SystemExit) as raised:
+        main(["--max-steps", "many"])
+    captured = capsys.readouterr()
+    assert raised.value.code == 2
+    if rank == "0":
+        assert json.loads(captured.out)["seed"] == 3 and "--max-steps: expected an integer" in captured.err
+    else:
+        assert captured.out == "" and captured.err == ""
+
+
 def test_student_config_errors_name_the_options(teacher_dir, tmp_path, capsys):
     line = error_of([*tiny_args(teacher_dir, tmp_path / "out"), "--reduction-factor", "5"], capsys)
     assert "must be divisible by --reduction-factor (5)" in line and "reduction_factor" not in line

@@ -15,6 +15,7 @@ import contextlib
 import contextvars
 import dataclasses
 import importlib
+import io
 import json
 import logging
 import os
@@ -272,10 +273,11 @@ def trainer_main(name: str, config_module: str, run: Callable[[object], object],
     setup_logger(name)
 
     def body() -> int:
-        config, print_config = importlib.import_module(config_module).resolve(argv)
-        if print_config:
-            print(json.dumps(config.to_dict(), indent=2))
-            return 0
+        with _silent_off_rank0():
+            config, print_config = importlib.import_module(config_module).resolve(argv)
+            if print_config:
+                print(json.dumps(config.to_dict(), indent=2))
+                return 0
         quiet_libraries()
         import fastmini  # noqa: F401  (registers the Auto classes)
 
@@ -283,6 +285,17 @@ def trainer_main(name: str, config_module: str, run: Callable[[object], object],
         return 0
 
     return run_cli(name, body, "resume with --resume")
+
+
+def _silent_off_rank0() -> contextlib.AbstractContextManager:
+    """Every rank of a torchrun job parses the same command line: its argparse errors, --help and --print-config
+    come from rank 0 alone (once a process, --print-config wrote N JSON objects to one stdout)."""
+    if _rank() == 0:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+    return stack
 
 
 def check_writable_directory(path: str, option: str = "--output-dir") -> Path:
