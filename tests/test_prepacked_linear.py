@@ -37,6 +37,36 @@ def test_matches_the_reference(gelu, leading, fused):
     assert len(cache) == 1
 
 
+@pytest.mark.parametrize("leading", [(7,), (2, 5), (0,)], ids=["2d", "3d", "empty"])
+@pytest.mark.parametrize("fused", [1, 3], ids=["one", "qkv"])
+def test_the_residual_is_added_as_the_reference_adds_it(leading, fused):
+    weights, biases = _weights(*[(12, 36)] * fused)
+    x, residual = torch.randn(*leading, 36), torch.randn(*leading, 12 * fused)
+    cache = PrepackedLinears()
+    with torch.inference_mode():
+        out = cache.linear("w", x, weights, biases, residual=residual)
+        expected = linear_ref(x, weights, biases, None, residual)
+        without = cache.linear("w", x, weights, biases)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    if out.numel():
+        assert not torch.allclose(out, without)  # the residual was added, not dropped
+
+
+def test_gelu_and_a_residual_together_are_refused():
+    weights, biases = _weights((4, 4))
+    x = torch.randn(2, 4)
+    with pytest.raises(ValueError, match="gelu or residual, not both"):
+        PrepackedLinears().linear("w", x, weights, biases, gelu="none", residual=x)
+
+
+def test_a_residual_that_needs_a_gradient_takes_torch():
+    weights, biases = _weights((4, 4))
+    x, residual = torch.randn(2, 4), torch.randn(2, 4, requires_grad=True)
+    out = PrepackedLinears().linear("w", x, weights, biases, residual=residual)
+    out.sum().backward()
+    torch.testing.assert_close(residual.grad, torch.ones(2, 4))
+
+
 def test_non_contiguous_input_and_no_bias():
     weights, _ = _weights((37, 36))
     x = torch.randn(5, 72)[:, ::2]

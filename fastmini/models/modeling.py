@@ -89,9 +89,10 @@ class FastMiniPreTrainedModel(PreTrainedModel):
     def optimize_for_inference(self, prepacked_weights: bool = True, varlen_attention: bool | None = None) -> Self:
         """Switch on the inference fast paths; returns the model. Training is unaffected.
 
-        ``prepacked_weights``: on the CPU, the GEMM weights of the shared layer (and of the masked-LM
-        head) are reordered once for oneDNN and stay so across recursions and calls
-        (fastmini.ops.prepacked_linear); the cache
+        ``prepacked_weights``: on the CPU, the GEMM weights of the shared layer, of the adapters' up-projections
+        (and of the masked-LM head) are reordered once for oneDNN and stay so across recursions and calls
+        (fastmini.ops.prepacked_linear), residual adds and GELU fused into those GEMMs; where only the last hidden
+        state is wanted the N recursions then run as one lean loop (fastmini.modules.prepacked_recursion); the cache
         follows in-place updates, optimizer steps, ``load_state_dict`` and ``.to()`` by itself, but
         not writes through ``param.data`` (they bypass version counters): call this again after
         those. ``False`` switches it off again.
@@ -106,7 +107,7 @@ class FastMiniPreTrainedModel(PreTrainedModel):
                 f"optimize_for_inference: varlen_attention must be True, False or None, got {varlen_attention!r}"
             )
         for module in self.modules():
-            if isinstance(module, PrepackedWeightsMixin):  # the shared layer and the masked-LM head
+            if isinstance(module, PrepackedWeightsMixin):  # the shared layer, the adapters, the masked-LM head
                 module.use_prepacked_weights(prepacked_weights)
         backend = {None: None, True: "cuda", False: "torch"}[varlen_attention]  # ops.attention's packed backends
         self.base_model.encoder.shared_layer.packed_attention_backend = backend

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from fastmini.modules.adapter import BottleneckAdapter
+from fastmini.modules.prepacked_recursion import prepacked_recursions
 from fastmini.modules.shared_layer import SharedLayer
 from fastmini.ops import KeyPadding, Packing
 
@@ -63,9 +64,13 @@ class RecursiveEncoder(nn.Module):
         return self.attention_adapters is not None
 
     def add_adapters(self, config) -> None:
-        """Give every recursion a fresh pair of adapters (adapter tuning of a model without them)."""
+        """Give every recursion a fresh pair of adapters (adapter tuning of a model without them). They take the
+        shared layer's prepacked setting (``optimize_for_inference``), as they would have had they been there."""
         self.attention_adapters = make_adapters(config)
         self.ffn_adapters = make_adapters(config)
+        if self.shared_layer.prepacked is not None:
+            for adapter in (*self.attention_adapters, *self.ffn_adapters):
+                adapter.use_prepacked_weights()
 
     def forward(
         self,
@@ -86,6 +91,10 @@ class RecursiveEncoder(nn.Module):
             checkpointed = functools.partial(self._gradient_checkpointing_func, self.recursion)
         mask = packing.key_padding_mask if packing is not None else key_padding_mask
         key_padding = None if mask is None else KeyPadding(mask)
+        if all_hidden is None and all_attentions is None and checkpointed is None:
+            last = prepacked_recursions(self, hidden_states, packing, key_padding)  # CPU inference, when it applies
+            if last is not None:
+                return EncoderOutput(last_hidden_state=last, hidden_states=None, attentions=None)
         h = hidden_states
         qkv_weight, qkv_bias = self.shared_layer.fused_qkv(h)  # once for all recursions (see SharedLayer.fused_qkv)
         across = self.fuse_norms_into_adapters and self.has_adapters and all_hidden is None and checkpointed is None

@@ -23,7 +23,7 @@ from fastmini.modules.adapter import adapter_after_layer_norm
 from fastmini.ops import KeyPadding, Packing, add_layer_norm, linear_gelu, packed_self_attention, self_attention
 from fastmini.ops.autocasting import autocast_dtype_for
 from fastmini.ops.plain_layers import all_plain
-from fastmini.ops.prepacked_linear import PrepackedWeightsMixin
+from fastmini.ops.prepacked_linear import PrepackedLinears, PrepackedWeightsMixin
 
 
 class SharedLayer(PrepackedWeightsMixin, nn.Module):
@@ -95,14 +95,30 @@ class SharedLayer(PrepackedWeightsMixin, nn.Module):
         ``fused_qkv``'s, when the caller has them (the encoder makes them once for all recursions).
         """
         layers = (self.query, self.key, self.value)
-        prepacked = self.prepacked_for(x, self.query)
-        if prepacked is not None and all_plain(*layers):
-            qkv = prepacked.linear("qkv", x, [m.weight for m in layers], [m.bias for m in layers])
+        prepacked = self.prepacked_for(x, *layers, self.attention_output)
+        if prepacked is not None:
+            qkv = prepacked.linear("qkv", x, [m.weight for m in layers], [m.bias for m in layers], checked=True)
             projections = qkv.split(self.query.out_features, dim=-1)
         elif qkv_weight is not None:
             projections = F.linear(x, qkv_weight, qkv_bias).split(self.query.out_features, dim=-1)
         else:
             projections = tuple(layer(x) for layer in layers)
+        context, probabilities = self.attend(projections, packing, need_weights, key_padding_mask)
+        output = self._project_add_and_norm(
+            prepacked, "attention_output", context, x, self.attention_norm, self.hidden_dropout_p, then
+        )
+        return output, probabilities
+
+    def attend(
+        self,
+        projections: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        packing: Packing | None,
+        need_weights: bool,
+        key_padding_mask: torch.Tensor | KeyPadding | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Multi-head attention of the (query, key, value) projections (see attention_block): the context, heads
+        merged, and the probabilities when asked for."""
+        query = projections[0]
         dropout_p = self._dropout(self.attention_dropout_p)
         if packing is not None:
             context, probabilities = packed_self_attention(
@@ -113,7 +129,7 @@ class SharedLayer(PrepackedWeightsMixin, nn.Module):
                 need_weights=need_weights,
                 # A CUDA switch (optimize_for_inference(varlen_attention=True)): CPU tensors keep the
                 # CPU path, as fp32 or dropout keep the padded one on CUDA.
-                backend=self.packed_attention_backend if x.is_cuda else None,
+                backend=self.packed_attention_backend if query.is_cuda else None,
                 check_inputs=False,  # projections of the layer's own x and the encoder's packing: fit by construction
                 low_precision_maps=self.low_precision_maps,
                 key_padding=key_padding_mask if isinstance(key_padding_mask, KeyPadding) else None,
@@ -128,20 +144,41 @@ class SharedLayer(PrepackedWeightsMixin, nn.Module):
                 check_inputs=False,
                 low_precision_maps=self.low_precision_maps,
             )
-        output = self.linear_through(prepacked, "attention_output", context)
-        return self._add_and_norm(output, x, self.attention_norm, self.hidden_dropout_p, then), probabilities
+        return context, probabilities
 
     def ffn_block(self, x: torch.Tensor, then: nn.Module | None = None) -> torch.Tensor:
         """``LayerNorm(x + Dropout(FfnOut(GELU(Ffn(x)))))`` (no dropout in the ALBERT variant, as ALBERT); with
         ``then`` (an adapter), ``then`` of it."""
         up = self.ffn_intermediate
-        prepacked = self.prepacked_for(x, up)
+        prepacked = self.prepacked_for(x, up, self.ffn_output)
         if prepacked is None and all_plain(up):
             intermediate = linear_gelu(x, up.weight, up.bias, self.gelu_approximation, check_inputs=False)
         else:
-            intermediate = self.linear_through(prepacked, "ffn_intermediate", x, gelu=self.gelu_approximation)
-        output = self.linear_through(prepacked, "ffn_output", intermediate)
-        return self._add_and_norm(output, x, self.ffn_norm, self.ffn_dropout_p, then)
+            intermediate = self.linear_through(
+                prepacked, "ffn_intermediate", x, gelu=self.gelu_approximation, checked=True
+            )
+        return self._project_add_and_norm(
+            prepacked, "ffn_output", intermediate, x, self.ffn_norm, self.ffn_dropout_p, then
+        )
+
+    def _project_add_and_norm(
+        self,
+        prepacked: PrepackedLinears | None,
+        name: str,
+        x: torch.Tensor,
+        residual: torch.Tensor,
+        norm: nn.Module,
+        dropout_p: float,
+        then: nn.Module | None,
+    ) -> torch.Tensor:
+        """``norm(residual + Dropout(layer(x)))`` for the submodule ``name``, then ``then`` (see _add_and_norm).
+        With the prepacked cache (CPU inference) the residual is added by the GEMM's post-op, and ``then`` is
+        called as a module (an adapter's own prepacked path): one pass over the activations fewer per block."""
+        if prepacked is not None and self._dropout(dropout_p) == 0.0 and all_plain(norm):
+            out = norm.forward(self.linear_through(prepacked, name, x, residual=residual, checked=True))
+            return out if then is None else then(out)
+        output = self.linear_through(prepacked, name, x, checked=True)
+        return self._add_and_norm(output, residual, norm, dropout_p, then)
 
     def _add_and_norm(
         self,

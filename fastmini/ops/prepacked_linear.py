@@ -6,6 +6,11 @@ weights N times per forward, forward after forward, so the packing can be paid o
 on this project's 2-core AVX-512 CPU (fp32, 32 rows): 768 -> 3072 ran at 117 GFLOP/s through
 ``F.linear`` and 202 GFLOP/s through oneDNN with a pre-reordered weight; 3072 -> 768 116 vs 204.
 
+GELU and a residual add ride in the GEMM as oneDNN post-ops (``linear(..., gelu=...)``, ``residual=...``): at
+32 rows every op between the shared layer's GEMMs runs on caches those GEMMs' megabytes of weights have just
+swept, where a pass of its own over the activations costs several times what it costs on warm caches (an add of
+32 x 768 took ~25 us after the FFN's GEMM, ~4 us in a loop of adds).
+
 The reordered copy is a cache, never the source of truth: entries are keyed on the source
 weights' identity, storage and version counter and on the number of optimizer steps taken in the
 process, so an optimizer step, ``load_state_dict`` or ``.to()`` makes them stale and they are
@@ -52,18 +57,34 @@ def onednn_linear_available() -> bool:
 
 
 def linear_ref(
-    x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None], gelu: str | None
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    gelu: str | None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The oracle: the linears side by side (outputs concatenated), then GELU when asked."""
+    """The oracle: the linears side by side (outputs concatenated), then GELU or the residual added when asked."""
     out = torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases, strict=True)], dim=-1)
+    if residual is not None:
+        return out + residual
     return out if gelu is None else F.gelu(out, approximate=gelu)
 
 
 @dataclass
-class _Entry:
+class PackedLinear:
+    """One cache entry: the linears' weights side by side in oneDNN's blocked layout, called as oneDNN's GEMM
+    with GELU or the residual's add as its post-op. Valid while its key is (see _key): fetched once, it serves
+    calls until the weights change (``PrepackedLinears.packed``)."""
+
     packed: torch.Tensor  # (sum of out features, in features), oneDNN blocked layout
     bias: torch.Tensor | None
     key: tuple
+
+    def __call__(self, x: torch.Tensor, gelu: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if residual is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed, self.bias, "add")
+        attr, algorithm = _ONEDNN_ACTIVATIONS[gelu]
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, attr, [], algorithm)
 
 
 _optimizer_steps = 0
@@ -93,7 +114,7 @@ class PrepackedLinears:
     the fast path does not apply, so callers never branch."""
 
     def __init__(self) -> None:
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[str, PackedLinear] = {}
         _start_counting_optimizer_steps()
 
     def __deepcopy__(self, memo) -> PrepackedLinears:
@@ -142,7 +163,9 @@ class PrepackedLinears:
         if self._entries and (weight.dtype != torch.float32 or weight.device.type != "cpu"):
             self._entries.clear()
 
-    def _entry(self, name: str, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]) -> _Entry:
+    def packed(self, name: str, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]) -> PackedLinear:
+        """The entry ``name`` for these weights, reordered now if it is missing or stale. Only where ``applies``
+        holds for them (the caller's check)."""
         key = _key([*weights, *biases])
         entry = self._entries.get(name)
         if entry is None or entry.key != key:
@@ -152,7 +175,7 @@ class PrepackedLinears:
                 if any(has_bias) and not all(has_bias):
                     raise ValueError(f"prepacked linear '{name}': give a bias for every weight or for none")
                 bias = torch.cat([b.detach() for b in biases]) if all(has_bias) else None
-                entry = _Entry(torch.ops.mkldnn._reorder_linear_weight(weight.contiguous()), bias, key)
+                entry = PackedLinear(torch.ops.mkldnn._reorder_linear_weight(weight.contiguous()), bias, key)
             self._entries[name] = entry
         return entry
 
@@ -163,16 +186,24 @@ class PrepackedLinears:
         weights: Sequence[torch.Tensor],
         biases: Sequence[torch.Tensor | None],
         gelu: str | None = None,
+        residual: torch.Tensor | None = None,
+        checked: bool = False,
     ) -> torch.Tensor:
-        """``linear_ref(x, weights, biases, gelu)``: through the cached oneDNN weight ``name`` when
-        the fast path applies, else through torch."""
+        """``linear_ref(x, weights, biases, gelu, residual)``: through the cached oneDNN weight ``name`` when
+        the fast path applies, else through torch. GELU and the residual's add are oneDNN post-ops: applied to
+        the output tile while it is in registers, not in another pass over the output (after the GEMM has
+        streamed its weights through the caches, such a pass re-reads its operands from L3: at 32 rows an add
+        took ~25 us, against ~4 us on warm caches). ``checked``: the caller has seen ``applies`` hold for these
+        tensors (``PrepackedWeightsMixin.prepacked_for``), so it is not asked again on the recursion's hot path."""
         if gelu not in _ONEDNN_ACTIVATIONS:
             raise ValueError(f"prepacked linear: gelu must be one of {sorted(k for k in _ONEDNN_ACTIVATIONS if k)}")
-        if not self.applies(x, weights, biases):
-            return linear_ref(x, weights, biases, gelu)
-        entry = self._entry(name, weights, biases)
-        attr, algorithm = _ONEDNN_ACTIVATIONS[gelu]
-        return torch.ops.mkldnn._linear_pointwise(x, entry.packed, entry.bias, attr, [], algorithm)
+        if gelu is not None and residual is not None:
+            raise ValueError("prepacked linear: give gelu or residual, not both (oneDNN fuses one post-op here)")
+        if not checked and not self.applies(x, weights, biases):
+            return linear_ref(x, weights, biases, gelu, residual)
+        if residual is not None and (residual.dtype != torch.float32 or residual.requires_grad):
+            return linear_ref(x, weights, biases, gelu, residual)
+        return self.packed(name, weights, biases)(x, gelu, residual)
 
 
 class PrepackedWeightsMixin:
@@ -190,24 +221,34 @@ class PrepackedWeightsMixin:
             self.prepacked = PrepackedLinears()
         return super().train(mode)
 
-    def prepacked_for(self, x: torch.Tensor, layer: nn.Module) -> PrepackedLinears | None:
-        """The cache when it is on and applies to this input and to ``layer`` (a plain nn.Linear: see
-        ops.plain_layers), else None (the module's usual ops run)."""
+    def prepacked_for(self, x: torch.Tensor, *layers: nn.Module) -> PrepackedLinears | None:
+        """The cache when it is on and applies to this input and to every one of ``layers`` (plain nn.Linear
+        modules: see ops.plain_layers), else None (the module's usual ops run). Its ``linear`` may then be
+        called ``checked=True`` for those layers with x or an activation computed from it without gradients."""
         prepacked = self.prepacked
-        if prepacked is None or not all_plain(layer):
+        if prepacked is None or not all_plain(*layers):
             return None
-        if prepacked.applies(x, (layer.weight,), (layer.bias,)):
+        if prepacked.applies(x, [layer.weight for layer in layers], [layer.bias for layer in layers]):
             return prepacked
-        prepacked.drop_if_moved(layer.weight)
+        prepacked.drop_if_moved(layers[0].weight)
         return None
 
     def linear_through(
-        self, prepacked: PrepackedLinears | None, name: str, x: torch.Tensor, gelu: str | None = None
+        self,
+        prepacked: PrepackedLinears | None,
+        name: str,
+        x: torch.Tensor,
+        gelu: str | None = None,
+        residual: torch.Tensor | None = None,
+        checked: bool = False,
     ) -> torch.Tensor:
-        """The submodule ``name`` applied to x, then GELU when asked: through the cache when given and the
-        submodule is a plain nn.Linear, else by calling it."""
+        """The submodule ``name`` applied to x, then GELU or the residual added when asked: through the cache
+        when given and the submodule is a plain nn.Linear, else by calling it. ``checked``: ``prepacked_for``
+        was asked with this submodule among its layers (see PrepackedLinears.linear)."""
         layer = getattr(self, name)
         if prepacked is None or not all_plain(layer):
             out = layer(x)
+            if residual is not None:
+                return out + residual
             return out if gelu is None else F.gelu(out, approximate=gelu)
-        return prepacked.linear(name, x, [layer.weight], [layer.bias], gelu=gelu)
+        return prepacked.linear(name, x, [layer.weight], [layer.bias], gelu=gelu, residual=residual, checked=checked)
