@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from fastmini.distill.__main__ import main
 from fastmini.distill.testing import make_tiny_teacher
 from fastmini.training import checkpoints
+from fastmini.training.faults import FAULT_ENV_VAR
 from fastmini.training.testing import run_module
 
 
@@ -99,3 +100,17 @@ def test_a_loss_setting_that_leaves_parameters_without_gradients_runs_under_torc
     assert result.returncode == 0, result.stderr[-2000:]
     assert "no loss reads the projection; not building it" in result.stderr
     assert [r["step"] for r in train_records(output)] == [1, 2, 3, 4]
+
+
+def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_with_one_line(teacher_dir, tmp_path):
+    """Rank 0 writes checkpoints alone while the others wait: a full disk there ended the others in their next
+    collective, each with a gloo "Connection closed by peer" traceback around rank 0's message."""
+    output = tmp_path / "out"
+    result = run_module(
+        "fastmini.distill", distill_args(teacher_dir, output), processes=2,
+        env={FAULT_ENV_VAR: "fail-in-checkpoint:2"}, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert result.stderr.count("fastmini.distill: stopped: No space left on device") == 1
+    assert "Connection closed" not in result.stderr and "[rank1]" not in result.stderr, result.stderr[-3000:]
+    assert checkpoints.list_checkpoints(output / "checkpoints") == []  # the half-written checkpoint went

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from fastmini.finetune.__main__ import main
 from fastmini.finetune.testing import make_tiny_model, write_task_data
+from fastmini.training.faults import FAULT_ENV_VAR
 from fastmini.training.testing import run_module
 
 RUN = "full-lr0.002-seed1"
@@ -61,3 +62,34 @@ def test_a_fresh_student_fine_tunes_under_torchrun(tmp_path):
                                      "--epochs", "1", "--batch-size", "8", "--no-progress", "--threads", "1"],
                processes=2, cwd=tmp_path)  # fmt: skip
     assert (output / "metrics.json").is_file() and (output / "model.safetensors").is_file()
+
+
+def _checkpoint_run(tmp_path: Path) -> tuple[list[str], Path]:
+    model = make_tiny_model(tmp_path / "model", dropout=0.0)
+    data = write_task_data(tmp_path / "data", "classification", train=32, dev=8)
+    output = tmp_path / "out"
+    argv = ["--model", str(model), "--data", str(data), "--lr", "2e-3", "--seed", "1", "--epochs", "1",
+            "--batch-size", "8", "--save-every", "1", "--no-progress", "--threads", "1",
+            "--output-dir", str(output)]  # fmt: skip
+    return argv, output / "runs" / RUN / "checkpoints"
+
+
+def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_with_one_line(tmp_path):
+    """Rank 0 writes checkpoints alone while the others wait: a full disk there ended the others in their next
+    collective, each with a gloo "Connection closed by peer" traceback around rank 0's message."""
+    argv, checkpoints = _checkpoint_run(tmp_path)
+    result = run_module(
+        "fastmini.finetune", argv, processes=2, env={FAULT_ENV_VAR: "fail-in-checkpoint:1"}, check=False
+    )
+    assert result.returncode != 0
+    assert result.stderr.count("fastmini.finetune: stopped: No space left on device") == 1
+    assert "Connection closed" not in result.stderr and "[rank1]" not in result.stderr, result.stderr[-3000:]
+    assert list(checkpoints.iterdir()) == []  # the half-written checkpoint went
+
+
+def test_a_full_disk_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
+    argv, _ = _checkpoint_run(tmp_path)
+    monkeypatch.setenv(FAULT_ENV_VAR, "fail-in-checkpoint:1")
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "fastmini.finetune: stopped: No space left on device" in err and "Traceback" not in err

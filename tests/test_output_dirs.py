@@ -261,6 +261,7 @@ def test_the_trainers_probe_the_lock_on_the_main_process_only(trainer, tmp_path,
 
     import torch
 
+    from fastmini.training import distributed
     from fastmini.training.distributed import DistributedContext
 
     module = importlib.import_module(f"fastmini.{trainer}.trainer")
@@ -275,6 +276,8 @@ def test_the_trainers_probe_the_lock_on_the_main_process_only(trainer, tmp_path,
         raise UsageError("stop here")
 
     monkeypatch.setattr(module, "check_output_dir", check_output_dir)
+    # No process group here: each rank sees its own value as rank 0's (rank 1 as though rank 0's checks passed).
+    monkeypatch.setattr(distributed, "broadcast_from_main", lambda value, context: value)
     for rank in (0, 1):
         with pytest.raises(UsageError, match="stop here"):
             run_class(config_class(output_dir=str(tmp_path)), DistributedContext(rank, 2, rank, torch.device("cpu")))

@@ -184,7 +184,8 @@ class DistillationRun:
 
         check_global_batch(config.batch_size, context.world_size, config.grad_accumulation)
         # Refuse an unfinished run's directory now, before the heavy work; write nothing yet.
-        self.output = check_output_dir(config, probe_lock=context.is_main)
+        # Rank 0 checks first, probing the lock: a job's ranks probing at once took each other for another job.
+        self.output = distributed.main_first(context, lambda: check_output_dir(config, probe_lock=context.is_main))
         self.checkpoint_root = self.output / CHECKPOINTS_DIR
 
         torch.manual_seed(config.seed)
@@ -249,9 +250,7 @@ class DistillationRun:
         self._rng_to_restore: dict[str, Any] | None = None
         self._maybe_resume()
         # Everything the command could get wrong has been checked: only now may an earlier run go.
-        if context.is_main:
-            replace_previous_run(config)
-        distributed.barrier(context)
+        distributed.on_main(context, lambda: replace_previous_run(config))
 
     # ----------------------------------------------------------------------------------- data
     def _prepare_data(self) -> None:
@@ -284,13 +283,12 @@ class DistillationRun:
                 description=f"tokenising {what} into windows",
             )
 
+        def tokenised():
+            train = windows_of(train_documents, "training documents")
+            return train, windows_of(eval_documents, "held-out documents") if held_out else None
+
         # Rank 0 tokenises first so that a datasets cache is written once, then read by the others.
-        if not self.context.is_main:
-            distributed.barrier(self.context)
-        train_windows = windows_of(train_documents, "training documents")
-        eval_windows = windows_of(eval_documents, "held-out documents") if held_out else None
-        if self.context.is_main:
-            distributed.barrier(self.context)
+        train_windows, eval_windows = distributed.main_first(self.context, tokenised)
 
         def masked(windows):
             return MaskedWindows(
@@ -372,7 +370,8 @@ class DistillationRun:
 
     def save_checkpoint(self, step: int, elapsed: float) -> None:
         state = self._state(step, elapsed)  # collective: every rank takes part
-        if self.context.is_main:
+
+        def publish() -> None:
             final = self.checkpoint_root / checkpoints.checkpoint_name(step)
             checkpoints.remove_temporaries(self.checkpoint_root)
             with checkpoints.atomic_directory(final) as directory:
@@ -380,8 +379,10 @@ class DistillationRun:
                 checkpoints.save_state(directory / STATE_NAME, state)
                 (directory / TRAIN_CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2))
                 faults.kill_if_armed("kill-in-checkpoint", step)
+                faults.fail_if_armed("fail-in-checkpoint", step)
             checkpoints.prune(self.checkpoint_root, self.config.keep_last)
-        distributed.barrier(self.context)
+
+        distributed.on_main(self.context, publish)
         # On every rank, once rank 0 has published it: each rank's messages after a stop name it.
         self.last_checkpoint = self.checkpoint_root / checkpoints.checkpoint_name(step)
 
@@ -552,8 +553,8 @@ class DistillationRun:
     def run(self) -> dict[str, Any]:
         config, context = self.config, self.context
         self._describe()
-        if self.metrics_before is None:
-            self.metrics_before = self._evaluate()
+        if self.metrics_before is None:  # rank 0 evaluates the held-out windows, the others wait for it
+            self.metrics_before = distributed.on_main(context, self._evaluate) or {}
             if self.metrics_before:
                 log.info("held-out before: %s", _summary(self.metrics_before))
         resumed = bool(self.config.resume and self.start_step)
@@ -607,8 +608,8 @@ class DistillationRun:
         finally:
             bar.close()
         train_seconds = time.perf_counter() - started
-        metrics: dict[str, Any] = {}
-        if context.is_main:
+
+        def finish() -> dict[str, Any]:  # rank 0's: the held-out evaluation and the outputs
             after = self._evaluate()
             if after:
                 log.info("held-out after:  %s", _summary(after))
@@ -631,9 +632,12 @@ class DistillationRun:
             if after:  # flat, as fine-tuning's: TensorBoard's eval/<metric> tags
                 run_log.write("eval", step, after)
             self._save_outputs(metrics)
-        run_log.close()
-        distributed.barrier(context)
-        return metrics
+            return metrics
+
+        try:
+            return distributed.on_main(context, finish) or {}
+        finally:
+            run_log.close()
 
     def _after_interrupt(self) -> str:
         """What the user can do after Ctrl-C: resume from a checkpoint, or start again when there is none."""

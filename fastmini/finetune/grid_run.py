@@ -56,14 +56,14 @@ class GridRun:
             result = json.loads(result_path.read_text())
             log.info("run %s finished earlier (best epoch %s)", self.setting.name, result["best_epoch"])
             return result
-        if self.context.is_main:
-            self.directory.mkdir(parents=True, exist_ok=True)
-        distributed.barrier(self.context)
+        distributed.on_main(self.context, lambda: self.directory.mkdir(parents=True, exist_ok=True))
         result = self._train()
-        if self.context.is_main:
+
+        def publish() -> None:
             write_json_atomically(result_path, result)
             shutil.rmtree(self.checkpoint_root, ignore_errors=True)  # the best epoch is kept in best/
-        distributed.barrier(self.context)
+
+        distributed.on_main(self.context, publish)
         return result
 
     # ------------------------------------------------------------------------- setup, resume
@@ -175,6 +175,10 @@ class GridRun:
         )
         return checkpoints.rng_state_of_rank(state["rng"], self.context.rank)
 
+    def _save_best(self) -> None:
+        with checkpoints.atomic_directory(self.directory / BEST_DIR) as directory:
+            self.model.save_pretrained(directory)
+
     def _save_checkpoint(self) -> None:
         step = self.state["step"]
         rng_states = [checkpoints.capture_rng_state()]
@@ -182,7 +186,8 @@ class GridRun:
             gathered: list[Any] = [None] * self.context.world_size
             torch.distributed.all_gather_object(gathered, rng_states[0])
             rng_states = gathered
-        if self.context.is_main:
+
+        def publish() -> None:
             state = {
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
@@ -198,8 +203,10 @@ class GridRun:
                 self.model.save_pretrained(directory)
                 checkpoints.save_state(directory / STATE_NAME, state)
                 faults.kill_if_armed("kill-in-checkpoint", step)
+                faults.fail_if_armed("fail-in-checkpoint", step)
             checkpoints.prune(self.checkpoint_root, 1)
-        distributed.barrier(self.context)
+
+        distributed.on_main(self.context, publish)
         # On every rank, once rank 0 has published it: each rank's messages after a stop name it.
         self.last_checkpoint = self.checkpoint_root / checkpoints.checkpoint_name(step)
 
@@ -267,10 +274,7 @@ class GridRun:
         if is_better(value, None if best is None else best["value"], job.spec.main_metric):
             state["best"] = {"epoch": epoch, "step": step, "value": value, "validation": validation}
             state["bad_evaluations"] = 0
-            if self.context.is_main:
-                with checkpoints.atomic_directory(self.directory / BEST_DIR) as directory:
-                    self.model.save_pretrained(directory)
-            distributed.barrier(self.context)
+            distributed.on_main(self.context, self._save_best)
         else:
             state["bad_evaluations"] += 1
         stopping = bool(config.early_stopping) and state["bad_evaluations"] >= config.early_stopping

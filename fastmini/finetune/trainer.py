@@ -196,7 +196,8 @@ class FineTuning:
         self.autocast_dtype = precision.autocast_dtype(config.precision, self.device)
         check_global_batch(config.batch_size, context.world_size, config.grad_accumulation)
         # Refuse an unfinished job's directory now, before the heavy work; write nothing yet.
-        self.output = check_output_dir(config, probe_lock=context.is_main)
+        # Rank 0 checks first, probing the lock: a job's ranks probing at once took each other for another job.
+        self.output = distributed.main_first(context, lambda: check_output_dir(config, probe_lock=context.is_main))
         self.spec: TaskSpec = task_spec(config.task)
         self.modes = modes_of(config)
         # Everything that can be wrong with the data or the model is found before the output directory is touched.
@@ -231,16 +232,12 @@ class FineTuning:
                 f"(--batch-size {config.batch_size}); give more data or a smaller batch"
             )
         # Everything the command could get wrong has been checked: only now may an earlier job go.
-        if context.is_main:
-            replace_previous_job(config)
-        distributed.barrier(context)
+        distributed.on_main(context, lambda: replace_previous_job(config))
         self.runs_dir = self.output / RUNS_DIR
         self.steps_per_epoch = len(self.train) // config.batch_size
         self.total_steps = config.epochs * self.steps_per_epoch
         self.grid = [Setting(mode, lr, seed) for mode in self.modes for lr in config.lr for seed in config.seed]
-        if context.is_main:
-            self._record_grid()
-        distributed.barrier(context)
+        distributed.on_main(context, self._record_grid)
 
     def _report_examples_without_text(self) -> None:
         """A warning per split with examples of no text at all (empty cells): they train and score on [CLS] [SEP]
@@ -311,11 +308,8 @@ class FineTuning:
                 results[setting.mode].append(grid_run.run())
             except KeyboardInterrupt as interrupt:
                 raise Interrupted(_after_interrupt(grid_run, finished, self.config.output_dir)) from interrupt
-        metrics: dict[str, Any] = {}
-        if self.context.is_main:
-            metrics = self._finish(results, time.perf_counter() - started)
-        distributed.barrier(self.context)
-        return metrics
+        seconds = time.perf_counter() - started
+        return distributed.on_main(self.context, lambda: self._finish(results, seconds)) or {}
 
     def _finish(self, results: dict[str, list[dict[str, Any]]], seconds: float) -> dict[str, Any]:
         spec = self.spec
@@ -408,8 +402,8 @@ class FineTuning:
 
     def evaluate(self, model: nn.Module) -> dict[str, dict[str, float]]:
         """Dev metrics of every validation split (computed on rank 0, the same on every rank)."""
-        result = None
-        if self.context.is_main:
+
+        def scores() -> dict[str, dict[str, float]]:
             result = {}
             for split, encoded in self.validation.items():
                 logits = inference.predict_logits(
@@ -417,7 +411,9 @@ class FineTuning:
                 )
                 predictions = inference.decode(self.spec.kind, logits, encoded, self._outside_index())
                 result[split] = inference.scores(self.spec, self.data.labels, self.data.validation[split], predictions)
-        return distributed.broadcast_from_main(result, self.context)
+            return result
+
+        return distributed.on_main(self.context, scores, share_result=True)
 
 
 def _after_interrupt(interrupted: GridRun, finished: int, output_dir: str) -> str:

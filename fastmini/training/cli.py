@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import errno
 import importlib
 import io
 import json
@@ -150,6 +151,10 @@ def setup_logger(name: str) -> logging.Logger:
     return logger
 
 
+# Write failures a user fixes by freeing space or choosing another directory: one line, not a traceback.
+_FULL_OR_READ_ONLY = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS") if hasattr(errno, name))
+
+
 def run_cli(name: str, body: Callable[[], int | None], interrupted_hint: str = "") -> int:
     """``body()``'s exit code (0 for None), or the exit code of the error it raised (see above)."""
     from fastmini.command_start import hand_over
@@ -177,6 +182,14 @@ def run_cli(name: str, body: Callable[[], int | None], interrupted_hint: str = "
     except TrainingError as error:
         _report(f"{name}: stopped: {error}", error.rank_specific)
         return _leave_if_torchrun_worker(1, wait_for_rank0=not error.rank_specific)
+    except OSError as error:
+        if error.errno not in _FULL_OR_READ_ONLY:
+            raise  # anything else is not the user's to fix: its traceback
+        # A disk filled (or a quota or a read-only filesystem met) while writing a checkpoint or an output: the
+        # published checkpoints stay, the one being written is discarded (training.checkpoints.atomic_directory).
+        where = f"{error.filename}: " if error.filename else ""
+        _report(f"{name}: stopped: {where}{error.strerror or error}", rank_specific=True)
+        return _leave_if_torchrun_worker(1, wait_for_rank0=False)
     except KeyboardInterrupt as interrupt:
         # A run that knows better (e.g. there is no checkpoint to resume from) says so in the exception.
         hint = str(interrupt) if isinstance(interrupt, Interrupted) else interrupted_hint

@@ -7,14 +7,19 @@ Collectives wait at most FASTMINI_DISTRIBUTED_TIMEOUT seconds (default 7200) for
 rank: rank 0 alone evaluates and publishes (held-out sets, predictions on a large dev or test
 split) while the others wait at a barrier, which can outlast torch's default (10 minutes for
 NCCL, 30 for gloo). A rank that really hangs is then found after that long.
+
+What rank 0 does alone goes through ``on_main``: should it fail (a full disk under a checkpoint, another job's lock
+found by its probe), the others learn it from rank 0 and stop with it, quietly, instead of failing in their next
+collective with a "connection closed" traceback of their own around rank 0's message.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -140,3 +145,54 @@ def broadcast_from_main(value: Any, context: DistributedContext) -> Any:
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+_Result = TypeVar("_Result")
+
+
+def on_main(context: DistributedContext, work: Callable[[], _Result], share_result: bool = False) -> _Result | None:
+    """``work()`` on rank 0 alone while the other ranks wait for it; its result on rank 0 (on every rank with
+    ``share_result``, which must then be picklable), None elsewhere. In one process, simply ``work()``.
+
+    Should ``work`` raise, rank 0 raises that error and every other rank an error of its kind with its message
+    (a UsageError for a UsageError, else a TrainingError naming rank 0), not marked rank-specific: the command
+    line prints rank 0's alone (fastmini.training.cli) and every rank exits with its code. Interrupts are not
+    shared: Ctrl-C reaches every rank of a torchrun job by itself."""
+    if not context.is_distributed:
+        return work()
+    from fastmini.training.errors import UsageError
+
+    result, failure = None, None
+    if context.is_main:
+        try:
+            result = work()
+        except Exception as error:  # noqa: BLE001  (re-raised below, once the others know)
+            failure = error
+    outcome = broadcast_from_main(
+        (
+            None if failure is None else (isinstance(failure, UsageError), f"{type(failure).__name__}: {failure}"),
+            result if share_result and failure is None else None,
+        ),
+        context,
+    )
+    if failure is not None:
+        raise failure
+    if outcome[0] is not None:
+        raise _as_seen_off_main(*outcome[0])
+    return result if context.is_main else outcome[1]
+
+
+def _as_seen_off_main(usage: bool, message: str) -> Exception:
+    from fastmini.training.errors import TrainingError, UsageError
+
+    if usage:
+        return UsageError(message.removeprefix(f"{UsageError.__name__}: "))
+    return TrainingError(f"rank 0 failed ({message})")
+
+
+def main_first(context: DistributedContext, work: Callable[[], _Result]) -> _Result:
+    """``work()`` on rank 0, then, once it has succeeded there, on the other ranks; each rank's own result. For
+    what rank 0 should do before the others (write a cache they then read, probe a lock); a failure on rank 0
+    stops the others as ``on_main``'s does, before they start."""
+    result = on_main(context, work)
+    return result if context.is_main else work()

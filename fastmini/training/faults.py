@@ -2,12 +2,14 @@
 
 Points: ``kill-after-step`` (SIGKILL right after the optimizer step, before any checkpoint of
 that step), ``kill-in-checkpoint`` (SIGKILL after the checkpoint's files are written, before
-the rename that publishes it), ``nan-loss`` (the step's loss becomes NaN). Unset, nothing
+the rename that publishes it), ``fail-in-checkpoint`` (writing the checkpoint fails as on a full disk, in the
+process that writes it: rank 0 under torchrun), ``nan-loss`` (the step's loss becomes NaN). Unset, nothing
 happens; this exists so that tests can kill a real process between steps.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
@@ -25,6 +27,11 @@ def _armed(point: str, step: int) -> bool:
 def kill_if_armed(point: str, step: int) -> None:
     if _armed(point, step):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fail_if_armed(point: str, step: int) -> None:
+    if _armed(point, step):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def nan_if_armed(step: int) -> bool:
