@@ -476,6 +476,7 @@ def test_evaluation_can_be_off(extra, teacher_dir, tmp_path):
     metrics = json.loads((output / "metrics.json").read_text())
     assert metrics["evaluation"]["enabled"] is False and metrics["before"] is None and metrics["after"] is None
     assert metrics["train"]["steps"] == 2
+    assert metrics["train"]["precision"] == "fp32"  # --precision auto, resolved on this CPU
 
 
 def test_metrics_json_goes_in_after_the_model_it_vouches_for(teacher_dir, tmp_path, monkeypatch):

@@ -149,6 +149,7 @@ def test_each_task_kind_learns_and_leaves_a_loadable_model(name, model_dir, tmp_
                        "multilabel": ["animal", "food"],
                        "ner": ["O", "B-ANIMAL", "I-ANIMAL", "B-FOOD"]}[kind]  # fmt: skip
     assert metrics["label_names"] == expected_labels
+    assert metrics["train"]["precision"] == "fp32"  # --precision auto, resolved on this CPU
     assert AutoTokenizer.from_pretrained(output).pad_token == "[PAD]"
     assert model.config.finetuned_text_pair_column == ("hypothesis" if kind == "pair" else None)  # for predict
 

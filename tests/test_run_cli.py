@@ -144,3 +144,18 @@ def test_an_interrupt_while_a_command_loads_its_libraries_is_one_line_and_exit_1
     assert run(command, ignoring=True).returncode == 7  # ignored as it was: the start went on
     plain = run([sys.executable, "-c", "import sys; sys.argv[0] = '-m'; import fastmini"])
     assert plain.returncode != 130 and "interrupted while starting" not in plain.stderr
+
+
+@pytest.mark.parametrize("trainer", ["distill", "finetune"])
+def test_an_interrupt_during_a_trainers_setup_names_the_directory_to_resume(trainer, tmp_path, capsys):
+    """Before a run knows its checkpoints the hint was a bare "--resume", which resumes the default output
+    directory's job instead of this one's."""
+    from fastmini.training.cli import trainer_main
+
+    def run(config):
+        raise KeyboardInterrupt
+
+    output = tmp_path / "my out"
+    name = f"fastmini.{trainer}"
+    assert trainer_main(name, f"{name}.config", run, ["--output-dir", str(output)]) == 130
+    assert capsys.readouterr().err.endswith(f"{name}: interrupted; resume with --output-dir '{output}' --resume\n")

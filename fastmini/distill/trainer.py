@@ -625,6 +625,7 @@ class DistillationRun:
                     "tokens_this_session": tokens_seen,  # every process's: counted over the global batch
                     "processes": context.world_size,
                     "device": str(self.device),
+                    "precision": precision.precision_name(self.autocast_dtype),  # --precision auto, resolved
                 },
                 "layer_map": list(self.layers),
                 "output_kl": self.distiller.use_output_kl,

@@ -353,6 +353,7 @@ class FineTuning:
                 "seconds_this_session": round(seconds, 2),
                 "processes": self.context.world_size,
                 "device": str(self.device),
+                "precision": precision.precision_name(self.autocast_dtype),  # --precision auto, resolved
             },
         }
         if len(self.modes) > 1:

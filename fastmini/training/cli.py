@@ -155,8 +155,9 @@ def setup_logger(name: str) -> logging.Logger:
 _FULL_OR_READ_ONLY = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS") if hasattr(errno, name))
 
 
-def run_cli(name: str, body: Callable[[], int | None], interrupted_hint: str = "") -> int:
-    """``body()``'s exit code (0 for None), or the exit code of the error it raised (see above)."""
+def run_cli(name: str, body: Callable[[], int | None], interrupted_hint: str | Callable[[], str] = "") -> int:
+    """``body()``'s exit code (0 for None), or the exit code of the error it raised (see above). ``interrupted_hint``:
+    what Ctrl-C's message advises where the run has not said better, or a function giving it at that moment."""
     from fastmini.command_start import hand_over
     from fastmini.training.errors import Interrupted, TrainingError, UsageError
 
@@ -192,7 +193,10 @@ def run_cli(name: str, body: Callable[[], int | None], interrupted_hint: str = "
         return _leave_if_torchrun_worker(1, wait_for_rank0=False)
     except KeyboardInterrupt as interrupt:
         # A run that knows better (e.g. there is no checkpoint to resume from) says so in the exception.
-        hint = str(interrupt) if isinstance(interrupt, Interrupted) else interrupted_hint
+        if isinstance(interrupt, Interrupted):
+            hint = str(interrupt)
+        else:
+            hint = interrupted_hint() if callable(interrupted_hint) else interrupted_hint
         _report(f"{name}: interrupted{'; ' + hint if hint else ''}")
         return _leave_if_torchrun_worker(130, wait_for_rank0=False)
 
@@ -284,6 +288,7 @@ def trainer_main(name: str, config_module: str, run: Callable[[object], object],
     """The whole ``python -m <name>`` of a trainer: parse options with ``<config_module>.resolve``,
     print them (``--print-config``) or ``run(config)``, errors as one line (see ``run_cli``)."""
     setup_logger(name)
+    parsed: list = []  # the config, once the command line is read
 
     def body() -> int:
         with _silent_off_rank0():
@@ -291,13 +296,21 @@ def trainer_main(name: str, config_module: str, run: Callable[[object], object],
             if print_config:
                 print(json.dumps(config.to_dict(), indent=2))
                 return 0
+        parsed.append(config)
         quiet_libraries()
         import fastmini  # noqa: F401  (registers the Auto classes)
 
         run(config)
         return 0
 
-    return run_cli(name, body, "resume with --resume")
+    def interrupted_hint() -> str:
+        """Before the run knows its checkpoints (its own hints are better): resuming that directory's job (which
+        starts afresh where there is nothing to resume); nothing while the command line is being read."""
+        from fastmini.training.output_dirs import resume_options
+
+        return f"resume with {resume_options(parsed[0].output_dir)}" if parsed else ""
+
+    return run_cli(name, body, interrupted_hint)
 
 
 def _silent_off_rank0() -> contextlib.AbstractContextManager:
