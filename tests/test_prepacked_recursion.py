@@ -11,6 +11,7 @@ import torch
 import fastmini.modules.encoder as encoder_module
 from fastmini import FastMiniModel
 from fastmini.modules.adapter import BottleneckAdapter
+from fastmini.modules.shared_layer import SharedLayer
 from fastmini.ops import adapter_bottleneck_ref
 from fastmini.ops.prepacked_linear import onednn_linear_available
 
@@ -98,33 +99,98 @@ def _subclassed_adapter(model):
     old = model.encoder.attention_adapters[2]
     new = Custom(old.down.in_features, old.down.out_features, old.norm.eps)
     new.load_state_dict(old.state_dict())
-    new.use_prepacked_weights()
+    new.use_prepacked_weights(old.prepacked is not None)
     model.encoder.attention_adapters[2] = new
 
 
-def _trainable_bias(model):
-    model.encoder.ffn_adapters[0].up.bias.requires_grad_(True)
+def _subclassed_shared_layer(model):
+    class Custom(SharedLayer):
+        def ffn_block(self, x, then=None):
+            return super().ffn_block(2 * x, then)  # a user's change to the layer's computation
+
+    old = model.encoder.shared_layer
+    new = Custom(model.config)
+    new.load_state_dict(old.state_dict())
+    new.use_prepacked_weights(old.prepacked is not None)
+    model.encoder.shared_layer = new.eval()
+
+
+def _patched_recursion(model):
+    encoder = model.encoder
+    recursion = encoder.recursion
+    encoder.recursion = lambda h, *args: recursion(h.flip(-1), *args)  # replaced on the instance
+
+
+def _ffn_adapters_only(model):
+    model.encoder.attention_adapters = None
+
+
+def _attention_adapters_only(model):
+    model.encoder.ffn_adapters = None
 
 
 @pytest.mark.parametrize(
-    "change", [_hook_an_adapter, _unprepacked_adapter, _subclassed_adapter, _trainable_bias],
-    ids=["hooked-adapter", "adapter-without-cache", "adapter-subclass", "gradient-wanted"],
+    "change",
+    [_hook_an_adapter, _unprepacked_adapter, _subclassed_adapter, _subclassed_shared_layer, _patched_recursion,
+     _ffn_adapters_only, _attention_adapters_only],
+    ids=["hooked-adapter", "adapter-without-cache", "adapter-subclass", "shared-layer-subclass", "patched-recursion",
+         "ffn-adapters-only", "attention-adapters-only"],
 )  # fmt: skip
 def test_the_lean_loop_steps_aside_where_the_modules_would_run_other_ops(tiny_config, randomize, lean_runs, change):
     plain, optimized = _models(tiny_config, randomize)
-    for parameter in optimized.parameters():
-        parameter.requires_grad_(False)
+    change(plain)
     calls = change(optimized)
     input_ids, mask = _batch(ragged=True)
-    with torch.no_grad() if change is not _trainable_bias else torch.enable_grad():
-        got = optimized(input_ids, mask).last_hidden_state
     with torch.no_grad():
-        expected = plain(input_ids, mask).last_hidden_state
+        got, expected = optimized(input_ids, mask).last_hidden_state, plain(input_ids, mask).last_hidden_state
     assert lean_runs == [False]
     if calls is not None:
         assert len(calls) == 1  # the hook fired: the adapter module was called
     real = mask.bool()
     torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "wanted",
+    [lambda m: m.encoder.ffn_adapters[0].up.bias, lambda m: m.encoder.shared_layer.attention_norm.weight],
+    ids=["adapter-bias", "layer-norm-weight"],  # the norm's output feeds the next GEMMs: no linear wants a gradient
+)
+def test_a_parameter_that_wants_a_gradient_gets_the_plain_models(tiny_config, randomize, lean_runs, wanted):
+    """Eval mode, one parameter trainable (BitFit, LayerNorm tuning, saliency): oneDNN's ops have no autograd rule,
+    and a lean loop that checked the linears alone cut the norm's gradient."""
+    input_ids, mask = _batch(ragged=True)
+    real = mask.bool()
+    results = []
+    for model in _models(tiny_config, randomize):
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        wanted(model).requires_grad_(True)
+        out = model(input_ids, mask).last_hidden_state
+        out[real].pow(2).sum().backward()
+        results.append((out[real].detach(), wanted(model).grad))
+    assert lean_runs == [False]
+    (expected, expected_grad), (got, grad) = results
+    assert expected_grad.abs().sum() > 0
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_a_key_projection_without_a_bias(tiny_config, randomize, lean_runs):
+    """q/k/v where only the key has no bias: the prepacked paths raised in a forward the plain model runs."""
+    plain, optimized = _models(tiny_config, randomize)
+    for model in (plain, optimized):
+        layer = model.encoder.shared_layer
+        key = torch.nn.Linear(layer.key.in_features, layer.key.out_features, bias=False)
+        key.weight.data.copy_(layer.key.weight)
+        layer.key = key
+    input_ids, mask = _batch(ragged=True)
+    with torch.inference_mode():
+        got, expected = optimized(input_ids, mask).last_hidden_state, plain(input_ids, mask).last_hidden_state
+        modules = optimized(input_ids, mask, output_hidden_states=True).last_hidden_state
+    assert lean_runs == [True]
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, modules, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("mode", ["train", "bf16", "hidden-states", "attentions"])

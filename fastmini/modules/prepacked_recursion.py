@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fastmini.modules.adapter import BottleneckAdapter, prepacked_adapter
+from fastmini.modules.shared_layer import SharedLayer
 from fastmini.ops import KeyPadding, Packing
 from fastmini.ops.plain_layers import all_plain, unhooked
 from fastmini.ops.prepacked_linear import PackedLinear
@@ -30,12 +31,29 @@ if TYPE_CHECKING:
     from fastmini.modules.encoder import RecursiveEncoder
 
 
+# The methods whose code the plan stands for: a module that replaces one on its instance runs its modules.
+_PLANNED_METHODS = {
+    "RecursiveEncoder": ("recursion",),
+    "SharedLayer": ("attention_block", "attend", "ffn_block", "_project_add_and_norm", "_add_and_norm"),
+}
+
+
+def _as_defined(module: torch.nn.Module, cls: type) -> bool:
+    """``module`` is exactly ``cls`` (a subclass may override what the plan stands for) with none of the planned
+    methods replaced on the instance."""
+    return type(module) is cls and not any(name in module.__dict__ for name in _PLANNED_METHODS[cls.__name__])
+
+
 def _adapters_in_plan(encoder: RecursiveEncoder) -> list[BottleneckAdapter] | None:
     """The adapters, attention's and FFN's of each recursion in turn ([] without adapters), or None where one of
     them could not run as the plan runs it."""
-    if not encoder.has_adapters:
+    attention, ffn = encoder.attention_adapters, encoder.ffn_adapters
+    if attention is None and ffn is None:
         return []
-    adapters = [a for pair in zip(encoder.attention_adapters, encoder.ffn_adapters, strict=True) for a in pair]
+    # One of the two lists alone, or lists of another length: the module path handles each as it is.
+    if attention is None or ffn is None or not len(attention) == len(ffn) == encoder.num_recursions:
+        return None
+    adapters = [a for pair in zip(attention, ffn, strict=True) for a in pair]
     for adapter in adapters:
         if type(adapter) is not BottleneckAdapter or adapter.prepacked is None:  # (no dropout: train mode is alike)
             return None
@@ -49,9 +67,17 @@ def prepacked_recursions(
 ) -> torch.Tensor | None:
     """The encoder's last hidden state for ``h`` (packed with ``packing``, or padded with ``key_padding``), or
     None where the plan does not apply (see the module's docstring)."""
+    from fastmini.modules.encoder import RecursiveEncoder  # (that module imports this one)
+
     layer = encoder.shared_layer
     prepacked = layer.prepacked
     if prepacked is None or layer.training:
+        return None
+    if not (_as_defined(encoder, RecursiveEncoder) and _as_defined(layer, SharedLayer)):
+        return None
+    # oneDNN's ops have no autograd rule: any parameter that wants a gradient (a LayerNorm's, whose output then
+    # feeds the next GEMM) takes the module path, which decides block by block.
+    if torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters()):
         return None
     adapters = _adapters_in_plan(encoder)
     if adapters is None:

@@ -171,10 +171,11 @@ class PrepackedLinears:
         if entry is None or entry.key != key:
             with torch.no_grad():
                 weight = torch.cat([w.detach() for w in weights]) if len(weights) > 1 else weights[0].detach()
-                has_bias = [b is not None for b in biases]
-                if any(has_bias) and not all(has_bias):
-                    raise ValueError(f"prepacked linear '{name}': give a bias for every weight or for none")
-                bias = torch.cat([b.detach() for b in biases]) if all(has_bias) else None
+                if all(b is None for b in biases):
+                    bias = None
+                else:  # a linear without a bias beside others with one (q/k/v): zeros stand for it
+                    pairs = zip(weights, biases, strict=True)
+                    bias = torch.cat([b.detach() if b is not None else w.new_zeros(w.shape[0]) for w, b in pairs])
                 entry = PackedLinear(torch.ops.mkldnn._reorder_linear_weight(weight.contiguous()), bias, key)
             self._entries[name] = entry
         return entry
