@@ -159,3 +159,20 @@ def test_an_interrupt_during_a_trainers_setup_names_the_directory_to_resume(trai
     name = f"fastmini.{trainer}"
     assert trainer_main(name, f"{name}.config", run, ["--output-dir", str(output)]) == 130
     assert capsys.readouterr().err.endswith(f"{name}: interrupted; resume with --output-dir '{output}' --resume\n")
+
+
+def test_an_interrupt_during_setup_of_a_run_resumed_from_elsewhere_names_that_checkpoint(tmp_path, capsys):
+    """A bare --resume there starts afresh: the directory has no checkpoint of its own yet."""
+    from fastmini.training.cli import trainer_main
+
+    def run(config):
+        raise KeyboardInterrupt
+
+    checkpoint = tmp_path / "old" / "checkpoints" / "step-00000002"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "train_config.json").write_text("{}")
+    output = tmp_path / "new"
+    argv = ["--output-dir", str(output), "--resume", str(checkpoint)]
+    assert trainer_main("fastmini.distill", "fastmini.distill.config", run, argv) == 130
+    hint = f"resume with --output-dir {output} --resume {checkpoint}\n"
+    assert capsys.readouterr().err.endswith(f"fastmini.distill: interrupted; {hint}")

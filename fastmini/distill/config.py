@@ -77,7 +77,7 @@ class DistillConfig:
         "run",
         parse=optional_str,
         nargs="?",
-        const="latest",
+        const=checkpoints.RESUME_LATEST,
         metavar="PATH",
     )
     seed: int = option(42, "seed of the student's initialisation, data order, masking and dropout", "run", parse=int)
@@ -403,7 +403,7 @@ def presets(given: dict[str, Any]) -> dict[str, Any]:
     resume = given.get("resume")
     if resume is None:
         return {}
-    if resume == "latest":
+    if resume == checkpoints.RESUME_LATEST:
         output_dir = given.get("output_dir", OPTIONS.default_of("output_dir"))
         found = checkpoints.list_checkpoints(Path(output_dir).expanduser() / checkpoints.CHECKPOINTS_DIR)
         if not found:

@@ -92,7 +92,7 @@ def check_output_dir(config: DistillConfig, probe_lock: bool = True) -> Path:
     output = check_writable_directory(config.output_dir)
     if probe_lock:  # the process that will hold the lock: a job's ranks probing at once took each other for a job
         check_not_running(output)
-    if config.resume not in (None, "latest"):
+    if config.resume not in (None, checkpoints.RESUME_LATEST):
         # before the directory's own state is judged: its "pass --resume" advice would answer the wrong question
         requested_checkpoint(config.resume)
     inputs = {"--teacher": config.teacher, "--tokenizer": config.tokenizer, "--data": config.data}
@@ -130,7 +130,7 @@ def _continues_own_run(config: DistillConfig, output: Path) -> bool:
     """--resume of the output directory's own checkpoints (``latest``, or a path inside its checkpoints/)."""
     if config.resume is None:
         return False
-    if config.resume == "latest":
+    if config.resume == checkpoints.RESUME_LATEST:
         return True
     return (output / CHECKPOINTS_DIR).resolve() in Path(config.resume).expanduser().resolve().parents
 
@@ -388,7 +388,7 @@ class DistillationRun:
 
     def _find_resume_checkpoint(self) -> Path | None:
         requested = self.config.resume
-        if requested == "latest":
+        if requested == checkpoints.RESUME_LATEST:
             found = checkpoints.list_checkpoints(self.checkpoint_root)
             if not found:
                 log.warning("--resume: no checkpoint in %s yet; starting a fresh run", self.checkpoint_root)

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from fastmini.training.write_failures import write_failure
+
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
 TEMPORARY_PREFIX = ".tmp-"
 # Names in a trainer's output directory, the same for both trainers (fastmini.finetune looks for a
@@ -31,6 +33,10 @@ METRICS_NAME = "metrics.json"
 RUNS_DIR = "runs"  # a fine-tuning job's <output>/runs/: every run of its grid, and the job's options
 # A distillation run that starts training moves the directory's metrics.json here; removed when it ends.
 PREVIOUS_METRICS_NAME = "metrics.previous.json"
+
+
+# --resume with no path (the distillation's): the output directory's own latest checkpoint.
+RESUME_LATEST = "latest"
 
 
 def checkpoint_name(step: int) -> str:
@@ -61,9 +67,18 @@ def atomic_directory(final: Path) -> Iterator[Path]:
         else:
             os.rename(temporary, final)
         _fsync_directory(final.parent)
-    except BaseException:
+    except BaseException as error:
+        # Judged before the temporary goes: once removed, a full disk has space again.
+        failure = write_failure(error, final.parent) if isinstance(error, Exception) else None
         shutil.rmtree(temporary, ignore_errors=True)
+        if failure is not None:
+            raise _os_error_naming(failure, final) from error
         raise
+
+
+def _os_error_naming(failure: OSError, final: Path) -> OSError:
+    """``failure`` naming the directory that was being published (not its temporary name)."""
+    return OSError(failure.errno, failure.strerror, str(final))
 
 
 # Windows' fsync (FlushFileBuffers) refuses a handle opened for reading alone (EBADF); POSIX takes any.

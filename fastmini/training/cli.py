@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import errno
 import importlib
 import io
 import json
@@ -151,15 +150,12 @@ def setup_logger(name: str) -> logging.Logger:
     return logger
 
 
-# Write failures a user fixes by freeing space or choosing another directory: one line, not a traceback.
-_FULL_OR_READ_ONLY = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS") if hasattr(errno, name))
-
-
 def run_cli(name: str, body: Callable[[], int | None], interrupted_hint: str | Callable[[], str] = "") -> int:
     """``body()``'s exit code (0 for None), or the exit code of the error it raised (see above). ``interrupted_hint``:
     what Ctrl-C's message advises where the run has not said better, or a function giving it at that moment."""
     from fastmini.command_start import hand_over
     from fastmini.training.errors import Interrupted, TrainingError, UsageError
+    from fastmini.training.write_failures import write_failure
 
     hand_over()  # from here an interrupt is this function's to report
     try:
@@ -183,13 +179,14 @@ def run_cli(name: str, body: Callable[[], int | None], interrupted_hint: str | C
     except TrainingError as error:
         _report(f"{name}: stopped: {error}", error.rank_specific)
         return _leave_if_torchrun_worker(1, wait_for_rank0=not error.rank_specific)
-    except OSError as error:
-        if error.errno not in _FULL_OR_READ_ONLY:
-            raise  # anything else is not the user's to fix: its traceback
+    except Exception as error:
+        failure = write_failure(error)
+        if failure is None:
+            raise  # not the user's to fix: its traceback
         # A disk filled (or a quota or a read-only filesystem met) while writing a checkpoint or an output: the
         # published checkpoints stay, the one being written is discarded (training.checkpoints.atomic_directory).
-        where = f"{error.filename}: " if error.filename else ""
-        _report(f"{name}: stopped: {where}{error.strerror or error}", rank_specific=True)
+        where = f"{failure.filename}: " if failure.filename else ""
+        _report(f"{name}: stopped: {where}{failure.strerror or failure}", rank_specific=True)
         return _leave_if_torchrun_worker(1, wait_for_rank0=False)
     except KeyboardInterrupt as interrupt:
         # A run that knows better (e.g. there is no checkpoint to resume from) says so in the exception.
@@ -305,10 +302,16 @@ def trainer_main(name: str, config_module: str, run: Callable[[object], object],
 
     def interrupted_hint() -> str:
         """Before the run knows its checkpoints (its own hints are better): resuming that directory's job (which
-        starts afresh where there is nothing to resume); nothing while the command line is being read."""
+        starts afresh where there is nothing to resume), or the checkpoint elsewhere the command resumed from;
+        nothing while the command line is being read."""
+        from fastmini.training.checkpoints import RESUME_LATEST
         from fastmini.training.output_dirs import resume_options
 
-        return f"resume with {resume_options(parsed[0].output_dir)}" if parsed else ""
+        if not parsed:
+            return ""
+        resume = getattr(parsed[0], "resume", None)  # the distillation's: None, RESUME_LATEST or a path
+        checkpoint = resume if isinstance(resume, str) and resume != RESUME_LATEST else None
+        return f"resume with {resume_options(parsed[0].output_dir, checkpoint)}"
 
     return run_cli(name, body, interrupted_hint)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -154,27 +155,36 @@ def on_main(context: DistributedContext, work: Callable[[], _Result], share_resu
     """``work()`` on rank 0 alone while the other ranks wait for it; its result on rank 0 (on every rank with
     ``share_result``, which must then be picklable), None elsewhere. In one process, simply ``work()``.
 
-    Should ``work`` raise, rank 0 raises that error and every other rank an error of its kind with its message
-    (a UsageError for a UsageError, else a TrainingError naming rank 0), not marked rank-specific: the command
-    line prints rank 0's alone (fastmini.training.cli) and every rank exits with its code. Interrupts are not
-    shared: Ctrl-C reaches every rank of a torchrun job by itself."""
+    Should ``work`` raise, rank 0 raises that error and every other rank one of its kind: a UsageError with its
+    message for a UsageError, else a TrainingError naming rank 0's error; neither marked rank-specific, so the
+    command line prints rank 0's message alone (fastmini.training.cli) and every rank exits with its code. Not an
+    interrupt: Ctrl-C reaches every rank of a torchrun job by itself, and a broadcast then would meet ranks that
+    have already gone (a gloo traceback instead of the one "interrupted" line)."""
     if not context.is_distributed:
         return work()
-    from fastmini.training.errors import UsageError
-
     result, failure = None, None
     if context.is_main:
         try:
             result = work()
-        except Exception as error:  # noqa: BLE001  (re-raised below, once the others know)
+            if share_result:
+                pickle.dumps(result)  # fails here, where the others can still be told, not in the broadcast
+        except KeyboardInterrupt:
+            raise
+        except BaseException as error:  # noqa: BLE001  (re-raised below, once the others know)
             failure = error
-    outcome = broadcast_from_main(
-        (
-            None if failure is None else (isinstance(failure, UsageError), f"{type(failure).__name__}: {failure}"),
-            result if share_result and failure is None else None,
-        ),
-        context,
-    )
+    message = (None if failure is None else _describe(failure), result if share_result and failure is None else None)
+    try:
+        outcome = broadcast_from_main(message, context)
+    except Exception as error:
+        if failure is not None:
+            raise failure from None  # the others are gone already: rank 0's own error is the one to report
+        if context.is_main:
+            raise
+        from fastmini.training.errors import TrainingError
+
+        # Rank 0 went without a word (SIGTERM or a crash of its own): one line here, not a gloo traceback.
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise TrainingError(f"rank 0 stopped while this rank waited for it ({reason})", rank_specific=True) from error
     if failure is not None:
         raise failure
     if outcome[0] is not None:
@@ -182,11 +192,19 @@ def on_main(context: DistributedContext, work: Callable[[], _Result], share_resu
     return result if context.is_main else outcome[1]
 
 
-def _as_seen_off_main(usage: bool, message: str) -> Exception:
+def _describe(failure: BaseException) -> tuple[str, str]:
+    from fastmini.training.errors import UsageError
+
+    if isinstance(failure, UsageError):
+        return "usage", str(failure)
+    return "other", f"{type(failure).__name__}: {failure}"
+
+
+def _as_seen_off_main(kind: str, message: str) -> Exception:
     from fastmini.training.errors import TrainingError, UsageError
 
-    if usage:
-        return UsageError(message.removeprefix(f"{UsageError.__name__}: "))
+    if kind == "usage":
+        return UsageError(message)
     return TrainingError(f"rank 0 failed ({message})")
 
 

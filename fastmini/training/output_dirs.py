@@ -50,10 +50,13 @@ def written_by(output: Path) -> str | None:
     return "fastmini.finetune" if (output / RUNS_DIR).is_dir() else ""  # a job stopped before it published
 
 
-def resume_options(output_dir: str | Path) -> str:
+def resume_options(output_dir: str | Path, checkpoint: str | Path | None = None) -> str:
     """The options that resume the job in ``output_dir``, as a user types them: the directory named, since a bare
-    --resume would resume the default output directory's job instead."""
-    return f"--output-dir {shlex.quote(str(output_dir))} --resume"
+    --resume would resume the default output directory's job instead; ``checkpoint``, a checkpoint elsewhere that
+    the job was resumed from (--resume PATH), named too (a bare --resume would start afresh in a directory with
+    no checkpoint of its own yet)."""
+    options = f"--output-dir {shlex.quote(str(output_dir))} --resume"
+    return options if checkpoint is None else f"{options} {shlex.quote(str(checkpoint))}"
 
 
 def check_foreign_outputs(

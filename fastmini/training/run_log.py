@@ -1,6 +1,7 @@
 """What a run reports while it trains: JSON lines always, TensorBoard when it is installed.
 
-Only the main process (rank 0) writes; on other ranks every method does nothing.
+Only the main process (rank 0) writes; on other ranks every method does nothing. A line that cannot be written
+(a full disk) ends the logging, with a warning, not the run.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +68,16 @@ class RunLog:
         if not self.enabled:
             return
         record = {"kind": kind, "step": step, **{key: _plain(value) for key, value in values.items()}}
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as error:
+            # The run goes on without its log, once warned: rank 0 alone writes it, and stopping rank 0 here would
+            # leave the other ranks of a torchrun job failing in their next collective. A full disk stops the run
+            # at its next checkpoint or output instead, on every rank (training.distributed.on_main).
+            warnings.warn(f"{self.path}: {error.strerror or error}; the run goes on without it", RuntimeWarning, 2)
+            self.enabled = False
+            return
         if self._tensorboard is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
