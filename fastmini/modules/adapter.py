@@ -14,10 +14,10 @@ from fastmini.ops.prepacked_linear import PackedLinear, PrepackedLinears, Prepac
 class BottleneckAdapter(PrepackedWeightsMixin, nn.Module):
     """``LayerNorm(x + Up(GELU(Down(x))))`` with Down H -> H/r and Up H/r -> H (SPEC.md, Model 4).
 
-    With prepacked weights (the model's ``optimize_for_inference``; CPU inference, ops.prepacked_linear) Down and
-    Up are oneDNN GEMMs on reordered weights with GELU and the residual add as their post-ops: at 32 rows the
-    ops between the shared layer's GEMMs run on caches those GEMMs' weights have just swept, where each pass of
-    its own over the activations costs several times what it does on warm caches."""
+    With prepacked weights (the model's ``optimize_for_inference``; CPU inference, ops.prepacked_linear) Up is a
+    oneDNN GEMM on reordered weights with the residual's add as its post-op (``prepacked_adapter``): at 32 rows
+    the ops between the shared layer's GEMMs run on caches those GEMMs' weights have just swept, where each pass
+    of its own over the activations costs several times what it does on warm caches."""
 
     low_precision_norms = False  # the model's set_low_precision_norms (ops.add_layer_norm's low_precision)
 
