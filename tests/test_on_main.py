@@ -100,3 +100,19 @@ def test_a_rank_whose_rank_0_went_without_a_word_stops_with_one_line(monkeypatch
     with pytest.raises(TrainingError, match="rank 0 stopped while this rank waited") as raised:
         on_main(RANK_1, lambda: None)
     assert raised.value.rank_specific  # printed by this rank, named
+
+
+def test_rank_0s_error_keeps_its_chain_when_the_others_are_gone(monkeypatch):
+    def broadcast(value, context):
+        raise RuntimeError("Connection closed by peer")
+
+    def work():
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError as cause:
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0") from cause
+
+    monkeypatch.setattr(distributed, "broadcast_from_main", broadcast)
+    with pytest.raises(RuntimeError, match="PytorchStreamWriter") as raised:
+        on_main(RANK_0, work)
+    assert isinstance(raised.value.__cause__, OSError)  # still recognisable as a full disk (training.write_failures)

@@ -176,3 +176,28 @@ def test_an_interrupt_during_setup_of_a_run_resumed_from_elsewhere_names_that_ch
     assert trainer_main("fastmini.distill", "fastmini.distill.config", run, argv) == 130
     hint = f"resume with --output-dir {output} --resume {checkpoint}\n"
     assert capsys.readouterr().err.endswith(f"fastmini.distill: interrupted; {hint}")
+    # Once the run has published a checkpoint of its own, that one is newer: a bare --resume continues from it.
+    (output / "checkpoints" / "step-00000004").mkdir(parents=True)
+    assert trainer_main("fastmini.distill", "fastmini.distill.config", run, argv) == 130
+    assert capsys.readouterr().err.endswith(
+        f"fastmini.distill: interrupted; resume with --output-dir {output} --resume\n"
+    )
+
+
+def test_a_stop_before_a_resumed_runs_first_own_checkpoint_names_the_one_elsewhere(tmp_path):
+    """A bare --resume in a directory without checkpoints of its own starts afresh: the hint said "continue from
+    step-00000500 with --output-dir X --resume"."""
+    from types import SimpleNamespace
+
+    from fastmini.distill.trainer import DistillationRun
+
+    output, elsewhere = tmp_path / "new", tmp_path / "old" / "checkpoints" / "step-00000500"
+    run = SimpleNamespace(
+        last_checkpoint=elsewhere,
+        checkpoint_root=output / "checkpoints",
+        config=SimpleNamespace(output_dir=str(output), save_every=100),
+    )
+    hint = DistillationRun._after_interrupt(run)
+    assert hint == f"continue from step-00000500 with --output-dir {output} --resume {elsewhere}"
+    run.last_checkpoint = output / "checkpoints" / "step-00000600"  # its own since
+    assert DistillationRun._after_interrupt(run).endswith(f"--output-dir {output} --resume")

@@ -22,7 +22,8 @@ TORCH_SAVE_FULL = "[enforce fail at inline_container.cc:672] . unexpected pos 10
 
 
 def _free_space(monkeypatch, free_bytes: int) -> None:
-    monkeypatch.setattr(write_failures.os, "statvfs", lambda path: SimpleNamespace(f_bavail=free_bytes, f_frsize=1))
+    stats = SimpleNamespace(f_bavail=free_bytes, f_bfree=free_bytes, f_frsize=1)
+    monkeypatch.setattr(write_failures.os, "statvfs", lambda path: stats)
 
 
 def test_found_in_the_chain_of_causes(tmp_path):
@@ -104,3 +105,53 @@ def test_a_log_line_that_cannot_be_written_ends_the_logging_not_the_run(tmp_path
         warnings.simplefilter("error")
         log.write("train", 3, {"loss": 0.25})  # once warned: no warning a step
     log.close()
+
+
+def test_a_chain_of_causes_that_loops_ends(tmp_path):
+    first, second = RuntimeError("first"), RuntimeError("second")
+    first.__cause__, second.__cause__ = second, first  # raise first from second, then second from first
+    assert write_failure(first) is None
+
+
+def test_a_bug_raised_while_handling_a_full_disk_is_the_bug(tmp_path):
+    try:
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            raise KeyError("a bug in the handler")  # noqa: B904  (implicitly chained, as a real bug would be)
+    except KeyError as error:
+        assert error.__context__ is not None and write_failure(error, tmp_path) is None
+
+
+class _Unprintable(RuntimeError):
+    def __str__(self) -> str:
+        raise ValueError("no message")
+
+
+@pytest.mark.skipif(not hasattr(os, "statvfs"), reason="no statvfs on this platform")
+def test_only_io_like_errors_are_taken_for_a_full_disk_and_the_temporary_always_goes(tmp_path, monkeypatch):
+    _free_space(monkeypatch, 0)
+    assert write_failure(TypeError("a bug in save_pretrained"), tmp_path) is None
+    assert write_failure(_Unprintable(), None) is None
+    final = tmp_path / "step-00000002"
+    with pytest.raises(TypeError):
+        with checkpoints.atomic_directory(final):
+            raise TypeError("a bug in save_pretrained")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_tensorboard_writer_that_fails_ends_the_logging_too(tmp_path):
+    class Failing:
+        def add_scalar(self, *args):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def close(self):
+            raise AssertionError("a writer whose flush failed is not closed (closing flushes)")
+
+    log = RunLog(tmp_path, enabled=True)
+    log._tensorboard = Failing()  # TensorBoard's writer re-raises in add_scalar what its thread met
+    with pytest.warns(RuntimeWarning, match="the run goes on without it"):
+        log.write("train", 1, {"loss": 1.0})
+    log.write("train", 2, {"loss": 0.5})
+    log.close()
+    assert not log.enabled

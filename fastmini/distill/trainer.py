@@ -643,7 +643,10 @@ class DistillationRun:
     def _after_interrupt(self) -> str:
         """What the user can do after Ctrl-C: resume from a checkpoint, or start again when there is none."""
         if self.last_checkpoint is not None:
-            return f"continue from {self.last_checkpoint.name} with {resume_options(self.config.output_dir)}"
+            # Resumed from a checkpoint elsewhere and none of its own yet: a bare --resume here would start afresh.
+            elsewhere = self.last_checkpoint if self.last_checkpoint.parent != self.checkpoint_root else None
+            options = resume_options(self.config.output_dir, elsewhere)
+            return f"continue from {self.last_checkpoint.name} with {options}"
         reason = "--save-every 0" if not self.config.save_every else f"none before step {self.config.save_every}"
         return f"no checkpoint was written ({reason}), so there is nothing to resume; run the command again"
 

@@ -68,9 +68,11 @@ def atomic_directory(final: Path) -> Iterator[Path]:
             os.rename(temporary, final)
         _fsync_directory(final.parent)
     except BaseException as error:
-        # Judged before the temporary goes: once removed, a full disk has space again.
-        failure = write_failure(error, final.parent) if isinstance(error, Exception) else None
-        shutil.rmtree(temporary, ignore_errors=True)
+        try:
+            # Judged before the temporary goes: once removed, a full disk has space again.
+            failure = write_failure(error, final.parent) if isinstance(error, Exception) else None
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
         if failure is not None:
             raise _os_error_naming(failure, final) from error
         raise

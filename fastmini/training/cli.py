@@ -304,14 +304,16 @@ def trainer_main(name: str, config_module: str, run: Callable[[object], object],
         """Before the run knows its checkpoints (its own hints are better): resuming that directory's job (which
         starts afresh where there is nothing to resume), or the checkpoint elsewhere the command resumed from;
         nothing while the command line is being read."""
-        from fastmini.training.checkpoints import RESUME_LATEST
+        from fastmini.training.checkpoints import CHECKPOINTS_DIR, RESUME_LATEST, list_checkpoints
         from fastmini.training.output_dirs import resume_options
 
         if not parsed:
             return ""
-        resume = getattr(parsed[0], "resume", None)  # the distillation's: None, RESUME_LATEST or a path
+        output_dir, resume = parsed[0].output_dir, getattr(parsed[0], "resume", None)  # distill's: None, latest, a path
         checkpoint = resume if isinstance(resume, str) and resume != RESUME_LATEST else None
-        return f"resume with {resume_options(parsed[0].output_dir, checkpoint)}"
+        if checkpoint is not None and list_checkpoints(Path(output_dir).expanduser() / CHECKPOINTS_DIR):
+            checkpoint = None  # the run has published its own since: a bare --resume continues from the latest
+        return f"resume with {resume_options(output_dir, checkpoint)}"
 
     return run_cli(name, body, interrupted_hint)
 

@@ -177,14 +177,17 @@ def on_main(context: DistributedContext, work: Callable[[], _Result], share_resu
         outcome = broadcast_from_main(message, context)
     except Exception as error:
         if failure is not None:
-            raise failure from None  # the others are gone already: rank 0's own error is the one to report
-        if context.is_main:
+            outcome = None  # the others are gone: rank 0's own error is the one to report, raised below with its chain
+        elif context.is_main:
             raise
-        from fastmini.training.errors import TrainingError
+        else:
+            from fastmini.training.errors import TrainingError
 
-        # Rank 0 went without a word (SIGTERM or a crash of its own): one line here, not a gloo traceback.
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise TrainingError(f"rank 0 stopped while this rank waited for it ({reason})", rank_specific=True) from error
+            # Rank 0 went without a word (SIGTERM or a crash of its own): one line here, not a gloo traceback.
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise TrainingError(
+                f"rank 0 stopped while this rank waited for it ({reason})", rank_specific=True
+            ) from error
     if failure is not None:
         raise failure
     if outcome[0] is not None:

@@ -71,18 +71,24 @@ class RunLog:
         try:
             with open(self.path, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
+            if self._tensorboard is not None:  # (its writer re-raises here what its thread met: a full disk too)
+                for key, value in values.items():
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        self._tensorboard.add_scalar(f"{kind}/{key}", value, step)
         except OSError as error:
             # The run goes on without its log, once warned: rank 0 alone writes it, and stopping rank 0 here would
             # leave the other ranks of a torchrun job failing in their next collective. A full disk stops the run
             # at its next checkpoint or output instead, on every rank (training.distributed.on_main).
-            warnings.warn(f"{self.path}: {error.strerror or error}; the run goes on without it", RuntimeWarning, 2)
-            self.enabled = False
-            return
-        if self._tensorboard is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tensorboard.add_scalar(f"{kind}/{key}", value, step)
+            self._stop_logging(error)
+
+    def _stop_logging(self, error: OSError) -> None:
+        warnings.warn(f"{self.path}: {error.strerror or error}; the run goes on without it", RuntimeWarning, 3)
+        self.enabled = False
+        self._tensorboard = None  # (not closed: closing flushes, and the flush is what failed)
 
     def close(self) -> None:
         if self._tensorboard is not None:
-            self._tensorboard.close()
+            try:
+                self._tensorboard.close()
+            except OSError as error:
+                self._stop_logging(error)

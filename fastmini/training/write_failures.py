@@ -24,24 +24,37 @@ def _os_error(code: int, where: str | Path | None) -> OSError:
     return OSError(code, os.strerror(code), None if where is None else str(where))
 
 
+def _text(error: BaseException) -> str:
+    try:
+        return str(error)
+    except Exception:  # noqa: BLE001  (an error whose message cannot be made says nothing here)
+        return ""
+
+
 def write_failure(error: BaseException, where: str | Path | None = None) -> OSError | None:
-    """The full-disk (quota, read-only) OSError behind ``error``, or None: found in its chain of causes, read from
-    its text, or, with ``where`` (the directory being written), inferred from that filesystem having less than
-    NEARLY_FULL_BYTES free. The OSError names ``where`` when its own does not name a file."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in FULL_OR_READ_ONLY:
-            return seen if seen.filename is not None or where is None else _os_error(seen.errno, where)
-        match = _OS_ERROR_IN_TEXT.search(str(seen))
+    """The full-disk (quota, read-only) OSError behind ``error``, or None: found in its chain of explicit causes
+    (``raise ... from``; not the implicit context: a bug raised while handling a full disk is that bug), read from
+    its text, or, with ``where`` (the directory being written), inferred for an I/O-like error (OSError,
+    RuntimeError) from that filesystem having less than NEARLY_FULL_BYTES free. The OSError names ``where`` when its
+    own does not name a file."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:  # (a chain may loop: raise a from b, then b from a)
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in FULL_OR_READ_ONLY:
+            return cause if cause.filename is not None or where is None else _os_error(cause.errno, where)
+        match = _OS_ERROR_IN_TEXT.search(_text(cause))
         if match and int(match.group(1)) in FULL_OR_READ_ONLY:
             return _os_error(int(match.group(1)), where)
-        seen = seen.__cause__ or seen.__context__
-    if where is None or not hasattr(os, "statvfs"):  # (Windows has no statvfs)
-        return None
+        cause = cause.__cause__
+    if where is None or not hasattr(os, "statvfs") or not isinstance(error, (OSError, RuntimeError)):
+        return None  # (Windows has no statvfs)
     try:
         stats = os.statvfs(where)
     except OSError:
         return None
-    if stats.f_bavail * stats.f_frsize < NEARLY_FULL_BYTES:
+    # root may write into the blocks reserved for it, which f_bavail leaves out
+    free_blocks = stats.f_bfree if os.geteuid() == 0 else stats.f_bavail
+    if free_blocks * stats.f_frsize < NEARLY_FULL_BYTES:
         return _os_error(errno.ENOSPC, where)
     return None
