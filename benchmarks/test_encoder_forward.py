@@ -8,6 +8,9 @@ Contenders, all fp32, eval, inference mode, on the CPU, on the same inputs:
 - "fastmini": the same weights loaded from the original's checkpoint;
 - "fastmini-prepacked": the same after ``optimize_for_inference()`` (the shared layer's weights
   reordered once for oneDNN and kept so across recursions and calls);
+- "fastmini-fixed-shapes": the same after ``optimize_for_inference(cpu_token_counts=...)`` with the
+  full-length shapes' token counts (fixed-shape serving: their GEMMs take MKL's packed sgemm, weights
+  packed once per count); the ragged batch's count is not among them, so there it is "fastmini-prepacked";
 - "fastmini-compiled": ``torch.compile(model)`` (inductor, default mode), what users try first;
   compiled for each shape before timing;
 - "albert-sdpa": transformers' own ``AlbertModel`` with SDPA attention at the published
@@ -206,6 +209,14 @@ def contenders(published, sync, tmp_path_factory) -> dict[str, Contender]:
         "fastmini-prepacked": torch_contender(
             FastMiniModel.from_pretrained(published.directory).eval().optimize_for_inference(),
             "fastmini after optimize_for_inference(): shared-layer weights prepacked for oneDNN",
+            sync,
+        ),
+        "fastmini-fixed-shapes": torch_contender(
+            FastMiniModel.from_pretrained(published.directory)
+            .eval()
+            .optimize_for_inference(cpu_token_counts=[batch * seq for batch, seq in SHAPES]),
+            f"fastmini after optimize_for_inference(cpu_token_counts={[b * s for b, s in SHAPES]}): the "
+            "prepacked path, its GEMMs through MKL's packed sgemm at those token counts",
             sync,
         ),
         "fastmini-compiled": torch_contender(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,7 +17,7 @@ class BottleneckAdapter(PrepackedWeightsMixin, nn.Module):
     """``LayerNorm(x + Up(GELU(Down(x))))`` with Down H -> H/r and Up H/r -> H (SPEC.md, Model 4).
 
     With prepacked weights (the model's ``optimize_for_inference``; CPU inference, ops.prepacked_linear) Up is a
-    oneDNN GEMM on reordered weights with the residual's add as its post-op (``prepacked_adapter``): at 32 rows
+    oneDNN GEMM on reordered weights with the residual's add as its post-op (``PackedAdapter``): at 32 rows
     the ops between the shared layer's GEMMs run on caches those GEMMs' weights have just swept, where each pass
     of its own over the activations costs several times what it does on warm caches."""
 
@@ -33,7 +35,7 @@ class BottleneckAdapter(PrepackedWeightsMixin, nn.Module):
             return self.norm(x + self.up(F.gelu(self.down(x))))
         prepacked = self.prepacked_for(x, self.down, self.up)
         if prepacked is not None:
-            return prepacked_adapter(self.down, self.packed_up(prepacked), self.norm, x)
+            return self.packed(prepacked)(x)
         return adapter_bottleneck(
             x,
             self.down.weight,
@@ -47,17 +49,33 @@ class BottleneckAdapter(PrepackedWeightsMixin, nn.Module):
             low_precision=self.low_precision_norms,
         )
 
-    def packed_up(self, prepacked: PrepackedLinears) -> PackedLinear:
-        """Up's oneDNN entry in ``prepacked`` (where it applies to the adapter: ``prepacked_for``)."""
-        return prepacked.packed("up", [self.up.weight], [self.up.bias])
+    def packed(self, prepacked: PrepackedLinears) -> PackedAdapter:
+        """The adapter's ops on the entries of ``prepacked`` (where it applies to the adapter: ``prepacked_for``).
+        Down has an entry only where the cache packs for MKL's row counts (see PackedAdapter)."""
+        up = prepacked.packed("up", [self.up.weight], [self.up.bias])
+        down = prepacked.packed("down", [self.down.weight], [self.down.bias]) if prepacked.row_counts else None
+        return PackedAdapter(self.down, down, up, self.norm)
 
 
-def prepacked_adapter(down: nn.Linear, up: PackedLinear, norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    """``norm(x + up(GELU(down(x))))`` for CPU inference: Down through torch (MKL), Up a oneDNN GEMM with the
-    residual's add as its post-op; ``down`` and ``norm`` plain layers without hooks (their weights are read, their
-    modules not called). Down stays off oneDNN on purpose: with GELU fused there, a (1, 32) forward at the
-    published size took ~1.5 ms longer (24 of them at ~60 us against MKL's ~20 + GELU's ~10; 2-core AVX-512)."""
-    return norm.forward(up(F.gelu(F.linear(x, down.weight, down.bias)), residual=x))
+@dataclass
+class PackedAdapter:
+    """``norm(x + up(GELU(down(x))))`` for CPU inference: Up a oneDNN GEMM on reordered weights with the residual's
+    add as its post-op (or MKL's packed sgemm at the cache's row counts), Down MKL's packed sgemm at those counts
+    and otherwise torch's F.linear (MKL, packing its 48 x 768 weight each call); ``down`` and ``norm`` plain
+    layers without hooks (their weights are read, their modules not called). Down stays off oneDNN on purpose:
+    with GELU fused there, a (1, 32) forward at the published size took ~1.5 ms longer (24 of them at ~60 us
+    against MKL's ~20 + GELU's ~10; 2-core AVX-512); its MKL-packed weight saved ~0.8 ms of the forward there."""
+
+    down: nn.Linear
+    packed_down: PackedLinear | None
+    up: PackedLinear
+    norm: nn.LayerNorm
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.packed_down.mkl_linear(x) if self.packed_down is not None else None
+        if hidden is None:
+            hidden = F.linear(x, self.down.weight, self.down.bias)
+        return self.norm.forward(self.up(F.gelu(hidden), residual=x))
 
 
 def adapter_after_layer_norm(

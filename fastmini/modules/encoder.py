@@ -70,7 +70,7 @@ class RecursiveEncoder(nn.Module):
         self.ffn_adapters = make_adapters(config)
         if self.shared_layer.prepacked is not None:
             for adapter in (*self.attention_adapters, *self.ffn_adapters):
-                adapter.use_prepacked_weights()
+                adapter.use_prepacked_weights(row_counts=self.shared_layer.prepacked.row_counts)
 
     def forward(
         self,

@@ -5,7 +5,7 @@ Why: at small batches a CPU forward is its GEMMs plus a per-op toll. The module 
 layers plain) and in nn.Module calls and attribute lookups: ~1.6 ms of a ~17 ms (1, 32) forward at the published
 size on a 2-core AVX-512 CPU (the lean loop against the module path, both warm). Here all of that is asked once a
 forward, each oneDNN entry is fetched once, and the loop calls exactly the ops the module path calls (the
-PackedLinear entries with their GELU/residual post-ops, the adapters' prepacked_adapter, the LayerNorms' forward,
+PackedLinear entries with their GELU/residual post-ops, the adapters' PackedAdapter, the LayerNorms' forward,
 SharedLayer.attend), so that the two give identical outputs (tests/test_prepacked_recursion.py).
 
 It applies only where the module path would run those very ops: the shared layer's and every adapter's cache
@@ -21,11 +21,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fastmini.modules.adapter import BottleneckAdapter, prepacked_adapter
+from fastmini.modules.adapter import BottleneckAdapter, PackedAdapter
 from fastmini.modules.shared_layer import SharedLayer
 from fastmini.ops import KeyPadding, Packing
 from fastmini.ops.plain_layers import all_plain, unhooked
-from fastmini.ops.prepacked_linear import PackedLinear
 
 if TYPE_CHECKING:
     from fastmini.modules.encoder import RecursiveEncoder
@@ -100,17 +99,15 @@ def prepacked_recursions(
             ("ffn_output", layer.ffn_output),
         )
     )
-    packed_adapters: list[tuple[torch.nn.Linear, PackedLinear, torch.nn.LayerNorm]] = [
-        (a.down, a.packed_up(a.prepacked), a.norm) for a in adapters
-    ]
+    packed_adapters: list[PackedAdapter] = [a.packed(a.prepacked) for a in adapters]
     width, gelu = layer.query.out_features, layer.gelu_approximation
     attention_norm, ffn_norm = layer.attention_norm, layer.ffn_norm
     for i in range(encoder.num_recursions):
         if packed_adapters:
-            h = prepacked_adapter(*packed_adapters[2 * i], h)
+            h = packed_adapters[2 * i](h)
         context, _ = layer.attend(qkv(h).split(width, dim=-1), packing, False, key_padding)
         x = attention_norm.forward(attention_output(context, residual=h))
         if packed_adapters:
-            x = prepacked_adapter(*packed_adapters[2 * i + 1], x)
+            x = packed_adapters[2 * i + 1](x)
         h = ffn_norm.forward(ffn_down(ffn_up(x, gelu=gelu), residual=x))
     return h
