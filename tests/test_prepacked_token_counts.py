@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -123,7 +124,8 @@ def test_a_count_the_model_does_not_see_keeps_the_onednn_path(tiny_config, rando
 
 
 def test_the_counts_outlive_the_cache(tiny_config):
-    model = FastMiniModel(tiny_config(use_adapter=False)).eval().optimize_for_inference(cpu_token_counts=(33, 19, 33))
+    counts = (33, torch.tensor(19), np.int64(33))  # any integers, repeated or not
+    model = FastMiniModel(tiny_config(use_adapter=False)).eval().optimize_for_inference(cpu_token_counts=counts)
     assert model.encoder.shared_layer.prepacked.row_counts == (19, 33)
     with torch.inference_mode():
         model(*_batch())
@@ -158,6 +160,7 @@ def test_an_adapter_packs_its_down_projection_only_with_counts(randomize):
         ([0], ValueError, "positive ints, got 0"),
         ([32, -1], ValueError, "positive ints, got -1"),
         ([2.5], ValueError, "positive ints, got 2.5"),
+        ([torch.tensor(3.0)], ValueError, "positive ints, got tensor"),
         ([True], ValueError, "positive ints, got True"),
     ],
 )

@@ -46,6 +46,7 @@ is memory: each count holds the GEMM weights once more (~27 MB for the published
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Self
@@ -76,10 +77,16 @@ def checked_row_counts(counts: Iterable[int], where: str) -> tuple[int, ...]:
     if isinstance(counts, (str, bytes)) or not isinstance(counts, Iterable):
         raise TypeError(f"{where}: expected a sequence of token counts (positive ints), got {counts!r}")
     counts = tuple(counts)
-    bad = [c for c in counts if isinstance(c, bool) or not isinstance(c, int) or c < 1]
-    if bad:
-        raise ValueError(f"{where}: token counts must be positive ints, got {bad[0]!r} in {counts!r}")
-    return tuple(sorted(set(counts)))
+    checked = []
+    for count in counts:  # ints, numpy's and torch's integers (anything with __index__), never a bool
+        try:
+            value = operator.index(count)
+        except TypeError:
+            value = None
+        if isinstance(count, bool) or value is None or value < 1:
+            raise ValueError(f"{where}: token counts must be positive ints, got {count!r} in {counts!r}")
+        checked.append(value)
+    return tuple(sorted(set(checked)))
 
 
 def linear_ref(
