@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastmini import FastMiniModel
+from fastmini import FastMiniForMaskedLM, FastMiniModel
 from fastmini.modules.adapter import BottleneckAdapter
 from fastmini.ops import adapter_bottleneck_ref, prepacked_linear
 from fastmini.ops.prepacked_linear import PackedLinear, PrepackedLinears, linear_ref, mkl_packing_available
@@ -134,22 +134,53 @@ def test_the_counts_outlive_the_cache(tiny_config):
     assert len(model.encoder.shared_layer.prepacked) == 0
     for clone in (model, copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         assert clone.encoder.shared_layer.prepacked.row_counts == (19, 33)
+        with torch.inference_mode():
+            clone(*_batch())
+        assert len(clone.encoder.shared_layer.prepacked) == 4
     model.encoder.add_adapters(model.config)
     assert all(a.prepacked.row_counts == (19, 33) for a in model.encoder.ffn_adapters)
     assert model.optimize_for_inference().encoder.shared_layer.prepacked.row_counts == ()
 
 
-def test_an_adapter_packs_its_down_projection_only_with_counts(randomize):
+def test_an_adapter_packs_its_down_projection_only_with_counts(randomize, mkl_calls):
     adapter = randomize(BottleneckAdapter(36, 9, 1e-12)).eval()
     x = torch.randn(2, 5, 36)
     parameters = (adapter.down.weight, adapter.down.bias, adapter.up.weight, adapter.up.bias)
     expected = adapter_bottleneck_ref(x, *parameters, adapter.norm.weight, adapter.norm.bias, 1e-12)
-    for counts, entries in (((), 1), ((10,), 2)):
+    for counts, entries, calls in (((), 1, []), ((10,), 2, [10, 10])):
         adapter.use_prepacked_weights(row_counts=counts)
         with torch.inference_mode():
             got = adapter(x)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         assert len(adapter.prepacked) == entries  # Up's entry, and Down's where it is packed for MKL
+        assert mkl_calls == calls  # Down and Up through MKL at the packed count
+
+
+def test_weights_changed_in_place_are_packed_again(mkl_calls):
+    weights, biases = _weights((12, 36), (12, 36))
+    cache = PrepackedLinears(row_counts=[7])
+    x = torch.randn(7, 36)
+    with torch.inference_mode():
+        cache.linear("w", x, weights, biases)
+    with torch.no_grad():
+        weights[1].mul_(-2.0)
+        biases[0].add_(1.0)
+    with torch.inference_mode():
+        out = cache.linear("w", x, weights, biases)
+    torch.testing.assert_close(out, linear_ref(x, weights, biases, None), rtol=1e-5, atol=1e-5)
+    assert mkl_calls == [7, 7]
+
+
+@pytest.mark.parametrize("head_variant", ["minialbert", "albert"])
+def test_a_masked_lm_with_token_counts_equals_the_plain_one(tiny_config, randomize, mkl_calls, head_variant):
+    plain = randomize(FastMiniForMaskedLM(tiny_config(head_variant=head_variant))).eval()
+    counted = copy.deepcopy(plain).optimize_for_inference(cpu_token_counts=[19])
+    input_ids, mask = _batch()
+    real = mask.bool()
+    with torch.inference_mode():
+        got, expected = counted(input_ids, mask).logits, plain(input_ids, mask).logits
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
+    assert len(mkl_calls) == plain.config.num_hidden_layers * 8 + 2  # the recursions', the head's two
 
 
 @pytest.mark.parametrize(
@@ -157,11 +188,15 @@ def test_an_adapter_packs_its_down_projection_only_with_counts(randomize):
     [
         ("32", TypeError, "expected a sequence of token counts"),
         (32, TypeError, "expected a sequence of token counts"),
-        ([0], ValueError, "positive ints, got 0"),
-        ([32, -1], ValueError, "positive ints, got -1"),
-        ([2.5], ValueError, "positive ints, got 2.5"),
-        ([torch.tensor(3.0)], ValueError, "positive ints, got tensor"),
-        ([True], ValueError, "positive ints, got True"),
+        ([0], ValueError, "positive ints up to 2147483647, got 0 "),
+        ([32, -1], ValueError, "positive ints up to 2147483647, got -1 "),
+        ([2.5], ValueError, "positive ints up to 2147483647, got 2.5 "),
+        ([torch.tensor(3.0)], ValueError, "positive ints up to 2147483647, got tensor"),
+        ([torch.tensor(True)], ValueError, "got tensor\\(True\\)"),
+        ([2**31], ValueError, "got 2147483648"),
+        (torch.tensor(32), TypeError, "expected a sequence of token counts"),
+        (np.array(32), TypeError, "expected a sequence of token counts"),
+        ([True], ValueError, "positive ints up to 2147483647, got True "),
     ],
 )
 def test_bad_counts_are_refused_with_one_message(tiny_config, counts, error, message):
@@ -174,3 +209,16 @@ def test_bad_counts_are_refused_with_one_message(tiny_config, counts, error, mes
 def test_counts_without_prepacked_weights_are_refused(tiny_config):
     with pytest.raises(ValueError, match="cpu_token_counts needs prepacked_weights=True"):
         FastMiniModel(tiny_config()).optimize_for_inference(prepacked_weights=False, cpu_token_counts=[32])
+
+
+def test_moving_the_model_frees_the_packed_weights_at_once(tiny_config, randomize):
+    """The entries hold the fp32 weights MKL's op reads its sizes from: a model moved to another dtype must not keep
+    them (nor the packed copies) alive until its next forward."""
+    model = randomize(FastMiniModel(tiny_config())).eval().optimize_for_inference(cpu_token_counts=[19])
+    with torch.inference_mode():
+        model(*_batch())
+    adapters = [*model.encoder.attention_adapters, *model.encoder.ffn_adapters]
+    assert len(model.encoder.shared_layer.prepacked) == 4 and all(len(a.prepacked) == 2 for a in adapters)
+    model.to(torch.float64)
+    assert len(model.encoder.shared_layer.prepacked) == 0 and all(len(a.prepacked) == 0 for a in adapters)
+    assert model.encoder.shared_layer.prepacked.row_counts == (19,)

@@ -108,11 +108,13 @@ class FastMiniPreTrainedModel(PreTrainedModel):
         (verified on an H200, tests/test_varlen_attention.py); ``True`` insists on it (an error where torch
         lacks it); ``False`` keeps attention in the padded layout of each batch (torch's SDPA).
         ``cpu_token_counts``: for fixed-shape CPU serving, the token counts its forwards carry (batch x length
-        of full batches; the real tokens of padded ones, which run unpadded): for each, the prepacked GEMM weights
-        are also packed for MKL's packed sgemm at that count, which forwards of exactly that many tokens then take
-        (other counts: the oneDNN path). Measured on a 2-core AVX-512 CPU at the published size: a (1, 32) forward
-        17.0 -> 14.6 ms. Costs the GEMM weights' memory once more per count (~27 MB at the published size) and
-        ~8 ms of packing at the first forward; nothing where torch lacks MKL (see ops.prepacked_linear).
+        of full batches; with unpadding on, the default, the real tokens of padded ones): for each, the prepacked
+        GEMM weights are also packed for MKL's packed sgemm at that count, which forwards of exactly that many
+        tokens then take (other counts: the oneDNN path). Measured on a 2-core AVX-512 CPU at the published size:
+        a (1, 32) forward 18.2 -> 15.9 ms; smaller gains as counts grow, a loss at 4096. Costs memory per count:
+        the GEMM weights once more (~27 MB for the published encoder, ~90 MB more for its masked-LM decoder), and
+        their packing at the first forward (~8 ms, ~40 ms for that decoder); nothing where torch lacks MKL (see
+        ops.prepacked_linear). Each call sets every switch anew: counts not given are none.
         """
         if varlen_attention is not None and not isinstance(varlen_attention, bool):
             raise TypeError(

@@ -38,10 +38,12 @@ Fixed-shape serving may also name the token counts its forwards carry (``row_cou
 packed by MKL's ``cblas_sgemm_pack`` for each of those row counts, and a call with exactly that many rows runs
 MKL's packed sgemm (GELU and the residual then a pass of their own). MKL packs for one row count (torch's op
 takes the plain weight for any other), which is why this is asked for by count, never guessed: a guess would pack
-(~8 ms at the published size) for counts never seen again, and the kernel, hence the last bits of an output, would
-change between two calls on the same input. Measured on the 2-core AVX-512 CPU (published size, whole forward,
-in-process A/B): 17.0 -> 14.6 ms at 32 rows, 11.2 -> 8.6 ms at 8, 45.6 -> 41.7 ms at 128, ~1.5% at 1024. The cost
-is memory: each count holds the GEMM weights once more (~27 MB for the published shared layer).
+for counts never seen again, and the kernel, hence the last bits of an output, would change between two calls on
+the same input. Measured on a 2-core AVX-512/AMX CPU (published size, whole forward, consecutive calls in one
+process): 18.2 -> 15.9 ms at 32 rows, 11.2 -> 8.6 ms at 8, 45.6 -> 41.7 ms at 128, ~1.5% at 1024, ~2% slower at
+4096. The cost is memory: each count holds the GEMM weights once more (~27 MB for the published shared layer,
+~90 MB for the published masked-LM decoder, 768 x 30522), an entry of several weights (q/k/v) also keeps their
+concatenation dense for MKL's op (~7 MB), and MKL reserves more address space than it touches.
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ def onednn_linear_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+_MKL_INT_MAX = 2**31 - 1  # MKL's row counts are 32-bit ints (LP64): a larger one made it print an error, not raise
+
+
 def mkl_packing_available() -> bool:
     """Whether this torch has MKL's packed sgemm (x86 builds with MKL; not ARM or macOS wheels)."""
     return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
@@ -74,7 +79,8 @@ def mkl_packing_available() -> bool:
 
 def checked_row_counts(counts: Iterable[int], where: str) -> tuple[int, ...]:
     """``counts`` as a sorted tuple of distinct positive ints, or one error naming ``where`` and what was wrong."""
-    if isinstance(counts, (str, bytes)) or not isinstance(counts, Iterable):
+    # (a 0-d tensor or array is iterable by type, not in fact)
+    if isinstance(counts, (str, bytes)) or not isinstance(counts, Iterable) or getattr(counts, "ndim", None) == 0:
         raise TypeError(f"{where}: expected a sequence of token counts (positive ints), got {counts!r}")
     counts = tuple(counts)
     checked = []
@@ -83,8 +89,11 @@ def checked_row_counts(counts: Iterable[int], where: str) -> tuple[int, ...]:
             value = operator.index(count)
         except TypeError:
             value = None
-        if isinstance(count, bool) or value is None or value < 1:
-            raise ValueError(f"{where}: token counts must be positive ints, got {count!r} in {counts!r}")
+        boolean = isinstance(count, bool) or str(getattr(count, "dtype", "")) in ("bool", "torch.bool")
+        if boolean or value is None or not 1 <= value <= _MKL_INT_MAX:
+            raise ValueError(
+                f"{where}: token counts must be positive ints up to {_MKL_INT_MAX}, got {count!r} in {counts!r}"
+            )
         checked.append(value)
     return tuple(sorted(set(checked)))
 
@@ -278,11 +287,21 @@ class PrepackedWeightsMixin:
         """A fresh cache (``row_counts``: see PrepackedLinears), or none."""
         self.prepacked = PrepackedLinears(row_counts) if enabled else None
 
+    def _empty_the_cache(self) -> None:
+        if self.prepacked is not None and len(self.prepacked):
+            self.prepacked = PrepackedLinears(self.prepacked.row_counts)
+
     def train(self, mode: bool = True) -> Self:
         # Training is about to change the weights (and never reads the cache): free the packed copies.
-        if mode and self.prepacked is not None and len(self.prepacked):
-            self.prepacked = PrepackedLinears(self.prepacked.row_counts)
+        if mode:
+            self._empty_the_cache()
         return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to(), .half(), .cuda() ...: the packed copies (and the fp32 weights entries hold for MKL's op) would
+        # outlive the move until the next forward; free them now (a move back repacks at the next forward).
+        self._empty_the_cache()
+        return super()._apply(fn, recurse)
 
     def prepacked_for(self, x: torch.Tensor, *layers: nn.Module) -> PrepackedLinears | None:
         """The cache when it is on and applies to this input and to every one of ``layers`` (plain nn.Linear
