@@ -116,13 +116,15 @@ def test_the_distill_option_reaches_the_student(tmp_path, caplog):
     from fastmini.distill.testing import make_tiny_teacher, tiny_args
     from fastmini.distill.trainer import DistillationRun
     from fastmini.training import distributed
+    from fastmini.training.output_dirs import releasing_output_dirs_taken
 
     teacher = make_tiny_teacher(tmp_path / "teacher")
     argv = tiny_args(teacher, tmp_path / "out")
 
     def encoder_of(*extra: str):
         config, _ = resolve([*argv, *extra])
-        return DistillationRun(config, distributed.setup("cpu")).student_side.student.fastmini.encoder
+        with releasing_output_dirs_taken():  # the run locks its output directory: give it back, as a job does
+            return DistillationRun(config, distributed.setup("cpu")).student_side.student.fastmini.encoder
 
     default, _ = resolve(argv)
     assert (default.low_precision_maps, default.low_precision_norms) == (None, False)  # maps: by precision
