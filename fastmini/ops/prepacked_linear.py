@@ -19,12 +19,12 @@ the Trainer's default) write parameters without bumping their version counters. 
 process's on purpose: a step on any tensor (another model's, or a copy that shares the weights'
 storage, ``load_state_dict(assign=True)``, or a master copy written back through ``.data``) makes
 every cache stale, the price being one repacking per step for a model served while another trains.
-Switching a model to training mode empties its caches too; a dtype or device change drops them on
-the next call. Writes through ``param.data`` outside an optimizer step bypass all of this: whoever
-does that must start a new cache. Weights that are
-inference tensors (made under ``torch.inference_mode()``) have no version counter, so their changes
-cannot be seen: they take the plain ops. Copies and pickles of a model carry an empty cache (oneDNN's
-opaque tensors cannot be copied).
+Switching a model to training mode empties its caches too, and so does moving it (``.to()``, ``.half()``: the
+module's ``_apply``); weights moved by other means (``load_state_dict(assign=True)``) drop them on the next call.
+Writes through ``param.data`` outside an optimizer step bypass all of this: whoever does that must start a new
+cache. Weights that are inference tensors (made under ``torch.inference_mode()``) have no version counter, so
+their changes cannot be seen: they take the plain ops. Copies and pickles of a model carry an empty cache
+(oneDNN's opaque tensors cannot be copied).
 
 oneDNN keeps a compiled primitive per input shape (by default up to 1024 of them, in its own cache
 and in ideep's): a server seeing many distinct token counts holds a few hundred MB more than with
@@ -125,7 +125,7 @@ class PackedLinear:
     mkl_by_rows: dict[int, torch.Tensor] = field(default_factory=dict)  # row count -> MKL's packed weight
 
     def __call__(self, x: torch.Tensor, gelu: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.mkl_linear(x)
+        out = self.mkl_linear(x) if self.mkl_by_rows else None  # (no call at all on the default path)
         if out is not None:  # MKL's op has no post-ops: GELU or the add as a pass of their own
             if residual is not None:
                 return out.add_(residual)
