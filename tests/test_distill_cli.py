@@ -319,6 +319,33 @@ def test_a_run_never_writes_inside_the_corpus_directory_it_reads(teacher_dir, tm
     assert not reads_below(str(corpus), tmp_path / "out") and not reads_below("wikitext", corpus)
 
 
+def test_a_run_never_writes_where_its_corpus_pattern_reaches(teacher_dir, tmp_path, capsys, monkeypatch):
+    """A --data glob pattern that reaches into the output directory would read the run's outputs next time (a
+    checkpoint's vocab.txt as text); one that only names files beside it, or skips hidden folders, does not."""
+    import shutil
+
+    from fastmini.data.corpus import reads_below
+
+    corpus = tmp_path / "corpus"
+    (corpus / "part").mkdir(parents=True)
+    shutil.copy(teacher_dir / "corpus.txt", corpus / "part" / "wiki.txt")
+    assert main([*tiny_args(teacher_dir, corpus / "out"), "--data", str(corpus / "**" / "*.txt")]) == 2
+    assert "is reached by the --data pattern" in capsys.readouterr().err
+    assert sorted(p.name for p in corpus.iterdir()) == ["part"]
+    recursive, flat = str(corpus / "**" / "*.txt"), str(corpus / "*.txt")
+    assert reads_below(recursive, corpus / "runs" / "r1") and reads_below(recursive, corpus)
+    assert reads_below(flat, corpus) and not reads_below(flat, corpus / "runs")  # * does not descend
+    assert reads_below(str(corpus / "r*" / "*.txt"), corpus / "runs") and not reads_below(
+        str(corpus / "r*"), corpus / "runs"
+    )
+    assert not reads_below(str(corpus / "p*" / "*.txt"), corpus / "runs")
+    assert not reads_below(recursive, corpus / ".runs" / "r1")  # glob skips hidden folders
+    assert reads_below(str(corpus / ".r*" / "*.txt"), corpus / ".runs")  # ... unless the pattern names them
+    assert not reads_below(recursive, tmp_path / "out") and reads_below(str(corpus / "**"), corpus / "x")
+    monkeypatch.chdir(corpus)  # a relative pattern is relative to the working directory, as the reader takes it
+    assert reads_below("**/*.txt", corpus / "runs") and not reads_below("part/*.txt", corpus / "runs")
+
+
 def test_a_run_never_writes_over_its_teacher_nor_silently_over_a_fine_tuning_job(teacher_dir, tmp_path, capsys):
     import shutil
 

@@ -141,7 +141,6 @@ def test_a_cpu_run_does_not_graph_its_teacher_unless_told(tmp_path):
     from fastmini.distill.testing import make_tiny_teacher, tiny_args
     from fastmini.distill.trainer import DistillationRun
     from fastmini.training import distributed
-
     from fastmini.training.output_dirs import releasing_output_dirs_taken
 
     config, _ = resolve(tiny_args(make_tiny_teacher(tmp_path / "teacher"), tmp_path / "out"))

@@ -14,8 +14,9 @@ Every failure is a DataError naming the file or dataset and what was wrong.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from fastmini.data.tables import DataError, csv_rows, json_records, read_text_file, split_lines
@@ -77,13 +78,45 @@ def _hidden(relative: Path) -> bool:
 
 
 def reads_below(source: str | None, directory: Path) -> bool:
-    """Whether files written into ``directory`` would be read as part of the corpus ``source`` next time: it names a
-    local directory (read whole, every file below it) that holds ``directory``, outside its hidden folders."""
+    """Whether files written into ``directory`` could be read as part of the corpus ``source`` next time: it names a
+    local directory (read whole, every file below it) that holds ``directory``, outside its hidden folders, or a
+    glob pattern that reaches into ``directory`` (see _pattern_reaches)."""
     root = Path(source).expanduser() if source else None
-    if root is None or not root.is_dir():
+    if root is None or root.is_file():
         return False
+    if not root.is_dir():
+        return any(ch in source for ch in GLOB_CHARACTERS) and _pattern_reaches(root, directory)
     root, directory = root.resolve(), directory.expanduser().resolve()
     return (directory == root or root in directory.parents) and not _hidden(directory.relative_to(root))
+
+
+def _pattern_reaches(pattern: Path, directory: Path) -> bool:
+    """Whether the glob ``pattern`` (as local_files expands it: recursive ``**``, hidden names matched only by
+    patterns that start with a dot) walks through ``directory``'s folders with components left over for what is
+    inside it. Conservative: those components might not match the files a run writes (``*.parquet`` never
+    matches its vocab.txt or log.jsonl); a run is then refused where it would have been harmless."""
+    parts = pattern.parts
+    first_magic = next((i for i, part in enumerate(parts) if any(ch in part for ch in GLOB_CHARACTERS)), len(parts))
+    root = Path(*parts[:first_magic]) if first_magic else Path()
+    try:
+        folders = directory.expanduser().resolve().relative_to(root.resolve()).parts
+    except ValueError:  # not below the pattern's literal folder
+        return False
+    return _leaves_components(parts[first_magic:], folders)
+
+
+def _leaves_components(pattern: Sequence[str], folders: Sequence[str]) -> bool:
+    if not folders:
+        return bool(pattern)
+    if not pattern:
+        return False
+    head, folder = pattern[0], folders[0]
+    if head == "**":  # none or any number of (visible) folders
+        skip_folder = not folder.startswith(".") and _leaves_components(pattern, folders[1:])
+        return skip_folder or _leaves_components(pattern[1:], folders)
+    if folder.startswith(".") and not head.startswith("."):
+        return False
+    return fnmatch.fnmatchcase(folder, head) and _leaves_components(pattern[1:], folders[1:])
 
 
 def local_files(source: str) -> list[Path] | None:

@@ -98,10 +98,16 @@ def check_output_dir(config: DistillConfig, probe_lock: bool = True) -> Path:
     inputs = {"--teacher": config.teacher, "--tokenizer": config.tokenizer, "--data": config.data}
     check_foreign_outputs(output, "fastmini.distill", config.overwrite_output_dir, inputs)
     if reads_below(config.data, output):
+        if Path(config.data).expanduser().is_dir():
+            raise UsageError(
+                f"--output-dir {config.output_dir} is inside the --data directory {config.data}, which is read "
+                "whole: the next run would read this run's outputs as text; choose a directory outside it (or a "
+                "hidden folder in it, which the reader skips)"
+            )
         raise UsageError(
-            f"--output-dir {config.output_dir} is inside the --data directory {config.data}, which is read whole: "
-            "the next run would read this run's outputs as text; choose a directory outside it (or a hidden folder "
-            "in it, which the reader skips)"
+            f"--output-dir {config.output_dir} is reached by the --data pattern {config.data}: the next run could "
+            "read this run's outputs as text; choose a directory the pattern does not reach (or a hidden folder, "
+            "which the pattern skips)"
         )
     existing = checkpoints.list_checkpoints(output / CHECKPOINTS_DIR)
     if (
