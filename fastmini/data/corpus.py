@@ -64,17 +64,22 @@ def looks_like_path(source: str) -> bool:
     """Whether ``source``, which names nothing on this machine, was meant as local data rather than a datasets
     name. The rule for model names (files.looks_like_local_path), widened because a corpus may be files: a glob
     pattern or a data file's suffix too ("corpus.txt" is a missing file, not a datasets name)."""
-    return (
-        looks_like_local_path(source)
-        or any(ch in source for ch in GLOB_CHARACTERS)
-        or Path(source).suffix.lower() in SUPPORTED_SUFFIXES
-    )
+    return looks_like_local_path(source) or is_pattern(source) or Path(source).suffix.lower() in SUPPORTED_SUFFIXES
+
+
+def is_pattern(text: str) -> bool:
+    """Whether ``text`` (a source, or one component of it) is a glob pattern."""
+    return any(ch in text for ch in GLOB_CHARACTERS)
+
+
+def _hidden_name(name: str) -> bool:
+    return name.startswith(".")
 
 
 def _hidden(relative: Path) -> bool:
     """Whether a path below a corpus directory is in a hidden folder or is a hidden file: no corpus there
     (.ipynb_checkpoints/, .git/, editors' copies)."""
-    return any(part.startswith(".") for part in relative.parts)
+    return any(_hidden_name(part) for part in relative.parts)
 
 
 def reads_below(source: str | None, directory: Path) -> bool:
@@ -85,7 +90,7 @@ def reads_below(source: str | None, directory: Path) -> bool:
     if root is None or root.is_file():
         return False
     if not root.is_dir():
-        return any(ch in source for ch in GLOB_CHARACTERS) and _pattern_reaches(root, directory)
+        return is_pattern(source) and _pattern_reaches(root, directory)
     root, directory = root.resolve(), directory.expanduser().resolve()
     return (directory == root or root in directory.parents) and not _hidden(directory.relative_to(root))
 
@@ -96,7 +101,7 @@ def _pattern_reaches(pattern: Path, directory: Path) -> bool:
     inside it. Conservative: those components might not match the files a run writes (``*.parquet`` never
     matches its vocab.txt or log.jsonl); a run is then refused where it would have been harmless."""
     parts = pattern.parts
-    first_magic = next((i for i, part in enumerate(parts) if any(ch in part for ch in GLOB_CHARACTERS)), len(parts))
+    first_magic = next((i for i, part in enumerate(parts) if is_pattern(part)), len(parts))
     root = Path(*parts[:first_magic]) if first_magic else Path()
     try:
         folders = directory.expanduser().resolve().relative_to(root.resolve()).parts
@@ -112,9 +117,9 @@ def _leaves_components(pattern: Sequence[str], folders: Sequence[str]) -> bool:
         return False
     head, folder = pattern[0], folders[0]
     if head == "**":  # none or any number of (visible) folders
-        skip_folder = not folder.startswith(".") and _leaves_components(pattern, folders[1:])
+        skip_folder = not _hidden_name(folder) and _leaves_components(pattern, folders[1:])
         return skip_folder or _leaves_components(pattern[1:], folders)
-    if folder.startswith(".") and not head.startswith("."):
+    if _hidden_name(folder) and not _hidden_name(head):  # glob: hidden names only for patterns with the dot
         return False
     return fnmatch.fnmatchcase(folder, head) and _leaves_components(pattern[1:], folders[1:])
 
@@ -133,7 +138,7 @@ def local_files(source: str) -> list[Path] | None:
         if not files:
             raise DataError(f"{source}: the directory holds no {'/'.join(SUPPORTED_SUFFIXES)} files")
         return files
-    if any(ch in source for ch in GLOB_CHARACTERS):
+    if is_pattern(source):
         matches, seen = [], set()
         # glob's ** follows symlinked folders: a link back up (a loop) matched every file once a level, ~40 times
         for match in sorted(Path(p) for p in glob.glob(str(expanded), recursive=True)):
